@@ -1,0 +1,19 @@
+// Schemas of the rsp_fast custom operators. Each backend adds kernels in its own
+// TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda). No pybind: importing rsp_fast._C runs the
+// registrars, and the ops are called as torch.ops.rsp_fast.<op>.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module so that `import rsp_fast._C` loads this library.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(rsp_fast, m) {
+  // Hostile purging (RSP_SPEC.md section 2, step 5): D = 2 * x_pos * dx, then per sample
+  // R_in = D - [D != 0] * total / #{D != 0}. dx, x_pos: (N, ...); total: (N,).
+  m.def("purge(Tensor dx, Tensor x_pos, Tensor total) -> Tensor");
+}

@@ -1,0 +1,176 @@
+"""The public API: ``RSP(model, layer=...).attribute(inputs, target=...)``, Captum-style."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import RSPError
+from .graph.plan import build_plan
+from .init import initial_relevance
+from .ops.dispatch import resolve_backend_name, select_kernels
+from .propagate import propagate, record_forward
+
+INITS = ("comparative", "gradcam")
+
+
+@dataclass
+class Explanation:
+    """Everything one RSP call computed, per sample."""
+
+    attribution: torch.Tensor  # relevance at the input, shaped like it
+    initial: torch.Tensor  # R₀ at the saliency layer
+    logits: torch.Tensor
+    target: torch.Tensor  # (N,)
+    hostile: torch.Tensor  # (N, K); K = 0 for the gradcam init
+    cams: torch.Tensor  # normalised Grad-CAM maps without channel sum, target first
+    layer: str
+    steps: dict[str, torch.Tensor] = field(default_factory=dict)  # with record=True: relevance at each rule's input
+
+
+class RSP:
+    """Relative Sectional Propagation (Nam, Choi, Lee, AAAI 2021) for an unmodified model.
+
+    Args:
+        model: a traceable ``nn.Module`` (VGG, ResNet, MobileNet, EfficientNet-Lite, plain CNNs, MLPs).
+        layer: saliency layer as a module name from ``model.named_modules()`` or the module itself;
+            None picks the last spatial feature map before global pooling/flatten (VGG: the last
+            ReLU before the last max-pool; ResNet: ``layer4``; MLP: the input of the last Linear).
+        init: ``"comparative"`` (target against ``hostile_k`` hostile classes) or ``"gradcam"``.
+        hostile_k: number of hostile classes (top predictions other than the target) by default.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``; None reads
+            ``RSP_FAST_BACKEND``.
+
+    A model in training mode is explained in eval mode and restored afterwards; the model,
+    its parameters, hooks and gradients are never changed.
+    """
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, init: str = "comparative",
+                 hostile_k: int = 3, backend: str | None = "auto"):
+        if not isinstance(model, nn.Module):
+            raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if init not in INITS:
+            raise RSPError(f"init must be one of {INITS}, not {init!r}")
+        if not isinstance(hostile_k, int) or hostile_k < 0:
+            raise RSPError(f"hostile_k must be a non-negative int, not {hostile_k!r}")
+        self.model, self.init, self.hostile_k = model, init, hostile_k
+        self.backend = resolve_backend_name(backend)
+        self.plan = build_plan(model, layer)
+        self.layer = self.plan.layer_name
+        if self.backend != "auto":
+            select_kernels(self.backend, _model_device(model))  # fail now, not mid-video
+
+    def attribute(self, inputs: torch.Tensor, target=None, hostile=None) -> torch.Tensor:
+        """Relevance shaped like ``inputs``: positive for the target, negative for hostile evidence."""
+        return self.explain(inputs, target, hostile).attribution
+
+    def explain(self, inputs: torch.Tensor, target=None, hostile=None, record: bool = False) -> Explanation:
+        """Like ``attribute`` but returns logits, classes, R₀ and (``record=True``) every rule's output."""
+        self._check_inputs(inputs)
+        ops = select_kernels(self.backend, inputs.device)
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            try:
+                logits, A, saved, shapes = record_forward(self.model, self.plan, inputs)
+            except RSPError:
+                raise
+            except Exception as exc:
+                raise RSPError(f"the model's forward failed on inputs of shape {tuple(inputs.shape)}: {exc}") from None
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise RSPError("the model must return logits of shape (N, classes)")
+            tgt = _targets(target, logits)
+            init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
+            if hst.shape[1] == 0:
+                init = "gradcam"  # comparative needs at least one hostile class (RSP_SPEC.md §1)
+            R0, cams = initial_relevance(logits, A, tgt, hst, init)
+            steps: dict[str, torch.Tensor] = {}
+            on_step = (lambda step, outs: steps.__setitem__(_step_name(step), outs[0])) if record else None
+            R = propagate(self.plan, R0.detach(), saved, shapes, ops, on_step)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return Explanation(R, R0.detach(), logits.detach(), tgt, hst, cams.detach(), self.layer, steps)
+
+    def _check_inputs(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise RSPError(f"inputs must be a torch.Tensor, not {type(x).__name__}")
+        if not x.is_floating_point():
+            raise RSPError(f"inputs must be a floating-point tensor, not {x.dtype}")
+        rank = self.plan.input_rank
+        if x.dim() < 2 or (rank is not None and x.dim() != rank):
+            want = f"{rank}-D (N, C, H, W)" if rank else "at least 2-D (N, ...)"
+            raise RSPError(f"inputs must be {want}, got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise RSPError("inputs hold no samples (batch size 0)")
+        if not torch.isfinite(x).all():
+            raise RSPError("inputs contain NaN or Inf")
+        p = next(self.model.parameters(), None)
+        if p is not None and p.dtype != x.dtype:
+            raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
+        if p is not None and p.device != x.device:
+            raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
+
+
+def heatmap(R: torch.Tensor) -> torch.Tensor:
+    """The map shown to users: channel sum of the relevance, N×H×W (positive = target)."""
+    return R.sum(1) if R.dim() == 4 else R
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _step_name(step) -> str:
+    n = step.node
+    return str(n.target) if n.op == "call_module" else n.name
+
+
+def _as_class_tensor(value, name: str, device) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise RSPError(f"{name} must be an int or a sequence of ints, not {value!r}") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise RSPError(f"{name} must hold integer class indices, not {t.dtype}")
+    return t.long()
+
+
+def _check_range(t: torch.Tensor, classes: int, name: str) -> None:
+    if t.numel() and (t.min() < 0 or t.max() >= classes):
+        bad = t[(t < 0) | (t >= classes)][0].item()
+        raise RSPError(f"{name} class {bad} is out of range: the model has {classes} classes (0..{classes - 1})")
+
+
+def _targets(target, logits: torch.Tensor) -> torch.Tensor:
+    N, classes = logits.shape
+    if target is None:
+        return logits.argmax(1)
+    t = _as_class_tensor(target, "target", logits.device)
+    if t.dim() == 0:
+        t = t.expand(N)
+    if t.shape != (N,):
+        raise RSPError(f"target must be an int or one class per sample ({N}), got shape {tuple(t.shape)}")
+    _check_range(t, classes, "target")
+    return t
+
+
+def _hostiles(hostile, logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    N, classes = logits.shape
+    if hostile is None:
+        k = min(k, classes - 1)
+        others = logits.detach().clone()
+        others.scatter_(1, target.unsqueeze(1), float("-inf"))
+        return others.topk(k, dim=1).indices if k else target.new_zeros((N, 0))
+    h = _as_class_tensor(hostile, "hostile", logits.device)
+    if h.dim() == 1:
+        h = h.unsqueeze(0).expand(N, -1)
+    if h.dim() != 2 or h.shape[0] != N:
+        raise RSPError(f"hostile must be a list of classes or one list per sample ({N}), got shape {tuple(h.shape)}")
+    _check_range(h, classes, "hostile")
+    if (h == target.unsqueeze(1)).any():
+        raise RSPError("a hostile class equals the target class of its sample")
+    return h

@@ -1,0 +1,1 @@
+"""Model capture: torch.fx tracing without editing the model, and the propagation plan."""

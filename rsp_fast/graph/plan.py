@@ -1,0 +1,165 @@
+"""The propagation plan: which nodes RSP walks through, with which rule, in what order.
+
+Built once per (model, layer): the graph is traced, the saliency node found, every node
+on the way back to the input given a rule (or reported as unsupported, all at once,
+before any work), first layers (those that see the raw input) marked for the z^B rule,
+and BatchNorms after a conv or linear folded into it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from ..errors import RSPError, UnsupportedModelError
+from ..rules import NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, node_kind, relevance_inputs, rule_for
+from .trace import node_label, trace
+
+FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
+
+
+@dataclass
+class Plan:
+    graph: fx.Graph
+    input: fx.Node
+    saliency: fx.Node
+    layer_name: str
+    steps: list[Rule]  # from the saliency layer back to the input (reverse topological order)
+    saved: set[fx.Node]  # nodes whose forward values the rules read
+    head: set[fx.Node]  # nodes computed from the saliency layer (run with autograd for the initial relevance)
+    input_rank: int | None  # rank the first layer expects (4 for Conv2d), None if unknown
+
+
+def _module(model: nn.Module, node: fx.Node) -> nn.Module | None:
+    return model.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_flatten(node: fx.Node, module) -> bool:
+    if module is not None:
+        return isinstance(module, nn.Flatten)
+    name = getattr(node.target, "__name__", node.target)
+    return node.op in ("call_function", "call_method") and name in FLATTEN_FUNCTIONS_OR_METHODS
+
+
+def _first_tensor_input(node: fx.Node) -> fx.Node | None:
+    ins = node.all_input_nodes
+    return ins[0] if ins else None
+
+
+def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
+    """VGG: the last ReLU before the last max-pool; ResNet: layer4; otherwise the last
+    spatial map before global pooling / flatten; for MLPs the input of the last Linear."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    node, last_linear_input = _first_tensor_input(output), None
+    # Walk back along the main path to the first flatten or pooling of the head.
+    while node is not None and node.op != "placeholder":
+        m = _module(model, node)
+        if isinstance(m, nn.Linear) and last_linear_input is None:
+            last_linear_input = _first_tensor_input(node)
+        if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL:
+            break
+        node = _first_tensor_input(node)
+    # Then back over pooling, reshapes and dropout to the feature map they summarise.
+    while node is not None and node.op != "placeholder":
+        m = _module(model, node)
+        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or isinstance(m, (nn.Dropout, nn.Identity))):
+            return node
+        node = _first_tensor_input(node)
+    if last_linear_input is not None and last_linear_input.op != "placeholder":
+        return last_linear_input
+    raise RSPError(f"could not choose a default saliency layer for {type(model).__name__}; pass layer='<module name>'")
+
+
+def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer) -> tuple[fx.Node, str]:
+    if layer is None:
+        node = _default_saliency(model, graph)
+        names = [name for name, n in module_outputs.items() if n is node]
+        return node, (min(names, key=len) if names else node.name)
+    if isinstance(layer, nn.Module):
+        names = [name for name, m in model.named_modules() if m is layer]
+        if not names:
+            raise RSPError(f"layer {type(layer).__name__} is not a submodule of {type(model).__name__}")
+        layer = names[0]
+    if not isinstance(layer, str):
+        raise RSPError(f"layer must be a module name, a module or None, not {type(layer).__name__}")
+    known = dict(model.named_modules())
+    if layer not in known:
+        sample = ", ".join(list(n for n in known if n)[-8:])
+        raise RSPError(f"layer {layer!r} is not a module of {type(model).__name__} (e.g. {sample})")
+    if layer not in module_outputs:
+        raise RSPError(f"layer {layer!r} is never called in {type(model).__name__}.forward")
+    return module_outputs[layer], layer
+
+
+def build_plan(model: nn.Module, layer=None) -> Plan:
+    graph, module_outputs = trace(model, is_rule_leaf)
+    saliency, layer_name = _resolve_layer(model, graph, module_outputs, layer)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    # Every node relevance reaches on its way back from the saliency layer, with its kind.
+    kinds: dict[fx.Node, str] = {}
+    problems: list[str] = []
+    stack, seen, reached_input = [saliency], {saliency}, False
+    while stack:
+        node = stack.pop()
+        if node.op == "placeholder":
+            reached_input = True
+            continue
+        module = _module(model, node)
+        kind = node_kind(node, module) if node.op != "get_attr" else None
+        if kind is None:
+            what = type(module).__name__ if module is not None else (node.op if node.op == "get_attr" else node_label(node))
+            problems.append(f"{node_label(node)}: {what}")
+            continue
+        kinds[node] = kind
+        for arg in relevance_inputs(node, kind):
+            if not isinstance(arg, fx.Node):
+                problems.append(f"{node_label(node)}: {kind} with a constant operand ({arg!r})")
+            elif arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    if problems:
+        raise UnsupportedModelError(
+            "no RSP rule for " + "; ".join(sorted(set(problems))) + f" (between the input and layer {layer_name!r}). "
+            f"Supported: {describe_supported()}"
+        )
+    if not reached_input:
+        raise RSPError(f"layer {layer_name!r} does not depend on the model's input")
+
+    # Forward order: which nodes still carry the raw input (their layer is a "first" layer).
+    raw: dict[fx.Node, bool] = {}
+    input_node = next(n for n in graph.nodes if n.op == "placeholder")
+    input_rank = None
+    for node in sorted(kinds, key=order.__getitem__):
+        ins = relevance_inputs(node, kinds[node])
+        from_input = any(a is input_node or raw.get(a, False) for a in ins)
+        raw[node] = from_input and kinds[node] != NodeKind.LAYER
+        module = _module(model, node)
+        if from_input and kinds[node] == NodeKind.LAYER and input_rank is None:
+            input_rank = 4 if isinstance(module, nn.Conv2d) else None
+
+    steps = []
+    for node in sorted(kinds, key=order.__getitem__, reverse=True):
+        module = _module(model, node)
+        first = kinds[node] == NodeKind.LAYER and any(a is input_node or raw.get(a, False) for a in relevance_inputs(node, kinds[node]))
+        steps.append(rule_for(node, kinds[node], module, first, _bn_after(model, node)))
+
+    head, frontier = set(), [saliency]
+    while frontier:
+        for user in frontier.pop().users:
+            if user not in head:
+                head.add(user)
+                frontier.append(user)
+    saved = {v for s in steps for v in s.needs_values}
+    return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank)
+
+
+def _bn_after(model: nn.Module, node: fx.Node):
+    """The folding scale of a BatchNorm that is the only consumer of this layer's output."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        bn = model.get_submodule(users[0].target)
+        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.running_var is not None:
+            return batchnorm_scale(bn)
+    return lambda: None

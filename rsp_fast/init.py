@@ -1,0 +1,70 @@
+"""Where propagation starts: the initial relevance at the saliency layer (RSP_SPEC.md §1).
+
+Grad-CAM maps without channel sum, cam_c = A ⊙ mean_hw(∂y_c/∂A), each normalised by its
+own max; ``gradcam`` starts from the target's map, ``comparative`` contrasts it with K
+hostile classes. All gradients come from one batched backward through the head. Every
+reduction is per sample. For a saliency layer without spatial dimensions (an MLP's hidden
+layer) each feature is its own position: the gradient is not averaged and channels are
+not collapsed (an rsp_fast extension).
+"""
+from __future__ import annotations
+
+import torch
+
+CAM_EPS = 1e-9
+
+
+def class_gradients(logits: torch.Tensor, A: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """∂y_c/∂A for each column of ``classes`` (N×M) at once: returns M×(shape of A)."""
+    M = classes.shape[1]
+    onehot = torch.zeros((M,) + logits.shape, dtype=logits.dtype, device=logits.device)
+    onehot.scatter_(2, classes.T.unsqueeze(-1), 1.0)
+    try:
+        (grads,) = torch.autograd.grad(logits, A, onehot, is_grads_batched=True, retain_graph=False)
+    except RuntimeError:  # an op of the head without a vmap rule: one backward per class instead
+        grads = torch.stack([torch.autograd.grad(logits, A, onehot[m], retain_graph=m < M - 1)[0] for m in range(M)])
+    return grads
+
+
+def _per_sample(t: torch.Tensor, op: str, lead: int) -> torch.Tensor:
+    """Reduce all but the first ``lead`` dimensions, keeping them for broadcasting."""
+    flat = t.reshape(t.shape[:lead] + (-1,))
+    red = getattr(torch, op)(flat, dim=-1)
+    return red.view(t.shape[:lead] + (1,) * (t.dim() - lead))
+
+
+def gradcam_maps(A: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Normalised Grad-CAM maps without channel sum: M×N×C×h×w for grads M×N×C×h×w."""
+    spatial = tuple(range(3, grads.dim()))
+    weights = grads.mean(dim=spatial, keepdim=True) if spatial else grads
+    cams = A.detach().unsqueeze(0) * weights
+    return cams / (_per_sample(cams, "amax", 2) + CAM_EPS)
+
+
+def comparative_relevance(cam_target: torch.Tensor, cam_hostile: torch.Tensor) -> torch.Tensor:
+    """The authors' ``relative_GAM`` per sample: cam_target N×…, cam_hostile K×N×…; ΣR₀ = 1."""
+    K = cam_hostile.shape[0]
+    rel = K * cam_target - cam_hostile.sum(0)
+    P = rel.clamp(min=0)
+    P = P / (_per_sample(P, "sum", 1) + CAM_EPS)
+    Nn = rel.clamp(max=0)
+    low = _per_sample(Nn, "amin", 1)
+    Nn = torch.where(low < 0, Nn / torch.where(low < 0, low, torch.ones_like(low)), torch.zeros_like(Nn))
+    Nn = Nn / (_per_sample(Nn, "sum", 1) + CAM_EPS) * _per_sample(P, "sum", 1)
+    rel = P - Nn
+    spatial = rel.dim() > 2
+    s = rel.sum(1, keepdim=True) if spatial else rel
+    s_pos, s_neg = s * (s > 0), s * (s <= 0)
+    s_pos = 2 * s_pos / (_per_sample(s_pos, "sum", 1) + CAM_EPS)
+    s_neg = s_neg / (_per_sample(s_neg, "sum", 1) + CAM_EPS)
+    q = s_pos - s_neg
+    return (q / rel.shape[1]).expand_as(rel).contiguous() if spatial else q
+
+
+def initial_relevance(logits, A, target, hostile, init: str):
+    """R₀ and the normalised maps (target first) for ``init`` in {"gradcam", "comparative"}."""
+    classes = torch.cat([target.unsqueeze(1), hostile], dim=1) if init == "comparative" else target.unsqueeze(1)
+    cams = gradcam_maps(A, class_gradients(logits, A, classes))
+    if init == "comparative":
+        return comparative_relevance(cams[0], cams[1:]), cams
+    return cams[0].contiguous(), cams

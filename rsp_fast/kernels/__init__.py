@@ -1,0 +1,1 @@
+"""RSP's fusable steps: ``reference`` (pure PyTorch, the specification)."""

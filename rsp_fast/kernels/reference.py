@@ -1,0 +1,52 @@
+"""Pure-PyTorch RSP math: the specification every kernel is tested against.
+
+Each function here is one fusable step of RSP_SPEC.md (sections 2 and 4). They work on
+any device and dtype and are the CPU fallback when no compiled kernel is available.
+All reductions are per sample (dimension 0), never across the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b where b != 0, else 0 (the authors' ``safe_divide`` without its epsilon)."""
+    nonzero = b != 0
+    return torch.where(nonzero, a / torch.where(nonzero, b, torch.ones_like(b)), torch.zeros_like(a))
+
+
+def split_sections(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R⁺ = max(R, 0) and R⁻ = max(-R, 0): the target and hostile sections, both >= 0."""
+    return R.clamp(min=0), (-R).clamp(min=0)
+
+
+def sectional_normalize_reference(
+    R: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S⁺ = safe_div(R⁺, Ga·[R⁺≠0]) and S⁻ = safe_div(R⁻, Gb·[R⁻≠0])."""
+    Rp, Rn = split_sections(R)
+    return safe_div(Rp, Ga * (Rp != 0)), safe_div(Rn, Gb * (Rn != 0))
+
+
+def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of every element of each sample: shape (N,)."""
+    return t.reshape(t.shape[0], -1).sum(dim=1)
+
+
+def purge_reference(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Hostile purging: D = 2·x̂⊙dx, then shift the active units so that ΣR_in = total.
+
+    ``dx`` is the combined back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻ at the layer input, ``x_pos``
+    the clamped input x̂ and ``total`` (N,) the relevance sum ΣR⁺ − ΣR⁻ to conserve.
+    R_in = D − [D≠0]·total/n with n = #{D≠0} per sample (no shift where n = 0).
+    """
+    D = 2 * x_pos * dx
+    active = D != 0
+    n = per_sample_sum(active.to(D.dtype))
+    shift = safe_div(total.to(D.dtype), n).view(-1, *([1] * (D.dim() - 1)))
+    return D - active * shift
+
+
+def combine_reference(dx: torch.Tensor, x_pos: torch.Tensor) -> torch.Tensor:
+    """The 1×1 variant without the purge: R_in = x̂⊙dx = C⁺ − C⁻."""
+    return x_pos * dx

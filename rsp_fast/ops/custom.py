@@ -1,0 +1,37 @@
+"""Typed wrappers and fake (meta) implementations of the compiled ``rsp_fast::`` ops.
+
+Importing ``rsp_fast._C`` runs the C++ registrars; if it is missing, ``HAVE_C`` is False
+and the package works on the PyTorch reference alone.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from .. import _C  # noqa: F401  (registers torch.ops.rsp_fast.*)
+
+    HAVE_C, C_ERROR = True, ""
+except ImportError as exc:  # not built, or built against another torch
+    HAVE_C, C_ERROR = False, f"rsp_fast._C is not importable ({exc})"
+
+
+def _has_op(name: str) -> bool:
+    return HAVE_C and hasattr(torch.ops.rsp_fast, name)
+
+
+def cuda_kernels_built() -> bool:
+    return HAVE_C and torch._C._dispatch_has_kernel_for_dispatch_key("rsp_fast::purge", "CUDA")
+
+
+def purge(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """R_in = D − [D≠0]·total/#{D≠0} per sample, D = 2·x̂⊙dx (see kernels.reference.purge_reference)."""
+    return torch.ops.rsp_fast.purge.default(dx, x_pos, total)
+
+
+if _has_op("purge"):
+
+    @torch.library.register_fake("rsp_fast::purge")
+    def _purge_fake(dx, x_pos, total):
+        torch._check(dx.shape == x_pos.shape, lambda: "purge: dx and x_pos must have the same shape")
+        torch._check(total.dim() == 1 and total.shape[0] == dx.shape[0], lambda: "purge: total must be (N,)")
+        return torch.empty_like(dx)

@@ -1,0 +1,82 @@
+"""One dispatch point for RSP's kernels: ``backend="auto"|"torch"|"cpp"|"cuda"|"triton"``
+or the environment variable ``RSP_FAST_BACKEND``.
+
+``auto`` picks the fastest kernel set available for the tensor's device and falls back
+quietly to the PyTorch reference; an explicit backend that cannot run raises an error that
+says why. Each kernel set provides ``sectional_normalize``, ``purge`` and ``combine``; a set
+without its own version of an op uses the reference one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import BackendUnavailableError
+from ..kernels import reference
+from . import custom
+
+NAMES = ("auto", "torch", "cpp", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    name: str
+    sectional_normalize: Callable = reference.sectional_normalize_reference
+    purge: Callable = reference.purge_reference
+    combine: Callable = reference.combine_reference
+
+
+TORCH = KernelSet("torch")
+COMPILED = KernelSet("cpp", purge=custom.purge)
+COMPILED_CUDA = KernelSet("cuda", purge=custom.purge)
+
+
+def _availability(name: str, device: torch.device) -> str:
+    """Empty string if ``name`` can run on ``device``, else the reason it cannot."""
+    if name == "torch":
+        return ""
+    if name == "cpp":
+        if not custom.HAVE_C:
+            return custom.C_ERROR
+        return "" if device.type == "cpu" else f"the cpp backend runs on CPU tensors, not {device.type}"
+    if name == "cuda":
+        if not custom.HAVE_C:
+            return custom.C_ERROR
+        if not custom.cuda_kernels_built():
+            return "rsp_fast._C was built without CUDA kernels"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+        return "" if device.type == "cuda" else f"the cuda backend needs CUDA tensors, not {device.type}"
+    if name == "triton":
+        return "the Triton kernels are not implemented yet"
+    return f"unknown backend {name!r}; choose one of {', '.join(NAMES)}"
+
+
+def backends(device: str | torch.device | None = None) -> dict[str, str]:
+    """Each backend and whether it can run here: ``"available"`` or the reason it cannot."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {n: (_availability(n, dev) or "available") for n in NAMES[1:]}
+
+
+def resolve_backend_name(name: str | None) -> str:
+    name = (name or os.environ.get("RSP_FAST_BACKEND") or "auto").lower()
+    if name not in NAMES:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+def select_kernels(name: str, device: torch.device) -> KernelSet:
+    """The kernel set for ``name`` (already resolved) on ``device``."""
+    sets = {"torch": TORCH, "cpp": COMPILED, "cuda": COMPILED_CUDA}
+    if name == "auto":
+        for candidate in (("cuda",) if device.type == "cuda" else ("cpp",)):
+            if not _availability(candidate, device):
+                return sets[candidate]
+        return TORCH
+    reason = _availability(name, device)
+    if reason:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
+    return sets[name]

@@ -1,0 +1,82 @@
+"""One RSP pass over a plan: a recording forward, then relevance walked back to the input.
+
+The forward runs the traced graph on the original modules (the model is never edited)
+with in-place ops made out-of-place, keeps only the values the rules need, and runs the
+head (saliency layer -> logits) with autograd so the initial relevance needs no second pass.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .graph.plan import Plan
+from .rules import Context
+
+_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul}
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, model: torch.nn.Module, plan: Plan):
+        super().__init__(model, graph=plan.graph)
+        self.plan = plan
+        self.saved: dict[fx.Node, Any] = {}
+        self.shapes: dict[fx.Node, torch.Size] = {}
+        self.saliency_value: torch.Tensor | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        with torch.set_grad_enabled(n in self.plan.head):
+            out = super().run_node(n)
+        if n is self.plan.saliency:
+            out = out.detach().requires_grad_()
+            self.saliency_value = out
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = out.shape
+        if n in self.plan.saved:
+            self.saved[n] = out.detach() if isinstance(out, torch.Tensor) else out
+        return out
+
+    # In-place ops would overwrite values the rules read later: run them out of place.
+    def call_module(self, target, args, kwargs):
+        if getattr(self.fetch_attr(target), "inplace", False) and args and isinstance(args[0], torch.Tensor):
+            args = (args[0].clone(),) + tuple(args[1:])
+        return super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        target = _INPLACE_FUNCTIONS.get(target, target)
+        if kwargs.get("inplace"):
+            kwargs = {**kwargs, "inplace": False}
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if target.endswith("_") and not target.endswith("__") and isinstance(args[0], torch.Tensor):
+            args = (args[0].clone(),) + tuple(args[1:])
+        return super().call_method(target, args, kwargs)
+
+
+def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
+    """Run the model; returns (logits, saliency activation A with grad to logits, context pieces)."""
+    rec = _Recorder(model, plan)
+    with torch.no_grad():
+        logits = rec.run(x)
+    return logits, rec.saliency_value, rec.saved, rec.shapes
+
+
+def propagate(plan: Plan, R0: torch.Tensor, saved, shapes, ops, on_step: Callable | None = None) -> torch.Tensor:
+    """Walk R0 from the saliency layer back to the input; fan-out contributions are summed."""
+    def resolve(a):
+        return fx.node.map_arg(a, lambda n: saved[n])
+
+    ctx = Context(values=saved, shapes=shapes, ops=ops, resolve=resolve)
+    relevance: dict[fx.Node, torch.Tensor] = {plan.saliency: R0}
+    with torch.no_grad():
+        for step in plan.steps:
+            R = relevance.pop(step.node)
+            outs = step.propagate(ctx, R)
+            for node, r in zip(step.inputs, outs):
+                relevance[node] = relevance[node] + r if node in relevance else r
+            if on_step is not None:
+                on_step(step, outs)
+    return relevance[plan.input]

@@ -1,0 +1,49 @@
+"""What every RSP rule looks like, and the context it runs in."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+
+@dataclass
+class Context:
+    """Per-call state shared by the rules: the forward values a rule asked for, the tensor
+    shapes of every node, and the kernel set chosen by the dispatcher."""
+
+    values: dict[fx.Node, Any]
+    shapes: dict[fx.Node, torch.Size]
+    ops: Any
+    resolve: Callable[[Any], Any] = field(default=lambda a: a)
+
+
+class Rule:
+    """One layer's relevance rule: relevance at the node's output -> relevance at its inputs.
+
+    ``inputs`` are the nodes relevance flows back to; ``needs_values`` the nodes whose
+    forward values the rule reads (saved during the forward pass, everything else is freed).
+    """
+
+    kind: str = "rule"
+
+    def __init__(self, node: fx.Node, inputs: list[fx.Node], needs_values: list[fx.Node] | None = None):
+        self.node = node
+        self.inputs = inputs
+        self.needs_values = needs_values if needs_values is not None else []
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+def node_function(node: fx.Node, module: torch.nn.Module | None, ctx: Context) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The node's op as a function of its first tensor argument, other arguments fixed to
+    their forward values (so a rule can re-run a pooling or padding op on a changed input)."""
+    if node.op == "call_module":
+        return module
+    rest = ctx.resolve(node.args[1:])
+    kwargs = ctx.resolve(dict(node.kwargs))
+    if node.op == "call_method":
+        return lambda x: getattr(x, node.target)(*rest, **kwargs)
+    return lambda x: node.target(x, *rest, **kwargs)

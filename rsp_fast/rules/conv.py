@@ -1,0 +1,139 @@
+"""Conv2d: the heart of RSP (RSP_SPEC.md §2).
+
+Inner layers use per-sample sectional filters built from the relevance itself (the
+layer's weights are ignored); the first layer, which sees pixels, uses the z^B rule with
+the (BatchNorm-folded) weights. Padding is applied explicitly so that asymmetric
+"same" padding (timm's Conv2dSame) and PyTorch's ``padding="same"`` share one code path.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.reference import per_sample_sum, safe_div, split_sections
+from .base import Context, Rule
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    pad: tuple[int, int, int, int]  # left, right, top, bottom (F.pad order)
+
+    @property
+    def is_pointwise(self) -> bool:
+        return self.kernel == (1, 1)
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        l, r, t, b = self.pad
+        return ((h + t + b - dh * (kh - 1) - 1) // sh + 1, (w + l + r - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def is_same_padding_conv(module: nn.Module) -> bool:
+    """timm's Conv2dSame (TF-style padding computed from the input size at run time)."""
+    return isinstance(module, nn.Conv2d) and type(module).__name__ == "Conv2dSame"
+
+
+def conv_geometry(module: nn.Conv2d, in_hw: tuple[int, int]) -> ConvGeometry:
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    if is_same_padding_conv(module):
+        (t, b), (l, r) = _same_pad(in_hw[0], kh, sh, dh), _same_pad(in_hw[1], kw, sw, dw)
+    elif module.padding == "same":
+        # PyTorch puts the odd pixel on the right/bottom, as F.pad with these amounts does.
+        t, b = (dh * (kh - 1)) // 2, dh * (kh - 1) - (dh * (kh - 1)) // 2
+        l, r = (dw * (kw - 1)) // 2, dw * (kw - 1) - (dw * (kw - 1)) // 2
+    elif module.padding == "valid":
+        t = b = l = r = 0
+    else:
+        (t, l) = module.padding
+        b, r = t, l
+    return ConvGeometry((kh, kw), (sh, sw), (dh, dw), module.groups, (l, r, t, b))
+
+
+def _pad(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    return F.pad(x, g.pad) if any(g.pad) else x
+
+
+def _crop(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    l, r, t, b = g.pad
+    return x[..., t : x.shape[-2] - b, l : x.shape[-1] - r]
+
+
+def conv_transpose_to(S: torch.Tensor, W: torch.Tensor, g: ConvGeometry, padded_hw: tuple[int, int]) -> torch.Tensor:
+    """The adjoint of the (unpadded-input) conv, sized to the padded input."""
+    (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.stride, g.dilation
+    oh, ow = S.shape[-2:]
+    op = (padded_hw[0] - ((oh - 1) * sh + dh * (kh - 1) + 1), padded_hw[1] - ((ow - 1) * sw + dw * (kw - 1) + 1))
+    return F.conv_transpose2d(S, W, stride=g.stride, output_padding=op, groups=g.groups, dilation=g.dilation)
+
+
+def first_conv_relevance(x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """z^B rule: inputs bounded by L = min(x), H = max(x) per sample; no bias in Z."""
+    N = x.shape[0]
+    flat = x.reshape(N, -1)
+    low, high = flat.amin(1).view(N, 1, 1, 1), flat.amax(1).view(N, 1, 1, 1)
+    Wp, Wn = W.clamp(min=0), W.clamp(max=0)
+    xp = _pad(x, g)
+    ones = _pad(torch.ones_like(x[:1]), g)  # the constant images L and H, zero-padded like x
+    conv = lambda t, w: F.conv2d(t, w, stride=g.stride, dilation=g.dilation, groups=g.groups)
+    Z = conv(xp, W) - low * conv(ones, Wp) - high * conv(ones, Wn)
+    S = safe_div(R, Z)
+    back = lambda w: _crop(conv_transpose_to(S, w, g, xp.shape[-2:]), g)
+    return x * back(W) - low * back(Wp) - high * back(Wn)
+
+
+def inner_conv_relevance(x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, ops) -> torch.Tensor:
+    """Sectional filters F± = R±·X̂ᵤᵀ per sample and group, responses G = F·X̂ᵤ, sectional
+    normalisation, one back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻, then the purge (k > 1) or not (1×1)."""
+    x_pos = x.clamp(min=0)
+    xp = _pad(x_pos, g)
+    N, C, Hp, Wp = xp.shape
+    G, O = g.groups, R.shape[1]
+    cols = F.unfold(xp, g.kernel, dilation=g.dilation, stride=g.stride)  # N, C·k², L
+    L = cols.shape[-1]
+    cols = cols.view(N, G, -1, L)
+    Rg = R.reshape(N, G, O // G, L)
+    Rp, Rn = split_sections(Rg)
+    colsT = cols.transpose(-1, -2)
+    Fp, Fn = Rp @ colsT, Rn @ colsT  # N, G, O/G, C/G·k²
+    Sp, Sn = ops.sectional_normalize(Rg, Fp @ cols, Fn @ cols)
+    dcols = Fp.transpose(-1, -2) @ Sp - Fn.transpose(-1, -2) @ Sn  # N, G, C/G·k², L
+    dx = F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride)
+    dx = _crop(dx, g)
+    if g.is_pointwise:
+        return ops.combine(dx, x_pos)
+    return ops.purge(dx, x_pos, per_sample_sum(R))
+
+
+class Conv(Rule):
+    kind = "conv"
+
+    def __init__(self, node, inputs, module: nn.Conv2d, first: bool, bn_scale):
+        super().__init__(node, inputs, needs_values=list(inputs))
+        self.module, self.first, self.bn_scale = module, first, bn_scale
+        self.kind = "conv (first, z^B)" if first else "conv"
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        x = ctx.values[self.inputs[0]]
+        g = conv_geometry(self.module, tuple(x.shape[-2:]))
+        if self.first:
+            W = self.module.weight
+            scale = self.bn_scale()
+            if scale is not None:
+                W = W * scale.view(-1, 1, 1, 1)
+            return [first_conv_relevance(x, R, W.to(x.dtype), g)]
+        return [inner_conv_relevance(x, R, g, ctx.ops)]

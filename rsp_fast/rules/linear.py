@@ -1,0 +1,53 @@
+"""Linear layers — an rsp_fast extension (the authors start below the classifier).
+
+Inner layers: the sectional split and purge of the conv rule with the layer's own
+positive weights, Zp = x̂·W⁺ᵀ, C± = x̂ ⊙ (safe_div(R±, Zp)·W⁺), D = 2(C⁺ − C⁻), uniform
+shift. A Linear that sees the raw input (an MLP's first layer) uses the z^B rule, as the
+first conv does. Leading dimensions beyond the batch are positions of one sample.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.reference import per_sample_sum, safe_div
+from .base import Context, Rule
+
+
+def first_linear_relevance(x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    N = x.shape[0]
+    flat = x.reshape(N, -1)
+    shape = (N,) + (1,) * (x.dim() - 1)
+    low, high = flat.amin(1).view(shape), flat.amax(1).view(shape)
+    Wp, Wn = W.clamp(min=0), W.clamp(max=0)
+    Z = x @ W.T - low * Wp.sum(1) - high * Wn.sum(1)
+    S = safe_div(R, Z)
+    return x * (S @ W) - low * (S @ Wp) - high * (S @ Wn)
+
+
+def inner_linear_relevance(x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, ops) -> torch.Tensor:
+    x_pos = x.clamp(min=0)
+    Wp = W.clamp(min=0)
+    Zp = x_pos @ Wp.T
+    Sp, Sn = ops.sectional_normalize(R, Zp, Zp)
+    return ops.purge((Sp - Sn) @ Wp, x_pos, per_sample_sum(R))
+
+
+class Linear(Rule):
+    kind = "linear"
+
+    def __init__(self, node, inputs, module: nn.Linear, first: bool, bn_scale):
+        super().__init__(node, inputs, needs_values=list(inputs))
+        self.module, self.first, self.bn_scale = module, first, bn_scale
+        self.kind = "linear (first, z^B)" if first else "linear"
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        x = ctx.values[self.inputs[0]]
+        W = self.module.weight
+        scale = self.bn_scale()
+        if scale is not None:
+            W = W * scale.view(-1, 1)
+        W = W.to(x.dtype)
+        if self.first:
+            return [first_linear_relevance(x, R, W)]
+        return [inner_linear_relevance(x, R, W, ctx.ops)]

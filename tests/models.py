@@ -1,0 +1,35 @@
+"""Small models built from torch.nn only, shared by the tests and benchmarks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def make_vgg_features(cfg, in_channels: int = 3) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(in_channels, v, 3, padding=1), nn.ReLU(inplace=True)]
+            in_channels = v
+    return nn.Sequential(*layers)
+
+
+class GoldenVGG(nn.Module):
+    """The VGG of ../shared/golden: features -> flatten -> Linear, ReLU, Dropout, Linear."""
+
+    def __init__(self, cfg, flat_features: int, num_classes: int):
+        super().__init__()
+        self.features = make_vgg_features(cfg)
+        self.classifier = nn.Sequential(nn.Linear(flat_features, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def golden_model(golden: dict, dtype: torch.dtype = torch.float64) -> GoldenVGG:
+    sd = golden["state_dict"]
+    model = GoldenVGG(golden["cfg"], sd["classifier.0.weight"].shape[1], golden["num_classes"]).double()
+    model.load_state_dict(sd)  # load in float64 so no precision is lost before the cast
+    return model.to(dtype).eval()
