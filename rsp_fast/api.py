@@ -28,6 +28,7 @@ class Explanation:
     cams: torch.Tensor  # normalised Grad-CAM maps without channel sum, target first
     layer: str
     steps: dict[str, torch.Tensor] = field(default_factory=dict)  # with record=True: relevance at each rule's input
+    dropped: torch.Tensor | None = None  # with record=True: (N,) relevance lost at inputs with no support
 
 
 class RSP:
@@ -67,7 +68,9 @@ class RSP:
         return self.explain(inputs, target, hostile).attribution
 
     def explain(self, inputs: torch.Tensor, target=None, hostile=None, record: bool = False) -> Explanation:
-        """Like ``attribute`` but returns logits, classes, R₀ and (``record=True``) every rule's output."""
+        """Like ``attribute`` but returns logits, classes, R₀ and, with ``record=True``, every rule's
+        output and the relevance dropped at positions with no support (so that
+        ΣR_input = ΣR₀ − dropped per sample, RSP_SPEC.md §3)."""
         self._check_inputs(inputs)
         ops = select_kernels(self.backend, inputs.device)
         modes = [(m, m.training) for m in self.model.modules()]
@@ -88,11 +91,12 @@ class RSP:
             R0, cams = initial_relevance(logits, A, tgt, hst, init)
             steps: dict[str, torch.Tensor] = {}
             on_step = (lambda step, outs: steps.__setitem__(_step_name(step), outs[0])) if record else None
-            R = propagate(self.plan, R0.detach(), saved, shapes, ops, on_step)
+            dropped = R0.new_zeros(R0.shape[0]) if record else None
+            R = propagate(self.plan, R0.detach(), saved, shapes, ops, on_step, dropped)
         finally:
             for m, mode in modes:
                 m.training = mode
-        return Explanation(R, R0.detach(), logits.detach(), tgt, hst, cams.detach(), self.layer, steps)
+        return Explanation(R, R0.detach(), logits.detach(), tgt, hst, cams.detach(), self.layer, steps, dropped)
 
     def _check_inputs(self, x) -> None:
         if not isinstance(x, torch.Tensor):

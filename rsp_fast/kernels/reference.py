@@ -33,6 +33,13 @@ def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)
 
 
+def unsupported_relevance(R: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor) -> torch.Tensor:
+    """Per sample, Σ R⁺[Ga=0] − Σ R⁻[Gb=0]: relevance at positions whose response is zero
+    (an all-zero input patch), which the sectional normalisation cannot pass on."""
+    Rp, Rn = split_sections(R)
+    return per_sample_sum(Rp * (Ga == 0)) - per_sample_sum(Rn * (Gb == 0))
+
+
 def purge_reference(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """Hostile purging: D = 2·x̂⊙dx, then shift the active units so that ΣR_in = total.
 

@@ -17,6 +17,16 @@ class Context:
     shapes: dict[fx.Node, torch.Size]
     ops: Any
     resolve: Callable[[Any], Any] = field(default=lambda a: a)
+    dropped: torch.Tensor | None = None  # (N,) when tracked: relevance lost at unsupported positions
+
+    def drop(self, amount: torch.Tensor) -> None:
+        """Account for relevance a rule could not pass on (RSP_SPEC.md §3, the one exact caveat)."""
+        if self.dropped is not None:
+            self.dropped += amount.to(self.dropped.dtype)
+
+    @property
+    def tracking(self) -> bool:
+        return self.dropped is not None
 
 
 class Rule:
@@ -47,3 +57,9 @@ def node_function(node: fx.Node, module: torch.nn.Module | None, ctx: Context) -
     if node.op == "call_method":
         return lambda x: getattr(x, node.target)(*rest, **kwargs)
     return lambda x: node.target(x, *rest, **kwargs)
+
+
+def purged_loss(ctx: Context, R: torch.Tensor, unsupported: torch.Tensor, active: torch.Tensor) -> None:
+    """What a purged layer loses: 2·(unsupported relevance), or everything if no unit is active."""
+    total = R.reshape(R.shape[0], -1).sum(1)
+    ctx.drop(torch.where(active, 2 * unsupported, total))

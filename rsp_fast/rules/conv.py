@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.reference import per_sample_sum, safe_div, split_sections
-from .base import Context, Rule
+from ..kernels.reference import per_sample_sum, safe_div, split_sections, unsupported_relevance
+from .base import Context, Rule, purged_loss
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def conv_transpose_to(S: torch.Tensor, W: torch.Tensor, g: ConvGeometry, padded_
     return F.conv_transpose2d(S, W, stride=g.stride, output_padding=op, groups=g.groups, dilation=g.dilation)
 
 
-def first_conv_relevance(x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     """z^B rule: inputs bounded by L = min(x), H = max(x) per sample; no bias in Z."""
     N = x.shape[0]
     flat = x.reshape(N, -1)
@@ -92,11 +92,13 @@ def first_conv_relevance(x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: C
     conv = lambda t, w: F.conv2d(t, w, stride=g.stride, dilation=g.dilation, groups=g.groups)
     Z = conv(xp, W) - low * conv(ones, Wp) - high * conv(ones, Wn)
     S = safe_div(R, Z)
+    if ctx.tracking:
+        ctx.drop(per_sample_sum(R * (Z == 0)))
     back = lambda w: _crop(conv_transpose_to(S, w, g, xp.shape[-2:]), g)
     return x * back(W) - low * back(Wp) - high * back(Wn)
 
 
-def inner_conv_relevance(x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, ops) -> torch.Tensor:
+def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     """Sectional filters F± = R±·X̂ᵤᵀ per sample and group, responses G = F·X̂ᵤ, sectional
     normalisation, one back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻, then the purge (k > 1) or not (1×1)."""
     x_pos = x.clamp(min=0)
@@ -110,13 +112,18 @@ def inner_conv_relevance(x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, ops)
     Rp, Rn = split_sections(Rg)
     colsT = cols.transpose(-1, -2)
     Fp, Fn = Rp @ colsT, Rn @ colsT  # N, G, O/G, C/G·k²
-    Sp, Sn = ops.sectional_normalize(Rg, Fp @ cols, Fn @ cols)
+    Ga, Gb = Fp @ cols, Fn @ cols
+    Sp, Sn = ctx.ops.sectional_normalize(Rg, Ga, Gb)
     dcols = Fp.transpose(-1, -2) @ Sp - Fn.transpose(-1, -2) @ Sn  # N, G, C/G·k², L
     dx = F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride)
     dx = _crop(dx, g)
     if g.is_pointwise:
-        return ops.combine(dx, x_pos)
-    return ops.purge(dx, x_pos, per_sample_sum(R))
+        if ctx.tracking:
+            ctx.drop(unsupported_relevance(Rg, Ga, Gb))
+        return ctx.ops.combine(dx, x_pos)
+    if ctx.tracking:
+        purged_loss(ctx, R, unsupported_relevance(Rg, Ga, Gb), (x_pos * dx != 0).flatten(1).any(1))
+    return ctx.ops.purge(dx, x_pos, per_sample_sum(R))
 
 
 class Conv(Rule):
@@ -135,5 +142,5 @@ class Conv(Rule):
             scale = self.bn_scale()
             if scale is not None:
                 W = W * scale.view(-1, 1, 1, 1)
-            return [first_conv_relevance(x, R, W.to(x.dtype), g)]
-        return [inner_conv_relevance(x, R, g, ctx.ops)]
+            return [first_conv_relevance(ctx, x, R, W.to(x.dtype), g)]
+        return [inner_conv_relevance(ctx, x, R, g)]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.reference import per_sample_sum, safe_div
-from .base import Context, Rule
+from ..kernels.reference import per_sample_sum, safe_div, unsupported_relevance
+from .base import Context, Rule, purged_loss
 
 
-def first_linear_relevance(x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+def first_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     N = x.shape[0]
     flat = x.reshape(N, -1)
     shape = (N,) + (1,) * (x.dim() - 1)
@@ -22,15 +22,20 @@ def first_linear_relevance(x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) ->
     Wp, Wn = W.clamp(min=0), W.clamp(max=0)
     Z = x @ W.T - low * Wp.sum(1) - high * Wn.sum(1)
     S = safe_div(R, Z)
+    if ctx.tracking:
+        ctx.drop(per_sample_sum(R * (Z == 0)))
     return x * (S @ W) - low * (S @ Wp) - high * (S @ Wn)
 
 
-def inner_linear_relevance(x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, ops) -> torch.Tensor:
+def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     x_pos = x.clamp(min=0)
     Wp = W.clamp(min=0)
     Zp = x_pos @ Wp.T
-    Sp, Sn = ops.sectional_normalize(R, Zp, Zp)
-    return ops.purge((Sp - Sn) @ Wp, x_pos, per_sample_sum(R))
+    Sp, Sn = ctx.ops.sectional_normalize(R, Zp, Zp)
+    dx = (Sp - Sn) @ Wp
+    if ctx.tracking:
+        purged_loss(ctx, R, unsupported_relevance(R, Zp, Zp), (x_pos * dx != 0).flatten(1).any(1))
+    return ctx.ops.purge(dx, x_pos, per_sample_sum(R))
 
 
 class Linear(Rule):
@@ -49,5 +54,5 @@ class Linear(Rule):
             W = W * scale.view(-1, 1)
         W = W.to(x.dtype)
         if self.first:
-            return [first_linear_relevance(x, R, W)]
-        return [inner_linear_relevance(x, R, W, ctx.ops)]
+            return [first_linear_relevance(ctx, x, R, W)]
+        return [inner_linear_relevance(ctx, x, R, W)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.reference import safe_div
+from ..kernels.reference import per_sample_sum, safe_div
 from .base import Context, Rule, node_function
 
 POOL_EPS = 1e-9
@@ -26,4 +26,6 @@ class Pool(Rule):
         with torch.enable_grad():
             Z = fn(x)
             (grad,) = torch.autograd.grad(Z, x, safe_div(R, Z.detach()))
+        if ctx.tracking:
+            ctx.drop(per_sample_sum(R * (Z.detach() == 0)))
         return [x.detach() * grad]
