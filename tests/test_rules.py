@@ -1,0 +1,204 @@
+"""Each RSP rule against an independent formulation (tests/reference_rules.py), odd shapes, float64."""
+import numpy as np
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import rsp_fast
+from rsp_fast.init import comparative_relevance, gradcam_maps
+from rsp_fast.kernels.reference import purge_reference, sectional_normalize_reference
+from rsp_fast.ops.dispatch import TORCH
+from rsp_fast.rules.base import Context
+from rsp_fast.rules.conv import conv_geometry, first_conv_relevance, inner_conv_relevance
+from rsp_fast.rules.linear import inner_linear_relevance
+from conftest import rel_err
+from reference_rules import conv_rsp_one_sample, first_conv_one_sample, linear_rsp_loop, relative_gam_numpy
+
+D = torch.float64
+CTX = Context(values={}, shapes={}, ops=TORCH)
+
+CONV_CASES = [  # C, O, k, stride, padding, dilation, groups, H, W
+    (3, 5, 3, 1, 1, 1, 1, 7, 9),
+    (4, 6, 3, 2, 1, 1, 2, 13, 13),
+    (6, 6, 3, 1, 1, 1, 6, 7, 9),  # depthwise
+    (6, 6, 5, 2, 2, 1, 6, 9, 7),  # depthwise, stride 2
+    (5, 7, 1, 1, 0, 1, 1, 7, 9),  # pointwise: no purge
+    (4, 4, 3, 1, 2, 2, 1, 9, 9),  # dilation
+    (3, 4, 2, 2, 0, 1, 1, 8, 9),  # even kernel, uncovered last column
+    (17, 3, 3, 1, 0, 1, 1, 5, 5),
+]
+
+
+@pytest.mark.parametrize("C,O,k,s,p,d,g,H,W", CONV_CASES)
+def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, H, W):
+    conv = nn.Conv2d(C, O, k, stride=s, padding=p, dilation=d, groups=g).double()
+    x = torch.randn(3, C, H, W, dtype=D)
+    R = torch.randn(3, O, *conv(x).shape[-2:], dtype=D)
+    R[1] = R[1].abs()  # a sample with an empty hostile section
+    ours = inner_conv_relevance(CTX, x, R, conv_geometry(conv, (H, W)))
+    for n in range(3):
+        ref = conv_rsp_one_sample(x[n:n + 1], R[n:n + 1], conv.weight.shape, conv.stride, conv.padding, conv.dilation, g)
+        assert rel_err(ours[n:n + 1], ref) < 1e-10
+
+
+def test_same_padding_conv_matches_explicit_padding():
+    conv = nn.Conv2d(4, 5, 3, stride=2, padding=0).double()
+    conv.__class__ = type("Conv2dSame", (nn.Conv2d,), {})  # the rule keys timm's Conv2dSame by name
+    x = torch.randn(2, 4, 8, 7, dtype=D)
+    geom = conv_geometry(conv, (8, 7))
+    # TF "same": out = ceil(in/2); total pad = (out-1)*2 + 3 - in = 2 (width 7), 1 (height 8), odd pixel right/bottom
+    assert geom.pad == (1, 1, 0, 1)
+    R = torch.randn(2, 5, 4, 4, dtype=D)
+    ours = inner_conv_relevance(CTX, x, R, geom)
+    for n in range(2):
+        ref = conv_rsp_one_sample(x[n:n + 1], R[n:n + 1], conv.weight.shape, 2, 0, 1, 1, pad4=geom.pad)
+        assert rel_err(ours[n:n + 1], ref) < 1e-10
+
+
+@pytest.mark.parametrize("s,p", [(1, 1), (2, 1), (2, 0)])
+def test_first_conv_zb_matches_authors_formulation(s, p):
+    conv = nn.Conv2d(3, 5, 3, stride=s, padding=p).double()
+    x = torch.randn(2, 3, 9, 11, dtype=D)
+    R = torch.randn(2, 5, *conv(x).shape[-2:], dtype=D)
+    ours = first_conv_relevance(CTX, x, R, conv.weight, conv_geometry(conv, (9, 11)))
+    for n in range(2):
+        ref = first_conv_one_sample(x[n:n + 1], R[n:n + 1], conv.weight.detach(), s, p)
+        assert rel_err(ours[n:n + 1], ref) < 1e-10
+    # z^B conserves: Σ R_in = Σ R where Z ≠ 0
+    assert torch.allclose(ours.sum((1, 2, 3)), R.sum((1, 2, 3)), rtol=1e-9)
+
+
+def test_inner_linear_matches_loops():
+    x = torch.randn(3, 7, dtype=D)
+    W = torch.randn(5, 7, dtype=D)
+    R = torch.randn(3, 5, dtype=D)
+    assert rel_err(inner_linear_relevance(CTX, x, R, W), linear_rsp_loop(x, R, W)) < 1e-10
+
+
+def test_sectional_normalize_and_purge_edge_cases():
+    R = torch.tensor([[1.0, -2.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0]], dtype=D)
+    Ga = torch.tensor([[2.0, 5.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=D)
+    Gb = torch.tensor([[7.0, 4.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=D)
+    Sp, Sn = sectional_normalize_reference(R, Ga, Gb)
+    assert Sp.tolist() == [[0.5, 0.0, 0.0, 0.0], [0.0] * 4]  # Ga = 0 under R⁺ = 3: dropped, not inf
+    assert Sn.tolist() == [[0.0, 0.5, 0.0, 0.0], [0.0] * 4]
+    dx = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]], dtype=D)
+    x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]], dtype=D)
+    out = purge_reference(dx, x, torch.tensor([4.0, 5.0], dtype=D))
+    # D = [2, 0, -6]: two active units share a shift of 4/2; an all-zero sample stays zero
+    assert out.tolist() == [[0.0, 0.0, -8.0], [0.0, 0.0, 0.0]]
+
+
+def _single_op_model(op):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.op = op
+            self.head = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
+
+        def forward(self, x):
+            return self.head(self.op(torch.relu(self.conv(x))))
+    m = M().double()
+    m(torch.randn(1, 3, 6, 6, dtype=D))
+    return m.eval()
+
+
+@pytest.mark.parametrize("op", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d((2, 3))])
+def test_pool_rule_is_the_z_rule(op):
+    m = _single_op_model(op)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    ex = rsp_fast.RSP(m, layer="op", init="gradcam").explain(x, record=True)
+    R_out = ex.initial
+    a = torch.relu(m.conv(x)).detach() + 1e-9
+    a.requires_grad_()
+    Z = op(a)
+    S = torch.where(Z != 0, R_out / Z, torch.zeros_like(Z))
+    (g,) = torch.autograd.grad(Z, a, S)
+    assert rel_err(ex.steps["op"], a.detach() * g) < 1e-12
+    assert torch.allclose(ex.steps["op"].sum((1, 2, 3)), R_out.sum((1, 2, 3)), rtol=1e-9)
+
+
+def test_add_rule_and_fan_out():
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.branch = nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 25, 3))
+
+        def forward(self, x):
+            s = torch.relu(self.stem(x))
+            return self.head(torch.relu(self.branch(s) + s))
+    m = Res().double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    explainer = rsp_fast.RSP(m, init="gradcam")
+    assert explainer.layer == "relu_1"  # default: the last map before flatten
+    ex = explainer.explain(x, record=True)
+    s = torch.relu(m.stem(x)).detach()
+    b = m.branch(s).detach()
+    R = ex.initial
+    a_hat, b_hat = b.clamp(min=0) + 1e-9, s.clamp(min=0) + 1e-9
+    names = {k for k in ex.steps if k.startswith("add")}
+    assert len(names) == 1
+    # the add's first input is branch(s): its relevance is â·R/(â+b̂)
+    assert rel_err(ex.steps[names.pop()], a_hat * R / (a_hat + b_hat)) < 1e-12
+    # fan-out: s gets the skip share plus what the branch conv sends back; all is conserved
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
+def test_concatenation_splits_relevance():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 2, 3, padding=1)
+            self.b = nn.Conv2d(3, 5, 1)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(7 * 16, 4))
+
+        def forward(self, x):
+            return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
+    m = Cat().double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    ex = rsp_fast.RSP(m, init="gradcam").explain(x, record=True)
+    cat_name = next(k for k in ex.steps if k.startswith("cat"))
+    assert torch.equal(ex.steps[cat_name], ex.initial[:, :2])
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
+def test_batchnorm_is_folded_into_the_first_conv():
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(0.5, 2); bn.weight.uniform_(-2, 2); bn.bias.uniform_(-1, 1)
+    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3)).double().eval()
+    folded = nn.Conv2d(3, 4, 3, padding=1).double()
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        folded.bias.copy_(bn.bias - bn.running_mean * scale)
+    reference = nn.Sequential(folded, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3)).double().eval()
+    reference[3].load_state_dict(model[4].state_dict())
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    ours = rsp_fast.RSP(model, layer="2", init="gradcam").attribute(x)
+    expected = rsp_fast.RSP(reference, layer="1", init="gradcam").attribute(x)
+    assert rel_err(ours, expected) < 1e-10
+
+
+def test_comparative_init_matches_authors_numpy():
+    cams = torch.randn(4, 3, 6, 5, 5, dtype=D)  # target + 3 hostile, batch 3
+    cams = cams / (cams.flatten(2).amax(2).view(4, 3, 1, 1, 1) + 1e-9)
+    ours = comparative_relevance(cams[0], cams[1:])
+    for n in range(3):
+        ref = relative_gam_numpy(cams[0, n].numpy(), [cams[h, n].numpy() for h in range(1, 4)])
+        assert np.abs(ours[n].numpy() - ref).max() < 1e-12
+    assert torch.allclose(ours.sum((1, 2, 3)), torch.ones(3, dtype=D), atol=1e-6)
+
+
+def test_gradcam_maps_without_channel_sum():
+    A = torch.rand(2, 3, 4, 5, dtype=D)
+    grads = torch.randn(1, 2, 3, 4, 5, dtype=D)
+    cams = gradcam_maps(A, grads)
+    for n in range(2):
+        raw = A[n] * grads[0, n].mean((1, 2), keepdim=True)
+        assert rel_err(cams[0, n], raw / (raw.max() + 1e-9)) < 1e-12
