@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, node_kind, relevance_inputs, rule_for
-from .trace import node_label, trace
+from .trace import trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
 
@@ -66,8 +66,11 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
         if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or isinstance(m, (nn.Dropout, nn.Identity))):
             return node
         node = _first_tensor_input(node)
-    if last_linear_input is not None and last_linear_input.op != "placeholder":
-        return last_linear_input
+    node = last_linear_input
+    while node is not None and isinstance(_module(model, node), (nn.Dropout, nn.Identity)):
+        node = _first_tensor_input(node)
+    if node is not None and node.op != "placeholder":
+        return node
     raise RSPError(f"could not choose a default saliency layer for {type(model).__name__}; pass layer='<module name>'")
 
 
@@ -109,13 +112,12 @@ def build_plan(model: nn.Module, layer=None) -> Plan:
         module = _module(model, node)
         kind = node_kind(node, module) if node.op != "get_attr" else None
         if kind is None:
-            what = type(module).__name__ if module is not None else (node.op if node.op == "get_attr" else node_label(node))
-            problems.append(f"{node_label(node)}: {what}")
-            continue
-        kinds[node] = kind
-        for arg in relevance_inputs(node, kind):
+            problems.append(_describe_unsupported(node, module))
+        else:
+            kinds[node] = kind
+        for arg in relevance_inputs(node, kind) if kind else node.all_input_nodes:  # go on: report every problem
             if not isinstance(arg, fx.Node):
-                problems.append(f"{node_label(node)}: {kind} with a constant operand ({arg!r})")
+                problems.append(f"{node.name}: {kind} with a constant operand ({arg!r})")
             elif arg not in seen:
                 seen.add(arg)
                 stack.append(arg)
@@ -153,6 +155,17 @@ def build_plan(model: nn.Module, layer=None) -> Plan:
                 frontier.append(user)
     saved = {v for s in steps for v in s.needs_values}
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank)
+
+
+def _describe_unsupported(node: fx.Node, module) -> str:
+    if module is not None:
+        return f"{node.target}: {type(module).__name__}"
+    if node.op == "get_attr":
+        return f"{node.target}: a parameter or buffer used as an activation"
+    if node.op == "call_method":
+        return f"{node.name}: Tensor.{node.target}"
+    fn = node.target
+    return f"{node.name}: {getattr(fn, '__module__', None) or 'builtin'}.{getattr(fn, '__name__', fn)}"
 
 
 def _bn_after(model: nn.Module, node: fx.Node):

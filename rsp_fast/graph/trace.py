@@ -50,13 +50,3 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool]) -> tuple[
         )
     return graph, tracer.module_outputs
 
-
-def node_label(node: fx.Node) -> str:
-    """A human name for a node: the module path for module calls, else the op."""
-    if node.op == "call_module":
-        return str(node.target)
-    if node.op == "call_function":
-        return f"{node.name} ({getattr(node.target, '__module__', '') or ''}.{getattr(node.target, '__name__', node.target)})".replace(" (.", " (")
-    if node.op == "call_method":
-        return f"{node.name} (Tensor.{node.target})"
-    return node.name

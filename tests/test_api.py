@@ -1,0 +1,179 @@
+"""The public API: batch independence, layer choice, model left untouched, clear errors."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import rsp_fast
+from rsp_fast.errors import BackendUnavailableError, RSPError, UnsupportedModelError
+from conftest import GOLDEN_FILES, load_golden, rel_err
+from models import golden_model
+
+D = torch.float64
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_golden(next(p for p in GOLDEN_FILES if p.stem == "vgg16_narrow_comparative"))
+
+
+def test_batch_of_8_equals_each_sample_alone(golden):
+    model = golden_model(golden)
+    explainer = rsp_fast.RSP(model, layer=f"features.{golden['saliency_layer']}", hostile_k=3)
+    x = torch.randn(8, 3, 64, 64, dtype=D)
+    x[3] = golden["x"][0]
+    batch = explainer.explain(x)
+    for n in range(8):
+        alone = explainer.explain(x[n:n + 1])
+        assert alone.target.item() == batch.target[n].item()
+        assert rel_err(batch.attribution[n], alone.attribution[0]) < 1e-9
+        assert rel_err(batch.initial[n], alone.initial[0]) < 1e-9
+    assert rel_err(batch.attribution[3:4], golden["R_input"]) < 1e-9
+
+
+def test_batch_independence_resnet_with_explicit_targets():
+    model = torchvision.models.resnet18(num_classes=7).double().eval()
+    explainer = rsp_fast.RSP(model)
+    x = torch.randn(4, 3, 48, 48, dtype=D)
+    targets = [0, 6, 3, 3]
+    hostile = [[1, 2], [0, 1], [4, 5], [6, 0]]
+    batch = explainer.explain(x, target=targets, hostile=hostile)
+    assert batch.hostile.tolist() == hostile
+    for n in range(4):
+        alone = explainer.attribute(x[n:n + 1], target=targets[n], hostile=[hostile[n]])
+        assert rel_err(batch.attribution[n], alone[0]) < 1e-9
+
+
+def test_default_layers():
+    assert rsp_fast.RSP(torchvision.models.vgg16()).layer == "features.29"
+    assert rsp_fast.RSP(torchvision.models.resnet50()).layer == "layer4"
+    assert rsp_fast.RSP(torchvision.models.mobilenet_v2()).layer == "features"
+
+
+def test_layer_as_module_and_result_properties():
+    model = torchvision.models.vgg11(num_classes=5).eval()
+    explainer = rsp_fast.RSP(model, layer=model.features[15])
+    assert explainer.layer == "features.15"
+    x = torch.randn(2, 3, 32, 32)
+    R = explainer.attribute(x)
+    assert R.shape == x.shape and R.dtype == torch.float32
+    assert rsp_fast.heatmap(R).shape == (2, 32, 32)
+
+
+def test_model_is_left_untouched():
+    model = torchvision.models.resnet18(num_classes=5).double()
+    model.train()
+    model.layer2.eval()  # a mixed mode must come back as it was
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    ex = rsp_fast.RSP(model).explain(x)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BN statistics included
+    assert all(p.grad is None for p in model.parameters())
+    assert calls == []  # traced graph, not the model's hooks
+    model.eval()
+    expected = model(x)
+    assert torch.allclose(ex.logits, expected)  # explained in eval mode
+
+
+def test_bad_inputs_get_clear_errors():
+    model = torchvision.models.vgg11(num_classes=5).eval()
+    explainer = rsp_fast.RSP(model)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(RSPError, match="NaN or Inf"):
+        explainer.attribute(torch.full_like(x, float("nan")))
+    bad = x.clone(); bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(RSPError, match="NaN or Inf"):
+        explainer.attribute(bad)
+    with pytest.raises(RSPError, match="4-D"):
+        explainer.attribute(torch.randn(3, 32, 32))
+    with pytest.raises(RSPError, match="class 5 is out of range"):
+        explainer.attribute(x, target=5)
+    with pytest.raises(RSPError, match="class -1 is out of range"):
+        explainer.attribute(x, target=[-1])
+    with pytest.raises(RSPError, match="one class per sample"):
+        explainer.attribute(x, target=[1, 2])
+    with pytest.raises(RSPError, match="hostile class equals the target"):
+        explainer.attribute(x, target=1, hostile=[1, 2])
+    with pytest.raises(RSPError, match="hostile class 9 is out of range"):
+        explainer.attribute(x, target=1, hostile=[9])
+    with pytest.raises(RSPError, match="float64 but the model's parameters are torch.float32"):
+        explainer.attribute(x.double())
+    with pytest.raises(RSPError, match="floating-point"):
+        explainer.attribute(x.long())
+    with pytest.raises(RSPError, match="forward failed"):
+        explainer.attribute(torch.randn(1, 4, 32, 32))
+
+
+def test_bad_constructor_arguments():
+    model = torchvision.models.vgg11(num_classes=5)
+    with pytest.raises(RSPError, match="init must be one of"):
+        rsp_fast.RSP(model, init="lrp")
+    with pytest.raises(RSPError, match="hostile_k"):
+        rsp_fast.RSP(model, hostile_k=-1)
+    with pytest.raises(RSPError, match="'features.99' is not a module"):
+        rsp_fast.RSP(model, layer="features.99")
+    with pytest.raises(RSPError, match="not a submodule"):
+        rsp_fast.RSP(model, layer=nn.ReLU())
+    with pytest.raises(BackendUnavailableError, match="unknown backend"):
+        rsp_fast.RSP(model, backend="fpga")
+    with pytest.raises(BackendUnavailableError, match="triton.*unavailable|unavailable.*Triton"):
+        rsp_fast.RSP(model, backend="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
+            rsp_fast.RSP(model, backend="cuda")
+
+
+def test_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("RSP_FAST_BACKEND", "fpga")
+    with pytest.raises(BackendUnavailableError, match="fpga"):
+        rsp_fast.RSP(torchvision.models.vgg11(), backend=None)
+
+
+class _WithGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3), nn.GELU(), nn.LayerNorm([4, 4, 4]))
+        self.fc = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.sigmoid(self.body(torch.relu(self.stem(x)))), 1))
+
+
+def test_unsupported_layers_are_named_before_any_work():
+    with pytest.raises(UnsupportedModelError) as err:
+        rsp_fast.RSP(_WithGelu())
+    msg = str(err.value)
+    assert "body.1: GELU" in msg and "body.2: LayerNorm" in msg and "sigmoid" in msg
+    assert "Supported:" in msg and "Conv2d" in msg
+
+
+def test_untraceable_model_is_reported():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+
+        def forward(self, x):
+            return self.conv(x).flatten(1) if x.sum() > 0 else x.flatten(1)
+
+    with pytest.raises(UnsupportedModelError, match="could not trace Dynamic"):
+        rsp_fast.RSP(Dynamic())
+
+
+def test_comparative_without_hostile_classes_is_gradcam():
+    model = torchvision.models.vgg11(num_classes=4).double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=D)
+    a = rsp_fast.RSP(model, hostile_k=0).attribute(x)
+    b = rsp_fast.RSP(model, init="gradcam").attribute(x)
+    assert torch.equal(a, b)
+
+
+def test_backends_report():
+    report = rsp_fast.backends("cpu")
+    assert report["torch"] == "available"
+    assert set(report) == {"torch", "cpp", "cuda", "triton"}
