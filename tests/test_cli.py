@@ -1,0 +1,89 @@
+"""The rsp-fast command line: image maps, the demo, and one-line errors for bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rsp_fast.cli import main
+from rsp_fast.models import build_model
+from rsp_fast.render import Letterbox, colorize, heat_to_frame, letterbox_geometry
+
+
+def _png(path, mode="RGB", size=(40, 30)):
+    rng = np.random.default_rng(0)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode).save(path)
+    return path
+
+
+def test_image_command_writes_maps_for_grey_alpha_and_colour(tmp_path, capsys):
+    files = [_png(tmp_path / "a.png"), _png(tmp_path / "b.png", "RGBA", (31, 17)), _png(tmp_path / "c.png", "L")]
+    out = tmp_path / "out"
+    assert main(["image", *map(str, files), "-o", str(out), "--init", "gradcam"]) == 0
+    for name in "abc":
+        heat = np.asarray(Image.open(out / f"{name}_heatmap.png"))
+        src = np.asarray(Image.open(tmp_path / f"{name}.png"))
+        assert heat.shape[:2] == src.shape[:2]  # mapped back onto the frame
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["images"]] == ["a", "b", "c"]
+    assert all(0 <= r["label"] < 1000 and 0 < r["score"] <= 1 for r in report["images"])
+    assert (out / "contact_sheet.png").exists()
+
+
+def test_demo_runs_offline(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    labels = {r["name"]: r["class_name"] for r in report["images"]}
+    assert "espresso" in labels["coffee"]  # the embedded weights are real ImageNet weights
+    assert "cat" in labels["chelsea"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["image", "missing.png", "-o", "x"], "image 'missing.png' does not exist"),
+    (["image", "{notimage}", "-o", "x"], "cannot read image"),
+    (["image", "{png}", "-o", "x", "--model", "alexnet"], "unknown model 'alexnet'"),
+    (["image", "{png}", "-o", "x", "--model", "vgg16"], "vgg16 needs --weights"),
+    (["image", "{png}", "-o", "x", "--model", "vgg16", "--weights", "{badweights}"], "do not match VGG"),
+    (["image", "{png}", "-o", "x", "--target", "1000"], "class 1000 is out of range"),
+])
+def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
+    notimage = tmp_path / "notimage.png"
+    notimage.write_text("hello")
+    badweights = tmp_path / "w.pt"
+    torch.save({"features.0.weight": torch.zeros(2, 2)}, badweights)
+    fill = {"notimage": notimage, "png": _png(tmp_path / "p.png"), "badweights": badweights}
+    argv = [a.format(**fill) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_weights_are_never_unpickled(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(Exception, match="cannot read weights"):
+        build_model("resnet50", str(path))
+
+
+def test_letterbox_round_trip():
+    box = letterbox_geometry((30, 60), 224)
+    assert box == Letterbox((30, 60), 56, 0, 112, 224)
+    heat = torch.zeros(1, 224, 224)
+    heat[:, box.top:box.top + box.height, box.left:box.left + box.width] = 1.0
+    back = heat_to_frame(heat, box)
+    assert back.shape == (1, 30, 60) and torch.allclose(back, torch.ones_like(back))
+
+
+def test_colormap_is_diverging_and_centred():
+    rgb = colorize(np.array([[-1.0, 0.0, 1.0]]), 1.0)
+    assert rgb[0, 0].tolist() == [0, 0, 255] and rgb[0, 1].tolist() == [255, 255, 255] and rgb[0, 2].tolist() == [255, 0, 0]
