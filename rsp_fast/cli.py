@@ -1,88 +1,146 @@
-"""The ``rsp-fast`` command line: ``image`` and ``demo``.
+"""The ``rsp-fast`` command line: ``video``, ``image`` and ``demo``.
 
-Errors print one line on stderr and exit with status 2 (a traceback only with --debug).
+Errors print one line on stderr and exit with status 2 (a traceback only with --debug);
+Ctrl-C stops cleanly with status 130. Outputs appear only when complete.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from .errors import BackendUnavailableError, RSPError
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
     p.add_argument("--model", default="efficientnet_lite0", help="efficientnet_lite0 (default), vgg16, resnet50 or package.module:factory")
     p.add_argument("--weights", help="weights file (torch state dict loaded with weights_only=True, or .safetensors)")
     p.add_argument("--layer", help="saliency layer (module name); default: last feature map before pooling")
     p.add_argument("--init", default="comparative", choices=["comparative", "gradcam"])
     p.add_argument("--hostile-k", type=int, default=3)
-    p.add_argument("--target", type=int, help="class to explain (default: top-1 per image)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--target", type=int, help="class to explain (default: top-1 per frame)")
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "cuda", "triton"])
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _add_video_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fps", type=float, help="output frame rate (default: the input's)")
+    p.add_argument("--max-frames", type=int)
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--overlay", dest="mode", action="store_const", const="overlay", help="heat map over the frame (default)")
+    layout.add_argument("--side-by-side", dest="mode", action="store_const", const="side-by-side", help="frame and heat map side by side")
+    p.set_defaults(mode="overlay")
+    p.add_argument("--scale", default="frame", choices=["frame", "running"], help="colour scale per frame or smoothed over time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsp-fast", description="Relative Sectional Propagation heat maps")
     sub = parser.add_subparsers(dest="command", required=True)
+    video = sub.add_parser("video", help="a heat-map video of every frame")
+    video.add_argument("input")
+    video.add_argument("-o", "--output", required=True, help="output video (.mp4)")
+    _add_model_options(video)
+    _add_video_options(video)
     image = sub.add_parser("image", help="heat map and overlay PNGs for images")
     image.add_argument("images", nargs="+")
     image.add_argument("-o", "--output", required=True, help="output folder")
     _add_model_options(image)
-    demo = sub.add_parser("demo", help="the embedded default: EfficientNet-Lite0 on photographs shipped with scikit-image")
+    demo = sub.add_parser("demo", help="the embedded default: EfficientNet-Lite0 on a clip made from scikit-image photographs")
     demo.add_argument("-o", "--output", default="out/demo", help="output folder")
     _add_model_options(demo)
+    _add_video_options(demo)
     return parser
 
 
-def _explainer(args):
-    import torch
-
-    from .api import RSP
+def _spec(args):
     from .models import build_model
 
-    torch.set_grad_enabled(True)
     spec = build_model(args.model, args.weights)
     spec.model.to(args.device)
-    return spec, RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend)
+    return spec
 
 
-def run(args) -> dict:
-    from .images import explain_images, read_image, sample_photos
+def _video_kwargs(args) -> dict:
+    return dict(layer=args.layer, init=args.init, hostile_k=args.hostile_k, target=args.target, batch_size=args.batch_size,
+                device=args.device, backend=args.backend, fps=args.fps, max_frames=args.max_frames, mode=args.mode,
+                scale=args.scale, progress=False if args.quiet else None)
 
-    spec, explainer = _explainer(args)
-    if args.command == "demo":
-        images = sample_photos()
-    else:
-        images = [(Path(p).stem, read_image(p)) for p in args.images]
-    t0 = time.perf_counter()
+
+def _write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+
+
+def _summary(report: dict) -> str:
+    t = report["totals"]
+    return (f"{t['frames']} frames in {t['wall_s']:.1f} s ({t['fps']:.2f} fps; decode {t['decode_s']:.1f} s, "
+            f"attribute {t['attribute_s']:.1f} s, encode {t['encode_s']:.1f} s)")
+
+
+def cmd_video(args) -> None:
+    from .video import explain_video
+
+    report = explain_video(_spec(args), args.input, args.output, **_video_kwargs(args))
+    if args.report:
+        _write_report(report, Path(args.report))
+    print(f"wrote {args.output}: {_summary(report)}")
+
+
+def cmd_image(args) -> None:
+    from .api import RSP
+    from .images import explain_images, read_image
+
+    images = [(Path(p).stem, read_image(p)) for p in args.images]
+    spec = _spec(args)
+    explainer = RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend)
     report = explain_images(spec, explainer, images, args.output, target=args.target, batch_size=args.batch_size, device=args.device)
-    report["totals"]["wall_s"] = time.perf_counter() - t0
-    report_path = Path(args.report) if args.report else Path(args.output) / "report.json"
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2))
+    _write_report(report, Path(args.report) if args.report else Path(args.output) / "report.json")
     for row in report["images"]:
         print(f"{row['name']}: {row['class_name']} ({row['score']:.2f}) in {row['seconds']:.2f} s")
-    print(f"wrote {args.output} (contact sheet: {report['contact_sheet']}, report: {report_path})")
-    return report
+    print(f"wrote {args.output}")
+
+
+def cmd_demo(args) -> None:
+    from . import render
+    from .video import explain_video, make_demo_clip
+    from .video.io import read_frames
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    clip = make_demo_clip(out / "demo_input.mp4")
+    video = out / "demo_rsp.mp4"
+    report = explain_video(_spec(args), clip, video, **_video_kwargs(args))
+    n = report["totals"]["frames"]
+    picks = sorted({round(i * (n - 1) / 7) for i in range(8)})
+    render.save_png(out / "contact_sheet.png", render.contact_sheet(read_frames(video, picks), columns=4))
+    _write_report(report, Path(args.report) if args.report else out / "report.json")
+    print(f"wrote {video}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
+
+
+COMMANDS = {"video": cmd_video, "image": cmd_image, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        import torch
+
+        torch.set_grad_enabled(True)
+        COMMANDS[args.command](args)
     except (RSPError, BackendUnavailableError, OSError) as exc:
         if args.debug:
             raise
         print(f"rsp-fast: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("rsp-fast: interrupted", file=sys.stderr)
+        print("\nrsp-fast: interrupted; no output was left behind", file=sys.stderr)
         return 130
     return 0
 

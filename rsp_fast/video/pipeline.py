@@ -1,0 +1,195 @@
+"""Stream a video through RSP: decode, attribute and encode overlap in a three-stage pipeline.
+
+A decoder thread fills a bounded queue with frame batches, the calling thread attributes
+them, an encoder thread renders (overlay or side by side, label drawn) and encodes. Queues
+hold at most two batches, so memory stays bounded whatever the video's length. The output
+keeps the input's frame rate and aspect ratio and appears only when complete.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import render
+from ..api import RSP, heatmap
+from ..errors import RSPError
+from ..models import ModelSpec, build_model
+from . import io
+
+_DONE = object()
+RUNNING_DECAY = 0.8  # --scale running: s_t = 0.8·s_{t-1} + 0.2·(this frame's scale)
+
+
+@dataclass
+class _Attributed:
+    batch: io.DecodedBatch
+    heat: np.ndarray  # N×H×W on the frames
+    labels: list[int]
+    targets: list[int]
+    scores: list[float]
+    seconds: float
+
+
+class _Stage(threading.Thread):
+    """A daemon thread whose exception is handed to the caller instead of being lost."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.error, self.seconds = fn, None, 0.0
+
+    def run(self):
+        try:
+            self.fn(self)
+        except BaseException as exc:  # re-raised in the calling thread
+            self.error = exc
+
+
+def _put(q: queue.Queue, item, stop: threading.Event, consumer: threading.Thread | None = None) -> bool:
+    """Put unless stopped or the consumer died (so a failed stage never deadlocks the others)."""
+    while not stop.is_set() and (consumer is None or consumer.is_alive()):
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event, worker: _Stage):
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set() or (worker is not None and not worker.is_alive()):
+                return _DONE
+
+
+def _as_spec(model) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str):
+        return build_model(model)
+    if isinstance(model, nn.Module):
+        return ModelSpec(model.eval(), type(model).__name__)
+    raise RSPError(f"model must be an nn.Module, a ModelSpec or a model name, not {type(model).__name__}")
+
+
+def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hostile_k: int = 3, target: int | None = None,
+                  batch_size: int = 8, device: str = "cpu", backend: str = "auto", fps: float | None = None,
+                  max_frames: int | None = None, mode: str = "overlay", scale: str = "frame", progress: bool | None = None,
+                  explainer: RSP | None = None) -> dict:
+    """Attribute every frame of ``src`` and write the heat-map video ``dst``; returns the report
+    ``{"frames": [{"index", "time", "label", "name", "score", "target", "seconds"}], "totals": {...}}``."""
+    if mode not in ("overlay", "side-by-side"):
+        raise RSPError(f"mode must be 'overlay' or 'side-by-side', not {mode!r}")
+    if scale not in ("frame", "running"):
+        raise RSPError(f"scale must be 'frame' or 'running', not {scale!r}")
+    if batch_size < 1:
+        raise RSPError(f"batch size must be at least 1, not {batch_size}")
+    if max_frames is not None and max_frames < 1:
+        raise RSPError(f"max frames must be at least 1, not {max_frames}")
+    spec = _as_spec(model)
+    info = io.probe(src)  # fails here, before any model work, on a missing or broken file
+    spec.model.to(device)
+    explainer = explainer or RSP(spec.model, layer=layer, init=init, hostile_k=hostile_k, backend=backend)
+    out_fps = Fraction(fps).limit_denominator(1001) if fps else info.fps
+    total = min(info.frames, max_frames) if info.frames and max_frames else (max_frames or info.frames)
+    show = sys.stderr.isatty() if progress is None else progress
+
+    stop = threading.Event()
+    decoded: queue.Queue = queue.Queue(maxsize=2)
+    attributed: queue.Queue = queue.Queue(maxsize=2)
+    encoder = io.Encoder(dst, out_fps)
+    rows: list[dict] = []
+
+    def decode(stage: _Stage):
+        t = time.perf_counter()
+        for batch in io.decode_batches(src, batch_size, max_frames):
+            stage.seconds += time.perf_counter() - t
+            if not _put(decoded, batch, stop):
+                return
+            t = time.perf_counter()
+        _put(decoded, _DONE, stop)
+
+    def encode(stage: _Stage):
+        running = None
+        while (item := _get(attributed, stop, None)) is not _DONE:
+            t = time.perf_counter()
+            for k, frame in enumerate(item.batch.frames):
+                heat = item.heat[k]
+                s = render.symmetric_scale(heat)
+                running = s if running is None or scale == "frame" else RUNNING_DECAY * running + (1 - RUNNING_DECAY) * s
+                picture = render.overlay(frame, heat, running)
+                if mode == "side-by-side":
+                    picture = render.side_by_side(frame, picture)
+                caption = f"{spec.label(item.labels[k])} ({item.scores[k]:.2f})"
+                encoder.write(render.draw_label(picture, caption))
+            stage.seconds += time.perf_counter() - t
+
+    decoder, writer = _Stage(decode), _Stage(encode)
+    started = time.perf_counter()
+    attribute_s = 0.0
+    try:
+        decoder.start()
+        writer.start()
+        while (batch := _get(decoded, stop, decoder)) is not _DONE:
+            t = time.perf_counter()
+            x, box = render.to_model_input(batch.frames, spec.input_size, spec.mean, spec.std)
+            ex = explainer.explain(x.to(device), target=target)
+            heat = render.heat_to_frame(heatmap(ex.attribution).detach().float().cpu(), box).numpy()
+            probs = torch.softmax(ex.logits.float(), 1).cpu()
+            labels = probs.argmax(1).tolist()
+            targets = ex.target.tolist()
+            scores = [float(probs[k, c]) for k, c in enumerate(labels)]
+            seconds = time.perf_counter() - t
+            attribute_s += seconds
+            if not _put(attributed, _Attributed(batch, heat, labels, targets, scores, seconds), stop, writer):
+                break
+            for k, idx in enumerate(batch.indices):
+                rows.append({"index": idx, "time": batch.times[k], "label": labels[k], "name": spec.label(labels[k]),
+                             "score": scores[k], "target": targets[k], "seconds": seconds / len(batch.indices)})
+            if show:
+                _progress(len(rows), total, time.perf_counter() - started)
+        _put(attributed, _DONE, stop, writer)
+        decoder.join()
+        writer.join()
+        for stage in (decoder, writer):
+            if stage.error is not None:
+                raise stage.error
+        if not rows:
+            raise RSPError(f"video {str(src)!r} has no frames")
+        encoder.commit()
+    except BaseException:
+        stop.set()
+        writer.join(timeout=5)
+        encoder.abort()
+        raise
+    finally:
+        if show:
+            sys.stderr.write("\n")
+    wall = time.perf_counter() - started
+    return {"frames": rows,
+            "totals": {"frames": len(rows), "decode_s": decoder.seconds, "attribute_s": attribute_s,
+                       "encode_s": writer.seconds, "wall_s": wall, "fps": len(rows) / wall if wall else 0.0},
+            "model": spec.name, "layer": explainer.layer, "init": explainer.init, "batch_size": batch_size,
+            "output": str(dst), "output_fps": float(out_fps)}
+
+
+def _progress(done: int, total: int | None, seconds: float) -> None:
+    rate = done / seconds if seconds else 0.0
+    if total:
+        filled = int(30 * done / total)
+        bar = "#" * filled + "-" * (30 - filled)
+        sys.stderr.write(f"\r[{bar}] {done}/{total} frames  {rate:.1f} fps")
+    else:
+        sys.stderr.write(f"\r{done} frames  {rate:.1f} fps")
+    sys.stderr.flush()
