@@ -33,3 +33,12 @@ def golden_model(golden: dict, dtype: torch.dtype = torch.float64) -> GoldenVGG:
     model = GoldenVGG(golden["cfg"], sd["classifier.0.weight"].shape[1], golden["num_classes"]).double()
     model.load_state_dict(sd)  # load in float64 so no precision is lost before the cast
     return model.to(dtype).eval()
+
+
+def tiny_cnn(num_classes: int = 5) -> nn.Module:
+    """A small CNN any input size fits (used by the CLI and video tests through
+    ``--model models:tiny_cnn``)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes)).eval()

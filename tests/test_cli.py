@@ -37,11 +37,24 @@ def test_image_command_writes_maps_for_grey_alpha_and_colour(tmp_path, capsys):
 
 def test_demo_runs_offline(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "-o", str(out)]) == 0
+    assert main(["demo", "-o", str(out), "--max-frames", "6", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
-    labels = {r["name"]: r["class_name"] for r in report["images"]}
-    assert "espresso" in labels["coffee"]  # the embedded weights are real ImageNet weights
-    assert "cat" in labels["chelsea"]
+    assert report["totals"]["frames"] == 6
+    # the clip starts on scikit-image's cat photo, and the embedded weights are real ImageNet weights
+    assert all("cat" in row["name"] for row in report["frames"])
+    assert (out / "demo_rsp.mp4").exists() and (out / "contact_sheet.png").exists()
+
+
+def test_image_demo_photos_are_recognised(tmp_path):
+    from rsp_fast.images import sample_photos
+    from PIL import Image
+    paths = []
+    for name, img in sample_photos()[:2]:
+        Image.fromarray(img).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    assert main(["image", *paths, "-o", str(tmp_path / "o")]) == 0
+    labels = {r["name"]: r["class_name"] for r in json.loads((tmp_path / "o" / "report.json").read_text())["images"]}
+    assert "cat" in labels["chelsea"] and "espresso" in labels["coffee"]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -66,12 +66,13 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
-        frames, indices, times, count = [], [], [], 0
+        frames, indices, times, count, span = [], [], [], 0, []
         try:
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
                 indices.append(count)
                 times.append(float(frame.time) if frame.time is not None else float(count / (stream.average_rate or 25)))
+                span = [span[0] if span else times[-1], times[-1]]
                 count += 1
                 if len(frames) == batch_size:
                     yield DecodedBatch(np.stack(frames), indices, times)
@@ -80,10 +81,26 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
                     break
         except av.error.FFmpegError as exc:
             raise RSPError(f"video {str(path)!r} is corrupt or truncated after frame {count}: {exc}") from None
-        if frames:
-            yield DecodedBatch(np.stack(frames), indices, times)
         if count == 0:
             raise RSPError(f"video {str(path)!r} has no frames")
+        if max_frames is None or count < max_frames:
+            _check_complete(container, stream, span, path)
+        if frames:
+            yield DecodedBatch(np.stack(frames), indices, times)
+
+
+def _check_complete(container, stream, span: list[float], path) -> None:
+    """A stream that ends well before the duration its header claims was truncated."""
+    if stream.duration is not None and stream.time_base is not None:
+        claimed = float(stream.duration * stream.time_base)
+    elif container.duration is not None and len(container.streams) == 1:
+        claimed = container.duration / 1_000_000  # AV_TIME_BASE
+    else:
+        return
+    period = 1 / float(stream.average_rate or 25)
+    covered = span[1] - span[0] + period
+    if covered < claimed - 1.5 * period:
+        raise RSPError(f"video {str(path)!r} is truncated: its frames cover {covered:.2f} s of the {claimed:.2f} s it claims")
 
 
 class Encoder:

@@ -1,0 +1,57 @@
+"""End-to-end heat-map video throughput: frames per second and the share of time spent in
+decode, attribution and encode, per batch size, on the demo clip (or --input).
+
+    python benchmarks/bench_video.py [--batch-sizes 1 8 32] [--frames 32] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rsp_fast.models import build_model
+from rsp_fast.video import explain_video, make_demo_clip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", help="video to use (default: the demo clip)")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    spec = build_model(args.model)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = args.input or make_demo_clip(Path(tmp) / "clip.mp4")
+        explain_video(spec, src, Path(tmp) / "warm.mp4", max_frames=2, device=args.device, backend=args.backend, progress=False)
+        for bs in args.batch_sizes:
+            t0 = time.perf_counter()
+            rep = explain_video(spec, src, Path(tmp) / f"out{bs}.mp4", batch_size=bs, max_frames=args.frames,
+                                device=args.device, backend=args.backend, progress=False)
+            t = rep["totals"]
+            busy = t["decode_s"] + t["attribute_s"] + t["encode_s"]
+            rows.append({"batch": bs, "frames": t["frames"], "fps": t["frames"] / (time.perf_counter() - t0),
+                         "decode_share": t["decode_s"] / busy, "attribute_share": t["attribute_s"] / busy,
+                         "encode_share": t["encode_s"] / busy, "device": args.device, "model": args.model})
+    env = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"| batch | frames | frames/s | decode | attribute | encode |   ({args.model}, {args.device}, {env})")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['batch']} | {r['frames']} | {r['fps']:.2f} | {r['decode_share']:.1%} | {r['attribute_share']:.1%} | {r['encode_share']:.1%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Heat-map videos: the pipeline, the CLI, the report, and every kind of bad input."""
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+import rsp_fast
+from rsp_fast.errors import RSPError
+from rsp_fast.models import ModelSpec
+from rsp_fast.video import explain_video
+from rsp_fast.video.io import probe, read_frames, write_video
+from models import tiny_cnn
+
+TESTS = Path(__file__).parent
+
+
+def _frames(n, h=36, w=52, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _ffv1(path, frames, pix_fmt, array_format, fps=6):
+    """Lossless video with a chosen pixel format (grey, alpha) for the decoder tests."""
+    c = av.open(str(path), "w")
+    s = c.add_stream("ffv1", rate=fps)
+    s.height, s.width = frames[0].shape[:2]
+    s.pix_fmt = pix_fmt
+    for i, f in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(f, format=array_format)
+        frame.pts = i
+        for p in s.encode(frame):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+@pytest.fixture
+def spec():
+    return ModelSpec(tiny_cnn(), "tiny", input_size=64, class_names=[f"c{i}" for i in range(5)])
+
+
+def _only_output(tmp_path, name):
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("out", ".out")))
+
+
+def test_pipeline_keeps_frames_rate_and_aspect(tmp_path, spec):
+    src = write_video(tmp_path / "in.mp4", _frames(7, 36, 52), fps=6)
+    dst = tmp_path / "out.mp4"
+    report = explain_video(spec, src, dst, batch_size=3, progress=False)
+    info = probe(dst)
+    assert (info.width, info.height) == (52, 36) and info.fps == Fraction(6)
+    assert len(read_frames(dst)) == 7
+    rows = report["frames"]
+    assert [r["index"] for r in rows] == list(range(7))
+    assert np.allclose(np.diff([r["time"] for r in rows]), 1 / 6)
+    assert all(set(r) == {"index", "time", "label", "name", "score", "target", "seconds"} for r in rows)
+    assert all(r["name"] == f"c{r['label']}" and 0 < r["score"] <= 1 for r in rows)
+    totals = report["totals"]
+    assert totals["frames"] == 7 and totals["fps"] > 0
+    assert {"decode_s", "attribute_s", "encode_s"} <= set(totals)
+    assert _only_output(tmp_path, "out") == ["out.mp4"]  # no temporary left
+
+
+def test_pipeline_matches_the_api_frame_by_frame(tmp_path, spec):
+    """The video's labels are what RSP on the letterboxed frame predicts."""
+    frames = _frames(4)
+    src = write_video(tmp_path / "in.mkv", frames, fps=4)
+    report = explain_video(spec, src, tmp_path / "out.mp4", batch_size=2, progress=False, target=2)
+    assert [r["target"] for r in report["frames"]] == [2] * 4
+    from rsp_fast.render import to_model_input
+    decoded = read_frames(src)
+    x, _ = to_model_input(np.stack(decoded), 64, spec.mean, spec.std)
+    logits = spec.model(x)
+    assert [r["label"] for r in report["frames"]] == logits.argmax(1).tolist()
+
+
+def test_side_by_side_max_frames_fps_and_odd_sizes(tmp_path, spec):
+    src = write_video(tmp_path / "in.mp4", _frames(9, 35, 47), fps=5)
+    dst = tmp_path / "out.mp4"
+    report = explain_video(spec, src, dst, mode="side-by-side", max_frames=4, fps=10, scale="running", progress=False)
+    info = probe(dst)
+    assert report["totals"]["frames"] == 4 and len(read_frames(dst)) == 4
+    assert info.fps == Fraction(10)
+    assert info.width == 2 * 48 and info.height == 36  # frames are padded to even sizes for yuv420p
+
+
+@pytest.mark.parametrize("pix_fmt,array_format,shape", [("gray", "gray", (30, 40)), ("yuva420p", "rgba", (30, 40, 4))])
+def test_grey_and_alpha_videos(tmp_path, spec, pix_fmt, array_format, shape):
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 255, shape, dtype=np.uint8) for _ in range(3)]
+    src = _ffv1(tmp_path / "in.mkv", frames, pix_fmt, array_format)
+    report = explain_video(spec, src, tmp_path / "out.mp4", progress=False)
+    assert report["totals"]["frames"] == 3
+
+
+def _corrupt_inputs(tmp_path):
+    good = write_video(tmp_path / "good.mp4", _frames(6), fps=6)
+    data = good.read_bytes()
+    (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    mkv = _ffv1(tmp_path / "good.mkv", _frames(6), "yuv420p", "rgb24").read_bytes()
+    (tmp_path / "truncated.mkv").write_bytes(mkv[: len(mkv) * 2 // 3])
+    (tmp_path / "text.mp4").write_text("not a video at all")
+    c = av.open(str(tmp_path / "empty.mkv"), "w")  # a video stream that holds no frame
+    s = c.add_stream("ffv1", rate=5)
+    s.width, s.height, s.pix_fmt = 32, 32, "gray"
+    c.start_encoding()  # writes the header
+    c.close()
+    assert (tmp_path / "empty.mkv").exists()
+
+
+@pytest.mark.parametrize("name,message", [
+    ("missing.mp4", "does not exist"),
+    ("text.mp4", "not a video or corrupt"),
+    ("truncated.mp4", "not a video or corrupt"),
+    ("truncated.mkv", "truncated"),
+    ("empty.mkv", "cannot read video"),
+])
+def test_bad_videos_fail_cleanly(tmp_path, spec, name, message):
+    _corrupt_inputs(tmp_path)
+    dst = tmp_path / "out.mp4"
+    with pytest.raises(RSPError, match=message):
+        explain_video(spec, tmp_path / name, dst, progress=False)
+    assert _only_output(tmp_path, "out") == []
+
+
+def test_failure_midway_leaves_no_output(tmp_path, spec, monkeypatch):
+    src = write_video(tmp_path / "in.mp4", _frames(8), fps=8)
+    dst = tmp_path / "out.mp4"
+    dst.write_bytes(b"previous result")  # an existing output is kept until a run completes
+    calls = []
+    real = rsp_fast.RSP.explain
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(rsp_fast.RSP, "explain", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        explain_video(spec, src, dst, batch_size=2, progress=False)
+    assert dst.read_bytes() == b"previous result"
+    assert _only_output(tmp_path, "out") == ["out.mp4"]
+
+
+def _cli(tmp_path, *args):
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    return subprocess.run([sys.executable, "-m", "rsp_fast.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+
+
+def test_cli_video_with_report(tmp_path):
+    src = write_video(tmp_path / "in.mp4", _frames(5), fps=5)
+    proc = _cli(tmp_path, "video", src, "-o", tmp_path / "o" / "out.mp4", "--model", "models:tiny_cnn",
+                "--batch-size", "2", "--report", tmp_path / "r.json", "--side-by-side", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["frames"]) == 5 and report["totals"]["frames"] == 5
+    assert set(report["totals"]) >= {"frames", "decode_s", "attribute_s", "encode_s", "fps"}
+    assert len(read_frames(tmp_path / "o" / "out.mp4")) == 5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["video", "nothere.mp4", "-o", "out.mp4"], "does not exist"),
+    (["video", "{text}", "-o", "out.mp4"], "not a video"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "nosuchnet"], "unknown model 'nosuchnet'"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--weights", "{weights}"], "do not match"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--target", "7"], "class 7 is out of range"),
+])
+def test_cli_video_errors_are_one_line(tmp_path, args, message):
+    import torch
+    good = write_video(tmp_path / "good.mp4", _frames(3), fps=3)
+    (tmp_path / "text.mp4").write_text("hello")
+    torch.save({"0.weight": torch.zeros(1)}, tmp_path / "w.pt")
+    fill = {"good": good, "text": tmp_path / "text.mp4", "weights": tmp_path / "w.pt"}
+    proc = _cli(tmp_path, *[a.format(**fill) for a in args])
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.mp4").exists()
