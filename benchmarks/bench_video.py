@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rsp_fast.memory import keep_freed_memory
 from rsp_fast.models import build_model
 from rsp_fast.video import explain_video, make_demo_clip
 
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    keep_freed_memory()
     spec = build_model(args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

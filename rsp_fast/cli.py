@@ -132,6 +132,9 @@ def main(argv=None) -> int:
     try:
         import torch
 
+        from .memory import keep_freed_memory
+
+        keep_freed_memory()
         torch.set_grad_enabled(True)
         COMMANDS[args.command](args)
     except (RSPError, BackendUnavailableError, OSError) as exc:

@@ -11,7 +11,7 @@ from rsp_fast.init import comparative_relevance, gradcam_maps
 from rsp_fast.kernels.reference import purge_reference, sectional_normalize_reference
 from rsp_fast.ops.dispatch import TORCH
 from rsp_fast.rules.base import Context
-from rsp_fast.rules.conv import conv_geometry, first_conv_relevance, inner_conv_relevance
+from rsp_fast.rules.conv import choose_path, conv_geometry, first_conv_relevance, inner_conv_relevance
 from rsp_fast.rules.linear import inner_linear_relevance
 from conftest import rel_err
 from reference_rules import conv_rsp_one_sample, first_conv_one_sample, linear_rsp_loop, relative_gam_numpy
@@ -31,16 +31,23 @@ CONV_CASES = [  # C, O, k, stride, padding, dilation, groups, H, W
 ]
 
 
+@pytest.mark.parametrize("path", ["filter", "gram"])
 @pytest.mark.parametrize("C,O,k,s,p,d,g,H,W", CONV_CASES)
-def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, H, W):
+def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, H, W, path):
     conv = nn.Conv2d(C, O, k, stride=s, padding=p, dilation=d, groups=g).double()
     x = torch.randn(3, C, H, W, dtype=D)
     R = torch.randn(3, O, *conv(x).shape[-2:], dtype=D)
     R[1] = R[1].abs()  # a sample with an empty hostile section
-    ours = inner_conv_relevance(CTX, x, R, conv_geometry(conv, (H, W)))
+    ours = inner_conv_relevance(CTX, x, R, conv_geometry(conv, (H, W)), path=path)
     for n in range(3):
         ref = conv_rsp_one_sample(x[n:n + 1], R[n:n + 1], conv.weight.shape, conv.stride, conv.padding, conv.dilation, g)
         assert rel_err(ours[n:n + 1], ref) < 1e-10
+
+
+def test_path_choice_follows_the_cost_model():
+    assert choose_path(512 * 9, 512, 14 * 14) == "gram"  # VGG16 conv5
+    assert choose_path(64 * 9, 64, 224 * 224) == "filter"  # VGG16 conv1_2
+    assert choose_path(9, 1, 7 * 7) == "filter"  # depthwise: tiny filters
 
 
 def test_same_padding_conv_matches_explicit_padding():
