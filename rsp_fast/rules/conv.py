@@ -119,7 +119,11 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     xp = _pad(x_pos, g)
     N, C, Hp, Wp = xp.shape
     G, O = g.groups, R.shape[1]
-    cols = F.unfold(xp, g.kernel, dilation=g.dilation, stride=g.stride)  # N, C·k², L
+    dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
+    if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
+        cols = xp.reshape(N, C, Hp * Wp)
+    else:
+        cols = F.unfold(xp, g.kernel, dilation=g.dilation, stride=g.stride)  # N, C·k², L
     L = cols.shape[-1]
     cols = cols.view(N, G, -1, L)
     Og = O // G
@@ -140,8 +144,10 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         dcols = cols @ (Rs.transpose(-1, -2) @ Ss)  # N, G, C/G·k², L
     else:
         dcols = Fs.transpose(-1, -2) @ Ss
-    dx = F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride)
-    dx = _crop(dx, g)
+    if dense_pointwise:
+        dx = dcols.reshape(N, C, Hp, Wp)
+    else:
+        dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g)
     if g.is_pointwise:
         if ctx.tracking:
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))
