@@ -78,6 +78,16 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_torchvision_model_with_weights_file(tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pt")
+    img = _png(tmp_path / "a.png", size=(64, 48))
+    assert main(["image", str(img), "-o", str(tmp_path / "o"), "--model", "resnet50", "--weights", str(tmp_path / "r50.pt")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["model"] == "resnet50" and report["layer"] == "layer4"
+
+
 def test_weights_are_never_unpickled(tmp_path):
     class Evil:
         def __reduce__(self):

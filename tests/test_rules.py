@@ -31,7 +31,7 @@ CONV_CASES = [  # C, O, k, stride, padding, dilation, groups, H, W
 ]
 
 
-@pytest.mark.parametrize("path", ["filter", "gram"])
+@pytest.mark.parametrize("path", ["filter", "gram", "conv"])
 @pytest.mark.parametrize("C,O,k,s,p,d,g,H,W", CONV_CASES)
 def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, H, W, path):
     conv = nn.Conv2d(C, O, k, stride=s, padding=p, dilation=d, groups=g).double()
@@ -47,7 +47,7 @@ def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, 
 def test_path_choice_follows_the_cost_model():
     assert choose_path(512 * 9, 512, 14 * 14) == "gram"  # VGG16 conv5
     assert choose_path(64 * 9, 64, 224 * 224) == "filter"  # VGG16 conv1_2
-    assert choose_path(9, 1, 7 * 7) == "filter"  # depthwise: tiny filters
+    assert choose_path(9, 1, 112 * 112) == "conv"  # depthwise: tiny filters
 
 
 def test_same_padding_conv_matches_explicit_padding():

@@ -58,6 +58,9 @@ def test_pipeline_keeps_frames_rate_and_aspect(tmp_path, spec):
     info = probe(dst)
     assert (info.width, info.height) == (52, 36) and info.fps == Fraction(6)
     assert len(read_frames(dst)) == 7
+    with av.open(str(dst)) as c:  # the output's own timestamps advance by 1/fps
+        times = [f.time for f in c.decode(video=0)]
+    assert np.allclose(np.diff(times), 1 / 6, atol=1e-3)
     rows = report["frames"]
     assert [r["index"] for r in rows] == list(range(7))
     assert np.allclose(np.diff([r["time"] for r in rows]), 1 / 6)

@@ -99,55 +99,82 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
 
 
 def choose_path(ck: int, o: int, L: int) -> str:
-    """The cheaper association of RSP's products for one group of one sample.
+    """The cheapest way to run RSP's products for one group of one sample.
 
-    With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, both paths give
+    With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
     G± = R±·XᵤᵀXᵤ and dX = Xᵤ·(R⁺ᵀS⁺ − R⁻ᵀS⁻):
       filter: F± = R±·Xᵤᵀ, G± = F±·Xᵤ, dX = F±ᵀS±     ≈ 6·o·ck·L multiply-adds
       gram:   K = XᵤᵀXᵤ (shared by both sections),
               G± = R±·K, M = R±ᵀS±, dX = Xᵤ·M            ≈ 2·ck·L² + 4·o·L²
+      conv:   the filter path on convolution kernels (samples folded into groups), for
+              narrow groups (depthwise) whose tiny GEMMs would be dominated by im2col traffic.
     Deep layers with few positions (VGG16 conv5 at 14×14: 6× fewer) take the Gram path.
     """
+    if o * ck <= 64:
+        return "conv"
     return "gram" if 2 * ck * L + 4 * o * L < 6 * o * ck else "filter"
+
+
+def _grouped_conv_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, out_hw, normalize):
+    """The filter path on PyTorch's convolution kernels, samples folded into groups: for
+    depthwise and other narrow groups the matrices are too small for batched GEMMs, while
+    the convolution kernels never materialise the k²-times larger patch matrix.
+    Returns the back-projection at the padded input, N×C×Hp×Wp."""
+    N, C, Hp, Wp = xp.shape
+    groups = N * g.groups
+    x_img = xp.reshape(1, N * C, Hp, Wp)
+    R_img = Rs.reshape(1, -1, *out_hw)
+    w_shape = [R_img.shape[1], C // g.groups, *g.kernel]
+    common = dict(bias_sizes=None, stride=list(g.stride), padding=[0, 0], dilation=list(g.dilation),
+                  transposed=False, output_padding=[0, 0], groups=groups)
+    weight = x_img.new_empty(1).expand(w_shape)  # only its shape is read
+    Fs = torch.ops.aten.convolution_backward(R_img, x_img, weight, output_mask=[False, True, False], **common)[1]
+    Gs = F.conv2d(x_img, Fs, stride=g.stride, dilation=g.dilation, groups=groups).reshape(Rs.shape)
+    Ss = normalize(Gs)
+    dx = torch.ops.aten.convolution_backward(Ss.reshape(R_img.shape), x_img, Fs, output_mask=[True, False, False], **common)[0]
+    return dx.reshape(N, C, Hp, Wp), Gs
 
 
 def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None = None) -> torch.Tensor:
     """Per-sample sectional filters F± = R±·X̂ᵤᵀ (per group), responses G± = F±·X̂ᵤ, sectional
     normalisation, one back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻, then the purge (k > 1) or not (1×1).
-    Both sections go through each matrix product together, stacked as [R⁺; R⁻]."""
+    Both sections go through each product together, stacked as [R⁺; R⁻] and [S⁺; −S⁻]."""
     x_pos = x.clamp(min=0)
     xp = _pad(x_pos, g)
     N, C, Hp, Wp = xp.shape
     G, O = g.groups, R.shape[1]
-    dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
-    if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
-        cols = xp.reshape(N, C, Hp * Wp)
-    else:
-        cols = F.unfold(xp, g.kernel, dilation=g.dilation, stride=g.stride)  # N, C·k², L
-    L = cols.shape[-1]
-    cols = cols.view(N, G, -1, L)
-    Og = O // G
+    Og, L = O // G, R.shape[-2] * R.shape[-1]
     Rg = R.reshape(N, G, Og, L)
     Rp, Rn = split_sections(Rg)
     Rs = torch.cat([Rp, Rn], dim=2)  # N, G, 2·O/G, L
-    path = path or choose_path(cols.shape[2], Og, L)
-    if path == "gram":
-        K = cols.transpose(-1, -2) @ cols  # N, G, L, L
-        Gs = Rs @ K
+    path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L)
+    responses = []
+
+    def normalize(Gs: torch.Tensor) -> torch.Tensor:
+        Ga, Gb = Gs[:, :, :Og], Gs[:, :, Og:]
+        responses.append((Ga, Gb))
+        Sp, Sn = ctx.ops.sectional_normalize(Rg, Ga, Gb)
+        return torch.cat([Sp, -Sn], dim=2)
+
+    if path == "conv":
+        dx = _crop(_grouped_conv_products(xp, Rs, g, R.shape[-2:], normalize)[0], g)
     else:
-        Fs = Rs @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
-        Gs = Fs @ cols
-    Ga, Gb = Gs[:, :, :Og], Gs[:, :, Og:]
-    Sp, Sn = ctx.ops.sectional_normalize(Rg, Ga, Gb)
-    Ss = torch.cat([Sp, -Sn], dim=2)
-    if path == "gram":
-        dcols = cols @ (Rs.transpose(-1, -2) @ Ss)  # N, G, C/G·k², L
-    else:
-        dcols = Fs.transpose(-1, -2) @ Ss
-    if dense_pointwise:
-        dx = dcols.reshape(N, C, Hp, Wp)
-    else:
-        dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g)
+        dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
+        if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
+            cols = xp.reshape(N, G, C // G, L)
+        else:
+            cols = F.unfold(xp, g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
+        if path == "gram":
+            K = cols.transpose(-1, -2) @ cols  # N, G, L, L
+            dcols = cols @ (Rs.transpose(-1, -2) @ normalize(Rs @ K))
+        else:
+            Fs = Rs @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
+            dcols = Fs.transpose(-1, -2) @ normalize(Fs @ cols)
+        if dense_pointwise:
+            dx = dcols.reshape(N, C, Hp, Wp)
+        else:
+            dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g)
+    (Ga, Gb), = responses
     if g.is_pointwise:
         if ctx.tracking:
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))
