@@ -37,7 +37,7 @@ def get_extensions():
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = opt + ["--expt-relaxed-constexpr"]
+        extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "--extended-lambda"]
         kwargs["include_dirs"] = _nvidia_wheel_includes()
     ext = (CUDAExtension if use_cuda else CppExtension)
     return [ext("rsp_fast._C", sources, extra_compile_args=extra, py_limited_api=False, **kwargs)]

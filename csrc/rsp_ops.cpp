@@ -13,6 +13,10 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(rsp_fast, m) {
+  // Sectional normalisation (RSP_SPEC.md section 2, step 3), one pass:
+  // S_pos = R / Ga where R > 0 and Ga != 0, S_neg = -R / Gb where R < 0 and Gb != 0, else 0.
+  // R, Ga, Gb: one shape (views allowed); S_pos, S_neg: contiguous, same shape.
+  m.def("sectional_normalize(Tensor R, Tensor Ga, Tensor Gb) -> (Tensor, Tensor)");
   // Hostile purging (RSP_SPEC.md section 2, step 5): D = 2 * x_pos * dx, then per sample
   // R_in = D - [D != 0] * total / #{D != 0}. dx, x_pos: (N, ...); total: (N,).
   m.def("purge(Tensor dx, Tensor x_pos, Tensor total) -> Tensor");

@@ -120,11 +120,15 @@ def test_bad_constructor_arguments():
         rsp_fast.RSP(model, layer=nn.ReLU())
     with pytest.raises(BackendUnavailableError, match="unknown backend"):
         rsp_fast.RSP(model, backend="fpga")
-    with pytest.raises(BackendUnavailableError, match="triton.*unavailable|unavailable.*Triton"):
-        rsp_fast.RSP(model, backend="triton")
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
             rsp_fast.RSP(model, backend="cuda")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="'triton' is unavailable: Triton runs on CUDA tensors"):
+        rsp_fast.RSP(torchvision.models.vgg11(), backend="triton")
 
 
 def test_backend_from_environment(monkeypatch):

@@ -1,15 +1,26 @@
-"""Compiled custom ops against the PyTorch reference (kernels/reference.py)."""
+"""Every kernel (C++ CPU, Triton, CUDA) against the PyTorch reference (kernels/reference.py)."""
 import pytest
 import torch
 
-from rsp_fast.kernels.reference import purge_reference
-from rsp_fast.ops import custom
-
-pytestmark = pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
+from rsp_fast.kernels.reference import purge_reference, sectional_normalize_reference
+from rsp_fast.ops import custom, dispatch
 
 SHAPES = [(1, 3, 7, 9), (5, 17, 13, 13), (5, 64, 1, 1), (2, 17), (1, 1, 1, 1)]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12),
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+CASES = ["random", "zero", "positive", "negative", "mixed"]
+
+
+def _kernel_sets(device):
+    return [pytest.param(name, marks=pytest.mark.cuda if name == "cuda" else ()) for name in ("cpp", "triton", "cuda")
+            if (name == "cuda") == (device == "cuda") or name == "triton"]
+
+
+def _kernels(name, device):
+    reason = dispatch._availability(name, torch.device(device))
+    if reason:
+        pytest.skip(reason)
+    return dispatch.SETS[name]
 
 
 def purge_inputs(shape, dtype, device="cpu", case="random"):
@@ -28,28 +39,67 @@ def purge_inputs(shape, dtype, device="cpu", case="random"):
     return dx, x, total
 
 
-def _check(device, dtype, shape, case):
+def normalize_inputs(shape, dtype, device="cpu", case="random"):
+    """R and a stacked response [Ga; Gb] whose halves are passed as (non-contiguous) views."""
+    R = torch.randn(shape, dtype=dtype, device=device)
+    G = torch.rand((2,) + tuple(shape), dtype=dtype, device=device) + 0.1
+    G[0].view(-1)[::3] = 0  # zeros in the responses, under both signs of R
+    G[1].view(-1)[1::4] = 0
+    if case == "zero":
+        R.zero_()
+    elif case == "positive":
+        R = R.abs()
+    elif case == "negative":
+        R = -R.abs()
+    elif case == "mixed" and shape[0] > 1:
+        R[0] = R[0].abs()  # a sample with an empty hostile section
+        R[-1] = -R[-1].abs()
+    return R, G[0], G[1]
+
+
+def _check_purge(kernels, device, dtype, shape, case):
     dx, x, total = purge_inputs(shape, dtype, device, case)
-    out = custom.purge(dx, x, total)
+    out = kernels.purge(dx, x, total)
     ref = purge_reference(dx.double(), x.double(), total.double()).to(dtype)
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+def _check_normalize(kernels, device, dtype, shape, case):
+    R, Ga, Gb = normalize_inputs(shape, dtype, device, case)
+    sp, sn = kernels.sectional_normalize(R, Ga, Gb)
+    rp, rn = sectional_normalize_reference(R.double(), Ga.double(), Gb.double())
+    torch.testing.assert_close(sp, rp.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(sn, rn.to(dtype), **TOL[dtype])
+    assert (sp >= 0).all() and (sn >= 0).all()
+
+
+@pytest.mark.parametrize("name", _kernel_sets("cpu"))
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", ["random", "zero", "positive", "negative", "mixed"])
-def test_purge_cpu(shape, dtype, case):
-    _check("cpu", dtype, shape, case)
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_cpu(name, shape, dtype, case):
+    kernels = _kernels(name, "cpu")
+    _check_purge(kernels, "cpu", dtype, shape, case)
+    _check_normalize(kernels, "cpu", dtype, shape, case)
 
 
-def test_purge_cpu_non_contiguous():
+@pytest.mark.parametrize("name", _kernel_sets("cpu"))
+def test_kernels_accept_non_contiguous_inputs(name):
+    kernels = _kernels(name, "cpu")
     dx, x, total = purge_inputs((4, 6, 5, 3), torch.float64)
     dx_t, x_t = dx.transpose(1, 3), x.transpose(1, 3)
     assert not dx_t.is_contiguous()
-    torch.testing.assert_close(custom.purge(dx_t, x_t, total), purge_reference(dx_t, x_t, total))
+    torch.testing.assert_close(kernels.purge(dx_t, x_t, total), purge_reference(dx_t, x_t, total))
+    R, Ga, Gb = normalize_inputs((3, 4, 5), torch.float64)
+    assert not Ga.is_contiguous() or Ga.storage_offset() == 0
+    R_t = R.transpose(1, 2)
+    for ours, ref in zip(kernels.sectional_normalize(R_t, Ga.transpose(1, 2), Gb.transpose(1, 2)),
+                         sectional_normalize_reference(R_t, Ga.transpose(1, 2), Gb.transpose(1, 2))):
+        torch.testing.assert_close(ours, ref)
 
 
-def test_purge_rejects_bad_arguments():
+@pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
+def test_compiled_ops_reject_bad_arguments():
     dx, x, total = purge_inputs((2, 3, 4, 4), torch.float32)
     with pytest.raises(RuntimeError, match="differ in shape"):
         custom.purge(dx, x[:, :2], total)
@@ -57,21 +107,30 @@ def test_purge_rejects_bad_arguments():
         custom.purge(dx, x, total[:1])
     with pytest.raises(RuntimeError, match="share one dtype"):
         custom.purge(dx, x.double(), total)
+    R, Ga, Gb = normalize_inputs((2, 3), torch.float32)
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        custom.sectional_normalize(R, Ga[:1], Gb)
 
 
+@pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
 @pytest.mark.parametrize("shape", SHAPES[:3])
-def test_purge_opcheck(shape):
+def test_opcheck(shape):
     torch.library.opcheck(torch.ops.rsp_fast.purge.default, purge_inputs(shape, torch.float64))
+    torch.library.opcheck(torch.ops.rsp_fast.sectional_normalize.default, normalize_inputs(shape, torch.float64))
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("name", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["random", "zero", "mixed"])
-def test_purge_cuda(dtype, case):
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_cuda(name, dtype, case):
+    kernels = _kernels(name, "cuda")
     for shape in SHAPES:
-        _check("cuda", dtype, shape, case)
+        _check_purge(kernels, "cuda", dtype, shape, case)
+        _check_normalize(kernels, "cuda", dtype, shape, case)
 
 
 @pytest.mark.cuda
-def test_purge_cuda_opcheck():
+def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.rsp_fast.purge.default, purge_inputs((3, 5, 7, 9), torch.float32, "cuda"))
+    torch.library.opcheck(torch.ops.rsp_fast.sectional_normalize.default, normalize_inputs((3, 5, 7), torch.float32, "cuda"))

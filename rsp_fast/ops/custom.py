@@ -23,9 +23,22 @@ def cuda_kernels_built() -> bool:
     return HAVE_C and torch._C._dispatch_has_kernel_for_dispatch_key("rsp_fast::purge", "CUDA")
 
 
+def sectional_normalize(R: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S⁺, S⁻) = (R/Ga where R > 0, −R/Gb where R < 0; 0 where the response is 0), one pass."""
+    return torch.ops.rsp_fast.sectional_normalize.default(R, Ga, Gb)
+
+
 def purge(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """R_in = D − [D≠0]·total/#{D≠0} per sample, D = 2·x̂⊙dx (see kernels.reference.purge_reference)."""
     return torch.ops.rsp_fast.purge.default(dx, x_pos, total)
+
+
+if _has_op("sectional_normalize"):
+
+    @torch.library.register_fake("rsp_fast::sectional_normalize")
+    def _sectional_normalize_fake(R, Ga, Gb):
+        torch._check(R.shape == Ga.shape and R.shape == Gb.shape, lambda: "sectional_normalize: shapes differ")
+        return torch.empty_like(R, memory_format=torch.contiguous_format), torch.empty_like(R, memory_format=torch.contiguous_format)
 
 
 if _has_op("purge"):

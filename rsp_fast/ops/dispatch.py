@@ -16,6 +16,7 @@ import torch
 
 from ..errors import BackendUnavailableError
 from ..kernels import reference
+from ..kernels.triton import triton_unavailable_reason
 from . import custom
 
 NAMES = ("auto", "torch", "cpp", "cuda", "triton")
@@ -29,9 +30,23 @@ class KernelSet:
     combine: Callable = reference.combine_reference
 
 
+def _triton_sectional_normalize(R, Ga, Gb):
+    from ..kernels.triton.sectional_norm import sectional_normalize_triton  # imports triton on first use only
+
+    return sectional_normalize_triton(R, Ga, Gb)
+
+
+def _triton_purge(dx, x_pos, total):
+    from ..kernels.triton.purge import purge_triton
+
+    return purge_triton(dx, x_pos, total)
+
+
 TORCH = KernelSet("torch")
-COMPILED = KernelSet("cpp", purge=custom.purge)
-COMPILED_CUDA = KernelSet("cuda", purge=custom.purge)
+COMPILED = KernelSet("cpp", sectional_normalize=custom.sectional_normalize, purge=custom.purge)
+COMPILED_CUDA = KernelSet("cuda", sectional_normalize=custom.sectional_normalize, purge=custom.purge)
+TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, purge=_triton_purge)
+SETS = {"torch": TORCH, "cpp": COMPILED, "cuda": COMPILED_CUDA, "triton": TRITON}
 
 
 def _availability(name: str, device: torch.device) -> str:
@@ -51,7 +66,7 @@ def _availability(name: str, device: torch.device) -> str:
             return "no CUDA GPU is available"
         return "" if device.type == "cuda" else f"the cuda backend needs CUDA tensors, not {device.type}"
     if name == "triton":
-        return "the Triton kernels are not implemented yet"
+        return triton_unavailable_reason(device)
     return f"unknown backend {name!r}; choose one of {', '.join(NAMES)}"
 
 
@@ -70,13 +85,12 @@ def resolve_backend_name(name: str | None) -> str:
 
 def select_kernels(name: str, device: torch.device) -> KernelSet:
     """The kernel set for ``name`` (already resolved) on ``device``."""
-    sets = {"torch": TORCH, "cpp": COMPILED, "cuda": COMPILED_CUDA}
     if name == "auto":
-        for candidate in (("cuda",) if device.type == "cuda" else ("cpp",)):
+        for candidate in (("cuda", "triton") if device.type == "cuda" else ("cpp",)):
             if not _availability(candidate, device):
-                return sets[candidate]
+                return SETS[candidate]
         return TORCH
     reason = _availability(name, device)
     if reason:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
-    return sets[name]
+    return SETS[name]

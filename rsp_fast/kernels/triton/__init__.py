@@ -1,0 +1,20 @@
+"""Fused Triton kernels (one file per op). They run on CUDA tensors, and on CPU tensors under
+``TRITON_INTERPRET=1`` (set before triton is imported), which is how CI tests them."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def triton_unavailable_reason(device: torch.device) -> str:
+    """Empty if the Triton kernels can run on ``device``, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    if device.type == "cuda":
+        return ""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return ""
+    return f"Triton runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), not {device.type}"

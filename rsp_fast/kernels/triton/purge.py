@@ -1,0 +1,57 @@
+"""Triton hostile purging: pass 1 writes D = 2·x̂·dx and counts its non-zeros per sample
+(one atomic per block), pass 2 subtracts total/count from the active units."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _purge_combine_count_kernel(dx_ptr, x_ptr, out_ptr, count_ptr, M, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    n = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    base = n.to(tl.int64) * M
+    d = tl.load(dx_ptr + base + offs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
+    if UPCAST:  # half and bfloat16 compute in float32
+        d, x = d.to(tl.float32), x.to(tl.float32)
+    D = (2.0 * x * d).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + base + offs, D, mask=mask)
+    active = tl.sum(((D != 0) & mask).to(tl.int32), axis=0)
+    tl.atomic_add(count_ptr + n, active)
+
+
+@triton.jit
+def _purge_shift_kernel(out_ptr, total_ptr, count_ptr, M, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    n = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    base = n.to(tl.int64) * M
+    count = tl.load(count_ptr + n)
+    total = tl.load(total_ptr + n)
+    D = tl.load(out_ptr + base + offs, mask=mask, other=0.0)
+    if UPCAST:
+        total, D = total.to(tl.float32), D.to(tl.float32)
+    shift = tl.where(count > 0, total / tl.maximum(count, 1).to(total.dtype), 0.0)
+    tl.store(out_ptr + base + offs, tl.where(D != 0, D - shift, D).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def purge_triton(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    if dx.shape != x_pos.shape or total.shape != (dx.shape[0],):
+        raise ValueError(f"purge: dx {tuple(dx.shape)}, x_pos {tuple(x_pos.shape)}, total {tuple(total.shape)} do not fit")
+    dx, x_pos, total = dx.contiguous(), x_pos.contiguous(), total.contiguous()
+    out = torch.empty_like(dx)
+    N = dx.shape[0]
+    M = dx.numel() // N if N else 0
+    if M == 0:
+        return out
+    counts = torch.zeros(N, dtype=torch.int32, device=dx.device)
+    grid = (triton.cdiv(M, BLOCK), N)
+    upcast = dx.element_size() < 4
+    _purge_combine_count_kernel[grid](dx, x_pos, out, counts, M, BLOCK=BLOCK, UPCAST=upcast)
+    _purge_shift_kernel[grid](out, total, counts, M, BLOCK=BLOCK, UPCAST=upcast)
+    return out

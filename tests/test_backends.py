@@ -1,0 +1,25 @@
+"""End to end: every available backend gives what the PyTorch reference gives."""
+import pytest
+import torch
+import torchvision
+
+import rsp_fast
+from conftest import rel_err
+
+AVAILABLE = [b for b, status in rsp_fast.backends("cpu").items() if status == "available" and b != "torch"]
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("name,size", [("vgg16", 32), ("resnet50", 48), ("mobilenet_v2", 48)])
+def test_backend_matches_torch(backend, name, size):
+    model = getattr(torchvision.models, name)(num_classes=10).double().eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    expected = rsp_fast.RSP(model, backend="torch").attribute(x)
+    got = rsp_fast.RSP(model, backend=backend).attribute(x)
+    assert rel_err(got, expected) < 1e-9
+
+
+def test_auto_prefers_compiled_kernels_on_cpu():
+    from rsp_fast.ops.dispatch import select_kernels
+    expected = "cpp" if rsp_fast.backends("cpu")["cpp"] == "available" else "torch"
+    assert select_kernels("auto", torch.device("cpu")).name == expected
