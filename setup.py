@@ -32,7 +32,8 @@ def get_extensions():
     use_cuda = os.getenv("USE_CUDA", "1") == "1" and torch.version.cuda is not None and CUDA_HOME is not None
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    extra = {"cxx": opt}
+    # -fno-trapping-math lets masked divisions be vectorised (lanes divide by 1, never trap)
+    extra = {"cxx": opt + ["-fopenmp-simd", "-fno-trapping-math"]}
     kwargs = {}
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

@@ -42,7 +42,7 @@ at::Tensor purge_cpu(const at::Tensor& dx, const at::Tensor& x_pos, const at::Te
       const scalar_t shift = tp[n] / static_cast<scalar_t>(active);
       at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          if (on[i] != scalar_t(0)) on[i] -= shift;
+          on[i] -= shift * static_cast<scalar_t>(on[i] != scalar_t(0));  // branch-free: vectorises
         }
       });
     }
