@@ -33,7 +33,7 @@ fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 echo "[bootstrap] building and installing rsp_fast (compiles rsp_fast._C)"
-"$PY" -m pip install --quiet --no-build-isolation -e ".[dev,video]"
+"$PY" -m pip install --quiet --no-build-isolation -e ".[dev,video,eval]"
 "$PY" -c "import rsp_fast._C"
 echo "$want" > "$STAMP"
 echo "[bootstrap] done: $("$PY" -c 'import rsp_fast, torch; print("rsp_fast", rsp_fast.__version__, "torch", torch.__version__, rsp_fast.backends())')"

@@ -181,3 +181,30 @@ def test_backends_report():
     report = rsp_fast.backends("cpu")
     assert report["torch"] == "available"
     assert set(report) == {"torch", "cpp", "cuda", "triton"}
+
+
+def test_package_works_without_the_compiled_extension():
+    """Importing with rsp_fast._C unavailable falls back to the PyTorch engine."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.modules['rsp_fast._C'] = None\n"  # makes `from .. import _C` raise ImportError
+        "import torch, rsp_fast\n"
+        "from rsp_fast.ops.dispatch import select_kernels\n"
+        "status = rsp_fast.backends('cpu')\n"
+        "assert status['torch'] == 'available' and 'not importable' in status['cpp'], status\n"
+        "assert select_kernels('auto', torch.device('cpu')).name == 'torch'\n"
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(),\n"
+        "                        torch.nn.Flatten(), torch.nn.Linear(4 * 16, 3)).double().eval()\n"
+        "ex = rsp_fast.RSP(m).explain(torch.randn(2, 3, 8, 8, dtype=torch.float64), record=True)\n"
+        "assert torch.allclose(ex.attribution.flatten(1).sum(1) + ex.dropped, ex.initial.flatten(1).sum(1))\n"
+        "try:\n"
+        "    rsp_fast.RSP(m, backend='cpp')\n"
+        "except rsp_fast.BackendUnavailableError as e:\n"
+        "    assert 'not importable' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('cpp should be unavailable')\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -16,3 +16,38 @@ def test_bench_kernels_quick(tmp_path):
     assert {r["op"] for r in rows} == {"sectional_normalize", "purge"}
     assert all(r["seconds_median"] > 0 and r["speedup"] > 0 for r in rows)
     assert "| op |" in proc.stdout
+
+
+def test_bench_e2e_quick(tmp_path):
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--quick", "--models", "vgg16",
+                           "--batches", "1", "--device", "cpu", "--json", str(out), "--png", str(tmp_path / "c.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    keys = {"method", "model", "backend", "batch", "device", "dtype", "sec_per_image_median", "sec_per_image_min",
+            "sec_per_image_max", "x_forward", "peak_mem_mb"}
+    assert all(set(r) == keys for r in rows)
+    methods = {r["method"] for r in rows}
+    assert {"forward", "forward + input gradient", "RSP (torch)"} <= methods
+    assert all(r["sec_per_image_min"] <= r["sec_per_image_median"] <= r["sec_per_image_max"] for r in rows)
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_cost_model_counts_vgg16():
+    import torchvision
+
+    import rsp_fast
+
+    report = rsp_fast.cost(torchvision.models.vgg16(), (3, 224, 224))
+    layers = {r["layer"]: r for r in report["layers"]}
+    assert len(layers) == 13 and report["layer"] == "features.29"
+    # conv1_2: 64 outputs × 64·9 weights × 224² positions, on the conv path (6×)
+    assert layers["features.2"]["forward_macs"] == 64 * 64 * 9 * 224 * 224
+    assert layers["features.2"]["path"] == "conv" and layers["features.2"]["rsp_macs"] == 6 * 64 * 64 * 9 * 224 * 224
+    # conv5_3 at 14×14 takes the Gram path: K = XᵀX and X·M (2·4608·196²) plus 4·512·196²
+    assert layers["features.28"]["path"] == "gram"
+    assert layers["features.28"]["rsp_macs"] == 2 * 4608 * 196 ** 2 + 4 * 512 * 196 ** 2
+    assert layers["features.0"]["path"] == "z^B"
+    assert sum(r["forward_macs"] for r in report["layers"]) == 15346630656  # VGG16's 13 convs at 224²
+    assert 4 < report["totals"]["rsp_over_forward_macs"] < 6

@@ -46,7 +46,7 @@ def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, 
 
 def test_path_choice_follows_the_cost_model():
     assert choose_path(512 * 9, 512, 14 * 14) == "gram"  # VGG16 conv5
-    assert choose_path(64 * 9, 64, 224 * 224) == "filter"  # VGG16 conv1_2
+    assert choose_path(64 * 9, 64, 224 * 224) == "conv"  # VGG16 conv1_2
     assert choose_path(9, 1, 112 * 112) == "conv"  # depthwise: tiny filters
 
 

@@ -1,0 +1,156 @@
+"""Seconds per image of RSP (every available backend) beside the forward pass and the
+attribution peers, measured in the same run.
+
+    python benchmarks/bench_e2e.py [--models vgg16 resnet50 efficientnet_lite0] [--batches 1 8 32]
+        [--authors-repo PATH] [--json rows.json] [--png chart.png] [--quick]
+
+Random weights, 224×224 inputs (--quick: 64×64, batch 1 and 2, one repeat). Prints a
+Markdown table; JSON rows: method, model, backend, batch, device, dtype,
+sec_per_image_median/min/max, x_forward, peak_mem_mb (CUDA: peak allocated above the
+inputs; CPU: peak resident memory above the resident set before the call). Memory is
+measured in its own run (--memory: one warm-up and one measured call per method, with the
+allocator returning memory to the OS); timings run with freed memory kept for reuse.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
+from utils import describe, markdown_table, time_call  # noqa: E402
+
+import rsp_fast  # noqa: E402
+from rsp_fast.memory import keep_freed_memory  # noqa: E402
+
+LAYERS = {"vgg16": "features.29", "resnet50": "layer4", "efficientnet_lite0": "bn2"}
+
+
+def build(name: str) -> torch.nn.Module:
+    if name == "efficientnet_lite0":
+        import timm
+
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    import torchvision
+
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_memory_mb(fn, x, target, device) -> float:
+    """Peak memory one call adds: CUDA allocator peak, or on CPU the resident-set high-water
+    mark (reset through /proc/self/clear_refs) above the resident set before the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(x, target)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return float("nan")
+    base = _rss_mb("VmRSS")
+    fn(x, target)
+    return _rss_mb("VmHWM") - base
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["vgg16", "resnet50", "efficientnet_lite0"])
+    p.add_argument("--batches", type=int, nargs="+")
+    p.add_argument("--methods", nargs="+", help="subset of method names (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--authors-repo", help="checkout of github.com/wjNam/Relative_Sectional_Propagation")
+    p.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    p.add_argument("--png")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if not args.memory:
+        keep_freed_memory()  # as the CLI does (RSS high-water marks would then mean nothing)
+    size, repeats = (64, 1) if args.quick else (args.size, args.repeats)
+    batches = args.batches or ([1, 2] if args.quick else ([1, 8, 32, 64, 128] if device.type == "cuda" else [1, 8, 32]))
+    methods = dict(peers.METHODS)
+    for b, status in rsp_fast.backends(device).items():
+        if status == "available" and not (b == "triton" and device.type == "cpu"):
+            methods[f"RSP ({b})"] = peers.rsp(b)
+    if args.authors_repo:
+        methods["authors' RSP"] = peers.authors_rsp(args.authors_repo)
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods or k == "forward"}
+    rows, table = [], []
+    for model_name in args.models:
+        model = build(model_name).to(device)
+        for batch in batches:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, 3, size, size, generator=g).to(device)
+            target = model(x).argmax(1).detach()
+            fwd = None
+            for name, make in methods.items():
+                if name == "authors' RSP" and (model_name != "vgg16" or batch != 1):
+                    continue  # their code is only right at batch 1, and only runs VGG
+                try:
+                    fn = make(model, LAYERS[model_name])
+                    if args.memory:
+                        fn(x, target)  # warm-up
+                        mem, t = peak_memory_mb(fn, x, target, device), {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+                    else:
+                        mem, t = None, time_call(lambda: fn(x, target), device, repeats=repeats, warmup=1)
+                except Exception as exc:  # a peer that cannot run this model: say so, go on
+                    table.append([model_name, batch, name, "n/a", "", "", f"{type(exc).__name__}: {str(exc)[:60]}"])
+                    continue
+                fwd = fwd or t["median"]
+                row = {"method": name, "model": model_name, "backend": name[5:-1] if name.startswith("RSP (") else "",
+                       "batch": batch, "device": str(device), "dtype": "float32",
+                       "sec_per_image_median": t["median"] / batch, "sec_per_image_min": t["min"] / batch,
+                       "sec_per_image_max": t["max"] / batch, "x_forward": t["median"] / fwd, "peak_mem_mb": mem}
+                rows.append(row)
+                table.append([model_name, batch, name, f"{row['sec_per_image_median']:.4f}", f"{batch / t['median']:.2f}",
+                              f"{row['x_forward']:.1f}×", f"{mem:.0f}" if mem is not None else ""])
+                print(f"  {model_name} batch {batch} {name}: {row['sec_per_image_median']:.4f} s/img", file=sys.stderr, flush=True)
+    print(f"Seconds per image, {describe(device)}, {size}×{size}, random weights, median of {repeats}")
+    print(markdown_table(["model", "batch", "method", "s/img", "img/s", "× forward", "peak MB"], table))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.png:
+        bar_chart(rows, args.png)
+    return 0
+
+
+def bar_chart(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 2.2 * len(groups)), squeeze=False)
+    for ax, (model, batch) in zip(axes[:, 0], groups):
+        sel = [r for r in rows if (r["model"], r["batch"]) == (model, batch)]
+        ax.barh([r["method"] for r in sel], [r["x_forward"] for r in sel],
+                color=["tab:red" if r["method"].startswith("RSP") else "tab:gray" for r in sel])
+        ax.set_title(f"{model}, batch {batch}: time per image ÷ forward pass", fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""A multiply-add and memory-traffic model of one RSP pass, layer by layer.
+
+``rsp_fast.cost(model, (3, 224, 224))`` lists, for every conv and linear layer between the
+input and the saliency layer, the forward pass's multiply-adds, what RSP's filter path and
+Gram path would cost, the path ``choose_path`` takes, and the bytes its main buffers move
+(per image). It explains where RSP's time goes and why deep layers take the Gram path.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .graph.plan import build_plan
+from .propagate import record_forward
+from .rules.conv import Conv, choose_path, conv_geometry
+from .rules.linear import Linear
+
+
+def _conv_row(step: Conv, in_shape, out_shape, elem: int) -> dict:
+    C, H, W = in_shape[1:]
+    O, h, w = out_shape[1:]
+    g = conv_geometry(step.module, (H, W))
+    G, L = g.groups, h * w
+    ck, og = C // G * g.kernel[0] * g.kernel[1], O // G
+    forward = O * ck * L
+    filter_macs = 6 * og * ck * L * G
+    gram_macs = (2 * ck * L * L + 4 * og * L * L) * G
+    if step.first:
+        path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)
+        moved = elem * (4 * C * H * W + 3 * O * L)
+    else:
+        path = choose_path(ck, og, L)
+        macs = gram_macs if path == "gram" else filter_macs
+        patches = 0 if path == "conv" else ck * G * L  # the unfolded input, read by every product
+        moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))
+    return {"layer": str(step.node.target), "kind": "conv", "path": path, "forward_macs": forward,
+            "filter_macs": filter_macs, "gram_macs": gram_macs, "rsp_macs": macs, "bytes": moved}
+
+
+def _linear_row(step: Linear, in_shape, out_shape, elem: int) -> dict:
+    F_in, O = in_shape[-1], out_shape[-1]
+    positions = max(1, int(torch.tensor(in_shape[1:-1]).prod().item())) if len(in_shape) > 2 else 1
+    forward = O * F_in * positions
+    macs = (3 if step.first else 2) * forward
+    return {"layer": str(step.node.target), "kind": "linear", "path": "z^B" if step.first else "dense",
+            "forward_macs": forward, "filter_macs": macs, "gram_macs": macs, "rsp_macs": macs,
+            "bytes": elem * (O * F_in + 4 * positions * (F_in + O))}
+
+
+def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = None) -> dict:
+    """Per-image cost of RSP on ``model`` for inputs of ``input_shape`` (without the batch)."""
+    plan = build_plan(model, layer)
+    p = next(model.parameters())
+    x = torch.zeros((1, *input_shape), dtype=dtype or p.dtype, device=p.device)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        _, _, _, shapes = record_forward(model, plan, x)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    elem = x.element_size()
+    rows = []
+    for step in reversed(plan.steps):  # input to saliency layer
+        if isinstance(step, (Conv, Linear)):
+            make = _conv_row if isinstance(step, Conv) else _linear_row
+            rows.append(make(step, shapes[step.inputs[0]], shapes[step.node], elem))
+    totals = {k: sum(r[k] for r in rows) for k in ("forward_macs", "filter_macs", "rsp_macs", "bytes")}
+    totals["rsp_over_forward_macs"] = totals["rsp_macs"] / max(totals["forward_macs"], 1)
+    return {"layer": plan.layer_name, "layers": rows, "totals": totals}
