@@ -47,6 +47,25 @@ class Rule:
         raise NotImplementedError
 
 
+class LayerRule(Rule):
+    """A conv or linear layer: reads its saved input; a first layer (one that sees the raw
+    input) uses the z^B rule with the weights of a BatchNorm after it folded in."""
+
+    name = "layer"
+
+    def __init__(self, node: fx.Node, inputs: list[fx.Node], module: torch.nn.Module, first: bool, bn_scale: Callable):
+        super().__init__(node, inputs, needs_values=list(inputs))
+        self.module, self.first, self.bn_scale = module, first, bn_scale
+        self.kind = f"{self.name} (first, z^B)" if first else self.name
+
+    def folded_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        W = self.module.weight
+        scale = self.bn_scale()
+        if scale is not None:
+            W = W * scale.view(-1, *([1] * (W.dim() - 1)))
+        return W.detach().to(dtype)
+
+
 def node_function(node: fx.Node, module: torch.nn.Module | None, ctx: Context) -> Callable[[torch.Tensor], torch.Tensor]:
     """The node's op as a function of its first tensor argument, other arguments fixed to
     their forward values (so a rule can re-run a pooling or padding op on a changed input)."""

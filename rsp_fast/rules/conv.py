@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.reference import per_sample_sum, safe_div, split_sections, unsupported_relevance
-from .base import Context, Rule, purged_loss
+from .base import Context, LayerRule, purged_loss
 
 
 @dataclass(frozen=True)
@@ -185,21 +185,12 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     return ctx.ops.purge(dx, x_pos, per_sample_sum(R))
 
 
-class Conv(Rule):
-    kind = "conv"
-
-    def __init__(self, node, inputs, module: nn.Conv2d, first: bool, bn_scale):
-        super().__init__(node, inputs, needs_values=list(inputs))
-        self.module, self.first, self.bn_scale = module, first, bn_scale
-        self.kind = "conv (first, z^B)" if first else "conv"
+class Conv(LayerRule):
+    name = "conv"
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         x = ctx.values[self.inputs[0]]
         g = conv_geometry(self.module, tuple(x.shape[-2:]))
         if self.first:
-            W = self.module.weight
-            scale = self.bn_scale()
-            if scale is not None:
-                W = W * scale.view(-1, 1, 1, 1)
-            return [first_conv_relevance(ctx, x, R, W.to(x.dtype), g)]
+            return [first_conv_relevance(ctx, x, R, self.folded_weight(x.dtype), g)]
         return [inner_conv_relevance(ctx, x, R, g)]

@@ -8,10 +8,9 @@ first conv does. Leading dimensions beyond the batch are positions of one sample
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..kernels.reference import per_sample_sum, safe_div, unsupported_relevance
-from .base import Context, Rule, purged_loss
+from .base import Context, LayerRule, purged_loss
 
 
 def first_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -38,21 +37,12 @@ def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
     return ctx.ops.purge(dx, x_pos, per_sample_sum(R))
 
 
-class Linear(Rule):
-    kind = "linear"
-
-    def __init__(self, node, inputs, module: nn.Linear, first: bool, bn_scale):
-        super().__init__(node, inputs, needs_values=list(inputs))
-        self.module, self.first, self.bn_scale = module, first, bn_scale
-        self.kind = "linear (first, z^B)" if first else "linear"
+class Linear(LayerRule):
+    name = "linear"
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         x = ctx.values[self.inputs[0]]
-        W = self.module.weight
-        scale = self.bn_scale()
-        if scale is not None:
-            W = W * scale.view(-1, 1)
-        W = W.to(x.dtype)
+        W = self.folded_weight(x.dtype)
         if self.first:
             return [first_linear_relevance(ctx, x, R, W)]
         return [inner_linear_relevance(ctx, x, R, W)]
