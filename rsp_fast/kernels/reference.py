@@ -11,8 +11,8 @@ import torch
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a / b where b != 0, else 0 (the authors' ``safe_divide`` without its epsilon)."""
-    nonzero = b != 0
-    return torch.where(nonzero, a / torch.where(nonzero, b, torch.ones_like(b)), torch.zeros_like(a))
+    # Lanes where b = 0 divide to inf/nan and are then replaced: one division, one select.
+    return torch.where(b != 0, a / b, 0.0)
 
 
 def split_sections(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

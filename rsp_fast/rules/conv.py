@@ -98,7 +98,7 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
     return x * back(W) - low * back(Wp) - high * back(Wn)
 
 
-def choose_path(ck: int, o: int, L: int) -> str:
+def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -112,34 +112,58 @@ def choose_path(ck: int, o: int, L: int) -> str:
       gram:   K = XᵤᵀXᵤ (shared by both sections),
               G± = R±·K, M = R±ᵀS±, dX = Xᵤ·M            ≈ 2·ck·L² + 4·o·L²
     Deep layers with few positions take the Gram path (VGG16 conv5 at 14×14: 6× fewer
-    multiply-adds); the rest the conv path. The filter path is the explicit reference.
+    multiply-adds); stride-1 1×1 layers, whose patch matrix is the input itself, the filter
+    path (faster than the conv kernels on EfficientNet's 1×1 layers here); the rest the
+    conv path.
     """
-    return "gram" if 2 * ck * L + 4 * o * L < 6 * o * ck else "conv"
+    if 2 * ck * L + 4 * o * L < 6 * o * ck:
+        return "gram"
+    return "filter" if dense_pointwise else "conv"
 
 
-def _grouped_conv_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, out_hw, normalize):
+def _grouped_conv_products(xp: torch.Tensor, Rp: torch.Tensor, Rn: torch.Tensor, g: ConvGeometry, out_hw, normalize):
     """The filter path on PyTorch's convolution kernels, samples folded into groups (so each
-    sample gets its own sectional filters). Returns the back-projection at the padded
-    input, N×C×Hp×Wp, and the stacked responses."""
+    sample gets its own sectional filters): weight gradient -> F±, convolution -> G±,
+    input gradient -> back-projection. Returns it at the padded input, N×C×Hp×Wp."""
     N, C, Hp, Wp = xp.shape
     groups = N * g.groups
     x_img = xp.reshape(1, N * C, Hp, Wp)
-    R_img = Rs.reshape(1, -1, *out_hw)
-    w_shape = [R_img.shape[1], C // g.groups, *g.kernel]
     common = dict(bias_sizes=None, stride=list(g.stride), padding=[0, 0], dilation=list(g.dilation),
                   transposed=False, output_padding=[0, 0], groups=groups)
-    weight = x_img.new_empty(1).expand(w_shape)  # only its shape is read
-    Fs = torch.ops.aten.convolution_backward(R_img, x_img, weight, output_mask=[False, True, False], **common)[1]
-    Gs = F.conv2d(x_img, Fs, stride=g.stride, dilation=g.dilation, groups=groups).reshape(Rs.shape)
-    Ss = normalize(Gs)
-    dx = torch.ops.aten.convolution_backward(Ss.reshape(R_img.shape), x_img, Fs, output_mask=[True, False, False], **common)[0]
-    return dx.reshape(N, C, Hp, Wp), Gs
+
+    def filters(R):  # per-sample, per-group sectional filters: the conv's weight gradient
+        R_img = R.reshape(1, -1, *out_hw)
+        shape = [R_img.shape[1], C // g.groups, *g.kernel]
+        return torch.ops.aten.convolution_backward(R_img, x_img, x_img.new_empty(1).expand(shape),
+                                                   output_mask=[False, True, False], **common)[1]
+
+    def responses(Fw, like):
+        return F.conv2d(x_img, Fw, stride=g.stride, dilation=g.dilation, groups=groups).reshape(like.shape)
+
+    def back(S, Fw):
+        return torch.ops.aten.convolution_backward(S.reshape(1, -1, *out_hw), x_img, Fw,
+                                                   output_mask=[True, False, False], **common)[0]
+
+    if C == g.groups:
+        # Depthwise: one section at a time keeps oneDNN's depthwise kernels (a channel
+        # multiplier of 2 falls off them: 3× slower here).
+        Fp, Fn = filters(Rp), filters(Rn)
+        Sp, Sn = normalize(responses(Fp, Rp), responses(Fn, Rn))
+        dx = back(Sp, Fp) - back(Sn, Fn)
+    else:
+        Og = Rp.shape[2]
+        Rs = torch.cat([Rp, Rn], dim=2)  # both sections in each product: [R⁺; R⁻]
+        Fs = filters(Rs)
+        Gs = responses(Fs, Rs)
+        Sp, Sn = normalize(Gs[:, :, :Og], Gs[:, :, Og:])
+        dx = back(torch.cat([Sp, -Sn], dim=2), Fs)
+    return dx.reshape(N, C, Hp, Wp)
 
 
 def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None = None) -> torch.Tensor:
     """Per-sample sectional filters F± = R±·X̂ᵤᵀ (per group), responses G± = F±·X̂ᵤ, sectional
     normalisation, one back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻, then the purge (k > 1) or not (1×1).
-    Both sections go through each product together, stacked as [R⁺; R⁻] and [S⁺; −S⁻]."""
+    Dense layers put both sections through each product together ([R⁺; R⁻], [S⁺; −S⁻])."""
     x_pos = x.clamp(min=0)
     xp = _pad(x_pos, g)
     N, C, Hp, Wp = xp.shape
@@ -147,35 +171,38 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     Og, L = O // G, R.shape[-2] * R.shape[-1]
     Rg = R.reshape(N, G, Og, L)
     Rp, Rn = split_sections(Rg)
-    Rs = torch.cat([Rp, Rn], dim=2)  # N, G, 2·O/G, L
-    path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L)
-    responses = []
+    dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
+    path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L, dense_pointwise)
+    seen = []
 
-    def normalize(Gs: torch.Tensor) -> torch.Tensor:
-        Ga, Gb = Gs[:, :, :Og], Gs[:, :, Og:]
-        responses.append((Ga, Gb))
-        Sp, Sn = ctx.ops.sectional_normalize(Rg, Ga, Gb)
-        return torch.cat([Sp, -Sn], dim=2)
+    def normalize(Ga: torch.Tensor, Gb: torch.Tensor):
+        seen.append((Ga, Gb))
+        return ctx.ops.sectional_normalize(Rg, Ga, Gb)
 
     if path == "conv":
-        dx = _crop(_grouped_conv_products(xp, Rs, g, R.shape[-2:], normalize)[0], g)
+        dx = _crop(_grouped_conv_products(xp, Rp, Rn, g, R.shape[-2:], normalize), g)
     else:
-        dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
         if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
             cols = xp.reshape(N, G, C // G, L)
         else:
             cols = F.unfold(xp, g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
+        Rs = torch.cat([Rp, Rn], dim=2)  # N, G, 2·O/G, L
+
+        def normalize_stacked(Gs):
+            Sp, Sn = normalize(Gs[:, :, :Og], Gs[:, :, Og:])
+            return torch.cat([Sp, -Sn], dim=2)
+
         if path == "gram":
             K = cols.transpose(-1, -2) @ cols  # N, G, L, L
-            dcols = cols @ (Rs.transpose(-1, -2) @ normalize(Rs @ K))
+            dcols = cols @ (Rs.transpose(-1, -2) @ normalize_stacked(Rs @ K))
         else:
             Fs = Rs @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
-            dcols = Fs.transpose(-1, -2) @ normalize(Fs @ cols)
+            dcols = Fs.transpose(-1, -2) @ normalize_stacked(Fs @ cols)
         if dense_pointwise:
             dx = dcols.reshape(N, C, Hp, Wp)
         else:
             dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g)
-    (Ga, Gb), = responses
+    (Ga, Gb), = seen
     if g.is_pointwise:
         if ctx.tracking:
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))
