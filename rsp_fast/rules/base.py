@@ -7,6 +7,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from ..kernels.reference import per_sample_sum, unsupported_relevance
+
 
 @dataclass
 class Context:
@@ -78,7 +80,13 @@ def node_function(node: fx.Node, module: torch.nn.Module | None, ctx: Context) -
     return lambda x: node.target(x, *rest, **kwargs)
 
 
-def purged_loss(ctx: Context, R: torch.Tensor, unsupported: torch.Tensor, active: torch.Tensor) -> None:
-    """What a purged layer loses: 2·(unsupported relevance), or everything if no unit is active."""
-    total = R.reshape(R.shape[0], -1).sum(1)
-    ctx.drop(torch.where(active, 2 * unsupported, total))
+def purged_relevance(ctx: Context, R: torch.Tensor, Rs: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor,
+                     dx: torch.Tensor, x_pos: torch.Tensor) -> torch.Tensor:
+    """Hostile purging of a conv (k > 1) or linear layer's back-projection ``dx``. When
+    tracked, what it loses is accounted: 2·(relevance at unsupported positions), or all of
+    it if no unit is active. ``Rs``, ``Ga``, ``Gb`` are R and the responses in one layout."""
+    total = per_sample_sum(R)
+    if ctx.tracking:
+        active = (x_pos * dx != 0).flatten(1).any(1)
+        ctx.drop(torch.where(active, 2 * unsupported_relevance(Rs, Ga, Gb), total))
+    return ctx.ops.purge(dx, x_pos, total)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.reference import per_sample_sum, safe_div, split_sections, unsupported_relevance
-from .base import Context, LayerRule, purged_loss
+from .base import Context, LayerRule, purged_relevance
 
 
 @dataclass(frozen=True)
@@ -207,9 +207,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         if ctx.tracking:
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))
         return ctx.ops.combine(dx, x_pos)
-    if ctx.tracking:
-        purged_loss(ctx, R, unsupported_relevance(Rg, Ga, Gb), (x_pos * dx != 0).flatten(1).any(1))
-    return ctx.ops.purge(dx, x_pos, per_sample_sum(R))
+    return purged_relevance(ctx, R, Rg, Ga, Gb, dx, x_pos)
 
 
 class Conv(LayerRule):

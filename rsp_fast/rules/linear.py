@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.reference import per_sample_sum, safe_div, unsupported_relevance
-from .base import Context, LayerRule, purged_loss
+from ..kernels.reference import per_sample_sum, safe_div
+from .base import Context, LayerRule, purged_relevance
 
 
 def first_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -31,10 +31,7 @@ def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
     Wp = W.clamp(min=0)
     Zp = x_pos @ Wp.T
     Sp, Sn = ctx.ops.sectional_normalize(R, Zp, Zp)
-    dx = (Sp - Sn) @ Wp
-    if ctx.tracking:
-        purged_loss(ctx, R, unsupported_relevance(R, Zp, Zp), (x_pos * dx != 0).flatten(1).any(1))
-    return ctx.ops.purge(dx, x_pos, per_sample_sum(R))
+    return purged_relevance(ctx, R, R, Zp, Zp, (Sp - Sn) @ Wp, x_pos)
 
 
 class Linear(LayerRule):
