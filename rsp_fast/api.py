@@ -72,7 +72,7 @@ class RSP:
         output and the relevance dropped at positions with no support (so that
         ΣR_input = ΣR₀ − dropped per sample, RSP_SPEC.md §3)."""
         self._check_inputs(inputs)
-        ops = select_kernels(self.backend, inputs.device)
+        ops = select_kernels(self.backend, inputs.device, inputs.dtype)
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:

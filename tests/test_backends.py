@@ -23,3 +23,14 @@ def test_auto_prefers_compiled_kernels_on_cpu():
     from rsp_fast.ops.dispatch import select_kernels
     expected = "cpp" if rsp_fast.backends("cpu")["cpp"] == "available" else "torch"
     assert select_kernels("auto", torch.device("cpu")).name == expected
+
+
+def test_auto_falls_back_for_dtypes_the_kernels_do_not_handle():
+    model = torchvision.models.resnet18(num_classes=5).eval().to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    R = rsp_fast.RSP(model).attribute(x)  # auto: cpp handles float32/64 only, so torch runs
+    assert R.dtype == torch.bfloat16 and torch.isfinite(R.float()).all()
+    assert torch.equal(R, rsp_fast.RSP(model, backend="torch").attribute(x))
+    if rsp_fast.backends("cpu")["cpp"] == "available":
+        with pytest.raises(rsp_fast.BackendUnavailableError, match="handle float32, float64, not bfloat16"):
+            rsp_fast.RSP(model, backend="cpp").attribute(x)

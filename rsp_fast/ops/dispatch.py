@@ -28,6 +28,11 @@ class KernelSet:
     sectional_normalize: Callable = reference.sectional_normalize_reference
     purge: Callable = reference.purge_reference
     combine: Callable = reference.combine_reference
+    dtypes: frozenset | None = None  # the dtypes its kernels handle; None: any
+
+
+FLOAT = frozenset({torch.float32, torch.float64})
+FLOAT_AND_HALF = FLOAT | {torch.float16, torch.bfloat16}
 
 
 def _triton_sectional_normalize(R, Ga, Gb):
@@ -43,14 +48,23 @@ def _triton_purge(dx, x_pos, total):
 
 
 TORCH = KernelSet("torch")
-COMPILED = KernelSet("cpp", sectional_normalize=custom.sectional_normalize, purge=custom.purge)
-COMPILED_CUDA = KernelSet("cuda", sectional_normalize=custom.sectional_normalize, purge=custom.purge)
-TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, purge=_triton_purge)
+COMPILED = KernelSet("cpp", sectional_normalize=custom.sectional_normalize, purge=custom.purge, dtypes=FLOAT)
+COMPILED_CUDA = KernelSet("cuda", sectional_normalize=custom.sectional_normalize, purge=custom.purge, dtypes=FLOAT_AND_HALF)
+TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, purge=_triton_purge, dtypes=FLOAT_AND_HALF)
 SETS = {"torch": TORCH, "cpp": COMPILED, "cuda": COMPILED_CUDA, "triton": TRITON}
 
 
-def _availability(name: str, device: torch.device) -> str:
-    """Empty string if ``name`` can run on ``device``, else the reason it cannot."""
+def _availability(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Empty string if ``name`` can run on ``device`` (and ``dtype``), else the reason it cannot."""
+    reason = _device_availability(name, device)
+    supported = SETS[name].dtypes if name in SETS else None
+    if not reason and dtype is not None and supported is not None and dtype not in supported:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in supported))
+        reason = f"its kernels handle {names}, not {str(dtype).replace('torch.', '')}"
+    return reason
+
+
+def _device_availability(name: str, device: torch.device) -> str:
     if name == "torch":
         return ""
     if name == "cpp":
@@ -83,14 +97,14 @@ def resolve_backend_name(name: str | None) -> str:
     return name
 
 
-def select_kernels(name: str, device: torch.device) -> KernelSet:
-    """The kernel set for ``name`` (already resolved) on ``device``."""
+def select_kernels(name: str, device: torch.device, dtype: torch.dtype | None = None) -> KernelSet:
+    """The kernel set for ``name`` (already resolved) on ``device`` for ``dtype`` tensors."""
     if name == "auto":
         for candidate in (("cuda", "triton") if device.type == "cuda" else ("cpp",)):
-            if not _availability(candidate, device):
+            if not _availability(candidate, device, dtype):
                 return SETS[candidate]
         return TORCH
-    reason = _availability(name, device)
+    reason = _availability(name, device, dtype)
     if reason:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
     return SETS[name]
