@@ -26,6 +26,12 @@ SHAPES = {"conv1_2 (64×224²)": (8, 64, 224, 224), "conv3_3 (256×56²)": (8, 2
 
 def inputs(op: str, shape, device, dtype):
     g = torch.Generator(device=device).manual_seed(0)
+    if op == "sectional_matmul":  # the filter path's responses: [F⁺; F⁻] (2·O×C·9) · X̂ᵤ (C·9×L)
+        N, O, H, W = shape
+        A = torch.randn(N, 2 * O, O * 9, device=device, dtype=dtype, generator=g)
+        B = torch.rand(N, O * 9, H * W, device=device, dtype=dtype, generator=g)
+        Rs = torch.rand(N, 2 * O, H * W, device=device, dtype=dtype, generator=g)
+        return (A, B, Rs, O), (A.numel() + B.numel() + 2 * Rs.numel()) * A.element_size()
     if op == "sectional_normalize":
         R = torch.randn(shape, device=device, dtype=dtype, generator=g)
         G = torch.rand((2,) + shape, device=device, dtype=dtype, generator=g)
@@ -34,6 +40,15 @@ def inputs(op: str, shape, device, dtype):
     x = torch.rand(shape, device=device, dtype=dtype, generator=g)
     total = torch.randn(shape[0], device=device, dtype=dtype, generator=g)
     return (dx, x, total), 5 * dx.numel() * dx.element_size()  # read 2, write 1, read+write 1 (two passes)
+
+
+def reference_op(op: str):
+    """The unfused PyTorch composition each op replaces."""
+    if op == "sectional_matmul":
+        from rsp_fast.kernels.reference import sectional_matmul_reference
+
+        return sectional_matmul_reference
+    return getattr(dispatch.TORCH, op)
 
 
 def main(argv=None) -> int:
@@ -53,11 +68,15 @@ def main(argv=None) -> int:
         backends = [b for b in backends if b != "triton"]  # the Triton interpreter is for testing, not timing
     peak = peak_bandwidth_gbs(device)
     rows, table = [], []
-    for op in ("sectional_normalize", "purge"):
+    for op in ("sectional_normalize", "purge", "sectional_matmul"):
+        fused = [b for b in backends if getattr(dispatch.SETS[b], op, None) is not None]
+        if not fused:
+            continue
         for label, shape in shapes.items():
             args_, nbytes = inputs(op, shape, device, dtype)
-            ref = time_call(lambda: getattr(dispatch.TORCH, op)(*args_), device, repeats)
-            for b in backends:
+            reference = reference_op(op)
+            ref = time_call(lambda: reference(*args_), device, repeats)
+            for b in fused:
                 t = time_call(lambda: getattr(dispatch.SETS[b], op)(*args_), device, repeats)
                 gbs = nbytes / t["median"] / 1e9
                 row = {"op": op, "shape": list(shape), "backend": b, "device": str(device), "dtype": args.dtype,

@@ -13,7 +13,7 @@ def test_bench_kernels_quick(tmp_path):
                            "--json", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
-    assert {r["op"] for r in rows} == {"sectional_normalize", "purge"}
+    assert {"sectional_normalize", "purge"} <= {r["op"] for r in rows} <= {"sectional_normalize", "purge", "sectional_matmul"}
     assert all(r["seconds_median"] > 0 and r["speedup"] > 0 for r in rows)
     assert "| op |" in proc.stdout
 

@@ -134,3 +134,22 @@ def test_kernels_cuda(name, dtype, case):
 def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.rsp_fast.purge.default, purge_inputs((3, 5, 7, 9), torch.float32, "cuda"))
     torch.library.opcheck(torch.ops.rsp_fast.sectional_normalize.default, normalize_inputs((3, 5, 7), torch.float32, "cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 2, 5, 7), (2, 3, 6, 37, 45), (5, 1, 34, 9, 33)])  # batch dims, 2·half, K, N
+def test_sectional_matmul_triton(shape, dtype):
+    from rsp_fast.kernels.reference import sectional_matmul_reference
+
+    kernels = _kernels("triton", "cpu")
+    *batch, M, K, N = shape
+    A = torch.randn(*batch, M, K, dtype=dtype)
+    B = torch.rand(*batch, K, N, dtype=dtype)
+    B[..., :, 0] = 0  # a column of zero responses
+    R = torch.randn(*batch, M // 2, N, dtype=dtype)
+    R[..., 1] = 0
+    Rs = torch.cat([R.clamp(min=0), (-R).clamp(min=0)], dim=-2)
+    got = kernels.sectional_matmul(A, B.transpose(-1, -2).contiguous().transpose(-1, -2), Rs, M // 2)  # strided B
+    ref = sectional_matmul_reference(A, B, Rs, M // 2)
+    torch.testing.assert_close(got, ref, **(TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)))
+    assert (got[..., :, 1] == 0).all() and (got[..., :, 0] == 0).all()  # R = 0 and G = 0 give 0

@@ -44,6 +44,18 @@ def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, 
         assert rel_err(ours[n:n + 1], ref) < 1e-10
 
 
+@pytest.mark.parametrize("path", ["filter", "gram"])
+def test_fused_triton_product_matches_the_reference_path(path):
+    from rsp_fast.ops import dispatch
+    if dispatch._availability("triton", torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    conv = nn.Conv2d(5, 6, 3, stride=2, padding=1).double()
+    x = torch.randn(2, 5, 9, 7, dtype=D)
+    R = torch.randn(2, 6, 5, 4, dtype=D)
+    fused = inner_conv_relevance(Context(values={}, shapes={}, ops=dispatch.TRITON), x, R, conv_geometry(conv, (9, 7)), path=path)
+    assert rel_err(fused, inner_conv_relevance(CTX, x, R, conv_geometry(conv, (9, 7)), path=path)) < 1e-12
+
+
 def test_path_choice_follows_the_cost_model():
     assert choose_path(512 * 9, 512, 14 * 14) == "gram"  # VGG16 conv5
     assert choose_path(64 * 9, 64, 224 * 224) == "conv"  # VGG16 conv1_2

@@ -28,6 +28,14 @@ def sectional_normalize_reference(
     return safe_div(Rp, Ga * (Rp != 0)), safe_div(Rn, Gb * (Rn != 0))
 
 
+def sectional_matmul_reference(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, half: int) -> torch.Tensor:
+    """Stacked responses G = A·B and their sectional normalisation in one step:
+    S = [R⁺/G⁺; −R⁻/G⁻] (zero where R or G is zero) for Rs = [R⁺; R⁻] (rows [0, half) and
+    [half, 2·half)). The Triton kernel fuses the division into the product's epilogue."""
+    S = safe_div(Rs, (A @ B) * (Rs != 0))
+    return torch.cat([S[..., :half, :], -S[..., half:, :]], dim=-2)
+
+
 def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of every element of each sample: shape (N,)."""
     return t.reshape(t.shape[0], -1).sum(dim=1)

@@ -28,6 +28,7 @@ class KernelSet:
     sectional_normalize: Callable = reference.sectional_normalize_reference
     purge: Callable = reference.purge_reference
     combine: Callable = reference.combine_reference
+    sectional_matmul: Callable | None = None  # fused product + normalisation; None: product, then sectional_normalize
     dtypes: frozenset | None = None  # the dtypes its kernels handle; None: any
 
 
@@ -41,6 +42,12 @@ def _triton_sectional_normalize(R, Ga, Gb):
     return sectional_normalize_triton(R, Ga, Gb)
 
 
+def _triton_sectional_matmul(A, B, Rs, half):
+    from ..kernels.triton.sectional_matmul import sectional_matmul_triton
+
+    return sectional_matmul_triton(A, B, Rs, half)
+
+
 def _triton_purge(dx, x_pos, total):
     from ..kernels.triton.purge import purge_triton
 
@@ -50,7 +57,8 @@ def _triton_purge(dx, x_pos, total):
 TORCH = KernelSet("torch")
 COMPILED = KernelSet("cpp", sectional_normalize=custom.sectional_normalize, purge=custom.purge, dtypes=FLOAT)
 COMPILED_CUDA = KernelSet("cuda", sectional_normalize=custom.sectional_normalize, purge=custom.purge, dtypes=FLOAT_AND_HALF)
-TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, purge=_triton_purge, dtypes=FLOAT_AND_HALF)
+TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, purge=_triton_purge,
+                   sectional_matmul=_triton_sectional_matmul, dtypes=FLOAT_AND_HALF)
 SETS = {"torch": TORCH, "cpp": COMPILED, "cuda": COMPILED_CUDA, "triton": TRITON}
 
 

@@ -188,21 +188,24 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
             cols = F.unfold(xp, g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
         Rs = torch.cat([Rp, Rn], dim=2)  # N, G, 2·O/G, L
 
-        def normalize_stacked(Gs):
+        def normalized_responses(A, B):  # [S⁺; −S⁻] for the stacked responses A·B
+            if ctx.ops.sectional_matmul is not None and not ctx.tracking:
+                return ctx.ops.sectional_matmul(A, B, Rs, Og)  # fused: the responses never reach memory
+            Gs = A @ B
             Sp, Sn = normalize(Gs[:, :, :Og], Gs[:, :, Og:])
             return torch.cat([Sp, -Sn], dim=2)
 
         if path == "gram":
             K = cols.transpose(-1, -2) @ cols  # N, G, L, L
-            dcols = cols @ (Rs.transpose(-1, -2) @ normalize_stacked(Rs @ K))
+            dcols = cols @ (Rs.transpose(-1, -2) @ normalized_responses(Rs, K))
         else:
             Fs = Rs @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
-            dcols = Fs.transpose(-1, -2) @ normalize_stacked(Fs @ cols)
+            dcols = Fs.transpose(-1, -2) @ normalized_responses(Fs, cols)
         if dense_pointwise:
             dx = dcols.reshape(N, C, Hp, Wp)
         else:
             dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g)
-    (Ga, Gb), = seen
+    Ga, Gb = seen[0] if seen else (None, None)  # only read when tracking, which never fuses
     if g.is_pointwise:
         if ctx.tracking:
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))

@@ -1,0 +1,53 @@
+"""Triton matrix product whose epilogue applies the sectional normalisation.
+
+Computes the stacked responses G = A·B (batched) and, in the same kernel, the stacked
+normalised relevance S = [R⁺/G⁺; −R⁻/G⁻] (zero where R or G is zero), so G never travels
+to memory. Rows [0, half) are the target section, rows [half, 2·half) the hostile one.
+The filter path calls it with A = [F⁺; F⁻], B = X̂ᵤ; the Gram path with A = [R⁺; R⁻], B = K.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sectional_matmul_kernel(a_ptr, b_ptr, r_ptr, s_ptr, M, N, K, half,
+                             sab, sam, sak, sbb, sbk, sbn, srb, srm, srn, ssb, ssm, ssn,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP64: tl.constexpr):
+    pid_m, pid_n, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_base = a_ptr + batch.to(tl.int64) * sab
+    b_base = b_ptr + batch.to(tl.int64) * sbb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if FP64 else tl.float32)  # fp16/bf16/fp32 accumulate in fp32
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_base + rm[:, None] * sam + kk[None, :] * sak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_base + kk[:, None] * sbk + rn[None, :] * sbn, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(a, b, allow_tf32=False)
+    # epilogue: the sectional normalisation of this tile of responses
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    r = tl.load(r_ptr + batch.to(tl.int64) * srb + rm[:, None] * srm + rn[None, :] * srn, mask=mask, other=0.0).to(acc.dtype)
+    active = (r != 0) & (acc != 0)
+    s = tl.where(active, r / tl.where(active, acc, 1.0), 0.0)
+    s = tl.where(rm[:, None] < half, s, -s)
+    tl.store(s_ptr + batch.to(tl.int64) * ssb + rm[:, None] * ssm + rn[None, :] * ssn, s.to(s_ptr.dtype.element_ty), mask=mask)
+
+
+def sectional_matmul_triton(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, half: int) -> torch.Tensor:
+    """A: (..., M, K), B: (..., K, N), Rs: (..., M, N) with M = 2·half; returns S like Rs."""
+    batch_shape = A.shape[:-2]
+    M, K = A.shape[-2:]
+    N = B.shape[-1]
+    if B.shape[-2] != K or Rs.shape[-2:] != (M, N) or M != 2 * half:
+        raise ValueError(f"sectional_matmul: A {tuple(A.shape)}, B {tuple(B.shape)}, Rs {tuple(Rs.shape)}, half {half} do not fit")
+    A3, B3, R3 = (t.reshape(-1, *t.shape[-2:]) for t in (A, B, Rs))
+    S = torch.empty(R3.shape, dtype=Rs.dtype, device=Rs.device)
+    BM, BN, BK = 32, 32, 32
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), A3.shape[0])
+    _sectional_matmul_kernel[grid](A3, B3, R3, S, M, N, K, half, *A3.stride(), *B3.stride(), *R3.stride(), *S.stride(),
+                                   BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, FP64=A.dtype == torch.float64)
+    return S.reshape(*batch_shape, M, N)
