@@ -1,6 +1,7 @@
 """The public API: ``RSP(model, layer=...).attribute(inputs, target=...)``, Captum-style."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward
 
 INITS = ("comparative", "gradcam")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -43,20 +45,25 @@ class RSP:
         hostile_k: number of hostile classes (top predictions other than the target) by default.
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``; None reads
             ``RSP_FAST_BACKEND``.
+        precision: ``"fp32"`` (the products in the input's dtype), ``"tf32"`` (CUDA: TF32
+            tensor cores for the products) or ``"bf16"`` (the products' operands in bfloat16);
+            the normalisation and the purge always run in the input's dtype.
 
     A model in training mode is explained in eval mode and restored afterwards; the model,
     its parameters, hooks and gradients are never changed.
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, init: str = "comparative",
-                 hostile_k: int = 3, backend: str | None = "auto"):
+                 hostile_k: int = 3, backend: str | None = "auto", precision: str = "fp32"):
         if not isinstance(model, nn.Module):
             raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if init not in INITS:
             raise RSPError(f"init must be one of {INITS}, not {init!r}")
         if not isinstance(hostile_k, int) or hostile_k < 0:
             raise RSPError(f"hostile_k must be a non-negative int, not {hostile_k!r}")
-        self.model, self.init, self.hostile_k = model, init, hostile_k
+        if precision not in PRECISIONS:
+            raise RSPError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        self.model, self.init, self.hostile_k, self.precision = model, init, hostile_k, precision
         self.backend = resolve_backend_name(backend)
         self.plan = build_plan(model, layer)
         self.layer = self.plan.layer_name
@@ -72,6 +79,8 @@ class RSP:
         output and the relevance dropped at positions with no support (so that
         ΣR_input = ΣR₀ − dropped per sample, RSP_SPEC.md §3)."""
         self._check_inputs(inputs)
+        if self.precision == "tf32" and inputs.device.type != "cuda":
+            raise RSPError("precision='tf32' uses CUDA tensor cores: give CUDA tensors, or use 'fp32' or 'bf16'")
         ops = select_kernels(self.backend, inputs.device, inputs.dtype)
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
@@ -92,7 +101,9 @@ class RSP:
             steps: dict[str, torch.Tensor] = {}
             on_step = (lambda step, outs: steps.__setitem__(_step_name(step), outs[0])) if record else None
             dropped = R0.new_zeros(R0.shape[0]) if record else None
-            R = propagate(self.plan, R0.detach(), saved, shapes, ops, on_step, dropped)
+            with _tf32(self.precision == "tf32"):
+                R = propagate(self.plan, R0.detach(), saved, shapes, ops, on_step, dropped,
+                              torch.bfloat16 if self.precision == "bf16" else None)
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -116,6 +127,20 @@ class RSP:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
         if p is not None and p.device != x.device:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """TF32 for CUDA matmuls and convolutions inside the block, the user's settings restored."""
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def heatmap(R: torch.Tensor) -> torch.Tensor:

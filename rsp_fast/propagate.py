@@ -65,13 +65,13 @@ def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
 
 
 def propagate(plan: Plan, R0: torch.Tensor, saved, shapes, ops, on_step: Callable | None = None,
-              dropped: torch.Tensor | None = None) -> torch.Tensor:
+              dropped: torch.Tensor | None = None, product_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Walk R0 from the saliency layer back to the input; fan-out contributions are summed.
     ``dropped`` (N,), if given, accumulates the relevance lost at unsupported positions."""
     def resolve(a):
         return fx.node.map_arg(a, lambda n: saved[n])
 
-    ctx = Context(values=saved, shapes=shapes, ops=ops, resolve=resolve, dropped=dropped)
+    ctx = Context(values=saved, shapes=shapes, ops=ops, resolve=resolve, dropped=dropped, product_dtype=product_dtype)
     relevance: dict[fx.Node, torch.Tensor] = {plan.saliency: R0}
     with torch.no_grad():
         for step in plan.steps:

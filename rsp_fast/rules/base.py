@@ -20,6 +20,11 @@ class Context:
     ops: Any
     resolve: Callable[[Any], Any] = field(default=lambda a: a)
     dropped: torch.Tensor | None = None  # (N,) when tracked: relevance lost at unsupported positions
+    product_dtype: torch.dtype | None = None  # precision="bf16": the matrix products' operands
+
+    def low(self, t: torch.Tensor) -> torch.Tensor:
+        """An operand of a matrix product, in the product precision."""
+        return t if self.product_dtype is None else t.to(self.product_dtype)
 
     def drop(self, amount: torch.Tensor) -> None:
         """Account for relevance a rule could not pass on (RSP_SPEC.md §3, the one exact caveat)."""

@@ -121,13 +121,15 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False) -> str:
     return "filter" if dense_pointwise else "conv"
 
 
-def _grouped_conv_products(xp: torch.Tensor, Rp: torch.Tensor, Rn: torch.Tensor, g: ConvGeometry, out_hw, normalize):
+def _grouped_conv_products(xp: torch.Tensor, Rp: torch.Tensor, Rn: torch.Tensor, g: ConvGeometry, out_hw, normalize, low):
     """The filter path on PyTorch's convolution kernels, samples folded into groups (so each
     sample gets its own sectional filters): weight gradient -> F±, convolution -> G±,
     input gradient -> back-projection. Returns it at the padded input, N×C×Hp×Wp."""
     N, C, Hp, Wp = xp.shape
     groups = N * g.groups
-    x_img = xp.reshape(1, N * C, Hp, Wp)
+    dtype = xp.dtype
+    x_img = low(xp).reshape(1, N * C, Hp, Wp)
+    Rp, Rn = low(Rp), low(Rn)
     common = dict(bias_sizes=None, stride=list(g.stride), padding=[0, 0], dilation=list(g.dilation),
                   transposed=False, output_padding=[0, 0], groups=groups)
 
@@ -137,12 +139,12 @@ def _grouped_conv_products(xp: torch.Tensor, Rp: torch.Tensor, Rn: torch.Tensor,
         return torch.ops.aten.convolution_backward(R_img, x_img, x_img.new_empty(1).expand(shape),
                                                    output_mask=[False, True, False], **common)[1]
 
-    def responses(Fw, like):
-        return F.conv2d(x_img, Fw, stride=g.stride, dilation=g.dilation, groups=groups).reshape(like.shape)
+    def responses(Fw, like):  # normalised in the input's precision
+        return F.conv2d(x_img, Fw, stride=g.stride, dilation=g.dilation, groups=groups).reshape(like.shape).to(dtype)
 
     def back(S, Fw):
-        return torch.ops.aten.convolution_backward(S.reshape(1, -1, *out_hw), x_img, Fw,
-                                                   output_mask=[True, False, False], **common)[0]
+        return torch.ops.aten.convolution_backward(low(S).reshape(1, -1, *out_hw), x_img, Fw,
+                                                   output_mask=[True, False, False], **common)[0].to(dtype)
 
     if C == g.groups:
         # Depthwise: one section at a time keeps oneDNN's depthwise kernels (a channel
@@ -180,20 +182,20 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         return ctx.ops.sectional_normalize(Rg, Ga, Gb)
 
     if path == "conv":
-        dx = _crop(_grouped_conv_products(xp, Rp, Rn, g, R.shape[-2:], normalize), g)
+        dx = _crop(_grouped_conv_products(xp, Rp, Rn, g, R.shape[-2:], normalize, ctx.low), g)
     else:
         if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
-            cols = xp.reshape(N, G, C // G, L)
+            cols = ctx.low(xp).reshape(N, G, C // G, L)
         else:
-            cols = F.unfold(xp, g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
-        Rs = torch.cat([Rp, Rn], dim=2)  # N, G, 2·O/G, L
+            cols = F.unfold(ctx.low(xp), g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
+        Rs = ctx.low(torch.cat([Rp, Rn], dim=2))  # N, G, 2·O/G, L
 
         def normalized_responses(A, B):  # [S⁺; −S⁻] for the stacked responses A·B
             if ctx.ops.sectional_matmul is not None and not ctx.tracking:
                 return ctx.ops.sectional_matmul(A, B, Rs, Og)  # fused: the responses never reach memory
-            Gs = A @ B
+            Gs = (A @ B).to(x.dtype)
             Sp, Sn = normalize(Gs[:, :, :Og], Gs[:, :, Og:])
-            return torch.cat([Sp, -Sn], dim=2)
+            return ctx.low(torch.cat([Sp, -Sn], dim=2))
 
         if path == "gram":
             K = cols.transpose(-1, -2) @ cols  # N, G, L, L
@@ -201,6 +203,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         else:
             Fs = Rs @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
             dcols = Fs.transpose(-1, -2) @ normalized_responses(Fs, cols)
+        dcols = dcols.to(x.dtype)
         if dense_pointwise:
             dx = dcols.reshape(N, C, Hp, Wp)
         else:

@@ -29,9 +29,9 @@ def first_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
 def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     x_pos = x.clamp(min=0)
     Wp = W.clamp(min=0)
-    Zp = x_pos @ Wp.T
+    Zp = (ctx.low(x_pos) @ ctx.low(Wp).T).to(x.dtype)
     Sp, Sn = ctx.ops.sectional_normalize(R, Zp, Zp)
-    return purged_relevance(ctx, R, R, Zp, Zp, (Sp - Sn) @ Wp, x_pos)
+    return purged_relevance(ctx, R, R, Zp, Zp, (ctx.low(Sp - Sn) @ ctx.low(Wp)).to(x.dtype), x_pos)
 
 
 class Linear(LayerRule):

@@ -1,0 +1,38 @@
+"""Precision modes: products in bfloat16 agree with the float64 result; tf32 needs CUDA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rsp_fast
+from rsp_fast.errors import RSPError
+from conftest import GOLDEN_FILES, load_golden
+from models import golden_model
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of the heat maps (channel sums), per sample, worst case."""
+    ha, hb = rsp_fast.heatmap(a).flatten(1).double(), rsp_fast.heatmap(b).flatten(1).double()
+    return F.cosine_similarity(ha, hb, dim=1).min().item()
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bf16_products_agree_with_float64(backend):
+    g = load_golden(next(p for p in GOLDEN_FILES if p.stem == "vgg16_narrow_comparative"))
+    layer = f"features.{g['saliency_layer']}"
+    exact = rsp_fast.RSP(golden_model(g), layer=layer).attribute(g["x"], target=g["target"], hostile=g["hostile"])
+    model32 = golden_model(g, torch.float32)
+    x = torch.cat([g["x"].float(), torch.randn(3, 3, 64, 64)])
+    low = rsp_fast.RSP(model32, layer=layer, precision="bf16", backend=backend).attribute(x)
+    full = rsp_fast.RSP(model32, layer=layer, precision="fp32", backend=backend).attribute(x)
+    assert low.dtype == torch.float32
+    assert _agreement(low[:1], exact) > 0.99
+    assert _agreement(low, full) > 0.99
+    assert not torch.equal(low, full)  # the products really ran in bfloat16
+
+
+def test_tf32_needs_cuda_tensors():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
+    with pytest.raises(RSPError, match="tf32"):
+        rsp_fast.RSP(model, precision="tf32").attribute(torch.randn(1, 3, 8, 8))
+    with pytest.raises(RSPError, match="precision must be one of"):
+        rsp_fast.RSP(model, precision="fp8")
