@@ -208,3 +208,9 @@ def test_package_works_without_the_compiled_extension():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("name,culprit", [("mobilenet_v3_small", "Hardswish"), ("efficientnet_b0", "SiLU")])
+def test_non_relu_activations_are_refused_by_name(name, culprit):
+    with pytest.raises(UnsupportedModelError, match=rf"features\.0\.2: {culprit}"):
+        rsp_fast.RSP(getattr(torchvision.models, name)())

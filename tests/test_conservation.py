@@ -124,3 +124,11 @@ def test_random_mlps_conserve(widths, features, seed):
     ex = explainer.explain(x, record=True)
     total_in, total_0 = ex.attribution.sum(1), ex.initial.sum(1)
     assert torch.allclose(total_in + ex.dropped, total_0, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["densenet121", "googlenet", "regnet_x_400mf", "mnasnet0_5", "resnext50_32x4d"])
+def test_more_torchvision_architectures_conserve(name):
+    """Concatenation (DenseNet, Inception), grouped convs (RegNet, ResNeXt), depthwise (MNASNet)."""
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = calibrated(getattr(torchvision.models, name)(num_classes=10, **kwargs), 64)
+    _assert_conserved(rsp_fast.RSP(model), torch.randn(2, 3, 64, 64, dtype=D))
