@@ -20,6 +20,18 @@ def split_sections(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return R.clamp(min=0), (-R).clamp(min=0)
 
 
+def stacked_sections(R: torch.Tensor, dim: int) -> torch.Tensor:
+    """[R⁺; R⁻] concatenated along ``dim``, written once into one buffer (no separate
+    halves to copy): the layout in which both sections go through each matrix product."""
+    shape = list(R.shape)
+    half = shape[dim]
+    shape[dim] = 2 * half
+    out = R.new_empty(shape)
+    torch.clamp(R, min=0, out=out.narrow(dim, 0, half))
+    torch.clamp(R, max=0, out=out.narrow(dim, half, half)).neg_()
+    return out
+
+
 def sectional_normalize_reference(
     R: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.reference import per_sample_sum, safe_div, split_sections, unsupported_relevance
+from ..kernels.reference import per_sample_sum, safe_div, stacked_sections, unsupported_relevance
 from .base import Context, LayerRule, purged_relevance
 
 
@@ -121,7 +121,7 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False) -> str:
     return "filter" if dense_pointwise else "conv"
 
 
-def _grouped_conv_products(xp: torch.Tensor, Rp: torch.Tensor, Rn: torch.Tensor, g: ConvGeometry, out_hw, normalize, low):
+def _grouped_conv_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, out_hw, normalize, low):
     """The filter path on PyTorch's convolution kernels, samples folded into groups (so each
     sample gets its own sectional filters): weight gradient -> F±, convolution -> G±,
     input gradient -> back-projection. Returns it at the padded input, N×C×Hp×Wp."""
@@ -129,7 +129,8 @@ def _grouped_conv_products(xp: torch.Tensor, Rp: torch.Tensor, Rn: torch.Tensor,
     groups = N * g.groups
     dtype = xp.dtype
     x_img = low(xp).reshape(1, N * C, Hp, Wp)
-    Rp, Rn = low(Rp), low(Rn)
+    Rs = low(Rs)
+    Og = Rs.shape[2] // 2
     common = dict(bias_sizes=None, stride=list(g.stride), padding=[0, 0], dilation=list(g.dilation),
                   transposed=False, output_padding=[0, 0], groups=groups)
 
@@ -149,13 +150,12 @@ def _grouped_conv_products(xp: torch.Tensor, Rp: torch.Tensor, Rn: torch.Tensor,
     if C == g.groups:
         # Depthwise: one section at a time keeps oneDNN's depthwise kernels (a channel
         # multiplier of 2 falls off them: 3× slower here).
+        Rp, Rn = Rs[:, :, :Og], Rs[:, :, Og:]
         Fp, Fn = filters(Rp), filters(Rn)
         Sp, Sn = normalize(responses(Fp, Rp), responses(Fn, Rn))
         dx = back(Sp, Fp) - back(Sn, Fn)
     else:
-        Og = Rp.shape[2]
-        Rs = torch.cat([Rp, Rn], dim=2)  # both sections in each product: [R⁺; R⁻]
-        Fs = filters(Rs)
+        Fs = filters(Rs)  # both sections in each product: [R⁺; R⁻]
         Gs = responses(Fs, Rs)
         Sp, Sn = normalize(Gs[:, :, :Og], Gs[:, :, Og:])
         dx = back(torch.cat([Sp, -Sn], dim=2), Fs)
@@ -172,7 +172,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     G, O = g.groups, R.shape[1]
     Og, L = O // G, R.shape[-2] * R.shape[-1]
     Rg = R.reshape(N, G, Og, L)
-    Rp, Rn = split_sections(Rg)
+    Rs = stacked_sections(Rg, dim=2)  # N, G, 2·O/G, L: [R⁺; R⁻]
     dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
     path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L, dense_pointwise)
     seen = []
@@ -182,13 +182,13 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         return ctx.ops.sectional_normalize(Rg, Ga, Gb)
 
     if path == "conv":
-        dx = _crop(_grouped_conv_products(xp, Rp, Rn, g, R.shape[-2:], normalize, ctx.low), g)
+        dx = _crop(_grouped_conv_products(xp, Rs, g, R.shape[-2:], normalize, ctx.low), g)
     else:
         if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
             cols = ctx.low(xp).reshape(N, G, C // G, L)
         else:
             cols = F.unfold(ctx.low(xp), g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
-        Rs = ctx.low(torch.cat([Rp, Rn], dim=2))  # N, G, 2·O/G, L
+        Rs = ctx.low(Rs)
 
         def normalized_responses(A, B):  # [S⁺; −S⁻] for the stacked responses A·B
             if ctx.ops.sectional_matmul is not None and not ctx.tracking:
