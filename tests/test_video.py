@@ -189,3 +189,11 @@ def test_cli_video_errors_are_one_line(tmp_path, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_explain_video_leaves_a_plain_module_as_it_was(tmp_path):
+    model = tiny_cnn().train()
+    src = write_video(tmp_path / "in.mp4", _frames(2), fps=2)
+    report = explain_video(model, src, tmp_path / "out.mp4", progress=False)
+    assert report["totals"]["frames"] == 2 and report["model"] == "Sequential"
+    assert model.training and all(m.training for m in model.modules())

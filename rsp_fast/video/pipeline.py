@@ -79,7 +79,7 @@ def _as_spec(model) -> ModelSpec:
     if isinstance(model, str):
         return build_model(model)
     if isinstance(model, nn.Module):
-        return ModelSpec(model.eval(), type(model).__name__)
+        return ModelSpec(model, type(model).__name__)  # RSP runs it in eval mode and restores its mode
     raise RSPError(f"model must be an nn.Module, a ModelSpec or a model name, not {type(model).__name__}")
 
 
