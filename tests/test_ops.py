@@ -23,17 +23,22 @@ def _kernels(name, device):
     return dispatch.SETS[name]
 
 
+def _signed_case(t: torch.Tensor, case: str) -> torch.Tensor:
+    """The signed operand of a kernel test set to one of the edge cases."""
+    if case == "zero":
+        return torch.zeros_like(t)
+    if case == "positive":
+        return t.abs()
+    if case == "negative":
+        return -t.abs()
+    return t
+
+
 def purge_inputs(shape, dtype, device="cpu", case="random"):
-    dx = torch.randn(shape, dtype=dtype, device=device)
+    dx = _signed_case(torch.randn(shape, dtype=dtype, device=device), case)
     x = torch.randn(shape, dtype=dtype, device=device).clamp(min=0)
     total = torch.randn(shape[0], dtype=dtype, device=device)
-    if case == "zero":
-        dx.zero_()
-    elif case == "positive":
-        dx = dx.abs()
-    elif case == "negative":
-        dx = -dx.abs()
-    elif case == "mixed" and shape[0] > 1:
+    if case == "mixed" and shape[0] > 1:
         dx[0].zero_()  # a sample with nothing active
         x[-1].zero_()
     return dx, x, total
@@ -41,17 +46,11 @@ def purge_inputs(shape, dtype, device="cpu", case="random"):
 
 def normalize_inputs(shape, dtype, device="cpu", case="random"):
     """R and a stacked response [Ga; Gb] whose halves are passed as (non-contiguous) views."""
-    R = torch.randn(shape, dtype=dtype, device=device)
+    R = _signed_case(torch.randn(shape, dtype=dtype, device=device), case)
     G = torch.rand((2,) + tuple(shape), dtype=dtype, device=device) + 0.1
     G[0].view(-1)[::3] = 0  # zeros in the responses, under both signs of R
     G[1].view(-1)[1::4] = 0
-    if case == "zero":
-        R.zero_()
-    elif case == "positive":
-        R = R.abs()
-    elif case == "negative":
-        R = -R.abs()
-    elif case == "mixed" and shape[0] > 1:
+    if case == "mixed" and shape[0] > 1:
         R[0] = R[0].abs()  # a sample with an empty hostile section
         R[-1] = -R[-1].abs()
     return R, G[0], G[1]
