@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
 from .graph.plan import Plan
 from .rules import Context
@@ -40,7 +42,12 @@ class _Recorder(fx.Interpreter):
 
     # In-place ops would overwrite values the rules read later: run them out of place.
     def call_module(self, target, args, kwargs):
-        if getattr(self.fetch_attr(target), "inplace", False) and args and isinstance(args[0], torch.Tensor):
+        module = self.fetch_attr(target)
+        if getattr(module, "inplace", False) and args and isinstance(args[0], torch.Tensor):
+            if type(module) is nn.ReLU:  # the out-of-place op directly: no copy first
+                return torch.relu(args[0])
+            if isinstance(module, nn.Hardtanh):  # ReLU6 included
+                return F.hardtanh(args[0], module.min_val, module.max_val)
             args = (args[0].clone(),) + tuple(args[1:])
         return super().call_module(target, args, kwargs)
 
