@@ -49,7 +49,8 @@ def zennit_epsilon_plus_flat(model, layer):
     from zennit.composites import EpsilonPlusFlat
     from zennit.torchvision import ResNetCanonizer, SequentialMergeBatchNorm
 
-    canonizers = [ResNetCanonizer()] if any(type(m).__name__ == "Bottleneck" for m in model.modules()) else [SequentialMergeBatchNorm()]
+    residual = any(type(m).__name__ in ("Bottleneck", "BasicBlock") for m in model.modules())
+    canonizers = [ResNetCanonizer()] if residual else [SequentialMergeBatchNorm()]
     composite = EpsilonPlusFlat(canonizers=canonizers)
 
     def run(x, target):

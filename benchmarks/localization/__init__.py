@@ -1,0 +1,1 @@
+"""The embedded localisation benchmark: digit canvases, small trained models, metrics, methods."""
