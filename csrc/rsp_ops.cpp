@@ -17,6 +17,9 @@ TORCH_LIBRARY(rsp_fast, m) {
   // S_pos = R / Ga where R > 0 and Ga != 0, S_neg = -R / Gb where R < 0 and Gb != 0, else 0.
   // R, Ga, Gb: one shape (views allowed); S_pos, S_neg: contiguous, same shape.
   m.def("sectional_normalize(Tensor R, Tensor Ga, Tensor Gb) -> (Tensor, Tensor)");
+  // The same on the stacked layout the back-projection reads: Rs = [R_pos; R_neg] (both >= 0)
+  // and Gs = [Ga; Gb] along dim -2, of size 2 * half; returns [S_pos; -S_neg] in one buffer.
+  m.def("sectional_normalize_stacked(Tensor Rs, Tensor Gs, int half) -> Tensor");
   // Hostile purging (RSP_SPEC.md section 2, step 5): D = 2 * x_pos * dx, then per sample
   // R_in = D - [D != 0] * total / #{D != 0}. dx, x_pos: (N, ...); total: (N,).
   m.def("purge(Tensor dx, Tensor x_pos, Tensor total) -> Tensor");

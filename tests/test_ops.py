@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from rsp_fast.kernels.reference import purge_reference, sectional_normalize_reference
+from rsp_fast.kernels.reference import (purge_reference, sectional_normalize_reference,
+                                        sectional_normalize_stacked_reference, stacked_sections)
 from rsp_fast.ops import custom, dispatch
 
 SHAPES = [(1, 3, 7, 9), (5, 17, 13, 13), (5, 64, 1, 1), (2, 17), (1, 1, 1, 1)]
@@ -82,6 +83,26 @@ def test_kernels_cpu(name, shape, dtype, case):
     _check_normalize(kernels, "cpu", dtype, shape, case)
 
 
+def stacked_inputs(shape, dtype, device="cpu", case="random"):
+    """Rs = [R⁺; R⁻] and Gs = [Ga; Gb] along dim −2, and what the unstacked op makes of them."""
+    R, Ga, Gb = normalize_inputs(shape, dtype, device, case)
+    Sp, Sn = sectional_normalize_reference(R, Ga, Gb)
+    return stacked_sections(R, dim=-2), torch.cat([Ga, Gb], dim=-2), R.shape[-2], torch.cat([Sp, -Sn], dim=-2)
+
+
+@pytest.mark.parametrize("name", ["torch"] + _kernel_sets("cpu"))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_stacked_normalize_equals_the_two_sections_concatenated(name, shape, dtype, case):
+    kernels = _kernels(name, "cpu")
+    Rs, Gs, half, expected = stacked_inputs(shape, dtype, case=case)
+    torch.testing.assert_close(kernels.sectional_normalize_stacked(Rs, Gs, half), expected, **TOL[dtype])
+    # non-contiguous operands
+    got = kernels.sectional_normalize_stacked(Rs.transpose(-1, -2).contiguous().transpose(-1, -2), Gs, half)
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
 @pytest.mark.parametrize("name", _kernel_sets("cpu"))
 def test_kernels_accept_non_contiguous_inputs(name):
     kernels = _kernels(name, "cpu")
@@ -109,6 +130,9 @@ def test_compiled_ops_reject_bad_arguments():
     R, Ga, Gb = normalize_inputs((2, 3), torch.float32)
     with pytest.raises(RuntimeError, match="differ in shape"):
         custom.sectional_normalize(R, Ga[:1], Gb)
+    Rs, Gs, half, _ = stacked_inputs((2, 3, 4), torch.float32)
+    with pytest.raises(RuntimeError, match="2 \\* half"):
+        custom.sectional_normalize_stacked(Rs, Gs, half + 1)
 
 
 @pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
@@ -116,6 +140,7 @@ def test_compiled_ops_reject_bad_arguments():
 def test_opcheck(shape):
     torch.library.opcheck(torch.ops.rsp_fast.purge.default, purge_inputs(shape, torch.float64))
     torch.library.opcheck(torch.ops.rsp_fast.sectional_normalize.default, normalize_inputs(shape, torch.float64))
+    torch.library.opcheck(torch.ops.rsp_fast.sectional_normalize_stacked.default, stacked_inputs(shape, torch.float64)[:3])
 
 
 @pytest.mark.cuda

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 namespace rsp_fast {
@@ -54,7 +55,47 @@ void normalize_span(scalar_t* __restrict__ sp, scalar_t* __restrict__ sn, const 
   }
 }
 
+// One row of the stacked layout: out = sign * Rs / Gs where Rs != 0 and Gs != 0, else 0.
+template <typename scalar_t>
+void normalize_stacked_span(scalar_t* __restrict__ out, const scalar_t* __restrict__ rs, const scalar_t* __restrict__ gs,
+                            scalar_t sign, int64_t n) {
+  const scalar_t zero(0), one(1);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t ri = rs[i], gi = gs[i];
+    const scalar_t m = static_cast<scalar_t>((ri != zero) & (gi != zero));
+    out[i] = sign * m * (ri / (gi * m + (one - m)));
+  }
+}
+
 }  // namespace
+
+// The stacked form [S+; -S-] that the back-projection reads, written in place of the two
+// halves and the concatenation: Rs = [R+; R-] and Gs = [G+; G-] along dim -2 (2*half rows).
+at::Tensor sectional_normalize_stacked_cpu(const at::Tensor& Rs_in, const at::Tensor& Gs_in, int64_t half) {
+  TORCH_CHECK(Rs_in.sizes() == Gs_in.sizes(), "sectional_normalize_stacked: Rs ", Rs_in.sizes(), " and Gs ",
+              Gs_in.sizes(), " differ in shape");
+  TORCH_CHECK(Rs_in.scalar_type() == Gs_in.scalar_type(), "sectional_normalize_stacked: Rs and Gs must share one dtype");
+  TORCH_CHECK(Rs_in.dim() >= 2 && half >= 0 && Rs_in.size(-2) == 2 * half, "sectional_normalize_stacked: dim -2 of ",
+              Rs_in.sizes(), " must be 2 * half = ", 2 * half);
+  const at::Tensor Rs = Rs_in.contiguous(), Gs = Gs_in.contiguous();
+  at::Tensor out = at::empty_like(Rs, at::MemoryFormat::Contiguous);
+  const int64_t len = Rs.size(-1), rows = len == 0 ? 0 : Rs.numel() / len, per_block = 2 * half;
+  if (rows == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(Rs.scalar_type(), "sectional_normalize_stacked_cpu", [&] {
+    const scalar_t* rs = Rs.const_data_ptr<scalar_t>();
+    const scalar_t* gs = Gs.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / len);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t sign = (row % per_block) < half ? scalar_t(1) : scalar_t(-1);
+        normalize_stacked_span(o + row * len, rs + row * len, gs + row * len, sign, len);
+      }
+    });
+  });
+  return out;
+}
 
 std::tuple<at::Tensor, at::Tensor> sectional_normalize_cpu(const at::Tensor& R_in, const at::Tensor& Ga_in, const at::Tensor& Gb_in) {
   TORCH_CHECK(R_in.sizes() == Ga_in.sizes() && R_in.sizes() == Gb_in.sizes(), "sectional_normalize: R ", R_in.sizes(), ", Ga ",
@@ -93,6 +134,9 @@ std::tuple<at::Tensor, at::Tensor> sectional_normalize_cpu(const at::Tensor& R_i
   return std::make_tuple(S_pos, S_neg);
 }
 
-TORCH_LIBRARY_IMPL(rsp_fast, CPU, m) { m.impl("sectional_normalize", &sectional_normalize_cpu); }
+TORCH_LIBRARY_IMPL(rsp_fast, CPU, m) {
+  m.impl("sectional_normalize", &sectional_normalize_cpu);
+  m.impl("sectional_normalize_stacked", &sectional_normalize_stacked_cpu);
+}
 
 }  // namespace rsp_fast

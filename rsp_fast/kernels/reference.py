@@ -40,12 +40,19 @@ def sectional_normalize_reference(
     return safe_div(Rp, Ga * (Rp != 0)), safe_div(Rn, Gb * (Rn != 0))
 
 
+def sectional_normalize_stacked_reference(Rs: torch.Tensor, Gs: torch.Tensor, half: int) -> torch.Tensor:
+    """The sectional normalisation on the stacked layout: Rs = [R⁺; R⁻] and Gs = [G⁺; G⁻]
+    (rows [0, half) and [half, 2·half) of dim −2) give [S⁺; −S⁻], the operand of the single
+    back-projection, zero where R or G is zero."""
+    S = safe_div(Rs, Gs * (Rs != 0))
+    S.narrow(-2, half, half).neg_()
+    return S
+
+
 def sectional_matmul_reference(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, half: int) -> torch.Tensor:
-    """Stacked responses G = A·B and their sectional normalisation in one step:
-    S = [R⁺/G⁺; −R⁻/G⁻] (zero where R or G is zero) for Rs = [R⁺; R⁻] (rows [0, half) and
-    [half, 2·half)). The Triton kernel fuses the division into the product's epilogue."""
-    S = safe_div(Rs, (A @ B) * (Rs != 0))
-    return torch.cat([S[..., :half, :], -S[..., half:, :]], dim=-2)
+    """Stacked responses G = A·B and their stacked sectional normalisation in one step.
+    The Triton kernel fuses the division into the product's epilogue."""
+    return sectional_normalize_stacked_reference(Rs, A @ B, half)
 
 
 def per_sample_sum(t: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,11 @@ def sectional_normalize(R: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor) -> 
     return torch.ops.rsp_fast.sectional_normalize.default(R, Ga, Gb)
 
 
+def sectional_normalize_stacked(Rs: torch.Tensor, Gs: torch.Tensor, half: int) -> torch.Tensor:
+    """[S⁺; −S⁻] from Rs = [R⁺; R⁻] and Gs = [G⁺; G⁻] stacked along dim −2, one pass."""
+    return torch.ops.rsp_fast.sectional_normalize_stacked.default(Rs, Gs, half)
+
+
 def purge(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """R_in = D − [D≠0]·total/#{D≠0} per sample, D = 2·x̂⊙dx (see kernels.reference.purge_reference)."""
     return torch.ops.rsp_fast.purge.default(dx, x_pos, total)
@@ -39,6 +44,15 @@ if _has_op("sectional_normalize"):
     def _sectional_normalize_fake(R, Ga, Gb):
         torch._check(R.shape == Ga.shape and R.shape == Gb.shape, lambda: "sectional_normalize: shapes differ")
         return torch.empty_like(R, memory_format=torch.contiguous_format), torch.empty_like(R, memory_format=torch.contiguous_format)
+
+
+if _has_op("sectional_normalize_stacked"):
+
+    @torch.library.register_fake("rsp_fast::sectional_normalize_stacked")
+    def _sectional_normalize_stacked_fake(Rs, Gs, half):
+        torch._check(Rs.shape == Gs.shape, lambda: "sectional_normalize_stacked: shapes differ")
+        torch._check(Rs.dim() >= 2 and Rs.shape[-2] == 2 * half, lambda: "sectional_normalize_stacked: dim -2 != 2*half")
+        return torch.empty_like(Rs, memory_format=torch.contiguous_format)
 
 
 if _has_op("purge"):

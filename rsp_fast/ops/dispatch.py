@@ -3,7 +3,8 @@ or the environment variable ``RSP_FAST_BACKEND``.
 
 ``auto`` picks the fastest kernel set available for the tensor's device and falls back
 quietly to the PyTorch reference; an explicit backend that cannot run raises an error that
-says why. Each kernel set provides ``sectional_normalize``, ``purge`` and ``combine``; a set
+says why. Each kernel set provides ``sectional_normalize`` (and its stacked form), ``purge``
+and ``combine``; a set
 without its own version of an op uses the reference one.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ NAMES = ("auto", "torch", "cpp", "cuda", "triton")
 class KernelSet:
     name: str
     sectional_normalize: Callable = reference.sectional_normalize_reference
+    sectional_normalize_stacked: Callable = reference.sectional_normalize_stacked_reference
     purge: Callable = reference.purge_reference
     combine: Callable = reference.combine_reference
     sectional_matmul: Callable | None = None  # fused product + normalisation; None: product, then sectional_normalize
@@ -55,7 +57,8 @@ def _triton_purge(dx, x_pos, total):
 
 
 TORCH = KernelSet("torch")
-COMPILED = KernelSet("cpp", sectional_normalize=custom.sectional_normalize, purge=custom.purge, dtypes=FLOAT)
+COMPILED = KernelSet("cpp", sectional_normalize=custom.sectional_normalize, purge=custom.purge,
+                     sectional_normalize_stacked=custom.sectional_normalize_stacked, dtypes=FLOAT)
 COMPILED_CUDA = KernelSet("cuda", sectional_normalize=custom.sectional_normalize, purge=custom.purge, dtypes=FLOAT_AND_HALF)
 TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, purge=_triton_purge,
                    sectional_matmul=_triton_sectional_matmul, dtypes=FLOAT_AND_HALF)

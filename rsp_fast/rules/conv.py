@@ -121,7 +121,7 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False) -> str:
     return "filter" if dense_pointwise else "conv"
 
 
-def _grouped_conv_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, out_hw, normalize, low):
+def _grouped_conv_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, out_hw, normalize, normalize_stacked, low):
     """The filter path on PyTorch's convolution kernels, samples folded into groups (so each
     sample gets its own sectional filters): weight gradient -> F±, convolution -> G±,
     input gradient -> back-projection. Returns it at the padded input, N×C×Hp×Wp."""
@@ -129,7 +129,7 @@ def _grouped_conv_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, 
     groups = N * g.groups
     dtype = xp.dtype
     x_img = low(xp).reshape(1, N * C, Hp, Wp)
-    Rs = low(Rs)
+    Rs_low = low(Rs)
     Og = Rs.shape[2] // 2
     common = dict(bias_sizes=None, stride=list(g.stride), padding=[0, 0], dilation=list(g.dilation),
                   transposed=False, output_padding=[0, 0], groups=groups)
@@ -150,15 +150,13 @@ def _grouped_conv_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, 
     if C == g.groups:
         # Depthwise: one section at a time keeps oneDNN's depthwise kernels (a channel
         # multiplier of 2 falls off them: 3× slower here).
-        Rp, Rn = Rs[:, :, :Og], Rs[:, :, Og:]
+        Rp, Rn = Rs_low[:, :, :Og], Rs_low[:, :, Og:]
         Fp, Fn = filters(Rp), filters(Rn)
         Sp, Sn = normalize(responses(Fp, Rp), responses(Fn, Rn))
         dx = back(Sp, Fp) - back(Sn, Fn)
     else:
-        Fs = filters(Rs)  # both sections in each product: [R⁺; R⁻]
-        Gs = responses(Fs, Rs)
-        Sp, Sn = normalize(Gs[:, :, :Og], Gs[:, :, Og:])
-        dx = back(torch.cat([Sp, -Sn], dim=2), Fs)
+        Fs = filters(Rs_low)  # both sections in each product: [R⁺; R⁻]
+        dx = back(normalize_stacked(responses(Fs, Rs)), Fs)
     return dx.reshape(N, C, Hp, Wp)
 
 
@@ -181,27 +179,31 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         seen.append((Ga, Gb))
         return ctx.ops.sectional_normalize(Rg, Ga, Gb)
 
+    def normalize_stacked(Gs: torch.Tensor) -> torch.Tensor:  # [S⁺; −S⁻] for stacked responses
+        if ctx.tracking:  # the dropped-relevance accounting reads Ga and Gb
+            Sp, Sn = normalize(Gs[:, :, :Og], Gs[:, :, Og:])
+            return torch.cat([Sp, -Sn], dim=2)
+        return ctx.ops.sectional_normalize_stacked(Rs, Gs, Og)
+
     if path == "conv":
-        dx = _crop(_grouped_conv_products(xp, Rs, g, R.shape[-2:], normalize, ctx.low), g)
+        dx = _crop(_grouped_conv_products(xp, Rs, g, R.shape[-2:], normalize, normalize_stacked, ctx.low), g)
     else:
         if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
             cols = ctx.low(xp).reshape(N, G, C // G, L)
         else:
             cols = F.unfold(ctx.low(xp), g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
-        Rs = ctx.low(Rs)
+        Rs_low = ctx.low(Rs)
 
         def normalized_responses(A, B):  # [S⁺; −S⁻] for the stacked responses A·B
             if ctx.ops.sectional_matmul is not None and not ctx.tracking:
-                return ctx.ops.sectional_matmul(A, B, Rs, Og)  # fused: the responses never reach memory
-            Gs = (A @ B).to(x.dtype)
-            Sp, Sn = normalize(Gs[:, :, :Og], Gs[:, :, Og:])
-            return ctx.low(torch.cat([Sp, -Sn], dim=2))
+                return ctx.ops.sectional_matmul(A, B, Rs_low, Og)  # fused: the responses never reach memory
+            return ctx.low(normalize_stacked((A @ B).to(x.dtype)))
 
         if path == "gram":
             K = cols.transpose(-1, -2) @ cols  # N, G, L, L
-            dcols = cols @ (Rs.transpose(-1, -2) @ normalized_responses(Rs, K))
+            dcols = cols @ (Rs_low.transpose(-1, -2) @ normalized_responses(Rs_low, K))
         else:
-            Fs = Rs @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
+            Fs = Rs_low @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
             dcols = Fs.transpose(-1, -2) @ normalized_responses(Fs, cols)
         dcols = dcols.to(x.dtype)
         if dense_pointwise:
