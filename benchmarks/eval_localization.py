@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import rsp_fast
+
 sys.path.insert(0, str(Path(__file__).parent))
 from localization import metrics  # noqa: E402
 from localization.data import Canvases, make_canvases  # noqa: E402
@@ -204,7 +206,7 @@ def evaluate_photos(methods: list[str], cfg: dict, seed: int, log) -> dict:
     names, x = photo_inputs(cfg["photos"], spec.input_size, spec.mean, spec.std)
     with torch.no_grad():
         target = model(x).argmax(1)
-    layer = rsp_fast_layer(model)
+    layer = rsp_fast.RSP(model).layer  # the same saliency layer for Grad-CAM and RSP
     score = softmax_score(model)
     deletion_base = torch.zeros_like(x)  # the mean colour after normalisation
     insertion_base = TF.gaussian_blur(x, kernel_size=51, sigma=12.0)  # RISE: start from a blurred photo
@@ -225,12 +227,6 @@ def evaluate_photos(methods: list[str], cfg: dict, seed: int, log) -> dict:
         log(f"  photos / {label}: deletion {out['methods'][key]['deletion_auc']:.3f}, "
             f"insertion {out['methods'][key]['insertion_auc']:.3f} ({time.perf_counter() - t0:.0f} s)")
     return out
-
-
-def rsp_fast_layer(model) -> str:
-    import rsp_fast
-
-    return rsp_fast.RSP(model).layer
 
 
 def figure(path: Path, data: Canvases, examples: dict[str, torch.Tensor], rows: list[tuple[int, int]]) -> None:
