@@ -68,6 +68,26 @@ def peak_memory_mb(fn, x, target, device) -> float:
     return _rss_mb("VmHWM") - base
 
 
+def activation_mb(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Memory of the forward pass's activations: every leaf module's output, each storage once
+    (an in-place ReLU's output is its input's storage)."""
+    kept: list[torch.Tensor] = []  # alive until counted, so that no address is reused
+
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor):
+            kept.append(out)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    return sum(storages.values()) / 2**20
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["vgg16", "resnet50", "efficientnet_lite0"])
@@ -103,6 +123,9 @@ def main(argv=None) -> int:
             x = torch.randn(batch, 3, size, size, generator=g).to(device)
             target = model(x).argmax(1).detach()
             fwd = None
+            if args.memory:
+                acts = activation_mb(model, x)
+                table.append([model_name, batch, "(forward activations)", "", "", "", f"{acts:.0f}"])
             for name, make in methods.items():
                 if name == "authors' RSP" and (model_name != "vgg16" or batch != 1):
                     continue  # their code is only right at batch 1, and only runs VGG
@@ -123,7 +146,8 @@ def main(argv=None) -> int:
                        "sec_per_image_max": t["max"] / batch, "x_forward": t["median"] / fwd, "peak_mem_mb": mem}
                 rows.append(row)
                 table.append([model_name, batch, name, f"{row['sec_per_image_median']:.4f}", f"{batch / t['median']:.2f}",
-                              f"{row['x_forward']:.1f}×", f"{mem:.0f}" if mem is not None else ""])
+                              f"{row['x_forward']:.1f}×",
+                              f"{mem:.0f} ({mem / acts:.2f}× activations)" if mem is not None else ""])
                 print(f"  {model_name} batch {batch} {name}: {row['sec_per_image_median']:.4f} s/img", file=sys.stderr, flush=True)
     print(f"Seconds per image, {describe(device)}, {size}×{size}, random weights, median of {repeats}")
     print(markdown_table(["model", "batch", "method", "s/img", "img/s", "× forward", "peak MB"], table))

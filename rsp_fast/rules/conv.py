@@ -121,43 +121,51 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False) -> str:
     return "filter" if dense_pointwise else "conv"
 
 
-def _grouped_conv_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, out_hw, normalize, normalize_stacked, low):
-    """The filter path on PyTorch's convolution kernels, samples folded into groups (so each
-    sample gets its own sectional filters): weight gradient -> F±, convolution -> G±,
-    input gradient -> back-projection. Returns it at the padded input, N×C×Hp×Wp."""
+def _conv_kernel_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, out_hw, normalize, normalize_stacked, low):
+    """The filter path on PyTorch's convolution kernels, each sample with its own sectional
+    filters: weight gradient -> F±, convolution -> G±, input gradient -> back-projection.
+    Dense layers run one sample at a time: as fast as one call with the samples folded into
+    groups, but the filters and responses held at once are one sample's, not the batch's.
+    Depthwise layers fold the samples into the groups they have anyway. Returns the
+    back-projection at the padded input, N×C×Hp×Wp."""
     N, C, Hp, Wp = xp.shape
-    groups = N * g.groups
     dtype = xp.dtype
-    x_img = low(xp).reshape(1, N * C, Hp, Wp)
-    Rs_low = low(Rs)
+    x_low = low(xp)
     Og = Rs.shape[2] // 2
-    common = dict(bias_sizes=None, stride=list(g.stride), padding=[0, 0], dilation=list(g.dilation),
-                  transposed=False, output_padding=[0, 0], groups=groups)
 
-    def filters(R):  # per-sample, per-group sectional filters: the conv's weight gradient
-        R_img = R.reshape(1, -1, *out_hw)
-        shape = [R_img.shape[1], C // g.groups, *g.kernel]
-        return torch.ops.aten.convolution_backward(R_img, x_img, x_img.new_empty(1).expand(shape),
-                                                   output_mask=[False, True, False], **common)[1]
+    def products(x_img: torch.Tensor, groups: int):
+        common = dict(bias_sizes=None, stride=list(g.stride), padding=[0, 0], dilation=list(g.dilation),
+                      transposed=False, output_padding=[0, 0], groups=groups)
 
-    def responses(Fw, like):  # normalised in the input's precision
-        return F.conv2d(x_img, Fw, stride=g.stride, dilation=g.dilation, groups=groups).reshape(like.shape).to(dtype)
+        def filters(R):  # sectional filters per sample and group: the conv's weight gradient
+            R_img = R.reshape(1, -1, *out_hw)
+            shape = [R_img.shape[1], C // g.groups, *g.kernel]
+            return torch.ops.aten.convolution_backward(R_img, x_img, x_img.new_empty(1).expand(shape),
+                                                       output_mask=[False, True, False], **common)[1]
 
-    def back(S, Fw):
-        return torch.ops.aten.convolution_backward(low(S).reshape(1, -1, *out_hw), x_img, Fw,
-                                                   output_mask=[True, False, False], **common)[0].to(dtype)
+        def responses(Fw, like):  # normalised in the input's precision
+            return F.conv2d(x_img, Fw, stride=g.stride, dilation=g.dilation, groups=groups).reshape(like.shape).to(dtype)
+
+        def back(S, Fw):
+            return torch.ops.aten.convolution_backward(low(S).reshape(1, -1, *out_hw), x_img, Fw,
+                                                       output_mask=[True, False, False], **common)[0].to(dtype)
+        return filters, responses, back
 
     if C == g.groups:
         # Depthwise: one section at a time keeps oneDNN's depthwise kernels (a channel
         # multiplier of 2 falls off them: 3× slower here).
+        filters, responses, back = products(x_low.reshape(1, N * C, Hp, Wp), N * g.groups)
+        Rs_low = low(Rs)
         Rp, Rn = Rs_low[:, :, :Og], Rs_low[:, :, Og:]
         Fp, Fn = filters(Rp), filters(Rn)
         Sp, Sn = normalize(responses(Fp, Rp), responses(Fn, Rn))
-        dx = back(Sp, Fp) - back(Sn, Fn)
-    else:
-        Fs = filters(Rs_low)  # both sections in each product: [R⁺; R⁻]
-        dx = back(normalize_stacked(responses(Fs, Rs)), Fs)
-    return dx.reshape(N, C, Hp, Wp)
+        return (back(Sp, Fp) - back(Sn, Fn)).reshape(N, C, Hp, Wp)
+    dx = xp.new_empty(N, C, Hp, Wp)
+    for i in range(N):  # both sections in each product: [R⁺; R⁻]
+        filters, responses, back = products(x_low[i:i + 1], g.groups)
+        Fs = filters(low(Rs[i:i + 1]))
+        dx[i:i + 1] = back(normalize_stacked(responses(Fs, Rs[i:i + 1]), slice(i, i + 1)), Fs)
+    return dx
 
 
 def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None = None) -> torch.Tensor:
@@ -179,14 +187,14 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         seen.append((Ga, Gb))
         return ctx.ops.sectional_normalize(Rg, Ga, Gb)
 
-    def normalize_stacked(Gs: torch.Tensor) -> torch.Tensor:  # [S⁺; −S⁻] for stacked responses
+    def normalize_stacked(Gs: torch.Tensor, samples: slice = slice(None)) -> torch.Tensor:
+        """[S⁺; −S⁻] for the stacked responses of ``samples``."""
         if ctx.tracking:  # the dropped-relevance accounting reads Ga and Gb
-            Sp, Sn = normalize(Gs[:, :, :Og], Gs[:, :, Og:])
-            return torch.cat([Sp, -Sn], dim=2)
-        return ctx.ops.sectional_normalize_stacked(Rs, Gs, Og)
+            seen.append((Gs[:, :, :Og], Gs[:, :, Og:]))
+        return ctx.ops.sectional_normalize_stacked(Rs[samples], Gs, Og)
 
     if path == "conv":
-        dx = _crop(_grouped_conv_products(xp, Rs, g, R.shape[-2:], normalize, normalize_stacked, ctx.low), g)
+        dx = _crop(_conv_kernel_products(xp, Rs, g, R.shape[-2:], normalize, normalize_stacked, ctx.low), g)
     else:
         if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
             cols = ctx.low(xp).reshape(N, G, C // G, L)
@@ -210,7 +218,8 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
             dx = dcols.reshape(N, C, Hp, Wp)
         else:
             dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g)
-    Ga, Gb = seen[0] if seen else (None, None)  # only read when tracking, which never fuses
+    # only read when tracking, which never fuses; one piece per sample on the conv path
+    Ga, Gb = (torch.cat(pieces) for pieces in zip(*seen)) if seen else (None, None)
     if g.is_pointwise:
         if ctx.tracking:
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))
