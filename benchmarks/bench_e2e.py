@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
+import math
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import peers  # noqa: E402
 from utils import describe, markdown_table, time_call  # noqa: E402
 
 import rsp_fast  # noqa: E402
-from rsp_fast.memory import keep_freed_memory  # noqa: E402
+from rsp_fast.memory import keep_freed_memory, return_freed_memory  # noqa: E402
 
 LAYERS = {"vgg16": "features.29", "resnet50": "layer4", "efficientnet_lite0": "bn2"}
 
@@ -103,7 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--png")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if not args.memory:
+    if args.memory:
+        return_freed_memory()  # the resident set then follows live memory: its high-water mark is the peak
+    else:
         keep_freed_memory()  # as the CLI does (RSS high-water marks would then mean nothing)
     size, repeats = (64, 1) if args.quick else (args.size, args.repeats)
     batches = args.batches or ([1, 2] if args.quick else ([1, 8, 32, 64, 128] if device.type == "cuda" else [1, 8, 32]))
@@ -151,8 +152,9 @@ def main(argv=None) -> int:
                 print(f"  {model_name} batch {batch} {name}: {row['sec_per_image_median']:.4f} s/img", file=sys.stderr, flush=True)
     print(f"Seconds per image, {describe(device)}, {size}×{size}, random weights, median of {repeats}")
     print(markdown_table(["model", "batch", "method", "s/img", "img/s", "× forward", "peak MB"], table))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.json:  # NaN (times not taken in a memory run) is not JSON: null
+        clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+        Path(args.json).write_text(json.dumps(clean, indent=2))
     if args.png:
         bar_chart(rows, args.png)
     return 0

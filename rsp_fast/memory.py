@@ -1,4 +1,4 @@
-"""Keep freed memory for reuse (CPU).
+"""Keep freed memory for reuse (CPU), or return it at once (to measure peaks).
 
 RSP allocates large temporaries (unfolded patches, responses) on every call. glibc serves
 blocks above 32 MB with fresh ``mmap`` pages and returns them on free, so every call pays
@@ -11,23 +11,31 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _done = False
 
 
-def keep_freed_memory(top_pad_mb: int = 1024) -> bool:
-    """Make glibc's malloc keep and reuse freed memory; True if it took effect (glibc only)."""
-    global _done
-    if _done:
-        return True
+def _mallopt(*settings: tuple[int, int]) -> bool:
     name = ctypes.util.find_library("c")
     if not name:
         return False
     try:
         libc = ctypes.CDLL(name)
-        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)  # -1: never trim
-        ok = ok and libc.mallopt(_M_TOP_PAD, top_pad_mb << 20)
+        return all(libc.mallopt(param, value) for param, value in settings)
     except (OSError, AttributeError):  # not glibc
         return False
-    _done = bool(ok)
+
+
+def keep_freed_memory(top_pad_mb: int = 1024) -> bool:
+    """Make glibc's malloc keep and reuse freed memory; True if it took effect (glibc only)."""
+    global _done
+    if not _done:  # -1: never trim
+        _done = _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, top_pad_mb << 20))
     return _done
+
+
+def return_freed_memory(threshold_kb: int = 128) -> bool:
+    """The opposite, for measuring: blocks from ``threshold_kb`` up get their own pages, returned
+    to the system when freed (a fixed threshold also stops glibc from raising it to 32 MB as it
+    goes), so the resident set follows live memory and its high-water mark is the real peak."""
+    return _mallopt((_M_MMAP_THRESHOLD, threshold_kb << 10), (_M_TRIM_THRESHOLD, threshold_kb << 10))

@@ -51,3 +51,16 @@ def test_cost_model_counts_vgg16():
     assert layers["features.0"]["path"] == "z^B"
     assert sum(r["forward_macs"] for r in report["layers"]) == 15346630656  # VGG16's 13 convs at 224²
     assert 4 < report["totals"]["rsp_over_forward_macs"] < 6
+
+
+def test_activation_memory_counts_each_storage_once():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from bench_e2e import activation_mb
+
+    x = torch.rand(1, 1, 4, 4)
+    conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+    in_place = torch.nn.Sequential(conv, torch.nn.ReLU(inplace=True))
+    out_of_place = torch.nn.Sequential(conv, torch.nn.ReLU())
+    assert activation_mb(in_place, x) * 2**20 == 2 * 16 * 4  # the ReLU's output is the conv's storage
+    assert activation_mb(out_of_place, x) * 2**20 == 2 * 2 * 16 * 4
