@@ -24,6 +24,8 @@ CONV_CASES = [  # C, O, k, stride, padding, dilation, groups, H, W
     (4, 6, 3, 2, 1, 1, 2, 13, 13),
     (6, 6, 3, 1, 1, 1, 6, 7, 9),  # depthwise
     (6, 6, 5, 2, 2, 1, 6, 9, 7),  # depthwise, stride 2
+    (4, 8, 3, 2, 2, 2, 4, 11, 9),  # depthwise, channel multiplier 2, stride 2, dilation 2
+    (5, 5, 5, 3, 1, 1, 5, 13, 10),  # depthwise 5×5, stride 3 (the last rows not covered)
     (5, 7, 1, 1, 0, 1, 1, 7, 9),  # pointwise: no purge
     (4, 4, 3, 1, 2, 2, 1, 9, 9),  # dilation
     (3, 4, 2, 2, 0, 1, 1, 8, 9),  # even kernel, uncovered last column
