@@ -321,8 +321,7 @@ def main(argv=None) -> int:
         rows.append(row)
     info = (f"{args.model}-style model on {len(data)} canvases of {cfg['size']}² (seed {args.seed}; label accuracy "
             f"{accuracy['label_accuracy']:.3f}); {describe('cpu')}; {time.strftime('%Y-%m-%d')}; "
-            f"`python benchmarks/eval_localization.py --model {args.model}{' --quick' if args.quick else ''}"
-            f"{f' --seed {args.seed}' if args.seed else ''}`")
+            f"`python benchmarks/eval_localization.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
     table = markdown_table(headers, rows)
     print(table)
     print(f"\n{info}")
