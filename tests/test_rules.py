@@ -224,3 +224,11 @@ def test_gradcam_maps_without_channel_sum():
     for n in range(2):
         raw = A[n] * grads[0, n].mean((1, 2), keepdim=True)
         assert rel_err(cams[0, n], raw / (raw.max() + 1e-9)) < 1e-12
+
+
+@pytest.mark.parametrize("shape, block", [((2, 1, 5, 10), 3), ((3, 2, 7, 13), 4), ((1, 1, 4, 6), 4), ((2, 3, 9, 600), 256)])
+def test_patch_gram_equals_the_full_product(shape, block):
+    from rsp_fast.rules.conv import patch_gram
+
+    cols = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(patch_gram(cols, block=block), cols.transpose(-1, -2) @ cols, rtol=1e-12, atol=1e-12)
