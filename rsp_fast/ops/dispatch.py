@@ -4,8 +4,7 @@ or the environment variable ``RSP_FAST_BACKEND``.
 ``auto`` picks the fastest kernel set available for the tensor's device and falls back
 quietly to the PyTorch reference; an explicit backend that cannot run raises an error that
 says why. Each kernel set provides ``sectional_normalize`` (and its stacked form), ``purge``
-and ``combine``; a set
-without its own version of an op uses the reference one.
+and ``combine``; a set without its own version of an op uses the reference one.
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ class KernelSet:
     sectional_normalize_stacked: Callable = reference.sectional_normalize_stacked_reference
     purge: Callable = reference.purge_reference
     combine: Callable = reference.combine_reference
-    sectional_matmul: Callable | None = None  # fused product + normalisation; None: product, then sectional_normalize
+    sectional_matmul: Callable | None = None  # fused product + normalisation; None: product, then the stacked op
     dtypes: frozenset | None = None  # the dtypes its kernels handle; None: any
 
 

@@ -132,13 +132,13 @@ def patch_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
     edges = [round(i * L / parts) for i in range(parts + 1)]
     K = cols.new_empty(*cols.shape[:-2], L, L)
     for i in range(parts):
-        rows = slice(edges[i], edges[i + 1])
-        left = cols[..., rows].transpose(-1, -2)
+        span_i = slice(edges[i], edges[i + 1])
+        left = cols[..., span_i].transpose(-1, -2)
         for j in range(i, parts):
-            cols_j = slice(edges[j], edges[j + 1])
-            K[..., rows, cols_j] = left @ cols[..., cols_j]
+            span_j = slice(edges[j], edges[j + 1])
+            K[..., span_i, span_j] = left @ cols[..., span_j]
             if j > i:
-                K[..., cols_j, rows] = K[..., rows, cols_j].transpose(-1, -2)
+                K[..., span_j, span_i] = K[..., span_i, span_j].transpose(-1, -2)
     return K
 
 
