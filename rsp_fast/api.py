@@ -79,39 +79,57 @@ class RSP:
         output and the relevance dropped at positions with no support (so that
         ΣR_input = ΣR₀ − dropped per sample, RSP_SPEC.md §3)."""
         self._check_inputs(inputs)
-        if self.precision == "tf32" and inputs.device.type != "cuda":
-            raise RSPError("precision='tf32' uses CUDA tensor cores: give CUDA tensors, or use 'fp32' or 'bf16'")
+        return self._explain_checked(inputs, target, hostile, record)
+
+    def _explain_checked(self, inputs: torch.Tensor, target, hostile, record: bool = False,
+                         trusted_target: bool = False) -> Explanation:
+        """One pass on checked inputs. With ``hostile=None`` and either no target or a target
+        tensor already checked (``trusted_target``) it never waits for the device, so a CUDA
+        graph can capture it."""
         ops = select_kernels(self.backend, inputs.device, inputs.dtype)
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
-        try:
-            try:
-                logits, A, saved, shapes = record_forward(self.model, self.plan, inputs)
-            except RSPError:
-                raise
-            except Exception as exc:
-                raise RSPError(f"the model's forward failed on inputs of shape {tuple(inputs.shape)}: {exc}") from None
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-                raise RSPError("the model must return logits of shape (N, classes)")
-            tgt = _targets(target, logits)
-            init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
-            if hst.shape[1] == 0:
-                init = "gradcam"  # comparative needs at least one hostile class (RSP_SPEC.md §1)
-            R0, cams = initial_relevance(logits, A, tgt, hst, init)
-            steps: dict[str, torch.Tensor] = {}
-            on_step = (lambda step, outs: steps.__setitem__(_step_name(step), outs[0])) if record else None
-            dropped = R0.new_zeros(R0.shape[0]) if record else None
-            with _tf32(self.precision == "tf32"):
-                R = propagate(self.plan, R0.detach(), saved, shapes, ops, on_step, dropped,
-                              torch.bfloat16 if self.precision == "bf16" else None)
+        try:  # the forward too runs in the chosen precision: its activations feed R₀ and every rule
+            with _matmul_precision(self.precision, inputs.device):
+                return self._pass(inputs, target, hostile, ops, record, trusted_target)
         finally:
             for m, mode in modes:
                 m.training = mode
+
+    def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool) -> Explanation:
+        try:
+            logits, A, saved, shapes = record_forward(self.model, self.plan, inputs)
+        except RSPError:
+            raise
+        except Exception as exc:
+            raise RSPError(f"the model's forward failed on inputs of shape {tuple(inputs.shape)}: {exc}") from None
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise RSPError("the model must return logits of shape (N, classes)")
+        tgt = target if trusted_target else _targets(target, logits)
+        init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
+        if hst.shape[1] == 0:
+            init = "gradcam"  # comparative needs at least one hostile class (RSP_SPEC.md §1)
+        R0, cams = initial_relevance(logits, A, tgt, hst, init)
+        steps: dict[str, torch.Tensor] = {}
+        on_step = (lambda step, outs: steps.__setitem__(_step_name(step), outs[0])) if record else None
+        dropped = R0.new_zeros(R0.shape[0]) if record else None
+        R = propagate(self.plan, R0.detach(), saved, shapes, ops, on_step, dropped,
+                      torch.bfloat16 if self.precision == "bf16" else None)
         return Explanation(R, R0.detach(), logits.detach(), tgt, hst, cams.detach(), self.layer, steps, dropped)
+
+    def static(self, example: torch.Tensor) -> "StaticRSP":
+        """A fast path for a fixed input shape (video frames): on CUDA the whole pass is
+        captured once as a CUDA graph and replayed per call; elsewhere it runs eagerly.
+        See ``rsp_fast.static.StaticRSP``."""
+        from .static import StaticRSP
+
+        return StaticRSP(self, example)
 
     def _check_inputs(self, x) -> None:
         if not isinstance(x, torch.Tensor):
             raise RSPError(f"inputs must be a torch.Tensor, not {type(x).__name__}")
+        if self.precision == "tf32" and x.device.type != "cuda":
+            raise RSPError("precision='tf32' uses CUDA tensor cores: give CUDA tensors, or use 'fp32' or 'bf16'")
         if not x.is_floating_point():
             raise RSPError(f"inputs must be a floating-point tensor, not {x.dtype}")
         rank = self.plan.input_rank
@@ -130,13 +148,14 @@ class RSP:
 
 
 @contextlib.contextmanager
-def _tf32(enabled: bool):
-    """TF32 for CUDA matmuls and convolutions inside the block, the user's settings restored."""
-    if not enabled:
+def _matmul_precision(precision: str, device: torch.device):
+    """On CUDA, TF32 tensor cores for the products exactly when ``precision == "tf32"``
+    (PyTorch lets cuDNN use TF32 by default: "fp32" means float32), the user's settings restored."""
+    if device.type != "cuda":
         yield
         return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
         yield
     finally:

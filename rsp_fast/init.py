@@ -20,7 +20,8 @@ def class_gradients(logits: torch.Tensor, A: torch.Tensor, classes: torch.Tensor
     onehot = torch.zeros((M,) + logits.shape, dtype=logits.dtype, device=logits.device)
     onehot.scatter_(2, classes.T.unsqueeze(-1), 1.0)
     try:
-        (grads,) = torch.autograd.grad(logits, A, onehot, is_grads_batched=True, retain_graph=False)
+        # the graph is kept in case the batched attempt fails midway and the fallback needs it
+        (grads,) = torch.autograd.grad(logits, A, onehot, is_grads_batched=True, retain_graph=True)
     except RuntimeError:  # an op of the head without a vmap rule: one backward per class instead
         grads = torch.stack([torch.autograd.grad(logits, A, onehot[m], retain_graph=m < M - 1)[0] for m in range(M)])
     return grads

@@ -7,7 +7,7 @@ from torch import nn
 import rsp_fast
 from rsp_fast.errors import BackendUnavailableError, RSPError, UnsupportedModelError
 from conftest import GOLDEN_FILES, load_golden, rel_err
-from models import golden_model
+from models import golden_model, tiny_cnn
 
 D = torch.float64
 
@@ -214,3 +214,19 @@ def test_package_works_without_the_compiled_extension():
 def test_non_relu_activations_are_refused_by_name(name, culprit):
     with pytest.raises(UnsupportedModelError, match=rf"features\.0\.2: {culprit}"):
         rsp_fast.RSP(getattr(torchvision.models, name)())
+
+
+def test_static_path_off_cuda_runs_the_eager_pass():
+    model = tiny_cnn()
+    explainer = rsp_fast.RSP(model)
+    x = torch.randn(3, 3, 32, 32)
+    static = explainer.static(x)
+    assert not static.uses_graphs
+    assert torch.equal(static(x), explainer.attribute(x))
+    assert torch.equal(static(x, target=2), explainer.attribute(x, target=2))
+    with pytest.raises(rsp_fast.RSPError, match=r"static RSP takes inputs of shape \(3, 3, 32, 32\)"):
+        static(torch.randn(2, 3, 32, 32))
+    with pytest.raises(rsp_fast.RSPError, match="static RSP takes inputs"):
+        static(x.double())
+    with pytest.raises(rsp_fast.RSPError, match="must be a torch.Tensor"):
+        explainer.static([1, 2])
