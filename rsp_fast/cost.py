@@ -16,7 +16,7 @@ from .rules.conv import Conv, choose_path, conv_geometry
 from .rules.linear import Linear
 
 
-def _conv_row(step: Conv, in_shape, out_shape, elem: int) -> dict:
+def _conv_row(step: Conv, in_shape, out_shape, elem: int, cuda: bool) -> dict:
     C, H, W = in_shape[1:]
     O, h, w = out_shape[1:]
     g = conv_geometry(step.module, (H, W))
@@ -29,7 +29,7 @@ def _conv_row(step: Conv, in_shape, out_shape, elem: int) -> dict:
         path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)
         moved = elem * (4 * C * H * W + 3 * O * L)
     else:
-        path = choose_path(ck, og, L, g.is_pointwise and g.stride == (1, 1) and not any(g.pad))
+        path = choose_path(ck, og, L, g.is_pointwise and g.stride == (1, 1) and not any(g.pad), cuda and C != G)
         macs = gram_macs if path == "gram" else filter_macs
         patches = 0 if path == "conv" else ck * G * L  # the (unfolded) input, read by every product
         moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))
@@ -63,8 +63,10 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
     rows = []
     for step in reversed(plan.steps):  # input to saliency layer
         if isinstance(step, (Conv, Linear)):
-            make = _conv_row if isinstance(step, Conv) else _linear_row
-            rows.append(make(step, shapes[step.inputs[0]], shapes[step.node], elem))
+            if isinstance(step, Conv):
+                rows.append(_conv_row(step, shapes[step.inputs[0]], shapes[step.node], elem, x.is_cuda))
+            else:
+                rows.append(_linear_row(step, shapes[step.inputs[0]], shapes[step.node], elem))
     totals = {k: sum(r[k] for r in rows) for k in ("forward_macs", "filter_macs", "rsp_macs", "bytes")}
     totals["rsp_over_forward_macs"] = totals["rsp_macs"] / max(totals["forward_macs"], 1)
     return {"layer": plan.layer_name, "layers": rows, "totals": totals}

@@ -1,14 +1,14 @@
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-# Without a GPU the Triton kernels are tested in the interpreter; it must be set before triton is imported.
-if subprocess.run(["nvidia-smi"], capture_output=True).returncode if os.path.exists("/usr/bin/nvidia-smi") else True:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Without a GPU the Triton kernels are tested in the interpreter; it must be set before triton is imported.
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py, tests/reference_rules.py
 

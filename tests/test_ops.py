@@ -160,20 +160,46 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.rsp_fast.sectional_normalize.default, normalize_inputs((3, 5, 7), torch.float32, "cuda"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(1, 1, 2, 5, 7), (2, 3, 6, 37, 45), (5, 1, 34, 9, 33)])  # batch dims, 2·half, K, N
-def test_sectional_matmul_triton(shape, dtype):
+MATMUL_SHAPES = [(1, 1, 2, 5, 7), (2, 3, 6, 37, 45), (5, 1, 34, 9, 33), (2, 1, 200, 70, 300)]  # batch dims, 2·half, K, N
+MATMUL_TOL = {torch.float64: TOL[torch.float64], torch.float32: dict(rtol=1e-4, atol=1e-4),
+              torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.float64),
+                                          pytest.param("cuda", torch.float32, marks=pytest.mark.cuda),
+                                          pytest.param("cuda", torch.float64, marks=pytest.mark.cuda),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("shape", MATMUL_SHAPES)
+def test_sectional_matmul_triton(shape, device, dtype):
     from rsp_fast.kernels.reference import sectional_matmul_reference
 
-    kernels = _kernels("triton", "cpu")
+    kernels = _kernels("triton", device)
     *batch, M, K, N = shape
-    A = torch.randn(*batch, M, K, dtype=dtype)
-    B = torch.rand(*batch, K, N, dtype=dtype)
+    A = torch.randn(*batch, M, K, dtype=dtype, device=device).abs()  # as in RSP: sections and patches are non-negative
+    B = torch.rand(*batch, K, N, dtype=dtype, device=device)
     B[..., :, 0] = 0  # a column of zero responses
-    R = torch.randn(*batch, M // 2, N, dtype=dtype)
+    R = torch.randn(*batch, M // 2, N, dtype=dtype, device=device)
     R[..., 1] = 0
     Rs = torch.cat([R.clamp(min=0), (-R).clamp(min=0)], dim=-2)
     got = kernels.sectional_matmul(A, B.transpose(-1, -2).contiguous().transpose(-1, -2), Rs, M // 2)  # strided B
-    ref = sectional_matmul_reference(A, B, Rs, M // 2)
-    torch.testing.assert_close(got, ref, **(TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)))
+    # the reference in float64 from the same (rounded) operands: the kernel accumulates in float32 or better
+    ref = sectional_matmul_reference(A.double(), B.double(), Rs.double(), M // 2)
+    torch.testing.assert_close(got.double(), ref, **MATMUL_TOL[dtype])
     assert (got[..., :, 1] == 0).all() and (got[..., :, 0] == 0).all()  # R = 0 and G = 0 give 0
+
+
+@pytest.mark.cuda
+def test_sectional_matmul_triton_tf32():
+    from rsp_fast.kernels.reference import sectional_matmul_reference
+
+    A, B = torch.rand(2, 64, 300, device="cuda"), torch.rand(2, 300, 200, device="cuda")
+    Rs = torch.randn(2, 64, 200, device="cuda").clamp(min=0)
+    ref = sectional_matmul_reference(A.double(), B.double(), Rs.double(), 32)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got = dispatch.TRITON.sectional_matmul(A, B, Rs, 32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    err = ((got.double() - ref).abs() / ref.abs().clamp_min(1e-3)).median().item()
+    assert 1e-6 < err < 1e-2  # TF32 operands (10-bit mantissa): neither exact nor far off

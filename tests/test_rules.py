@@ -63,6 +63,8 @@ def test_path_choice_follows_the_cost_model():
     assert choose_path(64 * 9, 64, 224 * 224) == "conv"  # VGG16 conv1_2
     assert choose_path(9, 1, 112 * 112) == "conv"  # depthwise: tiny filters
     assert choose_path(96, 24, 56 * 56, dense_pointwise=True) == "filter"  # the input is the patch matrix
+    assert choose_path(64 * 9, 64, 224 * 224, cuda_dense=True) == "filter"  # CUDA: batched GEMMs, no per-sample loop
+    assert choose_path(512 * 9, 512, 14 * 14, cuda_dense=True) == "gram"
 
 
 def test_same_padding_conv_matches_explicit_padding():

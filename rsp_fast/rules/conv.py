@@ -98,7 +98,13 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
     return x * back(W) - low * back(Wp) - high * back(Wn)
 
 
-def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False) -> str:
+# How CUDA tensors run dense (not depthwise) layers off the Gram path: "filter" puts the whole
+# batch through batched GEMMs on the unfolded patches (cuBLAS tensor cores); "conv" would take
+# cuDNN's kernels one sample at a time.
+CUDA_DENSE_PATH = "filter"
+
+
+def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -114,11 +120,14 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False) -> str:
     Deep layers with few positions take the Gram path (VGG16 conv5 at 14×14: 6× fewer
     multiply-adds); stride-1 1×1 layers, whose patch matrix is the input itself, the filter
     path (faster than the conv kernels on EfficientNet's 1×1 layers here); the rest the
-    conv path.
+    conv path on CPU. On CUDA (``cuda_dense``: a CUDA tensor, not depthwise) the rest take
+    ``CUDA_DENSE_PATH``: one batched GEMM per product instead of a loop over the samples.
     """
     if 2 * ck * L + 4 * o * L < 6 * o * ck:
         return "gram"
-    return "filter" if dense_pointwise else "conv"
+    if dense_pointwise:
+        return "filter"
+    return CUDA_DENSE_PATH if cuda_dense else "conv"
 
 
 def patch_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -213,7 +222,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     Rg = R.reshape(N, G, Og, L)
     Rs = stacked_sections(Rg, dim=2)  # N, G, 2·O/G, L: [R⁺; R⁻]
     dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
-    path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L, dense_pointwise)
+    path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L, dense_pointwise, x.is_cuda and C != G)
     seen = []
 
     def normalize(Ga: torch.Tensor, Gb: torch.Tensor):

@@ -15,7 +15,8 @@ import triton.language as tl
 @triton.jit
 def _sectional_matmul_kernel(a_ptr, b_ptr, r_ptr, s_ptr, M, N, K, half,
                              sab, sam, sak, sbb, sbk, sbn, srb, srm, srn, ssb, ssm, ssn,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP64: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP64: tl.constexpr,
+                             TF32: tl.constexpr):
     pid_m, pid_n, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -27,7 +28,10 @@ def _sectional_matmul_kernel(a_ptr, b_ptr, r_ptr, s_ptr, M, N, K, half,
         kk = k0 + rk
         a = tl.load(a_base + rm[:, None] * sam + kk[None, :] * sak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         b = tl.load(b_base + kk[:, None] * sbk + rn[None, :] * sbn, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc += tl.dot(a, b, allow_tf32=False)
+        if TF32:  # float32 operands on TF32 tensor cores, as torch's products do under allow_tf32
+            acc += tl.dot(a, b, input_precision="tf32")
+        else:
+            acc += tl.dot(a, b, input_precision="ieee")
     # epilogue: the sectional normalisation of this tile of responses
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     r = tl.load(r_ptr + batch.to(tl.int64) * srb + rm[:, None] * srm + rn[None, :] * srn, mask=mask, other=0.0).to(acc.dtype)
@@ -46,8 +50,20 @@ def sectional_matmul_triton(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, 
         raise ValueError(f"sectional_matmul: A {tuple(A.shape)}, B {tuple(B.shape)}, Rs {tuple(Rs.shape)}, half {half} do not fit")
     A3, B3, R3 = (t.reshape(-1, *t.shape[-2:]) for t in (A, B, Rs))
     S = torch.empty(R3.shape, dtype=Rs.dtype, device=Rs.device)
-    BM, BN, BK = 32, 32, 32
+    BM, BN, BK, warps, stages = _tiles(M, A.dtype, A.device)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), A3.shape[0])
+    tf32 = A.dtype == torch.float32 and A.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     _sectional_matmul_kernel[grid](A3, B3, R3, S, M, N, K, half, *A3.stride(), *B3.stride(), *R3.stride(), *S.stride(),
-                                   BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, FP64=A.dtype == torch.float64)
+                                   BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, FP64=A.dtype == torch.float64, TF32=tf32,
+                                   num_warps=warps, num_stages=stages)
     return S.reshape(*batch_shape, M, N)
+
+
+def _tiles(M: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
+    """Tile sizes (M, N, K), warps and pipeline stages. GPUs get tensor-core sized tiles (the
+    K tile holds 128 bytes of a row; a short M takes a 64-row tile); float64 and the CPU
+    interpreter keep small tiles."""
+    if device.type != "cuda" or dtype == torch.float64:
+        return 32, 32, (16 if device.type == "cuda" else 32), 4, 2
+    BM = 64 if M <= 64 else 128
+    return BM, 128, 128 // (torch.finfo(dtype).bits // 8), 8 if BM == 128 else 4, 3

@@ -1,0 +1,91 @@
+"""On a CUDA GPU: every backend against the CPU float64 result, the precision modes, golden
+parity and the CUDA-graph static path. Skipped without a GPU (marked ``cuda``)."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import rsp_fast
+from conftest import GOLDEN_FILES, load_golden, rel_err
+from models import golden_model
+
+pytestmark = pytest.mark.cuda
+GPU_BACKENDS = ["torch", "cuda", "triton", "auto"]
+NETS = [("vgg16", 32), ("resnet50", 48), ("mobilenet_v2", 48)]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    ha, hb = rsp_fast.heatmap(a).flatten(1).double().cpu(), rsp_fast.heatmap(b).flatten(1).double().cpu()
+    return F.cosine_similarity(ha, hb, dim=1).min().item()
+
+
+def _net(name):
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(num_classes=10).eval()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name,size", NETS)
+def test_gpu_float64_matches_cpu(backend, name, size):
+    model = _net(name).double()
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    expected = rsp_fast.RSP(model, backend="torch").attribute(x)
+    got = rsp_fast.RSP(model.cuda(), backend=backend).attribute(x.cuda())
+    assert got.device.type == "cuda"
+    assert rel_err(got.cpu(), expected) < 1e-9
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("path", GOLDEN_FILES, ids=lambda p: p.stem)
+def test_golden_on_gpu(path, backend):
+    g = load_golden(path)
+    model = golden_model(g).cuda()
+    explainer = rsp_fast.RSP(model, layer=f"features.{g['saliency_layer']}", init=g["init"],
+                             hostile_k=len(g["hostile"]), backend=backend)
+    R = explainer.attribute(g["x"].cuda(), target=g["target"], hostile=g["hostile"] or None)
+    assert rel_err(R.cpu(), g["R_input"]) < 1e-9
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("precision,min_cosine,max_err", [("fp32", 0.9999, 1e-3), ("tf32", 0.99, 5e-2), ("bf16", 0.99, 1e-1)])
+def test_gpu_precisions_agree_with_float64(backend, precision, min_cosine, max_err):
+    model = _net("vgg16")
+    x = torch.randn(4, 3, 64, 64)
+    exact = rsp_fast.RSP(model.double(), backend="torch").attribute(x.double())
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    got = rsp_fast.RSP(model.float().cuda(), backend=backend, precision=precision).attribute(x.cuda())
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32  # settings restored
+    assert got.dtype == torch.float32
+    assert _cosine(got, exact) > min_cosine
+    assert rel_err(got.cpu(), exact) < max_err
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_static_graph_replays_the_eager_pass(backend):
+    model = _net("resnet50").cuda()
+    explainer = rsp_fast.RSP(model, backend=backend)
+    x1, x2 = torch.randn(2, 4, 3, 48, 48, device="cuda")
+    static = explainer.static(x1)
+    got1 = static(x1)
+    assert static.uses_graphs and list(static._graphs) == [False]
+    got2 = static(x2)  # the same graph, new inputs
+    torch.testing.assert_close(got1, explainer.attribute(x1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got2, explainer.attribute(x2), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(got1, got2)
+    target = torch.tensor([1, 2, 3, 4], device="cuda")
+    torch.testing.assert_close(static(x2, target=target), explainer.attribute(x2, target=target), rtol=1e-4, atol=1e-6)
+    assert sorted(static._graphs) == [False, True]
+    with pytest.raises(rsp_fast.RSPError, match="out of range"):
+        static(x2, target=10)
+    with pytest.raises(rsp_fast.RSPError, match="static RSP takes inputs of shape"):
+        static(x2[:2])
+
+
+def test_static_graph_bf16_vgg():
+    model = _net("vgg16").cuda()
+    explainer = rsp_fast.RSP(model, precision="bf16")
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    static = explainer.static(x)
+    got = static(x)
+    assert static.uses_graphs
+    torch.testing.assert_close(got, explainer.attribute(x), rtol=1e-3, atol=1e-5)
