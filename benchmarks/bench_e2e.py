@@ -2,10 +2,12 @@
 attribution peers, measured in the same run.
 
     python benchmarks/bench_e2e.py [--models vgg16 resnet50 efficientnet_lite0] [--batches 1 8 32]
-        [--authors-repo PATH] [--json rows.json] [--png chart.png] [--quick]
+        [--precisions fp32 tf32 bf16] [--graph] [--authors-repo PATH] [--json rows.json] [--png chart.png] [--quick]
 
-Random weights, 224×224 inputs (--quick: 64×64, batch 1 and 2, one repeat). Prints a
-Markdown table; JSON rows: method, model, backend, batch, device, dtype,
+Random weights, 224×224 inputs (--quick: 64×64, batch 1 and 2, one repeat). RSP runs with
+every available backend in each precision asked for (default fp32; "RSP (cuda, bf16)"), and
+with --graph also through its static-shape path (CUDA graphs: "RSP (cuda, bf16, graph)").
+Prints a Markdown table; JSON rows: method, model, backend, precision, graph, batch, device, dtype,
 sec_per_image_median/min/max, x_forward, peak_mem_mb (CUDA: peak allocated above the
 inputs; CPU: peak resident memory above the resident set before the call). Memory is
 measured in its own run (--memory: one warm-up and one measured call per method, with the
@@ -93,6 +95,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+")
     p.add_argument("--methods", nargs="+", help="subset of method names (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=rsp_fast.api.PRECISIONS,
+                   help="RSP's precision modes to run (tf32 on CUDA only)")
+    p.add_argument("--graph", action="store_true", help="also time RSP's static-shape path (CUDA graphs)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--authors-repo", help="checkout of github.com/wjNam/Relative_Sectional_Propagation")
@@ -109,9 +114,16 @@ def main(argv=None) -> int:
     size, repeats = (64, 1) if args.quick else (args.size, args.repeats)
     batches = args.batches or ([1, 2] if args.quick else ([1, 8, 32, 64, 128] if device.type == "cuda" else [1, 8, 32]))
     methods = dict(peers.METHODS)
+    variants = {}  # method name -> (backend, precision, graph)
     for b, status in rsp_fast.backends(device).items():
         if status == "available" and not (b == "triton" and device.type == "cpu"):
-            methods[f"RSP ({b})"] = peers.rsp(b)
+            for precision in args.precisions:
+                if precision == "tf32" and device.type != "cuda":
+                    continue
+                for graph in ([False, True] if args.graph and device.type == "cuda" else [False]):
+                    tags = [b] + ([precision] if precision != "fp32" else []) + (["graph"] if graph else [])
+                    variants[f"RSP ({', '.join(tags)})"] = (b, precision, graph)
+    methods.update({name: peers.rsp(*v) for name, v in variants.items()})
     if args.authors_repo:
         methods["authors' RSP"] = peers.authors_rsp(args.authors_repo)
     if args.methods:
@@ -141,7 +153,8 @@ def main(argv=None) -> int:
                     table.append([model_name, batch, name, "n/a", "", "", f"{type(exc).__name__}: {str(exc)[:60]}"])
                     continue
                 fwd = fwd or t["median"]
-                row = {"method": name, "model": model_name, "backend": name[5:-1] if name.startswith("RSP (") else "",
+                backend, precision, graph = variants.get(name, ("", "fp32", False))
+                row = {"method": name, "model": model_name, "backend": backend, "precision": precision, "graph": graph,
                        "batch": batch, "device": str(device), "dtype": "float32",
                        "sec_per_image_median": t["median"] / batch, "sec_per_image_min": t["min"] / batch,
                        "sec_per_image_max": t["max"] / batch, "x_forward": t["median"] / fwd, "peak_mem_mb": mem}

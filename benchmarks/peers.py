@@ -61,10 +61,19 @@ def zennit_epsilon_plus_flat(model, layer):
     return run
 
 
-def rsp(backend: str) -> Callable:
+def rsp(backend: str, precision: str = "fp32", graph: bool = False) -> Callable:
+    """rsp_fast; ``graph``: the static-shape path (a CUDA graph per input shape)."""
     def make(model, layer):
-        explainer = rsp_fast.RSP(model, layer=layer, backend=backend)
-        return lambda x, target: explainer.attribute(x, target=target)
+        explainer = rsp_fast.RSP(model, layer=layer, backend=backend, precision=precision)
+        if not graph:
+            return lambda x, target: explainer.attribute(x, target=target)
+        static = {}
+
+        def run(x, target):
+            if x.shape not in static:
+                static[x.shape] = explainer.static(x)
+            return static[x.shape](x, target)
+        return run
     return make
 
 

@@ -1,0 +1,150 @@
+"""How close RSP's matrix products come to the device's dense peak, per precision.
+
+    python benchmarks/bench_products.py [--model vgg16] [--batch 64] [--backend cuda] [--json out.json] [--quick]
+
+The peak is measured in the same run (a large square matrix product in each precision).
+RSP's product FLOPs come from ``torch.utils.flop_counter`` (mm, bmm, convolutions and their
+gradients); on CUDA their time is the device time of the kernels the profiler names as
+GEMMs or convolutions, so the product rate excludes normalisation, purge and copies. The
+whole pass is reported too (its time, and the share of it spent in products). Triton's
+fused product+normalisation kernels are invisible to the FLOP counter, so use a backend
+whose products are PyTorch's (``cuda``, ``cpp``, ``torch``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+sys.path.insert(0, str(Path(__file__).parent))
+from utils import describe, markdown_table, sync, time_call  # noqa: E402
+
+import rsp_fast  # noqa: E402
+
+PEAK_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+# cuBLAS (nvjet, xmma, cutlass), cuDNN (implicit GEMM, wgrad/dgrad, winograd) and ATen's own conv kernels
+PRODUCT_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|conv|dgrad|wgrad|winograd|cudnn|fft", re.IGNORECASE)
+
+
+def peak_tflops(precision: str, device: torch.device, n: int) -> float:
+    """Dense matrix-product rate of an n×n×n product, in TFLOP/s."""
+    a, b = (torch.randn(n, n, device=device, dtype=PEAK_DTYPES[precision]) for _ in range(2))
+    with _tf32(precision == "tf32" and device.type == "cuda"):
+        t = time_call(lambda: a @ b, device, repeats=10, warmup=3)["median"]
+    return 2 * n**3 / t / 1e12
+
+
+class _tf32:
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+class _CountFlops(TorchDispatchMode):
+    """FLOPs of every op torch's FLOP counter has a formula for. (FlopCounterMode itself also
+    tracks modules with backward hooks, which autograd.grad inside RSP does not allow.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def product_flops(fn) -> int:
+    with _CountFlops() as counter:
+        fn()
+    return counter.total
+
+
+def product_device_seconds(fn, device: torch.device) -> tuple[float, float]:
+    """(seconds in GEMM/convolution kernels, seconds in all kernels) of one call, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    products = total = 0.0
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if getattr(evt, "device_type", None) is not None and str(evt.device_type).endswith("CPU"):
+            continue
+        total += us
+        if PRODUCT_KERNEL.search(evt.key):
+            products += us
+    return products / 1e6, total / 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vgg16")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--backend", default=None, help="default: cuda on a GPU, cpp on CPU")
+    p.add_argument("--precisions", nargs="+", choices=list(PEAK_DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    import torchvision
+
+    size = 64 if args.quick else args.size
+    batch = args.batch or (2 if args.quick else 64 if cuda else 8)
+    backend = args.backend or ("cuda" if cuda else "cpp")
+    precisions = args.precisions or (["fp32", "tf32", "bf16"] if cuda else ["fp32", "bf16"])
+    n = 512 if args.quick else (8192 if cuda else 2048)
+    model = getattr(torchvision.models, args.model)(weights=None).eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    rows, table = [], []
+    for precision in precisions:
+        peak = peak_tflops(precision, device, n)
+        explainer = rsp_fast.RSP(model, backend=backend, precision=precision)
+        fn = lambda: explainer.attribute(x)  # noqa: E731
+        t = time_call(fn, device, repeats=1 if args.quick else 5, warmup=1)["median"]
+        flops = product_flops(fn)
+        row = {"model": args.model, "batch": batch, "backend": backend, "precision": precision, "device": describe(device),
+               "peak_tflops": peak, "product_gflop_per_image": flops / batch / 1e9, "sec_per_image": t / batch,
+               "whole_pass_tflops": flops / t / 1e12}
+        if cuda:
+            prod_s, kernel_s = product_device_seconds(fn, device)
+            row.update(product_tflops=flops / prod_s / 1e12, product_fraction_of_peak=flops / prod_s / 1e12 / peak,
+                       product_share_of_kernel_time=prod_s / kernel_s)
+        rows.append(row)
+        table.append([precision, f"{peak:.1f}", f"{row['product_gflop_per_image']:.1f}", f"{batch / t:.1f}",
+                      f"{row['whole_pass_tflops']:.2f}",
+                      f"{row['product_tflops']:.1f} ({row['product_fraction_of_peak']:.0%})" if cuda else "n/a (no profiler)",
+                      f"{row['product_share_of_kernel_time']:.0%}" if cuda else ""])
+        print(f"  {precision}: {batch / t:.1f} img/s", file=sys.stderr, flush=True)
+    print(f"RSP products on {describe(device)}: {args.model} {size}×{size}, batch {batch}, backend {backend}")
+    print(markdown_table(["precision", f"measured peak TFLOP/s ({n}³)", "product GFLOP/img", "img/s",
+                          "whole pass TFLOP/s", "products TFLOP/s (of peak)", "products' share of kernel time"], table))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
