@@ -17,24 +17,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 step "build (sm_90)"
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
-echo "build exit $?"; tail -3 "$OUT/build.log"
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 $PY setup.py build_ext --inplace >/tmp/rsp_build.log 2>&1
+rc=$?; echo "build exit $rc"; tail -n $([ $rc = 0 ] && echo 2 || echo 40) /tmp/rsp_build.log
 $PY -c "import rsp_fast; print(rsp_fast.backends('cuda'))"
 
 step "cuda-marked tests"
-timeout ${TEST_LIMIT:-240} $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" tests/test_ops.py tests/test_gpu.py -rfE 2>&1 \
+timeout ${TEST_LIMIT:-180} $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" tests/test_ops.py tests/test_gpu.py -rfE 2>&1 \
     | tee "$OUT/tests.log" | tail -25
 
 B="--repeats ${REPEATS:-5}"
 step "VGG16 end to end"
-timeout ${E2E_LIMIT:-200} $PY benchmarks/bench_e2e.py --models vgg16 --batches 1 64 --precisions fp32 tf32 bf16 --graph $B \
+timeout ${E2E_LIMIT:-180} $PY benchmarks/bench_e2e.py --models vgg16 --batches 1 64 --precisions fp32 tf32 bf16 --graph $B \
     ${AUTHORS:+--authors-repo "$AUTHORS"} --json "$OUT/e2e_vgg16.json" 2>&1 | grep -v "^  " | tail -60
 
 step "RSP products against the device's peak"
-timeout 90 $PY benchmarks/bench_products.py --model vgg16 --batch 64 --json "$OUT/products.json" 2>&1 | grep -v "^  "
+timeout 60 $PY benchmarks/bench_products.py --model vgg16 --batch 64 --json "$OUT/products.json" 2>&1 | grep -v "^  "
 
 step "precision modes against float64 on photographs"
-timeout 90 $PY benchmarks/bench_precision.py --json "$OUT/precision.json" 2>&1 | tail -8
+timeout 60 $PY benchmarks/bench_precision.py --json "$OUT/precision.json" 2>&1 | tail -8
 
 step "dense layers off the Gram path on CUDA: batched GEMMs (filter) or cuDNN per sample (conv)"
 timeout 60 $PY - <<'PY' 2>&1 | tail -8
@@ -55,14 +55,14 @@ conv.CUDA_DENSE_PATH = "filter"
 PY
 
 step "VGG16 at batch 128"
-timeout 60 $PY benchmarks/bench_e2e.py --models vgg16 --batches 128 --precisions tf32 bf16 --graph $B \
+timeout 50 $PY benchmarks/bench_e2e.py --models vgg16 --batches 128 --precisions tf32 bf16 --graph $B \
     --methods forward "RSP (cuda, tf32)" "RSP (cuda, bf16)" "RSP (cuda, bf16, graph)" --json "$OUT/e2e_vgg16_b128.json" 2>&1 | grep -v "^  " | tail -8
 
 step "ResNet50 and EfficientNet-Lite0"
-timeout ${OTHERS_LIMIT:-150} $PY benchmarks/bench_e2e.py --models resnet50 efficientnet_lite0 --batches 64 --precisions fp32 bf16 \
+timeout ${OTHERS_LIMIT:-100} $PY benchmarks/bench_e2e.py --models resnet50 efficientnet_lite0 --batches 64 --precisions fp32 bf16 \
     --graph $B --methods forward "zennit EpsilonPlusFlat" "RSP (cuda)" "RSP (triton)" "RSP (cuda, bf16)" "RSP (triton, bf16)" \
     "RSP (cuda, bf16, graph)" --json "$OUT/e2e_others.json" 2>&1 | grep -v "^  " | tail -20
 
 step "kernels"
-timeout 60 $PY benchmarks/bench_kernels.py --device cuda --json "$OUT/kernels.json" 2>&1 | tail -12
+timeout 40 $PY benchmarks/bench_kernels.py --device cuda --json "$OUT/kernels.json" 2>&1 | tail -12
 step done
