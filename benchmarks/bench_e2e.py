@@ -7,7 +7,8 @@ attribution peers, measured in the same run.
 Random weights, 224×224 inputs (--quick: 64×64, batch 1 and 2, one repeat). RSP runs with
 every available backend in each precision asked for (default fp32; "RSP (cuda, bf16)"), and
 with --graph also through its static-shape path (CUDA graphs: "RSP (cuda, bf16, graph)").
-Prints a Markdown table; JSON rows: method, model, backend, precision, graph, batch, device, dtype,
+Prints a Markdown table; JSON rows: method, model, backend, batch, device, dtype (of RSP's
+products: float32, tf32 or bfloat16; inputs are float32),
 sec_per_image_median/min/max, x_forward, peak_mem_mb (CUDA: peak allocated above the
 inputs; CPU: peak resident memory above the resident set before the call). Memory is
 measured in its own run (--memory: one warm-up and one measured call per method, with the
@@ -30,6 +31,7 @@ from utils import describe, markdown_table, time_call  # noqa: E402
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory, return_freed_memory  # noqa: E402
 
+PRODUCT_DTYPES = {"fp32": "float32", "tf32": "tf32", "bf16": "bfloat16"}
 LAYERS = {"vgg16": "features.29", "resnet50": "layer4", "efficientnet_lite0": "bn2"}
 
 
@@ -153,9 +155,9 @@ def main(argv=None) -> int:
                     table.append([model_name, batch, name, "n/a", "", "", f"{type(exc).__name__}: {str(exc)[:60]}"])
                     continue
                 fwd = fwd or t["median"]
-                backend, precision, graph = variants.get(name, ("", "fp32", False))
-                row = {"method": name, "model": model_name, "backend": backend, "precision": precision, "graph": graph,
-                       "batch": batch, "device": str(device), "dtype": "float32",
+                backend, precision, _ = variants.get(name, ("", "fp32", False))
+                row = {"method": name, "model": model_name, "backend": backend,
+                       "batch": batch, "device": str(device), "dtype": PRODUCT_DTYPES[precision],
                        "sec_per_image_median": t["median"] / batch, "sec_per_image_min": t["min"] / batch,
                        "sec_per_image_max": t["max"] / batch, "x_forward": t["median"] / fwd, "peak_mem_mb": mem}
                 rows.append(row)

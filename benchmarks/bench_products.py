@@ -29,6 +29,7 @@ import rsp_fast  # noqa: E402
 
 PEAK_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 # cuBLAS (nvjet, xmma, cutlass), cuDNN (implicit GEMM, wgrad/dgrad, winograd) and ATen's own conv kernels
+TOP = 25  # kernels listed per precision in the JSON
 PRODUCT_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|conv|dgrad|wgrad|winograd|cudnn|fft", re.IGNORECASE)
 
 
@@ -75,8 +76,9 @@ def product_flops(fn) -> int:
     return counter.total
 
 
-def product_device_seconds(fn, device: torch.device) -> tuple[float, float]:
-    """(seconds in GEMM/convolution kernels, seconds in all kernels) of one call, from the profiler."""
+def product_device_seconds(fn, device: torch.device) -> tuple[float, float, list[tuple[str, float]]]:
+    """Seconds in GEMM/convolution kernels, seconds in all kernels, and every kernel's total
+    seconds (longest first) of one call, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
@@ -84,6 +86,7 @@ def product_device_seconds(fn, device: torch.device) -> tuple[float, float]:
         fn()
         sync(device)
     products = total = 0.0
+    kernels = []
     for evt in prof.key_averages():
         us = getattr(evt, "self_device_time_total", None)
         if us is None:
@@ -91,9 +94,10 @@ def product_device_seconds(fn, device: torch.device) -> tuple[float, float]:
         if getattr(evt, "device_type", None) is not None and str(evt.device_type).endswith("CPU"):
             continue
         total += us
+        kernels.append((evt.key, us / 1e6))
         if PRODUCT_KERNEL.search(evt.key):
             products += us
-    return products / 1e6, total / 1e6
+    return products / 1e6, total / 1e6, sorted(kernels, key=lambda k: -k[1])
 
 
 def main(argv=None) -> int:
@@ -129,9 +133,14 @@ def main(argv=None) -> int:
                "peak_tflops": peak, "product_gflop_per_image": flops / batch / 1e9, "sec_per_image": t / batch,
                "whole_pass_tflops": flops / t / 1e12}
         if cuda:
-            prod_s, kernel_s = product_device_seconds(fn, device)
+            prod_s, kernel_s, kernels = product_device_seconds(fn, device)
             row.update(product_tflops=flops / prod_s / 1e12, product_fraction_of_peak=flops / prod_s / 1e12 / peak,
-                       product_share_of_kernel_time=prod_s / kernel_s)
+                       product_share_of_kernel_time=prod_s / kernel_s,
+                       top_kernels=[{"kernel": name[:160], "ms_per_image": 1e3 * sec / batch, "share": sec / kernel_s,
+                                     "product": bool(PRODUCT_KERNEL.search(name))} for name, sec in kernels[:TOP]])
+            print(f"  {precision}: where the kernel time goes (ms per image)", file=sys.stderr)
+            for k in row["top_kernels"][:12]:
+                print(f"    {k['ms_per_image']:.4f} {k['share']:5.1%} {'P' if k['product'] else ' '} {k['kernel'][:110]}", file=sys.stderr)
         rows.append(row)
         table.append([precision, f"{peak:.1f}", f"{row['product_gflop_per_image']:.1f}", f"{batch / t:.1f}",
                       f"{row['whole_pass_tflops']:.2f}",

@@ -103,6 +103,21 @@ def test_stacked_normalize_equals_the_two_sections_concatenated(name, shape, dty
     torch.testing.assert_close(got, expected, **TOL[dtype])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["torch", "cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_stacked_normalize_cuda(name, dtype, case):
+    kernels = _kernels(name, "cuda")
+    for shape in SHAPES:
+        Rs, Gs, half, expected = stacked_inputs(shape, dtype, "cuda", case)
+        got = kernels.sectional_normalize_stacked(Rs, Gs, half)
+        assert got.is_contiguous() and got.dtype == dtype
+        torch.testing.assert_close(got, expected, **TOL[dtype])
+        got = kernels.sectional_normalize_stacked(Rs.transpose(-1, -2).contiguous().transpose(-1, -2), Gs, half)
+        torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
 @pytest.mark.parametrize("name", _kernel_sets("cpu"))
 def test_kernels_accept_non_contiguous_inputs(name):
     kernels = _kernels(name, "cpu")
@@ -158,6 +173,8 @@ def test_kernels_cuda(name, dtype, case):
 def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.rsp_fast.purge.default, purge_inputs((3, 5, 7, 9), torch.float32, "cuda"))
     torch.library.opcheck(torch.ops.rsp_fast.sectional_normalize.default, normalize_inputs((3, 5, 7), torch.float32, "cuda"))
+    torch.library.opcheck(torch.ops.rsp_fast.sectional_normalize_stacked.default,
+                          stacked_inputs((3, 5, 7), torch.float32, "cuda")[:3])
 
 
 MATMUL_SHAPES = [(1, 1, 2, 5, 7), (2, 3, 6, 37, 45), (5, 1, 34, 9, 33), (2, 1, 200, 70, 300)]  # batch dims, 2·half, K, N

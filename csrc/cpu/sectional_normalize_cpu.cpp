@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <tuple>
 
+#include "../normalize_checks.h"
+
 namespace rsp_fast {
 namespace {
 
@@ -73,11 +75,7 @@ void normalize_stacked_span(scalar_t* __restrict__ out, const scalar_t* __restri
 // The stacked form [S+; -S-] that the back-projection reads, written in place of the two
 // halves and the concatenation: Rs = [R+; R-] and Gs = [G+; G-] along dim -2 (2*half rows).
 at::Tensor sectional_normalize_stacked_cpu(const at::Tensor& Rs_in, const at::Tensor& Gs_in, int64_t half) {
-  TORCH_CHECK(Rs_in.sizes() == Gs_in.sizes(), "sectional_normalize_stacked: Rs ", Rs_in.sizes(), " and Gs ",
-              Gs_in.sizes(), " differ in shape");
-  TORCH_CHECK(Rs_in.scalar_type() == Gs_in.scalar_type(), "sectional_normalize_stacked: Rs and Gs must share one dtype");
-  TORCH_CHECK(Rs_in.dim() >= 2 && half >= 0 && Rs_in.size(-2) == 2 * half, "sectional_normalize_stacked: dim -2 of ",
-              Rs_in.sizes(), " must be 2 * half = ", 2 * half);
+  check_stacked_args(Rs_in, Gs_in, half);
   const at::Tensor Rs = Rs_in.contiguous(), Gs = Gs_in.contiguous();
   at::Tensor out = at::empty_like(Rs, at::MemoryFormat::Contiguous);
   const int64_t len = Rs.size(-1), rows = len == 0 ? 0 : Rs.numel() / len, per_block = 2 * half;

@@ -1,14 +1,17 @@
-// CUDA sectional normalisation: one strided elementwise pass (TensorIterator), on the
-// current stream, float32/64 and half/bfloat16 computed in float.
+// CUDA sectional normalisation, plain and stacked: one strided elementwise pass each
+// (TensorIterator), on the current stream, float32/64 and half/bfloat16 computed in float.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/native/cuda/Loops.cuh>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
+
+#include "../normalize_checks.h"
 
 namespace rsp_fast {
 
@@ -41,6 +44,35 @@ std::tuple<at::Tensor, at::Tensor> sectional_normalize_cuda(const at::Tensor& R,
   return std::make_tuple(S_pos, S_neg);
 }
 
-TORCH_LIBRARY_IMPL(rsp_fast, CUDA, m) { m.impl("sectional_normalize", &sectional_normalize_cuda); }
+// [S+; -S-] from Rs = [R+; R-] and Gs = [G+; G-] along dim -2: out = sign * Rs / Gs where Rs
+// and Gs are non-zero, else 0, the sign (+1 for the first half of the rows, -1 for the
+// second) broadcast from a (2*half, 1) column.
+at::Tensor sectional_normalize_stacked_cuda(const at::Tensor& Rs, const at::Tensor& Gs, int64_t half) {
+  check_stacked_args(Rs, Gs, half);
+  const c10::cuda::CUDAGuard guard(Rs.device());
+  at::Tensor out = at::empty_like(Rs, at::MemoryFormat::Contiguous);
+  at::Tensor sign = at::full({2 * half, 1}, 1.0, Rs.options());
+  sign.narrow(0, half, half).fill_(-1.0);
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(out)
+                  .add_const_input(Rs)
+                  .add_const_input(Gs)
+                  .add_const_input(sign)
+                  .check_all_same_dtype(true)
+                  .build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Rs.scalar_type(), "sectional_normalize_stacked_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    at::native::gpu_kernel(iter, [] GPU_LAMBDA(scalar_t r_, scalar_t g_, scalar_t sign_) -> scalar_t {
+      const opmath_t r = r_, g = g_, zero(0);
+      return static_cast<scalar_t>((r != zero && g != zero) ? static_cast<opmath_t>(sign_) * r / g : zero);
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(rsp_fast, CUDA, m) {
+  m.impl("sectional_normalize", &sectional_normalize_cuda);
+  m.impl("sectional_normalize_stacked", &sectional_normalize_stacked_cuda);
+}
 
 }  // namespace rsp_fast

@@ -58,7 +58,8 @@ def _triton_purge(dx, x_pos, total):
 TORCH = KernelSet("torch")
 COMPILED = KernelSet("cpp", sectional_normalize=custom.sectional_normalize, purge=custom.purge,
                      sectional_normalize_stacked=custom.sectional_normalize_stacked, dtypes=FLOAT)
-COMPILED_CUDA = KernelSet("cuda", sectional_normalize=custom.sectional_normalize, purge=custom.purge, dtypes=FLOAT_AND_HALF)
+COMPILED_CUDA = KernelSet("cuda", sectional_normalize=custom.sectional_normalize, purge=custom.purge,
+                          sectional_normalize_stacked=custom.sectional_normalize_stacked, dtypes=FLOAT_AND_HALF)
 TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, purge=_triton_purge,
                    sectional_matmul=_triton_sectional_matmul, dtypes=FLOAT_AND_HALF)
 SETS = {"torch": TORCH, "cpp": COMPILED, "cuda": COMPILED_CUDA, "triton": TRITON}

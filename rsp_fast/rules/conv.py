@@ -8,6 +8,7 @@ the (BatchNorm-folded) weights. Padding is applied explicitly so that asymmetric
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +100,13 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
 
 
 # How CUDA tensors run dense (not depthwise) layers off the Gram path: "filter" puts the whole
-# batch through batched GEMMs on the unfolded patches (cuBLAS tensor cores); "conv" would take
-# cuDNN's kernels one sample at a time.
-CUDA_DENSE_PATH = "filter"
+# batch through batched GEMMs on the unfolded patches (cuBLAS tensor cores); "grouped_conv"
+# through cuDNN's grouped convolutions with the samples folded into the groups; "conv" through
+# cuDNN one sample at a time. RSP_FAST_CUDA_DENSE_PATH overrides the default.
+CUDA_DENSE_PATHS = ("filter", "grouped_conv", "conv")
+CUDA_DENSE_PATH = os.environ.get("RSP_FAST_CUDA_DENSE_PATH", "filter")
+if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
+    raise ImportError(f"RSP_FAST_CUDA_DENSE_PATH={CUDA_DENSE_PATH!r}: choose one of {', '.join(CUDA_DENSE_PATHS)}")
 
 
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False) -> str:
@@ -112,7 +117,8 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
       filter: F± = R±·Xᵤᵀ, G± = F±·Xᵤ, dX = F±ᵀS± as batched GEMMs on the unfolded
               patches                                      ≈ 6·o·ck·L multiply-adds
       conv:   the same three products on PyTorch's convolution kernels (weight gradient,
-              convolution, input gradient; samples folded into groups), which never
+              convolution, input gradient; one sample at a time, or with the samples
+              folded into the groups: "grouped_conv"), which never
               materialise the k²-times larger patch matrix: measured 1.1–1.7× faster than
               the GEMMs on VGG16's layers on CPU, and the only sane choice for depthwise
       gram:   K = XᵤᵀXᵤ (shared by both sections),
@@ -161,13 +167,14 @@ def _depthwise_filters(x_img: torch.Tensor, R_img: torch.Tensor, g: ConvGeometry
     return out[0, :, :kh, :kw].unsqueeze(1).contiguous()
 
 
-def _conv_kernel_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, out_hw, normalize, normalize_stacked, low):
+def _conv_kernel_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, out_hw, normalize, normalize_stacked, low,
+                          fold_samples: bool = False):
     """The filter path on PyTorch's convolution kernels, each sample with its own sectional
     filters: weight gradient -> F±, convolution -> G±, input gradient -> back-projection.
-    Dense layers run one sample at a time: as fast as one call with the samples folded into
-    groups, but the filters and responses held at once are one sample's, not the batch's.
-    Depthwise layers fold the samples into the groups they have anyway. Returns the
-    back-projection at the padded input, N×C×Hp×Wp."""
+    Dense layers run one sample at a time (on CPU as fast as one call with the samples folded
+    into groups, and the filters and responses held at once are one sample's), or with
+    ``fold_samples`` as one grouped call. Depthwise layers fold the samples into the groups
+    they have anyway. Returns the back-projection at the padded input, N×C×Hp×Wp."""
     N, C, Hp, Wp = xp.shape
     dtype = xp.dtype
     x_low = low(xp)
@@ -202,6 +209,10 @@ def _conv_kernel_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, o
         Fp, Fn = filters(Rp), filters(Rn)
         Sp, Sn = normalize(responses(Fp, Rp), responses(Fn, Rn))
         return (back(Sp, Fp) - back(Sn, Fn)).reshape(N, C, Hp, Wp)
+    if fold_samples:  # both sections in each product, every sample its own groups
+        filters, responses, back = products(x_low.reshape(1, N * C, Hp, Wp), N * g.groups)
+        Fs = filters(low(Rs))
+        return back(normalize_stacked(responses(Fs, Rs)), Fs).reshape(N, C, Hp, Wp)
     dx = xp.new_empty(N, C, Hp, Wp)
     for i in range(N):  # both sections in each product: [R⁺; R⁻]
         filters, responses, back = products(x_low[i:i + 1], g.groups)
@@ -235,8 +246,9 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
             seen.append((Gs[:, :, :Og], Gs[:, :, Og:]))
         return ctx.ops.sectional_normalize_stacked(Rs[samples], Gs, Og)
 
-    if path == "conv":
-        dx = _crop(_conv_kernel_products(xp, Rs, g, R.shape[-2:], normalize, normalize_stacked, ctx.low), g)
+    if path in ("conv", "grouped_conv"):
+        dx = _crop(_conv_kernel_products(xp, Rs, g, R.shape[-2:], normalize, normalize_stacked, ctx.low,
+                                         fold_samples=path == "grouped_conv"), g)
     else:
         if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
             cols = ctx.low(xp).reshape(N, G, C // G, L)
@@ -255,11 +267,12 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         else:
             Fs = Rs_low @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
             dcols = Fs.transpose(-1, -2) @ normalized_responses(Fs, cols)
-        dcols = dcols.to(x.dtype)
+        if not dcols.is_cuda:  # CUDA's col2im sums the k² overlaps in float32: fold first, cast the k²-times smaller result
+            dcols = dcols.to(x.dtype)
         if dense_pointwise:
-            dx = dcols.reshape(N, C, Hp, Wp)
+            dx = dcols.reshape(N, C, Hp, Wp).to(x.dtype)
         else:
-            dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g)
+            dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g).to(x.dtype)
     # only read when tracking, which never fuses; one piece per sample on the conv path
     Ga, Gb = (torch.cat(pieces) for pieces in zip(*seen)) if seen else (None, None)
     if g.is_pointwise:
