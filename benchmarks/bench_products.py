@@ -53,9 +53,23 @@ class _tf32:
         torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
+def conv_flops(func, args, out) -> int | None:
+    """FLOPs of a (non-transposed) convolution or of the pieces of its backward that are asked
+    for: each is 2·N·O·(C/groups)·k²·(output positions). (torch's formula for the weight
+    gradient ignores the groups: N times too many for RSP's samples-in-groups convolutions.)"""
+    if func is torch.ops.aten.convolution.default and not args[6]:
+        x, w = args[0], args[1]
+        return 2 * x.shape[0] * w.numel() * out.shape[2:].numel()
+    if func is torch.ops.aten.convolution_backward.default and not args[7]:
+        grad_out, w, mask = args[0], args[2], args[10]
+        return 2 * grad_out.shape[0] * w.numel() * grad_out.shape[2:].numel() * (int(mask[0]) + int(mask[1]))
+    return None
+
+
 class _CountFlops(TorchDispatchMode):
-    """FLOPs of every op torch's FLOP counter has a formula for. (FlopCounterMode itself also
-    tracks modules with backward hooks, which autograd.grad inside RSP does not allow.)"""
+    """FLOPs of every op torch's FLOP counter has a formula for, convolutions by ``conv_flops``.
+    (FlopCounterMode itself also tracks modules with backward hooks, which autograd.grad
+    inside RSP does not allow.)"""
 
     def __init__(self):
         super().__init__()
@@ -64,9 +78,10 @@ class _CountFlops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
+        flops = conv_flops(func, args, out)
+        if flops is None and func._overloadpacket in flop_registry:
+            flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        self.total += flops or 0
         return out
 
 

@@ -149,9 +149,10 @@ class RSP:
 
 @contextlib.contextmanager
 def _matmul_precision(precision: str, device: torch.device):
-    """On CUDA, TF32 tensor cores for the products exactly when ``precision == "tf32"``
-    (PyTorch lets cuDNN use TF32 by default: "fp32" means float32), the user's settings restored."""
-    if device.type != "cuda":
+    """TF32 for CUDA's matmuls and convolutions: off for "fp32" (PyTorch lets cuDNN use TF32 by
+    default: "fp32" means float32), on for "tf32"; "bf16" casts RSP's product operands itself
+    and leaves the model's forward pass to the user's settings. The settings are restored."""
+    if device.type != "cuda" or precision == "bf16":
         yield
         return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -64,3 +66,19 @@ def test_activation_memory_counts_each_storage_once():
     out_of_place = torch.nn.Sequential(conv, torch.nn.ReLU())
     assert activation_mb(in_place, x) * 2**20 == 2 * 16 * 4  # the ReLU's output is the conv's storage
     assert activation_mb(out_of_place, x) * 2**20 == 2 * 2 * 16 * 4
+
+
+def test_product_flops_count_grouped_convolutions_and_their_gradients():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch.nn.functional as F
+    from bench_products import product_flops
+
+    x, w = torch.randn(2, 6, 10, 10), torch.randn(8, 3, 3, 3)  # 2 groups
+
+    def conv_and_both_gradients():
+        y = F.conv2d(x, w, groups=2)
+        return torch.ops.aten.convolution_backward(torch.ones_like(y), x, w, None, [1, 1], [0, 0], [1, 1], False,
+                                                   [0, 0], 2, [True, True, False])
+    macs = 2 * 8 * 3 * 9 * 8 * 8  # N·O·(C/groups)·k²·output positions
+    assert product_flops(conv_and_both_gradients) == 3 * 2 * macs
+    assert product_flops(lambda: torch.randn(4, 5, 6) @ torch.randn(4, 6, 7)) == 2 * 4 * 5 * 6 * 7

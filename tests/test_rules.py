@@ -63,7 +63,7 @@ def test_path_choice_follows_the_cost_model():
     assert choose_path(64 * 9, 64, 224 * 224) == "conv"  # VGG16 conv1_2
     assert choose_path(9, 1, 112 * 112) == "conv"  # depthwise: tiny filters
     assert choose_path(96, 24, 56 * 56, dense_pointwise=True) == "filter"  # the input is the patch matrix
-    assert choose_path(64 * 9, 64, 224 * 224, cuda_dense=True) == "filter"  # CUDA: batched GEMMs, no per-sample loop
+    assert choose_path(64 * 9, 64, 224 * 224, cuda_dense=True) == "grouped_conv"  # CUDA: no per-sample loop
     assert choose_path(512 * 9, 512, 14 * 14, cuda_dense=True) == "gram"
 
 
