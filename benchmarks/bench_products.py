@@ -3,9 +3,11 @@
     python benchmarks/bench_products.py [--model vgg16] [--batch 64] [--backend cuda] [--json out.json] [--quick]
 
 The peak is measured in the same run (a large square matrix product in each precision).
-RSP's product FLOPs come from ``torch.utils.flop_counter`` (mm, bmm, convolutions and their
-gradients); on CUDA their time is the device time of the kernels the profiler names as
-GEMMs or convolutions, so the product rate excludes normalisation, purge and copies. The
+RSP's product FLOPs come from ``torch.utils.flop_counter``'s formulas (mm, bmm) and
+``conv_flops`` (convolutions and their gradients, groups counted); on CUDA their time is
+the time during which kernels the profiler names as GEMMs or convolutions ran (cuDNN's
+layout transposes for them included), so the product rate excludes normalisation, purge
+and copies. The
 whole pass is reported too (its time, and the share of it spent in products). Triton's
 fused product+normalisation kernels are invisible to the FLOP counter, so use a backend
 whose products are PyTorch's (``cuda``, ``cpp``, ``torch``).
@@ -91,28 +93,38 @@ def product_flops(fn) -> int:
     return counter.total
 
 
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: kernels that overlap count once."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
 def product_device_seconds(fn, device: torch.device) -> tuple[float, float, list[tuple[str, float]]]:
-    """Seconds in GEMM/convolution kernels, seconds in all kernels, and every kernel's total
-    seconds (longest first) of one call, from the profiler."""
+    """Seconds during which GEMM/convolution kernels ran, seconds during which any kernel ran,
+    and every kernel's summed seconds (longest first), for one call, from the profiler's
+    kernel intervals. cuDNN runs grouped convolutions as concurrent kernels, so times are
+    unions of intervals, not sums."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         sync(device)
-    products = total = 0.0
-    kernels = []
-    for evt in prof.key_averages():
-        us = getattr(evt, "self_device_time_total", None)
-        if us is None:
-            us = getattr(evt, "self_cuda_time_total", 0.0)
-        if getattr(evt, "device_type", None) is not None and str(evt.device_type).endswith("CPU"):
+    spans, product_spans, per_kernel = [], [], {}
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CUDA:
             continue
-        total += us
-        kernels.append((evt.key, us / 1e6))
-        if PRODUCT_KERNEL.search(evt.key):
-            products += us
-    return products / 1e6, total / 1e6, sorted(kernels, key=lambda k: -k[1])
+        span = (evt.time_range.start / 1e6, evt.time_range.end / 1e6)
+        spans.append(span)
+        per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + span[1] - span[0]
+        if PRODUCT_KERNEL.search(evt.name):
+            product_spans.append(span)
+    return busy_seconds(product_spans), busy_seconds(spans), sorted(per_kernel.items(), key=lambda k: -k[1])
 
 
 def main(argv=None) -> int:
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
             prod_s, kernel_s, kernels = product_device_seconds(fn, device)
             row.update(product_tflops=flops / prod_s / 1e12, product_fraction_of_peak=flops / prod_s / 1e12 / peak,
                        product_share_of_kernel_time=prod_s / kernel_s,
-                       top_kernels=[{"kernel": name[:160], "ms_per_image": 1e3 * sec / batch, "share": sec / kernel_s,
+                       top_kernels=[{"kernel": name[:160], "ms_per_image": 1e3 * sec / batch, "share": sec / kernel_s,  # summed
                                      "product": bool(PRODUCT_KERNEL.search(name))} for name, sec in kernels[:TOP]])
             print(f"  {precision}: where the kernel time goes (ms per image)", file=sys.stderr)
             for k in row["top_kernels"][:12]:

@@ -82,3 +82,13 @@ def test_product_flops_count_grouped_convolutions_and_their_gradients():
     macs = 2 * 8 * 3 * 9 * 8 * 8  # N·O·(C/groups)·k²·output positions
     assert product_flops(conv_and_both_gradients) == 3 * 2 * macs
     assert product_flops(lambda: torch.randn(4, 5, 6) @ torch.randn(4, 6, 7)) == 2 * 4 * 5 * 6 * 7
+
+
+def test_busy_seconds_counts_overlapping_kernels_once():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_products import busy_seconds
+
+    assert busy_seconds([]) == 0
+    assert busy_seconds([(0, 2), (1, 3), (5, 6)]) == 4  # [0, 3] and [5, 6]
+    assert busy_seconds([(0, 10), (2, 3), (4, 5)]) == 10  # nested
+    assert busy_seconds([(3, 4), (0, 1)]) == 2  # unsorted, disjoint
