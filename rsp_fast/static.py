@@ -15,13 +15,15 @@ import warnings
 
 import torch
 
+from .api import Explanation
 from .errors import RSPError
 
 WARMUP_CALLS = 2  # Triton compiles, cuBLAS/cuDNN pick algorithms and allocate their workspaces outside the capture
 
 
 class StaticRSP:
-    """RSP for inputs of one shape; ``__call__(inputs, target=None)`` returns the attribution."""
+    """RSP for inputs of one shape: ``__call__(inputs, target=None)`` returns the attribution,
+    ``explain(inputs, target=None)`` an ``Explanation`` (without ``record``'s steps)."""
 
     def __init__(self, explainer, example: torch.Tensor):
         explainer._check_inputs(example)
@@ -33,11 +35,14 @@ class StaticRSP:
         self.classes: int | None = None
 
     def __call__(self, inputs: torch.Tensor, target=None) -> torch.Tensor:
+        return self.explain(inputs, target).attribution
+
+    def explain(self, inputs: torch.Tensor, target=None):
         if not isinstance(inputs, torch.Tensor) or (inputs.shape, inputs.dtype, inputs.device) != (self.shape, self.dtype, self.device):
             got = (tuple(inputs.shape), inputs.dtype, str(inputs.device)) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
             raise RSPError(f"this static RSP takes inputs of shape {tuple(self.shape)}, {self.dtype} on {self.device}; got {got}")
         if not self.uses_graphs:
-            return self.explainer.attribute(inputs, target)
+            return self.explainer.explain(inputs, target)
         if not torch.isfinite(inputs).all():
             raise RSPError("inputs contain NaN or Inf")
         given = target is not None
@@ -49,13 +54,15 @@ class StaticRSP:
             except Exception as exc:  # an op that cannot be captured: stay correct, run eagerly
                 warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running RSP eagerly")
                 self.uses_graphs = False
-                return self.explainer.attribute(inputs, target)
+                return self.explainer.explain(inputs, target)
         graph, x, t, out = self._graphs[given]
         x.copy_(inputs)
         if given:
             t.copy_(self._checked_target(target))
         graph.replay()
-        return out.clone()  # the next replay overwrites the graph's output
+        # the next replay overwrites the graph's outputs: hand out copies
+        return Explanation(*(v.clone() if isinstance(v, torch.Tensor) else v for v in
+                             (out.attribution, out.initial, out.logits, out.target, out.hostile, out.cams, out.layer)))
 
     def _checked_target(self, target) -> torch.Tensor:
         from .api import _as_class_tensor, _check_range
@@ -82,5 +89,5 @@ class StaticRSP:
         self.classes = logits.shape[1]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = rsp._explain_checked(x, t, None, trusted_target=given).attribution
+            out = rsp._explain_checked(x, t, None, trusted_target=given)
         return graph, x, t, out

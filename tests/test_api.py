@@ -224,6 +224,8 @@ def test_static_path_off_cuda_runs_the_eager_pass():
     assert not static.uses_graphs
     assert torch.equal(static(x), explainer.attribute(x))
     assert torch.equal(static(x, target=2), explainer.attribute(x, target=2))
+    ex = static.explain(x)
+    assert torch.equal(ex.logits, explainer.explain(x).logits) and ex.target.shape == (3,)
     with pytest.raises(rsp_fast.RSPError, match=r"static RSP takes inputs of shape \(3, 3, 32, 32\)"):
         static(torch.randn(2, 3, 32, 32))
     with pytest.raises(rsp_fast.RSPError, match="static RSP takes inputs"):

@@ -73,6 +73,9 @@ def test_static_graph_replays_the_eager_pass(backend):
     torch.testing.assert_close(got1, explainer.attribute(x1), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got2, explainer.attribute(x2), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(got1, got2)
+    ex, ref = static.explain(x2), explainer.explain(x2)
+    assert torch.equal(ex.target, ref.target) and torch.equal(ex.hostile, ref.hostile)
+    torch.testing.assert_close(ex.logits, ref.logits)
     target = torch.tensor([1, 2, 3, 4], device="cuda")
     torch.testing.assert_close(static(x2, target=target), explainer.attribute(x2, target=target), rtol=1e-4, atol=1e-6)
     assert sorted(static._graphs) == [False, True]

@@ -135,6 +135,15 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
                 encoder.write(render.draw_label(picture, caption))
             stage.seconds += time.perf_counter() - t
 
+    graphs = {}  # on CUDA, full batches replay a CUDA graph of the whole pass (every frame has one shape)
+
+    def explain_batch(x: torch.Tensor):
+        if x.device.type != "cuda" or x.shape[0] != batch_size:
+            return explainer.explain(x, target=target)
+        if x.shape not in graphs:
+            graphs[x.shape] = explainer.static(x)
+        return graphs[x.shape].explain(x, target)
+
     decoder, writer = _Stage(decode), _Stage(encode)
     started = time.perf_counter()
     attribute_s = 0.0
@@ -144,7 +153,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         while (batch := _get(decoded, stop, decoder)) is not _DONE:
             t = time.perf_counter()
             x, box = render.to_model_input(batch.frames, spec.input_size, spec.mean, spec.std)
-            ex = explainer.explain(x.to(device), target=target)
+            ex = explain_batch(x.to(device))
             heat = render.heat_to_frame(heatmap(ex.attribution).detach().float().cpu(), box).numpy()
             probs = torch.softmax(ex.logits.float(), 1).cpu()
             labels = probs.argmax(1).tolist()
