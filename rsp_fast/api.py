@@ -16,6 +16,7 @@ from .propagate import propagate, record_forward
 
 INITS = ("comparative", "gradcam")
 PRECISIONS = ("fp32", "tf32", "bf16")
+CPU_MAX_BATCH = 8  # CPU passes over more samples than this run slower per sample (caches); GPUs want the whole batch
 
 
 @dataclass
@@ -45,16 +46,20 @@ class RSP:
         hostile_k: number of hostile classes (top predictions other than the target) by default.
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``; None reads
             ``RSP_FAST_BACKEND``.
-        precision: ``"fp32"`` (the products in the input's dtype), ``"tf32"`` (CUDA: TF32
-            tensor cores for the products) or ``"bf16"`` (the products' operands in bfloat16);
-            the normalisation and the purge always run in the input's dtype.
+        precision: ``"fp32"`` (everything in the input's dtype; on CUDA TF32 off), ``"tf32"``
+            (CUDA: TF32 tensor cores for the forward pass and the products) or ``"bf16"`` (the
+            products' operands in bfloat16); the normalisation and the purge always run in the
+            input's dtype.
+        max_batch: the most samples one pass takes; larger inputs run in chunks of this size
+            (samples are independent, so the result is the same). None: 8 on CPU (faster per
+            sample there), the whole batch on other devices.
 
     A model in training mode is explained in eval mode and restored afterwards; the model,
     its parameters, hooks and gradients are never changed.
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, init: str = "comparative",
-                 hostile_k: int = 3, backend: str | None = "auto", precision: str = "fp32"):
+                 hostile_k: int = 3, backend: str | None = "auto", precision: str = "fp32", max_batch: int | None = None):
         if not isinstance(model, nn.Module):
             raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if init not in INITS:
@@ -63,7 +68,10 @@ class RSP:
             raise RSPError(f"hostile_k must be a non-negative int, not {hostile_k!r}")
         if precision not in PRECISIONS:
             raise RSPError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise RSPError(f"max_batch must be a positive int or None, not {max_batch!r}")
         self.model, self.init, self.hostile_k, self.precision = model, init, hostile_k, precision
+        self.max_batch = max_batch
         self.backend = resolve_backend_name(backend)
         self.plan = build_plan(model, layer)
         self.layer = self.plan.layer_name
@@ -79,7 +87,14 @@ class RSP:
         output and the relevance dropped at positions with no support (so that
         ΣR_input = ΣR₀ − dropped per sample, RSP_SPEC.md §3)."""
         self._check_inputs(inputs)
-        return self._explain_checked(inputs, target, hostile, record)
+        N = inputs.shape[0]
+        chunk = self.max_batch or (CPU_MAX_BATCH if inputs.device.type == "cpu" else N)
+        if N <= chunk:
+            return self._explain_checked(inputs, target, hostile, record)
+        target, hostile = _per_sample(target, N, "target", 0), _per_sample(hostile, N, "hostile", 1)
+        parts = [self._explain_checked(inputs[i:i + chunk], _rows(target, i, chunk), _rows(hostile, i, chunk), record)
+                 for i in range(0, N, chunk)]
+        return _concatenate(parts)
 
     def _explain_checked(self, inputs: torch.Tensor, target, hostile, record: bool = False,
                          trusted_target: bool = False) -> Explanation:
@@ -161,6 +176,38 @@ def _matmul_precision(precision: str, device: torch.device):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _per_sample(value, N: int, name: str, shared_dim: int):
+    """``value`` as given, or as a tensor with one row per sample when it has one (a target of
+    dimension 1, a hostile list of dimension 2), so that chunks can take their rows.
+    ``shared_dim`` is the dimension of a value every sample shares (an int target, one
+    hostile list)."""
+    if value is None:
+        return None
+    t = _as_class_tensor(value, name, "cpu")
+    if t.dim() == shared_dim:
+        return value
+    if t.dim() != shared_dim + 1 or t.shape[0] != N:
+        what = "an int or one class per sample" if name == "target" else "a list of classes or one list per sample"
+        raise RSPError(f"{name} must be {what} ({N}), got shape {tuple(t.shape)}")
+    return t
+
+
+def _rows(value, start: int, count: int):
+    return value[start:start + count] if isinstance(value, torch.Tensor) else value
+
+
+def _concatenate(parts: list[Explanation]) -> Explanation:
+    """One Explanation from those of consecutive chunks of a batch."""
+    first = parts[0]
+
+    def cat(name: str, dim: int = 0):
+        return torch.cat([getattr(p, name) for p in parts], dim)
+    steps = {k: torch.cat([p.steps[k] for p in parts]) for k in first.steps}
+    dropped = cat("dropped") if first.dropped is not None else None
+    return Explanation(cat("attribution"), cat("initial"), cat("logits"), cat("target"), cat("hostile"), cat("cams", 1),
+                       first.layer, steps, dropped)
 
 
 def heatmap(R: torch.Tensor) -> torch.Tensor:

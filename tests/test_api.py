@@ -232,3 +232,25 @@ def test_static_path_off_cuda_runs_the_eager_pass():
         static(x.double())
     with pytest.raises(rsp_fast.RSPError, match="must be a torch.Tensor"):
         explainer.static([1, 2])
+
+
+def test_large_batches_run_in_chunks_with_the_same_result():
+    model = torchvision.models.resnet18(num_classes=10).eval().double()
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    target, hostile = [1, 2, 3, 4, 5], [[0, 6], [0, 7], [0, 8], [0, 9], [6, 7]]
+    whole = rsp_fast.RSP(model, max_batch=5).explain(x, target=target, hostile=hostile, record=True)
+    chunked = rsp_fast.RSP(model, max_batch=2).explain(x, target=target, hostile=hostile, record=True)
+    assert rel_err(chunked.attribution, whole.attribution) < 1e-12
+    for name in ("initial", "logits", "cams", "dropped"):
+        assert rel_err(getattr(chunked, name), getattr(whole, name)) < 1e-12, name
+    assert torch.equal(chunked.target, whole.target) and torch.equal(chunked.hostile, whole.hostile)
+    assert chunked.steps.keys() == whole.steps.keys()
+    assert all(rel_err(chunked.steps[k], whole.steps[k]) < 1e-12 for k in whole.steps)
+    shared = rsp_fast.RSP(model, max_batch=2).explain(x, target=3, hostile=[0, 6])  # one value for every sample
+    assert shared.target.tolist() == [3] * 5 and shared.hostile.tolist() == [[0, 6]] * 5
+    with pytest.raises(RSPError, match=r"one class per sample \(5\)"):
+        rsp_fast.RSP(model, max_batch=2).explain(x, target=[1, 2, 3])
+    with pytest.raises(RSPError, match=r"one list per sample \(5\)"):
+        rsp_fast.RSP(model, max_batch=2).explain(x, hostile=[[0, 6]] * 3)
+    with pytest.raises(RSPError, match="max_batch"):
+        rsp_fast.RSP(model, max_batch=0)
