@@ -245,7 +245,12 @@ def _targets(target, logits: torch.Tensor) -> torch.Tensor:
     N, classes = logits.shape
     if target is None:
         return logits.argmax(1)
-    t = _as_class_tensor(target, "target", logits.device)
+    return class_per_sample(target, N, classes, logits.device)
+
+
+def class_per_sample(target, N: int, classes: int, device) -> torch.Tensor:
+    """A target (an int or one class per sample) as N class indices, checked."""
+    t = _as_class_tensor(target, "target", device)
     if t.dim() == 0:
         t = t.expand(N)
     if t.shape != (N,):

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from .api import Explanation
+from .api import Explanation, class_per_sample
 from .errors import RSPError
 
 WARMUP_CALLS = 2  # Triton compiles, cuBLAS/cuDNN pick algorithms and allocate their workspaces outside the capture
@@ -58,23 +58,11 @@ class StaticRSP:
         graph, x, t, out = self._graphs[given]
         x.copy_(inputs)
         if given:
-            t.copy_(self._checked_target(target))
+            t.copy_(class_per_sample(target, self.shape[0], self.classes, self.device))
         graph.replay()
         # the next replay overwrites the graph's outputs: hand out copies
         return Explanation(*(v.clone() if isinstance(v, torch.Tensor) else v for v in
                              (out.attribution, out.initial, out.logits, out.target, out.hostile, out.cams, out.layer)))
-
-    def _checked_target(self, target) -> torch.Tensor:
-        from .api import _as_class_tensor, _check_range
-
-        t = _as_class_tensor(target, "target", self.device)
-        N = self.shape[0]
-        if t.dim() == 0:
-            t = t.expand(N)
-        if t.shape != (N,):
-            raise RSPError(f"target must be an int or one class per sample ({N}), got shape {tuple(t.shape)}")
-        _check_range(t, self.classes, "target")
-        return t
 
     def _capture(self, given: bool):
         rsp = self.explainer
