@@ -16,7 +16,6 @@ from .propagate import propagate, record_forward
 
 INITS = ("comparative", "gradcam")
 PRECISIONS = ("fp32", "tf32", "bf16")
-CPU_MAX_BATCH = 8  # CPU passes over more samples than this run slower per sample (caches); GPUs want the whole batch
 
 
 @dataclass
@@ -51,8 +50,8 @@ class RSP:
             products' operands in bfloat16); the normalisation and the purge always run in the
             input's dtype.
         max_batch: the most samples one pass takes; larger inputs run in chunks of this size
-            (samples are independent, so the result is the same). None: 8 on CPU (faster per
-            sample there), the whole batch on other devices.
+            (samples are independent, so the result is the same: bounds the memory a call
+            needs). None: the whole batch.
 
     A model in training mode is explained in eval mode and restored afterwards; the model,
     its parameters, hooks and gradients are never changed.
@@ -88,7 +87,7 @@ class RSP:
         ΣR_input = ΣR₀ − dropped per sample, RSP_SPEC.md §3)."""
         self._check_inputs(inputs)
         N = inputs.shape[0]
-        chunk = self.max_batch or (CPU_MAX_BATCH if inputs.device.type == "cpu" else N)
+        chunk = self.max_batch or N
         if N <= chunk:
             return self._explain_checked(inputs, target, hostile, record)
         target, hostile = _per_sample(target, N, "target", 0), _per_sample(hostile, N, "hostile", 1)
