@@ -23,6 +23,8 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "cuda", "triton"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="RSP's products in float32 (default), TF32 (CUDA) or bfloat16")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -67,7 +69,7 @@ def _spec(args):
 
 def _video_kwargs(args) -> dict:
     return dict(layer=args.layer, init=args.init, hostile_k=args.hostile_k, target=args.target, batch_size=args.batch_size,
-                device=args.device, backend=args.backend, fps=args.fps, max_frames=args.max_frames, mode=args.mode,
+                device=args.device, backend=args.backend, precision=args.precision, fps=args.fps, max_frames=args.max_frames, mode=args.mode,
                 scale=args.scale, progress=False if args.quiet else None)
 
 
@@ -99,7 +101,8 @@ def cmd_image(args) -> None:
 
     images = [(Path(p).stem, read_image(p)) for p in args.images]
     spec = _spec(args)
-    explainer = RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend)
+    explainer = RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend,
+                    precision=args.precision)
     report = explain_images(spec, explainer, images, args.output, target=args.target, batch_size=args.batch_size, device=args.device)
     _write_report(report, Path(args.report) if args.report else Path(args.output) / "report.json")
     for row in report["images"]:

@@ -64,6 +64,7 @@ def test_image_demo_photos_are_recognised(tmp_path):
     (["image", "{png}", "-o", "x", "--model", "vgg16"], "vgg16 needs --weights"),
     (["image", "{png}", "-o", "x", "--model", "vgg16", "--weights", "{badweights}"], "do not match VGG"),
     (["image", "{png}", "-o", "x", "--target", "1000"], "class 1000 is out of range"),
+    (["image", "{png}", "-o", "x", "--precision", "tf32"], "precision='tf32' uses CUDA tensor cores"),
 ])
 def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     notimage = tmp_path / "notimage.png"

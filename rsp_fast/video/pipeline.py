@@ -84,7 +84,7 @@ def _as_spec(model) -> ModelSpec:
 
 
 def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hostile_k: int = 3, target: int | None = None,
-                  batch_size: int = 8, device: str = "cpu", backend: str = "auto", fps: float | None = None,
+                  batch_size: int = 8, device: str = "cpu", backend: str = "auto", precision: str = "fp32", fps: float | None = None,
                   max_frames: int | None = None, mode: str = "overlay", scale: str = "frame", progress: bool | None = None,
                   explainer: RSP | None = None) -> dict:
     """Attribute every frame of ``src`` and write the heat-map video ``dst``; returns the report
@@ -97,10 +97,12 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         raise RSPError(f"batch size must be at least 1, not {batch_size}")
     if max_frames is not None and max_frames < 1:
         raise RSPError(f"max frames must be at least 1, not {max_frames}")
+    if precision == "tf32" and torch.device(device).type != "cuda":
+        raise RSPError("precision='tf32' uses CUDA tensor cores: use --device cuda, or fp32 or bf16")
     spec = _as_spec(model)
     info = io.probe(src)  # fails here, before any model work, on a missing or broken file
     spec.model.to(device)
-    explainer = explainer or RSP(spec.model, layer=layer, init=init, hostile_k=hostile_k, backend=backend)
+    explainer = explainer or RSP(spec.model, layer=layer, init=init, hostile_k=hostile_k, backend=backend, precision=precision)
     out_fps = Fraction(fps).limit_denominator(1001) if fps else info.fps
     total = min(info.frames, max_frames) if info.frames and max_frames else (max_frames or info.frames)
     show = sys.stderr.isatty() if progress is None else progress
