@@ -16,6 +16,7 @@ from torch import nn
 
 from .graph.plan import Plan
 from .rules import Context
+from .rules.pool import indices_key, max_pool_with_indices
 
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul}
 
@@ -27,10 +28,15 @@ class _Recorder(fx.Interpreter):
         self.saved: dict[fx.Node, Any] = {}
         self.shapes: dict[fx.Node, torch.Size] = {}
         self.saliency_value: torch.Tensor | None = None
+        self.index_pools = {s.node for s in plan.steps if getattr(s, "records_indices", False)}
 
     def run_node(self, n: fx.Node) -> Any:
         with torch.set_grad_enabled(n in self.plan.head):
-            out = super().run_node(n)
+            if n in self.index_pools:  # the max pool, and where its maxima are, for its rule
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                out, self.saved[indices_key(n)] = max_pool_with_indices(self.fetch_attr(n.target), args[0])
+            else:
+                out = super().run_node(n)
         if n is self.plan.saliency:
             out = out.detach().requires_grad_()
             self.saliency_value = out

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import rsp_fast
@@ -130,7 +131,8 @@ def _single_op_model(op):
     return m.eval()
 
 
-@pytest.mark.parametrize("op", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d((2, 3))])
+@pytest.mark.parametrize("op", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                                nn.MaxPool2d(2, 1, dilation=2), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d((2, 3))])
 def test_pool_rule_is_the_z_rule(op):
     m = _single_op_model(op)
     x = torch.randn(2, 3, 6, 6, dtype=D)
@@ -143,6 +145,14 @@ def test_pool_rule_is_the_z_rule(op):
     (g,) = torch.autograd.grad(Z, a, S)
     assert rel_err(ex.steps["op"], a.detach() * g) < 1e-12
     assert torch.allclose(ex.steps["op"].sum((1, 2, 3)), R_out.sum((1, 2, 3)), rtol=1e-9)
+
+
+def test_max_pools_keep_indices_not_their_inputs():
+    model = torchvision.models.vgg11(num_classes=5).eval()
+    plan = rsp_fast.RSP(model).plan
+    pools = [s for s in plan.steps if isinstance(s.module if hasattr(s, "module") else None, nn.MaxPool2d)]
+    assert len(pools) == 4 and all(type(s).__name__ == "MaxPoolByIndices" for s in pools)
+    assert not any(s.inputs[0] in plan.saved for s in pools)  # the ReLU outputs before the pools are freed
 
 
 def test_add_rule_and_fan_out():
@@ -234,3 +244,20 @@ def test_patch_gram_equals_the_full_product(shape, block):
 
     cols = torch.randn(*shape, dtype=torch.float64)
     torch.testing.assert_close(patch_gram(cols, block=block), cols.transpose(-1, -2) @ cols, rtol=1e-12, atol=1e-12)
+
+
+
+
+def test_layers_skip_clamping_only_inputs_that_are_non_negative_by_construction():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.ZeroPad2d(1), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 6), nn.Linear(6, 3))
+    model = model.double().eval()
+    explainer = rsp_fast.RSP(model, layer="9", init="gradcam")
+    flags = {str(s.node.target): s.input_non_negative for s in explainer.plan.steps if hasattr(s, "input_non_negative") and not s.first}
+    assert flags == {"2": False, "6": True, "9": True}  # after BN: may be negative; after ReLU/pool/pad/flatten: not
+    x = torch.randn(2, 3, 14, 14, dtype=D)
+    fast = explainer.attribute(x)
+    for s in explainer.plan.steps:
+        if hasattr(s, "input_non_negative"):
+            s.input_non_negative = False  # clamp everywhere: the same result
+    assert rel_err(explainer.attribute(x), fast) < 1e-12

@@ -13,7 +13,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, node_kind, relevance_inputs, rule_for
+from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, keeps_sign, node_kind, rectifies,
+                     relevance_inputs, rule_for)
+from ..rules.base import LayerRule
 from .trace import trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
@@ -147,6 +149,11 @@ def build_plan(model: nn.Module, layer=None) -> Plan:
         first = kinds[node] == NodeKind.LAYER and any(a is input_node or raw.get(a, False) for a in relevance_inputs(node, kinds[node]))
         steps.append(rule_for(node, kinds[node], module, first, _bn_after(model, node)))
 
+    non_negative = _non_negative(model)
+    for step in steps:
+        if isinstance(step, LayerRule):
+            step.input_non_negative = non_negative(step.inputs[0])
+
     head, frontier = set(), [saliency]
     while frontier:
         for user in frontier.pop().users:
@@ -155,6 +162,29 @@ def build_plan(model: nn.Module, layer=None) -> Plan:
                 frontier.append(user)
     saved = {v for s in steps for v in s.needs_values}
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank)
+
+
+def _non_negative(model: nn.Module):
+    """``f(node)``: whether the node's forward values are ≥ 0 by construction (a rectifier's
+    output, or what pooling, padding, concatenation, sums and reshapes make of such values).
+    Layer rules then use their input as x̂ = max(x, 0) without clamping a copy."""
+    known: dict[fx.Node, bool] = {}
+
+    def check(node) -> bool:
+        if not isinstance(node, fx.Node):
+            return False  # a constant operand
+        if node not in known:
+            module = _module(model, node)
+            if node.op in ("placeholder", "get_attr", "output"):
+                known[node] = False
+            elif rectifies(node, module):
+                known[node] = True
+            else:
+                kind = node_kind(node, module)
+                operands = relevance_inputs(node, kind) if kind else []
+                known[node] = bool(operands) and keeps_sign(node, module, kind) and all(check(a) for a in operands)
+        return known[node]
+    return check
 
 
 def _describe_unsupported(node: fx.Node, module) -> str:

@@ -19,7 +19,7 @@ from .conv import Conv, is_same_padding_conv
 from .linear import Linear
 from .merge import Add, Cat
 from .passthrough import PassThrough, Route
-from .pool import Pool
+from .pool import INDEX_POOLS, MaxPoolByIndices, Pool
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
 
@@ -120,6 +120,30 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     return None
 
 
+def rectifies(node: fx.Node, module: nn.Module | None) -> bool:
+    """Whether a node's output is ≥ 0 whatever its input: ReLU, ReLU6, hardtanh from 0, and
+    timm's BatchNormAct2d ending in one of them."""
+    if node.op == "call_module":
+        m = module
+        if isinstance(m, BATCHNORM):
+            m = getattr(m, "act", None)
+        return isinstance(m, ACTIVATIONS) or (isinstance(m, nn.Hardtanh) and m.min_val >= 0)
+    if node.op == "call_function":
+        if node.target in (F.relu, torch.relu, F.relu6):
+            return True
+        if node.target is F.hardtanh:
+            return node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0) >= 0
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def keeps_sign(node: fx.Node, module: nn.Module | None, kind: str | None) -> bool:
+    """Whether a node's output is ≥ 0 when all its inputs are: pooling, zero padding,
+    concatenation, sums, reshapes and dropout (not BatchNorm, whose shift can make it negative)."""
+    if kind in (NodeKind.POOL, NodeKind.ROUTE, NodeKind.CAT, NodeKind.ADD):
+        return True
+    return kind == NodeKind.PASS and not isinstance(module, BATCHNORM)
+
+
 def relevance_inputs(node: fx.Node, kind: str) -> list:
     """The arguments relevance flows back to (may include non-node constants for add)."""
     if kind == NodeKind.ADD:
@@ -141,6 +165,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if kind == NodeKind.PASS:
         return PassThrough(node, inputs)
     if kind == NodeKind.POOL:
+        if isinstance(module, INDEX_POOLS) and not module.return_indices:
+            return MaxPoolByIndices(node, inputs, module)
         return Pool(node, inputs, module)
     if kind == NodeKind.ROUTE:
         return Route(node, inputs, module)

@@ -63,6 +63,7 @@ class LayerRule(Rule):
     def __init__(self, node: fx.Node, inputs: list[fx.Node], module: torch.nn.Module, first: bool, bn_scale: Callable):
         super().__init__(node, inputs, needs_values=list(inputs))
         self.module, self.first, self.bn_scale = module, first, bn_scale
+        self.input_non_negative = False  # set by the plan when the input is ≥ 0 by construction
         self.kind = f"{self.name} (first, z^B)" if first else self.name
 
     def folded_weight(self, dtype: torch.dtype) -> torch.Tensor:

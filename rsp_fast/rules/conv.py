@@ -222,11 +222,13 @@ def _conv_kernel_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, o
     return dx
 
 
-def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None = None) -> torch.Tensor:
+def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None = None,
+                         non_negative: bool = False) -> torch.Tensor:
     """Per-sample sectional filters F± = R±·X̂ᵤᵀ (per group), responses G± = F±·X̂ᵤ, sectional
     normalisation, one back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻, then the purge (k > 1) or not (1×1).
-    Dense layers put both sections through each product together ([R⁺; R⁻], [S⁺; −S⁻])."""
-    x_pos = x.clamp(min=0)
+    Dense layers put both sections through each product together ([R⁺; R⁻], [S⁺; −S⁻]).
+    ``non_negative``: x is known to be ≥ 0 (a ReLU's output, say), so x̂ = x needs no copy."""
+    x_pos = x if non_negative else x.clamp(min=0)
     xp = _pad(x_pos, g)
     N, C, Hp, Wp = xp.shape
     G, O = g.groups, R.shape[1]
@@ -291,4 +293,4 @@ class Conv(LayerRule):
         g = conv_geometry(self.module, tuple(x.shape[-2:]))
         if self.first:
             return [first_conv_relevance(ctx, x, R, self.folded_weight(x.dtype), g)]
-        return [inner_conv_relevance(ctx, x, R, g)]
+        return [inner_conv_relevance(ctx, x, R, g, non_negative=self.input_non_negative)]

@@ -26,8 +26,9 @@ def first_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
     return x * (S @ W) - low * (S @ Wp) - high * (S @ Wn)
 
 
-def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    x_pos = x.clamp(min=0)
+def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor,
+                           non_negative: bool = False) -> torch.Tensor:
+    x_pos = x if non_negative else x.clamp(min=0)
     Wp = W.clamp(min=0)
     Zp = (ctx.low(x_pos) @ ctx.low(Wp).T).to(x.dtype)
     Sp, Sn = ctx.ops.sectional_normalize(R, Zp, Zp)
@@ -42,4 +43,4 @@ class Linear(LayerRule):
         W = self.folded_weight(x.dtype)
         if self.first:
             return [first_linear_relevance(ctx, x, R, W)]
-        return [inner_linear_relevance(ctx, x, R, W)]
+        return [inner_linear_relevance(ctx, x, R, W, non_negative=self.input_non_negative)]

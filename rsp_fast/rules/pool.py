@@ -2,15 +2,32 @@
 
 x' = x + 1e-9, Z = pool(x'), R_in = x' ⊙ ∂/∂x'⟨pool(x'), safe_div(R, Z)⟩ (RSP_SPEC.md §2).
 The authors split R into R⁺ and R⁻ first; the sum is the same, so one pass suffices.
+Through a max pool the gradient is one-hot at each window's maximum, where x' = Z: the rule
+routes R there unchanged (dropped where Z = 0). ``MaxPoolByIndices`` does exactly that with
+the indices the forward pass recorded, without re-running the pool.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..kernels.reference import per_sample_sum, safe_div
 from .base import Context, Rule, node_function
 
 POOL_EPS = 1e-9
+INDEX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+
+
+def indices_key(node) -> tuple:
+    """Where the forward pass leaves a max pool's indices among the saved values."""
+    return (node, "indices")
+
+
+def max_pool_with_indices(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``module`` (an ``INDEX_POOLS`` module) computes, and the flat index of each maximum."""
+    pool = torch.nn.functional.max_pool2d if isinstance(module, nn.MaxPool2d) else torch.nn.functional.max_pool1d
+    return pool(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                ceil_mode=module.ceil_mode, return_indices=True)
 
 
 class Pool(Rule):
@@ -29,3 +46,25 @@ class Pool(Rule):
         if ctx.tracking:
             ctx.drop(per_sample_sum(R * (Z.detach() == 0)))
         return [x.detach() * grad]
+
+
+class MaxPoolByIndices(Rule):
+    """A max-pool module: R goes to each window's maximum (the z-rule above, exactly), found
+    by the indices the forward pass recorded; reads the pool's output, not its larger input."""
+
+    kind = "pool"
+    records_indices = True
+
+    def __init__(self, node, inputs, module):
+        super().__init__(node, inputs, needs_values=[node])
+        self.module = module
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        idx = ctx.values[indices_key(self.node)]
+        supported = (ctx.values[self.node] + POOL_EPS) != 0
+        if ctx.tracking:
+            ctx.drop(per_sample_sum(R * ~supported))
+        shape = ctx.shapes[self.inputs[0]]
+        R_in = R.new_zeros(*shape[:2], shape[2:].numel())
+        R_in.scatter_add_(2, idx.flatten(2), torch.where(supported, R, 0.0).flatten(2))  # windows may overlap
+        return [R_in.view(shape)]
