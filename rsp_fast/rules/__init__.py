@@ -139,7 +139,9 @@ def rectifies(node: fx.Node, module: nn.Module | None) -> bool:
 def keeps_sign(node: fx.Node, module: nn.Module | None, kind: str | None) -> bool:
     """Whether a node's output is ≥ 0 when all its inputs are: pooling, zero padding,
     concatenation, sums, reshapes and dropout (not BatchNorm, whose shift can make it negative)."""
-    if kind in (NodeKind.POOL, NodeKind.ROUTE, NodeKind.CAT, NodeKind.ADD):
+    if kind == NodeKind.ADD:
+        return "alpha" not in node.kwargs  # torch.add(a, b, alpha=-1) subtracts
+    if kind in (NodeKind.POOL, NodeKind.ROUTE, NodeKind.CAT):
         return True
     return kind == NodeKind.PASS and not isinstance(module, BATCHNORM)
 
