@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from utils import describe, markdown_table, sync, time_call  # noqa: E402
 
 import rsp_fast  # noqa: E402
+from rsp_fast.api import _matmul_precision  # noqa: E402
 
 PEAK_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 # cuBLAS (nvjet, xmma, cutlass), cuDNN (implicit GEMM, wgrad/dgrad, winograd) and ATen's own conv kernels
@@ -38,21 +39,9 @@ PRODUCT_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|conv|dgrad|wgrad|winograd|
 def peak_tflops(precision: str, device: torch.device, n: int) -> float:
     """Dense matrix-product rate of an n×n×n product, in TFLOP/s."""
     a, b = (torch.randn(n, n, device=device, dtype=PEAK_DTYPES[precision]) for _ in range(2))
-    with _tf32(precision == "tf32" and device.type == "cuda"):
+    with _matmul_precision(precision, device):  # TF32 off for fp32, on for tf32, as RSP sets it
         t = time_call(lambda: a @ b, device, repeats=10, warmup=3)["median"]
     return 2 * n**3 / t / 1e12
-
-
-class _tf32:
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def conv_flops(func, args, out) -> int | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from .graph.plan import build_plan
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward
+
+if TYPE_CHECKING:
+    from .static import StaticRSP
 
 INITS = ("comparative", "gradcam")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -131,7 +134,7 @@ class RSP:
                       torch.bfloat16 if self.precision == "bf16" else None)
         return Explanation(R, R0.detach(), logits.detach(), tgt, hst, cams.detach(), self.layer, steps, dropped)
 
-    def static(self, example: torch.Tensor) -> "StaticRSP":
+    def static(self, example: torch.Tensor) -> StaticRSP:
         """A fast path for a fixed input shape (video frames): on CUDA the whole pass is
         captured once as a CUDA graph and replayed per call; elsewhere it runs eagerly.
         See ``rsp_fast.static.StaticRSP``."""
@@ -188,9 +191,13 @@ def _per_sample(value, N: int, name: str, shared_dim: int):
     if t.dim() == shared_dim:
         return value
     if t.dim() != shared_dim + 1 or t.shape[0] != N:
-        what = "an int or one class per sample" if name == "target" else "a list of classes or one list per sample"
-        raise RSPError(f"{name} must be {what} ({N}), got shape {tuple(t.shape)}")
+        raise _per_sample_error(name, N, t.shape)
     return t
+
+
+def _per_sample_error(name: str, N: int, shape) -> RSPError:
+    what = "an int or one class per sample" if name == "target" else "a list of classes or one list per sample"
+    return RSPError(f"{name} must be {what} ({N}), got shape {tuple(shape)}")
 
 
 def _rows(value, start: int, count: int):
@@ -253,7 +260,7 @@ def class_per_sample(target, N: int, classes: int, device) -> torch.Tensor:
     if t.dim() == 0:
         t = t.expand(N)
     if t.shape != (N,):
-        raise RSPError(f"target must be an int or one class per sample ({N}), got shape {tuple(t.shape)}")
+        raise _per_sample_error("target", N, t.shape)
     _check_range(t, classes, "target")
     return t
 
@@ -269,7 +276,7 @@ def _hostiles(hostile, logits: torch.Tensor, target: torch.Tensor, k: int) -> to
     if h.dim() == 1:
         h = h.unsqueeze(0).expand(N, -1)
     if h.dim() != 2 or h.shape[0] != N:
-        raise RSPError(f"hostile must be a list of classes or one list per sample ({N}), got shape {tuple(h.shape)}")
+        raise _per_sample_error("hostile", N, h.shape)
     _check_range(h, classes, "hostile")
     if (h == target.unsqueeze(1)).any():
         raise RSPError("a hostile class equals the target class of its sample")

@@ -43,8 +43,7 @@ class StaticRSP:
             raise RSPError(f"this static RSP takes inputs of shape {tuple(self.shape)}, {self.dtype} on {self.device}; got {got}")
         if not self.uses_graphs:
             return self.explainer.explain(inputs, target)
-        if not torch.isfinite(inputs).all():
-            raise RSPError("inputs contain NaN or Inf")
+        self.explainer._check_inputs(inputs)
         given = target is not None
         if given not in self._graphs:
             try:

@@ -99,8 +99,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         if t in PASS_FUNCTIONS:
             return NodeKind.PASS
         if t is F.hardtanh:
-            lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
-            return NodeKind.PASS if lo == 0 else None
+            return NodeKind.PASS if _hardtanh_min(node) == 0 else None
         if t in POOL_FUNCTIONS:
             return NodeKind.POOL
         if t in ADD_FUNCTIONS:
@@ -120,6 +119,11 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     return None
 
 
+def _hardtanh_min(node: fx.Node) -> float:
+    """The lower bound of an ``F.hardtanh`` call (its default is -1)."""
+    return node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+
+
 def rectifies(node: fx.Node, module: nn.Module | None) -> bool:
     """Whether a node's output is ≥ 0 whatever its input: ReLU, ReLU6, hardtanh from 0, and
     timm's BatchNormAct2d ending in one of them."""
@@ -132,7 +136,7 @@ def rectifies(node: fx.Node, module: nn.Module | None) -> bool:
         if node.target in (F.relu, torch.relu, F.relu6):
             return True
         if node.target is F.hardtanh:
-            return node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0) >= 0
+            return _hardtanh_min(node) >= 0
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 

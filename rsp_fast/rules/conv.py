@@ -201,18 +201,17 @@ def _conv_kernel_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, o
                                                        output_mask=[True, False, False], **common)[0].to(dtype)
         return filters, responses, back
 
-    if C == g.groups:
-        # Depthwise: one section at a time keeps oneDNN's depthwise kernels (a channel
-        # multiplier of 2 falls off them: 3× slower here).
+    if C == g.groups or fold_samples:  # every sample its own groups
         filters, responses, back = products(x_low.reshape(1, N * C, Hp, Wp), N * g.groups)
-        Rs_low = low(Rs)
-        Rp, Rn = Rs_low[:, :, :Og], Rs_low[:, :, Og:]
-        Fp, Fn = filters(Rp), filters(Rn)
-        Sp, Sn = normalize(responses(Fp, Rp), responses(Fn, Rn))
-        return (back(Sp, Fp) - back(Sn, Fn)).reshape(N, C, Hp, Wp)
-    if fold_samples:  # both sections in each product, every sample its own groups
-        filters, responses, back = products(x_low.reshape(1, N * C, Hp, Wp), N * g.groups)
-        Fs = filters(low(Rs))
+        if C == g.groups:
+            # Depthwise: one section at a time keeps oneDNN's depthwise kernels (a channel
+            # multiplier of 2 falls off them: 3× slower here).
+            Rs_low = low(Rs)
+            Rp, Rn = Rs_low[:, :, :Og], Rs_low[:, :, Og:]
+            Fp, Fn = filters(Rp), filters(Rn)
+            Sp, Sn = normalize(responses(Fp, Rp), responses(Fn, Rn))
+            return (back(Sp, Fp) - back(Sn, Fn)).reshape(N, C, Hp, Wp)
+        Fs = filters(low(Rs))  # both sections in each product
         return back(normalize_stacked(responses(Fs, Rs)), Fs).reshape(N, C, Hp, Wp)
     dx = xp.new_empty(N, C, Hp, Wp)
     for i in range(N):  # both sections in each product: [R⁺; R⁻]
