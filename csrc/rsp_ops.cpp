@@ -23,4 +23,10 @@ TORCH_LIBRARY(rsp_fast, m) {
   // Hostile purging (RSP_SPEC.md section 2, step 5): D = 2 * x_pos * dx, then per sample
   // R_in = D - [D != 0] * total / #{D != 0}. dx, x_pos: (N, ...); total: (N,).
   m.def("purge(Tensor dx, Tensor x_pos, Tensor total) -> Tensor");
+  // The three products of an inner conv (RSP_SPEC.md section 2, steps 1-4) for groups = 1,
+  // computed only where R is non-zero: x_pos (N, C, H, W) the clamped input, R (N, O, h, w)
+  // the relevance at the conv's output, padding (left, right, top, bottom); returns the
+  // back-projection F_pos^T S_pos - F_neg^T S_neg at the input, (N, C, H, W).
+  m.def("masked_sectional_products(Tensor x_pos, Tensor R, int[2] kernel, int[2] stride, int[2] dilation, "
+        "int[4] padding) -> Tensor");
 }

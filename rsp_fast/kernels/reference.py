@@ -7,6 +7,7 @@ All reductions are per sample (dimension 0), never across the batch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,23 @@ def sectional_matmul_reference(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tenso
     """Stacked responses G = A·B and their stacked sectional normalisation in one step.
     The Triton kernel fuses the division into the product's epilogue."""
     return sectional_normalize_stacked_reference(Rs, A @ B, half)
+
+
+def sectional_products_reference(x_pos: torch.Tensor, R: torch.Tensor, kernel, stride, dilation, padding) -> torch.Tensor:
+    """An inner conv's three products (groups = 1) on its unfolded patches, dense: the
+    sectional filters Fs = [R⁺; R⁻]·Xᵤᵀ, the normalised responses [S⁺; −S⁻] of Fs·Xᵤ, and the
+    back-projection Fsᵀ·[S⁺; −S⁻] folded back onto the input (N, C, H, W). ``padding`` is
+    (left, right, top, bottom). The masked kernels compute the same at R's non-zeros only."""
+    xp = F.pad(x_pos, tuple(padding))
+    N, C, Hp, Wp = xp.shape
+    O, L = R.shape[1], R.shape[-2] * R.shape[-1]
+    cols = F.unfold(xp, tuple(kernel), dilation=tuple(dilation), stride=tuple(stride))  # N, C·k², L
+    Rs = stacked_sections(R.reshape(N, O, L), dim=1)
+    Fs = Rs @ cols.transpose(1, 2)
+    S = sectional_normalize_stacked_reference(Rs, Fs @ cols, O)
+    dx = F.fold(Fs.transpose(1, 2) @ S, (Hp, Wp), tuple(kernel), dilation=tuple(dilation), stride=tuple(stride))
+    left, right, top, bottom = padding
+    return dx[..., top : Hp - bottom, left : Wp - right]
 
 
 def per_sample_sum(t: torch.Tensor) -> torch.Tensor:

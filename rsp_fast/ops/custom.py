@@ -38,6 +38,13 @@ def purge(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> torch.T
     return torch.ops.rsp_fast.purge.default(dx, x_pos, total)
 
 
+def masked_sectional_products(x_pos: torch.Tensor, R: torch.Tensor, kernel, stride, dilation, padding) -> torch.Tensor:
+    """An inner conv's back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻ at its input, every product computed only
+    where R is non-zero (see kernels.reference.sectional_products_reference); groups = 1."""
+    return torch.ops.rsp_fast.masked_sectional_products.default(x_pos, R, list(kernel), list(stride), list(dilation),
+                                                                list(padding))
+
+
 if _has_op("sectional_normalize"):
 
     @torch.library.register_fake("rsp_fast::sectional_normalize")
@@ -62,3 +69,12 @@ if _has_op("purge"):
         torch._check(dx.shape == x_pos.shape, lambda: "purge: dx and x_pos must have the same shape")
         torch._check(total.dim() == 1 and total.shape[0] == dx.shape[0], lambda: "purge: total must be (N,)")
         return torch.empty_like(dx)
+
+
+if _has_op("masked_sectional_products"):
+
+    @torch.library.register_fake("rsp_fast::masked_sectional_products")
+    def _masked_sectional_products_fake(x_pos, R, kernel, stride, dilation, padding):
+        torch._check(x_pos.dim() == 4 and R.dim() == 4 and x_pos.shape[0] == R.shape[0],
+                     lambda: "masked_sectional_products: x_pos (N, C, H, W) and R (N, O, h, w) expected")
+        return torch.empty_like(x_pos, memory_format=torch.contiguous_format)

@@ -4,7 +4,8 @@ or the environment variable ``RSP_FAST_BACKEND``.
 ``auto`` picks the fastest kernel set available for the tensor's device and falls back
 quietly to the PyTorch reference; an explicit backend that cannot run raises an error that
 says why. Each kernel set provides ``sectional_normalize`` (and its stacked form), ``purge``
-and ``combine``; a set without its own version of an op uses the reference one.
+and ``combine``; a set without its own version of an op uses the reference one. Optional:
+``sectional_matmul`` (Triton) and ``masked_products`` (C++ on CPU).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class KernelSet:
     purge: Callable = reference.purge_reference
     combine: Callable = reference.combine_reference
     sectional_matmul: Callable | None = None  # fused product + normalisation; None: product, then the stacked op
+    masked_products: Callable | None = None  # an inner conv's products at R's non-zeros only; None: dense products
     dtypes: frozenset | None = None  # the dtypes its kernels handle; None: any
 
 
@@ -57,7 +59,8 @@ def _triton_purge(dx, x_pos, total):
 
 TORCH = KernelSet("torch")
 COMPILED = KernelSet("cpp", sectional_normalize=custom.sectional_normalize, purge=custom.purge,
-                     sectional_normalize_stacked=custom.sectional_normalize_stacked, dtypes=FLOAT)
+                     sectional_normalize_stacked=custom.sectional_normalize_stacked,
+                     masked_products=custom.masked_sectional_products, dtypes=FLOAT)
 COMPILED_CUDA = KernelSet("cuda", sectional_normalize=custom.sectional_normalize, purge=custom.purge,
                           sectional_normalize_stacked=custom.sectional_normalize_stacked, dtypes=FLOAT_AND_HALF)
 TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, purge=_triton_purge,

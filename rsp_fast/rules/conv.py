@@ -110,7 +110,13 @@ if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
     raise ImportError(f"RSP_FAST_CUDA_DENSE_PATH={CUDA_DENSE_PATH!r}: choose one of {', '.join(CUDA_DENSE_PATHS)}")
 
 
-def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False) -> str:
+# How much slower per multiply-add the masked kernels run than the dense products (gathered
+# patches instead of a blocked GEMM), measured on VGG16's layers on this project's CPU.
+MASKED_SLOWDOWN = 4.5
+
+
+def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
+                nonzeros: float | None = None) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -124,13 +130,22 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
               the GEMMs on VGG16's layers on CPU, and the only sane choice for depthwise
       gram:   K = XᵤᵀXᵤ (shared by both sections),
               G± = R±·K, M = R±ᵀS±, dX = Xᵤ·M            ≈ 2·ck·L² + 4·o·L²
+      masked: each product only at R's non-zeros (G± is needed only where R± ≠ 0; the
+              filters and the back-projection sum over them) ≈ 3·nnz(R)·ck, where the
+              stacked dense products cost 6·o·L·ck: behind a max pool nnz ≤ o·L/4 (8× fewer
+              multiply-adds), behind a ReLU only the active units. ``nonzeros``: nnz(R) per
+              sample and group when a masked kernel is available (dense layers, CPU).
     Deep layers with few positions take the Gram path (VGG16 conv5 at 14×14: 6× fewer
     multiply-adds); stride-1 1×1 layers, whose patch matrix is the input itself, the filter
     path (faster than the conv kernels on EfficientNet's 1×1 layers here); the rest the
     conv path on CPU. On CUDA (``cuda_dense``: a CUDA tensor, not depthwise) the rest take
     ``CUDA_DENSE_PATH``: one grouped convolution per product instead of a loop over the samples.
+    Sparse relevance takes the masked path when it costs less, counted at MASKED_SLOWDOWN.
     """
-    if 2 * ck * L + 4 * o * L < 6 * o * ck:
+    dense, gram = 6 * o * ck * L, (2 * ck * L + 4 * o * L) * L
+    if nonzeros is not None and MASKED_SLOWDOWN * 3 * nonzeros * ck < min(dense, gram):
+        return "masked"
+    if gram < dense:
         return "gram"
     if dense_pointwise:
         return "filter"
@@ -225,17 +240,37 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
                          non_negative: bool = False) -> torch.Tensor:
     """Per-sample sectional filters F± = R±·X̂ᵤᵀ (per group), responses G± = F±·X̂ᵤ, sectional
     normalisation, one back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻, then the purge (k > 1) or not (1×1).
-    Dense layers put both sections through each product together ([R⁺; R⁻], [S⁺; −S⁻]).
     ``non_negative``: x is known to be ≥ 0 (a ReLU's output, say), so x̂ = x needs no copy."""
     x_pos = x if non_negative else x.clamp(min=0)
-    xp = _pad(x_pos, g)
-    N, C, Hp, Wp = xp.shape
+    N, C = x.shape[:2]
     G, O = g.groups, R.shape[1]
     Og, L = O // G, R.shape[-2] * R.shape[-1]
-    Rg = R.reshape(N, G, Og, L)
-    Rs = stacked_sections(Rg, dim=2)  # N, G, 2·O/G, L: [R⁺; R⁻]
     dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
-    path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L, dense_pointwise, x.is_cuda and C != G)
+    # the masked kernels: dense layers in the input's precision; tracking reads Ga and Gb
+    masked = ctx.ops.masked_products is not None and G == 1 and ctx.product_dtype is None and not ctx.tracking
+    nonzeros = int(torch.count_nonzero(R)) / N if masked and path is None else None
+    path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L, dense_pointwise, x.is_cuda and C != G,
+                               nonzeros)
+    Rg = R.reshape(N, G, Og, L)
+    if path == "masked":
+        dx, Ga, Gb = ctx.ops.masked_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
+    else:
+        dx, Ga, Gb = _dense_products(ctx, x_pos, Rg, g, path, R.shape[-2:], dense_pointwise)
+    if g.is_pointwise:
+        if ctx.tracking:
+            ctx.drop(unsupported_relevance(Rg, Ga, Gb))
+        return ctx.ops.combine(dx, x_pos)
+    return purged_relevance(ctx, R, Rg, Ga, Gb, dx, x_pos)
+
+
+def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: ConvGeometry, path: str, out_hw,
+                    dense_pointwise: bool):
+    """The back-projection at the input by the filter, conv or Gram path, both sections through
+    each product together ([R⁺; R⁻], [S⁺; −S⁻]); and, when tracking, the responses Ga, Gb."""
+    xp = _pad(x_pos, g)
+    N, C, Hp, Wp = xp.shape
+    G, Og, L = Rg.shape[1:]
+    Rs = stacked_sections(Rg, dim=2)  # N, G, 2·O/G, L: [R⁺; R⁻]
     seen = []
 
     def normalize(Ga: torch.Tensor, Gb: torch.Tensor):
@@ -249,7 +284,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         return ctx.ops.sectional_normalize_stacked(Rs[samples], Gs, Og)
 
     if path in ("conv", "grouped_conv"):
-        dx = _crop(_conv_kernel_products(xp, Rs, g, R.shape[-2:], normalize, normalize_stacked, ctx.low,
+        dx = _crop(_conv_kernel_products(xp, Rs, g, out_hw, normalize, normalize_stacked, ctx.low,
                                          fold_samples=path == "grouped_conv"), g)
     else:
         if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
@@ -261,7 +296,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         def normalized_responses(A, B):  # [S⁺; −S⁻] for the stacked responses A·B
             if ctx.ops.sectional_matmul is not None and not ctx.tracking:
                 return ctx.ops.sectional_matmul(A, B, Rs_low, Og)  # fused: the responses never reach memory
-            return ctx.low(normalize_stacked((A @ B).to(x.dtype)))
+            return ctx.low(normalize_stacked((A @ B).to(x_pos.dtype)))
 
         if path == "gram":
             K = patch_gram(cols)  # N, G, L, L
@@ -270,18 +305,15 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
             Fs = Rs_low @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
             dcols = Fs.transpose(-1, -2) @ normalized_responses(Fs, cols)
         if not dcols.is_cuda:  # CUDA's col2im sums the k² overlaps in float32: fold first, cast the k²-times smaller result
-            dcols = dcols.to(x.dtype)
+            dcols = dcols.to(x_pos.dtype)
         if dense_pointwise:
-            dx = dcols.reshape(N, C, Hp, Wp).to(x.dtype)
+            dx = dcols.reshape(N, C, Hp, Wp).to(x_pos.dtype)
         else:
-            dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g).to(x.dtype)
+            dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride),
+                       g).to(x_pos.dtype)
     # only read when tracking, which never fuses; one piece per sample on the conv path
     Ga, Gb = (torch.cat(pieces) for pieces in zip(*seen)) if seen else (None, None)
-    if g.is_pointwise:
-        if ctx.tracking:
-            ctx.drop(unsupported_relevance(Rg, Ga, Gb))
-        return ctx.ops.combine(dx, x_pos)
-    return purged_relevance(ctx, R, Rg, Ga, Gb, dx, x_pos)
+    return dx, Ga, Gb
 
 
 class Conv(LayerRule):

@@ -1,0 +1,380 @@
+// CPU masked sectional products: RSP's three matrix products for a dense conv layer
+// (RSP_SPEC.md section 2, steps 1-4), computed only where the relevance is non-zero.
+//
+// Every product of an inner conv is a sum over the positions where R+ or R- is non-zero:
+//   filters        F+-[o]   = sum_l R+-[o,l] * patch(l)
+//   normalisation  S+-[o,l] = R+-[o,l] / (F+-[o] . patch(l))      only where R+-[o,l] != 0
+//   back-projection dX[patch(l)] += S+[o,l] F+[o] - S-[o,l] F-[o]
+// so each costs nnz(R) * k*k*C multiply-adds, against 2 * O * L * k*k*C for the dense
+// products on the stacked sections [R+; R-]. Behind a max pool only one position of each
+// window carries relevance (nnz <= O*L/4: 8x fewer), behind a ReLU only the active units.
+//
+// Layout: the padded input x (already clamped) is copied to channels-last with the channels
+// padded to whole vectors, so a patch is a list of contiguous vectors; each (channel, sign)
+// keeps its non-zeros as (patch origin, |R|) entries in position order.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+namespace rsp_fast {
+namespace {
+
+// One vector: 64 bytes (an AVX-512 register; two AVX2 registers).
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+template <typename T>
+struct Entry {
+  int64_t origin;  // offset of the patch's first element in the channels-last input
+  T value;         // |R| on the way in, the signed sectional ratio S after the normalisation
+};
+
+// A patch as blocks of contiguous vectors: block k covers vectors [first, first + count) of
+// the flattened filter (ky, kx, channel) and starts at x[origin + offset] in the input.
+// With dilation 1 along the width a kernel row is one contiguous run of kw * Cp elements.
+struct Block {
+  int64_t offset, first;
+  int count;
+};
+
+constexpr int kBlock = 8;  // vectors accumulated in registers per sweep over the entries
+
+// The blocks of the channel vectors [c0, c1) of every tap (all of them: whole kernel rows).
+std::vector<Block> patch_blocks(int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t Wp, int64_t Cp,
+                                int64_t lanes, int64_t c0, int64_t c1) {
+  const int64_t cv = Cp / lanes;
+  const bool rows = dw == 1 && c0 == 0 && c1 == cv;
+  std::vector<Block> blocks;
+  auto add_run = [&](int64_t offset, int64_t first, int64_t count) {  // split evenly into <= kBlock
+    const int64_t pieces = (count + kBlock - 1) / kBlock;
+    for (int64_t p = 0, done = 0; p < pieces; ++p) {
+      const int64_t size = (count - done) / (pieces - p);
+      blocks.push_back({offset + done * lanes, first + done, static_cast<int>(size)});
+      done += size;
+    }
+  };
+  for (int64_t ky = 0; ky < kh; ++ky) {
+    if (rows) {
+      add_run(ky * dh * Wp * Cp, ky * kw * cv, kw * cv);
+      continue;
+    }
+    for (int64_t kx = 0; kx < kw; ++kx)
+      add_run((ky * dh * Wp + kx * dw) * Cp + c0 * lanes, (ky * kw + kx) * cv + c0, c1 - c0);
+  }
+  return blocks;
+}
+
+// Hot loops. Compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time, so
+// one binary runs everywhere and uses the widest vectors the CPU has.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RSP_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+#else
+#define RSP_VECTOR_CLONES
+#endif
+// the templates below are inlined into each clone, so they are compiled for its target
+#define RSP_INLINE inline __attribute__((always_inline))
+
+// out[b] = sum_e e.value * x[e.origin + offset + b] for the B vectors of one block.
+template <int B, typename T>
+RSP_INLINE void filter_block(T* __restrict__ out, const Entry<T>* entries, int64_t n, const T* __restrict__ x,
+                             int64_t offset) {
+  constexpr int64_t L = kLanes<T>;
+  T acc[B][L] = {};
+  for (int64_t e = 0; e < n; ++e) {
+    const T v = entries[e].value;
+    const T* src = x + entries[e].origin + offset;
+    for (int b = 0; b < B; ++b) {
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) acc[b][i] += v * src[b * L + i];
+    }
+  }
+  for (int b = 0; b < B; ++b)
+    for (int64_t i = 0; i < L; ++i) out[b * L + i] = acc[b][i];
+}
+
+// dx[e.origin + offset + b] += e.value * f[b] for the B vectors of one block.
+template <int B, typename T>
+RSP_INLINE void back_block(T* __restrict__ dx, const Entry<T>* entries, int64_t n, const T* __restrict__ f,
+                           int64_t offset) {
+  constexpr int64_t L = kLanes<T>;
+  T fr[B][L];
+  for (int b = 0; b < B; ++b)
+    for (int64_t i = 0; i < L; ++i) fr[b][i] = f[b * L + i];
+  for (int64_t e = 0; e < n; ++e) {
+    const T v = entries[e].value;
+    T* dst = dx + entries[e].origin + offset;
+    for (int b = 0; b < B; ++b) {
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) dst[b * L + i] += v * fr[b][i];
+    }
+  }
+}
+
+// A block's kernel with its size B a compile-time constant (registers, unrolled loops).
+#define RSP_BLOCK_SWITCH(fn, count, ...)                  \
+  switch (count) {                                         \
+    case 1: return fn<1>(__VA_ARGS__);                     \
+    case 2: return fn<2>(__VA_ARGS__);                     \
+    case 3: return fn<3>(__VA_ARGS__);                     \
+    case 4: return fn<4>(__VA_ARGS__);                     \
+    case 5: return fn<5>(__VA_ARGS__);                     \
+    case 6: return fn<6>(__VA_ARGS__);                     \
+    case 7: return fn<7>(__VA_ARGS__);                     \
+    default: return fn<8>(__VA_ARGS__);                    \
+  }
+
+// For each entry: the response g = f . patch, then value <- sign * value / g (0 where g = 0).
+// Four entries at a time share each load of the filter.
+template <typename T>
+RSP_INLINE void normalize_entries(Entry<T>* entries, int64_t n, const T* __restrict__ f, const T* __restrict__ x,
+                                  const Block* blocks, int64_t n_blocks, T sign) {
+  constexpr int64_t L = kLanes<T>;
+  constexpr int kGroup = 4;
+  auto finish = [sign](Entry<T>& entry, const T* acc) {
+    T g = 0;
+    for (int64_t i = 0; i < L; ++i) g += acc[i];
+    entry.value = g != T(0) ? sign * entry.value / g : T(0);
+  };
+  int64_t e = 0;
+  for (; e + kGroup <= n; e += kGroup) {
+    T acc[kGroup][L] = {};
+    for (int64_t k = 0; k < n_blocks; ++k) {
+      const Block& blk = blocks[k];
+      const T* fb = f + blk.first * L;
+      const T* src[kGroup];
+      for (int q = 0; q < kGroup; ++q) src[q] = x + entries[e + q].origin + blk.offset;
+      for (int b = 0; b < blk.count; ++b)
+        for (int q = 0; q < kGroup; ++q) {
+#pragma omp simd
+          for (int64_t i = 0; i < L; ++i) acc[q][i] += fb[b * L + i] * src[q][b * L + i];
+        }
+    }
+    for (int q = 0; q < kGroup; ++q) finish(entries[e + q], acc[q]);
+  }
+  for (; e < n; ++e) {
+    T acc[L] = {};
+    for (int64_t k = 0; k < n_blocks; ++k) {
+      const Block& blk = blocks[k];
+      const T* fb = f + blk.first * L;
+      const T* src = x + entries[e].origin + blk.offset;
+      for (int b = 0; b < blk.count; ++b) {
+#pragma omp simd
+        for (int64_t i = 0; i < L; ++i) acc[i] += fb[b * L + i] * src[b * L + i];
+      }
+    }
+    finish(entries[e], acc);
+  }
+}
+
+#define RSP_CLONED_KERNELS(T, suffix)                                                                         \
+  RSP_VECTOR_CLONES void filters_##suffix(T* out, const Entry<T>* entries, int64_t n, const T* x,             \
+                                          const Block& blk) {                                                 \
+    RSP_BLOCK_SWITCH(filter_block, blk.count, out, entries, n, x, blk.offset)                                 \
+  }                                                                                                           \
+  RSP_VECTOR_CLONES void back_##suffix(T* dx, const Entry<T>* entries, int64_t n, const T* f, const Block& blk) { \
+    RSP_BLOCK_SWITCH(back_block, blk.count, dx, entries, n, f + blk.first * kLanes<T>, blk.offset)            \
+  }                                                                                                           \
+  RSP_VECTOR_CLONES void normalize_##suffix(Entry<T>* entries, int64_t n, const T* f, const T* x,             \
+                                            const Block* blocks, int64_t n_blocks, T sign) {                  \
+    normalize_entries(entries, n, f, x, blocks, n_blocks, sign);                                              \
+  }
+RSP_CLONED_KERNELS(float, f)
+RSP_CLONED_KERNELS(double, d)
+
+template <typename T>
+struct Kernels;
+template <>
+struct Kernels<float> {
+  static constexpr auto filters = filters_f;
+  static constexpr auto normalize = normalize_f;
+  static constexpr auto back = back_f;
+};
+template <>
+struct Kernels<double> {
+  static constexpr auto filters = filters_d;
+  static constexpr auto normalize = normalize_d;
+  static constexpr auto back = back_d;
+};
+
+struct Shape {
+  int64_t Hp, Wp, Cp, O, h, w, sh, sw, kh, kw, dh, dw;
+};
+
+// Output rows per strip: the input rows a strip reads (its patches) fill about 384 KB, so
+// that they stay in the core's L2 cache while every channel's entries in the strip use them.
+template <typename T>
+int64_t strip_rows(const Shape& s) {
+  const int64_t row_bytes = s.Wp * s.Cp * static_cast<int64_t>(sizeof(T));
+  const int64_t input_rows = std::max<int64_t>(1, (384 << 10) / row_bytes);
+  return std::max<int64_t>(1, (input_rows - (s.kh - 1) * s.dh - 1) / s.sh + 1);
+}
+
+// Per-sample scratch: each channel's non-zeros and where each strip's begin, and the filters.
+template <typename T>
+struct Sections {
+  std::unique_ptr<Entry<T>[]> entries;  // channel o's row: positives from the front, negatives from the back
+  std::vector<int64_t> pos_end, neg_end;  // [o][strip + 1]: entries of the sign before the strip's end
+  std::vector<T> filters;                  // [sign][o][filter_size]
+  int64_t positions = 0, strips = 0, filter_size = 0;
+
+  // the entries of channel o, sign, strip t: a contiguous range
+  std::pair<Entry<T>*, int64_t> range(int64_t o, int sign, int64_t t) {
+    const int64_t* ends = (sign == 0 ? pos_end : neg_end).data() + o * (strips + 1);
+    Entry<T>* row = entries.get() + o * positions;
+    if (sign == 0) return {row + ends[t], ends[t + 1] - ends[t]};
+    return {row + positions - ends[t + 1], ends[t + 1] - ends[t]};
+  }
+  T* filter(int64_t o, int sign, int64_t O) { return filters.data() + (sign * O + o) * filter_size; }
+};
+
+// Channel o's non-zeros in position order, split by sign, with the strip boundaries. The
+// writes are unconditional and the counters advance by comparisons: R's signs and zeros
+// are unpredictable, branches on them mispredict. The slots between the two ends are free.
+template <typename T>
+void collect_entries(Sections<T>& sec, const T* r, int64_t o, const Shape& s, int64_t rows) {
+  const int64_t positions = sec.positions;
+  Entry<T>* row = sec.entries.get() + o * positions;
+  int64_t* pe = sec.pos_end.data() + o * (sec.strips + 1);
+  int64_t* ne = sec.neg_end.data() + o * (sec.strips + 1);
+  int64_t np = 0, nn = 0;
+  for (int64_t y = 0; y < s.h; ++y) {
+    for (int64_t xq = 0; xq < s.w; ++xq) {
+      const T v = r[y * s.w + xq];
+      const int64_t origin = (y * s.sh * s.Wp + xq * s.sw) * s.Cp;
+      // Both free ends are written, the value's own last: the ends meet at the last free slot.
+      const bool pos = v > T(0);
+      const int64_t front = np, back = positions - 1 - nn;
+      row[pos ? back : front] = {origin, T(0)};
+      row[pos ? front : back] = {origin, pos ? v : -v};
+      np += pos;
+      nn += v < T(0);
+    }
+    if ((y + 1) % rows == 0 || y + 1 == s.h) {
+      pe[(y + rows) / rows] = np;
+      ne[(y + rows) / rows] = nn;
+    }
+  }
+}
+
+// One sample: x (Hp, Wp, Cp) channels-last, R (O, h, w); adds the back-projection into dx
+// (Hp, Wp, Cp, zero on entry). Parallel inside when called outside a parallel region.
+template <typename T>
+void one_sample(const T* x, const T* R, T* dx, const Shape& s) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t rows = strip_rows<T>(s), channel_vectors = s.Cp / L;
+  const std::vector<Block> blocks = patch_blocks(s.kh, s.kw, s.dh, s.dw, s.Wp, s.Cp, L, 0, channel_vectors);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
+  Sections<T> sec;
+  sec.positions = s.h * s.w;
+  sec.strips = (s.h + rows - 1) / rows;
+  sec.filter_size = s.kh * s.kw * s.Cp;
+  sec.entries.reset(new Entry<T>[s.O * sec.positions]);  // not initialised: only written entries are read
+  sec.pos_end.assign(s.O * (sec.strips + 1), 0);
+  sec.neg_end.assign(s.O * (sec.strips + 1), 0);
+  sec.filters.assign(2 * s.O * sec.filter_size, T(0));
+  at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) collect_entries(sec, R + o * sec.positions, o, s, rows);
+  });
+  // Each pass walks the strips in order; inside a strip, channels in parallel (phases 1, 2)
+  // or the channels of the input in parallel (phase 3: threads never write the same place).
+  for (int64_t t = 0; t < sec.strips; ++t) {  // 1: filters, summed over the strips
+    at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
+      T part[kBlock * L];
+      for (int64_t o = o0; o < o1; ++o)
+        for (int sign = 0; sign < 2; ++sign) {
+          auto [list, n] = sec.range(o, sign, t);
+          if (n == 0) continue;
+          T* f = sec.filter(o, sign, s.O);
+          for (const Block& blk : blocks) {
+            Kernels<T>::filters(part, list, n, x, blk);
+            T* dst = f + blk.first * L;
+            for (int64_t i = 0; i < blk.count * L; ++i) dst[i] += part[i];
+          }
+        }
+    });
+  }
+  for (int64_t t = 0; t < sec.strips; ++t) {  // 2: responses, normalised in place
+    at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int sign = 0; sign < 2; ++sign) {
+          auto [list, n] = sec.range(o, sign, t);
+          if (n > 0) Kernels<T>::normalize(list, n, sec.filter(o, sign, s.O), x, blocks.data(), n_blocks, sign ? T(-1) : T(1));
+        }
+    });
+  }
+  at::parallel_for(0, channel_vectors, 1, [&](int64_t c0, int64_t c1) {  // 3: back-projection
+    const std::vector<Block> mine = patch_blocks(s.kh, s.kw, s.dh, s.dw, s.Wp, s.Cp, L, c0, c1);
+    for (int64_t t = 0; t < sec.strips; ++t)
+      for (int64_t o = 0; o < s.O; ++o)
+        for (int sign = 0; sign < 2; ++sign) {
+          auto [list, n] = sec.range(o, sign, t);
+          if (n == 0) continue;
+          const T* f = sec.filter(o, sign, s.O);
+          for (const Block& blk : mine) Kernels<T>::back(dx, list, n, f, blk);
+        }
+  });
+}
+
+}  // namespace
+
+at::Tensor masked_sectional_products_cpu(const at::Tensor& x_pos, const at::Tensor& R, at::IntArrayRef kernel,
+                                         at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding) {
+  TORCH_CHECK(x_pos.dim() == 4 && R.dim() == 4 && x_pos.size(0) == R.size(0),
+              "masked_sectional_products: x_pos (N, C, H, W) and R (N, O, h, w) expected, got ", x_pos.sizes(),
+              " and ", R.sizes());
+  TORCH_CHECK(x_pos.scalar_type() == R.scalar_type(), "masked_sectional_products: x_pos and R must share one dtype");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
+              "masked_sectional_products: kernel, stride and dilation take two values, padding four");
+  const int64_t N = x_pos.size(0), C = x_pos.size(1), H = x_pos.size(2), W = x_pos.size(3);
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
+  const int64_t left = padding[0], right = padding[1], top = padding[2], bottom = padding[3];
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && dh > 0 && dw > 0,
+              "masked_sectional_products: kernel, stride and dilation must be positive");
+  TORCH_CHECK(left >= 0 && right >= 0 && top >= 0 && bottom >= 0, "masked_sectional_products: padding must be >= 0");
+  const int64_t Hp = H + top + bottom, Wp = W + left + right;
+  TORCH_CHECK(Hp >= dh * (kh - 1) + 1 && Wp >= dw * (kw - 1) + 1 &&
+                  R.size(2) == (Hp - dh * (kh - 1) - 1) / sh + 1 && R.size(3) == (Wp - dw * (kw - 1) - 1) / sw + 1,
+              "masked_sectional_products: R ", R.sizes(), " is not the output of this ", kh, "x", kw,
+              " conv of x_pos ", x_pos.sizes());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(x_pos.scalar_type(), "masked_sectional_products_cpu", [&] {
+    constexpr int64_t L = kLanes<scalar_t>;
+    const int64_t Cp = (C + L - 1) / L * L;
+    // the padded input, channels-last; only the border and the extra channels are zeroed
+    at::Tensor x = at::empty({N, Hp, Wp, Cp}, x_pos.options());
+    at::Tensor inner = x.narrow(1, top, H).narrow(2, left, W);
+    inner.narrow(3, 0, C).copy_(x_pos.permute({0, 2, 3, 1}));
+    if (Cp > C) inner.narrow(3, C, Cp - C).zero_();
+    x.narrow(1, 0, top).zero_();
+    x.narrow(1, top + H, bottom).zero_();
+    x.narrow(1, top, H).narrow(2, 0, left).zero_();
+    x.narrow(1, top, H).narrow(2, left + W, right).zero_();
+    const at::Tensor r = R.contiguous();
+    at::Tensor dx = at::zeros({N, Hp, Wp, Cp}, x_pos.options());
+    const Shape shape{Hp, Wp, Cp, R.size(1), R.size(2), R.size(3), sh, sw, kh, kw, dh, dw};
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+    const int64_t x_step = Hp * Wp * Cp, r_step = shape.O * shape.h * shape.w;
+    // samples in parallel when there are enough of them (each thread whole samples: nothing
+    // shared); inside one sample otherwise
+    const int64_t grain = N >= at::get_num_threads() ? 1 : N;
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) one_sample<scalar_t>(xp + n * x_step, rp + n * r_step, dp + n * x_step, shape);
+    });
+    out = dx.narrow(1, top, H).narrow(2, left, W).narrow(3, 0, C).permute({0, 3, 1, 2}).contiguous();
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(rsp_fast, CPU, m) { m.impl("masked_sectional_products", &masked_sectional_products_cpu); }
+
+}  // namespace rsp_fast
