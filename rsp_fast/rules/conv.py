@@ -111,12 +111,14 @@ if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
 
 
 # How much slower per multiply-add the masked kernels run than the dense products (gathered
-# patches instead of a blocked GEMM), measured on VGG16's layers on this project's CPU.
-MASKED_SLOWDOWN = 4.5
+# patches instead of a blocked GEMM), measured on VGG16's and EfficientNet-Lite0's layers on
+# this project's CPU (4.5–6.3; the masked kernels win clearly only on sparse relevance).
+MASKED_SLOWDOWN = 5.0
+MASKED_VECTOR_BYTES = 64  # the masked kernels pad each patch's channels to whole 64-byte vectors
 
 
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
-                nonzeros: float | None = None) -> str:
+                nonzeros: float | None = None, masked_ck: int | None = None) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -134,7 +136,8 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
               filters and the back-projection sum over them) ≈ 3·nnz(R)·ck, where the
               stacked dense products cost 6·o·L·ck: behind a max pool nnz ≤ o·L/4 (8× fewer
               multiply-adds), behind a ReLU only the active units. ``nonzeros``: nnz(R) per
-              sample and group when a masked kernel is available (dense layers, CPU).
+              sample and group when a masked kernel is available (dense layers, CPU);
+              ``masked_ck``: ck with the channels padded as the masked kernels pad them.
     Deep layers with few positions take the Gram path (VGG16 conv5 at 14×14: 6× fewer
     multiply-adds); stride-1 1×1 layers, whose patch matrix is the input itself, the filter
     path (faster than the conv kernels on EfficientNet's 1×1 layers here); the rest the
@@ -143,7 +146,7 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     Sparse relevance takes the masked path when it costs less, counted at MASKED_SLOWDOWN.
     """
     dense, gram = 6 * o * ck * L, (2 * ck * L + 4 * o * L) * L
-    if nonzeros is not None and MASKED_SLOWDOWN * 3 * nonzeros * ck < min(dense, gram):
+    if nonzeros is not None and MASKED_SLOWDOWN * 3 * nonzeros * (masked_ck or ck) < min(dense, gram):
         return "masked"
     if gram < dense:
         return "gram"
@@ -249,8 +252,9 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     # the masked kernels: dense layers in the input's precision; tracking reads Ga and Gb
     masked = ctx.ops.masked_products is not None and G == 1 and ctx.product_dtype is None and not ctx.tracking
     nonzeros = int(torch.count_nonzero(R)) / N if masked and path is None else None
+    lanes = MASKED_VECTOR_BYTES // x.element_size()
     path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L, dense_pointwise, x.is_cuda and C != G,
-                               nonzeros)
+                               nonzeros, -(-C // lanes) * lanes * g.kernel[0] * g.kernel[1])
     Rg = R.reshape(N, G, Og, L)
     if path == "masked":
         dx, Ga, Gb = ctx.ops.masked_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
