@@ -33,7 +33,7 @@ constexpr int64_t kLanes = 64 / sizeof(T);
 
 template <typename T>
 struct Entry {
-  int64_t origin;  // offset of the patch's first element in the channels-last input
+  int32_t origin;  // offset of the patch's first element in the channels-last input (checked < 2^31)
   T value;         // |R| on the way in, the signed sectional ratio S after the normalisation
 };
 
@@ -205,8 +205,53 @@ struct Kernels<double> {
 };
 
 struct Shape {
+  int64_t C, H, W, top, left;  // the input and where it sits in the padded one
   int64_t Hp, Wp, Cp, O, h, w, sh, sw, kh, kw, dh, dw;
 };
+
+constexpr int64_t kTile = 16;  // pixels per tile of the layout changes: a tile's channels-last block stays in L1
+
+// One NCHW sample into the padded channels-last buffer: border and extra channels zero.
+template <typename T>
+void to_channels_last(const T* src, T* dst, const Shape& s) {
+  at::parallel_for(0, s.Hp, 1, [&](int64_t y0, int64_t y1) {
+    for (int64_t yp = y0; yp < y1; ++yp) {
+      T* row = dst + yp * s.Wp * s.Cp;
+      const int64_t y = yp - s.top;
+      if (y < 0 || y >= s.H) {
+        std::fill(row, row + s.Wp * s.Cp, T(0));
+        continue;
+      }
+      std::fill(row, row + s.left * s.Cp, T(0));
+      std::fill(row + (s.left + s.W) * s.Cp, row + s.Wp * s.Cp, T(0));
+      for (int64_t x0 = 0; x0 < s.W; x0 += kTile) {
+        const int64_t n = std::min(kTile, s.W - x0);
+        T* tile = row + (s.left + x0) * s.Cp;
+        for (int64_t c = 0; c < s.C; ++c) {
+          const T* in = src + (c * s.H + y) * s.W + x0;
+          for (int64_t i = 0; i < n; ++i) tile[i * s.Cp + c] = in[i];
+        }
+        for (int64_t i = 0; i < n; ++i) std::fill(tile + i * s.Cp + s.C, tile + (i + 1) * s.Cp, T(0));
+      }
+    }
+  });
+}
+
+// The inside of the padded channels-last buffer back into one NCHW sample.
+template <typename T>
+void from_channels_last(const T* src, T* dst, const Shape& s) {
+  at::parallel_for(0, s.H, 1, [&](int64_t y0, int64_t y1) {
+    for (int64_t y = y0; y < y1; ++y)
+      for (int64_t x0 = 0; x0 < s.W; x0 += kTile) {
+        const int64_t n = std::min(kTile, s.W - x0);
+        const T* tile = src + ((y + s.top) * s.Wp + s.left + x0) * s.Cp;
+        for (int64_t c = 0; c < s.C; ++c) {
+          T* out = dst + (c * s.H + y) * s.W + x0;
+          for (int64_t i = 0; i < n; ++i) out[i] = tile[i * s.Cp + c];
+        }
+      }
+  });
+}
 
 // Output rows per strip: the input rows a strip reads (its patches) fill about 384 KB, so
 // that they stay in the core's L2 cache while every channel's entries in the strip use them.
@@ -248,7 +293,7 @@ void collect_entries(Sections<T>& sec, const T* r, int64_t o, const Shape& s, in
   for (int64_t y = 0; y < s.h; ++y) {
     for (int64_t xq = 0; xq < s.w; ++xq) {
       const T v = r[y * s.w + xq];
-      const int64_t origin = (y * s.sh * s.Wp + xq * s.sw) * s.Cp;
+      const auto origin = static_cast<int32_t>((y * s.sh * s.Wp + xq * s.sw) * s.Cp);
       // Both free ends are written, the value's own last: the ends meet at the last free slot.
       const bool pos = v > T(0);
       const int64_t front = np, back = positions - 1 - nn;
@@ -344,33 +389,35 @@ at::Tensor masked_sectional_products_cpu(const at::Tensor& x_pos, const at::Tens
                   R.size(2) == (Hp - dh * (kh - 1) - 1) / sh + 1 && R.size(3) == (Wp - dw * (kw - 1) - 1) / sw + 1,
               "masked_sectional_products: R ", R.sizes(), " is not the output of this ", kh, "x", kw,
               " conv of x_pos ", x_pos.sizes());
-  at::Tensor out;
+  at::Tensor out = at::empty({N, C, H, W}, x_pos.options());
   AT_DISPATCH_FLOATING_TYPES(x_pos.scalar_type(), "masked_sectional_products_cpu", [&] {
     constexpr int64_t L = kLanes<scalar_t>;
-    const int64_t Cp = (C + L - 1) / L * L;
-    // the padded input, channels-last; only the border and the extra channels are zeroed
-    at::Tensor x = at::empty({N, Hp, Wp, Cp}, x_pos.options());
-    at::Tensor inner = x.narrow(1, top, H).narrow(2, left, W);
-    inner.narrow(3, 0, C).copy_(x_pos.permute({0, 2, 3, 1}));
-    if (Cp > C) inner.narrow(3, C, Cp - C).zero_();
-    x.narrow(1, 0, top).zero_();
-    x.narrow(1, top + H, bottom).zero_();
-    x.narrow(1, top, H).narrow(2, 0, left).zero_();
-    x.narrow(1, top, H).narrow(2, left + W, right).zero_();
-    const at::Tensor r = R.contiguous();
-    at::Tensor dx = at::zeros({N, Hp, Wp, Cp}, x_pos.options());
-    const Shape shape{Hp, Wp, Cp, R.size(1), R.size(2), R.size(3), sh, sw, kh, kw, dh, dw};
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t Cp = (C + L - 1) / L * L, plane = Hp * Wp * Cp;
+    TORCH_CHECK(plane < (int64_t(1) << 31), "masked_sectional_products: one padded sample has ", plane,
+                " elements, past the kernels' 32-bit offsets");
+    const Shape shape{C, H, W, top, left, Hp, Wp, Cp, R.size(1), R.size(2), R.size(3), sh, sw, kh, kw, dh, dw};
+    const at::Tensor xin = x_pos.contiguous(), r = R.contiguous();
+    const scalar_t* xp = xin.const_data_ptr<scalar_t>();
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
-    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    const int64_t x_step = Hp * Wp * Cp, r_step = shape.O * shape.h * shape.w;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t x_step = C * H * W, r_step = shape.O * shape.h * shape.w;
+    // Each sample goes through channels-last buffers of its own (input and back-projection),
+    // reused from sample to sample: the layout changes happen while the sample is in cache.
+    auto run = [&](int64_t n0, int64_t n1) {
+      std::unique_ptr<scalar_t[]> x(new scalar_t[plane]), dx(new scalar_t[plane]);
+      for (int64_t n = n0; n < n1; ++n) {
+        to_channels_last(xp + n * x_step, x.get(), shape);
+        std::fill(dx.get(), dx.get() + plane, scalar_t(0));
+        one_sample<scalar_t>(x.get(), rp + n * r_step, dx.get(), shape);
+        from_channels_last(dx.get(), op + n * x_step, shape);
+      }
+    };
     // samples in parallel when there are enough of them (each thread whole samples: nothing
-    // shared); inside one sample otherwise
-    const int64_t grain = N >= at::get_num_threads() ? 1 : N;
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) one_sample<scalar_t>(xp + n * x_step, rp + n * r_step, dp + n * x_step, shape);
-    });
-    out = dx.narrow(1, top, H).narrow(2, left, W).narrow(3, 0, C).permute({0, 3, 1, 2}).contiguous();
+    // shared); the inside of one sample in parallel otherwise
+    if (N >= at::get_num_threads())
+      at::parallel_for(0, N, 1, run);
+    else
+      run(0, N);
   });
   return out;
 }
