@@ -12,7 +12,9 @@ products: float32, tf32 or bfloat16; inputs are float32),
 sec_per_image_median/min/max, x_forward, peak_mem_mb (CUDA: peak allocated above the
 inputs; CPU: peak resident memory above the resident set before the call). Memory is
 measured in its own run (--memory: one warm-up and one measured call per method, with the
-allocator returning memory to the OS); timings run with freed memory kept for reuse.
+allocator returning memory to the OS); timings run with freed memory kept for reuse. The
+methods of one model and batch are timed in interleaved rounds (one call of each per round),
+so that a slow spell of a shared machine hits them alike and "× forward" holds.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
-from utils import describe, markdown_table, time_call  # noqa: E402
+from utils import describe, markdown_table, time_interleaved  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory, return_freed_memory  # noqa: E402
@@ -141,19 +143,23 @@ def main(argv=None) -> int:
             if args.memory:
                 acts = activation_mb(model, x)
                 table.append([model_name, batch, "(forward activations)", "", "", "", f"{acts:.0f}"])
+            calls, memory = {}, {}
             for name, make in methods.items():
                 if name == "authors' RSP" and (model_name != "vgg16" or batch != 1):
                     continue  # their code is only right at batch 1, and only runs VGG
                 try:
                     fn = make(model, LAYERS[model_name])
+                    fn(x, target)  # warm-up, and a peer that cannot run this model fails here
                     if args.memory:
-                        fn(x, target)  # warm-up
-                        mem, t = peak_memory_mb(fn, x, target, device), {"median": float("nan"), "min": float("nan"), "max": float("nan")}
-                    else:
-                        mem, t = None, time_call(lambda: fn(x, target), device, repeats=repeats, warmup=1)
-                except Exception as exc:  # a peer that cannot run this model: say so, go on
+                        memory[name] = peak_memory_mb(fn, x, target, device)
+                except Exception as exc:  # say so, go on
                     table.append([model_name, batch, name, "n/a", "", "", f"{type(exc).__name__}: {str(exc)[:60]}"])
                     continue
+                calls[name] = (lambda f: lambda: f(x, target))(fn)
+            nan = {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+            times = {name: nan for name in calls} if args.memory else time_interleaved(calls, device, repeats, warmup=0)
+            for name, t in times.items():
+                mem = memory.get(name)
                 fwd = fwd or t["median"]
                 backend, precision, _ = variants.get(name, ("", "fp32", False))
                 row = {"method": name, "model": model_name, "backend": backend,

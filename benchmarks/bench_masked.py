@@ -5,7 +5,7 @@
 One RSP pass (cpp backend, random weights, 224×224; --quick: 64×64, batch 2) records every
 dense (groups = 1) inner conv's input and incoming relevance; each layer then runs with the
 dense path ``choose_path`` would take without the masked kernels and with the masked path
-(median of repeats). Columns: the share of R that is non-zero, both times per image, the
+(median of interleaved repeats). Columns: the share of R that is non-zero, both times per image, the
 speed-up, the path the cost model takes, and the slowdown per multiply-add (masked over
 dense) that would make both paths cost the same: the figure behind MASKED_SLOWDOWN.
 """
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_e2e import LAYERS, build  # noqa: E402
-from utils import describe, markdown_table, time_call  # noqa: E402
+from utils import describe, markdown_table, time_interleaved  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
@@ -55,8 +55,8 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     nonzeros = int(torch.count_nonzero(R)) / N
     chosen = conv_rule.choose_path(ck, O, L, dense_pointwise, nonzeros=nonzeros, masked_ck=masked_ck)
     run = lambda path: conv_rule.inner_conv_relevance(ctx, x, R, g, path, non_negative)  # noqa: E731
-    dense = time_call(lambda: run(dense_path), repeats=repeats, warmup=1)["median"] / N
-    masked = time_call(lambda: run("masked"), repeats=repeats, warmup=1)["median"] / N
+    times = time_interleaved({"dense": lambda: run(dense_path), "masked": lambda: run("masked")}, repeats=repeats, warmup=1)
+    dense, masked = times["dense"]["median"] / N, times["masked"]["median"] / N
     dense_macs = min(6 * O * ck * L, (2 * ck * L + 4 * O * L) * L)
     return {"input": list(x.shape[1:]), "out_channels": O, "kernel": list(g.kernel), "nonzero": nonzeros / (O * L),
             "dense_path": dense_path, "dense_ms": dense * 1e3, "masked_ms": masked * 1e3, "speedup": dense / masked,

@@ -16,16 +16,24 @@ def sync(device: torch.device | str) -> None:
 
 def time_call(fn: Callable[[], object], device="cpu", repeats: int = 7, warmup: int = 2) -> dict:
     """Median, min and max seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
+    return time_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device="cpu", repeats: int = 7, warmup: int = 2) -> dict:
+    """Median, min and max seconds of each function, timed in rounds of one call each: a slow
+    spell of a shared machine then hits every function alike, and their ratios hold."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t)} for name, t in times.items()}
 
 
 def describe(device="cpu") -> str:

@@ -9,13 +9,13 @@
 // products on the stacked sections [R+; R-]. Behind a max pool only one position of each
 // window carries relevance (nnz <= O*L/4: 8x fewer), behind a ReLU only the active units.
 //
-// Layout: the padded input x (already clamped) is copied to channels-last with the channels
-// padded to whole vectors, so a patch is a list of contiguous vectors; each (channel, sign)
-// keeps its non-zeros as (patch origin, |R|) entries in position order.
+// Layout: each sample's input (already clamped) is copied, padded, to channels-last with the
+// channels padded to whole vectors, so a patch is a few runs of contiguous vectors; each
+// (channel, sign) keeps its non-zeros as (patch origin, |R|) entries in position order.
+// Work goes strip by strip of output rows whose input rows stay in L2.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

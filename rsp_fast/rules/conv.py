@@ -113,7 +113,7 @@ if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
 # How much slower per multiply-add the masked kernels run than the dense products (gathered
 # patches instead of a blocked GEMM): 3.5–7 on VGG16's and EfficientNet-Lite0's layers at
 # batch 8 on this project's CPU. At 6 the masked path runs only where it clearly wins:
-# VGG16's layers behind a max pool (d ≈ 0.15–0.22 of R non-zero; 1.4–2.4× faster there).
+# VGG16's layers behind a max pool (d ≈ 0.14–0.22 of R non-zero; 1.2–2.3× faster there).
 MASKED_SLOWDOWN = 6.0
 MASKED_VECTOR_BYTES = 64  # the masked kernels pad each patch's channels to whole 64-byte vectors
 
@@ -257,10 +257,14 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     G, O = g.groups, R.shape[1]
     Og, L = O // G, R.shape[-2] * R.shape[-1]
     dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
-    # the masked kernels: dense layers in the input's precision; tracking reads Ga and Gb
-    masked = ctx.ops.masked_products is not None and G == 1 and ctx.product_dtype is None and not ctx.tracking
-    nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
+    # the masked kernels: dense layers in the input's precision, samples within their 32-bit
+    # offsets; tracking reads Ga and Gb, which they never form
     lanes = MASKED_VECTOR_BYTES // x.element_size()
+    l, r, t, b = g.pad
+    padded_sample = (x.shape[-2] + t + b) * (x.shape[-1] + l + r) * -(-C // lanes) * lanes
+    masked = (ctx.ops.masked_products is not None and G == 1 and ctx.product_dtype is None and not ctx.tracking
+              and padded_sample < 2**31)
+    nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
     path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L, dense_pointwise, x.is_cuda and C != G,
                                nonzeros, -(-C // lanes) * lanes * g.kernel[0] * g.kernel[1])
     Rg = R.reshape(N, G, Og, L)
