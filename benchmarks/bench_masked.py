@@ -6,8 +6,8 @@ One RSP pass (cpp backend, random weights, 224×224; --quick: 64×64, batch 2) r
 dense (groups = 1) inner conv's input and incoming relevance; each layer then runs with the
 dense path ``choose_path`` would take without the masked kernels and with the masked path
 (median of interleaved repeats). Columns: the share of R that is non-zero, both times per image, the
-speed-up, the path the cost model takes, and the slowdown per multiply-add (masked over
-dense) that would make both paths cost the same: the figure behind MASKED_SLOWDOWN.
+speed-up, the path the cost model takes, and the masked kernels' measured slowdown per
+multiply-add against the dense path's: the figure MASKED_SLOWDOWN stands for.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     dense_macs = min(6 * O * ck * L, (2 * ck * L + 4 * O * L) * L)
     return {"input": list(x.shape[1:]), "out_channels": O, "kernel": list(g.kernel), "nonzero": nonzeros / (O * L),
             "dense_path": dense_path, "dense_ms": dense * 1e3, "masked_ms": masked * 1e3, "speedup": dense / masked,
-            "chosen": chosen, "break_even_slowdown": dense_macs / (3 * max(nonzeros, 1) * masked_ck) * masked / dense}
+            "chosen": chosen, "slowdown_per_mac": dense_macs / (3 * max(nonzeros, 1) * masked_ck) * masked / dense}
 
 
 def main() -> None:
@@ -86,10 +86,10 @@ def main() -> None:
     print(f"Milliseconds per image, {describe('cpu')}, {size}×{size}, batch {batch}, random weights\n")
     print(markdown_table(
         ["model", "layer input", "out", "k", "R non-zero", "dense path", "dense ms", "masked ms", "speed-up", "chosen",
-         "break-even slowdown"],
+         "slowdown per MAC"],
         [[r["model"], "×".join(map(str, r["input"])), r["out_channels"], "×".join(map(str, r["kernel"])),
           f"{r['nonzero']:.2f}", r["dense_path"], f"{r['dense_ms']:.2f}", f"{r['masked_ms']:.2f}",
-          f"{r['speedup']:.2f}×", r["chosen"], f"{r['break_even_slowdown']:.1f}"] for r in rows]))
+          f"{r['speedup']:.2f}×", r["chosen"], f"{r['slowdown_per_mac']:.1f}"] for r in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
