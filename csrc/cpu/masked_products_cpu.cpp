@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -30,6 +31,21 @@ namespace {
 // One vector: 64 bytes (an AVX-512 register; two AVX2 registers).
 template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
+
+// A buffer aligned to 64 bytes, not initialised: every vector load then touches one cache
+// line, not two (an unaligned 64-byte load straddles lines: the kernels ran 1.1-1.3x slower).
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using Aligned = std::unique_ptr<T[], AlignedFree>;
+template <typename T>
+Aligned<T> aligned(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes > 0 ? bytes : 64);
+  TORCH_CHECK(p != nullptr, "masked_sectional_products: out of memory (", bytes, " bytes)");
+  return Aligned<T>(static_cast<T*>(p));
+}
 
 template <typename T>
 struct Entry {
@@ -45,7 +61,17 @@ struct Block {
   int count;
 };
 
-constexpr int kBlock = 8;  // vectors accumulated in registers per sweep over the entries
+// Vectors accumulated in registers per sweep over the entries: 12 of AVX-512's 32 registers
+// (1.1-1.2x faster than 8 on 64-128 channels here); 6 where a vector takes two of AVX2's 16.
+constexpr int kBlock = 12;
+int block_limit() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const int limit = __builtin_cpu_supports("avx512f") ? kBlock : kBlock / 2;
+  return limit;
+#else
+  return kBlock / 2;
+#endif
+}
 
 // The blocks of the channel vectors [c0, c1) of every tap (all of them: whole kernel rows).
 std::vector<Block> patch_blocks(int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t Wp, int64_t Cp,
@@ -53,8 +79,9 @@ std::vector<Block> patch_blocks(int64_t kh, int64_t kw, int64_t dh, int64_t dw, 
   const int64_t cv = Cp / lanes;
   const bool rows = dw == 1 && c0 == 0 && c1 == cv;
   std::vector<Block> blocks;
-  auto add_run = [&](int64_t offset, int64_t first, int64_t count) {  // split evenly into <= kBlock
-    const int64_t pieces = (count + kBlock - 1) / kBlock;
+  const int64_t limit = block_limit();
+  auto add_run = [&](int64_t offset, int64_t first, int64_t count) {  // split evenly into <= limit
+    const int64_t pieces = (count + limit - 1) / limit;
     for (int64_t p = 0, done = 0; p < pieces; ++p) {
       const int64_t size = (count - done) / (pieces - p);
       blocks.push_back({offset + done * lanes, first + done, static_cast<int>(size)});
@@ -128,7 +155,11 @@ RSP_INLINE void back_block(T* __restrict__ dx, const Entry<T>* entries, int64_t 
     case 5: return fn<5>(__VA_ARGS__);                     \
     case 6: return fn<6>(__VA_ARGS__);                     \
     case 7: return fn<7>(__VA_ARGS__);                     \
-    default: return fn<8>(__VA_ARGS__);                    \
+    case 8: return fn<8>(__VA_ARGS__);                     \
+    case 9: return fn<9>(__VA_ARGS__);                     \
+    case 10: return fn<10>(__VA_ARGS__);                   \
+    case 11: return fn<11>(__VA_ARGS__);                   \
+    default: return fn<12>(__VA_ARGS__);                   \
   }
 
 // For each entry: the response g = f . patch, then value <- sign * value / g (0 where g = 0).
@@ -267,7 +298,7 @@ template <typename T>
 struct Sections {
   std::unique_ptr<Entry<T>[]> entries;  // channel o's row: positives from the front, negatives from the back
   std::vector<int64_t> pos_end, neg_end;  // [o][strip + 1]: entries of the sign before the strip's end
-  std::vector<T> filters;                  // [sign][o][filter_size]
+  Aligned<T> filters;                      // [sign][o][filter_size]
   int64_t positions = 0, strips = 0, filter_size = 0;
 
   // the entries of channel o, sign, strip t: a contiguous range
@@ -277,7 +308,7 @@ struct Sections {
     if (sign == 0) return {row + ends[t], ends[t + 1] - ends[t]};
     return {row + positions - ends[t + 1], ends[t + 1] - ends[t]};
   }
-  T* filter(int64_t o, int sign, int64_t O) { return filters.data() + (sign * O + o) * filter_size; }
+  T* filter(int64_t o, int sign, int64_t O) { return filters.get() + (sign * O + o) * filter_size; }
 };
 
 // Channel o's non-zeros in position order, split by sign, with the strip boundaries. The
@@ -324,7 +355,8 @@ void one_sample(const T* x, const T* R, T* dx, const Shape& s) {
   sec.entries.reset(new Entry<T>[s.O * sec.positions]);  // not initialised: only written entries are read
   sec.pos_end.assign(s.O * (sec.strips + 1), 0);
   sec.neg_end.assign(s.O * (sec.strips + 1), 0);
-  sec.filters.assign(2 * s.O * sec.filter_size, T(0));
+  sec.filters = aligned<T>(2 * s.O * sec.filter_size);
+  std::fill(sec.filters.get(), sec.filters.get() + 2 * s.O * sec.filter_size, T(0));
   at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) collect_entries(sec, R + o * sec.positions, o, s, rows);
   });
@@ -404,7 +436,7 @@ at::Tensor masked_sectional_products_cpu(const at::Tensor& x_pos, const at::Tens
     // Each sample goes through channels-last buffers of its own (input and back-projection),
     // reused from sample to sample: the layout changes happen while the sample is in cache.
     auto run = [&](int64_t n0, int64_t n1) {
-      std::unique_ptr<scalar_t[]> x(new scalar_t[plane]), dx(new scalar_t[plane]);
+      Aligned<scalar_t> x = aligned<scalar_t>(plane), dx = aligned<scalar_t>(plane);
       for (int64_t n = n0; n < n1; ++n) {
         to_channels_last(xp + n * x_step, x.get(), shape);
         std::fill(dx.get(), dx.get() + plane, scalar_t(0));
