@@ -111,9 +111,10 @@ if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
 
 
 # How much slower per multiply-add the masked kernels run than the dense products (gathered
-# patches instead of a blocked GEMM): 2–7.5 on VGG16's and EfficientNet-Lite0's layers at
-# batch 8 on this project's CPU (benchmarks/bench_masked.py). At 6 the masked path runs where
-# it clearly wins: VGG16's layers behind a max pool (14–22 % of R non-zero; 1.2–2.1× faster).
+# patches instead of a blocked GEMM, and fixed costs): 1.9–6.2 on VGG16's and
+# EfficientNet-Lite0's layers at batch 8 on this project's CPU (benchmarks/bench_masked.py).
+# At 6 the masked path runs where it clearly wins: VGG16's layers behind a max pool
+# (14–22 % of R non-zero; 1.45–2.3× faster there).
 MASKED_SLOWDOWN = 6.0
 MASKED_VECTOR_BYTES = 64  # the masked kernels pad each patch's channels to whole 64-byte vectors
 
