@@ -48,12 +48,10 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     N, C = x.shape[:2]
     O, L = R.shape[1], R.shape[-2] * R.shape[-1]
     ck = C * g.kernel[0] * g.kernel[1]
-    lanes = conv_rule.MASKED_VECTOR_BYTES // x.element_size()
-    masked_ck = -(-C // lanes) * lanes * g.kernel[0] * g.kernel[1]
-    dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
-    dense_path = conv_rule.choose_path(ck, O, L, dense_pointwise)
+    masked_ck = conv_rule.masked_channels(C, x.element_size()) * g.kernel[0] * g.kernel[1]
+    dense_path = conv_rule.choose_path(ck, O, L, g.patches_are_input)
     nonzeros = int(torch.count_nonzero(R)) / N
-    chosen = conv_rule.choose_path(ck, O, L, dense_pointwise, nonzeros=nonzeros, masked_ck=masked_ck)
+    chosen = conv_rule.choose_path(ck, O, L, g.patches_are_input, nonzeros=nonzeros, masked_ck=masked_ck)
     run = lambda path: conv_rule.inner_conv_relevance(ctx, x, R, g, path, non_negative)  # noqa: E731
     times = time_interleaved({"dense": lambda: run(dense_path), "masked": lambda: run("masked")}, repeats=repeats, warmup=1)
     dense, masked = times["dense"]["median"] / N, times["masked"]["median"] / N

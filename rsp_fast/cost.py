@@ -31,7 +31,7 @@ def _conv_row(step: Conv, in_shape, out_shape, elem: int, cuda: bool) -> dict:
         path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)
         moved = elem * (4 * C * H * W + 3 * O * L)
     else:
-        path = choose_path(ck, og, L, g.is_pointwise and g.stride == (1, 1) and not any(g.pad), cuda and C != G)
+        path = choose_path(ck, og, L, g.patches_are_input, cuda and C != G)
         macs = gram_macs if path == "gram" else filter_macs
         patches = 0 if path in ("conv", "grouped_conv") else ck * G * L  # the (unfolded) input, read by every product
         moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))

@@ -31,6 +31,11 @@ class ConvGeometry:
     def is_pointwise(self) -> bool:
         return self.kernel == (1, 1)
 
+    @property
+    def patches_are_input(self) -> bool:
+        """A stride-1, unpadded 1×1 conv: its patch matrix is its input, no unfolding needed."""
+        return self.is_pointwise and self.stride == (1, 1) and not any(self.pad)
+
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         l, r, t, b = self.pad
@@ -117,6 +122,12 @@ if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
 # (14–22 % of R non-zero; 1.45–2.3× faster there).
 MASKED_SLOWDOWN = 6.0
 MASKED_VECTOR_BYTES = 64  # the masked kernels pad each patch's channels to whole 64-byte vectors
+
+
+def masked_channels(channels: int, element_size: int) -> int:
+    """The channels as the masked kernels store them: padded to whole vectors."""
+    lanes = MASKED_VECTOR_BYTES // element_size
+    return -(-channels // lanes) * lanes
 
 
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
@@ -257,22 +268,19 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     N, C = x.shape[:2]
     G, O = g.groups, R.shape[1]
     Og, L = O // G, R.shape[-2] * R.shape[-1]
-    dense_pointwise = g.is_pointwise and g.stride == (1, 1) and not any(g.pad)
     # the masked kernels: dense layers in the input's precision, samples within their 32-bit
     # offsets; tracking reads Ga and Gb, which they never form
-    lanes = MASKED_VECTOR_BYTES // x.element_size()
     l, r, t, b = g.pad
-    padded_sample = (x.shape[-2] + t + b) * (x.shape[-1] + l + r) * -(-C // lanes) * lanes
+    k2, Cp = g.kernel[0] * g.kernel[1], masked_channels(C, x.element_size())
     masked = (ctx.ops.masked_products is not None and G == 1 and ctx.product_dtype is None and not ctx.tracking
-              and padded_sample < 2**31)
+              and (x.shape[-2] + t + b) * (x.shape[-1] + l + r) * Cp < 2**31)
     nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
-    path = path or choose_path(C // G * g.kernel[0] * g.kernel[1], Og, L, dense_pointwise, x.is_cuda and C != G,
-                               nonzeros, -(-C // lanes) * lanes * g.kernel[0] * g.kernel[1])
+    path = path or choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2)
     Rg = R.reshape(N, G, Og, L)
     if path == "masked":
         dx, Ga, Gb = ctx.ops.masked_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
     else:
-        dx, Ga, Gb = _dense_products(ctx, x_pos, Rg, g, path, R.shape[-2:], dense_pointwise)
+        dx, Ga, Gb = _dense_products(ctx, x_pos, Rg, g, path, R.shape[-2:])
     if g.is_pointwise:
         if ctx.tracking:
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))
@@ -280,8 +288,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     return purged_relevance(ctx, R, Rg, Ga, Gb, dx, x_pos)
 
 
-def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: ConvGeometry, path: str, out_hw,
-                    dense_pointwise: bool):
+def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: ConvGeometry, path: str, out_hw):
     """The back-projection at the input by the filter, conv or Gram path, both sections through
     each product together ([R⁺; R⁻], [S⁺; −S⁻]); and, when tracking, the responses Ga, Gb."""
     xp = _pad(x_pos, g)
@@ -304,7 +311,7 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
         dx = _crop(_conv_kernel_products(xp, Rs, g, out_hw, normalize, normalize_stacked, ctx.low,
                                          fold_samples=path == "grouped_conv"), g)
     else:
-        if dense_pointwise:  # a 1×1 conv's patches are the input itself: no im2col/col2im copies
+        if g.patches_are_input:  # no im2col/col2im copies
             cols = ctx.low(xp).reshape(N, G, C // G, L)
         else:
             cols = F.unfold(ctx.low(xp), g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
@@ -323,7 +330,7 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
             dcols = Fs.transpose(-1, -2) @ normalized_responses(Fs, cols)
         if not dcols.is_cuda:  # CUDA's col2im sums the k² overlaps in float32: fold first, cast the k²-times smaller result
             dcols = dcols.to(x_pos.dtype)
-        if dense_pointwise:
+        if g.patches_are_input:
             dx = dcols.reshape(N, C, Hp, Wp).to(x_pos.dtype)
         else:
             dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride),
