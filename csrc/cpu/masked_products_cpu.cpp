@@ -293,13 +293,24 @@ int64_t strip_rows(const Shape& s) {
   return std::max<int64_t>(1, (input_rows - (s.kh - 1) * s.dh - 1) / s.sh + 1);
 }
 
-// Per-sample scratch: each channel's non-zeros and where each strip's begin, and the filters.
+// One thread's scratch, allocated once and reused from sample to sample: each channel's
+// non-zeros and where each strip's begin, and the sectional filters.
 template <typename T>
 struct Sections {
+  int64_t positions, rows, strips, filter_size;
   std::unique_ptr<Entry<T>[]> entries;  // channel o's row: positives from the front, negatives from the back
   std::vector<int64_t> pos_end, neg_end;  // [o][strip + 1]: entries of the sign before the strip's end
   Aligned<T> filters;                      // [sign][o][filter_size]
-  int64_t positions = 0, strips = 0, filter_size = 0;
+
+  explicit Sections(const Shape& s)
+      : positions(s.h * s.w),
+        rows(strip_rows<T>(s)),
+        strips((s.h + rows - 1) / rows),
+        filter_size(s.kh * s.kw * s.Cp),
+        entries(new Entry<T>[s.O * positions]),  // not initialised: only written entries are read
+        pos_end(s.O * (strips + 1), 0),          // [o][0] stays 0, the rest is rewritten per sample
+        neg_end(s.O * (strips + 1), 0),
+        filters(aligned<T>(2 * s.O * filter_size)) {}
 
   // the entries of channel o, sign, strip t: a contiguous range
   std::pair<Entry<T>*, int64_t> range(int64_t o, int sign, int64_t t) {
@@ -315,8 +326,8 @@ struct Sections {
 // writes are unconditional and the counters advance by comparisons: R's signs and zeros
 // are unpredictable, branches on them mispredict. The slots between the two ends are free.
 template <typename T>
-void collect_entries(Sections<T>& sec, const T* r, int64_t o, const Shape& s, int64_t rows) {
-  const int64_t positions = sec.positions;
+void collect_entries(Sections<T>& sec, const T* r, int64_t o, const Shape& s) {
+  const int64_t positions = sec.positions, rows = sec.rows;
   Entry<T>* row = sec.entries.get() + o * positions;
   int64_t* pe = sec.pos_end.data() + o * (sec.strips + 1);
   int64_t* ne = sec.neg_end.data() + o * (sec.strips + 1);
@@ -343,22 +354,14 @@ void collect_entries(Sections<T>& sec, const T* r, int64_t o, const Shape& s, in
 // One sample: x (Hp, Wp, Cp) channels-last, R (O, h, w); adds the back-projection into dx
 // (Hp, Wp, Cp, zero on entry). Parallel inside when called outside a parallel region.
 template <typename T>
-void one_sample(const T* x, const T* R, T* dx, const Shape& s) {
+void one_sample(const T* x, const T* R, T* dx, const Shape& s, Sections<T>& sec) {
   constexpr int64_t L = kLanes<T>;
-  const int64_t rows = strip_rows<T>(s), channel_vectors = s.Cp / L;
+  const int64_t channel_vectors = s.Cp / L;
   const std::vector<Block> blocks = patch_blocks(s.kh, s.kw, s.dh, s.dw, s.Wp, s.Cp, L, 0, channel_vectors);
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
-  Sections<T> sec;
-  sec.positions = s.h * s.w;
-  sec.strips = (s.h + rows - 1) / rows;
-  sec.filter_size = s.kh * s.kw * s.Cp;
-  sec.entries.reset(new Entry<T>[s.O * sec.positions]);  // not initialised: only written entries are read
-  sec.pos_end.assign(s.O * (sec.strips + 1), 0);
-  sec.neg_end.assign(s.O * (sec.strips + 1), 0);
-  sec.filters = aligned<T>(2 * s.O * sec.filter_size);
   std::fill(sec.filters.get(), sec.filters.get() + 2 * s.O * sec.filter_size, T(0));
   at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) collect_entries(sec, R + o * sec.positions, o, s, rows);
+    for (int64_t o = o0; o < o1; ++o) collect_entries(sec, R + o * sec.positions, o, s);
   });
   // Each pass walks the strips in order; inside a strip, channels in parallel (phases 1, 2)
   // or the channels of the input in parallel (phase 3: threads never write the same place).
@@ -433,14 +436,15 @@ at::Tensor masked_sectional_products_cpu(const at::Tensor& x_pos, const at::Tens
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t x_step = C * H * W, r_step = shape.O * shape.h * shape.w;
-    // Each sample goes through channels-last buffers of its own (input and back-projection),
-    // reused from sample to sample: the layout changes happen while the sample is in cache.
+    // Each thread's samples go through its own channels-last buffers (input and back-projection)
+    // and scratch, reused from sample to sample: the layout changes happen while the sample is in cache.
     auto run = [&](int64_t n0, int64_t n1) {
       Aligned<scalar_t> x = aligned<scalar_t>(plane), dx = aligned<scalar_t>(plane);
+      Sections<scalar_t> sections(shape);
       for (int64_t n = n0; n < n1; ++n) {
         to_channels_last(xp + n * x_step, x.get(), shape);
         std::fill(dx.get(), dx.get() + plane, scalar_t(0));
-        one_sample<scalar_t>(x.get(), rp + n * r_step, dx.get(), shape);
+        one_sample<scalar_t>(x.get(), rp + n * r_step, dx.get(), shape, sections);
         from_channels_last(dx.get(), op + n * x_step, shape);
       }
     };
