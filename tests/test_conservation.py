@@ -70,7 +70,7 @@ def small_cnns(draw):
         layers.append(nn.Conv2d(c, out, k, stride=stride, padding=k // 2, groups=groups, bias=draw(st.booleans())))
         if draw(st.booleans()):
             layers.append(nn.BatchNorm2d(out))
-        layers.append(draw(st.sampled_from([nn.ReLU(), nn.ReLU6()])))
+        layers.append(draw(st.sampled_from([nn.ReLU(), nn.ReLU6(), nn.SiLU(), nn.Hardswish(), nn.LeakyReLU(0.1)])))
         if draw(st.booleans()):
             layers.append(draw(st.sampled_from([nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2, ceil_mode=True), nn.Identity()])))
         c = out
@@ -132,3 +132,21 @@ def test_more_torchvision_architectures_conserve(name):
     kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = calibrated(getattr(torchvision.models, name)(num_classes=10, **kwargs), 64)
     _assert_conserved(rsp_fast.RSP(model), torch.randn(2, 3, 64, 64, dtype=D))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf"])
+def test_gated_architectures_conserve(name):
+    """Hardswish / SiLU activations, squeeze-and-excitation gates (x·σ(g)), stochastic depth."""
+    model = calibrated(getattr(torchvision.models, name)(num_classes=10), 64)
+    _assert_conserved(rsp_fast.RSP(model), torch.randn(2, 3, 64, 64, dtype=D))
+
+
+def test_timm_mobilenetv3_explains_the_map_before_its_head():
+    """timm's MobileNetV3 head runs a 1×1 conv, a norm and Hardswish on the pooled map: the
+    default saliency layer is the last spatial map before that pool, not the head's output."""
+    timm = pytest.importorskip("timm")
+    model = calibrated(timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10), 64)
+    explainer = rsp_fast.RSP(model)
+    assert not explainer.layer.startswith(("conv_head", "norm_head", "act2", "global_pool"))
+    ex = _assert_conserved(explainer, torch.randn(2, 3, 64, 64, dtype=D))
+    assert ex.initial.shape[-2:] == (2, 2)  # 64 / 32

@@ -201,6 +201,92 @@ def test_concatenation_splits_relevance():
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
+class _Scaled(nn.Module):
+    """stem → ReLU → (× factor, or ÷, or nothing) → conv → ReLU → head."""
+
+    def __init__(self, scale=None):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 5, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(5 * 36, 4))
+        self.scale = scale
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        if self.scale is not None:
+            h = self.scale(h)
+        return self.head(torch.relu(self.body(h)))
+
+
+@pytest.mark.parametrize("scale", [lambda h: h * 2.5, lambda h: 2.5 * h, lambda h: h / 0.4, lambda h: torch.mul(h, 2.5)])
+def test_constant_factor_passes_relevance_unchanged(scale):
+    """h·c before an inner conv is the same network as the stem's weights and bias times c;
+    RSP must give the same attribution for both (the constant gets no relevance)."""
+    torch.manual_seed(0)
+    scaled = _Scaled(scale).double().eval()
+    folded = _Scaled().double().eval()
+    folded.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        folded.stem.weight.mul_(2.5), folded.stem.bias.mul_(2.5)
+    x = torch.randn(3, 3, 6, 6, dtype=D)
+    assert torch.allclose(scaled(x), folded(x))
+    R_scaled, R_folded = rsp_fast.RSP(scaled).attribute(x), rsp_fast.RSP(folded).attribute(x)
+    assert rel_err(R_scaled, R_folded) < 1e-10
+
+
+def test_swish_as_a_gate_equals_silu():
+    """x·σ(x) traced as a product with a sigmoid gate gives what nn.SiLU (pass-through) gives."""
+    torch.manual_seed(1)
+    silu = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Conv2d(4, 5, 3, padding=1), nn.SiLU(),
+                         nn.Flatten(), nn.Linear(5 * 36, 4)).double().eval()
+
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+    swish = nn.Sequential(*[Swish() if isinstance(m, nn.SiLU) else m for m in silu]).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    assert rel_err(rsp_fast.RSP(swish, layer="3").attribute(x), rsp_fast.RSP(silu, layer="3").attribute(x)) < 1e-12
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
+        self.gate = nn.Hardsigmoid()
+        self.body = nn.Conv2d(c, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 25, 3))
+
+    def forward(self, x):
+        h = F.hardswish(self.stem(x))
+        g = self.gate(self.fc2(torch.relu(self.fc1(h.mean((2, 3), keepdim=True)))))
+        return self.head(torch.relu(self.body(g * h)))
+
+
+def test_squeeze_excitation_gate_sends_all_relevance_to_the_signal():
+    m = _SqueezeExcite().double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    ex = rsp_fast.RSP(m, init="gradcam").explain(x, record=True)
+    mul = next(k for k in ex.steps if k.startswith("mul"))
+    assert ex.steps[mul].shape == (2, 6, 5, 5)  # the signal h, not the (2, 6, 1, 1) gate
+    assert torch.equal(ex.steps[mul], ex.steps["body"])  # R at the product's output, unchanged
+    assert not any(k.startswith(("fc1", "fc2", "gate", "mean")) for k in ex.steps)  # the gate branch gets none
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
+def test_products_of_activations_are_refused_by_name():
+    class Bilinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 9, 2))
+
+        def forward(self, x):
+            return self.head(torch.relu(self.a(x)) * torch.relu(self.b(x)))
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"mul: a product of two tensors"):
+        rsp_fast.RSP(Bilinear())
+
+
 def test_batchnorm_is_folded_into_the_first_conv():
     conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
     with torch.no_grad():

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, keeps_sign, node_kind, rectifies,
-                     relevance_inputs, rule_for)
+from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, is_unsupported_product, keeps_sign, node_kind,
+                     rectifies, relevance_inputs, rule_for)
 from ..rules.base import LayerRule
 from .trace import trace
 
@@ -62,6 +64,7 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
         if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL:
             break
         node = _first_tensor_input(node)
+    node = _global_pool_behind_head(model, node) or node
     # Then back over pooling, reshapes and dropout to the feature map they summarise.
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
@@ -74,6 +77,33 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
     if node is not None and node.op != "placeholder":
         return node
     raise RSPError(f"could not choose a default saliency layer for {type(model).__name__}; pass layer='<module name>'")
+
+
+def _global_pool_behind_head(model: nn.Module, node: fx.Node | None) -> fx.Node | None:
+    """timm-style heads (MobileNetV3) run a 1×1 conv, a norm and an activation on the
+    pooled map before flattening: the global pool behind such a head, if there is one."""
+    while node is not None and node.op != "placeholder":
+        m = _module(model, node)
+        if _is_global_pool(node, m):
+            return node
+        is_1x1_conv = isinstance(m, nn.Conv2d) and all(k == 1 for k in m.kernel_size)
+        if not (_is_flatten(node, m) or is_1x1_conv or node_kind(node, m) == NodeKind.PASS):
+            return None
+        node = _first_tensor_input(node)
+    return None
+
+
+def _is_global_pool(node: fx.Node, module) -> bool:
+    """An adaptive pool to 1×1 or a mean over the spatial dimensions."""
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return module.output_size in (1, (1, 1))
+    if node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+        return size in (1, (1, 1))
+    if (node.op == "call_function" and node.target is torch.mean) or (node.op == "call_method" and node.target == "mean"):
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        return isinstance(dims, (tuple, list)) and sorted(dims) in ([2, 3], [-2, -1])
+    return False
 
 
 def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer) -> tuple[fx.Node, str]:
@@ -192,6 +222,9 @@ def _describe_unsupported(node: fx.Node, module) -> str:
         return f"{node.target}: {type(module).__name__}"
     if node.op == "get_attr":
         return f"{node.target}: a parameter or buffer used as an activation"
+    if is_unsupported_product(node):
+        return (f"{node.name}: a product of two tensors (rules exist for x·sigmoid gate, x·constant and "
+                "x/constant)")
     if node.op == "call_method":
         return f"{node.name}: Tensor.{node.target}"
     fn = node.target

@@ -14,6 +14,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
+MODULE_META = "rsp_module"  # node.meta key: the leaf module a call_module node runs
+
 
 class _RecordingTracer(fx.Tracer):
     def __init__(self, is_rule_leaf: Callable[[nn.Module], bool]):
@@ -28,6 +30,8 @@ class _RecordingTracer(fx.Tracer):
         out = super().call_module(m, forward, args, kwargs)
         if isinstance(out, fx.Proxy):
             self.module_outputs[self.path_of_module(m)] = out.node
+            if out.node.op == "call_module":
+                out.node.meta[MODULE_META] = m
         return out
 
 

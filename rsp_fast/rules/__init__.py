@@ -14,34 +14,52 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..graph.trace import MODULE_META
 from .base import Context, Rule
 from .conv import Conv, is_same_padding_conv
 from .linear import Linear
 from .merge import Add, Cat
-from .passthrough import PassThrough, Route
+from .passthrough import PassThrough, Route, Scale
 from .pool import INDEX_POOLS, MaxPoolByIndices, Pool
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+RECTIFIERS = (nn.ReLU, nn.ReLU6)
+# Other elementwise activations: R passes through them as through ReLU (an extension, as in
+# LRP: RSP_SPEC.md defines ReLU and ReLU6 only). Their outputs can be negative, so the
+# layer after them clamps its input (x̂ = max(x, 0)) as RSP does everywhere.
+SMOOTH_ACTIVATIONS = (nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU,
+                      nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh)
+ACTIVATIONS = RECTIFIERS + SMOOTH_ACTIVATIONS
 PASS_MODULES = ACTIVATIONS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 
-PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.flatten, torch.reshape, F.dropout, F.dropout1d, F.dropout2d}
+RECTIFIER_FUNCTIONS = {F.relu, torch.relu, F.relu6}
+GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+ACTIVATION_FUNCTIONS = RECTIFIER_FUNCTIONS | GATE_FUNCTIONS | {
+    F.silu, F.hardswish, F.gelu, F.mish, F.leaky_relu, F.prelu, F.elu, F.celu, F.selu, F.softplus, torch.tanh, F.tanh, F.hardtanh}
+PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | {torch.flatten, torch.reshape, F.dropout, F.dropout1d, F.dropout2d}
 POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.mean}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
-PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as"}
+GATE_METHODS = {"sigmoid", "sigmoid_"}
+PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as", "tanh"} | GATE_METHODS
 POOL_METHODS = {"mean"}
 ADD_METHODS = {"add", "add_", "__add__"}
+MUL_METHODS = {"mul", "mul_", "__mul__"}
+DIV_METHODS = {"div", "div_", "__truediv__"}
 
 SUPPORTED = {
-    "modules": ["Conv2d (any stride/padding/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d with ReLU/ReLU6)",
-                "ReLU", "ReLU6", "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "ZeroPad/ConstantPad(0) 1d/2d"],
-    "functions": ["+ / torch.add (residual add)", "torch.cat", "torch.flatten", "torch.reshape", "F.relu", "F.relu6", "F.dropout", "F.*pool*", "torch.mean", "F.pad (zeros)"],
-    "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS),
+    "modules": ["Conv2d (any stride/padding/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
+                "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
+                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "ZeroPad/ConstantPad(0) 1d/2d"],
+    "functions": ["+ / torch.add (residual add)", "x * sigmoid gate, x * constant, x / constant", "torch.cat", "torch.flatten", "torch.reshape",
+                  "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "torch.mean", "F.pad (zeros)"],
+    "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | MUL_METHODS | DIV_METHODS),
 }
 
 
@@ -50,7 +68,7 @@ def describe_supported() -> str:
 
 
 def _is_passthrough_activation(m: nn.Module) -> bool:
-    return isinstance(m, ACTIVATIONS) or (isinstance(m, nn.Hardtanh) and m.min_val == 0) or isinstance(m, (nn.Identity, nn.Dropout))
+    return isinstance(m, ACTIVATIONS + (nn.Identity, nn.Dropout))
 
 
 def _batchnorm_act_ok(m: nn.Module) -> bool:
@@ -61,11 +79,11 @@ def _batchnorm_act_ok(m: nn.Module) -> bool:
 
 def is_rule_leaf(m: nn.Module) -> bool:
     """Modules traced as one node: those a rule handles whole."""
-    return isinstance(m, (nn.Conv2d, nn.Linear) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES + (nn.Hardtanh,))
+    return isinstance(m, (nn.Conv2d, nn.Linear) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES)
 
 
 class NodeKind:
-    LAYER, PASS, POOL, ROUTE, ADD, CAT = "layer", "pass", "pool", "route", "add", "cat"
+    LAYER, PASS, POOL, ROUTE, ADD, SCALE, CAT = "layer", "pass", "pool", "route", "add", "scale", "cat"
 
 
 def _zero_constant_pad(node: fx.Node, module: nn.Module | None) -> bool:
@@ -87,7 +105,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
         if isinstance(m, BATCHNORM):
             return NodeKind.PASS if _batchnorm_act_ok(m) else None
-        if isinstance(m, PASS_MODULES) or (isinstance(m, nn.Hardtanh) and m.min_val == 0):
+        if isinstance(m, PASS_MODULES):
             return NodeKind.PASS
         if isinstance(m, POOL_MODULES):
             return NodeKind.POOL
@@ -96,14 +114,14 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         return None
     if node.op == "call_function":
         t = node.target
-        if t in PASS_FUNCTIONS:
+        if t in PASS_FUNCTIONS or _is_stochastic_depth(t):
             return NodeKind.PASS
-        if t is F.hardtanh:
-            return NodeKind.PASS if _hardtanh_min(node) == 0 else None
         if t in POOL_FUNCTIONS:
             return NodeKind.POOL
         if t in ADD_FUNCTIONS:
             return NodeKind.ADD
+        if t in MUL_FUNCTIONS | DIV_FUNCTIONS:
+            return NodeKind.SCALE if _scaled_operand(node) is not None else None
         if t in CAT_FUNCTIONS:
             return NodeKind.CAT
         if t is F.pad:
@@ -116,7 +134,64 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.POOL
         if node.target in ADD_METHODS:
             return NodeKind.ADD
+        if node.target in MUL_METHODS | DIV_METHODS:
+            return NodeKind.SCALE if _scaled_operand(node) is not None else None
     return None
+
+
+def _is_stochastic_depth(fn) -> bool:
+    """torchvision's ``stochastic_depth`` (kept as one call by fx): the identity in eval mode
+    and a dropout of whole samples in training, so R passes through like Dropout."""
+    return getattr(fn, "__name__", None) == "stochastic_depth" and getattr(fn, "__module__", "").startswith("torchvision.")
+
+
+def _is_gate(arg) -> bool:
+    """A sigmoid-like factor in [0, 1]: squeeze-and-excitation's channel scale, swish's σ(x)."""
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_module":
+        return isinstance(arg.meta.get(MODULE_META), (nn.Sigmoid, nn.Hardsigmoid))
+    if arg.op == "call_function":
+        return arg.target in GATE_FUNCTIONS
+    return arg.op == "call_method" and arg.target in GATE_METHODS
+
+
+def _two_operands(node: fx.Node) -> tuple:
+    return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+
+
+def _divides(node: fx.Node) -> bool:
+    return node.target in DIV_FUNCTIONS or node.target in DIV_METHODS
+
+
+def _scaled_operand(node: fx.Node) -> fx.Node | None:
+    """For y = a·b: the operand relevance flows to when the other factor is a gate or a
+    number; for y = a/c: a, when c is a number. None for a product of two activations."""
+    a, b = _two_operands(node)
+    if _divides(node):
+        return a if isinstance(a, fx.Node) and _is_number(b) else None
+    for x, factor in ((a, b), (b, a)):
+        if isinstance(x, fx.Node) and (_is_number(factor) or _is_gate(factor)):
+            return x
+    return None
+
+
+def is_unsupported_product(node: fx.Node) -> bool:
+    """A product or quotient whose factors are neither gates nor constants (e.g. a·b of two
+    activations, or x·parameter as in a layer scale)."""
+    op_table = MUL_FUNCTIONS | DIV_FUNCTIONS if node.op == "call_function" else MUL_METHODS | DIV_METHODS
+    return node.op in ("call_function", "call_method") and node.target in op_table and _scaled_operand(node) is None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_factor(node: fx.Node) -> bool:
+    """Whether y = a·b or a/b has the sign of its scaled operand (a gate or a positive constant)."""
+    x = _scaled_operand(node)
+    factor = next(v for v in _two_operands(node) if v is not x)
+    return _is_gate(factor) or (_is_number(factor) and factor > 0)
 
 
 def _hardtanh_min(node: fx.Node) -> float:
@@ -131,9 +206,9 @@ def rectifies(node: fx.Node, module: nn.Module | None) -> bool:
         m = module
         if isinstance(m, BATCHNORM):
             m = getattr(m, "act", None)
-        return isinstance(m, ACTIVATIONS) or (isinstance(m, nn.Hardtanh) and m.min_val >= 0)
+        return isinstance(m, RECTIFIERS) or (isinstance(m, nn.Hardtanh) and m.min_val >= 0)
     if node.op == "call_function":
-        if node.target in (F.relu, torch.relu, F.relu6):
+        if node.target in RECTIFIER_FUNCTIONS:
             return True
         if node.target is F.hardtanh:
             return _hardtanh_min(node) >= 0
@@ -147,6 +222,9 @@ def keeps_sign(node: fx.Node, module: nn.Module | None, kind: str | None) -> boo
         return "alpha" not in node.kwargs  # torch.add(a, b, alpha=-1) subtracts
     if kind in (NodeKind.POOL, NodeKind.ROUTE, NodeKind.CAT):
         return True
+    if kind == NodeKind.SCALE:
+        return _positive_factor(node)
+    # Every pass-through activation maps x ≥ 0 to values ≥ 0; BatchNorm's shift does not.
     return kind == NodeKind.PASS and not isinstance(module, BATCHNORM)
 
 
@@ -156,6 +234,8 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
         return [node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")]
     if kind == NodeKind.CAT:
         return list(node.args[0] if node.args else node.kwargs["tensors"])
+    if kind == NodeKind.SCALE:
+        return [_scaled_operand(node)]
     return [node.args[0] if node.args else next(iter(node.kwargs.values()))]
 
 
@@ -178,6 +258,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
         return Route(node, inputs, module)
     if kind == NodeKind.ADD:
         return Add(node, inputs)
+    if kind == NodeKind.SCALE:
+        return Scale(node, inputs)
     return Cat(node, inputs, _cat_dim(node))
 
 

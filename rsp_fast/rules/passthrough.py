@@ -31,3 +31,15 @@ class Route(Rule):
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(fn(probe), probe, R)
         return [grad]
+
+
+class Scale(Rule):
+    """y = x·g with g a sigmoid gate in [0, 1] (squeeze-and-excitation, swish), y = x·c or
+    x/c with c a constant: all of R goes to x (LRP's signal-take-all for gates: the gate
+    only reweights x, so relevance does not flow into the branch computing it), summed back
+    to x's shape if x was broadcast."""
+
+    kind = "scale"
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        return [R.sum_to_size(ctx.shapes[self.inputs[0]])]
