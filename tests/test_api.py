@@ -211,11 +211,21 @@ def test_package_works_without_the_compiled_extension():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-@pytest.mark.parametrize("name,culprit", [("shufflenet_v2_x0_5", r"chunk: Tensor\.chunk"),
-                                          ("convnext_tiny", r"features\.1\.0\.block\.2: LayerNorm")])
-def test_architectures_without_rules_are_refused_by_name(name, culprit):
+class _Stacked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(2 * 4 * 9, 2)
+
+    def forward(self, x):
+        return self.fc(torch.stack([self.a(x), self.b(x)], 1).relu().flatten(1))
+
+
+@pytest.mark.parametrize("build,culprit", [(lambda: torchvision.models.convnext_tiny(), r"features\.1\.0\.block\.2: LayerNorm"),
+                                           (_Stacked, r"stack: torch\.stack")])
+def test_architectures_without_rules_are_refused_by_name(build, culprit):
     with pytest.raises(UnsupportedModelError, match=culprit):
-        rsp_fast.RSP(getattr(torchvision.models, name)())
+        rsp_fast.RSP(build())
 
 
 def test_static_path_off_cuda_runs_the_eager_pass():

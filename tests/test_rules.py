@@ -287,6 +287,44 @@ def test_products_of_activations_are_refused_by_name():
         rsp_fast.RSP(Bilinear())
 
 
+def _swap_halves(h):
+    a, b = h.chunk(2, 1)
+    return torch.cat([b, a], 1)
+
+
+def _channel_shuffle(h):  # ShuffleNet's
+    n, c, H, W = h.size()
+    return h.view(n, 2, c // 2, H, W).transpose(1, 2).contiguous().view(n, c, H, W)
+
+
+def _split_and_slice(h):
+    first, second = torch.split(h[:, :2], 1, dim=1)
+    return torch.cat([h[:, 2:], second, first], 1)
+
+
+@pytest.mark.parametrize("shuffle,inverse", [
+    (_swap_halves, lambda R: torch.cat([R[:, 3:], R[:, :3]], 1)),
+    (_channel_shuffle, lambda R: R.view(R.shape[0], 3, 2, *R.shape[2:]).transpose(1, 2).reshape(R.shape)),
+    (_split_and_slice, lambda R: torch.cat([R[:, 5:6], R[:, 4:5], R[:, :4]], 1)),
+])
+def test_index_maps_send_relevance_back_to_where_it_came_from(shuffle, inverse):
+    """chunk / split / indexing / transpose are pure index maps: R at their input is R at
+    their output moved back by the inverse map."""
+    class Shuffled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.body = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 25, 3))
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(shuffle(torch.relu(self.stem(x))))))
+    m = Shuffled().double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    ex = rsp_fast.RSP(m, init="gradcam").explain(x, record=True)
+    assert torch.equal(ex.steps["relu"], inverse(ex.steps["body"]))
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
 def test_batchnorm_is_folded_into_the_first_conv():
     conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
     with torch.no_grad():

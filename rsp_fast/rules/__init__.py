@@ -19,7 +19,7 @@ from .base import Context, Rule
 from .conv import Conv, is_same_padding_conv
 from .linear import Linear
 from .merge import Add, Cat
-from .passthrough import PassThrough, Route, Scale
+from .passthrough import PassThrough, Route, Scale, Select
 from .pool import INDEX_POOLS, MaxPoolByIndices, Pool
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
@@ -46,20 +46,24 @@ ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
+ROUTE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim}
+SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 GATE_METHODS = {"sigmoid", "sigmoid_"}
 PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as", "tanh"} | GATE_METHODS
 POOL_METHODS = {"mean"}
 ADD_METHODS = {"add", "add_", "__add__"}
 MUL_METHODS = {"mul", "mul_", "__mul__"}
+ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
+SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 DIV_METHODS = {"div", "div_", "__truediv__"}
 
 SUPPORTED = {
     "modules": ["Conv2d (any stride/padding/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "ZeroPad/ConstantPad(0) 1d/2d"],
-    "functions": ["+ / torch.add (residual add)", "x * sigmoid gate, x * constant, x / constant", "torch.cat", "torch.flatten", "torch.reshape",
+    "functions": ["+ / torch.add (residual add)", "x * sigmoid gate, x * constant, x / constant", "torch.cat", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "torch.mean", "F.pad (zeros)"],
-    "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | MUL_METHODS | DIV_METHODS),
+    "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS),
 }
 
 
@@ -83,7 +87,7 @@ def is_rule_leaf(m: nn.Module) -> bool:
 
 
 class NodeKind:
-    LAYER, PASS, POOL, ROUTE, ADD, SCALE, CAT = "layer", "pass", "pool", "route", "add", "scale", "cat"
+    LAYER, PASS, POOL, ROUTE, SELECT, ADD, SCALE, CAT = "layer", "pass", "pool", "route", "select", "add", "scale", "cat"
 
 
 def _zero_constant_pad(node: fx.Node, module: nn.Module | None) -> bool:
@@ -126,6 +130,10 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.CAT
         if t is F.pad:
             return NodeKind.ROUTE if _zero_constant_pad(node, None) else None
+        if t in ROUTE_FUNCTIONS:
+            return NodeKind.ROUTE
+        if t is operator.getitem:
+            return NodeKind.SELECT if _selects_from_a_tensor(node) else None
         return None
     if node.op == "call_method":
         if node.target in PASS_METHODS:
@@ -136,7 +144,33 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.ADD
         if node.target in MUL_METHODS | DIV_METHODS:
             return NodeKind.SCALE if _scaled_operand(node) is not None else None
+        if node.target in ROUTE_METHODS:
+            return NodeKind.ROUTE
     return None
+
+
+def split_source(node: fx.Node) -> fx.Node | None:
+    """For y = split(x)[i] (chunk, split, tensor_split, unbind): the split node, else None."""
+    source = node.args[0]
+    if isinstance(source, fx.Node) and ((source.op == "call_method" and source.target in SPLIT_METHODS)
+                                        or (source.op == "call_function" and source.target in SPLIT_FUNCTIONS)):
+        return source
+    return None
+
+
+def _selects_from_a_tensor(node: fx.Node) -> bool:
+    """getitem on a split's pieces, or indexing of a tensor a rule knows (not of a module's
+    tuple output or a shape)."""
+    source = node.args[0]
+    if not isinstance(source, fx.Node):
+        return False
+    if split_source(node) is not None:
+        return isinstance(source.args[0], fx.Node)
+    if source.op == "placeholder":
+        return True
+    if isinstance(source.meta.get(MODULE_META), POOL_MODULES) and getattr(source.meta[MODULE_META], "return_indices", False):
+        return False
+    return node_kind(source, source.meta.get(MODULE_META)) not in (None, NodeKind.SELECT) or _selects_from_a_tensor(source)
 
 
 def _is_stochastic_depth(fn) -> bool:
@@ -220,7 +254,7 @@ def keeps_sign(node: fx.Node, module: nn.Module | None, kind: str | None) -> boo
     concatenation, sums, reshapes and dropout (not BatchNorm, whose shift can make it negative)."""
     if kind == NodeKind.ADD:
         return "alpha" not in node.kwargs  # torch.add(a, b, alpha=-1) subtracts
-    if kind in (NodeKind.POOL, NodeKind.ROUTE, NodeKind.CAT):
+    if kind in (NodeKind.POOL, NodeKind.ROUTE, NodeKind.SELECT, NodeKind.CAT):
         return True
     if kind == NodeKind.SCALE:
         return _positive_factor(node)
@@ -236,6 +270,9 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
         return list(node.args[0] if node.args else node.kwargs["tensors"])
     if kind == NodeKind.SCALE:
         return [_scaled_operand(node)]
+    if kind == NodeKind.SELECT:
+        split = split_source(node)
+        return [split.args[0] if split is not None else node.args[0]]
     return [node.args[0] if node.args else next(iter(node.kwargs.values()))]
 
 
@@ -256,6 +293,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
         return Pool(node, inputs, module)
     if kind == NodeKind.ROUTE:
         return Route(node, inputs, module)
+    if kind == NodeKind.SELECT:
+        return Select(node, inputs, split_source(node))
     if kind == NodeKind.ADD:
         return Add(node, inputs)
     if kind == NodeKind.SCALE:

@@ -4,6 +4,7 @@ inner conv that changes nothing, for a first layer it gives the true weights.)""
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 from .base import Context, Rule, node_function
 
@@ -25,12 +26,34 @@ class Route(Rule):
         super().__init__(node, inputs, needs_values=[a for a in node.all_input_nodes if a is not inputs[0]])
         self.module = module
 
+    def function(self, ctx: Context):
+        return node_function(self.node, self.module, ctx)
+
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        fn = node_function(self.node, self.module, ctx)
+        fn = self.function(ctx)
         probe = torch.zeros(ctx.shapes[self.inputs[0]], dtype=R.dtype, device=R.device, requires_grad=True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(fn(probe), probe, R)
         return [grad]
+
+
+class Select(Route):
+    """y = x[index], or one piece of chunk / split / unbind (y = split(x)[i], the split
+    itself never gets a rule): relevance goes back to the piece's place in x."""
+
+    kind = "select"
+
+    def __init__(self, node, inputs, split: fx.Node | None):
+        others = [a for n in ((node, split) if split is not None else (node,)) for a in n.all_input_nodes]
+        Rule.__init__(self, node, inputs, needs_values=[a for a in others if a is not inputs[0] and a is not split])
+        self.module, self.split = None, split
+
+    def function(self, ctx: Context):
+        index = ctx.resolve(self.node.args[1])
+        if self.split is None:
+            return lambda x: x[index]
+        split = node_function(self.split, None, ctx)
+        return lambda x: split(x)[index]
 
 
 class Scale(Rule):
