@@ -57,7 +57,9 @@ def load_state_dict_file(path: str | Path) -> dict:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RSPError(f"cannot read weights from {str(path)!r}: {str(exc).splitlines()[0]}") from None
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise RSPError(f"cannot read weights from {str(path)!r}: not a torch checkpoint or safetensors file "
+                       f"({type(exc).__name__}: {detail})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
