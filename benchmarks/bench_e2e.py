@@ -34,7 +34,7 @@ import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory, return_freed_memory  # noqa: E402
 
 PRODUCT_DTYPES = {"fp32": "float32", "tf32": "tf32", "bf16": "bfloat16"}
-LAYERS = {"vgg16": "features.29", "resnet50": "layer4", "efficientnet_lite0": "bn2"}
+LAYERS = {"vgg16": "features.29", "resnet50": "layer4", "efficientnet_lite0": "bn2"}  # others: RSP's default
 
 
 def build(name: str) -> torch.nn.Module:
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
                 if name == "authors' RSP" and (model_name != "vgg16" or batch != 1):
                     continue  # their code is only right at batch 1, and only runs VGG
                 try:
-                    fn = make(model, LAYERS[model_name])
+                    fn = make(model, LAYERS.get(model_name) or rsp_fast.RSP(model).layer)
                     fn(x, target)  # warm-up, and a peer that cannot run this model fails here
                     if args.memory:
                         memory[name] = peak_memory_mb(fn, x, target, device)
