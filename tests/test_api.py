@@ -1,6 +1,7 @@
 """The public API: batch independence, layer choice, model left untouched, clear errors."""
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -168,6 +169,62 @@ def test_untraceable_model_is_reported():
 
     with pytest.raises(UnsupportedModelError, match="could not trace Dynamic"):
         rsp_fast.RSP(Dynamic())
+
+
+class _SizeCheckingHead(nn.Module):
+    """Pools only maps larger than 2×2: control flow on the input's size, which fx cannot trace."""
+
+    def __init__(self, c, classes):
+        super().__init__()
+        self.fc = nn.Linear(c * 4, classes)
+
+    def forward(self, x):
+        if x.shape[-1] > 2:
+            x = F.adaptive_avg_pool2d(x, 2)
+        return self.fc(x.flatten(1))
+
+
+class _UntraceableHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())
+        self.head = _SizeCheckingHead(6, 5)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_untraceable_submodules_in_the_head_are_kept_whole():
+    model = _UntraceableHead().double().eval()
+    explainer = rsp_fast.RSP(model)
+    assert explainer.layer == "features"  # its last ReLU, not the head kept whole
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    ex = explainer.explain(x, record=True)
+    assert torch.equal(ex.logits, model(x))
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+    # the same features with a plain head give the same attribution (the head only sets R₀)
+    plain = nn.Sequential(model.features, nn.AdaptiveAvgPool2d(2), nn.Flatten(), model.head.fc).eval()
+    assert rel_err(rsp_fast.RSP(plain, layer="0.4").attribute(x), ex.attribution) < 1e-12
+
+
+def test_untraceable_submodule_on_the_relevance_path_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _SizeCheckingHead(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"2: _SizeCheckingHead"):
+        rsp_fast.RSP(model, layer="3")
+
+
+def test_timm_vgg_is_explained():
+    """timm's VGG head (ConvMlp) checks its input size; the head is kept whole."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vgg import VGG
+    model = VGG([8, "M", 16, "M", 16, 16, "M", 16, "M", 16, "M"], num_classes=5, mlp_ratio=1 / 64).double().eval()
+    explainer = rsp_fast.RSP(model)
+    assert explainer.layer == "features.15"  # the last ReLU before the last max pool, as for torchvision's VGG
+    x = torch.randn(2, 3, 64, 64, dtype=D)
+    ex = explainer.explain(x, record=True)
+    assert torch.equal(ex.logits, model(x))
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
 def test_comparative_without_hostile_classes_is_gradcam():

@@ -18,7 +18,7 @@ from ..errors import RSPError, UnsupportedModelError
 from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, is_unsupported_product, keeps_sign, node_kind,
                      rectifies, relevance_inputs, rule_for)
 from ..rules.base import LayerRule
-from .trace import trace
+from .trace import KEPT_WHOLE, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
 
@@ -61,14 +61,16 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
         m = _module(model, node)
         if isinstance(m, nn.Linear) and last_linear_input is None:
             last_linear_input = _first_tensor_input(node)
-        if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL:
+        if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or node.meta.get(KEPT_WHOLE):
             break
         node = _first_tensor_input(node)
     node = _global_pool_behind_head(model, node) or node
-    # Then back over pooling, reshapes and dropout to the feature map they summarise.
+    # Then back over pooling, reshapes and dropout to the feature map they summarise (and over
+    # head modules kept whole, like timm VGG's conv MLP: relevance cannot start there).
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
-        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or isinstance(m, (nn.Dropout, nn.Identity))):
+        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or node.meta.get(KEPT_WHOLE)
+                or isinstance(m, (nn.Dropout, nn.Identity))):
             return node
         node = _first_tensor_input(node)
     node = last_linear_input

@@ -1,7 +1,9 @@
 """Trace an unmodified model into a torch.fx graph.
 
 Modules that RSP has a rule for are kept as leaves (so that e.g. timm's ``Conv2dSame``,
-whose padding depends on the input size, never needs to be traced through). Every module
+whose padding depends on the input size, never needs to be traced through), and so is any
+submodule whose forward cannot be traced (control flow on its input's size, as in timm's
+VGG head): a model is refused only if such a module lies on the relevance path. Every module
 call, leaf or not, records the graph node holding its output, so that any module name
 from ``model.named_modules()`` can be the saliency layer.
 """
@@ -15,6 +17,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 
 MODULE_META = "rsp_module"  # node.meta key: the leaf module a call_module node runs
+KEPT_WHOLE = "rsp_kept_whole"  # node.meta key: set on modules kept whole because they cannot be traced
 
 
 class _RecordingTracer(fx.Tracer):
@@ -27,12 +30,36 @@ class _RecordingTracer(fx.Tracer):
         return self._is_rule_leaf(m) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        out = super().call_module(m, forward, args, kwargs)
+        last = next(iter(reversed(self.graph.nodes)), None)  # the newest node so far
+        depth = len(self.module_stack)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # Control flow on traced values inside this submodule (e.g. timm's VGG head checks
+            # its input size): keep the module whole, as one node, and drop what its partial
+            # trace added. In the head it runs as it is; on the relevance path the plan
+            # reports it as a module without a rule.
+            self._erase_after(last)
+            while len(self.module_stack) > depth:  # fx does not unwind it when a forward raises
+                self.module_stack.popitem()
+            out = self.create_proxy("call_module", self.path_of_module(m), args, kwargs)
+            out.node.meta[KEPT_WHOLE] = True
         if isinstance(out, fx.Proxy):
             self.module_outputs[self.path_of_module(m)] = out.node
             if out.node.op == "call_module":
                 out.node.meta[MODULE_META] = m
         return out
+
+    def _erase_after(self, last: fx.Node | None) -> None:
+        doomed = []
+        for node in reversed(self.graph.nodes):
+            if node is last:
+                break
+            doomed.append(node)
+        for node in doomed:  # newest first: users go before what they use
+            self.graph.erase_node(node)
+        gone = set(doomed)
+        self.module_outputs = {k: v for k, v in self.module_outputs.items() if v not in gone}
 
 
 def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool]) -> tuple[fx.Graph, dict[str, fx.Node]]:
