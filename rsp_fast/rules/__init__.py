@@ -161,16 +161,17 @@ def split_source(node: fx.Node) -> fx.Node | None:
 def _selects_from_a_tensor(node: fx.Node) -> bool:
     """getitem on a split's pieces, or indexing of a tensor a rule knows (not of a module's
     tuple output or a shape)."""
-    source = node.args[0]
+    source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node):
         return False
     if split_source(node) is not None:
-        return isinstance(source.args[0], fx.Node)
+        return bool(source.args) and isinstance(source.args[0], fx.Node)
     if source.op == "placeholder":
         return True
-    if isinstance(source.meta.get(MODULE_META), POOL_MODULES) and getattr(source.meta[MODULE_META], "return_indices", False):
+    module = source.meta.get(MODULE_META)
+    if getattr(module, "return_indices", False):
         return False
-    return node_kind(source, source.meta.get(MODULE_META)) not in (None, NodeKind.SELECT) or _selects_from_a_tensor(source)
+    return node_kind(source, module) is not None
 
 
 def _is_stochastic_depth(fn) -> bool:
