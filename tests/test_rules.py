@@ -248,30 +248,65 @@ def test_swish_as_a_gate_equals_silu():
     assert rel_err(rsp_fast.RSP(swish, layer="3").attribute(x), rsp_fast.RSP(silu, layer="3").attribute(x)) < 1e-12
 
 
-class _SqueezeExcite(nn.Module):
-    def __init__(self, c=6):
+class _Gated(nn.Module):
+    """h · gate(h) with the gate built four ways: squeeze-and-excitation with a Hardsigmoid
+    module, the sigmoid as the last module of a wrapper (nn.Sequential), ECA's reshaped and
+    expanded gate, GhostNetV2's gate computed at low resolution and resized to h."""
+
+    def __init__(self, style, c=6):
         super().__init__()
+        self.style = style
         self.stem = nn.Conv2d(3, c, 3, padding=1)
         self.fc1, self.fc2 = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
-        self.gate = nn.Hardsigmoid()
+        self.gate = nn.Sequential(nn.Conv2d(c, c, 1), nn.Sigmoid()) if style == "wrapped" else nn.Hardsigmoid()
         self.body = nn.Conv2d(c, 4, 3, padding=1)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 25, 3))
 
     def forward(self, x):
         h = F.hardswish(self.stem(x))
-        g = self.gate(self.fc2(torch.relu(self.fc1(h.mean((2, 3), keepdim=True)))))
+        if self.style == "se":
+            g = self.gate(self.fc2(torch.relu(self.fc1(h.mean((2, 3), keepdim=True)))))
+        elif self.style == "wrapped":
+            g = self.gate(h.mean((2, 3), keepdim=True))
+        elif self.style == "eca":
+            g = torch.sigmoid(h.mean((2, 3))).view(h.shape[0], -1, 1, 1).expand_as(h)
+        else:  # resized
+            g = F.interpolate(torch.sigmoid(F.avg_pool2d(self.fc2(self.fc1(h)), 2, ceil_mode=True)), size=h.shape[-2:])
         return self.head(torch.relu(self.body(g * h)))
 
 
-def test_squeeze_excitation_gate_sends_all_relevance_to_the_signal():
-    m = _SqueezeExcite().double().eval()
+@pytest.mark.parametrize("style", ["se", "wrapped", "eca", "resized"])
+def test_gates_send_all_relevance_to_the_signal(style):
+    m = _Gated(style).double().eval()
     x = torch.randn(2, 3, 5, 5, dtype=D)
     ex = rsp_fast.RSP(m, init="gradcam").explain(x, record=True)
     mul = next(k for k in ex.steps if k.startswith("mul"))
-    assert ex.steps[mul].shape == (2, 6, 5, 5)  # the signal h, not the (2, 6, 1, 1) gate
+    assert ex.steps[mul].shape == (2, 6, 5, 5)  # the signal h, not the gate
     assert torch.equal(ex.steps[mul], ex.steps["body"])  # R at the product's output, unchanged
-    assert not any(k.startswith(("fc1", "fc2", "gate", "mean")) for k in ex.steps)  # the gate branch gets none
+    assert not any(k.startswith(("fc1", "fc2", "gate", "mean", "sigmoid", "interpolate")) for k in ex.steps)
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
+def test_an_accumulator_started_at_zero_passes_relevance():
+    """MobileOne sums its branches into ``out = 0``: 0 + a + b explains as a + b."""
+    class Branches(nn.Module):
+        def __init__(self, start_at_zero):
+            super().__init__()
+            self.start_at_zero = start_at_zero
+            self.stem, self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 25, 3))
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            out = 0 if self.start_at_zero else self.a(h)
+            for branch in ((self.a, self.b) if self.start_at_zero else (self.b,)):
+                out = out + branch(h)
+            return self.head(torch.relu(out))
+    torch.manual_seed(3)
+    zero, plain = Branches(True).double().eval(), Branches(False).double().eval()
+    plain.load_state_dict(zero.state_dict())
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    assert rel_err(rsp_fast.RSP(zero).attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
 
 
 def test_products_of_activations_are_refused_by_name():
@@ -283,8 +318,9 @@ def test_products_of_activations_are_refused_by_name():
 
         def forward(self, x):
             return self.head(torch.relu(self.a(x)) * torch.relu(self.b(x)))
-    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"mul: a product of two tensors"):
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"mul: a product of two tensors") as err:
         rsp_fast.RSP(Bilinear())
+    assert "getattr" not in str(err.value) and "size" not in str(err.value).split("Supported")[0]
 
 
 def _swap_halves(h):

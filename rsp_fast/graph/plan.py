@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, is_unsupported_product, keeps_sign, node_kind,
+from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, is_shape_query, is_unsupported_product, keeps_sign, node_kind,
                      rectifies, relevance_inputs, rule_for)
 from ..rules.base import LayerRule
 from .trace import KEPT_WHOLE, trace
@@ -149,7 +149,8 @@ def build_plan(model: nn.Module, layer=None) -> Plan:
             problems.append(_describe_unsupported(node, module))
         else:
             kinds[node] = kind
-        for arg in relevance_inputs(node, kind) if kind else node.all_input_nodes:  # go on: report every problem
+        # Go on past a node without a rule too, to report every problem (but not its shape queries).
+        for arg in relevance_inputs(node, kind) if kind else [a for a in node.all_input_nodes if not is_shape_query(a)]:
             if not isinstance(arg, fx.Node):
                 problems.append(f"{node.name}: {kind} with a constant operand ({arg!r})")
             elif arg not in seen:

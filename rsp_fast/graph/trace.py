@@ -45,8 +45,9 @@ class _RecordingTracer(fx.Tracer):
             out = self.create_proxy("call_module", self.path_of_module(m), args, kwargs)
             out.node.meta[KEPT_WHOLE] = True
         if isinstance(out, fx.Proxy):
-            self.module_outputs[self.path_of_module(m)] = out.node
-            if out.node.op == "call_module":
+            path = self.path_of_module(m)
+            self.module_outputs[path] = out.node
+            if out.node.op == "call_module" and out.node.target == path:  # a leaf (not a wrapper ending in one)
                 out.node.meta[MODULE_META] = m
         return out
 

@@ -55,6 +55,7 @@ ADD_METHODS = {"add", "add_", "__add__"}
 MUL_METHODS = {"mul", "mul_", "__mul__"}
 ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
+RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "view_as", "reshape_as", "contiguous"}
 DIV_METHODS = {"div", "div_", "__truediv__"}
 
 SUPPORTED = {
@@ -123,7 +124,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         if t in POOL_FUNCTIONS:
             return NodeKind.POOL
         if t in ADD_FUNCTIONS:
-            return NodeKind.ADD
+            return NodeKind.PASS if _adds_zero(node) else NodeKind.ADD
         if t in MUL_FUNCTIONS | DIV_FUNCTIONS:
             return NodeKind.SCALE if _scaled_operand(node) is not None else None
         if t in CAT_FUNCTIONS:
@@ -141,7 +142,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         if node.target in POOL_METHODS:
             return NodeKind.POOL
         if node.target in ADD_METHODS:
-            return NodeKind.ADD
+            return NodeKind.PASS if _adds_zero(node) else NodeKind.ADD
         if node.target in MUL_METHODS | DIV_METHODS:
             return NodeKind.SCALE if _scaled_operand(node) is not None else None
         if node.target in ROUTE_METHODS:
@@ -174,6 +175,11 @@ def _selects_from_a_tensor(node: fx.Node) -> bool:
     return node_kind(source, module) is not None
 
 
+def _adds_zero(node: fx.Node) -> bool:
+    """x + 0 (an accumulator started at 0, as in MobileOne's branch sum): R passes to x."""
+    return any(_is_number(v) and v == 0 for v in _two_operands(node)) and "alpha" not in node.kwargs
+
+
 def _is_stochastic_depth(fn) -> bool:
     """torchvision's ``stochastic_depth`` (kept as one call by fx): the identity in eval mode
     and a dropout of whole samples in training, so R passes through like Dropout."""
@@ -181,7 +187,13 @@ def _is_stochastic_depth(fn) -> bool:
 
 
 def _is_gate(arg) -> bool:
-    """A sigmoid-like factor in [0, 1]: squeeze-and-excitation's channel scale, swish's σ(x)."""
+    """A sigmoid-like factor in [0, 1]: squeeze-and-excitation's channel scale, swish's σ(x),
+    also reshaped, expanded (ECA's ``x * y.expand_as(x)``) or resized (GhostNetV2)."""
+    while isinstance(arg, fx.Node) and arg.args and (
+            (arg.op == "call_method" and arg.target in RESHAPE_METHODS)
+            or (arg.op == "call_function" and arg.target is F.interpolate)  # convex combinations stay in [0, 1]
+            or isinstance(arg.meta.get(MODULE_META), nn.Upsample)):
+        arg = arg.args[0]
     if not isinstance(arg, fx.Node):
         return False
     if arg.op == "call_module":
@@ -209,6 +221,16 @@ def _scaled_operand(node: fx.Node) -> fx.Node | None:
         if isinstance(x, fx.Node) and (_is_number(factor) or _is_gate(factor)):
             return x
     return None
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """x.shape, x.size(), x.dim() and items of them: values that carry no relevance."""
+    if node.op == "call_function" and node.target is getattr:
+        return True
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return True
+    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+            and is_shape_query(node.args[0]))
 
 
 def is_unsupported_product(node: fx.Node) -> bool:
@@ -274,7 +296,7 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
     if kind == NodeKind.SELECT:
         split = split_source(node)
         return [split.args[0] if split is not None else node.args[0]]
-    return [node.args[0] if node.args else next(iter(node.kwargs.values()))]
+    return [next((a for a in node.args if isinstance(a, fx.Node)), None) or next(iter(node.kwargs.values()))]
 
 
 def _cat_dim(node: fx.Node) -> int:
