@@ -132,8 +132,10 @@ def _single_op_model(op):
 
 
 @pytest.mark.parametrize("op", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
-                                nn.MaxPool2d(2, 1, dilation=2), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d((2, 3))])
+                                nn.MaxPool2d(2, 1, dilation=2), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d((2, 3)),
+                                nn.Upsample(scale_factor=2), nn.Upsample(size=(9, 7), mode="bilinear")])
 def test_pool_rule_is_the_z_rule(op):
+    """Pooling, and resizing with weights ≥ 0 (a positive linear map like average pooling)."""
     m = _single_op_model(op)
     x = torch.randn(2, 3, 6, 6, dtype=D)
     ex = rsp_fast.RSP(m, layer="op", init="gradcam").explain(x, record=True)

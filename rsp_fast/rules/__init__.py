@@ -33,6 +33,8 @@ SMOOTH_ACTIVATIONS = (nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, nn.LeakyReLU, nn.
 ACTIVATIONS = RECTIFIERS + SMOOTH_ACTIVATIONS
 PASS_MODULES = ACTIVATIONS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+# Resizing whose weights are ≥ 0 is a positive linear map like average pooling: the same z-rule.
+POSITIVE_RESIZE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -61,9 +63,9 @@ DIV_METHODS = {"div", "div_", "__truediv__"}
 SUPPORTED = {
     "modules": ["Conv2d (any stride/padding/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
-                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "ZeroPad/ConstantPad(0) 1d/2d"],
+                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0) 1d/2d"],
     "functions": ["+ / torch.add (residual add)", "x * sigmoid gate, x * constant, x / constant", "torch.cat", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
-                  "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "torch.mean", "F.pad (zeros)"],
+                  "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean", "F.pad (zeros)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS),
 }
 
@@ -84,7 +86,7 @@ def _batchnorm_act_ok(m: nn.Module) -> bool:
 
 def is_rule_leaf(m: nn.Module) -> bool:
     """Modules traced as one node: those a rule handles whole."""
-    return isinstance(m, (nn.Conv2d, nn.Linear) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES)
+    return isinstance(m, (nn.Conv2d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES)
 
 
 class NodeKind:
@@ -112,7 +114,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.PASS if _batchnorm_act_ok(m) else None
         if isinstance(m, PASS_MODULES):
             return NodeKind.PASS
-        if isinstance(m, POOL_MODULES):
+        if isinstance(m, POOL_MODULES) or (isinstance(m, nn.Upsample) and m.mode in POSITIVE_RESIZE_MODES):
             return NodeKind.POOL
         if isinstance(m, PAD_MODULES):
             return NodeKind.ROUTE if _zero_constant_pad(node, m) else None
@@ -123,6 +125,9 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.PASS
         if t in POOL_FUNCTIONS:
             return NodeKind.POOL
+        if t is F.interpolate:
+            mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+            return NodeKind.POOL if mode in POSITIVE_RESIZE_MODES else None
         if t in ADD_FUNCTIONS:
             return NodeKind.PASS if _adds_zero(node) else NodeKind.ADD
         if t in MUL_FUNCTIONS | DIV_FUNCTIONS:
