@@ -3,6 +3,7 @@ relevance that reached positions with no support (RSP_SPEC.md §3). On the real 
 inputs are such that nothing is dropped, so there the identity is exact conservation."""
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings, strategies as st
 from torch import nn
@@ -75,14 +76,18 @@ def small_cnns(draw):
             layers.append(draw(st.sampled_from([nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2, ceil_mode=True), nn.Identity()])))
         c = out
     residual = draw(st.booleans())
-    return layers, c, size, residual, draw(st.integers(2, 6))
+    tail = draw(st.sampled_from(["none", "gate", "shuffle", "upsample"]))
+    return layers, c, size, residual, draw(st.integers(2, 6)), tail
 
 
 class _Net(nn.Module):
-    def __init__(self, layers, c, classes, residual):
+    def __init__(self, layers, c, classes, residual, tail="none"):
         super().__init__()
         self.body = nn.Sequential(*layers)
         self.block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU()) if residual else None
+        self.tail = tail
+        self.gate = nn.Sequential(nn.Conv2d(c, c, 1), nn.Sigmoid())
+        self.last = nn.Conv2d(c, c, 3, padding=1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, classes)
 
@@ -90,15 +95,24 @@ class _Net(nn.Module):
         x = self.body(x)
         if self.block is not None:
             x = torch.relu(self.block(x) + x)
+        if self.tail == "gate":  # squeeze-and-excitation
+            x = x * self.gate(x.mean((2, 3), keepdim=True))
+        elif self.tail == "shuffle":  # reverse the channels through a split and a concatenation
+            pieces = x.split(1, dim=1)
+            x = torch.cat([pieces[i] for i in reversed(range(self.fc.in_features))], 1)
+        elif self.tail == "upsample":
+            x = F.interpolate(x, scale_factor=2, mode="bilinear")
+        if self.tail != "none":
+            x = torch.relu(self.last(x))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
 @settings(max_examples=25, deadline=None)
 @given(spec=small_cnns(), seed=st.integers(0, 2**16), init=st.sampled_from(["comparative", "gradcam"]))
 def test_random_cnns_conserve(spec, seed, init):
-    layers, c, size, residual, classes = spec
+    layers, c, size, residual, classes, tail = spec
     torch.manual_seed(seed)
-    model = _Net(layers, c, classes, residual).double().eval()
+    model = _Net(layers, c, classes, residual, tail).double().eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
