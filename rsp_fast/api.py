@@ -12,7 +12,7 @@ from .errors import RSPError
 from .graph.plan import build_plan
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
-from .propagate import propagate, record_forward
+from .propagate import propagate, record_forward, work_dtype
 
 if TYPE_CHECKING:
     from .static import StaticRSP
@@ -103,11 +103,14 @@ class RSP:
         """One pass on checked inputs. With ``hostile=None`` and either no target or a target
         tensor already checked (``trusted_target``) it never waits for the device, so a CUDA
         graph can capture it."""
-        ops = select_kernels(self.backend, inputs.device, inputs.dtype)
+        ops = select_kernels(self.backend, inputs.device, work_dtype(inputs.dtype))
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:  # the forward too runs in the chosen precision: its activations feed R₀ and every rule
-            with _matmul_precision(self.precision, inputs.device):
+            # R₀ needs autograd through the head, also when the caller is in inference mode
+            with _matmul_precision(self.precision, inputs.device), torch.inference_mode(False):
+                if inputs.is_inference():
+                    inputs = inputs.clone()
                 return self._pass(inputs, target, hostile, ops, record, trusted_target)
         finally:
             for m, mode in modes:
@@ -119,7 +122,8 @@ class RSP:
         except RSPError:
             raise
         except Exception as exc:
-            raise RSPError(f"the model's forward failed on inputs of shape {tuple(inputs.shape)}: {exc}") from None
+            reason = str(exc).split("\n\nWhile executing")[0].strip()  # fx appends the graph node and its traceback
+            raise RSPError(f"the model's forward failed on inputs of shape {tuple(inputs.shape)}: {reason}") from None
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise RSPError("the model must return logits of shape (N, classes)")
         tgt = target if trusted_target else _targets(target, logits)

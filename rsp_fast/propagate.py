@@ -21,6 +21,23 @@ from .rules.pool import indices_key, max_pool_with_indices
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul}
 
 
+# RSP's rules run in float32 when the model computes in half precision: float16 cannot even
+# hold the rules' 1e-9 stabilisers, and bfloat16's 8-bit mantissa would blur conservation.
+# (precision="bf16" still runs the matrix products in bfloat16.)
+_WORK_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype RSP's rules compute in for a forward pass in ``dtype``."""
+    return _WORK_DTYPES.get(dtype, dtype)
+
+
+def _to_work(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dtype in _WORK_DTYPES:
+        return value.to(_WORK_DTYPES[value.dtype])
+    return value
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, model: torch.nn.Module, plan: Plan):
         super().__init__(model, graph=plan.graph)
@@ -37,13 +54,14 @@ class _Recorder(fx.Interpreter):
                 out, self.saved[indices_key(n)] = max_pool_with_indices(self.fetch_attr(n.target), args[0])
             else:
                 out = super().run_node(n)
-        if n is self.plan.saliency:
-            out = out.detach().requires_grad_()
-            self.saliency_value = out
+        if n is self.plan.saliency:  # R₀'s maps come from this leaf, in the rules' dtype
+            self.saliency_value = _to_work(out.detach()).requires_grad_()
+            with torch.enable_grad():
+                out = self.saliency_value.to(out.dtype)  # the head runs in the model's dtype
         if isinstance(out, torch.Tensor):
             self.shapes[n] = out.shape
         if n in self.plan.saved:
-            self.saved[n] = out.detach() if isinstance(out, torch.Tensor) else out
+            self.saved[n] = _to_work(out.detach() if isinstance(out, torch.Tensor) else out)
         return out
 
     # In-place ops would overwrite values the rules read later: run them out of place.

@@ -105,8 +105,38 @@ def test_bad_inputs_get_clear_errors():
         explainer.attribute(x.double())
     with pytest.raises(RSPError, match="floating-point"):
         explainer.attribute(x.long())
-    with pytest.raises(RSPError, match="forward failed"):
+    with pytest.raises(RSPError, match="forward failed") as err:
         explainer.attribute(torch.randn(1, 4, 32, 32))
+    assert "expected input" in str(err.value) and "While executing" not in str(err.value)
+
+
+def test_inference_mode_callers_get_the_same_result():
+    model = torchvision.models.resnet18(num_classes=6).eval()
+    explainer = rsp_fast.RSP(model)
+    x = torch.randn(2, 3, 32, 32)
+    expected = explainer.attribute(x)
+    with torch.inference_mode():
+        got = explainer.attribute(x)
+        frames = torch.randn(2, 3, 32, 32)  # an inference tensor, as a video loop makes them
+        assert torch.isfinite(explainer.attribute(frames)).all()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_explained_in_float32(dtype):
+    """float16 cannot hold the rules' 1e-9 stabilisers (the result was NaN): the rules run in
+    float32 on the half-precision forward pass, and agree with the float32 model's result."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=6).eval()
+    x = torch.randn(2, 3, 48, 48)
+    target, hostile = [1, 4], [[0, 2], [3, 5]]
+    expected = rsp_fast.RSP(model).attribute(x, target=target, hostile=hostile)
+    half = torchvision.models.resnet18(num_classes=6).eval()
+    half.load_state_dict(model.state_dict())
+    R = rsp_fast.RSP(half.to(dtype)).attribute(x.to(dtype), target=target, hostile=hostile)
+    assert R.dtype == torch.float32 and torch.isfinite(R).all()
+    assert F.cosine_similarity(R.flatten(1), expected.flatten(1)).min() > 0.99
+    assert torch.allclose(R.flatten(1).sum(1), torch.ones(2), atol=1e-3)  # ΣR₀ = 1, conserved
 
 
 def test_bad_constructor_arguments():
