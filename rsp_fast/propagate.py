@@ -18,7 +18,8 @@ from .graph.plan import Plan
 from .rules import Context
 from .rules.pool import indices_key, max_pool_with_indices
 
-_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul}
+_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
 
 
 # RSP's rules run in float32 when the model computes in half precision: float16 cannot even

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, is_shape_query, is_unsupported_product, keeps_sign, node_kind,
-                     rectifies, relevance_inputs, rule_for)
+from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, is_shape_query, is_unsupported_product,
+                     keeps_sign, node_kind, rectifies, relevance_inputs, rule_for)
 from ..rules.base import LayerRule
 from .trace import KEPT_WHOLE, trace
 

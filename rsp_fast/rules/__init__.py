@@ -209,7 +209,8 @@ def _is_gate(arg) -> bool:
 
 
 def _two_operands(node: fx.Node) -> tuple:
-    return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    return first, node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
 
 
 def _divides(node: fx.Node) -> bool:
@@ -252,7 +253,7 @@ def _is_number(v) -> bool:
 def _positive_factor(node: fx.Node) -> bool:
     """Whether y = a·b or a/b has the sign of its scaled operand (a gate or a positive constant)."""
     x = _scaled_operand(node)
-    factor = next(v for v in _two_operands(node) if v is not x)
+    factor = next((v for v in _two_operands(node) if v is not x), x)  # x·x: both are the gate
     return _is_gate(factor) or (_is_number(factor) and factor > 0)
 
 
