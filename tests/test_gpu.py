@@ -93,3 +93,28 @@ def test_static_graph_bf16_vgg():
     got = static(x)
     assert static.uses_graphs
     torch.testing.assert_close(got, explainer.attribute(x), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5"])
+def test_gpu_extension_rules_match_cpu(name):
+    """Gates, smooth activations, split/shuffle index maps on CUDA: the CPU float64 result."""
+    model = _net(name).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected = rsp_fast.RSP(model, backend="torch").attribute(x)
+    got = rsp_fast.RSP(model.cuda()).attribute(x.cuda())
+    assert rel_err(got.cpu(), expected) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_half_precision_model_under_inference_mode(dtype):
+    """The usual fast video setup, a half-precision model called under inference mode: rules in
+    float32, close to the float32 model's result."""
+    model = _net("resnet18")
+    x = torch.randn(4, 3, 64, 64)
+    target, hostile = [1, 2, 3, 4], [[0, 5], [6, 7], [8, 9], [0, 1]]
+    expected = rsp_fast.RSP(model).attribute(x, target=target, hostile=hostile)
+    half = _net("resnet18").to("cuda", dtype)
+    with torch.inference_mode():
+        R = rsp_fast.RSP(half).attribute(x.to("cuda", dtype), target=target, hostile=hostile)
+    assert R.dtype == torch.float32 and torch.isfinite(R).all()
+    assert _cosine(R, expected) > 0.99
