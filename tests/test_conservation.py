@@ -148,10 +148,10 @@ def test_more_torchvision_architectures_conserve(name):
     _assert_conserved(rsp_fast.RSP(model), torch.randn(2, 3, 64, 64, dtype=D))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5"])
-def test_gated_and_shuffled_architectures_conserve(name):
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5", "convnext_tiny"])
+def test_architectures_on_the_extension_rules_conserve(name):
     """Hardswish / SiLU activations, squeeze-and-excitation gates (x·σ(g)), stochastic depth;
-    ShuffleNet's chunk and channel shuffle."""
+    ShuffleNet's chunk and channel shuffle; ConvNeXt's LayerNorm, GELU and layer scale."""
     model = calibrated(getattr(torchvision.models, name)(num_classes=10), 64)
     _assert_conserved(rsp_fast.RSP(model), torch.randn(2, 3, 64, 64, dtype=D))
 

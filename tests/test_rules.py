@@ -311,6 +311,45 @@ def test_an_accumulator_started_at_zero_passes_relevance():
     assert rel_err(rsp_fast.RSP(zero).attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
 
 
+class _ConvNeXtBlock(nn.Module):
+    """Depthwise conv, LayerNorm over channels-last, pointwise MLP, layer scale (a parameter
+    as the factor, reshaped), residual add: ConvNeXt's block."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.gamma = nn.Parameter(torch.linspace(-0.5, 1.0, c))
+        self.head = nn.Sequential(nn.GroupNorm(2, c), nn.Flatten(), nn.Linear(c * 9, 3))
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.norm(self.dw(h).permute(0, 2, 3, 1))
+        y = self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        return self.head(h + y.mul(self.gamma.reshape(1, -1, 1, 1)))
+
+
+def test_unfoldable_norms_and_layer_scale_pass_relevance_through():
+    m = _ConvNeXtBlock().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    explainer = rsp_fast.RSP(m, layer="head.0", init="gradcam")
+    ex = explainer.explain(x, record=True)
+    assert torch.equal(ex.steps["head.0"], ex.initial)  # GroupNorm: R passes through
+    # the add gives the scaled branch b̂·R/(â+b̂); the layer scale passes that on unchanged
+    with torch.no_grad():
+        h = m.stem(x)
+        b = m.fc2(F.gelu(m.fc1(m.norm(m.dw(h).permute(0, 2, 3, 1))))).permute(0, 3, 1, 2) * m.gamma.view(1, -1, 1, 1)
+    a_hat, b_hat = h.clamp(min=0) + 1e-9, b.clamp(min=0) + 1e-9
+    mul = next(k for k in ex.steps if k.startswith("mul"))
+    assert rel_err(ex.steps[mul], b_hat * ex.initial / (a_hat + b_hat)) < 1e-12
+    assert torch.equal(ex.steps["norm"], ex.steps["fc1"])  # LayerNorm: R passes through
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+    kinds = {type(s).__name__ for s in explainer.plan.steps}
+    assert {"Scale", "PassThrough"} <= kinds
+
+
 def test_products_of_activations_are_refused_by_name():
     class Bilinear(nn.Module):
         def __init__(self):

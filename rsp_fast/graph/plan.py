@@ -226,8 +226,8 @@ def _describe_unsupported(node: fx.Node, module) -> str:
     if node.op == "get_attr":
         return f"{node.target}: a parameter or buffer used as an activation"
     if is_unsupported_product(node):
-        return (f"{node.name}: a product of two tensors (rules exist for x·sigmoid gate, x·constant and "
-                "x/constant)")
+        return (f"{node.name}: a product of two tensors (rules exist for x·sigmoid gate, x·constant, "
+                "x·parameter and x/constant)")
     if node.op == "call_method":
         return f"{node.name}: Tensor.{node.target}"
     fn = node.target

@@ -31,18 +31,22 @@ RECTIFIERS = (nn.ReLU, nn.ReLU6)
 SMOOTH_ACTIVATIONS = (nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU,
                       nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh)
 ACTIVATIONS = RECTIFIERS + SMOOTH_ACTIVATIONS
-PASS_MODULES = ACTIVATIONS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Norms that cannot be folded into the layer before them pass R through, as RSP_SPEC.md says
+# of a BatchNorm that cannot be folded (ConvNeXt's LayerNorm, GroupNorm in BiT ResNets).
+OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm)
+NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.instance_norm, F.batch_norm, F.local_response_norm}
+PASS_MODULES = ACTIVATIONS + OTHER_NORMS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 # Resizing whose weights are ≥ 0 is a positive linear map like average pooling: the same z-rule.
 POSITIVE_RESIZE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
-BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 RECTIFIER_FUNCTIONS = {F.relu, torch.relu, F.relu6}
 GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 ACTIVATION_FUNCTIONS = RECTIFIER_FUNCTIONS | GATE_FUNCTIONS | {
     F.silu, F.hardswish, F.gelu, F.mish, F.leaky_relu, F.prelu, F.elu, F.celu, F.selu, F.softplus, torch.tanh, F.tanh, F.hardtanh}
-PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | {torch.flatten, torch.reshape, F.dropout, F.dropout1d, F.dropout2d}
+PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.reshape, F.dropout, F.dropout1d, F.dropout2d}
 POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.mean}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
@@ -62,9 +66,10 @@ DIV_METHODS = {"div", "div_", "__truediv__"}
 
 SUPPORTED = {
     "modules": ["Conv2d (any stride/padding/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
+                "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0) 1d/2d"],
-    "functions": ["+ / torch.add (residual add)", "x * sigmoid gate, x * constant, x / constant", "torch.cat", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
+    "functions": ["+ / torch.add (residual add)", "x * sigmoid gate, x * constant or parameter (layer scale), x / constant", "torch.cat", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean", "F.pad (zeros)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS),
 }
@@ -194,11 +199,7 @@ def _is_stochastic_depth(fn) -> bool:
 def _is_gate(arg) -> bool:
     """A sigmoid-like factor in [0, 1]: squeeze-and-excitation's channel scale, swish's σ(x),
     also reshaped, expanded (ECA's ``x * y.expand_as(x)``) or resized (GhostNetV2)."""
-    while isinstance(arg, fx.Node) and arg.args and (
-            (arg.op == "call_method" and arg.target in RESHAPE_METHODS)
-            or (arg.op == "call_function" and arg.target is F.interpolate)  # convex combinations stay in [0, 1]
-            or isinstance(arg.meta.get(MODULE_META), nn.Upsample)):
-        arg = arg.args[0]
+    arg = _behind_reshapes(arg, resizes=True)  # a resize's convex combinations stay in [0, 1]
     if not isinstance(arg, fx.Node):
         return False
     if arg.op == "call_module":
@@ -206,6 +207,17 @@ def _is_gate(arg) -> bool:
     if arg.op == "call_function":
         return arg.target in GATE_FUNCTIONS
     return arg.op == "call_method" and arg.target in GATE_METHODS
+
+
+def _behind_reshapes(arg, resizes: bool = False):
+    """The value a chain of reshapes, expands (and with ``resizes``, interpolations) starts from."""
+    while isinstance(arg, fx.Node) and arg.args and (
+            (arg.op == "call_method" and arg.target in RESHAPE_METHODS)
+            or (arg.op == "call_function" and arg.target in (torch.reshape, torch.unsqueeze, torch.squeeze))
+            or (resizes and arg.op == "call_function" and arg.target is F.interpolate)
+            or (resizes and isinstance(arg.meta.get(MODULE_META), nn.Upsample))):
+        arg = arg.args[0]
+    return arg
 
 
 def _two_operands(node: fx.Node) -> tuple:
@@ -218,15 +230,25 @@ def _divides(node: fx.Node) -> bool:
 
 
 def _scaled_operand(node: fx.Node) -> fx.Node | None:
-    """For y = a·b: the operand relevance flows to when the other factor is a gate or a
-    number; for y = a/c: a, when c is a number. None for a product of two activations."""
+    """For y = a·b: the operand relevance flows to when the other factor is a gate, a number
+    or a parameter (layer scale); for y = a/c: a, when c is a number. None for a product of
+    two activations."""
     a, b = _two_operands(node)
     if _divides(node):
         return a if isinstance(a, fx.Node) and _is_number(b) else None
     for x, factor in ((a, b), (b, a)):
-        if isinstance(x, fx.Node) and (_is_number(factor) or _is_gate(factor)):
+        if isinstance(x, fx.Node) and (_is_number(factor) or _is_gate(factor)) and not _is_parameter(x):
+            return x
+    for x, factor in ((a, b), (b, a)):  # a parameter as the factor: layer scale (ConvNeXt)
+        if isinstance(x, fx.Node) and _is_parameter(factor) and not _is_parameter(x):
             return x
     return None
+
+
+def _is_parameter(v) -> bool:
+    """A parameter or buffer of the model: a constant while it is explained."""
+    v = _behind_reshapes(v)
+    return isinstance(v, fx.Node) and v.op == "get_attr"
 
 
 def is_shape_query(node: fx.Node) -> bool:
@@ -240,8 +262,8 @@ def is_shape_query(node: fx.Node) -> bool:
 
 
 def is_unsupported_product(node: fx.Node) -> bool:
-    """A product or quotient whose factors are neither gates nor constants (e.g. a·b of two
-    activations, or x·parameter as in a layer scale)."""
+    """A product or quotient whose factors are neither gates nor constants (a·b of two
+    activations, as in attention)."""
     op_table = MUL_FUNCTIONS | DIV_FUNCTIONS if node.op == "call_function" else MUL_METHODS | DIV_METHODS
     return node.op in ("call_function", "call_method") and node.target in op_table and _scaled_operand(node) is None
 
@@ -287,8 +309,8 @@ def keeps_sign(node: fx.Node, module: nn.Module | None, kind: str | None) -> boo
         return True
     if kind == NodeKind.SCALE:
         return _positive_factor(node)
-    # Every pass-through activation maps x ≥ 0 to values ≥ 0; BatchNorm's shift does not.
-    return kind == NodeKind.PASS and not isinstance(module, BATCHNORM)
+    # Every pass-through activation maps x ≥ 0 to values ≥ 0; a norm's shift does not.
+    return kind == NodeKind.PASS and not isinstance(module, BATCHNORM + OTHER_NORMS) and node.target not in NORM_FUNCTIONS
 
 
 def relevance_inputs(node: fx.Node, kind: str) -> list:
