@@ -350,6 +350,41 @@ def test_unfoldable_norms_and_layer_scale_pass_relevance_through():
     assert {"Scale", "PassThrough"} <= kinds
 
 
+class _StdConv2d(nn.Conv2d):
+    """Weight standardisation in the forward (timm's StdConv2d, as in BiT and NFNets)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _TwiceConv2d(nn.Conv2d):
+    """A custom forward that is not one convolution: RSP cannot know what it computes."""
+
+    def forward(self, x):
+        return F.conv2d(F.conv2d(x, self.weight, None, padding=1), self.weight[:, :self.weight.shape[0]], padding=1)
+
+
+def test_weight_standardised_convs_explain_as_convs_with_their_effective_weights():
+    torch.manual_seed(5)
+
+    def net(conv):
+        return nn.Sequential(conv(3, 4, 3, padding=1), nn.ReLU(), conv(4, 5, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(5 * 9, 3)).double().eval()
+    std, plain = net(_StdConv2d), net(nn.Conv2d)
+    plain.load_state_dict(std.state_dict())
+    with torch.no_grad():
+        for i in (0, 2):
+            w = std[i].weight
+            plain[i].weight.copy_((w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5))
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    assert torch.allclose(std(x), plain(x))
+    assert rel_err(rsp_fast.RSP(std).attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"0: _TwiceConv2d"):
+        rsp_fast.RSP(nn.Sequential(_TwiceConv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)), layer="1")
+
+
 def test_products_of_activations_are_refused_by_name():
     class Bilinear(nn.Module):
         def __init__(self):

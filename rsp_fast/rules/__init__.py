@@ -7,6 +7,7 @@ layer is unsupported and reported, with its module path, before any work is done
 from __future__ import annotations
 
 import operator
+import weakref
 from typing import Callable
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..graph.trace import MODULE_META
 from .base import Context, Rule
-from .conv import Conv, is_same_padding_conv
+from .conv import Conv, effective_conv_weight, has_plain_conv_forward
 from .linear import Linear
 from .merge import Add, Cat
 from .passthrough import PassThrough, Route, Scale, Select
@@ -111,8 +112,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if node.op == "call_module":
         m = module
         if isinstance(m, nn.Conv2d):
-            custom = type(m).forward is not nn.Conv2d.forward and not is_same_padding_conv(m)
-            return None if custom or m.padding_mode != "zeros" else NodeKind.LAYER
+            known = has_plain_conv_forward(m) or _weight_transforming_conv(m)
+            return NodeKind.LAYER if known and m.padding_mode == "zeros" else None
         if isinstance(m, nn.Linear):
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
         if isinstance(m, BATCHNORM):
@@ -183,6 +184,17 @@ def _selects_from_a_tensor(node: fx.Node) -> bool:
     if getattr(module, "return_indices", False):
         return False
     return node_kind(source, module) is not None
+
+
+_WEIGHT_TRANSFORMING: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _weight_transforming_conv(m: nn.Conv2d) -> bool:
+    """A Conv2d whose own forward only transforms its weight (weight standardisation), as a
+    probe shows once per module."""
+    if m not in _WEIGHT_TRANSFORMING:
+        _WEIGHT_TRANSFORMING[m] = effective_conv_weight(m) is not None
+    return _WEIGHT_TRANSFORMING[m]
 
 
 def _adds_zero(node: fx.Node) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..kernels.reference import per_sample_sum, safe_div, stacked_sections, unsupported_relevance
 from .base import Context, LayerRule, purged_relevance
@@ -48,8 +49,61 @@ def _same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
 
 
 def is_same_padding_conv(module: nn.Module) -> bool:
-    """timm's Conv2dSame (TF-style padding computed from the input size at run time)."""
-    return isinstance(module, nn.Conv2d) and type(module).__name__ == "Conv2dSame"
+    """timm's Conv2dSame, StdConv2dSame (TF-style padding computed from the input size at run time)."""
+    return isinstance(module, nn.Conv2d) and (type(module).__name__ == "Conv2dSame" or getattr(module, "same_pad", False) is True)
+
+
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+class _Conv2dCalls(TorchFunctionMode):
+    """Records the arguments of every conv2d call made while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) == "conv2d":
+            self.calls.append({**dict(zip(_CONV2D_ARGS, args)), **kwargs})
+        return func(*args, **kwargs)
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
+    """The weight a Conv2d with its own ``forward`` (timm's weight-standardised StdConv2d,
+    ScaledStdConv2d) passes to conv2d, found by running it once on a small probe; None
+    unless it makes exactly one conv2d call with the module's own geometry, in which case
+    RSP cannot know what it computes. (Inner layers only need the geometry; a first layer's
+    z^B rule needs this weight.)"""
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    w = module.weight
+    probe = w.new_zeros(1, module.in_channels, (kh - 1) * dh + 2 * sh + 1, (kw - 1) * dw + 2 * sw + 1)
+    calls = _Conv2dCalls()
+    try:
+        with torch.no_grad(), calls:
+            module(probe)
+    except Exception:
+        return None
+    if len(calls.calls) != 1:
+        return None
+    c = calls.calls[0]
+    padding = c.get("padding", 0)
+    same_geometry = (_pair(c.get("stride", 1)) == module.stride and _pair(c.get("dilation", 1)) == module.dilation
+                     and c.get("groups", 1) == module.groups
+                     and (padding == module.padding if isinstance(padding, str) else _pair(padding) == _pair(module.padding)))
+    weight = c.get("weight")
+    if not same_geometry or not isinstance(weight, torch.Tensor) or weight.shape != w.shape:
+        return None
+    return weight.detach()
+
+
+def has_plain_conv_forward(module: nn.Conv2d) -> bool:
+    return type(module).forward is nn.Conv2d.forward or (is_same_padding_conv(module) and type(module).__name__ == "Conv2dSame")
 
 
 def conv_geometry(module: nn.Conv2d, in_hw: tuple[int, int]) -> ConvGeometry:
@@ -342,6 +396,11 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
 
 class Conv(LayerRule):
     name = "conv"
+
+    def weight(self) -> torch.Tensor:
+        if has_plain_conv_forward(self.module):
+            return self.module.weight
+        return effective_conv_weight(self.module)  # checked when the plan was built
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         x = ctx.values[self.inputs[0]]
