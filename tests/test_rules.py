@@ -437,6 +437,23 @@ def test_index_maps_send_relevance_back_to_where_it_came_from(shuffle, inverse):
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
+def test_stacking_splits_relevance():
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 1)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 2 * 16, 4))
+
+        def forward(self, x):
+            return self.head(torch.relu(torch.stack([self.a(x), self.b(x)], 2)))
+    m = Stacked().double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    ex = rsp_fast.RSP(m, init="gradcam").explain(x, record=True)
+    stack_name = next(k for k in ex.steps if k.startswith("stack"))
+    assert torch.equal(ex.steps[stack_name], ex.initial[:, :, 0])
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.flatten(1).sum(1), rtol=1e-9)
+
+
 def test_batchnorm_is_folded_into_the_first_conv():
     conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
     with torch.no_grad():

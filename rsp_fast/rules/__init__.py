@@ -19,7 +19,7 @@ from ..graph.trace import MODULE_META
 from .base import Context, Rule
 from .conv import Conv, effective_conv_weight, has_plain_conv_forward
 from .linear import Linear
-from .merge import Add, Cat
+from .merge import Add, Cat, Stack
 from .passthrough import PassThrough, Route, Scale, Select
 from .pool import INDEX_POOLS, MaxPoolByIndices, Pool
 
@@ -52,7 +52,8 @@ POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adap
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
-CAT_FUNCTIONS = {torch.cat, torch.concat}
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+STACK_FUNCTIONS = {torch.stack}
 ROUTE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 GATE_METHODS = {"sigmoid", "sigmoid_"}
@@ -70,7 +71,7 @@ SUPPORTED = {
                 "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0) 1d/2d"],
-    "functions": ["+ / torch.add (residual add)", "x * sigmoid gate, x * constant or parameter (layer scale), x / constant", "torch.cat", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
+    "functions": ["+ / torch.add (residual add)", "x * sigmoid gate, x * constant or parameter (layer scale), x / constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean", "F.pad (zeros)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS),
 }
@@ -138,7 +139,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.PASS if _adds_zero(node) else NodeKind.ADD
         if t in MUL_FUNCTIONS | DIV_FUNCTIONS:
             return NodeKind.SCALE if _scaled_operand(node) is not None else None
-        if t in CAT_FUNCTIONS:
+        if t in CAT_FUNCTIONS | STACK_FUNCTIONS:
             return NodeKind.CAT
         if t is F.pad:
             return NodeKind.ROUTE if _zero_constant_pad(node, None) else None
@@ -362,6 +363,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
         return Add(node, inputs)
     if kind == NodeKind.SCALE:
         return Scale(node, inputs)
+    if node.target in STACK_FUNCTIONS:
+        return Stack(node, inputs, _cat_dim(node))
     return Cat(node, inputs, _cat_dim(node))
 
 

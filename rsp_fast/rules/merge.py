@@ -1,4 +1,4 @@
-"""Where branches meet: residual add and concatenation. (Fan-out, where a tensor feeds
+"""Where branches meet: residual add, concatenation and stacking. (Fan-out, where a tensor feeds
 several consumers, needs no rule: the propagation sums what each consumer sends back.)"""
 from __future__ import annotations
 
@@ -38,3 +38,16 @@ class Cat(Rule):
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         sizes = [ctx.shapes[n][self.dim] for n in self.inputs]
         return list(torch.split(R, sizes, dim=self.dim))
+
+
+class Stack(Rule):
+    """torch.stack: each input gets its slice of R back."""
+
+    kind = "stack"
+
+    def __init__(self, node, inputs, dim: int):
+        super().__init__(node, inputs)
+        self.dim = dim
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        return list(R.unbind(self.dim))
