@@ -4,6 +4,7 @@
 # output to $OUT as it finishes, so a step that fails or runs long costs only itself.
 #   OUT=dir [WHEELS=dir of extra wheels] [AUTHORS=checkout of the authors' code]
 #   [STEPS="build tests paths vgg16 products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
+# (an opt-in step, "extended", times the models that need the extension rules)
 # The "paths" step times the ways dense layers can run on CUDA and exports the fastest as
 # RSP_FAST_CUDA_DENSE_PATH for the steps after it.
 set -uo pipefail
@@ -78,6 +79,12 @@ others() {
     timeout ${OTHERS_LIMIT:-100} $PY benchmarks/bench_e2e.py --models resnet50 efficientnet_lite0 --batches 64 --precisions fp32 bf16 \
         --graph $REPEATS --methods forward "zennit EpsilonPlusFlat" "RSP (cuda)" "RSP (triton)" "RSP (cuda, bf16)" "RSP (triton, bf16)" \
         "RSP (cuda, bf16, graph)" --json "$OUT/e2e_others.json" 2>&1 | grep -v "^  " | tail -20
+}
+
+extended() {  # opt-in (STEPS=... extended): models on the extension rules (gates, smooth activations, LayerNorm)
+    timeout ${EXTENDED_LIMIT:-90} $PY benchmarks/bench_e2e.py --models mobilenet_v3_large efficientnet_b0 convnext_tiny --batches 64 \
+        --precisions bf16 --graph $REPEATS --methods forward "zennit EpsilonPlusFlat" "RSP (cuda, bf16)" "RSP (cuda, bf16, graph)" \
+        --json "$OUT/e2e_extended.json" 2>&1 | grep -v "^  " | tail -14
 }
 
 kernels() {
