@@ -40,14 +40,10 @@ class Cat(Rule):
         return list(torch.split(R, sizes, dim=self.dim))
 
 
-class Stack(Rule):
+class Stack(Cat):
     """torch.stack: each input gets its slice of R back."""
 
     kind = "stack"
-
-    def __init__(self, node, inputs, dim: int):
-        super().__init__(node, inputs)
-        self.dim = dim
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         return list(R.unbind(self.dim))
