@@ -85,6 +85,25 @@ def test_pipeline_matches_the_api_frame_by_frame(tmp_path, spec):
     assert [r["label"] for r in report["frames"]] == logits.argmax(1).tolist()
 
 
+def test_labels_come_from_the_logits_even_when_probabilities_tie(tmp_path, spec):
+    """Logits 2e-8 apart are distinct, their float32 softmax probabilities are not: the label
+    is the logits' argmax, the class RSP explains."""
+    import torch
+
+    class NearlyTied(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+            self.register_buffer("offset", torch.tensor([0.0, 0.0, 2e-8, 0.0, 0.0]))
+
+        def forward(self, x):
+            return self.base(x) * 1e-10 + self.offset
+    tied = ModelSpec(NearlyTied(spec.model), "tied", input_size=64, class_names=spec.class_names)
+    src = write_video(tmp_path / "in.mp4", _frames(3), fps=3)
+    report = explain_video(tied, src, tmp_path / "out.mp4", batch_size=3, progress=False)
+    assert [(r["label"], r["target"]) for r in report["frames"]] == [(2, 2)] * 3
+
+
 def test_side_by_side_max_frames_fps_and_odd_sizes(tmp_path, spec):
     src = write_video(tmp_path / "in.mp4", _frames(9, 35, 47), fps=5)
     dst = tmp_path / "out.mp4"

@@ -158,7 +158,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
             ex = explain_batch(x.to(device))
             heat = render.heat_to_frame(heatmap(ex.attribution).detach().float().cpu(), box).numpy()
             probs = torch.softmax(ex.logits.float(), 1).cpu()
-            labels = probs.argmax(1).tolist()
+            labels = ex.logits.argmax(1).tolist()  # not probs.argmax: near-equal logits tie in float32 probabilities
             targets = ex.target.tolist()
             scores = [float(probs[k, c]) for k, c in enumerate(labels)]
             seconds = time.perf_counter() - t
