@@ -1,6 +1,10 @@
-"""ReLU, ReLU6, Dropout, Identity, BatchNorm, Flatten and reshapes: R passes through,
-reshaped to the input. (BatchNorm is folded into the conv or linear before it; for an
-inner conv that changes nothing, for a first layer it gives the true weights.)"""
+"""Rules that move relevance without changing its amount.
+
+Pass-through: activations, Dropout, Identity, norms, Flatten and reshapes (R reshaped to
+the input; BatchNorm is folded into the conv or linear before it: for an inner conv that
+changes nothing, for a first layer it gives the true weights). Routes: pure index maps
+(zero padding, transposes, indexing, pieces of a split): R goes back where each value came
+from. Scale: products with a gate or a constant: all of R to the scaled operand."""
 from __future__ import annotations
 
 import torch
@@ -58,7 +62,7 @@ class Select(Route):
 
 class Scale(Rule):
     """y = x·g with g a sigmoid gate in [0, 1] (squeeze-and-excitation, swish), y = x·c or
-    x/c with c a constant: all of R goes to x (LRP's signal-take-all for gates: the gate
+    x/c with c a constant or a parameter (layer scale): all of R goes to x (LRP's signal-take-all for gates: the gate
     only reweights x, so relevance does not flow into the branch computing it), summed back
     to x's shape if x was broadcast."""
 
