@@ -185,22 +185,27 @@ def test_add_rule_and_fan_out():
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
-def test_concatenation_splits_relevance():
-    class Cat(nn.Module):
+@pytest.mark.parametrize("op,b_channels,features,first_share", [
+    ("cat", 5, 7 * 16, lambda R: R[:, :2]),  # concatenated channels: the first 2 are a's
+    ("stack", 2, 2 * 2 * 16, lambda R: R[:, :, 0]),  # stacked along dim 2: index 0 is a's
+])
+def test_concatenation_and_stacking_split_relevance(op, b_channels, features, first_share):
+    class Joined(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Conv2d(3, 2, 3, padding=1)
-            self.b = nn.Conv2d(3, 5, 1)
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(7 * 16, 4))
+            self.b = nn.Conv2d(3, b_channels, 1)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(features, 4))
 
         def forward(self, x):
-            return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
-    m = Cat().double().eval()
+            parts = [self.a(x), self.b(x)]
+            return self.head(torch.relu(torch.cat(parts, 1) if op == "cat" else torch.stack(parts, 2)))
+    m = Joined().double().eval()
     x = torch.randn(2, 3, 4, 4, dtype=D)
     ex = rsp_fast.RSP(m, init="gradcam").explain(x, record=True)
-    cat_name = next(k for k in ex.steps if k.startswith("cat"))
-    assert torch.equal(ex.steps[cat_name], ex.initial[:, :2])
-    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+    name = next(k for k in ex.steps if k.startswith(op))
+    assert torch.equal(ex.steps[name], first_share(ex.initial))
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.flatten(1).sum(1), rtol=1e-9)
 
 
 class _Scaled(nn.Module):
@@ -435,23 +440,6 @@ def test_index_maps_send_relevance_back_to_where_it_came_from(shuffle, inverse):
     ex = rsp_fast.RSP(m, init="gradcam").explain(x, record=True)
     assert torch.equal(ex.steps["relu"], inverse(ex.steps["body"]))
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
-
-
-def test_stacking_splits_relevance():
-    class Stacked(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 1)
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 2 * 16, 4))
-
-        def forward(self, x):
-            return self.head(torch.relu(torch.stack([self.a(x), self.b(x)], 2)))
-    m = Stacked().double().eval()
-    x = torch.randn(2, 3, 4, 4, dtype=D)
-    ex = rsp_fast.RSP(m, init="gradcam").explain(x, record=True)
-    stack_name = next(k for k in ex.steps if k.startswith("stack"))
-    assert torch.equal(ex.steps[stack_name], ex.initial[:, :, 0])
-    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.flatten(1).sum(1), rtol=1e-9)
 
 
 def test_batchnorm_is_folded_into_the_first_conv():

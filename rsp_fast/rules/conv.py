@@ -103,7 +103,8 @@ def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
 
 
 def has_plain_conv_forward(module: nn.Conv2d) -> bool:
-    return type(module).forward is nn.Conv2d.forward or (is_same_padding_conv(module) and type(module).__name__ == "Conv2dSame")
+    """nn.Conv2d's own forward, or timm's Conv2dSame (that forward after TF-style padding)."""
+    return type(module).forward is nn.Conv2d.forward or type(module).__name__ == "Conv2dSame"
 
 
 def conv_geometry(module: nn.Conv2d, in_hw: tuple[int, int]) -> ConvGeometry:
