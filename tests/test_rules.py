@@ -502,3 +502,24 @@ def test_layers_skip_clamping_only_inputs_that_are_non_negative_by_construction(
         if hasattr(s, "input_non_negative"):
             s.input_non_negative = False  # clamp everywhere: the same result
     assert rel_err(explainer.attribute(x), fast) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("magnitude", [1e-22, 1e22])
+def test_extreme_activation_scales_stay_finite_in_float32(backend, magnitude):
+    """The inner rules are invariant to the scale of their input, but their responses grow
+    with x̂²: activations of 1e-22 (deep randomly initialised nets) underflowed them to 0 in
+    float32 and gave NaN, 1e22 overflowed them. float32 must give float64's attribution."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 12, 1), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 36, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(magnitude)
+        for m in (model[2], model[4], model[7]):
+            m.bias.zero_()
+    x = torch.randn(2, 3, 6, 6)
+    attribution = {dt: rsp_fast.RSP(model.to(dt), layer="5", backend=backend).attribute(x.to(dt)) for dt in (torch.float64, torch.float32)}
+    R64, R32 = attribution[torch.float64], attribution[torch.float32].double()
+    assert torch.isfinite(R32).all()
+    assert rel_err(R32, R64) < 1e-4

@@ -90,6 +90,26 @@ def node_function(node: fx.Node, module: torch.nn.Module | None, ctx: Context) -
     return lambda x: node.target(x, *rest, **kwargs)
 
 
+def rectified_input(x: torch.Tensor, non_negative: bool = False) -> torch.Tensor:
+    """x̂ = max(x, 0) of an inner layer, rescaled per sample by a power of two so that its
+    largest value lies in [0.5, 1).
+
+    The inner conv and linear rules are invariant to the scale of x̂ (the filters and the
+    responses scale by s and s², the normalised sections by 1/s², the back-projection times
+    x̂ by 1), and a power of two changes no bit of their result; but the responses grow with
+    x̂²: activations of 1e-20 (seen in deep randomly initialised nets) underflow them to 0 in
+    float32 and give NaN, activations of 1e20 overflow them. ``non_negative``: x ≥ 0 already.
+    Off CUDA the scale is applied only when needed; on CUDA always (no host sync, so CUDA
+    graph capture stays possible)."""
+    x_pos = x if non_negative else x.clamp(min=0)
+    peak = x_pos.detach().reshape(x.shape[0], -1).amax(1)
+    _, exponent = torch.frexp(peak)  # 0 for an all-zero sample
+    if not x_pos.is_cuda and bool((exponent.abs() <= 16).all()):
+        return x_pos
+    scale = torch.ldexp(torch.ones_like(peak), -exponent)
+    return x_pos * scale.view(-1, *([1] * (x.dim() - 1)))
+
+
 def purged_relevance(ctx: Context, R: torch.Tensor, Rs: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor,
                      dx: torch.Tensor, x_pos: torch.Tensor) -> torch.Tensor:
     """Hostile purging of a conv (k > 1) or linear layer's back-projection ``dx``. When

@@ -17,7 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..kernels.reference import per_sample_sum, safe_div, stacked_sections, unsupported_relevance
-from .base import Context, LayerRule, purged_relevance
+from .base import Context, LayerRule, purged_relevance, rectified_input
 
 
 @dataclass(frozen=True)
@@ -319,7 +319,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     """Per-sample sectional filters F± = R±·X̂ᵤᵀ (per group), responses G± = F±·X̂ᵤ, sectional
     normalisation, one back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻, then the purge (k > 1) or not (1×1).
     ``non_negative``: x is known to be ≥ 0 (a ReLU's output, say), so x̂ = x needs no copy."""
-    x_pos = x if non_negative else x.clamp(min=0)
+    x_pos = rectified_input(x, non_negative)
     N, C = x.shape[:2]
     G, O = g.groups, R.shape[1]
     Og, L = O // G, R.shape[-2] * R.shape[-1]

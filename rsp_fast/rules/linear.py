@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.reference import per_sample_sum, safe_div
-from .base import Context, LayerRule, purged_relevance
+from .base import Context, LayerRule, purged_relevance, rectified_input
 
 
 def first_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def first_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
 
 def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor,
                            non_negative: bool = False) -> torch.Tensor:
-    x_pos = x if non_negative else x.clamp(min=0)
+    x_pos = rectified_input(x, non_negative)
     Wp = W.clamp(min=0)
     Zp = (ctx.low(x_pos) @ ctx.low(Wp).T).to(x.dtype)
     Sp, Sn = ctx.ops.sectional_normalize(R, Zp, Zp)
