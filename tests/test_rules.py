@@ -523,3 +523,27 @@ def test_extreme_activation_scales_stay_finite_in_float32(backend, magnitude):
     R64, R32 = attribution[torch.float64], attribution[torch.float32].double()
     assert torch.isfinite(R32).all()
     assert rel_err(R32, R64) < 1e-4
+
+
+class _MaxPoolSame(nn.MaxPool2d):
+    """Like timm's MaxPool2dSame: TF "same" padding (with -inf) before the pool, in its own forward."""
+
+    def forward(self, x):
+        pad = [max((-(-s // self.stride) - 1) * self.stride + self.kernel_size - s, 0) for s in x.shape[-2:]]
+        x = F.pad(x, (pad[1] // 2, pad[1] - pad[1] // 2, pad[0] // 2, pad[0] - pad[0] // 2), value=float("-inf"))
+        return super().forward(x)
+
+
+def test_max_pool_subclass_with_its_own_forward_is_run_as_it_is():
+    """A MaxPool2d subclass that pads in its forward must not be re-run from its attributes
+    (that lost the padding: the forward failed on shapes). After a ReLU, -inf padding and
+    zero padding pick the same maxima, so a zero-padded plain pool must give the same map."""
+    torch.manual_seed(0)
+    conv1, conv2, head = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Linear(6, 4)
+    tail = [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head]
+    same = nn.Sequential(conv1, nn.ReLU(), _MaxPoolSame(3, 2), conv2, *tail).double().eval()
+    padded = nn.Sequential(conv1, nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)), nn.MaxPool2d(3, 2), conv2, *tail).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    assert same(x).shape == padded(x).shape and torch.allclose(same(x), padded(x))
+    R_same, R_padded = (rsp_fast.RSP(m, layer=tail[0]).attribute(x) for m in (same, padded))
+    assert rel_err(R_same, R_padded) < 1e-12

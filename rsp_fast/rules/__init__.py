@@ -21,7 +21,7 @@ from .conv import Conv, effective_conv_weight, has_plain_conv_forward
 from .linear import Linear
 from .merge import Add, Cat, Stack
 from .passthrough import PassThrough, Route, Scale, Select
-from .pool import INDEX_POOLS, MaxPoolByIndices, Pool
+from .pool import MaxPoolByIndices, Pool, pools_by_indices
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
 
@@ -352,7 +352,7 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if kind == NodeKind.PASS:
         return PassThrough(node, inputs)
     if kind == NodeKind.POOL:
-        if isinstance(module, INDEX_POOLS) and not module.return_indices:
+        if pools_by_indices(module):
             return MaxPoolByIndices(node, inputs, module)
         return Pool(node, inputs, module)
     if kind == NodeKind.ROUTE:

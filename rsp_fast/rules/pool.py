@@ -18,6 +18,14 @@ POOL_EPS = 1e-9
 INDEX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
 
 
+def pools_by_indices(module: nn.Module | None) -> bool:
+    """A max-pool module whose output the indices path can recompute from its attributes: not
+    one that returns indices itself, nor a subclass with its own forward (timm's MaxPool2dSame
+    pads the input first), which the z-rule through the module handles instead."""
+    return (isinstance(module, INDEX_POOLS) and not module.return_indices
+            and type(module).forward in (nn.MaxPool1d.forward, nn.MaxPool2d.forward))
+
+
 def indices_key(node) -> tuple:
     """Where the forward pass leaves a max pool's indices among the saved values."""
     return (node, "indices")
