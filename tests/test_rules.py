@@ -399,7 +399,7 @@ def test_products_of_activations_are_refused_by_name():
 
         def forward(self, x):
             return self.head(torch.relu(self.a(x)) * torch.relu(self.b(x)))
-    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"mul: a product of two tensors") as err:
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"mul: a product of two position-wise activations") as err:
         rsp_fast.RSP(Bilinear())
     assert "getattr" not in str(err.value) and "size" not in str(err.value).split("Supported")[0]
 
@@ -547,3 +547,205 @@ def test_max_pool_subclass_with_its_own_forward_is_run_as_it_is():
     assert same(x).shape == padded(x).shape and torch.allclose(same(x), padded(x))
     R_same, R_padded = (rsp_fast.RSP(m, layer=tail[0]).attribute(x) for m in (same, padded))
     assert rel_err(R_same, R_padded) < 1e-12
+
+
+class _Reweighted(nn.Module):
+    """stem → ReLU → h·f(h) (or h/f(h)) with f a statistic of h → conv → ReLU → head. With
+    ``freeze(x)`` the factor becomes a buffer holding the values it takes on x."""
+
+    def __init__(self, style, c=6):
+        super().__init__()
+        self.style = style
+        self.stem, self.fc = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.gamma, self.beta = nn.Parameter(torch.rand(1, c, 1, 1)), nn.Parameter(torch.rand(1, c, 1, 1))
+        self.body = nn.Conv2d(c, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 25, 3))
+        self.register_buffer("frozen", None)
+
+    def factor(self, h):
+        if self.style == "softmax":  # SKNet / ResNeSt attention over channels
+            return torch.softmax(self.fc(h.mean((2, 3), keepdim=True)), dim=1)
+        if self.style in ("grn", "grn_addcmul"):  # ConvNeXt-V2's global response norm
+            g = h.norm(p=2, dim=(2, 3), keepdim=True)
+            return g / (g.mean(dim=1, keepdim=True) + 1e-6)
+        if self.style == "std":  # EvoNorm: divided by a group's standard deviation
+            return h.var(dim=(1, 2, 3), keepdim=True).add(1e-5).sqrt().expand(h.shape)
+        return torch.rsqrt(h.pow(2).mean(dim=1, keepdim=True) + 1e-6)  # RMS norm: one factor per position
+
+    def freeze(self, x):
+        with torch.no_grad():
+            self.register_buffer("frozen", self.factor(torch.relu(self.stem(x))))
+        return self
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        f = self.frozen if self.frozen is not None else self.factor(h)
+        if self.style == "std":
+            h = h / f
+        elif self.style == "grn_addcmul":
+            h = h + torch.addcmul(self.beta, self.gamma, h * f)
+        else:
+            h = h * f
+        return self.head(torch.relu(self.body(h)))
+
+
+@pytest.mark.parametrize("style", ["softmax", "grn", "grn_addcmul", "std", "rms"])
+def test_statistic_factors_act_as_constants(style):
+    """A factor computed from the activations only through reductions (attention over
+    channels, a norm's scale) reweights them: RSP treats it as a constant, so the network
+    explains exactly like the same network with that factor frozen into a buffer."""
+    torch.manual_seed(0)
+    live = _Reweighted(style).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    frozen = _Reweighted(style).double().eval()
+    frozen.load_state_dict(live.state_dict())
+    frozen.freeze(x)
+    assert torch.allclose(live(x), frozen(x))
+    ex = rsp_fast.RSP(live).explain(x, record=True)
+    assert rel_err(ex.attribution, rsp_fast.RSP(frozen).attribute(x)) < 1e-12
+    assert not any(k.startswith(("fc", "norm", "var", "softmax", "rsqrt")) for k in ex.steps)  # no relevance into f
+
+
+class _Branches(nn.Module):
+    """Two branches summed: a + b, or stacked and summed over the branch dimension (SKNet,
+    ResNeSt), with or without keepdim."""
+
+    def __init__(self, merge):
+        super().__init__()
+        self.merge = merge
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 5, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(5 * 25, 3))
+
+    def forward(self, x):
+        a, b = F.silu(self.a(x)), F.silu(self.b(x))  # negative values too: the clamp matters
+        if self.merge == "add":
+            h = a + b
+        elif self.merge == "sum":
+            h = torch.stack([a, b], 1).sum(dim=1)
+        else:
+            h = torch.stack([a, b], 2).sum((2,), keepdim=True).squeeze(2)
+        return self.head(torch.relu(self.body(h)))
+
+
+@pytest.mark.parametrize("merge", ["sum", "sum_keepdim"])
+def test_a_sum_over_branches_is_the_add_rule(merge):
+    torch.manual_seed(0)
+    added, summed = _Branches("add").double().eval(), _Branches(merge).double().eval()
+    summed.load_state_dict(added.state_dict())
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    assert torch.allclose(added(x), summed(x))
+    assert rel_err(rsp_fast.RSP(summed).attribute(x), rsp_fast.RSP(added).attribute(x)) < 1e-12
+
+
+def test_sums_and_means_over_the_batch_are_refused():
+    for reduce in (lambda h: h - h.mean(0, keepdim=True), lambda h: h.sum(dim=0, keepdim=True).expand_as(h)):
+        model = _Scaled(reduce)
+        with pytest.raises(rsp_fast.UnsupportedModelError, match="(mean|sum)"):
+            rsp_fast.RSP(model)
+
+
+@pytest.mark.parametrize("difference", [lambda p, h: p - h, lambda p, h: torch.sub(p, h), lambda p, h: torch.add(p, h, alpha=-1)])
+def test_a_difference_is_the_add_rule_on_the_negated_operand(difference):
+    """PoolFormer's pool(h) − h: the residual-add rule with −h as the second term, as the same
+    network written pool(h) + (−1)·h explains."""
+    def pool(h):
+        return F.avg_pool2d(h, 3, 1, 1, count_include_pad=False)
+    torch.manual_seed(0)
+    subtracted = _Scaled(lambda h: difference(pool(h), h)).double().eval()
+    negated = _Scaled(lambda h: pool(h) + h * -1.0).double().eval()
+    negated.load_state_dict(subtracted.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    assert torch.allclose(subtracted(x), negated(x))
+    assert rel_err(rsp_fast.RSP(subtracted).attribute(x), rsp_fast.RSP(negated).attribute(x)) < 1e-12
+
+
+class _Biased(nn.Module):
+    """conv without bias, then its bias added as a parameter (HGNetV2's learnable affine
+    block, EvoNorm), or the plain conv with the bias."""
+
+    def __init__(self, add=None):
+        super().__init__()
+        self.add = add
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=add is None)
+        self.shift = nn.Parameter(torch.randn(4))
+        self.body = nn.Conv2d(4, 5, 3, padding=1, bias=add is None)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(5 * 36, 4))
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h if self.add is None else self.add(h, self.shift.view(1, -1, 1, 1)))
+        h = self.body(h)
+        return self.head(torch.relu(h if self.add is None else self.add(h, 0.5)))
+
+
+@pytest.mark.parametrize("add", [lambda h, c: h + c, lambda h, c: c + h, lambda h, c: h - (-c), lambda h, c: torch.add(h, c)])
+def test_a_bias_added_as_a_parameter_passes_relevance_to_the_signal(add):
+    torch.manual_seed(0)
+    biased = _Biased(add).double().eval()
+    plain = _Biased().double().eval()
+    with torch.no_grad():
+        plain.stem.weight.copy_(biased.stem.weight), plain.stem.bias.copy_(biased.shift)
+        plain.body.weight.copy_(biased.body.weight), plain.body.bias.fill_(0.5)
+        plain.head.load_state_dict(biased.head.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    assert torch.allclose(biased(x), plain(x))
+    assert rel_err(rsp_fast.RSP(biased).attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
+
+
+class _Blur(nn.Module):
+    """timm's BlurPool: F.conv2d with a constant filter per channel."""
+
+    def __init__(self, filt, stride=2):
+        super().__init__()
+        self.register_buffer("filt", filt)
+        self.stride = stride
+
+    def forward(self, h):
+        return F.conv2d(h, self.filt, stride=self.stride, groups=h.shape[1])
+
+
+def test_a_constant_positive_filter_is_a_pooling():
+    torch.manual_seed(0)
+    blurred = _single_op_model(_Blur(torch.full((4, 1, 2, 2), 0.25, dtype=D)))
+    pooled = _single_op_model(nn.AvgPool2d(2))
+    pooled.load_state_dict(blurred.state_dict(), strict=False)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    assert torch.allclose(blurred(x), pooled(x))
+    assert rel_err(rsp_fast.RSP(blurred).attribute(x), rsp_fast.RSP(pooled).attribute(x)) < 1e-12
+    for filt in (torch.randn(4, 1, 2, 2, dtype=D), nn.Parameter(torch.rand(4, 1, 2, 2, dtype=D))):
+        blur = _Blur(torch.zeros(4, 1, 2, 2, dtype=D))
+        del blur.filt
+        blur.filt = filt  # a filter with negative entries, or a learned one: a layer RSP has no rule for
+        with pytest.raises(rsp_fast.UnsupportedModelError, match="conv2d"):
+            rsp_fast.RSP(_single_op_model(blur))
+
+
+@pytest.mark.parametrize("pad", [nn.ReflectionPad2d((1, 2, 2, 1)), nn.ReplicationPad2d(1),
+                                 lambda h: F.pad(h, (2, 1, 1, 1), mode="reflect"), lambda h: F.pad(h, (1, 1, 1, 1), mode="circular")])
+def test_copy_padding_returns_relevance_to_the_copied_pixels(pad):
+    """Relevance that lands on a reflected, replicated or wrapped border goes back to the
+    pixel it copies: checked against an index map built by padding the pixel numbers."""
+    torch.manual_seed(0)
+    model = _Scaled(pad).double().eval()
+    model.body.padding = (0, 0)
+    model.head[1] = nn.LazyLinear(4).double()
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    model(x)
+    ex = rsp_fast.RSP(model).explain(x, record=True)
+    pad_step = next(k for k in ex.steps if k.startswith(("pad", "getattr")) or k == "scale")
+    R_out, R_in = ex.steps["body"], ex.steps[pad_step]
+    numbers = torch.arange(36, dtype=D).view(1, 1, 6, 6)
+    source = pad(numbers).long().flatten().expand(2, 4, -1)
+    expected = torch.zeros(2, 4, 36, dtype=D).scatter_add_(2, source, R_out.flatten(2)).view(2, 4, 6, 6)
+    assert rel_err(R_in, expected) < 1e-12
+
+
+@pytest.mark.parametrize("power", [lambda h: h ** 2, lambda h: torch.square(h), lambda h: h.pow(3)])
+def test_powers_pass_relevance_through(power):
+    """StarReLU's s·relu(x)² + b: an elementwise function, through which R passes unchanged."""
+    torch.manual_seed(0)
+    model = _Scaled(power).double().eval()
+    ex = rsp_fast.RSP(model).explain(torch.randn(2, 3, 6, 6, dtype=D), record=True)
+    step = next(k for k in ex.steps if k.startswith(("pow", "square")))
+    assert torch.equal(ex.steps[step], ex.steps["body"])

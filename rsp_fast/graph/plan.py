@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, is_shape_query, is_unsupported_product,
-                     keeps_sign, node_kind, rectifies, relevance_inputs, rule_for)
+from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, keeps_sign, node_kind, rectifies,
+                     relevance_inputs, rule_for, unsupported_combination)
 from ..rules.base import LayerRule
+from ..rules.operands import is_shape_query
 from .trace import KEPT_WHOLE, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
@@ -46,8 +47,10 @@ def _is_flatten(node: fx.Node, module) -> bool:
     return node.op in ("call_function", "call_method") and name in FLATTEN_FUNCTIONS_OR_METHODS
 
 
-def _first_tensor_input(node: fx.Node) -> fx.Node | None:
-    ins = node.all_input_nodes
+def _first_tensor_input(node: fx.Node, kind: str | None = None) -> fx.Node | None:
+    """The input the main path comes from: where a rule sends relevance (x of x·scale + bias),
+    else the first tensor argument."""
+    ins = [a for a in relevance_inputs(node, kind) if isinstance(a, fx.Node)] if kind else node.all_input_nodes
     return ins[0] if ins else None
 
 
@@ -82,16 +85,18 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
 
 
 def _global_pool_behind_head(model: nn.Module, node: fx.Node | None) -> fx.Node | None:
-    """timm-style heads (MobileNetV3) run a 1×1 conv, a norm and an activation on the
-    pooled map before flattening: the global pool behind such a head, if there is one."""
+    """timm-style heads run a 1×1 conv, a norm, an activation, a learnable affine map or a
+    permute on the pooled map before flattening (MobileNetV3, HGNetV2, ConvNeXt's RMS-norm
+    head): the global pool behind such a head, if there is one."""
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
         if _is_global_pool(node, m):
             return node
+        kind = node_kind(node, m)
         is_1x1_conv = isinstance(m, nn.Conv2d) and all(k == 1 for k in m.kernel_size)
-        if not (_is_flatten(node, m) or is_1x1_conv or node_kind(node, m) == NodeKind.PASS):
+        if not (_is_flatten(node, m) or is_1x1_conv or kind in (NodeKind.PASS, NodeKind.ROUTE, NodeKind.SCALE)):
             return None
-        node = _first_tensor_input(node)
+        node = _first_tensor_input(node, kind)
     return None
 
 
@@ -225,9 +230,9 @@ def _describe_unsupported(node: fx.Node, module) -> str:
         return f"{node.target}: {type(module).__name__}"
     if node.op == "get_attr":
         return f"{node.target}: a parameter or buffer used as an activation"
-    if is_unsupported_product(node):
-        return (f"{node.name}: a product of two tensors (rules exist for x·sigmoid gate, x·constant, "
-                "x·parameter and x/constant)")
+    combination = unsupported_combination(node)
+    if combination:
+        return f"{node.name}: {combination}"
     if node.op == "call_method":
         return f"{node.name}: Tensor.{node.target}"
     fn = node.target

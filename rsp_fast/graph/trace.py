@@ -18,6 +18,7 @@ from ..errors import UnsupportedModelError
 
 MODULE_META = "rsp_module"  # node.meta key: the leaf module a call_module node runs
 KEPT_WHOLE = "rsp_kept_whole"  # node.meta key: set on modules kept whole because they cannot be traced
+ATTR_VALUE = "rsp_attr_value"  # node.meta key: the parameter or buffer a get_attr node reads
 
 
 class _RecordingTracer(fx.Tracer):
@@ -80,5 +81,15 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool]) -> tuple[
             f"rsp_fast explains models with exactly one input; {type(model).__name__}.forward takes "
             f"{len(placeholders)} ({', '.join(n.name for n in placeholders)})"
         )
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            node.meta[ATTR_VALUE] = _attribute(model, node.target)
     return graph, tracer.module_outputs
+
+
+def _attribute(model: nn.Module, path: str):
+    value = model
+    for name in path.split("."):
+        value = getattr(value, name, None)
+    return value
 

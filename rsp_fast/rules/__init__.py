@@ -15,11 +15,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.trace import MODULE_META
+from ..graph.trace import ATTR_VALUE, MODULE_META
 from .base import Context, Rule
 from .conv import Conv, effective_conv_weight, has_plain_conv_forward
 from .linear import Linear
-from .merge import Add, Cat, Stack
+from .merge import Add, Cat, Stack, Sum
+from .operands import (ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_FUNCTIONS, GATE_METHODS, MUL_METHODS,
+                       SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_product,
+                       keeps_sign_of_operand, sole_operand)
 from .passthrough import PassThrough, Route, Scale, Select
 from .pool import MaxPoolByIndices, Pool, pools_by_indices
 
@@ -42,38 +45,40 @@ POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Adapt
 # Resizing whose weights are ≥ 0 is a positive linear map like average pooling: the same z-rule.
 POSITIVE_RESIZE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
+# Padding that copies input values (reflect, replicate, circular): an index map, like cropping.
+COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+                    nn.CircularPad1d, nn.CircularPad2d)
 
 RECTIFIER_FUNCTIONS = {F.relu, torch.relu, F.relu6}
-GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 ACTIVATION_FUNCTIONS = RECTIFIER_FUNCTIONS | GATE_FUNCTIONS | {
     F.silu, F.hardswish, F.gelu, F.mish, F.leaky_relu, F.prelu, F.elu, F.celu, F.selu, F.softplus, torch.tanh, F.tanh, F.hardtanh}
-PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.reshape, F.dropout, F.dropout1d, F.dropout2d}
-POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.mean}
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
-DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
+PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout,
+                                                       F.dropout1d, F.dropout2d}
+POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
+POWER = ({operator.pow, torch.pow, torch.square}, {"pow", "square", "__pow__"})  # functions, methods
+SUM = ({torch.sum}, {"sum"})
+CONV_FUNCTIONS = {F.conv1d, F.conv2d, torch.conv1d, torch.conv2d}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 STACK_FUNCTIONS = {torch.stack}
 ROUTE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
-GATE_METHODS = {"sigmoid", "sigmoid_"}
-PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as", "tanh"} | GATE_METHODS
+PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as", "tanh",
+                "to", "float", "type_as", "squeeze", "unsqueeze"} | GATE_METHODS
 POOL_METHODS = {"mean"}
-ADD_METHODS = {"add", "add_", "__add__"}
-MUL_METHODS = {"mul", "mul_", "__mul__"}
 ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
-RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "view_as", "reshape_as", "contiguous"}
-DIV_METHODS = {"div", "div_", "__truediv__"}
 
 SUPPORTED = {
     "modules": ["Conv2d (any stride/padding/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
                 "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
-                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0) 1d/2d"],
-    "functions": ["+ / torch.add (residual add)", "x * sigmoid gate, x * constant or parameter (layer scale), x / constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
-                  "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean", "F.pad (zeros)"],
-    "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS),
+                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d"],
+    "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
+                  "torch.sum over non-batch dims (sum of branches)", "x ** number", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
+                  "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
+                  "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)"],
+    "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS
+                      | POWER[1] | SUM[1] | ADDCMUL[1]),
 }
 
 
@@ -97,15 +102,45 @@ def is_rule_leaf(m: nn.Module) -> bool:
 
 
 class NodeKind:
-    LAYER, PASS, POOL, ROUTE, SELECT, ADD, SCALE, CAT = "layer", "pass", "pool", "route", "select", "add", "scale", "cat"
+    LAYER, PASS, POOL, ROUTE, SELECT, ADD, SCALE, CAT, SUM = (
+        "layer", "pass", "pool", "route", "select", "add", "scale", "cat", "sum")
 
 
-def _zero_constant_pad(node: fx.Node, module: nn.Module | None) -> bool:
+def _pads_by_copy_or_blank(node: fx.Node, module: nn.Module | None) -> bool:
+    """Padding a rule can undo: zeros (or -inf, before a max pool; neither carries relevance)
+    or copies of input values (reflect, replicate, circular)."""
     if module is not None:
-        return not isinstance(module, nn.ConstantPad1d | nn.ConstantPad2d) or module.value == 0
+        return not isinstance(module, nn.ConstantPad1d | nn.ConstantPad2d) or module.value in (0, float("-inf"))
     mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
     value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-    return mode == "constant" and not value
+    return mode != "constant" or not value or value == float("-inf")
+
+
+def _fixed_positive_filter(node: fx.Node) -> bool:
+    """F.conv2d with a constant filter ≥ 0 and no bias (timm's BlurPool anti-aliasing): a
+    pooling, not a layer with learned weights."""
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    source = behind_reshapes(weight)
+    value = source.meta.get(ATTR_VALUE) if isinstance(source, fx.Node) else None
+    return (bias is None and isinstance(value, torch.Tensor) and not value.requires_grad
+            and bool((value >= 0).all()))
+
+
+def _reduced_dims(node: fx.Node):
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return (dims,) if isinstance(dims, int) else dims
+
+
+def _sums_within_samples(node: fx.Node) -> bool:
+    """x.sum(dims) or x.mean(dims) over dimensions that are not the batch's."""
+    dims = _reduced_dims(node)
+    return bool(dims) and all(isinstance(d, int) and d != 0 for d in dims)
+
+
+def _raises_to_a_number(node: fx.Node) -> bool:
+    base, exponent = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent", 2))
+    return isinstance(base, fx.Node) and (is_number(exponent) or node.target in (torch.square, "square"))
 
 
 def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
@@ -123,42 +158,39 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.PASS
         if isinstance(m, POOL_MODULES) or (isinstance(m, nn.Upsample) and m.mode in POSITIVE_RESIZE_MODES):
             return NodeKind.POOL
-        if isinstance(m, PAD_MODULES):
-            return NodeKind.ROUTE if _zero_constant_pad(node, m) else None
+        if isinstance(m, PAD_MODULES + COPY_PAD_MODULES):
+            return NodeKind.ROUTE if _pads_by_copy_or_blank(node, m) else None
         return None
-    if node.op == "call_function":
-        t = node.target
-        if t in PASS_FUNCTIONS or _is_stochastic_depth(t):
-            return NodeKind.PASS
-        if t in POOL_FUNCTIONS:
-            return NodeKind.POOL
-        if t is F.interpolate:
-            mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
-            return NodeKind.POOL if mode in POSITIVE_RESIZE_MODES else None
-        if t in ADD_FUNCTIONS:
-            return NodeKind.PASS if _adds_zero(node) else NodeKind.ADD
-        if t in MUL_FUNCTIONS | DIV_FUNCTIONS:
-            return NodeKind.SCALE if _scaled_operand(node) is not None else None
-        if t in CAT_FUNCTIONS | STACK_FUNCTIONS:
-            return NodeKind.CAT
-        if t is F.pad:
-            return NodeKind.ROUTE if _zero_constant_pad(node, None) else None
-        if t in ROUTE_FUNCTIONS:
-            return NodeKind.ROUTE
-        if t is operator.getitem:
-            return NodeKind.SELECT if _selects_from_a_tensor(node) else None
+    if node.op not in ("call_function", "call_method"):
         return None
-    if node.op == "call_method":
-        if node.target in PASS_METHODS:
-            return NodeKind.PASS
-        if node.target in POOL_METHODS:
-            return NodeKind.POOL
-        if node.target in ADD_METHODS:
-            return NodeKind.PASS if _adds_zero(node) else NodeKind.ADD
-        if node.target in MUL_METHODS | DIV_METHODS:
-            return NodeKind.SCALE if _scaled_operand(node) is not None else None
-        if node.target in ROUTE_METHODS:
-            return NodeKind.ROUTE
+    t = node.target
+    if calls(node, PASS_FUNCTIONS, PASS_METHODS) or _is_stochastic_depth(t):
+        return NodeKind.PASS
+    if calls(node, *POWER):  # an elementwise function, like the activations
+        return NodeKind.PASS if _raises_to_a_number(node) else None
+    if calls(node, {torch.mean}, POOL_METHODS):  # a spatial mean; over the batch it would mix samples
+        return NodeKind.POOL if _sums_within_samples(node) else None
+    if calls(node, POOL_FUNCTIONS, set()):
+        return NodeKind.POOL
+    if t is F.interpolate:
+        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+        return NodeKind.POOL if mode in POSITIVE_RESIZE_MODES else None
+    if t in CONV_FUNCTIONS:
+        return NodeKind.POOL if _fixed_positive_filter(node) else None
+    if calls(node, *SUM):
+        return NodeKind.SUM if _sums_within_samples(node) else None
+    if is_product(node) or is_biased_sum(node) or calls(node, *ADDCMUL):
+        if sole_operand(node) is not None:
+            return NodeKind.SCALE
+        return NodeKind.ADD if is_biased_sum(node) and is_number(node.kwargs.get("alpha", 1)) else None
+    if t in CAT_FUNCTIONS | STACK_FUNCTIONS:
+        return NodeKind.CAT
+    if t is F.pad:
+        return NodeKind.ROUTE if _pads_by_copy_or_blank(node, None) else None
+    if calls(node, ROUTE_FUNCTIONS, ROUTE_METHODS):
+        return NodeKind.ROUTE
+    if t is operator.getitem:
+        return NodeKind.SELECT if _selects_from_a_tensor(node) else None
     return None
 
 
@@ -198,98 +230,18 @@ def _weight_transforming_conv(m: nn.Conv2d) -> bool:
     return _WEIGHT_TRANSFORMING[m]
 
 
-def _adds_zero(node: fx.Node) -> bool:
-    """x + 0 (an accumulator started at 0, as in MobileOne's branch sum): R passes to x."""
-    return any(_is_number(v) and v == 0 for v in _two_operands(node)) and "alpha" not in node.kwargs
-
-
 def _is_stochastic_depth(fn) -> bool:
     """torchvision's ``stochastic_depth`` (kept as one call by fx): the identity in eval mode
     and a dropout of whole samples in training, so R passes through like Dropout."""
     return getattr(fn, "__name__", None) == "stochastic_depth" and getattr(fn, "__module__", "").startswith("torchvision.")
 
 
-def _is_gate(arg) -> bool:
-    """A sigmoid-like factor in [0, 1]: squeeze-and-excitation's channel scale, swish's σ(x),
-    also reshaped, expanded (ECA's ``x * y.expand_as(x)``) or resized (GhostNetV2)."""
-    arg = _behind_reshapes(arg, resizes=True)  # a resize's convex combinations stay in [0, 1]
-    if not isinstance(arg, fx.Node):
-        return False
-    if arg.op == "call_module":
-        return isinstance(arg.meta.get(MODULE_META), (nn.Sigmoid, nn.Hardsigmoid))
-    if arg.op == "call_function":
-        return arg.target in GATE_FUNCTIONS
-    return arg.op == "call_method" and arg.target in GATE_METHODS
-
-
-def _behind_reshapes(arg, resizes: bool = False):
-    """The value a chain of reshapes, expands (and with ``resizes``, interpolations) starts from."""
-    while isinstance(arg, fx.Node) and arg.args and (
-            (arg.op == "call_method" and arg.target in RESHAPE_METHODS)
-            or (arg.op == "call_function" and arg.target in (torch.reshape, torch.unsqueeze, torch.squeeze))
-            or (resizes and arg.op == "call_function" and arg.target is F.interpolate)
-            or (resizes and isinstance(arg.meta.get(MODULE_META), nn.Upsample))):
-        arg = arg.args[0]
-    return arg
-
-
-def _two_operands(node: fx.Node) -> tuple:
-    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
-    return first, node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-
-
-def _divides(node: fx.Node) -> bool:
-    return node.target in DIV_FUNCTIONS or node.target in DIV_METHODS
-
-
-def _scaled_operand(node: fx.Node) -> fx.Node | None:
-    """For y = a·b: the operand relevance flows to when the other factor is a gate, a number
-    or a parameter (layer scale); for y = a/c: a, when c is a number. None for a product of
-    two activations."""
-    a, b = _two_operands(node)
-    if _divides(node):
-        return a if isinstance(a, fx.Node) and _is_number(b) else None
-    for x, factor in ((a, b), (b, a)):
-        if isinstance(x, fx.Node) and (_is_number(factor) or _is_gate(factor)) and not _is_parameter(x):
-            return x
-    for x, factor in ((a, b), (b, a)):  # a parameter as the factor: layer scale (ConvNeXt)
-        if isinstance(x, fx.Node) and _is_parameter(factor) and not _is_parameter(x):
-            return x
+def unsupported_combination(node: fx.Node) -> str | None:
+    """Why a product, quotient or difference has no rule (None if it is not one)."""
+    if (is_product(node) or calls(node, *ADDCMUL)) and sole_operand(node) is None:
+        return ("a product of two position-wise activations (rules exist for x times a sigmoid gate, a number, "
+                "a parameter or a statistic such as a mean or a norm of the activations, and x divided by one)")
     return None
-
-
-def _is_parameter(v) -> bool:
-    """A parameter or buffer of the model: a constant while it is explained."""
-    v = _behind_reshapes(v)
-    return isinstance(v, fx.Node) and v.op == "get_attr"
-
-
-def is_shape_query(node: fx.Node) -> bool:
-    """x.shape, x.size(), x.dim() and items of them: values that carry no relevance."""
-    if node.op == "call_function" and node.target is getattr:
-        return True
-    if node.op == "call_method" and node.target in ("size", "dim"):
-        return True
-    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
-            and is_shape_query(node.args[0]))
-
-
-def is_unsupported_product(node: fx.Node) -> bool:
-    """A product or quotient whose factors are neither gates nor constants (a·b of two
-    activations, as in attention)."""
-    op_table = MUL_FUNCTIONS | DIV_FUNCTIONS if node.op == "call_function" else MUL_METHODS | DIV_METHODS
-    return node.op in ("call_function", "call_method") and node.target in op_table and _scaled_operand(node) is None
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _positive_factor(node: fx.Node) -> bool:
-    """Whether y = a·b or a/b has the sign of its scaled operand (a gate or a positive constant)."""
-    x = _scaled_operand(node)
-    factor = next((v for v in _two_operands(node) if v is not x), x)  # x·x: both are the gate
-    return _is_gate(factor) or (_is_number(factor) and factor > 0)
 
 
 def _hardtanh_min(node: fx.Node) -> float:
@@ -317,11 +269,11 @@ def keeps_sign(node: fx.Node, module: nn.Module | None, kind: str | None) -> boo
     """Whether a node's output is ≥ 0 when all its inputs are: pooling, zero padding,
     concatenation, sums, reshapes and dropout (not BatchNorm, whose shift can make it negative)."""
     if kind == NodeKind.ADD:
-        return "alpha" not in node.kwargs  # torch.add(a, b, alpha=-1) subtracts
-    if kind in (NodeKind.POOL, NodeKind.ROUTE, NodeKind.SELECT, NodeKind.CAT):
+        return calls(node, ADD_FUNCTIONS, ADD_METHODS) and node.kwargs.get("alpha", 1) >= 0  # not a − b
+    if kind in (NodeKind.POOL, NodeKind.ROUTE, NodeKind.SELECT, NodeKind.CAT, NodeKind.SUM):
         return True
     if kind == NodeKind.SCALE:
-        return _positive_factor(node)
+        return keeps_sign_of_operand(node)
     # Every pass-through activation maps x ≥ 0 to values ≥ 0; a norm's shift does not.
     return kind == NodeKind.PASS and not isinstance(module, BATCHNORM + OTHER_NORMS) and node.target not in NORM_FUNCTIONS
 
@@ -333,7 +285,7 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
     if kind == NodeKind.CAT:
         return list(node.args[0] if node.args else node.kwargs["tensors"])
     if kind == NodeKind.SCALE:
-        return [_scaled_operand(node)]
+        return [sole_operand(node)]
     if kind == NodeKind.SELECT:
         split = split_source(node)
         return [split.args[0] if split is not None else node.args[0]]
@@ -359,10 +311,14 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
         return Route(node, inputs, module)
     if kind == NodeKind.SELECT:
         return Select(node, inputs, split_source(node))
-    if kind == NodeKind.ADD:
-        return Add(node, inputs)
+    if kind == NodeKind.ADD:  # a − b and torch.add(a, b, alpha=α): the second operand's share is α·b
+        sign = -1 if calls(node, SUB_FUNCTIONS, SUB_METHODS) else 1
+        return Add(node, inputs, sign * node.kwargs.get("alpha", 1))
     if kind == NodeKind.SCALE:
         return Scale(node, inputs)
+    if kind == NodeKind.SUM:
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        return Sum(node, inputs, _reduced_dims(node), keepdim)
     if node.target in STACK_FUNCTIONS:
         return Stack(node, inputs, _cat_dim(node))
     return Cat(node, inputs, _cat_dim(node))

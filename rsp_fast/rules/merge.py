@@ -11,19 +11,39 @@ ADD_EPS = 1e-9
 
 class Add(Rule):
     """y = a + b: â = max(a,0)+1e-9, b̂ = max(b,0)+1e-9, R_a = â·safe_div(R, â+b̂), R_b likewise
-    (the authors' Add rule). Broadcast operands get their relevance summed back to shape."""
+    (the authors' Add rule). y = a − b (PoolFormer's pool(x) − x) or a + α·b: the second
+    operand's term is α·b, so b̂ = max(α·b, 0)+1e-9 (an extension). Broadcast operands get
+    their relevance summed back to shape."""
 
     kind = "add"
 
-    def __init__(self, node, inputs):
+    def __init__(self, node, inputs, alpha: float = 1):
         super().__init__(node, inputs, needs_values=list(inputs))
+        self.alpha = alpha
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         a, b = (ctx.values[n] for n in self.inputs)
         a_hat = a.clamp(min=0) + ADD_EPS
-        b_hat = b.clamp(min=0) + ADD_EPS
+        b_hat = (b if self.alpha == 1 else self.alpha * b).clamp(min=0) + ADD_EPS
         S = R / (a_hat + b_hat)  # â + b̂ ≥ 2e-9: never zero
         return [(a_hat * S).sum_to_size(a.shape), (b_hat * S).sum_to_size(b.shape)]
+
+
+class Sum(Rule):
+    """y = x.sum(dims) within a sample (ResNeSt's and SKNet's sum over their branches): the
+    residual-add rule for as many operands as the summed dimensions hold, x̂ = max(x,0)+1e-9,
+    R_x = x̂·safe_div(R, Σx̂)."""
+
+    kind = "sum"
+
+    def __init__(self, node, inputs, dims, keepdim: bool):
+        super().__init__(node, inputs, needs_values=list(inputs))
+        self.dims, self.keepdim = tuple(dims), keepdim
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        x_hat = ctx.values[self.inputs[0]].clamp(min=0) + ADD_EPS
+        total = x_hat.sum(self.dims, keepdim=True)  # ≥ 1e-9: never zero
+        return [x_hat * (R.reshape(total.shape) / total)]
 
 
 class Cat(Rule):

@@ -1,0 +1,231 @@
+"""Which operand of a product, quotient or biased sum takes all of the relevance.
+
+y = x·g, x/s, x + c: when the other operand only reweights or shifts x — a sigmoid gate, a
+number, a parameter, or a statistic of the activations (a mean, a norm, a softmax over pooled
+features) — all of R goes to x (LRP's signal-take-all, as for gates and attention weights
+treated as constants): the factor's branch gets none, so its ops need no rules. A product
+of two activations that are both position-wise (attention, StarNet's x₁·x₂) has no such
+operand and is refused.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph.trace import MODULE_META
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub, torch.subtract}
+MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, torch.multiply}
+DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide}
+ADD_METHODS = {"add", "add_", "__add__"}
+SUB_METHODS = {"sub", "sub_", "__sub__", "subtract"}
+MUL_METHODS = {"mul", "mul_", "__mul__", "multiply"}
+DIV_METHODS = {"div", "div_", "__truediv__", "divide", "true_divide"}
+ADDCMUL = ({torch.addcmul}, {"addcmul"})  # functions, methods
+
+GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+GATE_METHODS = {"sigmoid", "sigmoid_"}
+RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "view_as", "reshape_as",
+                   "contiguous", "to", "float", "type_as"}
+# Ops whose output summarises their input over some dimensions: a value computed only
+# from such summaries (and parameters) is a statistic, not a position-wise signal.
+REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.norm, torch.linalg.vector_norm,
+                       torch.linalg.norm, torch.var, torch.std, torch.var_mean, torch.std_mean, torch.logsumexp,
+                       F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
+REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "norm", "var", "std", "logsumexp"}
+REDUCTION_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+
+
+def calls(node: fx.Node, functions: set, methods: set) -> bool:
+    return ((node.op == "call_function" and node.target in functions)
+            or (node.op == "call_method" and node.target in methods))
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def two_operands(node: fx.Node) -> tuple:
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    return first, node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+
+
+def behind_reshapes(arg, resizes: bool = False):
+    """The value a chain of reshapes, expands, casts (and with ``resizes``, interpolations)
+    starts from."""
+    while isinstance(arg, fx.Node) and arg.args and (
+            (arg.op == "call_method" and arg.target in RESHAPE_METHODS)
+            or (arg.op == "call_function" and arg.target in (torch.reshape, torch.unsqueeze, torch.squeeze))
+            or (resizes and arg.op == "call_function" and arg.target is F.interpolate)
+            or (resizes and isinstance(arg.meta.get(MODULE_META), nn.Upsample))):
+        arg = arg.args[0]
+    return arg
+
+
+_CONSTANT = "rsp_constant"  # node.meta key: the answer of is_parameter, once found
+
+
+def is_parameter(v) -> bool:
+    """A parameter or buffer of the model, or a value computed from them alone (−bias, a
+    reshaped scale): a constant while the model is explained."""
+    if not isinstance(v, fx.Node):
+        return False
+    if _CONSTANT not in v.meta:
+        stack, seen, constant = [v], {v}, True
+        while stack and constant:
+            node = stack.pop()
+            constant = node.op != "placeholder"
+            for a in node.all_input_nodes:
+                if a not in seen and not is_shape_query(a):  # x.dtype, x.shape: no values of x
+                    seen.add(a)
+                    stack.append(a)
+        v.meta[_CONSTANT] = constant
+    return v.meta[_CONSTANT]
+
+
+def is_gate(arg) -> bool:
+    """A sigmoid-like factor in [0, 1]: squeeze-and-excitation's channel scale, swish's σ(x),
+    also reshaped, expanded (ECA's ``x * y.expand_as(x)``) or resized (GhostNetV2)."""
+    arg = behind_reshapes(arg, resizes=True)  # a resize's convex combinations stay in [0, 1]
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_module":
+        return isinstance(arg.meta.get(MODULE_META), (nn.Sigmoid, nn.Hardsigmoid))
+    return calls(arg, GATE_FUNCTIONS, GATE_METHODS)
+
+
+def _is_reduction(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(node.meta.get(MODULE_META), REDUCTION_MODULES)
+    return calls(node, REDUCTION_FUNCTIONS, REDUCTION_METHODS)
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """x.shape, x.size(), x.dim() and items of them: values that carry no relevance."""
+    if node.op == "call_function" and node.target is getattr:
+        return True
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return True
+    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+            and is_shape_query(node.args[0]))
+
+
+_STATISTIC = "rsp_statistic"  # node.meta key: the answer of is_statistic, once found
+
+
+def is_statistic(arg) -> bool:
+    """Whether every path from the model's input to ``arg`` passes through a reduction (a
+    mean, sum, norm, variance, adaptive pool) or starts at a parameter: a per-channel,
+    per-group or per-position summary (an attention weight over channels or branches, a
+    norm's scale), not a position-wise copy of the signal."""
+    if not isinstance(arg, fx.Node):
+        return False
+    if _STATISTIC not in arg.meta:
+        stack, seen, found = [arg], {arg}, True
+        while stack:
+            node = stack.pop()
+            if node.op == "placeholder":
+                found = False
+                break
+            if node.op == "get_attr" or _is_reduction(node):
+                continue
+            for a in node.all_input_nodes:
+                if a not in seen and not is_shape_query(a):
+                    seen.add(a)
+                    stack.append(a)
+        arg.meta[_STATISTIC] = found
+    return arg.meta[_STATISTIC]
+
+
+def _depends_only_through_reductions(f: fx.Node, x: fx.Node) -> bool:
+    """Whether f is computed from x, and only through reductions (an RMS norm's scale of x)."""
+    reached = {False: False, True: False}  # x reached without / with a reduction on the way
+    stack, seen = [(f, False)], {(f, False)}
+    while stack:
+        node, reduced = stack.pop()
+        if node is x:
+            reached[reduced] = True
+            continue
+        reduced = reduced or _is_reduction(node)
+        for a in node.all_input_nodes:
+            if (a, reduced) not in seen and not is_shape_query(a):
+                seen.add((a, reduced))
+                stack.append((a, reduced))
+    return reached[True] and not reached[False]
+
+
+def _normalises(factor, x) -> bool:
+    """Whether ``factor`` only reweights ``x``: a statistic while x is not, or, where both are
+    statistics (past a global pool, in a head), one computed from x through a reduction."""
+    if not isinstance(x, fx.Node) or is_parameter(x) or not is_statistic(factor):
+        return False
+    return not is_statistic(x) or _depends_only_through_reductions(factor, x)
+
+
+def _scaled_operand(node: fx.Node) -> fx.Node | None:
+    a, b = two_operands(node)
+    if calls(node, DIV_FUNCTIONS, DIV_METHODS):
+        plain = isinstance(a, fx.Node) and not is_parameter(a) and (is_number(b) or is_parameter(b))
+        return a if plain or _normalises(b, a) else None
+    for x, factor in ((a, b), (b, a)):  # x·σ(x) (swish): both are the same signal
+        if isinstance(x, fx.Node) and not is_parameter(x) and (is_number(factor) or is_gate(factor) or is_parameter(factor)):
+            return x
+    for x, factor in ((a, b), (b, a)):
+        if _normalises(factor, x):
+            return x
+    return None
+
+
+def _biased_operand(node: fx.Node) -> fx.Node | None:
+    if "alpha" in node.kwargs:
+        return None
+    a, b = two_operands(node)
+    pairs = ((a, b),) if calls(node, SUB_FUNCTIONS, SUB_METHODS) else ((a, b), (b, a))
+    for x, c in pairs:
+        if isinstance(x, fx.Node) and not is_parameter(x) and (is_number(c) or is_parameter(c)):
+            return x
+    return None
+
+
+def _addcmul_operand(node: fx.Node) -> fx.Node | None:
+    """torch.addcmul(c, c', x) = c + c'·x with c, c' parameters (ConvNeXt-V2's response norm)."""
+    operands = [v for v in list(node.args[:3]) + [node.kwargs.get(k) for k in ("input", "tensor1", "tensor2")]
+                if isinstance(v, fx.Node)]
+    signals = [v for v in operands if not is_parameter(v)]
+    return signals[0] if len(signals) == 1 and operands.index(signals[0]) > 0 else None
+
+
+def is_product(node: fx.Node) -> bool:
+    return calls(node, MUL_FUNCTIONS | DIV_FUNCTIONS, MUL_METHODS | DIV_METHODS)
+
+
+def is_biased_sum(node: fx.Node) -> bool:
+    return calls(node, ADD_FUNCTIONS | SUB_FUNCTIONS, ADD_METHODS | SUB_METHODS)
+
+
+def sole_operand(node: fx.Node) -> fx.Node | None:
+    """The operand that takes all of R, or None: for x·g, x·c, x·p, x·s and x/c, x/s (g a
+    gate, c a number, p a parameter, s a statistic), x ± c, x ± p and addcmul(p, p', x)."""
+    if is_product(node):
+        return _scaled_operand(node)
+    if is_biased_sum(node):
+        return _biased_operand(node)
+    if calls(node, *ADDCMUL):
+        return _addcmul_operand(node)
+    return None
+
+
+def keeps_sign_of_operand(node: fx.Node) -> bool:
+    """Whether y ≥ 0 when its sole operand is: x·gate, x·c or x/c with c > 0, x + c with c ≥ 0."""
+    x = sole_operand(node)
+    others = [v for v in two_operands(node) if v is not x] or [x]  # x·x: both are the gate
+    if is_product(node):
+        return all(is_gate(v) or (is_number(v) and v > 0) for v in others)
+    if calls(node, ADD_FUNCTIONS, ADD_METHODS):
+        return all(is_number(v) and v >= 0 for v in others)
+    return False
