@@ -749,3 +749,18 @@ def test_powers_pass_relevance_through(power):
     ex = rsp_fast.RSP(model).explain(torch.randn(2, 3, 6, 6, dtype=D), record=True)
     step = next(k for k in ex.steps if k.startswith(("pow", "square")))
     assert torch.equal(ex.steps[step], ex.steps["body"])
+
+
+@pytest.mark.parametrize("act", ["GELU", "SwishMe", "HardSwishMe", "HardSigmoid"])
+def test_timm_activation_modules_pass_relevance_through(act):
+    """timm's own activation classes (not torch's subclasses; the "Me" ones wrap autograd
+    functions fx cannot read), alone and inside a BatchNormAct2d: pass-through like torch's."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import activations, activations_me
+    cls = getattr(activations, act, None) or getattr(activations_me, act)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), timm.layers.BatchNormAct2d(4, act_layer=cls),
+                          nn.Conv2d(4, 4, 3, padding=1), cls(), nn.Flatten(), nn.Linear(4 * 36, 3)).double().eval()
+    ex = rsp_fast.RSP(model, layer="3").explain(torch.randn(2, 3, 6, 6, dtype=D), record=True)
+    assert torch.equal(ex.steps["3"], ex.initial) and torch.equal(ex.steps["1"], ex.steps["2"])
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)

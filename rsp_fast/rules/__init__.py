@@ -21,7 +21,7 @@ from .conv import Conv, effective_conv_weight, has_plain_conv_forward
 from .linear import Linear
 from .merge import Add, Cat, Stack, Sum
 from .operands import (ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_FUNCTIONS, GATE_METHODS, MUL_METHODS,
-                       SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_product,
+                       SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_product, is_timm_activation,
                        keeps_sign_of_operand, sole_operand)
 from .passthrough import PassThrough, Route, Scale, Select
 from .pool import MaxPoolByIndices, Pool, pools_by_indices
@@ -87,7 +87,7 @@ def describe_supported() -> str:
 
 
 def _is_passthrough_activation(m: nn.Module) -> bool:
-    return isinstance(m, ACTIVATIONS + (nn.Identity, nn.Dropout))
+    return isinstance(m, ACTIVATIONS + (nn.Identity, nn.Dropout)) or is_timm_activation(m)
 
 
 def _batchnorm_act_ok(m: nn.Module) -> bool:
@@ -98,7 +98,8 @@ def _batchnorm_act_ok(m: nn.Module) -> bool:
 
 def is_rule_leaf(m: nn.Module) -> bool:
     """Modules traced as one node: those a rule handles whole."""
-    return isinstance(m, (nn.Conv2d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES)
+    return (isinstance(m, (nn.Conv2d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
+                       + COPY_PAD_MODULES) or is_timm_activation(m))
 
 
 class NodeKind:
@@ -154,7 +155,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
         if isinstance(m, BATCHNORM):
             return NodeKind.PASS if _batchnorm_act_ok(m) else None
-        if isinstance(m, PASS_MODULES):
+        if isinstance(m, PASS_MODULES) or is_timm_activation(m):
             return NodeKind.PASS
         if isinstance(m, POOL_MODULES) or (isinstance(m, nn.Upsample) and m.mode in POSITIVE_RESIZE_MODES):
             return NodeKind.POOL

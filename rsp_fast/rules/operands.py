@@ -88,6 +88,16 @@ def is_parameter(v) -> bool:
     return v.meta[_CONSTANT]
 
 
+TIMM_ACTIVATION_MODULES = ("timm.layers.activations", "timm.layers.activations_me")
+TIMM_GATES = {"Sigmoid", "HardSigmoid", "HardSigmoidMe"}
+
+
+def is_timm_activation(m) -> bool:
+    """timm's own elementwise activation modules (GELU, Swish, HardSigmoid, their "Me"
+    versions): not subclasses of torch's, some built on autograd functions fx cannot read."""
+    return type(m).__module__ in TIMM_ACTIVATION_MODULES
+
+
 def is_gate(arg) -> bool:
     """A sigmoid-like factor in [0, 1]: squeeze-and-excitation's channel scale, swish's σ(x),
     also reshaped, expanded (ECA's ``x * y.expand_as(x)``) or resized (GhostNetV2)."""
@@ -95,7 +105,8 @@ def is_gate(arg) -> bool:
     if not isinstance(arg, fx.Node):
         return False
     if arg.op == "call_module":
-        return isinstance(arg.meta.get(MODULE_META), (nn.Sigmoid, nn.Hardsigmoid))
+        m = arg.meta.get(MODULE_META)
+        return isinstance(m, (nn.Sigmoid, nn.Hardsigmoid)) or (is_timm_activation(m) and type(m).__name__ in TIMM_GATES)
     return calls(arg, GATE_FUNCTIONS, GATE_METHODS)
 
 
