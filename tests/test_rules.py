@@ -764,3 +764,35 @@ def test_timm_activation_modules_pass_relevance_through(act):
     ex = rsp_fast.RSP(model, layer="3").explain(torch.randn(2, 3, 6, 6, dtype=D), record=True)
     assert torch.equal(ex.steps["3"], ex.initial) and torch.equal(ex.steps["1"], ex.steps["2"])
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
+class _Thresholded(nn.Module):
+    def __init__(self, act, module=None):
+        super().__init__()
+        self.act, self.module = act, module
+        self.tau = nn.Parameter(torch.tensor(-0.1))
+        self.convs = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(5 * 36, 4))
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = self.act(self, conv(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("written,module", [
+    (lambda m, h: h.clamp(min=0), nn.ReLU()), (lambda m, h: torch.clamp(h, 0, 6), nn.ReLU6()),
+    (lambda m, h: torch.clamp_min(h, 0.0), nn.ReLU()), (lambda m, h: torch.maximum(h, m.tau), None)])
+def test_thresholds_written_as_ops_explain_like_activations(written, module):
+    """x.clamp(min=0) is a ReLU, clamp(x, 0, 6) a ReLU6 (same map as the modules); FRN's TLU
+    max(x, τ) passes relevance through like the other activations."""
+    torch.manual_seed(0)
+    ops = _Thresholded(written).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    ex = rsp_fast.RSP(ops, layer="convs.1").explain(x, record=True)
+    if module is not None:
+        modules = _Thresholded(lambda m, h: m.module(h), module).double().eval()
+        modules.load_state_dict(ops.state_dict())
+        assert rel_err(ex.attribution, rsp_fast.RSP(modules, layer="convs.1").attribute(x)) < 1e-12
+    step = next(k for k in ex.steps if k.startswith(("clamp", "maximum")))
+    assert torch.equal(ex.steps[step], ex.steps["convs.1"])

@@ -21,8 +21,8 @@ from .conv import Conv, effective_conv_weight, has_plain_conv_forward
 from .linear import Linear
 from .merge import Add, Cat, Stack, Sum
 from .operands import (ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_FUNCTIONS, GATE_METHODS, MUL_METHODS,
-                       SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_product, is_timm_activation,
-                       keeps_sign_of_operand, sole_operand)
+                       SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
+                       is_product, is_timm_activation, keeps_sign_of_operand, sole_operand)
 from .passthrough import PassThrough, Route, Scale, Select
 from .pool import MaxPoolByIndices, Pool, pools_by_indices
 
@@ -57,6 +57,10 @@ PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.r
 POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
 POWER = ({operator.pow, torch.pow, torch.square}, {"pow", "square", "__pow__"})  # functions, methods
 SUM = ({torch.sum}, {"sum"})
+# Thresholds written as ops: clamp(x, min, max) (a ReLU as x.clamp(min=0)), maximum/minimum
+# with a constant (Filter Response Norm's TLU, max(x, τ)): elementwise, like the activations.
+CLAMP = ({torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max}, {"clamp", "clamp_", "clip", "clamp_min", "clamp_max"})
+EXTREMUM = ({torch.maximum, torch.minimum, torch.fmax, torch.fmin}, {"maximum", "minimum"})
 CONV_FUNCTIONS = {F.conv1d, F.conv2d, torch.conv1d, torch.conv2d}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 STACK_FUNCTIONS = {torch.stack}
@@ -74,11 +78,11 @@ SUPPORTED = {
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d"],
     "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
-                  "torch.sum over non-batch dims (sum of branches)", "x ** number", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
+                  "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
                   "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS
-                      | POWER[1] | SUM[1] | ADDCMUL[1]),
+                      | POWER[1] | SUM[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
 }
 
 
@@ -139,6 +143,21 @@ def _sums_within_samples(node: fx.Node) -> bool:
     return bool(dims) and all(isinstance(d, int) and d != 0 for d in dims)
 
 
+def _thresholds(node: fx.Node) -> bool:
+    """clamp(x, ...) or maximum(x, c) with bounds that are numbers or parameters."""
+    x, *bounds = list(node.args) + list(node.kwargs.values())
+    return isinstance(x, fx.Node) and not is_parameter(x) and all(b is None or is_number(b) or is_parameter(b) for b in bounds)
+
+
+def _clamp_min(node: fx.Node):
+    """The lower bound of a clamp (None if it has none)."""
+    if node.target in (torch.clamp_min, "clamp_min"):
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    if node.target in (torch.clamp_max, "clamp_max"):
+        return None
+    return node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+
+
 def _raises_to_a_number(node: fx.Node) -> bool:
     base, exponent = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent", 2))
     return isinstance(base, fx.Node) and (is_number(exponent) or node.target in (torch.square, "square"))
@@ -169,6 +188,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         return NodeKind.PASS
     if calls(node, *POWER):  # an elementwise function, like the activations
         return NodeKind.PASS if _raises_to_a_number(node) else None
+    if calls(node, *CLAMP) or calls(node, *EXTREMUM):
+        return NodeKind.PASS if _thresholds(node) else None
     if calls(node, {torch.mean}, POOL_METHODS):  # a spatial mean; over the batch it would mix samples
         return NodeKind.POOL if _sums_within_samples(node) else None
     if calls(node, POOL_FUNCTIONS, set()):
@@ -263,6 +284,9 @@ def rectifies(node: fx.Node, module: nn.Module | None) -> bool:
             return True
         if node.target is F.hardtanh:
             return _hardtanh_min(node) >= 0
+    if calls(node, *CLAMP):  # x.clamp(min=0): a ReLU
+        low = _clamp_min(node)
+        return is_number(low) and low >= 0
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
