@@ -14,7 +14,8 @@ from .models import ModelSpec
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Any image PIL reads (grey, palette, alpha included) as H×W×3 uint8 RGB."""
+    """Any image PIL reads (grey, palette, alpha, 16-bit and float grey included) as H×W×3
+    uint8 RGB."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -22,9 +23,24 @@ def read_image(path: str | Path) -> np.ndarray:
         raise RSPError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as im:
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                return _grey_to_rgb8(np.asarray(im), im.mode)
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise RSPError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def _grey_to_rgb8(grey: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit or 32-bit grey (PIL's convert would clip it to white at 255) scaled to 8 bits:
+    integers by their 16-bit range (8-bit data stored wide kept as is), floats in [0, 1] by 255."""
+    grey = grey.astype(np.float64)
+    peak = float(grey.max(initial=0.0))
+    if mode == "F":
+        scale = 255.0 if peak <= 1.0 else 1.0
+    else:
+        scale = 1.0 if peak <= 255 else (255.0 / 65535.0 if peak <= 65535 else 255.0 / peak)
+    rgb8 = np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8)
+    return np.repeat(rgb8[..., None], 3, axis=2)
 
 
 def sample_photos() -> list[tuple[str, np.ndarray]]:

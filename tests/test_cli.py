@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from rsp_fast.cli import main
+from rsp_fast.images import read_image
 from rsp_fast.models import build_model
 from rsp_fast.render import Letterbox, colorize, heat_to_frame, letterbox_geometry
 
@@ -33,6 +34,21 @@ def test_image_command_writes_maps_for_grey_alpha_and_colour(tmp_path, capsys):
     assert [r["name"] for r in report["images"]] == ["a", "b", "c"]
     assert all(0 <= r["label"] < 1000 and 0 < r["score"] <= 1 for r in report["images"])
     assert (out / "contact_sheet.png").exists()
+
+
+@pytest.mark.parametrize("wide", [
+    lambda grey: Image.fromarray(grey.astype(np.uint16) * 257),  # 16-bit PNG (mode I;16)
+    lambda grey: Image.fromarray(grey.astype(np.int32) * 257, "I"),  # 32-bit integer grey
+    lambda grey: Image.fromarray(grey.astype(np.float32) / 255, "F")])  # float grey in [0, 1]
+def test_wide_grey_images_read_like_their_8_bit_version(tmp_path, wide):
+    """PIL's convert("RGB") clips 16-bit grey at 255: a 16-bit photo read as all white."""
+    from skimage import data
+    grey = data.camera()
+    path = tmp_path / ("wide.png" if wide(grey).mode.startswith("I;16") else "wide.tif")  # PNG holds no I or F
+    wide(grey).save(path)
+    rgb = read_image(path)
+    assert rgb.shape == grey.shape + (3,) and rgb.dtype == np.uint8
+    assert np.abs(rgb[..., 0].astype(int) - grey).max() <= 1 and (rgb[..., 0] == rgb[..., 2]).all()
 
 
 def test_demo_runs_offline(tmp_path):
