@@ -196,6 +196,7 @@ def test_cli_video_with_report(tmp_path):
     (["video", "{good}", "-o", "out.mp4", "--model", "nosuchnet"], "unknown model 'nosuchnet'"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--weights", "{weights}"], "do not match"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--target", "7"], "class 7 is out of range"),
+    (["video", "{good}", "-o", "out.gif", "--model", "models:tiny_cnn"], "a .gif cannot hold libx264 video"),
 ])
 def test_cli_video_errors_are_one_line(tmp_path, args, message):
     import torch
@@ -207,7 +208,7 @@ def test_cli_video_errors_are_one_line(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out.mp4").exists()
+    assert not (tmp_path / "out.mp4").exists() and not list(tmp_path.glob("*out*"))
 
 
 def test_explain_video_leaves_a_plain_module_as_it_was(tmp_path):

@@ -117,6 +117,10 @@ class Encoder:
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             raise RSPError(f"cannot write video {str(self.path)!r}: {exc}") from None
         self.fps, self.codec, self.crf = Fraction(fps).limit_denominator(1001), codec, crf
+        if codec not in getattr(self.container, "supported_codecs", {codec}):  # before any work, not at the first frame
+            self.abort()
+            raise RSPError(f"cannot write video {str(self.path)!r}: a {self.path.suffix or 'file without an extension'} "
+                           f"cannot hold {codec} video; use .mp4, .mkv, .mov or .avi")
         self.stream = None
         self.frames = 0
 
