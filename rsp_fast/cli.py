@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(video)
     _add_video_options(video)
     image = sub.add_parser("image", help="heat map and overlay PNGs for images")
-    image.add_argument("images", nargs="+")
+    image.add_argument("images", nargs="+", help="image files, or folders of them")
     image.add_argument("-o", "--output", required=True, help="output folder")
     _add_model_options(image)
     demo = sub.add_parser("demo", help="the embedded default: EfficientNet-Lite0 on a clip made from scikit-image photographs")
@@ -97,9 +97,9 @@ def cmd_video(args) -> None:
 
 def cmd_image(args) -> None:
     from .api import RSP
-    from .images import explain_images, read_image
+    from .images import explain_images, read_images
 
-    images = [(Path(p).stem, read_image(p)) for p in args.images]
+    images = read_images(args.images)
     spec = _spec(args)
     explainer = RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend,
                     precision=args.precision)

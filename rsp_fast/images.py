@@ -30,6 +30,27 @@ def read_image(path: str | Path) -> np.ndarray:
         raise RSPError(f"cannot read image {str(path)!r}: {exc}") from None
 
 
+def read_images(paths: list[str | Path]) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB image) for each file, a folder standing for the images in it (sorted).
+    Names are the file stems, made unique (``cat``, ``cat-2``) so no output overwrites another."""
+    from PIL import Image
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in Image.registered_extensions())
+            if not found:
+                raise RSPError(f"folder {str(p)!r} holds no images")
+            files += found
+        else:
+            files.append(p)
+    images, seen = [], {}
+    for f in files:
+        seen[f.stem] = seen.get(f.stem, 0) + 1
+        images.append((f.stem if seen[f.stem] == 1 else f"{f.stem}-{seen[f.stem]}", read_image(f)))
+    return images
+
+
 def _grey_to_rgb8(grey: np.ndarray, mode: str) -> np.ndarray:
     """16-bit or 32-bit grey (PIL's convert would clip it to white at 255) scaled to 8 bits:
     integers by their 16-bit range (8-bit data stored wide kept as is), floats in [0, 1] by 255."""
@@ -57,7 +78,10 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: list[tuple[str, np.n
     """Write ``<name>_heatmap.png`` and ``<name>_overlay.png`` per image and a contact sheet;
     return a report with each image's label, score and time."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise RSPError(f"output folder {str(out)!r} is a file")
+    if batch_size < 1:
+        raise RSPError(f"batch size must be at least 1, not {batch_size}")
     rows, tiles, started = [], [], time.perf_counter()
     for first in range(0, len(images), batch_size):
         chunk = images[first:first + batch_size]
@@ -71,6 +95,7 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: list[tuple[str, np.n
             score = float(torch.softmax(ex.logits[0].float(), 0)[cls])
             caption = f"{spec.label(cls)} ({score:.2f})"
             over = render.draw_label(render.overlay(img, heat, scale), caption)
+            out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             render.save_png(out / f"{name}_heatmap.png", render.colorize(heat, scale))
             render.save_png(out / f"{name}_overlay.png", over)
             tiles.append(_thumbnail(render.side_by_side(img, over), 512))

@@ -51,6 +51,18 @@ def test_wide_grey_images_read_like_their_8_bit_version(tmp_path, wide):
     assert np.abs(rgb[..., 0].astype(int) - grey).max() <= 1 and (rgb[..., 0] == rgb[..., 2]).all()
 
 
+def test_folders_stand_for_their_images_and_names_stay_unique(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    _png(tmp_path / "a" / "cat.png"), _png(tmp_path / "b" / "cat.png", "L"), _png(tmp_path / "b" / "dog.png")
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["image", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out), "--init", "gradcam"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["images"]] == ["cat", "cat-2", "dog"]
+    assert all((out / f"{name}_overlay.png").exists() for name in ("cat", "cat-2", "dog"))
+
+
 def test_demo_runs_offline(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--max-frames", "6", "--quiet"]) == 0
@@ -81,18 +93,23 @@ def test_image_demo_photos_are_recognised(tmp_path):
     (["image", "{png}", "-o", "x", "--model", "vgg16", "--weights", "{badweights}"], "do not match VGG"),
     (["image", "{png}", "-o", "x", "--target", "1000"], "class 1000 is out of range"),
     (["image", "{png}", "-o", "x", "--precision", "tf32"], "precision='tf32' uses CUDA tensor cores"),
+    (["image", "{png}", "-o", "x", "--batch-size", "0"], "batch size must be at least 1"),
+    (["image", "{png}", "-o", "{png}"], "is a file"),
+    (["image", "{empty}", "-o", "x"], "holds no images"),
 ])
 def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     notimage = tmp_path / "notimage.png"
     notimage.write_text("hello")
     badweights = tmp_path / "w.pt"
     torch.save({"features.0.weight": torch.zeros(2, 2)}, badweights)
-    fill = {"notimage": notimage, "png": _png(tmp_path / "p.png"), "badweights": badweights}
+    (tmp_path / "empty").mkdir()
+    fill = {"notimage": notimage, "png": _png(tmp_path / "p.png"), "badweights": badweights, "empty": tmp_path / "empty"}
     argv = [a.format(**fill) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", *argv], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # no output folder for a run that wrote nothing
 
 
 def test_torchvision_model_with_weights_file(tmp_path):
