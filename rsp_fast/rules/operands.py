@@ -67,25 +67,28 @@ def behind_reshapes(arg, resizes: bool = False):
     return arg
 
 
-_CONSTANT = "rsp_constant"  # node.meta key: the answer of is_parameter, once found
+def _reaches_input(node: fx.Node, key: str, stop=lambda n: False) -> bool:
+    """Whether a backward walk from ``node`` reaches the model's input without passing a node
+    where ``stop`` holds (shape queries carry no values: not followed). Cached in node.meta[key]."""
+    if key not in node.meta:
+        stack, seen, reached = [node], {node}, False
+        while stack and not reached:
+            n = stack.pop()
+            reached = n.op == "placeholder"
+            if stop(n):
+                continue
+            for a in n.all_input_nodes:
+                if a not in seen and not is_shape_query(a):
+                    seen.add(a)
+                    stack.append(a)
+        node.meta[key] = reached
+    return node.meta[key]
 
 
 def is_parameter(v) -> bool:
     """A parameter or buffer of the model, or a value computed from them alone (−bias, a
     reshaped scale): a constant while the model is explained."""
-    if not isinstance(v, fx.Node):
-        return False
-    if _CONSTANT not in v.meta:
-        stack, seen, constant = [v], {v}, True
-        while stack and constant:
-            node = stack.pop()
-            constant = node.op != "placeholder"
-            for a in node.all_input_nodes:
-                if a not in seen and not is_shape_query(a):  # x.dtype, x.shape: no values of x
-                    seen.add(a)
-                    stack.append(a)
-        v.meta[_CONSTANT] = constant
-    return v.meta[_CONSTANT]
+    return isinstance(v, fx.Node) and not _reaches_input(v, "rsp_reaches_input")
 
 
 TIMM_ACTIVATION_MODULES = ("timm.layers.activations", "timm.layers.activations_me")
@@ -126,31 +129,12 @@ def is_shape_query(node: fx.Node) -> bool:
             and is_shape_query(node.args[0]))
 
 
-_STATISTIC = "rsp_statistic"  # node.meta key: the answer of is_statistic, once found
-
-
 def is_statistic(arg) -> bool:
     """Whether every path from the model's input to ``arg`` passes through a reduction (a
     mean, sum, norm, variance, adaptive pool) or starts at a parameter: a per-channel,
     per-group or per-position summary (an attention weight over channels or branches, a
     norm's scale), not a position-wise copy of the signal."""
-    if not isinstance(arg, fx.Node):
-        return False
-    if _STATISTIC not in arg.meta:
-        stack, seen, found = [arg], {arg}, True
-        while stack:
-            node = stack.pop()
-            if node.op == "placeholder":
-                found = False
-                break
-            if node.op == "get_attr" or _is_reduction(node):
-                continue
-            for a in node.all_input_nodes:
-                if a not in seen and not is_shape_query(a):
-                    seen.add(a)
-                    stack.append(a)
-        arg.meta[_STATISTIC] = found
-    return arg.meta[_STATISTIC]
+    return isinstance(arg, fx.Node) and not _reaches_input(arg, "rsp_reaches_input_unreduced", _is_reduction)
 
 
 def _depends_only_through_reductions(f: fx.Node, x: fx.Node) -> bool:
