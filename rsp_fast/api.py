@@ -130,7 +130,7 @@ class RSP:
         init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
         if hst.shape[1] == 0:
             init = "gradcam"  # comparative needs at least one hostile class (RSP_SPEC.md §1)
-        R0, cams = initial_relevance(logits, A, tgt, hst, init)
+        R0, cams = initial_relevance(logits, A, tgt, hst, init, self.plan.channels_last)
         steps: dict[str, torch.Tensor] = {}
         on_step = (lambda step, outs: steps.__setitem__(_step_name(step), outs[0])) if record else None
         dropped = R0.new_zeros(R0.shape[0]) if record else None

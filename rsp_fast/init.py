@@ -62,10 +62,15 @@ def comparative_relevance(cam_target: torch.Tensor, cam_hostile: torch.Tensor) -
     return (q / rel.shape[1]).expand_as(rel).contiguous() if spatial else q
 
 
-def initial_relevance(logits, A, target, hostile, init: str):
-    """R₀ and the normalised maps (target first) for ``init`` in {"gradcam", "comparative"}."""
+def initial_relevance(logits, A, target, hostile, init: str, channels_last: bool = False):
+    """R₀ and the normalised maps (target first) for ``init`` in {"gradcam", "comparative"}.
+    ``channels_last``: A is N×H×W×C; R₀ and the maps come back in that layout."""
     classes = torch.cat([target.unsqueeze(1), hostile], dim=1) if init == "comparative" else target.unsqueeze(1)
-    cams = gradcam_maps(A, class_gradients(logits, A, classes))
-    if init == "comparative":
-        return comparative_relevance(cams[0], cams[1:]), cams
-    return cams[0].contiguous(), cams
+    grads = class_gradients(logits, A, classes)
+    if channels_last:  # computed with channels at dim 1, as everywhere else
+        A, grads = A.movedim(-1, 1), grads.movedim(-1, 2)
+    cams = gradcam_maps(A, grads)
+    R0 = comparative_relevance(cams[0], cams[1:]) if init == "comparative" else cams[0]
+    if channels_last:
+        R0, cams = R0.movedim(1, -1), cams.movedim(2, -1)
+    return R0.contiguous(), cams

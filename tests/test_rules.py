@@ -556,7 +556,7 @@ class _Reweighted(nn.Module):
     def __init__(self, style, c=6):
         super().__init__()
         self.style = style
-        self.stem, self.fc = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.stem, self.fc, self.value = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
         self.gamma, self.beta = nn.Parameter(torch.rand(1, c, 1, 1)), nn.Parameter(torch.rand(1, c, 1, 1))
         self.body = nn.Conv2d(c, 4, 3, padding=1)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 25, 3))
@@ -570,6 +570,8 @@ class _Reweighted(nn.Module):
             return g / (g.mean(dim=1, keepdim=True) + 1e-6)
         if self.style == "std":  # EvoNorm: divided by a group's standard deviation
             return h.var(dim=(1, 2, 3), keepdim=True).add(1e-5).sqrt().expand(h.shape)
+        if self.style == "glu":  # a gated linear unit (StarNet, MambaOut): act(g)·x, position-wise
+            return F.gelu(self.fc(h))
         return torch.rsqrt(h.pow(2).mean(dim=1, keepdim=True) + 1e-6)  # RMS norm: one factor per position
 
     def freeze(self, x):
@@ -584,16 +586,19 @@ class _Reweighted(nn.Module):
             h = h / f
         elif self.style == "grn_addcmul":
             h = h + torch.addcmul(self.beta, self.gamma, h * f)
+        elif self.style == "glu":
+            h = self.value(h) * f
         else:
             h = h * f
         return self.head(torch.relu(self.body(h)))
 
 
-@pytest.mark.parametrize("style", ["softmax", "grn", "grn_addcmul", "std", "rms"])
-def test_statistic_factors_act_as_constants(style):
+@pytest.mark.parametrize("style", ["softmax", "grn", "grn_addcmul", "std", "rms", "glu"])
+def test_statistic_factors_and_glu_gates_act_as_constants(style):
     """A factor computed from the activations only through reductions (attention over
-    channels, a norm's scale) reweights them: RSP treats it as a constant, so the network
-    explains exactly like the same network with that factor frozen into a buffer."""
+    channels, a norm's scale) reweights them, as does the activated operand of a gated linear
+    unit: RSP treats it as a constant, so the network explains exactly like the same network
+    with that factor frozen into a buffer."""
     torch.manual_seed(0)
     live = _Reweighted(style).double().eval()
     x = torch.randn(2, 3, 5, 5, dtype=D)
@@ -796,3 +801,34 @@ def test_thresholds_written_as_ops_explain_like_activations(written, module):
         assert rel_err(ex.attribution, rsp_fast.RSP(modules, layer="convs.1").attribute(x)) < 1e-12
     step = next(k for k in ex.steps if k.startswith(("clamp", "maximum")))
     assert torch.equal(ex.steps[step], ex.steps["convs.1"])
+
+
+class _PooledLast(nn.Module):
+    """conv → ReLU → conv → ReLU, pooled over H and W for the head; ``channels_last``: the
+    map is permuted to N×H×W×C first and pooled over dims 1 and 2 (MambaOut's head)."""
+
+    def __init__(self, channels_last):
+        super().__init__()
+        self.channels_last = channels_last
+        self.a, self.b = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        pooled = h.permute(0, 2, 3, 1).mean((1, 2)) if self.channels_last else h.mean((2, 3))
+        return self.fc(pooled)
+
+
+@pytest.mark.parametrize("init", ["comparative", "gradcam"])
+def test_a_channels_last_saliency_map_explains_like_its_channels_first_twin(init):
+    """Grad-CAM weighs channels: on an N×H×W×C map they are the last dimension, not dim 1."""
+    torch.manual_seed(0)
+    first, last = _PooledLast(False).double().eval(), _PooledLast(True).double().eval()
+    last.load_state_dict(first.state_dict())
+    x = torch.randn(2, 3, 7, 6, dtype=D)
+    assert torch.allclose(first(x), last(x))
+    ex_last = rsp_fast.RSP(last, init=init).explain(x)
+    ex_first = rsp_fast.RSP(first, init=init).explain(x)
+    assert ex_last.initial.shape == (2, 7, 6, 6)
+    assert rel_err(ex_last.initial.permute(0, 3, 1, 2), ex_first.initial) < 1e-12
+    assert rel_err(ex_last.attribution, ex_first.attribution) < 1e-12

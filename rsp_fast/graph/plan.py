@@ -18,7 +18,7 @@ from ..errors import RSPError, UnsupportedModelError
 from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, keeps_sign, node_kind, rectifies,
                      relevance_inputs, rule_for, unsupported_combination)
 from ..rules.base import LayerRule
-from ..rules.operands import is_shape_query
+from ..rules.operands import calls, is_shape_query
 from .trace import KEPT_WHOLE, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
@@ -34,6 +34,7 @@ class Plan:
     saved: set[fx.Node]  # nodes whose forward values the rules read
     head: set[fx.Node]  # nodes computed from the saliency layer (run with autograd for the initial relevance)
     input_rank: int | None  # rank the first layer expects (4 for Conv2d), None if unknown
+    channels_last: bool = False  # the saliency map is N×H×W×C (MambaOut): its head pools dims 1 and 2
 
 
 def _module(model: nn.Module, node: fx.Node) -> nn.Module | None:
@@ -199,7 +200,24 @@ def build_plan(model: nn.Module, layer=None) -> Plan:
                 head.add(user)
                 frontier.append(user)
     saved = {v for s in steps for v in s.needs_values}
-    return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank)
+    return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency))
+
+
+def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
+    """Whether the head pools the saliency map over dims 1 and 2 (N×H×W×C, as MambaOut's
+    head does), or permutes it from that layout first, before any other op."""
+    node = saliency
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        if calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return isinstance(dims, (tuple, list)) and sorted(dims) in ([1, 2], [-3, -2])
+        if calls(node, {torch.permute}, {"permute"}):
+            order = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else node.args[1]
+            return tuple(order) == (0, 3, 1, 2)
+        if node_kind(node, _module(model, node)) != NodeKind.PASS:
+            return False
+    return False
 
 
 def _non_negative(model: nn.Module):

@@ -20,7 +20,8 @@ from .base import Context, Rule
 from .conv import Conv, effective_conv_weight, has_plain_conv_forward
 from .linear import Linear
 from .merge import Add, Cat, Stack, Sum
-from .operands import (ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_FUNCTIONS, GATE_METHODS, MUL_METHODS,
+from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
+                       MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, SMOOTH_ACTIVATIONS,
                        SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
                        is_product, is_timm_activation, keeps_sign_of_operand, sole_operand)
 from .passthrough import PassThrough, Route, Scale, Select
@@ -28,13 +29,6 @@ from .pool import MaxPoolByIndices, Pool, pools_by_indices
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
 
-RECTIFIERS = (nn.ReLU, nn.ReLU6)
-# Other elementwise activations: R passes through them as through ReLU (an extension, as in
-# LRP: RSP_SPEC.md defines ReLU and ReLU6 only). Their outputs can be negative, so the
-# layer after them clamps its input (x̂ = max(x, 0)) as RSP does everywhere.
-SMOOTH_ACTIVATIONS = (nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU,
-                      nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh)
-ACTIVATIONS = RECTIFIERS + SMOOTH_ACTIVATIONS
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 # Norms that cannot be folded into the layer before them pass R through, as RSP_SPEC.md says
 # of a BatchNorm that cannot be folded (ConvNeXt's LayerNorm, GroupNorm in BiT ResNets).
@@ -49,9 +43,6 @@ PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
 COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
                     nn.CircularPad1d, nn.CircularPad2d)
 
-RECTIFIER_FUNCTIONS = {F.relu, torch.relu, F.relu6}
-ACTIVATION_FUNCTIONS = RECTIFIER_FUNCTIONS | GATE_FUNCTIONS | {
-    F.silu, F.hardswish, F.gelu, F.mish, F.leaky_relu, F.prelu, F.elu, F.celu, F.selu, F.softplus, torch.tanh, F.tanh, F.hardtanh}
 PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout,
                                                        F.dropout1d, F.dropout2d}
 POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}

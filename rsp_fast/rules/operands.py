@@ -30,6 +30,17 @@ ADDCMUL = ({torch.addcmul}, {"addcmul"})  # functions, methods
 
 GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 GATE_METHODS = {"sigmoid", "sigmoid_"}
+RECTIFIERS = (nn.ReLU, nn.ReLU6)
+# Other elementwise activations: R passes through them as through ReLU (an extension, as in
+# LRP: RSP_SPEC.md defines ReLU and ReLU6 only). Their outputs can be negative, so the
+# layer after them clamps its input (x̂ = max(x, 0)) as RSP does everywhere.
+SMOOTH_ACTIVATIONS = (nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU,
+                      nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh)
+ACTIVATIONS = RECTIFIERS + SMOOTH_ACTIVATIONS
+RECTIFIER_FUNCTIONS = {F.relu, torch.relu, F.relu6}
+ACTIVATION_FUNCTIONS = RECTIFIER_FUNCTIONS | GATE_FUNCTIONS | {
+    F.silu, F.hardswish, F.gelu, F.mish, F.leaky_relu, F.prelu, F.elu, F.celu, F.selu, F.softplus, torch.tanh, F.tanh, F.hardtanh}
+ACTIVATION_METHODS = GATE_METHODS | {"relu", "relu_", "tanh"}
 RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "view_as", "reshape_as",
                    "contiguous", "to", "float", "type_as"}
 # Ops whose output summarises their input over some dimensions: a value computed only
@@ -65,6 +76,17 @@ def behind_reshapes(arg, resizes: bool = False):
             or (resizes and isinstance(arg.meta.get(MODULE_META), nn.Upsample))):
         arg = arg.args[0]
     return arg
+
+
+def is_activated(arg) -> bool:
+    """The output of an elementwise activation (module or function), also reshaped."""
+    arg = behind_reshapes(arg)
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_module":
+        m = arg.meta.get(MODULE_META)
+        return isinstance(m, ACTIVATIONS) or is_timm_activation(m)
+    return calls(arg, ACTIVATION_FUNCTIONS, ACTIVATION_METHODS)
 
 
 def _reaches_input(node: fx.Node, key: str, stop=lambda n: False) -> bool:
@@ -172,6 +194,9 @@ def _scaled_operand(node: fx.Node) -> fx.Node | None:
             return x
     for x, factor in ((a, b), (b, a)):
         if _normalises(factor, x):
+            return x
+    for x, factor in ((a, b), (b, a)):  # a GLU-style unit, act(g)·x: the activated operand is the gate
+        if isinstance(x, fx.Node) and not is_statistic(x) and is_activated(factor) and not is_activated(x):
             return x
     return None
 
