@@ -110,3 +110,19 @@ def test_busy_seconds_counts_overlapping_kernels_once():
     assert busy_seconds([(0, 2), (1, 3), (5, 6)]) == 4  # [0, 3] and [5, 6]
     assert busy_seconds([(0, 10), (2, 3), (4, 5)]) == 10  # nested
     assert busy_seconds([(3, 4), (0, 1)]) == 2  # unsorted, disjoint
+
+
+def test_coverage_reports_ok_refused_and_crashes():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from model_coverage import check, summarise
+    from torch import nn
+    from models import tiny_cnn
+
+    ok = check("tiny", tiny_cnn(), 32)
+    assert ok["status"] == "ok" and ok["conservation_error"] < 1e-5
+    refused = check("softmax", nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softmax(1), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                                             nn.LazyLinear(2)), 8)
+    assert refused["status"] == "refused" and "Softmax" in refused["message"]
+    crash = {"model": "broken", "status": "crash", "message": "IndexError: boom"}
+    text = summarise([ok, refused, crash])
+    assert text.startswith("3 models: 1 ok, 1 refused, 1 crash") and "CRASH broken: IndexError: boom" in text

@@ -1,0 +1,112 @@
+"""Which architectures rsp_fast explains: every torchvision classification model and a
+sample of timm's CNN families, random weights (nothing downloaded).
+
+Per model: ``ok`` (finite attribution, with the conservation error ΣR_in + dropped − ΣR₀),
+``refused`` (UnsupportedModelError or RSPError, with its message: the expected answer for
+attention models), or ``crash`` (any other exception: a bug). Writes JSON rows and prints a
+summary by status and by the reason models were refused.
+
+    python benchmarks/model_coverage.py --json docs/coverage.json               # all of it (~15 min)
+    python benchmarks/model_coverage.py --timm-per-family 2 --no-torchvision    # a quick sample
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import time
+import warnings
+
+import torch
+
+import rsp_fast
+
+# timm modules holding CNNs (transformer-only modules are left out: they are refused by name)
+TIMM_CNN_FAMILIES = (
+    "byobnet convmixer convnext cspnet cspnext densenet dla dpn efficientnet fasternet ghostnet hardcorenas hgnet hrnet "
+    "inception_next inception_resnet_v2 inception_v3 inception_v4 lcnetv2 mambaout metaformer mobilenetv3 mobilenetv5 "
+    "nasnet nfnet pnasnet rdnet regnet repghost repvit res2net resnest resnet resnetv2 rexnet selecsls senet sknet "
+    "starnet tresnet vgg vovnet xception xception_aligned").split()
+# the largest variants take minutes each on two cores and add nothing their family lacks
+TOO_LARGE = ("_xl", "_xxl", "_huge", "_giant", "1280gf", "640gf", "320gf", "_e6", "_e8", "f7", "f6", "f5", "_l2", "_b7", "_b8")
+
+
+def check(name: str, model: torch.nn.Module, size: int) -> dict:
+    row = {"model": name}
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    t0 = time.perf_counter()
+    try:
+        ex = rsp_fast.RSP(model.eval()).explain(x, record=True)
+        total_0 = ex.initial.flatten(1).sum(1)
+        error = (ex.attribution.flatten(1).sum(1) + ex.dropped - total_0).abs().max().item()
+        finite = bool(torch.isfinite(ex.attribution).all())
+        row.update(status="ok" if finite else "crash", layer=ex.layer, conservation_error=error,
+                   **({} if finite else {"message": "non-finite attribution"}))
+    except (rsp_fast.UnsupportedModelError, rsp_fast.RSPError) as exc:
+        row.update(status="refused", message=str(exc).split(" Supported:")[0][:500])
+    except Exception as exc:  # a bug: report it, go on with the next model
+        row.update(status="crash", message=f"{type(exc).__name__}: {exc}"[:500])
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def torchvision_models():
+    import torchvision
+
+    for name in torchvision.models.list_models(module=torchvision.models):
+        kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        size = 224 if name.startswith(("vit_", "swin", "maxvit")) else 96
+        yield f"torchvision/{name}", (lambda n=name, k=kwargs: torchvision.models.get_model(n, num_classes=10, **k)), size
+
+
+def timm_models(per_family: int, seed: int):
+    import timm
+
+    rng = random.Random(seed)
+    for family in TIMM_CNN_FAMILIES:
+        names = [n for n in timm.list_models(module=family) if not any(s in n for s in TOO_LARGE)]
+        for name in sorted(rng.sample(names, min(per_family, len(names)))):
+            yield f"timm/{name}", (lambda n=name: timm.create_model(n, pretrained=False, num_classes=10)), 128
+
+
+def summarise(rows: list[dict]) -> str:
+    by_status = collections.Counter(r["status"] for r in rows)
+    lines = [f"{len(rows)} models: " + ", ".join(f"{by_status[s]} {s}" for s in ("ok", "refused", "crash"))]
+    worst = max((r.get("conservation_error", 0.0) for r in rows if r["status"] == "ok"), default=0.0)
+    lines.append(f"largest conservation error (float32, ΣR₀ = 1 per sample): {worst:.2e}")
+    reasons = collections.Counter(r["message"].split(";")[0].split(": ", 2)[-1][:90] for r in rows if r["status"] != "ok")
+    lines += [f"  {count:3d} × {reason}" for reason, count in reasons.most_common()]
+    lines += [f"  CRASH {r['model']}: {r['message']}" for r in rows if r["status"] == "crash"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timm-per-family", type=int, default=8, help="models sampled per timm family (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="which timm models are sampled")
+    parser.add_argument("--no-torchvision", action="store_true")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    sources = [] if args.no_torchvision else list(torchvision_models())
+    if args.timm_per_family:
+        sources += list(timm_models(args.timm_per_family, args.seed))
+    rows = []
+    for name, build, size in sources:
+        try:
+            model = build()
+        except Exception as exc:  # the library's own constructor failed: not ours to count
+            print(f"skip {name}: {type(exc).__name__}: {exc}"[:200], flush=True)
+            continue
+        rows.append(check(name, model, size))
+        print(f"{rows[-1]['status']:8s} {name} ({rows[-1]['seconds']} s)", flush=True)
+    print(summarise(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
