@@ -3,9 +3,10 @@
 y = x·g, x/s, x + c: when the other operand only reweights or shifts x — a sigmoid gate, a
 number, a parameter, or a statistic of the activations (a mean, a norm, a softmax over pooled
 features) — all of R goes to x (LRP's signal-take-all, as for gates and attention weights
-treated as constants): the factor's branch gets none, so its ops need no rules. A product
-of two activations that are both position-wise (attention, StarNet's x₁·x₂) has no such
-operand and is refused.
+treated as constants): the factor's branch gets none, so its ops need no rules. In a gated
+linear unit act(g)·x (StarNet, MambaOut) the activated operand is the gate. A product of two
+position-wise activations that are both activated or both not (relu(a)·tanh(b), a·b) has no
+such operand and is refused.
 """
 from __future__ import annotations
 
@@ -213,11 +214,12 @@ def _biased_operand(node: fx.Node) -> fx.Node | None:
 
 
 def _addcmul_operand(node: fx.Node) -> fx.Node | None:
-    """torch.addcmul(c, c', x) = c + c'·x with c, c' parameters (ConvNeXt-V2's response norm)."""
+    """torch.addcmul(c, c', x) = c + c'·x with c, c' parameters (ConvNeXt-V2's response norm),
+    or addcmul(x, c, c')."""
     operands = [v for v in list(node.args[:3]) + [node.kwargs.get(k) for k in ("input", "tensor1", "tensor2")]
                 if isinstance(v, fx.Node)]
     signals = [v for v in operands if not is_parameter(v)]
-    return signals[0] if len(signals) == 1 and operands.index(signals[0]) > 0 else None
+    return signals[0] if len(signals) == 1 else None
 
 
 def is_product(node: fx.Node) -> bool:
@@ -229,8 +231,8 @@ def is_biased_sum(node: fx.Node) -> bool:
 
 
 def sole_operand(node: fx.Node) -> fx.Node | None:
-    """The operand that takes all of R, or None: for x·g, x·c, x·p, x·s and x/c, x/s (g a
-    gate, c a number, p a parameter, s a statistic), x ± c, x ± p and addcmul(p, p', x)."""
+    """The operand that takes all of R, or None: for x·g, x·c, x·p, x·s, act(g)·x and x/c, x/p,
+    x/s (g a gate, c a number, p a parameter, s a statistic), x ± c, x ± p and addcmul(p, p', x)."""
     if is_product(node):
         return _scaled_operand(node)
     if is_biased_sum(node):
