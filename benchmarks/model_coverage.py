@@ -2,8 +2,8 @@
 sample of timm's CNN families, random weights (nothing downloaded).
 
 Per model: ``ok`` (finite attribution, with the conservation error ΣR_in + dropped − ΣR₀, also
-relative to Σ|R_in|: each purge doubles the positive and negative parts, so in very deep
-nets float32 keeps the map but not its sum),
+relative to max(Σ|R_in|, |ΣR₀|): each purge doubles the positive and negative parts, so in
+very deep nets float32 keeps the map but not its sum),
 ``refused`` (UnsupportedModelError or RSPError, with its message: the expected answer for
 attention models), or ``crash`` (any other exception: a bug). Writes JSON rows and prints a
 summary by status and by the reason models were refused.
@@ -43,7 +43,7 @@ def check(name: str, model: torch.nn.Module, size: int) -> dict:
         ex = rsp_fast.RSP(model.eval()).explain(x, record=True)
         total_0 = ex.initial.flatten(1).sum(1)
         error = (ex.attribution.flatten(1).sum(1) + ex.dropped - total_0).abs()
-        magnitude = ex.attribution.flatten(1).abs().sum(1)
+        magnitude = torch.maximum(ex.attribution.flatten(1).abs().sum(1), total_0.abs())
         finite = bool(torch.isfinite(ex.attribution).all())
         row.update(status="ok" if finite else "crash", layer=ex.layer, conservation_error=error.max().item(),
                    relative_conservation_error=(error / magnitude.clamp_min(1e-30)).max().item(),
@@ -83,7 +83,7 @@ def summarise(rows: list[dict]) -> str:
     if worst is not None:
         relative = max(r["relative_conservation_error"] for r in ok)
         lines.append(f"conservation error |ΣR_in + dropped − ΣR₀| (float32, ΣR₀ = 1 per sample): largest "
-                     f"{worst['conservation_error']:.2e} ({worst['model']}); relative to Σ|R_in|, largest {relative:.2e}")
+                     f"{worst['conservation_error']:.2e} ({worst['model']}); relative to max(Σ|R_in|, |ΣR₀|), largest {relative:.2e}")
     reasons = collections.Counter(r["message"].split(";")[0].split(": ", 2)[-1][:90] for r in rows if r["status"] != "ok")
     lines += [f"  {count:3d} × {reason}" for reason, count in reasons.most_common()]
     lines += [f"  CRASH {r['model']}: {r['message']}" for r in rows if r["status"] == "crash"]
