@@ -213,7 +213,8 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             return isinstance(dims, (tuple, list)) and sorted(dims) in ([1, 2], [-3, -2])
         if calls(node, {torch.permute}, {"permute"}):
-            order = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else node.args[1]
+            order = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else \
+                (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims", ()))
             return tuple(order) == (0, 3, 1, 2)
         if node_kind(node, _module(model, node)) != NodeKind.PASS:
             return False

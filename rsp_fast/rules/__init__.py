@@ -333,8 +333,7 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if kind == NodeKind.SCALE:
         return Scale(node, inputs)
     if kind == NodeKind.SUM:
-        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-        return Sum(node, inputs, _reduced_dims(node), keepdim)
+        return Sum(node, inputs, _reduced_dims(node))
     if node.target in STACK_FUNCTIONS:
         return Stack(node, inputs, _cat_dim(node))
     return Cat(node, inputs, _cat_dim(node))

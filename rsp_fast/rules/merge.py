@@ -36,14 +36,14 @@ class Sum(Rule):
 
     kind = "sum"
 
-    def __init__(self, node, inputs, dims, keepdim: bool):
+    def __init__(self, node, inputs, dims):
         super().__init__(node, inputs, needs_values=list(inputs))
-        self.dims, self.keepdim = tuple(dims), keepdim
+        self.dims = tuple(dims)
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         x_hat = ctx.values[self.inputs[0]].clamp(min=0) + ADD_EPS
         total = x_hat.sum(self.dims, keepdim=True)  # ≥ 1e-9: never zero
-        return [x_hat * (R.reshape(total.shape) / total)]
+        return [x_hat * (R.reshape(total.shape) / total)]  # R without keepdim's ones, or with them
 
 
 class Cat(Rule):
