@@ -14,14 +14,18 @@ from torch import nn
 
 from .graph.plan import build_plan
 from .propagate import record_forward
-from .rules.conv import Conv, choose_path, conv_geometry
+from .rules.conv import Conv, choose_path
 from .rules.linear import Linear
 
 
-def _conv_row(step: Conv, in_shape, out_shape, elem: int, cuda: bool) -> dict:
-    C, H, W = in_shape[1:]
-    O, h, w = out_shape[1:]
-    g = conv_geometry(step.module, (H, W))
+def _layer_name(step) -> str:
+    return str(step.node.target) if step.node.op == "call_module" else step.node.name
+
+
+def _conv_row(step: Conv, shapes, elem: int, cuda: bool) -> dict:
+    C, H, W = shapes[step.inputs[0]][1:]
+    O, h, w = shapes[step.node][1:]
+    g = step.geometry(shapes, (H, W))
     G, L = g.groups, h * w
     ck, og = C // G * g.kernel[0] * g.kernel[1], O // G
     forward = O * ck * L
@@ -35,7 +39,7 @@ def _conv_row(step: Conv, in_shape, out_shape, elem: int, cuda: bool) -> dict:
         macs = gram_macs if path == "gram" else filter_macs
         patches = 0 if path in ("conv", "grouped_conv") else ck * G * L  # the (unfolded) input, read by every product
         moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))
-    return {"layer": str(step.node.target), "kind": "conv", "path": path, "forward_macs": forward,
+    return {"layer": _layer_name(step), "kind": "conv", "path": path, "forward_macs": forward,
             "filter_macs": filter_macs, "gram_macs": gram_macs, "rsp_macs": macs, "bytes": moved}
 
 
@@ -44,7 +48,7 @@ def _linear_row(step: Linear, in_shape, out_shape, elem: int) -> dict:
     positions = max(1, int(torch.tensor(in_shape[1:-1]).prod().item())) if len(in_shape) > 2 else 1
     forward = O * F_in * positions
     macs = (3 if step.first else 2) * forward
-    return {"layer": str(step.node.target), "kind": "linear", "path": "z^B" if step.first else "dense",
+    return {"layer": _layer_name(step), "kind": "linear", "path": "z^B" if step.first else "dense",
             "forward_macs": forward, "filter_macs": macs, "gram_macs": macs, "rsp_macs": macs,
             "bytes": elem * (O * F_in + 4 * positions * (F_in + O))}
 
@@ -66,7 +70,7 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
     for step in reversed(plan.steps):  # input to saliency layer
         if isinstance(step, (Conv, Linear)):
             if isinstance(step, Conv):
-                rows.append(_conv_row(step, shapes[step.inputs[0]], shapes[step.node], elem, x.is_cuda))
+                rows.append(_conv_row(step, shapes, elem, x.is_cuda))
             else:
                 rows.append(_linear_row(step, shapes[step.inputs[0]], shapes[step.node], elem))
     totals = {k: sum(r[k] for r in rows) for k in ("forward_macs", "filter_macs", "rsp_macs", "bytes")}

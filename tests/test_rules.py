@@ -831,3 +831,49 @@ def test_a_channels_last_saliency_map_explains_like_its_channels_first_twin(init
     assert ex_last.initial.shape == (2, 7, 6, 6)
     assert rel_err(ex_last.initial.permute(0, 3, 1, 2), ex_first.initial) < 1e-12
     assert rel_err(ex_last.attribution, ex_first.attribution) < 1e-12
+
+
+class _FunctionalConvs(nn.Module):
+    """The same network as ``modules`` (conv, BN, ReLU, strided conv, dilated grouped "same"
+    conv, pool, linear), its convs written as F.conv2d / torch.conv2d calls on its parameters."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.m = modules
+
+    def forward(self, x):
+        m = self.m
+        h = F.relu(m[1](F.conv2d(x, m[0].weight, m[0].bias, padding=1)))
+        h = F.relu(F.conv2d(h, m[3].weight, m[3].bias, stride=2, padding=1))
+        h = F.relu(torch.conv2d(h, m[5].weight, None, 1, "same", 2, 2))
+        return m[9](m[8](m[7](h)))
+
+
+def test_convs_written_as_functions_explain_like_conv_modules():
+    torch.manual_seed(0)
+    modules = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding="same", dilation=2, groups=2, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(6, 3)).double().eval()
+    with torch.no_grad():
+        modules[1].running_mean.uniform_(-0.5, 0.5), modules[1].running_var.uniform_(0.5, 2)
+    functional = _FunctionalConvs(modules).eval()
+    x = torch.randn(2, 3, 9, 10, dtype=D)
+    assert torch.allclose(functional(x), modules(x))
+    R_functional = rsp_fast.RSP(functional).attribute(x)  # both: the last map before the pool
+    assert rel_err(R_functional, rsp_fast.RSP(modules).attribute(x)) < 1e-12
+    assert [r["path"] for r in rsp_fast.cost(functional, (3, 9, 10))["layers"]][0] == "z^B"
+
+
+def test_convs_with_weights_computed_from_the_input_are_refused():
+    class PerSampleWeights(nn.Module):  # CondConv-like: the filter depends on the input
+        def __init__(self):
+            super().__init__()
+            self.stem, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            w = h.mean((0, 2, 3)).view(1, 4, 1, 1).expand(4, 4, 1, 1).contiguous()
+            return self.head(F.conv2d(h, w).mean((2, 3)))
+    with pytest.raises(rsp_fast.UnsupportedModelError, match="conv2d"):
+        rsp_fast.RSP(PerSampleWeights())

@@ -180,7 +180,7 @@ def build_plan(model: nn.Module, layer=None) -> Plan:
         raw[node] = from_input and kinds[node] != NodeKind.LAYER
         module = _module(model, node)
         if from_input and kinds[node] == NodeKind.LAYER and input_rank is None:
-            input_rank = 4 if isinstance(module, nn.Conv2d) else None
+            input_rank = 4 if isinstance(module, nn.Conv2d) or node.target in (F.conv2d, torch.conv2d) else None
 
     steps = []
     for node in sorted(kinds, key=order.__getitem__, reverse=True):

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..graph.trace import ATTR_VALUE, MODULE_META
 from .base import Context, Rule
-from .conv import Conv, effective_conv_weight, has_plain_conv_forward
+from .conv import Conv, FunctionalConv, conv2d_call_args, effective_conv_weight, has_plain_conv_forward
 from .linear import Linear
 from .merge import Add, Cat, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
@@ -123,6 +123,16 @@ def _fixed_positive_filter(node: fx.Node) -> bool:
             and bool((value >= 0).all()))
 
 
+def _conv2d_with_constant_weight(node: fx.Node) -> bool:
+    """F.conv2d(x, w, ...) with w a parameter or computed from parameters, and constant
+    geometry: a conv layer written as a function (per-sample weights, as CondConv's, are not)."""
+    call = conv2d_call_args(node)
+    geometry = [call.get(k) for k in ("stride", "padding", "dilation", "groups")]
+    return (node.target in (F.conv2d, torch.conv2d) and isinstance(call.get("input"), fx.Node)
+            and is_parameter(call.get("weight")) and (call.get("bias") is None or is_parameter(call["bias"]))
+            and not any(isinstance(v, fx.Node) for v in geometry))
+
+
 def _reduced_dims(node: fx.Node):
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     return (dims,) if isinstance(dims, int) else dims
@@ -189,7 +199,9 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
         return NodeKind.POOL if mode in POSITIVE_RESIZE_MODES else None
     if t in CONV_FUNCTIONS:
-        return NodeKind.POOL if _fixed_positive_filter(node) else None
+        if _fixed_positive_filter(node):
+            return NodeKind.POOL
+        return NodeKind.LAYER if _conv2d_with_constant_weight(node) else None
     if calls(node, *SUM):
         return NodeKind.SUM if _sums_within_samples(node) else None
     if is_product(node) or is_biased_sum(node) or calls(node, *ADDCMUL):
@@ -315,6 +327,8 @@ def _cat_dim(node: fx.Node) -> int:
 def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn_scale: Callable) -> Rule:
     inputs = relevance_inputs(node, kind)
     if kind == NodeKind.LAYER:
+        if node.op == "call_function":
+            return FunctionalConv(node, inputs, first, bn_scale)
         cls = Conv if isinstance(module, nn.Conv2d) else Linear
         return cls(node, inputs, module, first, bn_scale)
     if kind == NodeKind.PASS:

@@ -66,12 +66,12 @@ class LayerRule(Rule):
         self.input_non_negative = False  # set by the plan when the input is ≥ 0 by construction
         self.kind = f"{self.name} (first, z^B)" if first else self.name
 
-    def weight(self) -> torch.Tensor:
+    def weight(self, ctx: Context) -> torch.Tensor:
         """The weight the layer's forward uses."""
         return self.module.weight
 
-    def folded_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        W = self.weight()
+    def folded_weight(self, ctx: Context, dtype: torch.dtype) -> torch.Tensor:
+        W = self.weight(ctx)
         scale = self.bn_scale()
         if scale is not None:
             W = W * scale.view(-1, *([1] * (W.dim() - 1)))

@@ -108,21 +108,26 @@ def has_plain_conv_forward(module: nn.Conv2d) -> bool:
 
 
 def conv_geometry(module: nn.Conv2d, in_hw: tuple[int, int]) -> ConvGeometry:
-    kh, kw = module.kernel_size
-    sh, sw = module.stride
-    dh, dw = module.dilation
     if is_same_padding_conv(module):
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
         (t, b), (l, r) = _same_pad(in_hw[0], kh, sh, dh), _same_pad(in_hw[1], kw, sw, dw)
-    elif module.padding == "same":
+        return ConvGeometry((kh, kw), (sh, sw), (dh, dw), module.groups, (l, r, t, b))
+    return call_geometry(module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
+
+
+def call_geometry(kernel, stride=1, padding=0, dilation=1, groups=1) -> ConvGeometry:
+    """The geometry of a conv2d call with these arguments (ints, pairs, "same" or "valid")."""
+    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel), _pair(stride), _pair(dilation)
+    if padding == "same":
         # PyTorch puts the odd pixel on the right/bottom, as F.pad with these amounts does.
         t, b = (dh * (kh - 1)) // 2, dh * (kh - 1) - (dh * (kh - 1)) // 2
         l, r = (dw * (kw - 1)) // 2, dw * (kw - 1) - (dw * (kw - 1)) // 2
-    elif module.padding == "valid":
+    elif padding == "valid":
         t = b = l = r = 0
     else:
-        (t, l) = module.padding
+        (t, l) = _pair(padding)
         b, r = t, l
-    return ConvGeometry((kh, kw), (sh, sw), (dh, dw), module.groups, (l, r, t, b))
+    return ConvGeometry((kh, kw), (sh, sw), (dh, dw), groups, (l, r, t, b))
 
 
 def _pad(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
@@ -398,14 +403,44 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
 class Conv(LayerRule):
     name = "conv"
 
-    def weight(self) -> torch.Tensor:
+    def weight(self, ctx: Context) -> torch.Tensor:
         if has_plain_conv_forward(self.module):
             return self.module.weight
         return effective_conv_weight(self.module)  # checked when the plan was built
 
+    def geometry(self, shapes, in_hw: tuple[int, int]) -> ConvGeometry:
+        return conv_geometry(self.module, in_hw)
+
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         x = ctx.values[self.inputs[0]]
-        g = conv_geometry(self.module, tuple(x.shape[-2:]))
+        g = self.geometry(ctx.shapes, tuple(x.shape[-2:]))
         if self.first:
-            return [first_conv_relevance(ctx, x, R, self.folded_weight(x.dtype), g)]
+            return [first_conv_relevance(ctx, x, R, self.folded_weight(ctx, x.dtype), g)]
         return [inner_conv_relevance(ctx, x, R, g, non_negative=self.input_non_negative)]
+
+
+CONV2D_CALL_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def conv2d_call_args(node) -> dict:
+    """The arguments of an F.conv2d / torch.conv2d node by name (defaults left out)."""
+    return {**dict(zip(CONV2D_CALL_ARGS, node.args)), **node.kwargs}
+
+
+class FunctionalConv(Conv):
+    """F.conv2d(x, w, b, stride, padding, dilation, groups) called with a weight that is a
+    parameter or computed from parameters (a conv written as a function): the conv rule, its
+    geometry read from the call; the inner rule needs only the kernel's size, a first layer
+    the weight's values."""
+
+    def __init__(self, node, inputs, first: bool, bn_scale):
+        super().__init__(node, inputs, None, first, bn_scale)
+        self.call = conv2d_call_args(node)
+        self.needs_values = list(inputs) + ([self.call["weight"]] if first else [])
+
+    def weight(self, ctx: Context) -> torch.Tensor:
+        return ctx.values[self.call["weight"]]
+
+    def geometry(self, shapes, in_hw: tuple[int, int]) -> ConvGeometry:
+        kernel = tuple(shapes[self.call["weight"]][-2:])
+        return call_geometry(kernel, *(self.call.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))))

@@ -40,7 +40,7 @@ class Linear(LayerRule):
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         x = ctx.values[self.inputs[0]]
-        W = self.folded_weight(x.dtype)
+        W = self.folded_weight(ctx, x.dtype)
         if self.first:
             return [first_linear_relevance(ctx, x, R, W)]
         return [inner_linear_relevance(ctx, x, R, W, non_negative=self.input_non_negative)]
