@@ -877,3 +877,32 @@ def test_convs_with_weights_computed_from_the_input_are_refused():
             return self.head(F.conv2d(h, w).mean((2, 3)))
     with pytest.raises(rsp_fast.UnsupportedModelError, match="conv2d"):
         rsp_fast.RSP(PerSampleWeights())
+
+
+class _FunctionalMLP(nn.Module):
+    """The MLP ``modules`` (Linear, ReLU, Linear, ReLU, Linear) with its layers written as
+    F.linear calls, or as x @ P + b on parameters P = Wᵀ."""
+
+    def __init__(self, modules, matmul):
+        super().__init__()
+        self.m, self.matmul = modules, matmul
+        if matmul:
+            self.P = nn.ParameterList([nn.Parameter(modules[i].weight.detach().T.clone()) for i in (0, 2, 4)])
+
+    def forward(self, x):
+        for k, i in enumerate((0, 2, 4)):
+            lin = self.m[i]
+            x = x @ self.P[k] + lin.bias if self.matmul else F.linear(x, lin.weight, lin.bias)
+            x = torch.relu(x) if i < 4 else x
+        return x
+
+
+@pytest.mark.parametrize("matmul", [False, True])
+def test_linear_layers_written_as_functions_explain_like_modules(matmul):
+    torch.manual_seed(0)
+    modules = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    functional = _FunctionalMLP(modules, matmul).double().eval()
+    x = torch.randn(4, 7, dtype=D)
+    assert torch.allclose(functional(x), modules(x))
+    R_functional = rsp_fast.RSP(functional).attribute(x)  # default: the input of the last linear layer
+    assert rel_err(R_functional, rsp_fast.RSP(modules).attribute(x)) < 1e-12

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_rule_leaf, keeps_sign, node_kind, rectifies,
-                     relevance_inputs, rule_for, unsupported_combination)
+from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, functional_linear_weight, is_rule_leaf, keeps_sign,
+                     node_kind, rectifies, relevance_inputs, rule_for, unsupported_combination)
 from ..rules.base import LayerRule
 from ..rules.operands import calls, is_shape_query
 from .trace import KEPT_WHOLE, trace
@@ -63,7 +63,7 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
     # Walk back along the main path to the first flatten or pooling of the head.
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
-        if isinstance(m, nn.Linear) and last_linear_input is None:
+        if (isinstance(m, nn.Linear) or functional_linear_weight(node) is not None) and last_linear_input is None:
             last_linear_input = _first_tensor_input(node)
         if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or node.meta.get(KEPT_WHOLE):
             break

@@ -18,7 +18,7 @@ from torch import nn
 from ..graph.trace import ATTR_VALUE, MODULE_META
 from .base import Context, Rule
 from .conv import Conv, FunctionalConv, conv2d_call_args, effective_conv_weight, has_plain_conv_forward
-from .linear import Linear
+from .linear import FunctionalLinear, Linear
 from .merge import Add, Cat, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
                        MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, SMOOTH_ACTIVATIONS,
@@ -53,6 +53,7 @@ SUM = ({torch.sum}, {"sum"})
 CLAMP = ({torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max}, {"clamp", "clamp_", "clip", "clamp_min", "clamp_max"})
 EXTREMUM = ({torch.maximum, torch.minimum, torch.fmax, torch.fmin}, {"maximum", "minimum"})
 CONV_FUNCTIONS = {F.conv1d, F.conv2d, torch.conv1d, torch.conv2d}
+MATMUL = ({operator.matmul, torch.matmul}, {"matmul", "__matmul__"})
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 STACK_FUNCTIONS = {torch.stack}
 ROUTE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim}
@@ -133,6 +134,21 @@ def _conv2d_with_constant_weight(node: fx.Node) -> bool:
             and not any(isinstance(v, fx.Node) for v in geometry))
 
 
+def functional_linear_weight(node: fx.Node) -> tuple[fx.Node, bool] | None:
+    """For F.linear(x, W, b) with W (and b) parameters: (W, False); for x @ P with P a 2-D
+    parameter: (P, True), its weight being Pᵀ. None for anything else."""
+    if node.op == "call_function" and node.target is F.linear:
+        x, weight = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if isinstance(x, fx.Node) and is_parameter(weight) and (bias is None or is_parameter(bias)):
+            return weight, False
+    if calls(node, *MATMUL) and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and not is_parameter(node.args[0]):
+        value = node.args[1].meta.get(ATTR_VALUE) if isinstance(node.args[1], fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            return node.args[1], True
+    return None
+
+
 def _reduced_dims(node: fx.Node):
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     return (dims,) if isinstance(dims, int) else dims
@@ -208,6 +224,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         if sole_operand(node) is not None:
             return NodeKind.SCALE
         return NodeKind.ADD if is_biased_sum(node) and is_number(node.kwargs.get("alpha", 1)) else None
+    if functional_linear_weight(node) is not None:
+        return NodeKind.LAYER
     if t in CAT_FUNCTIONS | STACK_FUNCTIONS:
         return NodeKind.CAT
     if t is F.pad:
@@ -327,7 +345,10 @@ def _cat_dim(node: fx.Node) -> int:
 def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn_scale: Callable) -> Rule:
     inputs = relevance_inputs(node, kind)
     if kind == NodeKind.LAYER:
-        if node.op == "call_function":
+        linear = functional_linear_weight(node)
+        if linear is not None:
+            return FunctionalLinear(node, inputs, first, bn_scale, *linear)
+        if node.op != "call_module":
             return FunctionalConv(node, inputs, first, bn_scale)
         cls = Conv if isinstance(module, nn.Conv2d) else Linear
         return cls(node, inputs, module, first, bn_scale)

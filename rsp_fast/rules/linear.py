@@ -44,3 +44,17 @@ class Linear(LayerRule):
         if self.first:
             return [first_linear_relevance(ctx, x, R, W)]
         return [inner_linear_relevance(ctx, x, R, W, non_negative=self.input_non_negative)]
+
+
+class FunctionalLinear(Linear):
+    """F.linear(x, W, b) or x @ P with W, P parameters (a linear layer written as a function):
+    the linear rules with W (Pᵀ for a product)."""
+
+    def __init__(self, node, inputs, first: bool, bn_scale, weight_node, transposed: bool):
+        super().__init__(node, inputs, None, first, bn_scale)
+        self.weight_node, self.transposed = weight_node, transposed
+        self.needs_values = list(inputs) + [weight_node]
+
+    def weight(self, ctx: Context) -> torch.Tensor:
+        W = ctx.values[self.weight_node]
+        return W.T if self.transposed else W
