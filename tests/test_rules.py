@@ -906,3 +906,44 @@ def test_linear_layers_written_as_functions_explain_like_modules(matmul):
     assert torch.allclose(functional(x), modules(x))
     R_functional = rsp_fast.RSP(functional).attribute(x)  # default: the input of the last linear layer
     assert rel_err(R_functional, rsp_fast.RSP(modules).attribute(x)) < 1e-12
+
+
+class _GlobalContext(nn.Module):
+    """GCNet's block: a context vector pooled from h with softmax attention over positions,
+    x @ A (or A @ x), transformed and added back to h."""
+
+    def __init__(self, weights_first, c=5):
+        super().__init__()
+        self.weights_first = weights_first
+        self.stem, self.attn = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, 1, 1)
+        self.mlp, self.body = nn.Conv2d(c, c, 1), nn.Conv2d(c, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 30, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        B, C, H, W = h.shape
+        a = F.softmax(self.attn(h).reshape(B, 1, H * W), dim=-1)
+        if self.weights_first:
+            context = (a @ h.reshape(B, C, H * W).transpose(1, 2)).transpose(1, 2)
+        else:
+            context = h.reshape(B, C, H * W) @ a.transpose(1, 2)
+        h = h + torch.relu(self.mlp(context.reshape(B, C, 1, 1)))
+        return self.head(torch.relu(self.body(h)).flatten(1))
+
+
+@pytest.mark.parametrize("weights_first", [False, True])
+def test_attention_pooling_is_the_z_rule_with_the_weights_held_constant(weights_first):
+    torch.manual_seed(0)
+    model = _GlobalContext(weights_first).double().eval()
+    x = torch.randn(2, 3, 5, 6, dtype=D)
+    ex = rsp_fast.RSP(model).explain(x, record=True)
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+    assert not any(k.startswith(("attn", "softmax")) for k in ex.steps)  # no relevance into the weights
+    matmul = next(k for k in ex.steps if k.startswith("matmul"))
+    after = list(ex.steps)[list(ex.steps).index(matmul) - 1]  # the step before it: R at the product's output
+    h = torch.relu(model.stem(x)).reshape(2, 5, 30) + 1e-9
+    a = F.softmax(model.attn(torch.relu(model.stem(x))).reshape(2, 1, 30), dim=-1)
+    R_out = ex.steps[after].reshape(2, 5, 1)
+    expected = h * a * R_out / (h @ a.transpose(1, 2))  # x' ⊙ A · R / Z over each channel's positions
+    got = ex.steps[matmul].transpose(1, 2) if weights_first else ex.steps[matmul]
+    assert rel_err(got.reshape(2, 5, 30), expected) < 1e-10

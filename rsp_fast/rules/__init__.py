@@ -25,7 +25,7 @@ from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_MET
                        SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
                        is_product, is_timm_activation, keeps_sign_of_operand, sole_operand)
 from .passthrough import PassThrough, Route, Scale, Select
-from .pool import MaxPoolByIndices, Pool, pools_by_indices
+from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
 
@@ -149,6 +149,28 @@ def functional_linear_weight(node: fx.Node) -> tuple[fx.Node, bool] | None:
     return None
 
 
+def _is_softmax(v) -> bool:
+    """A softmax output, also reshaped or transposed."""
+    v = behind_reshapes(v)
+    while isinstance(v, fx.Node) and calls(v, ROUTE_FUNCTIONS, ROUTE_METHODS):
+        v = behind_reshapes(v.args[0])
+    if not isinstance(v, fx.Node):
+        return False
+    return isinstance(v.meta.get(MODULE_META), nn.Softmax) or calls(v, {F.softmax, torch.softmax}, {"softmax"})
+
+
+def attention_weights_index(node: fx.Node) -> int | None:
+    """For x @ A or A @ x with A a softmax and x not: A's position (0 or 1), else None."""
+    if not calls(node, *MATMUL) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if _is_softmax(b) and isinstance(a, fx.Node) and not _is_softmax(a):
+        return 1
+    if _is_softmax(a) and isinstance(b, fx.Node) and not _is_softmax(b):
+        return 0
+    return None
+
+
 def _reduced_dims(node: fx.Node):
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     return (dims,) if isinstance(dims, int) else dims
@@ -226,6 +248,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         return NodeKind.ADD if is_biased_sum(node) and is_number(node.kwargs.get("alpha", 1)) else None
     if functional_linear_weight(node) is not None:
         return NodeKind.LAYER
+    if attention_weights_index(node) is not None:  # a weighted pooling (GCNet's global context)
+        return NodeKind.POOL
     if t in CAT_FUNCTIONS | STACK_FUNCTIONS:
         return NodeKind.CAT
     if t is F.pad:
@@ -332,6 +356,8 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
         return list(node.args[0] if node.args else node.kwargs["tensors"])
     if kind == NodeKind.SCALE:
         return [sole_operand(node)]
+    if kind == NodeKind.POOL and attention_weights_index(node) is not None:
+        return [node.args[1 - attention_weights_index(node)]]
     if kind == NodeKind.SELECT:
         split = split_source(node)
         return [split.args[0] if split is not None else node.args[0]]
@@ -355,6 +381,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if kind == NodeKind.PASS:
         return PassThrough(node, inputs)
     if kind == NodeKind.POOL:
+        if attention_weights_index(node) is not None:
+            return AttentionPool(node, inputs, weights_first=attention_weights_index(node) == 0)
         if pools_by_indices(module):
             return MaxPoolByIndices(node, inputs, module)
         return Pool(node, inputs, module)

@@ -45,8 +45,12 @@ class Pool(Rule):
         super().__init__(node, inputs, needs_values=list(node.all_input_nodes))
         self.module = module
 
+    def function(self, ctx: Context):
+        """The op as a function of the input relevance flows to."""
+        return node_function(self.node, self.module, ctx)
+
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        fn = node_function(self.node, self.module, ctx)
+        fn = self.function(ctx)
         x = (ctx.values[self.inputs[0]].detach() + POOL_EPS).requires_grad_()
         with torch.enable_grad():
             Z = fn(x)
@@ -54,6 +58,20 @@ class Pool(Rule):
         if ctx.tracking:
             ctx.drop(per_sample_sum(R * (Z.detach() == 0)))
         return [x.detach() * grad]
+
+
+class AttentionPool(Pool):
+    """y = x @ A or A @ x with A a softmax (GCNet's global context: x weighted by an attention
+    map over positions): the weights are treated as constants, as gates are, and the product
+    is then a pooling with weights ≥ 0: the same z-rule; A's branch gets no relevance."""
+
+    def __init__(self, node, inputs, weights_first: bool):
+        super().__init__(node, inputs, None)
+        self.weights_first = weights_first
+
+    def function(self, ctx: Context):
+        weights = ctx.values[next(a for a in self.node.args if a is not self.inputs[0])]
+        return (lambda x: torch.matmul(weights, x)) if self.weights_first else (lambda x: torch.matmul(x, weights))
 
 
 class MaxPoolByIndices(Rule):
