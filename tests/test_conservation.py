@@ -169,13 +169,13 @@ def test_timm_mobilenetv3_explains_the_map_before_its_head():
 
 @pytest.mark.parametrize("name", ["resnest14d", "skresnet18", "convnextv2_atto", "ese_vovnet39b_evos", "hgnetv2_b0",
                                   "convnext_zepto_rms", "poolformer_s12", "densenetblur121d", "starnet_s050",
-                                  "mambaout_femto"])
+                                  "mambaout_femto", "gcresnet33ts"])
 def test_timm_architectures_on_statistic_factors_sums_and_blur_conserve(name):
     """Split attention and selective kernels (x·softmax of pooled features, summed over the
     branches), ConvNeXt-V2's response norm, EvoNorm (x / std), HGNetV2's learnable affine
     blocks (x·s + b) and its head, an RMS-norm head, PoolFormer's pool(x) − x, blur pooling
     (a constant filter after reflect padding), gated units act(g)·x (StarNet, MambaOut, whose
-    maps are N×H×W×C). The default layer is the last spatial map; R₀ is the same in every channel."""
+    maps are N×H×W×C), attention pooling (GCNet). The default layer is the last spatial map; R₀ is the same in every channel."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = calibrated(timm.create_model(name, pretrained=False, num_classes=10), 64)
