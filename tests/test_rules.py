@@ -745,13 +745,13 @@ def test_copy_padding_returns_relevance_to_the_copied_pixels(pad):
     assert rel_err(R_in, expected) < 1e-12
 
 
-@pytest.mark.parametrize("power", [lambda h: h ** 2, lambda h: torch.square(h), lambda h: h.pow(3)])
+@pytest.mark.parametrize("power", [lambda h: h ** 2, lambda h: torch.square(h), lambda h: h.pow(3), lambda h: h * h])
 def test_powers_pass_relevance_through(power):
     """StarReLU's s·relu(x)² + b: an elementwise function, through which R passes unchanged."""
     torch.manual_seed(0)
     model = _Scaled(power).double().eval()
     ex = rsp_fast.RSP(model).explain(torch.randn(2, 3, 6, 6, dtype=D), record=True)
-    step = next(k for k in ex.steps if k.startswith(("pow", "square")))
+    step = next(k for k in ex.steps if k.startswith(("pow", "square", "mul")))
     assert torch.equal(ex.steps[step], ex.steps["body"])
 
 

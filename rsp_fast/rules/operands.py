@@ -190,6 +190,8 @@ def _scaled_operand(node: fx.Node) -> fx.Node | None:
     if calls(node, DIV_FUNCTIONS, DIV_METHODS):
         plain = isinstance(a, fx.Node) and not is_parameter(a) and (is_number(b) or is_parameter(b))
         return a if plain or _normalises(b, a) else None
+    if isinstance(a, fx.Node) and a is b and not is_parameter(a):  # x·x = x²: an elementwise function of x
+        return a
     for x, factor in ((a, b), (b, a)):  # x·σ(x) (swish): both are the same signal
         if isinstance(x, fx.Node) and not is_parameter(x) and (is_number(factor) or is_gate(factor) or is_parameter(factor)):
             return x
