@@ -34,9 +34,7 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _to_work(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.dtype in _WORK_DTYPES:
-        return value.to(_WORK_DTYPES[value.dtype])
-    return value
+    return value.to(work_dtype(value.dtype)) if isinstance(value, torch.Tensor) else value
 
 
 class _Recorder(fx.Interpreter):

@@ -18,7 +18,7 @@ from ..errors import RSPError, UnsupportedModelError
 from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, functional_linear_weight, is_rule_leaf, keeps_sign,
                      node_kind, rectifies, relevance_inputs, rule_for, unsupported_combination)
 from ..rules.base import LayerRule
-from ..rules.operands import calls, is_shape_query
+from ..rules.operands import calls, is_shape_query, reduced_dims
 from .trace import KEPT_WHOLE, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
@@ -108,9 +108,8 @@ def _is_global_pool(node: fx.Node, module) -> bool:
     if node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
         size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
         return size in (1, (1, 1))
-    if (node.op == "call_function" and node.target is torch.mean) or (node.op == "call_method" and node.target == "mean"):
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        return isinstance(dims, (tuple, list)) and sorted(dims) in ([2, 3], [-2, -1])
+    if calls(node, {torch.mean}, {"mean"}):
+        return sorted(reduced_dims(node) or ()) in ([2, 3], [-2, -1])
     return False
 
 
@@ -210,8 +209,7 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
     while len(node.users) == 1:
         node = next(iter(node.users))
         if calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            return isinstance(dims, (tuple, list)) and sorted(dims) in ([1, 2], [-3, -2])
+            return sorted(reduced_dims(node) or ()) in ([1, 2], [-3, -2])
         if calls(node, {torch.permute}, {"permute"}):
             order = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else \
                 (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims", ()))

@@ -23,7 +23,7 @@ from .merge import Add, Cat, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
                        MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, SMOOTH_ACTIVATIONS,
                        SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
-                       is_product, is_timm_activation, keeps_sign_of_operand, sole_operand)
+                       is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
 from .passthrough import PassThrough, Route, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
@@ -72,7 +72,9 @@ SUPPORTED = {
     "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
                   "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
-                  "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)"],
+                  "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)",
+                  "act(g) * x (gated units)", "x @ softmax(...) (attention pooling)",
+                  "F.conv2d / F.linear / x @ P on parameters (layers written as functions)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS
                       | POWER[1] | SUM[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
 }
@@ -116,11 +118,10 @@ def _pads_by_copy_or_blank(node: fx.Node, module: nn.Module | None) -> bool:
 def _fixed_positive_filter(node: fx.Node) -> bool:
     """F.conv2d with a constant filter ≥ 0 and no bias (timm's BlurPool anti-aliasing): a
     pooling, not a layer with learned weights."""
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    source = behind_reshapes(weight)
+    call = conv2d_call_args(node)
+    source = behind_reshapes(call.get("weight"))
     value = source.meta.get(ATTR_VALUE) if isinstance(source, fx.Node) else None
-    return (bias is None and isinstance(value, torch.Tensor) and not value.requires_grad
+    return (call.get("bias") is None and isinstance(value, torch.Tensor) and not value.requires_grad
             and bool((value >= 0).all()))
 
 
@@ -171,14 +172,9 @@ def attention_weights_index(node: fx.Node) -> int | None:
     return None
 
 
-def _reduced_dims(node: fx.Node):
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return (dims,) if isinstance(dims, int) else dims
-
-
 def _sums_within_samples(node: fx.Node) -> bool:
     """x.sum(dims) or x.mean(dims) over dimensions that are not the batch's."""
-    dims = _reduced_dims(node)
+    dims = reduced_dims(node)
     return bool(dims) and all(isinstance(d, int) and d != 0 for d in dims)
 
 
@@ -264,10 +260,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
 def split_source(node: fx.Node) -> fx.Node | None:
     """For y = split(x)[i] (chunk, split, tensor_split, unbind): the split node, else None."""
     source = node.args[0]
-    if isinstance(source, fx.Node) and ((source.op == "call_method" and source.target in SPLIT_METHODS)
-                                        or (source.op == "call_function" and source.target in SPLIT_FUNCTIONS)):
-        return source
-    return None
+    return source if isinstance(source, fx.Node) and calls(source, SPLIT_FUNCTIONS, SPLIT_METHODS) else None
 
 
 def _selects_from_a_tensor(node: fx.Node) -> bool:
@@ -356,8 +349,9 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
         return list(node.args[0] if node.args else node.kwargs["tensors"])
     if kind == NodeKind.SCALE:
         return [sole_operand(node)]
-    if kind == NodeKind.POOL and attention_weights_index(node) is not None:
-        return [node.args[1 - attention_weights_index(node)]]
+    weights = attention_weights_index(node) if kind == NodeKind.POOL else None
+    if weights is not None:
+        return [node.args[1 - weights]]
     if kind == NodeKind.SELECT:
         split = split_source(node)
         return [split.args[0] if split is not None else node.args[0]]
@@ -381,8 +375,9 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if kind == NodeKind.PASS:
         return PassThrough(node, inputs)
     if kind == NodeKind.POOL:
-        if attention_weights_index(node) is not None:
-            return AttentionPool(node, inputs, weights_first=attention_weights_index(node) == 0)
+        weights = attention_weights_index(node)
+        if weights is not None:
+            return AttentionPool(node, inputs, weights)
         if pools_by_indices(module):
             return MaxPoolByIndices(node, inputs, module)
         return Pool(node, inputs, module)
@@ -396,7 +391,7 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if kind == NodeKind.SCALE:
         return Scale(node, inputs)
     if kind == NodeKind.SUM:
-        return Sum(node, inputs, _reduced_dims(node))
+        return Sum(node, inputs, reduced_dims(node))
     if node.target in STACK_FUNCTIONS:
         return Stack(node, inputs, _cat_dim(node))
     return Cat(node, inputs, _cat_dim(node))

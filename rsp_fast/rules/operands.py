@@ -67,6 +67,12 @@ def two_operands(node: fx.Node) -> tuple:
     return first, node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
 
 
+def reduced_dims(node: fx.Node) -> tuple | None:
+    """The dimensions a mean / sum / amax node reduces, as a tuple (None: all of them)."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return (dims,) if isinstance(dims, int) else (tuple(dims) if dims is not None else None)
+
+
 def behind_reshapes(arg, resizes: bool = False):
     """The value a chain of reshapes, expands, casts (and with ``resizes``, interpolations)
     starts from."""

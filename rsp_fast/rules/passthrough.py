@@ -4,7 +4,8 @@ Pass-through: activations, Dropout, Identity, norms, Flatten and reshapes (R res
 the input; BatchNorm is folded into the conv or linear before it: for an inner conv that
 changes nothing, for a first layer it gives the true weights). Routes: pure index maps
 (zero padding, transposes, indexing, pieces of a split): R goes back where each value came
-from. Scale: products with a gate or a constant: all of R to the scaled operand."""
+from. Scale: products, quotients and biased sums whose other operand only reweights or shifts
+one (a gate, a constant, a parameter, a statistic; see operands.py): all of R to that one."""
 from __future__ import annotations
 
 import torch
@@ -61,10 +62,10 @@ class Select(Route):
 
 
 class Scale(Rule):
-    """y = x·g with g a sigmoid gate in [0, 1] (squeeze-and-excitation, swish), y = x·c or
-    x/c with c a constant or a parameter (layer scale): all of R goes to x (LRP's signal-take-all for gates: the gate
-    only reweights x, so relevance does not flow into the branch computing it), summed back
-    to x's shape if x was broadcast."""
+    """y = x·g, x/s, x ± c, … with the other operand only reweighting or shifting x (which
+    operand that is: ``operands.sole_operand``): all of R goes to x (LRP's signal-take-all
+    for gates: relevance does not flow into the branch computing the factor), summed back to
+    x's shape if x was broadcast."""
 
     kind = "scale"
 

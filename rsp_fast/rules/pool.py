@@ -65,13 +65,13 @@ class AttentionPool(Pool):
     map over positions): the weights are treated as constants, as gates are, and the product
     is then a pooling with weights ≥ 0: the same z-rule; A's branch gets no relevance."""
 
-    def __init__(self, node, inputs, weights_first: bool):
+    def __init__(self, node, inputs, weights_index: int):
         super().__init__(node, inputs, None)
-        self.weights_first = weights_first
+        self.weights_index = weights_index  # A's position among the product's two operands
 
     def function(self, ctx: Context):
-        weights = ctx.values[next(a for a in self.node.args if a is not self.inputs[0])]
-        return (lambda x: torch.matmul(weights, x)) if self.weights_first else (lambda x: torch.matmul(x, weights))
+        weights = ctx.values[self.node.args[self.weights_index]]
+        return (lambda x: torch.matmul(weights, x)) if self.weights_index == 0 else (lambda x: torch.matmul(x, weights))
 
 
 class MaxPoolByIndices(Rule):
