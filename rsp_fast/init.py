@@ -5,7 +5,9 @@ own max; ``gradcam`` starts from the target's map, ``comparative`` contrasts it 
 hostile classes. All gradients come from one batched backward through the head. Every
 reduction is per sample. For a saliency layer without spatial dimensions (an MLP's hidden
 layer) each feature is its own position: the gradient is not averaged and channels are
-not collapsed (an rsp_fast extension).
+not collapsed (an rsp_fast extension). A 1×1 map (ResNet's layer4 on a 32-pixel input) is
+treated the same way by the comparative init: collapsing its channels leaves ΣP − ΣN = 0,
+so the map's sign would be rounding noise.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def comparative_relevance(cam_target: torch.Tensor, cam_hostile: torch.Tensor) -
     Nn = torch.where(low < 0, Nn / torch.where(low < 0, low, torch.ones_like(low)), torch.zeros_like(Nn))
     Nn = Nn / (_per_sample(Nn, "sum", 1) + CAM_EPS) * _per_sample(P, "sum", 1)
     rel = P - Nn
-    spatial = rel.dim() > 2
+    spatial = rel[0, 0].numel() > 1  # one position: channels are the positions (see the module's docstring)
     s = rel.sum(1, keepdim=True) if spatial else rel
     s_pos, s_neg = s * (s > 0), s * (s <= 0)
     s_pos = 2 * s_pos / (_per_sample(s_pos, "sum", 1) + CAM_EPS)

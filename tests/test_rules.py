@@ -469,6 +469,21 @@ def test_comparative_init_matches_authors_numpy():
     assert torch.allclose(ours.sum((1, 2, 3)), torch.ones(3, dtype=D), atol=1e-6)
 
 
+def test_comparative_init_on_a_one_by_one_map_keeps_channels_apart():
+    """Collapsing the channels of a 1×1 map leaves ΣP − ΣN = 0, whose sign is rounding noise:
+    its channels are its positions, as for a map without spatial dimensions."""
+    torch.manual_seed(3)
+    cams = torch.randn(3, 5, 16, 1, 1, dtype=D)  # target + 2 hostile, batch 5
+    cams = cams / (cams.flatten(2).amax(2).view(3, 5, 1, 1, 1) + 1e-9)
+    ours = comparative_relevance(cams[0], cams[1:])
+    flat = comparative_relevance(cams[0].flatten(1), cams[1:].flatten(2))
+    assert torch.allclose(ours.flatten(1), flat, rtol=1e-12, atol=0)
+    assert torch.allclose(ours.flatten(1).sum(1), torch.ones(5, dtype=D), atol=1e-6)
+    assert torch.allclose(ours.clamp(min=0).flatten(1).sum(1), 2 * torch.ones(5, dtype=D), atol=1e-6)
+    single = comparative_relevance(cams[0].float(), cams[1:].float())  # the same in float32: no sign noise
+    assert rel_err(single.double(), ours) < 1e-5
+
+
 def test_gradcam_maps_without_channel_sum():
     A = torch.rand(2, 3, 4, 5, dtype=D)
     grads = torch.randn(1, 2, 3, 4, 5, dtype=D)
