@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .errors import RSPError
-from .graph.plan import build_plan
+from .graph.plan import Plan, build_plan, layer_name
+from .graph.trace import UntraceableModelError
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 INITS = ("comparative", "gradcam")
 PRECISIONS = ("fp32", "tf32", "bf16")
+MAX_SHAPE_PLANS = 8  # plans kept for models traced per input shape (see RSP._plan_for)
 
 
 @dataclass
@@ -75,8 +77,14 @@ class RSP:
         self.model, self.init, self.hostile_k, self.precision = model, init, hostile_k, precision
         self.max_batch = max_batch
         self.backend = resolve_backend_name(backend)
-        self.plan = build_plan(model, layer)
-        self.layer = self.plan.layer_name
+        try:
+            self.plan: Plan | None = build_plan(model, layer)
+        except UntraceableModelError:
+            # the forward branches on sizes: traced per input shape, with sizes as numbers,
+            # at the first call with that shape (when unsupported layers are reported)
+            self.plan = None
+        self._layer, self._plans = layer, {}
+        self.layer = self.plan.layer_name if self.plan else layer_name(model, layer)  # None: chosen at the first call
         if self.backend != "auto":
             select_kernels(self.backend, _model_device(model))  # fail now, not mid-video
 
@@ -116,9 +124,21 @@ class RSP:
             for m, mode in modes:
                 m.training = mode
 
+    def _plan_for(self, inputs: torch.Tensor) -> Plan:
+        if self.plan is not None:
+            return self.plan
+        key = (tuple(inputs.shape), inputs.dtype, inputs.device)
+        if key not in self._plans:
+            if len(self._plans) >= MAX_SHAPE_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = build_plan(self.model, self._layer, example=inputs)
+        self.layer = self._plans[key].layer_name
+        return self._plans[key]
+
     def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool) -> Explanation:
+        plan = self._plan_for(inputs)
         try:
-            logits, A, saved, shapes = record_forward(self.model, self.plan, inputs)
+            logits, A, saved, shapes = record_forward(self.model, plan, inputs)
         except RSPError:
             raise
         except Exception as exc:
@@ -130,13 +150,13 @@ class RSP:
         init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
         if hst.shape[1] == 0:
             init = "gradcam"  # comparative needs at least one hostile class (RSP_SPEC.md §1)
-        R0, cams = initial_relevance(logits, A, tgt, hst, init, self.plan.channels_last)
+        R0, cams = initial_relevance(logits, A, tgt, hst, init, plan.channels_last)
         steps: dict[str, torch.Tensor] = {}
         on_step = (lambda step, outs: steps.__setitem__(_step_name(step), outs[0])) if record else None
         dropped = R0.new_zeros(R0.shape[0]) if record else None
-        R = propagate(self.plan, R0.detach(), saved, shapes, ops, on_step, dropped,
+        R = propagate(plan, R0.detach(), saved, shapes, ops, on_step, dropped,
                       torch.bfloat16 if self.precision == "bf16" else None)
-        return Explanation(R, R0.detach(), logits.detach(), tgt, hst, cams.detach(), self.layer, steps, dropped)
+        return Explanation(R, R0.detach(), logits.detach(), tgt, hst, cams.detach(), plan.layer_name, steps, dropped)
 
     def static(self, example: torch.Tensor) -> StaticRSP:
         """A fast path for a fixed input shape (video frames): on CUDA the whole pass is
@@ -153,7 +173,7 @@ class RSP:
             raise RSPError("precision='tf32' uses CUDA tensor cores: give CUDA tensors, or use 'fp32' or 'bf16'")
         if not x.is_floating_point():
             raise RSPError(f"inputs must be a floating-point tensor, not {x.dtype}")
-        rank = self.plan.input_rank
+        rank = self.plan.input_rank if self.plan else None
         if x.dim() < 2 or (rank is not None and x.dim() != rank):
             want = f"{rank}-D (N, C, H, W)" if rank else "at least 2-D (N, ...)"
             raise RSPError(f"inputs must be {want}, got shape {tuple(x.shape)}")

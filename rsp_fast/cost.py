@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .graph.plan import build_plan
+from .graph.trace import UntraceableModelError
 from .propagate import record_forward
 from .rules.conv import Conv, choose_path
 from .rules.linear import Linear
@@ -55,12 +56,15 @@ def _linear_row(step: Linear, in_shape, out_shape, elem: int) -> dict:
 
 def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = None) -> dict:
     """Per-image cost of RSP on ``model`` for inputs of ``input_shape`` (without the batch)."""
-    plan = build_plan(model, layer)
     p = next(model.parameters())
     x = torch.zeros((1, *input_shape), dtype=dtype or p.dtype, device=p.device)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
+        try:
+            plan = build_plan(model, layer)
+        except UntraceableModelError:  # a forward that branches on sizes: traced for this shape
+            plan = build_plan(model, layer, example=x)
         _, _, _, shapes = record_forward(model, plan, x)
     finally:
         for m, mode in modes:

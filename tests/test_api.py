@@ -197,8 +197,9 @@ def test_untraceable_model_is_reported():
         def forward(self, x):
             return self.conv(x).flatten(1) if x.sum() > 0 else x.flatten(1)
 
-    with pytest.raises(UnsupportedModelError, match="could not trace Dynamic"):
-        rsp_fast.RSP(Dynamic())
+    explainer = rsp_fast.RSP(Dynamic())  # branching on values is found when tracing for the first input's shape
+    with pytest.raises(UnsupportedModelError, match="could not trace Dynamic.*branches only on sizes"):
+        explainer.attribute(torch.randn(2, 3, 6, 6))
 
 
 class _SizeCheckingHead(nn.Module):
@@ -238,10 +239,93 @@ def test_untraceable_submodules_in_the_head_are_kept_whole():
     assert rel_err(rsp_fast.RSP(plain, layer="0.4").attribute(x), ex.attribution) < 1e-12
 
 
+class _ValueCheckingBlock(nn.Module):
+    """Branches on its input's values, which no trace can follow."""
+
+    def forward(self, x):
+        return x.relu() if x.mean() > 0 else x
+
+
 def test_untraceable_submodule_on_the_relevance_path_is_named():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _SizeCheckingHead(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModelError, match=r"2: _SizeCheckingHead"):
-        rsp_fast.RSP(model, layer="3")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _ValueCheckingBlock(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    explainer = rsp_fast.RSP(model, layer="3")
+    with pytest.raises(UnsupportedModelError, match=r"1: _ValueCheckingBlock \(its forward cannot be traced: TraceError"):
+        explainer.attribute(torch.randn(2, 3, 6, 6))
+
+
+class _LeNet(nn.Module):
+    """The classic tutorial LeNet: its forward loops over sizes (num_flat_features), checks
+    the rank, and flattens with the batch size it reads; ``plain`` does the same with
+    torch.flatten only, which fx traces symbolically."""
+
+    def __init__(self, plain: bool = False):
+        super().__init__()
+        self.plain = plain
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 3)
+        self.fc1, self.fc2 = nn.Linear(16 * 4 * 4, 20), nn.Linear(20, 10)
+
+    def forward(self, x):
+        if not self.plain:
+            assert x.dim() == 4, "needs N×C×H×W"
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.relu(self.conv2(x))
+        if self.plain or x.size(-1) != 4:
+            x = F.adaptive_avg_pool2d(x, 4)
+        x = torch.flatten(x, 1) if self.plain else x.view(x.size(0), self.num_flat_features(x))
+        return self.fc2(F.relu(self.fc1(x)))
+
+    @staticmethod
+    def num_flat_features(x):
+        n = 1
+        for d in x.size()[1:]:
+            n *= d
+        return n
+
+
+def test_forward_branching_on_sizes_is_traced_per_input_shape():
+    model = _LeNet().double().eval()
+    twin = _LeNet(plain=True).double().eval()
+    twin.load_state_dict(model.state_dict())
+    explainer = rsp_fast.RSP(model)
+    assert explainer.plan is None and explainer.layer is None  # traced at the first call
+    reference = rsp_fast.RSP(twin)
+    # a new batch size, a new size, a size that skips the pool (4×4 maps), an old shape again
+    for shape in [(2, 1, 20, 20), (3, 1, 20, 20), (2, 1, 24, 28), (2, 1, 16, 16), (2, 1, 20, 20)]:
+        x = torch.randn(shape, dtype=D)
+        ex = explainer.explain(x, record=True)
+        assert torch.equal(ex.logits, model(x))
+        assert rel_err(ex.attribution, reference.attribute(x)) < 1e-12
+        assert explainer.layer == reference.layer
+    assert len(explainer._plans) == 4
+    with pytest.raises(RSPError, match=r"forward failed on inputs of shape \(2, 3, 20, 20\)"):
+        explainer.attribute(torch.randn(2, 3, 20, 20, dtype=D))  # 3 channels for a 1-channel conv
+    with pytest.raises(RSPError, match="not a module of _LeNet"):
+        rsp_fast.RSP(model, layer="conv9")  # names are still checked at once
+    assert rsp_fast.cost(model, (1, 20, 20))["layers"] == rsp_fast.cost(twin, (1, 20, 20))["layers"]
+
+
+class _EvenSizeConv(nn.Module):
+    """Pads odd-sized maps to even before a stride-2 conv: branching on sizes, on the relevance path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 2, stride=2)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, w % 2, 0, h % 2))
+        return self.conv(x)
+
+
+def test_submodule_branching_on_sizes_on_the_relevance_path_is_traced():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _EvenSizeConv(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 3)).double().eval()
+    explainer = rsp_fast.RSP(model)
+    for size, pad in [(9, (0, 1, 0, 1)), (10, (0, 0, 0, 0))]:  # odd maps padded, even maps not
+        plain = nn.Sequential(model[0], model[1], nn.ZeroPad2d(pad), model[2].conv, *model[3:]).eval()
+        x = torch.randn(2, 3, size, size, dtype=D)
+        assert rel_err(explainer.attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
 
 
 def test_timm_vgg_is_explained():

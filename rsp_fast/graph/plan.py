@@ -19,7 +19,7 @@ from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, functi
                      node_kind, rectifies, relevance_inputs, rule_for, unsupported_combination)
 from ..rules.base import LayerRule
 from ..rules.operands import calls, is_shape_query, reduced_dims
-from .trace import KEPT_WHOLE, trace
+from .trace import KEPT_WHOLE, UntraceableModelError, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
 
@@ -113,29 +113,40 @@ def _is_global_pool(node: fx.Node, module) -> bool:
     return False
 
 
-def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer) -> tuple[fx.Node, str]:
+def layer_name(model: nn.Module, layer) -> str | None:
+    """The module name ``layer`` (a name, a submodule or None) stands for, checked."""
     if layer is None:
-        node = _default_saliency(model, graph)
-        names = [name for name, n in module_outputs.items() if n is node]
-        return node, (min(names, key=len) if names else node.name)
+        return None
     if isinstance(layer, nn.Module):
         names = [name for name, m in model.named_modules() if m is layer]
         if not names:
             raise RSPError(f"layer {type(layer).__name__} is not a submodule of {type(model).__name__}")
-        layer = names[0]
+        return names[0]
     if not isinstance(layer, str):
         raise RSPError(f"layer must be a module name, a module or None, not {type(layer).__name__}")
     known = dict(model.named_modules())
     if layer not in known:
         sample = ", ".join(list(n for n in known if n)[-8:])
         raise RSPError(f"layer {layer!r} is not a module of {type(model).__name__} (e.g. {sample})")
+    return layer
+
+
+def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer) -> tuple[fx.Node, str]:
+    layer = layer_name(model, layer)
+    if layer is None:
+        node = _default_saliency(model, graph)
+        names = [name for name, n in module_outputs.items() if n is node]
+        return node, (min(names, key=len) if names else node.name)
     if layer not in module_outputs:
         raise RSPError(f"layer {layer!r} is never called in {type(model).__name__}.forward")
     return module_outputs[layer], layer
 
 
-def build_plan(model: nn.Module, layer=None) -> Plan:
-    graph, module_outputs = trace(model, is_rule_leaf)
+def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None) -> Plan:
+    """The plan for any input, or with ``example`` for inputs of its shape only (traced with
+    sizes as numbers: for forwards that branch on sizes). Raises UntraceableModelError when
+    only such a trace could do."""
+    graph, module_outputs = trace(model, is_rule_leaf, example)
     saliency, layer_name = _resolve_layer(model, graph, module_outputs, layer)
     order = {n: i for i, n in enumerate(graph.nodes)}
 
@@ -162,7 +173,8 @@ def build_plan(model: nn.Module, layer=None) -> Plan:
                 seen.add(arg)
                 stack.append(arg)
     if problems:
-        raise UnsupportedModelError(
+        untraced = any(n.meta.get(KEPT_WHOLE) for n in seen) and example is None
+        raise (UntraceableModelError if untraced else UnsupportedModelError)(
             "no RSP rule for " + "; ".join(sorted(set(problems))) + f" (between the input and layer {layer_name!r}). "
             f"Supported: {describe_supported()}"
         )
@@ -244,7 +256,8 @@ def _non_negative(model: nn.Module):
 
 def _describe_unsupported(node: fx.Node, module) -> str:
     if module is not None:
-        return f"{node.target}: {type(module).__name__}"
+        why = node.meta.get(KEPT_WHOLE)
+        return f"{node.target}: {type(module).__name__}" + (f" (its forward cannot be traced: {why})" if why else "")
     if node.op == "get_attr":
         return f"{node.target}: a parameter or buffer used as an activation"
     combination = unsupported_combination(node)

@@ -6,18 +6,25 @@ submodule whose forward cannot be traced (control flow on its input's size, as i
 VGG head): a model is refused only if such a module lies on the relevance path. Every module
 call, leaf or not, records the graph node holding its output, so that any module name
 from ``model.named_modules()`` can be the saliency layer.
+
+A forward that branches or loops on sizes (``if x.dim() == 4``, LeNet's
+``num_flat_features``, ``int(np.prod(x.size()[1:]))``) cannot be traced symbolically; it is
+traced again with an example input running alongside (``trace(..., example=x)``), sizes
+as plain numbers: that graph holds for inputs of the example's shape only.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import RSPError, UnsupportedModelError
 
 MODULE_META = "rsp_module"  # node.meta key: the leaf module a call_module node runs
-KEPT_WHOLE = "rsp_kept_whole"  # node.meta key: set on modules kept whole because they cannot be traced
+KEPT_WHOLE = "rsp_kept_whole"  # node.meta key: why a module kept whole could not be traced
 ATTR_VALUE = "rsp_attr_value"  # node.meta key: the parameter or buffer a get_attr node reads
 
 
@@ -35,7 +42,9 @@ class _RecordingTracer(fx.Tracer):
         depth = len(self.module_stack)
         try:
             out = super().call_module(m, forward, args, kwargs)
-        except Exception:
+        except _ForwardFailed:
+            raise
+        except Exception as exc:
             # Control flow on traced values inside this submodule (e.g. timm's VGG head checks
             # its input size): keep the module whole, as one node, and drop what its partial
             # trace added. In the head it runs as it is; on the relevance path the plan
@@ -44,7 +53,7 @@ class _RecordingTracer(fx.Tracer):
             while len(self.module_stack) > depth:  # fx does not unwind it when a forward raises
                 self.module_stack.popitem()
             out = self.create_proxy("call_module", self.path_of_module(m), args, kwargs)
-            out.node.meta[KEPT_WHOLE] = True
+            out.node.meta[KEPT_WHOLE] = _first_line(exc)
         if isinstance(out, fx.Proxy):
             path = self.path_of_module(m)
             self.module_outputs[path] = out.node
@@ -64,16 +73,108 @@ class _RecordingTracer(fx.Tracer):
         self.module_outputs = {k: v for k, v in self.module_outputs.items() if v not in gone}
 
 
-def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool]) -> tuple[fx.Graph, dict[str, fx.Node]]:
-    """The model's fx graph and, per module path, the node holding that module's output."""
-    tracer = _RecordingTracer(is_rule_leaf)
+SIZE_METHODS = {"size", "dim", "ndimension", "numel", "nelement"}
+SIZE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
+
+
+class _ForwardFailed(Exception):
+    """The example input made an op of the forward fail: a bad input, not an untraceable model."""
+
+
+class _SizedProxy(fx.Proxy):
+    def __len__(self) -> int:
+        return len(self.tracer.values[self.node])
+
+
+class _ConcreteTracer(_RecordingTracer):
+    """Traces with an example input alongside: every node's value is computed as it is
+    added, and sizes (x.size(), x.shape, x.dim(), len(x), and arithmetic on them) come back
+    as plain numbers, so Python code that branches or loops on them runs as it would.
+    Branching on the values themselves still fails, as it must."""
+
+    def __init__(self, is_rule_leaf: Callable[[nn.Module], bool], example: torch.Tensor):
+        super().__init__(is_rule_leaf)
+        self.example = example
+        self.values: dict[fx.Node, Any] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SizedProxy(node, self)
+
+    def _sizes_as_numbers(self, a):
+        if isinstance(a, fx.proxy.Attribute) and a.attr in SIZE_ATTRIBUTES:
+            return getattr(self.values[a.root.node], a.attr)
+        return a
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **options):
+        args, kwargs = fx.node.map_aggregate((args, kwargs), self._sizes_as_numbers)
+        if kind in ("call_function", "call_method") and not _holds_proxy((args, kwargs)):
+            value = _call(kind, target, args, kwargs)
+            if not isinstance(value, torch.Tensor):
+                return value  # arithmetic on sizes: a number, not a node
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
+        node = proxy.node
+        self.values[node] = self._evaluate(node)
+        if kind == "call_method" and target in SIZE_METHODS:
+            self.graph.erase_node(node)
+            return self.values.pop(node)
+        return proxy
+
+    def _evaluate(self, node: fx.Node):
+        if node.op == "placeholder":
+            return self.example if not self.values else None  # the first input; a second is refused later
+        if node.op == "get_attr":
+            return _attribute(self.root, node.target)
+        if node.op not in ("call_function", "call_method", "call_module"):
+            return None
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.values.__getitem__)
+        target = self.root.get_submodule(node.target) if node.op == "call_module" else node.target
+        with _untraced():  # fx patches module calls while tracing: run the real ones
+            return _call(node.op, target, args, kwargs)
+
+
+# fx's own context manager for running real code in the middle of a trace (private; if a
+# torch lacks it, a model that needs a per-shape trace gets a clear "could not trace" error).
+_untraced = getattr(fx._symbolic_trace, "_maybe_revert_all_patches", contextlib.nullcontext)
+
+
+def _holds_proxy(a) -> bool:
+    found = []
+    fx.node.map_aggregate(a, lambda v: found.append(v) if isinstance(v, fx.Proxy) else v)
+    return bool(found)
+
+
+def _call(kind: str, target, args, kwargs):
     try:
-        graph = tracer.trace(model)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        return target(*args, **kwargs)  # a function, or a module (called with its hooks, as the forward does)
+    except Exception as exc:
+        raise _ForwardFailed(_first_line(exc)) from None
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+class UntraceableModelError(UnsupportedModelError):
+    """The model's forward (or a module on the relevance path) could not be traced symbolically."""
+
+
+def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool],
+          example: torch.Tensor | None = None) -> tuple[fx.Graph, dict[str, fx.Node]]:
+    """The model's fx graph and, per module path, the node holding that module's output.
+    With ``example``, traced with sizes as numbers: the graph holds for that input shape only."""
+    tracer = _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
+    try:
+        with torch.no_grad():
+            graph = tracer.trace(model)
+    except _ForwardFailed as exc:
+        raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}") from None
     except Exception as exc:  # fx raises many types; the user needs one clear message
-        raise UnsupportedModelError(
-            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); rsp_fast needs a model whose forward "
-            "has no data-dependent control flow outside its leaf modules"
+        error = UntraceableModelError if example is None else UnsupportedModelError
+        raise error(
+            f"could not trace {type(model).__name__} with torch.fx ({_first_line(exc)}); rsp_fast needs a model "
+            "whose forward branches only on sizes, not on values, outside its leaf modules"
         ) from None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
