@@ -32,8 +32,10 @@ def get_extensions():
     use_cuda = os.getenv("USE_CUDA", "1") == "1" and torch.version.cuda is not None and CUDA_HOME is not None
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # -fno-trapping-math lets masked divisions be vectorised (lanes divide by 1, never trap)
-    extra = {"cxx": opt + ["-fopenmp-simd", "-fno-trapping-math"]}
+    # -fno-trapping-math lets masked divisions be vectorised (lanes divide by 1, never trap);
+    # -fopenmp makes at::parallel_for parallel (without it the header runs the loop serially);
+    # the library it links, libgomp.so.1, is the one torch has already loaded
+    extra = {"cxx": opt + ["-fopenmp", "-fno-trapping-math"]}
     kwargs = {}
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
@@ -41,7 +43,8 @@ def get_extensions():
         extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "--extended-lambda"]
         kwargs["include_dirs"] = _nvidia_wheel_includes()
     ext = (CUDAExtension if use_cuda else CppExtension)
-    return [ext("rsp_fast._C", sources, extra_compile_args=extra, py_limited_api=False, **kwargs)]
+    return [ext("rsp_fast._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"], py_limited_api=False,
+                **kwargs)]
 
 
 setup(

@@ -29,4 +29,8 @@ TORCH_LIBRARY(rsp_fast, m) {
   // back-projection F_pos^T S_pos - F_neg^T S_neg at the input, (N, C, H, W).
   m.def("masked_sectional_products(Tensor x_pos, Tensor R, int[2] kernel, int[2] stride, int[2] dilation, "
         "int[4] padding) -> Tensor");
+  // The same three products for a depthwise conv (groups = C; O = m * C outputs, output channel
+  // o reading input channel o / m), fused per (sample, channel) plane; dense in R.
+  m.def("depthwise_sectional_products(Tensor x_pos, Tensor R, int[2] kernel, int[2] stride, int[2] dilation, "
+        "int[4] padding) -> Tensor");
 }

@@ -73,6 +73,24 @@ def sectional_products_reference(x_pos: torch.Tensor, R: torch.Tensor, kernel, s
     return dx[..., top : Hp - bottom, left : Wp - right]
 
 
+def depthwise_products_reference(x_pos: torch.Tensor, R: torch.Tensor, kernel, stride, dilation, padding) -> torch.Tensor:
+    """The same three products for a depthwise conv (groups = C, O = m·C outputs, output channel
+    o reading input channel o // m): per sample and channel, F± = R±·Xᵤᵀ (m×k² filters from that
+    channel's patches Xᵤ, k²×L), [S⁺; −S⁻] from F±·Xᵤ, and Fᵀ·S folded back onto the input."""
+    xp = F.pad(x_pos, tuple(padding))
+    N, C, Hp, Wp = xp.shape
+    O, L = R.shape[1], R.shape[-2] * R.shape[-1]
+    m, taps = O // C, kernel[0] * kernel[1]
+    cols = F.unfold(xp, tuple(kernel), dilation=tuple(dilation), stride=tuple(stride)).view(N, C, taps, L)
+    Rs = stacked_sections(R.reshape(N, C, m, L), dim=2)  # N, C, 2m, L
+    Fs = Rs @ cols.transpose(-1, -2)  # N, C, 2m, k²
+    S = sectional_normalize_stacked_reference(Rs, Fs @ cols, m)
+    dcols = (Fs.transpose(-1, -2) @ S).reshape(N, C * taps, L)
+    dx = F.fold(dcols, (Hp, Wp), tuple(kernel), dilation=tuple(dilation), stride=tuple(stride))
+    left, right, top, bottom = padding
+    return dx[..., top : Hp - bottom, left : Wp - right]
+
+
 def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of every element of each sample: shape (N,)."""
     return t.reshape(t.shape[0], -1).sum(dim=1)

@@ -45,6 +45,13 @@ def masked_sectional_products(x_pos: torch.Tensor, R: torch.Tensor, kernel, stri
                                                                 list(padding))
 
 
+def depthwise_sectional_products(x_pos: torch.Tensor, R: torch.Tensor, kernel, stride, dilation, padding) -> torch.Tensor:
+    """A depthwise conv's back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻ at its input, the three products fused
+    per (sample, channel) plane (see kernels.reference.depthwise_products_reference)."""
+    return torch.ops.rsp_fast.depthwise_sectional_products.default(x_pos, R, list(kernel), list(stride), list(dilation),
+                                                                   list(padding))
+
+
 if _has_op("sectional_normalize"):
 
     @torch.library.register_fake("rsp_fast::sectional_normalize")
@@ -71,10 +78,14 @@ if _has_op("purge"):
         return torch.empty_like(dx)
 
 
-if _has_op("masked_sectional_products"):
-
-    @torch.library.register_fake("rsp_fast::masked_sectional_products")
-    def _masked_sectional_products_fake(x_pos, R, kernel, stride, dilation, padding):
+def _products_fake(name: str):
+    def fake(x_pos, R, kernel, stride, dilation, padding):
         torch._check(x_pos.dim() == 4 and R.dim() == 4 and x_pos.shape[0] == R.shape[0],
-                     lambda: "masked_sectional_products: x_pos (N, C, H, W) and R (N, O, h, w) expected")
+                     lambda: f"{name}: x_pos (N, C, H, W) and R (N, O, h, w) expected")
         return torch.empty_like(x_pos, memory_format=torch.contiguous_format)
+    return fake
+
+
+for _name in ("masked_sectional_products", "depthwise_sectional_products"):
+    if _has_op(_name):
+        torch.library.register_fake(f"rsp_fast::{_name}")(_products_fake(_name))
