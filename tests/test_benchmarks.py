@@ -20,21 +20,24 @@ def test_bench_kernels_quick(tmp_path):
     assert "| op |" in proc.stdout
 
 
-def test_bench_masked_quick(tmp_path):
+def test_bench_compiled_paths_quick(tmp_path):
     out = tmp_path / "m.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_masked.py"), "--quick", "--models", "vgg16",
-                           "--json", str(out)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compiled_paths.py"), "--quick", "--models",
+                           "vgg16", "efficientnet_lite0", "--json", str(out)], capture_output=True, text=True)
     if "rsp_fast._C is not built" in proc.stderr or "backend 'cpp' is unavailable" in proc.stderr:
         import pytest
 
         pytest.skip("rsp_fast._C is not built")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
-    assert len(rows) == 12  # VGG16's inner convs up to features.29
-    assert all(r["dense_ms"] > 0 and r["masked_ms"] > 0 and 0 <= r["nonzero"] <= 1 for r in rows)
-    assert all(r["chosen"] in ("masked", r["dense_path"]) for r in rows)
+    vgg = [r for r in rows if r["model"] == "vgg16"]
+    assert len(vgg) == 12  # VGG16's inner convs up to features.29
+    assert all(r["library_ms"] > 0 and r["compiled_ms"] > 0 and 0 <= r["nonzero"] <= 1 for r in rows)
+    assert all(r["compiled_path"] == "masked" and r["chosen"] in ("masked", r["library_path"]) for r in vgg)
     # behind VGG16's max pools at most one position of each 2x2 window carries relevance
-    assert min(r["nonzero"] for r in rows) <= 0.25
+    assert min(r["nonzero"] for r in vgg) <= 0.25
+    depthwise = [r for r in rows if r["model"] == "efficientnet_lite0" and r["compiled_path"] == "depthwise"]
+    assert len(depthwise) == 16 and all(r["chosen"] == "depthwise" for r in depthwise)  # its 16 depthwise convs
     assert "| model | layer input |" in proc.stdout
 
 

@@ -176,17 +176,17 @@ if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
 
 
 # How much slower per multiply-add the masked kernels run than the dense products (gathered
-# patches instead of a blocked GEMM, and fixed costs): 1.9–6.2 on VGG16's and
-# EfficientNet-Lite0's layers at batch 8 on this project's CPU (benchmarks/bench_masked.py).
-# At 6 the masked path runs where it clearly wins: VGG16's layers behind a max pool
-# (14–22 % of R non-zero; 1.45–2.3× faster there).
-MASKED_SLOWDOWN = 6.0
+# patches instead of a blocked GEMM, and fixed costs): 1.4–5.1 on VGG16's and
+# EfficientNet-Lite0's layers at batch 8 on this project's CPU, both on its 2 cores
+# (benchmarks/bench_compiled_paths.py). Masked wins where this figure is below 2 / density of R:
+# at 3 it runs on VGG16's layers behind a max pool (14–22 % non-zero) and behind a ReLU (about
+# half), and on EfficientNet's 1×1 layers with under 2/3 of R non-zero.
+MASKED_SLOWDOWN = 3.0
 MASKED_VECTOR_BYTES = 64  # the masked kernels pad each patch's channels to whole 64-byte vectors
 
 
 # Depthwise convs on CPU: the three products fused per (sample, channel) plane in one C++ kernel
-# (csrc/cpu/depthwise_products_cpu.cpp), 2.3–4.7× faster than PyTorch's convolutions on
-# EfficientNet-Lite0's depthwise layers at batch 8 here; kernels of up to 128 taps (11×11).
+# (csrc/cpu/depthwise_products_cpu.cpp); kernels of up to 128 taps (11×11).
 DEPTHWISE_MAX_TAPS = 128
 
 

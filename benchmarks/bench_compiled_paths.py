@@ -1,0 +1,106 @@
+"""The compiled CPU paths against PyTorch's, layer by layer, on the relevance of a real pass.
+
+    python benchmarks/bench_compiled_paths.py [--models vgg16 efficientnet_lite0] [--batch 8] [--json out.json] [--quick]
+
+One RSP pass (cpp backend, random weights, 224×224; --quick: 64×64, batch 2) records every
+inner conv's input and incoming relevance. Each dense (groups = 1) layer then runs with the
+dense path ``choose_path`` would take without the masked kernels and with the masked path;
+each depthwise layer with PyTorch's convolutions ("conv") and with the fused depthwise kernel
+(median of interleaved repeats). Columns: the share of R that is non-zero, both times per
+image, the speed-up, the path RSP takes, and for dense layers the masked kernels' measured
+slowdown per multiply-add against the dense path's: the figure MASKED_SLOWDOWN stands for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_e2e import LAYERS, build  # noqa: E402
+from utils import describe, markdown_table, time_interleaved  # noqa: E402
+
+import rsp_fast  # noqa: E402
+from rsp_fast.memory import keep_freed_memory  # noqa: E402
+from rsp_fast.rules import conv as conv_rule  # noqa: E402
+
+
+def recorded_layers(model, layer: str, x: torch.Tensor) -> list[tuple]:
+    """(context, input, relevance, geometry, input_non_negative) of every dense or depthwise inner conv."""
+    calls, inner = [], conv_rule.inner_conv_relevance
+
+    def record(ctx, x, R, g, path=None, non_negative=False):
+        if g.groups in (1, x.shape[1]):
+            calls.append((ctx, x, R, g, non_negative))
+        return inner(ctx, x, R, g, path, non_negative)
+
+    conv_rule.inner_conv_relevance = record
+    try:
+        rsp_fast.RSP(model, layer=layer, backend="cpp").attribute(x, target=1)
+    finally:
+        conv_rule.inner_conv_relevance = inner
+    return calls
+
+
+def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
+    N, C = x.shape[:2]
+    O, L = R.shape[1], R.shape[-2] * R.shape[-1]
+    k2 = g.kernel[0] * g.kernel[1]
+    nonzeros = int(torch.count_nonzero(R)) / N
+    run = lambda path: conv_rule.inner_conv_relevance(ctx, x, R, g, path, non_negative)  # noqa: E731
+    row = {"input": list(x.shape[1:]), "out_channels": O, "kernel": list(g.kernel), "stride": list(g.stride),
+           "nonzero": nonzeros / (O * L)}
+    if g.groups == 1:
+        ck, masked_ck = C * k2, conv_rule.masked_channels(C, x.element_size()) * k2
+        library = conv_rule.choose_path(ck, O, L, g.patches_are_input)
+        compiled = "masked"
+        chosen = conv_rule.choose_path(ck, O, L, g.patches_are_input, nonzeros=nonzeros, masked_ck=masked_ck)
+    else:
+        library, compiled, chosen = "conv", "depthwise", "depthwise"
+    times = time_interleaved({library: lambda: run(library), compiled: lambda: run(compiled)}, repeats=repeats, warmup=1)
+    lib_s, comp_s = times[library]["median"] / N, times[compiled]["median"] / N
+    row.update(library_path=library, library_ms=lib_s * 1e3, compiled_path=compiled, compiled_ms=comp_s * 1e3,
+               speedup=lib_s / comp_s, chosen=chosen)
+    if g.groups == 1:
+        dense_macs = min(6 * O * ck * L, (2 * ck * L + 4 * O * L) * L)
+        row["slowdown_per_mac"] = dense_macs / (3 * max(nonzeros, 1) * masked_ck) * comp_s / lib_s
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["vgg16", "efficientnet_lite0"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    keep_freed_memory()
+    size, batch, repeats = (64, 2, 1) if args.quick else (224, args.batch, args.repeats)
+    rows = []
+    for name in args.models:
+        torch.manual_seed(0)
+        model = build(name)
+        x = torch.randn(batch, 3, size, size)
+        for call in recorded_layers(model, LAYERS[name], x):
+            rows.append({"model": name, "batch": batch, **compare(*call, repeats)})
+            r = rows[-1]
+            print(f"  {name} {r['input']} -> {r['out_channels']}: {r['library_path']} {r['library_ms']:.2f} ms, "
+                  f"{r['compiled_path']} {r['compiled_ms']:.2f} ms", file=sys.stderr, flush=True)
+    print(f"Milliseconds per image, {describe('cpu')}, {size}×{size}, batch {batch}, random weights\n")
+    print(markdown_table(
+        ["model", "layer input", "out", "k", "stride", "R non-zero", "library path", "ms", "compiled path", "ms",
+         "speed-up", "RSP takes", "slowdown per MAC"],
+        [[r["model"], "×".join(map(str, r["input"])), r["out_channels"], "×".join(map(str, r["kernel"])), r["stride"][0],
+          f"{r['nonzero']:.2f}", r["library_path"], f"{r['library_ms']:.2f}", r["compiled_path"], f"{r['compiled_ms']:.2f}",
+          f"{r['speedup']:.2f}×", r["chosen"], f"{r['slowdown_per_mac']:.1f}" if "slowdown_per_mac" in r else "–"]
+         for r in rows]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
