@@ -14,7 +14,6 @@ as plain numbers: that graph holds for inputs of the example's shape only.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import torch
@@ -132,9 +131,9 @@ class _ConcreteTracer(_RecordingTracer):
             return _call(node.op, target, args, kwargs)
 
 
-# fx's own context manager for running real code in the middle of a trace (private; if a
-# torch lacks it, a model that needs a per-shape trace gets a clear "could not trace" error).
-_untraced = getattr(fx._symbolic_trace, "_maybe_revert_all_patches", contextlib.nullcontext)
+# fx's own context manager for running real code in the middle of a trace (private, so checked:
+# without it, forwards that branch on sizes are refused as before)
+_untraced = getattr(fx._symbolic_trace, "_maybe_revert_all_patches", None)
 
 
 def _holds_proxy(a) -> bool:
@@ -164,6 +163,9 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool],
           example: torch.Tensor | None = None) -> tuple[fx.Graph, dict[str, fx.Node]]:
     """The model's fx graph and, per module path, the node holding that module's output.
     With ``example``, traced with sizes as numbers: the graph holds for that input shape only."""
+    if example is not None and _untraced is None:
+        raise UnsupportedModelError(f"could not trace {type(model).__name__} with torch.fx: its forward branches on "
+                                    "sizes, which needs torch.fx._symbolic_trace._maybe_revert_all_patches")
     tracer = _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
     try:
         with torch.no_grad():
