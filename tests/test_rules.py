@@ -896,26 +896,35 @@ def test_convs_with_weights_computed_from_the_input_are_refused():
 
 class _FunctionalMLP(nn.Module):
     """The MLP ``modules`` (Linear, ReLU, Linear, ReLU, Linear) with its layers written as
-    F.linear calls, or as x @ P + b on parameters P = Wᵀ."""
+    F.linear calls, as x @ P + b on parameters P = Wᵀ, or as x @ W.t() (and W.T, torch.t(W),
+    W.transpose(0, 1)) + b on the weights themselves."""
 
     def __init__(self, modules, matmul):
         super().__init__()
         self.m, self.matmul = modules, matmul
-        if matmul:
+        if matmul == "param":
             self.P = nn.ParameterList([nn.Parameter(modules[i].weight.detach().T.clone()) for i in (0, 2, 4)])
 
     def forward(self, x):
         for k, i in enumerate((0, 2, 4)):
             lin = self.m[i]
-            x = x @ self.P[k] + lin.bias if self.matmul else F.linear(x, lin.weight, lin.bias)
+            if self.matmul == "param":
+                x = x @ self.P[k] + lin.bias
+            elif self.matmul == "transposed":
+                W = lin.weight
+                x = [x @ W.t(), torch.matmul(x, W.T), x @ torch.t(W)][k] + lin.bias if k < 2 else x @ W.transpose(0, 1)
+            else:
+                x = F.linear(x, lin.weight, lin.bias)
             x = torch.relu(x) if i < 4 else x
         return x
 
 
-@pytest.mark.parametrize("matmul", [False, True])
+@pytest.mark.parametrize("matmul", [None, "param", "transposed"])
 def test_linear_layers_written_as_functions_explain_like_modules(matmul):
     torch.manual_seed(0)
     modules = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    if matmul == "transposed":
+        modules[4].bias = None  # the last layer is x @ W.transpose(0, 1) without a bias
     functional = _FunctionalMLP(modules, matmul).double().eval()
     x = torch.randn(4, 7, dtype=D)
     assert torch.allclose(functional(x), modules(x))

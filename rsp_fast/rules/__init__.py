@@ -144,10 +144,24 @@ def functional_linear_weight(node: fx.Node) -> tuple[fx.Node, bool] | None:
         if isinstance(x, fx.Node) and is_parameter(weight) and (bias is None or is_parameter(bias)):
             return weight, False
     if calls(node, *MATMUL) and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and not is_parameter(node.args[0]):
-        value = node.args[1].meta.get(ATTR_VALUE) if isinstance(node.args[1], fx.Node) else None
+        P, transposed = node.args[1], True
+        if _is_matrix_transpose(P):  # x @ W.t(): nn.Linear's own convention, the weight W
+            P, transposed = P.args[0], False
+        value = P.meta.get(ATTR_VALUE) if isinstance(P, fx.Node) else None
         if isinstance(value, torch.Tensor) and value.dim() == 2:
-            return node.args[1], True
+            return P, transposed
     return None
+
+
+def _is_matrix_transpose(v) -> bool:
+    """W.t(), W.T, W.mT, W.transpose(0, 1) / (1, 0) / (-1, -2) / (-2, -1), torch.t(W)."""
+    if not isinstance(v, fx.Node) or not v.args:
+        return False
+    if calls(v, {torch.t}, {"t"}) or (v.op == "call_function" and v.target is getattr and v.args[1:] in (("T",), ("mT",))):
+        return True
+    dims = v.args[1:]  # W.transpose(a, b) and torch.transpose(W, a, b) alike
+    return (calls(v, {torch.transpose}, {"transpose"}) and len(dims) == 2 and all(isinstance(d, int) for d in dims)
+            and sorted(d % 2 for d in dims) == [0, 1])
 
 
 def _is_softmax(v) -> bool:
