@@ -8,7 +8,7 @@
 // library convolutions, which run each product as its own pass over the whole layer in
 // NCHW (oneDNN's depthwise input gradient for stride 2 ran at about 1 GFLOP/s here). Here one
 // plane's padded input, relevance and back-projection stay in cache through all three
-// products, and the inner loops run along output rows (vectorised when the stride is 1).
+// products, and each product is a vector loop over one flat run of positions (see Geometry).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
