@@ -14,6 +14,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../products_checks.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -157,29 +159,13 @@ void one_plane(const T* x, const T* R, T* out, const Geometry& g, const int64_t*
 
 at::Tensor depthwise_sectional_products_cpu(const at::Tensor& x_pos, const at::Tensor& R, at::IntArrayRef kernel,
                                             at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding) {
-  TORCH_CHECK(x_pos.dim() == 4 && R.dim() == 4 && x_pos.size(0) == R.size(0),
-              "depthwise_sectional_products: x_pos (N, C, H, W) and R (N, O, h, w) expected, got ", x_pos.sizes(),
-              " and ", R.sizes());
-  TORCH_CHECK(x_pos.scalar_type() == R.scalar_type(), "depthwise_sectional_products: x_pos and R must share one dtype");
-  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
-              "depthwise_sectional_products: kernel, stride and dilation take two values, padding four");
-  const int64_t N = x_pos.size(0), C = x_pos.size(1), O = R.size(1);
-  TORCH_CHECK(C > 0 && O % C == 0, "depthwise_sectional_products: ", O, " output channels are not a multiple of ", C,
-              " input channels");
-  Geometry g{x_pos.size(2), x_pos.size(3), padding[2], padding[0], 0, 0, R.size(2), R.size(3),
-             kernel[0], kernel[1], stride[0], stride[1], dilation[0], dilation[1], O / C};
-  TORCH_CHECK(g.kh > 0 && g.kw > 0 && g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0,
-              "depthwise_sectional_products: kernel, stride and dilation must be positive");
-  TORCH_CHECK(g.kh * g.kw <= kMaxTaps, "depthwise_sectional_products: kernels up to ", kMaxTaps, " taps, not ", g.kh,
-              "x", g.kw);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0 && padding[2] >= 0 && padding[3] >= 0,
-              "depthwise_sectional_products: padding must be >= 0");
-  g.Hp = g.H + padding[2] + padding[3];
-  g.Wp = g.W + padding[0] + padding[1];
-  TORCH_CHECK(g.Hp >= g.dh * (g.kh - 1) + 1 && g.Wp >= g.dw * (g.kw - 1) + 1 &&
-                  g.h == (g.Hp - g.dh * (g.kh - 1) - 1) / g.sh + 1 && g.w == (g.Wp - g.dw * (g.kw - 1) - 1) / g.sw + 1,
-              "depthwise_sectional_products: R ", R.sizes(), " is not the output of this ", g.kh, "x", g.kw,
-              " conv of x_pos ", x_pos.sizes());
+  const ConvArgs a = check_products_args("depthwise_sectional_products", x_pos, R, kernel, stride, dilation, padding);
+  const int64_t N = a.N, C = a.C;
+  TORCH_CHECK(C > 0 && a.O % C == 0, "depthwise_sectional_products: ", a.O, " output channels are not a multiple of ",
+              C, " input channels");
+  TORCH_CHECK(a.kh * a.kw <= kMaxTaps, "depthwise_sectional_products: kernels up to ", kMaxTaps, " taps, not ", a.kh,
+              "x", a.kw);
+  const Geometry g{a.H, a.W, a.top, a.left, a.Hp, a.Wp, a.h, a.w, a.kh, a.kw, a.sh, a.sw, a.dh, a.dw, a.O / C};
   at::Tensor out = at::empty({N, C, g.H, g.W}, x_pos.options());
   AT_DISPATCH_FLOATING_TYPES(x_pos.scalar_type(), "depthwise_sectional_products_cpu", [&] {
     const at::Tensor xin = x_pos.contiguous(), r = R.contiguous();

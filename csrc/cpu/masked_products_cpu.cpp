@@ -18,6 +18,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../products_checks.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -407,30 +409,15 @@ void one_sample(const T* x, const T* R, T* dx, const Shape& s, Sections<T>& sec)
 
 at::Tensor masked_sectional_products_cpu(const at::Tensor& x_pos, const at::Tensor& R, at::IntArrayRef kernel,
                                          at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding) {
-  TORCH_CHECK(x_pos.dim() == 4 && R.dim() == 4 && x_pos.size(0) == R.size(0),
-              "masked_sectional_products: x_pos (N, C, H, W) and R (N, O, h, w) expected, got ", x_pos.sizes(),
-              " and ", R.sizes());
-  TORCH_CHECK(x_pos.scalar_type() == R.scalar_type(), "masked_sectional_products: x_pos and R must share one dtype");
-  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
-              "masked_sectional_products: kernel, stride and dilation take two values, padding four");
-  const int64_t N = x_pos.size(0), C = x_pos.size(1), H = x_pos.size(2), W = x_pos.size(3);
-  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
-  const int64_t left = padding[0], right = padding[1], top = padding[2], bottom = padding[3];
-  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && dh > 0 && dw > 0,
-              "masked_sectional_products: kernel, stride and dilation must be positive");
-  TORCH_CHECK(left >= 0 && right >= 0 && top >= 0 && bottom >= 0, "masked_sectional_products: padding must be >= 0");
-  const int64_t Hp = H + top + bottom, Wp = W + left + right;
-  TORCH_CHECK(Hp >= dh * (kh - 1) + 1 && Wp >= dw * (kw - 1) + 1 &&
-                  R.size(2) == (Hp - dh * (kh - 1) - 1) / sh + 1 && R.size(3) == (Wp - dw * (kw - 1) - 1) / sw + 1,
-              "masked_sectional_products: R ", R.sizes(), " is not the output of this ", kh, "x", kw,
-              " conv of x_pos ", x_pos.sizes());
+  const ConvArgs a = check_products_args("masked_sectional_products", x_pos, R, kernel, stride, dilation, padding);
+  const int64_t N = a.N, C = a.C, H = a.H, W = a.W, Hp = a.Hp, Wp = a.Wp;
   at::Tensor out = at::empty({N, C, H, W}, x_pos.options());
   AT_DISPATCH_FLOATING_TYPES(x_pos.scalar_type(), "masked_sectional_products_cpu", [&] {
     constexpr int64_t L = kLanes<scalar_t>;
     const int64_t Cp = (C + L - 1) / L * L, plane = Hp * Wp * Cp;
     TORCH_CHECK(plane < (int64_t(1) << 31), "masked_sectional_products: one padded sample has ", plane,
                 " elements, past the kernels' 32-bit offsets");
-    const Shape shape{C, H, W, top, left, Hp, Wp, Cp, R.size(1), R.size(2), R.size(3), sh, sw, kh, kw, dh, dw};
+    const Shape shape{C, H, W, a.top, a.left, Hp, Wp, Cp, a.O, a.h, a.w, a.sh, a.sw, a.kh, a.kw, a.dh, a.dw};
     const at::Tensor xin = x_pos.contiguous(), r = R.contiguous();
     const scalar_t* xp = xin.const_data_ptr<scalar_t>();
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
