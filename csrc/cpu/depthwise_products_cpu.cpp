@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "../products_checks.h"
+#include "vector_clones.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -51,14 +52,6 @@ struct Scratch {
       : x(g.phases_size()), dx(g.phases_size()), rp(g.h * g.Wq()), rn(g.h * g.Wq()), ga(g.run_length()),
         gb(g.run_length()), sp(g.run_length()), sn(g.run_length()) {}
 };
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RSP_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-#else
-#define RSP_VECTOR_CLONES
-#endif
-// inlined into each clone, so that every clone vectorises its loops for its own instruction set
-#define RSP_INLINE inline __attribute__((always_inline))
 
 // One output channel (its sections in s.rp, s.rn): the filters, the responses of both sections,
 // their normalisation and the back-projection, added into s.dx. ``offsets``: each tap's.

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "../products_checks.h"
+#include "vector_clones.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -100,16 +101,6 @@ std::vector<Block> patch_blocks(int64_t kh, int64_t kw, int64_t dh, int64_t dw, 
   }
   return blocks;
 }
-
-// Hot loops. Compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time, so
-// one binary runs everywhere and uses the widest vectors the CPU has.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RSP_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-#else
-#define RSP_VECTOR_CLONES
-#endif
-// the templates below are inlined into each clone, so they are compiled for its target
-#define RSP_INLINE inline __attribute__((always_inline))
 
 // out[b] = sum_e e.value * x[e.origin + offset + b] for the B vectors of one block.
 template <int B, typename T>
