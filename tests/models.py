@@ -1,4 +1,4 @@
-"""Small models built from torch.nn only, shared by the tests and benchmarks."""
+"""Small models built from torch.nn only, and test cases for the kernels, shared by the tests and benchmarks."""
 from __future__ import annotations
 
 import torch
@@ -42,3 +42,20 @@ def tiny_cnn(num_classes: int = 5) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
         nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes)).eval()
+
+
+def conv_products_case(N, C, O, H, W, kernel, stride, dilation, padding, density=0.5, sign="mixed",
+                       dtype=torch.float64, zero_region=False):
+    """Arguments of a products kernel for a conv of that geometry: (x̂, R, kernel, stride,
+    dilation, padding (left, right, top, bottom)), R with about ``density`` of it non-zero and
+    ``sign`` "mixed", "positive" or "negative"; with ``zero_region`` the input's top half is
+    zero (patches with no input at all, whose responses are 0: S must be 0 there)."""
+    left, right, top, bottom = padding
+    x = torch.randn(N, C, H, W, dtype=dtype).clamp(min=0)
+    if zero_region:
+        x[:, :, : H // 2] = 0
+    h = (H + top + bottom - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    w = (W + left + right - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    R = torch.randn(N, O, h, w, dtype=dtype) * (torch.rand(N, O, h, w) < density)
+    R = {"mixed": R, "positive": R.abs(), "negative": -R.abs()}[sign]
+    return x, R, kernel, stride, dilation, padding

@@ -12,6 +12,7 @@ from rsp_fast.kernels.reference import depthwise_products_reference
 from rsp_fast.ops import custom, dispatch
 from rsp_fast.rules import conv as conv_rule
 from rsp_fast.rules.base import Context
+from models import conv_products_case
 
 pytestmark = pytest.mark.skipif(dispatch._availability("cpp", torch.device("cpu")) != "",
                                 reason="rsp_fast._C is not built")
@@ -29,15 +30,8 @@ GEOMETRIES = [
 
 
 def inputs(geometry, density=0.6, sign="mixed", dtype=torch.float64, zero_region=False):
-    N, C, m, H, W, k, s, d, (left, right, top, bottom) = geometry
-    x = torch.randn(N, C, H, W, dtype=dtype).clamp(min=0)
-    if zero_region:  # patches with no input at all: their responses are 0 and S must be 0 there
-        x[:, :, : H // 2] = 0
-    h = (H + top + bottom - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    w = (W + left + right - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    R = torch.randn(N, C * m, h, w, dtype=dtype) * (torch.rand(N, C * m, h, w) < density)
-    R = {"mixed": R, "positive": R.abs(), "negative": -R.abs()}[sign]
-    return x, R, k, s, d, (left, right, top, bottom)
+    N, C, m, *conv = geometry
+    return conv_products_case(N, C, C * m, *conv, density=density, sign=sign, dtype=dtype, zero_region=zero_region)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)

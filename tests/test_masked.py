@@ -8,6 +8,7 @@ import rsp_fast
 from rsp_fast.kernels.reference import sectional_products_reference
 from rsp_fast.ops import custom, dispatch
 from rsp_fast.rules import conv as conv_rule
+from models import conv_products_case
 
 pytestmark = pytest.mark.skipif(dispatch._availability("cpp", torch.device("cpu")) != "",
                                 reason="rsp_fast._C is not built")
@@ -24,19 +25,8 @@ GEOMETRIES = [
 DENSITIES = [0.25, 0.5, 1.0]
 
 
-def relevance(shape, density: float, sign: str, dtype) -> torch.Tensor:
-    R = torch.randn(shape, dtype=dtype) * (torch.rand(shape) < density)
-    return {"mixed": R, "positive": R.abs(), "negative": -R.abs()}[sign]
-
-
 def inputs(geometry, density=0.5, sign="mixed", dtype=torch.float64, zero_region=False):
-    N, C, O, H, W, k, s, d, (left, right, top, bottom) = geometry
-    x = torch.randn(N, C, H, W, dtype=dtype).clamp(min=0)
-    if zero_region:  # patches with no input at all: their responses are 0 and S must be 0 there
-        x[:, :, : H // 2] = 0
-    h = (H + top + bottom - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    w = (W + left + right - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    return x, relevance((N, O, h, w), density, sign, dtype), k, s, d, (left, right, top, bottom)
+    return conv_products_case(*geometry, density=density, sign=sign, dtype=dtype, zero_region=zero_region)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
