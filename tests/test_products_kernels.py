@@ -1,0 +1,123 @@
+"""The compiled products kernels (C++ on CPU), each against its pure-PyTorch reference:
+``masked_sectional_products`` (a dense conv's three products at R's non-zeros only) and
+``depthwise_sectional_products`` (a depthwise conv's three products fused per plane)."""
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from rsp_fast.kernels.reference import depthwise_products_reference, sectional_products_reference
+from rsp_fast.ops import custom, dispatch
+from models import conv_products_case
+
+pytestmark = pytest.mark.skipif(dispatch._availability("cpp", torch.device("cpu")) != "",
+                                reason="rsp_fast._C is not built")
+
+# (N, C, O, H, W, kernel, stride, dilation, padding (left, right, top, bottom))
+DENSE = [
+    (1, 5, 7, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+    (3, 17, 33, 11, 10, (3, 3), (2, 2), (1, 1), (0, 1, 0, 1)),  # stride 2, TF-style asymmetric padding
+    (2, 16, 9, 12, 12, (3, 3), (1, 1), (2, 2), (2, 2, 2, 2)),  # dilation: taps are not one contiguous row
+    (2, 8, 4, 7, 7, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)),
+    (3, 24, 16, 8, 9, (5, 3), (1, 2), (1, 1), (2, 2, 1, 1)),
+    (4, 40, 12, 6, 6, (3, 3), (1, 1), (1, 1), (0, 0, 0, 0)),  # no padding, C past two vectors
+]
+# the same for depthwise convs: O = multiplier × C
+DEPTHWISE = [
+    (2, 5, 5, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+    (3, 4, 4, 11, 10, (3, 3), (2, 2), (1, 1), (0, 1, 0, 1)),  # stride 2, TF-style asymmetric padding
+    (2, 3, 6, 12, 12, (3, 3), (1, 1), (2, 2), (2, 2, 2, 2)),  # channel multiplier 2, dilation 2
+    (2, 6, 6, 13, 9, (5, 5), (2, 2), (1, 1), (1, 2, 1, 2)),  # 5×5, stride 2
+    (1, 2, 6, 8, 9, (5, 3), (1, 2), (1, 1), (2, 2, 1, 1)),  # uneven kernel and stride, multiplier 3
+    (2, 4, 4, 7, 7, (3, 3), (3, 3), (2, 1), (0, 0, 0, 0)),  # stride 3, rows left over
+    (2, 3, 3, 5, 6, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0)),  # 1×1, stride 2
+]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    op: Callable
+    reference: Callable
+    geometries: list
+    name: str
+
+
+KERNELS = [Kernel(custom.masked_sectional_products, sectional_products_reference, DENSE, "masked_sectional_products"),
+           Kernel(custom.depthwise_sectional_products, depthwise_products_reference, DEPTHWISE,
+                  "depthwise_sectional_products")]
+CASES = [(k, g) for k in KERNELS for g in k.geometries]
+
+
+def case_id(value):
+    return value.name.split("_")[0] if isinstance(value, Kernel) else None
+
+
+@pytest.mark.parametrize("kernel, geometry", CASES, ids=[f"{k.name.split('_')[0]}-{i}" for i, (k, _) in enumerate(CASES)])
+@pytest.mark.parametrize("density", [0.25, 0.5, 1.0])
+def test_kernel_equals_its_reference_float64(kernel, geometry, density):
+    args = conv_products_case(*geometry, density=density)
+    expected = kernel.reference(*args)
+    got = kernel.op(*args)
+    assert got.shape == args[0].shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
+@pytest.mark.parametrize("sign", ["positive", "negative"])
+@pytest.mark.parametrize("zero_region", [False, True])
+def test_kernel_one_signed_section_and_empty_patches(kernel, sign, zero_region):
+    args = conv_products_case(*kernel.geometries[1], density=0.6, sign=sign, zero_region=zero_region)
+    torch.testing.assert_close(kernel.op(*args), kernel.reference(*args), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
+def test_kernel_float32(kernel):
+    for geometry in kernel.geometries[:4]:
+        x, R, *rest = conv_products_case(*geometry, density=0.3, dtype=torch.float32)
+        expected = kernel.reference(x.double(), R.double(), *rest)
+        got = kernel.op(x, R, *rest).double()
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
+def test_kernel_without_relevance_gives_zero(kernel):
+    x, R, *rest = conv_products_case(*kernel.geometries[1])
+    assert torch.count_nonzero(kernel.op(x, torch.zeros_like(R), *rest)) == 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
+def test_kernel_one_thread_and_many_agree(kernel):
+    """Samples (masked) or planes (depthwise) run in parallel; the inside of one sample too."""
+    args = conv_products_case(*kernel.geometries[4], density=0.4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel.op(*args)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(kernel.op(*args), one, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kernel.op(args[0][:1], args[1][:1], *args[2:]), one[:1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
+def test_kernel_opcheck(kernel):
+    x, R, *_ = conv_products_case(*kernel.geometries[1])
+    torch.library.opcheck(getattr(torch.ops.rsp_fast, kernel.name).default, (x, R, [3, 3], [2, 2], [1, 1], [0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
+def test_kernel_rejects_bad_arguments(kernel):
+    x, R, k, s, d, p = conv_products_case(*kernel.geometries[0])
+    with pytest.raises(RuntimeError, match=f"{kernel.name}: R .* is not the output of this 3x3 conv"):
+        kernel.op(x, R[..., :-1], k, s, d, p)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        kernel.op(x.float(), R, k, s, d, p)
+    with pytest.raises(RuntimeError, match="padding must be >= 0"):
+        kernel.op(x, R, k, s, d, (-1, 1, 1, 1))
+
+
+def test_depthwise_kernel_needs_whole_channel_multipliers():
+    x, R, k, s, d, p = conv_products_case(*DEPTHWISE[0])
+    with pytest.raises(RuntimeError, match="not a multiple of"):
+        custom.depthwise_sectional_products(x, R[:, :-1], k, s, d, p)
