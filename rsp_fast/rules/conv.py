@@ -178,9 +178,10 @@ if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
 # How much slower per multiply-add the masked kernels run than the dense products (gathered
 # patches instead of a blocked GEMM, and fixed costs): 1.1–4.3 on VGG16's and
 # EfficientNet-Lite0's layers at batch 8 on this project's CPU, both on its 2 cores
-# (benchmarks/bench_compiled_paths.py). Masked wins where this figure is below 2 / density of R:
-# at 3 it runs on VGG16's layers behind a max pool (14–22 % non-zero) and behind a ReLU (about
-# half), and on EfficientNet's 1×1 layers with under 2/3 of R non-zero.
+# (benchmarks/bench_compiled_paths.py). Against the filter and conv paths masked wins where this
+# figure is below 2 / density of R: at 3 it runs on VGG16's layers behind a max pool (14–22 %
+# non-zero) and its conv1–conv3 layers behind a ReLU (about half), and on EfficientNet's 1×1
+# layers with under 2/3 of R non-zero.
 MASKED_SLOWDOWN = 3.0
 MASKED_VECTOR_BYTES = 64  # the masked kernels pad each patch's channels to whole 64-byte vectors
 
