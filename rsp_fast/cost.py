@@ -6,6 +6,8 @@ Gram path would cost, the path ``choose_path`` takes, and the bytes its main buf
 (per image). It explains where RSP's time goes and why deep layers take the Gram path.
 The masked path (products at R's non-zeros only, CPU) is chosen at run time from how sparse
 the relevance is, so it is not in this table: it costs ≈ 3·nnz(R)·ck instead of ≈ 6·o·L·ck.
+Depthwise layers listed on the conv path run on the fused depthwise kernel with the ``cpp``
+backend: the same multiply-adds, each plane's three products in one pass.
 """
 from __future__ import annotations
 
