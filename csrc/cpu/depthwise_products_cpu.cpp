@@ -44,7 +44,8 @@ struct Geometry {
   }
 };
 
-// Per-thread buffers, reused from plane to plane.
+// Per-thread buffers, reused from plane to plane. They start zeroed; x's padding and the gaps
+// between output rows in rp, rn are never written, so they stay zero for every plane.
 template <typename T>
 struct Scratch {
   std::vector<T> x, dx, rp, rn, ga, gb, sp, sn;
@@ -123,14 +124,11 @@ void for_each_phase_run(const Geometry& g, const F& f) {
 // One input plane x (H, W) and its m relevance planes R (m, h, w): the back-projection (H, W) into out.
 template <typename T>
 void one_plane(const T* x, const T* R, T* out, const Geometry& g, const int64_t* offsets, Scratch<T>& s) {
-  std::fill(s.x.begin(), s.x.end(), T(0));
   std::fill(s.dx.begin(), s.dx.end(), T(0));
   for_each_phase_run(g, [&](int64_t src, int64_t dst, int64_t n) {
     for (int64_t i = 0; i < n; ++i) s.x[dst + i] = x[src + i * g.sw];
   });
   const int64_t Wq = g.Wq(), taps = g.kh * g.kw;
-  std::fill(s.rp.begin(), s.rp.end(), T(0));  // the gaps between output rows stay 0
-  std::fill(s.rn.begin(), s.rn.end(), T(0));
   for (int64_t j = 0; j < g.m; ++j) {
     const T* r = R + j * g.h * g.w;
     bool any = false;

@@ -106,13 +106,14 @@ class _ConcreteTracer(_RecordingTracer):
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **options):
         args, kwargs = fx.node.map_aggregate((args, kwargs), self._sizes_as_numbers)
+        value = None
         if kind in ("call_function", "call_method") and not _holds_proxy((args, kwargs)):
             value = _call(kind, target, args, kwargs)
             if not isinstance(value, torch.Tensor):
                 return value  # arithmetic on sizes: a number, not a node
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
         node = proxy.node
-        self.values[node] = self._evaluate(node)
+        self.values[node] = self._evaluate(node) if value is None else value  # a tensor made from sizes: computed above
         if kind == "call_method" and target in SIZE_METHODS:
             self.graph.erase_node(node)
             return self.values.pop(node)

@@ -335,16 +335,16 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     N, C = x.shape[:2]
     G, O = g.groups, R.shape[1]
     Og, L = O // G, R.shape[-2] * R.shape[-1]
-    # the masked kernels: dense layers in the input's precision, samples within their 32-bit
-    # offsets; tracking reads Ga and Gb, which they never form
+    # the compiled kernels work in the input's precision and never form Ga and Gb, which tracking
+    # reads; the masked ones take dense layers, samples within their 32-bit offsets
     l, r, t, b = g.pad
     k2, Cp = g.kernel[0] * g.kernel[1], masked_channels(C, x.element_size())
-    masked = (ctx.ops.masked_products is not None and G == 1 and ctx.product_dtype is None and not ctx.tracking
+    compiled = ctx.product_dtype is None and not ctx.tracking
+    masked = (compiled and ctx.ops.masked_products is not None and G == 1
               and (x.shape[-2] + t + b) * (x.shape[-1] + l + r) * Cp < 2**31)
     nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
-    # depthwise: the products fused per plane where that kernel exists (the masked kernels' conditions)
-    fused_depthwise = (C == G and ctx.ops.depthwise_products is not None and ctx.product_dtype is None
-                       and not ctx.tracking and k2 <= DEPTHWISE_MAX_TAPS)
+    # depthwise: the products fused per plane where that kernel exists
+    fused_depthwise = compiled and C == G and ctx.ops.depthwise_products is not None and k2 <= DEPTHWISE_MAX_TAPS
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2))
     Rg = R.reshape(N, G, Og, L)
