@@ -4,7 +4,8 @@
 # output to $OUT as it finishes, so a step that fails or runs long costs only itself.
 #   OUT=dir [WHEELS=dir of extra wheels] [AUTHORS=checkout of the authors' code]
 #   [STEPS="build tests paths vgg16 products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
-# (an opt-in step, "extended", times the models that need the extension rules)
+# (opt-in steps: "extended" times the models that need the extension rules, "cpu_tests" runs the CPU
+# tests most tied to torch's version under the GPU machine's torch)
 # The "paths" step times the ways dense layers can run on CUDA and exports the fastest as
 # RSP_FAST_CUDA_DENSE_PATH for the steps after it.
 set -uo pipefail
@@ -32,8 +33,8 @@ tests() {
         | tee "$OUT/tests.log" | tail -25
 }
 
-paths() {  # VGG16, batch 64: how dense layers off the Gram path should run on CUDA
-    timeout 90 $PY - <<'PY' 2>&1 | tee /tmp/paths.txt | tail -12
+paths() {  # VGG16, batch 64: how dense layers off the Gram path should run on CUDA (and what cuDNN's autotuner would add)
+    timeout ${PATHS_LIMIT:-150} $PY - <<'PY' 2>&1 | tee /tmp/paths.txt "$OUT/paths.log" | tail -20
 import sys, torch, torchvision
 sys.path.insert(0, "benchmarks")
 from utils import time_call
@@ -42,17 +43,21 @@ from rsp_fast.rules import conv
 model = torchvision.models.vgg16().eval().cuda()
 x = torch.randn(64, 3, 224, 224, device="cuda")
 best = {}
-for precision in ("tf32", "bf16"):
-    explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
-    for path in conv.CUDA_DENSE_PATHS:
-        conv.CUDA_DENSE_PATH = path
-        t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
-        print(f"VGG16 batch 64 {precision} dense path {path}: {64 / t:.1f} img/s")
-        best[path] = best.get(path, 0) + t
+for autotune in (False, True):
+    torch.backends.cudnn.benchmark = autotune
+    for precision in ("tf32", "bf16"):
+        explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
+        for path in conv.CUDA_DENSE_PATHS:
+            conv.CUDA_DENSE_PATH = path
+            t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
+            print(f"VGG16 batch 64 {precision} dense path {path} cudnn.benchmark={autotune}: {64 / t:.1f} img/s")
+            if not autotune:
+                best[path] = best.get(path, 0) + t
+torch.backends.cudnn.benchmark = False
 print("BEST", min(best, key=best.get))
 PY
     export RSP_FAST_CUDA_DENSE_PATH=$(awk '/^BEST/ {print $2}' /tmp/paths.txt)
-    echo "RSP_FAST_CUDA_DENSE_PATH=${RSP_FAST_CUDA_DENSE_PATH:=filter}"
+    echo "RSP_FAST_CUDA_DENSE_PATH=${RSP_FAST_CUDA_DENSE_PATH:=grouped_conv}"
 }
 
 vgg16() {
@@ -85,6 +90,12 @@ extended() {  # opt-in (STEPS=... extended): models on the extension rules (gate
     timeout ${EXTENDED_LIMIT:-90} $PY benchmarks/bench_e2e.py --models mobilenet_v3_large efficientnet_b0 convnext_tiny --batches 64 \
         --precisions bf16 --graph $REPEATS --methods forward "zennit EpsilonPlusFlat" "RSP (cuda, bf16)" "RSP (cuda, bf16, graph)" \
         --json "$OUT/e2e_extended.json" 2>&1 | grep -v "^  " | tail -14
+}
+
+cpu_tests() {  # the CPU tests most tied to torch's version (tracing, rules, compiled CPU kernels) under the GPU machine's torch
+    timeout ${CPU_TEST_LIMIT:-150} $PY -m pytest -q -n 8 -m "not cuda" -p no:cacheprovider -o addopts="" tests/test_api.py \
+        tests/test_rules.py tests/test_depthwise.py tests/test_masked.py tests/test_products_kernels.py tests/test_golden.py -rfE 2>&1 \
+        | tee "$OUT/cpu_tests.log" | tail -15
 }
 
 kernels() {

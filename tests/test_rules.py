@@ -12,6 +12,7 @@ from rsp_fast.kernels.reference import purge_reference, sectional_normalize_refe
 from rsp_fast.ops.dispatch import TORCH
 from rsp_fast.rules.base import Context
 from rsp_fast.rules.conv import choose_path, conv_geometry, first_conv_relevance, inner_conv_relevance
+from rsp_fast.rules import conv as conv_rule
 from rsp_fast.rules.linear import inner_linear_relevance
 from conftest import rel_err
 from reference_rules import conv_rsp_one_sample, first_conv_one_sample, linear_rsp_loop, relative_gam_numpy
@@ -33,7 +34,7 @@ CONV_CASES = [  # C, O, k, stride, padding, dilation, groups, H, W
 ]
 
 
-@pytest.mark.parametrize("path", ["filter", "gram", "conv", "grouped_conv"])
+@pytest.mark.parametrize("path", ["filter", "gram", "conv", "grouped_conv", "grouped_nhwc"])
 @pytest.mark.parametrize("C,O,k,s,p,d,g,H,W", CONV_CASES)
 def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, H, W, path):
     conv = nn.Conv2d(C, O, k, stride=s, padding=p, dilation=d, groups=g).double()
@@ -56,6 +57,25 @@ def test_fused_triton_product_matches_the_reference_path(path):
     R = torch.randn(2, 6, 5, 4, dtype=D)
     fused = inner_conv_relevance(Context(values={}, shapes={}, ops=dispatch.TRITON), x, R, conv_geometry(conv, (9, 7)), path=path)
     assert rel_err(fused, inner_conv_relevance(CTX, x, R, conv_geometry(conv, (9, 7)), path=path)) < 1e-12
+
+
+@pytest.mark.parametrize("path", conv_rule.CUDA_DENSE_PATHS)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_cuda_dense_paths_track_dropped_relevance_like_the_reference_path(path, groups):
+    """Each of the CUDA dense paths (they run on CPU too) with the dropped-relevance accounting,
+    which reads the responses: the same relevance and the same dropped amount as the filter path."""
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups).double()
+    x = torch.rand(3, 4, 11, 9, dtype=D)
+    x[:, :, 3:10, 2:8] = 0  # all-zero patches: relevance there has no support and is dropped
+    R = torch.randn(3, 6, *conv(x).shape[-2:], dtype=D)
+    results = []
+    for p in ("filter", path):
+        ctx = Context(values={}, shapes={}, ops=TORCH, dropped=torch.zeros(3, dtype=D))
+        results.append((inner_conv_relevance(ctx, x, R, conv_geometry(conv, (11, 9)), path=p), ctx.dropped))
+    (expected, expected_drop), (got, drop) = results
+    assert expected_drop.abs().min() > 1e-3
+    assert rel_err(got, expected) < 1e-12
+    torch.testing.assert_close(drop, expected_drop, rtol=1e-12, atol=1e-12)
 
 
 def test_path_choice_follows_the_cost_model():
