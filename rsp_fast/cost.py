@@ -40,7 +40,7 @@ def _conv_row(step: Conv, shapes, elem: int, cuda: bool) -> dict:
     else:
         path = choose_path(ck, og, L, g.patches_are_input, cuda and C != G)
         macs = gram_macs if path == "gram" else filter_macs
-        patches = 0 if path in ("conv", "grouped_conv", "grouped_nhwc") else ck * G * L  # the (unfolded) input, read by every product
+        patches = 0 if path in ("conv", "grouped_conv") else ck * G * L  # the (unfolded) input, read by every product
         moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))
     return {"layer": _layer_name(step), "kind": "conv", "path": path, "forward_macs": forward,
             "filter_macs": filter_macs, "gram_macs": gram_macs, "rsp_macs": macs, "bytes": moved}

@@ -23,13 +23,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 build() {
+    # The device image's Python links extensions with its /opt/gcc/bin/g++ wrapper; an error raised
+    # inside an op built that way killed the process (segfault, H100 2026-11-26), built with the
+    # system compiler it is a RuntimeError (docs/gpu/h100_run2_diagnostics.log).
+    if [ -x /usr/bin/g++ ] && [ -z "${CXX:-}" ]; then
+        export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+    fi
     TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 $PY setup.py build_ext --inplace >/tmp/rsp_build.log 2>&1
     local rc=$?; echo "build exit $rc"; tail -n $([ $rc = 0 ] && echo 2 || echo 40) /tmp/rsp_build.log
     $PY -c "import rsp_fast; print(rsp_fast.backends('cuda'))"
 }
 
 tests() {
-    timeout ${TEST_LIMIT:-180} $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" tests/test_ops.py tests/test_gpu.py -rfE 2>&1 \
+    timeout ${TEST_LIMIT:-180} $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_ops.py tests/test_gpu.py \
+        tests/test_products_kernels.py -k "cuda or reject or multiplier or gpu" -rfE 2>&1 \
         | tee "$OUT/tests.log" | tail -25
 }
 
@@ -62,7 +69,9 @@ PY
 
 vgg16() {
     timeout ${E2E_LIMIT:-180} $PY benchmarks/bench_e2e.py --models vgg16 --batches 1 64 --precisions ${VGG_PRECISIONS:-fp32 tf32 bf16} \
-        --graph $REPEATS ${AUTHORS:+--authors-repo "$AUTHORS"} --json "$OUT/e2e_vgg16.json" 2>&1 \
+        --graph $REPEATS ${AUTHORS:+--authors-repo "$AUTHORS"} --json "$OUT/e2e_vgg16.json" --methods forward \
+        "forward + input gradient" "captum LRP" "zennit EpsilonPlusFlat" "authors' RSP" "RSP (cuda)" "RSP (cuda, tf32)" \
+        "RSP (cuda, tf32, graph)" "RSP (cuda, bf16)" "RSP (cuda, bf16, graph)" 2>&1 \
         | grep -v "^  " | tail -60
 }
 

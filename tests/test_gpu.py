@@ -39,9 +39,9 @@ def test_gpu_float64_matches_cpu(backend, name, size):
 @pytest.mark.parametrize("path", conv_rule.CUDA_DENSE_PATHS)
 @pytest.mark.parametrize("name", ["vgg16", "resnext50_32x4d"])
 def test_every_cuda_dense_path_matches_cpu(path, name, monkeypatch):
-    """Each way dense layers can run on CUDA (grouped convs folded over the samples, channels-last
-    or not, batched GEMMs, per-sample convs), ResNeXt's grouped 3×3 convs too: float64 equals the
-    CPU result, bf16 stays close to it."""
+    """Each way dense layers can run on CUDA (grouped convs folded over the samples, batched GEMMs,
+    per-sample convs), ResNeXt's grouped 3×3 convs too: float64 equals the CPU result, bf16 stays
+    close to it."""
     monkeypatch.setattr(conv_rule, "CUDA_DENSE_PATH", path)
     model = _net(name)
     x = torch.randn(3, 3, 48, 48)
@@ -114,12 +114,16 @@ def test_static_graph_bf16_vgg():
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5"])
 def test_gpu_extension_rules_match_cpu(name):
-    """Gates, smooth activations, split/shuffle index maps on CUDA: the CPU float64 result."""
+    """Gates, smooth activations, split/shuffle index maps on CUDA: the CPU float64 result, as
+    close as the forward passes allow (PyTorch's float64 MobileNetV3-Small logits differ by
+    3.9e-7 between CUDA and CPU on an H100; RSP's result then differed by 1.2e-8)."""
     model = _net(name).double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     expected = rsp_fast.RSP(model, backend="torch").attribute(x)
+    logits = model(x)
     got = rsp_fast.RSP(model.cuda()).attribute(x.cuda())
-    assert rel_err(got.cpu(), expected) < 1e-9
+    forward_err = rel_err(model(x.cuda()).cpu(), logits)
+    assert rel_err(got.cpu(), expected) < max(1e-9, forward_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

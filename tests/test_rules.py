@@ -34,7 +34,7 @@ CONV_CASES = [  # C, O, k, stride, padding, dilation, groups, H, W
 ]
 
 
-@pytest.mark.parametrize("path", ["filter", "gram", "conv", "grouped_conv", "grouped_nhwc"])
+@pytest.mark.parametrize("path", ["filter", "gram", "conv", "grouped_conv"])
 @pytest.mark.parametrize("C,O,k,s,p,d,g,H,W", CONV_CASES)
 def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, H, W, path):
     conv = nn.Conv2d(C, O, k, stride=s, padding=p, dilation=d, groups=g).double()

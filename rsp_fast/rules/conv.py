@@ -165,13 +165,14 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
 
 
 # How CUDA tensors run dense (not depthwise) layers off the Gram path: "grouped_conv" through
-# cuDNN's grouped convolutions with the samples folded into the groups; "grouped_nhwc" the same
-# on channels-last operands (cuDNN's fast kernels are NHWC: it transposes NCHW operands around
-# each of the three products); "filter" through batched GEMMs on the unfolded patches; "conv"
-# through cuDNN one sample at a time. Measured on an H200 (VGG16, batch 64, img/s, grouped_conv /
-# filter / conv): tf32 468 / 391 / 413, bf16 397 / 348 / 334.
+# cuDNN's grouped convolutions with the samples folded into the groups; "filter" through
+# batched GEMMs on the unfolded patches; "conv" through cuDNN one sample at a time. Measured
+# (VGG16, batch 64, img/s): H200 tf32 468 / 391 / 413, bf16 397 / 348 / 334; H100 tf32
+# 434 / 363 / 358, bf16 488 / 409 / 416 (docs/gpu/h100_paths.log; cuDNN's autotuner changed
+# grouped_conv by under 1 %). Channels-last operands for the grouped convolutions (the input
+# and the sections position-major) were slower there: tf32 378, bf16 440.
 # RSP_FAST_CUDA_DENSE_PATH overrides the default.
-CUDA_DENSE_PATHS = ("grouped_conv", "grouped_nhwc", "filter", "conv")
+CUDA_DENSE_PATHS = ("grouped_conv", "filter", "conv")
 CUDA_DENSE_PATH = os.environ.get("RSP_FAST_CUDA_DENSE_PATH", "grouped_conv")
 if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
     raise ImportError(f"RSP_FAST_CUDA_DENSE_PATH={CUDA_DENSE_PATH!r}: choose one of {', '.join(CUDA_DENSE_PATHS)}")
@@ -321,37 +322,6 @@ def _conv_kernel_products(xp: torch.Tensor, Rs: torch.Tensor, g: ConvGeometry, o
     return dx
 
 
-def _grouped_nhwc_products(ctx: Context, xp: torch.Tensor, Rg: torch.Tensor, g: ConvGeometry, out_hw, seen: list):
-    """The grouped_conv path on channels-last operands: the samples folded into the groups of
-    one (1, N·C, H, W) image whose memory is position-major (H, W, N·C), so cuDNN's NHWC kernels
-    read and write every operand as it lies. The sections are stacked position-major too, which
-    makes the responses' normalisation one elementwise pass over (positions·N·G, 2·O/G) rows.
-    Returns the back-projection at the padded input, N×C×Hp×Wp (one transposing copy in, one out)."""
-    N, C, Hp, Wp = xp.shape
-    G, Og, L = Rg.shape[1:]
-    Ho, Wo = out_hw
-
-    def image(t: torch.Tensor, h: int, w: int) -> torch.Tensor:  # position-major memory as a 1×(channels)×h×w image
-        return t.reshape(1, h, w, -1).permute(0, 3, 1, 2)
-
-    x_img = image(ctx.low(xp).permute(2, 3, 0, 1).contiguous(), Hp, Wp)
-    Rs = stacked_sections(Rg.permute(3, 0, 1, 2), dim=3)  # L, N, G, 2·O/G: [R⁺; R⁻] per position and group
-    common = dict(bias_sizes=None, stride=list(g.stride), padding=[0, 0], dilation=list(g.dilation),
-                  transposed=False, output_padding=[0, 0], groups=N * G)
-    filter_shape = [N * G * 2 * Og, C // G, *g.kernel]
-    Fs = torch.ops.aten.convolution_backward(image(ctx.low(Rs), Ho, Wo), x_img, x_img.new_empty(1).expand(filter_shape),
-                                             output_mask=[False, True, False], **common)[1]
-    Gs = F.conv2d(x_img, Fs, stride=g.stride, dilation=g.dilation, groups=N * G)
-    Gs = Gs.permute(0, 2, 3, 1).reshape(L, N, G, 2 * Og).to(xp.dtype)
-    if ctx.tracking:  # Ga, Gb as N, G, O/G, L
-        seen.append((Gs[..., :Og].permute(1, 2, 3, 0), Gs[..., Og:].permute(1, 2, 3, 0)))
-    S = ctx.ops.sectional_normalize_stacked(Rs.view(-1, 2 * Og, 1), Gs.view(-1, 2 * Og, 1), Og)
-    dx = torch.ops.aten.convolution_backward(image(ctx.low(S), Ho, Wo), x_img, Fs,
-                                             output_mask=[True, False, False], **common)[0]
-    out = xp.new_empty(N, C, Hp, Wp)
-    return out.copy_(dx.permute(0, 2, 3, 1).reshape(Hp, Wp, N, C).permute(2, 3, 0, 1))
-
-
 def _nonzeros_per_sample(R: torch.Tensor, every: int = 8) -> float:
     """nnz(R) per sample, estimated from every 8th channel: the path choice needs no exact
     count, and a full count costs a few per cent of a small network's pass."""
@@ -413,9 +383,7 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
             seen.append((Gs[:, :, :Og], Gs[:, :, Og:]))
         return ctx.ops.sectional_normalize_stacked(Rs[samples], Gs, Og)
 
-    if path == "grouped_nhwc":
-        dx = _crop(_grouped_nhwc_products(ctx, xp, Rg, g, out_hw, seen), g)
-    elif path in ("conv", "grouped_conv"):
+    if path in ("conv", "grouped_conv"):
         dx = _crop(_conv_kernel_products(xp, Rs, g, out_hw, normalize, normalize_stacked, ctx.low,
                                          fold_samples=path == "grouped_conv"), g)
     else:
