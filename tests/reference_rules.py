@@ -38,14 +38,14 @@ def conv_rsp_one_sample(x, R, weight_shape, stride, padding, dilation, groups, p
     return (C - shift).detach()
 
 
-def first_conv_one_sample(x, R, W, stride, padding):
+def first_conv_one_sample(x, R, W, stride, padding, dilation=1, groups=1):
     """z^B for one sample, the authors' final_backward (constant images L, H; conv_transpose by autograd)."""
     L = torch.full_like(x, x.min().item())
     H = torch.full_like(x, x.max().item())
     pw, nw = W.clamp(min=0), W.clamp(max=0)
     xs = [t.clone().requires_grad_() for t in (x, L, H)]
-    Z = (F.conv2d(xs[0], W, None, stride, padding) - F.conv2d(xs[1], pw, None, stride, padding)
-         - F.conv2d(xs[2], nw, None, stride, padding))
+    conv = lambda t, w: F.conv2d(t, w, None, stride, padding, dilation, groups)  # noqa: E731
+    Z = conv(xs[0], W) - conv(xs[1], pw) - conv(xs[2], nw)
     S = safe_divide(R, Z)
     gx, gl, gh = torch.autograd.grad(Z, xs, S)
     # d/dL of -conv(L, W+) = -convT(S, W+), so L*gl = -L*convT(S, W+): the rule's sign is built in.

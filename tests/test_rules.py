@@ -101,14 +101,15 @@ def test_same_padding_conv_matches_explicit_padding():
         assert rel_err(ours[n:n + 1], ref) < 1e-10
 
 
-@pytest.mark.parametrize("s,p", [(1, 1), (2, 1), (2, 0)])
-def test_first_conv_zb_matches_authors_formulation(s, p):
-    conv = nn.Conv2d(3, 5, 3, stride=s, padding=p).double()
-    x = torch.randn(2, 3, 9, 11, dtype=D)
-    R = torch.randn(2, 5, *conv(x).shape[-2:], dtype=D)
+@pytest.mark.parametrize("C,O,s,p,d,g", [(3, 5, 1, 1, 1, 1), (3, 5, 2, 1, 1, 1), (3, 5, 2, 0, 1, 1), (3, 4, 1, 2, 2, 1),
+                                         (3, 6, 2, 1, 1, 3), (4, 6, 1, 1, 1, 2)])
+def test_first_conv_zb_matches_authors_formulation(C, O, s, p, d, g):
+    conv = nn.Conv2d(C, O, 3, stride=s, padding=p, dilation=d, groups=g).double()
+    x = torch.randn(2, C, 9, 11, dtype=D)
+    R = torch.randn(2, O, *conv(x).shape[-2:], dtype=D)
     ours = first_conv_relevance(CTX, x, R, conv.weight, conv_geometry(conv, (9, 11)))
     for n in range(2):
-        ref = first_conv_one_sample(x[n:n + 1], R[n:n + 1], conv.weight.detach(), s, p)
+        ref = first_conv_one_sample(x[n:n + 1], R[n:n + 1], conv.weight.detach(), s, p, d, g)
         assert rel_err(ours[n:n + 1], ref) < 1e-10
     # z^B conserves: Σ R_in = Σ R where Z ≠ 0
     assert torch.allclose(ours.sum((1, 2, 3)), R.sum((1, 2, 3)), rtol=1e-9)
@@ -513,12 +514,24 @@ def test_gradcam_maps_without_channel_sum():
         assert rel_err(cams[0, n], raw / (raw.max() + 1e-9)) < 1e-12
 
 
-@pytest.mark.parametrize("shape, block", [((2, 1, 5, 10), 3), ((3, 2, 7, 13), 4), ((1, 1, 4, 6), 4), ((2, 3, 9, 600), 256)])
+@pytest.mark.parametrize("shape, block", [((2, 1, 5, 10), 3), ((3, 2, 7, 13), 4), ((1, 1, 4, 6), 4), ((2, 3, 9, 600), 256),
+                                          ((1, 2, 6, 784), 256), ((1, 1, 3, 1031), 256)])
 def test_patch_gram_equals_the_full_product(shape, block):
     from rsp_fast.rules.conv import patch_gram
 
     cols = torch.randn(*shape, dtype=torch.float64)
     torch.testing.assert_close(patch_gram(cols, block=block), cols.transpose(-1, -2) @ cols, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("L", [512, 600, 784, 1031, 3136])
+def test_gram_blocks_start_on_tensor_core_boundaries(L):
+    from rsp_fast.rules.conv import GEMM_ALIGN, gram_block_edges
+
+    edges = gram_block_edges(L, 256)
+    assert edges[0] == 0 and edges[-1] == L and all(b > a for a, b in zip(edges, edges[1:]))
+    assert all(e % GEMM_ALIGN == 0 for e in edges[:-1])
+    assert max(b - a for a, b in zip(edges, edges[1:])) <= 256 + GEMM_ALIGN  # about the block size
+    assert len(edges) - 1 == -(-L // 256)
 
 
 
