@@ -19,6 +19,7 @@ so that a slow spell of a shared machine hits them alike and "× forward" holds.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -157,7 +158,16 @@ def main(argv=None) -> int:
                     continue
                 calls[name] = (lambda f: lambda: f(x, target))(fn)
             nan = {"median": float("nan"), "min": float("nan"), "max": float("nan")}
-            times = {name: nan for name in calls} if args.memory else time_interleaved(calls, device, repeats, warmup=0)
+            try:
+                times = {name: nan for name in calls} if args.memory else time_interleaved(calls, device, repeats, warmup=0)
+            except torch.OutOfMemoryError:  # every method's buffers (and CUDA graphs) are held at once
+                table.append([model_name, batch, "(these methods together)", "n/a", "", "",
+                              "out of memory: time fewer at once (--methods)"])
+                times = {}
+            del calls
+            if device.type == "cuda":  # the next batch's methods start from an empty cache
+                gc.collect()
+                torch.cuda.empty_cache()
             for name, t in times.items():
                 mem = memory.get(name)
                 fwd = fwd or t["median"]

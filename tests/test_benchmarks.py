@@ -57,6 +57,24 @@ def test_bench_e2e_quick(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
+def test_bench_e2e_reports_running_out_of_memory_and_goes_on(monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_e2e
+
+    def out_of_memory(calls, device, repeats, warmup):
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {name: {"median": 1.0, "min": 1.0, "max": 1.0} for name in calls}
+
+    monkeypatch.setattr(bench_e2e, "time_interleaved", out_of_memory)
+    assert bench_e2e.main(["--quick", "--models", "vgg16", "--batches", "1", "--device", "cpu",
+                           "--methods", "forward", "RSP (torch)"]) == 0
+    out = capsys.readouterr().out
+    assert "out of memory: time fewer at once (--methods)" in out
+    assert bench_e2e.main(["--quick", "--models", "vgg16", "--batches", "1", "--device", "cpu", "--methods", "forward"]) == 0
+    assert "| vgg16 | 1 | forward | 1.0000 |" in capsys.readouterr().out
+
+
 def test_cost_model_counts_vgg16():
     import torchvision
 
