@@ -5,7 +5,8 @@
 #   OUT=dir [WHEELS=dir of extra wheels] [AUTHORS=checkout of the authors' code]
 #   [STEPS="build tests paths vgg16 products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
 # (opt-in steps: "extended" times the models that need the extension rules, "cpu_tests" runs the CPU
-# tests most tied to torch's version under the GPU machine's torch)
+# tests most tied to torch's version under the GPU machine's torch, "profile" lists device time per
+# aten op and input shapes)
 # The "paths" step times the ways dense layers can run on CUDA and exports the fastest as
 # RSP_FAST_CUDA_DENSE_PATH for the steps after it.
 set -uo pipefail
@@ -77,6 +78,26 @@ vgg16() {
 
 products() {
     timeout 60 $PY benchmarks/bench_products.py --model vgg16 --batch 64 --json "$OUT/products.json" 2>&1 | grep -v "^  [a-z]"
+}
+
+profile() {  # VGG16 batch 64: device time per aten op and input shapes, to tie the slow kernels of "products" to their calls
+    timeout ${PROFILE_LIMIT:-90} $PY - <<'PY' 2>&1 | tee "$OUT/profile.log" | tail -70
+import torch, torchvision
+from torch.profiler import ProfilerActivity, profile
+import rsp_fast
+model = torchvision.models.vgg16().eval().cuda()
+x = torch.randn(64, 3, 224, 224, device="cuda")
+for precision in ("tf32", "bf16"):
+    explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
+    explainer.attribute(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        explainer.attribute(x)
+        torch.cuda.synchronize()
+    print(f"== {precision}")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=40,
+                                                              max_shapes_column_width=90))
+PY
 }
 
 precision() {
