@@ -17,7 +17,7 @@ from torch import nn
 from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError
 from .propagate import record_forward
-from .rules.conv import Conv, choose_path
+from .rules.conv import Conv, choose_path, gram_macs, pixel_gram_macs
 from .rules.linear import Linear
 
 
@@ -33,17 +33,19 @@ def _conv_row(step: Conv, shapes, elem: int, cuda: bool) -> dict:
     ck, og = C // G * g.kernel[0] * g.kernel[1], O // G
     forward = O * ck * L
     filter_macs = 6 * og * ck * L * G
-    gram_macs = (2 * ck * L * L + 4 * og * L * L) * G
+    left, right, top, bottom = g.pad
+    pixel_gram = pixel_gram_macs(g, C // G, (H + top + bottom) * (W + left + right))
+    gram = gram_macs(ck, og, L, pixel_gram) * G
     if step.first:
         path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)
         moved = elem * (4 * C * H * W + 3 * O * L)
     else:
-        path = choose_path(ck, og, L, g.patches_are_input, cuda and C != G)
-        macs = gram_macs if path == "gram" else filter_macs
+        path = choose_path(ck, og, L, g.patches_are_input, cuda and C != G, pixel_gram=pixel_gram)
+        macs = gram if path == "gram" else filter_macs
         patches = 0 if path in ("conv", "grouped_conv") else ck * G * L  # the (unfolded) input, read by every product
         moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))
     return {"layer": _layer_name(step), "kind": "conv", "path": path, "forward_macs": forward,
-            "filter_macs": filter_macs, "gram_macs": gram_macs, "rsp_macs": macs, "bytes": moved}
+            "filter_macs": filter_macs, "gram_macs": gram, "rsp_macs": macs, "bytes": moved}
 
 
 def _linear_row(step: Linear, in_shape, out_shape, elem: int) -> dict:

@@ -86,9 +86,10 @@ def test_cost_model_counts_vgg16():
     # conv1_2: 64 outputs × 64·9 weights × 224² positions, on the conv path (6×)
     assert layers["features.2"]["forward_macs"] == 64 * 64 * 9 * 224 * 224
     assert layers["features.2"]["path"] == "conv" and layers["features.2"]["rsp_macs"] == 6 * 64 * 64 * 9 * 224 * 224
-    # conv5_3 at 14×14 takes the Gram path: K = XᵀX and X·M (2·4608·196²) plus 4·512·196²
+    # conv5_3 at 14×14 takes the Gram path, with K and the back-projection from the 16×16 padded
+    # input's pixel Gram (2·512·256², not 2·4608·196² from the patches) plus 4·512·196²
     assert layers["features.28"]["path"] == "gram"
-    assert layers["features.28"]["rsp_macs"] == 2 * 4608 * 196 ** 2 + 4 * 512 * 196 ** 2
+    assert layers["features.28"]["rsp_macs"] == 2 * 512 * 256 ** 2 + 4 * 512 * 196 ** 2
     assert layers["features.0"]["path"] == "z^B"
     assert sum(r["forward_macs"] for r in report["layers"]) == 15346630656  # VGG16's 13 convs at 224²
     assert 4 < report["totals"]["rsp_over_forward_macs"] < 6

@@ -523,6 +523,40 @@ def test_patch_gram_equals_the_full_product(shape, block):
     torch.testing.assert_close(patch_gram(cols, block=block), cols.transpose(-1, -2) @ cols, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("k,d,p,hw", [(3, 1, 1, (7, 9)), ((3, 5), (2, 1), (2, 1), (8, 6)), (2, 1, 0, (5, 7)), (3, 1, 0, (6, 6))])
+def test_pixel_gram_products_equal_the_unfolded_ones(k, d, p, hw):
+    """K from the pixels' Gram matrix (tap sums) and the back-projection X·Q equal K = XᵤᵀXᵤ and
+    fold(Xᵤ·M) on the unfolded patches, for any M computed from K."""
+    from rsp_fast.rules.conv import _pad, pixel_gram_products
+
+    conv = nn.Conv2d(4, 2, k, padding=p, dilation=d, groups=2)
+    g = conv_geometry(conv, hw)
+    xp = _pad(torch.rand(3, 4, *hw, dtype=D), g)
+    out_hw = conv(torch.zeros(1, 4, *hw)).shape[-2:]
+    L, (Hp, Wp) = out_hw[0] * out_hw[1], xp.shape[-2:]
+    A = torch.randn(3, 2, L, L, dtype=D)
+    cols = F.unfold(xp, g.kernel, dilation=g.dilation).view(3, 2, -1, L)
+    dcols = cols @ ((cols.transpose(-1, -2) @ cols) @ A)
+    expected = F.fold(dcols.reshape(3, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation)
+    got = pixel_gram_products(xp.reshape(3, 2, 2, Hp * Wp), g, out_hw, (Hp, Wp), lambda K: K @ A, D)
+    assert rel_err(got.reshape(3, 4, Hp, Wp), expected) < 1e-12
+
+
+def test_gram_path_uses_the_pixel_gram_for_stride_1_only(monkeypatch):
+    from rsp_fast.rules import conv as conv_module
+
+    calls = []
+    real = conv_module.pixel_gram_products
+    monkeypatch.setattr(conv_module, "pixel_gram_products", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.rand(2, 4, 9, 9, dtype=D)
+    for stride, used in ((1, 1), (2, 0)):
+        conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1).double()
+        R = torch.randn(2, 6, *conv(x).shape[-2:], dtype=D)
+        calls.clear()
+        inner_conv_relevance(CTX, x, R, conv_geometry(conv, (9, 9)), path="gram")
+        assert len(calls) == used
+
+
 @pytest.mark.parametrize("L", [512, 600, 784, 1031, 3136])
 def test_gram_blocks_start_on_tensor_core_boundaries(L):
     from rsp_fast.rules.conv import GEMM_ALIGN, gram_block_edges

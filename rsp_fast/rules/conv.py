@@ -212,8 +212,17 @@ def masked_channels(channels: int, element_size: int) -> int:
     return -(-channels // lanes) * lanes
 
 
+def gram_macs(ck: int, o: int, L: int, pixel_gram: int | None = None) -> int:
+    """Multiply-adds of the Gram path for one sample and group: the patch Gram K = XᵤᵀXᵤ and the
+    back-projection Xᵤ·M (ck·L² each), or, for a stride-1 conv, both from the padded input's
+    pixels (``pixel_gram`` = C·P² each: see ``pixel_gram_products``) when that is less; and
+    G± = R±·K, M = R±ᵀS± (2·o·L² each)."""
+    patch = ck * L * L if pixel_gram is None else min(ck * L * L, pixel_gram)
+    return 2 * patch + 4 * o * L * L
+
+
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
-                nonzeros: float | None = None, masked_ck: int | None = None) -> str:
+                nonzeros: float | None = None, masked_ck: int | None = None, pixel_gram: int | None = None) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -227,6 +236,7 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
               the GEMMs on VGG16's layers on CPU, and the only sane choice for depthwise
       gram:   K = XᵤᵀXᵤ (shared by both sections),
               G± = R±·K, M = R±ᵀS±, dX = Xᵤ·M            ≈ 2·ck·L² + 4·o·L²
+              (stride 1: K and dX from the pixels' Gram,   ≈ 2·C·P² + 4·o·L², ``pixel_gram`` = C·P²)
       masked: each product only at R's non-zeros (G± is needed only where R± ≠ 0; the
               filters and the back-projection sum over them) ≈ 3·nnz(R)·ck, where the
               stacked dense products cost 6·o·L·ck: behind a max pool nnz ≤ o·L/4 (8× fewer
@@ -240,7 +250,7 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     ``CUDA_DENSE_PATH``: one grouped convolution per product instead of a loop over the samples.
     Sparse relevance takes the masked path when it costs less, counted at MASKED_SLOWDOWN.
     """
-    dense, gram = 6 * o * ck * L, (2 * ck * L + 4 * o * L) * L
+    dense, gram = 6 * o * ck * L, gram_macs(ck, o, L, pixel_gram)
     if nonzeros is not None and MASKED_SLOWDOWN * 3 * nonzeros * (masked_ck or ck) < min(dense, gram):
         return "masked"
     if gram < dense:
@@ -284,6 +294,40 @@ def patch_gram(cols: torch.Tensor, block: int = 256) -> torch.Tensor:
             if j > i:
                 K[..., span_j, span_i] = K[..., span_i, span_j].transpose(-1, -2)
     return K
+
+
+def _tap_views(t: torch.Tensor, g: ConvGeometry, out_hw, padded_hw) -> list[torch.Tensor]:
+    """For a (..., P, P) matrix over the padded input's pixels (P = Hp·Wp) of a stride-1 conv:
+    per tap δ the (..., L, L) view of its entries [p(l) + δ, p(l') + δ], p(l) the pixel where
+    output l's patch starts."""
+    (Ho, Wo), (Hp, Wp) = out_hw, padded_hw
+    t6 = t.view(*t.shape[:-2], Hp, Wp, Hp, Wp)
+    views = []
+    for ky in range(g.kernel[0]):
+        for kx in range(g.kernel[1]):
+            rows, cols = slice(ky * g.dilation[0], ky * g.dilation[0] + Ho), slice(kx * g.dilation[1], kx * g.dilation[1] + Wo)
+            views.append(t6[..., rows, cols, rows, cols])
+    return views
+
+
+def pixel_gram_products(X: torch.Tensor, g: ConvGeometry, out_hw, padded_hw, responses_to_M, dtype: torch.dtype):
+    """The Gram path of a stride-1 conv without unfolding its patches. With X (..., C, P) the
+    padded input and Π = XᵀX the Gram matrix of its pixels (C·P² multiply-adds, not ck·L²),
+    the patch Gram is a sum over the taps, K[l, l'] = Σ_δ Π[p(l)+δ, p(l')+δ], and the folded
+    back-projection fold(Xᵤ·M) is X·Q with Q[p(l)+δ, p(l')+δ] += M[l, l'] for every tap.
+    ``responses_to_M`` maps K (..., L, L) to M = R±ᵀS±; the tap sums accumulate in ``dtype``.
+    Returns the back-projection at the padded input, (..., C, P)."""
+    Ho, Wo = out_hw
+    L = Ho * Wo
+    K = X.new_zeros(*X.shape[:-2], Ho, Wo, Ho, Wo, dtype=dtype)
+    for view in _tap_views(patch_gram(X), g, out_hw, padded_hw):
+        K += view
+    M = responses_to_M(K.view(*X.shape[:-2], L, L).to(X.dtype))
+    Q = X.new_zeros(*X.shape[:-2], X.shape[-1], X.shape[-1], dtype=dtype)
+    M6 = M.view(*M.shape[:-2], Ho, Wo, Ho, Wo)
+    for view in _tap_views(Q, g, out_hw, padded_hw):
+        view += M6
+    return X @ Q.to(X.dtype)
 
 
 def _depthwise_filters(x_img: torch.Tensor, R_img: torch.Tensor, g: ConvGeometry, groups: int) -> torch.Tensor:
@@ -356,6 +400,13 @@ def _nonzeros_per_sample(R: torch.Tensor, every: int = 8) -> float:
     return float((sample != 0).sum()) * R.shape[1] / (sample.shape[1] * R.shape[0])
 
 
+def pixel_gram_macs(g: ConvGeometry, channels: int, pixels: int) -> int | None:
+    """C·P²: the multiply-adds of the pixel Gram (and of the back-projection from it) for a stride-1
+    conv over P padded input pixels; None where it does not apply (strides, 1×1 convs read as
+    their own patches)."""
+    return channels * pixels * pixels if g.stride == (1, 1) and not g.patches_are_input else None
+
+
 def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None = None,
                          non_negative: bool = False) -> torch.Tensor:
     """Per-sample sectional filters F± = R±·X̂ᵤᵀ (per group), responses G± = F±·X̂ᵤ, sectional
@@ -375,8 +426,10 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
     # depthwise: the products fused per plane where that kernel exists
     fused_depthwise = compiled and C == G and ctx.ops.depthwise_products is not None and k2 <= DEPTHWISE_MAX_TAPS
+    pixel_gram = pixel_gram_macs(g, C // G, (x.shape[-2] + t + b) * (x.shape[-1] + l + r))
     path = path or ("depthwise" if fused_depthwise else
-                    choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2))
+                    choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
+                                pixel_gram))
     Rg = R.reshape(N, G, Og, L)
     if path == "masked":
         dx, Ga, Gb = ctx.ops.masked_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
@@ -414,10 +467,6 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
         dx = _crop(_conv_kernel_products(xp, Rs, g, out_hw, normalize, normalize_stacked, ctx.low,
                                          fold_samples=path == "grouped_conv"), g)
     else:
-        if g.patches_are_input:  # no im2col/col2im copies
-            cols = ctx.low(xp).reshape(N, G, C // G, L)
-        else:
-            cols = F.unfold(ctx.low(xp), g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
         Rs_low = ctx.low(Rs)
 
         def normalized_responses(A, B):  # [S⁺; −S⁻] for the stacked responses A·B
@@ -425,22 +474,39 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
                 return ctx.ops.sectional_matmul(A, B, Rs_low, Og)  # fused: the responses never reach memory
             return ctx.low(normalize_stacked((A @ B).to(x_pos.dtype)))
 
-        if path == "gram":
-            K = patch_gram(cols)  # N, G, L, L
-            dcols = cols @ (Rs_low.transpose(-1, -2) @ normalized_responses(Rs_low, K))
+        ck, pixels = C // G * g.kernel[0] * g.kernel[1], pixel_gram_macs(g, C // G, Hp * Wp)
+        if path == "gram" and pixels is not None and pixels < ck * L * L:
+            X = ctx.low(xp).reshape(N, G, C // G, Hp * Wp)
+            dX = pixel_gram_products(X, g, out_hw, (Hp, Wp),
+                                     lambda K: Rs_low.transpose(-1, -2) @ normalized_responses(Rs_low, K), x_pos.dtype)
+            dx = _crop(dX.reshape(N, C, Hp, Wp), g).to(x_pos.dtype)
         else:
-            Fs = Rs_low @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
-            dcols = Fs.transpose(-1, -2) @ normalized_responses(Fs, cols)
-        if not dcols.is_cuda:  # CUDA's col2im sums the k² overlaps in float32: fold first, cast the k²-times smaller result
-            dcols = dcols.to(x_pos.dtype)
-        if g.patches_are_input:
-            dx = dcols.reshape(N, C, Hp, Wp).to(x_pos.dtype)
-        else:
-            dx = _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride),
-                       g).to(x_pos.dtype)
+            dx = _unfolded_products(ctx, xp, Rs_low, g, path, normalized_responses).to(x_pos.dtype)
     # only read when tracking, which never fuses; one piece per sample on the conv path
     Ga, Gb = (torch.cat(pieces) for pieces in zip(*seen)) if seen else (None, None)
     return dx, Ga, Gb
+
+
+def _unfolded_products(ctx: Context, xp: torch.Tensor, Rs_low: torch.Tensor, g: ConvGeometry, path: str,
+                       normalized_responses) -> torch.Tensor:
+    """The filter or (patch) Gram path on the unfolded patches Xᵤ; the back-projection at the input."""
+    N, C, Hp, Wp = xp.shape
+    G, L = Rs_low.shape[1], Rs_low.shape[-1]
+    if g.patches_are_input:  # no im2col/col2im copies
+        cols = ctx.low(xp).reshape(N, G, C // G, L)
+    else:
+        cols = F.unfold(ctx.low(xp), g.kernel, dilation=g.dilation, stride=g.stride).view(N, G, -1, L)
+    if path == "gram":
+        K = patch_gram(cols)  # N, G, L, L
+        dcols = cols @ (Rs_low.transpose(-1, -2) @ normalized_responses(Rs_low, K))
+    else:
+        Fs = Rs_low @ cols.transpose(-1, -2)  # N, G, 2·O/G, C/G·k²
+        dcols = Fs.transpose(-1, -2) @ normalized_responses(Fs, cols)
+    if not dcols.is_cuda:  # CUDA's col2im sums the k² overlaps in float32: fold first, cast the k²-times smaller result
+        dcols = dcols.to(xp.dtype)
+    if g.patches_are_input:
+        return dcols.reshape(N, C, Hp, Wp)
+    return _crop(F.fold(dcols.reshape(N, -1, L), (Hp, Wp), g.kernel, dilation=g.dilation, stride=g.stride), g)
 
 
 class Conv(LayerRule):
