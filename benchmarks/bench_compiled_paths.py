@@ -55,9 +55,12 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
            "nonzero": nonzeros / (O * L)}
     if g.groups == 1:
         ck, masked_ck = C * k2, conv_rule.masked_channels(C, x.element_size()) * k2
-        library = conv_rule.choose_path(ck, O, L, g.patches_are_input)
+        left, right, top, bottom = g.pad
+        pixel_gram = conv_rule.pixel_gram_macs(g, C, (x.shape[-2] + top + bottom) * (x.shape[-1] + left + right))
+        library = conv_rule.choose_path(ck, O, L, g.patches_are_input, pixel_gram=pixel_gram)
         compiled = "masked"
-        chosen = conv_rule.choose_path(ck, O, L, g.patches_are_input, nonzeros=nonzeros, masked_ck=masked_ck)
+        chosen = conv_rule.choose_path(ck, O, L, g.patches_are_input, nonzeros=nonzeros, masked_ck=masked_ck,
+                                       pixel_gram=pixel_gram)
     else:
         library, compiled, chosen = "conv", "depthwise", "depthwise"
     times = time_interleaved({library: lambda: run(library), compiled: lambda: run(compiled)}, repeats=repeats, warmup=1)
@@ -65,7 +68,7 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     row.update(library_path=library, library_ms=lib_s * 1e3, compiled_path=compiled, compiled_ms=comp_s * 1e3,
                speedup=lib_s / comp_s, chosen=chosen)
     if g.groups == 1:
-        dense_macs = min(6 * O * ck * L, (2 * ck * L + 4 * O * L) * L)
+        dense_macs = min(6 * O * ck * L, conv_rule.gram_macs(ck, O, L, pixel_gram))
         row["slowdown_per_mac"] = dense_macs / (3 * max(nonzeros, 1) * masked_ck) * comp_s / lib_s
     return row
 
