@@ -48,13 +48,14 @@ def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, 
 
 
 @pytest.mark.parametrize("path", ["filter", "gram"])
-def test_fused_triton_product_matches_the_reference_path(path):
+@pytest.mark.parametrize("stride", [2, 1])  # stride 1: the Gram path through the pixels' Gram matrix
+def test_fused_triton_product_matches_the_reference_path(path, stride):
     from rsp_fast.ops import dispatch
     if dispatch._availability("triton", torch.device("cpu")):
         pytest.skip("Triton unavailable")
-    conv = nn.Conv2d(5, 6, 3, stride=2, padding=1).double()
+    conv = nn.Conv2d(5, 6, 3, stride=stride, padding=1).double()
     x = torch.randn(2, 5, 9, 7, dtype=D)
-    R = torch.randn(2, 6, 5, 4, dtype=D)
+    R = torch.randn(2, 6, *conv(x).shape[-2:], dtype=D)
     fused = inner_conv_relevance(Context(values={}, shapes={}, ops=dispatch.TRITON), x, R, conv_geometry(conv, (9, 7)), path=path)
     assert rel_err(fused, inner_conv_relevance(CTX, x, R, conv_geometry(conv, (9, 7)), path=path)) < 1e-12
 
