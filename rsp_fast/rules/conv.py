@@ -159,21 +159,21 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
     flat = x.reshape(N, -1)
     bounds = torch.stack([flat.amin(1), flat.amax(1)], 1).view(N, 1, 2, 1, 1, 1)  # L, H per sample
     xp = _pad(x, g)
-    Hp, Wd = xp.shape[-2:]
-    ones = _pad(torch.ones_like(x[:1]), g).view(1, G, 1, C // G, Hp, Wd)  # zero-padded like x
-    stacked = xp.new_empty(N, G, 3, C // G, Hp, Wd)
-    stacked[:, :, 0] = xp.view(N, G, C // G, Hp, Wd)
+    Hp, Wp = xp.shape[-2:]
+    ones = _pad(torch.ones_like(x[:1]), g).view(1, G, 1, C // G, Hp, Wp)  # zero-padded like x
+    stacked = xp.new_empty(N, G, 3, C // G, Hp, Wp)
+    stacked[:, :, 0] = xp.view(N, G, C // G, Hp, Wp)
     torch.mul(ones, bounds, out=stacked[:, :, 1:])
-    Wp, Wn = W.clamp(min=0), W.clamp(max=0)
-    Z = F.conv2d(stacked.view(N, 3 * C, Hp, Wd), torch.cat([W, -Wp, -Wn], 1), stride=g.stride, dilation=g.dilation,
-                 groups=G)
+    W_pos, W_neg = W.clamp(min=0), W.clamp(max=0)
+    Z = F.conv2d(stacked.view(N, 3 * C, Hp, Wp), torch.cat([W, -W_pos, -W_neg], 1), stride=g.stride,
+                 dilation=g.dilation, groups=G)
     S = safe_div(R, Z)
     if ctx.tracking:
         ctx.drop(per_sample_sum(R * (Z == 0)))
-    back = _crop(conv_transpose_to(S, torch.cat([W, Wp, Wn], 1), g, (Hp, Wd)), g)
+    back = _crop(conv_transpose_to(S, torch.cat([W, W_pos, W_neg], 1), g, (Hp, Wp)), g)
     back = back.view(N, G, 3, C // G, *x.shape[-2:])
-    L, H = bounds[:, :, 0], bounds[:, :, 1]
-    return (x.view_as(back[:, :, 0]) * back[:, :, 0] - L * back[:, :, 1] - H * back[:, :, 2]).reshape(x.shape)
+    low, high = bounds[:, :, 0], bounds[:, :, 1]
+    return (x.view_as(back[:, :, 0]) * back[:, :, 0] - low * back[:, :, 1] - high * back[:, :, 2]).reshape(x.shape)
 
 
 # How CUDA tensors run dense (not depthwise) layers off the Gram path: "grouped_conv" through
@@ -261,8 +261,9 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
 
 
 # Block edges of the Gram product at multiples of 16 elements: each block's GEMM operands then start
-# on 32-byte boundaries in bfloat16, as cuBLAS's tensor-core kernels want (VGG16's conv4 at
-# L = 784 cut at multiples of 196 ran on its 4-byte-aligned kernels on an H100).
+# on 32-byte boundaries in bfloat16, as cuBLAS's tensor-core kernels want (cut at multiples of
+# 196, VGG16's conv4 blocks were 8-byte misaligned in bfloat16, and an H100 ran bfloat16 GEMMs of
+# that pass on its 4-byte-aligned kernels).
 GEMM_ALIGN = 16
 
 
