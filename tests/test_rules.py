@@ -60,12 +60,13 @@ def test_fused_triton_product_matches_the_reference_path(path, stride):
     assert rel_err(fused, inner_conv_relevance(CTX, x, R, conv_geometry(conv, (9, 7)), path=path)) < 1e-12
 
 
-@pytest.mark.parametrize("path", conv_rule.CUDA_DENSE_PATHS)
-@pytest.mark.parametrize("groups", [1, 2])
-def test_cuda_dense_paths_track_dropped_relevance_like_the_reference_path(path, groups):
-    """Each of the CUDA dense paths (they run on CPU too) with the dropped-relevance accounting,
-    which reads the responses: the same relevance and the same dropped amount as the filter path."""
-    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups).double()
+@pytest.mark.parametrize("path", [*conv_rule.CUDA_DENSE_PATHS, "gram"])
+@pytest.mark.parametrize("groups,stride", [(1, 2), (2, 2), (1, 1)])  # stride 1: the Gram path via the pixels
+def test_dense_paths_track_dropped_relevance_like_the_reference_path(path, groups, stride):
+    """Each of the CUDA dense paths (they run on CPU too) and the Gram path with the
+    dropped-relevance accounting, which reads the responses: the same relevance and the same
+    dropped amount as the filter path."""
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1, groups=groups).double()
     x = torch.rand(3, 4, 11, 9, dtype=D)
     x[:, :, 3:10, 2:8] = 0  # all-zero patches: relevance there has no support and is dropped
     R = torch.randn(3, 6, *conv(x).shape[-2:], dtype=D)
