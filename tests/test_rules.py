@@ -544,6 +544,26 @@ def test_pixel_gram_products_equal_the_unfolded_ones(k, d, p, hw):
     assert rel_err(got.reshape(3, 4, Hp, Wp), expected) < 1e-12
 
 
+def test_pixel_gram_path_in_sample_chunks_equals_one_pass(monkeypatch):
+    """Samples through the pixel-Gram path in chunks (as large maps go): the same relevance and
+    the same dropped relevance as all at once."""
+    from rsp_fast.rules import conv as conv_module
+
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x = torch.rand(5, 4, 8, 7, dtype=D)
+    x[:, :, 2:7, 1:6] = 0
+    R = torch.randn(5, 6, 8, 7, dtype=D)
+    results = []
+    for elements in (2**25, 2 * 56**2 + 2 * 90**2):  # one pass; one sample at a time
+        monkeypatch.setattr(conv_module, "GRAM_CHUNK_ELEMENTS", elements)
+        ctx = Context(values={}, shapes={}, ops=TORCH, dropped=torch.zeros(5, dtype=D))
+        results.append((inner_conv_relevance(ctx, x, R, conv_geometry(conv, (8, 7)), path="gram"), ctx.dropped))
+    (whole, whole_drop), (chunked, chunked_drop) = results
+    assert whole_drop.abs().min() > 1e-3
+    assert rel_err(chunked, whole) < 1e-13
+    torch.testing.assert_close(chunked_drop, whole_drop, rtol=1e-13, atol=1e-13)
+
+
 def test_gram_path_uses_the_pixel_gram_for_stride_1_only(monkeypatch):
     from rsp_fast.rules import conv as conv_module
 

@@ -311,6 +311,11 @@ def _tap_views(t: torch.Tensor, g: ConvGeometry, out_hw, padded_hw) -> list[torc
     return views
 
 
+# The pixel-Gram path holds about 2·L² + 2·P² elements per sample and group (K and M, the pixel
+# Gram and Q); samples go through it in chunks of at most this many elements (128 MB in float32).
+GRAM_CHUNK_ELEMENTS = 2**25
+
+
 def pixel_gram_products(X: torch.Tensor, g: ConvGeometry, out_hw, padded_hw, responses_to_M, dtype: torch.dtype):
     """The Gram path of a stride-1 conv without unfolding its patches. With X (..., C, P) the
     padded input and Π = XᵀX the Gram matrix of its pixels (C·P² multiply-adds, not ck·L²),
@@ -470,16 +475,22 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
     else:
         Rs_low = ctx.low(Rs)
 
-        def normalized_responses(A, B):  # [S⁺; −S⁻] for the stacked responses A·B
+        def normalized_responses(A, B, samples: slice = slice(None)):  # [S⁺; −S⁻] for the stacked responses A·B
             if ctx.ops.sectional_matmul is not None and not ctx.tracking:
-                return ctx.ops.sectional_matmul(A, B, Rs_low, Og)  # fused: the responses never reach memory
-            return ctx.low(normalize_stacked((A @ B).to(x_pos.dtype)))
+                return ctx.ops.sectional_matmul(A, B, Rs_low[samples], Og)  # fused: the responses never reach memory
+            return ctx.low(normalize_stacked((A @ B).to(x_pos.dtype), samples))
 
         ck, pixels = C // G * g.kernel[0] * g.kernel[1], pixel_gram_macs(g, C // G, Hp * Wp)
         if path == "gram" and pixels is not None and pixels < ck * L * L:
             X = ctx.low(xp).reshape(N, G, C // G, Hp * Wp)
-            dX = pixel_gram_products(X, g, out_hw, (Hp, Wp),
-                                     lambda K: Rs_low.transpose(-1, -2) @ normalized_responses(Rs_low, K), x_pos.dtype)
+            dX = torch.empty_like(X)
+            # samples in chunks: the L×L and P×P matrices of a whole batch of large maps would not fit
+            chunk = max(1, GRAM_CHUNK_ELEMENTS // (G * (2 * L * L + 2 * Hp * Wp * Hp * Wp)))
+            for i in range(0, N, chunk):
+                part = slice(i, i + chunk)
+                dX[part] = pixel_gram_products(
+                    X[part], g, out_hw, (Hp, Wp),
+                    lambda K: Rs_low[part].transpose(-1, -2) @ normalized_responses(Rs_low[part], K, part), x_pos.dtype)
             dx = _crop(dX.reshape(N, C, Hp, Wp), g).to(x_pos.dtype)
         else:
             dx = _unfolded_products(ctx, xp, Rs_low, g, path, normalized_responses).to(x_pos.dtype)
