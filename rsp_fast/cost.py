@@ -40,7 +40,9 @@ def _conv_row(step: Conv, shapes, elem: int, cuda: bool) -> dict:
         path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)
         moved = elem * (4 * C * H * W + 3 * O * L)
     else:
-        path = choose_path(ck, og, L, g.patches_are_input, cuda and C != G, pixel_gram=pixel_gram)
+        # a strided unpadded 1×1 conv runs as a stride-1 one on the pixels it reads
+        pointwise = g.is_pointwise and not any(g.pad)
+        path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram)
         macs = gram if path == "gram" else filter_macs
         patches = 0 if path in ("conv", "grouped_conv") else ck * G * L  # the (unfolded) input, read by every product
         moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))

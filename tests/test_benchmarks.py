@@ -75,6 +75,18 @@ def test_bench_e2e_reports_running_out_of_memory_and_goes_on(monkeypatch, capsys
     assert "| vgg16 | 1 | forward | 1.0000 |" in capsys.readouterr().out
 
 
+def test_cost_model_runs_strided_1x1_convs_as_pointwise():
+    import torchvision
+
+    import rsp_fast
+
+    layers = {r["layer"]: r for r in rsp_fast.cost(torchvision.models.resnet50(), (3, 224, 224))["layers"]}
+    shortcut = layers["layer2.0.downsample.0"]  # 256 -> 512, stride 2: a stride-1 1×1 conv of 28² picked pixels
+    assert shortcut["path"] == "filter"
+    assert shortcut["rsp_macs"] == 6 * shortcut["forward_macs"]
+    assert layers["layer4.0.downsample.0"]["path"] == "gram"  # 7² positions: the Gram path
+
+
 def test_cost_model_counts_vgg16():
     import torchvision
 

@@ -28,6 +28,8 @@ CONV_CASES = [  # C, O, k, stride, padding, dilation, groups, H, W
     (4, 8, 3, 2, 2, 2, 4, 11, 9),  # depthwise, channel multiplier 2, stride 2, dilation 2
     (5, 5, 5, 3, 1, 1, 5, 13, 10),  # depthwise 5×5, stride 3 (the last rows not covered)
     (5, 7, 1, 1, 0, 1, 1, 7, 9),  # pointwise: no purge
+    (5, 7, 1, 2, 0, 1, 1, 7, 9),  # strided pointwise (a ResNet shortcut): every other pixel
+    (4, 6, 1, 3, 0, 1, 1, 8, 10),
     (4, 4, 3, 1, 2, 2, 1, 9, 9),  # dilation
     (3, 4, 2, 2, 0, 1, 1, 8, 9),  # even kernel, uncovered last column
     (17, 3, 3, 1, 0, 1, 1, 5, 5),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -418,6 +418,8 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     """Per-sample sectional filters F± = R±·X̂ᵤᵀ (per group), responses G± = F±·X̂ᵤ, sectional
     normalisation, one back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻, then the purge (k > 1) or not (1×1).
     ``non_negative``: x is known to be ≥ 0 (a ReLU's output, say), so x̂ = x needs no copy."""
+    if g.is_pointwise and g.stride != (1, 1) and not any(g.pad):
+        return _strided_pointwise_relevance(ctx, x, R, g, path, non_negative)
     x_pos = rectified_input(x, non_negative)
     N, C = x.shape[:2]
     G, O = g.groups, R.shape[1]
@@ -448,6 +450,20 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))
         return ctx.ops.combine(dx, x_pos)
     return purged_relevance(ctx, R, Rg, Ga, Gb, dx, x_pos)
+
+
+def _strided_pointwise_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None,
+                                 non_negative: bool) -> torch.Tensor:
+    """A strided 1×1 conv (ResNet's downsampling shortcuts) reads only the pixels on its stride
+    grid: RSP through it is RSP through a stride-1 1×1 conv of those pixels, whose patch matrix is
+    the input itself (the filter, Gram and masked paths, no unfolding), and the other pixels get
+    no relevance (1×1 convs are not purged)."""
+    (sh, sw), (h, w) = g.stride, R.shape[-2:]
+    R_in = x.new_zeros(x.shape)
+    picked = x[..., ::sh, ::sw][..., :h, :w]
+    R_in[..., ::sh, ::sw][..., :h, :w] = inner_conv_relevance(ctx, picked.contiguous(), R, replace(g, stride=(1, 1)),
+                                                              path, non_negative)
+    return R_in
 
 
 def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: ConvGeometry, path: str, out_hw):
