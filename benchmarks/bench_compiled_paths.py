@@ -55,8 +55,7 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
            "nonzero": nonzeros / (O * L)}
     if g.groups == 1:
         ck, masked_ck = C * k2, conv_rule.masked_channels(C, x.element_size()) * k2
-        left, right, top, bottom = g.pad
-        pixel_gram = conv_rule.pixel_gram_macs(g, C, (x.shape[-2] + top + bottom) * (x.shape[-1] + left + right))
+        pixel_gram = conv_rule.pixel_gram_macs(g, C, x.shape[-2:], L)
         library = conv_rule.choose_path(ck, O, L, g.patches_are_input, pixel_gram=pixel_gram)
         compiled = "masked"
         chosen = conv_rule.choose_path(ck, O, L, g.patches_are_input, nonzeros=nonzeros, masked_ck=masked_ck,

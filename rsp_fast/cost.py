@@ -33,8 +33,7 @@ def _conv_row(step: Conv, shapes, elem: int, cuda: bool) -> dict:
     ck, og = C // G * g.kernel[0] * g.kernel[1], O // G
     forward = O * ck * L
     filter_macs = 6 * og * ck * L * G
-    left, right, top, bottom = g.pad
-    pixel_gram = pixel_gram_macs(g, C // G, (H + top + bottom) * (W + left + right))
+    pixel_gram = pixel_gram_macs(g, C // G, (H, W), L)
     gram = gram_macs(ck, og, L, pixel_gram) * G
     if step.first:
         path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)

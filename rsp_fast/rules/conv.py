@@ -214,10 +214,10 @@ def masked_channels(channels: int, element_size: int) -> int:
 
 def gram_macs(ck: int, o: int, L: int, pixel_gram: int | None = None) -> int:
     """Multiply-adds of the Gram path for one sample and group: the patch Gram K = XᵤᵀXᵤ and the
-    back-projection Xᵤ·M (ck·L² each), or, for a stride-1 conv, both from the padded input's
-    pixels (``pixel_gram`` = C·P² each: see ``pixel_gram_products``) when that is less; and
-    G± = R±·K, M = R±ᵀS± (2·o·L² each)."""
-    patch = ck * L * L if pixel_gram is None else min(ck * L * L, pixel_gram)
+    back-projection Xᵤ·M (ck·L² each), or both from the padded input's pixels (``pixel_gram``
+    = C·P² each, from ``pixel_gram_macs``: see ``pixel_gram_products``); and G± = R±·K,
+    M = R±ᵀS± (2·o·L² each)."""
+    patch = ck * L * L if pixel_gram is None else pixel_gram
     return 2 * patch + 4 * o * L * L
 
 
@@ -406,11 +406,17 @@ def _nonzeros_per_sample(R: torch.Tensor, every: int = 8) -> float:
     return float((sample != 0).sum()) * R.shape[1] / (sample.shape[1] * R.shape[0])
 
 
-def pixel_gram_macs(g: ConvGeometry, channels: int, pixels: int) -> int | None:
+def pixel_gram_macs(g: ConvGeometry, channels: int, in_hw, L: int) -> int | None:
     """C·P²: the multiply-adds of the pixel Gram (and of the back-projection from it) for a stride-1
-    conv over P padded input pixels; None where it does not apply (strides, 1×1 convs read as
-    their own patches)."""
-    return channels * pixels * pixels if g.stride == (1, 1) and not g.patches_are_input else None
+    conv of an ``in_hw`` input (P pixels once padded) with L output positions, where the Gram
+    path takes it: where it applies (stride 1, not a 1×1 conv read as its own patches) and costs
+    less than the patch form's ck·L². None otherwise."""
+    if g.stride != (1, 1) or g.patches_are_input:
+        return None
+    l, r, t, b = g.pad
+    pixels = (in_hw[0] + t + b) * (in_hw[1] + l + r)
+    macs = channels * pixels * pixels
+    return macs if macs < channels * g.kernel[0] * g.kernel[1] * L * L else None
 
 
 def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None = None,
@@ -434,7 +440,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
     # depthwise: the products fused per plane where that kernel exists
     fused_depthwise = compiled and C == G and ctx.ops.depthwise_products is not None and k2 <= DEPTHWISE_MAX_TAPS
-    pixel_gram = pixel_gram_macs(g, C // G, (x.shape[-2] + t + b) * (x.shape[-1] + l + r))
+    pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L)
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
                                 pixel_gram))
@@ -496,8 +502,7 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
                 return ctx.ops.sectional_matmul(A, B, Rs_low[samples], Og)  # fused: the responses never reach memory
             return ctx.low(normalize_stacked((A @ B).to(x_pos.dtype), samples))
 
-        ck, pixels = C // G * g.kernel[0] * g.kernel[1], pixel_gram_macs(g, C // G, Hp * Wp)
-        if path == "gram" and pixels is not None and pixels < ck * L * L:
+        if path == "gram" and pixel_gram_macs(g, C // G, x_pos.shape[-2:], L) is not None:
             X = ctx.low(xp).reshape(N, G, C // G, Hp * Wp)
             dX = torch.empty_like(X)
             # samples in chunks: the L×L and P×P matrices of a whole batch of large maps would not fit
