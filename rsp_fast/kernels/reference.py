@@ -21,15 +21,17 @@ def split_sections(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return R.clamp(min=0), (-R).clamp(min=0)
 
 
-def stacked_sections(R: torch.Tensor, dim: int) -> torch.Tensor:
+def stacked_sections(R: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[R⁺; R⁻] concatenated along ``dim``, written once into one buffer (no separate
-    halves to copy): the layout in which both sections go through each matrix product."""
+    halves to copy): the layout in which both sections go through each matrix product.
+    ``dtype``: the buffer's, if not R's (the cast made in the same pass)."""
     shape = list(R.shape)
     half = shape[dim]
     shape[dim] = 2 * half
-    out = R.new_empty(shape)
-    torch.clamp(R, min=0, out=out.narrow(dim, 0, half))
-    torch.clamp(R, max=0, out=out.narrow(dim, half, half)).neg_()
+    out = R.new_empty(shape, dtype=dtype)
+    zero = R.new_zeros(())  # maximum and minimum, unlike clamp, may write another dtype
+    torch.maximum(R, zero, out=out.narrow(dim, 0, half))
+    torch.minimum(R, zero, out=out.narrow(dim, half, half)).neg_()
     return out
 
 

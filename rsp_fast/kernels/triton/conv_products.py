@@ -1,0 +1,244 @@
+"""RSP's three products for a stride-1 convolution as implicit GEMMs (Triton), with the
+sectional normalisation fused into the responses.
+
+With x the rectified input in channels-last layout (N, H, W, C), Rs = [R⁺; R⁻] the sections
+(N, 2·O, L) over the L = Ho·Wo output positions and t = (ky, kx) a
+tap of the kernel, the
+patches are Xᵤ[(t, c), l] = x[n, i(l) + ky·dy − pt, j(l) + kx·dx − pl, c] (zero off the image):
+  filters          F[n, t, m, c] = Σ_l Rs[n, m, l] · Xᵤ[(t, c), l]
+  responses        S[n, l, m] = normalise(Rs, Σ_(t, c) F[n, t, m, c] · Xᵤ[(t, c), l])
+  back-projection  dx[n, c, y, x] = Σ_(t, m) F[n, t, m, c] · S[n, l(y, x, t), m]
+Each reads x, S and F where they lie, never unfolding the patches: a tap moves whole rows of
+channels (contiguous in channels-last), so the loads stay aligned for the tensor cores; the
+responses never reach memory, only S, position-major as the back-projection reads it. cuDNN
+runs the same products as grouped convolutions of NCHW tensors that it transposes to NHWC and
+back around every call (27 % of an H100's kernel time on VGG16 in bfloat16). Each sample has
+its own filters, so the samples are a grid dimension.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import stacked_sections
+
+
+@triton.jit
+def _dot(a, b, acc, FP64: tl.constexpr, TF32: tl.constexpr):
+    if TF32:  # float32 operands on TF32 tensor cores, as torch's products do under allow_tf32
+        out = tl.dot(a, b, acc, input_precision="tf32")
+    elif FP64:
+        out = acc + tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def _section(r_ptr, rows, cols, O, srm, srl, mask):
+    """Rows [0, O) of the stacked sections are R⁺ = max(R, 0), rows [O, 2·O) R⁻ = max(−R, 0),
+    read from R itself in its precision."""
+    target = rows < O
+    r = tl.load(r_ptr + tl.where(target, rows, rows - O) * srm + cols * srl, mask=mask, other=0.0)
+    return tl.maximum(tl.where(target, r, -r), 0.0)
+
+
+@triton.jit
+def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, T, SPLIT, L_PER_SPLIT,
+                    srn, srm, srl, sxn, sxh, sxw, sfs, sfn, sft, sfm,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, FP64: tl.constexpr,
+                    TF32: tl.constexpr):
+    """F[split, n, t, m-block, c-block] = Σ over this split's positions l of Rs[n, m, l]·Xᵤ[(t, c), l]."""
+    pid_m, pid_c, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, rest = pid // (T * SPLIT), pid % (T * SPLIT)
+    t, split = rest // SPLIT, rest % SPLIT
+    ky, kx = t // KW, t % KW
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_base = r_ptr + n.to(tl.int64) * srn
+    x_base = x_ptr + n.to(tl.int64) * sxn
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
+    l_start = split * L_PER_SPLIT
+    l_end = tl.minimum(L, l_start + L_PER_SPLIT)
+    for l0 in range(l_start, l_end, BLOCK_L):
+        rl = l0 + tl.arange(0, BLOCK_L)
+        in_range = rl < l_end
+        r = tl.load(r_base + rm[:, None] * srm + rl[None, :] * srl, mask=(rm[:, None] < M) & in_range[None, :], other=0.0)
+        y = rl // Wo + ky * DY - PT
+        x = rl % Wo + kx * DX - PL
+        inside = in_range & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        xv = tl.load(x_base + (y * sxh + x * sxw)[:, None] + rc[None, :], mask=inside[:, None] & (rc[None, :] < C),
+                     other=0.0)
+        acc = _dot(r, xv, acc, FP64, TF32)
+    f_base = f_ptr + split.to(tl.int64) * sfs + n.to(tl.int64) * sfn + t * sft
+    tl.store(f_base + rm[:, None] * sfm + rc[None, :], acc.to(f_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rc[None, :] < C))
+
+
+@triton.jit
+def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, H, W, Wo, KW, DY, DX, PT, PL, T,
+                      sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
+                      BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
+                      TF32: tl.constexpr):
+    """S[n, l-block, m-block]: the responses over every tap and channel, then the normalisation."""
+    M = 2 * O
+    pid_l, pid_m, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rl = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i, j = rl // Wo, rl % Wo
+    x_base = x_ptr + n.to(tl.int64) * sxn
+    f_base = f_ptr + n.to(tl.int64) * sfn
+    acc = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float64 if FP64 else tl.float32)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    for k in range(0, T * c_blocks):  # one loop over (tap, channel block): it pipelines as one
+        t, c0 = k // c_blocks, (k % c_blocks) * BLOCK_C
+        y = i + (t // KW) * DY - PT
+        x = j + (t % KW) * DX - PL
+        inside = (rl < L) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        rc = c0 + tl.arange(0, BLOCK_C)
+        xv = tl.load(x_base + (y * sxh + x * sxw)[:, None] + rc[None, :], mask=inside[:, None] & (rc[None, :] < C),
+                     other=0.0)
+        f = tl.load(f_base + t * sft + rm[None, :] * sfm + rc[:, None], mask=(rc[:, None] < C) & (rm[None, :] < M),
+                    other=0.0)
+        acc = _dot(xv, f, acc, FP64, TF32)
+    # epilogue: S = R/G where both are non-zero, the hostile rows negated
+    mask = (rl[:, None] < L) & (rm[None, :] < M)
+    r = _section(r_ptr + n.to(tl.int64) * srn, rm[None, :], rl[:, None], O, srm, srl, mask).to(acc.dtype)
+    active = (r != 0) & (acc != 0)
+    s = tl.where(active, r / tl.where(active, acc, 1.0), 0.0)
+    s = tl.where(rm[None, :] < O, s, -s)
+    tl.store(s_ptr + n.to(tl.int64) * ssn + rl[:, None] * ssl + rm[None, :], s.to(s_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _back_kernel(s_ptr, f_ptr, dx_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T,
+                 ssn, ssl, sfn, sft, sfm, sdn, sdc,
+                 BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FP64: tl.constexpr,
+                 TF32: tl.constexpr):
+    """dx[n, c-block, pixel-block] = Σ over taps and sections of F·S, each pixel gathering the
+    output positions whose patches hold it."""
+    pid_q, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    y, x = rq // W, rq % W
+    s_base = s_ptr + n.to(tl.int64) * ssn
+    f_base = f_ptr + n.to(tl.int64) * sfn
+    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    for k in range(0, T * m_blocks):
+        t, m0 = k // m_blocks, (k % m_blocks) * BLOCK_M
+        i = y + PT - (t // KW) * DY
+        j = x + PL - (t % KW) * DX
+        inside = (rq < H * W) & (i >= 0) & (i < Ho) & (j >= 0) & (j < Wo)
+        rm = m0 + tl.arange(0, BLOCK_M)
+        sv = tl.load(s_base + (i * Wo + j)[:, None] * ssl + rm[None, :], mask=inside[:, None] & (rm[None, :] < M),
+                     other=0.0)
+        f = tl.load(f_base + t * sft + rm[:, None] * sfm + rc[None, :], mask=(rm[:, None] < M) & (rc[None, :] < C),
+                    other=0.0)
+        acc = _dot(sv, f, acc, FP64, TF32)
+    tl.store(dx_ptr + n.to(tl.int64) * sdn + rc[None, :] * sdc + rq[:, None], acc.to(dx_ptr.dtype.element_ty),
+             mask=(rq[:, None] < H * W) & (rc[None, :] < C))
+
+
+class Tiles(NamedTuple):
+    """One kernel's launch: tile edges along its rows, columns and reduction, warps, pipeline stages."""
+    rows: int
+    cols: int
+    red: int
+    warps: int
+    stages: int
+
+
+def default_tiles(kernel: str, columns: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    """GPUs: tensor-core tiles whose reduction tile holds 128 bytes of a row, the column tile no
+    wider than the ``columns`` there are (VGG16's first layers have 64 channels); float64 and the
+    CPU interpreter: small tiles. Chosen from benchmarks/bench_conv_products.py --tiles on an H100
+    (VGG16's dense layers, batch 64; docs/gpu/h100_conv_products_tiles.log): 256-position
+    response tiles were 2–7 % faster in bfloat16, 256-row filter and back-projection tiles
+    12–16 % faster in TF32 where there are 128 channels or more."""
+    if device.type != "cuda" or dtype == torch.float64:
+        return Tiles(32, 32, 16 if device.type == "cuda" else 32, 4, 2)
+    red = 128 // (torch.finfo(dtype).bits // 8)
+    cols = min(128, max(32, triton.next_power_of_2(columns)))
+    wide = cols == 128
+    if kernel == "responses":
+        return Tiles(256, 128, red, 8, 3) if dtype.itemsize == 2 else Tiles(128, 128, 2 * red, 8, 3)
+    if dtype == torch.float32 and wide:
+        return Tiles(256, 128, red, 8, 3)
+    return Tiles(128, cols, red, 8 if wide else 4, 3)
+
+
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(programs: int, positions: int, block: int, device: torch.device) -> int:
+    """How many parts the filters' long sum over positions is cut into, so that the GPU has about
+    two programs per multiprocessor (batch 1 has only taps × tiles of them)."""
+    if device.type != "cuda":
+        return 1
+    wanted = -(-2 * _multiprocessors(device) // programs)
+    return max(1, min(wanted, positions // (8 * block)))
+
+
+def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, out_dtype: torch.dtype,
+                         splits: int | None = None, tiles: dict[str, Tiles] | None = None) -> torch.Tensor:
+    """RSP's back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻ at the (unpadded) input of a stride-1, ungrouped conv.
+
+    x_cl: (N, H, W, C) the rectified input, channels-last and contiguous, in the products'
+    precision; R: (N, O, L) the relevance at the output (its sections are taken as it is read;
+    the normalisation runs in its precision, the filters in the products');
+    pad = (left, right, top, bottom). ``splits``: how many parts the filters' sum over positions
+    is cut into (default: enough programs for the GPU); ``tiles``: a kernel's ("filters",
+    "responses", "back") launch instead of ``default_tiles``. Returns dx (N, C, H, W) in
+    ``out_dtype``."""
+    N, H, W, C = x_cl.shape
+    O, L = R.shape[1:]
+    M = 2 * O
+    (kh, kw), (dy, dx_), (pl, _, pt, _) = kernel, dilation, pad
+    Ho, Wo = out_hw
+    if x_cl.stride(-1) != 1 or R.dim() != 3 or R.shape[0] != N or L != Ho * Wo:
+        raise ValueError(f"conv_products: x {tuple(x_cl.shape)}, R {tuple(R.shape)}, output {out_hw} do not fit")
+    T, dtype, device = kh * kw, x_cl.dtype, x_cl.device
+    tiles = tiles or {}
+    flags = dict(FP64=dtype == torch.float64,
+                 TF32=dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    geometry = (H, W, Wo, kw, dy, dx_, pt, pl, T)
+    x_strides = x_cl.stride()[:3]
+
+    # filters: rows are the sections, columns the channels, reduced over positions; the stacked
+    # sections written once in the products' precision (read from R in the loop, in float32 they
+    # slowed VGG16's first layer's products by a third on an H100: they then bypass the
+    # asynchronous copies to shared memory)
+    Rs_low = stacked_sections(R, dim=1, dtype=dtype)
+    t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
+    blocks = triton.cdiv(M, t.rows) * triton.cdiv(C, t.cols)
+    split = splits or _splits(blocks * N * T, L, t.red, device)
+    per_split = triton.cdiv(triton.cdiv(L, split), t.red) * t.red
+    split = triton.cdiv(L, per_split)
+    F = torch.empty((split, N, T, M, C), dtype=torch.float32 if split > 1 and dtype != torch.float64 else dtype,
+                    device=device)
+    _filters_kernel[(triton.cdiv(M, t.rows), triton.cdiv(C, t.cols), N * T * split)](
+        Rs_low, x_cl, F, M, C, L, *geometry, split, per_split, *Rs_low.stride(), *x_strides, *F.stride()[:4],
+        BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, num_warps=t.warps, num_stages=t.stages)
+    F = F.sum(0).to(dtype) if split > 1 else F[0]  # N, T, M, C
+
+    # responses and normalisation: rows are positions, columns the sections, reduced over (tap, channel)
+    t = tiles.get("responses") or default_tiles("responses", M, dtype, device)
+    S = torch.empty((N, L, M), dtype=dtype, device=device)
+    _responses_kernel[(triton.cdiv(L, t.rows), triton.cdiv(M, t.cols), N)](
+        x_cl, F, R, S, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
+        BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, num_warps=t.warps, num_stages=t.stages)
+
+    # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
+    t = tiles.get("back") or default_tiles("back", C, dtype, device)
+    dx = torch.empty((N, C, H, W), dtype=out_dtype, device=device)
+    _back_kernel[(triton.cdiv(H * W, t.rows), triton.cdiv(C, t.cols), N)](
+        S, F, dx, M, C, H, W, Ho, Wo, kw, dy, dx_, pt, pl, T, *S.stride()[:2], *F.stride()[:3], *dx.stride()[:2],
+        BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, num_warps=t.warps, num_stages=t.stages)
+    return dx

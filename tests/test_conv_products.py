@@ -1,0 +1,110 @@
+"""The Triton implicit-GEMM conv products (kernels/triton/conv_products.py) against the unfolded
+reference (kernels/reference.py), on CPU in Triton's interpreter and on CUDA; and the conv rule's
+"implicit_gemm" path against the other dense paths."""
+import pytest
+import torch
+from torch import nn
+
+from rsp_fast.kernels.reference import sectional_products_reference
+from rsp_fast.kernels.triton import triton_unavailable_reason
+from rsp_fast.ops.dispatch import TORCH
+from rsp_fast.rules.base import Context
+from rsp_fast.rules.conv import conv_geometry, inner_conv_relevance
+from conftest import rel_err
+from models import conv_products_case
+
+# (N, C, O, H, W, kernel, dilation, padding (left, right, top, bottom)), stride 1
+GEOMETRIES = [
+    (1, 5, 7, 9, 9, (3, 3), (1, 1), (1, 1, 1, 1)),
+    (2, 16, 9, 8, 11, (3, 3), (2, 2), (2, 2, 2, 2)),  # dilation: a tap moves by two pixels
+    (2, 8, 4, 7, 7, (1, 1), (1, 1), (0, 0, 0, 0)),  # 1×1
+    (2, 6, 5, 8, 9, (5, 3), (1, 1), (2, 2, 1, 1)),  # uneven kernel
+    (2, 40, 36, 6, 6, (3, 3), (1, 1), (0, 0, 0, 0)),  # no padding; channels and sections past one tile
+    (1, 9, 4, 7, 8, (2, 2), (1, 1), (0, 1, 0, 1)),  # even kernel, padding on one side only (TF "same")
+]
+DEVICES = [("cpu", torch.float64), ("cpu", torch.float16),  # bfloat16 is not exact in the interpreter; fp16 is
+           pytest.param("cuda", torch.float64, marks=pytest.mark.cuda),
+           pytest.param("cuda", torch.float32, marks=pytest.mark.cuda),
+           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)]
+TOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _products(N, C, O, H, W, kernel, dilation, padding, device, dtype, zero_region=False, splits=None):
+    from rsp_fast.kernels.triton.conv_products import conv_products_triton
+
+    if reason := triton_unavailable_reason(torch.device(device)):
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    x, R, *_ = conv_products_case(N, C, O, H, W, kernel, (1, 1), dilation, padding, zero_region=zero_region)
+    x, R = x.to(device), R.to(device)
+    h, w = R.shape[-2:]
+    work = dtype if dtype == torch.float64 else torch.float32  # the normalisation's precision
+    x_low = x.to(dtype)
+    got = conv_products_triton(x_low.permute(0, 2, 3, 1).contiguous(), R.reshape(N, O, h * w).to(work), kernel, dilation,
+                               padding, (h, w), work, splits=splits)
+    # the reference in float64 from the input the kernels read (the sections are rounded for the
+    # filters only: the normalisation reads them unrounded, so a rounding tolerance stays)
+    expected = sectional_products_reference(x_low.double(), R.double(), kernel, (1, 1), dilation, padding)
+    return got, expected
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_conv_products_match_the_unfolded_reference(geometry, device, dtype):
+    got, expected = _products(*geometry, device, dtype)
+    assert got.shape == expected.shape
+    assert rel_err(got.double().cpu(), expected.cpu()) < TOL[dtype]
+
+
+def test_conv_products_patches_without_input_give_nothing():
+    """The top half of the input is zero: responses there are 0, and so is what S passes back."""
+    got, expected = _products(2, 6, 5, 10, 9, (3, 3), (1, 1), (1, 1, 1, 1), "cpu", torch.float64, zero_region=True)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, expected) < 1e-12
+    assert (got[:, :, :3] == 0).all()  # rows read only by patches with no input
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_conv_products_filters_summed_in_parts(splits):
+    """The filters' sum over positions cut into parts (what a GPU does at small batches) adds up
+    to the same."""
+    whole, expected = _products(2, 7, 6, 9, 8, (3, 3), (1, 1), (1, 1, 1, 1), "cpu", torch.float64, splits=1)
+    parts, _ = _products(2, 7, 6, 9, 8, (3, 3), (1, 1), (1, 1, 1, 1), "cpu", torch.float64, splits=splits)
+    assert rel_err(parts, whole) < 1e-13 and rel_err(whole, expected) < 1e-12
+
+
+def test_conv_products_reject_operands_that_do_not_fit():
+    from rsp_fast.kernels.triton.conv_products import conv_products_triton
+
+    x = torch.rand(2, 5, 6, 3, dtype=torch.float64)  # N, H, W, C
+    R = torch.rand(2, 4, 30, dtype=torch.float64)
+    with pytest.raises(ValueError, match="do not fit"):  # 30 positions, not 5×5
+        conv_products_triton(x, R, (3, 3), (1, 1), (1, 1, 1, 1), (5, 5), torch.float64)
+    with pytest.raises(ValueError, match="do not fit"):  # channels not contiguous
+        conv_products_triton(x.transpose(1, 3).contiguous().transpose(1, 3), R, (3, 3), (1, 1), (1, 1, 1, 1),
+                             (5, 6), torch.float64)
+    with pytest.raises(ValueError, match="do not fit"):  # R of another batch
+        conv_products_triton(x, R[:1], (3, 3), (1, 1), (1, 1, 1, 1), (5, 6), torch.float64)
+
+
+@pytest.mark.parametrize("C,O,k,p,d,groups,stride", [(5, 6, 3, 1, 1, 1, 1), (4, 5, 3, 2, 2, 1, 1), (6, 4, 3, 1, 1, 2, 1),
+                                                    (5, 6, 3, 1, 1, 1, 2)])
+def test_rule_on_the_implicit_gemm_path_matches_the_filter_path(C, O, k, p, d, groups, stride):
+    """The rule's "implicit_gemm" path, and its fall-back to the grouped convolutions where the
+    kernels do not apply (groups, stride) or where the dropped relevance is tracked."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    conv = nn.Conv2d(C, O, k, padding=p, dilation=d, groups=groups, stride=stride).double()
+    x = torch.rand(2, C, 9, 8, dtype=torch.float64)
+    x[:, :, 2:7, 1:6] = 0  # patches with no input: relevance there is dropped
+    R = torch.randn(2, O, *conv(x).shape[-2:], dtype=torch.float64)
+    g = conv_geometry(conv, (9, 8))
+    results = []
+    for path in ("filter", "implicit_gemm"):
+        ctx = Context(values={}, shapes={}, ops=TORCH, dropped=torch.zeros(2, dtype=torch.float64))
+        results.append((inner_conv_relevance(ctx, x, R, g, path=path), ctx.dropped))
+        plain = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path=path)
+        assert rel_err(plain, results[0][0]) < 1e-12
+    (expected, expected_drop), (got, drop) = results
+    assert rel_err(got, expected) < 1e-12
+    torch.testing.assert_close(drop, expected_drop, rtol=1e-12, atol=1e-12)
