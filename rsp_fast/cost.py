@@ -17,7 +17,8 @@ from torch import nn
 from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError
 from .propagate import record_forward
-from .rules.conv import Conv, choose_path, gram_macs, pixel_gram_macs
+from .rules.conv import (Conv, choose_path, gram_macs, implicit_gemm_fits, on_tensor_cores, pixel_gram_macs,
+                         tap_sums_pay)
 from .rules.linear import Linear
 
 
@@ -25,15 +26,16 @@ def _layer_name(step) -> str:
     return str(step.node.target) if step.node.op == "call_module" else step.node.name
 
 
-def _conv_row(step: Conv, shapes, elem: int, cuda: bool) -> dict:
+def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
     C, H, W = shapes[step.inputs[0]][1:]
     O, h, w = shapes[step.node][1:]
     g = step.geometry(shapes, (H, W))
     G, L = g.groups, h * w
     ck, og = C // G * g.kernel[0] * g.kernel[1], O // G
+    elem = dtype.itemsize
     forward = O * ck * L
     filter_macs = 6 * og * ck * L * G
-    pixel_gram = pixel_gram_macs(g, C // G, (H, W), L)
+    pixel_gram = pixel_gram_macs(g, C // G, (H, W), L, tap_sums_pay(cuda, dtype))
     gram = gram_macs(ck, og, L, pixel_gram) * G
     if step.first:
         path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)
@@ -41,9 +43,12 @@ def _conv_row(step: Conv, shapes, elem: int, cuda: bool) -> dict:
     else:
         # a strided unpadded 1×1 conv runs as a stride-1 one on the pixels it reads
         pointwise = g.is_pointwise and not any(g.pad)
-        path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram)
+        path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
+                           tensor_cores=on_tensor_cores(dtype))
+        if path == "implicit_gemm" and not implicit_gemm_fits(g):
+            path = "grouped_conv"
         macs = gram if path == "gram" else filter_macs
-        patches = 0 if path in ("conv", "grouped_conv") else ck * G * L  # the (unfolded) input, read by every product
+        patches = 0 if path in ("conv", "grouped_conv", "implicit_gemm") else ck * G * L  # the (unfolded) input, read by every product
         moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))
     return {"layer": _layer_name(step), "kind": "conv", "path": path, "forward_macs": forward,
             "filter_macs": filter_macs, "gram_macs": gram, "rsp_macs": macs, "bytes": moved}
@@ -79,7 +84,7 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
     for step in reversed(plan.steps):  # input to saliency layer
         if isinstance(step, (Conv, Linear)):
             if isinstance(step, Conv):
-                rows.append(_conv_row(step, shapes, elem, x.is_cuda))
+                rows.append(_conv_row(step, shapes, x.dtype, x.is_cuda))
             else:
                 rows.append(_linear_row(step, shapes[step.inputs[0]], shapes[step.node], elem))
     totals = {k: sum(r[k] for r in rows) for k in ("forward_macs", "filter_macs", "rsp_macs", "bytes")}

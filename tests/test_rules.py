@@ -36,7 +36,7 @@ CONV_CASES = [  # C, O, k, stride, padding, dilation, groups, H, W
 ]
 
 
-@pytest.mark.parametrize("path", ["filter", "gram", "conv", "grouped_conv"])
+@pytest.mark.parametrize("path", ["filter", "gram", "conv", "grouped_conv", "implicit_gemm"])
 @pytest.mark.parametrize("C,O,k,s,p,d,g,H,W", CONV_CASES)
 def test_inner_conv_matches_authors_formulation_per_sample(C, O, k, s, p, d, g, H, W, path):
     conv = nn.Conv2d(C, O, k, stride=s, padding=p, dilation=d, groups=g).double()
@@ -88,6 +88,7 @@ def test_path_choice_follows_the_cost_model():
     assert choose_path(9, 1, 112 * 112) == "conv"  # depthwise: tiny filters
     assert choose_path(96, 24, 56 * 56, dense_pointwise=True) == "filter"  # the input is the patch matrix
     assert choose_path(64 * 9, 64, 224 * 224, cuda_dense=True) == "grouped_conv"  # CUDA: no per-sample loop
+    assert choose_path(64 * 9, 64, 224 * 224, cuda_dense=True, tensor_cores=True) == "implicit_gemm"  # bf16, TF32
     assert choose_path(512 * 9, 512, 14 * 14, cuda_dense=True) == "gram"
 
 
@@ -579,6 +580,18 @@ def test_gram_path_uses_the_pixel_gram_for_stride_1_only(monkeypatch):
         calls.clear()
         inner_conv_relevance(CTX, x, R, conv_geometry(conv, (9, 9)), path="gram")
         assert len(calls) == used
+
+
+def test_pixel_gram_only_where_its_tap_sums_pay():
+    """The pixel Gram trades multiply-adds for strided tap sums: not worth it on CUDA with 16-bit
+    products (measured), taken on CPU and for 32-bit products."""
+    from rsp_fast.rules.conv import call_geometry, pixel_gram_macs, tap_sums_pay
+
+    g = call_geometry(3, padding=1)  # VGG16's conv4 at 28×28: C·P² = 512·900² < ck·L² = 4608·784²
+    assert pixel_gram_macs(g, 512, (28, 28), 784) == 512 * 900**2
+    assert pixel_gram_macs(g, 512, (28, 28), 784, tap_sums=tap_sums_pay(True, torch.bfloat16)) is None
+    assert pixel_gram_macs(g, 512, (28, 28), 784, tap_sums=tap_sums_pay(True, torch.float32)) == 512 * 900**2
+    assert tap_sums_pay(False, torch.bfloat16) and tap_sums_pay(False, torch.float64)
 
 
 @pytest.mark.parametrize("L", [512, 600, 784, 1031, 3136])

@@ -17,6 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..kernels.reference import per_sample_sum, safe_div, stacked_sections, unsupported_relevance
+from ..kernels.triton import triton_unavailable_reason
 from .base import Context, LayerRule, purged_relevance, rectified_input
 
 
@@ -183,11 +184,33 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
 # 434 / 363 / 358, bf16 488 / 409 / 416 (docs/gpu/h100_paths.log; cuDNN's autotuner changed
 # grouped_conv by under 1 %). Channels-last operands for the grouped convolutions (the input
 # and the sections position-major) were slower there: tf32 378, bf16 440.
-# RSP_FAST_CUDA_DENSE_PATH overrides the default.
-CUDA_DENSE_PATHS = ("grouped_conv", "filter", "conv")
-CUDA_DENSE_PATH = os.environ.get("RSP_FAST_CUDA_DENSE_PATH", "grouped_conv")
-if CUDA_DENSE_PATH not in CUDA_DENSE_PATHS:
+# "implicit_gemm": Triton's implicit GEMMs over a channels-last copy of the input, the
+# normalisation fused (kernels/triton/conv_products.py: no unfolding, no cuDNN transposes);
+# stride-1 ungrouped convs only, the others take grouped_conv.
+# H100, VGG16 at batch 64, img/s (docs/gpu/h100_paths_implicit_gemm.log): bfloat16 651 with
+# implicit_gemm against 479 with grouped_conv, TF32 487 against 453. So products on tensor
+# cores (16-bit, TF32) take implicit_gemm, exact float32 and float64 ones grouped_conv
+# (``cuda_dense_path``). RSP_FAST_CUDA_DENSE_PATH chooses one path for every precision.
+CUDA_DENSE_PATHS = ("grouped_conv", "implicit_gemm", "filter", "conv")
+CUDA_DENSE_PATH = os.environ.get("RSP_FAST_CUDA_DENSE_PATH") or None
+if CUDA_DENSE_PATH not in (None, *CUDA_DENSE_PATHS):
     raise ImportError(f"RSP_FAST_CUDA_DENSE_PATH={CUDA_DENSE_PATH!r}: choose one of {', '.join(CUDA_DENSE_PATHS)}")
+
+
+def cuda_dense_path(tensor_cores: bool) -> str:
+    """How dense layers off the Gram path run on CUDA, with products on tensor cores or not."""
+    return CUDA_DENSE_PATH or ("implicit_gemm" if tensor_cores else "grouped_conv")
+
+
+def on_tensor_cores(dtype: torch.dtype) -> bool:
+    """Whether CUDA's products of ``dtype`` operands run on tensor cores: 16-bit ones, and float32
+    ones when TF32 is allowed (as ``precision="tf32"`` sets it for the pass)."""
+    return dtype.itemsize == 2 or (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+
+
+def implicit_gemm_fits(g: ConvGeometry) -> bool:
+    """Whether the implicit-GEMM kernels take this conv: stride 1 and one group."""
+    return g.stride == (1, 1) and g.groups == 1
 
 
 # How much slower per multiply-add the masked kernels run than the dense products (gathered
@@ -222,7 +245,8 @@ def gram_macs(ck: int, o: int, L: int, pixel_gram: int | None = None) -> int:
 
 
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
-                nonzeros: float | None = None, masked_ck: int | None = None, pixel_gram: int | None = None) -> str:
+                nonzeros: float | None = None, masked_ck: int | None = None, pixel_gram: int | None = None,
+                tensor_cores: bool = False) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -247,7 +271,8 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     multiply-adds); stride-1 1×1 layers, whose patch matrix is the input itself, the filter
     path (faster than the conv kernels on EfficientNet's 1×1 layers here); the rest the
     conv path on CPU. On CUDA (``cuda_dense``: a CUDA tensor, not depthwise) the rest take
-    ``CUDA_DENSE_PATH``: one grouped convolution per product instead of a loop over the samples.
+    ``cuda_dense_path(tensor_cores)``: Triton's implicit GEMMs or one grouped convolution per
+    product, instead of a loop over the samples.
     Sparse relevance takes the masked path when it costs less, counted at MASKED_SLOWDOWN.
     """
     dense, gram = 6 * o * ck * L, gram_macs(ck, o, L, pixel_gram)
@@ -257,7 +282,7 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
         return "gram"
     if dense_pointwise:
         return "filter"
-    return CUDA_DENSE_PATH if cuda_dense else "conv"
+    return cuda_dense_path(tensor_cores) if cuda_dense else "conv"
 
 
 # Block edges of the Gram product at multiples of 16 elements: each block's GEMM operands then start
@@ -406,12 +431,22 @@ def _nonzeros_per_sample(R: torch.Tensor, every: int = 8) -> float:
     return float((sample != 0).sum()) * R.shape[1] / (sample.shape[1] * R.shape[0])
 
 
-def pixel_gram_macs(g: ConvGeometry, channels: int, in_hw, L: int) -> int | None:
+def tap_sums_pay(is_cuda: bool, product_dtype: torch.dtype) -> bool:
+    """Whether the pixel Gram's tap sums (strided adds over L×L and P×P matrices) cost less than
+    the patch Gram's extra multiply-adds. Not on CUDA with 16-bit products, whose GEMMs are cheap:
+    H100, VGG16 at batch 64 (docs/gpu/h100_paths_implicit_gemm.log), bfloat16 716.8 img/s
+    without the pixel Gram against 667.5 with it (the tap sums took 15 of the batch's 93 ms); TF32
+    485.6 against 495.1."""
+    return not (is_cuda and product_dtype.itemsize == 2)
+
+
+def pixel_gram_macs(g: ConvGeometry, channels: int, in_hw, L: int, tap_sums: bool = True) -> int | None:
     """C·P²: the multiply-adds of the pixel Gram (and of the back-projection from it) for a stride-1
     conv of an ``in_hw`` input (P pixels once padded) with L output positions, where the Gram
-    path takes it: where it applies (stride 1, not a 1×1 conv read as its own patches) and costs
-    less than the patch form's ck·L². None otherwise."""
-    if g.stride != (1, 1) or g.patches_are_input:
+    path takes it: where it applies (stride 1, not a 1×1 conv read as its own patches), costs
+    less than the patch form's ck·L² and its tap sums pay (``tap_sums``: ``tap_sums_pay``).
+    None otherwise."""
+    if g.stride != (1, 1) or g.patches_are_input or not tap_sums:
         return None
     l, r, t, b = g.pad
     pixels = (in_hw[0] + t + b) * (in_hw[1] + l + r)
@@ -440,10 +475,13 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
     # depthwise: the products fused per plane where that kernel exists
     fused_depthwise = compiled and C == G and ctx.ops.depthwise_products is not None and k2 <= DEPTHWISE_MAX_TAPS
-    pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L)
+    pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums_pay(x.is_cuda, ctx.product_dtype or x.dtype))
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
-                                pixel_gram))
+                                pixel_gram, on_tensor_cores(ctx.product_dtype or x.dtype)))
+    if path == "implicit_gemm" and not (implicit_gemm_fits(g) and not ctx.tracking
+                                        and triton_unavailable_reason(x.device) == ""):
+        path = "grouped_conv"  # tracking reads the responses, which the fused kernels never form
     Rg = R.reshape(N, G, Og, L)
     if path == "masked":
         dx, Ga, Gb = ctx.ops.masked_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
@@ -475,10 +513,12 @@ def _strided_pointwise_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor,
 def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: ConvGeometry, path: str, out_hw):
     """The back-projection at the input by the filter, conv or Gram path, both sections through
     each product together ([R⁺; R⁻], [S⁺; −S⁻]); and, when tracking, the responses Ga, Gb."""
-    xp = _pad(x_pos, g)
-    N, C, Hp, Wp = xp.shape
+    if path == "implicit_gemm":  # one group; the kernels take the sections as they read R
+        return _implicit_gemm_products(ctx, x_pos, Rg[:, 0], g, out_hw), None, None
     G, Og, L = Rg.shape[1:]
     Rs = stacked_sections(Rg, dim=2)  # N, G, 2·O/G, L: [R⁺; R⁻]
+    xp = _pad(x_pos, g)
+    N, C, Hp, Wp = xp.shape
     seen = []
 
     def normalize(Ga: torch.Tensor, Gb: torch.Tensor):
@@ -502,7 +542,8 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
                 return ctx.ops.sectional_matmul(A, B, Rs_low[samples], Og)  # fused: the responses never reach memory
             return ctx.low(normalize_stacked((A @ B).to(x_pos.dtype), samples))
 
-        if path == "gram" and pixel_gram_macs(g, C // G, x_pos.shape[-2:], L) is not None:
+        if path == "gram" and pixel_gram_macs(g, C // G, x_pos.shape[-2:], L,
+                                              tap_sums_pay(x_pos.is_cuda, ctx.product_dtype or x_pos.dtype)) is not None:
             X = ctx.low(xp).reshape(N, G, C // G, Hp * Wp)
             dX = torch.empty_like(X)
             # samples in chunks: the L×L and P×P matrices of a whole batch of large maps would not fit
@@ -518,6 +559,19 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
     # only read when tracking, which never fuses; one piece per sample on the conv path
     Ga, Gb = (torch.cat(pieces) for pieces in zip(*seen)) if seen else (None, None)
     return dx, Ga, Gb
+
+
+def _implicit_gemm_products(ctx: Context, x_pos: torch.Tensor, R: torch.Tensor, g: ConvGeometry, out_hw) -> torch.Tensor:
+    """The three products of a stride-1 ungrouped conv in Triton's implicit GEMMs; the input
+    copied once, channels-last and in the products' precision (a channels-last model's input
+    as it is)."""
+    from ..kernels.triton.conv_products import conv_products_triton  # imports triton on first use only
+
+    low = ctx.product_dtype or x_pos.dtype
+    x_cl = x_pos.permute(0, 2, 3, 1)
+    if not x_cl.is_contiguous() or x_cl.dtype != low:
+        x_cl = torch.empty(x_cl.shape, dtype=low, device=x_cl.device).copy_(x_cl)  # cast and transpose in one copy
+    return conv_products_triton(x_cl, R, g.kernel, g.dilation, g.pad, out_hw, x_pos.dtype)
 
 
 def _unfolded_products(ctx: Context, xp: torch.Tensor, Rs_low: torch.Tensor, g: ConvGeometry, path: str,
