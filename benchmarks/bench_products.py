@@ -4,13 +4,13 @@
 
 The peak is measured in the same run (a large square matrix product in each precision).
 RSP's product FLOPs come from ``torch.utils.flop_counter``'s formulas (mm, bmm) and
-``conv_flops`` (convolutions and their gradients, groups counted); on CUDA their time is
+``conv_flops`` (convolutions and their gradients, groups counted) and ``implicit_gemm_flops``
+(the Triton implicit GEMMs of the conv rule's CUDA dense path); on CUDA their time is
 the time during which kernels the profiler names as GEMMs or convolutions ran (cuDNN's
 layout transposes for them included), so the product rate excludes normalisation, purge
-and copies. The
-whole pass is reported too (its time, and the share of it spent in products). Triton's
-fused product+normalisation kernels are invisible to the FLOP counter, so use a backend
-whose products are PyTorch's (``cuda``, ``cpp``, ``torch``).
+and copies. The whole pass is reported too (its time, and the share of it spent in products).
+The ``triton`` backend's ``sectional_matmul`` (filter and Gram paths) is not counted, so use a
+backend whose other products are PyTorch's (``cuda``, ``cpp``, ``torch``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ from rsp_fast.api import _matmul_precision  # noqa: E402
 PEAK_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 # cuBLAS (nvjet, xmma, cutlass), cuDNN (implicit GEMM, wgrad/dgrad, winograd) and ATen's own conv kernels
 TOP = 25  # kernels listed per precision in the JSON
-PRODUCT_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|conv|dgrad|wgrad|winograd|cudnn|fft", re.IGNORECASE)
+# and rsp_fast's Triton implicit GEMMs (kernels/triton/conv_products.py)
+PRODUCT_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|conv|dgrad|wgrad|winograd|cudnn|fft|_filters_kernel|_responses_kernel|"
+                            r"_back_kernel", re.IGNORECASE)
 
 
 def peak_tflops(precision: str, device: torch.device, n: int) -> float:
@@ -76,9 +78,35 @@ class _CountFlops(TorchDispatchMode):
         return out
 
 
+def implicit_gemm_flops(x_cl: torch.Tensor, R: torch.Tensor, kernel, *args, **kwargs) -> int:
+    """FLOPs of the Triton implicit GEMMs' three products (filters, responses, back-projection),
+    counted as the grouped convolutions they replace are: 2·N·(2·O)·C·k²·L each."""
+    N, _, _, C = x_cl.shape
+    O, L = R.shape[1:]
+    return 3 * 2 * N * 2 * O * C * kernel[0] * kernel[1] * L
+
+
 def product_flops(fn) -> int:
+    """FLOPs of one call's matrix products: torch's ops (their dispatch), and the Triton implicit
+    GEMMs (launched from Python, invisible to the dispatcher) from their operands' shapes."""
+    try:
+        from rsp_fast.kernels.triton import conv_products
+    except ImportError:  # no Triton: no implicit GEMMs either
+        conv_products = None
     with _CountFlops() as counter:
-        fn()
+        if conv_products is None:
+            fn()
+            return counter.total
+        real = conv_products.conv_products_triton
+
+        def counted(*args, **kwargs):
+            counter.total += implicit_gemm_flops(*args, **kwargs)
+            return real(*args, **kwargs)
+        conv_products.conv_products_triton = counted
+        try:
+            fn()
+        finally:
+            conv_products.conv_products_triton = real
     return counter.total
 
 

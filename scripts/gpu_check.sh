@@ -7,8 +7,9 @@
 # (opt-in steps: "extended" times the models that need the extension rules, "cpu_tests" runs the CPU
 # tests most tied to torch's version under the GPU machine's torch, "profile" lists device time per
 # aten op and input shapes)
-# The "paths" step times the ways dense layers can run on CUDA and exports the fastest as
-# RSP_FAST_CUDA_DENSE_PATH for the steps after it.
+# The "paths" step times the ways dense layers can run on CUDA (PATHS_AUTOTUNE=1: also under cuDNN's
+# autotuner), the fastest per precision last (the steps after it keep the default choice);
+# "conv_products" times the Triton implicit GEMMs against cuDNN per layer, and their launch tiles.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 PY=${PYTHON:-python3}
@@ -26,8 +27,9 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 build() {
     # The device image's Python links extensions with its /opt/gcc/bin/g++ wrapper; an error raised
     # inside an op built that way killed the process (segfault, H100 2026-11-26), built with the
-    # system compiler it is a RuntimeError (docs/gpu/h100_run2_diagnostics.log).
-    if [ -x /usr/bin/g++ ] && [ -z "${CXX:-}" ]; then
+    # system compiler it is a RuntimeError (docs/gpu/h100_run2_diagnostics.log). The image sets CXX
+    # itself, so the system compiler is taken whenever there is one (KEEP_CXX=1: the environment's).
+    if [ -x /usr/bin/g++ ] && [ -z "${KEEP_CXX:-}" ]; then
         export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
     fi
     TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 $PY setup.py build_ext --inplace >/tmp/rsp_build.log 2>&1
@@ -36,14 +38,14 @@ build() {
 }
 
 tests() {
-    timeout ${TEST_LIMIT:-180} $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_ops.py tests/test_gpu.py \
-        tests/test_products_kernels.py -k "cuda or reject or multiplier or gpu" -rfE 2>&1 \
+    timeout ${TEST_LIMIT:-180} $PY -m pytest -q -p no:cacheprovider -o addopts="" ${TEST_FILES:-tests/test_ops.py tests/test_gpu.py \
+        tests/test_products_kernels.py tests/test_conv_products.py} -k "${TEST_SELECT:-cuda or reject or multiplier or gpu}" -rfE 2>&1 \
         | tee "$OUT/tests.log" | tail -25
 }
 
 paths() {  # VGG16, batch 64: how dense layers off the Gram path should run on CUDA (and what cuDNN's autotuner would add)
     timeout ${PATHS_LIMIT:-150} $PY - <<'PY' 2>&1 | tee /tmp/paths.txt "$OUT/paths.log" | tail -20
-import sys, torch, torchvision
+import os, sys, torch, torchvision
 sys.path.insert(0, "benchmarks")
 from utils import time_call
 import rsp_fast
@@ -51,7 +53,7 @@ from rsp_fast.rules import conv
 model = torchvision.models.vgg16().eval().cuda()
 x = torch.randn(64, 3, 224, 224, device="cuda")
 best = {}
-for autotune in (False, True):
+for autotune in (False, True) if os.environ.get("PATHS_AUTOTUNE") else (False,):
     torch.backends.cudnn.benchmark = autotune
     for precision in ("tf32", "bf16"):
         explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
@@ -60,12 +62,20 @@ for autotune in (False, True):
             t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
             print(f"VGG16 batch 64 {precision} dense path {path} cudnn.benchmark={autotune}: {64 / t:.1f} img/s")
             if not autotune:
-                best[path] = best.get(path, 0) + t
+                best.setdefault(precision, {})[path] = t
+        conv.CUDA_DENSE_PATH = None
 torch.backends.cudnn.benchmark = False
-print("BEST", min(best, key=best.get))
+for precision, times in best.items():
+    print("BEST", precision, min(times, key=times.get), "default:", conv.cuda_dense_path(True))
+default_choice = conv.tap_sums_pay  # the Gram path's layers through their pixels' Gram matrix, or through their patches
+for precision in ("tf32", "bf16"):
+    explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
+    for pixel in (True, False):
+        conv.tap_sums_pay = lambda *args: pixel
+        t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
+        print(f"VGG16 batch 64 {precision} default dense path, pixel Gram {'on' if pixel else 'off'}: {64 / t:.1f} img/s")
+conv.tap_sums_pay = default_choice
 PY
-    export RSP_FAST_CUDA_DENSE_PATH=$(awk '/^BEST/ {print $2}' /tmp/paths.txt)
-    echo "RSP_FAST_CUDA_DENSE_PATH=${RSP_FAST_CUDA_DENSE_PATH:=grouped_conv}"
 }
 
 vgg16() {
@@ -74,6 +84,11 @@ vgg16() {
         "forward + input gradient" "captum LRP" "zennit EpsilonPlusFlat" "authors' RSP" "RSP (cuda)" "RSP (cuda, tf32)" \
         "RSP (cuda, tf32, graph)" "RSP (cuda, bf16)" "RSP (cuda, bf16, graph)" 2>&1 \
         | grep -v "^  " | tail -60
+}
+
+conv_products() {  # VGG16's dense layers, batch 64: cuDNN's grouped convolutions against the Triton implicit GEMMs, and their tiles
+    timeout ${CONV_PRODUCTS_LIMIT:-240} $PY benchmarks/bench_conv_products.py ${CONV_PRODUCTS_ARGS---tiles} --json "$OUT/conv_products.json" 2>&1 \
+        | tee "$OUT/conv_products.log" | tail -40
 }
 
 products() {

@@ -1,5 +1,6 @@
 """The benchmark scripts run (quick mode) and write well-formed JSON."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,19 @@ def test_bench_kernels_quick(tmp_path):
     assert {"sectional_normalize", "purge"} <= {r["op"] for r in rows} <= {"sectional_normalize", "purge", "sectional_matmul"}
     assert all(r["seconds_median"] > 0 and r["speedup"] > 0 for r in rows)
     assert "| op |" in proc.stdout
+
+
+def test_bench_conv_products_quick(tmp_path):
+    """Both CUDA dense paths of the conv rule, run on CPU (the implicit GEMMs in Triton's interpreter)."""
+    out = tmp_path / "c.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_conv_products.py"), "--quick", "--precisions",
+                           "fp32", "--json", str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["layer"] for r in rows] == ["8->6 at 9x9", "5->4 at 7x7"]
+    assert all(r["grouped_conv_ms"] > 0 and r["implicit_gemm_ms"] > 0 and r["products_ms"] > 0 for r in rows)
+    assert "| layer |" in proc.stdout
 
 
 def test_bench_compiled_paths_quick(tmp_path):
@@ -134,6 +148,21 @@ def test_product_flops_count_grouped_convolutions_and_their_gradients():
     macs = 2 * 8 * 3 * 9 * 8 * 8  # N·O·(C/groups)·k²·output positions
     assert product_flops(conv_and_both_gradients) == 3 * 2 * macs
     assert product_flops(lambda: torch.randn(4, 5, 6) @ torch.randn(4, 6, 7)) == 2 * 4 * 5 * 6 * 7
+
+
+def test_product_flops_count_the_implicit_gemms():
+    """The conv rule's Triton implicit GEMMs (launched from Python, unseen by torch's dispatcher)
+    count as the three products they compute; the purge and normalisation add nothing."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_products import product_flops
+    from rsp_fast.ops.dispatch import TORCH
+    from rsp_fast.rules.base import Context
+    from rsp_fast.rules.conv import call_geometry, inner_conv_relevance
+
+    x, R = torch.rand(2, 5, 7, 6, dtype=torch.float64), torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    flops = product_flops(lambda: inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R,
+                                                       call_geometry(3, padding=1), path="implicit_gemm"))
+    assert flops == 3 * 2 * 2 * (2 * 4) * 5 * 9 * (7 * 6)
 
 
 def test_busy_seconds_counts_overlapping_kernels_once():

@@ -1,0 +1,113 @@
+"""RSP's conv rule on VGG16's dense layers, per layer: cuDNN's grouped convolutions against the
+Triton implicit GEMMs (kernels/triton/conv_products.py), and the implicit GEMMs' launch tiles.
+
+    python benchmarks/bench_conv_products.py [--batch 64] [--precisions tf32 bf16] [--tiles] [--json out.json] [--quick]
+
+Per layer and precision: milliseconds of one rule call (products, normalisation, purge) on each
+path and the products' TFLOP/s at the implicit GEMMs' time, and on a GPU all the layers'
+products against the dense peak measured in the same run; with --tiles, each kernel's time
+under each candidate tile (the others at their defaults), to choose ``default_tiles``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_products import peak_tflops  # noqa: E402
+from utils import describe, markdown_table, time_interleaved  # noqa: E402
+
+from rsp_fast.api import _matmul_precision  # noqa: E402
+from rsp_fast.ops import dispatch  # noqa: E402
+from rsp_fast.rules.base import Context  # noqa: E402
+from rsp_fast.rules.conv import call_geometry, inner_conv_relevance  # noqa: E402
+
+# VGG16's 3×3 layers that take the dense path at 224×224: (C, O, H)
+VGG16_DENSE = [(64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56)]
+QUICK = [(8, 6, 9), (5, 4, 7)]
+LOW = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def candidate_tiles(dtype: torch.dtype):
+    from rsp_fast.kernels.triton.conv_products import Tiles
+
+    red = 128 // (torch.finfo(dtype).bits // 8)
+    return [Tiles(128, 128, red, 8, 3), Tiles(128, 128, red, 4, 4), Tiles(128, 64, red, 4, 4), Tiles(64, 128, red, 4, 4),
+            Tiles(256, 128, red, 8, 3), Tiles(128, 256, red, 8, 3), Tiles(128, 128, 2 * red, 8, 3)]
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--precisions", nargs="+", default=["tf32", "bf16"], choices=sorted(LOW))
+    p.add_argument("--tiles", action="store_true", help="also time each kernel under candidate tiles")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json")
+    p.add_argument("--quick", action="store_true", help="tiny layers, batch 2, one repeat (tests; the CPU interpreter)")
+    args = p.parse_args(argv)
+    from rsp_fast.kernels.triton import triton_unavailable_reason
+    from rsp_fast.kernels.triton.conv_products import conv_products_triton
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if reason := triton_unavailable_reason(device):
+        raise SystemExit(f"bench_conv_products: {reason}")
+    layers, batch, repeats = (QUICK, 2, 1) if args.quick else (VGG16_DENSE, args.batch, args.repeats)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    print(describe(device))
+    rows, peaks = [], {}
+    for precision in args.precisions:
+        if device.type == "cuda":  # the device's dense rate in this precision, measured in this run
+            peaks[precision] = peak_tflops(precision, device, 8192)
+        low = LOW[precision] if device.type == "cuda" else (None if precision in ("fp32", "tf32") else torch.float16)
+        ctx = Context(values={}, shapes={}, ops=dispatch.select_kernels("auto", device), product_dtype=low)
+        for C, O, H in layers:
+            torch.manual_seed(0)
+            x = torch.rand(batch, C, H, H, device=device, dtype=dtype)
+            R = torch.randn(batch, O, H, H, device=device, dtype=dtype)
+            g = call_geometry(3, padding=1)
+            flops = 2 * 6 * O * C * 9 * H * H * batch
+            with _matmul_precision(precision, device):
+                times = time_interleaved({path: (lambda path=path: inner_conv_relevance(ctx, x, R, g, path=path))
+                                          for path in ("grouped_conv", "implicit_gemm")}, device, repeats, 1)
+                row = {"layer": f"{C}->{O} at {H}x{H}", "precision": precision, "batch": batch, "device": describe(device),
+                       **{f"{path}_ms": 1e3 * t["median"] for path, t in times.items()}}
+                x_cl = x.to(low or dtype).permute(0, 2, 3, 1).contiguous()
+
+                def products(tiles=None):
+                    return conv_products_triton(x_cl, R.view(batch, O, H * H), (3, 3), (1, 1), (1, 1, 1, 1), (H, H), dtype,
+                                                tiles=tiles)
+                base = time_interleaved({"products": products}, device, repeats, 1)["products"]["median"]
+                row["products_ms"], row["products_tflops"], row["flops"] = 1e3 * base, flops / base / 1e12, flops
+                row["peak_tflops"] = peaks.get(precision)
+                if args.tiles:
+                    for kernel in ("filters", "responses", "back"):
+                        for t in candidate_tiles(low or dtype):
+                            try:
+                                ms = 1e3 * time_interleaved({"t": lambda: products({kernel: t})}, device, repeats, 1)["t"]["median"]
+                            except Exception as e:  # a tile that does not fit the shared memory
+                                ms = f"{type(e).__name__}"
+                            row.setdefault("tiles", []).append({"kernel": kernel, "tiles": list(t), "products_ms": ms})
+            rows.append(row)
+            print(f"{row['layer']} {precision}: grouped_conv {row['grouped_conv_ms']:.2f} ms, implicit_gemm "
+                  f"{row['implicit_gemm_ms']:.2f} ms (products {row['products_ms']:.2f} ms, {row['products_tflops']:.0f} TFLOP/s)")
+            for t in row.get("tiles", []):
+                print(f"   {t['kernel']} {t['tiles']}: {t['products_ms'] if isinstance(t['products_ms'], str) else round(t['products_ms'], 3)}")
+    print(markdown_table(["layer", "precision", "grouped_conv ms", "implicit_gemm ms", "products TFLOP/s"],
+                         [[r["layer"], r["precision"], f"{r['grouped_conv_ms']:.2f}", f"{r['implicit_gemm_ms']:.2f}",
+                           f"{r['products_tflops']:.0f}"] for r in rows]))
+    for precision, peak in peaks.items():  # all the layers' products together: their FLOPs over their time
+        mine = [r for r in rows if r["precision"] == precision]
+        rate = sum(r["flops"] for r in mine) / sum(r["products_ms"] for r in mine) / 1e9
+        print(f"{precision}: products {rate:.0f} TFLOP/s over these layers, {rate / peak:.0%} of the {peak:.0f} TFLOP/s "
+              f"a {8192}-square matrix product reaches")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
