@@ -38,8 +38,8 @@ build() {
 }
 
 tests() {
-    timeout ${TEST_LIMIT:-180} $PY -m pytest -q -p no:cacheprovider -o addopts="" ${TEST_FILES:-tests/test_ops.py tests/test_gpu.py \
-        tests/test_products_kernels.py tests/test_conv_products.py} -k "${TEST_SELECT:-cuda or reject or multiplier or gpu}" -rfE 2>&1 \
+    timeout ${TEST_LIMIT:-180} $PY -m pytest -q -p no:cacheprovider -o addopts="" ${TEST_FILES:-tests/test_conv_products.py tests/test_ops.py \
+        tests/test_gpu.py tests/test_products_kernels.py} -k "${TEST_SELECT:-cuda or reject or multiplier or gpu}" -rfE 2>&1 \
         | tee "$OUT/tests.log" | tail -25
 }
 

@@ -187,8 +187,8 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
 # "implicit_gemm": Triton's implicit GEMMs over a channels-last copy of the input, the
 # normalisation fused (kernels/triton/conv_products.py: no unfolding, no cuDNN transposes);
 # stride-1 ungrouped convs only, the others take grouped_conv.
-# H100, VGG16 at batch 64, img/s (docs/gpu/h100_paths_implicit_gemm.log): bfloat16 651 with
-# implicit_gemm against 479 with grouped_conv, TF32 487 against 453. So products on tensor
+# H100, VGG16 at batch 64, img/s (docs/gpu/h100_paths_implicit_gemm.log): bfloat16 659 with
+# implicit_gemm against 481 with grouped_conv, TF32 495 against 456. So products on tensor
 # cores (16-bit, TF32) take implicit_gemm, exact float32 and float64 ones grouped_conv
 # (``cuda_dense_path``). RSP_FAST_CUDA_DENSE_PATH chooses one path for every precision.
 CUDA_DENSE_PATHS = ("grouped_conv", "implicit_gemm", "filter", "conv")
@@ -513,7 +513,7 @@ def _strided_pointwise_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor,
 def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: ConvGeometry, path: str, out_hw):
     """The back-projection at the input by the filter, conv or Gram path, both sections through
     each product together ([R⁺; R⁻], [S⁺; −S⁻]); and, when tracking, the responses Ga, Gb."""
-    if path == "implicit_gemm":  # one group; the kernels take the sections as they read R
+    if path == "implicit_gemm":  # one group; the kernels stack the sections themselves
         return _implicit_gemm_products(ctx, x_pos, Rg[:, 0], g, out_hw), None, None
     G, Og, L = Rg.shape[1:]
     Rs = stacked_sections(Rg, dim=2)  # N, G, 2·O/G, L: [R⁺; R⁻]

@@ -2,17 +2,17 @@
 sectional normalisation fused into the responses.
 
 With x the rectified input in channels-last layout (N, H, W, C), Rs = [R⁺; R⁻] the sections
-(N, 2·O, L) over the L = Ho·Wo output positions and t = (ky, kx) a
-tap of the kernel, the
+(N, 2·O, L) over the L = Ho·Wo output positions and t = (ky, kx) a tap of the kernel, the
 patches are Xᵤ[(t, c), l] = x[n, i(l) + ky·dy − pt, j(l) + kx·dx − pl, c] (zero off the image):
   filters          F[n, t, m, c] = Σ_l Rs[n, m, l] · Xᵤ[(t, c), l]
   responses        S[n, l, m] = normalise(Rs, Σ_(t, c) F[n, t, m, c] · Xᵤ[(t, c), l])
   back-projection  dx[n, c, y, x] = Σ_(t, m) F[n, t, m, c] · S[n, l(y, x, t), m]
 Each reads x, S and F where they lie, never unfolding the patches: a tap moves whole rows of
 channels (contiguous in channels-last), so the loads stay aligned for the tensor cores; the
-responses never reach memory, only S, position-major as the back-projection reads it. cuDNN
+responses never reach memory, only S, position-major as the back-projection reads it (the
+filters read Rs stacked in the products' precision, the normalisation R itself). cuDNN
 runs the same products as grouped convolutions of NCHW tensors that it transposes to NHWC and
-back around every call (27 % of an H100's kernel time on VGG16 in bfloat16). Each sample has
+back around every call (28 % of an H100's kernel time on VGG16 in bfloat16). Each sample has
 its own filters, so the samples are a grid dimension.
 """
 from __future__ import annotations
@@ -191,8 +191,8 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     """RSP's back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻ at the (unpadded) input of a stride-1, ungrouped conv.
 
     x_cl: (N, H, W, C) the rectified input, channels-last and contiguous, in the products'
-    precision; R: (N, O, L) the relevance at the output (its sections are taken as it is read;
-    the normalisation runs in its precision, the filters in the products');
+    precision; R: (N, O, L) the relevance at the output (the filters read its sections stacked in
+    the products' precision, the normalisation reads R in its own);
     pad = (left, right, top, bottom). ``splits``: how many parts the filters' sum over positions
     is cut into (default: enough programs for the GPU); ``tiles``: a kernel's ("filters",
     "responses", "back") launch instead of ``default_tiles``. Returns dx (N, C, H, W) in
@@ -212,9 +212,9 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     x_strides = x_cl.stride()[:3]
 
     # filters: rows are the sections, columns the channels, reduced over positions; the stacked
-    # sections written once in the products' precision (read from R in the loop, in float32 they
-    # slowed VGG16's first layer's products by a third on an H100: they then bypass the
-    # asynchronous copies to shared memory)
+    # sections written once in the products' precision (read from float32 R in the loop instead,
+    # VGG16's conv1_2 products took 8.5 ms per batch of 64 on an H100 instead of 5.5, likely
+    # because operands converted in registers miss the asynchronous copies to shared memory)
     Rs_low = stacked_sections(R, dim=1, dtype=dtype)
     t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
     blocks = triton.cdiv(M, t.rows) * triton.cdiv(C, t.cols)
