@@ -4,7 +4,8 @@ Triton implicit GEMMs (kernels/triton/conv_products.py), and the implicit GEMMs'
     python benchmarks/bench_conv_products.py [--batch 64] [--precisions tf32 bf16] [--tiles] [--json out.json] [--quick]
 
 Per layer and precision: milliseconds of one rule call (products, normalisation, purge) on each
-path and the products' TFLOP/s at the implicit GEMMs' time, and on a GPU all the layers'
+path and the products' TFLOP/s at the implicit GEMMs' time (one call: stacking, kernels,
+allocations; on a GPU also the kernels alone, from the profiler), and on a GPU all the layers'
 products against the dense peak measured in the same run; with --tiles, each kernel's time
 under each candidate tile (the others at their defaults), to choose ``default_tiles``.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_products import peak_tflops  # noqa: E402
+from bench_products import peak_tflops, product_device_seconds  # noqa: E402
 from utils import describe, markdown_table, time_interleaved  # noqa: E402
 
 from rsp_fast.api import _matmul_precision  # noqa: E402
@@ -83,6 +84,8 @@ def main(argv=None) -> list[dict]:
                 base = time_interleaved({"products": products}, device, repeats, 1)["products"]["median"]
                 row["products_ms"], row["products_tflops"], row["flops"] = 1e3 * base, flops / base / 1e12, flops
                 row["peak_tflops"] = peaks.get(precision)
+                if device.type == "cuda":  # the three kernels alone: the union of their intervals in the profiler
+                    row["kernels_ms"] = 1e3 * product_device_seconds(products, device)[0]
                 if args.tiles:
                     for kernel in ("filters", "responses", "back"):
                         for t in candidate_tiles(low or dtype):
@@ -93,7 +96,8 @@ def main(argv=None) -> list[dict]:
                             row.setdefault("tiles", []).append({"kernel": kernel, "tiles": list(t), "products_ms": ms})
             rows.append(row)
             print(f"{row['layer']} {precision}: grouped_conv {row['grouped_conv_ms']:.2f} ms, implicit_gemm "
-                  f"{row['implicit_gemm_ms']:.2f} ms (products {row['products_ms']:.2f} ms, {row['products_tflops']:.0f} TFLOP/s)")
+                  f"{row['implicit_gemm_ms']:.2f} ms (products {row['products_ms']:.2f} ms, {row['products_tflops']:.0f} TFLOP/s"
+                  + (f"; kernels {row['kernels_ms']:.2f} ms" if "kernels_ms" in row else "") + ")")
             for t in row.get("tiles", []):
                 print(f"   {t['kernel']} {t['tiles']}: {t['products_ms'] if isinstance(t['products_ms'], str) else round(t['products_ms'], 3)}")
     print(markdown_table(["layer", "precision", "grouped_conv ms", "implicit_gemm ms", "products TFLOP/s"],
@@ -102,8 +106,9 @@ def main(argv=None) -> list[dict]:
     for precision, peak in peaks.items():  # all the layers' products together: their FLOPs over their time
         mine = [r for r in rows if r["precision"] == precision]
         rate = sum(r["flops"] for r in mine) / sum(r["products_ms"] for r in mine) / 1e9
-        print(f"{precision}: products {rate:.0f} TFLOP/s over these layers, {rate / peak:.0%} of the {peak:.0f} TFLOP/s "
-              f"a {8192}-square matrix product reaches")
+        kernels = sum(r["flops"] for r in mine) / sum(r["kernels_ms"] for r in mine) / 1e9
+        print(f"{precision}: products {rate:.0f} TFLOP/s over these layers ({kernels:.0f} in their kernels alone), "
+              f"{rate / peak:.0%} ({kernels / peak:.0%}) of the {peak:.0f} TFLOP/s a 8192-square matrix product reaches")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
