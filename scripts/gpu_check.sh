@@ -3,17 +3,18 @@
 # cuda-marked tests, then the GPU benchmarks. Each step has its own time limit and writes its
 # output to $OUT as it finishes, so a step that fails or runs long costs only itself.
 #   OUT=dir [WHEELS=dir of extra wheels] [AUTHORS=checkout of the authors' code]
-#   [STEPS="build tests paths vgg16 products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
+#   [STEPS="build tests paths vgg16 conv_products products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
 # (opt-in steps: "extended" times the models that need the extension rules, "cpu_tests" runs the CPU
 # tests most tied to torch's version under the GPU machine's torch, "profile" lists device time per
 # aten op and input shapes)
 # The "paths" step times the ways dense layers can run on CUDA (PATHS_AUTOTUNE=1: also under cuDNN's
 # autotuner), the fastest per precision last (the steps after it keep the default choice);
-# "conv_products" times the Triton implicit GEMMs against cuDNN per layer, and their launch tiles.
+# "conv_products" times the Triton implicit GEMMs against cuDNN per layer (CONV_PRODUCTS_ARGS=--tiles:
+# also their launch tiles).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-build tests paths vgg16 products precision vgg16_b128 others kernels}
+STEPS=${STEPS:-build tests paths vgg16 conv_products products precision vgg16_b128 others kernels}
 REPEATS="--repeats ${REPEATS:-5}"
 mkdir -p "$OUT"
 if [ -n "${WHEELS:-}" ]; then
@@ -86,8 +87,8 @@ vgg16() {
         | grep -v "^  " | tail -60
 }
 
-conv_products() {  # VGG16's dense layers, batch 64: cuDNN's grouped convolutions against the Triton implicit GEMMs, and their tiles
-    timeout ${CONV_PRODUCTS_LIMIT:-240} $PY benchmarks/bench_conv_products.py ${CONV_PRODUCTS_ARGS---tiles} --json "$OUT/conv_products.json" 2>&1 \
+conv_products() {  # VGG16's dense layers, batch 64: cuDNN's grouped convolutions against the Triton implicit GEMMs
+    timeout ${CONV_PRODUCTS_LIMIT:-120} $PY benchmarks/bench_conv_products.py ${CONV_PRODUCTS_ARGS:-} --json "$OUT/conv_products.json" 2>&1 \
         | tee "$OUT/conv_products.log" | tail -40
 }
 
