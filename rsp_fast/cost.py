@@ -18,7 +18,7 @@ from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError
 from .propagate import record_forward
 from .rules.conv import (Conv, choose_path, gram_macs, implicit_gemm_fits, on_tensor_cores, pixel_gram_macs,
-                         tap_sums_pay)
+                         runnable_dense_path, tap_sums_pay)
 from .rules.linear import Linear
 
 
@@ -45,8 +45,7 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
         pointwise = g.is_pointwise and not any(g.pad)
         path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
                            tensor_cores=on_tensor_cores(dtype))
-        if path == "implicit_gemm" and not implicit_gemm_fits(g):
-            path = "grouped_conv"
+        path = runnable_dense_path(path, implicit_gemm_fits(g))
         macs = gram if path == "gram" else filter_macs
         patches = 0 if path in ("conv", "grouped_conv", "implicit_gemm") else ck * G * L  # the (unfolded) input, read by every product
         moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))

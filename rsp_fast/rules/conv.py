@@ -213,6 +213,11 @@ def implicit_gemm_fits(g: ConvGeometry) -> bool:
     return g.stride == (1, 1) and g.groups == 1
 
 
+def runnable_dense_path(path: str, implicit_gemm_runs: bool) -> str:
+    """``path``, or grouped_conv where it is implicit_gemm and its kernels cannot run."""
+    return "grouped_conv" if path == "implicit_gemm" and not implicit_gemm_runs else path
+
+
 # How much slower per multiply-add the masked kernels run than the dense products (gathered
 # patches instead of a blocked GEMM, and fixed costs): 1.1–4.3 on VGG16's and
 # EfficientNet-Lite0's layers at batch 8 on this project's CPU, both on its 2 cores
@@ -475,20 +480,21 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
     # depthwise: the products fused per plane where that kernel exists
     fused_depthwise = compiled and C == G and ctx.ops.depthwise_products is not None and k2 <= DEPTHWISE_MAX_TAPS
-    pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums_pay(x.is_cuda, ctx.product_dtype or x.dtype))
+    low = ctx.product_dtype or x.dtype
+    pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums_pay(x.is_cuda, low))
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
-                                pixel_gram, on_tensor_cores(ctx.product_dtype or x.dtype)))
-    if path == "implicit_gemm" and not (implicit_gemm_fits(g) and not ctx.tracking
-                                        and triton_unavailable_reason(x.device) == ""):
-        path = "grouped_conv"  # tracking reads the responses, which the fused kernels never form
+                                pixel_gram, on_tensor_cores(low)))
+    # tracking reads the responses, which the fused kernels never form
+    path = runnable_dense_path(path, implicit_gemm_fits(g) and not ctx.tracking
+                               and triton_unavailable_reason(x.device) == "")
     Rg = R.reshape(N, G, Og, L)
     if path == "masked":
         dx, Ga, Gb = ctx.ops.masked_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
     elif path == "depthwise":
         dx, Ga, Gb = ctx.ops.depthwise_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
     else:
-        dx, Ga, Gb = _dense_products(ctx, x_pos, Rg, g, path, R.shape[-2:])
+        dx, Ga, Gb = _dense_products(ctx, x_pos, Rg, g, path, R.shape[-2:], pixel_gram is not None)
     if g.is_pointwise:
         if ctx.tracking:
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))
@@ -510,9 +516,11 @@ def _strided_pointwise_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor,
     return R_in
 
 
-def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: ConvGeometry, path: str, out_hw):
+def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: ConvGeometry, path: str, out_hw,
+                    pixel_gram: bool):
     """The back-projection at the input by the filter, conv or Gram path, both sections through
-    each product together ([R⁺; R⁻], [S⁺; −S⁻]); and, when tracking, the responses Ga, Gb."""
+    each product together ([R⁺; R⁻], [S⁺; −S⁻]); and, when tracking, the responses Ga, Gb.
+    ``pixel_gram``: the Gram path through the pixels' Gram matrix (``pixel_gram_macs`` said so)."""
     if path == "implicit_gemm":  # one group; the kernels stack the sections themselves
         return _implicit_gemm_products(ctx, x_pos, Rg[:, 0], g, out_hw), None, None
     G, Og, L = Rg.shape[1:]
@@ -542,8 +550,7 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
                 return ctx.ops.sectional_matmul(A, B, Rs_low[samples], Og)  # fused: the responses never reach memory
             return ctx.low(normalize_stacked((A @ B).to(x_pos.dtype), samples))
 
-        if path == "gram" and pixel_gram_macs(g, C // G, x_pos.shape[-2:], L,
-                                              tap_sums_pay(x_pos.is_cuda, ctx.product_dtype or x_pos.dtype)) is not None:
+        if path == "gram" and pixel_gram:
             X = ctx.low(xp).reshape(N, G, C // G, Hp * Wp)
             dX = torch.empty_like(X)
             # samples in chunks: the L×L and P×P matrices of a whole batch of large maps would not fit
