@@ -96,23 +96,43 @@ products() {
     timeout 60 $PY benchmarks/bench_products.py --model vgg16 --batch 64 --json "$OUT/products.json" 2>&1 | grep -v "^  [a-z]"
 }
 
-profile() {  # VGG16 batch 64: device time per aten op and input shapes, to tie the slow kernels of "products" to their calls
-    timeout ${PROFILE_LIMIT:-90} $PY - <<'PY' 2>&1 | tee "$OUT/profile.log" | tail -70
-import torch, torchvision
+profile() {  # VGG16 batch 64: device time per RSP step (layer), per kernel, and per aten op and input shapes
+    timeout ${PROFILE_LIMIT:-90} $PY - <<'PY' 2>&1 | tee "$OUT/profile.log" | tail -90
+import os, torch, torchvision
+from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 import rsp_fast
 model = torchvision.models.vgg16().eval().cuda()
 x = torch.randn(64, 3, 224, 224, device="cuda")
-for precision in ("tf32", "bf16"):
+
+def labelled(propagate, name):
+    def run(ctx, R):
+        with record_function(name):
+            return propagate(ctx, R)
+    return run
+
+for precision in os.environ.get("PROFILE_PRECISIONS", "tf32 bf16").split():
     explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
+    explainer.attribute(x)
+    for step in explainer._plan_for(x).steps:  # each rule call under its layer's name in the profile
+        step.propagate = labelled(step.propagate, f"step {type(step).__name__} {step.node.name}")
     explainer.attribute(x)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         explainer.attribute(x)
         torch.cuda.synchronize()
-    print(f"== {precision}")
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=40,
-                                                              max_shapes_column_width=90))
+    events = prof.key_averages()
+    print(f"== {precision}: device time per step")
+    for e in sorted((e for e in events if e.key.startswith("step ")), key=lambda e: -e.device_time_total):
+        print(f"{e.key:50s} {e.device_time_total / 1e3:8.3f} ms")
+    print(f"== {precision}: kernels")
+    kernels = sorted((e for e in events if e.self_device_time_total > 0 and not e.key.startswith(("aten::", "step "))),
+                     key=lambda e: -e.self_device_time_total)
+    for e in kernels[:30]:
+        print(f"{e.self_device_time_total / 1e3:8.3f} ms {e.count:5d}x  {e.key[:150]}")
+    print(f"total kernel time {sum(e.self_device_time_total for e in kernels) / 1e3:.3f} ms")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=30,
+                                                              max_shapes_column_width=100))
 PY
 }
 
