@@ -1,10 +1,11 @@
 """RSP's conv rule on VGG16's dense layers, per layer: cuDNN's grouped convolutions against the
 Triton implicit GEMMs (kernels/triton/conv_products.py), and the implicit GEMMs' launch tiles.
 
-    python benchmarks/bench_conv_products.py [--batch 64] [--precisions tf32 bf16] [--tiles] [--json out.json] [--quick]
+    python benchmarks/bench_conv_products.py [--batch 64] [--precisions tf32 bf16] [--layers dense|deep]
+        [--paths grouped_conv implicit_gemm] [--tiles] [--json out.json] [--quick]
 
 Per layer and precision: milliseconds of one rule call (products, normalisation, purge) on each
-path and the products' TFLOP/s at the implicit GEMMs' time (one call: stacking, kernels,
+path (--paths: also "gram", for the deep layers it takes by default) and the products' TFLOP/s at the implicit GEMMs' time (one call: stacking, kernels,
 allocations; on a GPU also the kernels alone, from the profiler), and on a GPU all the layers'
 products against the dense peak measured in the same run; with --tiles, each kernel's time
 under each candidate tile (the others at their defaults), to choose ``default_tiles``.
@@ -29,6 +30,9 @@ from rsp_fast.rules.conv import call_geometry, inner_conv_relevance  # noqa: E40
 
 # VGG16's 3×3 layers that take the dense path at 224×224: (C, O, H)
 VGG16_DENSE = [(64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56)]
+# the 3×3 layers where the Gram path has fewer multiply-adds: VGG16's conv4 and conv5, ResNet50's last two stages
+DEEP = [(256, 512, 28), (512, 512, 28), (512, 512, 14), (256, 256, 14), (512, 512, 7)]
+LAYERS = {"dense": VGG16_DENSE, "deep": DEEP}
 QUICK = [(8, 6, 9), (5, 4, 7)]
 LOW = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,7 +49,12 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--precisions", nargs="+", default=["tf32", "bf16"], choices=sorted(LOW))
+    p.add_argument("--layers", default="dense", choices=sorted(LAYERS), help="VGG16's dense layers, or the deep ones")
+    p.add_argument("--paths", nargs="+", default=["grouped_conv", "implicit_gemm"],
+                   help="the rule's paths to time per layer (grouped_conv, implicit_gemm, gram, filter, conv)")
     p.add_argument("--tiles", action="store_true", help="also time each kernel under candidate tiles")
+    p.add_argument("--tile-kernels", nargs="+", default=["filters", "responses", "back"],
+                   help="with --tiles: the kernels whose tiles to try")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="tiny layers, batch 2, one repeat (tests; the CPU interpreter)")
@@ -56,7 +65,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if reason := triton_unavailable_reason(device):
         raise SystemExit(f"bench_conv_products: {reason}")
-    layers, batch, repeats = (QUICK, 2, 1) if args.quick else (VGG16_DENSE, args.batch, args.repeats)
+    layers, batch, repeats = (QUICK, 2, 1) if args.quick else (LAYERS[args.layers], args.batch, args.repeats)
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     print(describe(device))
     rows, peaks = [], {}
@@ -73,7 +82,7 @@ def main(argv=None) -> list[dict]:
             flops = 2 * 6 * O * C * 9 * H * H * batch
             with _matmul_precision(precision, device):
                 times = time_interleaved({path: (lambda path=path: inner_conv_relevance(ctx, x, R, g, path=path))
-                                          for path in ("grouped_conv", "implicit_gemm")}, device, repeats, 1)
+                                          for path in args.paths}, device, repeats, 1)
                 row = {"layer": f"{C}->{O} at {H}x{H}", "precision": precision, "batch": batch, "device": describe(device),
                        **{f"{path}_ms": 1e3 * t["median"] for path, t in times.items()}}
                 x_cl = x.to(low or dtype).permute(0, 2, 3, 1).contiguous()
@@ -87,7 +96,7 @@ def main(argv=None) -> list[dict]:
                 if device.type == "cuda":  # the three kernels alone: the union of their intervals in the profiler
                     row["kernels_ms"] = 1e3 * product_device_seconds(products, device)[0]
                 if args.tiles:
-                    for kernel in ("filters", "responses", "back"):
+                    for kernel in args.tile_kernels:
                         for t in candidate_tiles(low or dtype):
                             try:
                                 ms = 1e3 * time_interleaved({"t": lambda: products({kernel: t})}, device, repeats, 1)["t"]["median"]
@@ -95,13 +104,13 @@ def main(argv=None) -> list[dict]:
                                 ms = f"{type(e).__name__}"
                             row.setdefault("tiles", []).append({"kernel": kernel, "tiles": list(t), "products_ms": ms})
             rows.append(row)
-            print(f"{row['layer']} {precision}: grouped_conv {row['grouped_conv_ms']:.2f} ms, implicit_gemm "
-                  f"{row['implicit_gemm_ms']:.2f} ms (products {row['products_ms']:.2f} ms, {row['products_tflops']:.0f} TFLOP/s"
+            print(f"{row['layer']} {precision}: " + ", ".join(f"{path} {row[path + '_ms']:.2f} ms" for path in args.paths)
+                  + f" (products {row['products_ms']:.2f} ms, {row['products_tflops']:.0f} TFLOP/s"
                   + (f"; kernels {row['kernels_ms']:.2f} ms" if "kernels_ms" in row else "") + ")")
             for t in row.get("tiles", []):
                 print(f"   {t['kernel']} {t['tiles']}: {t['products_ms'] if isinstance(t['products_ms'], str) else round(t['products_ms'], 3)}")
-    print(markdown_table(["layer", "precision", "grouped_conv ms", "implicit_gemm ms", "products TFLOP/s"],
-                         [[r["layer"], r["precision"], f"{r['grouped_conv_ms']:.2f}", f"{r['implicit_gemm_ms']:.2f}",
+    print(markdown_table(["layer", "precision", *(f"{path} ms" for path in args.paths), "products TFLOP/s"],
+                         [[r["layer"], r["precision"], *(f"{r[path + '_ms']:.2f}" for path in args.paths),
                            f"{r['products_tflops']:.0f}"] for r in rows]))
     for precision, peak in peaks.items():  # all the layers' products together: their FLOPs over their time
         mine = [r for r in rows if r["precision"] == precision]

@@ -44,7 +44,7 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
         # a strided unpadded 1×1 conv runs as a stride-1 one on the pixels it reads
         pointwise = g.is_pointwise and not any(g.pad)
         path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
-                           tensor_cores=on_tensor_cores(dtype))
+                           tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit_gemm_fits(g))
         path = runnable_dense_path(path, implicit_gemm_fits(g))
         macs = gram if path == "gram" else filter_macs
         patches = 0 if path in ("conv", "grouped_conv", "implicit_gemm") else ck * G * L  # the (unfolded) input, read by every product

@@ -197,6 +197,13 @@ if CUDA_DENSE_PATH not in (None, *CUDA_DENSE_PATHS):
     raise ImportError(f"RSP_FAST_CUDA_DENSE_PATH={CUDA_DENSE_PATH!r}: choose one of {', '.join(CUDA_DENSE_PATHS)}")
 
 
+# How many times slower per multiply-add the Gram path (unfolded patches, cuBLAS GEMMs, col2im)
+# runs on CUDA than the implicit GEMMs, where both can take a layer: its multiply-adds are
+# counted at this weight against theirs. RSP_FAST_CUDA_GRAM_SLOWDOWN sets it ("inf": no Gram
+# path where the implicit GEMMs run).
+CUDA_GRAM_SLOWDOWN = float(os.environ.get("RSP_FAST_CUDA_GRAM_SLOWDOWN", "1"))
+
+
 def cuda_dense_path(tensor_cores: bool) -> str:
     """How dense layers off the Gram path run on CUDA, with products on tensor cores or not."""
     return CUDA_DENSE_PATH or ("implicit_gemm" if tensor_cores else "grouped_conv")
@@ -251,7 +258,7 @@ def gram_macs(ck: int, o: int, L: int, pixel_gram: int | None = None) -> int:
 
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
                 nonzeros: float | None = None, masked_ck: int | None = None, pixel_gram: int | None = None,
-                tensor_cores: bool = False) -> str:
+                tensor_cores: bool = False, implicit_gemm_runs: bool = True) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -278,16 +285,19 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     conv path on CPU. On CUDA (``cuda_dense``: a CUDA tensor, not depthwise) the rest take
     ``cuda_dense_path(tensor_cores)``: Triton's implicit GEMMs or one grouped convolution per
     product, instead of a loop over the samples.
-    Sparse relevance takes the masked path when it costs less, counted at MASKED_SLOWDOWN.
+    Sparse relevance takes the masked path when it costs less, counted at MASKED_SLOWDOWN; the
+    Gram path against the implicit GEMMs (where they run: ``implicit_gemm_runs``) at
+    CUDA_GRAM_SLOWDOWN.
     """
     dense, gram = 6 * o * ck * L, gram_macs(ck, o, L, pixel_gram)
     if nonzeros is not None and MASKED_SLOWDOWN * 3 * nonzeros * (masked_ck or ck) < min(dense, gram):
         return "masked"
-    if gram < dense:
+    alternative = "filter" if dense_pointwise else cuda_dense_path(tensor_cores) if cuda_dense else "conv"
+    if alternative == "implicit_gemm" and not implicit_gemm_runs:
+        alternative = "grouped_conv"
+    if gram * (CUDA_GRAM_SLOWDOWN if alternative == "implicit_gemm" else 1) < dense:
         return "gram"
-    if dense_pointwise:
-        return "filter"
-    return cuda_dense_path(tensor_cores) if cuda_dense else "conv"
+    return alternative
 
 
 # Block edges of the Gram product at multiples of 16 elements: each block's GEMM operands then start
@@ -482,12 +492,12 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     fused_depthwise = compiled and C == G and ctx.ops.depthwise_products is not None and k2 <= DEPTHWISE_MAX_TAPS
     low = ctx.product_dtype or x.dtype
     pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums_pay(x.is_cuda, low))
+    # tracking reads the responses, which the fused kernels never form
+    implicit_runs = implicit_gemm_fits(g) and not ctx.tracking and triton_unavailable_reason(x.device) == ""
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
-                                pixel_gram, on_tensor_cores(low)))
-    # tracking reads the responses, which the fused kernels never form
-    path = runnable_dense_path(path, implicit_gemm_fits(g) and not ctx.tracking
-                               and triton_unavailable_reason(x.device) == "")
+                                pixel_gram, on_tensor_cores(low), implicit_runs))
+    path = runnable_dense_path(path, implicit_runs)
     Rg = R.reshape(N, G, Og, L)
     if path == "masked":
         dx, Ga, Gb = ctx.ops.masked_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
