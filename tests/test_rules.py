@@ -92,6 +92,23 @@ def test_path_choice_follows_the_cost_model():
     assert choose_path(512 * 9, 512, 14 * 14, cuda_dense=True) == "gram"
 
 
+def test_gram_path_weighed_against_the_implicit_gemms_only_where_they_run(monkeypatch):
+    """VGG16's conv4_2 (1.6× fewer multiply-adds on the Gram path) and conv5 (6.4×) at the
+    slowdown the Gram path is counted at against the implicit GEMMs on CUDA."""
+    conv4, conv5 = (512 * 9, 512, 28 * 28), (512 * 9, 512, 14 * 14)
+    tc = dict(cuda_dense=True, tensor_cores=True)
+    monkeypatch.setattr(conv_rule, "CUDA_GRAM_SLOWDOWN", 4.0)
+    assert choose_path(*conv4, **tc) == "implicit_gemm"
+    assert choose_path(*conv5, **tc) == "gram"
+    assert choose_path(*conv4, cuda_dense=True) == "gram"  # exact float32: against the grouped convs, unweighted
+    assert choose_path(*conv4, **tc, implicit_gemm_runs=False) == "gram"  # strided, grouped, tracking
+    assert choose_path(*conv4) == "gram"  # CPU
+    monkeypatch.setattr(conv_rule, "CUDA_GRAM_SLOWDOWN", 1.0)
+    assert choose_path(*conv4, **tc) == "gram"
+    monkeypatch.setattr(conv_rule, "CUDA_GRAM_SLOWDOWN", float("inf"))
+    assert choose_path(*conv5, **tc) == "implicit_gemm"
+
+
 def test_same_padding_conv_matches_explicit_padding():
     conv = nn.Conv2d(4, 5, 3, stride=2, padding=0).double()
     conv.__class__ = type("Conv2dSame", (nn.Conv2d,), {})  # the rule keys timm's Conv2dSame by name

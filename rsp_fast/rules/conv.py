@@ -199,9 +199,14 @@ if CUDA_DENSE_PATH not in (None, *CUDA_DENSE_PATHS):
 
 # How many times slower per multiply-add the Gram path (unfolded patches, cuBLAS GEMMs, col2im)
 # runs on CUDA than the implicit GEMMs, where both can take a layer: its multiply-adds are
-# counted at this weight against theirs. RSP_FAST_CUDA_GRAM_SLOWDOWN sets it ("inf": no Gram
-# path where the implicit GEMMs run).
-CUDA_GRAM_SLOWDOWN = float(os.environ.get("RSP_FAST_CUDA_GRAM_SLOWDOWN", "1"))
+# counted at this weight against theirs. H100, batch 64 (docs/gpu/h100_gram_vs_implicit.log),
+# per layer: the implicit GEMMs faster where the Gram path saves up to 3.3× the multiply-adds
+# (VGG16's conv4_1 in TF32 6.5 ms against 8.2, in bfloat16 3.1 against 4.6), the Gram path
+# faster in TF32 from 5.3× (conv4_2: 9.6 ms against 12.2), about even in bfloat16 from 6.4×;
+# whole passes, img/s, counted at 1 / 2 / 4 / never taken: VGG16 TF32 495 / 495 / 505 / 450,
+# bfloat16 718 / 756 / 755 / 756; ResNet50 TF32 691 / 842 / 841 / 729, bfloat16 657 / 722 /
+# 747 / 753. RSP_FAST_CUDA_GRAM_SLOWDOWN sets it ("inf": no Gram path where the implicit GEMMs run).
+CUDA_GRAM_SLOWDOWN = float(os.environ.get("RSP_FAST_CUDA_GRAM_SLOWDOWN", "4"))
 
 
 def cuda_dense_path(tensor_cores: bool) -> str:
