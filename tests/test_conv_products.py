@@ -110,3 +110,50 @@ def test_rule_on_the_implicit_gemm_path_matches_the_filter_path(C, O, k, p, d, g
     (expected, expected_drop), (got, drop) = results
     assert rel_err(got, expected) < 1e-12
     torch.testing.assert_close(drop, expected_drop, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["signed", "tiny", "huge", "channels_last", "pointwise_padded", "one_sample"])
+def test_rule_on_the_implicit_gemm_path_forms_the_input_and_purges_as_the_others(case):
+    """The implicit path rectifies and scales the input as it copies it and purges in the
+    back-projection's epilogue: the same values as the filter path's separate passes, for a
+    signed input (not known non-negative), activations that would under- or overflow the
+    responses unscaled, a channels-last input, a padded 1×1 conv (combined, not purged) and a
+    batch of one."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    torch.manual_seed(3)
+    k, p, N = (1, 1, 2) if case == "pointwise_padded" else (3, 1, 1 if case == "one_sample" else 3)
+    conv = nn.Conv2d(6, 5, k, padding=p).double()
+    x = torch.randn(N, 6, 8, 7, dtype=torch.float64)
+    if case != "signed":
+        x = x.abs() * {"tiny": 1e-160, "huge": 1e150}.get(case, 1.0)
+    if case == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    R = torch.randn(N, 5, *conv(x).shape[-2:], dtype=torch.float64)
+    g = conv_geometry(conv, (8, 7))
+    expected = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path="filter")
+    got = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path="implicit_gemm")
+    assert torch.isfinite(expected).all() and expected.abs().sum() > 0
+    assert rel_err(got, expected) < 1e-12
+    if not g.is_pointwise:  # the purge conserves the relevance
+        torch.testing.assert_close(got.sum((1, 2, 3)), R.sum((1, 2, 3)), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_input_packed_and_sections_stacked_in_one_pass_each(dtype, channels_last):
+    from rsp_fast.kernels.reference import stacked_sections
+    from rsp_fast.kernels.triton.conv_products import pack_input, stack_sections
+
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    torch.manual_seed(0)
+    x = torch.randn(3, 70, 5, 9, dtype=torch.float64)  # channels past one block
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    scale = torch.tensor([0.5, 4.0, 1.0], dtype=torch.float64)
+    packed = pack_input(x, scale, dtype)
+    assert packed.shape == (3, 5, 9, 70) and packed.is_contiguous() and packed.dtype == dtype
+    assert torch.equal(packed, (x.clamp(min=0) * scale.view(3, 1, 1, 1)).permute(0, 2, 3, 1).to(dtype))
+    R = torch.randn(2, 7, 1100, dtype=torch.float64)  # positions past one block
+    assert torch.equal(stack_sections(R, dtype), stacked_sections(R, 1, dtype))

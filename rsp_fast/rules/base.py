@@ -102,12 +102,26 @@ def rectified_input(x: torch.Tensor, non_negative: bool = False) -> torch.Tensor
     Off CUDA the scale is applied only when needed; on CUDA always (no host sync, so CUDA
     graph capture stays possible)."""
     x_pos = x if non_negative else x.clamp(min=0)
-    peak = x_pos.detach().reshape(x.shape[0], -1).amax(1)
-    _, exponent = torch.frexp(peak)  # 0 for an all-zero sample
+    exponent = _peak_exponent(x_pos, non_negative=True)
     if not x_pos.is_cuda and bool((exponent.abs() <= 16).all()):
         return x_pos
-    scale = torch.ldexp(torch.ones_like(peak), -exponent)
-    return x_pos * scale.view(-1, *([1] * (x.dim() - 1)))
+    return x_pos * _power_of_two(exponent, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _peak_exponent(x: torch.Tensor, non_negative: bool) -> torch.Tensor:
+    """Per sample, the binary exponent of max(x̂) (0 for an all-zero sample)."""
+    peak = x.detach().reshape(x.shape[0], -1).amax(1)
+    return torch.frexp(peak if non_negative else peak.clamp(min=0))[1]
+
+
+def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ldexp(torch.ones(exponent.shape, dtype=dtype, device=exponent.device), -exponent)
+
+
+def input_scale(x: torch.Tensor, non_negative: bool = False) -> torch.Tensor:
+    """(N,) the powers of two ``rectified_input`` multiplies max(x, 0) by, for kernels that apply
+    them as they read x (always applied: they change no bit of the result)."""
+    return _power_of_two(_peak_exponent(x, non_negative), x.dtype)
 
 
 def purged_relevance(ctx: Context, R: torch.Tensor, Rs: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor,

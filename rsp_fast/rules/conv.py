@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..kernels.reference import per_sample_sum, safe_div, stacked_sections, unsupported_relevance
 from ..kernels.triton import triton_unavailable_reason
-from .base import Context, LayerRule, purged_relevance, rectified_input
+from .base import Context, LayerRule, input_scale, purged_relevance, rectified_input
 
 
 @dataclass(frozen=True)
@@ -481,7 +481,6 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     ``non_negative``: x is known to be ≥ 0 (a ReLU's output, say), so x̂ = x needs no copy."""
     if g.is_pointwise and g.stride != (1, 1) and not any(g.pad):
         return _strided_pointwise_relevance(ctx, x, R, g, path, non_negative)
-    x_pos = rectified_input(x, non_negative)
     N, C = x.shape[:2]
     G, O = g.groups, R.shape[1]
     Og, L = O // G, R.shape[-2] * R.shape[-1]
@@ -503,6 +502,9 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
                                 pixel_gram, on_tensor_cores(low), implicit_runs))
     path = runnable_dense_path(path, implicit_runs)
+    if path == "implicit_gemm":
+        return _implicit_gemm_relevance(ctx, x, R, g, non_negative)
+    x_pos = rectified_input(x, non_negative)
     Rg = R.reshape(N, G, Og, L)
     if path == "masked":
         dx, Ga, Gb = ctx.ops.masked_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
@@ -536,8 +538,6 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
     """The back-projection at the input by the filter, conv or Gram path, both sections through
     each product together ([R⁺; R⁻], [S⁺; −S⁻]); and, when tracking, the responses Ga, Gb.
     ``pixel_gram``: the Gram path through the pixels' Gram matrix (``pixel_gram_macs`` said so)."""
-    if path == "implicit_gemm":  # one group; the kernels stack the sections themselves
-        return _implicit_gemm_products(ctx, x_pos, Rg[:, 0], g, out_hw), None, None
     G, Og, L = Rg.shape[1:]
     Rs = stacked_sections(Rg, dim=2)  # N, G, 2·O/G, L: [R⁺; R⁻]
     xp = _pad(x_pos, g)
@@ -583,17 +583,22 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
     return dx, Ga, Gb
 
 
-def _implicit_gemm_products(ctx: Context, x_pos: torch.Tensor, R: torch.Tensor, g: ConvGeometry, out_hw) -> torch.Tensor:
-    """The three products of a stride-1 ungrouped conv in Triton's implicit GEMMs; the input
-    copied once, channels-last and in the products' precision (a channels-last model's input
-    as it is)."""
-    from ..kernels.triton.conv_products import conv_products_triton  # imports triton on first use only
+def _implicit_gemm_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry,
+                             non_negative: bool) -> torch.Tensor:
+    """The conv rule end to end on Triton's implicit GEMMs (stride 1, one group): x̂ formed as the
+    input is copied channels-last in the products' precision, the purge's 2·x̂⊙dx (a 1×1 conv's
+    x̂⊙dx) written by the back-projection, then the purge's shift; the same values as the other
+    paths' rectified_input, products and purge, in fewer passes over the layer's tensors."""
+    from ..kernels.triton.conv_products import Combination, conv_products_triton, pack_input
+    from ..kernels.triton.purge import shift_active
 
-    low = ctx.product_dtype or x_pos.dtype
-    x_cl = x_pos.permute(0, 2, 3, 1)
-    if not x_cl.is_contiguous() or x_cl.dtype != low:
-        x_cl = torch.empty(x_cl.shape, dtype=low, device=x_cl.device).copy_(x_cl)  # cast and transpose in one copy
-    return conv_products_triton(x_cl, R, g.kernel, g.dilation, g.pad, out_hw, x_pos.dtype)
+    N, O = R.shape[:2]
+    scale = input_scale(x, non_negative)
+    x_cl = pack_input(x, scale, ctx.product_dtype or x.dtype)
+    counts = None if g.is_pointwise else torch.zeros(N, dtype=torch.int32, device=x.device)
+    out = conv_products_triton(x_cl, R.reshape(N, O, -1), g.kernel, g.dilation, g.pad, R.shape[-2:], x.dtype,
+                               combine=Combination(x, scale, counts))
+    return out if counts is None else shift_active(out, per_sample_sum(R), counts)
 
 
 def _unfolded_products(ctx: Context, xp: torch.Tensor, Rs_low: torch.Tensor, g: ConvGeometry, path: str,

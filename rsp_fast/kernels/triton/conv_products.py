@@ -14,6 +14,10 @@ filters read Rs stacked in the products' precision, the normalisation R itself).
 runs the same products as grouped convolutions of NCHW tensors that it transposes to NHWC and
 back around every call (28 % of an H100's kernel time on VGG16 in bfloat16). Each sample has
 its own filters, so the samples are a grid dimension.
+Around them, each tensor the size of a layer's input or output is passed over as few times as
+possible: one pass makes the input rectified, scaled, cast and channels-last (``pack_input``),
+one the stacked sections (``stack_sections``), and the back-projection's epilogue writes the
+purge's 2·x̂⊙dx and counts its non-zeros (``Combination``), leaving the purge only its shift.
 """
 from __future__ import annotations
 
@@ -23,8 +27,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-
-from ..reference import stacked_sections
 
 
 @triton.jit
@@ -115,12 +117,13 @@ def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, H, W, Wo, KW, DY, DX,
 
 
 @triton.jit
-def _back_kernel(s_ptr, f_ptr, dx_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T,
-                 ssn, ssl, sfn, sft, sfm, sdn, sdc,
+def _back_kernel(s_ptr, f_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T,
+                 ssn, ssl, sfn, sft, sfm, sdn, sdc, sxn, sxc, sxp,
                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FP64: tl.constexpr,
-                 TF32: tl.constexpr):
+                 TF32: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr):
     """dx[n, c-block, pixel-block] = Σ over taps and sections of F·S, each pixel gathering the
-    output positions whose patches hold it."""
+    output positions whose patches hold it. COMBINE: written as x̂⊙dx instead, x̂ = max(x, 0)·scale
+    (PURGE: 2·x̂⊙dx, its non-zeros counted per sample)."""
     pid_q, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -140,8 +143,42 @@ def _back_kernel(s_ptr, f_ptr, dx_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T
         f = tl.load(f_base + t * sft + rm[:, None] * sfm + rc[None, :], mask=(rm[:, None] < M) & (rc[None, :] < C),
                     other=0.0)
         acc = _dot(sv, f, acc, FP64, TF32)
-    tl.store(dx_ptr + n.to(tl.int64) * sdn + rc[None, :] * sdc + rq[:, None], acc.to(dx_ptr.dtype.element_ty),
-             mask=(rq[:, None] < H * W) & (rc[None, :] < C))
+    mask = (rq[:, None] < H * W) & (rc[None, :] < C)
+    if COMBINE:  # x̂ formed as rectified_input forms it, the product as the purge's (2·x̂)·dx
+        xv = tl.load(x_ptr + n.to(tl.int64) * sxn + rc[None, :] * sxc + rq[:, None] * sxp, mask=mask, other=0.0)
+        x_hat = tl.maximum(xv, 0.0) * tl.load(scale_ptr + n)
+        if PURGE:
+            x_hat = 2.0 * x_hat
+        acc = x_hat.to(acc.dtype) * acc
+    out = acc.to(dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + n.to(tl.int64) * sdn + rc[None, :] * sdc + rq[:, None], out, mask=mask)
+    if PURGE:
+        tl.atomic_add(counts_ptr + n, tl.sum(tl.sum((out != 0).to(tl.int32), axis=1), axis=0))
+
+
+@triton.jit
+def _pack_kernel(x_ptr, scale_ptr, out_ptr, C, P, sxn, sxc, sxp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """out[n, p, c] = max(x[n, c, p], 0)·scale[n] in out's precision: the products' input,
+    rectified, scaled, cast and made channels-last in one pass."""
+    pid_p, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (rc[:, None] < C) & (rp[None, :] < P)
+    v = tl.load(x_ptr + n.to(tl.int64) * sxn + rc[:, None] * sxc + rp[None, :] * sxp, mask=mask, other=0.0)
+    v = tl.maximum(v, 0.0) * tl.load(scale_ptr + n)
+    tl.store(out_ptr + n.to(tl.int64) * P * C + rp[None, :] * C + rc[:, None], v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _stack_kernel(r_ptr, out_ptr, OL, BLOCK: tl.constexpr):
+    """out[n] = [R⁺; R⁻] of R[n] (O·L values each) in out's precision, R read once."""
+    pid, n = tl.program_id(0), tl.program_id(1)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = i < OL
+    r = tl.load(r_ptr + n.to(tl.int64) * OL + i, mask=mask, other=0.0)
+    out = out_ptr + n.to(tl.int64) * 2 * OL + i
+    tl.store(out, tl.maximum(r, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + OL, tl.maximum(-r, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 class Tiles(NamedTuple):
@@ -186,8 +223,47 @@ def _splits(programs: int, positions: int, block: int, device: torch.device) -> 
     return max(1, min(wanted, positions // (8 * block)))
 
 
+class Combination(NamedTuple):
+    """What the back-projection's epilogue writes instead of dx: x̂⊙dx with x̂ = max(x, 0)·scale
+    (the layer's input as rules.base.rectified_input forms it) and, for the purge (``counts``
+    given: (N,) int32 zeros), 2·x̂⊙dx with its non-zeros counted per sample into ``counts``."""
+    x: torch.Tensor
+    scale: torch.Tensor
+    counts: torch.Tensor | None
+
+
+def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """An (N, C, H, W) tensor whose pixels lie at one stride (NCHW or channels-last), and its
+    sample, channel and pixel strides."""
+    if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
+        t = t.contiguous()
+    return t, (t.stride(0), t.stride(1), t.stride(3))
+
+
+def pack_input(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, H, W, C) contiguous max(x, 0)·scale in ``dtype``, from x (N, C, H, W) in any layout."""
+    N, C, H, W = x.shape
+    x, strides = _pixel_strides(x)
+    out = torch.empty((N, H, W, C), dtype=dtype, device=x.device)
+    block_c, block_p = min(64, triton.next_power_of_2(C)), 64
+    _pack_kernel[(triton.cdiv(H * W, block_p), triton.cdiv(C, block_c), N)](
+        x, scale, out, C, H * W, *strides, BLOCK_C=block_c, BLOCK_P=block_p)
+    return out
+
+
+def stack_sections(R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[R⁺; R⁻] (N, 2·O, L) in ``dtype`` from R (N, O, L), in one pass over R."""
+    N, O, L = R.shape
+    R = R.contiguous()
+    out = torch.empty((N, 2 * O, L), dtype=dtype, device=R.device)
+    block = 1024
+    _stack_kernel[(triton.cdiv(O * L, block), N)](R, out, O * L, BLOCK=block)
+    return out
+
+
 def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, out_dtype: torch.dtype,
-                         splits: int | None = None, tiles: dict[str, Tiles] | None = None) -> torch.Tensor:
+                         splits: int | None = None, tiles: dict[str, Tiles] | None = None,
+                         combine: Combination | None = None) -> torch.Tensor:
     """RSP's back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻ at the (unpadded) input of a stride-1, ungrouped conv.
 
     x_cl: (N, H, W, C) the rectified input, channels-last and contiguous, in the products'
@@ -195,8 +271,9 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     the products' precision, the normalisation reads R in its own);
     pad = (left, right, top, bottom). ``splits``: how many parts the filters' sum over positions
     is cut into (default: enough programs for the GPU); ``tiles``: a kernel's ("filters",
-    "responses", "back") launch instead of ``default_tiles``. Returns dx (N, C, H, W) in
-    ``out_dtype``."""
+    "responses", "back") launch instead of ``default_tiles``; ``combine``: the back-projection
+    combined with the input (``Combination``). Returns dx, or what ``combine`` asks for, as
+    (N, C, H, W) contiguous in ``out_dtype``."""
     N, H, W, C = x_cl.shape
     O, L = R.shape[1:]
     M = 2 * O
@@ -215,7 +292,7 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     # sections written once in the products' precision (read from float32 R in the loop instead,
     # VGG16's conv1_2 products took 8.5 ms per batch of 64 on an H100 instead of 5.5, likely
     # because operands converted in registers miss the asynchronous copies to shared memory)
-    Rs_low = stacked_sections(R, dim=1, dtype=dtype)
+    Rs_low = stack_sections(R, dtype)
     t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
     blocks = triton.cdiv(M, t.rows) * triton.cdiv(C, t.cols)
     split = splits or _splits(blocks * N * T, L, t.red, device)
@@ -238,7 +315,14 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
     t = tiles.get("back") or default_tiles("back", C, dtype, device)
     dx = torch.empty((N, C, H, W), dtype=out_dtype, device=device)
+    if combine is not None:
+        x, x_strides = _pixel_strides(combine.x)
+        scale, counts = combine.scale, combine.counts
+    else:  # unread
+        x, x_strides, scale, counts = dx, (0, 0, 0), dx, dx
     _back_kernel[(triton.cdiv(H * W, t.rows), triton.cdiv(C, t.cols), N)](
-        S, F, dx, M, C, H, W, Ho, Wo, kw, dy, dx_, pt, pl, T, *S.stride()[:2], *F.stride()[:3], *dx.stride()[:2],
-        BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, num_warps=t.warps, num_stages=t.stages)
+        S, F, dx, x, scale, counts if counts is not None else dx, M, C, H, W, Ho, Wo, kw, dy, dx_, pt, pl, T,
+        *S.stride()[:2], *F.stride()[:3], *dx.stride()[:2], *x_strides,
+        BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, COMBINE=combine is not None,
+        PURGE=combine is not None and counts is not None, num_warps=t.warps, num_stages=t.stages)
     return dx

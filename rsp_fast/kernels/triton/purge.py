@@ -1,5 +1,6 @@
 """Triton hostile purging: pass 1 writes D = 2·x̂·dx and counts its non-zeros per sample
-(one atomic per block), pass 2 subtracts total/count from the active units."""
+(one atomic per block), pass 2 subtracts total/count from the active units (``shift_active``,
+also the second pass of the implicit-GEMM conv path, whose back-projection makes pass 1)."""
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,17 @@ def purge_triton(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> 
     if M == 0:
         return out
     counts = torch.zeros(N, dtype=torch.int32, device=dx.device)
-    grid = (triton.cdiv(M, BLOCK), N)
-    upcast = dx.element_size() < 4
-    _purge_combine_count_kernel[grid](dx, x_pos, out, counts, M, BLOCK=BLOCK, UPCAST=upcast)
-    _purge_shift_kernel[grid](out, total, counts, M, BLOCK=BLOCK, UPCAST=upcast)
-    return out
+    _purge_combine_count_kernel[(triton.cdiv(M, BLOCK), N)](dx, x_pos, out, counts, M, BLOCK=BLOCK,
+                                                            UPCAST=dx.element_size() < 4)
+    return shift_active(out, total, counts)
+
+
+def shift_active(D: torch.Tensor, total: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The purge's second pass on a contiguous D (N, ...) in place: each sample's non-zeros minus
+    total/counts (int32 counts of them; none where the count is 0)."""
+    N = D.shape[0]
+    M = D.numel() // N if N else 0
+    if M:
+        _purge_shift_kernel[(triton.cdiv(M, BLOCK), N)](D, total.contiguous(), counts, M, BLOCK=BLOCK,
+                                                        UPCAST=D.element_size() < 4)
+    return D
