@@ -157,3 +157,26 @@ def test_input_packed_and_sections_stacked_in_one_pass_each(dtype, channels_last
     assert torch.equal(packed, (x.clamp(min=0) * scale.view(3, 1, 1, 1)).permute(0, 2, 3, 1).to(dtype))
     R = torch.randn(2, 7, 1100, dtype=torch.float64)  # positions past one block
     assert torch.equal(stack_sections(R, dtype), stacked_sections(R, 1, dtype))
+    padded = stack_sections(R[..., :1090], dtype, align=16)  # rows padded to 1104 positions with zeros
+    assert padded.shape == (2, 14, 1104)
+    assert torch.equal(padded[..., :1090], stacked_sections(R[..., :1090], 1, dtype)) and not padded[..., 1090:].any()
+
+
+def test_kernels_compile_for_the_h100():
+    """The interpreter runs the kernels as Python; the compiler must also take them (every
+    precision and epilogue, at the default tiles), down to an sm_90 cubin, without a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compile_kernels.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    compiled = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")}
+    assert compiled == {"filters", "responses", "back", "pack", "stack"} and "FAILED" not in proc.stdout
+    products = [line for line in proc.stdout.splitlines() if line.split()[1] in ("filters", "responses", "back")
+                and "fp64" not in line]
+    assert products and all(" 0 wgmma" not in line for line in products)  # on Hopper's tensor cores

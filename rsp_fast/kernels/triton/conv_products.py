@@ -170,15 +170,16 @@ def _pack_kernel(x_ptr, scale_ptr, out_ptr, C, P, sxn, sxc, sxp, BLOCK_C: tl.con
 
 
 @triton.jit
-def _stack_kernel(r_ptr, out_ptr, OL, BLOCK: tl.constexpr):
-    """out[n] = [R⁺; R⁻] of R[n] (O·L values each) in out's precision, R read once."""
-    pid, n = tl.program_id(0), tl.program_id(1)
+def _stack_kernel(r_ptr, out_ptr, O, L, LP, BLOCK: tl.constexpr):
+    """Row (n, o) of R (L values) as rows o and O + o of out[n] (LP values each: zeros past L):
+    [R⁺; R⁻] in out's precision, R read once."""
+    row, pid = tl.program_id(0), tl.program_id(1)
+    n, o = row // O, row % O
     i = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = i < OL
-    r = tl.load(r_ptr + n.to(tl.int64) * OL + i, mask=mask, other=0.0)
-    out = out_ptr + n.to(tl.int64) * 2 * OL + i
-    tl.store(out, tl.maximum(r, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + OL, tl.maximum(-r, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
+    r = tl.load(r_ptr + row.to(tl.int64) * L + i, mask=i < L, other=0.0)
+    out = out_ptr + (n.to(tl.int64) * 2 * O + o) * LP + i
+    tl.store(out, tl.maximum(r, 0.0).to(out_ptr.dtype.element_ty), mask=i < LP)
+    tl.store(out + O * LP, tl.maximum(-r, 0.0).to(out_ptr.dtype.element_ty), mask=i < LP)
 
 
 class Tiles(NamedTuple):
@@ -251,13 +252,15 @@ def pack_input(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return out
 
 
-def stack_sections(R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[R⁺; R⁻] (N, 2·O, L) in ``dtype`` from R (N, O, L), in one pass over R."""
+def stack_sections(R: torch.Tensor, dtype: torch.dtype, align: int = 1) -> torch.Tensor:
+    """[R⁺; R⁻] (N, 2·O, Lp) in ``dtype`` from R (N, O, L), in one pass over R, the positions
+    zero-padded to Lp, the next multiple of ``align``."""
     N, O, L = R.shape
     R = R.contiguous()
-    out = torch.empty((N, 2 * O, L), dtype=dtype, device=R.device)
-    block = 1024
-    _stack_kernel[(triton.cdiv(O * L, block), N)](R, out, O * L, BLOCK=block)
+    LP = triton.cdiv(L, align) * align
+    out = torch.empty((N, 2 * O, LP), dtype=dtype, device=R.device)
+    block = min(1024, triton.next_power_of_2(LP))
+    _stack_kernel[(N * O, triton.cdiv(LP, block))](R, out, O, L, LP, BLOCK=block)
     return out
 
 
@@ -292,16 +295,20 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     # sections written once in the products' precision (read from float32 R in the loop instead,
     # VGG16's conv1_2 products took 8.5 ms per batch of 64 on an H100 instead of 5.5, likely
     # because operands converted in registers miss the asynchronous copies to shared memory)
-    Rs_low = stack_sections(R, dtype)
+    # positions padded to a multiple of 16 with zeros: the JIT then knows the rows of Rs and the
+    # filters' loop bounds aligned, so 16-bit sections are copied asynchronously and the loop is
+    # pipelined (scripts/compile_kernels.py) also where L is not a multiple of 16 (14² = 196)
+    Rs_low = stack_sections(R, dtype, align=16)
+    Lp = Rs_low.shape[-1]
     t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
     blocks = triton.cdiv(M, t.rows) * triton.cdiv(C, t.cols)
-    split = splits or _splits(blocks * N * T, L, t.red, device)
-    per_split = triton.cdiv(triton.cdiv(L, split), t.red) * t.red
-    split = triton.cdiv(L, per_split)
+    split = splits or _splits(blocks * N * T, Lp, t.red, device)
+    per_split = triton.cdiv(triton.cdiv(Lp, split), t.red) * t.red
+    split = triton.cdiv(Lp, per_split)
     F = torch.empty((split, N, T, M, C), dtype=torch.float32 if split > 1 and dtype != torch.float64 else dtype,
                     device=device)
     _filters_kernel[(triton.cdiv(M, t.rows), triton.cdiv(C, t.cols), N * T * split)](
-        Rs_low, x_cl, F, M, C, L, *geometry, split, per_split, *Rs_low.stride(), *x_strides, *F.stride()[:4],
+        Rs_low, x_cl, F, M, C, Lp, *geometry, split, per_split, *Rs_low.stride(), *x_strides, *F.stride()[:4],
         BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, num_warps=t.warps, num_stages=t.stages)
     F = F.sum(0).to(dtype) if split > 1 else F[0]  # N, T, M, C
 

@@ -1,0 +1,104 @@
+"""Compile the implicit-GEMM conv kernels for an H100 (sm_90) without a GPU.
+
+    python scripts/compile_kernels.py [--arch 90]
+
+Triton's interpreter, which the CPU tests run the kernels in, executes them as Python: code that
+the compiler rejects (a variable whose type changes across branches, an early return) passes
+there and fails only on the GPU. This compiles each kernel, at the launches conv_products.py
+makes (default tiles, every precision and epilogue), to a cubin, and prints the shared memory
+each needs and the instructions its products and loads compiled to (Hopper's wgmma or the older
+mma.sync, asynchronous copies). Exit status 1 if any fails. Run without TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRECISIONS = {  # products' dtype -> (operand type, accumulator / input type, constexpr flags)
+    "bf16": ("bf16", "fp32", dict(FP64=False, TF32=False)),
+    "tf32": ("fp32", "fp32", dict(FP64=False, TF32=True)),
+    "fp64": ("fp64", "fp64", dict(FP64=True, TF32=False)),
+}
+
+
+UNIT_STRIDES = ("srl", "sxp")
+ALIGNED = ("C", "M", "O", "OL", "L", "L_PER_SPLIT")
+
+
+def launches():
+    """(name, kernel, pointer types, constexprs, warps, stages) for each launch to compile."""
+    import torch
+
+    from rsp_fast.kernels.triton import conv_products as cp
+
+    cuda = torch.device("cuda")
+    for precision, (op, acc, flags) in PRECISIONS.items():
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[op]
+        for channels in (64, 256):
+            t = cp.default_tiles("filters", channels, dtype, cuda)
+            yield (f"filters {precision} C={channels}", cp._filters_kernel,
+                   {"r_ptr": op, "x_ptr": op, "f_ptr": op}, dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags),
+                   t.warps, t.stages)
+            t = cp.default_tiles("back", channels, dtype, cuda)
+            for combine, purge in ((True, True), (True, False), (False, False)):
+                yield (f"back {precision} C={channels} combine={combine} purge={purge}", cp._back_kernel,
+                       {"s_ptr": op, "f_ptr": op, "dx_ptr": acc, "x_ptr": acc, "scale_ptr": acc,
+                        "counts_ptr": "i32" if purge else acc},
+                       dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, COMBINE=combine, PURGE=purge),
+                       t.warps, t.stages)
+        t = cp.default_tiles("responses", 128, dtype, cuda)
+        yield (f"responses {precision}", cp._responses_kernel, {"x_ptr": op, "f_ptr": op, "r_ptr": acc, "s_ptr": op},
+               dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags), t.warps, t.stages)
+        yield f"pack {precision}", cp._pack_kernel, {"x_ptr": acc, "scale_ptr": acc, "out_ptr": op}, \
+            dict(BLOCK_C=64, BLOCK_P=64), 4, 1
+        yield f"stack {precision}", cp._stack_kernel, {"r_ptr": acc, "out_ptr": op}, dict(BLOCK=1024), 4, 1
+
+
+def compile_launch(kernel, pointers: dict, constexprs: dict, warps: int, stages: int, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    # the JIT compiles integer arguments equal to 1 as constants: the unit strides (R along its
+    # positions, an NCHW input along its pixels)
+    constexprs = {**{n: 1 for n in UNIT_STRIDES if n in names}, **constexprs}
+    signature = {n: "constexpr" if n in constexprs else f"*{pointers[n]}" if n in pointers else "i32" for n in names}
+    # what the JIT knows at VGG16's conv1–conv4 launches (it marks integer arguments that are
+    # multiples of 16): pointers, strides, channel and section counts and the number of positions
+    # are; without it 16-bit loads are not vectorised, so not copied asynchronously, and their
+    # loop is not pipelined (conv5's 14² = 196 positions are not a multiple of 16)
+    aligned = [n for n in names if n in pointers or (n not in constexprs and (n.startswith("s") or n in ALIGNED))]
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    failed = 0
+    for name, kernel, pointers, constexprs, warps, stages in launches():
+        try:
+            compiled = compile_launch(kernel, pointers, constexprs, warps, stages, args.arch)
+        except Exception as e:  # report every launch, then fail
+            failed += 1
+            print(f"FAILED {name}: {type(e).__name__}: {str(e).strip()[:1500]}")
+            continue
+        ptx = compiled.asm["ptx"]
+        print(f"ok {name}: shared memory {compiled.metadata.shared / 1024:.0f} KiB, {ptx.count('wgmma.mma_async')} wgmma "
+              f"{ptx.count('mma.sync')} mma.sync, {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')} cp.async "
+              f"{ptx.count('cp.async.bulk.tensor')} TMA")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
