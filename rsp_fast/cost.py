@@ -17,7 +17,7 @@ from torch import nn
 from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError
 from .propagate import record_forward
-from .rules.conv import (Conv, choose_path, gram_macs, implicit_gemm_fits, on_tensor_cores, pixel_gram_macs,
+from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits, on_tensor_cores, pixel_gram_macs,
                          runnable_dense_path, tap_sums_pay)
 from .rules.linear import Linear
 
@@ -44,7 +44,8 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
         # a strided unpadded 1×1 conv runs as a stride-1 one on the pixels it reads
         pointwise = g.is_pointwise and not any(g.pad)
         path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
-                           tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit_gemm_fits(g))
+                           tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit_gemm_fits(g),
+                           gram_slowdown=cuda_gram_slowdown(dtype))
         path = runnable_dense_path(path, implicit_gemm_fits(g))
         macs = gram if path == "gram" else filter_macs
         patches = 0 if path in ("conv", "grouped_conv", "implicit_gemm") else ck * G * L  # the (unfolded) input, read by every product

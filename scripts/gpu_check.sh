@@ -81,18 +81,18 @@ PY
 
 gram() {  # VGG16 and ResNet50, batch 64: the deep layers on the Gram path or the implicit GEMMs (CUDA_GRAM_SLOWDOWN)
     timeout ${GRAM_LIMIT:-120} $PY - <<'PY' 2>&1 | tee "$OUT/gram.log" | tail -20
-import sys, torch, torchvision
+import os, sys, torch, torchvision
 sys.path.insert(0, "benchmarks")
 from utils import time_call
 import rsp_fast
 from rsp_fast.rules import conv
 x = torch.randn(64, 3, 224, 224, device="cuda")
-for name in ("vgg16", "resnet50"):
+for name in os.environ.get("GRAM_MODELS", "vgg16 resnet50").split():
     model = getattr(torchvision.models, name)().eval().cuda()
-    for precision in ("tf32", "bf16"):
+    for precision in os.environ.get("GRAM_PRECISIONS", "tf32 bf16").split():
         explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
-        for slowdown in (1.0, 2.0, 4.0, float("inf")):
-            conv.CUDA_GRAM_SLOWDOWN = slowdown
+        for slowdown in map(float, os.environ.get("GRAM_SLOWDOWNS", "1 2 4 inf").split()):
+            conv.CUDA_GRAM_SLOWDOWN = dict.fromkeys((2, 4), slowdown)
             t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
             print(f"{name} batch 64 {precision} Gram path counted at {slowdown}x: {64 / t:.1f} img/s")
 PY

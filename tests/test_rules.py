@@ -92,21 +92,22 @@ def test_path_choice_follows_the_cost_model():
     assert choose_path(512 * 9, 512, 14 * 14, cuda_dense=True) == "gram"
 
 
-def test_gram_path_weighed_against_the_implicit_gemms_only_where_they_run(monkeypatch):
-    """VGG16's conv4_2 (1.6× fewer multiply-adds on the Gram path) and conv5 (6.4×) at the
-    slowdown the Gram path is counted at against the implicit GEMMs on CUDA."""
+def test_gram_path_weighed_against_the_implicit_gemms_only_where_they_run():
+    """VGG16's conv4_2 (1.6× fewer multiply-adds on the Gram path) and conv5 (6.4×) with the Gram
+    path's multiply-adds weighed against the implicit GEMMs on CUDA."""
     conv4, conv5 = (512 * 9, 512, 28 * 28), (512 * 9, 512, 14 * 14)
     tc = dict(cuda_dense=True, tensor_cores=True)
-    monkeypatch.setattr(conv_rule, "CUDA_GRAM_SLOWDOWN", 4.0)
-    assert choose_path(*conv4, **tc) == "implicit_gemm"
-    assert choose_path(*conv5, **tc) == "gram"
-    assert choose_path(*conv4, cuda_dense=True) == "gram"  # exact float32: against the grouped convs, unweighted
-    assert choose_path(*conv4, **tc, implicit_gemm_runs=False) == "gram"  # strided, grouped, tracking
-    assert choose_path(*conv4) == "gram"  # CPU
-    monkeypatch.setattr(conv_rule, "CUDA_GRAM_SLOWDOWN", 1.0)
-    assert choose_path(*conv4, **tc) == "gram"
-    monkeypatch.setattr(conv_rule, "CUDA_GRAM_SLOWDOWN", float("inf"))
-    assert choose_path(*conv5, **tc) == "implicit_gemm"
+    assert choose_path(*conv4, **tc, gram_slowdown=4.0) == "implicit_gemm"
+    assert choose_path(*conv5, **tc, gram_slowdown=4.0) == "gram"
+    assert choose_path(*conv4, cuda_dense=True, gram_slowdown=4.0) == "gram"  # exact float32: against cuDNN, unweighed
+    assert choose_path(*conv4, **tc, implicit_gemm_runs=False, gram_slowdown=4.0) == "gram"  # strided, grouped, tracking
+    assert choose_path(*conv4, gram_slowdown=4.0) == "gram"  # CPU
+    assert choose_path(*conv4, **tc) == "gram"  # unweighed
+    assert choose_path(*conv5, **tc, gram_slowdown=float("inf")) == "implicit_gemm"
+    # 16-bit products never take the Gram path where the implicit GEMMs run, TF32 ones counted at 4×
+    assert conv_rule.cuda_gram_slowdown(torch.bfloat16) == float("inf")
+    assert conv_rule.cuda_gram_slowdown(torch.float32) == 4.0
+    assert conv_rule.cuda_gram_slowdown(torch.float64) == 1.0
 
 
 def test_same_padding_conv_matches_explicit_padding():

@@ -199,14 +199,25 @@ if CUDA_DENSE_PATH not in (None, *CUDA_DENSE_PATHS):
 
 # How many times slower per multiply-add the Gram path (unfolded patches, cuBLAS GEMMs, col2im)
 # runs on CUDA than the implicit GEMMs, where both can take a layer: its multiply-adds are
-# counted at this weight against theirs. H100, batch 64 (docs/gpu/h100_gram_vs_implicit.log),
-# per layer: the implicit GEMMs faster where the Gram path saves up to 3.3× the multiply-adds
-# (VGG16's conv4_1 in TF32 6.5 ms against 8.2, in bfloat16 3.1 against 4.6), the Gram path
-# faster in TF32 from 5.3× (conv4_2: 9.6 ms against 12.2), about even in bfloat16 from 6.4×;
-# whole passes, img/s, counted at 1 / 2 / 4 / never taken: VGG16 TF32 495 / 495 / 505 / 450,
-# bfloat16 718 / 756 / 755 / 756; ResNet50 TF32 691 / 842 / 841 / 729, bfloat16 657 / 722 /
-# 747 / 753. RSP_FAST_CUDA_GRAM_SLOWDOWN sets it ("inf": no Gram path where the implicit GEMMs run).
-CUDA_GRAM_SLOWDOWN = float(os.environ.get("RSP_FAST_CUDA_GRAM_SLOWDOWN", "4"))
+# counted at this weight against theirs, by the products' element size. H100, batch 64
+# (docs/gpu/h100_gram_vs_implicit.log), per layer: the implicit GEMMs faster where the Gram path
+# saves up to 3.3× the multiply-adds (VGG16's conv4_1 in TF32 6.5 ms against 8.2), the Gram
+# path faster in TF32 from 5.3× (conv4_2: 9.6 ms against 12.2); whole passes, img/s, counted at
+# 1 / 2 / 4 / never taken: VGG16 TF32 495 / 495 / 505 / 450, ResNet50 TF32 691 / 842 / 841 / 729.
+# In bfloat16, since the sections are stacked with aligned rows
+# (docs/gpu/h100_conv_products_deep_fused.json), the implicit GEMMs are faster on every deep
+# layer measured, down to 7×7 positions (VGG16's conv5 2.20 ms against 2.77, 512 channels at 7×7
+# 1.59 against 1.83): no Gram path for 16-bit products where they run.
+# RSP_FAST_CUDA_GRAM_SLOWDOWN sets one weight for all ("inf": no Gram path where they run).
+CUDA_GRAM_SLOWDOWN = {2: math.inf, 4: 4.0}
+if os.environ.get("RSP_FAST_CUDA_GRAM_SLOWDOWN"):
+    CUDA_GRAM_SLOWDOWN = dict.fromkeys((2, 4), float(os.environ["RSP_FAST_CUDA_GRAM_SLOWDOWN"]))
+
+
+def cuda_gram_slowdown(product_dtype: torch.dtype) -> float:
+    """The weight of the Gram path's multiply-adds against the implicit GEMMs' for products of
+    ``product_dtype`` on CUDA (1 for those that never run there: float64)."""
+    return CUDA_GRAM_SLOWDOWN.get(product_dtype.itemsize, 1.0)
 
 
 def cuda_dense_path(tensor_cores: bool) -> str:
@@ -263,7 +274,7 @@ def gram_macs(ck: int, o: int, L: int, pixel_gram: int | None = None) -> int:
 
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
                 nonzeros: float | None = None, masked_ck: int | None = None, pixel_gram: int | None = None,
-                tensor_cores: bool = False, implicit_gemm_runs: bool = True) -> str:
+                tensor_cores: bool = False, implicit_gemm_runs: bool = True, gram_slowdown: float = 1.0) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -292,7 +303,7 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     product, instead of a loop over the samples.
     Sparse relevance takes the masked path when it costs less, counted at MASKED_SLOWDOWN; the
     Gram path against the implicit GEMMs (where they run: ``implicit_gemm_runs``) at
-    CUDA_GRAM_SLOWDOWN.
+    ``gram_slowdown`` (``cuda_gram_slowdown``).
     """
     dense, gram = 6 * o * ck * L, gram_macs(ck, o, L, pixel_gram)
     if nonzeros is not None and MASKED_SLOWDOWN * 3 * nonzeros * (masked_ck or ck) < min(dense, gram):
@@ -300,7 +311,7 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     alternative = "filter" if dense_pointwise else cuda_dense_path(tensor_cores) if cuda_dense else "conv"
     if alternative == "implicit_gemm" and not implicit_gemm_runs:
         alternative = "grouped_conv"
-    if gram * (CUDA_GRAM_SLOWDOWN if alternative == "implicit_gemm" else 1) < dense:
+    if gram * (gram_slowdown if alternative == "implicit_gemm" else 1) < dense:
         return "gram"
     return alternative
 
@@ -500,7 +511,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     implicit_runs = implicit_gemm_fits(g) and not ctx.tracking and triton_unavailable_reason(x.device) == ""
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
-                                pixel_gram, on_tensor_cores(low), implicit_runs))
+                                pixel_gram, on_tensor_cores(low), implicit_runs, cuda_gram_slowdown(low)))
     path = runnable_dense_path(path, implicit_runs)
     if path == "implicit_gemm":
         return _implicit_gemm_relevance(ctx, x, R, g, non_negative)
