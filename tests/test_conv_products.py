@@ -139,6 +139,26 @@ def test_rule_on_the_implicit_gemm_path_forms_the_input_and_purges_as_the_others
         torch.testing.assert_close(got.sum((1, 2, 3)), R.sum((1, 2, 3)), rtol=1e-9, atol=1e-9)
 
 
+def test_rule_on_the_implicit_gemm_path_takes_more_samples_than_a_launch(monkeypatch):
+    """Past the samples one launch's grid holds, the rule runs the batch in parts (here 2 samples
+    a launch for a 3×3 conv) with the same result, and the kernels refuse a batch that big."""
+    from rsp_fast.kernels.triton import conv_products
+
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 3, 3, padding=1).double()
+    x, R = torch.rand(5, 4, 6, 5, dtype=torch.float64), torch.randn(5, 3, 6, 5, dtype=torch.float64)
+    g = conv_geometry(conv, (6, 5))
+    whole = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path="implicit_gemm")
+    monkeypatch.setattr(conv_products, "MAX_GRID_YZ", 18)
+    parts = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path="implicit_gemm")
+    assert rel_err(parts, whole) < 1e-13
+    with pytest.raises(ValueError, match="more than the 2 one launch takes"):
+        conv_products.conv_products_triton(x.permute(0, 2, 3, 1).contiguous(), R.reshape(5, 3, 30), (3, 3), (1, 1),
+                                           (1, 1, 1, 1), (6, 5), torch.float64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_input_packed_and_sections_stacked_in_one_pass_each(dtype, channels_last):

@@ -600,10 +600,14 @@ def _implicit_gemm_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: 
     input is copied channels-last in the products' precision, the purge's 2·x̂⊙dx (a 1×1 conv's
     x̂⊙dx) written by the back-projection, then the purge's shift; the same values as the other
     paths' rectified_input, products and purge, in fewer passes over the layer's tensors."""
-    from ..kernels.triton.conv_products import Combination, conv_products_triton, pack_input
+    from ..kernels.triton.conv_products import Combination, conv_products_triton, max_samples, pack_input
     from ..kernels.triton.purge import shift_active
 
     N, O = R.shape[:2]
+    chunk = max_samples(g.kernel)
+    if N > chunk:  # more samples than one launch's grid holds: the samples are independent
+        return torch.cat([_implicit_gemm_relevance(ctx, x[i:i + chunk], R[i:i + chunk], g, non_negative)
+                          for i in range(0, N, chunk)])
     scale = input_scale(x, non_negative)
     x_cl = pack_input(x, scale, ctx.product_dtype or x.dtype)
     counts = None if g.is_pointwise else torch.zeros(N, dtype=torch.int32, device=x.device)

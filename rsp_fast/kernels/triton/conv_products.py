@@ -224,6 +224,16 @@ def _splits(programs: int, positions: int, block: int, device: torch.device) -> 
     return max(1, min(wanted, positions // (8 * block)))
 
 
+# CUDA's limit on a launch's second and third grid dimensions, where the kernels put the samples
+# (with the taps, for the filters)
+MAX_GRID_YZ = 65535
+
+
+def max_samples(kernel) -> int:
+    """The most samples one call of ``conv_products_triton`` takes for a conv of ``kernel`` (kh, kw)."""
+    return MAX_GRID_YZ // (kernel[0] * kernel[1])
+
+
 class Combination(NamedTuple):
     """What the back-projection's epilogue writes instead of dx: x̂⊙dx with x̂ = max(x, 0)·scale
     (the layer's input as rules.base.rectified_input forms it) and, for the purge (``counts``
@@ -284,6 +294,8 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     Ho, Wo = out_hw
     if x_cl.stride(-1) != 1 or R.dim() != 3 or R.shape[0] != N or L != Ho * Wo:
         raise ValueError(f"conv_products: x {tuple(x_cl.shape)}, R {tuple(R.shape)}, output {out_hw} do not fit")
+    if N > max_samples(kernel):
+        raise ValueError(f"conv_products: {N} samples, more than the {max_samples(kernel)} one launch takes")
     T, dtype, device = kh * kw, x_cl.dtype, x_cl.device
     tiles = tiles or {}
     flags = dict(FP64=dtype == torch.float64,
