@@ -6,11 +6,13 @@
 #   [STEPS="build tests paths vgg16 conv_products products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
 # (opt-in steps: "extended" times the models that need the extension rules, "cpu_tests" runs the CPU
 # tests most tied to torch's version under the GPU machine's torch, "profile" lists device time per
-# aten op and input shapes)
+# RSP step, per kernel and per aten op with input shapes (PROFILE_PRECISIONS="tf32 bf16"), "gram"
+# times whole passes with the Gram path weighed at several slowdowns against the implicit GEMMs
+# (GRAM_MODELS="vgg16 resnet50" GRAM_PRECISIONS="tf32 bf16" GRAM_SLOWDOWNS="1 2 4 inf"))
 # The "paths" step times the ways dense layers can run on CUDA (PATHS_AUTOTUNE=1: also under cuDNN's
 # autotuner), the fastest per precision last (the steps after it keep the default choice);
 # "conv_products" times the Triton implicit GEMMs against cuDNN per layer (CONV_PRODUCTS_ARGS=--tiles:
-# also their launch tiles).
+# also their launch tiles; "--layers deep --paths gram implicit_gemm": against the Gram path).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 PY=${PYTHON:-python3}
