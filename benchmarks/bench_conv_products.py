@@ -94,7 +94,9 @@ def main(argv=None) -> list[dict]:
                 row["products_ms"], row["products_tflops"], row["flops"] = 1e3 * base, flops / base / 1e12, flops
                 row["peak_tflops"] = peaks.get(precision)
                 if device.type == "cuda":  # the three kernels alone: the union of their intervals in the profiler
-                    row["kernels_ms"] = 1e3 * product_device_seconds(products, device)[0]
+                    kernels, _, per_kernel = product_device_seconds(products, device)
+                    row["kernels_ms"] = 1e3 * kernels
+                    row["per_kernel_ms"] = {name: 1e3 * t for name, t in per_kernel}
                 if args.tiles:
                     for kernel in args.tile_kernels:
                         for t in candidate_tiles(low or dtype):
@@ -106,7 +108,9 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             print(f"{row['layer']} {precision}: " + ", ".join(f"{path} {row[path + '_ms']:.2f} ms" for path in args.paths)
                   + f" (products {row['products_ms']:.2f} ms, {row['products_tflops']:.0f} TFLOP/s"
-                  + (f"; kernels {row['kernels_ms']:.2f} ms" if "kernels_ms" in row else "") + ")")
+                  + (f"; kernels {row['kernels_ms']:.2f} ms: " + ", ".join(
+                      f"{name.strip('_').removesuffix('_kernel')} {ms:.2f}" for name, ms in row["per_kernel_ms"].items())
+                     if "kernels_ms" in row else "") + ")")
             for t in row.get("tiles", []):
                 print(f"   {t['kernel']} {t['tiles']}: {t['products_ms'] if isinstance(t['products_ms'], str) else round(t['products_ms'], 3)}")
     print(markdown_table(["layer", "precision", *(f"{path} ms" for path in args.paths), "products TFLOP/s"],
