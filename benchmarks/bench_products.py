@@ -86,6 +86,14 @@ def implicit_gemm_flops(x_cl: torch.Tensor, R: torch.Tensor, kernel, *args, **kw
     return 3 * 2 * N * 2 * O * C * kernel[0] * kernel[1] * L
 
 
+def implicit_gram_flops(x_cl: torch.Tensor, R: torch.Tensor, kernel, *args, **kwargs) -> int:
+    """FLOPs of the Gram path's products on implicit GEMMs: the patch Gram and the
+    back-projection (2·N·ck·L² each), [R⁺; R⁻]·K and Sᵀ·[R⁺; R⁻] (2·N·2·O·L² each)."""
+    N, _, _, C = x_cl.shape
+    O, L = R.shape[1:]
+    return 2 * N * (2 * C * kernel[0] * kernel[1] * L * L + 2 * 2 * O * L * L)
+
+
 def product_flops(fn) -> int:
     """FLOPs of one call's matrix products: torch's ops (their dispatch), and the Triton implicit
     GEMMs (launched from Python, invisible to the dispatcher) from their operands' shapes."""
@@ -97,16 +105,20 @@ def product_flops(fn) -> int:
         if conv_products is None:
             fn()
             return counter.total
-        real = conv_products.conv_products_triton
+        real = conv_products.conv_products_triton, conv_products.gram_products_triton
 
         def counted(*args, **kwargs):
             counter.total += implicit_gemm_flops(*args, **kwargs)
-            return real(*args, **kwargs)
-        conv_products.conv_products_triton = counted
+            return real[0](*args, **kwargs)
+
+        def counted_gram(*args, **kwargs):
+            counter.total += implicit_gram_flops(*args, **kwargs)
+            return real[1](*args, **kwargs)
+        conv_products.conv_products_triton, conv_products.gram_products_triton = counted, counted_gram
         try:
             fn()
         finally:
-            conv_products.conv_products_triton = real
+            conv_products.conv_products_triton, conv_products.gram_products_triton = real
     return counter.total
 
 

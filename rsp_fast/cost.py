@@ -17,8 +17,8 @@ from torch import nn
 from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError
 from .propagate import record_forward
-from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits, on_tensor_cores, pixel_gram_macs,
-                         runnable_dense_path, tap_sums_pay)
+from .rules.conv import (Conv, choose_path, cuda_gram_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits,
+                         on_tensor_cores, pixel_gram_macs, runnable_dense_path, tap_sums_pay)
 from .rules.linear import Linear
 
 
@@ -46,10 +46,14 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
         path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
                            tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit_gemm_fits(g),
                            gram_slowdown=cuda_gram_slowdown(dtype))
+        if path == "gram":
+            path = cuda_gram_path(cuda, implicit_gemm_fits(g))
         path = runnable_dense_path(path, implicit_gemm_fits(g))
-        macs = gram if path == "gram" else filter_macs
-        patches = 0 if path in ("conv", "grouped_conv", "implicit_gemm") else ck * G * L  # the (unfolded) input, read by every product
-        moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if path == "gram" else 0))
+        gram_path = path in ("gram", "implicit_gram")
+        macs = gram if gram_path else filter_macs
+        # the (unfolded) input, read by every product
+        patches = 0 if path in ("conv", "grouped_conv", "implicit_gemm", "implicit_gram") else ck * G * L
+        moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if gram_path else 0))
     return {"layer": _layer_name(step), "kind": "conv", "path": path, "forward_macs": forward,
             "filter_macs": filter_macs, "gram_macs": gram, "rsp_macs": macs, "bytes": moved}
 

@@ -45,15 +45,18 @@ def launches():
                    {"r_ptr": op, "x_ptr": op, "f_ptr": op}, dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags),
                    t.warps, t.stages)
             t = cp.default_tiles("back", channels, dtype, cuda)
-            for combine, purge in ((True, True), (True, False), (False, False)):
-                yield (f"back {precision} C={channels} combine={combine} purge={purge}", cp._back_kernel,
-                       {"s_ptr": op, "f_ptr": op, "dx_ptr": acc, "x_ptr": acc, "scale_ptr": acc,
+            for gram, combine, purge in ((False, True, True), (False, True, False), (False, False, False),
+                                         (True, True, True)):
+                yield (f"back {precision} C={channels} gram={gram} combine={combine} purge={purge}", cp._back_kernel,
+                       {"s_ptr": op, "f_ptr": op, "xcl_ptr": op, "dx_ptr": acc, "x_ptr": acc, "scale_ptr": acc,
                         "counts_ptr": "i32" if purge else acc},
-                       dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, COMBINE=combine, PURGE=purge),
-                       t.warps, t.stages)
+                       dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine,
+                            PURGE=purge), t.warps, t.stages)
         t = cp.default_tiles("responses", 128, dtype, cuda)
-        yield (f"responses {precision}", cp._responses_kernel, {"x_ptr": op, "f_ptr": op, "r_ptr": acc, "s_ptr": op},
-               dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags), t.warps, t.stages)
+        for gram in (False, True):
+            yield (f"responses {precision} gram={gram}", cp._responses_kernel,
+                   {"x_ptr": op, "f_ptr": op, "r_ptr": acc, "s_ptr": op},
+                   dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=gram), t.warps, t.stages)
         yield f"pack {precision}", cp._pack_kernel, {"x_ptr": acc, "scale_ptr": acc, "out_ptr": op}, \
             dict(BLOCK_C=64, BLOCK_P=64), 4, 1
         yield f"stack {precision}", cp._stack_kernel, {"r_ptr": acc, "out_ptr": op}, dict(BLOCK=1024), 4, 1

@@ -8,7 +8,8 @@
 # tests most tied to torch's version under the GPU machine's torch, "profile" lists device time per
 # RSP step, per kernel and per aten op with input shapes (PROFILE_PRECISIONS="tf32 bf16"), "gram"
 # times whole passes with the Gram path weighed at several slowdowns against the implicit GEMMs
-# (GRAM_MODELS="vgg16 resnet50" GRAM_PRECISIONS="tf32 bf16" GRAM_SLOWDOWNS="1 2 4 inf"))
+# (GRAM_MODELS="vgg16 resnet50" GRAM_PRECISIONS="tf32 bf16" GRAM_SLOWDOWNS="1 2 4 inf", GRAM_IMPLICIT="0 1":
+# also with the Gram path on implicit GEMMs))
 # The "paths" step times the ways dense layers can run on CUDA (PATHS_AUTOTUNE=1: also under cuDNN's
 # autotuner), the fastest per precision last (the steps after it keep the default choice);
 # "conv_products" times the Triton implicit GEMMs against cuDNN per layer (CONV_PRODUCTS_ARGS=--tiles:
@@ -93,10 +94,15 @@ for name in os.environ.get("GRAM_MODELS", "vgg16 resnet50").split():
     model = getattr(torchvision.models, name)().eval().cuda()
     for precision in os.environ.get("GRAM_PRECISIONS", "tf32 bf16").split():
         explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
-        for slowdown in map(float, os.environ.get("GRAM_SLOWDOWNS", "1 2 4 inf").split()):
-            conv.CUDA_GRAM_SLOWDOWN = dict.fromkeys((2, 4), slowdown)
-            t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
-            print(f"{name} batch 64 {precision} Gram path counted at {slowdown}x: {64 / t:.1f} img/s")
+        for implicit in os.environ.get("GRAM_IMPLICIT", "0").split():  # 1: the Gram path on implicit GEMMs too
+            conv.CUDA_IMPLICIT_GRAM = implicit == "1"
+            for slowdown in map(float, os.environ.get("GRAM_SLOWDOWNS", "1 2 4 inf").split()):
+                weight = conv.cuda_gram_slowdown
+                conv.cuda_gram_slowdown = lambda dtype: slowdown  # for every precision, either Gram path
+                t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
+                conv.cuda_gram_slowdown = weight
+                print(f"{name} batch 64 {precision} {'implicit ' if implicit == '1' else ''}Gram path counted at "
+                      f"{slowdown}x: {64 / t:.1f} img/s")
 PY
 }
 

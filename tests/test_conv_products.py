@@ -200,3 +200,45 @@ def test_kernels_compile_for_the_h100():
     products = [line for line in proc.stdout.splitlines() if line.split()[1] in ("filters", "responses", "back")
                 and "fp64" not in line]
     assert products and all(" 0 wgmma" not in line for line in products)  # on Hopper's tensor cores
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_gram_products_match_the_unfolded_reference(geometry, device, dtype):
+    """The Gram path on implicit GEMMs (the patch Gram and the back-projection reading the
+    patches in place) gives the filters' back-projection."""
+    from rsp_fast.kernels.triton.conv_products import gram_products_triton
+
+    if reason := triton_unavailable_reason(torch.device(device)):
+        pytest.skip(reason)
+    N, C, O, H, W, kernel, dilation, padding = geometry
+    torch.manual_seed(0)
+    x, R, *_ = conv_products_case(N, C, O, H, W, kernel, (1, 1), dilation, padding)
+    x, R = x.to(device), R.to(device)
+    h, w = R.shape[-2:]
+    work = dtype if dtype == torch.float64 else torch.float32
+    x_low = x.to(dtype)
+    got = gram_products_triton(x_low.permute(0, 2, 3, 1).contiguous(), R.reshape(N, O, h * w).to(work), kernel,
+                               dilation, padding, (h, w), work)
+    expected = sectional_products_reference(x_low.double(), R.double(), kernel, (1, 1), dilation, padding)
+    assert got.shape == expected.shape
+    assert rel_err(got.double().cpu(), expected.cpu()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("C,O,k,p,d", [(5, 6, 3, 1, 1), (4, 5, 3, 2, 2), (6, 4, 1, 1, 1)])
+def test_rule_on_the_implicit_gram_path_matches_the_filter_path(C, O, k, p, d):
+    """The rule's "implicit_gram" path (purge fused like implicit_gemm's), and its fall-back to
+    the unfolded Gram path where the dropped relevance is tracked."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    torch.manual_seed(2)
+    conv = nn.Conv2d(C, O, k, padding=p, dilation=d).double()
+    x = torch.randn(3, C, 7, 6, dtype=torch.float64)
+    x[:, :, 1:4, 1:3] = 0
+    R = torch.randn(3, O, *conv(x).shape[-2:], dtype=torch.float64)
+    g = conv_geometry(conv, (7, 6))
+    expected = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path="filter")
+    got = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path="implicit_gram")
+    assert rel_err(got, expected) < 1e-12
+    tracked = Context(values={}, shapes={}, ops=TORCH, dropped=torch.zeros(3, dtype=torch.float64))
+    assert rel_err(inner_conv_relevance(tracked, x, R, g, path="implicit_gram"), expected) < 1e-12

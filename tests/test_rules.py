@@ -110,6 +110,18 @@ def test_gram_path_weighed_against_the_implicit_gemms_only_where_they_run():
     assert conv_rule.cuda_gram_slowdown(torch.float64) == 1.0
 
 
+def test_gram_path_on_implicit_gemms_only_when_enabled_and_runnable(monkeypatch):
+    assert conv_rule.cuda_gram_path(True, True) == "gram"  # opt-in
+    monkeypatch.setattr(conv_rule, "CUDA_IMPLICIT_GRAM", True)
+    assert conv_rule.cuda_gram_path(True, True) == "implicit_gram"
+    assert conv_rule.cuda_gram_path(False, True) == "gram"  # CPU
+    assert conv_rule.cuda_gram_path(True, False) == "gram"  # strided, grouped, tracking, no Triton
+    assert conv_rule.cuda_gram_slowdown(torch.bfloat16) == 1.0  # both on implicit GEMMs: multiply-adds compare as they are
+    assert conv_rule.runnable_dense_path("implicit_gram", False) == "gram"
+    assert conv_rule.runnable_dense_path("implicit_gemm", False) == "grouped_conv"
+    assert conv_rule.runnable_dense_path("implicit_gram", True) == "implicit_gram"
+
+
 def test_same_padding_conv_matches_explicit_padding():
     conv = nn.Conv2d(4, 5, 3, stride=2, padding=0).double()
     conv.__class__ = type("Conv2dSame", (nn.Conv2d,), {})  # the rule keys timm's Conv2dSame by name

@@ -212,12 +212,23 @@ if CUDA_DENSE_PATH not in (None, *CUDA_DENSE_PATHS):
 CUDA_GRAM_SLOWDOWN = {2: math.inf, 4: 4.0}
 if os.environ.get("RSP_FAST_CUDA_GRAM_SLOWDOWN"):
     CUDA_GRAM_SLOWDOWN = dict.fromkeys((2, 4), float(os.environ["RSP_FAST_CUDA_GRAM_SLOWDOWN"]))
+# The Gram path as implicit GEMMs too ("implicit_gram": the patch Gram and the back-projection
+# read the patches in place, kernels/triton/conv_products.py gram_products_triton), where the
+# implicit GEMMs run. Opt-in (RSP_FAST_CUDA_IMPLICIT_GRAM=1) until timed on a GPU; with it the
+# Gram path's multiply-adds count as the implicit GEMMs' do.
+CUDA_IMPLICIT_GRAM = os.environ.get("RSP_FAST_CUDA_IMPLICIT_GRAM") == "1"
 
 
 def cuda_gram_slowdown(product_dtype: torch.dtype) -> float:
     """The weight of the Gram path's multiply-adds against the implicit GEMMs' for products of
     ``product_dtype`` on CUDA (1 for those that never run there: float64)."""
-    return CUDA_GRAM_SLOWDOWN.get(product_dtype.itemsize, 1.0)
+    return 1.0 if CUDA_IMPLICIT_GRAM else CUDA_GRAM_SLOWDOWN.get(product_dtype.itemsize, 1.0)
+
+
+def cuda_gram_path(is_cuda: bool, implicit_gemm_runs: bool) -> str:
+    """How the Gram path runs: on the implicit GEMMs (CUDA, where they run, when enabled) or on
+    unfolded patches."""
+    return "implicit_gram" if is_cuda and implicit_gemm_runs and CUDA_IMPLICIT_GRAM else "gram"
 
 
 def cuda_dense_path(tensor_cores: bool) -> str:
@@ -237,8 +248,11 @@ def implicit_gemm_fits(g: ConvGeometry) -> bool:
 
 
 def runnable_dense_path(path: str, implicit_gemm_runs: bool) -> str:
-    """``path``, or grouped_conv where it is implicit_gemm and its kernels cannot run."""
-    return "grouped_conv" if path == "implicit_gemm" and not implicit_gemm_runs else path
+    """``path``, or where it is implicit_gemm (implicit_gram) and its kernels cannot run,
+    grouped_conv (gram)."""
+    if implicit_gemm_runs:
+        return path
+    return {"implicit_gemm": "grouped_conv", "implicit_gram": "gram"}.get(path, path)
 
 
 # How much slower per multiply-add the masked kernels run than the dense products (gathered
@@ -512,9 +526,11 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
                                 pixel_gram, on_tensor_cores(low), implicit_runs, cuda_gram_slowdown(low)))
+    if path == "gram":
+        path = cuda_gram_path(x.is_cuda, implicit_runs)
     path = runnable_dense_path(path, implicit_runs)
-    if path == "implicit_gemm":
-        return _implicit_gemm_relevance(ctx, x, R, g, non_negative)
+    if path in ("implicit_gemm", "implicit_gram"):
+        return _implicit_gemm_relevance(ctx, x, R, g, non_negative, gram=path == "implicit_gram")
     x_pos = rectified_input(x, non_negative)
     Rg = R.reshape(N, G, Og, L)
     if path == "masked":
@@ -595,24 +611,26 @@ def _dense_products(ctx: Context, x_pos: torch.Tensor, Rg: torch.Tensor, g: Conv
 
 
 def _implicit_gemm_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry,
-                             non_negative: bool) -> torch.Tensor:
+                             non_negative: bool, gram: bool = False) -> torch.Tensor:
     """The conv rule end to end on Triton's implicit GEMMs (stride 1, one group): x̂ formed as the
-    input is copied channels-last in the products' precision, the purge's 2·x̂⊙dx (a 1×1 conv's
-    x̂⊙dx) written by the back-projection, then the purge's shift; the same values as the other
-    paths' rectified_input, products and purge, in fewer passes over the layer's tensors."""
-    from ..kernels.triton.conv_products import Combination, conv_products_triton, max_samples, pack_input
+    input is copied channels-last in the products' precision, the products by the filters (or
+    ``gram``: by the Gram path), the purge's 2·x̂⊙dx (a 1×1 conv's x̂⊙dx) written by the
+    back-projection, then the purge's shift; the same values as the other paths'
+    rectified_input, products and purge, in fewer passes over the layer's tensors."""
+    from ..kernels.triton import conv_products as kernels
     from ..kernels.triton.purge import shift_active
 
     N, O = R.shape[:2]
-    chunk = max_samples(g.kernel)
+    chunk = kernels.max_samples(g.kernel)
     if N > chunk:  # more samples than one launch's grid holds: the samples are independent
-        return torch.cat([_implicit_gemm_relevance(ctx, x[i:i + chunk], R[i:i + chunk], g, non_negative)
+        return torch.cat([_implicit_gemm_relevance(ctx, x[i:i + chunk], R[i:i + chunk], g, non_negative, gram)
                           for i in range(0, N, chunk)])
     scale = input_scale(x, non_negative)
-    x_cl = pack_input(x, scale, ctx.product_dtype or x.dtype)
+    x_cl = kernels.pack_input(x, scale, ctx.product_dtype or x.dtype)
     counts = None if g.is_pointwise else torch.zeros(N, dtype=torch.int32, device=x.device)
-    out = conv_products_triton(x_cl, R.reshape(N, O, -1), g.kernel, g.dilation, g.pad, R.shape[-2:], x.dtype,
-                               combine=Combination(x, scale, counts))
+    products = kernels.gram_products_triton if gram else kernels.conv_products_triton
+    out = products(x_cl, R.reshape(N, O, -1), g.kernel, g.dilation, g.pad, R.shape[-2:], x.dtype,
+                   combine=kernels.Combination(x, scale, counts))
     return out if counts is None else shift_active(out, per_sample_sum(R), counts)
 
 

@@ -50,6 +50,17 @@ def _section(r_ptr, rows, cols, O, srm, srl, mask):
 
 
 @triton.jit
+def _patch_rows(x_base, rl, valid, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sxh, sxw):
+    """Xᵤ[(t, c), l] for positions rl (rows; ``valid`` marks the real ones) and channels rc
+    (columns): the input pixel each position reads at tap t, zero off the image."""
+    y = rl // Wo + (t // KW) * DY - PT
+    x = rl % Wo + (t % KW) * DX - PL
+    inside = valid & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    return tl.load(x_base + (y * sxh + x * sxw)[:, None] + rc[None, :], mask=inside[:, None] & (rc[None, :] < C),
+                   other=0.0)
+
+
+@triton.jit
 def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, T, SPLIT, L_PER_SPLIT,
                     srn, srm, srl, sxn, sxh, sxw, sfs, sfn, sft, sfm,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, FP64: tl.constexpr,
@@ -58,7 +69,6 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
     pid_m, pid_c, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, rest = pid // (T * SPLIT), pid % (T * SPLIT)
     t, split = rest // SPLIT, rest % SPLIT
-    ky, kx = t // KW, t % KW
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_base = r_ptr + n.to(tl.int64) * srn
@@ -70,11 +80,7 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
         rl = l0 + tl.arange(0, BLOCK_L)
         in_range = rl < l_end
         r = tl.load(r_base + rm[:, None] * srm + rl[None, :] * srl, mask=(rm[:, None] < M) & in_range[None, :], other=0.0)
-        y = rl // Wo + ky * DY - PT
-        x = rl % Wo + kx * DX - PL
-        inside = in_range & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        xv = tl.load(x_base + (y * sxh + x * sxw)[:, None] + rc[None, :], mask=inside[:, None] & (rc[None, :] < C),
-                     other=0.0)
+        xv = _patch_rows(x_base, rl, in_range, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sxh, sxw)
         acc = _dot(r, xv, acc, FP64, TF32)
     f_base = f_ptr + split.to(tl.int64) * sfs + n.to(tl.int64) * sfn + t * sft
     tl.store(f_base + rm[:, None] * sfm + rc[None, :], acc.to(f_ptr.dtype.element_ty),
@@ -82,47 +88,50 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
 
 
 @triton.jit
-def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, H, W, Wo, KW, DY, DX, PT, PL, T,
+def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, M, O, C, L, H, W, Wo, KW, DY, DX, PT, PL, T,
                       sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
                       BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
-                      TF32: tl.constexpr):
-    """S[n, l-block, m-block]: the responses over every tap and channel, then the normalisation."""
-    M = 2 * O
+                      TF32: tl.constexpr, GRAM: tl.constexpr):
+    """S[n, l-block, m-block]: the responses over every tap and channel, then the normalisation.
+    GRAM: the Gram path's patch Gram K[n, l-block, l'-block] = Σ_(t, c) Xᵤ[(t, c), l]·Xᵤ[(t, c), l']
+    instead (the columns are positions too, read from x like the rows), stored as it is."""
     pid_l, pid_m, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rl = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    i, j = rl // Wo, rl % Wo
     x_base = x_ptr + n.to(tl.int64) * sxn
     f_base = f_ptr + n.to(tl.int64) * sfn
     acc = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float64 if FP64 else tl.float32)
     c_blocks = tl.cdiv(C, BLOCK_C)
     for k in range(0, T * c_blocks):  # one loop over (tap, channel block): it pipelines as one
         t, c0 = k // c_blocks, (k % c_blocks) * BLOCK_C
-        y = i + (t // KW) * DY - PT
-        x = j + (t % KW) * DX - PL
-        inside = (rl < L) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
         rc = c0 + tl.arange(0, BLOCK_C)
-        xv = tl.load(x_base + (y * sxh + x * sxw)[:, None] + rc[None, :], mask=inside[:, None] & (rc[None, :] < C),
-                     other=0.0)
-        f = tl.load(f_base + t * sft + rm[None, :] * sfm + rc[:, None], mask=(rc[:, None] < C) & (rm[None, :] < M),
-                    other=0.0)
+        xv = _patch_rows(x_base, rl, rl < L, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sxh, sxw)
+        if GRAM:
+            f = tl.trans(_patch_rows(x_base, rm, rm < M, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sxh, sxw))
+        else:
+            f = tl.load(f_base + t * sft + rm[None, :] * sfm + rc[:, None], mask=(rc[:, None] < C) & (rm[None, :] < M),
+                        other=0.0)
         acc = _dot(xv, f, acc, FP64, TF32)
-    # epilogue: S = R/G where both are non-zero, the hostile rows negated
     mask = (rl[:, None] < L) & (rm[None, :] < M)
-    r = _section(r_ptr + n.to(tl.int64) * srn, rm[None, :], rl[:, None], O, srm, srl, mask).to(acc.dtype)
-    active = (r != 0) & (acc != 0)
-    s = tl.where(active, r / tl.where(active, acc, 1.0), 0.0)
-    s = tl.where(rm[None, :] < O, s, -s)
-    tl.store(s_ptr + n.to(tl.int64) * ssn + rl[:, None] * ssl + rm[None, :], s.to(s_ptr.dtype.element_ty), mask=mask)
+    if GRAM:
+        out = acc
+    else:  # S = R/G where both are non-zero, the hostile rows negated
+        r = _section(r_ptr + n.to(tl.int64) * srn, rm[None, :], rl[:, None], O, srm, srl, mask).to(acc.dtype)
+        active = (r != 0) & (acc != 0)
+        out = tl.where(active, r / tl.where(active, acc, 1.0), 0.0)
+        out = tl.where(rm[None, :] < O, out, -out)
+    tl.store(s_ptr + n.to(tl.int64) * ssn + rl[:, None] * ssl + rm[None, :], out.to(s_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _back_kernel(s_ptr, f_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T,
-                 ssn, ssl, sfn, sft, sfm, sdn, sdc, sxn, sxc, sxp,
+def _back_kernel(s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T,
+                 ssn, ssl, sfn, sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FP64: tl.constexpr,
-                 TF32: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr):
+                 TF32: tl.constexpr, GRAM: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr):
     """dx[n, c-block, pixel-block] = Σ over taps and sections of F·S, each pixel gathering the
-    output positions whose patches hold it. COMBINE: written as x̂⊙dx instead, x̂ = max(x, 0)·scale
+    output positions whose patches hold it. GRAM: the Gram path's Σ over taps and positions l' of
+    Xᵤ[(t, c), l']·M[l', l], with s_ptr holding Mᵀ (N, L, L) and Xᵤ read from the channels-last
+    input at xcl_ptr in place of F. COMBINE: written as x̂⊙dx instead, x̂ = max(x, 0)·scale
     (PURGE: 2·x̂⊙dx, its non-zeros counted per sample)."""
     pid_q, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -130,6 +139,7 @@ def _back_kernel(s_ptr, f_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W,
     y, x = rq // W, rq % W
     s_base = s_ptr + n.to(tl.int64) * ssn
     f_base = f_ptr + n.to(tl.int64) * sfn
+    xcl_base = xcl_ptr + n.to(tl.int64) * scn
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
     m_blocks = tl.cdiv(M, BLOCK_M)
     for k in range(0, T * m_blocks):
@@ -140,8 +150,11 @@ def _back_kernel(s_ptr, f_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W,
         rm = m0 + tl.arange(0, BLOCK_M)
         sv = tl.load(s_base + (i * Wo + j)[:, None] * ssl + rm[None, :], mask=inside[:, None] & (rm[None, :] < M),
                      other=0.0)
-        f = tl.load(f_base + t * sft + rm[:, None] * sfm + rc[None, :], mask=(rm[:, None] < M) & (rc[None, :] < C),
-                    other=0.0)
+        if GRAM:
+            f = _patch_rows(xcl_base, rm, rm < M, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sch, scw)
+        else:
+            f = tl.load(f_base + t * sft + rm[:, None] * sfm + rc[None, :], mask=(rm[:, None] < M) & (rc[None, :] < C),
+                        other=0.0)
         acc = _dot(sv, f, acc, FP64, TF32)
     mask = (rq[:, None] < H * W) & (rc[None, :] < C)
     if COMBINE:  # x̂ formed as rectified_input forms it, the product as the purge's (2·x̂)·dx
@@ -328,20 +341,63 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     t = tiles.get("responses") or default_tiles("responses", M, dtype, device)
     S = torch.empty((N, L, M), dtype=dtype, device=device)
     _responses_kernel[(triton.cdiv(L, t.rows), triton.cdiv(M, t.cols), N)](
-        x_cl, F, R, S, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
-        BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, num_warps=t.warps, num_stages=t.stages)
+        x_cl, F, R, S, M, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
+        BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, num_warps=t.warps, num_stages=t.stages)
 
     # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
-    t = tiles.get("back") or default_tiles("back", C, dtype, device)
-    dx = torch.empty((N, C, H, W), dtype=out_dtype, device=device)
+    return _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, (Ho, Wo), kernel, dilation, pad, gram=False)
+
+
+def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kernel, dilation, pad, gram: bool):
+    """The back kernel's launch: from S and F, or (``gram``) from Mᵀ in S's place and the patches."""
+    N, H, W, C = x_cl.shape
+    M = S.shape[-1]
+    (_, kw), (dy, dx_), (pl, _, pt, _) = kernel, dilation, pad
+    t = tiles.get("back") or default_tiles("back", C, x_cl.dtype, x_cl.device)
+    dx = torch.empty((N, C, H, W), dtype=out_dtype, device=x_cl.device)
     if combine is not None:
         x, x_strides = _pixel_strides(combine.x)
         scale, counts = combine.scale, combine.counts
     else:  # unread
         x, x_strides, scale, counts = dx, (0, 0, 0), dx, dx
     _back_kernel[(triton.cdiv(H * W, t.rows), triton.cdiv(C, t.cols), N)](
-        S, F, dx, x, scale, counts if counts is not None else dx, M, C, H, W, Ho, Wo, kw, dy, dx_, pt, pl, T,
-        *S.stride()[:2], *F.stride()[:3], *dx.stride()[:2], *x_strides,
-        BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, COMBINE=combine is not None,
+        S, F, x_cl, dx, x, scale, counts if counts is not None else dx, M, C, H, W, *out_hw, kw, dy, dx_, pt, pl,
+        kernel[0] * kw, *S.stride()[:2], *F.stride()[:3], *x_cl.stride()[:3], *dx.stride()[:2], *x_strides,
+        BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine is not None,
         PURGE=combine is not None and counts is not None, num_warps=t.warps, num_stages=t.stages)
     return dx
+
+
+def gram_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, out_dtype: torch.dtype,
+                         tiles: dict[str, Tiles] | None = None, combine: Combination | None = None) -> torch.Tensor:
+    """The same back-projection (or ``combine``) as ``conv_products_triton``, by the Gram path:
+    K = XᵤᵀXᵤ (L×L per sample) from the patches in place, S = [R⁺; R⁻]·K normalised (R read in
+    its own precision), Mᵀ = SᵀRs, and dx gathered per input pixel from Xᵤ·M, again reading the
+    patches in place. Fewer multiply-adds than the filters where positions are few (2·ck·L² +
+    4·o·L² against 6·o·ck·L) and nothing unfolded or folded."""
+    from .sectional_matmul import sectional_matmul_triton
+
+    N, H, W, C = x_cl.shape
+    O, L = R.shape[1:]
+    (kh, kw), (dy, dx_), (pl, _, pt, _) = kernel, dilation, pad
+    Ho, Wo = out_hw
+    if x_cl.stride(-1) != 1 or R.dim() != 3 or R.shape[0] != N or L != Ho * Wo:
+        raise ValueError(f"gram_products: x {tuple(x_cl.shape)}, R {tuple(R.shape)}, output {out_hw} do not fit")
+    if N > max_samples((1, 1)):
+        raise ValueError(f"gram_products: {N} samples, more than the {max_samples((1, 1))} one launch takes")
+    dtype, device, tiles = x_cl.dtype, x_cl.device, tiles or {}
+    flags = dict(FP64=dtype == torch.float64,
+                 TF32=dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    # rows of Rs, K and Mᵀ padded to a multiple of 16 positions, so that 16-bit rows start aligned
+    # (14² = 196 positions do not): their loads are then asynchronous copies
+    Rs_low = stack_sections(R, dtype, align=16)  # N, 2·O, Lp (zeros past L)
+    Lp = Rs_low.shape[-1]
+    t = tiles.get("responses") or default_tiles("responses", L, dtype, device)
+    K = torch.empty((N, L, Lp), dtype=dtype, device=device)[..., :L]
+    _responses_kernel[(triton.cdiv(L, t.rows), triton.cdiv(L, t.cols), N)](
+        x_cl, x_cl, R, K, L, O, C, L, H, W, Wo, kw, dy, dx_, pt, pl, kh * kw, *x_cl.stride()[:3], 0, 0, 0, *R.stride(),
+        *K.stride()[:2], BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=True, num_warps=t.warps,
+        num_stages=t.stages)
+    S = sectional_matmul_triton(Rs_low[..., :L], K, stack_sections(R, R.dtype), O)  # N, 2·O, L: [S⁺; −S⁻]
+    Mt = torch.bmm(S.transpose(1, 2).to(dtype), Rs_low)[..., :L]  # N, L, L: Mᵀ = Sᵀ·[R⁺; R⁻]
+    return _back_projection(Mt, Mt, x_cl, out_dtype, combine, tiles, flags, out_hw, kernel, dilation, pad, gram=True)
