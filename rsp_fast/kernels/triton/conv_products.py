@@ -50,11 +50,12 @@ def _section(r_ptr, rows, cols, O, srm, srl, mask):
 
 
 @triton.jit
-def _patch_rows(x_base, rl, valid, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sxh, sxw):
-    """Xᵤ[(t, c), l] for positions rl (rows; ``valid`` marks the real ones) and channels rc
-    (columns): the input pixel each position reads at tap t, zero off the image."""
-    y = rl // Wo + (t // KW) * DY - PT
-    x = rl % Wo + (t % KW) * DX - PL
+def _patch_rows(x_base, i, j, valid, ky, kx, rc, C, H, W, DY, DX, PT, PL, sxh, sxw):
+    """Xᵤ[(t, c), l] for the positions at output rows i, columns j (rows of the tile; ``valid``
+    marks the real ones) and channels rc (columns): the input pixel each reads at tap (ky, kx),
+    zero off the image."""
+    y = i + ky * DY - PT
+    x = j + kx * DX - PL
     inside = valid & (y >= 0) & (y < H) & (x >= 0) & (x < W)
     return tl.load(x_base + (y * sxh + x * sxw)[:, None] + rc[None, :], mask=inside[:, None] & (rc[None, :] < C),
                    other=0.0)
@@ -69,6 +70,7 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
     pid_m, pid_c, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, rest = pid // (T * SPLIT), pid % (T * SPLIT)
     t, split = rest // SPLIT, rest % SPLIT
+    ky, kx = t // KW, t % KW
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_base = r_ptr + n.to(tl.int64) * srn
@@ -80,7 +82,7 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
         rl = l0 + tl.arange(0, BLOCK_L)
         in_range = rl < l_end
         r = tl.load(r_base + rm[:, None] * srm + rl[None, :] * srl, mask=(rm[:, None] < M) & in_range[None, :], other=0.0)
-        xv = _patch_rows(x_base, rl, in_range, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sxh, sxw)
+        xv = _patch_rows(x_base, rl // Wo, rl % Wo, in_range, ky, kx, rc, C, H, W, DY, DX, PT, PL, sxh, sxw)
         acc = _dot(r, xv, acc, FP64, TF32)
     f_base = f_ptr + split.to(tl.int64) * sfs + n.to(tl.int64) * sfn + t * sft
     tl.store(f_base + rm[:, None] * sfm + rc[None, :], acc.to(f_ptr.dtype.element_ty),
@@ -88,16 +90,19 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
 
 
 @triton.jit
-def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, M, O, C, L, H, W, Wo, KW, DY, DX, PT, PL, T,
+def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, H, W, Wo, KW, DY, DX, PT, PL, T,
                       sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
                       BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
                       TF32: tl.constexpr, GRAM: tl.constexpr):
     """S[n, l-block, m-block]: the responses over every tap and channel, then the normalisation.
     GRAM: the Gram path's patch Gram K[n, l-block, l'-block] = Σ_(t, c) Xᵤ[(t, c), l]·Xᵤ[(t, c), l']
     instead (the columns are positions too, read from x like the rows), stored as it is."""
+    M = L if GRAM else 2 * O  # the columns
     pid_l, pid_m, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rl = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i, j = rl // Wo, rl % Wo
+    im, jm = rm // Wo, rm % Wo  # GRAM: the columns' positions
     x_base = x_ptr + n.to(tl.int64) * sxn
     f_base = f_ptr + n.to(tl.int64) * sfn
     acc = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float64 if FP64 else tl.float32)
@@ -105,9 +110,9 @@ def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, M, O, C, L, H, W, Wo, KW, DY, 
     for k in range(0, T * c_blocks):  # one loop over (tap, channel block): it pipelines as one
         t, c0 = k // c_blocks, (k % c_blocks) * BLOCK_C
         rc = c0 + tl.arange(0, BLOCK_C)
-        xv = _patch_rows(x_base, rl, rl < L, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sxh, sxw)
+        xv = _patch_rows(x_base, i, j, rl < L, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sxh, sxw)
         if GRAM:
-            f = tl.trans(_patch_rows(x_base, rm, rm < M, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sxh, sxw))
+            f = tl.trans(_patch_rows(x_base, im, jm, rm < M, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sxh, sxw))
         else:
             f = tl.load(f_base + t * sft + rm[None, :] * sfm + rc[:, None], mask=(rc[:, None] < C) & (rm[None, :] < M),
                         other=0.0)
@@ -151,7 +156,7 @@ def _back_kernel(s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M,
         sv = tl.load(s_base + (i * Wo + j)[:, None] * ssl + rm[None, :], mask=inside[:, None] & (rm[None, :] < M),
                      other=0.0)
         if GRAM:
-            f = _patch_rows(xcl_base, rm, rm < M, t, rc, C, H, W, Wo, KW, DY, DX, PT, PL, sch, scw)
+            f = _patch_rows(xcl_base, rm // Wo, rm % Wo, rm < M, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sch, scw)
         else:
             f = tl.load(f_base + t * sft + rm[:, None] * sfm + rc[None, :], mask=(rm[:, None] < M) & (rc[None, :] < C),
                         other=0.0)
@@ -341,7 +346,7 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     t = tiles.get("responses") or default_tiles("responses", M, dtype, device)
     S = torch.empty((N, L, M), dtype=dtype, device=device)
     _responses_kernel[(triton.cdiv(L, t.rows), triton.cdiv(M, t.cols), N)](
-        x_cl, F, R, S, M, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
+        x_cl, F, R, S, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
         BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, num_warps=t.warps, num_stages=t.stages)
 
     # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
@@ -395,7 +400,7 @@ def gram_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     t = tiles.get("responses") or default_tiles("responses", L, dtype, device)
     K = torch.empty((N, L, Lp), dtype=dtype, device=device)[..., :L]
     _responses_kernel[(triton.cdiv(L, t.rows), triton.cdiv(L, t.cols), N)](
-        x_cl, x_cl, R, K, L, O, C, L, H, W, Wo, kw, dy, dx_, pt, pl, kh * kw, *x_cl.stride()[:3], 0, 0, 0, *R.stride(),
+        x_cl, x_cl, R, K, O, C, L, H, W, Wo, kw, dy, dx_, pt, pl, kh * kw, *x_cl.stride()[:3], 0, 0, 0, *R.stride(),
         *K.stride()[:2], BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=True, num_warps=t.warps,
         num_stages=t.stages)
     S = sectional_matmul_triton(Rs_low[..., :L], K, stack_sections(R, R.dtype), O)  # N, 2·O, L: [S⁺; −S⁻]
