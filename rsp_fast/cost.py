@@ -35,7 +35,8 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
     elem = dtype.itemsize
     forward = O * ck * L
     filter_macs = 6 * og * ck * L * G
-    pixel_gram = pixel_gram_macs(g, C // G, (H, W), L, tap_sums_pay(cuda, dtype))
+    tap_sums = tap_sums_pay(cuda, dtype) and cuda_gram_path(cuda, implicit_gemm_fits(g)) == "gram"
+    pixel_gram = pixel_gram_macs(g, C // G, (H, W), L, tap_sums)
     gram = gram_macs(ck, og, L, pixel_gram) * G
     if step.first:
         path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)

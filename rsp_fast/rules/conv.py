@@ -520,9 +520,11 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     # depthwise: the products fused per plane where that kernel exists
     fused_depthwise = compiled and C == G and ctx.ops.depthwise_products is not None and k2 <= DEPTHWISE_MAX_TAPS
     low = ctx.product_dtype or x.dtype
-    pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums_pay(x.is_cuda, low))
     # tracking reads the responses, which the fused kernels never form
     implicit_runs = implicit_gemm_fits(g) and not ctx.tracking and triton_unavailable_reason(x.device) == ""
+    # the Gram path on implicit GEMMs forms the patch Gram, never the pixel Gram
+    tap_sums = tap_sums_pay(x.is_cuda, low) and cuda_gram_path(x.is_cuda, implicit_runs) == "gram"
+    pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums)
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
                                 pixel_gram, on_tensor_cores(low), implicit_runs, cuda_gram_slowdown(low)))
