@@ -105,20 +105,21 @@ def product_flops(fn) -> int:
         if conv_products is None:
             fn()
             return counter.total
-        real = conv_products.conv_products_triton, conv_products.gram_products_triton
+        counts = {"conv_products_triton": implicit_gemm_flops, "gram_products_triton": implicit_gram_flops}
+        real = {name: getattr(conv_products, name) for name in counts}
 
-        def counted(*args, **kwargs):
-            counter.total += implicit_gemm_flops(*args, **kwargs)
-            return real[0](*args, **kwargs)
-
-        def counted_gram(*args, **kwargs):
-            counter.total += implicit_gram_flops(*args, **kwargs)
-            return real[1](*args, **kwargs)
-        conv_products.conv_products_triton, conv_products.gram_products_triton = counted, counted_gram
+        def counted(name):
+            def launch(*args, **kwargs):
+                counter.total += counts[name](*args, **kwargs)
+                return real[name](*args, **kwargs)
+            return launch
+        for name in counts:
+            setattr(conv_products, name, counted(name))
         try:
             fn()
         finally:
-            conv_products.conv_products_triton, conv_products.gram_products_triton = real
+            for name, launch in real.items():
+                setattr(conv_products, name, launch)
     return counter.total
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError
 from .propagate import record_forward
-from .rules.conv import (Conv, choose_path, cuda_gram_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits,
+from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits,
                          on_tensor_cores, pixel_gram_macs, runnable_dense_path, tap_sums_pay)
 from .rules.linear import Linear
 
@@ -35,8 +35,7 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
     elem = dtype.itemsize
     forward = O * ck * L
     filter_macs = 6 * og * ck * L * G
-    tap_sums = tap_sums_pay(cuda, dtype) and cuda_gram_path(cuda, implicit_gemm_fits(g)) == "gram"
-    pixel_gram = pixel_gram_macs(g, C // G, (H, W), L, tap_sums)
+    pixel_gram = pixel_gram_macs(g, C // G, (H, W), L, tap_sums_pay(cuda, dtype, implicit_gemm_fits(g)))
     gram = gram_macs(ck, og, L, pixel_gram) * G
     if step.first:
         path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)
@@ -47,9 +46,7 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
         path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
                            tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit_gemm_fits(g),
                            gram_slowdown=cuda_gram_slowdown(dtype))
-        if path == "gram":
-            path = cuda_gram_path(cuda, implicit_gemm_fits(g))
-        path = runnable_dense_path(path, implicit_gemm_fits(g))
+        path = runnable_dense_path(path, implicit_gemm_fits(g), cuda)
         gram_path = path in ("gram", "implicit_gram")
         macs = gram if gram_path else filter_macs
         # the (unfolded) input, read by every product

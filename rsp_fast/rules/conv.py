@@ -247,9 +247,11 @@ def implicit_gemm_fits(g: ConvGeometry) -> bool:
     return g.stride == (1, 1) and g.groups == 1
 
 
-def runnable_dense_path(path: str, implicit_gemm_runs: bool) -> str:
-    """``path``, or where it is implicit_gemm (implicit_gram) and its kernels cannot run,
-    grouped_conv (gram)."""
+def runnable_dense_path(path: str, implicit_gemm_runs: bool, is_cuda: bool = False) -> str:
+    """``path`` as it runs: the Gram path on implicit GEMMs where ``cuda_gram_path`` says so, and
+    where implicit_gemm (implicit_gram) cannot run, grouped_conv (gram)."""
+    if path == "gram":
+        return cuda_gram_path(is_cuda, implicit_gemm_runs)
     if implicit_gemm_runs:
         return path
     return {"implicit_gemm": "grouped_conv", "implicit_gram": "gram"}.get(path, path)
@@ -476,13 +478,14 @@ def _nonzeros_per_sample(R: torch.Tensor, every: int = 8) -> float:
     return float((sample != 0).sum()) * R.shape[1] / (sample.shape[1] * R.shape[0])
 
 
-def tap_sums_pay(is_cuda: bool, product_dtype: torch.dtype) -> bool:
+def tap_sums_pay(is_cuda: bool, product_dtype: torch.dtype, implicit_gemm_runs: bool = False) -> bool:
     """Whether the pixel Gram's tap sums (strided adds over L×L and P×P matrices) cost less than
     the patch Gram's extra multiply-adds. Not on CUDA with 16-bit products, whose GEMMs are cheap:
     H100, VGG16 at batch 64 (docs/gpu/h100_paths_implicit_gemm.log), bfloat16 716.8 img/s
     without the pixel Gram against 667.5 with it (the tap sums took 15 of the batch's 93 ms); TF32
-    485.6 against 495.1."""
-    return not (is_cuda and product_dtype.itemsize == 2)
+    485.6 against 495.1. Never where the Gram path runs on implicit GEMMs (``cuda_gram_path``),
+    which form the patch Gram."""
+    return not (is_cuda and product_dtype.itemsize == 2) and cuda_gram_path(is_cuda, implicit_gemm_runs) == "gram"
 
 
 def pixel_gram_macs(g: ConvGeometry, channels: int, in_hw, L: int, tap_sums: bool = True) -> int | None:
@@ -522,15 +525,11 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     low = ctx.product_dtype or x.dtype
     # tracking reads the responses, which the fused kernels never form
     implicit_runs = implicit_gemm_fits(g) and not ctx.tracking and triton_unavailable_reason(x.device) == ""
-    # the Gram path on implicit GEMMs forms the patch Gram, never the pixel Gram
-    tap_sums = tap_sums_pay(x.is_cuda, low) and cuda_gram_path(x.is_cuda, implicit_runs) == "gram"
-    pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums)
+    pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums_pay(x.is_cuda, low, implicit_runs))
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
                                 pixel_gram, on_tensor_cores(low), implicit_runs, cuda_gram_slowdown(low)))
-    if path == "gram":
-        path = cuda_gram_path(x.is_cuda, implicit_runs)
-    path = runnable_dense_path(path, implicit_runs)
+    path = runnable_dense_path(path, implicit_runs, x.is_cuda)
     if path in ("implicit_gemm", "implicit_gram"):
         return _implicit_gemm_relevance(ctx, x, R, g, non_negative, gram=path == "implicit_gram")
     x_pos = rectified_input(x, non_negative)
@@ -627,6 +626,7 @@ def _implicit_gemm_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: 
     if N > chunk:  # more samples than one launch's grid holds: the samples are independent
         return torch.cat([_implicit_gemm_relevance(ctx, x[i:i + chunk], R[i:i + chunk], g, non_negative, gram)
                           for i in range(0, N, chunk)])
+    x = kernels.with_pixel_stride(x)  # once, for the copy and the back-projection's epilogue
     scale = input_scale(x, non_negative)
     x_cl = kernels.pack_input(x, scale, ctx.product_dtype or x.dtype)
     counts = None if g.is_pointwise else torch.zeros(N, dtype=torch.int32, device=x.device)

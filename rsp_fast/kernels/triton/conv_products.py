@@ -261,22 +261,25 @@ class Combination(NamedTuple):
     counts: torch.Tensor | None
 
 
-def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """An (N, C, H, W) tensor whose pixels lie at one stride (NCHW or channels-last), and its
-    sample, channel and pixel strides."""
-    if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
-        t = t.contiguous()
-    return t, (t.stride(0), t.stride(1), t.stride(3))
+def with_pixel_stride(t: torch.Tensor) -> torch.Tensor:
+    """An (N, C, H, W) tensor whose pixels lie at one stride (NCHW or channels-last): ``t``, or a
+    contiguous copy of it."""
+    return t.contiguous() if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1 else t
+
+
+def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Sample, channel and pixel strides of a ``with_pixel_stride`` tensor."""
+    return t.stride(0), t.stride(1), t.stride(3)
 
 
 def pack_input(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(N, H, W, C) contiguous max(x, 0)·scale in ``dtype``, from x (N, C, H, W) in any layout."""
     N, C, H, W = x.shape
-    x, strides = _pixel_strides(x)
+    x = with_pixel_stride(x)
     out = torch.empty((N, H, W, C), dtype=dtype, device=x.device)
     block_c, block_p = min(64, triton.next_power_of_2(C)), 64
     _pack_kernel[(triton.cdiv(H * W, block_p), triton.cdiv(C, block_c), N)](
-        x, scale, out, C, H * W, *strides, BLOCK_C=block_c, BLOCK_P=block_p)
+        x, scale, out, C, H * W, *_pixel_strides(x), BLOCK_C=block_c, BLOCK_P=block_p)
     return out
 
 
@@ -290,6 +293,19 @@ def stack_sections(R: torch.Tensor, dtype: torch.dtype, align: int = 1) -> torch
     block = min(1024, triton.next_power_of_2(LP))
     _stack_kernel[(N * O, triton.cdiv(LP, block))](R, out, O, L, LP, BLOCK=block)
     return out
+
+
+def _checked_flags(name: str, x_cl: torch.Tensor, R: torch.Tensor, out_hw, samples: int) -> dict:
+    """The kernels' precision flags, once the operands are checked: x_cl (N, H, W, C) with
+    contiguous channels, R (N, O, Ho·Wo), at most ``samples`` samples."""
+    N = x_cl.shape[0]
+    if x_cl.stride(-1) != 1 or R.dim() != 3 or R.shape[0] != N or R.shape[-1] != out_hw[0] * out_hw[1]:
+        raise ValueError(f"{name}: x {tuple(x_cl.shape)}, R {tuple(R.shape)}, output {tuple(out_hw)} do not fit")
+    if N > samples:
+        raise ValueError(f"{name}: {N} samples, more than the {samples} one launch takes")
+    dtype, device = x_cl.dtype, x_cl.device
+    return dict(FP64=dtype == torch.float64,
+                TF32=dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
 
 def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, out_dtype: torch.dtype,
@@ -309,15 +325,10 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     O, L = R.shape[1:]
     M = 2 * O
     (kh, kw), (dy, dx_), (pl, _, pt, _) = kernel, dilation, pad
-    Ho, Wo = out_hw
-    if x_cl.stride(-1) != 1 or R.dim() != 3 or R.shape[0] != N or L != Ho * Wo:
-        raise ValueError(f"conv_products: x {tuple(x_cl.shape)}, R {tuple(R.shape)}, output {out_hw} do not fit")
-    if N > max_samples(kernel):
-        raise ValueError(f"conv_products: {N} samples, more than the {max_samples(kernel)} one launch takes")
+    Wo = out_hw[1]
+    flags = _checked_flags("conv_products", x_cl, R, out_hw, max_samples(kernel))
     T, dtype, device = kh * kw, x_cl.dtype, x_cl.device
     tiles = tiles or {}
-    flags = dict(FP64=dtype == torch.float64,
-                 TF32=dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
     geometry = (H, W, Wo, kw, dy, dx_, pt, pl, T)
     x_strides = x_cl.stride()[:3]
 
@@ -350,7 +361,7 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
         BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, num_warps=t.warps, num_stages=t.stages)
 
     # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
-    return _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, (Ho, Wo), kernel, dilation, pad, gram=False)
+    return _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kernel, dilation, pad, gram=False)
 
 
 def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kernel, dilation, pad, gram: bool):
@@ -361,7 +372,8 @@ def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kerne
     t = tiles.get("back") or default_tiles("back", C, x_cl.dtype, x_cl.device)
     dx = torch.empty((N, C, H, W), dtype=out_dtype, device=x_cl.device)
     if combine is not None:
-        x, x_strides = _pixel_strides(combine.x)
+        x = with_pixel_stride(combine.x)
+        x_strides = _pixel_strides(x)
         scale, counts = combine.scale, combine.counts
     else:  # unread
         x, x_strides, scale, counts = dx, (0, 0, 0), dx, dx
@@ -385,14 +397,9 @@ def gram_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     N, H, W, C = x_cl.shape
     O, L = R.shape[1:]
     (kh, kw), (dy, dx_), (pl, _, pt, _) = kernel, dilation, pad
-    Ho, Wo = out_hw
-    if x_cl.stride(-1) != 1 or R.dim() != 3 or R.shape[0] != N or L != Ho * Wo:
-        raise ValueError(f"gram_products: x {tuple(x_cl.shape)}, R {tuple(R.shape)}, output {out_hw} do not fit")
-    if N > max_samples((1, 1)):
-        raise ValueError(f"gram_products: {N} samples, more than the {max_samples((1, 1))} one launch takes")
+    Wo = out_hw[1]
+    flags = _checked_flags("gram_products", x_cl, R, out_hw, max_samples((1, 1)))
     dtype, device, tiles = x_cl.dtype, x_cl.device, tiles or {}
-    flags = dict(FP64=dtype == torch.float64,
-                 TF32=dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
     # rows of Rs, K and Mᵀ padded to a multiple of 16 positions, so that 16-bit rows start aligned
     # (14² = 196 positions do not): their loads are then asynchronous copies
     Rs_low = stack_sections(R, dtype, align=16)  # N, 2·O, Lp (zeros past L)
