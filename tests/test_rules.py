@@ -894,6 +894,36 @@ def test_copy_padding_returns_relevance_to_the_copied_pixels(pad):
     assert rel_err(R_in, expected) < 1e-12
 
 
+@pytest.mark.parametrize("mode,pad", [("reflect", nn.ReflectionPad2d), ("replicate", nn.ReplicationPad2d),
+                                      ("circular", nn.CircularPad2d)])
+def test_convs_padding_with_copies_explain_like_an_explicit_pad_then_the_conv(mode, pad):
+    """Conv2d(padding_mode=...) is F.pad with that mode, then the conv without padding: the
+    same attribution as the model written that way, as a first and as an inner layer (and a
+    padding_mode with no padding is a plain conv)."""
+    torch.manual_seed(0)
+
+    def net(padded: bool):
+        def conv(c_in, c_out, k, p, **kw):
+            if padded:
+                return nn.Sequential(pad(p), nn.Conv2d(c_in, c_out, k, **kw))
+            return nn.Conv2d(c_in, c_out, k, padding=p, padding_mode=mode, **kw)
+        return nn.Sequential(conv(3, 6, 3, 1), nn.BatchNorm2d(6), nn.ReLU(), conv(6, 8, 3, 2, dilation=2, stride=2), nn.ReLU(),
+                             conv(8, 8, 1, 0), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    written, twin = net(False).double().eval(), net(True).double().eval()
+    twin.load_state_dict(_padded_keys(written.state_dict()))
+    x = torch.randn(3, 3, 11, 13, dtype=D)
+    assert torch.allclose(written(x), twin(x))
+    R = rsp_fast.RSP(written).attribute(x)
+    assert R.shape == x.shape and rel_err(R, rsp_fast.RSP(twin).attribute(x)) < 1e-12
+
+
+def _padded_keys(state: dict) -> dict:
+    """A state dict's conv entries renamed for the convs behind a pad (index 1 of a Sequential)."""
+    return {(f"{k.split('.')[0]}.1.{k.split('.', 1)[1]}" if k.split(".")[0] in ("0", "3", "5") else k): v
+            for k, v in state.items()}
+
+
 @pytest.mark.parametrize("power", [lambda h: h ** 2, lambda h: torch.square(h), lambda h: h.pow(3), lambda h: h * h])
 def test_powers_pass_relevance_through(power):
     """StarReLU's s·relu(x)² + b: an elementwise function, through which R passes unchanged."""

@@ -28,13 +28,14 @@ ATTR_VALUE = "rsp_attr_value"  # node.meta key: the parameter or buffer a get_at
 
 
 class _RecordingTracer(fx.Tracer):
-    def __init__(self, is_rule_leaf: Callable[[nn.Module], bool]):
+    def __init__(self, is_rule_leaf: Callable[[nn.Module], bool | None]):
         super().__init__()
         self._is_rule_leaf = is_rule_leaf
         self.module_outputs: dict[str, fx.Node] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return self._is_rule_leaf(m) or super().is_leaf_module(m, qualname)
+        leaf = self._is_rule_leaf(m)
+        return super().is_leaf_module(m, qualname) if leaf is None else leaf
 
     def call_module(self, m, forward, args, kwargs):
         last = next(iter(reversed(self.graph.nodes)), None)  # the newest node so far
@@ -91,7 +92,7 @@ class _ConcreteTracer(_RecordingTracer):
     as plain numbers, so Python code that branches or loops on them runs as it would.
     Branching on the values themselves still fails, as it must."""
 
-    def __init__(self, is_rule_leaf: Callable[[nn.Module], bool], example: torch.Tensor):
+    def __init__(self, is_rule_leaf: Callable[[nn.Module], bool | None], example: torch.Tensor):
         super().__init__(is_rule_leaf)
         self.example = example
         self.values: dict[fx.Node, Any] = {}
@@ -160,7 +161,7 @@ class UntraceableModelError(UnsupportedModelError):
     """The model's forward (or a module on the relevance path) could not be traced symbolically."""
 
 
-def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool],
+def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
           example: torch.Tensor | None = None) -> tuple[fx.Graph, dict[str, fx.Node]]:
     """The model's fx graph and, per module path, the node holding that module's output.
     With ``example``, traced with sizes as numbers: the graph holds for that input shape only."""

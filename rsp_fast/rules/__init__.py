@@ -65,7 +65,7 @@ ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 
 SUPPORTED = {
-    "modules": ["Conv2d (any stride/padding/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
+    "modules": ["Conv2d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
                 "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d"],
@@ -94,10 +94,17 @@ def _batchnorm_act_ok(m: nn.Module) -> bool:
     return _is_passthrough_activation(act) and _is_passthrough_activation(drop)
 
 
-def is_rule_leaf(m: nn.Module) -> bool:
-    """Modules traced as one node: those a rule handles whole."""
-    return (isinstance(m, (nn.Conv2d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
-                       + COPY_PAD_MODULES) or is_timm_activation(m))
+def is_rule_leaf(m: nn.Module) -> bool | None:
+    """True for modules traced as one node (those a rule handles whole); False for a module
+    traced into because the rules know the ops its forward calls: a Conv2d padding with copies
+    (``padding_mode`` reflect, replicate or circular) runs F.pad, then F.conv2d without
+    padding; None leaves the choice to torch.fx."""
+    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" and type(m).forward is nn.Conv2d.forward:
+        return False
+    if (isinstance(m, (nn.Conv2d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
+                   + COPY_PAD_MODULES) or is_timm_activation(m)):
+        return True
+    return None
 
 
 class NodeKind:
@@ -218,7 +225,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         m = module
         if isinstance(m, nn.Conv2d):
             known = has_plain_conv_forward(m) or _weight_transforming_conv(m)
-            return NodeKind.LAYER if known and m.padding_mode == "zeros" else None
+            return NodeKind.LAYER if known else None
         if isinstance(m, nn.Linear):
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
         if isinstance(m, BATCHNORM):
