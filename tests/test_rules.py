@@ -497,6 +497,45 @@ def test_index_maps_send_relevance_back_to_where_it_came_from(shuffle, inverse):
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
+def _space_to_depth(h):  # pixel_unshuffle(h, 2) written as a reshape and a permute
+    N, C, H, W = h.shape
+    return h.view(N, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(N, 4 * C, H // 2, W // 2)
+
+
+def _depth_to_space(h):  # pixel_shuffle(h, 2)
+    N, C, H, W = h.shape
+    return h.view(N, C // 4, 2, 2, H, W).permute(0, 1, 4, 2, 5, 3).reshape(N, C // 4, 2 * H, 2 * W)
+
+
+@pytest.mark.parametrize("module,written,channels", [
+    (nn.PixelUnshuffle(2), _space_to_depth, 16), (nn.PixelShuffle(2), _depth_to_space, 1),
+    (nn.ChannelShuffle(2), _channel_shuffle, 4), (lambda h: F.pixel_unshuffle(h, 2), _space_to_depth, 16),
+    (lambda h: torch.channel_shuffle(h, 2), _channel_shuffle, 4)])
+def test_pixel_and_channel_shuffles_explain_like_their_reshape_and_permute(module, written, channels):
+    """PixelShuffle / PixelUnshuffle / ChannelShuffle (modules and functions) are index maps:
+    the same attribution as the same rearrangement written as view, permute and reshape."""
+    class Rearranged(nn.Module):
+        def __init__(self, rearrange):
+            super().__init__()
+            self.rearrange = rearrange if isinstance(rearrange, nn.Module) else None
+            self.fn = None if self.rearrange is not None else rearrange
+            self.stem, self.body = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(channels, 5, 3, padding=1)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 3))
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            h = self.rearrange(h) if self.rearrange is not None else self.fn(h)
+            return self.head(torch.relu(self.body(h)))
+
+    torch.manual_seed(0)
+    m = Rearranged(module).double().eval()
+    twin = Rearranged(written).double().eval()
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    assert torch.allclose(m(x), twin(x))
+    assert rel_err(rsp_fast.RSP(m).attribute(x), rsp_fast.RSP(twin).attribute(x)) < 1e-12
+
+
 def test_batchnorm_is_folded_into_the_first_conv():
     conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
     with torch.no_grad():

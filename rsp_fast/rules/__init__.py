@@ -42,6 +42,9 @@ PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
 # Padding that copies input values (reflect, replicate, circular): an index map, like cropping.
 COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
                     nn.CircularPad1d, nn.CircularPad2d)
+# Rearrangements within a sample (space-to-depth stems, sub-pixel upsampling, channel shuffles):
+# index maps, like transposes.
+SHUFFLE_MODULES = (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
 
 PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout,
                                                        F.dropout1d, F.dropout2d}
@@ -56,7 +59,8 @@ CONV_FUNCTIONS = {F.conv1d, F.conv2d, torch.conv1d, torch.conv2d}
 MATMUL = ({operator.matmul, torch.matmul}, {"matmul", "__matmul__"})
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 STACK_FUNCTIONS = {torch.stack}
-ROUTE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim}
+ROUTE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim, F.pixel_shuffle,
+                   F.pixel_unshuffle, torch.channel_shuffle, torch.native_channel_shuffle}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as", "tanh",
                 "to", "float", "type_as", "squeeze", "unsqueeze"} | GATE_METHODS
@@ -68,9 +72,10 @@ SUPPORTED = {
     "modules": ["Conv2d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
                 "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
-                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d"],
+                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d",
+                "PixelShuffle, PixelUnshuffle, ChannelShuffle"],
     "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
-                  "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "torch.flatten", "torch.reshape",
+                  "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
                   "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)",
                   "act(g) * x (gated units)", "x @ softmax(...) (attention pooling)",
@@ -102,7 +107,7 @@ def is_rule_leaf(m: nn.Module) -> bool | None:
     if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" and type(m).forward is nn.Conv2d.forward:
         return False
     if (isinstance(m, (nn.Conv2d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
-                   + COPY_PAD_MODULES) or is_timm_activation(m)):
+                   + COPY_PAD_MODULES + SHUFFLE_MODULES) or is_timm_activation(m)):
         return True
     return None
 
@@ -236,6 +241,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.POOL
         if isinstance(m, PAD_MODULES + COPY_PAD_MODULES):
             return NodeKind.ROUTE if _pads_by_copy_or_blank(node, m) else None
+        if isinstance(m, SHUFFLE_MODULES):
+            return NodeKind.ROUTE
         return None
     if node.op not in ("call_function", "call_method"):
         return None
