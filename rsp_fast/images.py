@@ -15,14 +15,16 @@ from .models import ModelSpec
 
 def read_image(path: str | Path) -> np.ndarray:
     """Any image PIL reads (grey, palette, alpha, 16-bit and float grey included) as H×W×3
-    uint8 RGB."""
-    from PIL import Image, UnidentifiedImageError
+    uint8 RGB, upright: a photo's EXIF orientation (a phone held sideways) is applied, as
+    viewers do."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise RSPError(f"image {str(path)!r} does not exist")
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as stored:
+            im = ImageOps.exif_transpose(stored)
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):
                 return _grey_to_rgb8(np.asarray(im), im.mode)
             return np.asarray(im.convert("RGB"))

@@ -51,6 +51,21 @@ def test_wide_grey_images_read_like_their_8_bit_version(tmp_path, wide):
     assert np.abs(rgb[..., 0].astype(int) - grey).max() <= 1 and (rgb[..., 0] == rgb[..., 2]).all()
 
 
+# EXIF orientation → where viewers show a block stored in the top-left corner of a 32×64
+# photo (EXIF 2.3: 3 turns it half round, 6 a quarter clockwise, 8 a quarter anticlockwise)
+@pytest.mark.parametrize("orientation,shape,block", [(3, (32, 64), (slice(24, 32), slice(48, 64))),
+                                                     (6, (64, 32), (slice(0, 16), slice(24, 32))),
+                                                     (8, (64, 32), (slice(48, 64), slice(0, 8)))])
+def test_photos_are_read_upright_by_their_exif_orientation(tmp_path, orientation, shape, block):
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:8, :16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    white = read_image(tmp_path / "phone.jpg")[..., 0] > 128
+    assert white.shape == shape and white[block].all() and white.sum() == white[block].size
+
+
 def test_folders_stand_for_their_images_and_names_stay_unique(tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

@@ -123,6 +123,43 @@ def test_grey_and_alpha_videos(tmp_path, spec, pix_fmt, array_format, shape):
     assert report["totals"]["frames"] == 3
 
 
+def _rotated_video(path, rotation: int):
+    """A 32×64 (landscape) H.264 video tagged to be shown turned by ``rotation`` degrees
+    counter-clockwise, as phones store portrait videos; a white block in its top-left corner."""
+    c = av.open(str(path), "w")
+    s = c.add_stream("libx264", rate=5)
+    s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+    s.set_display_rotation(rotation)
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:8, :16] = 255
+    for i in range(3):
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts = i
+        for p in s.encode(frame):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+# where players show the block (rows, columns of the displayed frame): what ffmpeg's
+# autorotation gives for these files (checked with `ffmpeg -i in.mp4 frame.png`)
+@pytest.mark.parametrize("rotation,shape,block", [(90, (64, 32), (slice(48, 64), slice(0, 8))),
+                                                  (-90, (64, 32), (slice(0, 16), slice(24, 32))),
+                                                  (180, (32, 64), (slice(24, 32), slice(48, 64)))])
+def test_videos_with_a_display_rotation_are_explained_upright(tmp_path, spec, rotation, shape, block):
+    from rsp_fast.video.io import decode_batches
+    src = _rotated_video(tmp_path / "phone.mp4", rotation)
+    frames = next(decode_batches(src, 8)).frames
+    assert frames.shape == (3, *shape, 3)
+    white = frames[0, ..., 0] > 128
+    assert white[block].all() and white.sum() == white[block].size
+    explain_video(spec, src, tmp_path / "out.mp4", progress=False)
+    info = probe(tmp_path / "out.mp4")
+    assert (info.height, info.width) == shape
+
+
 def _corrupt_inputs(tmp_path):
     good = write_video(tmp_path / "good.mp4", _frames(6), fps=6)
     data = good.read_bytes()

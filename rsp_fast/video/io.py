@@ -61,7 +61,9 @@ def _video_stream(container, path):
 
 
 def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = None) -> Iterator[DecodedBatch]:
-    """Frames as RGB batches (grey, alpha and odd sizes converted), in stream order."""
+    """Frames as RGB batches (grey, alpha and odd sizes converted), in stream order, upright:
+    a frame with a display rotation (a phone's portrait video, stored landscape) is turned as
+    players show it, so the model sees it upright and the output needs no rotation tag."""
     av = _av()
     with _open(path) as container:
         stream = _video_stream(container, path)
@@ -69,7 +71,7 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
         frames, indices, times, count, span = [], [], [], 0, []
         try:
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(_upright(frame))
                 indices.append(count)
                 times.append(float(frame.time) if frame.time is not None else float(count / (stream.average_rate or 25)))
                 span = [span[0] if span else times[-1], times[-1]]
@@ -87,6 +89,13 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
             _check_complete(container, stream, span, path)
         if frames:
             yield DecodedBatch(np.stack(frames), indices, times)
+
+
+def _upright(frame) -> np.ndarray:
+    """The frame's RGB pixels turned by its display matrix's rotation (counter-clockwise degrees)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    quarter_turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
 
 
 def _check_complete(container, stream, span: list[float], path) -> None:
