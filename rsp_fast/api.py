@@ -137,13 +137,7 @@ class RSP:
 
     def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool) -> Explanation:
         plan = self._plan_for(inputs)
-        try:
-            logits, A, saved, shapes = record_forward(self.model, plan, inputs)
-        except RSPError:
-            raise
-        except Exception as exc:
-            reason = str(exc).split("\n\nWhile executing")[0].strip()  # fx appends the graph node and its traceback
-            raise RSPError(f"the model's forward failed on inputs of shape {tuple(inputs.shape)}: {reason}") from None
+        logits, A, saved, shapes = record_forward(self.model, plan, inputs)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise RSPError("the model must return logits of shape (N, classes)")
         tgt = target if trusted_target else _targets(target, logits)
@@ -175,7 +169,7 @@ class RSP:
             raise RSPError(f"inputs must be a floating-point tensor, not {x.dtype}")
         rank = self.plan.input_rank if self.plan else None
         if x.dim() < 2 or (rank is not None and x.dim() != rank):
-            want = f"{rank}-D (N, C, H, W)" if rank else "at least 2-D (N, ...)"
+            want = f"{rank}-D {_LAYOUTS.get(rank, '')}".rstrip() if rank else "at least 2-D (N, ...)"
             raise RSPError(f"inputs must be {want}, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise RSPError("inputs hold no samples (batch size 0)")
@@ -186,6 +180,9 @@ class RSP:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
         if p is not None and p.device != x.device:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
+
+
+_LAYOUTS = {3: "(N, C, L)", 4: "(N, C, H, W)"}  # inputs of a model starting with a Conv1d / Conv2d
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from torch import nn
 from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError
 from .propagate import record_forward
-from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits,
+from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, image_shape, implicit_gemm_fits,
                          on_tensor_cores, pixel_gram_macs, runnable_dense_path, tap_sums_pay)
 from .rules.linear import Linear
 
@@ -27,8 +27,8 @@ def _layer_name(step) -> str:
 
 
 def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
-    C, H, W = shapes[step.inputs[0]][1:]
-    O, h, w = shapes[step.node][1:]
+    C, H, W = image_shape(shapes[step.inputs[0]])[1:]
+    O, h, w = image_shape(shapes[step.node])[1:]
     g = step.geometry(shapes, (H, W))
     G, L = g.groups, h * w
     ck, og = C // G * g.kernel[0] * g.kernel[1], O // G

@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import RSPError
 from .graph.plan import Plan
 from .rules import Context
 from .rules.pool import indices_key, max_pool_with_indices
@@ -87,10 +88,17 @@ class _Recorder(fx.Interpreter):
 
 
 def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
-    """Run the model; returns (logits, saliency activation A with grad to logits, context pieces)."""
+    """Run the model; returns (logits, saliency activation A with grad to logits, context pieces).
+    A forward that fails (inputs of the wrong shape for the model) raises an RSPError saying so."""
     rec = _Recorder(model, plan)
-    with torch.no_grad():
-        logits = rec.run(x)
+    try:
+        with torch.no_grad():
+            logits = rec.run(x)
+    except RSPError:
+        raise
+    except Exception as exc:
+        reason = str(exc).split("\n\nWhile executing")[0].strip()  # fx appends the graph node and its traceback
+        raise RSPError(f"the model's forward failed on inputs of shape {tuple(x.shape)}: {reason}") from None
     return logits, rec.saliency_value, rec.saved, rec.shapes
 
 

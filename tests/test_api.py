@@ -302,6 +302,8 @@ def test_forward_branching_on_sizes_is_traced_per_input_shape():
     with pytest.raises(RSPError, match="not a module of _LeNet"):
         rsp_fast.RSP(model, layer="conv9")  # names are still checked at once
     assert rsp_fast.cost(model, (1, 20, 20))["layers"] == rsp_fast.cost(twin, (1, 20, 20))["layers"]
+    with pytest.raises(RSPError, match=r"forward failed on inputs of shape \(1, 3, 20, 20\)"):
+        rsp_fast.cost(twin, (3, 20, 20))  # the cost model says so too
 
 
 class _EvenSizeConv(nn.Module):

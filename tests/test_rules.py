@@ -1083,6 +1083,50 @@ def test_convs_written_as_functions_explain_like_conv_modules():
     assert [r["path"] for r in rsp_fast.cost(functional, (3, 9, 10))["layers"]][0] == "z^B"
 
 
+class _Signal1d(nn.Module):
+    """A 1-D CNN (first conv, BatchNorm, a strided dilated conv, reflect padding, max pool, a
+    conv written with F.conv1d) or, with ``image=True``, its 2-D twin on 1×L images."""
+
+    def __init__(self, image: bool):
+        super().__init__()
+        conv, bn, pool = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d) if image else (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d)
+        k = (lambda n: (1, n)) if image else (lambda n: (n,))  # a 1-D size, stride, dilation as the 2-D one
+        pad = (lambda n: (0, n)) if image else (lambda n: (n,))
+        self.stem, self.bn = conv(2, 6, k(5), padding=pad(2)), bn(6)
+        self.body = conv(6, 8, k(3), stride=k(2), dilation=k(2))
+        self.pool = pool(k(2))
+        self.mirror = conv(8, 8, k(3), padding=pad(1), padding_mode="reflect", groups=2)
+        self.w = nn.Parameter(torch.randn(5, 8, *k(3)))
+        self.conv_fn, self.fn_padding = (F.conv2d, pad(1)) if image else (F.conv1d, 1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.body(torch.relu(self.bn(self.stem(x))))))
+        h = torch.relu(self.conv_fn(torch.relu(self.mirror(h)), self.w, padding=self.fn_padding))
+        return self.head(h.flatten(2).mean(-1))
+
+
+@pytest.mark.parametrize("init", ["comparative", "gradcam"])
+def test_1d_convs_explain_as_2d_convs_on_one_row_images(init):
+    """Conv1d (modules and F.conv1d) is the 2-D conv on a 1×L image: the same attribution as
+    the twin written with Conv2d, for every backend."""
+    torch.manual_seed(0)
+    signal, image = _Signal1d(False).double().eval(), _Signal1d(True).double().eval()
+    with torch.no_grad():
+        signal.bn.running_mean.normal_(), signal.bn.running_var.uniform_(0.5, 2)
+        image.bn.load_state_dict(signal.bn.state_dict())
+        for name, p in signal.named_parameters():
+            if not name.startswith("bn"):
+                image.get_parameter(name).copy_(p.unsqueeze(-2) if p.dim() == 3 else p)
+    x = torch.randn(3, 2, 41, dtype=D)
+    assert torch.allclose(signal(x), image(x.unsqueeze(2)))
+    expected = rsp_fast.RSP(image, init=init).attribute(x.unsqueeze(2)).squeeze(2)
+    for backend in [b for b, status in rsp_fast.backends("cpu").items() if status == "available"]:
+        assert rel_err(rsp_fast.RSP(signal, init=init, backend=backend).attribute(x), expected) < 1e-12, backend
+    with pytest.raises(rsp_fast.RSPError, match=r"3-D \(N, C, L\)"):
+        rsp_fast.RSP(signal).attribute(x.unsqueeze(2))
+
+
 def test_convs_with_weights_computed_from_the_input_are_refused():
     class PerSampleWeights(nn.Module):  # CondConv-like: the filter depends on the input
         def __init__(self):

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..graph.trace import ATTR_VALUE, MODULE_META
 from .base import Context, Rule
-from .conv import Conv, FunctionalConv, conv2d_call_args, effective_conv_weight, has_plain_conv_forward
+from .conv import (CONV_MODULES, PLAIN_CONV_FORWARDS, Conv, FunctionalConv, conv2d_call_args, effective_conv_weight,
+                   has_plain_conv_forward)
 from .linear import FunctionalLinear, Linear
 from .merge import Add, Cat, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
@@ -69,7 +70,7 @@ ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 
 SUPPORTED = {
-    "modules": ["Conv2d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
+    "modules": ["Conv1d, Conv2d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
                 "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in SMOOTH_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d",
@@ -79,7 +80,7 @@ SUPPORTED = {
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
                   "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)",
                   "act(g) * x (gated units)", "x @ softmax(...) (attention pooling)",
-                  "F.conv2d / F.linear / x @ P on parameters (layers written as functions)"],
+                  "F.conv1d / F.conv2d / F.linear / x @ P on parameters (layers written as functions)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS
                       | POWER[1] | SUM[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
 }
@@ -104,9 +105,9 @@ def is_rule_leaf(m: nn.Module) -> bool | None:
     traced into because the rules know the ops its forward calls: a Conv2d padding with copies
     (``padding_mode`` reflect, replicate or circular) runs F.pad, then F.conv2d without
     padding; None leaves the choice to torch.fx."""
-    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" and type(m).forward is nn.Conv2d.forward:
+    if isinstance(m, CONV_MODULES) and m.padding_mode != "zeros" and type(m).forward in PLAIN_CONV_FORWARDS:
         return False
-    if (isinstance(m, (nn.Conv2d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
+    if (isinstance(m, CONV_MODULES + (nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
                    + COPY_PAD_MODULES + SHUFFLE_MODULES) or is_timm_activation(m)):
         return True
     return None
@@ -142,7 +143,7 @@ def _conv2d_with_constant_weight(node: fx.Node) -> bool:
     geometry: a conv layer written as a function (per-sample weights, as CondConv's, are not)."""
     call = conv2d_call_args(node)
     geometry = [call.get(k) for k in ("stride", "padding", "dilation", "groups")]
-    return (node.target in (F.conv2d, torch.conv2d) and isinstance(call.get("input"), fx.Node)
+    return (node.target in CONV_FUNCTIONS and isinstance(call.get("input"), fx.Node)
             and is_parameter(call.get("weight")) and (call.get("bias") is None or is_parameter(call["bias"]))
             and not any(isinstance(v, fx.Node) for v in geometry))
 
@@ -228,8 +229,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     """What a node does for RSP, or None if unsupported."""
     if node.op == "call_module":
         m = module
-        if isinstance(m, nn.Conv2d):
-            known = has_plain_conv_forward(m) or _weight_transforming_conv(m)
+        if isinstance(m, CONV_MODULES):
+            known = has_plain_conv_forward(m) or (isinstance(m, nn.Conv2d) and _weight_transforming_conv(m))
             return NodeKind.LAYER if known else None
         if isinstance(m, nn.Linear):
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
@@ -398,7 +399,7 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
             return FunctionalLinear(node, inputs, first, bn_scale, *linear)
         if node.op != "call_module":
             return FunctionalConv(node, inputs, first, bn_scale)
-        cls = Conv if isinstance(module, nn.Conv2d) else Linear
+        cls = Conv if isinstance(module, CONV_MODULES) else Linear
         return cls(node, inputs, module, first, bn_scale)
     if kind == NodeKind.PASS:
         return PassThrough(node, inputs)

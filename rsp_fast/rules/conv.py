@@ -103,12 +103,37 @@ def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
     return weight.detach()
 
 
-def has_plain_conv_forward(module: nn.Conv2d) -> bool:
-    """nn.Conv2d's own forward, or timm's Conv2dSame (that forward after TF-style padding)."""
-    return type(module).forward is nn.Conv2d.forward or type(module).__name__ == "Conv2dSame"
+CONV_MODULES = (nn.Conv1d, nn.Conv2d)
+PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward)
 
 
-def conv_geometry(module: nn.Conv2d, in_hw: tuple[int, int]) -> ConvGeometry:
+def has_plain_conv_forward(module: nn.Conv1d | nn.Conv2d) -> bool:
+    """nn.Conv1d's or nn.Conv2d's own forward, or timm's Conv2dSame (that forward after
+    TF-style padding)."""
+    return type(module).forward in PLAIN_CONV_FORWARDS or type(module).__name__ == "Conv2dSame"
+
+
+# A 1-D conv is explained as the 2-D conv it equals on a 1×L image: its tensors get a
+# height of 1, its kernel, stride, padding and dilation a first entry of 1, 1, 0, 1.
+def as_image(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D conv's N×C×L input, output or weight as N×C×1×L (2-D ones unchanged)."""
+    return t.unsqueeze(-2) if t.dim() == 3 else t
+
+
+def image_shape(shape) -> tuple:
+    return tuple(shape[:-1]) + (1, shape[-1]) if len(shape) == 3 else tuple(shape)
+
+
+def _as_2d(value, first):
+    """A 1-D conv argument (an int, a 1-tuple, or "same"/"valid") as the 2-D one."""
+    if isinstance(value, str):
+        return value
+    return (first, value[0] if isinstance(value, (tuple, list)) else value)
+
+
+def conv_geometry(module: nn.Conv1d | nn.Conv2d, in_hw: tuple[int, int]) -> ConvGeometry:
+    if isinstance(module, nn.Conv1d):
+        return call_geometry(module.kernel_size, module.stride, module.padding, module.dilation, module.groups, one_d=True)
     if is_same_padding_conv(module):
         (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
         (t, b), (l, r) = _same_pad(in_hw[0], kh, sh, dh), _same_pad(in_hw[1], kw, sw, dw)
@@ -116,8 +141,11 @@ def conv_geometry(module: nn.Conv2d, in_hw: tuple[int, int]) -> ConvGeometry:
     return call_geometry(module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
 
 
-def call_geometry(kernel, stride=1, padding=0, dilation=1, groups=1) -> ConvGeometry:
-    """The geometry of a conv2d call with these arguments (ints, pairs, "same" or "valid")."""
+def call_geometry(kernel, stride=1, padding=0, dilation=1, groups=1, one_d: bool = False) -> ConvGeometry:
+    """The geometry of a conv2d call with these arguments (ints, pairs, "same" or "valid");
+    ``one_d``: of a conv1d call, as the conv2d one on a 1×L image."""
+    if one_d:
+        kernel, stride, padding, dilation = _as_2d(kernel, 1), _as_2d(stride, 1), _as_2d(padding, 0), _as_2d(dilation, 1)
     (kh, kw), (sh, sw), (dh, dw) = _pair(kernel), _pair(stride), _pair(dilation)
     if padding == "same":
         # PyTorch puts the odd pixel on the right/bottom, as F.pad with these amounts does.
@@ -671,10 +699,13 @@ class Conv(LayerRule):
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         x = ctx.values[self.inputs[0]]
-        g = self.geometry(ctx.shapes, tuple(x.shape[-2:]))
+        x_img, R_img = as_image(x), as_image(R)
+        g = self.geometry(ctx.shapes, tuple(x_img.shape[-2:]))
         if self.first:
-            return [first_conv_relevance(ctx, x, R, self.folded_weight(ctx, x.dtype), g)]
-        return [inner_conv_relevance(ctx, x, R, g, non_negative=self.input_non_negative)]
+            R_in = first_conv_relevance(ctx, x_img, R_img, as_image(self.folded_weight(ctx, x.dtype)), g)
+        else:
+            R_in = inner_conv_relevance(ctx, x_img, R_img, g, non_negative=self.input_non_negative)
+        return [R_in.reshape(x.shape)]
 
 
 CONV2D_CALL_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -700,5 +731,6 @@ class FunctionalConv(Conv):
         return ctx.values[self.call["weight"]]
 
     def geometry(self, shapes, in_hw: tuple[int, int]) -> ConvGeometry:
-        kernel = tuple(shapes[self.call["weight"]][-2:])
-        return call_geometry(kernel, *(self.call.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))))
+        kernel = tuple(shapes[self.call["weight"]][2:])
+        return call_geometry(kernel, *(self.call.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))),
+                             one_d=len(kernel) == 1)

@@ -13,7 +13,6 @@ import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import torch
