@@ -1,11 +1,11 @@
-"""Compile the implicit-GEMM conv kernels for an H100 (sm_90) without a GPU.
+"""Compile the implicit-GEMM conv kernels and the first layer's z^B kernels for an H100 (sm_90) without a GPU.
 
     python scripts/compile_kernels.py [--arch 90]
 
 Triton's interpreter, which the CPU tests run the kernels in, executes them as Python: code that
 the compiler rejects (a variable whose type changes across branches, an early return) passes
 there and fails only on the GPU. This compiles each kernel, at the launches conv_products.py
-makes (default tiles, every precision and epilogue), to a cubin, and prints the shared memory
+and first_layer.py make (default tiles, every precision and epilogue), to a cubin, and prints the shared memory
 each needs and the instructions its products and loads compiled to (Hopper's wgmma or the older
 mma.sync, asynchronous copies). Exit status 1 if any fails. Run without TRITON_INTERPRET.
 """
@@ -30,11 +30,20 @@ UNIT_STRIDES = ("srl", "sxp")
 ALIGNED = ("C", "M", "O", "OL", "L", "L_PER_SPLIT")
 
 
+# the first layer's kernels read the raw input (float32 or float64, NCHW): (operand type, flags)
+FIRST_LAYER_PRECISIONS = {"fp32": ("fp32", dict(FP64=False, TF32=False)), "tf32": ("fp32", dict(FP64=False, TF32=True)),
+                          "fp64": ("fp64", dict(FP64=True, TF32=False))}
+# what is a multiple of 16 at VGG16's conv1_1 launch (3 channels, 27 weight columns are not)
+FIRST_LAYER_ALIGNED = ("O", "L", "H", "W", "Wo", "Ho")
+
+
 def launches():
-    """(name, kernel, pointer types, constexprs, warps, stages) for each launch to compile."""
+    """(name, kernel, pointer types, constexprs, warps, stages, aligned integer arguments or None
+    for ``ALIGNED``) for each launch to compile."""
     import torch
 
     from rsp_fast.kernels.triton import conv_products as cp
+    from rsp_fast.kernels.triton import first_layer as fl
 
     cuda = torch.device("cuda")
     for precision, (op, acc, flags) in PRECISIONS.items():
@@ -43,7 +52,7 @@ def launches():
             t = cp.default_tiles("filters", channels, dtype, cuda)
             yield (f"filters {precision} C={channels}", cp._filters_kernel,
                    {"r_ptr": op, "x_ptr": op, "f_ptr": op}, dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags),
-                   t.warps, t.stages)
+                   t.warps, t.stages, None)
             t = cp.default_tiles("back", channels, dtype, cuda)
             for gram, combine, purge in ((False, True, True), (False, True, False), (False, False, False),
                                          (True, True, True)):
@@ -51,18 +60,26 @@ def launches():
                        {"s_ptr": op, "f_ptr": op, "xcl_ptr": op, "dx_ptr": acc, "x_ptr": acc, "scale_ptr": acc,
                         "counts_ptr": "i32" if purge else acc},
                        dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine,
-                            PURGE=purge), t.warps, t.stages)
+                            PURGE=purge), t.warps, t.stages, None)
         t = cp.default_tiles("responses", 128, dtype, cuda)
         for gram in (False, True):
             yield (f"responses {precision} gram={gram}", cp._responses_kernel,
                    {"x_ptr": op, "f_ptr": op, "r_ptr": acc, "s_ptr": op},
-                   dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=gram), t.warps, t.stages)
+                   dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=gram), t.warps, t.stages, None)
         yield f"pack {precision}", cp._pack_kernel, {"x_ptr": acc, "scale_ptr": acc, "out_ptr": op}, \
-            dict(BLOCK_C=64, BLOCK_P=64), 4, 1
-        yield f"stack {precision}", cp._stack_kernel, {"r_ptr": acc, "out_ptr": op}, dict(BLOCK=1024), 4, 1
+            dict(BLOCK_C=64, BLOCK_P=64), 4, 1, None
+        yield f"stack {precision}", cp._stack_kernel, {"r_ptr": acc, "out_ptr": op}, dict(BLOCK=1024), 4, 1, None
+    for precision, (op, flags) in FIRST_LAYER_PRECISIONS.items():
+        t = fl.tiles(64, 27, torch.float64 if op == "fp64" else torch.float32, cuda)  # VGG16's conv1_1
+        yield (f"first layer sections {precision}", fl._sections_kernel,
+               {"x_ptr": op, "w_ptr": op, "bounds_ptr": op, "r_ptr": op, "s_ptr": op},
+               dict(sxw=1, srl=1, **t["sections"], **flags), 4, 3, FIRST_LAYER_ALIGNED)  # NCHW x and R: unit pixel strides
+        yield (f"first layer back {precision}", fl._back_kernel,
+               {"s_ptr": op, "w_ptr": op, "x_ptr": op, "bounds_ptr": op, "out_ptr": op},
+               dict(sxw=1, **t["back"], **flags), 4, 3, FIRST_LAYER_ALIGNED)
 
 
-def compile_launch(kernel, pointers: dict, constexprs: dict, warps: int, stages: int, arch: int):
+def compile_launch(kernel, pointers: dict, constexprs: dict, warps: int, stages: int, arch: int, aligned_names=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -76,7 +93,8 @@ def compile_launch(kernel, pointers: dict, constexprs: dict, warps: int, stages:
     # multiples of 16): pointers, strides, channel and section counts and the number of positions
     # are; without it 16-bit loads are not vectorised, so not copied asynchronously, and their
     # loop is not pipelined (conv5's 14² = 196 positions are not a multiple of 16)
-    aligned = [n for n in names if n in pointers or (n not in constexprs and (n.startswith("s") or n in ALIGNED))]
+    aligned_names = ALIGNED if aligned_names is None else aligned_names
+    aligned = [n for n in names if n in pointers or (n not in constexprs and (n.startswith("s") or n in aligned_names))]
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -89,9 +107,9 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     failed = 0
-    for name, kernel, pointers, constexprs, warps, stages in launches():
+    for name, kernel, pointers, constexprs, warps, stages, aligned in launches():
         try:
-            compiled = compile_launch(kernel, pointers, constexprs, warps, stages, args.arch)
+            compiled = compile_launch(kernel, pointers, constexprs, warps, stages, args.arch, aligned)
         except Exception as e:  # report every launch, then fail
             failed += 1
             print(f"FAILED {name}: {type(e).__name__}: {str(e).strip()[:1500]}")

@@ -9,7 +9,8 @@
 # RSP step, per kernel and per aten op with input shapes (PROFILE_PRECISIONS="tf32 bf16"), "gram"
 # times whole passes with the Gram path weighed at several slowdowns against the implicit GEMMs
 # (GRAM_MODELS="vgg16 resnet50" GRAM_PRECISIONS="tf32 bf16" GRAM_SLOWDOWNS="1 2 4 inf", GRAM_IMPLICIT="0 1":
-# also with the Gram path on implicit GEMMs))
+# also with the Gram path on implicit GEMMs), "first_layer" times the first layer's z^B rule on cuDNN's
+# convolutions against the fused Triton kernels, per stem and in whole passes (FIRST_LAYER_PRECISIONS="tf32 bf16"))
 # The "paths" step times the ways dense layers can run on CUDA (PATHS_AUTOTUNE=1: also under cuDNN's
 # autotuner), the fastest per precision last (the steps after it keep the default choice);
 # "conv_products" times the Triton implicit GEMMs against cuDNN per layer (CONV_PRODUCTS_ARGS=--tiles:
@@ -160,6 +161,31 @@ for precision in os.environ.get("PROFILE_PRECISIONS", "tf32 bf16").split():
     print(f"total kernel time {sum(e.self_device_time_total for e in kernels) / 1e3:.3f} ms")
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=30,
                                                               max_shapes_column_width=100))
+PY
+}
+
+first_layer() {  # opt-in: the first layer's z^B rule, cuDNN's convolutions against the fused Triton kernels,
+    # per stem (batch 64) and in whole eager passes (VGG16 and ResNet50, batch 64, FIRST_LAYER_PRECISIONS)
+    timeout ${FIRST_LAYER_LIMIT:-90} $PY benchmarks/bench_first_layer.py --json "$OUT/first_layer.json" 2>&1 \
+        | tee "$OUT/first_layer.log" | tail -10
+    timeout ${FIRST_LAYER_LIMIT:-90} $PY - <<'PY' 2>&1 | tee -a "$OUT/first_layer.log" | tail -8
+import os, sys, torch, torchvision
+sys.path.insert(0, "benchmarks")
+from utils import time_interleaved
+import rsp_fast
+from rsp_fast.rules import conv
+x = torch.randn(64, 3, 224, 224, device="cuda")
+for name in ("vgg16", "resnet50"):
+    model = getattr(torchvision.models, name)().eval().cuda()
+    for precision in os.environ.get("FIRST_LAYER_PRECISIONS", "tf32 bf16").split():
+        explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
+
+        def run(fused):
+            conv.CUDA_FUSED_FIRST_LAYER = fused
+            return explainer.attribute(x)
+        times = time_interleaved({"convolutions": lambda: run(False), "fused": lambda: run(True)}, "cuda", repeats=3, warmup=1)
+        conv.CUDA_FUSED_FIRST_LAYER = False
+        print(f"{name} batch 64 {precision} first layer: " + ", ".join(f"{k} {64 / t['median']:.1f} img/s" for k, t in times.items()))
 PY
 }
 

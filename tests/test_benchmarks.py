@@ -34,6 +34,20 @@ def test_bench_conv_products_quick(tmp_path):
     assert "| layer |" in proc.stdout
 
 
+def test_bench_first_layer_quick(tmp_path):
+    """The first layer's two paths per stem, the fused one in Triton's interpreter: timed, and
+    the same map."""
+    out = tmp_path / "f.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_first_layer.py"), "--quick", "--device", "cpu",
+                           "--json", str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["stem"] for r in rows] == ["VGG16 conv1_1", "ResNet50 conv1", "EfficientNet stem"]
+    assert all(r["convolutions_ms"] > 0 and r["fused_ms"] > 0 and r["max_rel_diff"] < 1e-5 for r in rows)
+    assert "| stem |" in proc.stdout
+
+
 def test_bench_compiled_paths_quick(tmp_path):
     out = tmp_path / "m.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compiled_paths.py"), "--quick", "--models",

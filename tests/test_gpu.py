@@ -139,3 +139,26 @@ def test_gpu_half_precision_model_under_inference_mode(dtype):
         R = rsp_fast.RSP(half).attribute(x.to("cuda", dtype), target=target, hostile=hostile)
     assert R.dtype == torch.float32 and torch.isfinite(R).all()
     assert _cosine(R, expected) > 0.99
+
+
+@pytest.mark.parametrize("dtype,tf32,tol", [(torch.float64, False, 1e-12), (torch.float32, False, 1e-5),
+                                            (torch.float32, True, 1e-2)])
+@pytest.mark.parametrize("C,O,k,s,p", [(3, 64, 3, 1, 1), (3, 64, 7, 2, 3), (3, 32, 3, 2, 1)])  # VGG, ResNet, EfficientNet stems
+def test_first_layer_kernels_on_cuda_match_float64(C, O, k, s, p, dtype, tf32, tol):
+    """The Triton z^B kernels (RSP_FAST_CUDA_FUSED_FIRST_LAYER) against the CPU float64 path."""
+    from rsp_fast.ops.dispatch import TORCH
+    from rsp_fast.rules.base import Context
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(C, O, k, stride=s, padding=p).double()
+    x = torch.randn(4, C, 45, 38, dtype=torch.float64)
+    g = conv_rule.conv_geometry(conv, (45, 38))
+    R = torch.randn(4, O, *g.out_size(45, 38), dtype=torch.float64)
+    expected = conv_rule.first_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, conv.weight, g, fused=False)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        got = conv_rule.first_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x.cuda().to(dtype), R.cuda().to(dtype),
+                                             conv.weight.cuda().to(dtype), g, fused=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert got.dtype == dtype and rel_err(got.cpu(), expected) < tol

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from rsp_fast.kernels.reference import (purge_reference, sectional_normalize_reference,
-                                        sectional_normalize_stacked_reference, stacked_sections)
+from rsp_fast.kernels.reference import purge_reference, sectional_normalize_reference, stacked_sections
 from rsp_fast.ops import custom, dispatch
 
 SHAPES = [(1, 3, 7, 9), (5, 17, 13, 13), (5, 64, 1, 1), (2, 17), (1, 1, 1, 1)]

@@ -9,6 +9,7 @@ from torch import nn
 import rsp_fast
 from rsp_fast.init import comparative_relevance, gradcam_maps
 from rsp_fast.kernels.reference import purge_reference, sectional_normalize_reference
+from rsp_fast.kernels.triton import triton_unavailable_reason
 from rsp_fast.ops.dispatch import TORCH
 from rsp_fast.rules.base import Context
 from rsp_fast.rules.conv import choose_path, conv_geometry, first_conv_relevance, inner_conv_relevance
@@ -136,18 +137,42 @@ def test_same_padding_conv_matches_explicit_padding():
         assert rel_err(ours[n:n + 1], ref) < 1e-10
 
 
+@pytest.mark.parametrize("fused", [False, True])  # True: the Triton kernels (ungrouped convs; others fall back)
 @pytest.mark.parametrize("C,O,s,p,d,g", [(3, 5, 1, 1, 1, 1), (3, 5, 2, 1, 1, 1), (3, 5, 2, 0, 1, 1), (3, 4, 1, 2, 2, 1),
                                          (3, 6, 2, 1, 1, 3), (4, 6, 1, 1, 1, 2)])
-def test_first_conv_zb_matches_authors_formulation(C, O, s, p, d, g):
+def test_first_conv_zb_matches_authors_formulation(C, O, s, p, d, g, fused):
+    if fused and triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
     conv = nn.Conv2d(C, O, 3, stride=s, padding=p, dilation=d, groups=g).double()
     x = torch.randn(2, C, 9, 11, dtype=D)
     R = torch.randn(2, O, *conv(x).shape[-2:], dtype=D)
-    ours = first_conv_relevance(CTX, x, R, conv.weight, conv_geometry(conv, (9, 11)))
+    ours = first_conv_relevance(CTX, x, R, conv.weight, conv_geometry(conv, (9, 11)), fused=fused)
     for n in range(2):
         ref = first_conv_one_sample(x[n:n + 1], R[n:n + 1], conv.weight.detach(), s, p, d, g)
         assert rel_err(ours[n:n + 1], ref) < 1e-10
     # z^B conserves: Σ R_in = Σ R where Z ≠ 0
     assert torch.allclose(ours.sum((1, 2, 3)), R.sum((1, 2, 3)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("C,O,k,s,p,d,hw", [(3, 24, 7, 2, 3, 1, (13, 14)),  # ResNet's stem, more channels than a tile
+                                            (1, 8, 5, 3, (2, 0), 2, (17, 13)), (20, 6, 3, 1, "same", 1, (10, 12)),
+                                            (3, 16, 2, 1, "same", 1, (8, 9))])  # even kernel: padding on one side
+def test_first_conv_fused_kernels_match_the_convolutions(C, O, k, s, p, d, hw, dtype):
+    """The Triton z^B kernels against the cuDNN-style path: strides, dilations, uneven
+    padding, channel and output-channel blocks, channels-last input; float32 within rounding
+    (the kernels sum Z's terms, all ≥ 0, in another order)."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    conv = nn.Conv2d(C, O, k, stride=s, padding=p, dilation=d).to(dtype)
+    g = conv_geometry(conv, hw)
+    x = torch.randn(3, C, *hw, dtype=dtype).to(memory_format=torch.channels_last)
+    R = torch.randn(3, O, *g.out_size(*hw), dtype=dtype)
+    expected = first_conv_relevance(CTX, x, R, conv.weight, g, fused=False)
+    got = first_conv_relevance(CTX, x, R, conv.weight, g, fused=True)
+    assert got.shape == x.shape and rel_err(got, expected) < (1e-12 if dtype == D else 1e-5)
+    tracking = Context(values={}, shapes={}, ops=TORCH, dropped=torch.zeros(3, dtype=dtype))
+    assert torch.equal(first_conv_relevance(tracking, x, R, conv.weight, g, fused=True), expected)  # tracking: the convolutions
 
 
 def test_inner_linear_matches_loops():

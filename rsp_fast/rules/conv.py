@@ -176,13 +176,29 @@ def conv_transpose_to(S: torch.Tensor, W: torch.Tensor, g: ConvGeometry, padded_
     return F.conv_transpose2d(S, W, stride=g.stride, output_padding=op, groups=g.groups, dilation=g.dilation)
 
 
-def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+# The first layer's z^B rule on CUDA as two Triton kernels (kernels/triton/first_layer.py: S
+# formed without Z reaching memory, the back-projection combined with x in its epilogue) instead
+# of cuDNN's 9-channel convolutions and the passes between them (VGG16's conv1_1 took 5.7 ms per
+# batch of 64 in bfloat16 on an H100, docs/gpu/h100_profile_session10.log). Opt-in
+# (RSP_FAST_CUDA_FUSED_FIRST_LAYER=1) until timed on a GPU.
+CUDA_FUSED_FIRST_LAYER = os.environ.get("RSP_FAST_CUDA_FUSED_FIRST_LAYER") == "1"
+
+
+def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: ConvGeometry,
+                         fused: bool | None = None) -> torch.Tensor:
     """z^B rule: inputs bounded by L = min(x), H = max(x) per sample; no bias in Z.
 
     Z = conv(x, W) − L·conv(1, W⁺) − H·conv(1, W⁻) is one convolution of the stacked input
     [x, L·1, H·1] (per group) with [W, −W⁺, −W⁻], and the three back-projections are one
     transposed convolution with [W, W⁺, W⁻]: the wide (output-channel) tensors are then written
-    once, not combined elementwise (2× faster for VGG16's conv1_1 on CPU)."""
+    once, not combined elementwise (2× faster for VGG16's conv1_1 on CPU). ``fused``: the Triton
+    kernels instead (ungrouped convs, dropped relevance not tracked); None: on CUDA where enabled."""
+    if fused is None:
+        fused = x.is_cuda and CUDA_FUSED_FIRST_LAYER and triton_unavailable_reason(x.device) == ""
+    if fused and g.groups == 1 and not ctx.tracking:
+        from ..kernels.triton.first_layer import first_layer_triton
+
+        return first_layer_triton(x, R, W, g.stride, g.dilation, g.pad)
     N, C = x.shape[:2]
     G = g.groups
     flat = x.reshape(N, -1)
