@@ -998,6 +998,31 @@ def test_powers_pass_relevance_through(power):
     assert torch.equal(ex.steps[step], ex.steps["body"])
 
 
+@pytest.mark.parametrize("act", [nn.Softsign(), nn.Tanhshrink(), nn.Softshrink(0.2), nn.Hardshrink(0.2), nn.LogSigmoid(),
+                                 nn.Threshold(0.1, -1.0), nn.RReLU(), nn.Mish(), nn.CELU(), F.softsign, F.logsigmoid,
+                                 lambda h: F.threshold(h, 0.1, 0.0), lambda h: F.softshrink(h, 0.3)])
+def test_torch_elementwise_activations_pass_relevance_through(act):
+    """Every elementwise activation of torch.nn, module or function: R passes through unchanged
+    (the extension rule of the smooth activations), the next layer reading x̂ = max(x, 0)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.body = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.act = act if isinstance(act, nn.Module) else None
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 36, 3))
+
+        def forward(self, x):
+            h = self.stem(x)
+            h = self.act(h) if self.act is not None else act(h)
+            return self.head(torch.relu(self.body(h)))
+    ex = rsp_fast.RSP(Net().double().eval()).explain(torch.randn(2, 3, 6, 6, dtype=D), record=True)
+    act_step = next(k for k in ex.steps if k not in ("stem", "body", "relu", "head", "head_0", "head_1"))
+    assert torch.equal(ex.steps[act_step], ex.steps["body"])
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
 @pytest.mark.parametrize("act", ["GELU", "SwishMe", "HardSwishMe", "HardSigmoid"])
 def test_timm_activation_modules_pass_relevance_through(act):
     """timm's own activation classes (not torch's subclasses; the "Me" ones wrap autograd

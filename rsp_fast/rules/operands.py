@@ -35,12 +35,14 @@ RECTIFIERS = (nn.ReLU, nn.ReLU6)
 # Other elementwise activations: R passes through them as through ReLU (an extension, as in
 # LRP: RSP_SPEC.md defines ReLU and ReLU6 only). Their outputs can be negative, so the
 # layer after them clamps its input (x̂ = max(x, 0)) as RSP does everywhere.
-SMOOTH_ACTIVATIONS = (nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU,
-                      nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh)
-ACTIVATIONS = RECTIFIERS + SMOOTH_ACTIVATIONS
+ELEMENTWISE_ACTIVATIONS = (nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU,
+                           nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign, nn.Tanhshrink,
+                           nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold, nn.RReLU)
+ACTIVATIONS = RECTIFIERS + ELEMENTWISE_ACTIVATIONS
 RECTIFIER_FUNCTIONS = {F.relu, torch.relu, F.relu6}
 ACTIVATION_FUNCTIONS = RECTIFIER_FUNCTIONS | GATE_FUNCTIONS | {
-    F.silu, F.hardswish, F.gelu, F.mish, F.leaky_relu, F.prelu, F.elu, F.celu, F.selu, F.softplus, torch.tanh, F.tanh, F.hardtanh}
+    F.silu, F.hardswish, F.gelu, F.mish, F.leaky_relu, F.prelu, F.elu, F.celu, F.selu, F.softplus, torch.tanh, F.tanh, F.hardtanh,
+    F.softsign, F.tanhshrink, F.softshrink, F.hardshrink, F.logsigmoid, F.threshold, F.rrelu}
 ACTIVATION_METHODS = GATE_METHODS | {"relu", "relu_", "tanh"}
 RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "view_as", "reshape_as",
                    "contiguous", "to", "float", "type_as"}
