@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import RSPError
 from .graph.plan import Plan, build_plan, layer_name
-from .graph.trace import UntraceableModelError
+from .graph.trace import UntraceableModelError, unwrap
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
@@ -66,6 +66,7 @@ class RSP:
                  hostile_k: int = 3, backend: str | None = "auto", precision: str = "fp32", max_batch: int | None = None):
         if not isinstance(model, nn.Module):
             raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        model, layer = unwrap(model, layer)  # torch.compile and DataParallel run the module as it is
         if init not in INITS:
             raise RSPError(f"init must be one of {INITS}, not {init!r}")
         if not isinstance(hostile_k, int) or hostile_k < 0:

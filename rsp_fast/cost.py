@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .graph.plan import build_plan
-from .graph.trace import UntraceableModelError
+from .graph.trace import UntraceableModelError, unwrap
 from .propagate import record_forward
 from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, image_shape, implicit_gemm_fits,
                          on_tensor_cores, pixel_gram_macs, runnable_dense_path, tap_sums_pay)
@@ -68,6 +68,7 @@ def _linear_row(step: Linear, in_shape, out_shape, elem: int) -> dict:
 
 def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = None) -> dict:
     """Per-image cost of RSP on ``model`` for inputs of ``input_shape`` (without the batch)."""
+    model, layer = unwrap(model, layer)
     p = next(model.parameters())
     x = torch.zeros((1, *input_shape), dtype=dtype or p.dtype, device=p.device)
     modes = [(m, m.training) for m in model.modules()]

@@ -188,6 +188,22 @@ def test_unsupported_layers_are_named_before_any_work():
     assert "Supported:" in msg and "Conv2d" in msg
 
 
+def test_wrapped_models_are_explained_as_the_module_they_run():
+    """torch.compile's and DataParallel's wrappers run the module unchanged: explained as it is
+    (layer names relative to the wrapper work too); a TorchScript module is refused by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 4)).double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=D)
+    expected = rsp_fast.RSP(model, layer="1").attribute(x)
+    for wrapped, layer in ((torch.compile(model), "_orig_mod.1"), (nn.DataParallel(model), "module.1"),
+                           (torch.compile(nn.DataParallel(model)), "_orig_mod.module.1")):
+        assert torch.equal(rsp_fast.RSP(wrapped, layer=layer).attribute(x), expected)
+    assert rsp_fast.cost(nn.DataParallel(model), (3, 12, 12)) == rsp_fast.cost(model, (3, 12, 12))
+    with pytest.raises(rsp_fast.UnsupportedModelError, match="TorchScript module"):
+        rsp_fast.RSP(torch.jit.script(model))
+
+
 def test_untraceable_model_is_reported():
     class Dynamic(nn.Module):
         def __init__(self):

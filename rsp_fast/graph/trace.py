@@ -161,6 +161,25 @@ class UntraceableModelError(UnsupportedModelError):
     """The model's forward (or a module on the relevance path) could not be traced symbolically."""
 
 
+def unwrap(model: nn.Module, layer=None):
+    """The module a wrapper runs unchanged (torch.compile's OptimizedModule, DataParallel,
+    DistributedDataParallel), and a layer name given relative to the wrapper made relative to
+    it; a TorchScript module, which fx cannot read, is refused by name."""
+    while True:
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedModelError(f"{type(model).__name__} is a TorchScript module, which torch.fx cannot read: "
+                                        "pass the nn.Module it was scripted or traced from")
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner, prefix = model._orig_mod, "_orig_mod."
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner, prefix = model.module, "module."
+        else:
+            return model, layer
+        if isinstance(layer, str) and layer.startswith(prefix):
+            layer = layer[len(prefix):]
+        model = inner
+
+
 def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
           example: torch.Tensor | None = None) -> tuple[fx.Graph, dict[str, fx.Node]]:
     """The model's fx graph and, per module path, the node holding that module's output.
