@@ -1,7 +1,7 @@
-"""Random small CNNs (seeded): geometries, paddings, norms, activations and merges drawn
-at random, so that combinations no hand-written test names are checked too. Each must be
-explained by every backend as by the PyTorch reference, conserve ΣR₀ (float64), and give
-each sample the map it gets alone."""
+"""Random small CNNs (seeded), over images and over 1-D signals: geometries, paddings,
+norms, activations and merges drawn at random, so that combinations no hand-written test
+names are checked too. Each must be explained by every backend as by the PyTorch reference,
+conserve ΣR₀ (float64), and give each sample the map it gets alone."""
 import random
 
 import pytest
@@ -13,21 +13,27 @@ import rsp_fast
 from conftest import rel_err
 
 BACKENDS = [b for b, status in rsp_fast.backends("cpu").items() if status == "available" and b != "torch"]
+# the layers of a network over images (2) or signals (1)
+LAYERS = {2: dict(conv=nn.Conv2d, norm=nn.BatchNorm2d, max_pool=nn.MaxPool2d, avg_pool=nn.AvgPool2d,
+                  adaptive_avg=nn.AdaptiveAvgPool2d, adaptive_max=nn.AdaptiveMaxPool2d, grid=(3, 2)),
+          1: dict(conv=nn.Conv1d, norm=nn.BatchNorm1d, max_pool=nn.MaxPool1d, avg_pool=nn.AvgPool1d,
+                  adaptive_avg=nn.AdaptiveAvgPool1d, adaptive_max=nn.AdaptiveMaxPool1d, grid=(6,))}
 
 
 class _Block(nn.Module):
     """conv → norm → activation, merged with its input by a residual add, a concatenation,
     or not at all, then a 1×1 conv."""
 
-    def __init__(self, c: int, rng: random.Random):
+    def __init__(self, c: int, rng: random.Random, layers: dict):
         super().__init__()
         self.merge = rng.choice(["add", "cat", "none"])
         k, d = rng.choice([1, 3, 5]), rng.choice([1, 1, 2])
-        self.conv = nn.Conv2d(c, c, k, padding=d * (k - 1) // 2, dilation=d, groups=rng.choice([1, 1, 2, c]),
-                              bias=rng.random() < 0.5, padding_mode=rng.choice(["zeros", "zeros", "reflect", "replicate", "circular"]))
-        self.norm = nn.BatchNorm2d(c) if rng.random() < 0.6 else nn.Identity()
+        self.conv = layers["conv"](c, c, k, padding=d * (k - 1) // 2, dilation=d, groups=rng.choice([1, 1, 2, c]),
+                                   bias=rng.random() < 0.5,
+                                   padding_mode=rng.choice(["zeros", "zeros", "reflect", "replicate", "circular"]))
+        self.norm = layers["norm"](c) if rng.random() < 0.6 else nn.Identity()
         self.act = rng.choice([nn.ReLU(), nn.ReLU6(), nn.SiLU(), nn.Identity()])
-        self.mix = nn.Conv2d(2 * c if self.merge == "cat" else c, c, 1)
+        self.mix = layers["conv"](2 * c if self.merge == "cat" else c, c, 1)
 
     def forward(self, x):
         y = self.act(self.norm(self.conv(x)))
@@ -38,41 +44,43 @@ class _Block(nn.Module):
         return self.mix(y)
 
 
-def random_cnn(seed: int) -> tuple[nn.Module, torch.Tensor]:
+def random_cnn(seed: int, dims: int = 2) -> tuple[nn.Module, torch.Tensor]:
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    L = LAYERS[dims]
     c_in, c = rng.choice([1, 3, 4]), rng.choice([4, 6, 8])
     k = rng.choice([3, 5, 7])
-    layers = [nn.Conv2d(c_in, c, k, stride=rng.choice([1, 2]), padding=rng.choice([0, 1, k // 2])), nn.ReLU()]
+    layers = [L["conv"](c_in, c, k, stride=rng.choice([1, 2]), padding=rng.choice([0, 1, k // 2])), nn.ReLU()]
     for _ in range(rng.randint(1, 3)):
-        layers += [_Block(c, rng), nn.ReLU()]
+        layers += [_Block(c, rng, L), nn.ReLU()]
         if rng.random() < 0.5:
-            layers.append(rng.choice([nn.MaxPool2d(2, ceil_mode=rng.random() < 0.5), nn.AvgPool2d(2), nn.MaxPool2d(3, 2, 1)]))
+            layers.append(rng.choice([L["max_pool"](2, ceil_mode=rng.random() < 0.5), L["avg_pool"](2), L["max_pool"](3, 2, 1)]))
         if rng.random() < 0.4:
             wider = rng.choice([6, 8, 12])
-            layers += [nn.Conv2d(c, wider, 3, stride=rng.choice([1, 2]), padding=1), nn.ReLU()]
+            layers += [L["conv"](c, wider, 3, stride=rng.choice([1, 2]), padding=1), nn.ReLU()]
             c = wider
     head = rng.choice(["mean", "max_mlp", "grid"])
     if head == "mean":
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 7)]
+        layers += [L["adaptive_avg"](1), nn.Flatten(), nn.Linear(c, 7)]
     elif head == "max_mlp":
-        layers += [nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(4 * c, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 7)]
+        layers += [L["adaptive_max"](2), nn.Flatten(), nn.Linear(2 ** dims * c, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 7)]
     else:
-        layers += [nn.AdaptiveAvgPool2d((3, 2)), nn.Flatten(), nn.Linear(6 * c, 7)]
+        layers += [L["adaptive_avg"](L["grid"]), nn.Flatten(), nn.Linear(6 * c, 7)]
     model = nn.Sequential(*layers)
     for m in model.modules():  # trained-looking BatchNorm statistics, not the identity
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, L["norm"]):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2.0)
             nn.init.normal_(m.weight)
             nn.init.normal_(m.bias)
-    x = torch.randn(rng.choice([2, 3]), c_in, rng.randint(17, 40), rng.randint(17, 40), dtype=torch.float64)
+    size = [rng.randint(17, 40) for _ in range(dims)]
+    x = torch.randn(rng.choice([2, 3]), c_in, *size, dtype=torch.float64)
     return model.double().eval(), x
 
 
-@pytest.mark.parametrize("seed", range(16))
-def test_random_cnn_is_explained_alike_by_every_backend_and_per_sample(seed):
-    model, x = random_cnn(seed)
+@pytest.mark.parametrize("dims,seed", [(2, seed) for seed in range(16)] + [(1, seed) for seed in range(8)])
+def test_random_cnn_is_explained_alike_by_every_backend_and_per_sample(dims, seed):
+    model, x = random_cnn(seed, dims)
     ex = rsp_fast.RSP(model, backend="torch").explain(x, record=True)
     R = ex.attribution
     assert R.shape == x.shape and torch.isfinite(R).all()
