@@ -25,12 +25,15 @@ def _frames(n, h=36, w=52, seed=0):
     return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def _ffv1(path, frames, pix_fmt, array_format, fps=6):
-    """Lossless video with a chosen pixel format (grey, alpha) for the decoder tests."""
+def _encode(path, frames, pix_fmt, array_format, fps=6, codec="ffv1", rotation=None):
+    """A lossless (FFV1) video with a chosen pixel format (grey, alpha) for the decoder tests (or
+    another ``codec``; ``rotation``: a display rotation tag, counter-clockwise degrees)."""
     c = av.open(str(path), "w")
-    s = c.add_stream("ffv1", rate=fps)
+    s = c.add_stream(codec, rate=fps)
     s.height, s.width = frames[0].shape[:2]
     s.pix_fmt = pix_fmt
+    if rotation is not None:
+        s.set_display_rotation(rotation)
     for i, f in enumerate(frames):
         frame = av.VideoFrame.from_ndarray(f, format=array_format)
         frame.pts = i
@@ -118,7 +121,7 @@ def test_side_by_side_max_frames_fps_and_odd_sizes(tmp_path, spec):
 def test_grey_and_alpha_videos(tmp_path, spec, pix_fmt, array_format, shape):
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 255, shape, dtype=np.uint8) for _ in range(3)]
-    src = _ffv1(tmp_path / "in.mkv", frames, pix_fmt, array_format)
+    src = _encode(tmp_path / "in.mkv", frames, pix_fmt, array_format)
     report = explain_video(spec, src, tmp_path / "out.mp4", progress=False)
     assert report["totals"]["frames"] == 3
 
@@ -126,21 +129,9 @@ def test_grey_and_alpha_videos(tmp_path, spec, pix_fmt, array_format, shape):
 def _rotated_video(path, rotation: int):
     """A 32×64 (landscape) H.264 video tagged to be shown turned by ``rotation`` degrees
     counter-clockwise, as phones store portrait videos; a white block in its top-left corner."""
-    c = av.open(str(path), "w")
-    s = c.add_stream("libx264", rate=5)
-    s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
-    s.set_display_rotation(rotation)
     img = np.zeros((32, 64, 3), np.uint8)
     img[:8, :16] = 255
-    for i in range(3):
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-        frame.pts = i
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return path
+    return _encode(path, [img] * 3, "yuv420p", "rgb24", fps=5, codec="libx264", rotation=rotation)
 
 
 # where players show the block (rows, columns of the displayed frame): what ffmpeg's
@@ -164,7 +155,7 @@ def _corrupt_inputs(tmp_path):
     good = write_video(tmp_path / "good.mp4", _frames(6), fps=6)
     data = good.read_bytes()
     (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
-    mkv = _ffv1(tmp_path / "good.mkv", _frames(6), "yuv420p", "rgb24").read_bytes()
+    mkv = _encode(tmp_path / "good.mkv", _frames(6), "yuv420p", "rgb24").read_bytes()
     (tmp_path / "truncated.mkv").write_bytes(mkv[: len(mkv) * 2 // 3])
     (tmp_path / "text.mp4").write_text("not a video at all")
     c = av.open(str(tmp_path / "empty.mkv"), "w")  # a video stream that holds no frame
