@@ -258,7 +258,7 @@ def _as_class_tensor(value, name: str, device) -> torch.Tensor:
         t = torch.as_tensor(value, device=device)
     except (TypeError, ValueError, RuntimeError):
         raise RSPError(f"{name} must be an int or a sequence of ints, not {value!r}") from None
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):  # [] holds no class: float
         raise RSPError(f"{name} must hold integer class indices, not {t.dtype}")
     return t.long()
 

@@ -365,6 +365,7 @@ def test_comparative_without_hostile_classes_is_gradcam():
     a = rsp_fast.RSP(model, hostile_k=0).attribute(x)
     b = rsp_fast.RSP(model, init="gradcam").attribute(x)
     assert torch.equal(a, b)
+    assert torch.equal(rsp_fast.RSP(model).attribute(x, hostile=[]), b)  # an empty hostile list: none
 
 
 def test_backends_report():
