@@ -1023,6 +1023,38 @@ def test_torch_elementwise_activations_pass_relevance_through(act):
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
+def _written_glu(h):  # GLU over channels, written out: the first half gated by the second
+    a, b = h.chunk(2, dim=1)
+    return a * torch.sigmoid(b)
+
+
+@pytest.mark.parametrize("glu", [nn.GLU(1), lambda h: F.glu(h, 1), lambda h: F.glu(h, dim=-3)])
+def test_glu_explains_like_its_written_gate(glu):
+    """nn.GLU and F.glu: a·σ(b) of the two halves, explained like the same gate written out
+    (all of R to a, none to b)."""
+    class Gated(nn.Module):
+        def __init__(self, gate):
+            super().__init__()
+            self.gate = gate if isinstance(gate, nn.Module) else None
+            self.fn = None if self.gate is not None else gate
+            self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 3))
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            h = self.gate(h) if self.gate is not None else self.fn(h)
+            return self.head(torch.relu(self.body(h)))
+
+    torch.manual_seed(0)
+    m, twin = Gated(glu).double().eval(), Gated(_written_glu).double().eval()
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    assert torch.allclose(m(x), twin(x))
+    ex = rsp_fast.RSP(m).explain(x, record=True)
+    assert rel_err(ex.attribution, rsp_fast.RSP(twin).attribute(x)) < 1e-12
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
 @pytest.mark.parametrize("act", ["GELU", "SwishMe", "HardSwishMe", "HardSigmoid"])
 def test_timm_activation_modules_pass_relevance_through(act):
     """timm's own activation classes (not torch's subclasses; the "Me" ones wrap autograd

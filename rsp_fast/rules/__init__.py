@@ -25,7 +25,7 @@ from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_MET
                        MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
                        SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
                        is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
-from .passthrough import PassThrough, Route, Scale, Select
+from .passthrough import GatedHalf, PassThrough, Route, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
@@ -46,6 +46,8 @@ COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
 # Rearrangements within a sample (space-to-depth stems, sub-pixel upsampling, channel shuffles):
 # index maps, like transposes.
 SHUFFLE_MODULES = (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
+# A gated linear unit a·σ(b) of x's two halves: relevance routed to a, like a gate's.
+GLU = (nn.GLU, F.glu)
 
 PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout,
                                                        F.dropout1d, F.dropout2d}
@@ -74,12 +76,12 @@ SUPPORTED = {
                 "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in ELEMENTWISE_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d",
-                "PixelShuffle, PixelUnshuffle, ChannelShuffle"],
+                "PixelShuffle, PixelUnshuffle, ChannelShuffle", "GLU"],
     "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
                   "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
                   "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)",
-                  "act(g) * x (gated units)", "x @ softmax(...) (attention pooling)",
+                  "act(g) * x (gated units)", "F.glu", "x @ softmax(...) (attention pooling)",
                   "F.conv1d / F.conv2d / F.linear / x @ P on parameters (layers written as functions)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS
                       | POWER[1] | SUM[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
@@ -108,7 +110,7 @@ def is_rule_leaf(m: nn.Module) -> bool | None:
     if isinstance(m, CONV_MODULES) and m.padding_mode != "zeros" and type(m).forward in PLAIN_CONV_FORWARDS:
         return False
     if (isinstance(m, CONV_MODULES + (nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
-                   + COPY_PAD_MODULES + SHUFFLE_MODULES) or is_timm_activation(m)):
+                   + COPY_PAD_MODULES + SHUFFLE_MODULES + (nn.GLU,)) or is_timm_activation(m)):
         return True
     return None
 
@@ -242,7 +244,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.POOL
         if isinstance(m, PAD_MODULES + COPY_PAD_MODULES):
             return NodeKind.ROUTE if _pads_by_copy_or_blank(node, m) else None
-        if isinstance(m, SHUFFLE_MODULES):
+        if isinstance(m, SHUFFLE_MODULES + (nn.GLU,)):
             return NodeKind.ROUTE
         return None
     if node.op not in ("call_function", "call_method"):
@@ -279,11 +281,20 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         return NodeKind.CAT
     if t is F.pad:
         return NodeKind.ROUTE if _pads_by_copy_or_blank(node, None) else None
+    if t is F.glu:
+        return NodeKind.ROUTE if isinstance(glu_dim(node, None), int) else None
     if calls(node, ROUTE_FUNCTIONS, ROUTE_METHODS):
         return NodeKind.ROUTE
     if t is operator.getitem:
         return NodeKind.SELECT if _selects_from_a_tensor(node) else None
     return None
+
+
+def glu_dim(node: fx.Node, module: nn.Module | None):
+    """The dimension an nn.GLU or F.glu splits (an int, unless the graph computes it)."""
+    if module is not None:
+        return module.dim
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else -1)
 
 
 def split_source(node: fx.Node) -> fx.Node | None:
@@ -411,6 +422,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
             return MaxPoolByIndices(node, inputs, module)
         return Pool(node, inputs, module)
     if kind == NodeKind.ROUTE:
+        if isinstance(module, nn.GLU) or node.target is F.glu:
+            return GatedHalf(node, inputs, module, glu_dim(node, module))
         return Route(node, inputs, module)
     if kind == NodeKind.SELECT:
         return Select(node, inputs, split_source(node))

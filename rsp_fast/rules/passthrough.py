@@ -4,7 +4,7 @@ Pass-through: activations, Dropout, Identity, norms, Flatten and reshapes (R res
 the input; BatchNorm is folded into the conv or linear before it: for an inner conv that
 changes nothing, for a first layer it gives the true weights). Routes: pure index maps
 (zero padding, transposes, indexing, pieces of a split): R goes back where each value came
-from. Scale: products, quotients and biased sums whose other operand only reweights or shifts
+from; a GLU's signal half is such a piece. Scale: products, quotients and biased sums whose other operand only reweights or shifts
 one (a gate, a constant, a parameter, a statistic; see operands.py): all of R to that one."""
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ class Route(Rule):
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(fn(probe), probe, R)
         return [grad]
+
+
+class GatedHalf(Route):
+    """A gated linear unit, GLU(x) = a·σ(b) with a, b the two halves of x along ``dim``: all
+    of R to a, as for any gate (the rule of x·σ(g)); b's half gets none."""
+
+    kind = "gated half"
+
+    def __init__(self, node, inputs, module, dim: int):
+        super().__init__(node, inputs, module)
+        self.needs_values, self.dim = [], dim
+
+    def function(self, ctx: Context):
+        return lambda x: x.narrow(self.dim, 0, x.shape[self.dim] // 2)
 
 
 class Select(Route):
