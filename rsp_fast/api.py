@@ -139,8 +139,11 @@ class RSP:
     def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool) -> Explanation:
         plan = self._plan_for(inputs)
         logits, A, saved, shapes = record_forward(self.model, plan, inputs)
+        if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
+            logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise RSPError("the model must return logits of shape (N, classes)")
+            shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {type(logits).__name__}"
+            raise RSPError(f"the model must return logits of shape (N, classes){shape}")
         tgt = target if trusted_target else _targets(target, logits)
         init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
         if hst.shape[1] == 0:

@@ -204,6 +204,18 @@ def test_wrapped_models_are_explained_as_the_module_they_run():
         rsp_fast.RSP(torch.jit.script(model))
 
 
+def test_fully_convolutional_heads_give_logits_with_trailing_ones():
+    """A head ending in a 1×1 conv and a global pool returns (N, classes, 1, 1): explained as
+    the same model flattening it; other output shapes are refused with theirs."""
+    torch.manual_seed(0)
+    fcn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 1),
+                        nn.AdaptiveAvgPool2d(1)).double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=D)
+    assert torch.equal(rsp_fast.RSP(fcn).attribute(x), rsp_fast.RSP(nn.Sequential(*fcn, nn.Flatten())).attribute(x))
+    with pytest.raises(RSPError, match=r"logits of shape \(N, classes\), not \(2, 5, 2, 2\)"):
+        rsp_fast.RSP(nn.Sequential(*fcn[:-1], nn.AdaptiveAvgPool2d(2)), layer="3").attribute(x)
+
+
 def test_untraceable_model_is_reported():
     class Dynamic(nn.Module):
         def __init__(self):
