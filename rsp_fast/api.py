@@ -186,7 +186,7 @@ class RSP:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
 
 
-_LAYOUTS = {3: "(N, C, L)", 4: "(N, C, H, W)"}  # inputs of a model starting with a Conv1d / Conv2d
+_LAYOUTS = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}  # inputs of a model starting with a Conv1d / 2d / 3d
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, functional_linear_weight, is_rule_leaf, keeps_sign,
+from ..rules import (BATCHNORM, NodeKind, Rule, batchnorm_scale, describe_supported, functional_linear_weight, is_rule_leaf, keeps_sign,
                      node_kind, rectifies, relevance_inputs, rule_for, unsupported_combination)
 from ..rules.base import LayerRule
 from ..rules.operands import calls, is_shape_query, reduced_dims
@@ -101,16 +101,23 @@ def _global_pool_behind_head(model: nn.Module, node: fx.Node | None) -> fx.Node 
     return None
 
 
+ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                  nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+ADAPTIVE_POOL_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+                           F.adaptive_max_pool2d, F.adaptive_max_pool3d)
+
+
 def _is_global_pool(node: fx.Node, module) -> bool:
-    """An adaptive pool to 1×1 or a mean over the spatial dimensions."""
-    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-        return module.output_size in (1, (1, 1))
-    if node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+    """An adaptive pool to 1×1 (1, 1×1×1) or a mean over the spatial dimensions."""
+    if isinstance(module, ADAPTIVE_POOLS):
+        size = module.output_size
+    elif node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
         size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
-        return size in (1, (1, 1))
-    if calls(node, {torch.mean}, {"mean"}):
-        return sorted(reduced_dims(node) or ()) in ([2, 3], [-2, -1])
-    return False
+    elif calls(node, {torch.mean}, {"mean"}):
+        return sorted(reduced_dims(node) or ()) in ([2, 3], [-2, -1], [2, 3, 4], [-3, -2, -1])
+    else:
+        return False
+    return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
 
 
 def layer_name(model: nn.Module, layer) -> str | None:
@@ -192,7 +199,8 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
         module = _module(model, node)
         if from_input and kinds[node] == NodeKind.LAYER and input_rank is None:
             input_rank = (4 if isinstance(module, nn.Conv2d) or node.target in (F.conv2d, torch.conv2d) else
-                          3 if isinstance(module, nn.Conv1d) or node.target in (F.conv1d, torch.conv1d) else None)
+                          3 if isinstance(module, nn.Conv1d) or node.target in (F.conv1d, torch.conv1d) else
+                          5 if isinstance(module, nn.Conv3d) else None)
 
     steps = []
     for node in sorted(kinds, key=order.__getitem__, reverse=True):
@@ -275,6 +283,6 @@ def _bn_after(model: nn.Module, node: fx.Node):
     users = list(node.users)
     if len(users) == 1 and users[0].op == "call_module":
         bn = model.get_submodule(users[0].target)
-        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.running_var is not None:
+        if isinstance(bn, BATCHNORM) and bn.running_var is not None:
             return batchnorm_scale(bn)
     return lambda: None

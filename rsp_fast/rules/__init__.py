@@ -19,6 +19,7 @@ from ..graph.trace import ATTR_VALUE, MODULE_META
 from .base import Context, Rule
 from .conv import (CONV_MODULES, PLAIN_CONV_FORWARDS, Conv, FunctionalConv, conv2d_call_args, effective_conv_weight,
                    has_plain_conv_forward)
+from .conv3d import Conv3d
 from .linear import FunctionalLinear, Linear
 from .merge import Add, Cat, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
@@ -30,13 +31,14 @@ from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
 
-BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Norms that cannot be folded into the layer before them pass R through, as RSP_SPEC.md says
 # of a BatchNorm that cannot be folded (ConvNeXt's LayerNorm, GroupNorm in BiT ResNets).
 OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm)
 NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.instance_norm, F.batch_norm, F.local_response_norm}
 PASS_MODULES = ACTIVATIONS + OTHER_NORMS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
-POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 # Resizing whose weights are ≥ 0 is a positive linear map like average pooling: the same z-rule.
 POSITIVE_RESIZE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
@@ -51,7 +53,8 @@ GLU = (nn.GLU, F.glu)
 
 PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout,
                                                        F.dropout1d, F.dropout2d}
-POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
+POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                  F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
 POWER = ({operator.pow, torch.pow, torch.square}, {"pow", "square", "__pow__"})  # functions, methods
 SUM = ({torch.sum}, {"sum"})
 # Thresholds written as ops: clamp(x, min, max) (a ReLU as x.clamp(min=0)), maximum/minimum
@@ -72,10 +75,10 @@ ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 
 SUPPORTED = {
-    "modules": ["Conv1d, Conv2d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d (folded; timm BatchNormAct2d)",
+    "modules": ["Conv1d, Conv2d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame), Conv3d (zero padding)", "Linear", "BatchNorm1d/2d/3d (folded; timm BatchNormAct2d)",
                 "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in ELEMENTWISE_ACTIVATIONS) + ")",
-                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d",
+                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d/3d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d",
                 "PixelShuffle, PixelUnshuffle, ChannelShuffle", "GLU"],
     "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
                   "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
@@ -109,7 +112,7 @@ def is_rule_leaf(m: nn.Module) -> bool | None:
     padding; None leaves the choice to torch.fx."""
     if isinstance(m, CONV_MODULES) and m.padding_mode != "zeros" and type(m).forward in PLAIN_CONV_FORWARDS:
         return False
-    if (isinstance(m, CONV_MODULES + (nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
+    if (isinstance(m, CONV_MODULES + (nn.Conv3d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
                    + COPY_PAD_MODULES + SHUFFLE_MODULES + (nn.GLU,)) or is_timm_activation(m)):
         return True
     return None
@@ -234,6 +237,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         if isinstance(m, CONV_MODULES):
             known = has_plain_conv_forward(m) or (isinstance(m, nn.Conv2d) and _weight_transforming_conv(m))
             return NodeKind.LAYER if known else None
+        if isinstance(m, nn.Conv3d):  # zero padding only (F.conv3d has no rule to trace other modes into)
+            return NodeKind.LAYER if type(m).forward is nn.Conv3d.forward and m.padding_mode == "zeros" else None
         if isinstance(m, nn.Linear):
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
         if isinstance(m, BATCHNORM):
@@ -410,7 +415,7 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
             return FunctionalLinear(node, inputs, first, bn_scale, *linear)
         if node.op != "call_module":
             return FunctionalConv(node, inputs, first, bn_scale)
-        cls = Conv if isinstance(module, CONV_MODULES) else Linear
+        cls = Conv if isinstance(module, CONV_MODULES) else Conv3d if isinstance(module, nn.Conv3d) else Linear
         return cls(node, inputs, module, first, bn_scale)
     if kind == NodeKind.PASS:
         return PassThrough(node, inputs)

@@ -1,0 +1,94 @@
+"""Conv3d (video and volume CNNs, e.g. torchvision's R3D, MC3 and R(2+1)D): the conv rules
+of RSP_SPEC §2 over three spatial dimensions, on PyTorch's own 3-D convolutions and their
+gradients, with the samples folded into the groups so that each sample has its own filters
+(as the 2-D ``grouped_conv`` path does). The products run in the input's precision on every
+device; the sectional normalisation and the purge are the kernel set's.
+
+Inner layer, per sample (x̂ = max(x, 0), zero-padded):
+  F± = ∂/∂W ⟨conv(x̂, W), R±⟩,  G± = conv(x̂, F±),  S± = R± / G±,
+  dx = convT(S⁺, F⁺) − convT(S⁻, F⁻), then the purge (a 1×1×1 conv: x̂ ⊙ dx).
+First layer (z^B): Z = conv(x − L, W⁺) + conv(x − H, W⁻) with both inputs zero-padded (the
+spec's conv(x, W) − L·conv(1, W⁺) − H·conv(1, W⁻)), S = R / Z,
+R_in = (x − L) ⊙ convT(S, W⁺) + (x − H) ⊙ convT(S, W⁻).
+Padding is applied explicitly (so "same" with an even kernel pads one side more, as PyTorch
+does) and cropped from the result."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv3d_input, conv3d_weight
+
+from ..kernels.reference import per_sample_sum, safe_div, unsupported_relevance
+from .base import Context, LayerRule, purged_relevance, rectified_input
+
+
+def conv3d_pads(module: nn.Conv3d) -> list[tuple[int, int]]:
+    """(before, after) zero padding along T, H, W."""
+    if module.padding == "valid":
+        return [(0, 0)] * 3
+    if module.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in module.padding]
+
+
+def _pad(t: torch.Tensor, pads) -> torch.Tensor:
+    flat = [p for before_after in reversed(pads) for p in before_after]  # F.pad lists the last dimension first
+    return F.pad(t, flat) if any(flat) else t
+
+
+def _crop(t: torch.Tensor, pads) -> torch.Tensor:
+    T, H, W = t.shape[-3:]
+    (t0, t1), (h0, h1), (w0, w1) = pads
+    return t[..., t0:T - t1, h0:H - h1, w0:W - w1]
+
+
+def first_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, module: nn.Conv3d) -> torch.Tensor:
+    pads, G = conv3d_pads(module), module.groups
+    flat = x.reshape(x.shape[0], -1)
+    shape = (-1, 1, 1, 1, 1)
+    below = _pad(x - flat.amin(1).view(shape), pads)  # x − L, zero on the padding
+    above = _pad(x - flat.amax(1).view(shape), pads)  # x − H
+    W_pos, W_neg = W.clamp(min=0), W.clamp(max=0)
+    geometry = (module.stride, 0, module.dilation, G)
+    Z = F.conv3d(below, W_pos, None, *geometry) + F.conv3d(above, W_neg, None, *geometry)
+    S = safe_div(R, Z)
+    if ctx.tracking:
+        ctx.drop(per_sample_sum(R * (Z == 0)))
+    R_in = below * conv3d_input(below.shape, W_pos, S, *geometry) + above * conv3d_input(above.shape, W_neg, S, *geometry)
+    return _crop(R_in, pads)
+
+
+def inner_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, module: nn.Conv3d,
+                           non_negative: bool = False) -> torch.Tensor:
+    pads = conv3d_pads(module)
+    N, C = x.shape[:2]
+    O, out = R.shape[1], R.shape[2:]
+    G = N * module.groups  # one group per sample and group of the layer
+    x_pos = rectified_input(x, non_negative)
+    xp = _pad(x_pos, pads).reshape(1, N * C, *[s + a + b for s, (a, b) in zip(x.shape[2:], pads)])
+    geometry = (module.stride, 0, module.dilation, G)
+    R_pos, R_neg = R.clamp(min=0), (-R).clamp(min=0)
+    filters = [conv3d_weight(xp, (N * O, C // module.groups, *module.kernel_size), Rs.reshape(1, N * O, *out), *geometry)
+               for Rs in (R_pos, R_neg)]
+    Ga, Gb = (F.conv3d(xp, Fs, None, *geometry).view_as(R) for Fs in filters)
+    S_pos, S_neg = ctx.ops.sectional_normalize(R, Ga, Gb)
+    dx = (conv3d_input(xp.shape, filters[0], S_pos.reshape(1, N * O, *out), *geometry)
+          - conv3d_input(xp.shape, filters[1], S_neg.reshape(1, N * O, *out), *geometry))
+    dx = _crop(dx.view(N, C, *xp.shape[2:]), pads)
+    if all(k == 1 for k in module.kernel_size):
+        if ctx.tracking:
+            ctx.drop(unsupported_relevance(R, Ga, Gb))
+        return ctx.ops.combine(dx, x_pos)
+    return purged_relevance(ctx, R, R, Ga, Gb, dx, x_pos)
+
+
+class Conv3d(LayerRule):
+    name = "conv3d"
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        x = ctx.values[self.inputs[0]]
+        if self.first:
+            return [first_conv3d_relevance(ctx, x, R, self.folded_weight(ctx, x.dtype), self.module)]
+        return [inner_conv3d_relevance(ctx, x, R, self.module, non_negative=self.input_non_negative)]
