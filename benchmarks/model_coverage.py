@@ -1,5 +1,5 @@
-"""Which architectures rsp_fast explains: every torchvision classification model and a
-sample of timm's CNN families, random weights (nothing downloaded).
+"""Which architectures rsp_fast explains: every torchvision classification and video
+classification model and a sample of timm's CNN families, random weights (nothing downloaded).
 
 Per model: ``ok`` (finite attribution, with the conservation error ΣR_in + dropped − ΣR₀, also
 relative to max(Σ|R_in|, |ΣR₀|): each purge doubles the positive and negative parts, so in
@@ -34,10 +34,11 @@ TIMM_CNN_FAMILIES = (
 TOO_LARGE = ("_xl", "_xxl", "_huge", "_giant", "1280gf", "640gf", "320gf", "_e6", "_e8", "f7", "f6", "f5", "_l2", "_b7", "_b8")
 
 
-def check(name: str, model: torch.nn.Module, size: int) -> dict:
+def check(name: str, model: torch.nn.Module, shape: tuple) -> dict:
+    """``shape``: one input's (C, H, W), or (C, T, H, W) for a clip."""
     row = {"model": name}
     torch.manual_seed(0)
-    x = torch.randn(2, 3, size, size)
+    x = torch.randn(2, *shape)
     t0 = time.perf_counter()
     try:
         ex = rsp_fast.RSP(model.eval()).explain(x, record=True)
@@ -62,7 +63,10 @@ def torchvision_models():
     for name in torchvision.models.list_models(module=torchvision.models):
         kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
         size = 224 if name.startswith(("vit_", "swin", "maxvit")) else 96
-        yield f"torchvision/{name}", (lambda n=name, k=kwargs: torchvision.models.get_model(n, num_classes=10, **k)), size
+        yield f"torchvision/{name}", (lambda n=name, k=kwargs: torchvision.models.get_model(n, num_classes=10, **k)), (3, size, size)
+    for name in torchvision.models.list_models(module=torchvision.models.video):
+        clip = (3, 16, 224, 224) if name.startswith(("mvit", "swin3d", "s3d")) else (3, 8, 64, 64)  # these fix their size
+        yield f"torchvision/{name}", (lambda n=name: torchvision.models.get_model(n, num_classes=10)), clip
 
 
 def timm_models(per_family: int, seed: int):
@@ -72,7 +76,7 @@ def timm_models(per_family: int, seed: int):
     for family in TIMM_CNN_FAMILIES:
         names = [n for n in timm.list_models(module=family) if not any(s in n for s in TOO_LARGE)]
         for name in sorted(rng.sample(names, min(per_family, len(names)))):
-            yield f"timm/{name}", (lambda n=name: timm.create_model(n, pretrained=False, num_classes=10)), 128
+            yield f"timm/{name}", (lambda n=name: timm.create_model(n, pretrained=False, num_classes=10)), (3, 128, 128)
 
 
 def summarise(rows: list[dict]) -> str:
@@ -102,13 +106,13 @@ def main(argv=None) -> None:
     if args.timm_per_family:
         sources += list(timm_models(args.timm_per_family, args.seed))
     rows = []
-    for name, build, size in sources:
+    for name, build, shape in sources:
         try:
             model = build()
         except Exception as exc:  # the library's own constructor failed: not ours to count
             print(f"skip {name}: {type(exc).__name__}: {exc}"[:200], flush=True)
             continue
-        rows.append(check(name, model, size))
+        rows.append(check(name, model, shape))
         print(f"{rows[-1]['status']:8s} {name} ({rows[-1]['seconds']} s)", flush=True)
     print(summarise(rows))
     if args.json:

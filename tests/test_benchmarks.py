@@ -195,10 +195,10 @@ def test_coverage_reports_ok_refused_and_crashes():
     from torch import nn
     from models import tiny_cnn
 
-    ok = check("tiny", tiny_cnn(), 32)
+    ok = check("tiny", tiny_cnn(), (3, 32, 32))
     assert ok["status"] == "ok" and ok["conservation_error"] < 1e-5
     refused = check("softmax", nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softmax(1), nn.Conv2d(4, 4, 3), nn.Flatten(),
-                                             nn.LazyLinear(2)), 8)
+                                             nn.LazyLinear(2)), (3, 8, 8))
     assert refused["status"] == "refused" and "Softmax" in refused["message"]
     crash = {"model": "broken", "status": "crash", "message": "IndexError: boom"}
     text = summarise([ok, refused, crash])
