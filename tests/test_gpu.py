@@ -162,3 +162,13 @@ def test_first_layer_kernels_on_cuda_match_float64(C, O, k, s, p, dtype, tf32, t
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert got.dtype == dtype and rel_err(got.cpu(), expected) < tol
+
+
+def test_gpu_video_resnet_matches_cpu():
+    """Conv3d and the 3-D pools on CUDA (cuDNN's 3-D convolutions) against the CPU, float64."""
+    torch.manual_seed(0)
+    model = torchvision.models.video.r3d_18(num_classes=5).double().eval()
+    clips = torch.randn(2, 3, 4, 32, 32, dtype=torch.float64)
+    expected = rsp_fast.RSP(model, backend="torch").attribute(clips)
+    got = rsp_fast.RSP(model.cuda(), backend="cuda").attribute(clips.cuda())
+    assert rel_err(got.cpu(), expected) < 1e-9
