@@ -198,7 +198,9 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
     if fused and g.groups == 1 and not ctx.tracking:
         from ..kernels.triton.first_layer import first_layer_triton
 
-        return first_layer_triton(x, R, W, g.stride, g.dilation, g.pad)
+        # 16-bit products elsewhere: TF32 here (cuDNN's convolutions use it by default too)
+        tf32 = ctx.product_dtype is not None or torch.backends.cuda.matmul.allow_tf32
+        return first_layer_triton(x, R, W, g.stride, g.dilation, g.pad, tf32)
     N, C = x.shape[:2]
     G = g.groups
     flat = x.reshape(N, -1)

@@ -102,17 +102,19 @@ def tiles(out_channels: int, columns: int, dtype: torch.dtype, device: torch.dev
             "back": dict(BLOCK_Q=128, BLOCK_C=16, BLOCK_O=block_o)}
 
 
-def first_layer_triton(x: torch.Tensor, R: torch.Tensor, weight: torch.Tensor, stride, dilation, pad) -> torch.Tensor:
+def first_layer_triton(x: torch.Tensor, R: torch.Tensor, weight: torch.Tensor, stride, dilation, pad,
+                       tf32: bool | None = None) -> torch.Tensor:
     """R_in (N, C, H, W) contiguous of the z^B rule for x (N, C, H, W), R (N, O, Ho, Wo) and an
     ungrouped conv's weight (O, C, kh, kw); pad = (left, right, top, bottom). Products in
-    float64 for float64 tensors, else in float32 (TF32 on CUDA where torch's matmuls may use it)."""
+    float64 for float64 tensors, else in float32, on TF32 tensor cores on CUDA if ``tf32``
+    (None: where torch's matmuls may use them)."""
     N, C, H, W = x.shape
     O, _, kh, kw = weight.shape
     Ho, Wo = R.shape[-2:]
     if weight.shape[1] != C or R.shape[:2] != (N, O) or R.dtype != x.dtype:
         raise ValueError(f"first_layer: x {tuple(x.shape)}, R {tuple(R.shape)}, weight {tuple(weight.shape)} do not fit")
     if N > MAX_SAMPLES:  # the samples are independent
-        return torch.cat([first_layer_triton(x[i:i + MAX_SAMPLES], R[i:i + MAX_SAMPLES], weight, stride, dilation, pad)
+        return torch.cat([first_layer_triton(x[i:i + MAX_SAMPLES], R[i:i + MAX_SAMPLES], weight, stride, dilation, pad, tf32)
                           for i in range(0, N, MAX_SAMPLES)])
     T, K, L = kh * kw, C * kh * kw, Ho * Wo
     flat = x.reshape(N, -1)
@@ -120,7 +122,8 @@ def first_layer_triton(x: torch.Tensor, R: torch.Tensor, weight: torch.Tensor, s
     w = weight.detach().to(x.dtype).reshape(O, K).contiguous()
     R = R.reshape(N, O, L)
     fp64 = x.dtype == torch.float64
-    flags = dict(FP64=fp64, TF32=not fp64 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+    flags = dict(FP64=fp64, TF32=not fp64 and x.is_cuda and tf32)
     geometry = (kw, T, *stride, *dilation, pad[2], pad[0])
     t = tiles(O, K, x.dtype, x.device)
 
