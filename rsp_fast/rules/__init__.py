@@ -48,8 +48,6 @@ COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
 # Rearrangements within a sample (space-to-depth stems, sub-pixel upsampling, channel shuffles):
 # index maps, like transposes.
 SHUFFLE_MODULES = (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
-# A gated linear unit a·σ(b) of x's two halves: relevance routed to a, like a gate's.
-GLU = (nn.GLU, F.glu)
 
 PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout,
                                                        F.dropout1d, F.dropout2d}
@@ -249,7 +247,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.POOL
         if isinstance(m, PAD_MODULES + COPY_PAD_MODULES):
             return NodeKind.ROUTE if _pads_by_copy_or_blank(node, m) else None
-        if isinstance(m, SHUFFLE_MODULES + (nn.GLU,)):
+        if isinstance(m, SHUFFLE_MODULES + (nn.GLU,)):  # a GLU's signal half: a piece of its input (GatedHalf)
             return NodeKind.ROUTE
         return None
     if node.op not in ("call_function", "call_method"):
