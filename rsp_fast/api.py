@@ -242,8 +242,9 @@ def _concatenate(parts: list[Explanation]) -> Explanation:
 
 
 def heatmap(R: torch.Tensor) -> torch.Tensor:
-    """The map shown to users: channel sum of the relevance, N×H×W (positive = target)."""
-    return R.sum(1) if R.dim() == 4 else R
+    """The map shown to users: channel sum of the relevance (positive = target), N×H×W for
+    images, N×L for signals, N×T×H×W for clips; an MLP's N×F relevance as it is."""
+    return R.sum(1) if R.dim() >= 3 else R
 
 
 def _model_device(model: nn.Module) -> torch.device:

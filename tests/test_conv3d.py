@@ -58,6 +58,7 @@ def test_torchvision_video_resnets_conserve_and_explain_each_clip_alone(name):
     clips = torch.randn(2, 3, 4, 32, 32, dtype=D)
     ex = rsp_fast.RSP(model).explain(clips, record=True)
     assert ex.layer == "layer4" and ex.attribution.shape == clips.shape
+    assert torch.equal(rsp_fast.heatmap(ex.attribution), ex.attribution.sum(1))  # N×T×H×W
     total = ex.initial.flatten(1).sum(1)
     assert torch.allclose(ex.attribution.flatten(1).sum(1) + ex.dropped, total, rtol=1e-9)
     alone = rsp_fast.RSP(model).attribute(clips[1:], target=int(ex.target[1]))
