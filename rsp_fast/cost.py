@@ -11,6 +11,8 @@ backend: the same multiply-adds, each plane's three products in one pass.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -19,6 +21,7 @@ from .graph.trace import UntraceableModelError, unwrap
 from .propagate import record_forward
 from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, image_shape, implicit_gemm_fits,
                          on_tensor_cores, pixel_gram_macs, runnable_dense_path, tap_sums_pay)
+from .rules.conv3d import Conv3d
 from .rules.linear import Linear
 
 
@@ -66,6 +69,19 @@ def _linear_row(step: Linear, in_shape, out_shape, elem: int) -> dict:
             "bytes": elem * (O * F_in + 4 * positions * (F_in + O))}
 
 
+def _conv3d_row(step: Conv3d, in_shape, out_shape, elem: int) -> dict:
+    """A Conv3d runs its products as PyTorch's 3-D convolutions (rules/conv3d.py): the first
+    layer two convolutions and two transposed ones, an inner layer three products per section."""
+    C, inputs = in_shape[1], math.prod(in_shape[2:])
+    O, L = out_shape[1], math.prod(out_shape[2:])
+    m = step.module
+    forward = O * C // m.groups * math.prod(m.kernel_size) * L
+    macs = 4 * forward if step.first else 6 * forward
+    return {"layer": _layer_name(step), "kind": "conv3d", "path": "z^B" if step.first else "grouped_conv",
+            "forward_macs": forward, "filter_macs": 6 * forward, "gram_macs": None, "rsp_macs": macs,
+            "bytes": elem * (4 * C * inputs + 8 * O * L)}
+
+
 def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = None) -> dict:
     """Per-image cost of RSP on ``model`` for inputs of ``input_shape`` (without the batch)."""
     model, layer = unwrap(model, layer)
@@ -85,11 +101,12 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
     elem = x.element_size()
     rows = []
     for step in reversed(plan.steps):  # input to saliency layer
-        if isinstance(step, (Conv, Linear)):
-            if isinstance(step, Conv):
-                rows.append(_conv_row(step, shapes, x.dtype, x.is_cuda))
-            else:
-                rows.append(_linear_row(step, shapes[step.inputs[0]], shapes[step.node], elem))
+        if isinstance(step, Conv):
+            rows.append(_conv_row(step, shapes, x.dtype, x.is_cuda))
+        elif isinstance(step, Conv3d):
+            rows.append(_conv3d_row(step, shapes[step.inputs[0]], shapes[step.node], elem))
+        elif isinstance(step, Linear):
+            rows.append(_linear_row(step, shapes[step.inputs[0]], shapes[step.node], elem))
     totals = {k: sum(r[k] for r in rows) for k in ("forward_macs", "filter_macs", "rsp_macs", "bytes")}
     totals["rsp_over_forward_macs"] = totals["rsp_macs"] / max(totals["forward_macs"], 1)
     return {"layer": plan.layer_name, "layers": rows, "totals": totals}

@@ -65,3 +65,18 @@ def test_torchvision_video_resnets_conserve_and_explain_each_clip_alone(name):
     assert rel_err(alone, ex.attribution[1:]) < 1e-12
     with pytest.raises(rsp_fast.RSPError, match=r"5-D \(N, C, T, H, W\)"):
         rsp_fast.RSP(model).attribute(clips[:, :, 0])
+
+
+def test_cost_model_counts_conv3d_layers():
+    """rsp_fast.cost counts a video ResNet's 3-D convolutions (those PyTorch's FLOP counter
+    sees in the forward pass, up to the saliency layer) and their RSP products."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = torchvision.models.video.r3d_18(num_classes=5).eval()
+    report = rsp_fast.cost(model, (3, 4, 32, 32))
+    convs = [r for r in report["layers"] if r["kind"] == "conv3d"]
+    assert len(convs) == sum(isinstance(m, nn.Conv3d) for m in model.modules())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 4, 32, 32))
+    conv_flops = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
+    assert sum(r["forward_macs"] for r in convs) == conv_flops // 2
+    assert convs[0]["path"] == "z^B" and all(r["rsp_macs"] == 6 * r["forward_macs"] for r in convs[1:])
