@@ -88,6 +88,32 @@ def test_pipeline_matches_the_api_frame_by_frame(tmp_path, spec):
     assert [r["label"] for r in report["frames"]] == logits.argmax(1).tolist()
 
 
+def test_clip_models_explain_each_batch_of_frames_as_one_clip(tmp_path, monkeypatch):
+    """A video classifier (3-D convs): each batch of frames is one clip (the last one shorter);
+    every frame of a clip gets the clip's label, and a frame's map is its slice of the clip's."""
+    import torch
+    from torch import nn
+    from rsp_fast import render
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 6, 3, stride=(1, 2, 2), padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    spec = ModelSpec(model, "clips", input_size=32, class_names=[f"c{i}" for i in range(5)])
+    src = write_video(tmp_path / "in.mkv", _frames(7), fps=4)
+    drawn = []  # the heat map each frame is rendered with
+    overlay = render.overlay
+    monkeypatch.setattr(render, "overlay", lambda frame, heat, scale: drawn.append(heat) or overlay(frame, heat, scale))
+    report = explain_video(spec, src, tmp_path / "out.mp4", batch_size=3, progress=False)
+    assert report["totals"]["frames"] == 7 and len(read_frames(tmp_path / "out.mp4")) == 7
+    decoded = np.stack(read_frames(src))
+    for start in (0, 3, 6):
+        x, box = render.to_model_input(decoded[start:start + 3], 32, spec.mean, spec.std)
+        clip = x.transpose(0, 1).unsqueeze(0)  # 1×C×T×H×W
+        label = int(model(clip).argmax())
+        assert [r["label"] for r in report["frames"][start:start + 3]] == [label] * len(x)
+        expected = render.heat_to_frame(rsp_fast.heatmap(rsp_fast.RSP(model).attribute(clip))[0], box).numpy()
+        assert np.allclose(np.stack(drawn[start:start + 3]), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
 def test_labels_come_from_the_logits_even_when_probabilities_tie(tmp_path, spec):
     """Logits 2e-8 apart are distinct, their float32 softmax probabilities are not: the label
     is the logits' argmax, the class RSP explains."""

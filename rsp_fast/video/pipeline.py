@@ -4,6 +4,8 @@ A decoder thread fills a bounded queue with frame batches, the calling thread at
 them, an encoder thread renders (overlay or side by side, label drawn) and encodes. Queues
 hold at most two batches, so memory stays bounded whatever the video's length. The output
 keeps the input's frame rate and aspect ratio and appears only when complete.
+A clip model (a video classifier: its input N×C×T×H×W) explains each batch of frames as one
+clip; the clip's map over (T, H, W) gives each of its frames its heat map, and its label.
 """
 from __future__ import annotations
 
@@ -137,9 +139,10 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
             stage.seconds += time.perf_counter() - t
 
     graphs = {}  # on CUDA, full batches replay a CUDA graph of the whole pass (every frame has one shape)
+    clips = explainer.plan is not None and explainer.plan.input_rank == 5  # a video classifier: a batch is a clip
 
     def explain_batch(x: torch.Tensor):
-        if x.device.type != "cuda" or x.shape[0] != batch_size:
+        if x.device.type != "cuda" or x.shape[0] != batch_size or clips:
             return explainer.explain(x, target=target)
         if x.shape not in graphs:
             graphs[x.shape] = explainer.static(x)
@@ -154,12 +157,17 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         while (batch := _get(decoded, stop, decoder)) is not _DONE:
             t = time.perf_counter()
             x, box = render.to_model_input(batch.frames, spec.input_size, spec.mean, spec.std)
+            if clips:  # the batch's T frames as one clip, 1×C×T×H×W
+                x = x.transpose(0, 1).unsqueeze(0)
             ex = explain_batch(x.to(device))
-            heat = render.heat_to_frame(heatmap(ex.attribution).detach().float().cpu(), box).numpy()
+            heat = heatmap(ex.attribution).detach().float().cpu()
+            heat = render.heat_to_frame(heat[0] if clips else heat, box).numpy()
             probs = torch.softmax(ex.logits.float(), 1).cpu()
             labels = ex.logits.argmax(1).tolist()  # not probs.argmax: near-equal logits tie in float32 probabilities
             targets = ex.target.tolist()
             scores = [float(probs[k, c]) for k, c in enumerate(labels)]
+            if clips:  # every frame of the clip carries the clip's class
+                labels, targets, scores = (values * len(batch.indices) for values in (labels, targets, scores))
             seconds = time.perf_counter() - t
             attribute_s += seconds
             if not _put(attributed, _Attributed(batch, heat, labels, targets, scores, seconds), stop, writer):
