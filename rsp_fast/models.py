@@ -122,7 +122,8 @@ def build_model(name: str = "efficientnet_lite0", weights: str | None = None) ->
         if weights is None:
             raise RSPError(f"{name} needs --weights FILE (no weights are downloaded)")
     elif ":" in name:
-        spec = ModelSpec(_factory(name), name)
+        made = _factory(name)
+        spec = made if isinstance(made, ModelSpec) else ModelSpec(made, name)
     else:
         raise RSPError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if weights is not None:
@@ -130,13 +131,18 @@ def build_model(name: str = "efficientnet_lite0", weights: str | None = None) ->
     return spec
 
 
-def _factory(path: str) -> nn.Module:
+def _factory(path: str) -> nn.Module | ModelSpec:
+    """What ``package.module:factory`` returns: a module, or a ModelSpec (its own input size,
+    normalisation and class names, e.g. a video classifier's)."""
     module_name, _, attr = path.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise RSPError(f"cannot import model factory {path!r}: {exc}") from None
-    model = fn()
-    if not isinstance(model, nn.Module):
-        raise RSPError(f"{path} returned {type(model).__name__}, not an nn.Module")
-    return model.eval()
+    made = fn()
+    if isinstance(made, ModelSpec):
+        made.model.eval()
+        return made
+    if not isinstance(made, nn.Module):
+        raise RSPError(f"{path} returned {type(made).__name__}, not an nn.Module or a ModelSpec")
+    return made.eval()

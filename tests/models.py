@@ -44,6 +44,16 @@ def tiny_cnn(num_classes: int = 5) -> nn.Module:
         nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes)).eval()
 
 
+def tiny_clip_spec():
+    """A small video classifier (3-D convs) as a ModelSpec with its own input size and class
+    names (used by the CLI test through ``--model models:tiny_clip_spec``)."""
+    from rsp_fast.models import ModelSpec
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 6, 3, stride=(1, 2, 2), padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 3))
+    return ModelSpec(model, "tiny clips", input_size=32, class_names=["walk", "run", "jump"])
+
+
 def conv_products_case(N, C, O, H, W, kernel, stride, dilation, padding, density=0.5, sign="mixed",
                        dtype=torch.float64, zero_region=False):
     """Arguments of a products kernel for a conv of that geometry: (x̂, R, kernel, stride,

@@ -244,6 +244,19 @@ def test_cli_video_with_report(tmp_path):
     assert len(read_frames(tmp_path / "o" / "out.mp4")) == 5
 
 
+def test_cli_video_with_a_clip_model_from_a_factory_spec(tmp_path):
+    """``--model package.module:factory`` may return a ModelSpec (input size, class names): here
+    a video classifier, whose clips of --batch-size frames label every frame."""
+    src = write_video(tmp_path / "in.mp4", _frames(5), fps=5)
+    proc = _cli(tmp_path, "video", src, "-o", tmp_path / "out.mp4", "--model", "models:tiny_clip_spec",
+                "--batch-size", "4", "--report", tmp_path / "r.json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    frames = json.loads((tmp_path / "r.json").read_text())["frames"]
+    assert len(frames) == 5 and {r["name"] for r in frames} <= {"walk", "run", "jump"}
+    assert len({r["label"] for r in frames[:4]}) == 1  # one clip, one label
+    assert len(read_frames(tmp_path / "out.mp4")) == 5
+
+
 @pytest.mark.parametrize("args,message", [
     (["video", "nothere.mp4", "-o", "out.mp4"], "does not exist"),
     (["video", "{text}", "-o", "out.mp4"], "not a video"),
