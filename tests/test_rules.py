@@ -522,6 +522,37 @@ def test_index_maps_send_relevance_back_to_where_it_came_from(shuffle, inverse):
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
+class _Around(nn.Module):
+    """A test model around one op: conv → op → conv → pooled head. ``op`` is a module
+    (registered) or a function; ``rectified``: the op reads the first conv's ReLU output."""
+
+    def __init__(self, op, stem_channels: int = 4, body_channels: int = 4, rectified: bool = True):
+        super().__init__()
+        self.op_module = op if isinstance(op, nn.Module) else None
+        self.op_fn = None if self.op_module is not None else op
+        self.rectified = rectified
+        self.stem, self.body = nn.Conv2d(3, stem_channels, 3, padding=1), nn.Conv2d(body_channels, 5, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 3))
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h) if self.rectified else h
+        h = self.op_module(h) if self.op_module is not None else self.op_fn(h)
+        return self.head(torch.relu(self.body(h)))
+
+
+def _explained_alike(op, written, **sizes) -> None:
+    """``op`` and the same computation ``written`` out give the same model output and attribution."""
+    torch.manual_seed(0)
+    m, twin = _Around(op, **sizes).double().eval(), _Around(written, **sizes).double().eval()
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    assert torch.allclose(m(x), twin(x))
+    ex = rsp_fast.RSP(m).explain(x, record=True)
+    assert rel_err(ex.attribution, rsp_fast.RSP(twin).attribute(x)) < 1e-12
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
 def _space_to_depth(h):  # pixel_unshuffle(h, 2) written as a reshape and a permute
     N, C, H, W = h.shape
     return h.view(N, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(N, 4 * C, H // 2, W // 2)
@@ -539,26 +570,7 @@ def _depth_to_space(h):  # pixel_shuffle(h, 2)
 def test_pixel_and_channel_shuffles_explain_like_their_reshape_and_permute(module, written, channels):
     """PixelShuffle / PixelUnshuffle / ChannelShuffle (modules and functions) are index maps:
     the same attribution as the same rearrangement written as view, permute and reshape."""
-    class Rearranged(nn.Module):
-        def __init__(self, rearrange):
-            super().__init__()
-            self.rearrange = rearrange if isinstance(rearrange, nn.Module) else None
-            self.fn = None if self.rearrange is not None else rearrange
-            self.stem, self.body = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(channels, 5, 3, padding=1)
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 3))
-
-        def forward(self, x):
-            h = torch.relu(self.stem(x))
-            h = self.rearrange(h) if self.rearrange is not None else self.fn(h)
-            return self.head(torch.relu(self.body(h)))
-
-    torch.manual_seed(0)
-    m = Rearranged(module).double().eval()
-    twin = Rearranged(written).double().eval()
-    twin.load_state_dict(m.state_dict())
-    x = torch.randn(2, 3, 8, 8, dtype=D)
-    assert torch.allclose(m(x), twin(x))
-    assert rel_err(rsp_fast.RSP(m).attribute(x), rsp_fast.RSP(twin).attribute(x)) < 1e-12
+    _explained_alike(module, written, body_channels=channels)
 
 
 def test_batchnorm_is_folded_into_the_first_conv():
@@ -1005,20 +1017,8 @@ def test_torch_elementwise_activations_pass_relevance_through(act):
     """Every elementwise activation of torch.nn, module or function: R passes through unchanged
     (the extension rule of the smooth activations), the next layer reading x̂ = max(x, 0)."""
     torch.manual_seed(0)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.body = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-            self.act = act if isinstance(act, nn.Module) else None
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 36, 3))
-
-        def forward(self, x):
-            h = self.stem(x)
-            h = self.act(h) if self.act is not None else act(h)
-            return self.head(torch.relu(self.body(h)))
-    ex = rsp_fast.RSP(Net().double().eval()).explain(torch.randn(2, 3, 6, 6, dtype=D), record=True)
-    act_step = next(k for k in ex.steps if k not in ("stem", "body", "relu", "head", "head_0", "head_1"))
+    ex = rsp_fast.RSP(_Around(act, rectified=False).double().eval()).explain(torch.randn(2, 3, 6, 6, dtype=D), record=True)
+    act_step = next(k for k in ex.steps if k.split(".")[0] not in ("stem", "body", "relu", "head"))
     assert torch.equal(ex.steps[act_step], ex.steps["body"])
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
@@ -1032,27 +1032,7 @@ def _written_glu(h):  # GLU over channels, written out: the first half gated by 
 def test_glu_explains_like_its_written_gate(glu):
     """nn.GLU and F.glu: a·σ(b) of the two halves, explained like the same gate written out
     (all of R to a, none to b)."""
-    class Gated(nn.Module):
-        def __init__(self, gate):
-            super().__init__()
-            self.gate = gate if isinstance(gate, nn.Module) else None
-            self.fn = None if self.gate is not None else gate
-            self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 3))
-
-        def forward(self, x):
-            h = torch.relu(self.stem(x))
-            h = self.gate(h) if self.gate is not None else self.fn(h)
-            return self.head(torch.relu(self.body(h)))
-
-    torch.manual_seed(0)
-    m, twin = Gated(glu).double().eval(), Gated(_written_glu).double().eval()
-    twin.load_state_dict(m.state_dict())
-    x = torch.randn(2, 3, 8, 8, dtype=D)
-    assert torch.allclose(m(x), twin(x))
-    ex = rsp_fast.RSP(m).explain(x, record=True)
-    assert rel_err(ex.attribution, rsp_fast.RSP(twin).attribute(x)) < 1e-12
-    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+    _explained_alike(glu, _written_glu, stem_channels=8)
 
 
 @pytest.mark.parametrize("act", ["GELU", "SwishMe", "HardSwishMe", "HardSigmoid"])
