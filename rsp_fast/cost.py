@@ -69,13 +69,14 @@ def _linear_row(step: Linear, in_shape, out_shape, elem: int) -> dict:
             "bytes": elem * (O * F_in + 4 * positions * (F_in + O))}
 
 
-def _conv3d_row(step: Conv3d, in_shape, out_shape, elem: int) -> dict:
+def _conv3d_row(step: Conv3d, shapes, elem: int) -> dict:
     """A Conv3d runs its products as PyTorch's 3-D convolutions (rules/conv3d.py): the first
     layer two convolutions and two transposed ones, an inner layer three products per section."""
+    in_shape, out_shape = shapes[step.inputs[0]], shapes[step.node]
     C, inputs = in_shape[1], math.prod(in_shape[2:])
     O, L = out_shape[1], math.prod(out_shape[2:])
-    m = step.module
-    forward = O * C // m.groups * math.prod(m.kernel_size) * L
+    g = step.geometry(shapes)
+    forward = O * C // g.groups * math.prod(g.kernel) * L
     macs = 4 * forward if step.first else 6 * forward
     return {"layer": _layer_name(step), "kind": "conv3d", "path": "z^B" if step.first else "grouped_conv",
             "forward_macs": forward, "filter_macs": 6 * forward, "gram_macs": None, "rsp_macs": macs,
@@ -104,7 +105,7 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
         if isinstance(step, Conv):
             rows.append(_conv_row(step, shapes, x.dtype, x.is_cuda))
         elif isinstance(step, Conv3d):
-            rows.append(_conv3d_row(step, shapes[step.inputs[0]], shapes[step.node], elem))
+            rows.append(_conv3d_row(step, shapes, elem))
         elif isinstance(step, Linear):
             rows.append(_linear_row(step, shapes[step.inputs[0]], shapes[step.node], elem))
     totals = {k: sum(r[k] for r in rows) for k in ("forward_macs", "filter_macs", "rsp_macs", "bytes")}

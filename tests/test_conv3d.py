@@ -80,3 +80,58 @@ def test_cost_model_counts_conv3d_layers():
     conv_flops = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
     assert sum(r["forward_macs"] for r in convs) == conv_flops // 2
     assert convs[0]["path"] == "z^B" and all(r["rsp_macs"] == 6 * r["forward_macs"] for r in convs[1:])
+
+
+class _Clips(nn.Module):
+    """conv → (BatchNorm, ReLU) → conv → ReLU → pooled head over clips; ``conv(i, c_in, c_out)``
+    makes the i-th conv, ``functional`` writes the second one as F.conv3d on its parameter."""
+
+    def __init__(self, conv, functional: bool = False):
+        super().__init__()
+        self.first, self.bn, self.second = conv(0, 3, 6), nn.BatchNorm3d(6), conv(1, 6, 8)
+        self.functional = functional
+        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.first(x)))
+        if self.functional:
+            s = self.second
+            h = torch.nn.functional.conv3d(h, s.weight, s.bias, s.stride, s.padding, s.dilation, s.groups)
+        else:
+            h = self.second(h)
+        return self.head(torch.relu(h))
+
+
+@pytest.mark.parametrize("mode,pad", [("reflect", nn.ReflectionPad3d), ("replicate", nn.ReplicationPad3d),
+                                      ("circular", nn.CircularPad3d)])
+def test_conv3d_padding_modes_explain_like_an_explicit_pad(mode, pad):
+    """Conv3d(padding_mode=...) is F.pad with that mode, then the conv without padding (as in
+    2-D): the same attribution as the model written that way, first and inner layer."""
+    def written(i, c_in, c_out):
+        return nn.Conv3d(c_in, c_out, 3, padding=1, padding_mode=mode, groups=2 if i else 1)
+
+    def padded(i, c_in, c_out):
+        return nn.Sequential(pad(1), nn.Conv3d(c_in, c_out, 3, groups=2 if i else 1))
+    torch.manual_seed(0)
+    model, twin = _Clips(written).double().eval(), _Clips(padded).double().eval()
+    with torch.no_grad():
+        for p_twin, p in zip(twin.parameters(), model.parameters()):
+            p_twin.copy_(p)
+    clips = torch.randn(2, 3, 5, 9, 8, dtype=D)
+    assert torch.allclose(model(clips), twin(clips))
+    assert rel_err(rsp_fast.RSP(model).attribute(clips), rsp_fast.RSP(twin).attribute(clips)) < 1e-12
+
+
+def test_conv3d_written_as_a_function_explains_like_the_module():
+    def conv(i, c_in, c_out):
+        return nn.Conv3d(c_in, c_out, (3, 1, 3), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(2, 1, 1))
+    torch.manual_seed(0)
+    model = _Clips(conv).double().eval()
+    functional = _Clips(conv, functional=True).double().eval()
+    functional.load_state_dict(model.state_dict())
+    clips = torch.randn(2, 3, 6, 7, 9, dtype=D)
+    assert torch.allclose(model(clips), functional(clips))
+    assert rel_err(rsp_fast.RSP(functional).attribute(clips), rsp_fast.RSP(model).attribute(clips)) < 1e-12
+    def rows(m):  # the cost model's rows, without the layer names (a call's node is named "conv3d")
+        return [{k: v for k, v in r.items() if k != "layer"} for r in rsp_fast.cost(m, (3, 6, 7, 9))["layers"]]
+    assert rows(functional) == rows(model) and len(rows(model)) == 2

@@ -200,7 +200,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
         if from_input and kinds[node] == NodeKind.LAYER and input_rank is None:
             input_rank = (4 if isinstance(module, nn.Conv2d) or node.target in (F.conv2d, torch.conv2d) else
                           3 if isinstance(module, nn.Conv1d) or node.target in (F.conv1d, torch.conv1d) else
-                          5 if isinstance(module, nn.Conv3d) else None)
+                          5 if isinstance(module, nn.Conv3d) or node.target in (F.conv3d, torch.conv3d) else None)
 
     steps = []
     for node in sorted(kinds, key=order.__getitem__, reverse=True):

@@ -19,7 +19,7 @@ from ..graph.trace import ATTR_VALUE, MODULE_META
 from .base import Context, Rule
 from .conv import (CONV_MODULES, PLAIN_CONV_FORWARDS, Conv, FunctionalConv, conv2d_call_args, effective_conv_weight,
                    has_plain_conv_forward)
-from .conv3d import Conv3d
+from .conv3d import Conv3d, FunctionalConv3d
 from .linear import FunctionalLinear, Linear
 from .merge import Add, Cat, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
@@ -41,10 +41,10 @@ POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPo
                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 # Resizing whose weights are ≥ 0 is a positive linear map like average pooling: the same z-rule.
 POSITIVE_RESIZE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
-PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
+PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 # Padding that copies input values (reflect, replicate, circular): an index map, like cropping.
-COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
-                    nn.CircularPad1d, nn.CircularPad2d)
+COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+                    nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
 # Rearrangements within a sample (space-to-depth stems, sub-pixel upsampling, channel shuffles):
 # index maps, like transposes.
 SHUFFLE_MODULES = (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
@@ -59,7 +59,7 @@ SUM = ({torch.sum}, {"sum"})
 # with a constant (Filter Response Norm's TLU, max(x, τ)): elementwise, like the activations.
 CLAMP = ({torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max}, {"clamp", "clamp_", "clip", "clamp_min", "clamp_max"})
 EXTREMUM = ({torch.maximum, torch.minimum, torch.fmax, torch.fmin}, {"maximum", "minimum"})
-CONV_FUNCTIONS = {F.conv1d, F.conv2d, torch.conv1d, torch.conv2d}
+CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 MATMUL = ({operator.matmul, torch.matmul}, {"matmul", "__matmul__"})
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 STACK_FUNCTIONS = {torch.stack}
@@ -73,17 +73,17 @@ ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 
 SUPPORTED = {
-    "modules": ["Conv1d, Conv2d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame), Conv3d (zero padding)", "Linear", "BatchNorm1d/2d/3d (folded; timm BatchNormAct2d)",
+    "modules": ["Conv1d, Conv2d, Conv3d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d/3d (folded; timm BatchNormAct2d)",
                 "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in ELEMENTWISE_ACTIVATIONS) + ")",
-                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d/3d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d",
+                "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d/3d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d/3d",
                 "PixelShuffle, PixelUnshuffle, ChannelShuffle", "GLU"],
     "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
                   "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
                   "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)",
                   "act(g) * x (gated units)", "F.glu", "x @ softmax(...) (attention pooling)",
-                  "F.conv1d / F.conv2d / F.linear / x @ P on parameters (layers written as functions)"],
+                  "F.conv1d / F.conv2d / F.conv3d / F.linear / x @ P on parameters (layers written as functions)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS
                       | POWER[1] | SUM[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
 }
@@ -108,7 +108,8 @@ def is_rule_leaf(m: nn.Module) -> bool | None:
     traced into because the rules know the ops its forward calls: a Conv2d padding with copies
     (``padding_mode`` reflect, replicate or circular) runs F.pad, then F.conv2d without
     padding; None leaves the choice to torch.fx."""
-    if isinstance(m, CONV_MODULES) and m.padding_mode != "zeros" and type(m).forward in PLAIN_CONV_FORWARDS:
+    if (isinstance(m, CONV_MODULES + (nn.Conv3d,)) and m.padding_mode != "zeros"
+            and type(m).forward in PLAIN_CONV_FORWARDS + (nn.Conv3d.forward,)):
         return False
     if (isinstance(m, CONV_MODULES + (nn.Conv3d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
                    + COPY_PAD_MODULES + SHUFFLE_MODULES + (nn.GLU,)) or is_timm_activation(m)):
@@ -125,7 +126,7 @@ def _pads_by_copy_or_blank(node: fx.Node, module: nn.Module | None) -> bool:
     """Padding a rule can undo: zeros (or -inf, before a max pool; neither carries relevance)
     or copies of input values (reflect, replicate, circular)."""
     if module is not None:
-        return not isinstance(module, nn.ConstantPad1d | nn.ConstantPad2d) or module.value in (0, float("-inf"))
+        return not isinstance(module, nn.ConstantPad1d | nn.ConstantPad2d | nn.ConstantPad3d) or module.value in (0, float("-inf"))
     mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
     value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
     return mode != "constant" or not value or value == float("-inf")
@@ -235,8 +236,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         if isinstance(m, CONV_MODULES):
             known = has_plain_conv_forward(m) or (isinstance(m, nn.Conv2d) and _weight_transforming_conv(m))
             return NodeKind.LAYER if known else None
-        if isinstance(m, nn.Conv3d):  # zero padding only (F.conv3d has no rule to trace other modes into)
-            return NodeKind.LAYER if type(m).forward is nn.Conv3d.forward and m.padding_mode == "zeros" else None
+        if isinstance(m, nn.Conv3d):
+            return NodeKind.LAYER if type(m).forward is nn.Conv3d.forward else None
         if isinstance(m, nn.Linear):
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
         if isinstance(m, BATCHNORM):
@@ -412,7 +413,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
         if linear is not None:
             return FunctionalLinear(node, inputs, first, bn_scale, *linear)
         if node.op != "call_module":
-            return FunctionalConv(node, inputs, first, bn_scale)
+            functional = FunctionalConv3d if node.target in (F.conv3d, torch.conv3d) else FunctionalConv
+            return functional(node, inputs, first, bn_scale)
         cls = Conv if isinstance(module, CONV_MODULES) else Conv3d if isinstance(module, nn.Conv3d) else Linear
         return cls(node, inputs, module, first, bn_scale)
     if kind == NodeKind.PASS:

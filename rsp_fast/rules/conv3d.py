@@ -11,26 +11,46 @@ First layer (z^B): Z = conv(x − L, W⁺) + conv(x − H, W⁻) with both input
 spec's conv(x, W) − L·conv(1, W⁺) − H·conv(1, W⁻)), S = R / Z,
 R_in = (x − L) ⊙ convT(S, W⁺) + (x − H) ⊙ convT(S, W⁻).
 Padding is applied explicitly (so "same" with an even kernel pads one side more, as PyTorch
-does) and cropped from the result."""
+does) and cropped from the result. A Conv3d with a copying ``padding_mode`` is traced into
+F.pad (the copy-padding rule) and F.conv3d (``FunctionalConv3d``), as 2-D convs are."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.grad import conv3d_input, conv3d_weight
 
 from ..kernels.reference import per_sample_sum, safe_div, unsupported_relevance
 from .base import Context, LayerRule, purged_relevance, rectified_input
+from .conv import conv2d_call_args
 
 
-def conv3d_pads(module: nn.Conv3d) -> list[tuple[int, int]]:
-    """(before, after) zero padding along T, H, W."""
-    if module.padding == "valid":
-        return [(0, 0)] * 3
-    if module.padding == "same":
-        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
-        return [(t // 2, t - t // 2) for t in totals]
-    return [(p, p) for p in module.padding]
+@dataclass(frozen=True)
+class Conv3dGeometry:
+    kernel: tuple[int, int, int]
+    stride: tuple[int, int, int]
+    padding: tuple[int, int, int] | str  # per dimension, or "same" / "valid"
+    dilation: tuple[int, int, int]
+    groups: int
+
+    def pads(self) -> list[tuple[int, int]]:
+        """(before, after) zero padding along T, H, W ("same" with an even kernel pads after more)."""
+        if self.padding == "valid":
+            return [(0, 0)] * 3
+        if self.padding == "same":
+            totals = [d * (k - 1) for k, d in zip(self.kernel, self.dilation)]
+            return [(t // 2, t - t // 2) for t in totals]
+        return [(p, p) for p in self.padding]
+
+
+def _triple(v) -> tuple:
+    return v if isinstance(v, str) else tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+def conv3d_geometry(kernel, stride=1, padding=0, dilation=1, groups=1) -> Conv3dGeometry:
+    """The geometry of a Conv3d module's or an F.conv3d call's arguments."""
+    return Conv3dGeometry(_triple(kernel), _triple(stride), _triple(padding), _triple(dilation), groups)
 
 
 def _pad(t: torch.Tensor, pads) -> torch.Tensor:
@@ -44,14 +64,14 @@ def _crop(t: torch.Tensor, pads) -> torch.Tensor:
     return t[..., t0:T - t1, h0:H - h1, w0:W - w1]
 
 
-def first_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, module: nn.Conv3d) -> torch.Tensor:
-    pads, G = conv3d_pads(module), module.groups
+def first_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: Conv3dGeometry) -> torch.Tensor:
+    pads, G = g.pads(), g.groups
     flat = x.reshape(x.shape[0], -1)
     shape = (-1, 1, 1, 1, 1)
     below = _pad(x - flat.amin(1).view(shape), pads)  # x − L, zero on the padding
     above = _pad(x - flat.amax(1).view(shape), pads)  # x − H
     W_pos, W_neg = W.clamp(min=0), W.clamp(max=0)
-    geometry = (module.stride, 0, module.dilation, G)
+    geometry = (g.stride, 0, g.dilation, G)
     Z = F.conv3d(below, W_pos, None, *geometry) + F.conv3d(above, W_neg, None, *geometry)
     S = safe_div(R, Z)
     if ctx.tracking:
@@ -60,24 +80,24 @@ def first_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
     return _crop(R_in, pads)
 
 
-def inner_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, module: nn.Conv3d,
+def inner_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv3dGeometry,
                            non_negative: bool = False) -> torch.Tensor:
-    pads = conv3d_pads(module)
+    pads = g.pads()
     N, C = x.shape[:2]
     O, out = R.shape[1], R.shape[2:]
-    G = N * module.groups  # one group per sample and group of the layer
+    G = N * g.groups  # one group per sample and group of the layer
     x_pos = rectified_input(x, non_negative)
     xp = _pad(x_pos, pads).reshape(1, N * C, *[s + a + b for s, (a, b) in zip(x.shape[2:], pads)])
-    geometry = (module.stride, 0, module.dilation, G)
+    geometry = (g.stride, 0, g.dilation, G)
     R_pos, R_neg = R.clamp(min=0), (-R).clamp(min=0)
-    filters = [conv3d_weight(xp, (N * O, C // module.groups, *module.kernel_size), Rs.reshape(1, N * O, *out), *geometry)
+    filters = [conv3d_weight(xp, (N * O, C // g.groups, *g.kernel), Rs.reshape(1, N * O, *out), *geometry)
                for Rs in (R_pos, R_neg)]
     Ga, Gb = (F.conv3d(xp, Fs, None, *geometry).view_as(R) for Fs in filters)
     S_pos, S_neg = ctx.ops.sectional_normalize(R, Ga, Gb)
     dx = (conv3d_input(xp.shape, filters[0], S_pos.reshape(1, N * O, *out), *geometry)
           - conv3d_input(xp.shape, filters[1], S_neg.reshape(1, N * O, *out), *geometry))
     dx = _crop(dx.view(N, C, *xp.shape[2:]), pads)
-    if all(k == 1 for k in module.kernel_size):
+    if all(k == 1 for k in g.kernel):
         if ctx.tracking:
             ctx.drop(unsupported_relevance(R, Ga, Gb))
         return ctx.ops.combine(dx, x_pos)
@@ -87,8 +107,31 @@ def inner_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, modul
 class Conv3d(LayerRule):
     name = "conv3d"
 
+    def geometry(self, shapes) -> Conv3dGeometry:
+        m = self.module
+        return conv3d_geometry(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        x = ctx.values[self.inputs[0]]
+        x, g = ctx.values[self.inputs[0]], self.geometry(ctx.shapes)
         if self.first:
-            return [first_conv3d_relevance(ctx, x, R, self.folded_weight(ctx, x.dtype), self.module)]
-        return [inner_conv3d_relevance(ctx, x, R, self.module, non_negative=self.input_non_negative)]
+            return [first_conv3d_relevance(ctx, x, R, self.folded_weight(ctx, x.dtype), g)]
+        return [inner_conv3d_relevance(ctx, x, R, g, non_negative=self.input_non_negative)]
+
+
+class FunctionalConv3d(Conv3d):
+    """F.conv3d(x, w, b, stride, padding, dilation, groups) with a weight that is a parameter
+    (a Conv3d written as a function, or a Conv3d with a copying ``padding_mode``, traced into
+    F.pad and this call): the geometry read from the call."""
+
+    def __init__(self, node, inputs, first: bool, bn_scale):
+        super().__init__(node, inputs, None, first, bn_scale)
+        self.call = conv2d_call_args(node)
+        self.needs_values = list(inputs) + ([self.call["weight"]] if first else [])
+
+    def weight(self, ctx: Context) -> torch.Tensor:
+        return ctx.values[self.call["weight"]]
+
+    def geometry(self, shapes) -> Conv3dGeometry:
+        kernel = tuple(shapes[self.call["weight"]][2:])
+        return conv3d_geometry(kernel, *(self.call.get(k, d) for k, d in
+                                         (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))))
