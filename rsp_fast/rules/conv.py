@@ -734,11 +734,11 @@ def conv2d_call_args(node) -> dict:
     return {**dict(zip(CONV2D_CALL_ARGS, node.args)), **node.kwargs}
 
 
-class FunctionalConv(Conv):
-    """F.conv2d(x, w, b, stride, padding, dilation, groups) called with a weight that is a
-    parameter or computed from parameters (a conv written as a function): the conv rule, its
-    geometry read from the call; the inner rule needs only the kernel's size, a first layer
-    the weight's values."""
+class ConvCall:
+    """A conv layer written as a function, F.conv{1,2,3}d(x, w, b, stride, padding, dilation,
+    groups) with a weight that is a parameter or computed from parameters: its arguments read
+    from the call (mixed into a conv rule); the inner rule needs only the kernel's size, a
+    first layer the weight's values."""
 
     def __init__(self, node, inputs, first: bool, bn_scale):
         super().__init__(node, inputs, None, first, bn_scale)
@@ -748,7 +748,14 @@ class FunctionalConv(Conv):
     def weight(self, ctx: Context) -> torch.Tensor:
         return ctx.values[self.call["weight"]]
 
+    def call_geometry_args(self) -> tuple:
+        """The call's stride, padding, dilation and groups (PyTorch's defaults where not given)."""
+        return tuple(self.call.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)))
+
+
+class FunctionalConv(ConvCall, Conv):
+    """F.conv1d / F.conv2d on a parameter: the conv rule, its geometry read from the call."""
+
     def geometry(self, shapes, in_hw: tuple[int, int]) -> ConvGeometry:
         kernel = tuple(shapes[self.call["weight"]][2:])
-        return call_geometry(kernel, *(self.call.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))),
-                             one_d=len(kernel) == 1)
+        return call_geometry(kernel, *self.call_geometry_args(), one_d=len(kernel) == 1)

@@ -23,7 +23,7 @@ from torch.nn.grad import conv3d_input, conv3d_weight
 
 from ..kernels.reference import per_sample_sum, safe_div, unsupported_relevance
 from .base import Context, LayerRule, purged_relevance, rectified_input
-from .conv import conv2d_call_args
+from .conv import ConvCall
 
 
 @dataclass(frozen=True)
@@ -118,20 +118,9 @@ class Conv3d(LayerRule):
         return [inner_conv3d_relevance(ctx, x, R, g, non_negative=self.input_non_negative)]
 
 
-class FunctionalConv3d(Conv3d):
-    """F.conv3d(x, w, b, stride, padding, dilation, groups) with a weight that is a parameter
-    (a Conv3d written as a function, or a Conv3d with a copying ``padding_mode``, traced into
-    F.pad and this call): the geometry read from the call."""
-
-    def __init__(self, node, inputs, first: bool, bn_scale):
-        super().__init__(node, inputs, None, first, bn_scale)
-        self.call = conv2d_call_args(node)
-        self.needs_values = list(inputs) + ([self.call["weight"]] if first else [])
-
-    def weight(self, ctx: Context) -> torch.Tensor:
-        return ctx.values[self.call["weight"]]
+class FunctionalConv3d(ConvCall, Conv3d):
+    """F.conv3d on a parameter (a Conv3d written as a function, or a Conv3d with a copying
+    ``padding_mode``, traced into F.pad and this call): the geometry read from the call."""
 
     def geometry(self, shapes) -> Conv3dGeometry:
-        kernel = tuple(shapes[self.call["weight"]][2:])
-        return conv3d_geometry(kernel, *(self.call.get(k, d) for k, d in
-                                         (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))))
+        return conv3d_geometry(tuple(shapes[self.call["weight"]][2:]), *self.call_geometry_args())
