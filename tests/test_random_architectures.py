@@ -1,4 +1,4 @@
-"""Random small CNNs (seeded), over images and over 1-D signals: geometries, paddings,
+"""Random small CNNs (seeded), over images, 1-D signals and clips: geometries, paddings,
 norms, activations and merges drawn at random, so that combinations no hand-written test
 names are checked too. Each must be explained by every backend as by the PyTorch reference,
 conserve ΣR₀ (float64), and give each sample the map it gets alone."""
@@ -17,7 +17,10 @@ BACKENDS = [b for b, status in rsp_fast.backends("cpu").items() if status == "av
 LAYERS = {2: dict(conv=nn.Conv2d, norm=nn.BatchNorm2d, max_pool=nn.MaxPool2d, avg_pool=nn.AvgPool2d,
                   adaptive_avg=nn.AdaptiveAvgPool2d, adaptive_max=nn.AdaptiveMaxPool2d, grid=(3, 2)),
           1: dict(conv=nn.Conv1d, norm=nn.BatchNorm1d, max_pool=nn.MaxPool1d, avg_pool=nn.AvgPool1d,
-                  adaptive_avg=nn.AdaptiveAvgPool1d, adaptive_max=nn.AdaptiveMaxPool1d, grid=(6,))}
+                  adaptive_avg=nn.AdaptiveAvgPool1d, adaptive_max=nn.AdaptiveMaxPool1d, grid=(6,)),
+          3: dict(conv=nn.Conv3d, norm=nn.BatchNorm3d, max_pool=nn.MaxPool3d, avg_pool=nn.AvgPool3d,
+                  adaptive_avg=nn.AdaptiveAvgPool3d, adaptive_max=nn.AdaptiveMaxPool3d, grid=(3, 2, 1))}
+SIZES = {1: (17, 40), 2: (17, 40), 3: (10, 16)}  # input sides drawn from these ranges (clips are small)
 
 
 class _Block(nn.Module):
@@ -44,21 +47,41 @@ class _Block(nn.Module):
         return self.mix(y)
 
 
+def _fits(layers: list, probe: torch.Tensor) -> bool:
+    """Whether the layers so far run on the input and leave a map of at least 3 along each side
+    (a drawn pool or stride that would shrink it further, or a reflection wider than the map,
+    is not added)."""
+    try:
+        with torch.no_grad():
+            out = nn.Sequential(*layers).eval()(probe)
+    except RuntimeError:
+        return False
+    return min(out.shape[2:]) >= 3
+
+
 def random_cnn(seed: int, dims: int = 2) -> tuple[nn.Module, torch.Tensor]:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     L = LAYERS[dims]
+    size = [rng.randint(*SIZES[dims]) for _ in range(dims)]
     c_in, c = rng.choice([1, 3, 4]), rng.choice([4, 6, 8])
+    probe = torch.zeros(1, c_in, *size)
     k = rng.choice([3, 5, 7])
     layers = [L["conv"](c_in, c, k, stride=rng.choice([1, 2]), padding=rng.choice([0, 1, k // 2])), nn.ReLU()]
+
+    def add(*drawn):
+        if _fits(layers + list(drawn), probe):
+            layers.extend(drawn)
+            return True
+        return False
     for _ in range(rng.randint(1, 3)):
-        layers += [_Block(c, rng, L), nn.ReLU()]
+        add(_Block(c, rng, L), nn.ReLU())
         if rng.random() < 0.5:
-            layers.append(rng.choice([L["max_pool"](2, ceil_mode=rng.random() < 0.5), L["avg_pool"](2), L["max_pool"](3, 2, 1)]))
+            add(rng.choice([L["max_pool"](2, ceil_mode=rng.random() < 0.5), L["avg_pool"](2), L["max_pool"](3, 2, 1)]))
         if rng.random() < 0.4:
             wider = rng.choice([6, 8, 12])
-            layers += [L["conv"](c, wider, 3, stride=rng.choice([1, 2]), padding=1), nn.ReLU()]
-            c = wider
+            if add(L["conv"](c, wider, 3, stride=rng.choice([1, 2]), padding=1), nn.ReLU()):
+                c = wider
     head = rng.choice(["mean", "max_mlp", "grid"])
     if head == "mean":
         layers += [L["adaptive_avg"](1), nn.Flatten(), nn.Linear(c, 7)]
@@ -73,12 +96,12 @@ def random_cnn(seed: int, dims: int = 2) -> tuple[nn.Module, torch.Tensor]:
             m.running_var.uniform_(0.5, 2.0)
             nn.init.normal_(m.weight)
             nn.init.normal_(m.bias)
-    size = [rng.randint(17, 40) for _ in range(dims)]
     x = torch.randn(rng.choice([2, 3]), c_in, *size, dtype=torch.float64)
     return model.double().eval(), x
 
 
-@pytest.mark.parametrize("dims,seed", [(2, seed) for seed in range(16)] + [(1, seed) for seed in range(8)])
+@pytest.mark.parametrize("dims,seed", [(2, seed) for seed in range(16)] + [(1, seed) for seed in range(8)]
+                         + [(3, seed) for seed in range(6)])
 def test_random_cnn_is_explained_alike_by_every_backend_and_per_sample(dims, seed):
     model, x = random_cnn(seed, dims)
     ex = rsp_fast.RSP(model, backend="torch").explain(x, record=True)
