@@ -49,6 +49,11 @@ def test_default_layers():
     assert rsp_fast.RSP(torchvision.models.vgg16()).layer == "features.29"
     assert rsp_fast.RSP(torchvision.models.resnet50()).layer == "layer4"
     assert rsp_fast.RSP(torchvision.models.mobilenet_v2()).layer == "features"
+    # heads without a Linear pool class-score maps made by a 1×1 conv: the features that conv reads
+    assert rsp_fast.RSP(torchvision.models.squeezenet1_1()).layer == "features"
+    assert rsp_fast.RSP(torchvision.models.video.s3d()).layer == "features"
+    fcn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert rsp_fast.RSP(fcn).layer == "1"
 
 
 def test_layer_as_module_and_result_properties():

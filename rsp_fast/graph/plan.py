@@ -68,21 +68,43 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
         if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or node.meta.get(KEPT_WHOLE):
             break
         node = _first_tensor_input(node)
-    node = _global_pool_behind_head(model, node) or node
-    # Then back over pooling, reshapes and dropout to the feature map they summarise (and over
-    # head modules kept whole, like timm VGG's conv MLP: relevance cannot start there).
-    while node is not None and node.op != "placeholder":
-        m = _module(model, node)
-        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or node.meta.get(KEPT_WHOLE)
-                or isinstance(m, (nn.Dropout, nn.Identity))):
-            return node
-        node = _first_tensor_input(node)
+    node = _feature_map_behind(model, _global_pool_behind_head(model, node) or node)
+    if node is not None and last_linear_input is None:  # no Linear in the head: class-score maps?
+        node = _feature_map_behind(model, _input_of_class_score_conv(model, node)) or node
+    if node is not None:
+        return node
     node = last_linear_input
     while node is not None and isinstance(_module(model, node), (nn.Dropout, nn.Identity)):
         node = _first_tensor_input(node)
     if node is not None and node.op != "placeholder":
         return node
     raise RSPError(f"could not choose a default saliency layer for {type(model).__name__}; pass layer='<module name>'")
+
+
+def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | None:
+    """Back over pooling, reshapes and dropout to the feature map they summarise (and over head
+    modules kept whole, like timm VGG's conv MLP: relevance cannot start there); None if the
+    input is reached first."""
+    while node is not None and node.op != "placeholder":
+        m = _module(model, node)
+        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or node.meta.get(KEPT_WHOLE)
+                or isinstance(m, (nn.Dropout, nn.Identity))):
+            return node
+        node = _first_tensor_input(node)
+    return None
+
+
+def _input_of_class_score_conv(model: nn.Module, node: fx.Node) -> fx.Node:
+    """A head without a Linear (SqueezeNet, S3D, network-in-network) pools maps that a 1×1 conv
+    made, one channel per class: class scores, whose Grad-CAM only restates them. Then the
+    features that conv reads, which Grad-CAM is meant for; otherwise ``node`` itself."""
+    conv = node
+    while conv is not None and conv.op != "placeholder" and node_kind(conv, _module(model, conv)) == NodeKind.PASS:
+        conv = _first_tensor_input(conv)  # its activation
+    m = _module(model, conv) if conv is not None else None
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and all(k == 1 for k in m.kernel_size):
+        return _first_tensor_input(conv)
+    return node
 
 
 def _global_pool_behind_head(model: nn.Module, node: fx.Node | None) -> fx.Node | None:
