@@ -54,6 +54,10 @@ def test_default_layers():
     assert rsp_fast.RSP(torchvision.models.video.s3d()).layer == "features"
     fcn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     assert rsp_fast.RSP(fcn).layer == "1"
+    # ... but not where a layer follows the pool (timm's DLA: a 1×1 conv classifier after it)
+    pooled_first = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Conv2d(8, 5, 1), nn.Flatten())
+    assert rsp_fast.RSP(pooled_first).layer == "3"
 
 
 def test_layer_as_module_and_result_properties():

@@ -68,9 +68,10 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
         if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or node.meta.get(KEPT_WHOLE):
             break
         node = _first_tensor_input(node)
-    node = _feature_map_behind(model, _global_pool_behind_head(model, node) or node)
-    if node is not None and last_linear_input is None:  # no Linear in the head: class-score maps?
-        node = _feature_map_behind(model, _input_of_class_score_conv(model, node)) or node
+    pool = _global_pool_behind_head(model, node) or node
+    node = _feature_map_behind(model, pool)
+    if node is not None and last_linear_input is None and not _layer_on_path(model, output, pool):
+        node = _feature_map_behind(model, _input_of_class_score_conv(model, node)) or node  # the logits pooled maps
     if node is not None:
         return node
     node = last_linear_input
@@ -94,10 +95,22 @@ def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | Non
     return None
 
 
+def _layer_on_path(model: nn.Module, node: fx.Node, stop: fx.Node | None) -> bool:
+    """Whether a conv or linear layer lies on the main path from ``node`` back to ``stop``."""
+    while node is not None and node is not stop and node.op != "placeholder":
+        m = _module(model, node)
+        kind = node_kind(node, m)
+        if kind == NodeKind.LAYER:
+            return True
+        node = _first_tensor_input(node, kind)
+    return False
+
+
 def _input_of_class_score_conv(model: nn.Module, node: fx.Node) -> fx.Node:
-    """A head without a Linear (SqueezeNet, S3D, network-in-network) pools maps that a 1×1 conv
-    made, one channel per class: class scores, whose Grad-CAM only restates them. Then the
-    features that conv reads, which Grad-CAM is meant for; otherwise ``node`` itself."""
+    """A head that only pools (SqueezeNet, S3D, network-in-network: no layer after the global
+    pool) pools maps that a 1×1 conv made, one channel per class: class scores, whose Grad-CAM
+    only restates them. Then the features that conv reads, which Grad-CAM is meant for;
+    otherwise ``node`` itself."""
     conv = node
     while conv is not None and conv.op != "placeholder" and node_kind(conv, _module(model, conv)) == NodeKind.PASS:
         conv = _first_tensor_input(conv)  # its activation
