@@ -17,7 +17,7 @@ from torch import nn
 
 from ..graph.trace import ATTR_VALUE, MODULE_META
 from .base import Context, Rule
-from .conv import (CONV_MODULES, PLAIN_CONV_FORWARDS, Conv, FunctionalConv, conv2d_call_args, effective_conv_weight,
+from .conv import (CONV_MODULES, PLAIN_CONV_FORWARDS, Conv, FunctionalConv, conv_call_args, effective_conv_weight,
                    has_plain_conv_forward)
 from .conv3d import Conv3d, FunctionalConv3d
 from .linear import FunctionalLinear, Linear
@@ -105,11 +105,10 @@ def _batchnorm_act_ok(m: nn.Module) -> bool:
 
 def is_rule_leaf(m: nn.Module) -> bool | None:
     """True for modules traced as one node (those a rule handles whole); False for a module
-    traced into because the rules know the ops its forward calls: a Conv2d padding with copies
-    (``padding_mode`` reflect, replicate or circular) runs F.pad, then F.conv2d without
+    traced into because the rules know the ops its forward calls: a conv (1-D, 2-D, 3-D) padding with copies
+    (``padding_mode`` reflect, replicate or circular) runs F.pad, then F.convNd without
     padding; None leaves the choice to torch.fx."""
-    if (isinstance(m, CONV_MODULES + (nn.Conv3d,)) and m.padding_mode != "zeros"
-            and type(m).forward in PLAIN_CONV_FORWARDS + (nn.Conv3d.forward,)):
+    if isinstance(m, CONV_MODULES + (nn.Conv3d,)) and m.padding_mode != "zeros" and type(m).forward in PLAIN_CONV_FORWARDS:
         return False
     if (isinstance(m, CONV_MODULES + (nn.Conv3d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
                    + COPY_PAD_MODULES + SHUFFLE_MODULES + (nn.GLU,)) or is_timm_activation(m)):
@@ -135,17 +134,17 @@ def _pads_by_copy_or_blank(node: fx.Node, module: nn.Module | None) -> bool:
 def _fixed_positive_filter(node: fx.Node) -> bool:
     """F.conv2d with a constant filter ≥ 0 and no bias (timm's BlurPool anti-aliasing): a
     pooling, not a layer with learned weights."""
-    call = conv2d_call_args(node)
+    call = conv_call_args(node)
     source = behind_reshapes(call.get("weight"))
     value = source.meta.get(ATTR_VALUE) if isinstance(source, fx.Node) else None
     return (call.get("bias") is None and isinstance(value, torch.Tensor) and not value.requires_grad
             and bool((value >= 0).all()))
 
 
-def _conv2d_with_constant_weight(node: fx.Node) -> bool:
-    """F.conv2d(x, w, ...) with w a parameter or computed from parameters, and constant
+def _conv_with_constant_weight(node: fx.Node) -> bool:
+    """F.conv{1,2,3}d(x, w, ...) with w a parameter or computed from parameters, and constant
     geometry: a conv layer written as a function (per-sample weights, as CondConv's, are not)."""
-    call = conv2d_call_args(node)
+    call = conv_call_args(node)
     geometry = [call.get(k) for k in ("stride", "padding", "dilation", "groups")]
     return (node.target in CONV_FUNCTIONS and isinstance(call.get("input"), fx.Node)
             and is_parameter(call.get("weight")) and (call.get("bias") is None or is_parameter(call["bias"]))
@@ -237,7 +236,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             known = has_plain_conv_forward(m) or (isinstance(m, nn.Conv2d) and _weight_transforming_conv(m))
             return NodeKind.LAYER if known else None
         if isinstance(m, nn.Conv3d):
-            return NodeKind.LAYER if type(m).forward is nn.Conv3d.forward else None
+            return NodeKind.LAYER if has_plain_conv_forward(m) else None
         if isinstance(m, nn.Linear):
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
         if isinstance(m, BATCHNORM):
@@ -270,7 +269,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if t in CONV_FUNCTIONS:
         if _fixed_positive_filter(node):
             return NodeKind.POOL
-        return NodeKind.LAYER if _conv2d_with_constant_weight(node) else None
+        return NodeKind.LAYER if _conv_with_constant_weight(node) else None
     if calls(node, *SUM):
         return NodeKind.SUM if _sums_within_samples(node) else None
     if is_product(node) or is_biased_sum(node) or calls(node, *ADDCMUL):

@@ -104,12 +104,12 @@ def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
 
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d)
-PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward)
+PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
-def has_plain_conv_forward(module: nn.Conv1d | nn.Conv2d) -> bool:
-    """nn.Conv1d's or nn.Conv2d's own forward, or timm's Conv2dSame (that forward after
-    TF-style padding)."""
+def has_plain_conv_forward(module: nn.Module) -> bool:
+    """nn.Conv1d's, nn.Conv2d's or nn.Conv3d's own forward, or timm's Conv2dSame (that forward
+    after TF-style padding)."""
     return type(module).forward in PLAIN_CONV_FORWARDS or type(module).__name__ == "Conv2dSame"
 
 
@@ -726,12 +726,12 @@ class Conv(LayerRule):
         return [R_in.reshape(x.shape)]
 
 
-CONV2D_CALL_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+CONV_CALL_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
-def conv2d_call_args(node) -> dict:
-    """The arguments of an F.conv2d / torch.conv2d node by name (defaults left out)."""
-    return {**dict(zip(CONV2D_CALL_ARGS, node.args)), **node.kwargs}
+def conv_call_args(node) -> dict:
+    """The arguments of an F.conv{1,2,3}d / torch.conv{1,2,3}d node by name (defaults left out)."""
+    return {**dict(zip(CONV_CALL_ARGS, node.args)), **node.kwargs}
 
 
 class ConvCall:
@@ -742,7 +742,7 @@ class ConvCall:
 
     def __init__(self, node, inputs, first: bool, bn_scale):
         super().__init__(node, inputs, None, first, bn_scale)
-        self.call = conv2d_call_args(node)
+        self.call = conv_call_args(node)
         self.needs_values = list(inputs) + ([self.call["weight"]] if first else [])
 
     def weight(self, ctx: Context) -> torch.Tensor:
