@@ -143,6 +143,43 @@ def test_side_by_side_max_frames_fps_and_odd_sizes(tmp_path, spec):
     assert info.width == 2 * 48 and info.height == 36  # frames are padded to even sizes for yuv420p
 
 
+def _timed_video(path, times, size=(36, 52)):
+    """An H.264 video whose frames show at ``times`` (seconds): a variable frame rate."""
+    c = av.open(str(path), "w")
+    s = c.add_stream("libx264", rate=10)
+    s.height, s.width = size
+    s.pix_fmt = "yuv420p"
+    s.codec_context.time_base = Fraction(1, 1000)
+    for t, f in zip(times, _frames(len(times), *size)):
+        frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+        frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+        for p in s.encode(frame):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+def _frame_times(path):
+    with av.open(str(path)) as c:
+        return [float(f.time) for f in c.decode(video=0)]
+
+
+def test_variable_frame_rate_keeps_each_frames_time(tmp_path, spec):
+    """A phone's video has gaps and uneven frame intervals: each output frame shows when its
+    input frame did (the clock starting at 0), so the heat map stays in sync with the source."""
+    times = [0.5, 0.6, 0.7, 1.2, 1.25, 2.0, 2.033]
+    src = _timed_video(tmp_path / "in.mkv", times)
+    assert np.allclose(_frame_times(src), times)
+    report = explain_video(spec, src, tmp_path / "out.mp4", batch_size=3, progress=False)
+    assert np.allclose(_frame_times(tmp_path / "out.mp4"), np.subtract(times, 0.5), atol=1e-3)
+    assert np.allclose([r["time"] for r in report["frames"]], times)
+    # a rate given retimes the frames evenly
+    explain_video(spec, src, tmp_path / "even.mp4", fps=10, progress=False)
+    assert np.allclose(_frame_times(tmp_path / "even.mp4"), np.arange(len(times)) / 10, atol=1e-3)
+
+
 @pytest.mark.parametrize("pix_fmt,array_format,shape", [("gray", "gray", (30, 40)), ("yuva420p", "rgba", (30, 40, 4))])
 def test_grey_and_alpha_videos(tmp_path, spec, pix_fmt, array_format, shape):
     rng = np.random.default_rng(1)

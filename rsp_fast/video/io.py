@@ -24,7 +24,7 @@ def _av():
 class DecodedBatch:
     frames: np.ndarray  # N×H×W×3 uint8 RGB
     indices: list[int]
-    times: list[float]  # seconds from the stream start
+    times: list[float]  # presentation times, seconds (the container's clock, not shifted to 0)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class VideoInfo:
     height: int
     fps: Fraction
     frames: int | None  # as the container claims; None if unknown
+    start: float  # the container's first timestamp, seconds: the output's time 0
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -40,7 +41,8 @@ def probe(path: str | Path) -> VideoInfo:
     with _open(path) as container:
         stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-        return VideoInfo(stream.codec_context.width, stream.codec_context.height, Fraction(rate), stream.frames or None)
+        start = container.start_time / 1_000_000 if container.start_time is not None else 0.0  # AV_TIME_BASE
+        return VideoInfo(stream.codec_context.width, stream.codec_context.height, Fraction(rate), stream.frames or None, start)
 
 
 def _open(path: str | Path):
@@ -68,13 +70,13 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
-        frames, indices, times, count, span = [], [], [], 0, []
+        frames, indices, times, count, last = [], [], [], 0, 0.0
         try:
             for frame in container.decode(stream):
                 frames.append(_upright(frame))
                 indices.append(count)
                 times.append(float(frame.time) if frame.time is not None else float(count / (stream.average_rate or 25)))
-                span = [span[0] if span else times[-1], times[-1]]
+                last = times[-1]
                 count += 1
                 if len(frames) == batch_size:
                     yield DecodedBatch(np.stack(frames), indices, times)
@@ -86,7 +88,7 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
         if count == 0:
             raise RSPError(f"video {str(path)!r} has no frames")
         if max_frames is None or count < max_frames:
-            _check_complete(container, stream, span, path)
+            _check_complete(container, stream, last, path)
         if frames:
             yield DecodedBatch(np.stack(frames), indices, times)
 
@@ -98,7 +100,7 @@ def _upright(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
 
 
-def _check_complete(container, stream, span: list[float], path) -> None:
+def _check_complete(container, stream, last: float, path) -> None:
     """A stream that ends well before the duration its header claims was truncated."""
     if stream.duration is not None and stream.time_base is not None:
         claimed = float(stream.duration * stream.time_base)
@@ -107,16 +109,25 @@ def _check_complete(container, stream, span: list[float], path) -> None:
     else:
         return
     period = 1 / float(stream.average_rate or 25)
-    covered = span[1] - span[0] + period
-    if covered < claimed - 1.5 * period:
-        raise RSPError(f"video {str(path)!r} is truncated: its frames cover {covered:.2f} s of the {claimed:.2f} s it claims")
+    # the last frame's end on the stream's clock: containers count their duration from 0 (Matroska)
+    # or from the first timestamp (MP4), and a stream may start late (a phone's video, a cut)
+    end = last + period
+    if end < claimed - 1.5 * period:
+        raise RSPError(f"video {str(path)!r} is truncated: its frames end at {end:.2f} s of the {claimed:.2f} s it claims")
+
+
+TIME_BASE = Fraction(1, 90_000)  # the MPEG clock: fine enough for any source's timestamps
 
 
 class Encoder:
     """H.264 (yuv420p) into a temporary file beside ``path``, renamed into place by ``commit``;
-    ``abort`` (or an exception) removes it, so a failed run never leaves a half-written video."""
+    ``abort`` (or an exception) removes it, so a failed run never leaves a half-written video.
 
-    def __init__(self, path: str | Path, fps: Fraction, codec: str = "libx264", crf: int = 20):
+    ``write(rgb, time)`` keeps a frame's presentation time (seconds on the source's clock,
+    ``start`` becoming 0): a variable-frame-rate source (a phone's video) keeps its timing;
+    ``write(rgb)`` puts frames 1/``fps`` apart."""
+
+    def __init__(self, path: str | Path, fps: Fraction, codec: str = "libx264", crf: int = 20, start: float = 0.0):
         av = _av()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,12 +142,13 @@ class Encoder:
             raise RSPError(f"cannot write video {str(self.path)!r}: a {self.path.suffix or 'file without an extension'} "
                            f"cannot hold {codec} video; use .mp4, .mkv, .mov or .avi")
         self.stream = None
-        self.frames = 0
+        self.frames, self.start, self.last_pts = 0, start, -1
 
-    def write(self, rgb: np.ndarray) -> None:
+    def write(self, rgb: np.ndarray, time: float | None = None) -> None:
         av = _av()
         if self.stream is None:
             self.stream = self.container.add_stream(self.codec, rate=self.fps)
+            self.stream.codec_context.time_base = TIME_BASE
             # yuv420p needs even sizes: odd frames get one padded row/column
             self.height, self.width = rgb.shape[0] + rgb.shape[0] % 2, rgb.shape[1] + rgb.shape[1] % 2
             self.stream.width, self.stream.height = self.width, self.height
@@ -145,8 +157,10 @@ class Encoder:
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.pad(rgb, ((0, self.height - rgb.shape[0]), (0, self.width - rgb.shape[1]), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        frame.pts = self.frames
-        frame.time_base = 1 / self.fps
+        seconds = self.frames / self.fps if time is None else Fraction(time - self.start)
+        # strictly increasing, whatever the source's timestamps (repeated or stepping back)
+        self.last_pts = frame.pts = max(round(seconds / TIME_BASE), self.last_pts + 1)
+        frame.time_base = TIME_BASE
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
         self.frames += 1

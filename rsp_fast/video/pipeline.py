@@ -3,7 +3,7 @@
 A decoder thread fills a bounded queue with frame batches, the calling thread attributes
 them, an encoder thread renders (overlay or side by side, label drawn) and encodes. Queues
 hold at most two batches, so memory stays bounded whatever the video's length. The output
-keeps the input's frame rate and aspect ratio and appears only when complete.
+keeps the input's frame timestamps (or a rate given) and aspect ratio and appears only when complete.
 A clip model (a video classifier: its input N×C×T×H×W) explains each batch of frames as one
 clip; the clip's map over (T, H, W) gives each of its frames its heat map, and its label.
 """
@@ -111,7 +111,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
     stop = threading.Event()
     decoded: queue.Queue = queue.Queue(maxsize=2)
     attributed: queue.Queue = queue.Queue(maxsize=2)
-    encoder = io.Encoder(dst, out_fps)
+    encoder = io.Encoder(dst, out_fps, start=info.start)
+    keep_times = not fps  # the source's timestamps (variable frame rates stay in sync); --fps retimes
     rows: list[dict] = []
 
     def decode(stage: _Stage):
@@ -135,7 +136,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
                 if mode == "side-by-side":
                     picture = render.side_by_side(frame, picture)
                 caption = f"{spec.label(item.labels[k])} ({item.scores[k]:.2f})"
-                encoder.write(render.draw_label(picture, caption))
+                encoder.write(render.draw_label(picture, caption), item.batch.times[k] if keep_times else None)
             stage.seconds += time.perf_counter() - t
 
     graphs = {}  # on CUDA, full batches replay a CUDA graph of the whole pass (every frame has one shape)
