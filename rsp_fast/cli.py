@@ -31,7 +31,7 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
 
 
 def _add_video_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fps", type=float, help="output frame rate (default: the input's)")
+    p.add_argument("--fps", type=float, help="output frames evenly at this rate, without the sound (default: each input frame keeps its time)")
     p.add_argument("--max-frames", type=int)
     layout = p.add_mutually_exclusive_group()
     layout.add_argument("--overlay", dest="mode", action="store_const", const="overlay", help="heat map over the frame (default)")
@@ -84,7 +84,8 @@ def _write_report(report: dict, path: Path) -> None:
 def _summary(report: dict) -> str:
     t = report["totals"]
     return (f"{t['frames']} frames in {t['wall_s']:.1f} s ({t['fps']:.2f} fps; decode {t['decode_s']:.1f} s, "
-            f"attribute {t['attribute_s']:.1f} s, encode {t['encode_s']:.1f} s)")
+            f"attribute {t['attribute_s']:.1f} s, encode {t['encode_s']:.1f} s)"
+            + (f"; sound {report['audio']}" if report.get("audio") else ""))
 
 
 def cmd_video(args) -> None:

@@ -180,6 +180,76 @@ def test_variable_frame_rate_keeps_each_frames_time(tmp_path, spec):
     assert np.allclose(_frame_times(tmp_path / "even.mp4"), np.arange(len(times)) / 10, atol=1e-3)
 
 
+def _video_with_sound(path, audio_codec="pcm_s16le", seconds=2.0, fps=10, rate=8000, beep_at=1.0, offset=0.0):
+    """Frames at ``fps`` and a mono sound track: silence, then a tone from ``beep_at`` seconds;
+    both streams' clocks start at ``offset`` seconds (a cut from a longer recording)."""
+    c = av.open(str(path), "w")
+    v = c.add_stream("libx264", rate=fps)
+    v.height, v.width, v.pix_fmt = 36, 52, "yuv420p"
+    a = c.add_stream(audio_codec, rate=rate, layout="mono")
+    n = round(seconds * rate)
+    t = np.arange(n) / rate
+    tone = np.where(t >= beep_at, 0.5 * np.sin(2 * np.pi * 440 * t), 0.0)
+    sample_format = "s16" if audio_codec == "pcm_s16le" else "flt"
+    samples = (tone * 32767).astype(np.int16) if sample_format == "s16" else tone.astype(np.float32)
+    for i, f in enumerate(_frames(round(seconds * fps))):
+        frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+        frame.pts, frame.time_base = i + round(offset * fps), Fraction(1, fps)
+        for p in v.encode(frame):
+            c.mux(p)
+    chunk = 960 if audio_codec != "pcm_s16le" else 800  # Opus takes 20 ms frames
+    for i in range(0, n - chunk + 1, chunk):
+        frame = av.AudioFrame.from_ndarray(samples[None, i:i + chunk], format=sample_format, layout="mono")
+        frame.sample_rate, frame.pts = rate, i + round(offset * rate)
+        for p in a.encode(frame):
+            c.mux(p)
+    for stream in (v, a):
+        for p in stream.encode():
+            c.mux(p)
+    c.close()
+    return path
+
+
+def _sound(path):
+    """The output's sound as float samples on its clock: (samples, rate, first sample's time)."""
+    with av.open(str(path)) as c:
+        frames = list(c.decode(audio=0))
+    samples = np.concatenate([f.to_ndarray().astype(np.float64).reshape(-1) for f in frames])
+    return samples, frames[0].sample_rate, float(frames[0].time)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_sound_is_copied_in_sync(tmp_path, spec, offset):
+    """The source's sound is in the heat-map video, on the frames' clock: the tone that starts
+    1 s after the first frame still does (the output's clock starts at 0 whatever the source's);
+    --max-frames ends it with the last frame."""
+    src = _video_with_sound(tmp_path / "in.mkv", offset=offset)
+    report = explain_video(spec, src, tmp_path / "out.mp4", batch_size=4, progress=False)
+    assert report["audio"] == "copied (pcm_s16le)"
+    samples, rate, first = _sound(tmp_path / "out.mp4")
+    onset = first + np.argmax(np.abs(samples) > 1000) / rate
+    assert _frame_times(tmp_path / "out.mp4")[0] == 0 and abs(onset - 1.0) < 0.01
+    assert abs(len(samples) / rate - 2.0) < 0.11
+    explain_video(spec, src, tmp_path / "cut.mp4", max_frames=5, progress=False)
+    samples, rate, _ = _sound(tmp_path / "cut.mp4")
+    assert 0.5 <= len(samples) / rate <= 0.65 and len(read_frames(tmp_path / "cut.mp4")) == 5
+
+
+def test_sound_the_output_cannot_hold_or_retimed_frames_are_left_out(tmp_path, spec):
+    src = _video_with_sound(tmp_path / "in.mkv", audio_codec="libopus", rate=48000)
+    report = explain_video(spec, src, tmp_path / "out.avi", progress=False)
+    assert report["audio"] == "not copied: the avi format cannot hold opus sound"
+    assert len(read_frames(tmp_path / "out.avi")) == 20  # AVI keeps no timestamps: frames at the rate
+    with av.open(str(tmp_path / "out.avi")) as c:  # one slot per frame, not one per tick of a fine clock
+        assert c.streams.video[0].time_base == Fraction(1, 10) and c.streams.video[0].frames == 20
+    report = explain_video(spec, src, tmp_path / "out.mp4", fps=5, progress=False)
+    assert report["audio"].startswith("not copied")
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert not c.streams.audio
+    silent = write_video(tmp_path / "silent.mp4", _frames(3), fps=3)
+    assert explain_video(spec, silent, tmp_path / "out2.mp4", progress=False)["audio"] is None
+
+
 @pytest.mark.parametrize("pix_fmt,array_format,shape", [("gray", "gray", (30, 40)), ("yuva420p", "rgba", (30, 40, 4))])
 def test_grey_and_alpha_videos(tmp_path, spec, pix_fmt, array_format, shape):
     rng = np.random.default_rng(1)
@@ -271,13 +341,14 @@ def _cli(tmp_path, *args):
 
 
 def test_cli_video_with_report(tmp_path):
-    src = write_video(tmp_path / "in.mp4", _frames(5), fps=5)
+    src = _video_with_sound(tmp_path / "in.mkv", seconds=0.5)
     proc = _cli(tmp_path, "video", src, "-o", tmp_path / "o" / "out.mp4", "--model", "models:tiny_cnn",
                 "--batch-size", "2", "--report", tmp_path / "r.json", "--side-by-side", "--quiet")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["frames"]) == 5 and report["totals"]["frames"] == 5
     assert set(report["totals"]) >= {"frames", "decode_s", "attribute_s", "encode_s", "fps"}
+    assert report["audio"] == "copied (pcm_s16le)" and "sound copied (pcm_s16le)" in proc.stdout
     assert len(read_frames(tmp_path / "o" / "out.mp4")) == 5
 
 

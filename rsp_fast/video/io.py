@@ -10,6 +10,9 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import RSPError
+from .audio import AudioCopy
+
+AVFMT_VARIABLE_FPS = 0x0400  # libavformat: the container keeps per-frame timestamps (AVI does not)
 
 
 def _av():
@@ -71,12 +74,12 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         frames, indices, times, count, last = [], [], [], 0, 0.0
+        clock = _frame_clock(container, stream)
         try:
             for frame in container.decode(stream):
                 frames.append(_upright(frame))
                 indices.append(count)
-                times.append(float(frame.time) if frame.time is not None else float(count / (stream.average_rate or 25)))
-                last = times[-1]
+                times.append(last := clock(frame, count))
                 count += 1
                 if len(frames) == batch_size:
                     yield DecodedBatch(np.stack(frames), indices, times)
@@ -91,6 +94,21 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
             _check_complete(container, stream, last, path)
         if frames:
             yield DecodedBatch(np.stack(frames), indices, times)
+
+
+def _frame_clock(container, stream):
+    """A frame's time in seconds: its presentation timestamp, or, in a container that keeps no
+    timestamps of its own (AVI: every frame takes 1/rate; with B-frames the stored times come
+    out of order), its index over the rate."""
+    av, rate = _av(), stream.average_rate or stream.guessed_rate or Fraction(25)
+    try:
+        timed = bool(av.format.ContainerFormat(container.format.name.split(",")[0], "w").flags & AVFMT_VARIABLE_FPS)
+    except ValueError:  # a format that can only be read: trust its timestamps
+        timed = True
+
+    def clock(frame, index: int) -> float:
+        return float(frame.time) if timed and frame.time is not None else float(index / rate)
+    return clock
 
 
 def _upright(frame) -> np.ndarray:
@@ -125,11 +143,13 @@ class Encoder:
 
     ``write(rgb, time)`` keeps a frame's presentation time (seconds on the source's clock,
     ``start`` becoming 0): a variable-frame-rate source (a phone's video) keeps its timing;
-    ``write(rgb)`` puts frames 1/``fps`` apart."""
+    ``write(rgb)``, and every frame in a container without timestamps (AVI), puts frames 1/``fps`` apart. ``audio_from``: a video whose sound is copied
+    in (on the same clock: only with the frames' own times); ``audio_note`` says what was done."""
 
-    def __init__(self, path: str | Path, fps: Fraction, codec: str = "libx264", crf: int = 20, start: float = 0.0):
+    def __init__(self, path: str | Path, fps: Fraction, codec: str = "libx264", crf: int = 20, start: float = 0.0,
+                 audio_from: str | Path | None = None):
         av = _av()
-        self.path = Path(path)
+        self.path, self.audio = Path(path), None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}{self.path.suffix or '.mp4'}")
         try:
@@ -143,37 +163,50 @@ class Encoder:
                            f"cannot hold {codec} video; use .mp4, .mkv, .mov or .avi")
         self.stream = None
         self.frames, self.start, self.last_pts = 0, start, -1
+        self.time_base = TIME_BASE if self.container.format.flags & AVFMT_VARIABLE_FPS else 1 / self.fps
+        self.audio = AudioCopy(audio_from, self.container.format.name, start) if audio_from is not None else None
+        self.audio_note = self.audio.note if self.audio is not None else None
 
     def write(self, rgb: np.ndarray, time: float | None = None) -> None:
         av = _av()
         if self.stream is None:
             self.stream = self.container.add_stream(self.codec, rate=self.fps)
-            self.stream.codec_context.time_base = TIME_BASE
+            self.stream.codec_context.time_base = self.time_base
             # yuv420p needs even sizes: odd frames get one padded row/column
             self.height, self.width = rgb.shape[0] + rgb.shape[0] % 2, rgb.shape[1] + rgb.shape[1] % 2
             self.stream.width, self.stream.height = self.width, self.height
             self.stream.pix_fmt = "yuv420p"
             self.stream.options = {"crf": str(self.crf)} if self.codec == "libx264" else {}
+            if self.audio is not None:  # every stream is added before the first packet
+                self.audio.attach(self.container)
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.pad(rgb, ((0, self.height - rgb.shape[0]), (0, self.width - rgb.shape[1]), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        seconds = self.frames / self.fps if time is None else Fraction(time - self.start)
+        seconds = self.frames / self.fps if time is None or self.time_base != TIME_BASE else Fraction(time - self.start)
         # strictly increasing, whatever the source's timestamps (repeated or stepping back)
-        self.last_pts = frame.pts = max(round(seconds / TIME_BASE), self.last_pts + 1)
-        frame.time_base = TIME_BASE
+        self.last_pts = frame.pts = max(round(seconds / self.time_base), self.last_pts + 1)
+        frame.time_base = self.time_base
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
         self.frames += 1
+        if self.audio is not None:  # the sound up to this frame: the muxer interleaves the two
+            self.audio.copy_until(float(self.last_pts * self.time_base))
 
-    def commit(self) -> Path:
+    def commit(self, audio_until: float | None = None) -> Path:
+        """Finish the file (the sound up to ``audio_until`` seconds of the output, or all of it)."""
         if self.stream is not None:
             for packet in self.stream.encode():
                 self.container.mux(packet)
+            if self.audio is not None:
+                self.audio.copy_until(audio_until)
+                self.audio_note = self.audio.note
         self.container.close()
         os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
+        if self.audio is not None:
+            self.audio.close()
         try:
             self.container.close()
         except Exception:  # the container may be half-initialised; the file goes anyway

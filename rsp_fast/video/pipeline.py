@@ -3,7 +3,7 @@
 A decoder thread fills a bounded queue with frame batches, the calling thread attributes
 them, an encoder thread renders (overlay or side by side, label drawn) and encodes. Queues
 hold at most two batches, so memory stays bounded whatever the video's length. The output
-keeps the input's frame timestamps (or a rate given) and aspect ratio and appears only when complete.
+keeps the input's frame timestamps (or a rate given), aspect ratio and sound, and appears only when complete.
 A clip model (a video classifier: its input N×C×T×H×W) explains each batch of frames as one
 clip; the clip's map over (T, H, W) gives each of its frames its heat map, and its label.
 """
@@ -111,8 +111,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
     stop = threading.Event()
     decoded: queue.Queue = queue.Queue(maxsize=2)
     attributed: queue.Queue = queue.Queue(maxsize=2)
-    encoder = io.Encoder(dst, out_fps, start=info.start)
     keep_times = not fps  # the source's timestamps (variable frame rates stay in sync); --fps retimes
+    encoder = io.Encoder(dst, out_fps, start=info.start, audio_from=src if keep_times else None)
     rows: list[dict] = []
 
     def decode(stage: _Stage):
@@ -186,7 +186,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
                 raise stage.error
         if not rows:
             raise RSPError(f"video {str(src)!r} has no frames")
-        encoder.commit()
+        cut = max_frames is not None and len(rows) == max_frames  # the sound ends with the last frame shown
+        encoder.commit(audio_until=rows[-1]["time"] - info.start + 1 / float(out_fps) if cut else None)
     except BaseException:
         stop.set()
         writer.join(timeout=5)
@@ -200,7 +201,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
             "totals": {"frames": len(rows), "decode_s": decoder.seconds, "attribute_s": attribute_s,
                        "encode_s": writer.seconds, "wall_s": wall, "fps": len(rows) / wall if wall else 0.0},
             "model": spec.name, "layer": explainer.layer, "init": explainer.init, "batch_size": batch_size,
-            "output": str(dst), "output_fps": float(out_fps)}
+            "output": str(dst), "output_fps": float(out_fps),
+            "audio": encoder.audio_note if keep_times else "not copied: a frame rate given retimes the frames"}
 
 
 def _progress(done: int, total: int | None, seconds: float) -> None:

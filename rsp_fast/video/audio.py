@@ -1,0 +1,86 @@
+"""The source's sound in the heat-map video: its first audio stream copied packet by packet
+(never decoded or re-encoded), on the same clock as the frames, so that picture and sound stay
+in sync and nothing is lost in quality."""
+from __future__ import annotations
+
+import io as _bytes_io
+from pathlib import Path
+
+
+
+def _av():
+    import av  # only reached through io.Encoder, which has imported it (or named the missing package)
+    return av
+
+
+class AudioCopy:
+    """Copies the first audio stream of ``src`` into an output container whose clock starts at
+    ``start`` seconds of the source's. ``attach`` adds the stream (before the first packet is
+    written), ``copy_until(t)`` the packets that start before ``t`` seconds of the output (all of
+    them: ``None``). ``note`` says what was done, for the report: None when ``src`` has no sound."""
+
+    def __init__(self, src: str | Path, output_format: str, start: float):
+        av = _av()
+        self.start, self.note = start, None
+        self.source = self.stream = self.packets = self.pending = self.output = None
+        try:
+            source = av.open(str(src), mode="r")
+        except (av.error.FFmpegError, OSError, ValueError):
+            return  # the video decoder reports an unreadable file
+        if not source.streams.audio:
+            source.close()
+            return
+        stream = source.streams.audio[0]
+        codec = stream.codec_context.name
+        if not _fits(stream, output_format):
+            source.close()
+            self.note = f"not copied: the {output_format} format cannot hold {codec} sound"
+            return
+        self.source, self.stream, self.note = source, stream, f"copied ({codec})"
+        self.shift = round(start / stream.time_base) if stream.time_base else 0
+
+    def attach(self, output) -> None:
+        if self.stream is not None:
+            self.output = output
+            self.out = output.add_stream_from_template(self.stream)
+            self.packets = self.source.demux(self.stream)
+
+    def copy_until(self, seconds: float | None) -> None:
+        if self.packets is None:
+            return
+        av, at = _av(), 0.0
+        try:
+            while True:
+                packet, self.pending = self.pending or next(self.packets, None), None
+                if packet is None:
+                    return self.close()
+                if packet.pts is None or packet.dts is None:  # the demuxer's end-of-stream packet
+                    continue
+                at = float(packet.pts * packet.time_base) - self.start
+                if seconds is not None and at >= seconds:
+                    self.pending = packet
+                    return
+                packet.pts -= self.shift
+                packet.dts -= self.shift
+                packet.stream = self.out
+                self.output.mux(packet)
+        except av.error.FFmpegError as exc:
+            self.note = f"copied up to {at:.2f} s: the source's sound is corrupt after that ({exc})"
+            self.close()
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+        self.source = self.packets = self.pending = None
+
+
+def _fits(stream, output_format: str) -> bool:
+    """Whether the output format can hold the stream's codec: a header written to memory says."""
+    av = _av()
+    try:
+        with av.open(_bytes_io.BytesIO(), mode="w", format=output_format) as trial:
+            trial.add_stream_from_template(stream)
+            trial.start_encoding()
+        return True
+    except (av.error.FFmpegError, ValueError):
+        return False
