@@ -99,9 +99,9 @@ def cmd_video(args) -> None:
 
 def cmd_image(args) -> None:
     from .api import RSP
-    from .images import explain_images, read_images
+    from .images import explain_images, image_files
 
-    images = read_images(args.images)
+    images = image_files(args.images)
     spec = _spec(args)
     explainer = RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend,
                     precision=args.precision)

@@ -1,8 +1,10 @@
 """Explain still images: read, letterbox, attribute in batches, write heat maps and overlays."""
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -32,10 +34,12 @@ def read_image(path: str | Path) -> np.ndarray:
         raise RSPError(f"cannot read image {str(path)!r}: {exc}") from None
 
 
-def read_images(paths: list[str | Path]) -> list[tuple[str, np.ndarray]]:
-    """(name, RGB image) for each file, a folder standing for the images in it (sorted).
-    Names are the file stems, made unique (``cat``, ``cat-2``) so no output overwrites another."""
-    from PIL import Image
+def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
+    """(name, file) for each path, a folder standing for the images in it (sorted). Every file is
+    checked to open as an image (its header: pixels are read when its batch comes, so a folder
+    of any size fits in memory). Names are the file stems, made unique (``cat``, ``cat-2``) so
+    no output overwrites another."""
+    from PIL import Image, UnidentifiedImageError
 
     files: list[Path] = []
     for p in map(Path, paths):
@@ -46,11 +50,18 @@ def read_images(paths: list[str | Path]) -> list[tuple[str, np.ndarray]]:
             files += found
         else:
             files.append(p)
-    images, seen = [], {}
+    named, seen = [], {}
     for f in files:
+        if not f.is_file():
+            raise RSPError(f"image {str(f)!r} does not exist")
+        try:
+            with Image.open(f):
+                pass
+        except (UnidentifiedImageError, OSError) as exc:
+            raise RSPError(f"cannot read image {str(f)!r}: {exc}") from None
         seen[f.stem] = seen.get(f.stem, 0) + 1
-        images.append((f.stem if seen[f.stem] == 1 else f"{f.stem}-{seen[f.stem]}", read_image(f)))
-    return images
+        named.append((f.stem if seen[f.stem] == 1 else f"{f.stem}-{seen[f.stem]}", f))
+    return named
 
 
 def _grey_to_rgb8(grey: np.ndarray, mode: str) -> np.ndarray:
@@ -75,38 +86,50 @@ def sample_photos() -> list[tuple[str, np.ndarray]]:
     return [(name, getattr(data, name)()) for name in ("chelsea", "coffee", "astronaut", "rocket")]
 
 
-def explain_images(spec: ModelSpec, explainer: RSP, images: list[tuple[str, np.ndarray]], out_dir: str | Path,
+CONTACT_SHEET_IMAGES = 64  # a sheet of a whole photo folder would be too tall to view
+
+
+def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, np.ndarray | Path]], out_dir: str | Path,
                    target=None, batch_size: int = 8, device: str = "cpu") -> dict:
-    """Write ``<name>_heatmap.png`` and ``<name>_overlay.png`` per image and a contact sheet;
-    return a report with each image's label, score and time."""
+    """Write ``<name>_heatmap.png`` and ``<name>_overlay.png`` per image (an RGB array, or a
+    file read when its batch comes) and a contact sheet of the first 64; return a report with
+    each image's label, score and time. Images of any sizes share a batch: each is letterboxed
+    into the model's input on its own."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RSPError(f"output folder {str(out)!r} is a file")
     if batch_size < 1:
         raise RSPError(f"batch size must be at least 1, not {batch_size}")
-    rows, tiles, started = [], [], time.perf_counter()
-    for first in range(0, len(images), batch_size):
-        chunk = images[first:first + batch_size]
-        for name, img in chunk:  # frames of one batch share a letterbox, so go one size at a time
-            t0 = time.perf_counter()
-            x, box = render.to_model_input(img[None], spec.input_size, spec.mean, spec.std)
-            ex = explainer.explain(x.to(device), target=target)
-            heat = render.heat_to_frame(heatmap(ex.attribution).cpu(), box)[0].numpy()
+    rows, tiles, started, images = [], [], time.perf_counter(), iter(images)
+    while batch := list(itertools.islice(images, batch_size)):
+        t0 = time.perf_counter()
+        pictures = [(name, read_image(img) if isinstance(img, (str, Path)) else img) for name, img in batch]
+        inputs = [render.to_model_input(img[None], spec.input_size, spec.mean, spec.std) for _, img in pictures]
+        ex = explainer.explain(torch.cat([x for x, _ in inputs]).to(device), target=target)
+        heats = heatmap(ex.attribution).float().cpu()
+        probs = torch.softmax(ex.logits.float(), 1).cpu()
+        share = (time.perf_counter() - t0) / len(batch)
+        for k, ((name, img), (_, box)) in enumerate(zip(pictures, inputs)):
+            t1 = time.perf_counter()
+            heat = render.heat_to_frame(heats[k:k + 1], box)[0].numpy()
             scale = render.symmetric_scale(heat)
-            cls = int(ex.target[0])
-            score = float(torch.softmax(ex.logits[0].float(), 0)[cls])
-            caption = f"{spec.label(cls)} ({score:.2f})"
-            over = render.draw_label(render.overlay(img, heat, scale), caption)
+            cls = int(ex.target[k])
+            score = float(probs[k, cls])
+            over = render.draw_label(render.overlay(img, heat, scale), f"{spec.label(cls)} ({score:.2f})")
             out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             render.save_png(out / f"{name}_heatmap.png", render.colorize(heat, scale))
             render.save_png(out / f"{name}_overlay.png", over)
-            tiles.append(_thumbnail(render.side_by_side(img, over), 512))
+            if len(tiles) < CONTACT_SHEET_IMAGES:
+                tiles.append(_thumbnail(render.side_by_side(img, over), 512))
             rows.append({"name": name, "label": cls, "class_name": spec.label(cls), "score": score,
-                         "seconds": time.perf_counter() - t0})
+                         "seconds": share + time.perf_counter() - t1})
+    if not rows:
+        raise RSPError("no images to explain")
     sheet = out / "contact_sheet.png"
     render.save_png(sheet, render.contact_sheet(_same_size(tiles), columns=2))
     return {"images": rows, "totals": {"images": len(rows), "seconds": time.perf_counter() - started},
-            "model": spec.name, "layer": explainer.layer, "init": explainer.init, "contact_sheet": str(sheet)}
+            "model": spec.name, "layer": explainer.layer, "init": explainer.init, "contact_sheet": str(sheet),
+            "contact_sheet_images": len(tiles)}
 
 
 def _thumbnail(img: np.ndarray, width: int) -> np.ndarray:
