@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import rsp_fast
 from rsp_fast.cli import main
 from rsp_fast.images import read_image
 from rsp_fast.models import build_model
@@ -34,6 +35,33 @@ def test_image_command_writes_maps_for_grey_alpha_and_colour(tmp_path, capsys):
     assert [r["name"] for r in report["images"]] == ["a", "b", "c"]
     assert all(0 <= r["label"] < 1000 and 0 < r["score"] <= 1 for r in report["images"])
     assert (out / "contact_sheet.png").exists()
+
+
+def test_images_of_different_sizes_share_a_batch(tmp_path):
+    """Each image is letterboxed on its own, so a batch of mixed sizes gives every image the
+    map and label it gets alone; pixels are read batch by batch and a corrupt file met late
+    is named (the maps already written are whole)."""
+    from skimage import data
+    photos = {"cat": data.chelsea(), "coffee": data.coffee()[::2, ::3], "rocket": data.rocket()[:300]}
+    files = []
+    for name, img in photos.items():
+        Image.fromarray(img).save(tmp_path / f"{name}.png")
+        files.append(str(tmp_path / f"{name}.png"))
+    for batch in ("1", "3"):
+        assert main(["image", *files, "-o", str(tmp_path / batch), "--batch-size", batch]) == 0
+    one, three = (json.loads((tmp_path / b / "report.json").read_text())["images"] for b in ("1", "3"))
+    assert [(r["name"], r["label"]) for r in one] == [(r["name"], r["label"]) for r in three]
+    for name, img in photos.items():
+        alone, shared = (np.asarray(Image.open(tmp_path / b / f"{name}_heatmap.png")).astype(int) for b in ("1", "3"))
+        assert alone.shape[:2] == img.shape[:2] and np.abs(alone - shared).max() <= 1
+    broken = tmp_path / "zz.jpg"
+    Image.fromarray(data.astronaut()).save(broken)
+    broken.write_bytes(broken.read_bytes()[:5000])  # its header opens, its pixels do not
+    with pytest.raises(rsp_fast.RSPError, match="cannot read image .*zz.jpg"):
+        from rsp_fast.images import explain_images, image_files
+        spec = build_model("efficientnet_lite0")
+        explain_images(spec, rsp_fast.RSP(spec.model), image_files([*files, str(broken)]), tmp_path / "b", batch_size=2)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(f"{n}_{kind}.png" for n in ("cat", "coffee") for kind in ("heatmap", "overlay"))
 
 
 @pytest.mark.parametrize("wide", [
