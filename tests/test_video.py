@@ -25,22 +25,39 @@ def _frames(n, h=36, w=52, seed=0):
     return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def _encode(path, frames, pix_fmt, array_format, fps=6, codec="ffv1", rotation=None):
-    """A lossless (FFV1) video with a chosen pixel format (grey, alpha) for the decoder tests (or
-    another ``codec``; ``rotation``: a display rotation tag, counter-clockwise degrees)."""
+def _encode(path, frames, pix_fmt="yuv420p", array_format="rgb24", fps=6, codec="ffv1", rotation=None, times=None,
+            sound=None):
+    """A video for the decoder tests: lossless FFV1 by default, with a chosen pixel format (grey,
+    alpha), or another ``codec``; ``rotation``: a display rotation tag (counter-clockwise
+    degrees); ``times``: each frame's presentation time in seconds (default i/fps: a variable
+    frame rate otherwise); ``sound``: (codec, sample rate, mono samples, first sample's pts)."""
     c = av.open(str(path), "w")
     s = c.add_stream(codec, rate=fps)
     s.height, s.width = frames[0].shape[:2]
     s.pix_fmt = pix_fmt
+    clock = Fraction(1, 1000) if times is not None else Fraction(1, fps)
+    s.codec_context.time_base = clock
     if rotation is not None:
         s.set_display_rotation(rotation)
+    streams = [s]
     for i, f in enumerate(frames):
         frame = av.VideoFrame.from_ndarray(f, format=array_format)
-        frame.pts = i
+        frame.pts, frame.time_base = (i if times is None else round(times[i] * 1000)), clock
         for p in s.encode(frame):
             c.mux(p)
-    for p in s.encode():
-        c.mux(p)
+    if sound is not None:
+        audio_codec, rate, samples, first = sound
+        streams.append(a := c.add_stream(audio_codec, rate=rate, layout="mono"))
+        chunk = 960 if audio_codec == "libopus" else 800  # Opus takes 20 ms frames
+        sample_format = "s16" if samples.dtype == np.int16 else "flt"
+        for i in range(0, len(samples) - chunk + 1, chunk):
+            frame = av.AudioFrame.from_ndarray(samples[None, i:i + chunk], format=sample_format, layout="mono")
+            frame.sample_rate, frame.pts = rate, first + i
+            for p in a.encode(frame):
+                c.mux(p)
+    for stream in streams:
+        for p in stream.encode():
+            c.mux(p)
     c.close()
     return path
 
@@ -145,20 +162,7 @@ def test_side_by_side_max_frames_fps_and_odd_sizes(tmp_path, spec):
 
 def _timed_video(path, times, size=(36, 52)):
     """An H.264 video whose frames show at ``times`` (seconds): a variable frame rate."""
-    c = av.open(str(path), "w")
-    s = c.add_stream("libx264", rate=10)
-    s.height, s.width = size
-    s.pix_fmt = "yuv420p"
-    s.codec_context.time_base = Fraction(1, 1000)
-    for t, f in zip(times, _frames(len(times), *size)):
-        frame = av.VideoFrame.from_ndarray(f, format="rgb24")
-        frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return path
+    return _encode(path, _frames(len(times), *size), codec="libx264", fps=10, times=times)
 
 
 def _frame_times(path):
@@ -183,31 +187,12 @@ def test_variable_frame_rate_keeps_each_frames_time(tmp_path, spec):
 def _video_with_sound(path, audio_codec="pcm_s16le", seconds=2.0, fps=10, rate=8000, beep_at=1.0, offset=0.0):
     """Frames at ``fps`` and a mono sound track: silence, then a tone from ``beep_at`` seconds;
     both streams' clocks start at ``offset`` seconds (a cut from a longer recording)."""
-    c = av.open(str(path), "w")
-    v = c.add_stream("libx264", rate=fps)
-    v.height, v.width, v.pix_fmt = 36, 52, "yuv420p"
-    a = c.add_stream(audio_codec, rate=rate, layout="mono")
-    n = round(seconds * rate)
-    t = np.arange(n) / rate
+    t = np.arange(round(seconds * rate)) / rate
     tone = np.where(t >= beep_at, 0.5 * np.sin(2 * np.pi * 440 * t), 0.0)
-    sample_format = "s16" if audio_codec == "pcm_s16le" else "flt"
-    samples = (tone * 32767).astype(np.int16) if sample_format == "s16" else tone.astype(np.float32)
-    for i, f in enumerate(_frames(round(seconds * fps))):
-        frame = av.VideoFrame.from_ndarray(f, format="rgb24")
-        frame.pts, frame.time_base = i + round(offset * fps), Fraction(1, fps)
-        for p in v.encode(frame):
-            c.mux(p)
-    chunk = 960 if audio_codec != "pcm_s16le" else 800  # Opus takes 20 ms frames
-    for i in range(0, n - chunk + 1, chunk):
-        frame = av.AudioFrame.from_ndarray(samples[None, i:i + chunk], format=sample_format, layout="mono")
-        frame.sample_rate, frame.pts = rate, i + round(offset * rate)
-        for p in a.encode(frame):
-            c.mux(p)
-    for stream in (v, a):
-        for p in stream.encode():
-            c.mux(p)
-    c.close()
-    return path
+    samples = (tone * 32767).astype(np.int16) if audio_codec == "pcm_s16le" else tone.astype(np.float32)
+    n = round(seconds * fps)
+    return _encode(path, _frames(n), codec="libx264", fps=fps, times=[offset + i / fps for i in range(n)],
+                   sound=(audio_codec, rate, samples, round(offset * rate)))
 
 
 def _sound(path):
