@@ -100,17 +100,119 @@ def random_cnn(seed: int, dims: int = 2) -> tuple[nn.Module, torch.Tensor]:
     return model.double().eval(), x
 
 
-@pytest.mark.parametrize("dims,seed", [(2, seed) for seed in range(16)] + [(1, seed) for seed in range(8)]
-                         + [(3, seed) for seed in range(6)])
-def test_random_cnn_is_explained_alike_by_every_backend_and_per_sample(dims, seed):
-    model, x = random_cnn(seed, dims)
-    ex = rsp_fast.RSP(model, backend="torch").explain(x, record=True)
+# the extension rules' layers (RSP defines ReLU networks only): activations, norms that cannot be
+# folded, gates, splits, products, resizing, and heads written as tensor methods
+ACTIVATIONS = [nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus,
+               nn.SiLU, nn.PReLU, nn.CELU, nn.SELU, nn.Hardtanh]
+
+
+class _Gate(nn.Module):
+    """Squeeze-and-excitation: x times a sigmoid of its pooled channels."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.down, self.up = nn.Conv2d(c, max(1, c // 2), 1), nn.Conv2d(max(1, c // 2), c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.up(F.relu(self.down(x.mean((2, 3), keepdim=True)))))
+
+
+class _Halves(nn.Module):
+    """Split the channels, a conv and an activation on one half, a residual 1×1 on the other."""
+
+    def __init__(self, c, rng):
+        super().__init__()
+        self.sizes = [c // 2, c - c // 2]
+        self.a, self.b, self.act = nn.Conv2d(c // 2, c // 2, 3, padding=1), nn.Conv2d(c - c // 2, c - c // 2, 1), rng.choice(ACTIVATIONS)()
+
+    def forward(self, x):
+        a, b = torch.split(x, self.sizes, 1)
+        return torch.cat([self.act(self.a(a)), b + self.b(b)], 1)
+
+
+class _Branches(nn.Module):
+    """A conv branch and a max-pool branch, added, gated one by the other, or concatenated."""
+
+    def __init__(self, c, rng):
+        super().__init__()
+        self.mode = rng.choice(["add", "gate", "cat"])
+        self.p, self.q = nn.Conv2d(c, c, 3, padding=1), nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(c, c, 1))
+        self.out = nn.Conv2d(2 * c if self.mode == "cat" else c, c, 1)
+
+    def forward(self, x):
+        p, q = F.relu(self.p(x)), self.q(x)
+        return self.out(p + q if self.mode == "add" else p * torch.sigmoid(q) if self.mode == "gate" else torch.cat([p, q], 1))
+
+
+class _Resize(nn.Module):
+    def __init__(self, rng):
+        super().__init__()
+        self.mode = rng.choice(["nearest", "bilinear"])
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=2, mode=self.mode)
+
+
+class _Head(nn.Module):
+    """Global mean or max, or a 2×2 pool flattened by torch.flatten or view, then an MLP."""
+
+    def __init__(self, c, rng):
+        super().__init__()
+        self.kind = rng.choice(["mean", "amax", "flatten", "view"])
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        width = c if self.kind in ("mean", "amax") else 4 * c
+        self.mlp = nn.Sequential(nn.Linear(width, 16), rng.choice(ACTIVATIONS)(), nn.Dropout(0.3), nn.Linear(16, rng.choice([3, 5, 10])))
+
+    def forward(self, x):
+        if self.kind in ("mean", "amax"):
+            z = x.mean((2, 3)) if self.kind == "mean" else x.amax((2, 3))
+        else:
+            z = torch.flatten(self.pool(x), 1) if self.kind == "flatten" else self.pool(x).view(x.size(0), -1)
+        return self.mlp(z)
+
+
+def random_cnn_with_extension_layers(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    c = rng.choice([4, 6, 8])
+    layers = [nn.Conv2d(3, c, 3, padding=1), rng.choice(ACTIVATIONS)()]
+    for _ in range(rng.randint(1, 4)):
+        layers.append(rng.choice([lambda: _Gate(c), lambda: _Halves(c, rng), lambda: _Branches(c, rng), lambda: _Resize(rng),
+                                  lambda: rng.choice([nn.GroupNorm(2, c), nn.InstanceNorm2d(c, affine=True), nn.BatchNorm2d(c)]),
+                                  lambda: nn.MaxPool2d(2), lambda: nn.AvgPool2d(2), lambda: rng.choice(ACTIVATIONS)()])())
+        layers += [nn.Conv2d(c, c, 3, padding=1), nn.ReLU()]
+    model = nn.Sequential(nn.Sequential(*layers), _Head(c, rng))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, rng.randint(12, 24), rng.randint(12, 24), dtype=torch.float64)
+    return model.double().eval(), x
+
+
+def _explained_alike(model, x, layer=None):
+    """Every backend as the reference; ΣR_in + dropped = ΣR₀; each sample's map as alone."""
+    ex = rsp_fast.RSP(model, layer=layer, backend="torch").explain(x, record=True)
     R = ex.attribution
     assert R.shape == x.shape and torch.isfinite(R).all()
-    total = ex.initial.flatten(1).sum(1)
-    assert ((R.flatten(1).sum(1) + ex.dropped - total).abs() <= 1e-9 * total.abs()).all()
-    alone = torch.cat([rsp_fast.RSP(model, backend="torch").attribute(x[i:i + 1], target=int(ex.target[i]))
+    total, magnitude = ex.initial.flatten(1).sum(1), ex.initial.flatten(1).abs().sum(1)
+    assert ((R.flatten(1).sum(1) + ex.dropped - total).abs() <= 1e-9 * magnitude).all()
+    alone = torch.cat([rsp_fast.RSP(model, layer=layer, backend="torch").attribute(x[i:i + 1], target=int(ex.target[i]))
                        for i in range(x.shape[0])])
     assert rel_err(alone, R) < 1e-12
     for backend in BACKENDS:
-        assert rel_err(rsp_fast.RSP(model, backend=backend).attribute(x), R) < 1e-9, backend
+        assert rel_err(rsp_fast.RSP(model, layer=layer, backend=backend).attribute(x), R) < 1e-9, backend
+
+
+@pytest.mark.parametrize("dims,seed", [(2, seed) for seed in range(16)] + [(1, seed) for seed in range(8)]
+                         + [(3, seed) for seed in range(6)])
+def test_random_cnn_is_explained_alike_by_every_backend_and_per_sample(dims, seed):
+    _explained_alike(*random_cnn(seed, dims))
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_cnn_with_extension_layers_is_explained_alike(seed):
+    """Activations other than ReLU, GroupNorm / InstanceNorm / BatchNorm after an activation,
+    squeeze-and-excitation gates, channel splits, gated branches, upsampling, heads written as
+    x.mean / x.amax / torch.flatten / view: the saliency layer is the whole feature extractor."""
+    _explained_alike(*random_cnn_with_extension_layers(seed), layer="0")
