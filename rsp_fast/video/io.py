@@ -68,16 +68,19 @@ def _video_stream(container, path):
 def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = None) -> Iterator[DecodedBatch]:
     """Frames as RGB batches (grey, alpha and odd sizes converted), in stream order, upright:
     a frame with a display rotation (a phone's portrait video, stored landscape) is turned as
-    players show it, so the model sees it upright and the output needs no rotation tag."""
+    players show it, so the model sees it upright and the output needs no rotation tag; a
+    frame whose size changed mid-stream is fitted into the first frame's."""
     av = _av()
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         frames, indices, times, count, last = [], [], [], 0, 0.0
-        clock = _frame_clock(container, stream)
+        clock, size = _frame_clock(container, stream), None
         try:
             for frame in container.decode(stream):
-                frames.append(_upright(frame))
+                rgb = _upright(frame)
+                size = size or rgb.shape[:2]
+                frames.append(rgb if rgb.shape[:2] == size else _fit(rgb, size))
                 indices.append(count)
                 times.append(last := clock(frame, count))
                 count += 1
@@ -116,6 +119,20 @@ def _upright(frame) -> np.ndarray:
     rgb = frame.to_ndarray(format="rgb24")
     quarter_turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
     return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+
+
+def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A frame whose size changed mid-stream (a spliced or adaptive-bitrate recording) fitted
+    into the first frame's size: scaled with its aspect ratio kept, centred on black."""
+    from PIL import Image
+
+    h, w = size
+    scale = min(h / rgb.shape[0], w / rgb.shape[1])
+    nh, nw = max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale))
+    out = np.zeros((h, w, 3), np.uint8)
+    top, left = (h - nh) // 2, (w - nw) // 2
+    out[top:top + nh, left:left + nw] = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+    return out
 
 
 def _check_complete(container, stream, last: float, path) -> None:
@@ -162,7 +179,7 @@ class Encoder:
             raise RSPError(f"cannot write video {str(self.path)!r}: a {self.path.suffix or 'file without an extension'} "
                            f"cannot hold {codec} video; use .mp4, .mkv, .mov or .avi")
         self.stream = None
-        self.frames, self.start, self.last_pts = 0, start, -1
+        self.frames, self.start, self.last_pts, self.jump = 0, start, -1, Fraction(0)
         self.time_base = TIME_BASE if self.container.format.flags & AVFMT_VARIABLE_FPS else 1 / self.fps
         self.audio = AudioCopy(audio_from, self.container.format.name, start) if audio_from is not None else None
         self.audio_note = self.audio.note if self.audio is not None else None
@@ -183,9 +200,14 @@ class Encoder:
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.pad(rgb, ((0, self.height - rgb.shape[0]), (0, self.width - rgb.shape[1]), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        seconds = self.frames / self.fps if time is None or self.time_base != TIME_BASE else Fraction(time - self.start)
-        # strictly increasing, whatever the source's timestamps (repeated or stepping back)
-        self.last_pts = frame.pts = max(round(seconds / self.time_base), self.last_pts + 1)
+        seconds = self.frames / self.fps if time is None or self.time_base != TIME_BASE else Fraction(time - self.start) + self.jump
+        if self.last_pts >= 0 and round(seconds / self.time_base) <= self.last_pts:
+            # the source's clock stood still or stepped back (spliced recordings, a timestamp
+            # reset): go on one frame period after the last frame, and so for the frames after
+            resumed = self.last_pts * self.time_base + 1 / self.fps
+            self.jump += resumed - seconds
+            seconds = resumed
+        self.last_pts = frame.pts = round(seconds / self.time_base)
         frame.time_base = self.time_base
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
