@@ -207,12 +207,14 @@ def test_spliced_recording_with_a_new_size_and_a_clock_reset(tmp_path, spec):
     """Two MPEG-TS recordings joined byte by byte (as `cat a.ts b.ts` does): the second has
     another frame size and its clock starts again at 0. Its frames are fitted into the first
     size (aspect kept), and the output's clock goes on one frame period after the join."""
-    first = _encode(tmp_path / "a.ts", _frames(5, 36, 52), codec="libx264", fps=10).read_bytes()
-    second = _encode(tmp_path / "b.ts", _frames(5, 40, 40, seed=1), codec="libx264", fps=10).read_bytes()
+    sound = ("mp2", 16000, np.zeros(8000, np.int16), 0)  # half a second of silence in each part
+    first = _encode(tmp_path / "a.ts", _frames(5, 36, 52), codec="libx264", fps=10, sound=sound).read_bytes()
+    second = _encode(tmp_path / "b.ts", _frames(5, 40, 40, seed=1), codec="libx264", fps=10, sound=sound).read_bytes()
     (tmp_path / "joined.ts").write_bytes(first + second)
     report = explain_video(spec, tmp_path / "joined.ts", tmp_path / "out.mp4", batch_size=4, progress=False)
     assert report["totals"]["frames"] == 10 and probe(tmp_path / "out.mp4").width == 52
-    assert np.allclose(_frame_times(tmp_path / "out.mp4"), np.arange(10) / 10, atol=1e-3)
+    assert report["audio"].startswith("copied up to 0.") and "clock steps back" in report["audio"]  # the first part's
+    assert np.allclose(np.diff(_frame_times(tmp_path / "out.mp4")), 0.1, atol=1e-3)
     fitted = read_frames(tmp_path / "joined.ts")[7]
     assert fitted.shape == (36, 52, 3) and fitted[:, :6].max() < 40 < fitted[:, 8:44].mean()  # black bars beside it
 

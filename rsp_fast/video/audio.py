@@ -37,6 +37,7 @@ class AudioCopy:
             self.note = f"not copied: the {output_format} format cannot hold {codec} sound"
             return
         self.source, self.stream, self.note = source, stream, f"copied ({codec})"
+        self.last_dts, self.copied = None, 0.0
         self.shift = round(start / stream.time_base) if stream.time_base else 0
 
     def attach(self, output) -> None:
@@ -48,7 +49,7 @@ class AudioCopy:
     def copy_until(self, seconds: float | None) -> None:
         if self.packets is None:
             return
-        av, at = _av(), 0.0
+        av = _av()
         try:
             while True:
                 packet, self.pending = self.pending or next(self.packets, None), None
@@ -60,13 +61,21 @@ class AudioCopy:
                 if seconds is not None and at >= seconds:
                     self.pending = packet
                     return
+                if self.last_dts is not None and packet.dts <= self.last_dts:
+                    return self.stop("its clock steps back there (recordings joined end to end)")
+                self.last_dts = packet.dts
                 packet.pts -= self.shift
                 packet.dts -= self.shift
                 packet.stream = self.out
                 self.output.mux(packet)
+                self.copied = at + float((packet.duration or 0) * packet.time_base)
         except av.error.FFmpegError as exc:
-            self.note = f"copied up to {at:.2f} s: the source's sound is corrupt after that ({exc})"
-            self.close()
+            self.stop(f"it is corrupt there ({exc})")
+
+    def stop(self, why: str) -> None:
+        """Leave the rest of the sound out, saying how much was copied and why."""
+        self.note = f"copied up to {self.copied:.2f} s: {why}"
+        self.close()
 
     def close(self) -> None:
         if self.source is not None:

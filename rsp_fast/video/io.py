@@ -160,8 +160,9 @@ class Encoder:
 
     ``write(rgb, time)`` keeps a frame's presentation time (seconds on the source's clock,
     ``start`` becoming 0): a variable-frame-rate source (a phone's video) keeps its timing;
-    ``write(rgb)``, and every frame in a container without timestamps (AVI), puts frames 1/``fps`` apart. ``audio_from``: a video whose sound is copied
-    in (on the same clock: only with the frames' own times); ``audio_note`` says what was done."""
+    ``write(rgb)``, and every frame in a container without timestamps (AVI), puts frames
+    1/``fps`` apart. ``audio_from``: a video whose sound is copied in (on the same clock: only
+    with the frames' own times); ``audio_note`` says what was done."""
 
     def __init__(self, path: str | Path, fps: Fraction, codec: str = "libx264", crf: int = 20, start: float = 0.0,
                  audio_from: str | Path | None = None):
