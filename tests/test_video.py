@@ -116,9 +116,10 @@ def test_clip_models_explain_each_batch_of_frames_as_one_clip(tmp_path, monkeypa
                           nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
     spec = ModelSpec(model, "clips", input_size=32, class_names=[f"c{i}" for i in range(5)])
     src = write_video(tmp_path / "in.mkv", _frames(7), fps=4)
-    drawn = []  # the heat map each frame is rendered with
+    drawn = {}  # the heat map each frame is rendered with (frames may be drawn by several threads)
     overlay = render.overlay
-    monkeypatch.setattr(render, "overlay", lambda frame, heat, scale: drawn.append(heat) or overlay(frame, heat, scale))
+    monkeypatch.setattr(render, "overlay", lambda frame, heat, scale: drawn.setdefault(frame.tobytes(), heat) is None
+                        or overlay(frame, heat, scale))
     report = explain_video(spec, src, tmp_path / "out.mp4", batch_size=3, progress=False)
     assert report["totals"]["frames"] == 7 and len(read_frames(tmp_path / "out.mp4")) == 7
     decoded = np.stack(read_frames(src))
@@ -128,7 +129,20 @@ def test_clip_models_explain_each_batch_of_frames_as_one_clip(tmp_path, monkeypa
         label = int(model(clip).argmax())
         assert [r["label"] for r in report["frames"][start:start + 3]] == [label] * len(x)
         expected = render.heat_to_frame(rsp_fast.heatmap(rsp_fast.RSP(model).attribute(clip))[0], box).numpy()
-        assert np.allclose(np.stack(drawn[start:start + 3]), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+        maps = np.stack([drawn[f.tobytes()] for f in decoded[start:start + 3]])
+        assert np.allclose(maps, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def test_frames_drawn_by_a_pool_of_threads_stay_in_order(tmp_path, spec, monkeypatch):
+    """On a machine with more cores the frames of a batch are drawn by several threads: the
+    video is the one a single thread writes, frame for frame (running scale included)."""
+    from rsp_fast.video import pipeline
+    src = write_video(tmp_path / "in.mp4", _frames(9), fps=6)
+    for threads in (1, 3):
+        monkeypatch.setattr(pipeline, "RENDER_THREADS", threads)
+        explain_video(spec, src, tmp_path / f"out{threads}.mp4", batch_size=4, scale="running", progress=False)
+    one, three = (np.stack(read_frames(tmp_path / f"out{n}.mp4")).astype(int) for n in (1, 3))
+    assert one.shape == three.shape == (9, 36, 52, 3) and np.abs(one - three).max() <= 2
 
 
 def test_labels_come_from_the_logits_even_when_probabilities_tie(tmp_path, spec):
