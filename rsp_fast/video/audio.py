@@ -3,9 +3,8 @@
 in sync and nothing is lost in quality."""
 from __future__ import annotations
 
-import io as _bytes_io
+from io import BytesIO
 from pathlib import Path
-
 
 
 def _av():
@@ -87,7 +86,7 @@ def _fits(stream, output_format: str) -> bool:
     """Whether the output format can hold the stream's codec: a header written to memory says."""
     av = _av()
     try:
-        with av.open(_bytes_io.BytesIO(), mode="w", format=output_format) as trial:
+        with av.open(BytesIO(), mode="w", format=output_format) as trial:
             trial.add_stream_from_template(stream)
             trial.start_encoding()
         return True
