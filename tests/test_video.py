@@ -387,6 +387,9 @@ def test_cli_video_with_a_clip_model_from_a_factory_spec(tmp_path):
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--weights", "{weights}"], "do not match"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--target", "7"], "class 7 is out of range"),
     (["video", "{good}", "-o", "out.gif", "--model", "models:tiny_cnn"], "a .gif cannot hold libx264 video"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "-5"], "frame rate must be above 0"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "nan"], "not nan"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "0"], "not 0.0"),
 ])
 def test_cli_video_errors_are_one_line(tmp_path, args, message):
     import torch

@@ -105,6 +105,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         raise RSPError(f"batch size must be at least 1, not {batch_size}")
     if max_frames is not None and max_frames < 1:
         raise RSPError(f"max frames must be at least 1, not {max_frames}")
+    if fps is not None and not 0 < fps <= 1000:  # NaN fails this too
+        raise RSPError(f"frame rate must be above 0 and at most 1000 frames per second, not {fps}")
     if precision == "tf32" and torch.device(device).type != "cuda":
         raise RSPError("precision='tf32' uses CUDA tensor cores: use --device cuda, or fp32 or bf16")
     spec = _as_spec(model)
@@ -118,7 +120,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
     stop = threading.Event()
     decoded: queue.Queue = queue.Queue(maxsize=2)
     attributed: queue.Queue = queue.Queue(maxsize=2)
-    keep_times = not fps  # the source's timestamps (variable frame rates stay in sync); --fps retimes
+    keep_times = fps is None  # the source's timestamps (variable frame rates stay in sync); --fps retimes
     encoder = io.Encoder(dst, out_fps, start=info.start, audio_from=src if keep_times else None)
     rows: list[dict] = []
 
