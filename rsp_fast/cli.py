@@ -61,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _spec(args):
-    from .models import build_model
+    from .models import build_model, checked_device
 
+    device = checked_device(args.device)  # before the model is built: a typo fails at once
     spec = build_model(args.model, args.weights)
-    spec.model.to(args.device)
+    spec.model.to(device)
     return spec
 
 

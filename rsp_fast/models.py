@@ -113,6 +113,20 @@ TORCHVISION = {"vgg16": _torchvision("vgg16"), "resnet50": _torchvision("resnet5
 MODEL_NAMES = ["efficientnet_lite0", *TORCHVISION, "package.module:factory"]
 
 
+def checked_device(name: str | torch.device) -> torch.device:
+    """The device a model is to run on, or an RSPError naming why it cannot (a misspelt name,
+    CUDA asked for where no GPU or driver is)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise RSPError(f"unknown device {str(name)!r}: {str(exc).split(':')[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RSPError(f"device {str(name)!r}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RSPError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def build_model(name: str = "efficientnet_lite0", weights: str | None = None) -> ModelSpec:
     """A model by name (see ``MODEL_NAMES``), with weights from ``weights`` if given."""
     if name == "efficientnet_lite0":

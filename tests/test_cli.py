@@ -139,6 +139,9 @@ def test_image_demo_photos_are_recognised(tmp_path):
     (["image", "{png}", "-o", "x", "--batch-size", "0"], "batch size must be at least 1"),
     (["image", "{png}", "-o", "{png}"], "is a file"),
     (["image", "{empty}", "-o", "x"], "holds no images"),
+    (["image", "{png}", "-o", "x", "--device", "gpu0"], "unknown device 'gpu0'"),
+    pytest.param(["image", "{png}", "-o", "x", "--device", "cuda"], "no CUDA GPU is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     notimage = tmp_path / "notimage.png"

@@ -26,7 +26,7 @@ from torch import nn
 from .. import render
 from ..api import RSP, heatmap
 from ..errors import RSPError
-from ..models import ModelSpec, build_model
+from ..models import ModelSpec, build_model, checked_device
 from . import io
 
 _DONE = object()
@@ -107,7 +107,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         raise RSPError(f"max frames must be at least 1, not {max_frames}")
     if fps is not None and not 0 < fps <= 1000:  # NaN fails this too
         raise RSPError(f"frame rate must be above 0 and at most 1000 frames per second, not {fps}")
-    if precision == "tf32" and torch.device(device).type != "cuda":
+    device = checked_device(device)
+    if precision == "tf32" and device.type != "cuda":
         raise RSPError("precision='tf32' uses CUDA tensor cores: use --device cuda, or fp32 or bf16")
     spec = _as_spec(model)
     info = io.probe(src)  # fails here, before any model work, on a missing or broken file
