@@ -145,6 +145,27 @@ def test_frames_drawn_by_a_pool_of_threads_stay_in_order(tmp_path, spec, monkeyp
     assert one.shape == three.shape == (9, 36, 52, 3) and np.abs(one - three).max() <= 2
 
 
+def test_explain_frames_from_any_source(spec):
+    """explain_frames takes frames from any iterable (here a generator of two sizes and a grey
+    frame): one result per frame, in order, each the map RSP gives its letterboxed frame alone,
+    whatever the batch size; a frame that is not uint8 RGB or grey is named."""
+    from rsp_fast.render import heat_to_frame, to_model_input
+    from rsp_fast.video import explain_frames
+    frames = _frames(3, 36, 52) + _frames(2, 40, 30, seed=1) + [_frames(1, 20, 20, seed=2)[0][..., 0]]
+    results = {b: list(explain_frames(spec, (f for f in frames), batch_size=b)) for b in (1, 4)}
+    assert [len(r) for r in results.values()] == [6, 6]
+    for k, frame in enumerate(frames):
+        rgb = np.repeat(frame[..., None], 3, 2) if frame.ndim == 2 else frame
+        x, box = to_model_input(rgb[None], 64, spec.mean, spec.std)
+        ex = rsp_fast.RSP(spec.model).explain(x)
+        expected = heat_to_frame(rsp_fast.heatmap(ex.attribution), box)[0].numpy()
+        for r in (results[1][k], results[4][k]):
+            assert r.heat.shape == frame.shape[:2] and np.allclose(r.heat, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+            assert r.label == r.target == int(ex.logits.argmax()) and r.name == f"c{r.label}" and 0 < r.score <= 1
+    with pytest.raises(RSPError, match="frame 1 must be an H×W×3"):
+        list(explain_frames(spec, [frames[0], frames[0].astype(np.float32)]))
+
+
 def test_labels_come_from_the_logits_even_when_probabilities_tie(tmp_path, spec):
     """Logits 2e-8 apart are distinct, their float32 softmax probabilities are not: the label
     is the logits' argmax, the class RSP explains."""

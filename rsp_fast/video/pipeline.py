@@ -1,12 +1,10 @@
 """Stream a video through RSP: decode, attribute and encode overlap in a three-stage pipeline.
 
 A decoder thread fills a bounded queue with frame batches, the calling thread attributes
-them, an encoder thread renders (overlay or side by side, label drawn; the frames of a batch
-on a pool of threads) and encodes. Queues
-hold at most two batches, so memory stays bounded whatever the video's length. The output
-keeps the input's frame timestamps (or a rate given), aspect ratio and sound, and appears only when complete.
-A clip model (a video classifier: its input N×C×T×H×W) explains each batch of frames as one
-clip; the clip's map over (T, H, W) gives each of its frames its heat map, and its label.
+them (frames.FrameAttributor), an encoder thread renders (overlay or side by side, label
+drawn; the frames of a batch on a pool of threads) and encodes. Queues hold at most two
+batches, so memory stays bounded whatever the video's length. The output keeps the input's
+frame timestamps (or a rate given), aspect ratio and sound, and appears only when complete.
 """
 from __future__ import annotations
 
@@ -19,15 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
-import numpy as np
-import torch
-from torch import nn
-
 from .. import render
-from ..api import RSP, heatmap
+from ..api import RSP
 from ..errors import RSPError
-from ..models import ModelSpec, build_model, checked_device
+from ..models import checked_device
 from . import io
+from .frames import FrameAttributor, FrameMaps, as_spec
 
 _DONE = object()
 RUNNING_DECAY = 0.8  # --scale running: s_t = 0.8·s_{t-1} + 0.2·(this frame's scale)
@@ -40,10 +35,7 @@ RENDER_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 @dataclass
 class _Attributed:
     batch: io.DecodedBatch
-    heat: np.ndarray  # N×H×W on the frames
-    labels: list[int]
-    targets: list[int]
-    scores: list[float]
+    maps: FrameMaps
     seconds: float
 
 
@@ -81,16 +73,6 @@ def _get(q: queue.Queue, stop: threading.Event, worker: _Stage):
                 return _DONE
 
 
-def _as_spec(model) -> ModelSpec:
-    if isinstance(model, ModelSpec):
-        return model
-    if isinstance(model, str):
-        return build_model(model)
-    if isinstance(model, nn.Module):
-        return ModelSpec(model, type(model).__name__)  # RSP runs it in eval mode and restores its mode
-    raise RSPError(f"model must be an nn.Module, a ModelSpec or a model name, not {type(model).__name__}")
-
-
 def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hostile_k: int = 3, target: int | None = None,
                   batch_size: int = 8, device: str = "cpu", backend: str = "auto", precision: str = "fp32", fps: float | None = None,
                   max_frames: int | None = None, mode: str = "overlay", scale: str = "frame", progress: bool | None = None,
@@ -110,7 +92,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
     device = checked_device(device)
     if precision == "tf32" and device.type != "cuda":
         raise RSPError("precision='tf32' uses CUDA tensor cores: use --device cuda, or fp32 or bf16")
-    spec = _as_spec(model)
+    spec = as_spec(model)
     info = io.probe(src)  # fails here, before any model work, on a missing or broken file
     spec.model.to(device)
     explainer = explainer or RSP(spec.model, layer=layer, init=init, hostile_k=hostile_k, backend=backend, precision=precision)
@@ -144,23 +126,15 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
             while (item := _get(attributed, stop, None)) is not _DONE:
                 t = time.perf_counter()
                 shown = []  # each frame's colour scale: its own, or smoothed over the frames before it
-                for s in pool.map(render.symmetric_scale, item.heat):
+                for s in pool.map(render.symmetric_scale, item.maps.heat):
                     running = s if running is None or scale == "frame" else RUNNING_DECAY * running + (1 - RUNNING_DECAY) * s
                     shown.append(running)
-                captions = [f"{spec.label(c)} ({p:.2f})" for c, p in zip(item.labels, item.scores)]
-                for k, drawn in enumerate(pool.map(picture, item.batch.frames, item.heat, shown, captions)):
+                captions = [f"{spec.label(c)} ({p:.2f})" for c, p in zip(item.maps.labels, item.maps.scores)]
+                for k, drawn in enumerate(pool.map(picture, item.batch.frames, item.maps.heat, shown, captions)):
                     encoder.write(drawn, item.batch.times[k] if keep_times else None)
                 stage.seconds += time.perf_counter() - t
 
-    graphs = {}  # on CUDA, full batches replay a CUDA graph of the whole pass (every frame has one shape)
-    clips = explainer.plan is not None and explainer.plan.input_rank == 5  # a video classifier: a batch is a clip
-
-    def explain_batch(x: torch.Tensor):
-        if x.device.type != "cuda" or x.shape[0] != batch_size or clips:
-            return explainer.explain(x, target=target)
-        if x.shape not in graphs:
-            graphs[x.shape] = explainer.static(x)
-        return graphs[x.shape].explain(x, target)
+    attribute = FrameAttributor(spec, explainer, device, batch_size, target)
 
     decoder, writer = _Stage(decode), _Stage(encode)
     started = time.perf_counter()
@@ -170,25 +144,15 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         writer.start()
         while (batch := _get(decoded, stop, decoder)) is not _DONE:
             t = time.perf_counter()
-            x, box = render.to_model_input(batch.frames, spec.input_size, spec.mean, spec.std)
-            if clips:  # the batch's T frames as one clip, 1×C×T×H×W
-                x = x.transpose(0, 1).unsqueeze(0)
-            ex = explain_batch(x.to(device))
-            heat = heatmap(ex.attribution).detach().float().cpu()
-            heat = render.heat_to_frame(heat[0] if clips else heat, box).numpy()
-            probs = torch.softmax(ex.logits.float(), 1).cpu()
-            labels = ex.logits.argmax(1).tolist()  # not probs.argmax: near-equal logits tie in float32 probabilities
-            targets = ex.target.tolist()
-            scores = [float(probs[k, c]) for k, c in enumerate(labels)]
-            if clips:  # every frame of the clip carries the clip's class
-                labels, targets, scores = (values * len(batch.indices) for values in (labels, targets, scores))
+            maps = attribute(batch.frames)
             seconds = time.perf_counter() - t
             attribute_s += seconds
-            if not _put(attributed, _Attributed(batch, heat, labels, targets, scores, seconds), stop, writer):
+            if not _put(attributed, _Attributed(batch, maps, seconds), stop, writer):
                 break
             for k, idx in enumerate(batch.indices):
-                rows.append({"index": idx, "time": batch.times[k], "label": labels[k], "name": spec.label(labels[k]),
-                             "score": scores[k], "target": targets[k], "seconds": seconds / len(batch.indices)})
+                label = maps.labels[k]
+                rows.append({"index": idx, "time": batch.times[k], "label": label, "name": spec.label(label),
+                             "score": maps.scores[k], "target": maps.targets[k], "seconds": seconds / len(batch.indices)})
             if show:
                 _progress(len(rows), total, time.perf_counter() - started)
         _put(attributed, _DONE, stop, writer)
