@@ -1,7 +1,7 @@
 """End-to-end heat-map video throughput: frames per second and the share of time spent in
 decode, attribution and encode, per batch size, on the demo clip (or --input).
 
-    python benchmarks/bench_video.py [--batch-sizes 1 8 32] [--frames 32] [--json out.json]
+    python benchmarks/bench_video.py [--batch-sizes 1 8 32] [--frames 32] [--size 1920x1080] [--json out.json]
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from rsp_fast.video import explain_video, make_demo_clip
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", help="video to use (default: the demo clip)")
+    p.add_argument("--size", default="320x240", help="the demo clip's frame size, WxH (e.g. 1920x1080 for HD)")
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--frames", type=int, default=32)
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     spec = build_model(args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        src = args.input or make_demo_clip(Path(tmp) / "clip.mp4")
+        width, height = map(int, args.size.lower().split("x"))
+        src = args.input or make_demo_clip(Path(tmp) / "clip.mp4", size=(width, height))
         explain_video(spec, src, Path(tmp) / "warm.mp4", max_frames=2, device=args.device, backend=args.backend, progress=False)
         for bs in args.batch_sizes:
             t0 = time.perf_counter()

@@ -10,7 +10,8 @@
 # times whole passes with the Gram path weighed at several slowdowns against the implicit GEMMs
 # (GRAM_MODELS="vgg16 resnet50" GRAM_PRECISIONS="tf32 bf16" GRAM_SLOWDOWNS="1 2 4 inf", GRAM_IMPLICIT="0 1":
 # also with the Gram path on implicit GEMMs), "first_layer" times the first layer's z^B rule on cuDNN's
-# convolutions against the fused Triton kernels, per stem and in whole passes (FIRST_LAYER_PRECISIONS="tf32 bf16"))
+# convolutions against the fused Triton kernels, per stem and in whole passes (FIRST_LAYER_PRECISIONS="tf32 bf16"),
+# "video" the heat-map video end to end on the demo clip at 320x240 and at 1080p)
 # The "paths" step times the ways dense layers can run on CUDA (PATHS_AUTOTUNE=1: also under cuDNN's
 # autotuner), the fastest per precision last (the steps after it keep the default choice);
 # "conv_products" times the Triton implicit GEMMs against cuDNN per layer (CONV_PRODUCTS_ARGS=--tiles:
@@ -215,6 +216,13 @@ cpu_tests() {  # the CPU tests most tied to torch's version (tracing, rules, com
     timeout ${CPU_TEST_LIMIT:-150} $PY -m pytest -q -n 8 -m "not cuda" -p no:cacheprovider -o addopts="" tests/test_api.py \
         tests/test_rules.py tests/test_depthwise.py tests/test_masked.py tests/test_products_kernels.py tests/test_golden.py -rfE 2>&1 \
         | tee "$OUT/cpu_tests.log" | tail -15
+}
+
+video() {  # the heat-map video end to end on the GPU: the demo clip at 320x240 and at 1080p (drawing on the CPU's render pool)
+    timeout ${VIDEO_LIMIT:-150} $PY benchmarks/bench_video.py --device cuda --batch-sizes 8 32 --frames 128 \
+        --json "$OUT/video_small.json" 2>&1 | tail -4
+    timeout ${VIDEO_LIMIT:-150} $PY benchmarks/bench_video.py --device cuda --size 1920x1080 --batch-sizes 8 32 --frames 128 \
+        --json "$OUT/video_hd.json" 2>&1 | tail -4
 }
 
 kernels() {
