@@ -21,6 +21,16 @@ def test_bench_kernels_quick(tmp_path):
     assert "| op |" in proc.stdout
 
 
+def test_bench_video_on_a_demo_clip_of_any_size(tmp_path):
+    out = tmp_path / "v.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_video.py"), "--size", "96x64", "--frames", "4",
+                           "--batch-sizes", "2", "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    [row] = json.loads(out.read_text())
+    assert row["batch"] == 2 and row["frames"] == 4 and row["fps"] > 0
+    assert abs(row["decode_share"] + row["attribute_share"] + row["encode_share"] - 1) < 1e-9
+
+
 def test_bench_conv_products_quick(tmp_path):
     """Both CUDA dense paths of the conv rule, run on CPU (the implicit GEMMs in Triton's interpreter)."""
     out = tmp_path / "c.json"
