@@ -411,6 +411,7 @@ def test_cli_video_with_a_clip_model_from_a_factory_spec(tmp_path):
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "-5"], "frame rate must be above 0"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "nan"], "not nan"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "0"], "not 0.0"),
+    (["video", "{good}", "-o", "{good}", "--model", "models:tiny_cnn"], "is the input video"),
 ])
 def test_cli_video_errors_are_one_line(tmp_path, args, message):
     import torch
@@ -423,6 +424,7 @@ def test_cli_video_errors_are_one_line(tmp_path, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.mp4").exists() and not list(tmp_path.glob("*out*"))
+    assert good.stat().st_size > 0 and len(read_frames(good)) == 3  # the input untouched
 
 
 def test_explain_video_leaves_a_plain_module_as_it_was(tmp_path):

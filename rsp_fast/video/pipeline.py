@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 from .. import render
 from ..api import RSP
@@ -89,6 +90,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         raise RSPError(f"max frames must be at least 1, not {max_frames}")
     if fps is not None and not 0 < fps <= 1000:  # NaN fails this too
         raise RSPError(f"frame rate must be above 0 and at most 1000 frames per second, not {fps}")
+    if Path(dst).resolve() == Path(src).resolve():
+        raise RSPError(f"the output {str(dst)!r} is the input video: choose another path")
     device = checked_device(device)
     if precision == "tf32" and device.type != "cuda":
         raise RSPError("precision='tf32' uses CUDA tensor cores: use --device cuda, or fp32 or bf16")
