@@ -90,5 +90,5 @@ def _fits(stream, output_format: str) -> bool:
             trial.add_stream_from_template(stream)
             trial.start_encoding()
         return True
-    except (av.error.FFmpegError, ValueError):
+    except Exception:  # a probe: whatever the muxer refuses, the sound is left out, the video goes on
         return False
