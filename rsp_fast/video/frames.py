@@ -87,7 +87,7 @@ def explain_frames(model, frames: Iterable[np.ndarray], *, layer=None, init: str
                    target: int | None = None, batch_size: int = 8, device: str = "cpu", backend: str = "auto",
                    precision: str = "fp32", explainer: RSP | None = None) -> Iterator[FrameExplanation]:
     """Yield a ``FrameExplanation`` per frame, in order, for H×W×3 uint8 RGB frames (or H×W
-    grey) from any iterable; frames are explained ``batch_size`` at a time (a change of frame
+    grey; OpenCV's BGR frames reversed: ``frame[..., ::-1]``) from any iterable; frames are explained ``batch_size`` at a time (a change of frame
     size starts a new batch). ``model``: an nn.Module, a ModelSpec or a model name."""
     if batch_size < 1:
         raise RSPError(f"batch size must be at least 1, not {batch_size}")
