@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import torch
 
 from . import render
-from .api import RSP, heatmap
+from .api import RSP
 from .errors import RSPError
-from .models import ModelSpec
+from .models import ModelSpec, checked_device
+from .pictures import FrameAttributor
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -93,36 +93,32 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
                    target=None, batch_size: int = 8, device: str = "cpu") -> dict:
     """Write ``<name>_heatmap.png`` and ``<name>_overlay.png`` per image (an RGB array, or a
     file read when its batch comes) and a contact sheet of the first 64; return a report with
-    each image's label, score and time. Images of any sizes share a batch: each is letterboxed
-    into the model's input on its own."""
+    each image's predicted label, its score, the class its map explains (``target``) and time.
+    Images of any sizes share a batch: each is letterboxed into the model's input on its own."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RSPError(f"output folder {str(out)!r} is a file")
     if batch_size < 1:
         raise RSPError(f"batch size must be at least 1, not {batch_size}")
+    attribute = FrameAttributor(spec, explainer, checked_device(device), batch_size, target)
     rows, tiles, started, images = [], [], time.perf_counter(), iter(images)
     while batch := list(itertools.islice(images, batch_size)):
         t0 = time.perf_counter()
         pictures = [(name, read_image(img) if isinstance(img, (str, Path)) else img) for name, img in batch]
-        inputs = [render.to_model_input(img[None], spec.input_size, spec.mean, spec.std) for _, img in pictures]
-        ex = explainer.explain(torch.cat([x for x, _ in inputs]).to(device), target=target)
-        heats = heatmap(ex.attribution).float().cpu()
-        probs = torch.softmax(ex.logits.float(), 1).cpu()
+        maps = attribute([img for _, img in pictures])
         share = (time.perf_counter() - t0) / len(batch)
-        for k, ((name, img), (_, box)) in enumerate(zip(pictures, inputs)):
+        for k, (name, img) in enumerate(pictures):
             t1 = time.perf_counter()
-            heat = render.heat_to_frame(heats[k:k + 1], box)[0].numpy()
+            heat, label, score = maps.heat[k], maps.labels[k], maps.scores[k]
             scale = render.symmetric_scale(heat)
-            cls = int(ex.target[k])
-            score = float(probs[k, cls])
-            over = render.draw_label(render.overlay(img, heat, scale), f"{spec.label(cls)} ({score:.2f})")
+            over = render.draw_label(render.overlay(img, heat, scale), f"{spec.label(label)} ({score:.2f})")
             out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             render.save_png(out / f"{name}_heatmap.png", render.colorize(heat, scale))
             render.save_png(out / f"{name}_overlay.png", over)
             if len(tiles) < CONTACT_SHEET_IMAGES:
                 tiles.append(_thumbnail(render.side_by_side(img, over), 512))
-            rows.append({"name": name, "label": cls, "class_name": spec.label(cls), "score": score,
-                         "seconds": share + time.perf_counter() - t1})
+            rows.append({"name": name, "label": label, "class_name": spec.label(label), "score": score,
+                         "target": maps.targets[k], "seconds": share + time.perf_counter() - t1})
     if not rows:
         raise RSPError("no images to explain")
     sheet = out / "contact_sheet.png"

@@ -1,7 +1,7 @@
 """Stream a video through RSP: decode, attribute and encode overlap in a three-stage pipeline.
 
 A decoder thread fills a bounded queue with frame batches, the calling thread attributes
-them (frames.FrameAttributor), an encoder thread renders (overlay or side by side, label
+them (pictures.FrameAttributor), an encoder thread renders (overlay or side by side, label
 drawn; the frames of a batch on a pool of threads) and encodes. Queues hold at most two
 batches, so memory stays bounded whatever the video's length. The output keeps the input's
 frame timestamps (or a rate given), aspect ratio and sound, and appears only when complete.
@@ -23,7 +23,7 @@ from ..api import RSP
 from ..errors import RSPError
 from ..models import checked_device
 from . import io
-from .frames import FrameAttributor, FrameMaps, as_spec
+from ..pictures import FrameAttributor, FrameMaps, as_spec
 
 _DONE = object()
 RUNNING_DECAY = 0.8  # --scale running: s_t = 0.8·s_{t-1} + 0.2·(this frame's scale)

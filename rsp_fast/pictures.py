@@ -1,0 +1,84 @@
+"""RGB pictures (video frames, photos) through RSP: each letterboxed into the model's input,
+explained a batch at a time (on CUDA, full batches replay a CUDA graph of the whole pass), and
+each map cut back onto its picture. The attribution step of the video pipeline, of
+``explain_frames`` and of the image command."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import render
+from .api import RSP, heatmap
+from .errors import RSPError
+from .models import ModelSpec, build_model
+
+
+@dataclass
+class FrameMaps:
+    """One batch's results: each frame's map (H×W, on the frame), predicted class, the class its
+    map explains, and the predicted class's probability."""
+
+    heat: list[np.ndarray]
+    labels: list[int]
+    targets: list[int]
+    scores: list[float]
+
+
+def as_spec(model) -> ModelSpec:
+    """A ModelSpec from a module (ImageNet normalisation, 224 input), a spec, or a model name."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str):
+        return build_model(model)
+    if isinstance(model, nn.Module):
+        return ModelSpec(model, type(model).__name__)  # RSP runs it in eval mode and restores its mode
+    raise RSPError(f"model must be an nn.Module, a ModelSpec or a model name, not {type(model).__name__}")
+
+
+class FrameAttributor:
+    """Explains batches of uint8 RGB pictures with ``explainer``: an N×H×W×3 array (frames of a
+    video share one letterbox), or a list of H×W×3 arrays of any sizes (each letterboxed on its
+    own). A clip model (a video classifier: input N×C×T×H×W) explains each batch of frames as
+    one clip; each frame gets its slice of the clip's map and the clip's class."""
+
+    def __init__(self, spec: ModelSpec, explainer: RSP, device: torch.device, batch_size: int, target=None):
+        self.spec, self.explainer, self.device, self.batch_size, self.target = spec, explainer, device, batch_size, target
+        self.clips = explainer.plan is not None and explainer.plan.input_rank == 5
+        self.graphs = {}  # input shape -> StaticRSP: every full batch of a video has one shape
+
+    def _explain(self, x: torch.Tensor):
+        if x.device.type != "cuda" or x.shape[0] != self.batch_size or self.clips:
+            return self.explainer.explain(x, target=self.target)
+        if x.shape not in self.graphs:
+            self.graphs[x.shape] = self.explainer.static(x)
+        return self.graphs[x.shape].explain(x, self.target)
+
+    def __call__(self, frames: np.ndarray | list[np.ndarray]) -> FrameMaps:
+        size, mean, std = self.spec.input_size, self.spec.mean, self.spec.std
+        if isinstance(frames, np.ndarray) or len({f.shape for f in frames}) == 1:
+            x, box = render.to_model_input(np.asarray(frames) if isinstance(frames, np.ndarray) else np.stack(frames), size, mean, std)
+            boxes = [box] * len(frames)
+        elif self.clips:
+            raise RSPError("the frames of a clip must have one size")
+        else:
+            inputs = [render.to_model_input(f[None], size, mean, std) for f in frames]
+            x, boxes = torch.cat([x for x, _ in inputs]), [box for _, box in inputs]
+        if self.clips:  # the batch's T frames as one clip, 1×C×T×H×W
+            x = x.transpose(0, 1).unsqueeze(0)
+        ex = self._explain(x.to(self.device))
+        heat = heatmap(ex.attribution).detach().float().cpu()
+        heat = heat[0] if self.clips else heat
+        if boxes[0] is boxes[-1]:  # one letterbox: one resize for the batch
+            heats = list(render.heat_to_frame(heat, boxes[0]).numpy())
+        else:
+            heats = [render.heat_to_frame(heat[k:k + 1], box)[0].numpy() for k, box in enumerate(boxes)]
+        probs = torch.softmax(ex.logits.float(), 1).cpu()
+        labels = ex.logits.argmax(1).tolist()  # not probs.argmax: near-equal logits tie in float32 probabilities
+        targets = ex.target.tolist()
+        scores = [float(probs[k, c]) for k, c in enumerate(labels)]
+        if self.clips:  # every frame of the clip carries the clip's class
+            labels, targets, scores = (values * len(frames) for values in (labels, targets, scores))
+        return FrameMaps(heats, labels, targets, scores)
