@@ -58,8 +58,10 @@ class FrameAttributor:
 
     def __call__(self, frames: np.ndarray | list[np.ndarray]) -> FrameMaps:
         size, mean, std = self.spec.input_size, self.spec.mean, self.spec.std
-        if isinstance(frames, np.ndarray) or len({f.shape for f in frames}) == 1:
-            x, box = render.to_model_input(np.asarray(frames) if isinstance(frames, np.ndarray) else np.stack(frames), size, mean, std)
+        one_size = isinstance(frames, np.ndarray) or len({f.shape for f in frames}) == 1
+        if one_size:  # one letterbox for the batch: one resize each way
+            x, box = render.to_model_input(np.asarray(frames) if isinstance(frames, np.ndarray) else np.stack(frames),
+                                           size, mean, std)
             boxes = [box] * len(frames)
         elif self.clips:
             raise RSPError("the frames of a clip must have one size")
@@ -71,7 +73,7 @@ class FrameAttributor:
         ex = self._explain(x.to(self.device))
         heat = heatmap(ex.attribution).detach().float().cpu()
         heat = heat[0] if self.clips else heat
-        if boxes[0] is boxes[-1]:  # one letterbox: one resize for the batch
+        if one_size:
             heats = list(render.heat_to_frame(heat, boxes[0]).numpy())
         else:
             heats = [render.heat_to_frame(heat[k:k + 1], box)[0].numpy() for k, box in enumerate(boxes)]
