@@ -6,10 +6,7 @@ from __future__ import annotations
 from io import BytesIO
 from pathlib import Path
 
-
-def _av():
-    import av  # only reached through io.Encoder, which has imported it (or named the missing package)
-    return av
+from .io import _av
 
 
 class AudioCopy:

@@ -10,7 +10,6 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import RSPError
-from .audio import AudioCopy
 
 AVFMT_VARIABLE_FPS = 0x0400  # libavformat: the container keeps per-frame timestamps (AVI does not)
 
@@ -182,7 +181,9 @@ class Encoder:
         self.stream = None
         self.frames, self.start, self.last_pts, self.jump = 0, start, -1, Fraction(0)
         self.time_base = TIME_BASE if self.container.format.flags & AVFMT_VARIABLE_FPS else 1 / self.fps
-        self.audio = AudioCopy(audio_from, self.container.format.name, start) if audio_from is not None else None
+        if audio_from is not None:
+            from .audio import AudioCopy  # audio.py reads PyAV through this module's _av
+            self.audio = AudioCopy(audio_from, self.container.format.name, start)
         self.audio_note = self.audio.note if self.audio is not None else None
 
     def write(self, rgb: np.ndarray, time: float | None = None) -> None:
