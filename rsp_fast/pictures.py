@@ -38,6 +38,13 @@ def as_spec(model) -> ModelSpec:
     raise RSPError(f"model must be an nn.Module, a ModelSpec or a model name, not {type(model).__name__}")
 
 
+def explainer_on(spec: ModelSpec, device: torch.device, explainer: RSP | None = None, **options) -> RSP:
+    """``explainer``, or an RSP of the spec's model (``options``: RSP's keyword arguments), the
+    model moved to ``device``."""
+    spec.model.to(device)
+    return explainer or RSP(spec.model, **options)
+
+
 class FrameAttributor:
     """Explains batches of uint8 RGB pictures with ``explainer``: an N×H×W×3 array (frames of a
     video share one letterbox), or a list of H×W×3 arrays of any sizes (each letterboxed on its

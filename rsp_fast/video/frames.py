@@ -10,7 +10,7 @@ import numpy as np
 from ..api import RSP
 from ..errors import RSPError
 from ..models import checked_device
-from ..pictures import FrameAttributor, as_spec
+from ..pictures import FrameAttributor, as_spec, explainer_on
 
 
 @dataclass
@@ -35,8 +35,8 @@ def explain_frames(model, frames: Iterable[np.ndarray], *, layer=None, init: str
         raise RSPError(f"batch size must be at least 1, not {batch_size}")
     device = checked_device(device)
     spec = as_spec(model)
-    spec.model.to(device)
-    explainer = explainer or RSP(spec.model, layer=layer, init=init, hostile_k=hostile_k, backend=backend, precision=precision)
+    explainer = explainer_on(spec, device, explainer, layer=layer, init=init, hostile_k=hostile_k, backend=backend,
+                             precision=precision)
     attribute = FrameAttributor(spec, explainer, device, batch_size, target)
     batch: list[np.ndarray] = []
 

@@ -23,7 +23,7 @@ from ..api import RSP
 from ..errors import RSPError
 from ..models import checked_device
 from . import io
-from ..pictures import FrameAttributor, FrameMaps, as_spec
+from ..pictures import FrameAttributor, FrameMaps, as_spec, explainer_on
 
 _DONE = object()
 RUNNING_DECAY = 0.8  # --scale running: s_t = 0.8·s_{t-1} + 0.2·(this frame's scale)
@@ -97,8 +97,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         raise RSPError("precision='tf32' uses CUDA tensor cores: use --device cuda, or fp32 or bf16")
     spec = as_spec(model)
     info = io.probe(src)  # fails here, before any model work, on a missing or broken file
-    spec.model.to(device)
-    explainer = explainer or RSP(spec.model, layer=layer, init=init, hostile_k=hostile_k, backend=backend, precision=precision)
+    explainer = explainer_on(spec, device, explainer, layer=layer, init=init, hostile_k=hostile_k, backend=backend,
+                             precision=precision)
     out_fps = Fraction(fps).limit_denominator(1001) if fps else info.fps
     total = min(info.frames, max_frames) if info.frames and max_frames else (max_frames or info.frames)
     show = sys.stderr.isatty() if progress is None else progress
