@@ -89,26 +89,32 @@ class RSP:
         if self.backend != "auto":
             select_kernels(self.backend, _model_device(model))  # fail now, not mid-video
 
-    def attribute(self, inputs: torch.Tensor, target=None, hostile=None) -> torch.Tensor:
-        """Relevance shaped like ``inputs``: positive for the target, negative for hostile evidence."""
-        return self.explain(inputs, target, hostile).attribution
+    def attribute(self, inputs: torch.Tensor, target=None, hostile=None, initial: torch.Tensor | None = None) -> torch.Tensor:
+        """Relevance shaped like ``inputs``: positive for the target, negative for hostile evidence.
+        ``initial``: a relevance of your own at the saliency layer, shaped like its output, to
+        propagate instead of R₀ (the authors' ``model.RSP(R=...)``)."""
+        return self.explain(inputs, target, hostile, initial=initial).attribution
 
-    def explain(self, inputs: torch.Tensor, target=None, hostile=None, record: bool = False) -> Explanation:
+    def explain(self, inputs: torch.Tensor, target=None, hostile=None, record: bool = False,
+                initial: torch.Tensor | None = None) -> Explanation:
         """Like ``attribute`` but returns logits, classes, R₀ and, with ``record=True``, every rule's
         output and the relevance dropped at positions with no support (so that
         ΣR_input = ΣR₀ − dropped per sample, RSP_SPEC.md §3)."""
         self._check_inputs(inputs)
+        if initial is not None:
+            _check_initial(initial, inputs)
         N = inputs.shape[0]
         chunk = self.max_batch or N
         if N <= chunk:
-            return self._explain_checked(inputs, target, hostile, record)
+            return self._explain_checked(inputs, target, hostile, record, initial=initial)
         target, hostile = _per_sample(target, N, "target", 0), _per_sample(hostile, N, "hostile", 1)
-        parts = [self._explain_checked(inputs[i:i + chunk], _rows(target, i, chunk), _rows(hostile, i, chunk), record)
+        parts = [self._explain_checked(inputs[i:i + chunk], _rows(target, i, chunk), _rows(hostile, i, chunk), record,
+                                       initial=_rows(initial, i, chunk))
                  for i in range(0, N, chunk)]
         return _concatenate(parts)
 
     def _explain_checked(self, inputs: torch.Tensor, target, hostile, record: bool = False,
-                         trusted_target: bool = False) -> Explanation:
+                         trusted_target: bool = False, initial: torch.Tensor | None = None) -> Explanation:
         """One pass on checked inputs. With ``hostile=None`` and either no target or a target
         tensor already checked (``trusted_target``) it never waits for the device, so a CUDA
         graph can capture it."""
@@ -120,7 +126,7 @@ class RSP:
             with _matmul_precision(self.precision, inputs.device), torch.inference_mode(False):
                 if inputs.is_inference():
                     inputs = inputs.clone()
-                return self._pass(inputs, target, hostile, ops, record, trusted_target)
+                return self._pass(inputs, target, hostile, ops, record, trusted_target, initial)
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -136,7 +142,7 @@ class RSP:
         self.layer = self._plans[key].layer_name
         return self._plans[key]
 
-    def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool) -> Explanation:
+    def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool, initial=None) -> Explanation:
         plan = self._plan_for(inputs)
         logits, A, saved, shapes = record_forward(self.model, plan, inputs)
         if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
@@ -149,6 +155,11 @@ class RSP:
         if hst.shape[1] == 0:
             init = "gradcam"  # comparative needs at least one hostile class (RSP_SPEC.md §1)
         R0, cams = initial_relevance(logits, A, tgt, hst, init, plan.channels_last)
+        if initial is not None:
+            if initial.shape != R0.shape:
+                raise RSPError(f"initial relevance has shape {tuple(initial.shape)}, but the saliency layer "
+                               f"{plan.layer_name!r} gives {tuple(R0.shape)}")
+            R0 = initial.to(R0.dtype).contiguous()
         steps: dict[str, torch.Tensor] = {}
         on_step = (lambda step, outs: steps.__setitem__(_step_name(step), outs[0])) if record else None
         dropped = R0.new_zeros(R0.shape[0]) if record else None
@@ -184,6 +195,18 @@ class RSP:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
         if p is not None and p.device != x.device:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
+
+
+def _check_initial(initial, inputs: torch.Tensor) -> None:
+    if not isinstance(initial, torch.Tensor) or not initial.is_floating_point():
+        raise RSPError(f"initial must be a floating-point tensor shaped like the saliency layer's output, not "
+                       f"{initial.dtype if isinstance(initial, torch.Tensor) else type(initial).__name__}")
+    if initial.device != inputs.device:
+        raise RSPError(f"initial is on {initial.device} but the inputs are on {inputs.device}")
+    if initial.dim() < 2 or initial.shape[0] != inputs.shape[0]:
+        raise RSPError(f"initial must have one row per sample ({inputs.shape[0]}), got shape {tuple(initial.shape)}")
+    if not torch.isfinite(initial).all():
+        raise RSPError("initial contains NaN or Inf")
 
 
 _LAYOUTS = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}  # inputs of a model starting with a Conv1d / 2d / 3d

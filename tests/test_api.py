@@ -482,3 +482,37 @@ def test_large_batches_run_in_chunks_with_the_same_result():
         rsp_fast.RSP(model, max_batch=2).explain(x, hostile=[[0, 6]] * 3)
     with pytest.raises(RSPError, match="max_batch"):
         rsp_fast.RSP(model, max_batch=0)
+
+
+def test_a_given_initial_relevance_is_propagated_as_the_authors_model_RSP_does():
+    """``initial=`` is the authors' ``model.RSP(R=rel)``: their golden R_init, given as it is,
+    comes back as their R_input; and the map comes from that R alone."""
+    for name in ("vgg16_narrow_gradcam", "vgg16_narrow_comparative"):
+        g = load_golden(next(p for p in GOLDEN_FILES if p.stem == name))
+        explainer = rsp_fast.RSP(golden_model(g), layer=f"features.{g['saliency_layer']}", init="gradcam")
+        ex = explainer.explain(g["x"], initial=g["R_init"])
+        assert torch.equal(ex.initial, g["R_init"]) and rel_err(ex.attribution, g["R_input"]) < 1e-9, name
+    # from a relevance at one position of the saliency map, the input map stays in its receptive field
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double().eval()
+    explainer = rsp_fast.RSP(model, layer="3")
+    x = torch.rand(2, 3, 12, 12, dtype=D) + 0.1
+    R0 = torch.zeros(2, 8, 12, 12, dtype=D)
+    R0[0, :, 4, 7], R0[1, :3, 9, 2], R0[1, 3:, 9, 2] = 1.0, 2.0, -1.0
+    R = explainer.attribute(x, initial=R0)
+    for n, (i, j) in enumerate([(4, 7), (9, 2)]):
+        window = torch.zeros(12, 12, dtype=torch.bool)
+        window[i - 2:i + 3, j - 2:j + 3] = True  # two 3×3 convs
+        assert R[n][:, ~window].abs().max() == 0 and R[n][:, window].abs().max() > 0
+        assert abs(R[n].sum().item() - R0[n].sum().item()) < 1e-9
+    # RSP is homogeneous in R, sample by sample, also in chunks
+    assert rel_err(rsp_fast.RSP(model, layer="3", max_batch=1).attribute(x, initial=R0 * 2.5), R * 2.5) < 1e-12
+    with pytest.raises(RSPError, match=r"initial relevance has shape \(2, 8, 6, 12\), but the saliency layer '3' gives \(2, 8, 12, 12\)"):
+        explainer.attribute(x, initial=R0[:, :, :6])
+    with pytest.raises(RSPError, match=r"one row per sample \(2\)"):
+        explainer.attribute(x, initial=R0[:1])
+    with pytest.raises(RSPError, match="NaN"):
+        explainer.attribute(x, initial=R0 * float("nan"))
+    with pytest.raises(RSPError, match="floating-point"):
+        explainer.attribute(x, initial=R0.long())
