@@ -148,7 +148,8 @@ class RSP:
         if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
             logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {type(logits).__name__}"
+            kind = "dict" if isinstance(logits, dict) else "tuple" if isinstance(logits, tuple) else type(logits).__name__
+            shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {kind}"
             raise RSPError(f"the model must return logits of shape (N, classes){shape}")
         tgt = target if trusted_target else _targets(target, logits)
         init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)

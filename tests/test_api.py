@@ -516,3 +516,16 @@ def test_a_given_initial_relevance_is_propagated_as_the_authors_model_RSP_does()
         explainer.attribute(x, initial=R0 * float("nan"))
     with pytest.raises(RSPError, match="floating-point"):
         explainer.attribute(x, initial=R0.long())
+
+
+@pytest.mark.parametrize("wrap, kind", [(lambda y: {"logits": y}, "dict"), (lambda y: (y, y), "tuple")])
+def test_models_returning_several_outputs_are_told_what_they_return(wrap, kind):
+    class Several(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn()
+
+        def forward(self, x):
+            return wrap(self.net(x))
+    with pytest.raises(RSPError, match=rf"must return logits of shape \(N, classes\), not a {kind}$"):
+        rsp_fast.RSP(Several()).attribute(torch.rand(2, 3, 16, 16))
