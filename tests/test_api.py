@@ -1,4 +1,6 @@
 """The public API: batch independence, layer choice, model left untouched, clear errors."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -529,3 +531,34 @@ def test_models_returning_several_outputs_are_told_what_they_return(wrap, kind):
             return wrap(self.net(x))
     with pytest.raises(RSPError, match=rf"must return logits of shape \(N, classes\), not a {kind}$"):
         rsp_fast.RSP(Several()).attribute(torch.rand(2, 3, 16, 16))
+
+
+class _RoutedConv(nn.Module):
+    """CondConv's pattern: a per-sample kernel mixed from experts by weights computed from the
+    input, and a forward that unpacks sizes (so it is traced with an example)."""
+
+    def __init__(self, channels: int = 8, experts: int = 3):
+        super().__init__()
+        self.route = nn.Linear(channels, experts)
+        self.weight = nn.Parameter(torch.randn(experts, channels * channels * 9) * 0.1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        assert C == self.route.in_features
+        kernels = (torch.sigmoid(self.route(x.mean((2, 3)))) @ self.weight).view(B * C, C, 3, 3)
+        return F.conv2d(x.reshape(1, B * C, H, W), kernels, padding=1, groups=B).view(B, C, H, W)
+
+
+def test_convolutions_with_weights_computed_from_the_input_are_refused_by_module():
+    """Such a conv is named by its module's path with the reason; the same reason at several
+    places is said once (it was said per place, and a parameter read while tracing with an
+    example recursed until Python's limit)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), *[_RoutedConv() for _ in range(5)], nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with pytest.raises(UnsupportedModelError) as info:
+        rsp_fast.RSP(model).attribute(torch.rand(2, 3, 12, 12))
+    message = str(info.value)
+    assert re.search(r"no RSP rule for 2 \(conv2d\), 3 \(conv2d_1\), 4 \(conv2d_2\) and 2 more: a convolution whose "
+                     r"weight is computed from the activations", message), message
+    assert message.count("computed from the activations") == 1 and "Recursion" not in message

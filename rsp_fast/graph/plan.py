@@ -7,6 +7,7 @@ and BatchNorms after a conv or linear folded into it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -194,7 +195,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
 
     # Every node relevance reaches on its way back from the saliency layer, with its kind.
     kinds: dict[fx.Node, str] = {}
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []  # (where, what)
     stack, seen, reached_input = [saliency], {saliency}, False
     while stack:
         node = stack.pop()
@@ -210,14 +211,14 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
         # Go on past a node without a rule too, to report every problem (but not its shape queries).
         for arg in relevance_inputs(node, kind) if kind else [a for a in node.all_input_nodes if not is_shape_query(a)]:
             if not isinstance(arg, fx.Node):
-                problems.append(f"{node.name}: {kind} with a constant operand ({arg!r})")
+                problems.append((node.name, f"{kind} with a constant operand ({arg!r})"))
             elif arg not in seen:
                 seen.add(arg)
                 stack.append(arg)
     if problems:
         untraced = any(n.meta.get(KEPT_WHOLE) for n in seen) and example is None
         raise (UntraceableModelError if untraced else UnsupportedModelError)(
-            "no RSP rule for " + "; ".join(sorted(set(problems))) + f" (between the input and layer {layer_name!r}). "
+            "no RSP rule for " + _grouped(problems) + f" (between the input and layer {layer_name!r}). "
             f"Supported: {describe_supported()}"
         )
     if not reached_input:
@@ -298,19 +299,38 @@ def _non_negative(model: nn.Module):
     return check
 
 
-def _describe_unsupported(node: fx.Node, module) -> str:
+def _describe_unsupported(node: fx.Node, module) -> tuple[str, str]:
+    """(where, what) of a node without a rule."""
     if module is not None:
         why = node.meta.get(KEPT_WHOLE)
-        return f"{node.target}: {type(module).__name__}" + (f" (its forward cannot be traced: {why})" if why else "")
+        return node.target, type(module).__name__ + (f" (its forward cannot be traced: {why})" if why else "")
     if node.op == "get_attr":
-        return f"{node.target}: a parameter or buffer used as an activation"
+        return node.target, "a parameter or buffer used as an activation"
+    # a call inside a module's forward is named by that module's path, as users know it
+    stack = node.meta.get("nn_module_stack") or {}
+    where = f"{next(reversed(stack.values()))[0]} ({node.name})" if stack else node.name
     combination = unsupported_combination(node)
     if combination:
-        return f"{node.name}: {combination}"
+        return where, combination
     if node.op == "call_method":
-        return f"{node.name}: Tensor.{node.target}"
+        return where, f"Tensor.{node.target}"
     fn = node.target
-    return f"{node.name}: {getattr(fn, '__module__', None) or 'builtin'}.{getattr(fn, '__name__', fn)}"
+    return where, f"{getattr(fn, '__module__', None) or 'builtin'}.{getattr(fn, '__name__', fn)}"
+
+
+def _grouped(problems: list[tuple[str, str]], shown: int = 3) -> str:
+    """"a, b and 5 more: what; c: other": each reason once, its first places in natural order."""
+    def natural(name: str):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    places: dict[str, set[str]] = {}
+    for where, what in problems:
+        places.setdefault(what, set()).add(where)
+    parts = []
+    for what, where in sorted(places.items(), key=lambda item: natural(min(item[1], key=natural))):
+        names = sorted(where, key=natural)
+        more = f" and {len(names) - shown} more" if len(names) > shown + 1 else ""
+        parts.append(", ".join(names[:shown] if more else names) + more + f": {what}")
+    return "; ".join(parts)
 
 
 def _bn_after(model: nn.Module, node: fx.Node):

@@ -123,13 +123,15 @@ class _ConcreteTracer(_RecordingTracer):
     def _evaluate(self, node: fx.Node):
         if node.op == "placeholder":
             return self.example if not self.values else None  # the first input; a second is refused later
-        if node.op == "get_attr":
-            return _attribute(self.root, node.target)
-        if node.op not in ("call_function", "call_method", "call_module"):
+        if node.op not in ("get_attr", "call_function", "call_method", "call_module"):
             return None
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.values.__getitem__)
-        target = self.root.get_submodule(node.target) if node.op == "call_module" else node.target
-        with _untraced():  # fx patches module calls while tracing: run the real ones
+        # fx patches module calls and attribute reads while tracing (a read of a parameter makes
+        # a get_attr node, which would come back here): run and read the real ones
+        with _untraced():
+            if node.op == "get_attr":
+                return _attribute(self.root, node.target)
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.values.__getitem__)
+            target = self.root.get_submodule(node.target) if node.op == "call_module" else node.target
             return _call(node.op, target, args, kwargs)
 
 

@@ -344,6 +344,9 @@ def unsupported_combination(node: fx.Node) -> str | None:
     if (is_product(node) or calls(node, *ADDCMUL)) and sole_operand(node) is None:
         return ("a product of two position-wise activations (rules exist for x times a sigmoid gate, a number, "
                 "a parameter or a statistic such as a mean or a norm of the activations, and x divided by one)")
+    if node.op == "call_function" and node.target in CONV_FUNCTIONS and not is_parameter(conv_call_args(node).get("weight")):
+        return ("a convolution whose weight is computed from the activations (as CondConv's per-sample mixture of "
+                "kernels); rules exist for weights that are parameters or computed from parameters only")
     return None
 
 
