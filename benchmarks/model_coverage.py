@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import json
 import random
 import time
@@ -79,6 +80,12 @@ def timm_models(per_family: int, seed: int):
             yield f"timm/{name}", (lambda n=name: timm.create_model(n, pretrained=False, num_classes=10)), (3, 128, 128)
 
 
+def _first_reason(message: str) -> str:
+    """What the first refused places lack, from "no RSP rule for <places>: <what>; ... (between ...)"."""
+    first = re.sub(r" \(between the input and layer .*$", "", message.split("; ")[0])
+    return first.split(": ", 1)[-1][:90]
+
+
 def summarise(rows: list[dict]) -> str:
     by_status = collections.Counter(r["status"] for r in rows)
     lines = [f"{len(rows)} models: " + ", ".join(f"{by_status[s]} {s}" for s in ("ok", "refused", "crash"))]
@@ -88,7 +95,7 @@ def summarise(rows: list[dict]) -> str:
         relative = max(r["relative_conservation_error"] for r in ok)
         lines.append(f"conservation error |ΣR_in + dropped − ΣR₀| (float32, ΣR₀ = 1 per sample): largest "
                      f"{worst['conservation_error']:.2e} ({worst['model']}); relative to max(Σ|R_in|, |ΣR₀|), largest {relative:.2e}")
-    reasons = collections.Counter(r["message"].split(";")[0].split(": ", 2)[-1][:90] for r in rows if r["status"] != "ok")
+    reasons = collections.Counter(_first_reason(r["message"]) for r in rows if r["status"] != "ok")
     lines += [f"  {count:3d} × {reason}" for reason, count in reasons.most_common()]
     lines += [f"  CRASH {r['model']}: {r['message']}" for r in rows if r["status"] == "crash"]
     return "\n".join(lines)

@@ -213,3 +213,4 @@ def test_coverage_reports_ok_refused_and_crashes():
     crash = {"model": "broken", "status": "crash", "message": "IndexError: boom"}
     text = summarise([ok, refused, crash])
     assert text.startswith("3 models: 1 ok, 1 refused, 1 crash") and "CRASH broken: IndexError: boom" in text
+    assert "  1 × Softmax\n" in text  # the reason alone: neither its place nor the saliency layer
