@@ -1,5 +1,6 @@
 """The public API: batch independence, layer choice, model left untouched, clear errors."""
 import re
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -562,3 +563,20 @@ def test_convolutions_with_weights_computed_from_the_input_are_refused_by_module
     assert re.search(r"no RSP rule for 2 \(conv2d\), 3 \(conv2d_1\), 4 \(conv2d_2\) and 2 more: a convolution whose "
                      r"weight is computed from the activations", message), message
     assert message.count("computed from the activations") == 1 and "Recursion" not in message
+
+
+def test_a_layer_inside_a_module_run_whole_is_pointed_to_that_module():
+    from rsp_fast.efficientnet_lite import EfficientNetLite0
+    model = EfficientNetLite0(num_classes=4).eval()
+    with pytest.raises(RSPError, match=r"'bn2\.act' is part of 'bn2' \(BatchNormAct2d\), which RSP runs as one layer: name 'bn2'"):
+        rsp_fast.RSP(model, layer="bn2.act")
+
+    class Holder(nn.Module):  # traced through, not run whole: its unused part is never called
+        def __init__(self):
+            super().__init__()
+            self.net, self.spare = tiny_cnn(), nn.ReLU()
+
+        def forward(self, x):
+            return self.net(x)
+    with pytest.raises(RSPError, match=r"layer 'body\.spare' is never called in Sequential.forward"):
+        rsp_fast.RSP(nn.Sequential(OrderedDict(body=Holder())), layer="body.spare")

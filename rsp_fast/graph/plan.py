@@ -174,6 +174,12 @@ def layer_name(model: nn.Module, layer) -> str | None:
     return layer
 
 
+def _ancestors(name: str) -> list[str]:
+    """"a.b.c" -> ["a.b", "a"]: the paths of the modules holding a module, innermost first."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
 def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer) -> tuple[fx.Node, str]:
     layer = layer_name(model, layer)
     if layer is None:
@@ -181,6 +187,12 @@ def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, 
         names = [name for name, n in module_outputs.items() if n is node]
         return node, (min(names, key=len) if names else node.name)
     if layer not in module_outputs:
+        # a part of a module RSP runs whole (a BatchNorm's activation) has no output of its own
+        outer = next((p for p in _ancestors(layer) if p in module_outputs
+                      and module_outputs[p].op == "call_module" and module_outputs[p].target == p), None)
+        if outer is not None:
+            raise RSPError(f"layer {layer!r} is part of {outer!r} ({type(model.get_submodule(outer)).__name__}), "
+                           f"which RSP runs as one layer: name {outer!r} instead")
         raise RSPError(f"layer {layer!r} is never called in {type(model).__name__}.forward")
     return module_outputs[layer], layer
 
