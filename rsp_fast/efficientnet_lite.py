@@ -49,7 +49,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def __init__(self, channels: int, act: bool = True):
         super().__init__(channels, eps=BN_EPS)
-        self.act = nn.ReLU6() if act else nn.Identity()
+        self.act = nn.ReLU6(inplace=True) if act else nn.Identity()  # on the fresh BN output, as timm does: no second buffer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(super().forward(x))
