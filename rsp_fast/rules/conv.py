@@ -51,7 +51,8 @@ def same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
 
 
 def is_same_padding_conv(module: nn.Module) -> bool:
-    """timm's Conv2dSame, StdConv2dSame (TF-style padding computed from the input size at run time)."""
+    """timm's Conv2dSame, StdConv2dSame, rsp_fast's TFSameConv2d (TF-style padding computed from the input size
+    at run time; a module says so with ``same_pad = True``)."""
     return isinstance(module, nn.Conv2d) and (type(module).__name__ == "Conv2dSame" or getattr(module, "same_pad", False) is True)
 
 
