@@ -109,7 +109,9 @@ MODEL_NAMES = ["efficientnet_lite0", *TORCHVISION, "package.module:factory"]
 
 def checked_device(name: str | torch.device) -> torch.device:
     """The device a model is to run on, or an RSPError naming why it cannot (a misspelt name,
-    CUDA asked for where no GPU or driver is)."""
+    CUDA asked for where no GPU or driver is). "auto": the CUDA GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:

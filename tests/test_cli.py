@@ -135,7 +135,7 @@ def test_image_demo_photos_are_recognised(tmp_path):
     (["image", "{png}", "-o", "x", "--model", "vgg16"], "vgg16 needs --weights"),
     (["image", "{png}", "-o", "x", "--model", "vgg16", "--weights", "{badweights}"], "do not match VGG"),
     (["image", "{png}", "-o", "x", "--target", "1000"], "class 1000 is out of range"),
-    (["image", "{png}", "-o", "x", "--precision", "tf32"], "precision='tf32' uses CUDA tensor cores"),
+    (["image", "{png}", "-o", "x", "--precision", "tf32", "--device", "cpu"], "precision='tf32' uses CUDA tensor cores"),
     (["image", "{png}", "-o", "x", "--batch-size", "0"], "batch size must be at least 1"),
     (["image", "{png}", "-o", "{png}"], "is a file"),
     (["image", "{empty}", "-o", "x"], "holds no images"),
@@ -210,3 +210,14 @@ def test_colour_tables_match_the_pixelwise_formulas():
     alpha = 0.75 * np.sqrt(np.abs(v))[..., None]
     blend = (frame.mean(-1, keepdims=True) * 0.6 + 40) * (1 - alpha) + np.rint(colour) * alpha
     assert np.abs(overlay(frame, heat, scale).astype(float) - blend).max() <= 3.0
+
+
+def test_device_auto_is_the_gpu_where_there_is_one(monkeypatch):
+    """The commands' default device: "auto", CUDA where torch sees a GPU, else the CPU."""
+    from rsp_fast.cli import build_parser
+    from rsp_fast.models import checked_device
+    assert build_parser().parse_args(["video", "a.mp4", "-o", "b.mp4"]).device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert checked_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert checked_device("auto") == torch.device("cuda")
