@@ -84,7 +84,7 @@ def _write_report(report: dict, path: Path) -> None:
 
 def _summary(report: dict) -> str:
     t = report["totals"]
-    return (f"{t['frames']} frames in {t['wall_s']:.1f} s ({t['fps']:.2f} fps; decode {t['decode_s']:.1f} s, "
+    return (f"{t['frames']} frames on {report['device']} in {t['wall_s']:.1f} s ({t['fps']:.2f} fps; decode {t['decode_s']:.1f} s, "
             f"attribute {t['attribute_s']:.1f} s, encode {t['encode_s']:.1f} s)"
             + (f"; sound {report['audio']}" if report.get("audio") else ""))
 
@@ -110,7 +110,7 @@ def cmd_image(args) -> None:
     _write_report(report, Path(args.report) if args.report else Path(args.output) / "report.json")
     for row in report["images"]:
         print(f"{row['name']}: {row['class_name']} ({row['score']:.2f}) in {row['seconds']:.2f} s")
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} ({len(report['images'])} images on {report['device']})")
 
 
 def cmd_demo(args) -> None:

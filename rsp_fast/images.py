@@ -100,7 +100,8 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
         raise RSPError(f"output folder {str(out)!r} is a file")
     if batch_size < 1:
         raise RSPError(f"batch size must be at least 1, not {batch_size}")
-    attribute = FrameAttributor(spec, explainer, checked_device(device), batch_size, target)
+    device = checked_device(device)
+    attribute = FrameAttributor(spec, explainer, device, batch_size, target)
     rows, tiles, started, images = [], [], time.perf_counter(), iter(images)
     while batch := list(itertools.islice(images, batch_size)):
         t0 = time.perf_counter()
@@ -124,7 +125,8 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
     sheet = out / "contact_sheet.png"
     render.save_png(sheet, render.contact_sheet(_same_size(tiles), columns=2))
     return {"images": rows, "totals": {"images": len(rows), "seconds": time.perf_counter() - started},
-            "model": spec.name, "layer": explainer.layer, "init": explainer.init, "contact_sheet": str(sheet),
+            "model": spec.name, "layer": explainer.layer, "init": explainer.init, "device": str(device),
+            "contact_sheet": str(sheet),
             "contact_sheet_images": len(tiles)}
 
 

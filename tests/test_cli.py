@@ -35,6 +35,8 @@ def test_image_command_writes_maps_for_grey_alpha_and_colour(tmp_path, capsys):
     assert [r["name"] for r in report["images"]] == ["a", "b", "c"]
     assert all(0 <= r["label"] < 1000 and 0 < r["score"] <= 1 for r in report["images"])
     assert (out / "contact_sheet.png").exists()
+    here = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto
+    assert report["device"] == here and f"(3 images on {here})" in capsys.readouterr().out
 
 
 def test_images_of_different_sizes_share_a_batch(tmp_path):
@@ -106,11 +108,12 @@ def test_folders_stand_for_their_images_and_names_stay_unique(tmp_path):
     assert all((out / f"{name}_overlay.png").exists() for name in ("cat", "cat-2", "dog"))
 
 
-def test_demo_runs_offline(tmp_path):
+def test_demo_runs_offline(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "-o", str(out), "--max-frames", "6", "--quiet"]) == 0
+    assert main(["demo", "-o", str(out), "--max-frames", "6", "--quiet", "--device", "cpu"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["totals"]["frames"] == 6
+    assert report["totals"]["frames"] == 6 and report["device"] == "cpu"
+    assert ": 6 frames on cpu in " in capsys.readouterr().out
     # the clip starts on scikit-image's cat photo, and the embedded weights are real ImageNet weights
     assert all("cat" in row["name"] for row in report["frames"])
     assert (out / "demo_rsp.mp4").exists() and (out / "contact_sheet.png").exists()

@@ -181,7 +181,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
             "totals": {"frames": len(rows), "decode_s": decoder.seconds, "attribute_s": attribute_s,
                        "encode_s": writer.seconds, "wall_s": wall, "fps": len(rows) / wall if wall else 0.0},
             "model": spec.name, "layer": explainer.layer, "init": explainer.init, "batch_size": batch_size,
-            "output": str(dst), "output_fps": float(out_fps),
+            "device": str(device), "output": str(dst), "output_fps": float(out_fps),
             "audio": encoder.audio_note if keep_times else "not copied: a frame rate given retimes the frames"}
 
 
