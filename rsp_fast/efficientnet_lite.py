@@ -55,40 +55,39 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(super().forward(x))
 
 
-class DepthwiseSeparableConv(nn.Module):
+class Block(nn.Module):
+    """A block's layers run in the order they are registered in; the block's input is added
+    back where the shapes allow (stride 1, as many channels out as in)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.has_skip = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for layer in self.children():
+            y = layer(y)
+        return x + y if self.has_skip else y
+
+
+class DepthwiseSeparableConv(Block):
     """The first stage's block: depthwise k×k, then a linear 1×1 projection."""
 
     def __init__(self, c_in: int, c_out: int, k: int, stride: int):
-        super().__init__()
-        self.conv_dw = conv(c_in, c_in, k, stride, groups=c_in)
-        self.bn1 = BatchNormAct2d(c_in)
-        self.conv_pw = conv(c_in, c_out)
-        self.bn2 = BatchNormAct2d(c_out, act=False)
-        self.has_skip = stride == 1 and c_in == c_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
-        return x + y if self.has_skip else y
+        super().__init__(c_in, c_out, stride)
+        self.conv_dw, self.bn1 = conv(c_in, c_in, k, stride, groups=c_in), BatchNormAct2d(c_in)
+        self.conv_pw, self.bn2 = conv(c_in, c_out), BatchNormAct2d(c_out, act=False)
 
 
-class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1×1 expansion, depthwise k×k, linear 1×1 projection, and the
-    identity added back where the shape allows."""
+class InvertedResidual(Block):
+    """MobileNetV2's block: 1×1 expansion, depthwise k×k, linear 1×1 projection."""
 
     def __init__(self, c_in: int, c_out: int, k: int, stride: int, expand: int):
-        super().__init__()
+        super().__init__(c_in, c_out, stride)
         mid = c_in * expand
-        self.conv_pw = conv(c_in, mid)
-        self.bn1 = BatchNormAct2d(mid)
-        self.conv_dw = conv(mid, mid, k, stride, groups=mid)
-        self.bn2 = BatchNormAct2d(mid)
-        self.conv_pwl = conv(mid, c_out)
-        self.bn3 = BatchNormAct2d(c_out, act=False)
-        self.has_skip = stride == 1 and c_in == c_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
-        return x + y if self.has_skip else y
+        self.conv_pw, self.bn1 = conv(c_in, mid), BatchNormAct2d(mid)
+        self.conv_dw, self.bn2 = conv(mid, mid, k, stride, groups=mid), BatchNormAct2d(mid)
+        self.conv_pwl, self.bn3 = conv(mid, c_out), BatchNormAct2d(c_out, act=False)
 
 
 class EfficientNetLite0(nn.Module):
