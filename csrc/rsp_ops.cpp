@@ -33,4 +33,7 @@ TORCH_LIBRARY(rsp_fast, m) {
   // o reading input channel o / m), fused per (sample, channel) plane; dense in R.
   m.def("depthwise_sectional_products(Tensor x_pos, Tensor R, int[2] kernel, int[2] stride, int[2] dilation, "
         "int[4] padding) -> Tensor");
+  // The same three products for a stride-1 1x1 conv (groups = 1), dense, fused a tile of
+  // positions at a time: x_pos (N, C, ...) and R (N, O, ...) over the same positions.
+  m.def("pointwise_sectional_products(Tensor x_pos, Tensor R) -> Tensor");
 }

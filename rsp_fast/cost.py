@@ -7,7 +7,8 @@ Gram path would cost, the path ``choose_path`` takes, and the bytes its main buf
 The masked path (products at R's non-zeros only, CPU) is chosen at run time from how sparse
 the relevance is, so it is not in this table: it costs ≈ 3·nnz(R)·ck instead of ≈ 6·o·L·ck.
 Depthwise layers listed on the conv path run on the fused depthwise kernel with the ``cpp``
-backend: the same multiply-adds, each plane's three products in one pass.
+backend: the same multiply-adds, each plane's three products in one pass. Dense stride-1 1×1
+layers on the CPU take the fused pointwise kernel (path ``pointwise``) where it is built.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError, unwrap
+from .ops.custom import pointwise_kernel_built
 from .propagate import record_forward
 from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, image_shape, implicit_gemm_fits,
                          on_tensor_cores, pixel_gram_macs, runnable_dense_path, tap_sums_pay)
@@ -46,15 +48,18 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
     else:
         # a strided unpadded 1×1 conv runs as a stride-1 one on the pixels it reads
         pointwise = g.is_pointwise and not any(g.pad)
+        fused_pointwise = pointwise and G == 1 and not cuda and pointwise_kernel_built()
         path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
                            tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit_gemm_fits(g),
-                           gram_slowdown=cuda_gram_slowdown(dtype))
+                           gram_slowdown=cuda_gram_slowdown(dtype), fused_pointwise=fused_pointwise)
         path = runnable_dense_path(path, implicit_gemm_fits(g), cuda)
         gram_path = path in ("gram", "implicit_gram")
         macs = gram if gram_path else filter_macs
-        # the (unfolded) input, read by every product
-        patches = 0 if path in ("conv", "grouped_conv", "implicit_gemm", "implicit_gram") else ck * G * L
-        moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if gram_path else 0))
+        if path == "pointwise":  # x and R read twice, the responses and ratios never in memory
+            moved = elem * (2 * ck * L + 2 * O * L + 4 * C * H * W)
+        else:  # the (unfolded) input, read by every product
+            patches = 0 if path in ("conv", "grouped_conv", "implicit_gemm", "implicit_gram") else ck * G * L
+            moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if gram_path else 0))
     return {"layer": _layer_name(step), "kind": "conv", "path": path, "forward_macs": forward,
             "filter_macs": filter_macs, "gram_macs": gram, "rsp_macs": macs, "bytes": moved}
 

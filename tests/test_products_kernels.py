@@ -1,6 +1,7 @@
 """The compiled products kernels (C++ on CPU), each against its pure-PyTorch reference:
-``masked_sectional_products`` (a dense conv's three products at R's non-zeros only) and
-``depthwise_sectional_products`` (a depthwise conv's three products fused per plane)."""
+``masked_sectional_products`` (a dense conv's three products at R's non-zeros only),
+``depthwise_sectional_products`` (a depthwise conv's three products fused per plane) and
+``pointwise_sectional_products`` (a stride-1 1×1 conv's three products fused per tile)."""
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +35,20 @@ DEPTHWISE = [
     (2, 3, 3, 5, 6, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0)),  # 1×1, stride 2
 ]
 
+# stride-1 1×1 convs: positions past whole tiles, channels past whole blocks, many filter tiles
+POINTWISE = [(N, C, O, H, W, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)) for N, C, O, H, W in [
+    (2, 5, 7, 9, 9),
+    (3, 17, 33, 11, 10),
+    (2, 16, 9, 12, 12),
+    (2, 8, 4, 7, 7),
+    (3, 24, 300, 41, 43),  # the filters' sweep takes several tiles of positions
+    (1, 40, 12, 1, 1),  # one position
+]]
+
+
+def pointwise_products(x, R, kernel, stride, dilation, padding):
+    return custom.pointwise_sectional_products(x, R)
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -45,7 +60,9 @@ class Kernel:
 
 KERNELS = [Kernel(custom.masked_sectional_products, sectional_products_reference, DENSE, "masked_sectional_products"),
            Kernel(custom.depthwise_sectional_products, depthwise_products_reference, DEPTHWISE,
-                  "depthwise_sectional_products")]
+                  "depthwise_sectional_products"),
+           Kernel(pointwise_products, sectional_products_reference, POINTWISE, "pointwise_sectional_products")]
+CONV_KERNELS = KERNELS[:2]  # the ones given the conv's geometry
 CASES = [(k, g) for k in KERNELS for g in k.geometries]
 
 
@@ -88,7 +105,7 @@ def test_kernel_without_relevance_gives_zero(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
 def test_kernel_one_thread_and_many_agree(kernel):
-    """Samples (masked) or planes (depthwise) run in parallel; the inside of one sample too."""
+    """Samples (masked, pointwise) or planes (depthwise) run in parallel; the inside of one sample too."""
     args = conv_products_case(*kernel.geometries[4], density=0.4)
     threads = torch.get_num_threads()
     try:
@@ -100,13 +117,13 @@ def test_kernel_one_thread_and_many_agree(kernel):
     torch.testing.assert_close(kernel.op(args[0][:1], args[1][:1], *args[2:]), one[:1], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
+@pytest.mark.parametrize("kernel", CONV_KERNELS, ids=case_id)
 def test_kernel_opcheck(kernel):
     x, R, *_ = conv_products_case(*kernel.geometries[1])
     torch.library.opcheck(getattr(torch.ops.rsp_fast, kernel.name).default, (x, R, [3, 3], [2, 2], [1, 1], [0, 1, 0, 1]))
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
+@pytest.mark.parametrize("kernel", CONV_KERNELS, ids=case_id)
 def test_kernel_rejects_bad_arguments(kernel):
     x, R, k, s, d, p = conv_products_case(*kernel.geometries[0])
     with pytest.raises(RuntimeError, match=f"{kernel.name}: R .* is not the output of this 3x3 conv"):
@@ -121,3 +138,19 @@ def test_depthwise_kernel_needs_whole_channel_multipliers():
     x, R, k, s, d, p = conv_products_case(*DEPTHWISE[0])
     with pytest.raises(RuntimeError, match="not a multiple of"):
         custom.depthwise_sectional_products(x, R[:, :-1], k, s, d, p)
+
+
+def test_pointwise_kernel_opcheck_and_bad_arguments():
+    x, R, *_ = conv_products_case(*POINTWISE[1])
+    torch.library.opcheck(torch.ops.rsp_fast.pointwise_sectional_products.default, (x, R))
+    with pytest.raises(RuntimeError, match="pointwise_sectional_products: x_pos .* same positions"):
+        custom.pointwise_sectional_products(x, R[..., :-1])
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        custom.pointwise_sectional_products(x.float(), R)
+
+
+def test_pointwise_kernel_takes_any_number_of_position_dims():
+    """1-D signals (N, C, L) go through as they are: only the positions' count matters."""
+    x, R, *geometry = conv_products_case(*POINTWISE[1])
+    flat = custom.pointwise_sectional_products(x.flatten(2), R.flatten(2))
+    torch.testing.assert_close(flat, custom.pointwise_sectional_products(x, R).flatten(2), rtol=0, atol=0)

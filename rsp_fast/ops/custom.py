@@ -19,6 +19,10 @@ def _has_op(name: str) -> bool:
     return HAVE_C and hasattr(torch.ops.rsp_fast, name)
 
 
+def pointwise_kernel_built() -> bool:
+    return _has_op("pointwise_sectional_products")
+
+
 def cuda_kernels_built() -> bool:
     return HAVE_C and torch._C._dispatch_has_kernel_for_dispatch_key("rsp_fast::purge", "CUDA")
 
@@ -50,6 +54,13 @@ def depthwise_sectional_products(x_pos: torch.Tensor, R: torch.Tensor, kernel, s
     per (sample, channel) plane (see kernels.reference.depthwise_products_reference)."""
     return torch.ops.rsp_fast.depthwise_sectional_products.default(x_pos, R, list(kernel), list(stride), list(dilation),
                                                                    list(padding))
+
+
+def pointwise_sectional_products(x_pos: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """A stride-1 1×1 conv's back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻ at its input (groups = 1), the three
+    products fused a tile of positions at a time, the responses never in memory (see
+    kernels.reference.sectional_products_reference with a 1×1 kernel)."""
+    return torch.ops.rsp_fast.pointwise_sectional_products.default(x_pos, R)
 
 
 if _has_op("sectional_normalize"):
@@ -89,3 +100,12 @@ def _products_fake(name: str):
 for _name in ("masked_sectional_products", "depthwise_sectional_products"):
     if _has_op(_name):
         torch.library.register_fake(f"rsp_fast::{_name}")(_products_fake(_name))
+
+
+if _has_op("pointwise_sectional_products"):
+
+    @torch.library.register_fake("rsp_fast::pointwise_sectional_products")
+    def _pointwise_products_fake(x_pos, R):
+        torch._check(x_pos.dim() == R.dim() and x_pos.shape[0] == R.shape[0] and x_pos.shape[2:] == R.shape[2:],
+                     lambda: "pointwise_sectional_products: x_pos (N, C, ...) and R (N, O, ...) expected")
+        return torch.empty_like(x_pos, memory_format=torch.contiguous_format)

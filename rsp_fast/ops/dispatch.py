@@ -5,7 +5,8 @@ or the environment variable ``RSP_FAST_BACKEND``.
 quietly to the PyTorch reference; an explicit backend that cannot run raises an error that
 says why. Each kernel set provides ``sectional_normalize`` (and its stacked form), ``purge``
 and ``combine``; a set without its own version of an op uses the reference one. Optional:
-``sectional_matmul`` (Triton), ``masked_products`` and ``depthwise_products`` (C++ on CPU).
+``sectional_matmul`` (Triton), ``masked_products``, ``depthwise_products`` and
+``pointwise_products`` (C++ on CPU).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class KernelSet:
     sectional_matmul: Callable | None = None  # fused product + normalisation; None: product, then the stacked op
     masked_products: Callable | None = None  # an inner conv's products at R's non-zeros only; None: dense products
     depthwise_products: Callable | None = None  # a depthwise conv's products fused per plane; None: library convs
+    pointwise_products: Callable | None = None  # a stride-1 1×1 conv's products fused per tile; None: the GEMMs
     dtypes: frozenset | None = None  # the dtypes its kernels handle; None: any
 
 
@@ -62,7 +64,8 @@ TORCH = KernelSet("torch")
 COMPILED = KernelSet("cpp", sectional_normalize=custom.sectional_normalize, purge=custom.purge,
                      sectional_normalize_stacked=custom.sectional_normalize_stacked,
                      masked_products=custom.masked_sectional_products,
-                     depthwise_products=custom.depthwise_sectional_products, dtypes=FLOAT)
+                     depthwise_products=custom.depthwise_sectional_products,
+                     pointwise_products=custom.pointwise_sectional_products, dtypes=FLOAT)
 COMPILED_CUDA = KernelSet("cuda", sectional_normalize=custom.sectional_normalize, purge=custom.purge,
                           sectional_normalize_stacked=custom.sectional_normalize_stacked, dtypes=FLOAT_AND_HALF)
 TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, purge=_triton_purge,

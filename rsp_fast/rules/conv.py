@@ -321,6 +321,22 @@ MASKED_VECTOR_BYTES = 64  # the masked kernels pad each patch's channels to whol
 DEPTHWISE_MAX_TAPS = 128
 
 
+# Against the fused pointwise kernel, which runs near the CPU's peak, the masked kernels' cost
+# per non-zero and product is better told by a fixed part and a part per channel than by one
+# factor: fitted on EfficientNet-Lite0's and ResNet50's 1×1 layers at batch 8 on this project's
+# CPU (2 cores), 1.5 ns + 0.022 ns per channel against the pointwise kernel's 6·o·ck·L
+# multiply-adds at about 90 GMAC/s, i.e. 135 + 2·ck multiply-adds' time. A single factor of 3
+# took the masked kernels on layers with 16 or 32 input channels, where they ran 2-3x slower.
+MASKED_POINTWISE_SLOWDOWN, MASKED_ENTRY_MACS = 2.0, 135
+
+
+def masked_macs(nonzeros: float, masked_ck: int, alternative: str) -> float:
+    """The masked kernels' three products at ``nonzeros`` positions, in the dense path's multiply-adds."""
+    if alternative == "pointwise":
+        return 3 * nonzeros * (MASKED_POINTWISE_SLOWDOWN * masked_ck + MASKED_ENTRY_MACS)
+    return MASKED_SLOWDOWN * 3 * nonzeros * masked_ck
+
+
 def masked_channels(channels: int, element_size: int) -> int:
     """The channels as the masked kernels store them: padded to whole vectors."""
     lanes = MASKED_VECTOR_BYTES // element_size
@@ -338,7 +354,8 @@ def gram_macs(ck: int, o: int, L: int, pixel_gram: int | None = None) -> int:
 
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
                 nonzeros: float | None = None, masked_ck: int | None = None, pixel_gram: int | None = None,
-                tensor_cores: bool = False, implicit_gemm_runs: bool = True, gram_slowdown: float = 1.0) -> str:
+                tensor_cores: bool = False, implicit_gemm_runs: bool = True, gram_slowdown: float = 1.0,
+                fused_pointwise: bool = False) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -370,9 +387,10 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     ``gram_slowdown`` (``cuda_gram_slowdown``).
     """
     dense, gram = 6 * o * ck * L, gram_macs(ck, o, L, pixel_gram)
-    if nonzeros is not None and MASKED_SLOWDOWN * 3 * nonzeros * (masked_ck or ck) < min(dense, gram):
+    alternative = ("pointwise" if fused_pointwise else "filter") if dense_pointwise else \
+        cuda_dense_path(tensor_cores) if cuda_dense else "conv"
+    if nonzeros is not None and masked_macs(nonzeros, masked_ck or ck, alternative) < min(dense, gram):
         return "masked"
-    alternative = "filter" if dense_pointwise else cuda_dense_path(tensor_cores) if cuda_dense else "conv"
     if alternative == "implicit_gemm" and not implicit_gemm_runs:
         alternative = "grouped_conv"
     if gram * (gram_slowdown if alternative == "implicit_gemm" else 1) < dense:
@@ -568,15 +586,17 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     masked = (compiled and ctx.ops.masked_products is not None and G == 1
               and (x.shape[-2] + t + b) * (x.shape[-1] + l + r) * Cp < 2**31)
     nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
-    # depthwise: the products fused per plane where that kernel exists
+    # depthwise: the products fused per plane where that kernel exists; dense stride-1 1×1 convs: per tile
     fused_depthwise = compiled and C == G and ctx.ops.depthwise_products is not None and k2 <= DEPTHWISE_MAX_TAPS
+    fused_pointwise = compiled and G == 1 and g.patches_are_input and ctx.ops.pointwise_products is not None
     low = ctx.product_dtype or x.dtype
     # tracking reads the responses, which the fused kernels never form
     implicit_runs = implicit_gemm_fits(g) and not ctx.tracking and triton_unavailable_reason(x.device) == ""
     pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums_pay(x.is_cuda, low, implicit_runs))
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
-                                pixel_gram, on_tensor_cores(low), implicit_runs, cuda_gram_slowdown(low)))
+                                pixel_gram, on_tensor_cores(low), implicit_runs, cuda_gram_slowdown(low),
+                                fused_pointwise))
     path = runnable_dense_path(path, implicit_runs, x.is_cuda)
     if path in ("implicit_gemm", "implicit_gram"):
         return _implicit_gemm_relevance(ctx, x, R, g, non_negative, gram=path == "implicit_gram")
@@ -586,6 +606,8 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         dx, Ga, Gb = ctx.ops.masked_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
     elif path == "depthwise":
         dx, Ga, Gb = ctx.ops.depthwise_products(x_pos, R, g.kernel, g.stride, g.dilation, g.pad), None, None
+    elif path == "pointwise":
+        dx, Ga, Gb = ctx.ops.pointwise_products(x_pos, R), None, None
     else:
         dx, Ga, Gb = _dense_products(ctx, x_pos, Rg, g, path, R.shape[-2:], pixel_gram is not None)
     if g.is_pointwise:

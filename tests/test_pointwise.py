@@ -1,0 +1,71 @@
+"""The fused pointwise path (C++ on CPU: a stride-1 1×1 conv's three products a tile of
+positions at a time): when the cost model takes it, and a whole RSP pass on it against the
+PyTorch reference. The kernel itself is tested against its reference in
+test_products_kernels.py."""
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import rsp_fast
+from rsp_fast.ops import custom, dispatch
+from rsp_fast.rules import conv as conv_rule
+from test_depthwise import small_mobilenet
+
+pytestmark = pytest.mark.skipif(dispatch._availability("cpp", torch.device("cpu")) != "",
+                                reason="rsp_fast._C is not built")
+
+FUSED = dict(dense_pointwise=True, fused_pointwise=True)
+
+
+def test_choose_path_weighs_the_masked_kernels_against_the_pointwise_kernel():
+    # EfficientNet-Lite0's expansion at 112×112, 16 channels in, 59 % of R non-zero: the masked
+    # kernels' cost per non-zero outweighs their fewer multiply-adds (measured 35 against 11 ms)
+    o, L = 96, 112 * 112
+    assert conv_rule.choose_path(16, o, L, nonzeros=0.59 * o * L, masked_ck=16, **FUSED) == "pointwise"
+    assert conv_rule.choose_path(16, o, L, nonzeros=0.59 * o * L, masked_ck=16, dense_pointwise=True) == "masked"
+    # its expansion at 14×14, 112 channels in, a quarter of R non-zero: masked (3.5 against 10 ms)
+    o, L = 672, 14 * 14
+    assert conv_rule.choose_path(112, o, L, nonzeros=0.24 * o * L, masked_ck=112, **FUSED) == "masked"
+    assert conv_rule.choose_path(112, o, L, **FUSED) == "pointwise"  # no masked kernel
+    assert conv_rule.choose_path(1152, 192, 7 * 7, **FUSED) == "gram"  # few positions: the Gram path
+
+
+def test_rsp_with_fused_pointwise_products_equals_the_reference(monkeypatch):
+    model, x = small_mobilenet(), torch.rand(3, 3, 40, 40, dtype=torch.float64)
+    calls = []
+
+    def counted(x_pos, R):
+        calls.append((x_pos.shape[1], R.shape[1]))
+        return custom.pointwise_sectional_products(x_pos, R)
+
+    # without the masked kernels every 1×1 conv takes the fused kernel
+    monkeypatch.setitem(dispatch.SETS, "cpp", dataclasses.replace(dispatch.COMPILED, pointwise_products=counted,
+                                                                  masked_products=None))
+    fused = rsp_fast.RSP(model, backend="cpp").attribute(x, target=[1, 2, 3])
+    assert sorted(calls) == sorted([(8, 16), (16, 12), (12, 24), (24, 16), (32, 24), (24, 20)])
+    reference = rsp_fast.RSP(model, backend="torch").attribute(x, target=[1, 2, 3])
+    torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-12 * reference.abs().max().item())
+
+
+def test_strided_1x1_conv_takes_the_pointwise_kernel_on_the_pixels_it_reads(monkeypatch):
+    """ResNet's downsampling shortcut (1×1, stride 2) runs as a stride-1 1×1 conv of every
+    other pixel: the fused kernel serves it too, and the result is the reference's."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1, stride=2), nn.ReLU(),
+                          nn.Conv2d(16, 12, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(12, 5)).double().eval()
+    x = torch.rand(2, 3, 17, 17, dtype=torch.float64)
+    calls = []
+
+    def counted(x_pos, R):
+        calls.append(tuple(x_pos.shape))
+        return custom.pointwise_sectional_products(x_pos, R)
+
+    monkeypatch.setitem(dispatch.SETS, "cpp", dataclasses.replace(dispatch.COMPILED, pointwise_products=counted,
+                                                                  masked_products=None))
+    fused = rsp_fast.RSP(model, layer="5", backend="cpp").attribute(x, target=[0, 4])
+    assert calls == [(2, 8, 9, 9)]
+    reference = rsp_fast.RSP(model, layer="5", backend="torch").attribute(x, target=[0, 4])
+    torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-12 * reference.abs().max().item())
