@@ -1,18 +1,24 @@
 """The compiled CPU paths against PyTorch's, layer by layer, on the relevance of a real pass.
 
     python benchmarks/bench_compiled_paths.py [--models vgg16 efficientnet_lite0] [--batch 8] [--json out.json] [--quick]
+    python benchmarks/bench_compiled_paths.py --ablation [--models ...]    # whole passes without each kernel
 
 One RSP pass (cpp backend, random weights, 224×224; --quick: 64×64, batch 2) records every
 inner conv's input and incoming relevance. Each dense (groups = 1) layer then runs with the
-dense path ``choose_path`` would take without the masked kernels and with the masked path;
-each depthwise layer with PyTorch's convolutions ("conv") and with the fused depthwise kernel
-(median of interleaved repeats). Columns: the share of R that is non-zero, both times per
-image, the speed-up, the path RSP takes, and for dense layers the masked kernels' measured
-slowdown per multiply-add against the dense path's: the figure MASKED_SLOWDOWN stands for.
+dense path ``choose_path`` would take without the compiled kernels, with the masked path and,
+for stride-1 1×1 layers, with the fused pointwise kernel; each depthwise layer with PyTorch's
+convolutions ("conv") and with the fused depthwise kernel (median of interleaved repeats).
+Columns: the share of R that is non-zero, the times per image, the speed-up of the path RSP
+takes, that path, and for dense layers the masked kernels' measured slowdown per multiply-add
+against the library path's: the figure MASKED_SLOWDOWN stands for.
+``--ablation``: whole passes (batch 8, 224×224, comparative R₀ of the top class) with all the
+compiled kernels, then without each of the masked, depthwise and pointwise kernels, and on
+the PyTorch reference alone, timed in interleaved rounds: what each kernel buys end to end.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,6 +31,7 @@ from utils import describe, markdown_table, time_interleaved  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
+from rsp_fast.ops import dispatch  # noqa: E402
 from rsp_fast.rules import conv as conv_rule  # noqa: E402
 
 
@@ -53,23 +60,59 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     run = lambda path: conv_rule.inner_conv_relevance(ctx, x, R, g, path, non_negative)  # noqa: E731
     row = {"input": list(x.shape[1:]), "out_channels": O, "kernel": list(g.kernel), "stride": list(g.stride),
            "nonzero": nonzeros / (O * L)}
+    pointwise = g.groups == 1 and g.patches_are_input
     if g.groups == 1:
         ck, masked_ck = C * k2, conv_rule.masked_channels(C, x.element_size()) * k2
         pixel_gram = conv_rule.pixel_gram_macs(g, C, x.shape[-2:], L)
         library = conv_rule.choose_path(ck, O, L, g.patches_are_input, pixel_gram=pixel_gram)
         compiled = "masked"
         chosen = conv_rule.choose_path(ck, O, L, g.patches_are_input, nonzeros=nonzeros, masked_ck=masked_ck,
-                                       pixel_gram=pixel_gram)
+                                       pixel_gram=pixel_gram, fused_pointwise=pointwise)
     else:
         library, compiled, chosen = "conv", "depthwise", "depthwise"
-    times = time_interleaved({library: lambda: run(library), compiled: lambda: run(compiled)}, repeats=repeats, warmup=1)
-    lib_s, comp_s = times[library]["median"] / N, times[compiled]["median"] / N
-    row.update(library_path=library, library_ms=lib_s * 1e3, compiled_path=compiled, compiled_ms=comp_s * 1e3,
-               speedup=lib_s / comp_s, chosen=chosen)
+    paths = [library, compiled] + (["pointwise"] if pointwise and library != "pointwise" else [])
+    times = time_interleaved({p: (lambda p: lambda: run(p))(p) for p in paths}, repeats=repeats, warmup=1)
+    ms = {p: times[p]["median"] / N * 1e3 for p in paths}
+    row.update(library_path=library, library_ms=ms[library], compiled_path=compiled, compiled_ms=ms[compiled],
+               pointwise_ms=ms.get("pointwise"), chosen=chosen, speedup=ms[library] / ms.get(chosen, ms[library]))
     if g.groups == 1:
         dense_macs = min(6 * O * ck * L, conv_rule.gram_macs(ck, O, L, pixel_gram))
-        row["slowdown_per_mac"] = dense_macs / (3 * max(nonzeros, 1) * masked_ck) * comp_s / lib_s
+        row["slowdown_per_mac"] = dense_macs / (3 * max(nonzeros, 1) * masked_ck) * ms[compiled] / ms[library]
     return row
+
+
+def ablation(names: list[str], batch: int, size: int, repeats: int) -> list[dict]:
+    """Whole passes with every compiled kernel, without each one, and on the reference alone."""
+    full = dispatch.COMPILED
+    sets = {"cpp": full, "cpp without masked": dataclasses.replace(full, masked_products=None),
+            "cpp without depthwise": dataclasses.replace(full, depthwise_products=None),
+            "cpp without pointwise": dataclasses.replace(full, pointwise_products=None), "torch": dispatch.TORCH}
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = build(name)
+        x = torch.randn(batch, 3, size, size)
+        explainer = rsp_fast.RSP(model, layer=LAYERS[name], backend="cpp")
+
+        def run(kernels):
+            def call():
+                dispatch.SETS["cpp"] = kernels
+                try:
+                    return explainer.attribute(x)
+                finally:
+                    dispatch.SETS["cpp"] = full
+            return call
+
+        calls = {"forward": lambda: model(x)}
+        calls.update({label: run(kernels) for label, kernels in sets.items()})
+        with torch.no_grad():
+            times = time_interleaved(calls, repeats=repeats, warmup=1)
+        forward = times["forward"]["median"]
+        for label, t in times.items():
+            rows.append({"model": name, "batch": batch, "kernels": label, "ms_per_image": t["median"] / batch * 1e3,
+                         "x_forward": t["median"] / forward, "x_all_kernels": t["median"] / times["cpp"]["median"]})
+            print(f"  {name} {label}: {t['median'] / batch * 1e3:.2f} ms per image", file=sys.stderr, flush=True)
+    return rows
 
 
 def main() -> None:
@@ -79,9 +122,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--ablation", action="store_true", help="whole passes without each compiled kernel")
     args = p.parse_args()
     keep_freed_memory()
     size, batch, repeats = (64, 2, 1) if args.quick else (224, args.batch, args.repeats)
+    if args.ablation:
+        rows = ablation(args.models, batch, size, repeats)
+        print(f"Whole RSP passes, {describe('cpu')}, {size}×{size}, batch {batch}, random weights; median of "
+              f"{repeats} interleaved rounds\n")
+        print(markdown_table(["model", "kernels", "ms per image", "× forward", "× all kernels"],
+                             [[r["model"], r["kernels"], f"{r['ms_per_image']:.2f}", f"{r['x_forward']:.2f}",
+                               f"{r['x_all_kernels']:.3f}"] for r in rows]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     rows = []
     for name in args.models:
         torch.manual_seed(0)
@@ -95,10 +149,11 @@ def main() -> None:
     print(f"Milliseconds per image, {describe('cpu')}, {size}×{size}, batch {batch}, random weights\n")
     print(markdown_table(
         ["model", "layer input", "out", "k", "stride", "R non-zero", "library path", "ms", "compiled path", "ms",
-         "speed-up", "RSP takes", "slowdown per MAC"],
+         "pointwise ms", "RSP takes", "speed-up", "slowdown per MAC"],
         [[r["model"], "×".join(map(str, r["input"])), r["out_channels"], "×".join(map(str, r["kernel"])), r["stride"][0],
           f"{r['nonzero']:.2f}", r["library_path"], f"{r['library_ms']:.2f}", r["compiled_path"], f"{r['compiled_ms']:.2f}",
-          f"{r['speedup']:.2f}×", r["chosen"], f"{r['slowdown_per_mac']:.1f}" if "slowdown_per_mac" in r else "–"]
+          f"{r['pointwise_ms']:.2f}" if r["pointwise_ms"] is not None else "–", r["chosen"], f"{r['speedup']:.2f}×",
+          f"{r['slowdown_per_mac']:.1f}" if "slowdown_per_mac" in r else "–"]
          for r in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

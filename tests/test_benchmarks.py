@@ -76,7 +76,26 @@ def test_bench_compiled_paths_quick(tmp_path):
     assert min(r["nonzero"] for r in vgg) <= 0.25
     depthwise = [r for r in rows if r["model"] == "efficientnet_lite0" and r["compiled_path"] == "depthwise"]
     assert len(depthwise) == 16 and all(r["chosen"] == "depthwise" for r in depthwise)  # its 16 depthwise convs
+    pointwise = [r for r in rows if r["model"] == "efficientnet_lite0" and r["kernel"] == [1, 1]]
+    assert len(pointwise) == 32 and all(r["pointwise_ms"] > 0 for r in pointwise)  # its 1×1 convs, all stride 1
+    assert all(r["pointwise_ms"] is None for r in vgg)
     assert "| model | layer input |" in proc.stdout
+
+
+def test_bench_compiled_paths_ablation_quick(tmp_path):
+    out = tmp_path / "a.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compiled_paths.py"), "--quick", "--ablation",
+                           "--models", "efficientnet_lite0", "--json", str(out)], capture_output=True, text=True)
+    if "rsp_fast._C is not built" in proc.stderr or "backend 'cpp' is unavailable" in proc.stderr:
+        import pytest
+
+        pytest.skip("rsp_fast._C is not built")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["kernels"] for r in rows] == ["forward", "cpp", "cpp without masked", "cpp without depthwise",
+                                            "cpp without pointwise", "torch"]
+    assert all(r["ms_per_image"] > 0 for r in rows) and rows[1]["x_all_kernels"] == 1.0
+    assert "| model | kernels |" in proc.stdout
 
 
 def test_bench_e2e_quick(tmp_path):

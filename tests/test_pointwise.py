@@ -30,10 +30,14 @@ def test_choose_path_weighs_the_masked_kernels_against_the_pointwise_kernel():
     assert conv_rule.choose_path(112, o, L, nonzeros=0.24 * o * L, masked_ck=112, **FUSED) == "masked"
     assert conv_rule.choose_path(112, o, L, **FUSED) == "pointwise"  # no masked kernel
     assert conv_rule.choose_path(1152, 192, 7 * 7, **FUSED) == "gram"  # few positions: the Gram path
+    # the fused kernel pads the positions to whole tiles of 32: 25 positions cost 32
+    assert conv_rule.choose_path(24, 20, 5 * 5, dense_pointwise=True) == "filter"
+    assert conv_rule.choose_path(24, 20, 5 * 5, **FUSED) == "gram"
 
 
 def test_rsp_with_fused_pointwise_products_equals_the_reference(monkeypatch):
-    model, x = small_mobilenet(), torch.rand(3, 3, 40, 40, dtype=torch.float64)
+    # 64×64: the last block's 8×8 map has positions enough for the dense products (not the Gram path)
+    model, x = small_mobilenet(), torch.rand(3, 3, 64, 64, dtype=torch.float64)
     calls = []
 
     def counted(x_pos, R):

@@ -328,6 +328,7 @@ DEPTHWISE_MAX_TAPS = 128
 # multiply-adds at about 90 GMAC/s, i.e. 135 + 2·ck multiply-adds' time. A single factor of 3
 # took the masked kernels on layers with 16 or 32 input channels, where they ran 2-3x slower.
 MASKED_POINTWISE_SLOWDOWN, MASKED_ENTRY_MACS = 2.0, 135
+POINTWISE_TILE = 32  # positions per tile of the fused pointwise kernel (float32: two 64-byte vectors)
 
 
 def masked_macs(nonzeros: float, masked_ck: int, alternative: str) -> float:
@@ -386,9 +387,11 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     Gram path against the implicit GEMMs (where they run: ``implicit_gemm_runs``) at
     ``gram_slowdown`` (``cuda_gram_slowdown``).
     """
-    dense, gram = 6 * o * ck * L, gram_macs(ck, o, L, pixel_gram)
     alternative = ("pointwise" if fused_pointwise else "filter") if dense_pointwise else \
         cuda_dense_path(tensor_cores) if cuda_dense else "conv"
+    # the fused pointwise kernel works on whole tiles of positions (the last one zero-padded)
+    tiles = -(-L // POINTWISE_TILE) * POINTWISE_TILE if alternative == "pointwise" else L
+    dense, gram = 6 * o * ck * tiles, gram_macs(ck, o, L, pixel_gram)
     if nonzeros is not None and masked_macs(nonzeros, masked_ck or ck, alternative) < min(dense, gram):
         return "masked"
     if alternative == "implicit_gemm" and not implicit_gemm_runs:
