@@ -92,7 +92,7 @@ def ablation(names: list[str], batch: int, size: int, repeats: int) -> list[dict
         torch.manual_seed(0)
         model = build(name)
         x = torch.randn(batch, 3, size, size)
-        explainer = rsp_fast.RSP(model, layer=LAYERS[name], backend="cpp")
+        explainer = rsp_fast.RSP(model, layer=LAYERS.get(name), backend="cpp")
 
         def run(kernels):
             def call():
@@ -141,7 +141,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build(name)
         x = torch.randn(batch, 3, size, size)
-        for call in recorded_layers(model, LAYERS[name], x):
+        for call in recorded_layers(model, LAYERS.get(name), x):
             rows.append({"model": name, "batch": batch, **compare(*call, repeats)})
             r = rows[-1]
             print(f"  {name} {r['input']} -> {r['out_channels']}: {r['library_path']} {r['library_ms']:.2f} ms, "
