@@ -13,7 +13,8 @@ takes, that path, and for dense layers the masked kernels' measured slowdown per
 against the library path's: the figure MASKED_SLOWDOWN stands for.
 ``--ablation``: whole passes (batch 8, 224×224, comparative R₀ of the top class) with all the
 compiled kernels, then without each of the masked, depthwise and pointwise kernels, and on
-the PyTorch reference alone, timed in interleaved rounds: what each kernel buys end to end.
+the PyTorch reference alone, timed in interleaved rounds: what each kernel buys end to end
+(``--photos``: on scikit-image's photographs, EfficientNet-Lite0 with its ImageNet weights).
 """
 from __future__ import annotations
 
@@ -30,19 +31,26 @@ from bench_e2e import LAYERS, build  # noqa: E402
 from utils import describe, markdown_table, time_interleaved  # noqa: E402
 
 import rsp_fast  # noqa: E402
+from rsp_fast.images import sample_photos  # noqa: E402
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
+from rsp_fast.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 from rsp_fast.ops import dispatch  # noqa: E402
+from rsp_fast.render import to_model_input  # noqa: E402
 from rsp_fast.rules import conv as conv_rule  # noqa: E402
 
 
 def recorded_layers(model, layer: str, x: torch.Tensor) -> list[tuple]:
     """(context, input, relevance, geometry, input_non_negative) of every dense or depthwise inner conv."""
-    calls, inner = [], conv_rule.inner_conv_relevance
+    calls, inner, depth = [], conv_rule.inner_conv_relevance, [0]
 
     def record(ctx, x, R, g, path=None, non_negative=False):
-        if g.groups in (1, x.shape[1]):
+        if g.groups in (1, x.shape[1]) and depth[0] == 0:  # not a strided 1×1 conv's own stride-1 call
             calls.append((ctx, x, R, g, non_negative))
-        return inner(ctx, x, R, g, path, non_negative)
+        depth[0] += 1
+        try:
+            return inner(ctx, x, R, g, path, non_negative)
+        finally:
+            depth[0] -= 1
 
     conv_rule.inner_conv_relevance = record
     try:
@@ -60,13 +68,14 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     run = lambda path: conv_rule.inner_conv_relevance(ctx, x, R, g, path, non_negative)  # noqa: E731
     row = {"input": list(x.shape[1:]), "out_channels": O, "kernel": list(g.kernel), "stride": list(g.stride),
            "nonzero": nonzeros / (O * L)}
-    pointwise = g.groups == 1 and g.patches_are_input
+    # an unpadded 1×1 conv, strided ones included (they run as stride-1 ones on the pixels they read)
+    pointwise = g.groups == 1 and g.is_pointwise and not any(g.pad)
     if g.groups == 1:
         ck, masked_ck = C * k2, conv_rule.masked_channels(C, x.element_size()) * k2
         pixel_gram = conv_rule.pixel_gram_macs(g, C, x.shape[-2:], L)
-        library = conv_rule.choose_path(ck, O, L, g.patches_are_input, pixel_gram=pixel_gram)
+        library = conv_rule.choose_path(ck, O, L, pointwise, pixel_gram=pixel_gram)
         compiled = "masked"
-        chosen = conv_rule.choose_path(ck, O, L, g.patches_are_input, nonzeros=nonzeros, masked_ck=masked_ck,
+        chosen = conv_rule.choose_path(ck, O, L, pointwise, nonzeros=nonzeros, masked_ck=masked_ck,
                                        pixel_gram=pixel_gram, fused_pointwise=pointwise)
     else:
         library, compiled, chosen = "conv", "depthwise", "depthwise"
@@ -81,8 +90,16 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     return row
 
 
-def ablation(names: list[str], batch: int, size: int, repeats: int) -> list[dict]:
-    """Whole passes with every compiled kernel, without each one, and on the reference alone."""
+def photo_batch(batch: int, size: int) -> torch.Tensor:
+    """scikit-image's photographs, letterboxed and normalised as ImageNet models expect, repeated to ``batch``."""
+    photos = sample_photos()
+    x = torch.cat([to_model_input(img[None], size, IMAGENET_MEAN, IMAGENET_STD)[0] for _, img in photos])
+    return x[torch.arange(batch) % len(x)]
+
+
+def ablation(names: list[str], batch: int, size: int, repeats: int, photos: bool = False) -> list[dict]:
+    """Whole passes with every compiled kernel, without each one, and on the reference alone.
+    ``photos``: real photographs, and the embedded EfficientNet-Lite0 with its ImageNet weights."""
     full = dispatch.COMPILED
     sets = {"cpp": full, "cpp without masked": dataclasses.replace(full, masked_products=None),
             "cpp without depthwise": dataclasses.replace(full, depthwise_products=None),
@@ -90,8 +107,9 @@ def ablation(names: list[str], batch: int, size: int, repeats: int) -> list[dict
     rows = []
     for name in names:
         torch.manual_seed(0)
-        model = build(name)
-        x = torch.randn(batch, 3, size, size)
+        trained = photos and name == "efficientnet_lite0"
+        model = build_model(name).model if trained else build(name)
+        x = photo_batch(batch, size) if photos else torch.randn(batch, 3, size, size)
         explainer = rsp_fast.RSP(model, layer=LAYERS.get(name), backend="cpp")
 
         def run(kernels):
@@ -109,7 +127,9 @@ def ablation(names: list[str], batch: int, size: int, repeats: int) -> list[dict
             times = time_interleaved(calls, repeats=repeats, warmup=1)
         forward = times["forward"]["median"]
         for label, t in times.items():
-            rows.append({"model": name, "batch": batch, "kernels": label, "ms_per_image": t["median"] / batch * 1e3,
+            rows.append({"model": name, "weights": "ImageNet" if trained else "random", "inputs":
+                         "photos" if photos else "noise", "batch": batch, "kernels": label,
+                         "ms_per_image": t["median"] / batch * 1e3,
                          "x_forward": t["median"] / forward, "x_all_kernels": t["median"] / times["cpp"]["median"]})
             print(f"  {name} {label}: {t['median'] / batch * 1e3:.2f} ms per image", file=sys.stderr, flush=True)
     return rows
@@ -123,16 +143,18 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ablation", action="store_true", help="whole passes without each compiled kernel")
+    p.add_argument("--photos", action="store_true",
+                   help="ablation on scikit-image's photographs (EfficientNet-Lite0 with its ImageNet weights)")
     args = p.parse_args()
     keep_freed_memory()
     size, batch, repeats = (64, 2, 1) if args.quick else (224, args.batch, args.repeats)
     if args.ablation:
-        rows = ablation(args.models, batch, size, repeats)
-        print(f"Whole RSP passes, {describe('cpu')}, {size}×{size}, batch {batch}, random weights; median of "
+        rows = ablation(args.models, batch, size, repeats, args.photos)
+        print(f"Whole RSP passes, {describe('cpu')}, {size}×{size}, batch {batch}; median of "
               f"{repeats} interleaved rounds\n")
-        print(markdown_table(["model", "kernels", "ms per image", "× forward", "× all kernels"],
-                             [[r["model"], r["kernels"], f"{r['ms_per_image']:.2f}", f"{r['x_forward']:.2f}",
-                               f"{r['x_all_kernels']:.3f}"] for r in rows]))
+        print(markdown_table(["model", "weights", "inputs", "kernels", "ms per image", "× forward", "× all kernels"],
+                             [[r["model"], r["weights"], r["inputs"], r["kernels"], f"{r['ms_per_image']:.2f}",
+                               f"{r['x_forward']:.2f}", f"{r['x_all_kernels']:.3f}"] for r in rows]))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return

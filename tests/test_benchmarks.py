@@ -85,7 +85,7 @@ def test_bench_compiled_paths_quick(tmp_path):
 def test_bench_compiled_paths_ablation_quick(tmp_path):
     out = tmp_path / "a.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compiled_paths.py"), "--quick", "--ablation",
-                           "--models", "efficientnet_lite0", "--json", str(out)], capture_output=True, text=True)
+                           "--photos", "--models", "efficientnet_lite0", "--json", str(out)], capture_output=True, text=True)
     if "rsp_fast._C is not built" in proc.stderr or "backend 'cpp' is unavailable" in proc.stderr:
         import pytest
 
@@ -95,7 +95,8 @@ def test_bench_compiled_paths_ablation_quick(tmp_path):
     assert [r["kernels"] for r in rows] == ["forward", "cpp", "cpp without masked", "cpp without depthwise",
                                             "cpp without pointwise", "torch"]
     assert all(r["ms_per_image"] > 0 for r in rows) and rows[1]["x_all_kernels"] == 1.0
-    assert "| model | kernels |" in proc.stdout
+    assert all(r["weights"] == "ImageNet" and r["inputs"] == "photos" for r in rows)
+    assert "| model | weights | inputs | kernels |" in proc.stdout
 
 
 def test_bench_e2e_quick(tmp_path):
