@@ -25,6 +25,7 @@ namespace rsp_fast {
 namespace {
 
 constexpr int64_t kMaxTaps = 128;  // kernels up to 11x11
+constexpr int kTapBlock = 4;        // taps whose filter sums share each load of the sections
 
 // The padded input plane is split into sh * sw phase planes (rows y = sh * qy + phase_y, columns
 // likewise), so that every tap of a strided conv reads contiguous memory: output (oy, ox) sits at
@@ -67,20 +68,57 @@ RSP_INLINE void channel_products_impl(Scratch<T>& s, const int64_t* offsets, int
   T* __restrict__ sp = s.sp.data();
   T* __restrict__ sn = s.sn.data();
   T fp[kMaxTaps], fn[kMaxTaps];
-  for (int64_t t = 0; t < taps; ++t) {  // filters F+-[t] = sum_l R+-[l] x[l + tap t]
-    const T* __restrict__ xs = x + offsets[t];
-    T a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-    for (int64_t l = 0; l < n_pos; ++l) {
-      a += p[l] * xs[l];
-      b += n[l] * xs[l];
+  // filters F+-[t] = sum_l R+-[l] x[l + tap t], kTapBlock taps at a time: each load of the
+  // sections serves 2 * kTapBlock independent vector accumulators (one tap at a time waited on
+  // the latency of its two multiply-add chains, and loaded the sections once per tap)
+  constexpr int64_t V = 64 / sizeof(T);
+  const int64_t whole = n_pos / V * V;
+  for (int64_t t0 = 0; t0 < taps; t0 += kTapBlock) {
+    const int nt = static_cast<int>(std::min<int64_t>(kTapBlock, taps - t0));
+    const T* xs[kTapBlock];
+    for (int j = 0; j < kTapBlock; ++j) xs[j] = x + offsets[t0 + std::min(j, nt - 1)];  // spare ones: discarded
+    T a[kTapBlock][V] = {}, b[kTapBlock][V] = {};
+    for (int64_t l = 0; l < whole; l += V)
+      for (int j = 0; j < kTapBlock; ++j)
+#pragma omp simd
+        for (int64_t i = 0; i < V; ++i) {
+          a[j][i] += p[l + i] * xs[j][l + i];
+          b[j][i] += n[l + i] * xs[j][l + i];
+        }
+    for (int j = 0; j < nt; ++j) {
+      T sa = 0, sb = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        sa += a[j][i];
+        sb += b[j][i];
+      }
+      for (int64_t l = whole; l < n_pos; ++l) {
+        sa += p[l] * xs[j][l];
+        sb += n[l] * xs[j][l];
+      }
+      fp[t0 + j] = sa;
+      fn[t0 + j] = sb;
     }
-    fp[t] = a;
-    fn[t] = b;
   }
-  std::fill(ga, ga + n_pos, T(0));
-  std::fill(gb, gb + n_pos, T(0));
-  for (int64_t t = 0; t < taps; ++t) {  // responses
+  // responses, three taps per pass over them (a third of the loads and stores of one tap per pass)
+  int64_t t = 0;
+  for (; t + 3 <= taps; t += 3) {
+    const T* __restrict__ x0 = x + offsets[t];
+    const T* __restrict__ x1 = x + offsets[t + 1];
+    const T* __restrict__ x2 = x + offsets[t + 2];
+    const T a0 = fp[t], a1 = fp[t + 1], a2 = fp[t + 2], b0 = fn[t], b1 = fn[t + 1], b2 = fn[t + 2];
+    const bool first = t == 0;
+#pragma omp simd
+    for (int64_t l = 0; l < n_pos; ++l) {
+      const T ga0 = first ? T(0) : ga[l], gb0 = first ? T(0) : gb[l];
+      ga[l] = ga0 + a0 * x0[l] + a1 * x1[l] + a2 * x2[l];
+      gb[l] = gb0 + b0 * x0[l] + b1 * x1[l] + b2 * x2[l];
+    }
+  }
+  if (t == 0) {
+    std::fill(ga, ga + n_pos, T(0));
+    std::fill(gb, gb + n_pos, T(0));
+  }
+  for (; t < taps; ++t) {
     const T* __restrict__ xs = x + offsets[t];
     const T a = fp[t], b = fn[t];
 #pragma omp simd
