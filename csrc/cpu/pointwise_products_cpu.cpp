@@ -146,12 +146,13 @@ RSP_INLINE void back_block(const T* __restrict__ Sp, const T* __restrict__ Sn, i
     default: return filters_block<1, kFilterIn>(__VA_ARGS__);                                \
   }
 
-#define RSP_POINTWISE_KERNELS(T, suffix)                                                                          \
-  RSP_VECTOR_CLONES void filters_##suffix(int ob, int cb, const T* R, int64_t ldr, const T* x, int64_t ldx,        \
+// One overload per dtype (as the depthwise kernel's channel_products), each cloned per vector width.
+#define RSP_POINTWISE_KERNELS(T)                                                                          \
+  RSP_VECTOR_CLONES void filters(int ob, int cb, const T* R, int64_t ldr, const T* x, int64_t ldx,        \
                                           int64_t n, T* Fp, T* Fn, int64_t ldf) {                                  \
     RSP_FILTERS_SWITCH(ob, cb, R, ldr, x, ldx, n, Fp, Fn, ldf)                                                     \
   }                                                                                                                \
-  RSP_VECTOR_CLONES void ratios_##suffix(int ob, const T* R, int64_t ldr, const T* x, int64_t ldx, int64_t C,      \
+  RSP_VECTOR_CLONES void ratios(int ob, const T* R, int64_t ldr, const T* x, int64_t ldx, int64_t C,      \
                                          const T* Fp, const T* Fn, int64_t ldf, T* Sp, T* Sn) {                    \
     switch (ob) {                                                                                                  \
       case 1: return ratios_block<1>(R, ldr, x, ldx, C, Fp, Fn, ldf, Sp, Sn);                                      \
@@ -160,7 +161,7 @@ RSP_INLINE void back_block(const T* __restrict__ Sp, const T* __restrict__ Sn, i
       default: return ratios_block<kOutBlock>(R, ldr, x, ldx, C, Fp, Fn, ldf, Sp, Sn);                             \
     }                                                                                                              \
   }                                                                                                                \
-  RSP_VECTOR_CLONES void back_##suffix(int cb, const T* Sp, const T* Sn, int64_t O, const T* Fp, const T* Fn,      \
+  RSP_VECTOR_CLONES void back(int cb, const T* Sp, const T* Sn, int64_t O, const T* Fp, const T* Fn,      \
                                        int64_t ldf, T* dx, int64_t lddx) {                                         \
     switch (cb) {                                                                                                  \
       case 1: return back_block<1>(Sp, Sn, O, Fp, Fn, ldf, dx, lddx);                                              \
@@ -169,23 +170,8 @@ RSP_INLINE void back_block(const T* __restrict__ Sp, const T* __restrict__ Sn, i
       default: return back_block<kInBlock>(Sp, Sn, O, Fp, Fn, ldf, dx, lddx);                                      \
     }                                                                                                              \
   }
-RSP_POINTWISE_KERNELS(float, f)
-RSP_POINTWISE_KERNELS(double, d)
-
-template <typename T>
-struct Kernels;
-template <>
-struct Kernels<float> {
-  static constexpr auto filters = filters_f;
-  static constexpr auto ratios = ratios_f;
-  static constexpr auto back = back_f;
-};
-template <>
-struct Kernels<double> {
-  static constexpr auto filters = filters_d;
-  static constexpr auto ratios = ratios_d;
-  static constexpr auto back = back_d;
-};
+RSP_POINTWISE_KERNELS(float)
+RSP_POINTWISE_KERNELS(double)
 
 // One sample seen as row-major matrices: x (C, ldx), R (O, ldr), dx (C, lddx), over n positions.
 template <typename T>
@@ -215,7 +201,7 @@ void add_filters(const Sample<T>& s, int64_t C, int64_t o0, int64_t o1, T* Fp, T
       const int cb = static_cast<int>(std::min<int64_t>(kFilterIn, C - c));
       for (int64_t o = o0; o < o1; o += kFilterOut) {
         const int ob = static_cast<int>(std::min<int64_t>(kFilterOut, o1 - o));
-        Kernels<T>::filters(ob, cb, s.R + o * s.ldr + l0, s.ldr, s.x + c * s.ldx + l0, s.ldx, n, Fp + o * C + c,
+        filters(ob, cb, s.R + o * s.ldr + l0, s.ldr, s.x + c * s.ldx + l0, s.ldx, n, Fp + o * C + c,
                             Fn + o * C + c, C);
       }
     }
@@ -229,12 +215,12 @@ void tile_products(const Sample<T>& s, int64_t C, int64_t O, int64_t l0, const T
   constexpr int64_t P = kTile<T>;
   for (int64_t o = 0; o < O; o += kOutBlock) {
     const int ob = static_cast<int>(std::min<int64_t>(kOutBlock, O - o));
-    Kernels<T>::ratios(ob, s.R + o * s.ldr + l0, s.ldr, s.x + l0, s.ldx, C, Fp + o * C, Fn + o * C, C, Sp + o * P,
+    ratios(ob, s.R + o * s.ldr + l0, s.ldr, s.x + l0, s.ldx, C, Fp + o * C, Fn + o * C, C, Sp + o * P,
                        Sn + o * P);
   }
   for (int64_t c = 0; c < C; c += kInBlock) {
     const int cb = static_cast<int>(std::min<int64_t>(kInBlock, C - c));
-    Kernels<T>::back(cb, Sp, Sn, O, Fp + c, Fn + c, C, s.dx + c * s.lddx + l0, s.lddx);
+    back(cb, Sp, Sn, O, Fp + c, Fn + c, C, s.dx + c * s.lddx + l0, s.lddx);
   }
 }
 
