@@ -379,7 +379,10 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
               ``masked_ck``: ck with the channels padded as the masked kernels pad them.
     Deep layers with few positions take the Gram path (VGG16 conv5 at 14×14: 6× fewer
     multiply-adds); stride-1 1×1 layers, whose patch matrix is the input itself, the filter
-    path (faster than the conv kernels on EfficientNet's 1×1 layers here); the rest the
+    path (faster than the conv kernels on EfficientNet's 1×1 layers here), or where the fused
+    pointwise kernel runs (``fused_pointwise``: CPU, cpp backend, one group) that kernel, the
+    same multiply-adds with the last tile of POINTWISE_TILE positions padded and the masked
+    kernels weighed against it by ``masked_macs``; the rest the
     conv path on CPU. On CUDA (``cuda_dense``: a CUDA tensor, not depthwise) the rest take
     ``cuda_dense_path(tensor_cores)``: Triton's implicit GEMMs or one grouped convolution per
     product, instead of a loop over the samples.
