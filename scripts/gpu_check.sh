@@ -214,7 +214,8 @@ extended() {  # opt-in (STEPS=... extended): models on the extension rules (gate
 
 cpu_tests() {  # the CPU tests most tied to torch's version (tracing, rules, compiled CPU kernels) under the GPU machine's torch
     timeout ${CPU_TEST_LIMIT:-150} $PY -m pytest -q -n 8 -m "not cuda" -p no:cacheprovider -o addopts="" tests/test_api.py \
-        tests/test_rules.py tests/test_depthwise.py tests/test_masked.py tests/test_products_kernels.py tests/test_golden.py -rfE 2>&1 \
+        tests/test_rules.py tests/test_depthwise.py tests/test_masked.py tests/test_pointwise.py tests/test_products_kernels.py \
+        tests/test_golden.py -rfE 2>&1 \
         | tee "$OUT/cpu_tests.log" | tail -15
 }
 
