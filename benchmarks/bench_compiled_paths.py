@@ -28,14 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_e2e import LAYERS, build  # noqa: E402
-from utils import describe, markdown_table, time_interleaved  # noqa: E402
+from utils import describe, markdown_table, photo_batch, time_interleaved  # noqa: E402
 
 import rsp_fast  # noqa: E402
-from rsp_fast.images import sample_photos  # noqa: E402
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
 from rsp_fast.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 from rsp_fast.ops import dispatch  # noqa: E402
-from rsp_fast.render import to_model_input  # noqa: E402
 from rsp_fast.rules import conv as conv_rule  # noqa: E402
 
 
@@ -90,13 +88,6 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     return row
 
 
-def photo_batch(batch: int, size: int) -> torch.Tensor:
-    """scikit-image's photographs, letterboxed and normalised as ImageNet models expect, repeated to ``batch``."""
-    photos = sample_photos()
-    x = torch.cat([to_model_input(img[None], size, IMAGENET_MEAN, IMAGENET_STD)[0] for _, img in photos])
-    return x[torch.arange(batch) % len(x)]
-
-
 def ablation(names: list[str], batch: int, size: int, repeats: int, photos: bool = False) -> list[dict]:
     """Whole passes with every compiled kernel, without each one, and on the reference alone.
     ``photos``: real photographs, and the embedded EfficientNet-Lite0 with its ImageNet weights."""
@@ -109,7 +100,7 @@ def ablation(names: list[str], batch: int, size: int, repeats: int, photos: bool
         torch.manual_seed(0)
         trained = photos and name == "efficientnet_lite0"
         model = build_model(name).model if trained else build(name)
-        x = photo_batch(batch, size) if photos else torch.randn(batch, 3, size, size)
+        x = photo_batch(size, IMAGENET_MEAN, IMAGENET_STD, batch) if photos else torch.randn(batch, 3, size, size)
         explainer = rsp_fast.RSP(model, layer=LAYERS.get(name), backend="cpp")
 
         def run(kernels):

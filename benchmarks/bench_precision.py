@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, markdown_table  # noqa: E402
+from utils import describe, markdown_table, photo_batch  # noqa: E402
 
 import rsp_fast  # noqa: E402
-from rsp_fast import render  # noqa: E402
-from rsp_fast.images import sample_photos  # noqa: E402
 from rsp_fast.models import build_model  # noqa: E402
 
 
@@ -45,8 +43,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     precisions = args.precisions or (list(rsp_fast.api.PRECISIONS) if device.type == "cuda" else ["fp32", "bf16"])
     spec = build_model("efficientnet_lite0")
-    photos = sample_photos()
-    x = torch.cat([render.to_model_input(img[None], spec.input_size, spec.mean, spec.std)[0] for _, img in photos])
+    x = photo_batch(spec.input_size, spec.mean, spec.std)
     model = spec.model
     exact = rsp_fast.RSP(model.double(), backend="torch").explain(x.double())
     model.float().to(device)
@@ -55,10 +52,10 @@ def main(argv=None) -> int:
         ex = rsp_fast.RSP(model, backend=args.backend, precision=precision).explain(x.to(device), target=exact.target.to(device))
         err, cos = agreement(ex.attribution, exact.attribution)
         same_class = bool((ex.logits.argmax(1).cpu() == exact.target).all())
-        rows.append({"precision": precision, "backend": args.backend, "device": describe(device), "images": len(photos),
+        rows.append({"precision": precision, "backend": args.backend, "device": describe(device), "images": len(x),
                      "max_rel_error": err, "min_heatmap_cosine": cos, "same_prediction": same_class})
         table.append([precision, f"{err:.1e}", f"{cos:.6f}", "yes" if same_class else "no"])
-    print(f"Agreement with float64 (CPU), EfficientNet-Lite0 on {len(photos)} photographs, {describe(device)}, backend {args.backend}")
+    print(f"Agreement with float64 (CPU), EfficientNet-Lite0 on {len(x)} photographs, {describe(device)}, backend {args.backend}")
     print(markdown_table(["precision", "max error ÷ max abs R", "min heat-map cosine", "same prediction"], table))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: timing (median of repeats), environment description, tables."""
+"""Shared benchmark helpers: timing (median of repeats), environment description, tables, photographs."""
 from __future__ import annotations
 
 import platform
@@ -7,6 +7,16 @@ import time
 from typing import Callable
 
 import torch
+
+
+def photo_batch(size: int, mean, std, batch: int | None = None) -> torch.Tensor:
+    """scikit-image's photographs letterboxed into ``size``² and normalised as the model expects;
+    with ``batch``, repeated to that many."""
+    from rsp_fast.images import sample_photos
+    from rsp_fast.render import to_model_input
+
+    x = torch.cat([to_model_input(img[None], size, mean, std)[0] for _, img in sample_photos()])
+    return x if batch is None else x[torch.arange(batch) % len(x)]
 
 
 def sync(device: torch.device | str) -> None:
