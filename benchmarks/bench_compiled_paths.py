@@ -12,9 +12,12 @@ Columns: the share of R that is non-zero, the times per image, the speed-up of t
 takes, that path, and for dense layers the masked kernels' measured slowdown per multiply-add
 against the library path's: the figure MASKED_SLOWDOWN stands for.
 ``--ablation``: whole passes (batch 8, 224×224, comparative R₀ of the top class) with all the
-compiled kernels, then without each of the masked, depthwise and pointwise kernels, and on
-the PyTorch reference alone, timed in interleaved rounds: what each kernel buys end to end
-(``--photos``: on scikit-image's photographs, EfficientNet-Lite0 with its ImageNet weights).
+compiled kernels, then without each of the masked, depthwise and pointwise kernels, with the
+path cost model's per-path weights undone, and on the PyTorch reference alone, timed in
+interleaved rounds: what each piece buys end to end (``--photos``: on scikit-image's
+photographs, EfficientNet-Lite0 with its ImageNet weights).
+``--every-path``: each dense or grouped layer timed on every path beside the multiply-adds
+the cost model counts for it (what its weights are fitted to).
 """
 from __future__ import annotations
 
@@ -38,11 +41,11 @@ from rsp_fast.rules import conv as conv_rule  # noqa: E402
 
 
 def recorded_layers(model, layer: str, x: torch.Tensor) -> list[tuple]:
-    """(context, input, relevance, geometry, input_non_negative) of every dense or depthwise inner conv."""
+    """(context, input, relevance, geometry, input_non_negative) of every inner conv."""
     calls, inner, depth = [], conv_rule.inner_conv_relevance, [0]
 
     def record(ctx, x, R, g, path=None, non_negative=False):
-        if g.groups in (1, x.shape[1]) and depth[0] == 0:  # not a strided 1×1 conv's own stride-1 call
+        if depth[0] == 0:  # not a strided 1×1 conv's own stride-1 call
             calls.append((ctx, x, R, g, non_negative))
         depth[0] += 1
         try:
@@ -88,13 +91,47 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     return row
 
 
+def every_path(ctx, x, R, g, non_negative, repeats: int) -> dict:
+    """A dense or grouped layer timed on every path that can run it on CPU, beside each path's
+    multiply-adds per sample as ``choose_path`` counts them (per group, times the groups): the
+    data the cost model's weights are fitted to."""
+    N, C = x.shape[:2]
+    G, O, L = g.groups, R.shape[1], R.shape[-2] * R.shape[-1]
+    ck, o = C // G * g.kernel[0] * g.kernel[1], O // G
+    nonzeros = int(torch.count_nonzero(R)) / N
+    pointwise = G == 1 and g.is_pointwise and not any(g.pad)
+    pixel_gram = conv_rule.pixel_gram_macs(g, C // G, x.shape[-2:], L)
+    masked_ck = conv_rule.masked_channels(C, x.element_size()) * g.kernel[0] * g.kernel[1]
+    tiles = -(-L // conv_rule.POINTWISE_TILE) * conv_rule.POINTWISE_TILE
+    macs = {"gram": G * conv_rule.gram_macs(ck, o, L, pixel_gram)}
+    if G == 1:
+        macs["masked"] = 3 * nonzeros * masked_ck
+    macs.update({"filter": 6 * O * ck * L, "pointwise": 6 * O * ck * tiles} if pointwise else {"conv": 6 * O * ck * L})
+    if macs["gram"] > 4 * 6 * O * ck * L:  # far out of the running, and its L×L matrices may not fit in memory
+        del macs["gram"]
+    run = lambda path: conv_rule.inner_conv_relevance(ctx, x, R, g, path, non_negative)  # noqa: E731
+    times = time_interleaved({p: (lambda p: lambda: run(p))(p) for p in macs}, repeats=repeats, warmup=1)
+    chosen = conv_rule.choose_path(ck, o, L, pointwise, nonzeros=nonzeros if G == 1 else None, masked_ck=masked_ck,
+                                   pixel_gram=pixel_gram, fused_pointwise=pointwise, grouped=G > 1)
+    return {"input": list(x.shape[1:]), "out_channels": O, "groups": G, "kernel": list(g.kernel),
+            "stride": list(g.stride), "nonzero": nonzeros / (O * L), "chosen": chosen, "macs": macs,
+            "ms": {p: times[p]["median"] / N * 1e3 for p in macs}}
+
+
+# The cost model's weights before they were fitted per path (every path's multiply-adds at one
+# rate, the masked kernels' at three times it): what fitting them buys end to end.
+UNWEIGHTED = {"CPU_CONV_SPEEDUP": 1.0, "MASKED_SLOWDOWN": 3.0, "GROUPED_GRAM_SLOWDOWN": 1.0}
+
+
 def ablation(names: list[str], batch: int, size: int, repeats: int, photos: bool = False) -> list[dict]:
-    """Whole passes with every compiled kernel, without each one, and on the reference alone.
-    ``photos``: real photographs, and the embedded EfficientNet-Lite0 with its ImageNet weights."""
+    """Whole passes with every compiled kernel, without each one, with the cost model unweighted
+    (UNWEIGHTED) and on the reference alone. ``photos``: real photographs, and the embedded
+    EfficientNet-Lite0 with its ImageNet weights."""
     full = dispatch.COMPILED
-    sets = {"cpp": full, "cpp without masked": dataclasses.replace(full, masked_products=None),
-            "cpp without depthwise": dataclasses.replace(full, depthwise_products=None),
-            "cpp without pointwise": dataclasses.replace(full, pointwise_products=None), "torch": dispatch.TORCH}
+    sets = {"cpp": (full, {}), "cpp without masked": (dataclasses.replace(full, masked_products=None), {}),
+            "cpp without depthwise": (dataclasses.replace(full, depthwise_products=None), {}),
+            "cpp without pointwise": (dataclasses.replace(full, pointwise_products=None), {}),
+            "cpp, cost model unweighted": (full, UNWEIGHTED), "torch": (dispatch.TORCH, {})}
     rows = []
     for name in names:
         torch.manual_seed(0)
@@ -103,17 +140,22 @@ def ablation(names: list[str], batch: int, size: int, repeats: int, photos: bool
         x = photo_batch(size, IMAGENET_MEAN, IMAGENET_STD, batch) if photos else torch.randn(batch, 3, size, size)
         explainer = rsp_fast.RSP(model, layer=LAYERS.get(name), backend="cpp")
 
-        def run(kernels):
+        def run(kernels, weights):
             def call():
+                fitted = {k: getattr(conv_rule, k) for k in weights}
                 dispatch.SETS["cpp"] = kernels
+                for k, v in weights.items():
+                    setattr(conv_rule, k, v)
                 try:
                     return explainer.attribute(x)
                 finally:
                     dispatch.SETS["cpp"] = full
+                    for k, v in fitted.items():
+                        setattr(conv_rule, k, v)
             return call
 
         calls = {"forward": lambda: model(x)}
-        calls.update({label: run(kernels) for label, kernels in sets.items()})
+        calls.update({label: run(*variant) for label, variant in sets.items()})
         with torch.no_grad():
             times = time_interleaved(calls, repeats=repeats, warmup=1)
         forward = times["forward"]["median"]
@@ -134,6 +176,8 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ablation", action="store_true", help="whole passes without each compiled kernel")
+    p.add_argument("--every-path", action="store_true",
+                   help="time each dense layer on every path, beside the multiply-adds the cost model counts")
     p.add_argument("--photos", action="store_true",
                    help="ablation on scikit-image's photographs (EfficientNet-Lite0 with its ImageNet weights)")
     args = p.parse_args()
@@ -150,11 +194,32 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return
     rows = []
+    if args.every_path:
+        for name in args.models:
+            torch.manual_seed(0)
+            for call in recorded_layers(build(name), LAYERS.get(name), torch.randn(batch, 3, size, size)):
+                if call[3].groups < call[1].shape[1]:  # not depthwise
+                    rows.append({"model": name, "batch": batch, **every_path(*call, repeats)})
+                    r = rows[-1]
+                    print(f"  {name} {r['input']} -> {r['out_channels']}: " + ", ".join(
+                        f"{p} {ms:.2f} ms" for p, ms in r["ms"].items()), file=sys.stderr, flush=True)
+        print(f"Milliseconds per image on each path, {describe('cpu')}, {size}×{size}, batch {batch}\n")
+        paths = ["conv", "filter", "pointwise", "gram", "masked"]
+        print(markdown_table(
+            ["model", "layer input", "out", "groups", "k", "stride", "R non-zero", *paths, "fastest", "RSP takes"],
+            [[r["model"], "×".join(map(str, r["input"])), r["out_channels"], r["groups"], "×".join(map(str, r["kernel"])),
+              r["stride"][0], f"{r['nonzero']:.2f}", *(f"{r['ms'][p]:.2f}" if p in r["ms"] else "–" for p in paths),
+              min(r["ms"], key=r["ms"].get), r["chosen"]] for r in rows]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     for name in args.models:
         torch.manual_seed(0)
         model = build(name)
         x = torch.randn(batch, 3, size, size)
         for call in recorded_layers(model, LAYERS.get(name), x):
+            if call[3].groups not in (1, call[1].shape[1]):  # grouped, neither dense nor depthwise
+                continue
             rows.append({"model": name, "batch": batch, **compare(*call, repeats)})
             r = rows[-1]
             print(f"  {name} {r['input']} -> {r['out_channels']}: {r['library_path']} {r['library_ms']:.2f} ms, "

@@ -51,7 +51,7 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
         fused_pointwise = pointwise and G == 1 and not cuda and pointwise_kernel_built()
         path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
                            tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit_gemm_fits(g),
-                           gram_slowdown=cuda_gram_slowdown(dtype), fused_pointwise=fused_pointwise)
+                           gram_slowdown=cuda_gram_slowdown(dtype), fused_pointwise=fused_pointwise, grouped=G > 1)
         path = runnable_dense_path(path, implicit_gemm_fits(g), cuda)
         gram_path = path in ("gram", "implicit_gram")
         macs = gram if gram_path else filter_macs

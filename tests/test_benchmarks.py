@@ -82,6 +82,27 @@ def test_bench_compiled_paths_quick(tmp_path):
     assert "| model | layer input |" in proc.stdout
 
 
+def test_bench_compiled_paths_every_path_quick(tmp_path):
+    out = tmp_path / "p.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compiled_paths.py"), "--quick",
+                           "--every-path", "--models", "resnet18", "regnet_x_400mf", "--json", str(out)],
+                          capture_output=True, text=True)
+    if "rsp_fast._C is not built" in proc.stderr or "backend 'cpp' is unavailable" in proc.stderr:
+        import pytest
+
+        pytest.skip("rsp_fast._C is not built")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    resnet = [r for r in rows if r["model"] == "resnet18"]
+    assert len(resnet) == 19  # ResNet18's inner convs: 16 in its blocks, 3 shortcuts
+    for r in rows:
+        assert set(r["ms"]) <= set(r["macs"]) and all(ms > 0 for ms in r["ms"].values())
+        assert ("masked" in r["ms"]) == (r["groups"] == 1) and r["chosen"] in r["macs"]
+        assert ("conv" in r["ms"]) != (r["kernel"] == [1, 1])  # 1×1 convs: filter and fused pointwise instead
+    assert any(r["groups"] > 1 for r in rows if r["model"] == "regnet_x_400mf")
+    assert "| model | layer input |" in proc.stdout
+
+
 def test_bench_compiled_paths_ablation_quick(tmp_path):
     out = tmp_path / "a.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compiled_paths.py"), "--quick", "--ablation",
@@ -93,7 +114,7 @@ def test_bench_compiled_paths_ablation_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [r["kernels"] for r in rows] == ["forward", "cpp", "cpp without masked", "cpp without depthwise",
-                                            "cpp without pointwise", "torch"]
+                                            "cpp without pointwise", "cpp, cost model unweighted", "torch"]
     assert all(r["ms_per_image"] > 0 for r in rows) and rows[1]["x_all_kernels"] == 1.0
     assert all(r["weights"] == "ImageNet" and r["inputs"] == "photos" for r in rows)
     assert "| model | weights | inputs | kernels |" in proc.stdout

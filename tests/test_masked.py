@@ -21,6 +21,24 @@ def test_choose_path_takes_the_masked_kernels_for_sparse_relevance_only():
     assert conv_rule.choose_path(512 * 9, 512, 14 * 14, nonzeros=0.25 * 512 * 196) == "gram"
 
 
+def test_choose_path_weighs_each_path_by_its_measured_cpu_rate():
+    """The paths' multiply-adds as bench_compiled_paths.py --every-path timed them on CPU: the
+    convolutions count at half (they ran twice the GEMMs' rate), masked products at 1.5×, and a
+    grouped conv's Gram path at 3×."""
+    pixels = lambda C, side: C * (side + 2) ** 4  # noqa: E731 -- the pixel Gram of a padded 3×3 conv
+    # ResNet50's 128-channel 3×3 convs at 28×28, 48-60 % of R non-zero: masked (2.4-2.7 ms per image
+    # against 3.7 on the convolutions and 7.0 on the Gram path, whose multiply-adds are fewer)
+    ck, o, L = 128 * 9, 128, 28 * 28
+    assert conv_rule.choose_path(ck, o, L, nonzeros=0.6 * o * L, pixel_gram=pixels(128, 28)) == "masked"
+    assert conv_rule.choose_path(ck, o, L, pixel_gram=pixels(128, 28)) == "conv"  # no masked kernel
+    # its 256-channel ones at 14×14: the Gram path (1.0 ms against 2.5 masked and 4.5 on the convolutions)
+    ck, o, L = 256 * 9, 256, 14 * 14
+    assert conv_rule.choose_path(ck, o, L, nonzeros=0.5 * o * L, pixel_gram=pixels(256, 14)) == "gram"
+    # RegNetX-400MF's 3×3 convs of 25 groups of 16 channels at 7×7: the convolutions (0.5 ms against 0.8)
+    ck, o, L = 16 * 9, 16, 7 * 7
+    assert conv_rule.choose_path(ck, o, L, pixel_gram=pixels(16, 7), grouped=True) == "conv"
+
+
 def small_vgg() -> nn.Module:
     torch.manual_seed(3)
     return nn.Sequential(

@@ -102,7 +102,8 @@ def test_gram_path_weighed_against_the_implicit_gemms_only_where_they_run():
     assert choose_path(*conv5, **tc, gram_slowdown=4.0) == "gram"
     assert choose_path(*conv4, cuda_dense=True, gram_slowdown=4.0) == "gram"  # exact float32: against cuDNN, unweighed
     assert choose_path(*conv4, **tc, implicit_gemm_runs=False, gram_slowdown=4.0) == "gram"  # strided, grouped, tracking
-    assert choose_path(*conv4, gram_slowdown=4.0) == "gram"  # CPU
+    # CPU (stride 1: the Gram products from the 30×30 padded input's pixels)
+    assert choose_path(*conv4, gram_slowdown=4.0, pixel_gram=512 * 900 * 900) == "gram"
     assert choose_path(*conv4, **tc) == "gram"  # unweighed
     assert choose_path(*conv5, **tc, gram_slowdown=float("inf")) == "implicit_gemm"
     # 16-bit products never take the Gram path where the implicit GEMMs run, TF32 ones counted at 4×

@@ -305,14 +305,24 @@ def runnable_dense_path(path: str, implicit_gemm_runs: bool, is_cuda: bool = Fal
     return {"implicit_gemm": "grouped_conv", "implicit_gram": "gram"}.get(path, path)
 
 
-# How much slower per multiply-add the masked kernels run than the dense products (gathered
-# patches instead of a blocked GEMM, and fixed costs): 1.1–4.3 on VGG16's and
-# EfficientNet-Lite0's layers at batch 8 on this project's CPU, both on its 2 cores
-# (benchmarks/bench_compiled_paths.py). Against the filter and conv paths masked wins where this
-# figure is below 2 / density of R: at 3 it runs on VGG16's layers behind a max pool (14–22 %
-# non-zero) and its conv1–conv3 layers behind a ReLU (about half), and on EfficientNet's 1×1
-# layers with under 2/3 of R non-zero.
-MASKED_SLOWDOWN = 3.0
+# Each path's multiply-adds at the rate this project's CPU (2 cores, batch 8) measured for them,
+# in units of the GEMM-based paths' rate (filter, Gram, fused pointwise: 70-120 GMAC/s):
+# `python benchmarks/bench_compiled_paths.py --every-path` times every layer of VGG16, ResNet18/50,
+# DenseNet121, RegNetX-400MF, ResNeXt50, MobileNetV2 and EfficientNet-Lite0 on every path
+# (docs/bench_every_path_cpu_2026-11-27.json).
+# PyTorch's dense convolutions (oneDNN) run their counted multiply-adds about twice as fast
+# (140-210 GMAC/s on layers of 14×14 and more positions; about 1× at 7×7, where the Gram path wins by
+# far anyway); grouped ones do not (25-90 GMAC/s).
+CPU_CONV_SPEEDUP = 2.0
+# The masked kernels, gathering patches at R's non-zeros, run 1.1-2 times slower than the GEMMs
+# (slowest with 512-channel filters that leave the L2 cache, or very sparse R); counted at 1.5 they
+# win behind max pools and ReLUs of layers up to 28×28 (ResNet's 128-channel 3×3 convs: 2.4 ms per
+# image against the Gram path's 7.0), and lose to the Gram path on 14×14 ones.
+MASKED_SLOWDOWN = 1.5
+# The Gram path of grouped convs runs many small GEMMs and tap sums per group: 11-30 GMAC/s, about
+# a third of the dense rate (RegNetX's 25-group 3×3 convs at 7×7: 0.8 ms per image against 0.5
+# on the convolutions).
+GROUPED_GRAM_SLOWDOWN = 3.0
 MASKED_VECTOR_BYTES = 64  # the masked kernels pad each patch's channels to whole 64-byte vectors
 
 
@@ -332,7 +342,7 @@ POINTWISE_TILE = 32  # positions per tile of the fused pointwise kernel (float32
 
 
 def masked_macs(nonzeros: float, masked_ck: int, alternative: str) -> float:
-    """The masked kernels' three products at ``nonzeros`` positions, in the dense path's multiply-adds."""
+    """The masked kernels' three products at ``nonzeros`` positions, in the GEMM paths' multiply-adds."""
     if alternative == "pointwise":
         return 3 * nonzeros * (MASKED_POINTWISE_SLOWDOWN * masked_ck + MASKED_ENTRY_MACS)
     return MASKED_SLOWDOWN * 3 * nonzeros * masked_ck
@@ -356,7 +366,7 @@ def gram_macs(ck: int, o: int, L: int, pixel_gram: int | None = None) -> int:
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
                 nonzeros: float | None = None, masked_ck: int | None = None, pixel_gram: int | None = None,
                 tensor_cores: bool = False, implicit_gemm_runs: bool = True, gram_slowdown: float = 1.0,
-                fused_pointwise: bool = False) -> str:
+                fused_pointwise: bool = False, grouped: bool = False) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -388,13 +398,17 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     product, instead of a loop over the samples.
     Sparse relevance takes the masked path when it costs less, counted at MASKED_SLOWDOWN; the
     Gram path against the implicit GEMMs (where they run: ``implicit_gemm_runs``) at
-    ``gram_slowdown`` (``cuda_gram_slowdown``).
+    ``gram_slowdown`` (``cuda_gram_slowdown``). Against the conv path the convolutions' multiply-adds
+    count at 1/CPU_CONV_SPEEDUP, or for a ``grouped`` conv (groups > 1) the Gram path's at
+    GROUPED_GRAM_SLOWDOWN.
     """
     alternative = ("pointwise" if fused_pointwise else "filter") if dense_pointwise else \
         cuda_dense_path(tensor_cores) if cuda_dense else "conv"
     # the fused pointwise kernel works on whole tiles of positions (the last one zero-padded)
     tiles = -(-L // POINTWISE_TILE) * POINTWISE_TILE if alternative == "pointwise" else L
     dense, gram = 6 * o * ck * tiles, gram_macs(ck, o, L, pixel_gram)
+    if alternative == "conv":  # CPU, or a depthwise conv on CUDA (whose Gram path never wins)
+        dense, gram = (dense, gram * GROUPED_GRAM_SLOWDOWN) if grouped else (dense / CPU_CONV_SPEEDUP, gram)
     if nonzeros is not None and masked_macs(nonzeros, masked_ck or ck, alternative) < min(dense, gram):
         return "masked"
     if alternative == "implicit_gemm" and not implicit_gemm_runs:
@@ -602,7 +616,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
                                 pixel_gram, on_tensor_cores(low), implicit_runs, cuda_gram_slowdown(low),
-                                fused_pointwise))
+                                fused_pointwise, G > 1))
     path = runnable_dense_path(path, implicit_runs, x.is_cuda)
     if path in ("implicit_gemm", "implicit_gram"):
         return _implicit_gemm_relevance(ctx, x, R, g, non_negative, gram=path == "implicit_gram")
