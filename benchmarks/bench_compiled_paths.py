@@ -40,7 +40,7 @@ from rsp_fast.ops import dispatch  # noqa: E402
 from rsp_fast.rules import conv as conv_rule  # noqa: E402
 
 
-def recorded_layers(model, layer: str, x: torch.Tensor) -> list[tuple]:
+def recorded_layers(model, layer: str, x: torch.Tensor, precision: str = "fp32") -> list[tuple]:
     """(context, input, relevance, geometry, input_non_negative) of every inner conv."""
     calls, inner, depth = [], conv_rule.inner_conv_relevance, [0]
 
@@ -55,7 +55,7 @@ def recorded_layers(model, layer: str, x: torch.Tensor) -> list[tuple]:
 
     conv_rule.inner_conv_relevance = record
     try:
-        rsp_fast.RSP(model, layer=layer, backend="cpp").attribute(x, target=1)
+        rsp_fast.RSP(model, layer=layer, backend="cpp", precision=precision).attribute(x, target=1)
     finally:
         conv_rule.inner_conv_relevance = inner
     return calls
@@ -112,7 +112,8 @@ def every_path(ctx, x, R, g, non_negative, repeats: int) -> dict:
     run = lambda path: conv_rule.inner_conv_relevance(ctx, x, R, g, path, non_negative)  # noqa: E731
     times = time_interleaved({p: (lambda p: lambda: run(p))(p) for p in macs}, repeats=repeats, warmup=1)
     chosen = conv_rule.choose_path(ck, o, L, pointwise, nonzeros=nonzeros if G == 1 else None, masked_ck=masked_ck,
-                                   pixel_gram=pixel_gram, fused_pointwise=pointwise, grouped=G > 1)
+                                   pixel_gram=pixel_gram, fused_pointwise=pointwise, grouped=G > 1,
+                                   torch_speedup=conv_rule.torch_products_speedup(x.is_cuda, ctx.product_dtype or x.dtype))
     return {"input": list(x.shape[1:]), "out_channels": O, "groups": G, "kernel": list(g.kernel),
             "stride": list(g.stride), "nonzero": nonzeros / (O * L), "chosen": chosen, "macs": macs,
             "ms": {p: times[p]["median"] / N * 1e3 for p in macs}}
@@ -178,6 +179,8 @@ def main() -> None:
     p.add_argument("--ablation", action="store_true", help="whole passes without each compiled kernel")
     p.add_argument("--every-path", action="store_true",
                    help="time each dense layer on every path, beside the multiply-adds the cost model counts")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="with --every-path: the products' precision (bf16: the GEMM and conv paths in bfloat16)")
     p.add_argument("--photos", action="store_true",
                    help="ablation on scikit-image's photographs (EfficientNet-Lite0 with its ImageNet weights)")
     args = p.parse_args()
@@ -197,13 +200,16 @@ def main() -> None:
     if args.every_path:
         for name in args.models:
             torch.manual_seed(0)
-            for call in recorded_layers(build(name), LAYERS.get(name), torch.randn(batch, 3, size, size)):
+            x = torch.randn(batch, 3, size, size)
+            for call in recorded_layers(build(name), LAYERS.get(name), x, args.precision):
                 if call[3].groups < call[1].shape[1]:  # not depthwise
-                    rows.append({"model": name, "batch": batch, **every_path(*call, repeats)})
+                    rows.append({"model": name, "batch": batch, "precision": args.precision,
+                                 **every_path(*call, repeats)})
                     r = rows[-1]
                     print(f"  {name} {r['input']} -> {r['out_channels']}: " + ", ".join(
                         f"{p} {ms:.2f} ms" for p, ms in r["ms"].items()), file=sys.stderr, flush=True)
-        print(f"Milliseconds per image on each path, {describe('cpu')}, {size}×{size}, batch {batch}\n")
+        print(f"Milliseconds per image on each path, {describe('cpu')}, {size}×{size}, batch {batch}, "
+              f"precision {args.precision}\n")
         paths = ["conv", "filter", "pointwise", "gram", "masked"]
         print(markdown_table(
             ["model", "layer input", "out", "groups", "k", "stride", "R non-zero", *paths, "fastest", "RSP takes"],

@@ -7,9 +7,11 @@ the (BatchNorm-folded) weights. Padding is applied explicitly so that asymmetric
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -331,19 +333,48 @@ MASKED_VECTOR_BYTES = 64  # the masked kernels pad each patch's channels to whol
 DEPTHWISE_MAX_TAPS = 128
 
 
-# Against the fused pointwise kernel, which runs near the CPU's peak, the masked kernels' cost
-# per non-zero and product is better told by a fixed part and a part per channel than by one
-# factor: fitted on EfficientNet-Lite0's and ResNet50's 1×1 layers at batch 8 on this project's
-# CPU (2 cores), 1.5 ns + 0.022 ns per channel against the pointwise kernel's 6·o·ck·L
-# multiply-adds at about 90 GMAC/s, i.e. 135 + 2·ck multiply-adds' time. A single factor of 3
-# took the masked kernels on layers with 16 or 32 input channels, where they ran 2-3x slower.
+# On 1×1 convs the masked kernels' cost per non-zero and product is better told by a fixed part
+# and a part per channel than by one factor: fitted on EfficientNet-Lite0's and ResNet50's 1×1
+# layers at batch 8 on this project's CPU (2 cores), 1.5 ns + 0.022 ns per channel against the
+# fused pointwise kernel's 6·o·ck·L multiply-adds at about 90 GMAC/s, i.e. 135 + 2·ck
+# multiply-adds' time. A single factor of 3 took the masked kernels on layers with 16 or 32 input
+# channels, where they ran 2-3x slower.
 MASKED_POINTWISE_SLOWDOWN, MASKED_ENTRY_MACS = 2.0, 135
 POINTWISE_TILE = 32  # positions per tile of the fused pointwise kernel (float32: two 64-byte vectors)
 
+# precision="bf16" on a CPU with bfloat16 units (AVX512-BF16, AMX): the products PyTorch runs
+# (convolutions, the Gram and filter paths' GEMMs) took 1.5-3.5× less time than in float32
+# (`bench_compiled_paths.py --every-path --precision bf16`, docs/bench_every_path_bf16_cpu_2026-11-27.json);
+# the compiled kernels stay in float32. Their multiply-adds count at 1/CPU_BF16_SPEEDUP there.
+CPU_BF16_SPEEDUP = 2.0
+# Against the fused pointwise kernel the filter path also pays its passes over the o·L responses and
+# ratios in memory: about 1.3 ns per element in bfloat16 (113 multiply-adds' time), which kept the
+# float32 kernel ahead on 1×1 layers of 16-24 input channels (EfficientNet-Lite0's 16→96 at 112²:
+# 1.3 against 2.3 ms per image) while bfloat16's GEMMs won from 40 channels on.
+FILTER_PASS_MACS = 113
 
-def masked_macs(nonzeros: float, masked_ck: int, alternative: str) -> float:
-    """The masked kernels' three products at ``nonzeros`` positions, in the GEMM paths' multiply-adds."""
-    if alternative == "pointwise":
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (elsewhere oneDNN emulates it, slower than float32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def torch_products_speedup(is_cuda: bool, product_dtype: torch.dtype) -> float:
+    """How many times faster than the float32 rates the cost model assumes PyTorch's products run in
+    ``product_dtype`` (CPU_BF16_SPEEDUP for bfloat16 on a CPU with bfloat16 units; else 1)."""
+    fast = not is_cuda and product_dtype == torch.bfloat16 and cpu_has_bf16_units()
+    return CPU_BF16_SPEEDUP if fast else 1.0
+
+
+def masked_macs(nonzeros: float, masked_ck: int, pointwise: bool) -> float:
+    """The masked kernels' three products at ``nonzeros`` positions, in the GEMM paths' multiply-adds
+    (``pointwise``: of a 1×1 conv)."""
+    if pointwise:
         return 3 * nonzeros * (MASKED_POINTWISE_SLOWDOWN * masked_ck + MASKED_ENTRY_MACS)
     return MASKED_SLOWDOWN * 3 * nonzeros * masked_ck
 
@@ -366,7 +397,7 @@ def gram_macs(ck: int, o: int, L: int, pixel_gram: int | None = None) -> int:
 def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_dense: bool = False,
                 nonzeros: float | None = None, masked_ck: int | None = None, pixel_gram: int | None = None,
                 tensor_cores: bool = False, implicit_gemm_runs: bool = True, gram_slowdown: float = 1.0,
-                fused_pointwise: bool = False, grouped: bool = False) -> str:
+                fused_pointwise: bool = False, grouped: bool = False, torch_speedup: float = 1.0) -> str:
     """The cheapest way to run RSP's products for one group of one sample.
 
     With Xᵤ (ck×L) the unfolded input patches and R± (o×L) the sections, all paths give
@@ -400,16 +431,21 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     Gram path against the implicit GEMMs (where they run: ``implicit_gemm_runs``) at
     ``gram_slowdown`` (``cuda_gram_slowdown``). Against the conv path the convolutions' multiply-adds
     count at 1/CPU_CONV_SPEEDUP, or for a ``grouped`` conv (groups > 1) the Gram path's at
-    GROUPED_GRAM_SLOWDOWN.
+    GROUPED_GRAM_SLOWDOWN. The paths PyTorch runs (all but the fused and masked kernels) count at
+    1/``torch_speedup`` (``torch_products_speedup``).
     """
     alternative = ("pointwise" if fused_pointwise else "filter") if dense_pointwise else \
         cuda_dense_path(tensor_cores) if cuda_dense else "conv"
     # the fused pointwise kernel works on whole tiles of positions (the last one zero-padded)
     tiles = -(-L // POINTWISE_TILE) * POINTWISE_TILE if alternative == "pointwise" else L
-    dense, gram = 6 * o * ck * tiles, gram_macs(ck, o, L, pixel_gram)
+    dense, gram = 6 * o * ck * tiles, gram_macs(ck, o, L, pixel_gram) / torch_speedup
     if alternative == "conv":  # CPU, or a depthwise conv on CUDA (whose Gram path never wins)
         dense, gram = (dense, gram * GROUPED_GRAM_SLOWDOWN) if grouped else (dense / CPU_CONV_SPEEDUP, gram)
-    if nonzeros is not None and masked_macs(nonzeros, masked_ck or ck, alternative) < min(dense, gram):
+    if alternative != "pointwise":
+        dense /= torch_speedup
+    elif 6 * o * ck * L / torch_speedup + FILTER_PASS_MACS * o * L < dense:  # bfloat16 GEMMs may outrun the kernel
+        alternative, dense = "filter", 6 * o * ck * L / torch_speedup + FILTER_PASS_MACS * o * L
+    if nonzeros is not None and masked_macs(nonzeros, masked_ck or ck, dense_pointwise) < min(dense, gram):
         return "masked"
     if alternative == "implicit_gemm" and not implicit_gemm_runs:
         alternative = "grouped_conv"
@@ -598,25 +634,27 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     N, C = x.shape[:2]
     G, O = g.groups, R.shape[1]
     Og, L = O // G, R.shape[-2] * R.shape[-1]
-    # the compiled kernels work in the input's precision and never form Ga and Gb, which tracking
-    # reads; the masked ones take dense layers, samples within their 32-bit offsets
+    # the compiled kernels work in the input's precision (under precision="bf16" too: they are CPU
+    # kernels, and more exact than asked) and never form Ga and Gb, which tracking reads; the
+    # masked ones take dense layers, samples within their 32-bit offsets
     l, r, t, b = g.pad
     k2, Cp = g.kernel[0] * g.kernel[1], masked_channels(C, x.element_size())
-    compiled = ctx.product_dtype is None and not ctx.tracking
+    compiled = (ctx.product_dtype is None or not x.is_cuda) and not ctx.tracking
     masked = (compiled and ctx.ops.masked_products is not None and G == 1
               and (x.shape[-2] + t + b) * (x.shape[-1] + l + r) * Cp < 2**31)
     nonzeros = _nonzeros_per_sample(R) if masked and path is None else None
     # depthwise: the products fused per plane where that kernel exists; dense stride-1 1×1 convs: per tile
     fused_depthwise = compiled and C == G and ctx.ops.depthwise_products is not None and k2 <= DEPTHWISE_MAX_TAPS
-    fused_pointwise = compiled and G == 1 and g.patches_are_input and ctx.ops.pointwise_products is not None
     low = ctx.product_dtype or x.dtype
+    speedup = torch_products_speedup(x.is_cuda, low)
+    fused_pointwise = compiled and G == 1 and g.patches_are_input and ctx.ops.pointwise_products is not None
     # tracking reads the responses, which the fused kernels never form
     implicit_runs = implicit_gemm_fits(g) and not ctx.tracking and triton_unavailable_reason(x.device) == ""
     pixel_gram = pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums_pay(x.is_cuda, low, implicit_runs))
     path = path or ("depthwise" if fused_depthwise else
                     choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros, Cp * k2,
                                 pixel_gram, on_tensor_cores(low), implicit_runs, cuda_gram_slowdown(low),
-                                fused_pointwise, G > 1))
+                                fused_pointwise, G > 1, speedup))
     path = runnable_dense_path(path, implicit_runs, x.is_cuda)
     if path in ("implicit_gemm", "implicit_gram"):
         return _implicit_gemm_relevance(ctx, x, R, g, non_negative, gram=path == "implicit_gram")
