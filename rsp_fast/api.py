@@ -52,8 +52,8 @@ class RSP:
             ``RSP_FAST_BACKEND``.
         precision: ``"fp32"`` (everything in the input's dtype; on CUDA TF32 off), ``"tf32"``
             (CUDA: TF32 tensor cores for the forward pass and the products) or ``"bf16"`` (the
-            products' operands in bfloat16); the normalisation and the purge always run in the
-            input's dtype.
+            products' operands in bfloat16; on CPU the compiled float32 kernels keep the layers
+            they run faster); the normalisation and the purge always run in the input's dtype.
         max_batch: the most samples one pass takes; larger inputs run in chunks of this size
             (samples are independent, so the result is the same: bounds the memory a call
             needs). None: the whole batch.

@@ -432,7 +432,9 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
     ``gram_slowdown`` (``cuda_gram_slowdown``). Against the conv path the convolutions' multiply-adds
     count at 1/CPU_CONV_SPEEDUP, or for a ``grouped`` conv (groups > 1) the Gram path's at
     GROUPED_GRAM_SLOWDOWN. The paths PyTorch runs (all but the fused and masked kernels) count at
-    1/``torch_speedup`` (``torch_products_speedup``).
+    1/``torch_speedup`` (``torch_products_speedup``); where that makes the filter path's GEMMs,
+    with their passes over the responses (FILTER_PASS_MACS per element), cheaper than the fused
+    pointwise kernel, they take the layer instead.
     """
     alternative = ("pointwise" if fused_pointwise else "filter") if dense_pointwise else \
         cuda_dense_path(tensor_cores) if cuda_dense else "conv"
