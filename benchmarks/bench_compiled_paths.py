@@ -2,6 +2,7 @@
 
     python benchmarks/bench_compiled_paths.py [--models vgg16 efficientnet_lite0] [--batch 8] [--json out.json] [--quick]
     python benchmarks/bench_compiled_paths.py --ablation [--models ...]    # whole passes without each kernel
+    python benchmarks/bench_compiled_paths.py --every-path [--precision bf16] [--models ...]
 
 One RSP pass (cpp backend, random weights, 224×224; --quick: 64×64, batch 2) records every
 inner conv's input and incoming relevance. Each dense (groups = 1) layer then runs with the
@@ -10,14 +11,16 @@ for stride-1 1×1 layers, with the fused pointwise kernel; each depthwise layer 
 convolutions ("conv") and with the fused depthwise kernel (median of interleaved repeats).
 Columns: the share of R that is non-zero, the times per image, the speed-up of the path RSP
 takes, that path, and for dense layers the masked kernels' measured slowdown per multiply-add
-against the library path's: the figure MASKED_SLOWDOWN stands for.
+against the library path's (the cost model counts it at MASKED_SLOWDOWN against the Gram path,
+MASKED_SLOWDOWN × CPU_CONV_SPEEDUP against the convolutions).
 ``--ablation``: whole passes (batch 8, 224×224, comparative R₀ of the top class) with all the
 compiled kernels, then without each of the masked, depthwise and pointwise kernels, with the
 path cost model's per-path weights undone, and on the PyTorch reference alone, timed in
 interleaved rounds: what each piece buys end to end (``--photos``: on scikit-image's
 photographs, EfficientNet-Lite0 with its ImageNet weights).
 ``--every-path``: each dense or grouped layer timed on every path beside the multiply-adds
-the cost model counts for it (what its weights are fitted to).
+the cost model counts for it (what its weights are fitted to); ``--precision bf16``: the
+layers recorded and run with bfloat16 products.
 """
 from __future__ import annotations
 
