@@ -445,8 +445,8 @@ def choose_path(ck: int, o: int, L: int, dense_pointwise: bool = False, cuda_den
         dense, gram = (dense, gram * GROUPED_GRAM_SLOWDOWN) if grouped else (dense / CPU_CONV_SPEEDUP, gram)
     if alternative != "pointwise":
         dense /= torch_speedup
-    elif 6 * o * ck * L / torch_speedup + FILTER_PASS_MACS * o * L < dense:  # bfloat16 GEMMs may outrun the kernel
-        alternative, dense = "filter", 6 * o * ck * L / torch_speedup + FILTER_PASS_MACS * o * L
+    elif (gemms := 6 * o * ck * L / torch_speedup + FILTER_PASS_MACS * o * L) < dense:  # bfloat16 GEMMs may outrun it
+        alternative, dense = "filter", gemms
     if nonzeros is not None and masked_macs(nonzeros, masked_ck or ck, dense_pointwise) < min(dense, gram):
         return "masked"
     if alternative == "implicit_gemm" and not implicit_gemm_runs:
