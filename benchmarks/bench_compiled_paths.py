@@ -29,6 +29,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -64,33 +65,54 @@ def recorded_layers(model, layer: str, x: torch.Tensor, precision: str = "fp32")
     return calls
 
 
-def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
+class Layer(NamedTuple):
+    """What the cost model reads of a recorded layer, per sample (and per group where it says so)."""
+    N: int
+    O: int
+    L: int
+    ck: int  # per group
+    o: int  # per group
+    nonzeros: float  # nnz(R), exact
+    pointwise: bool  # an unpadded dense 1×1 conv, strided ones included (they run as stride-1 ones)
+    pixel_gram: int | None
+    masked_ck: int
+
+
+def layer(x, R, g) -> Layer:
     N, C = x.shape[:2]
-    O, L = R.shape[1], R.shape[-2] * R.shape[-1]
-    k2 = g.kernel[0] * g.kernel[1]
-    nonzeros = int(torch.count_nonzero(R)) / N
+    O, k2 = R.shape[1], g.kernel[0] * g.kernel[1]
+    L = R.shape[-2] * R.shape[-1]
+    return Layer(N, O, L, C // g.groups * k2, O // g.groups, int(torch.count_nonzero(R)) / N,
+                 g.groups == 1 and g.is_pointwise and not any(g.pad),
+                 conv_rule.pixel_gram_macs(g, C // g.groups, x.shape[-2:], L),
+                 conv_rule.masked_channels(C, x.element_size()) * k2)
+
+
+def timed_paths(ctx, x, R, g, non_negative, paths, repeats: int) -> dict[str, float]:
+    """Milliseconds per image of the layer on each path (medians of interleaved rounds)."""
     run = lambda path: conv_rule.inner_conv_relevance(ctx, x, R, g, path, non_negative)  # noqa: E731
-    row = {"input": list(x.shape[1:]), "out_channels": O, "kernel": list(g.kernel), "stride": list(g.stride),
-           "nonzero": nonzeros / (O * L)}
-    # an unpadded 1×1 conv, strided ones included (they run as stride-1 ones on the pixels they read)
-    pointwise = g.groups == 1 and g.is_pointwise and not any(g.pad)
+    times = time_interleaved({p: (lambda p: lambda: run(p))(p) for p in paths}, repeats=repeats, warmup=1)
+    return {p: times[p]["median"] / x.shape[0] * 1e3 for p in paths}
+
+
+def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
+    t = layer(x, R, g)
+    row = {"input": list(x.shape[1:]), "out_channels": t.O, "kernel": list(g.kernel), "stride": list(g.stride),
+           "nonzero": t.nonzeros / (t.O * t.L)}
     if g.groups == 1:
-        ck, masked_ck = C * k2, conv_rule.masked_channels(C, x.element_size()) * k2
-        pixel_gram = conv_rule.pixel_gram_macs(g, C, x.shape[-2:], L)
-        library = conv_rule.choose_path(ck, O, L, pointwise, pixel_gram=pixel_gram)
+        library = conv_rule.choose_path(t.ck, t.O, t.L, t.pointwise, pixel_gram=t.pixel_gram)
         compiled = "masked"
-        chosen = conv_rule.choose_path(ck, O, L, pointwise, nonzeros=nonzeros, masked_ck=masked_ck,
-                                       pixel_gram=pixel_gram, fused_pointwise=pointwise)
+        chosen = conv_rule.choose_path(t.ck, t.O, t.L, t.pointwise, nonzeros=t.nonzeros, masked_ck=t.masked_ck,
+                                       pixel_gram=t.pixel_gram, fused_pointwise=t.pointwise)
     else:
         library, compiled, chosen = "conv", "depthwise", "depthwise"
-    paths = [library, compiled] + (["pointwise"] if pointwise and library != "pointwise" else [])
-    times = time_interleaved({p: (lambda p: lambda: run(p))(p) for p in paths}, repeats=repeats, warmup=1)
-    ms = {p: times[p]["median"] / N * 1e3 for p in paths}
+    paths = [library, compiled] + (["pointwise"] if t.pointwise and library != "pointwise" else [])
+    ms = timed_paths(ctx, x, R, g, non_negative, paths, repeats)
     row.update(library_path=library, library_ms=ms[library], compiled_path=compiled, compiled_ms=ms[compiled],
                pointwise_ms=ms.get("pointwise"), chosen=chosen, speedup=ms[library] / ms.get(chosen, ms[library]))
     if g.groups == 1:
-        dense_macs = min(6 * O * ck * L, conv_rule.gram_macs(ck, O, L, pixel_gram))
-        row["slowdown_per_mac"] = dense_macs / (3 * max(nonzeros, 1) * masked_ck) * ms[compiled] / ms[library]
+        dense_macs = min(6 * t.O * t.ck * t.L, conv_rule.gram_macs(t.ck, t.O, t.L, t.pixel_gram))
+        row["slowdown_per_mac"] = dense_macs / (3 * max(t.nonzeros, 1) * t.masked_ck) * ms[compiled] / ms[library]
     return row
 
 
@@ -98,28 +120,22 @@ def every_path(ctx, x, R, g, non_negative, repeats: int) -> dict:
     """A dense or grouped layer timed on every path that can run it on CPU, beside each path's
     multiply-adds per sample as ``choose_path`` counts them (per group, times the groups): the
     data the cost model's weights are fitted to."""
-    N, C = x.shape[:2]
-    G, O, L = g.groups, R.shape[1], R.shape[-2] * R.shape[-1]
-    ck, o = C // G * g.kernel[0] * g.kernel[1], O // G
-    nonzeros = int(torch.count_nonzero(R)) / N
-    pointwise = G == 1 and g.is_pointwise and not any(g.pad)
-    pixel_gram = conv_rule.pixel_gram_macs(g, C // G, x.shape[-2:], L)
-    masked_ck = conv_rule.masked_channels(C, x.element_size()) * g.kernel[0] * g.kernel[1]
-    tiles = -(-L // conv_rule.POINTWISE_TILE) * conv_rule.POINTWISE_TILE
-    macs = {"gram": G * conv_rule.gram_macs(ck, o, L, pixel_gram)}
+    t, G = layer(x, R, g), g.groups
+    tiles = -(-t.L // conv_rule.POINTWISE_TILE) * conv_rule.POINTWISE_TILE
+    dense = 6 * t.O * t.ck * t.L
+    macs = {"gram": G * conv_rule.gram_macs(t.ck, t.o, t.L, t.pixel_gram)}
     if G == 1:
-        macs["masked"] = 3 * nonzeros * masked_ck
-    macs.update({"filter": 6 * O * ck * L, "pointwise": 6 * O * ck * tiles} if pointwise else {"conv": 6 * O * ck * L})
-    if macs["gram"] > 4 * 6 * O * ck * L:  # far out of the running, and its L×L matrices may not fit in memory
+        macs["masked"] = 3 * t.nonzeros * t.masked_ck
+    macs.update({"filter": dense, "pointwise": 6 * t.O * t.ck * tiles} if t.pointwise else {"conv": dense})
+    if macs["gram"] > 4 * dense:  # far out of the running, and its L×L matrices may not fit in memory
         del macs["gram"]
-    run = lambda path: conv_rule.inner_conv_relevance(ctx, x, R, g, path, non_negative)  # noqa: E731
-    times = time_interleaved({p: (lambda p: lambda: run(p))(p) for p in macs}, repeats=repeats, warmup=1)
-    chosen = conv_rule.choose_path(ck, o, L, pointwise, nonzeros=nonzeros if G == 1 else None, masked_ck=masked_ck,
-                                   pixel_gram=pixel_gram, fused_pointwise=pointwise, grouped=G > 1,
+    ms = timed_paths(ctx, x, R, g, non_negative, macs, repeats)
+    chosen = conv_rule.choose_path(t.ck, t.o, t.L, t.pointwise, nonzeros=t.nonzeros if G == 1 else None,
+                                   masked_ck=t.masked_ck, pixel_gram=t.pixel_gram, fused_pointwise=t.pointwise,
+                                   grouped=G > 1,
                                    torch_speedup=conv_rule.torch_products_speedup(x.is_cuda, ctx.product_dtype or x.dtype))
-    return {"input": list(x.shape[1:]), "out_channels": O, "groups": G, "kernel": list(g.kernel),
-            "stride": list(g.stride), "nonzero": nonzeros / (O * L), "chosen": chosen, "macs": macs,
-            "ms": {p: times[p]["median"] / N * 1e3 for p in macs}}
+    return {"input": list(x.shape[1:]), "out_channels": t.O, "groups": G, "kernel": list(g.kernel),
+            "stride": list(g.stride), "nonzero": t.nonzeros / (t.O * t.L), "chosen": chosen, "macs": macs, "ms": ms}
 
 
 # The cost model's weights before they were fitted per path (every path's multiply-adds at one
@@ -181,7 +197,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ablation", action="store_true", help="whole passes without each compiled kernel")
     p.add_argument("--every-path", action="store_true",
-                   help="time each dense layer on every path, beside the multiply-adds the cost model counts")
+                   help="time each dense or grouped layer on every path, beside the multiply-adds the cost model counts")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="with --every-path: the products' precision (bf16: the GEMM and conv paths in bfloat16)")
     p.add_argument("--photos", action="store_true",
