@@ -33,6 +33,8 @@ DEPTHWISE = [
     (1, 2, 6, 8, 9, (5, 3), (1, 2), (1, 1), (2, 2, 1, 1)),  # uneven kernel and stride, multiplier 3
     (2, 4, 4, 7, 7, (3, 3), (3, 3), (2, 1), (0, 0, 0, 0)),  # stride 3, rows left over
     (2, 3, 3, 5, 6, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0)),  # 1×1, stride 2
+    (2, 3, 3, 40, 37, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),  # rows past two vectors, many steps of four vectors
+    (1, 4, 8, 30, 27, (7, 7), (2, 2), (1, 1), (3, 3, 3, 3)),  # 7×7, stride 2, multiplier 2, a long tap reach
 ]
 
 # stride-1 1×1 convs: positions past whole tiles, channels past whole blocks, many filter tiles
@@ -95,6 +97,16 @@ def test_kernel_float32(kernel):
         expected = kernel.reference(x.double(), R.double(), *rest)
         got = kernel.op(x, R, *rest).double()
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("geometry", DEPTHWISE[-2:])
+def test_depthwise_kernel_float32_on_planes_of_many_vectors(geometry):
+    """float32 fills a vector with 16 positions, float64 with 8: these planes take the kernel's
+    four-vector steps, single-vector steps and rows cut in a vector, for both."""
+    x, R, *rest = conv_products_case(*geometry, density=0.5, dtype=torch.float32)
+    expected = depthwise_products_reference(x.double(), R.double(), *rest)
+    got = custom.depthwise_sectional_products(x, R, *rest).double()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=case_id)

@@ -45,40 +45,126 @@ struct Geometry {
   }
 };
 
-// Per-thread buffers, reused from plane to plane. They start zeroed; x's padding and the gaps
-// between output rows in rp, rn are never written, so they stay zero for every plane.
+constexpr int kChunks = 4;  // position vectors per step of the response and back-projection loops
+
+template <typename T>
+constexpr int64_t lanes() { return 64 / static_cast<int64_t>(sizeof(T)); }  // one cache line: a vector or two
+inline int64_t whole_vectors(int64_t n, int64_t v) { return (n + v - 1) / v * v; }
+
+// Per-thread buffers, reused from plane to plane. Every loop runs over whole vectors (no scalar
+// tails: on 7x7 maps they were a third of the work), so each buffer is padded to them; the
+// padding, x's padding and the gaps between output rows in rp, rn are never written, so they
+// stay zero for every plane. sp, sn start ``reach`` zeros early: the back-projection gathers
+// sp[q - offset of tap t] for every phase-plane position q.
 template <typename T>
 struct Scratch {
-  std::vector<T> x, dx, rp, rn, ga, gb, sp, sn;
-  explicit Scratch(const Geometry& g)
-      : x(g.phases_size()), dx(g.phases_size()), rp(g.h * g.Wq()), rn(g.h * g.Wq()), ga(g.run_length()),
-        gb(g.run_length()), sp(g.run_length()), sn(g.run_length()) {}
+  int64_t n_run, n_plane, reach;  // output run and phase planes in whole vectors; the largest tap offset
+  std::vector<T> x, dx, rp, rn, sp, sn;
+  Scratch(const Geometry& g, int64_t reach_)
+      : n_run(whole_vectors(g.run_length(), lanes<T>())),
+        n_plane(whole_vectors(g.phases_size(), lanes<T>())),
+        reach(reach_),
+        x(std::max(n_plane, n_run + reach)),
+        dx(n_plane),
+        rp(n_run + lanes<T>()),  // the last row's whole vectors
+        rn(n_run + lanes<T>()),
+        sp(reach + n_plane),
+        sn(reach + n_plane) {}
 };
 
-// One output channel (its sections in s.rp, s.rn): the filters, the responses of both sections,
-// their normalisation and the back-projection, added into s.dx. ``offsets``: each tap's.
+// A cache line as one vector (GCC's vector extensions: a zmm register, two ymm in the AVX2 clone).
+// The accumulations below are written with it: as loops over lanes, GCC kept the accumulators
+// in memory and ran the single-vector steps lane by lane.
 template <typename T>
-RSP_INLINE void channel_products_impl(Scratch<T>& s, const int64_t* offsets, int64_t taps, int64_t n_pos) {
+struct Line {  // unaligned, and may alias T
+  typedef T type __attribute__((vector_size(64), aligned(sizeof(T)), __may_alias__));
+};
+template <typename T>
+using LineOf = typename Line<T>::type;
+
+template <typename T>
+RSP_INLINE const LineOf<T>& line(const T* p) {
+  return *reinterpret_cast<const LineOf<T>*>(p);
+}
+template <typename T>
+RSP_INLINE LineOf<T>& line(T* p) {
+  return *reinterpret_cast<LineOf<T>*>(p);
+}
+
+// Responses G+-[l] = sum_t F+-[t] x[l + tap t] of U vectors of positions from l0, kept in
+// registers (2U independent multiply-add chains), and their normalisation S+-[l] = R+-[l] / G+-[l]
+// where both are non-zero (R+- >= 0, so "!= 0" is "> 0").
+template <typename T, int U>
+RSP_INLINE void normalised_sections(const T* __restrict__ x, const T* __restrict__ p, const T* __restrict__ n,
+                                    T* __restrict__ sp, T* __restrict__ sn, const int64_t* offsets, const T* fp,
+                                    const T* fn, int64_t taps, int64_t l0) {
+  using W = LineOf<T>;
+  constexpr int64_t V = lanes<T>();
+  W a[U] = {}, b[U] = {};
+  for (int64_t t = 0; t < taps; ++t) {
+    const T* xs = x + offsets[t] + l0;
+    const T ft = fp[t], gt = fn[t];
+    for (int u = 0; u < U; ++u) {
+      const W xv = line(xs + u * V);
+      a[u] += ft * xv;
+      b[u] += gt * xv;
+    }
+  }
+  // normalised as lanes: GCC 12 splits comparisons of these vector types into lanes
+  alignas(64) T ga[U * V], gb[U * V];
+  for (int u = 0; u < U; ++u) {
+    line(ga + u * V) = a[u];
+    line(gb + u * V) = b[u];
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < U * V; ++i) {
+    const int64_t l = l0 + i;
+    sp[l] = (p[l] != T(0) && ga[i] != T(0)) ? p[l] / (ga[i] != T(0) ? ga[i] : T(1)) : T(0);
+    sn[l] = (n[l] != T(0) && gb[i] != T(0)) ? n[l] / (gb[i] != T(0) ? gb[i] : T(1)) : T(0);
+  }
+}
+
+// The back-projection dX[q] += sum_t F+[t] S+[q - tap t] - F-[t] S-[q - tap t] of U vectors of
+// phase-plane positions from q0, gathered: each position is stored once (scattering tap by tap
+// loaded and stored dX once per tap).
+template <typename T, int U>
+RSP_INLINE void back_projection(const T* __restrict__ sp, const T* __restrict__ sn, T* __restrict__ dx,
+                                const int64_t* offsets, const T* fp, const T* fn, int64_t taps, int64_t q0) {
+  using W = LineOf<T>;
+  constexpr int64_t V = lanes<T>();
+  W a[U] = {}, b[U] = {};
+  for (int64_t t = 0; t < taps; ++t) {
+    const T* ps = sp + q0 - offsets[t];
+    const T* ns = sn + q0 - offsets[t];
+    const T ft = fp[t], gt = fn[t];
+    for (int u = 0; u < U; ++u) {
+      a[u] += ft * line(ps + u * V);
+      b[u] += gt * line(ns + u * V);
+    }
+  }
+  for (int u = 0; u < U; ++u) line(dx + q0 + u * V) += a[u] - b[u];
+}
+
+// One output channel (its sections in s.rp, s.rn): the filters, the normalised sections and
+// the back-projection, added into s.dx. ``offsets``: each tap's.
+template <typename T>
+RSP_INLINE void channel_products_impl(Scratch<T>& s, const int64_t* offsets, int64_t taps) {
+  constexpr int64_t V = lanes<T>();
   const T* __restrict__ x = s.x.data();
-  T* __restrict__ dx = s.dx.data();
   const T* __restrict__ p = s.rp.data();
   const T* __restrict__ n = s.rn.data();
-  T* __restrict__ ga = s.ga.data();
-  T* __restrict__ gb = s.gb.data();
-  T* __restrict__ sp = s.sp.data();
-  T* __restrict__ sn = s.sn.data();
+  T* __restrict__ sp = s.sp.data() + s.reach;
+  T* __restrict__ sn = s.sn.data() + s.reach;
   T fp[kMaxTaps], fn[kMaxTaps];
   // filters F+-[t] = sum_l R+-[l] x[l + tap t], kTapBlock taps at a time: each load of the
   // sections serves 2 * kTapBlock independent vector accumulators (one tap at a time waited on
   // the latency of its two multiply-add chains, and loaded the sections once per tap)
-  constexpr int64_t V = 64 / sizeof(T);
-  const int64_t whole = n_pos / V * V;
   for (int64_t t0 = 0; t0 < taps; t0 += kTapBlock) {
     const int nt = static_cast<int>(std::min<int64_t>(kTapBlock, taps - t0));
     const T* xs[kTapBlock];
     for (int j = 0; j < kTapBlock; ++j) xs[j] = x + offsets[t0 + std::min(j, nt - 1)];  // spare ones: discarded
     T a[kTapBlock][V] = {}, b[kTapBlock][V] = {};
-    for (int64_t l = 0; l < whole; l += V)
+    for (int64_t l = 0; l < s.n_run; l += V)
       for (int j = 0; j < kTapBlock; ++j)
 #pragma omp simd
         for (int64_t i = 0; i < V; ++i) {
@@ -86,102 +172,101 @@ RSP_INLINE void channel_products_impl(Scratch<T>& s, const int64_t* offsets, int
           b[j][i] += n[l + i] * xs[j][l + i];
         }
     for (int j = 0; j < nt; ++j) {
-      T sa = 0, sb = 0;
+      T sa = 0, sb = 0;  // summed as a tree (in order, the 2V additions waited on each other)
+#pragma omp simd reduction(+ : sa, sb)
       for (int64_t i = 0; i < V; ++i) {
         sa += a[j][i];
         sb += b[j][i];
-      }
-      for (int64_t l = whole; l < n_pos; ++l) {
-        sa += p[l] * xs[j][l];
-        sb += n[l] * xs[j][l];
       }
       fp[t0 + j] = sa;
       fn[t0 + j] = sb;
     }
   }
-  // responses, three taps per pass over them (a third of the loads and stores of one tap per pass)
-  int64_t t = 0;
-  for (; t + 3 <= taps; t += 3) {
-    const T* __restrict__ x0 = x + offsets[t];
-    const T* __restrict__ x1 = x + offsets[t + 1];
-    const T* __restrict__ x2 = x + offsets[t + 2];
-    const T a0 = fp[t], a1 = fp[t + 1], a2 = fp[t + 2], b0 = fn[t], b1 = fn[t + 1], b2 = fn[t + 2];
-    const bool first = t == 0;
-#pragma omp simd
-    for (int64_t l = 0; l < n_pos; ++l) {
-      const T ga0 = first ? T(0) : ga[l], gb0 = first ? T(0) : gb[l];
-      ga[l] = ga0 + a0 * x0[l] + a1 * x1[l] + a2 * x2[l];
-      gb[l] = gb0 + b0 * x0[l] + b1 * x1[l] + b2 * x2[l];
-    }
-  }
-  if (t == 0) {
-    std::fill(ga, ga + n_pos, T(0));
-    std::fill(gb, gb + n_pos, T(0));
-  }
-  for (; t < taps; ++t) {
-    const T* __restrict__ xs = x + offsets[t];
-    const T a = fp[t], b = fn[t];
-#pragma omp simd
-    for (int64_t l = 0; l < n_pos; ++l) {
-      ga[l] += a * xs[l];
-      gb[l] += b * xs[l];
-    }
-  }
-#pragma omp simd
-  for (int64_t l = 0; l < n_pos; ++l) {  // normalisation; R+- >= 0, so "!= 0" is "> 0"
-    sp[l] = (p[l] != T(0) && ga[l] != T(0)) ? p[l] / (ga[l] != T(0) ? ga[l] : T(1)) : T(0);
-    sn[l] = (n[l] != T(0) && gb[l] != T(0)) ? n[l] / (gb[l] != T(0) ? gb[l] : T(1)) : T(0);
-  }
-  for (int64_t t = 0; t < taps; ++t) {  // back-projection
-    T* __restrict__ ds = dx + offsets[t];
-    const T a = fp[t], b = fn[t];
-#pragma omp simd
-    for (int64_t l = 0; l < n_pos; ++l) ds[l] += a * sp[l] - b * sn[l];
-  }
+  int64_t l = 0;
+  for (; l + kChunks * V <= s.n_run; l += kChunks * V)
+    normalised_sections<T, kChunks>(x, p, n, sp, sn, offsets, fp, fn, taps, l);
+  for (; l < s.n_run; l += V) normalised_sections<T, 1>(x, p, n, sp, sn, offsets, fp, fn, taps, l);
+  int64_t q = 0;
+  for (; q + kChunks * V <= s.n_plane; q += kChunks * V)
+    back_projection<T, kChunks>(sp, sn, s.dx.data(), offsets, fp, fn, taps, q);
+  for (; q < s.n_plane; q += V) back_projection<T, 1>(sp, sn, s.dx.data(), offsets, fp, fn, taps, q);
 }
 
-RSP_VECTOR_CLONES void channel_products(Scratch<float>& s, const int64_t* offsets, int64_t taps, int64_t n_pos) {
-  channel_products_impl(s, offsets, taps, n_pos);
-}
-RSP_VECTOR_CLONES void channel_products(Scratch<double>& s, const int64_t* offsets, int64_t taps, int64_t n_pos) {
-  channel_products_impl(s, offsets, taps, n_pos);
-}
+// n elements of the input plane at src, src + sw, ... that lie at dst, dst + 1, ... in the phase planes
+struct PhaseRun {
+  int64_t src, dst, n;
+};
 
-// The input plane's elements in runs: f(src, dst, n) for the n elements at src, src + sw, ... of
-// the (H, W) plane, which lie at dst, dst + 1, ... in the phase planes.
-template <typename F>
-void for_each_phase_run(const Geometry& g, const F& f) {
+// The input plane's elements in runs, one per row and column phase (computed once per call: the
+// divisions it takes cost more than a small plane's copy).
+std::vector<PhaseRun> phase_runs(const Geometry& g) {
+  std::vector<PhaseRun> runs;
   for (int64_t y = 0; y < g.H; ++y)
     for (int64_t phase = 0; phase < g.sw; ++phase) {
       const int64_t c0 = ((phase - g.left) % g.sw + g.sw) % g.sw;  // first column in this column phase
-      if (c0 >= g.W) continue;
-      f(y * g.W + c0, g.phase_index(y + g.top, c0 + g.left), (g.W - c0 + g.sw - 1) / g.sw);
+      if (c0 < g.W) runs.push_back({y * g.W + c0, g.phase_index(y + g.top, c0 + g.left), (g.W - c0 + g.sw - 1) / g.sw});
     }
+  return runs;
+}
+
+// R's positive and negative sections, each output row at a row of Wq; whether R has a non-zero.
+// Rows are taken in whole vectors, the lanes past the row masked to zero (rows shorter than a
+// vector ran lane by lane, branching on each sign); the zeros land in the gap after the row or
+// at the start of the next, which that row then writes.
+template <typename T>
+RSP_INLINE bool split_sections(const T* __restrict__ r, T* __restrict__ p, T* __restrict__ n, const Geometry& g) {
+  constexpr int64_t V = lanes<T>();
+  const int64_t Wq = g.Wq(), w = g.w;
+  int any = 0;
+  for (int64_t oy = 0; oy < g.h; ++oy)
+    for (int64_t ox = 0; ox < w; ox += V) {
+      const T* __restrict__ ri = r + oy * w + ox;
+      T* __restrict__ pi = p + oy * Wq + ox;
+      T* __restrict__ ni = n + oy * Wq + ox;
+      const int64_t left = w - ox;
+#pragma omp simd reduction(| : any)
+      for (int64_t i = 0; i < V; ++i) {
+        const T v = i < left ? ri[i] : T(0);
+        pi[i] = std::max(v, T(0));
+        ni[i] = std::max(-v, T(0));
+        any |= v != T(0);
+      }
+    }
+  return any != 0;
 }
 
 // One input plane x (H, W) and its m relevance planes R (m, h, w): the back-projection (H, W) into out.
 template <typename T>
-void one_plane(const T* x, const T* R, T* out, const Geometry& g, const int64_t* offsets, Scratch<T>& s) {
-  std::fill(s.dx.begin(), s.dx.end(), T(0));
-  for_each_phase_run(g, [&](int64_t src, int64_t dst, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) s.x[dst + i] = x[src + i * g.sw];
-  });
-  const int64_t Wq = g.Wq(), taps = g.kh * g.kw;
-  for (int64_t j = 0; j < g.m; ++j) {
-    const T* r = R + j * g.h * g.w;
-    bool any = false;
-    for (int64_t oy = 0; oy < g.h; ++oy)
-      for (int64_t ox = 0; ox < g.w; ++ox) {
-        const T v = r[oy * g.w + ox];
-        s.rp[oy * Wq + ox] = v > T(0) ? v : T(0);
-        s.rn[oy * Wq + ox] = v < T(0) ? -v : T(0);
-        any |= v != T(0);
-      }
-    if (any) channel_products(s, offsets, taps, g.run_length());  // no relevance: nothing to pass back
+RSP_INLINE void one_plane_impl(const T* __restrict__ x, const T* __restrict__ R, T* __restrict__ out,
+                               const Geometry& g, const int64_t* offsets, const std::vector<PhaseRun>& runs,
+                               Scratch<T>& s) {
+  T* __restrict__ xs = s.x.data();
+  T* __restrict__ dx = s.dx.data();
+  const int64_t sw = g.sw;
+  std::fill(dx, dx + s.n_plane, T(0));
+  for (const PhaseRun& run : runs) {
+    const T* __restrict__ from = x + run.src;
+    T* __restrict__ to = xs + run.dst;
+#pragma omp simd
+    for (int64_t i = 0; i < run.n; ++i) to[i] = from[i * sw];
   }
-  for_each_phase_run(g, [&](int64_t src, int64_t dst, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) out[src + i * g.sw] = s.dx[dst + i];
-  });
+  for (int64_t j = 0; j < g.m; ++j)  // no relevance: nothing to pass back
+    if (split_sections(R + j * g.h * g.w, s.rp.data(), s.rn.data(), g)) channel_products_impl(s, offsets, g.kh * g.kw);
+  for (const PhaseRun& run : runs) {
+    const T* __restrict__ from = dx + run.dst;
+    T* __restrict__ to = out + run.src;
+#pragma omp simd
+    for (int64_t i = 0; i < run.n; ++i) to[i * sw] = from[i];
+  }
+}
+
+RSP_VECTOR_CLONES void one_plane(const float* x, const float* R, float* out, const Geometry& g, const int64_t* offsets,
+                                 const std::vector<PhaseRun>& runs, Scratch<float>& s) {
+  one_plane_impl(x, R, out, g, offsets, runs, s);
+}
+RSP_VECTOR_CLONES void one_plane(const double* x, const double* R, double* out, const Geometry& g,
+                                 const int64_t* offsets, const std::vector<PhaseRun>& runs, Scratch<double>& s) {
+  one_plane_impl(x, R, out, g, offsets, runs, s);
 }
 
 }  // namespace
@@ -207,10 +292,12 @@ at::Tensor depthwise_sectional_products_cpu(const at::Tensor& x_pos, const at::T
     std::vector<int64_t> offsets(g.kh * g.kw);  // of each tap (its phase, row and column) in the phase planes
     for (int64_t ky = 0; ky < g.kh; ++ky)
       for (int64_t kx = 0; kx < g.kw; ++kx) offsets[ky * g.kw + kx] = g.phase_index(ky * g.dh, kx * g.dw);
+    const int64_t reach = *std::max_element(offsets.begin(), offsets.end());
+    const std::vector<PhaseRun> runs = phase_runs(g);
     at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
-      Scratch<scalar_t> scratch(g);
+      Scratch<scalar_t> scratch(g, reach);
       for (int64_t p = p0; p < p1; ++p)
-        one_plane<scalar_t>(xp + p * plane, rp + p * r_plane, op + p * plane, g, offsets.data(), scratch);
+        one_plane(xp + p * plane, rp + p * r_plane, op + p * plane, g, offsets.data(), runs, scratch);
     });
   });
   return out;
