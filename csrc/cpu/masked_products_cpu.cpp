@@ -22,6 +22,7 @@
 #include "vector_clones.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -330,10 +331,11 @@ void collect_entries(Sections<T>& sec, const T* r, int64_t o, const Shape& s) {
       const T v = r[y * s.w + xq];
       const auto origin = static_cast<int32_t>((y * s.sh * s.Wp + xq * s.sw) * s.Cp);
       // Both free ends are written, the value's own last: the ends meet at the last free slot.
-      const bool pos = v > T(0);
+      // The slots are picked by arithmetic: written as conditionals, GCC branched on the sign.
+      const int64_t pos = v > T(0);
       const int64_t front = np, back = positions - 1 - nn;
-      row[pos ? back : front] = {origin, T(0)};
-      row[pos ? front : back] = {origin, pos ? v : -v};
+      row[front + (back - front) * pos] = {origin, T(0)};
+      row[back + (front - back) * pos] = {origin, std::abs(v)};
       np += pos;
       nn += v < T(0);
     }
