@@ -5,7 +5,8 @@ import torch
 from rsp_fast.kernels.reference import purge_reference, sectional_normalize_reference, stacked_sections
 from rsp_fast.ops import custom, dispatch
 
-SHAPES = [(1, 3, 7, 9), (5, 17, 13, 13), (5, 64, 1, 1), (2, 17), (1, 1, 1, 1)]
+SHAPES = [(1, 3, 7, 9), (5, 17, 13, 13), (5, 64, 1, 1), (2, 17), (1, 1, 1, 1),
+          (3, 5, 100, 80), (1, 3, 200, 100)]  # samples of several chunks of the CPU purge: whole samples per thread, or chunks
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12),
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 CASES = ["random", "zero", "positive", "negative", "mixed"]

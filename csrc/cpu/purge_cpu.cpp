@@ -1,15 +1,72 @@
-// CPU hostile purging: one pass writes D and counts its non-zeros per sample (parallel
-// reduction over all cores), a second pass applies the uniform shift.
+// CPU hostile purging: per sample, one pass writes D = 2 x dx and counts its non-zeros, a
+// second applies the sample's uniform shift; the loops compiled per vector width.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <functional>
+#include <algorithm>
+#include <vector>
 
 #include "../purge_checks.h"
+#include "vector_clones.h"
 
 namespace rsp_fast {
+namespace {
+
+template <typename T>
+RSP_INLINE int64_t doubled_products_impl(const T* __restrict__ dx, const T* __restrict__ x, T* __restrict__ out,
+                                         int64_t n) {
+  int64_t active = 0;
+#pragma omp simd reduction(+ : active)
+  for (int64_t i = 0; i < n; ++i) {
+    const T D = T(2) * x[i] * dx[i];
+    out[i] = D;
+    active += D != T(0);
+  }
+  return active;
+}
+
+template <typename T>
+RSP_INLINE void shift_active_impl(T* __restrict__ out, int64_t n, T shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] -= shift * static_cast<T>(out[i] != T(0));  // branch-free
+}
+
+RSP_VECTOR_CLONES int64_t doubled_products(const float* dx, const float* x, float* out, int64_t n) {
+  return doubled_products_impl(dx, x, out, n);
+}
+RSP_VECTOR_CLONES int64_t doubled_products(const double* dx, const double* x, double* out, int64_t n) {
+  return doubled_products_impl(dx, x, out, n);
+}
+RSP_VECTOR_CLONES void shift_active(float* out, int64_t n, float shift) { shift_active_impl(out, n, shift); }
+RSP_VECTOR_CLONES void shift_active(double* out, int64_t n, double shift) { shift_active_impl(out, n, shift); }
+
+// One sample's purge, its two passes over chunks in parallel when ``parallel``.
+template <typename T>
+void purge_sample(const T* dx, const T* x, T total, T* out, int64_t M, bool parallel) {
+  constexpr int64_t kChunk = 32768;
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  std::vector<int64_t> active(chunks);
+  at::parallel_for(0, chunks, parallel ? 1 : chunks, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t begin = k * kChunk;
+      active[k] = doubled_products(dx + begin, x + begin, out + begin, std::min(kChunk, M - begin));
+    }
+  });
+  int64_t count = 0;
+  for (const int64_t a : active) count += a;
+  if (count == 0) return;  // no unit active: no shift
+  const T shift = total / static_cast<T>(count);
+  at::parallel_for(0, chunks, parallel ? 1 : chunks, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t begin = k * kChunk;
+      shift_active(out + begin, std::min(kChunk, M - begin), shift);
+    }
+  });
+}
+
+}  // namespace
 
 at::Tensor purge_cpu(const at::Tensor& dx, const at::Tensor& x_pos, const at::Tensor& total) {
   check_purge_args(dx, x_pos, total);
@@ -17,35 +74,19 @@ at::Tensor purge_cpu(const at::Tensor& dx, const at::Tensor& x_pos, const at::Te
   at::Tensor out = at::empty_like(d, at::MemoryFormat::Contiguous);
   const int64_t N = d.size(0);
   const int64_t M = N ? d.numel() / N : 0;
-  constexpr int64_t kGrain = 32768;
+  if (M == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "purge_cpu", [&] {
     const scalar_t* dp = d.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* dn = dp + n * M;
-      const scalar_t* xn = xp + n * M;
-      scalar_t* on = op + n * M;
-      const int64_t active = at::parallel_reduce(
-          0, M, kGrain, int64_t(0),
-          [&](int64_t begin, int64_t end, int64_t acc) {
-            for (int64_t i = begin; i < end; ++i) {
-              const scalar_t D = scalar_t(2) * xn[i] * dn[i];
-              on[i] = D;
-              acc += D != scalar_t(0);
-            }
-            return acc;
-          },
-          std::plus<int64_t>());
-      if (active == 0) continue;
-      const scalar_t shift = tp[n] / static_cast<scalar_t>(active);
-      at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          on[i] -= shift * static_cast<scalar_t>(on[i] != scalar_t(0));  // branch-free: vectorises
-        }
-      });
-    }
+    // whole samples per thread when there are enough (a sample's second pass finds it in cache);
+    // else each sample's chunks in parallel
+    const bool whole_samples = N >= at::get_num_threads();
+    at::parallel_for(0, N, whole_samples ? 1 : N, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        purge_sample(dp + n * M, xp + n * M, tp[n], op + n * M, M, !whole_samples);
+    });
   });
   return out;
 }
