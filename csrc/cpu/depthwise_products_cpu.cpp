@@ -52,10 +52,10 @@ constexpr int64_t lanes() { return 64 / static_cast<int64_t>(sizeof(T)); }  // o
 inline int64_t whole_vectors(int64_t n, int64_t v) { return (n + v - 1) / v * v; }
 
 // Per-thread buffers, reused from plane to plane. Every loop runs over whole vectors (no scalar
-// tails: on 7x7 maps they were a third of the work), so each buffer is padded to them; the
-// padding, x's padding and the gaps between output rows in rp, rn are never written, so they
-// stay zero for every plane. sp, sn start ``reach`` zeros early: the back-projection gathers
-// sp[q - offset of tap t] for every phase-plane position q.
+// tails, a large share of a short run such as a 7x7 map's), so each buffer is padded to them;
+// the padding, x's padding and the gaps between output rows in rp, rn are never written, so
+// they stay zero for every plane. sp, sn start ``reach`` zeros early: the back-projection
+// gathers sp[q - offset of tap t] for every phase-plane position q.
 template <typename T>
 struct Scratch {
   int64_t n_run, n_plane, reach;  // output run and phase planes in whole vectors; the largest tap offset
@@ -172,8 +172,7 @@ RSP_INLINE void channel_products_impl(Scratch<T>& s, const int64_t* offsets, int
           b[j][i] += n[l + i] * xs[j][l + i];
         }
     for (int j = 0; j < nt; ++j) {
-      T sa = 0, sb = 0;  // summed as a tree (in order, the 2V additions waited on each other)
-#pragma omp simd reduction(+ : sa, sb)
+      T sa = 0, sb = 0;
       for (int64_t i = 0; i < V; ++i) {
         sa += a[j][i];
         sb += b[j][i];
