@@ -42,28 +42,30 @@ RSP_VECTOR_CLONES int64_t doubled_products(const double* dx, const double* x, do
 RSP_VECTOR_CLONES void shift_active(float* out, int64_t n, float shift) { shift_active_impl(out, n, shift); }
 RSP_VECTOR_CLONES void shift_active(double* out, int64_t n, double shift) { shift_active_impl(out, n, shift); }
 
+constexpr int64_t kChunk = 32768;  // elements per task inside one sample
+int64_t chunks_of(int64_t M) { return (M + kChunk - 1) / kChunk; }
+
+// f(chunk, begin, size) over the chunks of M elements, in parallel when ``parallel``
+template <typename F>
+void for_each_chunk(int64_t M, bool parallel, const F& f) {
+  const int64_t chunks = chunks_of(M);
+  at::parallel_for(0, chunks, parallel ? 1 : chunks, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) f(k, k * kChunk, std::min(kChunk, M - k * kChunk));
+  });
+}
+
 // One sample's purge, its two passes over chunks in parallel when ``parallel``.
 template <typename T>
 void purge_sample(const T* dx, const T* x, T total, T* out, int64_t M, bool parallel) {
-  constexpr int64_t kChunk = 32768;
-  const int64_t chunks = (M + kChunk - 1) / kChunk;
-  std::vector<int64_t> active(chunks);
-  at::parallel_for(0, chunks, parallel ? 1 : chunks, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t begin = k * kChunk;
-      active[k] = doubled_products(dx + begin, x + begin, out + begin, std::min(kChunk, M - begin));
-    }
+  std::vector<int64_t> active(chunks_of(M));  // D's non-zeros per chunk
+  for_each_chunk(M, parallel, [&](int64_t k, int64_t begin, int64_t size) {
+    active[k] = doubled_products(dx + begin, x + begin, out + begin, size);
   });
   int64_t count = 0;
   for (const int64_t a : active) count += a;
   if (count == 0) return;  // no unit active: no shift
   const T shift = total / static_cast<T>(count);
-  at::parallel_for(0, chunks, parallel ? 1 : chunks, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t begin = k * kChunk;
-      shift_active(out + begin, std::min(kChunk, M - begin), shift);
-    }
-  });
+  for_each_chunk(M, parallel, [&](int64_t, int64_t begin, int64_t size) { shift_active(out + begin, size, shift); });
 }
 
 }  // namespace
