@@ -47,8 +47,6 @@ struct Geometry {
 
 constexpr int kChunks = 4;  // position vectors per step of the response and back-projection loops
 
-template <typename T>
-constexpr int64_t lanes() { return 64 / static_cast<int64_t>(sizeof(T)); }  // one cache line: a vector or two
 inline int64_t whole_vectors(int64_t n, int64_t v) { return (n + v - 1) / v * v; }
 
 // Per-thread buffers, reused from plane to plane. Every loop runs over whole vectors (no scalar
@@ -61,13 +59,13 @@ struct Scratch {
   int64_t n_run, n_plane, reach;  // output run and phase planes in whole vectors; the largest tap offset
   std::vector<T> x, dx, rp, rn, sp, sn;
   Scratch(const Geometry& g, int64_t reach_)
-      : n_run(whole_vectors(g.run_length(), lanes<T>())),
-        n_plane(whole_vectors(g.phases_size(), lanes<T>())),
+      : n_run(whole_vectors(g.run_length(), kLanes<T>)),
+        n_plane(whole_vectors(g.phases_size(), kLanes<T>)),
         reach(reach_),
         x(std::max(n_plane, n_run + reach)),
         dx(n_plane),
-        rp(n_run + lanes<T>()),  // the last row's whole vectors
-        rn(n_run + lanes<T>()),
+        rp(n_run + kLanes<T>),  // the last row's whole vectors
+        rn(n_run + kLanes<T>),
         sp(reach + n_plane),
         sn(reach + n_plane) {}
 };
@@ -99,7 +97,7 @@ RSP_INLINE void normalised_sections(const T* __restrict__ x, const T* __restrict
                                     T* __restrict__ sp, T* __restrict__ sn, const int64_t* offsets, const T* fp,
                                     const T* fn, int64_t taps, int64_t l0) {
   using W = LineOf<T>;
-  constexpr int64_t V = lanes<T>();
+  constexpr int64_t V = kLanes<T>;
   W a[U] = {}, b[U] = {};
   for (int64_t t = 0; t < taps; ++t) {
     const T* xs = x + offsets[t] + l0;
@@ -131,7 +129,7 @@ template <typename T, int U>
 RSP_INLINE void back_projection(const T* __restrict__ sp, const T* __restrict__ sn, T* __restrict__ dx,
                                 const int64_t* offsets, const T* fp, const T* fn, int64_t taps, int64_t q0) {
   using W = LineOf<T>;
-  constexpr int64_t V = lanes<T>();
+  constexpr int64_t V = kLanes<T>;
   W a[U] = {}, b[U] = {};
   for (int64_t t = 0; t < taps; ++t) {
     const T* ps = sp + q0 - offsets[t];
@@ -149,7 +147,7 @@ RSP_INLINE void back_projection(const T* __restrict__ sp, const T* __restrict__ 
 // the back-projection, added into s.dx. ``offsets``: each tap's.
 template <typename T>
 RSP_INLINE void channel_products_impl(Scratch<T>& s, const int64_t* offsets, int64_t taps) {
-  constexpr int64_t V = lanes<T>();
+  constexpr int64_t V = kLanes<T>;
   const T* __restrict__ x = s.x.data();
   const T* __restrict__ p = s.rp.data();
   const T* __restrict__ n = s.rn.data();
@@ -214,7 +212,7 @@ std::vector<PhaseRun> phase_runs(const Geometry& g) {
 // at the start of the next, which that row then writes.
 template <typename T>
 RSP_INLINE bool split_sections(const T* __restrict__ r, T* __restrict__ p, T* __restrict__ n, const Geometry& g) {
-  constexpr int64_t V = lanes<T>();
+  constexpr int64_t V = kLanes<T>;
   const int64_t Wq = g.Wq(), w = g.w;
   int any = 0;
   for (int64_t oy = 0; oy < g.h; ++oy)

@@ -32,9 +32,6 @@
 namespace rsp_fast {
 namespace {
 
-// One vector: 64 bytes (an AVX-512 register; two AVX2 registers).
-template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
 
 // A buffer aligned to 64 bytes, not initialised: every vector load then touches one cache
 // line, not two (an unaligned 64-byte load straddles lines: the kernels ran 1.1-1.3x slower).

@@ -26,9 +26,6 @@
 namespace rsp_fast {
 namespace {
 
-// One vector: 64 bytes (an AVX-512 register; two AVX2 registers).
-template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
 // Positions per tile of the second pass: two vectors, so that each broadcast filter value
 // serves two vector multiply-adds.
 template <typename T>

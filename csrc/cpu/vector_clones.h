@@ -9,3 +9,11 @@
 #endif
 // for the templates a clone calls: inlined into it, so they are compiled for its target
 #define RSP_INLINE inline __attribute__((always_inline))
+
+#include <cstdint>
+
+namespace rsp_fast {
+// Lanes of one vector: 64 bytes (an AVX-512 register; two AVX2 registers), one cache line.
+template <typename T>
+constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(T));
+}  // namespace rsp_fast
