@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import RSPError
 from .graph.plan import Plan, build_plan, layer_name
-from .graph.trace import UntraceableModelError, unwrap
+from .graph.trace import UntraceableModelError, eval_mode, unwrap
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
@@ -79,7 +79,8 @@ class RSP:
         self.max_batch = max_batch
         self.backend = resolve_backend_name(backend)
         try:
-            self.plan: Plan | None = build_plan(model, layer)
+            with eval_mode(model):  # traced as it predicts, whatever mode it is in now
+                self.plan: Plan | None = build_plan(model, layer)
         except UntraceableModelError:
             # the forward branches on sizes: traced per input shape, with sizes as numbers,
             # at the first call with that shape (when unsupported layers are reported)
@@ -119,17 +120,12 @@ class RSP:
         tensor already checked (``trusted_target``) it never waits for the device, so a CUDA
         graph can capture it."""
         ops = select_kernels(self.backend, inputs.device, work_dtype(inputs.dtype))
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:  # the forward too runs in the chosen precision: its activations feed R₀ and every rule
-            # R₀ needs autograd through the head, also when the caller is in inference mode
-            with _matmul_precision(self.precision, inputs.device), torch.inference_mode(False):
-                if inputs.is_inference():
-                    inputs = inputs.clone()
-                return self._pass(inputs, target, hostile, ops, record, trusted_target, initial)
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        # the forward too runs in the chosen precision: its activations feed R₀ and every rule;
+        # R₀ needs autograd through the head, also when the caller is in inference mode
+        with eval_mode(self.model), _matmul_precision(self.precision, inputs.device), torch.inference_mode(False):
+            if inputs.is_inference():
+                inputs = inputs.clone()
+            return self._pass(inputs, target, hostile, ops, record, trusted_target, initial)
 
     def _plan_for(self, inputs: torch.Tensor) -> Plan:
         if self.plan is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .graph.plan import build_plan
-from .graph.trace import UntraceableModelError, unwrap
+from .graph.trace import UntraceableModelError, eval_mode, unwrap
 from .ops.custom import pointwise_kernel_built
 from .propagate import record_forward
 from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, image_shape, implicit_gemm_fits,
@@ -93,17 +93,12 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
     model, layer = unwrap(model, layer)
     p = next(model.parameters())
     x = torch.zeros((1, *input_shape), dtype=dtype or p.dtype, device=p.device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         try:
             plan = build_plan(model, layer)
         except UntraceableModelError:  # a forward that branches on sizes: traced for this shape
             plan = build_plan(model, layer, example=x)
         _, _, _, shapes = record_forward(model, plan, x)
-    finally:
-        for m, mode in modes:
-            m.training = mode
     elem = x.element_size()
     rows = []
     for step in reversed(plan.steps):  # input to saliency layer

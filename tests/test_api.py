@@ -92,6 +92,33 @@ def test_model_is_left_untouched():
     assert torch.allclose(ex.logits, expected)  # explained in eval mode
 
 
+class _FunctionalDropout(nn.Module):
+    """Dropout written as a function of ``self.training``: fx writes the mode into the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = F.dropout(F.relu(self.conv1(x)), 0.5, self.training)
+        return self.fc(F.relu(self.conv2(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", [_FunctionalDropout, lambda: torchvision.models.efficientnet_b0(num_classes=5)],
+                         ids=["functional_dropout", "stochastic_depth"])
+def test_explainer_built_in_training_mode_explains_the_eval_model(make):
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    expected = rsp_fast.RSP(model.eval()).explain(x)
+    explainer = rsp_fast.RSP(model.train())  # traced while training: the graph must still be the eval one
+    for _ in range(2):  # dropout would draw new masks on every call
+        ex = explainer.explain(x)
+        assert torch.allclose(ex.logits, expected.logits, rtol=0, atol=1e-12)
+        assert rel_err(ex.attribution, expected.attribution) < 1e-12
+    assert model.training
+
+
 def test_bad_inputs_get_clear_errors():
     model = torchvision.models.vgg11(num_classes=5).eval()
     explainer = rsp_fast.RSP(model)

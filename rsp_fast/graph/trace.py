@@ -14,6 +14,7 @@ as plain numbers: that graph holds for inputs of the example's shape only.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -161,6 +162,21 @@ def _first_line(exc: Exception) -> str:
 
 class UntraceableModelError(UnsupportedModelError):
     """The model's forward (or a module on the relevance path) could not be traced symbolically."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode for the block, every module's own mode restored after it. RSP
+    explains the model as it predicts: BatchNorm on its running statistics, no dropout, no
+    stochastic depth; fx writes ``self.training`` into the graph as a constant, so tracing
+    too must run in this block."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def unwrap(model: nn.Module, layer=None):
