@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import BackendUnavailableError, RSPError
+from .paths import checked_output_file, checked_output_folder
 
 
 def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
@@ -75,6 +78,13 @@ def _video_kwargs(args) -> dict:
                 scale=args.scale, progress=False if args.quiet else None)
 
 
+def _report_path(args, default: Path | None = None, inputs=()) -> Path | None:
+    """Where --report goes (or ``default``), checked before any work."""
+    if args.report is None:
+        return default
+    return checked_output_file(args.report, "report", inputs)
+
+
 def _write_report(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -92,9 +102,11 @@ def _summary(report: dict) -> str:
 def cmd_video(args) -> None:
     from .video import explain_video
 
+    checked_output_file(args.output, "output video", [("input video", args.input)])
+    report_path = _report_path(args, None, [("input video", args.input), ("output video", args.output)])
     report = explain_video(_spec(args), args.input, args.output, **_video_kwargs(args))
-    if args.report:
-        _write_report(report, Path(args.report))
+    if report_path:
+        _write_report(report, report_path)
     print(f"wrote {args.output}: {_summary(report)}")
 
 
@@ -103,11 +115,13 @@ def cmd_image(args) -> None:
     from .images import explain_images, image_files
 
     images = image_files(args.images)
+    out = checked_output_folder(args.output)
+    report_path = _report_path(args, out / "report.json", [("input image", path) for _, path in images])
     spec = _spec(args)
     explainer = RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend,
                     precision=args.precision)
     report = explain_images(spec, explainer, images, args.output, target=args.target, batch_size=args.batch_size, device=args.device)
-    _write_report(report, Path(args.report) if args.report else Path(args.output) / "report.json")
+    _write_report(report, report_path)
     for row in report["images"]:
         print(f"{row['name']}: {row['class_name']} ({row['score']:.2f}) in {row['seconds']:.2f} s")
     print(f"wrote {args.output} ({len(report['images'])} images on {report['device']})")
@@ -118,7 +132,8 @@ def cmd_demo(args) -> None:
     from .video import explain_video, make_demo_clip
     from .video.io import read_frames
 
-    out = Path(args.output)
+    out = checked_output_folder(args.output)
+    report_path = _report_path(args, out / "report.json")
     out.mkdir(parents=True, exist_ok=True)
     clip = make_demo_clip(out / "demo_input.mp4")
     video = out / "demo_rsp.mp4"
@@ -126,15 +141,38 @@ def cmd_demo(args) -> None:
     n = report["totals"]["frames"]
     picks = sorted({round(i * (n - 1) / 7) for i in range(8)})
     render.save_png(out / "contact_sheet.png", render.contact_sheet(read_frames(video, picks), columns=4))
-    _write_report(report, Path(args.report) if args.report else out / "report.json")
+    _write_report(report, report_path)
     print(f"wrote {video}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
 
 
 COMMANDS = {"video": cmd_video, "image": cmd_image, "demo": cmd_demo}
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``timeout``, ``docker stop``, a closed terminal): stops the run the
+    way Ctrl-C does, so no temporary file is left behind."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def _stopping_signals() -> dict:
+    """Make SIGTERM and SIGHUP raise Stopped; returns the handlers they had (signals can only
+    be caught in the main thread: elsewhere, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    return {getattr(signal, n): signal.signal(getattr(signal, n), _stop) for n in names}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _stopping_signals()
     try:
         import torch
 
@@ -148,9 +186,12 @@ def main(argv=None) -> int:
             raise
         print(f"rsp-fast: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nrsp-fast: interrupted; no output was left behind", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("\nrsp-fast: interrupted; no half-written file was left behind", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Stopped) else 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

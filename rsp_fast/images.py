@@ -12,6 +12,7 @@ from . import render
 from .api import RSP
 from .errors import RSPError
 from .models import ModelSpec, checked_device
+from .paths import check_readable, checked_output_folder
 from .pictures import FrameAttributor
 
 
@@ -22,8 +23,7 @@ def read_image(path: str | Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise RSPError(f"image {str(path)!r} does not exist")
+    check_readable(path, "image")
     try:
         with Image.open(path) as stored:
             im = ImageOps.exif_transpose(stored)
@@ -52,8 +52,7 @@ def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
             files.append(p)
     named, seen = [], {}
     for f in files:
-        if not f.is_file():
-            raise RSPError(f"image {str(f)!r} does not exist")
+        check_readable(f, "image")
         try:
             with Image.open(f):
                 pass
@@ -95,9 +94,7 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
     file read when its batch comes) and a contact sheet of the first 64; return a report with
     each image's predicted label, its score, the class its map explains (``target``) and time.
     Images of any sizes share a batch: each is letterboxed into the model's input on its own."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise RSPError(f"output folder {str(out)!r} is a file")
+    out = checked_output_folder(out_dir)
     if batch_size < 1:
         raise RSPError(f"batch size must be at least 1, not {batch_size}")
     device = checked_device(device)

@@ -116,6 +116,8 @@ def checked_device(name: str | torch.device) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
         raise RSPError(f"unknown device {str(name)!r}: {str(exc).split(':')[0]}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RSPError(f"device {str(name)!r}: rsp_fast runs on cpu or cuda, not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RSPError(f"device {str(name)!r}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -149,7 +151,10 @@ def _factory(path: str) -> nn.Module | ModelSpec:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise RSPError(f"cannot import model factory {path!r}: {exc}") from None
-    made = fn()
+    try:
+        made = fn()
+    except Exception as exc:  # the user's code: its own error, in one line
+        raise RSPError(f"model factory {path!r} failed: {type(exc).__name__}: {exc}") from None
     if isinstance(made, ModelSpec):
         made.model.eval()
         return made

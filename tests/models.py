@@ -35,6 +35,11 @@ def golden_model(golden: dict, dtype: torch.dtype = torch.float64) -> GoldenVGG:
     return model.to(dtype).eval()
 
 
+def failing_factory() -> nn.Module:
+    """A ``--model package.module:factory`` whose own code fails."""
+    raise RuntimeError("no weights for this net")
+
+
 def tiny_cnn(num_classes: int = 5) -> nn.Module:
     """A small CNN any input size fits (used by the CLI and video tests through
     ``--model models:tiny_cnn``)."""

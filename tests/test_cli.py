@@ -141,6 +141,8 @@ def test_image_demo_photos_are_recognised(tmp_path):
     (["image", "{png}", "-o", "x", "--precision", "tf32", "--device", "cpu"], "precision='tf32' uses CUDA tensor cores"),
     (["image", "{png}", "-o", "x", "--batch-size", "0"], "batch size must be at least 1"),
     (["image", "{png}", "-o", "{png}"], "is a file"),
+    (["image", "{png}", "-o", ""], "output folder: the path is empty"),
+    (["image", "{png}", "-o", "x", "--report", "{png}"], "is the input image"),
     (["image", "{empty}", "-o", "x"], "holds no images"),
     (["image", "{png}", "-o", "x", "--device", "gpu0"], "unknown device 'gpu0'"),
     pytest.param(["image", "{png}", "-o", "x", "--device", "cuda"], "no CUDA GPU is available",

@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 import rsp_fast
 from rsp_fast.errors import RSPError
@@ -385,6 +386,66 @@ def test_failure_midway_leaves_no_output(tmp_path, spec, monkeypatch):
     assert _only_output(tmp_path, "out") == ["out.mp4"]
 
 
+def test_an_encoder_failure_on_a_long_video_ends_the_run(tmp_path, spec, monkeypatch):
+    """When the encoder dies, the decoder must not wait forever for room in its queue (it did
+    once more batches were decoded than the queues hold)."""
+    import threading
+    from rsp_fast.video import io
+
+    src = write_video(tmp_path / "in.mp4", _frames(12), fps=12)
+
+    def broken(self, *a, **k):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(io.Encoder, "write", broken)
+    outcome = []
+    run = threading.Thread(target=lambda: outcome.append(_raised(explain_video, spec, src, tmp_path / "out.mp4",
+                                                                 batch_size=1, progress=False)), daemon=True)
+    run.start()
+    run.join(timeout=60)
+    assert not run.is_alive(), "explain_video hung after its encoder failed"
+    assert isinstance(outcome[0], OSError) and "disk gone" in str(outcome[0])
+    assert _only_output(tmp_path, "out") == []
+
+
+def _raised(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def test_a_model_that_outputs_nan_is_named(tmp_path):
+    model = tiny_cnn()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    src = write_video(tmp_path / "in.mp4", _frames(3), fps=3)
+    with pytest.raises(RSPError, match="not finite"):
+        explain_video(model, src, tmp_path / "out.mp4", progress=False)
+    assert _only_output(tmp_path, "out") == []
+
+
+def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_file(tmp_path):
+    import signal
+    import time
+
+    src = write_video(tmp_path / "in.mp4", _frames(400, 64, 64), fps=25)
+    (tmp_path / "out.mp4").write_bytes(b"previous result")
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    proc = subprocess.Popen([sys.executable, "-m", "rsp_fast.cli", "video", str(src), "-o", "out.mp4", "--model",
+                             "models:tiny_cnn", "--batch-size", "1", "--quiet"], cwd=tmp_path, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # until the encoder has opened its temporary file
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert _only_output(tmp_path, "out") == ["out.mp4"] and (tmp_path / "out.mp4").read_bytes() == b"previous result"
+
+
 def _cli(tmp_path, *args):
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     return subprocess.run([sys.executable, "-m", "rsp_fast.cli", *map(str, args)], capture_output=True, text=True,
@@ -427,19 +488,42 @@ def test_cli_video_with_a_clip_model_from_a_factory_spec(tmp_path):
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "nan"], "not nan"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "0"], "not 0.0"),
     (["video", "{good}", "-o", "{good}", "--model", "models:tiny_cnn"], "is the input video"),
+    (["video", "{good}", "-o", "out.mp4", "--report", "{good}"], "report '{good}' is the input video"),
+    (["video", "{good}", "-o", "out.mp4", "--report", "out.mp4"], "report 'out.mp4' is the output video"),
+    (["video", "{good}", "-o", "out.mp4", "--report", ""], "report: the path is empty"),
+    (["video", "{good}", "-o", "", "--model", "models:tiny_cnn"], "output video: the path is empty"),
+    (["video", "{good}", "-o", ".", "--model", "models:tiny_cnn"], "is a folder"),
+    (["video", "{good}", "-o", "outdir/", "--model", "models:tiny_cnn"], "is a folder"),
+    (["video", "{good}", "-o", "{fifo}", "--model", "models:tiny_cnn"], "is not a regular file"),
+    (["video", "{good}", "-o", "{text}/out.mp4", "--model", "models:tiny_cnn"], "is a file, not a folder"),
+    (["video", "{folder}", "-o", "out.mp4"], "is a folder, not a file"),
+    (["video", "{good}", "-o", "out.mp4", "--device", "meta"], "runs on cpu or cuda"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:failing_factory"], "model factory 'models:failing_factory' failed"),
 ])
 def test_cli_video_errors_are_one_line(tmp_path, args, message):
     import torch
     good = write_video(tmp_path / "good.mp4", _frames(3), fps=3)
     (tmp_path / "text.mp4").write_text("hello")
     torch.save({"0.weight": torch.zeros(1)}, tmp_path / "w.pt")
-    fill = {"good": good, "text": tmp_path / "text.mp4", "weights": tmp_path / "w.pt"}
+    os.mkfifo(tmp_path / "pipe.mp4")
+    (tmp_path / "folder.mp4").mkdir()
+    fill = {"good": good, "text": tmp_path / "text.mp4", "weights": tmp_path / "w.pt", "fifo": tmp_path / "pipe.mp4",
+            "folder": tmp_path / "folder.mp4"}
     proc = _cli(tmp_path, *[a.format(**fill) for a in args])
     assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert message.format(**fill) in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.mp4").exists() and not list(tmp_path.glob("*out*"))
     assert good.stat().st_size > 0 and len(read_frames(good)) == 3  # the input untouched
+    assert (tmp_path / "pipe.mp4").is_fifo()
+
+
+def test_an_output_through_a_link_replaces_the_link_target(tmp_path, spec):
+    src = write_video(tmp_path / "in.mp4", _frames(2), fps=2)
+    (tmp_path / "real.mp4").write_bytes(b"old")
+    (tmp_path / "link.mp4").symlink_to("real.mp4")
+    explain_video(spec, src, tmp_path / "link.mp4", progress=False)
+    assert (tmp_path / "link.mp4").is_symlink() and len(read_frames(tmp_path / "real.mp4")) == 2
 
 
 def test_explain_video_leaves_a_plain_module_as_it_was(tmp_path):

@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import RSPError
+from ..paths import check_readable
 
 AVFMT_VARIABLE_FPS = 0x0400  # libavformat: the container keeps per-frame timestamps (AVI does not)
 
@@ -50,8 +51,7 @@ def probe(path: str | Path) -> VideoInfo:
 def _open(path: str | Path):
     av = _av()
     path = Path(path)
-    if not path.is_file():
-        raise RSPError(f"video {str(path)!r} does not exist")
+    check_readable(path, "video")
     try:
         return av.open(str(path), mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as exc:

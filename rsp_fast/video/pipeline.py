@@ -16,12 +16,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 from .. import render
 from ..api import RSP
 from ..errors import RSPError
 from ..models import checked_device
+from ..paths import checked_output_file
 from . import io
 from ..pictures import FrameAttributor, FrameMaps, as_spec, explainer_on
 
@@ -90,8 +90,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         raise RSPError(f"max frames must be at least 1, not {max_frames}")
     if fps is not None and not 0 < fps <= 1000:  # NaN fails this too
         raise RSPError(f"frame rate must be above 0 and at most 1000 frames per second, not {fps}")
-    if Path(dst).resolve() == Path(src).resolve():
-        raise RSPError(f"the output {str(dst)!r} is the input video: choose another path")
+    written = checked_output_file(dst, "output video", [("input video", src)])  # a link: its target
     device = checked_device(device)
     if precision == "tf32" and device.type != "cuda":
         raise RSPError("precision='tf32' uses CUDA tensor cores: use --device cuda, or fp32 or bf16")
@@ -107,7 +106,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
     decoded: queue.Queue = queue.Queue(maxsize=2)
     attributed: queue.Queue = queue.Queue(maxsize=2)
     keep_times = fps is None  # the source's timestamps (variable frame rates stay in sync); --fps retimes
-    encoder = io.Encoder(dst, out_fps, start=info.start, audio_from=src if keep_times else None)
+    encoder = io.Encoder(written, out_fps, start=info.start, audio_from=src if keep_times else None)
     rows: list[dict] = []
 
     def decode(stage: _Stage):
@@ -151,6 +150,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
             seconds = time.perf_counter() - t
             attribute_s += seconds
             if not _put(attributed, _Attributed(batch, maps, seconds), stop, writer):
+                stop.set()  # the encoder failed: the decoder must not wait for room in its queue
                 break
             for k, idx in enumerate(batch.indices):
                 label = maps.labels[k]
