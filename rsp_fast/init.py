@@ -5,9 +5,10 @@ own max; ``gradcam`` starts from the target's map, ``comparative`` contrasts it 
 hostile classes. All gradients come from one batched backward through the head. Every
 reduction is per sample. For a saliency layer without spatial dimensions (an MLP's hidden
 layer) each feature is its own position: the gradient is not averaged and channels are
-not collapsed (an rsp_fast extension). A 1×1 map (ResNet's layer4 on a 32-pixel input) is
-treated the same way by the comparative init: collapsing its channels leaves ΣP − ΣN = 0,
-so the map's sign would be rounding noise.
+not collapsed (an rsp_fast extension). A 1×1 map (ResNet's layer4 on a 32-pixel input), and
+one whose positions all hold the same values (a 1×1 map pooled or upsampled), is treated the
+same way by the comparative init: collapsing its channels leaves ΣP − ΣN = 0 at every
+position, so the map's sign would be rounding noise.
 """
 from __future__ import annotations
 
@@ -55,13 +56,27 @@ def comparative_relevance(cam_target: torch.Tensor, cam_hostile: torch.Tensor) -
     Nn = torch.where(low < 0, Nn / torch.where(low < 0, low, torch.ones_like(low)), torch.zeros_like(Nn))
     Nn = Nn / (_per_sample(Nn, "sum", 1) + CAM_EPS) * _per_sample(P, "sum", 1)
     rel = P - Nn
-    spatial = rel[0, 0].numel() > 1  # one position: channels are the positions (see the module's docstring)
-    s = rel.sum(1, keepdim=True) if spatial else rel
+    if rel[0, 0].numel() == 1:  # one position: channels are the positions (see the module's docstring)
+        return _two_to_one(rel)
+    s = rel.sum(1, keepdim=True)
+    collapsed = (_two_to_one(s) / rel.shape[1]).expand_as(rel)
+    # A map whose positions all hold the same channel vector (a 1×1 map pooled or upsampled to
+    # h×w) collapses to (ΣP − ΣN)/hw = 0 at every position: its sign is rounding noise (measured
+    # up to 3e-13 of Σ_c|rel| in float64, 6e-8 in float32; real maps' channel sums reach 1e-2 and
+    # more). Such a sample keeps its channels apart, as a 1×1 map does.
+    noise = _per_sample(s.abs(), "amax", 1) <= CANCELLED * _per_sample(rel.abs().sum(1, keepdim=True), "amax", 1)
+    return torch.where(noise, _two_to_one(rel), collapsed).contiguous()
+
+
+CANCELLED = 1e-5  # channel sums below this share of the largest position's absolute sum, everywhere: noise
+
+
+def _two_to_one(s: torch.Tensor) -> torch.Tensor:
+    """Step 3 of RSP_SPEC §1 on ``s`` (N×…): positive part scaled to sum 2, the rest to −1."""
     s_pos, s_neg = s * (s > 0), s * (s <= 0)
     s_pos = 2 * s_pos / (_per_sample(s_pos, "sum", 1) + CAM_EPS)
     s_neg = s_neg / (_per_sample(s_neg, "sum", 1) + CAM_EPS)
-    q = s_pos - s_neg
-    return (q / rel.shape[1]).expand_as(rel).contiguous() if spatial else q
+    return s_pos - s_neg
 
 
 def initial_relevance(logits, A, target, hostile, init: str, channels_last: bool = False):

@@ -617,6 +617,21 @@ def test_comparative_init_on_a_one_by_one_map_keeps_channels_apart():
     assert rel_err(single.double(), ours) < 1e-5
 
 
+def test_comparative_init_on_a_map_with_one_value_per_channel_keeps_channels_apart():
+    """A 1×1 map pooled or upsampled to h×w (VGG's avgpool on a 32-pixel input) has the same
+    vector at every position: its channel sums are all ΣP − ΣN = 0, rounding noise, so it is
+    treated as the 1×1 map it is, spread over its positions, in float64 and float32 alike."""
+    torch.manual_seed(4)
+    cams = torch.randn(4, 3, 32, 1, 1, dtype=D)  # target + 3 hostile, batch 3
+    cams = cams / (cams.flatten(2).amax(2).view(4, 3, 1, 1, 1) + 1e-9)
+    one = comparative_relevance(cams[0], cams[1:])
+    wide = cams.expand(-1, -1, -1, 5, 3)
+    for dtype in (D, torch.float32):
+        spread = comparative_relevance(wide[0].to(dtype), wide[1:].to(dtype))
+        assert rel_err(spread.double(), (one / 15).expand(-1, -1, 5, 3)) < 1e-5
+        assert torch.allclose(spread.double().sum((1, 2, 3)), torch.ones(3, dtype=D), atol=1e-5)
+
+
 def test_gradcam_maps_without_channel_sum():
     A = torch.rand(2, 3, 4, 5, dtype=D)
     grads = torch.randn(1, 2, 3, 4, 5, dtype=D)
