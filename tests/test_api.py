@@ -269,6 +269,41 @@ def test_untraceable_model_is_reported():
         explainer.attribute(torch.randn(2, 3, 6, 6))
 
 
+class _OptionalArguments(nn.Module):
+    """A forward with optional arguments: explained as ``model(x)`` runs it, at their defaults."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x, return_features=False, mask=None, *, scale=2.0):
+        if x.shape[-1] > 64:  # with sizes branched on, traced per input shape: the defaults hold there too
+            x = x[..., :64]
+        y = F.relu(self.conv(x)) * scale
+        if mask is not None:
+            y = y * mask
+        return y if return_features else self.fc(y.mean((2, 3)))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x, y):
+        return self.conv(x + y).flatten(1)
+
+
+def test_optional_forward_arguments_take_their_defaults():
+    model = _OptionalArguments().double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=D)
+    ex = rsp_fast.RSP(model).explain(x, record=True)
+    assert torch.allclose(ex.logits, model(x), rtol=0, atol=1e-12)
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), atol=1e-9)
+    with pytest.raises(UnsupportedModelError, match="exactly one input; _TwoInputs.forward takes 2"):
+        rsp_fast.RSP(_TwoInputs())
+
+
 class _SizeCheckingHead(nn.Module):
     """Pools only maps larger than 2×2: control flow on the input's size, which fx cannot trace."""
 

@@ -15,6 +15,8 @@ as plain numbers: that graph holds for inputs of the example's shape only.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import operator
 from typing import Any, Callable
 
 import torch
@@ -122,8 +124,8 @@ class _ConcreteTracer(_RecordingTracer):
         return proxy
 
     def _evaluate(self, node: fx.Node):
-        if node.op == "placeholder":
-            return self.example if not self.values else None  # the first input; a second is refused later
+        if node.op == "placeholder":  # the first input; an optional argument's default; another is refused later
+            return self.example if not self.values else (node.args[0] if node.args else None)
         if node.op not in ("get_attr", "call_function", "call_method", "call_module"):
             return None
         # fx patches module calls and attribute reads while tracing (a read of a parameter makes
@@ -208,7 +210,8 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
     tracer = _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
     try:
         with torch.no_grad():
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults(model))
+        _drop_fixed_arguments(graph)
     except _ForwardFailed as exc:
         raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}") from None
     except Exception as exc:  # fx raises many types; the user needs one clear message
@@ -227,6 +230,38 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         if node.op == "get_attr":
             node.meta[ATTR_VALUE] = _attribute(model, node.target)
     return graph, tracer.module_outputs
+
+
+def _defaults(model: nn.Module) -> dict | None:
+    """The forward's optional arguments (``forward(x, return_features=False)``) at their
+    defaults, as ``model(x)`` runs them: fx then traces the branch they take."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    return {p.name: p.default for p in parameters
+            if p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} or None
+
+
+def _drop_fixed_arguments(graph: fx.Graph) -> None:
+    """fx keeps an argument fixed by ``concrete_args`` as a placeholder checked by an assert;
+    RSP passes only the input, so both go (the value is already written into the graph)."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        if not node.args:  # no default: a second input, refused by the caller
+            continue
+        for check in list(node.users):  # _assert_is_none(arg), or _assert(arg == value)
+            asserts = [check] if _is_assert(check) else list(check.users) if check.target is operator.eq else []
+            if asserts and all(_is_assert(a) for a in asserts):
+                for a in asserts:
+                    graph.erase_node(a)
+                if check.target is operator.eq:
+                    graph.erase_node(check)
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _is_assert(node: fx.Node) -> bool:
+    return getattr(node.target, "__name__", None) in ("_assert", "_assert_is_none")
 
 
 def _attribute(model: nn.Module, path: str):
