@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,13 +69,17 @@ class RSP:
         if not isinstance(model, nn.Module):
             raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         model, layer = unwrap(model, layer)  # torch.compile and DataParallel run the module as it is
+        if model._forward_pre_hooks or model._forward_hooks:
+            warnings.warn(f"hooks registered on the model itself ({type(model).__name__}) do not run in RSP's pass: "
+                          "its forward is traced (hooks on its submodules do run); if a hook changes the input or "
+                          "the output, apply that change outside the model", stacklevel=2)
         if init not in INITS:
             raise RSPError(f"init must be one of {INITS}, not {init!r}")
-        if not isinstance(hostile_k, int) or hostile_k < 0:
+        if not isinstance(hostile_k, int) or isinstance(hostile_k, bool) or hostile_k < 0:
             raise RSPError(f"hostile_k must be a non-negative int, not {hostile_k!r}")
         if precision not in PRECISIONS:
             raise RSPError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
             raise RSPError(f"max_batch must be a positive int or None, not {max_batch!r}")
         self.model, self.init, self.hostile_k, self.precision = model, init, hostile_k, precision
         self.max_batch = max_batch
@@ -158,7 +164,8 @@ class RSP:
                                f"{plan.layer_name!r} gives {tuple(R0.shape)}")
             R0 = initial.to(R0.dtype).contiguous()
         steps: dict[str, torch.Tensor] = {}
-        on_step = (lambda step, outs: steps.__setitem__(_step_name(step), outs[0])) if record else None
+        names = _step_names(plan.steps) if record else {}
+        on_step = (lambda step, outs: steps.__setitem__(names[step.node], outs[0])) if record else None
         dropped = R0.new_zeros(R0.shape[0]) if record else None
         R = propagate(plan, R0.detach(), saved, shapes, ops, on_step, dropped,
                       torch.bfloat16 if self.precision == "bf16" else None)
@@ -187,6 +194,9 @@ class RSP:
             raise RSPError("inputs hold no samples (batch size 0)")
         if not torch.isfinite(x).all():
             raise RSPError("inputs contain NaN or Inf")
+        if any(t.is_inference() for t in itertools.chain(self.model.parameters(), self.model.buffers())):
+            raise RSPError("the model's parameters or buffers were made under torch.inference_mode(): autograd, which "
+                           "R₀ needs through the head, cannot use them; build or load the model outside inference_mode")
         p = next(self.model.parameters(), None)
         if p is not None and p.dtype != x.dtype:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
@@ -272,9 +282,19 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _step_name(step) -> str:
-    n = step.node
-    return str(n.target) if n.op == "call_module" else n.name
+def _step_names(steps) -> dict:
+    """Each rule's key in ``Explanation.steps``, by node: its module's path, or the node's name
+    for a function; a module run more than once (a block's shared ReLU) is "path", "path:2", …
+    in forward order."""
+    names, calls = {}, {}
+    for step in reversed(steps):  # the plan runs from the saliency layer back to the input
+        n = step.node
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+            names[n] = str(n.target) if calls[n.target] == 1 else f"{n.target}:{calls[n.target]}"
+        else:
+            names[n] = n.name
+    return names
 
 
 def _as_class_tensor(value, name: str, device) -> torch.Tensor:
@@ -326,4 +346,6 @@ def _hostiles(hostile, logits: torch.Tensor, target: torch.Tensor, k: int) -> to
     _check_range(h, classes, "hostile")
     if (h == target.unsqueeze(1)).any():
         raise RSPError("a hostile class equals the target class of its sample")
+    if h.shape[1] > 1 and (h.sort(1).values.diff(dim=1) == 0).any():  # K counts in R₀: a repeat would weigh twice
+        raise RSPError("a sample's hostile classes repeat a class; give each once")
     return h

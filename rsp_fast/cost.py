@@ -91,8 +91,9 @@ def _conv3d_row(step: Conv3d, shapes, elem: int) -> dict:
 def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = None) -> dict:
     """Per-image cost of RSP on ``model`` for inputs of ``input_shape`` (without the batch)."""
     model, layer = unwrap(model, layer)
-    p = next(model.parameters())
-    x = torch.zeros((1, *input_shape), dtype=dtype or p.dtype, device=p.device)
+    p = next(model.parameters(), None)  # a model without parameters: float32 on the CPU unless told
+    x = torch.zeros((1, *input_shape), dtype=dtype or (p.dtype if p is not None else torch.float32),
+                    device=p.device if p is not None else "cpu")
     with eval_mode(model):
         try:
             plan = build_plan(model, layer)

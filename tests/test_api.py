@@ -82,7 +82,9 @@ def test_model_is_left_untouched():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     modes = {n: m.training for n, m in model.named_modules()}
     x = torch.randn(2, 3, 32, 32, dtype=D)
-    ex = rsp_fast.RSP(model).explain(x)
+    with pytest.warns(UserWarning, match="hooks registered on the model itself .* do not run"):
+        explainer = rsp_fast.RSP(model)
+    ex = explainer.explain(x)
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BN statistics included
     assert all(p.grad is None for p in model.parameters())
@@ -119,6 +121,16 @@ def test_explainer_built_in_training_mode_explains_the_eval_model(make):
     assert model.training
 
 
+def test_record_keeps_every_call_of_a_module_run_twice():
+    model = torchvision.models.resnet18(num_classes=5).double().eval()  # each block runs its `relu` twice
+    explainer = rsp_fast.RSP(model)
+    ex = explainer.explain(torch.randn(1, 3, 32, 32, dtype=D), record=True)
+    assert len(ex.steps) == len(explainer.plan.steps)
+    first, second = ex.steps["layer1.0.relu"], ex.steps["layer1.0.relu:2"]  # forward order; R at each call's input
+    assert torch.equal(first, ex.steps["layer1.0.conv2"])  # a ReLU passes R through: the same as after it
+    assert first.shape == second.shape and not torch.equal(first, second)
+
+
 def test_bad_inputs_get_clear_errors():
     model = torchvision.models.vgg11(num_classes=5).eval()
     explainer = rsp_fast.RSP(model)
@@ -140,6 +152,10 @@ def test_bad_inputs_get_clear_errors():
         explainer.attribute(x, target=1, hostile=[1, 2])
     with pytest.raises(RSPError, match="hostile class 9 is out of range"):
         explainer.attribute(x, target=1, hostile=[9])
+    with pytest.raises(RSPError, match="hostile classes repeat a class"):
+        explainer.attribute(x, target=1, hostile=[2, 3, 2])
+    with pytest.raises(RSPError, match="hostile_k must be a non-negative int, not True"):
+        rsp_fast.RSP(model, hostile_k=True)
     with pytest.raises(RSPError, match="float64 but the model's parameters are torch.float32"):
         explainer.attribute(x.double())
     with pytest.raises(RSPError, match="floating-point"):
@@ -147,6 +163,18 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(RSPError, match="forward failed") as err:
         explainer.attribute(torch.randn(1, 4, 32, 32))
     assert "expected input" in str(err.value) and "While executing" not in str(err.value)
+
+
+def test_a_model_made_under_inference_mode_is_named():
+    with torch.inference_mode():
+        model = tiny_cnn().eval()  # its parameters are inference tensors: no autograd through the head
+    with pytest.raises(RSPError, match="made under torch.inference_mode"):
+        rsp_fast.RSP(model).attribute(torch.randn(1, 3, 16, 16))
+
+
+def test_cost_of_a_model_without_parameters():
+    model = nn.Sequential(nn.AvgPool2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert rsp_fast.cost(model, (3, 8, 8))["totals"]["rsp_macs"] == 0
 
 
 def test_inference_mode_callers_get_the_same_result():
