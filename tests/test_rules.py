@@ -485,6 +485,24 @@ def test_products_of_activations_are_refused_by_name():
     assert "getattr" not in str(err.value) and "size" not in str(err.value).split("Supported")[0]
 
 
+class _Bicubic(nn.Module):
+    def __init__(self, as_module: bool):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
+        self.up = nn.Upsample(scale_factor=2, mode="bicubic") if as_module else None
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = self.up(h) if self.up is not None else F.interpolate(h, scale_factor=2, mode="bicubic")
+        return self.fc(torch.relu(self.conv2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("as_module", [False, True], ids=["function", "module"])
+def test_resizing_with_negative_weights_is_refused_by_mode(as_module):
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"resizing in mode 'bicubic', whose weights can be negative"):
+        rsp_fast.RSP(_Bicubic(as_module))
+
+
 def _swap_halves(h):
     a, b = h.chunk(2, 1)
     return torch.cat([b, a], 1)

@@ -315,7 +315,8 @@ def _describe_unsupported(node: fx.Node, module) -> tuple[str, str]:
     """(where, what) of a node without a rule."""
     if module is not None:
         why = node.meta.get(KEPT_WHOLE)
-        return node.target, type(module).__name__ + (f" (its forward cannot be traced: {why})" if why else "")
+        reason = f"its forward cannot be traced: {why}" if why else unsupported_combination(node, module)
+        return node.target, type(module).__name__ + (f" ({reason})" if reason else "")
     if node.op == "get_attr":
         return node.target, "a parameter or buffer used as an activation"
     # a call inside a module's forward is named by that module's path, as users know it

@@ -264,8 +264,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if calls(node, POOL_FUNCTIONS, set()):
         return NodeKind.POOL
     if t is F.interpolate:
-        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
-        return NodeKind.POOL if mode in POSITIVE_RESIZE_MODES else None
+        return NodeKind.POOL if _interpolate_mode(node) in POSITIVE_RESIZE_MODES else None
     if t in CONV_FUNCTIONS:
         if _fixed_positive_filter(node):
             return NodeKind.POOL
@@ -291,6 +290,10 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if t is operator.getitem:
         return NodeKind.SELECT if _selects_from_a_tensor(node) else None
     return None
+
+
+def _interpolate_mode(node: fx.Node) -> str:
+    return node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
 
 
 def glu_dim(node: fx.Node, module: nn.Module | None):
@@ -339,8 +342,13 @@ def _is_stochastic_depth(fn) -> bool:
     return getattr(fn, "__name__", None) == "stochastic_depth" and getattr(fn, "__module__", "").startswith("torchvision.")
 
 
-def unsupported_combination(node: fx.Node) -> str | None:
-    """Why a product, quotient or difference has no rule (None if it is not one)."""
+def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> str | None:
+    """Why a product, quotient, difference, conv or resize has no rule (None if it is not one)."""
+    mode = (module.mode if isinstance(module, nn.Upsample) else _interpolate_mode(node) if node.target is F.interpolate
+            else None)
+    if mode is not None and mode not in POSITIVE_RESIZE_MODES:
+        return (f"resizing in mode {mode!r}, whose weights can be negative (rules exist for "
+                f"{', '.join(sorted(POSITIVE_RESIZE_MODES))})")
     if (is_product(node) or calls(node, *ADDCMUL)) and sole_operand(node) is None:
         return ("a product of two position-wise activations (rules exist for x times a sigmoid gate, a number, "
                 "a parameter or a statistic such as a mean or a norm of the activations, and x divided by one)")
