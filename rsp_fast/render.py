@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import RSPError
+
 
 @dataclass(frozen=True)
 class Letterbox:
@@ -148,6 +150,8 @@ def save_png(path, img: np.ndarray) -> None:
     try:
         Image.fromarray(img).save(tmp, compress_level=1)  # 4x faster than PIL's default (6) on 24-megapixel maps; files up to 1.5x larger
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: PIL's error names no file
+        raise RSPError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -226,3 +226,19 @@ def test_device_auto_is_the_gpu_where_there_is_one(monkeypatch):
     assert checked_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert checked_device("auto") == torch.device("cuda")
+
+
+def test_a_png_that_cannot_be_written_is_named_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    from PIL import Image
+    from rsp_fast.errors import RSPError
+    from rsp_fast.render import save_png
+
+    def full_disk(self, fp, *a, **k):
+        open(fp, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(RSPError, match=r"cannot write '.*map.png': No space left on device"):
+        save_png(tmp_path / "map.png", np.zeros((4, 4, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
