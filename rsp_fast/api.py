@@ -50,8 +50,8 @@ class RSP:
             ReLU before the last max-pool; ResNet: ``layer4``; MLP: the input of the last Linear).
         init: ``"comparative"`` (target against ``hostile_k`` hostile classes) or ``"gradcam"``.
         hostile_k: number of hostile classes (top predictions other than the target) by default.
-        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``; None reads
-            ``RSP_FAST_BACKEND``.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``; None (the
+            default) reads ``RSP_FAST_BACKEND``, and without it takes ``"auto"``.
         precision: ``"fp32"`` (everything in the input's dtype; on CUDA TF32 off), ``"tf32"``
             (CUDA: TF32 tensor cores for the forward pass and the products) or ``"bf16"`` (the
             products' operands in bfloat16; on CPU the compiled float32 kernels keep the layers
@@ -65,7 +65,7 @@ class RSP:
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, init: str = "comparative",
-                 hostile_k: int = 3, backend: str | None = "auto", precision: str = "fp32", max_batch: int | None = None):
+                 hostile_k: int = 3, backend: str | None = None, precision: str = "fp32", max_batch: int | None = None):
         if not isinstance(model, nn.Module):
             raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         model, layer = unwrap(model, layer)  # torch.compile and DataParallel run the module as it is

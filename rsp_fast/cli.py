@@ -26,7 +26,8 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
     p.add_argument("--batch-size", type=int, default=batch_size,
                    help=f"frames or images per pass (default {batch_size}); for a video classifier (3-D convs), frames per clip")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if there is one)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "cuda", "triton"])
+    p.add_argument("--backend", choices=["auto", "torch", "cpp", "cuda", "triton"],
+                   help="kernels to run (default: $RSP_FAST_BACKEND, else auto: the fastest available)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="RSP's products in float32 (default), TF32 (CUDA) or bfloat16")
     p.add_argument("--report", help="write the JSON report here")

@@ -230,9 +230,12 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_backend_from_environment(monkeypatch):
+    model = torchvision.models.vgg11()
+    monkeypatch.setenv("RSP_FAST_BACKEND", "torch")  # read where no backend is given
+    assert rsp_fast.RSP(model).backend == "torch" and rsp_fast.RSP(model, backend="auto").backend == "auto"
     monkeypatch.setenv("RSP_FAST_BACKEND", "fpga")
     with pytest.raises(BackendUnavailableError, match="fpga"):
-        rsp_fast.RSP(torchvision.models.vgg11(), backend=None)
+        rsp_fast.RSP(model)
 
 
 class _WithSoftmax(nn.Module):

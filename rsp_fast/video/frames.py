@@ -25,7 +25,7 @@ class FrameExplanation:
 
 
 def explain_frames(model, frames: Iterable[np.ndarray], *, layer=None, init: str = "comparative", hostile_k: int = 3,
-                   target: int | None = None, batch_size: int = 8, device: str = "cpu", backend: str = "auto",
+                   target: int | None = None, batch_size: int = 8, device: str = "cpu", backend: str | None = None,
                    precision: str = "fp32", explainer: RSP | None = None) -> Iterator[FrameExplanation]:
     """Yield a ``FrameExplanation`` per frame, in order, for H×W×3 uint8 RGB frames (or H×W
     grey; OpenCV's BGR frames reversed: ``frame[..., ::-1]``) from any iterable, explained

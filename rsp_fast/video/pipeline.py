@@ -75,7 +75,7 @@ def _get(q: queue.Queue, stop: threading.Event, worker: _Stage):
 
 
 def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hostile_k: int = 3, target: int | None = None,
-                  batch_size: int = 8, device: str = "cpu", backend: str = "auto", precision: str = "fp32", fps: float | None = None,
+                  batch_size: int = 8, device: str = "cpu", backend: str | None = None, precision: str = "fp32", fps: float | None = None,
                   max_frames: int | None = None, mode: str = "overlay", scale: str = "frame", progress: bool | None = None,
                   explainer: RSP | None = None) -> dict:
     """Attribute every frame of ``src`` and write the heat-map video ``dst``; returns the report
