@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from .errors import RSPError
 from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError, eval_mode, unwrap
 from .ops.custom import pointwise_kernel_built
@@ -91,6 +92,9 @@ def _conv3d_row(step: Conv3d, shapes, elem: int) -> dict:
 def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = None) -> dict:
     """Per-image cost of RSP on ``model`` for inputs of ``input_shape`` (without the batch)."""
     model, layer = unwrap(model, layer)
+    if isinstance(input_shape, int) or not all(isinstance(n, int) and n > 0 for n in input_shape):
+        raise RSPError(f"input_shape must be a tuple of positive ints without the batch, e.g. (3, 224, 224), "
+                       f"not {input_shape!r}")
     p = next(model.parameters(), None)  # a model without parameters: float32 on the CPU unless told
     x = torch.zeros((1, *input_shape), dtype=dtype or (p.dtype if p is not None else torch.float32),
                     device=p.device if p is not None else "cpu")

@@ -13,7 +13,7 @@ from .api import RSP
 from .errors import RSPError
 from .models import ModelSpec, checked_device
 from .paths import check_readable, checked_output_folder
-from .pictures import FrameAttributor
+from .pictures import FrameAttributor, as_rgb
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -50,7 +50,7 @@ def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
             files += found
         else:
             files.append(p)
-    named, seen = [], {}
+    named, names = [], _FileNames()
     for f in files:
         check_readable(f, "image")
         try:
@@ -58,8 +58,7 @@ def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
                 pass
         except (UnidentifiedImageError, OSError) as exc:
             raise RSPError(f"cannot read image {str(f)!r}: {exc}") from None
-        seen[f.stem] = seen.get(f.stem, 0) + 1
-        named.append((f.stem if seen[f.stem] == 1 else f"{f.stem}-{seen[f.stem]}", f))
+        named.append((names.unique(f.stem), f))
     return named
 
 
@@ -95,14 +94,13 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
     each image's predicted label, its score, the class its map explains (``target``) and time.
     Images of any sizes share a batch: each is letterboxed into the model's input on its own."""
     out = checked_output_folder(out_dir)
-    if batch_size < 1:
-        raise RSPError(f"batch size must be at least 1, not {batch_size}")
     device = checked_device(device)
     attribute = FrameAttributor(spec, explainer, device, batch_size, target)
-    rows, tiles, started, images = [], [], time.perf_counter(), iter(images)
+    rows, tiles, started, images, names = [], [], time.perf_counter(), iter(images), _FileNames()
     while batch := list(itertools.islice(images, batch_size)):
         t0 = time.perf_counter()
-        pictures = [(name, read_image(img) if isinstance(img, (str, Path)) else img) for name, img in batch]
+        pictures = [(names.unique(name), read_image(img) if isinstance(img, (str, Path)) else as_rgb(img, f"image {name!r}"))
+                    for name, img in batch]
         maps = attribute([img for _, img in pictures])
         share = (time.perf_counter() - t0) / len(batch)
         for k, (name, img) in enumerate(pictures):
@@ -125,6 +123,25 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
             "model": spec.name, "layer": explainer.layer, "init": explainer.init, "device": str(device),
             "contact_sheet": str(sheet),
             "contact_sheet_images": len(tiles)}
+
+
+class _FileNames:
+    """Names for a run's output files: each a plain file name (no folder part, which would
+    write outside the output folder), repeats made unique (``cat``, ``cat-2``)."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def unique(self, name) -> str:
+        name = str(name)
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise RSPError(f"image name {name!r} must be a plain file name (no folder part)")
+        candidate, k = name, 1
+        while candidate in self.used:  # also past a file of its own called "cat-2"
+            k += 1
+            candidate = f"{name}-{k}"
+        self.used.add(candidate)
+        return candidate
 
 
 def _thumbnail(img: np.ndarray, width: int) -> np.ndarray:

@@ -33,6 +33,18 @@ class ModelSpec:
     std: tuple = IMAGENET_STD
     class_names: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        # pictures reach the model as RGB, letterboxed into input_size², normalised per channel
+        if not isinstance(self.model, nn.Module):
+            raise RSPError(f"ModelSpec {self.name!r}: model must be an nn.Module, not {type(self.model).__name__}")
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 1:
+            raise RSPError(f"ModelSpec {self.name!r}: input_size must be a positive int, not {self.input_size!r}")
+        for what, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+                raise RSPError(f"ModelSpec {self.name!r}: {what} must be three numbers, one per RGB channel, not {values!r}")
+        if not all(v > 0 for v in self.std):
+            raise RSPError(f"ModelSpec {self.name!r}: std must be above 0, not {self.std!r}")
+
     def label(self, index: int) -> str:
         return self.class_names[index] if 0 <= index < len(self.class_names) else f"class {index}"
 

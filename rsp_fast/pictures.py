@@ -45,6 +45,24 @@ def explainer_on(spec: ModelSpec, device: torch.device, explainer: RSP | None = 
     return explainer or RSP(spec.model, **options)
 
 
+def as_rgb(picture, what: str) -> np.ndarray:
+    """An H×W×3 uint8 RGB array from an RGB or grey (H×W) uint8 array, or an RSPError naming
+    ``what`` (e.g. "frame 3") and what it is instead."""
+    picture = np.asarray(picture)
+    if picture.dtype != np.uint8 or not (picture.ndim == 2 or (picture.ndim == 3 and picture.shape[2] == 3)):
+        raise RSPError(f"{what} must be an H×W×3 (RGB) or H×W (grey) uint8 array, "
+                       f"not {picture.dtype} of shape {tuple(picture.shape)}")
+    if picture.shape[0] == 0 or picture.shape[1] == 0:
+        raise RSPError(f"{what} has no pixels (shape {tuple(picture.shape)})")
+    return np.repeat(picture[..., None], 3, axis=2) if picture.ndim == 2 else picture
+
+
+def positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise RSPError(f"{what} must be an int of at least 1, not {value!r}")
+    return int(value)
+
+
 class FrameAttributor:
     """Explains batches of uint8 RGB pictures with ``explainer``: an N×H×W×3 array (frames of a
     video share one letterbox), or a list of H×W×3 arrays of any sizes (each letterboxed on its
@@ -52,7 +70,10 @@ class FrameAttributor:
     one clip; each frame gets its slice of the clip's map and the clip's class."""
 
     def __init__(self, spec: ModelSpec, explainer: RSP, device: torch.device, batch_size: int, target=None):
-        self.spec, self.explainer, self.device, self.batch_size, self.target = spec, explainer, device, batch_size, target
+        self.spec, self.explainer, self.device, self.target = spec, explainer, device, target
+        self.batch_size = positive_int(batch_size, "batch size")
+        p = next(spec.model.parameters(), None)  # pictures reach the model in its own dtype (float64, half, ...)
+        self.dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         self.clips = explainer.plan is not None and explainer.plan.input_rank == 5
         self.graphs = {}  # input shape -> StaticRSP: every full batch of a video has one shape
 
@@ -76,10 +97,13 @@ class FrameAttributor:
             inputs = [render.to_model_input(f[None], size, mean, std) for f in frames]
             x, boxes = torch.cat([x for x, _ in inputs]), [box for _, box in inputs]
         if self.clips:  # the batch's T frames as one clip, 1×C×T×H×W
+            # a video's last, shorter batch is filled up with its last frame: a clip as long as
+            # the others, which the model's temporal kernels need
+            x = torch.cat([x, x[-1:].expand(self.batch_size - len(x), -1, -1, -1)]) if len(x) < self.batch_size else x
             x = x.transpose(0, 1).unsqueeze(0)
-        ex = self._explain(x.to(self.device))
+        ex = self._explain(x.to(self.device, self.dtype))
         heat = heatmap(ex.attribution).detach().float().cpu()
-        heat = heat[0] if self.clips else heat
+        heat = heat[0, :len(frames)] if self.clips else heat
         if one_size:
             heats = list(render.heat_to_frame(heat, boxes[0]).numpy())
         else:

@@ -59,9 +59,12 @@ def symmetric_scale(heat: np.ndarray, quantile: float = 0.995) -> float:
     """One scale for both signs: a high quantile of |heat| (pixel relevance is spiky, so the
     maximum alone would leave the map nearly white). Never zero. A map larger than 512² (a map
     resized onto an HD frame) is sampled on a regular grid of about that many pixels: its
-    quantile is the same to a fraction of a percent, in a tenth of the time."""
+    quantile is the same to a fraction of a percent, in a tenth of the time. NaN and ±Inf
+    pixels are left out."""
     step = max(1, int((heat.size / 2 ** 18) ** 0.5)) if heat.ndim == 2 else 1
-    return float(max(np.quantile(np.abs(heat[::step, ::step] if step > 1 else heat), quantile), 1e-12))
+    magnitude = np.abs(heat[::step, ::step] if step > 1 else heat)
+    finite = magnitude[np.isfinite(magnitude)]
+    return float(max(np.quantile(finite, quantile), 1e-12)) if finite.size else 1.0
 
 
 # Colours come from tables over heat/scale clipped to [-1, 1] and quantised to 4097 levels (steps
@@ -77,7 +80,8 @@ _COLOURS_8 = (_COLOURS * 255 + 0.5).astype(np.uint8)
 def _levels(heat: np.ndarray, scale: float) -> np.ndarray:
     """Each pixel's row in the colour tables: heat/scale in [-1, 1] -> 0 .. _LEVELS - 1."""
     half = (_LEVELS - 1) / 2
-    v = heat.astype(np.float32) * np.float32(half / scale)
+    v = heat.astype(np.float32) * np.float32(half / max(scale, 1e-12))
+    np.nan_to_num(v, copy=False, nan=0.0)  # NaN drawn as no relevance; ±Inf at the ends, clipped below
     np.clip(v, -half, half, out=v)
     v += np.float32(half + 0.5)
     return v.astype(np.intp)
@@ -90,7 +94,9 @@ def colorize(heat: np.ndarray, scale: float) -> np.ndarray:
 
 def overlay(frame: np.ndarray, heat: np.ndarray, scale: float, strength: float = 0.75) -> np.ndarray:
     """The heat map over a dimmed grey copy of the frame, opaque where relevance is strong:
-    grey·(1 − α) + colour·α with α = strength·√|heat/scale|."""
+    grey·(1 − α) + colour·α with α = strength·√|heat/scale|. ``frame``: H×W×3 RGB or H×W grey."""
+    if frame.ndim == 2:
+        frame = frame[..., None].repeat(3, axis=2)
     alpha = np.sqrt(np.abs(_V)) * strength
     keep = (1 - alpha).astype(np.float32)
     add = (_COLOURS_8 * alpha[:, None] + 0.5).astype(np.float32)  # + 0.5: the final cast rounds

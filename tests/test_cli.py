@@ -108,6 +108,59 @@ def test_folders_stand_for_their_images_and_names_stay_unique(tmp_path):
     assert all((out / f"{name}_overlay.png").exists() for name in ("cat", "cat-2", "dog"))
 
 
+def test_explain_images_from_python_checks_arrays_and_names(tmp_path):
+    from rsp_fast.errors import RSPError
+    from rsp_fast.images import explain_images, image_files
+    spec = build_model("efficientnet_lite0")
+    explainer = rsp_fast.RSP(spec.model, init="gradcam")
+    rgb = np.asarray(Image.open(_png(tmp_path / "p.png")))
+    report = explain_images(spec, explainer, [("a", rgb), ("a", rgb[..., 0])], tmp_path / "o")
+    assert [r["name"] for r in report["images"]] == ["a", "a-2"]  # no map overwrites another
+    assert (tmp_path / "o" / "a-2_overlay.png").exists()
+    with pytest.raises(RSPError, match=r"image 'rgba' must be an H×W×3 \(RGB\) or H×W \(grey\) uint8 array"):
+        explain_images(spec, explainer, [("rgba", np.zeros((8, 8, 4), np.uint8))], tmp_path / "o")
+    with pytest.raises(RSPError, match="must be a plain file name"):
+        explain_images(spec, explainer, [("../escaped", rgb)], tmp_path / "o")
+    assert not (tmp_path / "escaped_overlay.png").exists()
+    for folder, name in (("x", "cat"), ("y", "cat"), ("z", "cat-2")):  # a file of its own named like a renamed one
+        (tmp_path / folder).mkdir()
+        _png(tmp_path / folder / f"{name}.png")
+    names = [n for n, _ in image_files([tmp_path / "x", tmp_path / "y", tmp_path / "z"])]
+    assert names == ["cat", "cat-2", "cat-2-2"]
+
+
+def test_model_specs_are_checked():
+    from rsp_fast.errors import RSPError
+    from rsp_fast.models import ModelSpec
+    model = torch.nn.Conv2d(3, 2, 1)
+    with pytest.raises(RSPError, match="mean must be three numbers"):
+        ModelSpec(model, "grey", mean=(0.5,), std=(0.5,))
+    with pytest.raises(RSPError, match="input_size must be a positive int, not '64'"):
+        ModelSpec(model, "m", input_size="64")
+    with pytest.raises(RSPError, match="std must be above 0"):
+        ModelSpec(model, "m", std=(0, 1, 1))
+
+
+def test_drawing_a_map_with_nan_or_inf(tmp_path):
+    from rsp_fast import render
+    heat = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
+    scale = render.symmetric_scale(heat)
+    broken = heat.copy()
+    broken[0, 0], broken[1, 1] = np.nan, np.inf
+    assert render.symmetric_scale(broken) == pytest.approx(scale, rel=0.05)  # the finite pixels decide
+    colours = render.colorize(broken, scale)
+    assert (colours[0, 0] == 255).all() and np.array_equal(colours[2:], render.colorize(heat, scale)[2:])
+    assert render.overlay(np.zeros((8, 8), np.uint8), heat, scale).shape == (8, 8, 3)  # a grey frame
+
+
+def test_cost_and_backends_name_bad_arguments():
+    from rsp_fast.errors import RSPError
+    with pytest.raises(RSPError, match="input_shape must be a tuple of positive ints"):
+        rsp_fast.cost(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2, 2)), 10)
+    with pytest.raises(RSPError, match="unknown device 'nonsense'"):
+        rsp_fast.backends("nonsense")
+
+
 def test_demo_runs_offline(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--max-frames", "6", "--quiet", "--device", "cpu"]) == 0
@@ -139,7 +192,7 @@ def test_image_demo_photos_are_recognised(tmp_path):
     (["image", "{png}", "-o", "x", "--model", "vgg16", "--weights", "{badweights}"], "do not match VGG"),
     (["image", "{png}", "-o", "x", "--target", "1000"], "class 1000 is out of range"),
     (["image", "{png}", "-o", "x", "--precision", "tf32", "--device", "cpu"], "precision='tf32' uses CUDA tensor cores"),
-    (["image", "{png}", "-o", "x", "--batch-size", "0"], "batch size must be at least 1"),
+    (["image", "{png}", "-o", "x", "--batch-size", "0"], "batch size must be an int of at least 1"),
     (["image", "{png}", "-o", "{png}"], "is a file"),
     (["image", "{png}", "-o", ""], "output folder: the path is empty"),
     (["image", "{png}", "-o", "x", "--report", "{png}"], "is the input image"),

@@ -107,8 +107,9 @@ def test_pipeline_matches_the_api_frame_by_frame(tmp_path, spec):
 
 
 def test_clip_models_explain_each_batch_of_frames_as_one_clip(tmp_path, monkeypatch):
-    """A video classifier (3-D convs): each batch of frames is one clip (the last one shorter);
-    every frame of a clip gets the clip's label, and a frame's map is its slice of the clip's."""
+    """A video classifier (3-D convs): each batch of frames is one clip (the last, shorter one
+    filled up with its last frame, to the length the model's temporal kernels expect); every
+    frame of a clip gets the clip's label, and a frame's map is its slice of the clip's."""
     import torch
     from torch import nn
     from rsp_fast import render
@@ -125,11 +126,14 @@ def test_clip_models_explain_each_batch_of_frames_as_one_clip(tmp_path, monkeypa
     assert report["totals"]["frames"] == 7 and len(read_frames(tmp_path / "out.mp4")) == 7
     decoded = np.stack(read_frames(src))
     for start in (0, 3, 6):
-        x, box = render.to_model_input(decoded[start:start + 3], 32, spec.mean, spec.std)
+        frames = decoded[start:start + 3]
+        x, box = render.to_model_input(np.concatenate([frames, frames[-1:].repeat(3 - len(frames), 0)]), 32,
+                                       spec.mean, spec.std)
         clip = x.transpose(0, 1).unsqueeze(0)  # 1×C×T×H×W
         label = int(model(clip).argmax())
-        assert [r["label"] for r in report["frames"][start:start + 3]] == [label] * len(x)
+        assert [r["label"] for r in report["frames"][start:start + 3]] == [label] * len(frames)
         expected = render.heat_to_frame(rsp_fast.heatmap(rsp_fast.RSP(model).attribute(clip))[0], box).numpy()
+        expected = expected[:len(frames)]
         maps = np.stack([drawn[f.tobytes()] for f in decoded[start:start + 3]])
         assert np.allclose(maps, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
@@ -180,6 +184,24 @@ def test_explain_frames_from_any_source(spec):
             assert r.label == r.target == int(ex.logits.argmax()) and r.name == f"c{r.label}" and 0 < r.score <= 1
     with pytest.raises(RSPError, match="frame 1 must be an H×W×3"):
         list(explain_frames(spec, [frames[0], frames[0].astype(np.float32)]))
+    with pytest.raises(RSPError, match="frame 1 has no pixels"):
+        list(explain_frames(spec, [frames[0], frames[0][:0]]))
+    with pytest.raises(RSPError, match="batch size must be an int of at least 1, not 2.5"):
+        explain_frames(spec, frames, batch_size=2.5)  # at the call, before any frame is read
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_pictures_reach_the_model_in_its_own_dtype(dtype):
+    from rsp_fast.render import heat_to_frame, to_model_input
+    from rsp_fast.video import explain_frames
+    torch.manual_seed(0)
+    spec = ModelSpec(tiny_cnn().to(dtype), "tiny", input_size=32)
+    frame = _frames(1, 36, 52)[0]
+    (result,) = explain_frames(spec, [frame])
+    x, box = to_model_input(frame[None], 32, spec.mean, spec.std)
+    ex = rsp_fast.RSP(spec.model).explain(x.to(dtype))
+    expected = heat_to_frame(rsp_fast.heatmap(ex.attribution), box)[0].numpy()
+    assert np.array_equal(result.heat, expected) and result.label == int(ex.logits.argmax())
 
 
 def test_labels_come_from_the_logits_even_when_probabilities_tie(tmp_path, spec):

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, RSPError
 from ..kernels import reference
 from ..kernels.triton import triton_unavailable_reason
 from . import custom
@@ -105,7 +105,10 @@ def _device_availability(name: str, device: torch.device) -> str:
 
 def backends(device: str | torch.device | None = None) -> dict[str, str]:
     """Each backend and whether it can run here: ``"available"`` or the reason it cannot."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError):
+        raise RSPError(f"unknown device {str(device)!r}") from None
     return {n: (_availability(n, dev) or "available") for n in NAMES[1:]}
 
 

@@ -23,7 +23,7 @@ from ..errors import RSPError
 from ..models import checked_device
 from ..paths import checked_output_file
 from . import io
-from ..pictures import FrameAttributor, FrameMaps, as_spec, explainer_on
+from ..pictures import FrameAttributor, FrameMaps, as_spec, explainer_on, positive_int
 
 _DONE = object()
 RUNNING_DECAY = 0.8  # --scale running: s_t = 0.8·s_{t-1} + 0.2·(this frame's scale)
@@ -84,11 +84,10 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         raise RSPError(f"mode must be 'overlay' or 'side-by-side', not {mode!r}")
     if scale not in ("frame", "running"):
         raise RSPError(f"scale must be 'frame' or 'running', not {scale!r}")
-    if batch_size < 1:
-        raise RSPError(f"batch size must be at least 1, not {batch_size}")
-    if max_frames is not None and max_frames < 1:
-        raise RSPError(f"max frames must be at least 1, not {max_frames}")
-    if fps is not None and not 0 < fps <= 1000:  # NaN fails this too
+    positive_int(batch_size, "batch size")
+    if max_frames is not None:
+        positive_int(max_frames, "max frames")
+    if fps is not None and (not isinstance(fps, (int, float)) or not 0 < fps <= 1000):  # NaN fails this too
         raise RSPError(f"frame rate must be above 0 and at most 1000 frames per second, not {fps}")
     written = checked_output_file(dst, "output video", [("input video", src)])  # a link: its target
     device = checked_device(device)
