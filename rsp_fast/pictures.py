@@ -13,6 +13,7 @@ from torch import nn
 from . import render
 from .api import RSP, heatmap
 from .errors import RSPError
+from .graph.trace import unwrap
 from .models import ModelSpec, build_model
 
 
@@ -42,6 +43,8 @@ def explainer_on(spec: ModelSpec, device: torch.device, explainer: RSP | None = 
     """``explainer``, or an RSP of the spec's model (``options``: RSP's keyword arguments), the
     model moved to ``device``."""
     spec.model.to(device)
+    if explainer is not None and explainer.model is not unwrap(spec.model)[0]:
+        raise RSPError("the explainer given was built for another model than the one to explain")
     return explainer or RSP(spec.model, **options)
 
 
@@ -70,6 +73,8 @@ class FrameAttributor:
     one clip; each frame gets its slice of the clip's map and the clip's class."""
 
     def __init__(self, spec: ModelSpec, explainer: RSP, device: torch.device, batch_size: int, target=None):
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer))):
+            raise RSPError(f"target must be one class (an int) for every picture, or None, not {target!r}")
         self.spec, self.explainer, self.device, self.target = spec, explainer, device, target
         self.batch_size = positive_int(batch_size, "batch size")
         p = next(spec.model.parameters(), None)  # pictures reach the model in its own dtype (float64, half, ...)

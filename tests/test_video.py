@@ -188,6 +188,10 @@ def test_explain_frames_from_any_source(spec):
         list(explain_frames(spec, [frames[0], frames[0][:0]]))
     with pytest.raises(RSPError, match="batch size must be an int of at least 1, not 2.5"):
         explain_frames(spec, frames, batch_size=2.5)  # at the call, before any frame is read
+    with pytest.raises(RSPError, match="target must be one class"):
+        explain_frames(spec, frames, target=[1, 2])
+    with pytest.raises(RSPError, match="built for another model"):
+        explain_frames(spec, frames, explainer=rsp_fast.RSP(tiny_cnn()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
