@@ -103,7 +103,6 @@ def _summary(report: dict) -> str:
 def cmd_video(args) -> None:
     from .video import explain_video
 
-    checked_output_file(args.output, "output video", [("input video", args.input)])
     report_path = _report_path(args, None, [("input video", args.input), ("output video", args.output)])
     report = explain_video(_spec(args), args.input, args.output, **_video_kwargs(args))
     if report_path:
