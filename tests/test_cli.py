@@ -295,3 +295,13 @@ def test_a_png_that_cannot_be_written_is_named_and_leaves_nothing(tmp_path, monk
     with pytest.raises(RSPError, match=r"cannot write '.*map.png': No space left on device"):
         save_png(tmp_path / "map.png", np.zeros((4, 4, 3), np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_module_does_not_import_torch():
+    """torch is imported inside main(), where a Ctrl-C during its import stops cleanly: the
+    package loads its torch-based names on first use."""
+    code = "import sys, rsp_fast.cli; assert 'torch' not in sys.modules; import rsp_fast; rsp_fast.RSP, rsp_fast.memory"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
+        rsp_fast.nosuch
