@@ -17,7 +17,7 @@ if [ ! -x "$PY" ]; then
 fi
 
 want="$(cat pyproject.toml setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$PY" -c "import rsp_fast._C" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$PY" -c "import torch, rsp_fast._C" 2>/dev/null; then
   echo "[bootstrap] .venv is up to date"
   exit 0
 fi
@@ -34,6 +34,6 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 echo "[bootstrap] building and installing rsp_fast (compiles rsp_fast._C)"
 "$PY" -m pip install --quiet --no-build-isolation -e ".[dev,video,eval]"
-"$PY" -c "import rsp_fast._C"
+"$PY" -c "import torch, rsp_fast._C"  # the extension links against the libraries torch loads
 echo "$want" > "$STAMP"
 echo "[bootstrap] done: $("$PY" -c 'import rsp_fast, torch; print("rsp_fast", rsp_fast.__version__, "torch", torch.__version__, rsp_fast.backends())')"
