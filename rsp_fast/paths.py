@@ -1,9 +1,9 @@
 """The files a run reads and writes, checked before any work: a run that cannot read its input
 or write its output should say so at once, naming the path, not after every frame was
-explained. Outputs are
-written to a temporary file renamed into place, which would replace whatever the name held:
-so a name that is a folder, a device, a pipe or one of the run's inputs is refused, and a
-symbolic link is followed (its target gets the new file, the link stays)."""
+explained. Outputs are written to a temporary file renamed into place, which would replace
+whatever the name held: so a name that is a folder, a device, a pipe or one of the run's
+inputs is refused, and a symbolic link is followed (its target gets the new file, the link
+stays)."""
 from __future__ import annotations
 
 import os
@@ -26,9 +26,7 @@ def checked_output_file(path: str | Path, what: str, inputs=()) -> Path:
     """The file to write ``what`` (e.g. "output video") to, or an RSPError naming why it cannot
     be. ``inputs``: the run's other files as (what it is, path) pairs, e.g. ("input video", src),
     which the output must not replace."""
-    text = str(path)
-    if not text.strip():
-        raise RSPError(f"{what}: the path is empty")
+    text = _given(path, what)
     if text.endswith(("/", os.sep)) or Path(text).is_dir():
         raise RSPError(f"{what} {text!r} is a folder: give a file name inside it")
     target = Path(os.path.realpath(text))  # a link's target is what gets replaced
@@ -43,14 +41,19 @@ def checked_output_file(path: str | Path, what: str, inputs=()) -> Path:
 
 def checked_output_folder(path: str | Path, what: str = "output folder") -> Path:
     """The folder to write files into (created later, when there is something to write)."""
-    text = str(path)
-    if not text.strip():
-        raise RSPError(f"{what}: the path is empty")
+    text = _given(path, what)
     folder = Path(text)
     if folder.exists() and not folder.is_dir():
         raise RSPError(f"{what} {text!r} is a file")
     _check_folder_writable(folder, what, text)
     return folder
+
+
+def _given(path: str | Path, what: str) -> str:
+    text = str(path)
+    if not text.strip():
+        raise RSPError(f"{what}: the path is empty")
+    return text
 
 
 def _check_folder_writable(folder: Path, what: str, text: str) -> None:
