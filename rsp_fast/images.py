@@ -20,18 +20,40 @@ def read_image(path: str | Path) -> np.ndarray:
     """Any image PIL reads (grey, palette, alpha, 16-bit and float grey included) as H×W×3
     uint8 RGB, upright: a photo's EXIF orientation (a phone held sideways) is applied, as
     viewers do."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
 
     path = Path(path)
-    check_readable(path, "image")
     try:
-        with Image.open(path) as stored:
+        with _open_still(path) as stored:
             im = ImageOps.exif_transpose(stored)
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):
                 return _grey_to_rgb8(np.asarray(im), im.mode)
             return np.asarray(im.convert("RGB"))
+    except OSError as exc:  # pixels that fail to decode past a good header
+        raise RSPError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+ANIMATION_FORMATS = ("GIF", "PNG", "WEBP")
+
+
+def _open_still(path: Path):
+    """The opened image (a context manager), refused with a message naming the file when it
+    does not open or is an animation (a GIF, PNG or WebP of several frames: its first frame
+    alone would be explained without a word; the video command reads every frame). A JPEG's
+    or TIFF's further pictures (a phone photo's gain map, a pyramid's levels) are not frames."""
+    from PIL import Image, UnidentifiedImageError
+
+    check_readable(path, "image")
+    try:
+        im = Image.open(path)
     except (UnidentifiedImageError, OSError) as exc:
         raise RSPError(f"cannot read image {str(path)!r}: {exc}") from None
+    if im.format in ANIMATION_FORMATS and getattr(im, "is_animated", False):
+        frames = getattr(im, "n_frames", "several")
+        im.close()
+        raise RSPError(f"image {str(path)!r} is animated ({frames} frames): explain its frames with "
+                       f"`rsp-fast video {path} -o OUTPUT.mp4`")
+    return im
 
 
 def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
@@ -39,7 +61,7 @@ def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
     checked to open as an image (its header: pixels are read when its batch comes, so a folder
     of any size fits in memory). Names are the file stems, made unique (``cat``, ``cat-2``) so
     no output overwrites another."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     files: list[Path] = []
     for p in map(Path, paths):
@@ -52,12 +74,7 @@ def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
             files.append(p)
     named, names = [], _FileNames()
     for f in files:
-        check_readable(f, "image")
-        try:
-            with Image.open(f):
-                pass
-        except (UnidentifiedImageError, OSError) as exc:
-            raise RSPError(f"cannot read image {str(f)!r}: {exc}") from None
+        _open_still(f).close()
         named.append((names.unique(f.stem), f))
     return named
 

@@ -96,6 +96,28 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path, orientation
     assert white.shape == shape and white[block].all() and white.sum() == white[block].size
 
 
+@pytest.mark.parametrize("suffix", ["gif", "png", "webp"])
+def test_animations_are_refused_by_name_and_single_frames_read(tmp_path, suffix):
+    """An animated GIF, PNG or WebP was explained as its first frame without a word; the error
+    names the file and the command that reads every frame. One frame of the same formats, and a
+    TIFF of two pages (a pyramid's levels are not frames), still read as pictures."""
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 255, (30, 40, 3), dtype=np.uint8) for _ in range(3)]
+    frames = lambda: [Image.fromarray(p) for p in pixels]  # fresh ones: a save leaves its options on an image
+    moving = tmp_path / f"moving.{suffix}"
+    frames()[0].save(moving, save_all=True, append_images=frames()[1:], duration=100, loop=0)
+    with pytest.raises(rsp_fast.RSPError, match=rf"image '.*moving.{suffix}' is animated \(3 frames\).*rsp-fast video"):
+        read_image(moving)
+    with pytest.raises(rsp_fast.RSPError, match="is animated"):
+        from rsp_fast.images import image_files
+        image_files([tmp_path])
+    still = tmp_path / f"still.{suffix}"
+    frames()[1].save(still)
+    pages = tmp_path / "pages.tif"
+    frames()[0].save(pages, save_all=True, append_images=frames()[1:2])
+    assert read_image(still).shape == (30, 40, 3) and read_image(pages).shape == (30, 40, 3)
+
+
 def test_folders_stand_for_their_images_and_names_stay_unique(tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
@@ -187,6 +209,7 @@ def test_image_demo_photos_are_recognised(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["image", "missing.png", "-o", "x"], "image 'missing.png' does not exist"),
     (["image", "{notimage}", "-o", "x"], "cannot read image"),
+    (["image", "{gif}", "-o", "x"], "is animated (2 frames)"),
     (["image", "{png}", "-o", "x", "--model", "alexnet"], "unknown model 'alexnet'"),
     (["image", "{png}", "-o", "x", "--model", "vgg16"], "vgg16 needs --weights"),
     (["image", "{png}", "-o", "x", "--model", "vgg16", "--weights", "{badweights}"], "do not match VGG"),
@@ -207,7 +230,10 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     badweights = tmp_path / "w.pt"
     torch.save({"features.0.weight": torch.zeros(2, 2)}, badweights)
     (tmp_path / "empty").mkdir()
-    fill = {"notimage": notimage, "png": _png(tmp_path / "p.png"), "badweights": badweights, "empty": tmp_path / "empty"}
+    gif = tmp_path / "moving.gif"
+    Image.new("RGB", (8, 8), "red").save(gif, save_all=True, append_images=[Image.new("RGB", (8, 8), "blue")])
+    fill = {"notimage": notimage, "png": _png(tmp_path / "p.png"), "badweights": badweights, "empty": tmp_path / "empty",
+            "gif": gif}
     argv = [a.format(**fill) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", *argv], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
