@@ -41,7 +41,7 @@ import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
 from rsp_fast.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 from rsp_fast.ops import dispatch  # noqa: E402
-from rsp_fast.rules import conv as conv_rule  # noqa: E402
+from rsp_fast.rules import conv as conv_rule, conv_paths  # noqa: E402
 
 
 def recorded_layers(model, layer: str, x: torch.Tensor, precision: str = "fp32") -> list[tuple]:
@@ -84,8 +84,8 @@ def layer(x, R, g) -> Layer:
     L = R.shape[-2] * R.shape[-1]
     return Layer(N, O, L, C // g.groups * k2, O // g.groups, int(torch.count_nonzero(R)) / N,
                  g.groups == 1 and g.is_pointwise and not any(g.pad),
-                 conv_rule.pixel_gram_macs(g, C // g.groups, x.shape[-2:], L),
-                 conv_rule.masked_channels(C, x.element_size()) * k2)
+                 conv_paths.pixel_gram_macs(g, C // g.groups, x.shape[-2:], L),
+                 conv_paths.masked_channels(C, x.element_size()) * k2)
 
 
 def timed_paths(ctx, x, R, g, non_negative, paths, repeats: int) -> dict[str, float]:
@@ -100,9 +100,9 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     row = {"input": list(x.shape[1:]), "out_channels": t.O, "kernel": list(g.kernel), "stride": list(g.stride),
            "nonzero": t.nonzeros / (t.O * t.L)}
     if g.groups == 1:
-        library = conv_rule.choose_path(t.ck, t.O, t.L, t.pointwise, pixel_gram=t.pixel_gram)
+        library = conv_paths.choose_path(t.ck, t.O, t.L, t.pointwise, pixel_gram=t.pixel_gram)
         compiled = "masked"
-        chosen = conv_rule.choose_path(t.ck, t.O, t.L, t.pointwise, nonzeros=t.nonzeros, masked_ck=t.masked_ck,
+        chosen = conv_paths.choose_path(t.ck, t.O, t.L, t.pointwise, nonzeros=t.nonzeros, masked_ck=t.masked_ck,
                                        pixel_gram=t.pixel_gram, fused_pointwise=t.pointwise)
     else:
         library, compiled, chosen = "conv", "depthwise", "depthwise"
@@ -111,7 +111,7 @@ def compare(ctx, x, R, g, non_negative, repeats: int) -> dict:
     row.update(library_path=library, library_ms=ms[library], compiled_path=compiled, compiled_ms=ms[compiled],
                pointwise_ms=ms.get("pointwise"), chosen=chosen, speedup=ms[library] / ms.get(chosen, ms[library]))
     if g.groups == 1:
-        dense_macs = min(6 * t.O * t.ck * t.L, conv_rule.gram_macs(t.ck, t.O, t.L, t.pixel_gram))
+        dense_macs = min(6 * t.O * t.ck * t.L, conv_paths.gram_macs(t.ck, t.O, t.L, t.pixel_gram))
         row["slowdown_per_mac"] = dense_macs / (3 * max(t.nonzeros, 1) * t.masked_ck) * ms[compiled] / ms[library]
     return row
 
@@ -121,19 +121,19 @@ def every_path(ctx, x, R, g, non_negative, repeats: int) -> dict:
     multiply-adds per sample as ``choose_path`` counts them (per group, times the groups): the
     data the cost model's weights are fitted to."""
     t, G = layer(x, R, g), g.groups
-    tiles = -(-t.L // conv_rule.POINTWISE_TILE) * conv_rule.POINTWISE_TILE
+    tiles = -(-t.L // conv_paths.POINTWISE_TILE) * conv_paths.POINTWISE_TILE
     dense = 6 * t.O * t.ck * t.L
-    macs = {"gram": G * conv_rule.gram_macs(t.ck, t.o, t.L, t.pixel_gram)}
+    macs = {"gram": G * conv_paths.gram_macs(t.ck, t.o, t.L, t.pixel_gram)}
     if G == 1:
         macs["masked"] = 3 * t.nonzeros * t.masked_ck
     macs.update({"filter": dense, "pointwise": 6 * t.O * t.ck * tiles} if t.pointwise else {"conv": dense})
     if macs["gram"] > 4 * dense:  # far out of the running, and its L×L matrices may not fit in memory
         del macs["gram"]
     ms = timed_paths(ctx, x, R, g, non_negative, macs, repeats)
-    chosen = conv_rule.choose_path(t.ck, t.o, t.L, t.pointwise, nonzeros=t.nonzeros if G == 1 else None,
+    chosen = conv_paths.choose_path(t.ck, t.o, t.L, t.pointwise, nonzeros=t.nonzeros if G == 1 else None,
                                    masked_ck=t.masked_ck, pixel_gram=t.pixel_gram, fused_pointwise=t.pointwise,
                                    grouped=G > 1,
-                                   torch_speedup=conv_rule.torch_products_speedup(x.is_cuda, ctx.product_dtype or x.dtype))
+                                   torch_speedup=conv_paths.torch_products_speedup(x.is_cuda, ctx.product_dtype or x.dtype))
     return {"input": list(x.shape[1:]), "out_channels": t.O, "groups": G, "kernel": list(g.kernel),
             "stride": list(g.stride), "nonzero": t.nonzeros / (t.O * t.L), "chosen": chosen, "macs": macs, "ms": ms}
 
@@ -162,16 +162,16 @@ def ablation(names: list[str], batch: int, size: int, repeats: int, photos: bool
 
         def run(kernels, weights):
             def call():
-                fitted = {k: getattr(conv_rule, k) for k in weights}
+                fitted = {k: getattr(conv_paths, k) for k in weights}
                 dispatch.SETS["cpp"] = kernels
                 for k, v in weights.items():
-                    setattr(conv_rule, k, v)
+                    setattr(conv_paths, k, v)
                 try:
                     return explainer.attribute(x)
                 finally:
                     dispatch.SETS["cpp"] = full
                     for k, v in fitted.items():
-                        setattr(conv_rule, k, v)
+                        setattr(conv_paths, k, v)
             return call
 
         calls = {"forward": lambda: model(x)}

@@ -22,8 +22,9 @@ from .graph.plan import build_plan
 from .graph.trace import UntraceableModelError, eval_mode, unwrap
 from .ops.custom import pointwise_kernel_built
 from .propagate import record_forward
-from .rules.conv import (Conv, choose_path, cuda_gram_slowdown, gram_macs, image_shape, implicit_gemm_fits,
-                         on_tensor_cores, pixel_gram_macs, runnable_dense_path, tap_sums_pay)
+from .rules.conv import Conv, image_shape
+from .rules.conv_paths import (choose_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits, on_tensor_cores,
+                               pixel_gram_macs, runnable_dense_path, tap_sums_pay)
 from .rules.conv3d import Conv3d
 from .rules.linear import Linear
 

@@ -55,7 +55,7 @@ import os, sys, torch, torchvision
 sys.path.insert(0, "benchmarks")
 from utils import time_call
 import rsp_fast
-from rsp_fast.rules import conv
+from rsp_fast.rules import conv_paths
 model = torchvision.models.vgg16().eval().cuda()
 x = torch.randn(64, 3, 224, 224, device="cuda")
 best = {}
@@ -63,24 +63,24 @@ for autotune in (False, True) if os.environ.get("PATHS_AUTOTUNE") else (False,):
     torch.backends.cudnn.benchmark = autotune
     for precision in ("tf32", "bf16"):
         explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
-        for path in conv.CUDA_DENSE_PATHS:
-            conv.CUDA_DENSE_PATH = path
+        for path in conv_paths.CUDA_DENSE_PATHS:
+            conv_paths.CUDA_DENSE_PATH = path
             t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
             print(f"VGG16 batch 64 {precision} dense path {path} cudnn.benchmark={autotune}: {64 / t:.1f} img/s")
             if not autotune:
                 best.setdefault(precision, {})[path] = t
-        conv.CUDA_DENSE_PATH = None
+        conv_paths.CUDA_DENSE_PATH = None
 torch.backends.cudnn.benchmark = False
 for precision, times in best.items():
-    print("BEST", precision, min(times, key=times.get), "default:", conv.cuda_dense_path(True))
-default_choice = conv.tap_sums_pay  # the Gram path's layers through their pixels' Gram matrix, or through their patches
+    print("BEST", precision, min(times, key=times.get), "default:", conv_paths.cuda_dense_path(True))
+default_choice = conv_paths.tap_sums_pay  # the Gram path's layers through their pixels' Gram matrix, or through their patches
 for precision in ("tf32", "bf16"):
     explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
     for pixel in (True, False):
-        conv.tap_sums_pay = lambda *args: pixel
+        conv_paths.tap_sums_pay = lambda *args: pixel
         t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
         print(f"VGG16 batch 64 {precision} default dense path, pixel Gram {'on' if pixel else 'off'}: {64 / t:.1f} img/s")
-conv.tap_sums_pay = default_choice
+conv_paths.tap_sums_pay = default_choice
 PY
 }
 
@@ -90,19 +90,19 @@ import os, sys, torch, torchvision
 sys.path.insert(0, "benchmarks")
 from utils import time_call
 import rsp_fast
-from rsp_fast.rules import conv
+from rsp_fast.rules import conv_paths
 x = torch.randn(64, 3, 224, 224, device="cuda")
 for name in os.environ.get("GRAM_MODELS", "vgg16 resnet50").split():
     model = getattr(torchvision.models, name)().eval().cuda()
     for precision in os.environ.get("GRAM_PRECISIONS", "tf32 bf16").split():
         explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
         for implicit in os.environ.get("GRAM_IMPLICIT", "0").split():  # 1: the Gram path on implicit GEMMs too
-            conv.CUDA_IMPLICIT_GRAM = implicit == "1"
+            conv_paths.CUDA_IMPLICIT_GRAM = implicit == "1"
             for slowdown in map(float, os.environ.get("GRAM_SLOWDOWNS", "1 2 4 inf").split()):
-                weight = conv.cuda_gram_slowdown
-                conv.cuda_gram_slowdown = lambda dtype: slowdown  # for every precision, either Gram path
+                weight = conv_paths.cuda_gram_slowdown
+                conv_paths.cuda_gram_slowdown = lambda dtype: slowdown  # for every precision, either Gram path
                 t = time_call(lambda: explainer.attribute(x), "cuda", repeats=3, warmup=1)["median"]
-                conv.cuda_gram_slowdown = weight
+                conv_paths.cuda_gram_slowdown = weight
                 print(f"{name} batch 64 {precision} {'implicit ' if implicit == '1' else ''}Gram path counted at "
                       f"{slowdown}x: {64 / t:.1f} img/s")
 PY

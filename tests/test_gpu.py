@@ -9,6 +9,7 @@ import rsp_fast
 from conftest import GOLDEN_FILES, load_golden, rel_err
 from models import golden_model
 from rsp_fast.rules import conv as conv_rule
+from rsp_fast.rules import conv_paths
 
 pytestmark = pytest.mark.cuda
 GPU_BACKENDS = ["torch", "cuda", "triton", "auto"]
@@ -36,13 +37,13 @@ def test_gpu_float64_matches_cpu(backend, name, size):
     assert rel_err(got.cpu(), expected) < 1e-9
 
 
-@pytest.mark.parametrize("path", conv_rule.CUDA_DENSE_PATHS)
+@pytest.mark.parametrize("path", conv_paths.CUDA_DENSE_PATHS)
 @pytest.mark.parametrize("name", ["vgg16", "resnext50_32x4d"])
 def test_every_cuda_dense_path_matches_cpu(path, name, monkeypatch):
     """Each way dense layers can run on CUDA (grouped convs folded over the samples, batched GEMMs,
     per-sample convs), ResNeXt's grouped 3×3 convs too: float64 equals the CPU result, bf16 stays
     close to it."""
-    monkeypatch.setattr(conv_rule, "CUDA_DENSE_PATH", path)
+    monkeypatch.setattr(conv_paths, "CUDA_DENSE_PATH", path)
     model = _net(name)
     x = torch.randn(3, 3, 48, 48)
     exact = rsp_fast.RSP(model.double(), backend="torch").attribute(x.double())

@@ -10,7 +10,7 @@ from torch import nn
 
 import rsp_fast
 from rsp_fast.ops import custom, dispatch
-from rsp_fast.rules import conv as conv_rule
+from rsp_fast.rules import conv_paths
 from test_depthwise import small_mobilenet
 
 pytestmark = pytest.mark.skipif(dispatch._availability("cpp", torch.device("cpu")) != "",
@@ -23,19 +23,19 @@ def test_choose_path_weighs_the_masked_kernels_against_the_pointwise_kernel():
     # EfficientNet-Lite0's expansion at 112×112, 16 channels in, 59 % of R non-zero: the masked
     # kernels' cost per non-zero outweighs their fewer multiply-adds (measured 35 against 11 ms)
     o, L = 96, 112 * 112
-    assert conv_rule.choose_path(16, o, L, nonzeros=0.59 * o * L, masked_ck=16, **FUSED) == "pointwise"
+    assert conv_paths.choose_path(16, o, L, nonzeros=0.59 * o * L, masked_ck=16, **FUSED) == "pointwise"
     # bfloat16 products on a CPU with bfloat16 units, where the fused kernel (float32) is not offered:
     # the filter path's GEMMs (2.3 against 2.6 ms per image masked at 30 % non-zero)
-    assert conv_rule.choose_path(16, o, L, nonzeros=0.3 * o * L, masked_ck=16, dense_pointwise=True,
+    assert conv_paths.choose_path(16, o, L, nonzeros=0.3 * o * L, masked_ck=16, dense_pointwise=True,
                                  torch_speedup=2.0) == "filter"
     # its expansion at 14×14, 112 channels in, a quarter of R non-zero: masked (3.5 against 10 ms)
     o, L = 672, 14 * 14
-    assert conv_rule.choose_path(112, o, L, nonzeros=0.24 * o * L, masked_ck=112, **FUSED) == "masked"
-    assert conv_rule.choose_path(112, o, L, **FUSED) == "pointwise"  # no masked kernel
-    assert conv_rule.choose_path(1152, 192, 7 * 7, **FUSED) == "gram"  # few positions: the Gram path
+    assert conv_paths.choose_path(112, o, L, nonzeros=0.24 * o * L, masked_ck=112, **FUSED) == "masked"
+    assert conv_paths.choose_path(112, o, L, **FUSED) == "pointwise"  # no masked kernel
+    assert conv_paths.choose_path(1152, 192, 7 * 7, **FUSED) == "gram"  # few positions: the Gram path
     # the fused kernel pads the positions to whole tiles of 32: 25 positions cost 32
-    assert conv_rule.choose_path(24, 20, 5 * 5, dense_pointwise=True) == "filter"
-    assert conv_rule.choose_path(24, 20, 5 * 5, **FUSED) == "gram"
+    assert conv_paths.choose_path(24, 20, 5 * 5, dense_pointwise=True) == "filter"
+    assert conv_paths.choose_path(24, 20, 5 * 5, **FUSED) == "gram"
 
 
 def test_bfloat16_gemms_take_the_1x1_layers_they_outrun_the_float32_kernel_on():
@@ -43,12 +43,12 @@ def test_bfloat16_gemms_take_the_1x1_layers_they_outrun_the_float32_kernel_on():
     against the fused float32 kernel, their passes over the o·L responses counted."""
     bf16 = dict(FUSED, torch_speedup=2.0)
     # ResNet50's 256→64 at 56²: bfloat16 GEMMs 1.45 against the kernel's 2.4 ms per image
-    assert conv_rule.choose_path(256, 64, 56 * 56, **bf16) == "filter"
-    assert conv_rule.choose_path(256, 64, 56 * 56, **FUSED) == "pointwise"  # float32
+    assert conv_paths.choose_path(256, 64, 56 * 56, **bf16) == "filter"
+    assert conv_paths.choose_path(256, 64, 56 * 56, **FUSED) == "pointwise"  # float32
     # EfficientNet-Lite0's 16→96 at 112²: few channels, the kernel still wins (1.3 against 2.3 ms)
-    assert conv_rule.choose_path(16, 96, 112 * 112, **bf16) == "pointwise"
-    assert conv_rule.torch_products_speedup(True, torch.bfloat16) == 1.0  # CUDA: weighed elsewhere
-    assert conv_rule.torch_products_speedup(False, torch.float32) == 1.0
+    assert conv_paths.choose_path(16, 96, 112 * 112, **bf16) == "pointwise"
+    assert conv_paths.torch_products_speedup(True, torch.bfloat16) == 1.0  # CUDA: weighed elsewhere
+    assert conv_paths.torch_products_speedup(False, torch.float32) == 1.0
 
 
 def test_rsp_with_fused_pointwise_products_equals_the_reference(monkeypatch):

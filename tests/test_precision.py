@@ -42,7 +42,7 @@ def test_bf16_on_cpu_keeps_the_compiled_float32_kernels(monkeypatch):
     """precision="bf16" on CPU: the fused kernels (float32) still take the layers they win, so a
     depthwise conv runs fused, not on PyTorch's bfloat16 convolutions; the map agrees with fp32."""
     from rsp_fast.ops import dispatch
-    from rsp_fast.rules import conv as conv_rule
+    from rsp_fast.rules import conv_paths
 
     if dispatch._availability("cpp", torch.device("cpu")) != "":
         pytest.skip("rsp_fast._C is not built")
@@ -52,8 +52,8 @@ def test_bf16_on_cpu_keeps_the_compiled_float32_kernels(monkeypatch):
         torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(), torch.nn.Linear(24, 5)).eval()
     x = torch.randn(2, 3, 24, 24)
-    taken, choose = [], conv_rule.choose_path
-    monkeypatch.setattr(conv_rule, "choose_path", lambda *a, **k: taken.append(choose(*a, **k)) or taken[-1])
+    taken, choose = [], conv_paths.choose_path
+    monkeypatch.setattr(conv_paths, "choose_path", lambda *a, **k: taken.append(choose(*a, **k)) or taken[-1])
     low = rsp_fast.RSP(model, layer="5", precision="bf16", backend="cpp").attribute(x, target=1)
     full = rsp_fast.RSP(model, layer="5", precision="fp32", backend="cpp").attribute(x, target=1)
     # only the 1×1 conv asks the cost model, in each pass: the depthwise one goes to the fused kernel

@@ -12,8 +12,9 @@ from rsp_fast.kernels.reference import purge_reference, sectional_normalize_refe
 from rsp_fast.kernels.triton import triton_unavailable_reason
 from rsp_fast.ops.dispatch import TORCH
 from rsp_fast.rules.base import Context
-from rsp_fast.rules.conv import choose_path, conv_geometry, first_conv_relevance, inner_conv_relevance
-from rsp_fast.rules import conv as conv_rule
+from rsp_fast.rules.conv import conv_geometry, first_conv_relevance, inner_conv_relevance
+from rsp_fast.rules.conv_paths import choose_path
+from rsp_fast.rules import conv_paths
 from rsp_fast.rules.linear import inner_linear_relevance
 from conftest import rel_err
 from reference_rules import conv_rsp_one_sample, first_conv_one_sample, linear_rsp_loop, relative_gam_numpy
@@ -63,7 +64,7 @@ def test_fused_triton_product_matches_the_reference_path(path, stride):
     assert rel_err(fused, inner_conv_relevance(CTX, x, R, conv_geometry(conv, (9, 7)), path=path)) < 1e-12
 
 
-@pytest.mark.parametrize("path", [*conv_rule.CUDA_DENSE_PATHS, "gram"])
+@pytest.mark.parametrize("path", [*conv_paths.CUDA_DENSE_PATHS, "gram"])
 @pytest.mark.parametrize("groups,stride", [(1, 2), (2, 2), (1, 1)])  # stride 1: the Gram path via the pixels
 def test_dense_paths_track_dropped_relevance_like_the_reference_path(path, groups, stride):
     """Each of the CUDA dense paths (they run on CPU too) and the Gram path with the
@@ -107,21 +108,21 @@ def test_gram_path_weighed_against_the_implicit_gemms_only_where_they_run():
     assert choose_path(*conv4, **tc) == "gram"  # unweighed
     assert choose_path(*conv5, **tc, gram_slowdown=float("inf")) == "implicit_gemm"
     # 16-bit products never take the Gram path where the implicit GEMMs run, TF32 ones counted at 4×
-    assert conv_rule.cuda_gram_slowdown(torch.bfloat16) == float("inf")
-    assert conv_rule.cuda_gram_slowdown(torch.float32) == 4.0
-    assert conv_rule.cuda_gram_slowdown(torch.float64) == 1.0
+    assert conv_paths.cuda_gram_slowdown(torch.bfloat16) == float("inf")
+    assert conv_paths.cuda_gram_slowdown(torch.float32) == 4.0
+    assert conv_paths.cuda_gram_slowdown(torch.float64) == 1.0
 
 
 def test_gram_path_on_implicit_gemms_only_when_enabled_and_runnable(monkeypatch):
-    assert conv_rule.cuda_gram_path(True, True) == "gram"  # opt-in
-    monkeypatch.setattr(conv_rule, "CUDA_IMPLICIT_GRAM", True)
-    assert conv_rule.cuda_gram_path(True, True) == "implicit_gram"
-    assert conv_rule.cuda_gram_path(False, True) == "gram"  # CPU
-    assert conv_rule.cuda_gram_path(True, False) == "gram"  # strided, grouped, tracking, no Triton
-    assert conv_rule.cuda_gram_slowdown(torch.bfloat16) == 1.0  # both on implicit GEMMs: multiply-adds compare as they are
-    assert conv_rule.runnable_dense_path("implicit_gram", False) == "gram"
-    assert conv_rule.runnable_dense_path("implicit_gemm", False) == "grouped_conv"
-    assert conv_rule.runnable_dense_path("implicit_gram", True) == "implicit_gram"
+    assert conv_paths.cuda_gram_path(True, True) == "gram"  # opt-in
+    monkeypatch.setattr(conv_paths, "CUDA_IMPLICIT_GRAM", True)
+    assert conv_paths.cuda_gram_path(True, True) == "implicit_gram"
+    assert conv_paths.cuda_gram_path(False, True) == "gram"  # CPU
+    assert conv_paths.cuda_gram_path(True, False) == "gram"  # strided, grouped, tracking, no Triton
+    assert conv_paths.cuda_gram_slowdown(torch.bfloat16) == 1.0  # both on implicit GEMMs: multiply-adds compare as they are
+    assert conv_paths.runnable_dense_path("implicit_gram", False) == "gram"
+    assert conv_paths.runnable_dense_path("implicit_gemm", False) == "grouped_conv"
+    assert conv_paths.runnable_dense_path("implicit_gram", True) == "implicit_gram"
 
 
 def test_same_padding_conv_matches_explicit_padding():
@@ -725,7 +726,8 @@ def test_gram_path_uses_the_pixel_gram_for_stride_1_only(monkeypatch):
 def test_pixel_gram_only_where_its_tap_sums_pay():
     """The pixel Gram trades multiply-adds for strided tap sums: not worth it on CUDA with 16-bit
     products (measured), taken on CPU and for 32-bit products."""
-    from rsp_fast.rules.conv import call_geometry, pixel_gram_macs, tap_sums_pay
+    from rsp_fast.rules.conv import call_geometry
+    from rsp_fast.rules.conv_paths import pixel_gram_macs, tap_sums_pay
 
     g = call_geometry(3, padding=1)  # VGG16's conv4 at 28×28: C·P² = 512·900² < ck·L² = 4608·784²
     assert pixel_gram_macs(g, 512, (28, 28), 784) == 512 * 900**2
