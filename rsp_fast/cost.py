@@ -45,7 +45,7 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
     pixel_gram = pixel_gram_macs(g, C // G, (H, W), L, tap_sums_pay(cuda, dtype, implicit_gemm_fits(g)))
     gram = gram_macs(ck, og, L, pixel_gram) * G
     if step.first:
-        path, macs = "z^B", 4 * forward  # the conv and three transposed convs (the constant images' convs are shared)
+        path, macs = "z^B", 4 * forward  # two convs (x − L with W⁺, x − H with W⁻) and two transposed ones
         moved = elem * (4 * C * H * W + 3 * O * L)
     else:
         # a strided unpadded 1×1 conv runs as a stride-1 one on the pixels it reads

@@ -177,6 +177,39 @@ def test_first_conv_fused_kernels_match_the_convolutions(C, O, k, s, p, d, hw, d
     assert torch.equal(first_conv_relevance(tracking, x, R, conv.weight, g, fused=True), expected)  # tracking: the convolutions
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layer", ["conv", "grouped_conv", "linear"])
+def test_first_layer_on_a_blank_picture_gives_nothing_and_drops_everything(layer, dtype):
+    """A blank picture (x = L = H) has Z = 0 at every output: z^B gives it no relevance and drops
+    all of R. Formed as conv(x, W) − L·conv(1, W⁺) − H·conv(1, W⁻), Z was rounding noise that S = R/Z
+    turned into relevance as large as R (and ΣR_in ≠ ΣR − dropped); its terms (x − L)·W⁺ and
+    (x − H)·W⁻ are each ≥ 0, so Z is exact here, and beside it a picture of mostly saturated
+    pixels keeps float32 within rounding of float64."""
+    torch.manual_seed(0)
+    net = {"conv": lambda: nn.Conv2d(3, 8, 3, padding=1), "grouped_conv": lambda: nn.Conv2d(6, 8, 3, padding=1, groups=2),
+           "linear": lambda: nn.Linear(12, 8)}[layer]().double()
+    shape = (3, 12) if layer == "linear" else (3, net.in_channels, 7, 9)
+    x = torch.rand(*shape, dtype=D)
+    x[0] = 0.7  # blank
+    x[1] = x[1].clamp(0.2, 0.8)  # mostly saturated: many pixels at L or H
+    with torch.no_grad():
+        R = torch.randn_like(net(x))
+    tracking = Context(values={}, shapes={}, ops=TORCH, dropped=torch.zeros(3, dtype=dtype))
+    if layer == "linear":
+        from rsp_fast.rules.linear import first_linear_relevance
+        rule = lambda ctx, t: first_linear_relevance(ctx, x.to(t), R.to(t), net.weight.detach().to(t))  # noqa: E731
+    else:
+        g = conv_geometry(net, x.shape[-2:])
+        rule = lambda ctx, t: first_conv_relevance(ctx, x.to(t), R.to(t), net.weight.detach().to(t), g)  # noqa: E731
+    R_in = rule(tracking, dtype)
+    assert torch.equal(R_in[0], torch.zeros_like(R_in[0]))
+    assert torch.isclose(tracking.dropped[0].double(), R[0].sum(), rtol=1e-6)
+    kept = R.flatten(1).sum(1) - tracking.dropped.double()
+    assert torch.allclose(R_in.flatten(1).sum(1).double(), kept, rtol=0, atol=1e-10 if dtype == D else 1e-4)
+    exact = rule(CTX, D)
+    assert rel_err(R_in[1:].double(), exact[1:]) < (1e-12 if dtype == D else 1e-5)
+
+
 def test_inner_linear_matches_loops():
     x = torch.randn(3, 7, dtype=D)
     W = torch.randn(5, 7, dtype=D)

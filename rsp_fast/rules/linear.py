@@ -17,13 +17,13 @@ def first_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
     N = x.shape[0]
     flat = x.reshape(N, -1)
     shape = (N,) + (1,) * (x.dim() - 1)
-    low, high = flat.amin(1).view(shape), flat.amax(1).view(shape)
+    below, above = x - flat.amin(1).view(shape), x - flat.amax(1).view(shape)  # x − L ≥ 0, x − H ≤ 0
     Wp, Wn = W.clamp(min=0), W.clamp(max=0)
-    Z = x @ W.T - low * Wp.sum(1) - high * Wn.sum(1)
+    Z = below @ Wp.T + above @ Wn.T  # every term ≥ 0: no cancellation (rules/conv.py's first_conv_relevance)
     S = safe_div(R, Z)
     if ctx.tracking:
         ctx.drop(per_sample_sum(R * (Z == 0)))
-    return x * (S @ W) - low * (S @ Wp) - high * (S @ Wn)
+    return below * (S @ Wp) + above * (S @ Wn)
 
 
 def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor,
