@@ -31,6 +31,10 @@ inline ConvArgs check_products_args(const char* op, const at::Tensor& x_pos, con
   TORCH_CHECK(a.kh > 0 && a.kw > 0 && a.sh > 0 && a.sw > 0 && a.dh > 0 && a.dw > 0, op,
               ": kernel, stride and dilation must be positive");
   TORCH_CHECK(a.left >= 0 && a.right >= 0 && a.top >= 0 && a.bottom >= 0, op, ": padding must be >= 0");
+  // bounded, so that the sums and products below (and the kernels' tap offsets) cannot overflow
+  constexpr int64_t kMaxArg = (int64_t(1) << 31) - 1;
+  for (const int64_t v : {a.kh, a.kw, a.sh, a.sw, a.dh, a.dw, a.left, a.right, a.top, a.bottom})
+    TORCH_CHECK(v <= kMaxArg, op, ": kernel, stride, dilation and padding must be below 2^31, got ", v);
   a.Hp = a.H + a.top + a.bottom;
   a.Wp = a.W + a.left + a.right;
   TORCH_CHECK(a.Hp >= a.dh * (a.kh - 1) + 1 && a.Wp >= a.dw * (a.kw - 1) + 1 &&

@@ -2,6 +2,7 @@
 // TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda). No pybind: importing rsp_fast._C runs the
 // registrars, and the ops are called as torch.ops.rsp_fast.<op>.
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -36,4 +37,12 @@ TORCH_LIBRARY(rsp_fast, m) {
   // The same three products for a stride-1 1x1 conv (groups = 1), dense, fused a tile of
   // positions at a time: x_pos (N, C, ...) and R (N, O, ...) over the same positions.
   m.def("pointwise_sectional_products(Tensor x_pos, Tensor R) -> Tensor");
+}
+
+// No op has a derivative (RSP's relevance is not differentiated): with inputs that require grad,
+// backward() raises instead of warning and leaving the gradients at None.
+TORCH_LIBRARY_IMPL(rsp_fast, Autograd, m) {
+  for (const char* op : {"sectional_normalize", "sectional_normalize_stacked", "purge", "masked_sectional_products",
+                         "depthwise_sectional_products", "pointwise_sectional_products"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }

@@ -146,6 +146,39 @@ def test_kernel_rejects_bad_arguments(kernel):
         kernel.op(x, R, k, s, d, (-1, 1, 1, 1))
 
 
+@pytest.mark.parametrize("kernel", CONV_KERNELS, ids=case_id)
+def test_kernel_refuses_geometry_that_would_overflow(kernel):
+    """Padding, kernel or dilation near 2⁶³ wrapped the checks' int64 sums: the padded height came
+    out small enough to "match" R, then the kernels wrote out of bounds (heap corruption, a
+    segfault) or read outside their buffer. Each argument is now bounded first."""
+    x, R = torch.rand(1, 2, 5, 5, dtype=torch.float64), torch.randn(1, 2, 3, 5, dtype=torch.float64)
+    for k, d, p in [((1, 1), (1, 1), (0, 0, 2**63 - 1, 2**63 - 1)), ((2**62 + 1, 4), (4, 1), (0, 0, 0, 0))]:
+        with pytest.raises(RuntimeError, match="must be below 2\\^31"):
+            kernel.op(x, R, k, (1, 1), d, p)
+
+
+@pytest.mark.parametrize("kernel", CONV_KERNELS, ids=case_id)
+@pytest.mark.parametrize("empty", ["samples", "channels"])
+def test_kernel_on_empty_inputs_gives_an_empty_result(kernel, empty):
+    """No samples, or no channels (the masked kernel divided by its zero-byte rows: SIGFPE)."""
+    N, C = (0, 4) if empty == "samples" else (2, 0)
+    O = 4 if kernel.name.startswith("masked") else C
+    x, R = torch.rand(N, C, 5, 5, dtype=torch.float64), torch.randn(N, O, 5, 5, dtype=torch.float64)
+    out = kernel.op(x, R, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+
+
+def test_depthwise_kernel_memory_does_not_grow_with_a_stride_past_the_plane():
+    """One output position per row and column reads the same taps at any stride past the padded
+    plane; the kernel's phase planes took stride² memory (stride 10⁵: bad_alloc; 2³¹: a 30 s loop)."""
+    x, R = torch.rand(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 3, 1, 1, dtype=torch.float64)
+    expected = custom.depthwise_sectional_products(x, R, (3, 3), (5, 5), (1, 1), (0, 0, 0, 0))
+    for stride in (10**5, 2**31 - 1):
+        got = custom.depthwise_sectional_products(x, R, (3, 3), (stride, stride), (1, 1), (0, 0, 0, 0))
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(expected, depthwise_products_reference(x, R, (3, 3), (5, 5), (1, 1), (0, 0, 0, 0)))
+
+
 def test_depthwise_kernel_needs_whole_channel_multipliers():
     x, R, k, s, d, p = conv_products_case(*DEPTHWISE[0])
     with pytest.raises(RuntimeError, match="not a multiple of"):

@@ -272,12 +272,16 @@ at::Tensor depthwise_sectional_products_cpu(const at::Tensor& x_pos, const at::T
                                             at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding) {
   const ConvArgs a = check_products_args("depthwise_sectional_products", x_pos, R, kernel, stride, dilation, padding);
   const int64_t N = a.N, C = a.C;
-  TORCH_CHECK(C > 0 && a.O % C == 0, "depthwise_sectional_products: ", a.O, " output channels are not a multiple of ",
-              C, " input channels");
+  TORCH_CHECK(C > 0 ? a.O % C == 0 : a.O == 0, "depthwise_sectional_products: ", a.O,
+              " output channels are not a multiple of ", C, " input channels");
   TORCH_CHECK(a.kh * a.kw <= kMaxTaps, "depthwise_sectional_products: kernels up to ", kMaxTaps, " taps, not ", a.kh,
               "x", a.kw);
-  const Geometry g{a.H, a.W, a.top, a.left, a.Hp, a.Wp, a.h, a.w, a.kh, a.kw, a.sh, a.sw, a.dh, a.dw, a.O / C};
-  at::Tensor out = at::empty({N, C, g.H, g.W}, x_pos.options());
+  // one output row (column) reads the same taps at any stride past the padded plane: capped
+  // there, since the phase planes take stride² memory
+  const int64_t sh = a.h == 1 ? std::min(a.sh, a.Hp) : a.sh, sw = a.w == 1 ? std::min(a.sw, a.Wp) : a.sw;
+  at::Tensor out = at::empty({N, C, a.H, a.W}, x_pos.options());
+  if (N == 0 || C == 0) return out;
+  const Geometry g{a.H, a.W, a.top, a.left, a.Hp, a.Wp, a.h, a.w, a.kh, a.kw, sh, sw, a.dh, a.dw, a.O / C};
   AT_DISPATCH_FLOATING_TYPES(x_pos.scalar_type(), "depthwise_sectional_products_cpu", [&] {
     const at::Tensor xin = x_pos.contiguous(), r = R.contiguous();
     const scalar_t* xp = xin.const_data_ptr<scalar_t>();

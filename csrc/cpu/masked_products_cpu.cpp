@@ -402,6 +402,7 @@ at::Tensor masked_sectional_products_cpu(const at::Tensor& x_pos, const at::Tens
   const ConvArgs a = check_products_args("masked_sectional_products", x_pos, R, kernel, stride, dilation, padding);
   const int64_t N = a.N, C = a.C, H = a.H, W = a.W, Hp = a.Hp, Wp = a.Wp;
   at::Tensor out = at::empty({N, C, H, W}, x_pos.options());
+  if (N == 0 || C == 0 || a.O == 0) return out.zero_();  // nothing to gather (and no row to size a strip by)
   AT_DISPATCH_FLOATING_TYPES(x_pos.scalar_type(), "masked_sectional_products_cpu", [&] {
     constexpr int64_t L = kLanes<scalar_t>;
     const int64_t Cp = (C + L - 1) / L * L, plane = Hp * Wp * Cp;
