@@ -140,6 +140,26 @@ def test_rule_on_the_implicit_gemm_path_forms_the_input_and_purges_as_the_others
         torch.testing.assert_close(got.sum((1, 2, 3)), R.sum((1, 2, 3)), rtol=1e-9, atol=1e-9)
 
 
+def test_implicit_gemm_path_reads_a_column_at_its_row_stride():
+    """A one-pixel-wide input (a 1×H row transposed) is "contiguous" to PyTorch whatever its
+    width's stride, which the kernels took as the pixel stride: they read other memory (NaN, or
+    values of 1e251). Its pixels lie at its row stride."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    from rsp_fast.kernels.triton.conv_products import pack_input
+
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 1, 9, dtype=torch.float64).transpose(2, 3)  # (2, 3, 9, 1), strides (27, 9, 1, 9)
+    scale = torch.ones(2, dtype=torch.float64)
+    assert torch.equal(pack_input(x, scale, torch.float64), x.permute(0, 2, 3, 1).contiguous())
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    R = torch.randn(2, 4, 9, 1, dtype=torch.float64)
+    g = conv_geometry(conv, (9, 1))
+    expected = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x.contiguous(), R, g, path="filter")
+    for path in ("implicit_gemm", "implicit_gram"):
+        assert rel_err(inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path=path), expected) < 1e-12
+
+
 def test_rule_on_the_implicit_gemm_path_takes_more_samples_than_a_launch(monkeypatch):
     """Past the samples one launch's grid holds, the rule runs the batch in parts (here 2 samples
     a launch for a 3×3 conv) with the same result, and the kernels refuse a batch that big."""

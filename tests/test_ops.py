@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from rsp_fast.kernels.reference import purge_reference, sectional_normalize_reference, stacked_sections
+from rsp_fast.kernels.triton import triton_unavailable_reason
 from rsp_fast.ops import custom, dispatch
 
 SHAPES = [(1, 3, 7, 9), (5, 17, 13, 13), (5, 64, 1, 1), (2, 17), (1, 1, 1, 1),
@@ -169,6 +170,41 @@ def test_kernels_cuda(name, dtype, case):
         _check_normalize(kernels, "cuda", dtype, shape, case)
 
 
+@pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
+def test_fakes_check_what_the_kernels_check():
+    """torch.compile traces the ops through their fakes: a channels-last dx gave the purge's fake
+    dx's strides where the kernel returns a contiguous tensor (opcheck and compiled calls failed);
+    a meta tensor among CPU ones dispatched to a fake that handed back uninitialised CPU memory;
+    shapes, dtypes and devices the kernels refuse were taken while tracing."""
+    dx, x, total = purge_inputs((2, 3, 4, 6), torch.float64)
+    torch.library.opcheck(torch.ops.rsp_fast.purge.default, (dx.to(memory_format=torch.channels_last), x, total))
+    compiled = torch.compile(custom.purge, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(dx.transpose(2, 3), x.transpose(2, 3), total),
+                               custom.purge(dx.transpose(2, 3).contiguous(), x.transpose(2, 3).contiguous(), total))
+    with pytest.raises(RuntimeError, match="on one device"):
+        custom.purge(dx, x.to("meta"), total)
+    R, Ga, Gb = normalize_inputs((2, 3), torch.float32)
+    with pytest.raises(RuntimeError, match="on one device"):
+        custom.sectional_normalize(R, Ga.to("meta"), Gb)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, R = torch.rand(2, 3, 8, 8), torch.randn(2, 4, 50, 50)
+        with pytest.raises(RuntimeError, match="is not the output of this 3x3 conv"):
+            custom.masked_sectional_products(x, R, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+        with pytest.raises(RuntimeError, match="share one dtype"):
+            custom.purge(torch.rand(2, 3), torch.rand(2, 3), torch.rand(2, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
+def test_ops_refuse_to_be_differentiated():
+    """No op has a derivative: backward() through one raised only a warning and left the
+    gradient at None; now it is an error."""
+    dx, x, total = purge_inputs((2, 3, 4, 4), torch.float64)
+    dx.requires_grad_()
+    with pytest.raises(RuntimeError, match="not implemented"):
+        custom.purge(dx, x, total).sum().backward()
+
+
 @pytest.mark.cuda
 def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.rsp_fast.purge.default, purge_inputs((3, 5, 7, 9), torch.float32, "cuda"))
@@ -203,6 +239,19 @@ def test_sectional_matmul_triton(shape, device, dtype):
     ref = sectional_matmul_reference(A.double(), B.double(), Rs.double(), M // 2)
     torch.testing.assert_close(got.double(), ref, **MATMUL_TOL[dtype])
     assert (got[..., :, 1] == 0).all() and (got[..., :, 0] == 0).all()  # R = 0 and G = 0 give 0
+
+
+def test_sectional_matmul_triton_refuses_batches_that_differ():
+    """S was sized by Rs's batch and the launch by A's: a smaller Rs was written past its end
+    (heap corruption), a B of another batch read past or mixed up silently."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    from rsp_fast.kernels.triton.sectional_matmul import sectional_matmul_triton
+
+    A, B, Rs = torch.rand(4, 6, 5), torch.rand(4, 5, 7), torch.rand(4, 6, 7)
+    for a, b, r in [(A, B, Rs[:1]), (A[:2], B[:3], Rs[:2]), (A[:3], B[:1], Rs[:3])]:
+        with pytest.raises(ValueError, match="do not fit"):
+            sectional_matmul_triton(a, b, r, 3)
 
 
 @pytest.mark.cuda

@@ -63,12 +63,30 @@ def pointwise_sectional_products(x_pos: torch.Tensor, R: torch.Tensor) -> torch.
     return torch.ops.rsp_fast.pointwise_sectional_products.default(x_pos, R)
 
 
+# The fake (meta) implementations give torch.compile each op's output and check what the C++
+# checks (csrc/*_checks.h): a shape, dtype or device the kernel refuses is refused while tracing,
+# and a meta tensor among CPU ones (which dispatches here) is an error, not uninitialised memory.
+def _one_dtype_and_device(op: str, *tensors: torch.Tensor) -> None:
+    first = tensors[0]
+    torch._check(all(t.dtype == first.dtype for t in tensors), lambda: f"{op}: the tensors must share one dtype")
+    torch._check(all(t.device == first.device for t in tensors), lambda: f"{op}: the tensors must be on one device")
+
+
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)  # as the kernels return
+
+
+def _conv_output_size(size: int, before: int, after: int, k: int, s: int, d: int) -> int:
+    return (size + before + after - d * (k - 1) - 1) // s + 1
+
+
 if _has_op("sectional_normalize"):
 
     @torch.library.register_fake("rsp_fast::sectional_normalize")
     def _sectional_normalize_fake(R, Ga, Gb):
         torch._check(R.shape == Ga.shape and R.shape == Gb.shape, lambda: "sectional_normalize: shapes differ")
-        return torch.empty_like(R, memory_format=torch.contiguous_format), torch.empty_like(R, memory_format=torch.contiguous_format)
+        _one_dtype_and_device("sectional_normalize", R, Ga, Gb)
+        return _contiguous_like(R), _contiguous_like(R)
 
 
 if _has_op("sectional_normalize_stacked"):
@@ -77,7 +95,8 @@ if _has_op("sectional_normalize_stacked"):
     def _sectional_normalize_stacked_fake(Rs, Gs, half):
         torch._check(Rs.shape == Gs.shape, lambda: "sectional_normalize_stacked: shapes differ")
         torch._check(Rs.dim() >= 2 and Rs.shape[-2] == 2 * half, lambda: "sectional_normalize_stacked: dim -2 != 2*half")
-        return torch.empty_like(Rs, memory_format=torch.contiguous_format)
+        _one_dtype_and_device("sectional_normalize_stacked", Rs, Gs)
+        return _contiguous_like(Rs)
 
 
 if _has_op("purge"):
@@ -86,14 +105,24 @@ if _has_op("purge"):
     def _purge_fake(dx, x_pos, total):
         torch._check(dx.shape == x_pos.shape, lambda: "purge: dx and x_pos must have the same shape")
         torch._check(total.dim() == 1 and total.shape[0] == dx.shape[0], lambda: "purge: total must be (N,)")
-        return torch.empty_like(dx)
+        _one_dtype_and_device("purge", dx, x_pos, total)
+        return _contiguous_like(dx)
 
 
 def _products_fake(name: str):
     def fake(x_pos, R, kernel, stride, dilation, padding):
         torch._check(x_pos.dim() == 4 and R.dim() == 4 and x_pos.shape[0] == R.shape[0],
                      lambda: f"{name}: x_pos (N, C, H, W) and R (N, O, h, w) expected")
-        return torch.empty_like(x_pos, memory_format=torch.contiguous_format)
+        _one_dtype_and_device(name, x_pos, R)
+        left, right, top, bottom = padding
+        out = (_conv_output_size(x_pos.shape[2], top, bottom, kernel[0], stride[0], dilation[0]),
+               _conv_output_size(x_pos.shape[3], left, right, kernel[1], stride[1], dilation[1]))
+        torch._check(tuple(R.shape[2:]) == out, lambda: f"{name}: R {tuple(R.shape)} is not the output of this "
+                                                        f"{kernel[0]}x{kernel[1]} conv of x_pos {tuple(x_pos.shape)}")
+        if name == "depthwise_sectional_products":
+            torch._check(x_pos.shape[1] > 0 and R.shape[1] % x_pos.shape[1] == 0,
+                         lambda: f"{name}: {R.shape[1]} output channels are not a multiple of {x_pos.shape[1]} input channels")
+        return _contiguous_like(x_pos)
     return fake
 
 
@@ -108,4 +137,5 @@ if _has_op("pointwise_sectional_products"):
     def _pointwise_products_fake(x_pos, R):
         torch._check(x_pos.dim() == R.dim() and x_pos.shape[0] == R.shape[0] and x_pos.shape[2:] == R.shape[2:],
                      lambda: "pointwise_sectional_products: x_pos (N, C, ...) and R (N, O, ...) expected")
-        return torch.empty_like(x_pos, memory_format=torch.contiguous_format)
+        _one_dtype_and_device("pointwise_sectional_products", x_pos, R)
+        return _contiguous_like(x_pos)

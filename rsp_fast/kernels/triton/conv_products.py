@@ -262,14 +262,16 @@ class Combination(NamedTuple):
 
 
 def with_pixel_stride(t: torch.Tensor) -> torch.Tensor:
-    """An (N, C, H, W) tensor whose pixels lie at one stride (NCHW or channels-last): ``t``, or a
-    contiguous copy of it."""
-    return t.contiguous() if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1 else t
+    """An (N, C, H, W) tensor whose pixels lie at one stride (NCHW or channels-last; any strides
+    when H or W is 1): ``t``, or a contiguous copy of it."""
+    one_line = t.shape[2] == 1 or t.shape[3] == 1
+    return t if one_line or t.stride(2) == t.shape[3] * t.stride(3) else t.contiguous()
 
 
 def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """Sample, channel and pixel strides of a ``with_pixel_stride`` tensor."""
-    return t.stride(0), t.stride(1), t.stride(3)
+    """Sample, channel and pixel strides of a ``with_pixel_stride`` tensor: a column's pixels
+    (W = 1) lie at its row stride, which PyTorch's own contiguity ignores the width's stride for."""
+    return t.stride(0), t.stride(1), t.stride(3) if t.shape[3] > 1 else t.stride(2)
 
 
 def pack_input(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -46,7 +46,7 @@ def sectional_matmul_triton(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, 
     batch_shape = A.shape[:-2]
     M, K = A.shape[-2:]
     N = B.shape[-1]
-    if B.shape[-2] != K or Rs.shape[-2:] != (M, N) or M != 2 * half:
+    if B.shape[-2] != K or Rs.shape[-2:] != (M, N) or M != 2 * half or not B.shape[:-2] == Rs.shape[:-2] == batch_shape:
         raise ValueError(f"sectional_matmul: A {tuple(A.shape)}, B {tuple(B.shape)}, Rs {tuple(Rs.shape)}, half {half} do not fit")
     A3, B3, R3 = (t.reshape(-1, *t.shape[-2:]) for t in (A, B, Rs))
     S = torch.empty(R3.shape, dtype=Rs.dtype, device=Rs.device)
