@@ -20,9 +20,10 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
     p.add_argument("--model", default="efficientnet_lite0", help="efficientnet_lite0 (default), vgg16, resnet50 or package.module:factory")
     p.add_argument("--weights", help="weights file (torch state dict loaded with weights_only=True, or .safetensors)")
     p.add_argument("--layer", help="saliency layer (module name); default: last feature map before pooling")
-    p.add_argument("--init", default="comparative", choices=["comparative", "gradcam"])
-    p.add_argument("--hostile-k", type=int, default=3)
-    p.add_argument("--target", type=int, help="class to explain (default: top-1 per frame)")
+    p.add_argument("--init", default="comparative", choices=["comparative", "gradcam"],
+                   help="initial relevance (default comparative: the target against its hostile classes)")
+    p.add_argument("--hostile-k", type=int, default=3, help="hostile classes for comparative (default 3)")
+    p.add_argument("--target", type=int, help="class to explain (default: the top-1 class of each frame or image)")
     p.add_argument("--batch-size", type=int, default=batch_size,
                    help=f"frames or images per pass (default {batch_size}); for a video classifier (3-D convs), frames per clip")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if there is one)")
@@ -41,7 +42,8 @@ def _add_video_options(p: argparse.ArgumentParser) -> None:
     layout.add_argument("--overlay", dest="mode", action="store_const", const="overlay", help="heat map over the frame (default)")
     layout.add_argument("--side-by-side", dest="mode", action="store_const", const="side-by-side", help="frame and heat map side by side")
     p.set_defaults(mode="overlay")
-    p.add_argument("--scale", default="frame", choices=["frame", "running"], help="colour scale per frame or smoothed over time")
+    p.add_argument("--scale", default="frame", choices=["frame", "running"],
+                   help="colour scale per frame (default) or smoothed over time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

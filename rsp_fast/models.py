@@ -8,6 +8,7 @@ from a file (``torch.load(weights_only=True)`` or safetensors, never arbitrary p
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -66,7 +67,7 @@ def load_state_dict_file(path: str | Path) -> dict:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else ""
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0] if str(exc) else ""  # torch's colour codes
         raise RSPError(f"cannot read weights from {str(path)!r}: not a torch checkpoint or safetensors file "
                        f"({type(exc).__name__}: {detail})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
