@@ -195,6 +195,32 @@ def test_fakes_check_what_the_kernels_check():
             custom.purge(torch.rand(2, 3), torch.rand(2, 3), torch.rand(2, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", ["torch"] + _kernel_sets("cpu"))
+def test_normalize_keeps_an_infinity_in_its_own_section(name):
+    """S⁺ = R/Ga where R > 0 and Ga ≠ 0, else 0: masks multiplied in (0·inf) made an infinite R
+    or response a NaN in the other section (the C++ kernel, and the reference for an infinite G)."""
+    kernels = _kernels(name, "cpu")
+    inf = float("inf")
+    R, Ga, Gb = (torch.tensor(v, dtype=torch.float64) for v in ([1, -1, inf, -inf], [inf, inf, 1, 1], [1, inf, 1, 1]))
+    S_pos, S_neg = kernels.sectional_normalize(R, Ga, Gb)
+    assert S_pos.tolist() == [0, 0, inf, 0] and S_neg.tolist() == [0, 0, 0, inf]
+    if kernels.sectional_normalize_stacked is not None:
+        stacked = kernels.sectional_normalize_stacked(stacked_sections(R.view(1, 4), 0), torch.stack([Ga, Gb]), 1)
+        assert stacked.tolist() == [[0, 0, inf, 0], [0, 0, 0, -inf]]
+
+
+def test_triton_purge_takes_more_samples_than_a_launch(monkeypatch):
+    """A grid's second dimension holds 65535 samples on CUDA (an MLP's large tabular batch has
+    more): the purge launches in parts past it, with the same result (here parts of 2)."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    from rsp_fast.kernels.triton import purge
+
+    dx, x, total = purge_inputs((5, 3, 7), torch.float64)
+    monkeypatch.setattr(purge, "MAX_GRID_Y", 2)
+    torch.testing.assert_close(purge.purge_triton(dx, x, total), purge_reference(dx, x, total), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
 def test_ops_refuse_to_be_differentiated():
     """No op has a derivative: backward() through one raised only a warning and left the

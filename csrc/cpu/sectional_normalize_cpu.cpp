@@ -47,13 +47,13 @@ void normalize_span(scalar_t* __restrict__ sp, scalar_t* __restrict__ sn, const 
   const scalar_t zero(0), one(1);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    // Arithmetic masks instead of branches (R's signs are random: branches mispredict) and
-    // a denominator of 1 where masked, so every lane may divide and the loop vectorises.
+    // Selects instead of branches (R's signs are random: branches mispredict), vectorised as
+    // blends, and a denominator of 1 where masked so that every lane may divide. Selected, not
+    // multiplied by 0/1 masks: an infinite R or G in the other section would give NaN.
     const scalar_t ri = r[i], gai = ga[i], gbi = gb[i];
-    const scalar_t mp = static_cast<scalar_t>((ri > zero) & (gai != zero));
-    const scalar_t mn = static_cast<scalar_t>((ri < zero) & (gbi != zero));
-    sp[i] = mp * (ri / (gai * mp + (one - mp)));
-    sn[i] = -mn * (ri / (gbi * mn + (one - mn)));
+    const bool mp = (ri > zero) & (gai != zero), mn = (ri < zero) & (gbi != zero);
+    sp[i] = mp ? ri / (mp ? gai : one) : zero;
+    sn[i] = mn ? -ri / (mn ? gbi : one) : zero;
   }
 }
 
@@ -65,8 +65,8 @@ void normalize_stacked_span(scalar_t* __restrict__ out, const scalar_t* __restri
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t ri = rs[i], gi = gs[i];
-    const scalar_t m = static_cast<scalar_t>((ri != zero) & (gi != zero));
-    out[i] = sign * m * (ri / (gi * m + (one - m)));
+    const bool m = (ri != zero) & (gi != zero);
+    out[i] = m ? sign * ri / (m ? gi : one) : zero;
   }
 }
 

@@ -15,6 +15,7 @@ namespace rsp_fast {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxGridY = 65535;  // samples per launch: CUDA's limit on a grid's second dimension
 
 template <typename scalar_t>
 __global__ void purge_combine_count(const scalar_t* __restrict__ dx, const scalar_t* __restrict__ x,
@@ -64,16 +65,20 @@ at::Tensor purge_cuda(const at::Tensor& dx, const at::Tensor& x_pos, const at::T
   if (N == 0 || M == 0) return out;
   at::Tensor counts = at::zeros({N}, d.options().dtype(at::kLong));
   const int64_t blocks = std::min<int64_t>((M + kThreads - 1) / kThreads, 1024);
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(N));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "purge_cuda", [&] {
     auto* counts_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
-    purge_combine_count<scalar_t><<<grid, kThreads, 0, stream>>>(
-        d.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), counts_ptr, M);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    purge_shift<scalar_t><<<grid, kThreads, 0, stream>>>(out.mutable_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-                                                         counts_ptr, M);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t n0 = 0; n0 < N; n0 += kMaxGridY) {  // one sample per grid row, at most kMaxGridY rows a launch
+      const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min(kMaxGridY, N - n0)));
+      const int64_t at = n0 * M;
+      purge_combine_count<scalar_t><<<grid, kThreads, 0, stream>>>(
+          d.const_data_ptr<scalar_t>() + at, x.const_data_ptr<scalar_t>() + at, out.mutable_data_ptr<scalar_t>() + at,
+          counts_ptr + n0, M);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      purge_shift<scalar_t><<<grid, kThreads, 0, stream>>>(out.mutable_data_ptr<scalar_t>() + at,
+                                                           t.const_data_ptr<scalar_t>() + n0, counts_ptr + n0, M);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return out;
 }

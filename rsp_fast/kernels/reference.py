@@ -38,16 +38,17 @@ def stacked_sections(R: torch.Tensor, dim: int, dtype: torch.dtype | None = None
 def sectional_normalize_reference(
     R: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """S⁺ = safe_div(R⁺, Ga·[R⁺≠0]) and S⁻ = safe_div(R⁻, Gb·[R⁻≠0])."""
+    """S⁺ = R⁺/Ga where R⁺ ≠ 0 and Ga ≠ 0, S⁻ = R⁻/Gb where R⁻ ≠ 0 and Gb ≠ 0, else 0 (selected, not
+    multiplied by a mask: an infinite response beside a zero R would give NaN)."""
     Rp, Rn = split_sections(R)
-    return safe_div(Rp, Ga * (Rp != 0)), safe_div(Rn, Gb * (Rn != 0))
+    return safe_div(Rp, torch.where(Rp != 0, Ga, 0)), safe_div(Rn, torch.where(Rn != 0, Gb, 0))
 
 
 def sectional_normalize_stacked_reference(Rs: torch.Tensor, Gs: torch.Tensor, half: int) -> torch.Tensor:
     """The sectional normalisation on the stacked layout: Rs = [R⁺; R⁻] and Gs = [G⁺; G⁻]
     (rows [0, half) and [half, 2·half) of dim −2) give [S⁺; −S⁻], the operand of the single
     back-projection, zero where R or G is zero."""
-    S = safe_div(Rs, Gs * (Rs != 0))
+    S = safe_div(Rs, torch.where(Rs != 0, Gs, 0))
     S.narrow(-2, half, half).neg_()
     return S
 

@@ -8,12 +8,13 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+MAX_GRID_Y = 65535  # samples per launch: CUDA's limit on a grid's second dimension
 
 
 @triton.jit
 def _purge_combine_count_kernel(dx_ptr, x_ptr, out_ptr, count_ptr, M, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     n = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     base = n.to(tl.int64) * M
     d = tl.load(dx_ptr + base + offs, mask=mask, other=0.0)
@@ -29,7 +30,7 @@ def _purge_combine_count_kernel(dx_ptr, x_ptr, out_ptr, count_ptr, M, BLOCK: tl.
 @triton.jit
 def _purge_shift_kernel(out_ptr, total_ptr, count_ptr, M, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     n = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     base = n.to(tl.int64) * M
     count = tl.load(count_ptr + n)
@@ -51,8 +52,10 @@ def purge_triton(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> 
     if M == 0:
         return out
     counts = torch.zeros(N, dtype=torch.int32, device=dx.device)
-    _purge_combine_count_kernel[(triton.cdiv(M, BLOCK), N)](dx, x_pos, out, counts, M, BLOCK=BLOCK,
-                                                            UPCAST=dx.element_size() < 4)
+    for n0 in range(0, N, MAX_GRID_Y):  # one sample per grid row
+        rows = slice(n0, n0 + MAX_GRID_Y)
+        _purge_combine_count_kernel[(triton.cdiv(M, BLOCK), min(MAX_GRID_Y, N - n0))](
+            dx[rows], x_pos[rows], out[rows], counts[rows], M, BLOCK=BLOCK, UPCAST=dx.element_size() < 4)
     return shift_active(out, total, counts)
 
 
@@ -61,7 +64,9 @@ def shift_active(D: torch.Tensor, total: torch.Tensor, counts: torch.Tensor) -> 
     total/counts (int32 counts of them; none where the count is 0)."""
     N = D.shape[0]
     M = D.numel() // N if N else 0
-    if M:
-        _purge_shift_kernel[(triton.cdiv(M, BLOCK), N)](D, total.contiguous(), counts, M, BLOCK=BLOCK,
-                                                        UPCAST=D.element_size() < 4)
+    total = total.contiguous()
+    for n0 in range(0, N if M else 0, MAX_GRID_Y):
+        rows = slice(n0, n0 + MAX_GRID_Y)
+        _purge_shift_kernel[(triton.cdiv(M, BLOCK), min(MAX_GRID_Y, N - n0))](D[rows], total[rows], counts[rows], M,
+                                                                               BLOCK=BLOCK, UPCAST=D.element_size() < 4)
     return D

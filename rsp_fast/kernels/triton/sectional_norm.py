@@ -11,7 +11,7 @@ BLOCK = 1024
 
 @triton.jit
 def _sectional_normalize_kernel(r_ptr, ga_ptr, gb_ptr, sp_ptr, sn_ptr, n, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # past 2³¹ elements too
     mask = offs < n
     r = tl.load(r_ptr + offs, mask=mask, other=0.0)
     ga = tl.load(ga_ptr + offs, mask=mask, other=0.0)
