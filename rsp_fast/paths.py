@@ -7,6 +7,7 @@ stays)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import RSPError
@@ -66,3 +67,9 @@ def _check_folder_writable(folder: Path, what: str, text: str) -> None:
         raise RSPError(f"{what} {text!r}: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RSPError(f"{what} {text!r}: no permission to write into the folder {str(existing)!r}")
+    if existing == folder:  # permissions can say yes where a file cannot be made (/proc, some mounts): try one
+        try:
+            tempfile.TemporaryFile(dir=folder, prefix=".rsp-fast-probe-").close()
+        except OSError as exc:
+            raise RSPError(f"{what} {text!r}: cannot create a file in the folder {str(folder)!r} "
+                           f"({exc.strerror or exc})") from None
