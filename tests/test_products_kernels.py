@@ -116,6 +116,20 @@ def test_kernel_without_relevance_gives_zero(kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
+def test_kernel_passes_a_nan_on_as_the_reference_does(kernel):
+    """A NaN in R (a model whose activations overflowed) is neither > 0 nor < 0: the masked and
+    pointwise kernels filed it with the zeros and returned a finite, plausible map. It now
+    reaches its sample's output, as in the reference; the other samples are untouched."""
+    x, R, *rest = conv_products_case(*kernel.geometries[1])
+    clean = kernel.op(x, R, *rest)
+    R = R.clone()
+    R[0, 0, 0, 0] = float("nan")
+    out, expected = kernel.op(x, R, *rest), kernel.reference(x, R, *rest)
+    assert torch.isnan(expected[0]).any() and torch.isnan(out[0]).any()
+    torch.testing.assert_close(out[1:], clean[1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
 def test_kernel_one_thread_and_many_agree(kernel):
     """Samples (masked, pointwise) or planes (depthwise) run in parallel; the inside of one sample too."""
     args = conv_products_case(*kernel.geometries[4], density=0.4)

@@ -54,7 +54,7 @@ RSP_INLINE void filters_block(const T* __restrict__ R, int64_t ldr, const T* __r
 #pragma omp simd
       for (int64_t i = 0; i < V; ++i) {
         const T r = R[ob * ldr + l + i];
-        rp[ob][i] = r > T(0) ? r : T(0);
+        rp[ob][i] = !(r <= T(0)) ? r : T(0);  // a NaN goes into F+, and from it into every output, as in the reference
         rn[ob][i] = r < T(0) ? -r : T(0);
       }
     for (int cb = 0; cb < CB; ++cb)
