@@ -24,6 +24,12 @@ fi
 
 "$PY" -m pip install --quiet --upgrade pip setuptools wheel ninja
 if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+  # torch's CUDA build takes about 5.5 GiB in .venv; say so before pip fails half-way with ENOSPC.
+  free_kib="$(df -Pk "$VENV" | awk 'NR==2 {print $4}')"
+  if [ -z "${RSP_FAST_TORCH:-}" ] && [ "${free_kib:-0}" -lt $((6 * 1024 * 1024)) ]; then
+    echo "[bootstrap] error: torch needs about 6 GiB in $VENV, but its disk has only $((free_kib / 1024)) MiB free" >&2
+    exit 1
+  fi
   echo "[bootstrap] installing torch (a few minutes)"
   # shellcheck disable=SC2086
   "$PY" -m pip install --quiet ${RSP_FAST_TORCH:-torch==2.14.1 torchvision==0.29.1}
