@@ -1,4 +1,5 @@
 """Heat-map videos: the pipeline, the CLI, the report, and every kind of bad input."""
+import gc
 import json
 import os
 import subprocess
@@ -308,9 +309,27 @@ def test_sound_is_copied_in_sync(tmp_path, spec, offset):
     onset = first + np.argmax(np.abs(samples) > 1000) / rate
     assert _frame_times(tmp_path / "out.mp4")[0] == 0 and abs(onset - 1.0) < 0.01
     assert abs(len(samples) / rate - 2.0) < 0.11
-    explain_video(spec, src, tmp_path / "cut.mp4", max_frames=5, progress=False)
+    gc.disable()  # the sound's source must be closed when the call returns, not by a later gc pass
+    try:
+        explain_video(spec, src, tmp_path / "cut.mp4", max_frames=5, progress=False)
+        assert not _descriptors_on(src)
+    finally:
+        gc.enable()
     samples, rate, _ = _sound(tmp_path / "cut.mp4")
     assert 0.5 <= len(samples) / rate <= 0.65 and len(read_frames(tmp_path / "cut.mp4")) == 5
+
+
+def _descriptors_on(path) -> list[str]:
+    """This process's open file descriptors on ``path``."""
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        try:
+            if os.path.realpath(os.readlink(fd)) == os.path.realpath(path):
+                found.append(fd.name)
+        except OSError:  # closed while listed
+            pass
+    return found
 
 
 def test_sound_the_output_cannot_hold_or_retimed_frames_are_left_out(tmp_path, spec):

@@ -225,6 +225,8 @@ class Encoder:
             if self.audio is not None:
                 self.audio.copy_until(audio_until)
                 self.audio_note = self.audio.note
+        if self.audio is not None:  # cut before its end, the source would stay open until a gc pass
+            self.audio.close()
         self.container.close()
         os.replace(self.tmp, self.path)
         return self.path
