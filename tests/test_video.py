@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rsp_fast.errors import RSPError
 from rsp_fast.models import ModelSpec
 from rsp_fast.video import explain_video
 from rsp_fast.video.io import probe, read_frames, write_video
+from rsp_fast.video.pipeline import _Stage
 from models import tiny_cnn
 
 TESTS = Path(__file__).parent
@@ -429,6 +431,20 @@ def test_failure_midway_leaves_no_output(tmp_path, spec, monkeypatch):
         explain_video(spec, src, dst, batch_size=2, progress=False)
     assert dst.read_bytes() == b"previous result"
     assert _only_output(tmp_path, "out") == ["out.mp4"]
+    assert not [t for t in threading.enumerate() if isinstance(t, _Stage)]  # decoder and encoder have ended
+
+
+def test_a_bad_argument_leaves_no_file_open(tmp_path, spec):
+    """A target that is not a class fails before the source's sound is opened for copying."""
+    src = _video_with_sound(tmp_path / "in.mkv")
+    gc.disable()  # what a call leaves open must be closed when it returns, not by a later gc pass
+    try:
+        with pytest.raises(RSPError, match="target must be one class"):
+            explain_video(spec, src, tmp_path / "out.mp4", target=2.5, progress=False)
+        assert not _descriptors_on(src)
+    finally:
+        gc.enable()
+    assert _only_output(tmp_path, "out") == []
 
 
 def test_an_encoder_failure_on_a_long_video_ends_the_run(tmp_path, spec, monkeypatch):

@@ -105,6 +105,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
     decoded: queue.Queue = queue.Queue(maxsize=2)
     attributed: queue.Queue = queue.Queue(maxsize=2)
     keep_times = fps is None  # the source's timestamps (variable frame rates stay in sync); --fps retimes
+    attribute = FrameAttributor(spec, explainer, device, batch_size, target)  # checks target: before any file opens
     encoder = io.Encoder(written, out_fps, start=info.start, audio_from=src if keep_times else None)
     rows: list[dict] = []
 
@@ -134,8 +135,6 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
                 for k, drawn in enumerate(pool.map(picture, item.batch.frames, item.maps.heat, shown, captions)):
                     encoder.write(drawn, item.batch.times[k] if keep_times else None)
                 stage.seconds += time.perf_counter() - t
-
-    attribute = FrameAttributor(spec, explainer, device, batch_size, target)
 
     decoder, writer = _Stage(decode), _Stage(encode)
     started = time.perf_counter()
@@ -169,7 +168,9 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         encoder.commit(audio_until=rows[-1]["time"] - info.start + 1 / float(out_fps) if cut else None)
     except BaseException:
         stop.set()
-        writer.join(timeout=5)
+        for stage in (writer, decoder):  # each sees `stop` at its next batch; the encoder's must end before abort
+            if stage.ident is not None:
+                stage.join(timeout=5)
         encoder.abort()
         raise
     finally:
