@@ -137,12 +137,14 @@ class RSP:
         if self.plan is not None:
             return self.plan
         key = (tuple(inputs.shape), inputs.dtype, inputs.device)
-        if key not in self._plans:
+        plan = self._plans.pop(key, None)  # re-inserted last: the least recently used plan goes first
+        if plan is None:
             if len(self._plans) >= MAX_SHAPE_PLANS:
                 self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = build_plan(self.model, self._layer, example=inputs)
-        self.layer = self._plans[key].layer_name
-        return self._plans[key]
+            plan = build_plan(self.model, self._layer, example=inputs)
+        self._plans[key] = plan
+        self.layer = plan.layer_name
+        return plan
 
     def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool, initial=None) -> Explanation:
         plan = self._plan_for(inputs)

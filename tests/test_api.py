@@ -9,6 +9,8 @@ import torchvision
 from torch import nn
 
 import rsp_fast
+from rsp_fast import api
+from rsp_fast.graph.plan import build_plan
 from rsp_fast.errors import BackendUnavailableError, RSPError, UnsupportedModelError
 from conftest import GOLDEN_FILES, load_golden, rel_err
 from models import golden_model, tiny_cnn
@@ -415,7 +417,7 @@ class _LeNet(nn.Module):
         return n
 
 
-def test_forward_branching_on_sizes_is_traced_per_input_shape():
+def test_forward_branching_on_sizes_is_traced_per_input_shape(monkeypatch):
     model = _LeNet().double().eval()
     twin = _LeNet(plain=True).double().eval()
     twin.load_state_dict(model.state_dict())
@@ -430,6 +432,13 @@ def test_forward_branching_on_sizes_is_traced_per_input_shape():
         assert rel_err(ex.attribution, reference.attribute(x)) < 1e-12
         assert explainer.layer == reference.layer
     assert len(explainer._plans) == 4
+    # a shape in use stays traced while more shapes than the cache holds come and go
+    traced = []
+    monkeypatch.setattr(api, "build_plan", lambda *a, **k: traced.append(a) or build_plan(*a, **k))
+    for side in range(30, 30 + 2 * api.MAX_SHAPE_PLANS):
+        explainer.attribute(torch.randn(2, 1, 20, 20, dtype=D))
+        explainer.attribute(torch.randn(1, 1, side, side, dtype=D))
+    assert len(traced) == 2 * api.MAX_SHAPE_PLANS and len(explainer._plans) == api.MAX_SHAPE_PLANS
     with pytest.raises(RSPError, match=r"forward failed on inputs of shape \(2, 3, 20, 20\)"):
         explainer.attribute(torch.randn(2, 3, 20, 20, dtype=D))  # 3 channels for a 1-channel conv
     with pytest.raises(RSPError, match="not a module of _LeNet"):
