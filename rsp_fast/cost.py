@@ -90,6 +90,15 @@ def _conv3d_row(step: Conv3d, shapes, elem: int) -> dict:
             "bytes": elem * (4 * C * inputs + 8 * O * L)}
 
 
+def _runs_as_a_batch(model: nn.Module, plan, x: torch.Tensor) -> bool:
+    """Whether the model runs on ``x`` taken as a batch (its first dimension the batch size)."""
+    try:
+        record_forward(model, plan, x)
+        return x.dim() > 1
+    except RSPError:
+        return False
+
+
 def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = None) -> dict:
     """Per-image cost of RSP on ``model`` for inputs of ``input_shape`` (without the batch)."""
     model, layer = unwrap(model, layer)
@@ -104,7 +113,13 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
             plan = build_plan(model, layer)
         except UntraceableModelError:  # a forward that branches on sizes: traced for this shape
             plan = build_plan(model, layer, example=x)
-        _, _, _, shapes = record_forward(model, plan, x)
+        try:
+            _, _, _, shapes = record_forward(model, plan, x)
+        except RSPError:
+            if _runs_as_a_batch(model, plan, x[0]):
+                raise RSPError(f"input_shape is one sample's shape, without the batch: {tuple(input_shape[1:])}, "
+                               f"not {tuple(input_shape)}") from None
+            raise
     elem = x.element_size()
     rows = []
     for step in reversed(plan.steps):  # input to saliency layer

@@ -446,6 +446,8 @@ def test_forward_branching_on_sizes_is_traced_per_input_shape(monkeypatch):
     assert rsp_fast.cost(model, (1, 20, 20))["layers"] == rsp_fast.cost(twin, (1, 20, 20))["layers"]
     with pytest.raises(RSPError, match=r"forward failed on inputs of shape \(1, 3, 20, 20\)"):
         rsp_fast.cost(twin, (3, 20, 20))  # the cost model says so too
+    with pytest.raises(RSPError, match=r"without the batch: \(1, 20, 20\), not \(2, 1, 20, 20\)"):
+        rsp_fast.cost(twin, (2, 1, 20, 20))  # a batch size given too
 
 
 class _EvenSizeConv(nn.Module):
