@@ -21,22 +21,22 @@ def conv_fn(x, W, c):
     return F.conv2d(x, W, None, c.stride, c.padding, c.dilation, c.groups)
 
 
+def _pairing_grad(x, W, R, c, wrt_input):
+    """The gradient of ⟨conv(x, W), R⟩ with respect to W or to x (the conv is bilinear)."""
+    x, W = x.detach().requires_grad_(wrt_input), W.detach().requires_grad_(not wrt_input)
+    with torch.enable_grad():
+        g, = torch.autograd.grad((conv_fn(x, W, c) * R).sum(), x if wrt_input else W)
+    return g
+
+
 def weight_grad(x, R, wshape, c):
     """F[o,i,u,v] = sum_{p,q} R[o,p,q] * x[i, p*s+u*d-pad, ...]  (the conv weight gradient)."""
-    W = torch.zeros(wshape, dtype=x.dtype, requires_grad=True)
-    with torch.enable_grad():
-        out = conv_fn(x, W, c)
-        g, = torch.autograd.grad((out * R).sum(), W)
-    return g
+    return _pairing_grad(x, torch.zeros(wshape, dtype=x.dtype), R, c, wrt_input=False)
 
 
 def conv_T(S, W, xshape, c):
     """conv_transpose with the forward conv's geometry and output size (= input gradient)."""
-    X = torch.zeros(xshape, dtype=S.dtype, requires_grad=True)
-    with torch.enable_grad():
-        out = conv_fn(X, W, c)
-        g, = torch.autograd.grad((out * S).sum(), X)
-    return g
+    return _pairing_grad(torch.zeros(xshape, dtype=S.dtype), W, S, c, wrt_input=True)
 
 
 def purge(Cp, Cn, Rp, Rn, one_by_one):
