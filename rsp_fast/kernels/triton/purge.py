@@ -11,6 +11,12 @@ BLOCK = 1024
 MAX_GRID_Y = 65535  # samples per launch: CUDA's limit on a grid's second dimension
 
 
+def _sample_parts(N: int):
+    """(rows, count) of each launch: one sample per grid row, at most MAX_GRID_Y rows a launch."""
+    for n0 in range(0, N, MAX_GRID_Y):
+        yield slice(n0, n0 + MAX_GRID_Y), min(MAX_GRID_Y, N - n0)
+
+
 @triton.jit
 def _purge_combine_count_kernel(dx_ptr, x_ptr, out_ptr, count_ptr, M, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     n = tl.program_id(1)
@@ -52,9 +58,8 @@ def purge_triton(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) -> 
     if M == 0:
         return out
     counts = torch.zeros(N, dtype=torch.int32, device=dx.device)
-    for n0 in range(0, N, MAX_GRID_Y):  # one sample per grid row
-        rows = slice(n0, n0 + MAX_GRID_Y)
-        _purge_combine_count_kernel[(triton.cdiv(M, BLOCK), min(MAX_GRID_Y, N - n0))](
+    for rows, n in _sample_parts(N):
+        _purge_combine_count_kernel[(triton.cdiv(M, BLOCK), n)](
             dx[rows], x_pos[rows], out[rows], counts[rows], M, BLOCK=BLOCK, UPCAST=dx.element_size() < 4)
     return shift_active(out, total, counts)
 
@@ -65,8 +70,7 @@ def shift_active(D: torch.Tensor, total: torch.Tensor, counts: torch.Tensor) -> 
     N = D.shape[0]
     M = D.numel() // N if N else 0
     total = total.contiguous()
-    for n0 in range(0, N if M else 0, MAX_GRID_Y):
-        rows = slice(n0, n0 + MAX_GRID_Y)
-        _purge_shift_kernel[(triton.cdiv(M, BLOCK), min(MAX_GRID_Y, N - n0))](D[rows], total[rows], counts[rows], M,
-                                                                               BLOCK=BLOCK, UPCAST=D.element_size() < 4)
+    for rows, n in _sample_parts(N if M else 0):
+        _purge_shift_kernel[(triton.cdiv(M, BLOCK), n)](D[rows], total[rows], counts[rows], M,
+                                                        BLOCK=BLOCK, UPCAST=D.element_size() < 4)
     return D
