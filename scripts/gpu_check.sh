@@ -4,6 +4,7 @@
 # output to $OUT as it finishes, so a step that fails or runs long costs only itself.
 #   OUT=dir [WHEELS=dir of extra wheels] [AUTHORS=checkout of the authors' code]
 #   [STEPS="build tests paths vgg16 conv_products products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
+# (TEST_ARGS="-n 4": the tests step on pytest-xdist's workers; the GPU image has it)
 # (opt-in steps: "extended" times the models that need the extension rules, "cpu_tests" runs the CPU
 # tests most tied to torch's version under the GPU machine's torch, "profile" lists device time per
 # RSP step, per kernel and per aten op with input shapes (PROFILE_PRECISIONS="tf32 bf16"), "gram"
@@ -44,7 +45,7 @@ build() {
 }
 
 tests() {
-    timeout ${TEST_LIMIT:-180} $PY -m pytest -q -p no:cacheprovider -o addopts="" ${TEST_FILES:-tests/test_conv_products.py tests/test_ops.py \
+    timeout ${TEST_LIMIT:-180} $PY -m pytest -q -p no:cacheprovider -o addopts="" ${TEST_ARGS:-} ${TEST_FILES:-tests/test_conv_products.py tests/test_ops.py \
         tests/test_gpu.py tests/test_products_kernels.py} -k "${TEST_SELECT:-cuda or reject or multiplier or gpu}" -rfE 2>&1 \
         | tee "$OUT/tests.log" | tail -25
 }
