@@ -54,7 +54,7 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
         path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
                            tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit_gemm_fits(g),
                            gram_slowdown=cuda_gram_slowdown(dtype), fused_pointwise=fused_pointwise, grouped=G > 1)
-        path = runnable_dense_path(path, implicit_gemm_fits(g), cuda)
+        path = runnable_dense_path(path, implicit_gemm_fits(g), cuda, dtype)
         gram_path = path in ("gram", "implicit_gram")
         macs = gram if gram_path else filter_macs
         if path == "pointwise":  # x and R read twice, the responses and ratios never in memory

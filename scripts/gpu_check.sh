@@ -97,8 +97,8 @@ for name in os.environ.get("GRAM_MODELS", "vgg16 resnet50").split():
     model = getattr(torchvision.models, name)().eval().cuda()
     for precision in os.environ.get("GRAM_PRECISIONS", "tf32 bf16").split():
         explainer = rsp_fast.RSP(model, backend="cuda", precision=precision)
-        for implicit in os.environ.get("GRAM_IMPLICIT", "0").split():  # 1: the Gram path on implicit GEMMs too
-            conv_paths.CUDA_IMPLICIT_GRAM = implicit == "1"
+        for implicit in os.environ.get("GRAM_IMPLICIT", "0 1").split():  # 1: the Gram path on implicit GEMMs too
+            conv_paths.CUDA_IMPLICIT_GRAM = dict.fromkeys((2, 4), implicit == "1")
             for slowdown in map(float, os.environ.get("GRAM_SLOWDOWNS", "1 2 4 inf").split()):
                 weight = conv_paths.cuda_gram_slowdown
                 conv_paths.cuda_gram_slowdown = lambda dtype: slowdown  # for every precision, either Gram path

@@ -107,22 +107,33 @@ def test_gram_path_weighed_against_the_implicit_gemms_only_where_they_run():
     assert choose_path(*conv4, gram_slowdown=4.0, pixel_gram=512 * 900 * 900) == "gram"
     assert choose_path(*conv4, **tc) == "gram"  # unweighed
     assert choose_path(*conv5, **tc, gram_slowdown=float("inf")) == "implicit_gemm"
-    # 16-bit products never take the Gram path where the implicit GEMMs run, TF32 ones counted at 4×
-    assert conv_paths.cuda_gram_slowdown(torch.bfloat16) == float("inf")
+    # 16-bit products take the Gram path on implicit GEMMs too (multiply-adds compare as they are),
+    # TF32 ones on unfolded patches, counted at 4×
+    assert conv_paths.cuda_gram_slowdown(torch.bfloat16) == 1.0
+    assert conv_paths.cuda_gram_slowdown(torch.float16) == 1.0
     assert conv_paths.cuda_gram_slowdown(torch.float32) == 4.0
     assert conv_paths.cuda_gram_slowdown(torch.float64) == 1.0
 
 
-def test_gram_path_on_implicit_gemms_only_when_enabled_and_runnable(monkeypatch):
-    assert conv_paths.cuda_gram_path(True, True) == "gram"  # opt-in
-    monkeypatch.setattr(conv_paths, "CUDA_IMPLICIT_GRAM", True)
-    assert conv_paths.cuda_gram_path(True, True) == "implicit_gram"
-    assert conv_paths.cuda_gram_path(False, True) == "gram"  # CPU
-    assert conv_paths.cuda_gram_path(True, False) == "gram"  # strided, grouped, tracking, no Triton
-    assert conv_paths.cuda_gram_slowdown(torch.bfloat16) == 1.0  # both on implicit GEMMs: multiply-adds compare as they are
+def test_gram_path_on_implicit_gemms_by_precision_and_only_where_runnable(monkeypatch):
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert conv_paths.cuda_gram_path(True, True, bf16) == "implicit_gram"
+    assert conv_paths.cuda_gram_path(True, True, f32) == "gram"  # TF32: unfolded patches
+    assert conv_paths.cuda_gram_path(True, True, torch.float64) == "gram"
+    assert conv_paths.cuda_gram_path(False, True, bf16) == "gram"  # CPU
+    assert conv_paths.cuda_gram_path(True, False, bf16) == "gram"  # strided, grouped, tracking, no Triton
+    assert conv_paths.runnable_dense_path("gram", True, True, bf16) == "implicit_gram"
+    assert conv_paths.runnable_dense_path("gram", True, True, f32) == "gram"
     assert conv_paths.runnable_dense_path("implicit_gram", False) == "gram"
     assert conv_paths.runnable_dense_path("implicit_gemm", False) == "grouped_conv"
     assert conv_paths.runnable_dense_path("implicit_gram", True) == "implicit_gram"
+    # RSP_FAST_CUDA_IMPLICIT_GRAM=0 / =1: one choice for every precision
+    monkeypatch.setattr(conv_paths, "CUDA_IMPLICIT_GRAM", dict.fromkeys((2, 4), False))
+    assert conv_paths.cuda_gram_path(True, True, bf16) == "gram"
+    assert conv_paths.cuda_gram_slowdown(bf16) == float("inf")
+    monkeypatch.setattr(conv_paths, "CUDA_IMPLICIT_GRAM", dict.fromkeys((2, 4), True))
+    assert conv_paths.cuda_gram_path(True, True, f32) == "implicit_gram"
+    assert conv_paths.cuda_gram_slowdown(f32) == 1.0
 
 
 def test_same_padding_conv_matches_explicit_padding():

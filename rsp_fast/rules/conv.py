@@ -401,7 +401,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
                     conv_paths.choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros,
                                            Cp * k2, pixel_gram, conv_paths.on_tensor_cores(low), implicit_runs,
                                            conv_paths.cuda_gram_slowdown(low), fused_pointwise, G > 1, speedup))
-    path = conv_paths.runnable_dense_path(path, implicit_runs, x.is_cuda)
+    path = conv_paths.runnable_dense_path(path, implicit_runs, x.is_cuda, low)
     if path in ("implicit_gemm", "implicit_gram"):
         return _implicit_gemm_relevance(ctx, x, R, g, non_negative, gram=path == "implicit_gram")
     x_pos = rectified_input(x, non_negative)

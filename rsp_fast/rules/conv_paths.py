@@ -53,21 +53,31 @@ if os.environ.get("RSP_FAST_CUDA_GRAM_SLOWDOWN"):
     CUDA_GRAM_SLOWDOWN = dict.fromkeys((2, 4), float(os.environ["RSP_FAST_CUDA_GRAM_SLOWDOWN"]))
 # The Gram path as implicit GEMMs too ("implicit_gram": the patch Gram and the back-projection
 # read the patches in place, kernels/triton/conv_products.py gram_products_triton), where the
-# implicit GEMMs run. Opt-in (RSP_FAST_CUDA_IMPLICIT_GRAM=1) until timed on a GPU; with it the
-# Gram path's multiply-adds count as the implicit GEMMs' do.
-CUDA_IMPLICIT_GRAM = os.environ.get("RSP_FAST_CUDA_IMPLICIT_GRAM") == "1"
+# implicit GEMMs run, by the products' element size; there the Gram path's multiply-adds count
+# as the implicit GEMMs' do. H100, batch 64, whole eager passes, img/s
+# (docs/gpu/h100_gram_session20.log): bfloat16 VGG16 905.7 on it against 837.8 with no Gram path
+# where the implicit GEMMs run, ResNet50 753.4 against 731.2; TF32 VGG16 503.1 (counted at 4×)
+# against 533.4 on unfolded patches, ResNet50 715.7 against 722.5. So 16-bit products take it,
+# TF32 ones the unfolded Gram path. RSP_FAST_CUDA_IMPLICIT_GRAM=1 (0) takes it for all (none).
+CUDA_IMPLICIT_GRAM = {2: True, 4: False}
+if os.environ.get("RSP_FAST_CUDA_IMPLICIT_GRAM"):
+    CUDA_IMPLICIT_GRAM = dict.fromkeys((2, 4), os.environ["RSP_FAST_CUDA_IMPLICIT_GRAM"] == "1")
 
 
 def cuda_gram_slowdown(product_dtype: torch.dtype) -> float:
     """The weight of the Gram path's multiply-adds against the implicit GEMMs' for products of
-    ``product_dtype`` on CUDA (1 for those that never run there: float64)."""
-    return 1.0 if CUDA_IMPLICIT_GRAM else CUDA_GRAM_SLOWDOWN.get(product_dtype.itemsize, 1.0)
+    ``product_dtype`` on CUDA (1 where both are implicit GEMMs, and for products that never run
+    there: float64)."""
+    if CUDA_IMPLICIT_GRAM.get(product_dtype.itemsize, False):
+        return 1.0
+    return CUDA_GRAM_SLOWDOWN.get(product_dtype.itemsize, 1.0)
 
 
-def cuda_gram_path(is_cuda: bool, implicit_gemm_runs: bool) -> str:
-    """How the Gram path runs: on the implicit GEMMs (CUDA, where they run, when enabled) or on
-    unfolded patches."""
-    return "implicit_gram" if is_cuda and implicit_gemm_runs and CUDA_IMPLICIT_GRAM else "gram"
+def cuda_gram_path(is_cuda: bool, implicit_gemm_runs: bool, product_dtype: torch.dtype) -> str:
+    """How the Gram path runs for products of ``product_dtype``: on the implicit GEMMs (CUDA,
+    where they run, for the precisions that take them) or on unfolded patches."""
+    implicit = is_cuda and implicit_gemm_runs and CUDA_IMPLICIT_GRAM.get(product_dtype.itemsize, False)
+    return "implicit_gram" if implicit else "gram"
 
 
 def cuda_dense_path(tensor_cores: bool) -> str:
@@ -86,11 +96,12 @@ def implicit_gemm_fits(g: ConvGeometry) -> bool:
     return g.stride == (1, 1) and g.groups == 1
 
 
-def runnable_dense_path(path: str, implicit_gemm_runs: bool, is_cuda: bool = False) -> str:
+def runnable_dense_path(path: str, implicit_gemm_runs: bool, is_cuda: bool = False,
+                        product_dtype: torch.dtype = torch.float32) -> str:
     """``path`` as it runs: the Gram path on implicit GEMMs where ``cuda_gram_path`` says so, and
     where implicit_gemm (implicit_gram) cannot run, grouped_conv (gram)."""
     if path == "gram":
-        return cuda_gram_path(is_cuda, implicit_gemm_runs)
+        return cuda_gram_path(is_cuda, implicit_gemm_runs, product_dtype)
     if implicit_gemm_runs:
         return path
     return {"implicit_gemm": "grouped_conv", "implicit_gram": "gram"}.get(path, path)
@@ -253,7 +264,8 @@ def tap_sums_pay(is_cuda: bool, product_dtype: torch.dtype, implicit_gemm_runs: 
     without the pixel Gram against 667.5 with it (the tap sums took 15 of the batch's 93 ms); TF32
     485.6 against 495.1. Never where the Gram path runs on implicit GEMMs (``cuda_gram_path``),
     which form the patch Gram."""
-    return not (is_cuda and product_dtype.itemsize == 2) and cuda_gram_path(is_cuda, implicit_gemm_runs) == "gram"
+    return (not (is_cuda and product_dtype.itemsize == 2)
+            and cuda_gram_path(is_cuda, implicit_gemm_runs, product_dtype) == "gram")
 
 
 def pixel_gram_macs(g: ConvGeometry, channels: int, in_hw, L: int, tap_sums: bool = True) -> int | None:
