@@ -181,9 +181,9 @@ def conv_transpose_to(S: torch.Tensor, W: torch.Tensor, g: ConvGeometry, padded_
 
 # The first layer's z^B rule on CUDA as two Triton kernels (kernels/triton/first_layer.py: S
 # formed without Z reaching memory, the back-projection combined with x in its epilogue) instead
-# of cuDNN's 9-channel convolutions and the passes between them (VGG16's conv1_1 took 5.7 ms per
-# batch of 64 in bfloat16 on an H100, docs/gpu/h100_profile_session10.log). Opt-in
-# (RSP_FAST_CUDA_FUSED_FIRST_LAYER=1) until timed on a GPU.
+# of cuDNN's convolutions and the passes between them. Opt-in (RSP_FAST_CUDA_FUSED_FIRST_LAYER=1):
+# slower than cuDNN's on an H100 (docs/gpu/h100_first_layer_session20.json, batch 64, TF32:
+# VGG16's conv1_1 8.12 against 5.69 ms, ResNet50's conv1 18.3 against 3.08).
 CUDA_FUSED_FIRST_LAYER = os.environ.get("RSP_FAST_CUDA_FUSED_FIRST_LAYER") == "1"
 
 
