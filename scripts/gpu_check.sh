@@ -4,7 +4,8 @@
 # output to $OUT as it finishes, so a step that fails or runs long costs only itself.
 #   OUT=dir [WHEELS=dir of extra wheels] [AUTHORS=checkout of the authors' code]
 #   [STEPS="build tests paths vgg16 conv_products products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
-# (TEST_ARGS="-n 4": the tests step on pytest-xdist's workers; the GPU image has it)
+# (TEST_ARGS="-n 8 -v": the tests step on pytest-xdist's workers, each result named as it comes;
+# the GPU image has xdist, and the step's time goes to compiling Triton kernels, about 3.6 s a test)
 # (opt-in steps: "extended" times the models that need the extension rules, "cpu_tests" runs the CPU
 # tests most tied to torch's version under the GPU machine's torch, "profile" lists device time per
 # RSP step, per kernel and per aten op with input shapes (PROFILE_PRECISIONS="tf32 bf16"), "gram"
