@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -91,7 +92,7 @@ class RSP:
             # the forward branches on sizes: traced per input shape, with sizes as numbers,
             # at the first call with that shape (when unsupported layers are reported)
             self.plan = None
-        self._layer, self._plans = layer, {}
+        self._layer, self._plans, self._plans_lock = layer, {}, threading.Lock()  # threads share the plans
         self.layer = self.plan.layer_name if self.plan else layer_name(model, layer)  # None: chosen at the first call
         if self.backend != "auto":
             select_kernels(self.backend, _model_device(model))  # fail now, not mid-video
@@ -137,13 +138,14 @@ class RSP:
         if self.plan is not None:
             return self.plan
         key = (tuple(inputs.shape), inputs.dtype, inputs.device)
-        plan = self._plans.pop(key, None)  # re-inserted last: the least recently used plan goes first
-        if plan is None:
-            if len(self._plans) >= MAX_SHAPE_PLANS:
-                self._plans.pop(next(iter(self._plans)))
-            plan = build_plan(self.model, self._layer, example=inputs)
-        self._plans[key] = plan
-        self.layer = plan.layer_name
+        with self._plans_lock:
+            plan = self._plans.pop(key, None)  # re-inserted last: the least recently used plan goes first
+            if plan is None:
+                if len(self._plans) >= MAX_SHAPE_PLANS:
+                    self._plans.pop(next(iter(self._plans)))
+                plan = build_plan(self.model, self._layer, example=inputs)
+            self._plans[key] = plan
+            self.layer = plan.layer_name
         return plan
 
     def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool, initial=None) -> Explanation:
@@ -221,20 +223,35 @@ def _check_initial(initial, inputs: torch.Tensor) -> None:
 _LAYOUTS = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}  # inputs of a model starting with a Conv1d / 2d / 3d
 
 
+_TF32_CHANGED = threading.Condition()
+_tf32_calls = {"setting": None, "running": 0, "saved": None}  # the calls that set PyTorch's TF32 flags
+
+
 @contextlib.contextmanager
 def _matmul_precision(precision: str, device: torch.device):
     """TF32 for CUDA's matmuls and convolutions: off for "fp32" (PyTorch lets cuDNN use TF32 by
     default: "fp32" means float32), on for "tf32"; "bf16" casts RSP's product operands itself
-    and leaves the model's forward pass to the user's settings. The settings are restored."""
+    and leaves the model's forward pass to the user's settings. The flags are process-wide:
+    calls of several threads that want one setting share it, a call that wants the other waits
+    for them, and the user's settings come back when the last one ends."""
     if device.type != "cuda" or precision == "bf16":
         yield
         return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    want, calls = precision == "tf32", _tf32_calls
+    with _TF32_CHANGED:
+        _TF32_CHANGED.wait_for(lambda: calls["running"] == 0 or calls["setting"] == want)
+        if calls["running"] == 0:
+            calls["saved"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = calls["setting"] = want
+        calls["running"] += 1
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        with _TF32_CHANGED:
+            calls["running"] -= 1
+            if calls["running"] == 0:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = calls["saved"]
+                _TF32_CHANGED.notify_all()
 
 
 def _per_sample(value, N: int, name: str, shared_dim: int):

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import RSPError
 from .graph.plan import Plan
+from .graph.trace import TRACE_GATE
 from .rules import Context
 from .rules.pool import indices_key, max_pool_with_indices
 
@@ -92,7 +93,7 @@ def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
     A forward that fails (inputs of the wrong shape for the model) raises an RSPError saying so."""
     rec = _Recorder(model, plan)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), TRACE_GATE.forward():  # not while torch.fx patches modules in another thread
             logits = rec.run(x)
     except RSPError:
         raise

@@ -11,6 +11,7 @@ does) and the next replay sees the new values; replace a parameter tensor and it
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -33,6 +34,7 @@ class StaticRSP:
         self._graphs: dict[bool, tuple] = {}  # target given? -> (graph, input buffer, target buffer, output)
         self.uses_graphs = self.device.type == "cuda"
         self.classes: int | None = None
+        self._replaying = threading.Lock()  # one input buffer and one output per graph: one call at a time
 
     def __call__(self, inputs: torch.Tensor, target=None) -> torch.Tensor:
         return self.explain(inputs, target).attribution
@@ -44,6 +46,10 @@ class StaticRSP:
         if not self.uses_graphs:
             return self.explainer.explain(inputs, target)
         self.explainer._check_inputs(inputs)
+        with self._replaying:
+            return self._replay(inputs, target)
+
+    def _replay(self, inputs: torch.Tensor, target):
         given = target is not None
         if given not in self._graphs:
             try:

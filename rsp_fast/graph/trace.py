@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import threading
 from typing import Any, Callable
 
 import torch
@@ -166,19 +167,87 @@ class UntraceableModelError(UnsupportedModelError):
     """The model's forward (or a module on the relevance path) could not be traced symbolically."""
 
 
+_MODES_LOCK = threading.Lock()
+_SAVED_MODES: dict[int, list] = {}  # id(model) -> [blocks inside, modes before]; the model lives while it is inside
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """The model in eval mode for the block, every module's own mode restored after it. RSP
     explains the model as it predicts: BatchNorm on its running statistics, no dropout, no
     stochastic depth; fx writes ``self.training`` into the graph as a constant, so tracing
-    too must run in this block."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    too must run in this block. Blocks of several threads on one model share the switch: the
+    modes come back when the last one ends (not while another thread's pass still runs)."""
+    with _MODES_LOCK:
+        held = _SAVED_MODES.get(id(model))
+        if held is None:
+            held = _SAVED_MODES[id(model)] = [0, [(m, m.training) for m in model.modules()]]
+            model.eval()
+        held[0] += 1
     try:
         yield model
     finally:
-        for m, mode in modes:
-            m.training = mode
+        with _MODES_LOCK:
+            held[0] -= 1
+            if held[0] == 0:
+                del _SAVED_MODES[id(model)]
+                for m, mode in held[1]:
+                    m.training = mode
+
+
+class _TraceGate:
+    """torch.fx patches nn.Module.__call__ and __getattr__ for the whole process while it
+    traces: a forward pass that runs meanwhile in another thread goes through the patches (into
+    the graph, or into an error), and two traces that overlap restore them in the wrong order,
+    leaving every model of the process broken. So traces run one at a time, and rsp_fast's own
+    forward passes (``forward``) wait for a trace, which waits for them; a thread's own pass and
+    trace never wait for each other. Models that other code runs during a trace it cannot hold."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._tracer: int | None = None  # the thread tracing
+        self._passes = 0  # forward passes running, all threads
+        self._traces_waiting = 0  # passes yield to them: a stream of passes cannot hold a trace off
+        self._mine = threading.local()  # this thread's passes running
+
+    @contextlib.contextmanager
+    def trace(self):
+        me = threading.get_ident()
+        with self._changed:
+            nested = self._tracer == me
+            if not nested:
+                own = getattr(self._mine, "passes", 0)
+                self._traces_waiting += 1
+                self._changed.wait_for(lambda: self._tracer is None and self._passes == own)
+                self._traces_waiting -= 1
+                self._tracer = me
+        try:
+            yield
+        finally:
+            if not nested:
+                with self._changed:
+                    self._tracer = None
+                    self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def forward(self):
+        me = threading.get_ident()
+        with self._changed:
+            own = getattr(self._mine, "passes", 0)
+            if self._tracer != me and own == 0:
+                self._changed.wait_for(lambda: self._tracer is None and self._traces_waiting == 0)
+            self._passes += 1
+            self._mine.passes = own + 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._passes -= 1
+                self._mine.passes -= 1
+                self._changed.notify_all()
+
+
+TRACE_GATE = _TraceGate()
 
 
 def unwrap(model: nn.Module, layer=None):
@@ -209,7 +278,7 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
                                     "sizes, which needs torch.fx._symbolic_trace._maybe_revert_all_patches")
     tracer = _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
     try:
-        with torch.no_grad():
+        with torch.no_grad(), TRACE_GATE.trace():
             graph = tracer.trace(model, concrete_args=_defaults(model))
         _drop_fixed_arguments(graph)
     except _ForwardFailed as exc:

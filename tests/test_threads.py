@@ -1,0 +1,132 @@
+"""One process, several threads: explainers built and called at once must not break each other
+or the models (torch.fx patches nn.Module for the whole process while it traces; a model in
+training mode is switched to eval mode per call; PyTorch's TF32 flags are process-wide)."""
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rsp_fast
+from rsp_fast import api
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def run_in_threads(*works, timeout=120):
+    """Runs each work in its own thread; returns their results, re-raising the first error."""
+    results, errors = [None] * len(works), []
+
+    def run(i, work):
+        try:
+            results[i] = work()
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, w)) for i, w in enumerate(works)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+class SizeBranchingNet(nn.Module):
+    """A forward that branches on a size: traced again for each input shape, at its first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        if x.shape[-1] > 24:
+            x = F.max_pool2d(x, 2)
+        return self.fc(F.relu(self.c2(x)).mean((2, 3)))
+
+
+def test_explainers_built_in_two_threads_leave_every_model_working():
+    torch.manual_seed(0)
+    models = [torchvision.models.resnet18().eval(), torchvision.models.mobilenet_v2().eval()]
+    run_in_threads(*[lambda m=m: [rsp_fast.RSP(m) for _ in range(4)] for m in models])
+    x = torch.randn(1, 3, 64, 64)
+    assert isinstance(models[0](x), torch.Tensor)  # not an fx Proxy: nn.Module.__call__ is PyTorch's again
+    assert isinstance(torchvision.models.vgg11()(x), torch.Tensor)
+    assert torch.isfinite(rsp_fast.RSP(models[1]).attribute(x)).all()
+
+
+def test_shapes_traced_in_two_threads_at_once_match_one_thread():
+    torch.manual_seed(0)
+    model = SizeBranchingNet().eval()
+    shapes = [[(1, 3, 16 + 4 * i + 2 * k, 20 + 4 * i) for i in range(5)] for k in (0, 1)]
+    inputs = [[torch.randn(s) for s in row] for row in shapes]
+    expected = [[rsp_fast.RSP(model).attribute(x) for x in row] for row in inputs]
+    shared = rsp_fast.RSP(model)  # no plan for any of these shapes yet: each thread traces its own
+    got = run_in_threads(*[lambda row=row: [shared.attribute(x) for x in row] for row in inputs])
+    for row_got, row_expected in zip(got, expected):
+        for a, b in zip(row_got, row_expected):
+            assert torch.equal(a, b)
+    assert isinstance(model(torch.randn(1, 3, 50, 50)), torch.Tensor)
+
+
+def test_calls_on_a_training_model_from_two_threads_explain_it_in_eval_mode_and_restore_it():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().train()
+    model.layer1[0].bn1.eval()  # a module in a mode of its own, which must come back too
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    explainer = rsp_fast.RSP(model, backend="torch")
+    small, big = torch.randn(1, 3, 32, 32), torch.randn(3, 3, 128, 128)
+    expected_small, expected_big = explainer.attribute(small), explainer.attribute(big)
+
+    def calls(x, pause):
+        out = []
+        for _ in range(4):
+            time.sleep(pause)  # the short calls end while a long one is still in its forward pass
+            out.append(explainer.attribute(x))
+        return out
+
+    smalls, bigs = run_in_threads(lambda: calls(small, 0.0), lambda: calls(big, 0.002))
+    assert all(torch.equal(r, expected_small) for r in smalls)
+    assert all(torch.equal(r, expected_big) for r in bigs)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # running statistics untouched
+    assert model.training and not model.layer1[0].bn1.training and model.layer1[0].bn2.training
+
+
+def test_tf32_flags_are_shared_by_calls_that_want_them_and_restored_after_the_last():
+    cuda = torch.device("cuda")  # only the process-wide flags are touched: no GPU needed
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    saved = flags()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # the user's settings
+    try:
+        fp32_in, release, seen = threading.Event(), threading.Event(), {}
+
+        def fp32_call(name):
+            with api._matmul_precision("fp32", cuda):
+                seen[name] = flags()
+                fp32_in.set()
+                release.wait(30)
+                seen[name + " at the end"] = flags()
+
+        def tf32_call():
+            fp32_in.wait(30)
+            start = time.monotonic()
+            with api._matmul_precision("tf32", cuda):
+                seen["tf32"] = flags()
+                seen["tf32 waited"] = time.monotonic() - start
+
+        def releaser():
+            fp32_in.wait(30)
+            time.sleep(0.3)  # both fp32 calls run; the tf32 one must wait for them
+            release.set()
+
+        run_in_threads(lambda: fp32_call("a"), lambda: fp32_call("b"), tf32_call, releaser)
+        assert seen["a"] == seen["b"] == seen["a at the end"] == seen["b at the end"] == (False, False)
+        assert seen["tf32"] == (True, True) and seen["tf32 waited"] > 0.2
+        assert flags() == (False, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
