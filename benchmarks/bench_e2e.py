@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--graph", action="store_true", help="also time RSP's static-shape path (CUDA graphs)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--channels-last", action="store_true",
+                   help="the model and the inputs in channels-last memory (rows then say memory_format)")
     p.add_argument("--authors-repo", help="checkout of github.com/wjNam/Relative_Sectional_Propagation")
     p.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
     p.add_argument("--quick", action="store_true")
@@ -136,9 +138,11 @@ def main(argv=None) -> int:
     rows, table = [], []
     for model_name in args.models:
         model = build(model_name).to(device)
+        layout = torch.channels_last if args.channels_last else torch.contiguous_format
+        model = model.to(memory_format=layout)
         for batch in batches:
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(batch, 3, size, size, generator=g).to(device)
+            x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=layout)
             target = model(x).argmax(1).detach()
             fwd = None
             if args.memory:
@@ -176,12 +180,15 @@ def main(argv=None) -> int:
                        "batch": batch, "device": str(device), "dtype": PRODUCT_DTYPES[precision],
                        "sec_per_image_median": t["median"] / batch, "sec_per_image_min": t["min"] / batch,
                        "sec_per_image_max": t["max"] / batch, "x_forward": t["median"] / fwd, "peak_mem_mb": mem}
+                if args.channels_last:
+                    row["memory_format"] = "channels_last"
                 rows.append(row)
                 table.append([model_name, batch, name, f"{row['sec_per_image_median']:.4f}", f"{batch / t['median']:.2f}",
                               f"{row['x_forward']:.1f}×",
                               f"{mem:.0f} ({mem / acts:.2f}× activations)" if mem is not None else ""])
                 print(f"  {model_name} batch {batch} {name}: {row['sec_per_image_median']:.4f} s/img", file=sys.stderr, flush=True)
-    print(f"Seconds per image, {describe(device)}, {size}×{size}, random weights, median of {repeats}")
+    layout = ", model and inputs channels-last" if args.channels_last else ""
+    print(f"Seconds per image, {describe(device)}, {size}×{size}, random weights{layout}, median of {repeats}")
     print(markdown_table(["model", "batch", "method", "s/img", "img/s", "× forward", "peak MB"], table))
     if args.json:  # NaN (times not taken in a memory run) is not JSON: null
         clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]

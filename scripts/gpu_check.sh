@@ -4,6 +4,7 @@
 # output to $OUT as it finishes, so a step that fails or runs long costs only itself.
 #   OUT=dir [WHEELS=dir of extra wheels] [AUTHORS=checkout of the authors' code]
 #   [STEPS="build tests paths vgg16 conv_products products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
+# (E2E_ARGS="--channels-last": the vgg16 and others steps with model and inputs channels-last)
 # (TEST_ARGS="-n 8 -v": the tests step on pytest-xdist's workers, each result named as it comes;
 # the GPU image has xdist, and the step's time goes to compiling Triton kernels, about 3.6 s a test)
 # (opt-in steps: "extended" times the models that need the extension rules, "cpu_tests" runs the CPU
@@ -112,7 +113,7 @@ PY
 
 vgg16() {
     timeout ${E2E_LIMIT:-180} $PY benchmarks/bench_e2e.py --models vgg16 --batches 1 64 --precisions ${VGG_PRECISIONS:-fp32 tf32 bf16} \
-        --graph $REPEATS ${AUTHORS:+--authors-repo "$AUTHORS"} --json "$OUT/e2e_vgg16.json" --methods forward \
+        --graph $REPEATS ${E2E_ARGS:-} ${AUTHORS:+--authors-repo "$AUTHORS"} --json "$OUT/e2e_vgg16.json" --methods forward \
         "forward + input gradient" "captum LRP" "zennit EpsilonPlusFlat" "authors' RSP" "RSP (cuda)" "RSP (cuda, tf32)" \
         "RSP (cuda, tf32, graph)" "RSP (cuda, bf16)" "RSP (cuda, bf16, graph)" 2>&1 \
         | grep -v "^  " | tail -60
@@ -204,7 +205,7 @@ vgg16_b128() {
 
 others() {
     timeout ${OTHERS_LIMIT:-100} $PY benchmarks/bench_e2e.py --models resnet50 efficientnet_lite0 --batches 64 --precisions fp32 bf16 \
-        --graph $REPEATS --methods forward "zennit EpsilonPlusFlat" "RSP (cuda)" "RSP (triton)" "RSP (cuda, bf16)" "RSP (triton, bf16)" \
+        --graph $REPEATS ${E2E_ARGS:-} --methods forward "zennit EpsilonPlusFlat" "RSP (cuda)" "RSP (triton)" "RSP (cuda, bf16)" "RSP (triton, bf16)" \
         "RSP (cuda, bf16, graph)" --json "$OUT/e2e_others.json" 2>&1 | grep -v "^  " | tail -20
 }
 

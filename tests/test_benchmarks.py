@@ -154,6 +154,28 @@ def test_bench_e2e_reports_running_out_of_memory_and_goes_on(monkeypatch, capsys
     assert "| vgg16 | 1 | forward | 1.0000 |" in capsys.readouterr().out
 
 
+def test_bench_e2e_channels_last_runs_model_and_inputs_in_that_layout(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_e2e
+    import rsp_fast
+
+    layouts = []
+    attribute = rsp_fast.RSP.attribute
+
+    def spy(self, inputs, *args, **kwargs):
+        layouts.append((inputs.is_contiguous(memory_format=torch.channels_last),
+                        self.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)))
+        return attribute(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(rsp_fast.RSP, "attribute", spy)
+    out = tmp_path / "e2e.json"
+    assert bench_e2e.main(["--quick", "--models", "vgg16", "--batches", "2", "--device", "cpu", "--channels-last",
+                           "--methods", "forward", "RSP (torch)", "--json", str(out)]) == 0
+    assert layouts and all(layouts[i] == (True, True) for i in range(len(layouts)))
+    rows = json.loads(out.read_text())
+    assert rows and all(r["memory_format"] == "channels_last" for r in rows)
+
+
 def test_cost_model_runs_strided_1x1_convs_as_pointwise():
     import torchvision
 
