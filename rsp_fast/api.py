@@ -62,7 +62,8 @@ class RSP:
             needs). None: the whole batch.
 
     A model in training mode is explained in eval mode and restored afterwards; the model,
-    its parameters, hooks and gradients are never changed.
+    its parameters, hooks and gradients are never changed. Explainers can be built and called
+    from several threads at once (README, Limits: what torch.fx's tracing holds back).
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, init: str = "comparative",
