@@ -264,3 +264,34 @@ def test_rule_on_the_implicit_gram_path_matches_the_filter_path(C, O, k, p, d):
     assert rel_err(got, expected) < 1e-12
     tracked = Context(values={}, shapes={}, ops=TORCH, dropped=torch.zeros(3, dtype=torch.float64))
     assert rel_err(inner_conv_relevance(tracked, x, R, g, path="implicit_gram"), expected) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_only_kernel_backends_choose_the_implicit_gemms(backend, monkeypatch):
+    """backend="torch" is the pure-PyTorch reference: where the cost model takes Triton's
+    implicit GEMMs (as on a GPU with tensor-core products), it runs PyTorch's convolutions; a
+    kernel backend runs the implicit GEMMs. Same values either way."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    from rsp_fast.kernels.triton import conv_products as kernels
+    from rsp_fast.ops.dispatch import SETS
+    from rsp_fast.rules import conv_paths
+
+    choose = conv_paths.choose_path
+
+    def as_on_a_gpu(ck, o, L, dense_pointwise=False, cuda_dense=False, nonzeros=None, masked_ck=None, pixel_gram=None,
+                    tensor_cores=False, implicit_gemm_runs=True, *rest, **kwargs):
+        return choose(ck, o, L, dense_pointwise, True, None, masked_ck, None, True, implicit_gemm_runs, *rest, **kwargs)
+
+    launches = []
+    products = kernels.conv_products_triton
+    monkeypatch.setattr(conv_paths, "choose_path", as_on_a_gpu)
+    monkeypatch.setattr(kernels, "conv_products_triton", lambda *a, **k: launches.append(1) or products(*a, **k))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 6, 3, padding=1).double()
+    x, g = torch.randn(2, 5, 7, 6, dtype=torch.float64), conv_geometry(conv, (7, 6))
+    R = torch.randn(2, 6, 7, 6, dtype=torch.float64)
+    expected = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path="filter")
+    got = inner_conv_relevance(Context(values={}, shapes={}, ops=SETS[backend]), x, R, g)
+    assert rel_err(got, expected) < 1e-12
+    assert bool(launches) == (backend != "torch")

@@ -198,9 +198,10 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
     (per group, zero-padded like x) with [W⁺, W⁻]; the back-projection one transposed
     convolution with [W⁺, W⁻], combined as (x − L)·b⁺ + (x − H)·b⁻: the wide (output-channel)
     tensors are written once. ``fused``: the Triton kernels instead (ungrouped convs, dropped
-    relevance not tracked); None: on CUDA where enabled."""
+    relevance not tracked); None: on CUDA where enabled, with a kernel backend."""
     if fused is None:
-        fused = x.is_cuda and CUDA_FUSED_FIRST_LAYER and triton_unavailable_reason(x.device) == ""
+        fused = (x.is_cuda and CUDA_FUSED_FIRST_LAYER and ctx.ops.name != "torch"
+                 and triton_unavailable_reason(x.device) == "")
     if fused and g.groups == 1 and not ctx.tracking:
         from ..kernels.triton.first_layer import first_layer_triton
 
@@ -393,8 +394,10 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     low = ctx.product_dtype or x.dtype
     speedup = conv_paths.torch_products_speedup(x.is_cuda, low)
     fused_pointwise = compiled and G == 1 and g.patches_are_input and ctx.ops.pointwise_products is not None
-    # tracking reads the responses, which the fused kernels never form
-    implicit_runs = conv_paths.implicit_gemm_fits(g) and not ctx.tracking and triton_unavailable_reason(x.device) == ""
+    # Triton's implicit GEMMs: a path of the kernel backends, not of the pure-PyTorch reference
+    # (unless the caller names it); tracking reads the responses, which the fused kernels never form
+    implicit_runs = ((path is not None or ctx.ops.name != "torch") and conv_paths.implicit_gemm_fits(g)
+                     and not ctx.tracking and triton_unavailable_reason(x.device) == "")
     tap_sums = conv_paths.tap_sums_pay(x.is_cuda, low, implicit_runs)
     pixel_gram = conv_paths.pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums)
     path = path or ("depthwise" if fused_depthwise else
