@@ -17,6 +17,7 @@ from .graph.trace import UntraceableModelError, eval_mode, unwrap
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
+from .shared_setting import SETTINGS
 
 if TYPE_CHECKING:
     from .static import StaticRSP
@@ -224,10 +225,6 @@ def _check_initial(initial, inputs: torch.Tensor) -> None:
 _LAYOUTS = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, T, H, W)"}  # inputs of a model starting with a Conv1d / 2d / 3d
 
 
-_TF32_CHANGED = threading.Condition()
-_tf32_calls = {"setting": None, "running": 0, "saved": None}  # the calls that set PyTorch's TF32 flags
-
-
 @contextlib.contextmanager
 def _matmul_precision(precision: str, device: torch.device):
     """TF32 for CUDA's matmuls and convolutions: off for "fp32" (PyTorch lets cuDNN use TF32 by
@@ -238,21 +235,18 @@ def _matmul_precision(precision: str, device: torch.device):
     if device.type != "cuda" or precision == "bf16":
         yield
         return
-    want, calls = precision == "tf32", _tf32_calls
-    with _TF32_CHANGED:
-        _TF32_CHANGED.wait_for(lambda: calls["running"] == 0 or calls["setting"] == want)
-        if calls["running"] == 0:
-            calls["saved"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = calls["setting"] = want
-        calls["running"] += 1
-    try:
+    want = precision == "tf32"
+
+    def apply():
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = want
+        return saved
+
+    def restore(saved):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    with SETTINGS.held("tf32", want, apply, restore):
         yield
-    finally:
-        with _TF32_CHANGED:
-            calls["running"] -= 1
-            if calls["running"] == 0:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = calls["saved"]
-                _TF32_CHANGED.notify_all()
 
 
 def _per_sample(value, N: int, name: str, shared_dim: int):

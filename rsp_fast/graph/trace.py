@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
+from ..shared_setting import SETTINGS
 
 MODULE_META = "rsp_module"  # node.meta key: the leaf module a call_module node runs
 KEPT_WHOLE = "rsp_kept_whole"  # node.meta key: why a module kept whole could not be traced
@@ -167,10 +168,6 @@ class UntraceableModelError(UnsupportedModelError):
     """The model's forward (or a module on the relevance path) could not be traced symbolically."""
 
 
-_MODES_LOCK = threading.Lock()
-_SAVED_MODES: dict[int, list] = {}  # id(model) -> [blocks inside, modes before]; the model lives while it is inside
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """The model in eval mode for the block, every module's own mode restored after it. RSP
@@ -178,21 +175,17 @@ def eval_mode(model: nn.Module):
     stochastic depth; fx writes ``self.training`` into the graph as a constant, so tracing
     too must run in this block. Blocks of several threads on one model share the switch: the
     modes come back when the last one ends (not while another thread's pass still runs)."""
-    with _MODES_LOCK:
-        held = _SAVED_MODES.get(id(model))
-        if held is None:
-            held = _SAVED_MODES[id(model)] = [0, [(m, m.training) for m in model.modules()]]
-            model.eval()
-        held[0] += 1
-    try:
+    def to_eval():
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        return modes
+
+    def restore(modes):
+        for m, mode in modes:
+            m.training = mode
+
+    with SETTINGS.held(("modes", id(model)), "eval", to_eval, restore):  # the model lives while inside
         yield model
-    finally:
-        with _MODES_LOCK:
-            held[0] -= 1
-            if held[0] == 0:
-                del _SAVED_MODES[id(model)]
-                for m, mode in held[1]:
-                    m.training = mode
 
 
 class _TraceGate:
