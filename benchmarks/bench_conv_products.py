@@ -2,18 +2,25 @@
 Triton implicit GEMMs (kernels/triton/conv_products.py), and the implicit GEMMs' launch tiles.
 
     python benchmarks/bench_conv_products.py [--batch 64] [--precisions tf32 bf16] [--layers dense|deep]
-        [--paths grouped_conv implicit_gemm] [--tiles] [--json out.json] [--quick]
+        [--paths grouped_conv implicit_gemm] [--tiles] [--warm 8] [--baseline-module old/conv_products.py]
+        [--json out.json] [--quick]
 
 Per layer and precision: milliseconds of one rule call (products, normalisation, purge) on each
 path (--paths: also "gram", for the deep layers it takes by default) and the products' TFLOP/s at the implicit GEMMs' time (one call: stacking, kernels,
 allocations; on a GPU also the kernels alone, from the profiler), and on a GPU all the layers'
 products against the dense peak measured in the same run; with --tiles, each kernel's time
-under each candidate tile (the others at their defaults), to choose ``default_tiles``.
+under each candidate tile (the others at their defaults), to choose ``default_tiles``: timed on
+the launch the rule makes, whose back-projection writes the purge's 2·x̂⊙dx and counts (its
+epilogue holds more registers), and compiled first in --warm processes at once (Triton's
+compiles, seconds each, otherwise take most of the sweep). --baseline-module: another version
+of kernels/triton/conv_products.py (a file), its products timed beside these, call by call.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -41,8 +48,59 @@ def candidate_tiles(dtype: torch.dtype):
     from rsp_fast.kernels.triton.conv_products import Tiles
 
     red = 128 // (torch.finfo(dtype).bits // 8)
-    return [Tiles(128, 128, red, 8, 3), Tiles(128, 128, red, 4, 4), Tiles(128, 64, red, 4, 4), Tiles(64, 128, red, 4, 4),
-            Tiles(256, 128, red, 8, 3), Tiles(128, 256, red, 8, 3), Tiles(128, 128, 2 * red, 8, 3)]
+    return [Tiles(128, 128, red, 8, 3), Tiles(128, 128, red, 8, 4), Tiles(128, 128, red, 4, 4), Tiles(128, 64, red, 4, 4),
+            Tiles(64, 128, red, 4, 4), Tiles(256, 128, red, 8, 3), Tiles(256, 128, red, 8, 2), Tiles(128, 256, red, 8, 3),
+            Tiles(128, 128, 2 * red, 8, 3), Tiles(128, 128, 2 * red, 8, 2)]
+
+
+def layer_case(C: int, O: int, H: int, batch: int, device, dtype, low):
+    """A dense layer's inputs (seeded), its rule's Context and the products' call:
+    ``products(tiles, combine, module)`` (combine: the rule's epilogue)."""
+    from rsp_fast.kernels.triton import conv_products as ours
+    from rsp_fast.rules.base import input_scale
+
+    torch.manual_seed(0)
+    x = torch.rand(batch, C, H, H, device=device, dtype=dtype)
+    R = torch.randn(batch, O, H, H, device=device, dtype=dtype)
+    x_cl = x.to(low or dtype).permute(0, 2, 3, 1).contiguous()
+    scale = input_scale(x, True)
+
+    def products(tiles=None, combine=False, module=ours):
+        both = module.Combination(x, scale, torch.zeros(batch, dtype=torch.int32, device=device)) if combine else None
+        return module.conv_products_triton(x_cl, R.view(batch, O, H * H), (3, 3), (1, 1), (1, 1, 1, 1), (H, H), dtype,
+                                           tiles=tiles, combine=both)
+    return x, R, products
+
+
+def _warm(job) -> str | None:
+    """Compile (by one launch) a candidate tile's kernels, in a worker process; None or why it failed."""
+    precision, (C, O, H), batch, kernel, tiles = job
+    device = torch.device("cuda")
+    low = LOW[precision]
+    try:
+        with _matmul_precision(precision, device):
+            layer_case(C, O, H, batch, device, torch.float32, low)[2]({kernel: tiles}, combine=True)
+            torch.cuda.synchronize()
+    except Exception as e:  # a tile that does not fit the shared memory: reported by the timing pass
+        return f"{type(e).__name__}"
+    return None
+
+
+def warm_sweep(precisions, layers, batch: int, kernels, processes: int) -> None:
+    """Compile every candidate tile's launch in ``processes`` worker processes at once (Triton's
+    cache on disk then holds them for the timing pass)."""
+    jobs = [(precision, layer, batch, kernel, t) for precision in precisions for layer in layers for kernel in kernels
+            for t in candidate_tiles(LOW[precision] or torch.float32)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_warm, jobs, chunksize=1)
+
+
+def load_module(path: str):
+    """A conv_products.py from a file (another version of the kernels), as a module."""
+    spec = importlib.util.spec_from_file_location(f"baseline_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv=None) -> list[dict]:
@@ -55,19 +113,22 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tiles", action="store_true", help="also time each kernel under candidate tiles")
     p.add_argument("--tile-kernels", nargs="+", default=["filters", "responses", "back"],
                    help="with --tiles: the kernels whose tiles to try")
+    p.add_argument("--warm", type=int, default=0, help="with --tiles: compile the candidates in this many processes first")
+    p.add_argument("--baseline-module", help="another conv_products.py whose products to time beside these")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="tiny layers, batch 2, one repeat (tests; the CPU interpreter)")
     args = p.parse_args(argv)
     from rsp_fast.kernels.triton import triton_unavailable_reason
-    from rsp_fast.kernels.triton.conv_products import conv_products_triton
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if reason := triton_unavailable_reason(device):
         raise SystemExit(f"bench_conv_products: {reason}")
     layers, batch, repeats = (QUICK, 2, 1) if args.quick else (LAYERS[args.layers], args.batch, args.repeats)
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     print(describe(device))
+    if args.tiles and args.warm > 1 and device.type == "cuda":
+        warm_sweep(args.precisions, layers, batch, args.tile_kernels, args.warm)
+    baseline = load_module(args.baseline_module) if args.baseline_module else None
     rows, peaks = [], {}
     for precision in args.precisions:
         if device.type == "cuda":  # the device's dense rate in this precision, measured in this run
@@ -75,9 +136,7 @@ def main(argv=None) -> list[dict]:
         low = LOW[precision] if device.type == "cuda" else (None if precision in ("fp32", "tf32") else torch.float16)
         ctx = Context(values={}, shapes={}, ops=dispatch.select_kernels("auto", device), product_dtype=low)
         for C, O, H in layers:
-            torch.manual_seed(0)
-            x = torch.rand(batch, C, H, H, device=device, dtype=dtype)
-            R = torch.randn(batch, O, H, H, device=device, dtype=dtype)
+            x, R, products = layer_case(C, O, H, batch, device, dtype, low)
             g = call_geometry(3, padding=1)
             flops = 2 * 6 * O * C * 9 * H * H * batch
             with _matmul_precision(precision, device):
@@ -85,11 +144,16 @@ def main(argv=None) -> list[dict]:
                                           for path in args.paths}, device, repeats, 1)
                 row = {"layer": f"{C}->{O} at {H}x{H}", "precision": precision, "batch": batch, "device": describe(device),
                        **{f"{path}_ms": 1e3 * t["median"] for path, t in times.items()}}
-                x_cl = x.to(low or dtype).permute(0, 2, 3, 1).contiguous()
-
-                def products(tiles=None):
-                    return conv_products_triton(x_cl, R.view(batch, O, H * H), (3, 3), (1, 1), (1, 1, 1, 1), (H, H), dtype,
-                                                tiles=tiles)
+                if baseline is not None:  # the two versions call by call, then each one's kernels
+                    pair = time_interleaved({"ours": products, "baseline": lambda: products(module=baseline)}, device,
+                                            repeats, 1)
+                    row["baseline_products_ms"], row["paired_products_ms"] = (1e3 * pair[k]["median"]
+                                                                               for k in ("baseline", "ours"))
+                    theirs, mine = products(module=baseline).double(), products().double()
+                    row["baseline_max_rel_diff"] = float((theirs - mine).abs().max() / theirs.abs().max())
+                    if device.type == "cuda":
+                        _, _, per_kernel = product_device_seconds(lambda: products(module=baseline), device)
+                        row["baseline_per_kernel_ms"] = {name: 1e3 * t for name, t in per_kernel}
                 base = time_interleaved({"products": products}, device, repeats, 1)["products"]["median"]
                 row["products_ms"], row["products_tflops"], row["flops"] = 1e3 * base, flops / base / 1e12, flops
                 row["peak_tflops"] = peaks.get(precision)
@@ -100,8 +164,9 @@ def main(argv=None) -> list[dict]:
                 if args.tiles:
                     for kernel in args.tile_kernels:
                         for t in candidate_tiles(low or dtype):
-                            try:
-                                ms = 1e3 * time_interleaved({"t": lambda: products({kernel: t})}, device, repeats, 1)["t"]["median"]
+                            try:  # the rule's launch
+                                ms = 1e3 * time_interleaved({"t": lambda: products({kernel: t}, combine=True)}, device,
+                                                            repeats, 1)["t"]["median"]
                             except Exception as e:  # a tile that does not fit the shared memory
                                 ms = f"{type(e).__name__}"
                             row.setdefault("tiles", []).append({"kernel": kernel, "tiles": list(t), "products_ms": ms})
@@ -111,6 +176,12 @@ def main(argv=None) -> list[dict]:
                   + (f"; kernels {row['kernels_ms']:.2f} ms: " + ", ".join(
                       f"{name.strip('_').removesuffix('_kernel')} {ms:.2f}" for name, ms in row["per_kernel_ms"].items())
                      if "kernels_ms" in row else "") + ")")
+            if baseline is not None:
+                print(f"   baseline module: products {row['baseline_products_ms']:.2f} ms against "
+                      f"{row['paired_products_ms']:.2f} ms, call by call (max difference "
+                      f"{row['baseline_max_rel_diff']:.1e} of its largest)" + (": " + ", ".join(
+                          f"{name.strip('_').removesuffix('_kernel')} {ms:.2f}"
+                          for name, ms in row["baseline_per_kernel_ms"].items()) if "baseline_per_kernel_ms" in row else ""))
             for t in row.get("tiles", []):
                 print(f"   {t['kernel']} {t['tiles']}: {t['products_ms'] if isinstance(t['products_ms'], str) else round(t['products_ms'], 3)}")
     print(markdown_table(["layer", "precision", *(f"{path} ms" for path in args.paths), "products TFLOP/s"],

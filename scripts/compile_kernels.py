@@ -6,15 +6,19 @@ Triton's interpreter, which the CPU tests run the kernels in, executes them as P
 the compiler rejects (a variable whose type changes across branches, an early return) passes
 there and fails only on the GPU. This compiles each kernel, at the launches conv_products.py
 and first_layer.py make (default tiles, every precision and epilogue), to a cubin, and prints the shared memory
-each needs and the instructions its products and loads compiled to (Hopper's wgmma or the older
-mma.sync, asynchronous copies). Exit status 1 if any fails. Run without TRITON_INTERPRET.
+each needs, the registers per thread and the bytes of stack that registers spill to (cuobjdump's
+resource usage) and the instructions its products and loads compiled to (Hopper's wgmma or the
+older mma.sync, asynchronous copies). Exit status 1 if any fails. Run without TRITON_INTERPRET.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -100,6 +104,22 @@ def compile_launch(kernel, pointers: dict, constexprs: dict, warps: int, stages:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def resources(compiled) -> tuple[int, int] | None:
+    """Registers per thread and stack bytes (spilled registers) of a compiled kernel, read from
+    its cubin by the cuobjdump that ships with Triton; None where that tool is missing."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
@@ -115,7 +135,10 @@ def main(argv=None) -> int:
             print(f"FAILED {name}: {type(e).__name__}: {str(e).strip()[:1500]}")
             continue
         ptx = compiled.asm["ptx"]
-        print(f"ok {name}: shared memory {compiled.metadata.shared / 1024:.0f} KiB, {ptx.count('wgmma.mma_async')} wgmma "
+        usage = resources(compiled)
+        print(f"ok {name}: shared memory {compiled.metadata.shared / 1024:.0f} KiB, "
+              + (f"{usage[0]} registers {usage[1]} spilled, " if usage else "")
+              + f"{ptx.count('wgmma.mma_async')} wgmma "
               f"{ptx.count('mma.sync')} mma.sync, {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')} cp.async "
               f"{ptx.count('cp.async.bulk.tensor')} TMA")
     return 1 if failed else 0

@@ -32,15 +32,21 @@ def test_bench_video_on_a_demo_clip_of_any_size(tmp_path):
 
 
 def test_bench_conv_products_quick(tmp_path):
-    """Both CUDA dense paths of the conv rule, run on CPU (the implicit GEMMs in Triton's interpreter)."""
+    """Both CUDA dense paths of the conv rule, run on CPU (the implicit GEMMs in Triton's
+    interpreter), and the products beside another version of the kernels (here a copy of the same
+    file, loaded as a module of its own: the same values)."""
     out = tmp_path / "c.json"
+    baseline = tmp_path / "conv_products.py"
+    baseline.write_text((ROOT / "rsp_fast" / "kernels" / "triton" / "conv_products.py").read_text())
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_conv_products.py"), "--quick", "--precisions",
-                           "fp32", "--json", str(out)], capture_output=True, text=True, env=env)
+                           "fp32", "--baseline-module", str(baseline), "--json", str(out)],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [r["layer"] for r in rows] == ["8->6 at 9x9", "5->4 at 7x7"]
     assert all(r["grouped_conv_ms"] > 0 and r["implicit_gemm_ms"] > 0 and r["products_ms"] > 0 for r in rows)
+    assert all(r["baseline_products_ms"] > 0 and r["baseline_max_rel_diff"] < 1e-12 for r in rows)
     assert "| layer |" in proc.stdout
 
 

@@ -1,9 +1,11 @@
 """RSP's three products for a stride-1 convolution as implicit GEMMs (Triton), with the
 sectional normalisation fused into the responses.
 
-With x the rectified input in channels-last layout (N, H, W, C), Rs = [R⁺; R⁻] the sections
-(N, 2·O, L) over the L = Ho·Wo output positions and t = (ky, kx) a tap of the kernel, the
-patches are Xᵤ[(t, c), l] = x[n, i(l) + ky·dy − pt, j(l) + kx·dx − pl, c] (zero off the image):
+With x the rectified input in channels-last layout (N, H, W, C), Rs the sections interleaved
+(N, 2·O, L: row 2·o is R⁺ = max(R, 0) of output o, row 2·o + 1 its R⁻ = max(−R, 0); the order of
+the 2·O rows is the products' own, so one that keeps both of an output's next to each other lets
+the normalisation read R once for both) over the L = Ho·Wo output positions and t = (ky, kx) a
+tap of the kernel, the patches are Xᵤ[(t, c), l] = x[n, i(l) + ky·dy − pt, j(l) + kx·dx − pl, c] (zero off the image):
   filters          F[n, t, m, c] = Σ_l Rs[n, m, l] · Xᵤ[(t, c), l]
   responses        S[n, l, m] = normalise(Rs, Σ_(t, c) F[n, t, m, c] · Xᵤ[(t, c), l])
   back-projection  dx[n, c, y, x] = Σ_(t, m) F[n, t, m, c] · S[n, l(y, x, t), m]
@@ -41,12 +43,18 @@ def _dot(a, b, acc, FP64: tl.constexpr, TF32: tl.constexpr):
 
 
 @triton.jit
-def _section(r_ptr, rows, cols, O, srm, srl, mask):
-    """Rows [0, O) of the stacked sections are R⁺ = max(R, 0), rows [O, 2·O) R⁻ = max(−R, 0),
-    read from R itself in its precision."""
-    target = rows < O
-    r = tl.load(r_ptr + tl.where(target, rows, rows - O) * srm + cols * srl, mask=mask, other=0.0)
-    return tl.maximum(tl.where(target, r, -r), 0.0)
+def _normalised(acc, r_ptr, rl, ro, O, L, srm, srl, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr):
+    """S for a tile of positions rl and interleaved section columns (those of outputs ro): where
+    R ≠ 0 only its own section's response is read, S = R/G there (R⁺/G⁺, or −R⁻/G⁻ for the
+    hostile section) where G ≠ 0, zero elsewhere. Each R is read once for both of its columns and
+    divided once, which also halves the registers the epilogue holds beside the accumulator."""
+    pos, neg = tl.split(tl.reshape(acc, (BLOCK_L, BLOCK_M // 2, 2)))
+    r = tl.load(r_ptr + ro[None, :] * srm + rl[:, None] * srl, mask=(rl[:, None] < L) & (ro[None, :] < O),
+                other=0.0).to(acc.dtype)
+    g = tl.where(r > 0, pos, neg)
+    active = (r != 0) & (g != 0)
+    s = tl.where(active, r / tl.where(active, g, 1.0), 0.0)
+    return tl.reshape(tl.join(tl.where(r > 0, s, 0.0), tl.where(r < 0, s, 0.0)), (BLOCK_L, BLOCK_M))
 
 
 @triton.jit
@@ -120,11 +128,9 @@ def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, H, W, Wo, KW, DY, DX,
     mask = (rl[:, None] < L) & (rm[None, :] < M)
     if GRAM:
         out = acc
-    else:  # S = R/G where both are non-zero, the hostile rows negated
-        r = _section(r_ptr + n.to(tl.int64) * srn, rm[None, :], rl[:, None], O, srm, srl, mask).to(acc.dtype)
-        active = (r != 0) & (acc != 0)
-        out = tl.where(active, r / tl.where(active, acc, 1.0), 0.0)
-        out = tl.where(rm[None, :] < O, out, -out)
+    else:
+        ro = pid_m * (BLOCK_M // 2) + tl.arange(0, BLOCK_M // 2)
+        out = _normalised(acc, r_ptr + n.to(tl.int64) * srn, rl, ro, O, L, srm, srl, BLOCK_L, BLOCK_M)
     tl.store(s_ptr + n.to(tl.int64) * ssn + rl[:, None] * ssl + rm[None, :], out.to(s_ptr.dtype.element_ty), mask=mask)
 
 
@@ -188,16 +194,17 @@ def _pack_kernel(x_ptr, scale_ptr, out_ptr, C, P, sxn, sxc, sxp, BLOCK_C: tl.con
 
 
 @triton.jit
-def _stack_kernel(r_ptr, out_ptr, O, L, LP, BLOCK: tl.constexpr):
-    """Row (n, o) of R (L values) as rows o and O + o of out[n] (LP values each: zeros past L):
-    [R⁺; R⁻] in out's precision, R read once."""
+def _stack_kernel(r_ptr, out_ptr, O, L, LP, BLOCK: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """Row (n, o) of R (L values) as rows o and O + o of out[n] (INTERLEAVE: 2·o and 2·o + 1; LP
+    values each, zeros past L): R⁺ and R⁻ in out's precision, R read once."""
     row, pid = tl.program_id(0), tl.program_id(1)
     n, o = row // O, row % O
     i = pid * BLOCK + tl.arange(0, BLOCK)
     r = tl.load(r_ptr + row.to(tl.int64) * L + i, mask=i < L, other=0.0)
-    out = out_ptr + (n.to(tl.int64) * 2 * O + o) * LP + i
+    hostile = LP if INTERLEAVE else O * LP  # from the target row to its hostile row
+    out = out_ptr + (n.to(tl.int64) * 2 * O + (2 * o if INTERLEAVE else o)) * LP + i
     tl.store(out, tl.maximum(r, 0.0).to(out_ptr.dtype.element_ty), mask=i < LP)
-    tl.store(out + O * LP, tl.maximum(-r, 0.0).to(out_ptr.dtype.element_ty), mask=i < LP)
+    tl.store(out + hostile, tl.maximum(-r, 0.0).to(out_ptr.dtype.element_ty), mask=i < LP)
 
 
 class Tiles(NamedTuple):
@@ -285,15 +292,15 @@ def pack_input(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return out
 
 
-def stack_sections(R: torch.Tensor, dtype: torch.dtype, align: int = 1) -> torch.Tensor:
+def stack_sections(R: torch.Tensor, dtype: torch.dtype, align: int = 1, interleave: bool = False) -> torch.Tensor:
     """[R⁺; R⁻] (N, 2·O, Lp) in ``dtype`` from R (N, O, L), in one pass over R, the positions
-    zero-padded to Lp, the next multiple of ``align``."""
+    zero-padded to Lp, the next multiple of ``align``; ``interleave``: rows R⁺ₒ, R⁻ₒ per output o."""
     N, O, L = R.shape
     R = R.contiguous()
     LP = triton.cdiv(L, align) * align
     out = torch.empty((N, 2 * O, LP), dtype=dtype, device=R.device)
     block = min(1024, triton.next_power_of_2(LP))
-    _stack_kernel[(N * O, triton.cdiv(LP, block))](R, out, O, L, LP, BLOCK=block)
+    _stack_kernel[(N * O, triton.cdiv(LP, block))](R, out, O, L, LP, BLOCK=block, INTERLEAVE=interleave)
     return out
 
 
@@ -341,7 +348,7 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     # positions padded to a multiple of 16 with zeros: the JIT then knows the rows of Rs and the
     # filters' loop bounds aligned, so 16-bit sections are copied asynchronously and the loop is
     # pipelined (scripts/compile_kernels.py) also where L is not a multiple of 16 (14² = 196)
-    Rs_low = stack_sections(R, dtype, align=16)
+    Rs_low = stack_sections(R, dtype, align=16, interleave=True)
     Lp = Rs_low.shape[-1]
     t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
     blocks = triton.cdiv(M, t.rows) * triton.cdiv(C, t.cols)
