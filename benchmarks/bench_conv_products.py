@@ -2,18 +2,19 @@
 Triton implicit GEMMs (kernels/triton/conv_products.py), and the implicit GEMMs' launch tiles.
 
     python benchmarks/bench_conv_products.py [--batch 64] [--precisions tf32 bf16] [--layers dense|deep]
-        [--paths grouped_conv implicit_gemm] [--tiles] [--warm 8] [--baseline-module old/conv_products.py]
+        [--paths grouped_conv implicit_gemm] [--tiles] [--warm 8] [--baseline-module old/conv_products.py ...]
         [--json out.json] [--quick]
 
 Per layer and precision: milliseconds of one rule call (products, normalisation, purge) on each
 path (--paths: also "gram", for the deep layers it takes by default) and the products' TFLOP/s at the implicit GEMMs' time (one call: stacking, kernels,
 allocations; on a GPU also the kernels alone, from the profiler), and on a GPU all the layers'
 products against the dense peak measured in the same run; with --tiles, each kernel's time
-under each candidate tile (the others at their defaults), to choose ``default_tiles``: timed on
+under each candidate tile (the others at their defaults), to choose ``default_tiles`` (on a GPU
+also that kernel's own time in the profiler, the median of three calls): timed on
 the launch the rule makes, whose back-projection writes the purge's 2·x̂⊙dx and counts (its
 epilogue holds more registers), and compiled first in --warm processes at once (Triton's
-compiles, seconds each, otherwise take most of the sweep). --baseline-module: another version
-of kernels/triton/conv_products.py (a file), its products timed beside these, call by call.
+compiles, seconds each, otherwise take most of the sweep). --baseline-module: other versions
+of kernels/triton/conv_products.py (files), each one's products timed beside these, call by call.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def candidate_tiles(dtype: torch.dtype):
     from rsp_fast.kernels.triton.conv_products import Tiles
 
     red = 128 // (torch.finfo(dtype).bits // 8)
-    return [Tiles(128, 128, red, 8, 3), Tiles(128, 128, red, 8, 4), Tiles(128, 128, red, 4, 4), Tiles(128, 64, red, 4, 4),
-            Tiles(64, 128, red, 4, 4), Tiles(256, 128, red, 8, 3), Tiles(256, 128, red, 8, 2), Tiles(128, 256, red, 8, 3),
+    return [Tiles(128, 128, red, 8, 3), Tiles(128, 128, red, 8, 4), Tiles(128, 128, red, 4, 4), Tiles(128, 128, red, 4, 2),
+            Tiles(128, 64, red, 4, 4), Tiles(64, 128, red, 4, 4), Tiles(64, 128, red, 4, 3), Tiles(64, 128, red, 4, 2),
+            Tiles(256, 128, red, 8, 3), Tiles(256, 128, red, 8, 2), Tiles(128, 256, red, 8, 3),
             Tiles(128, 128, 2 * red, 8, 3), Tiles(128, 128, 2 * red, 8, 2)]
 
 
@@ -97,7 +99,7 @@ def warm_sweep(precisions, layers, batch: int, kernels, processes: int) -> None:
 
 def load_module(path: str):
     """A conv_products.py from a file (another version of the kernels), as a module."""
-    spec = importlib.util.spec_from_file_location(f"baseline_{Path(path).stem}", path)
+    spec = importlib.util.spec_from_file_location(f"baseline_{abs(hash(str(Path(path).resolve())))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -114,7 +116,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tile-kernels", nargs="+", default=["filters", "responses", "back"],
                    help="with --tiles: the kernels whose tiles to try")
     p.add_argument("--warm", type=int, default=0, help="with --tiles: compile the candidates in this many processes first")
-    p.add_argument("--baseline-module", help="another conv_products.py whose products to time beside these")
+    p.add_argument("--baseline-module", nargs="+", default=[],
+                   help="other versions of conv_products.py (files) whose products to time beside these")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="tiny layers, batch 2, one repeat (tests; the CPU interpreter)")
@@ -128,7 +131,7 @@ def main(argv=None) -> list[dict]:
     print(describe(device))
     if args.tiles and args.warm > 1 and device.type == "cuda":
         warm_sweep(args.precisions, layers, batch, args.tile_kernels, args.warm)
-    baseline = load_module(args.baseline_module) if args.baseline_module else None
+    baselines = {path: load_module(path) for path in args.baseline_module}
     rows, peaks = [], {}
     for precision in args.precisions:
         if device.type == "cuda":  # the device's dense rate in this precision, measured in this run
@@ -144,16 +147,16 @@ def main(argv=None) -> list[dict]:
                                           for path in args.paths}, device, repeats, 1)
                 row = {"layer": f"{C}->{O} at {H}x{H}", "precision": precision, "batch": batch, "device": describe(device),
                        **{f"{path}_ms": 1e3 * t["median"] for path, t in times.items()}}
-                if baseline is not None:  # the two versions call by call, then each one's kernels
-                    pair = time_interleaved({"ours": products, "baseline": lambda: products(module=baseline)}, device,
+                for path, module in baselines.items():  # each other version and ours call by call, then its kernels
+                    pair = time_interleaved({"ours": products, "baseline": lambda: products(module=module)}, device,
                                             repeats, 1)
-                    row["baseline_products_ms"], row["paired_products_ms"] = (1e3 * pair[k]["median"]
-                                                                               for k in ("baseline", "ours"))
-                    theirs, mine = products(module=baseline).double(), products().double()
-                    row["baseline_max_rel_diff"] = float((theirs - mine).abs().max() / theirs.abs().max())
+                    theirs, mine = products(module=module).double(), products().double()
+                    other = row.setdefault("baselines", {})[path] = {
+                        "products_ms": 1e3 * pair["baseline"]["median"], "paired_products_ms": 1e3 * pair["ours"]["median"],
+                        "max_rel_diff": float((theirs - mine).abs().max() / theirs.abs().max())}
                     if device.type == "cuda":
-                        _, _, per_kernel = product_device_seconds(lambda: products(module=baseline), device)
-                        row["baseline_per_kernel_ms"] = {name: 1e3 * t for name, t in per_kernel}
+                        _, _, per_kernel = product_device_seconds(lambda: products(module=module), device)
+                        other["per_kernel_ms"] = {name: 1e3 * t for name, t in per_kernel}
                 base = time_interleaved({"products": products}, device, repeats, 1)["products"]["median"]
                 row["products_ms"], row["products_tflops"], row["flops"] = 1e3 * base, flops / base / 1e12, flops
                 row["peak_tflops"] = peaks.get(precision)
@@ -164,26 +167,31 @@ def main(argv=None) -> list[dict]:
                 if args.tiles:
                     for kernel in args.tile_kernels:
                         for t in candidate_tiles(low or dtype):
+                            entry = {"kernel": kernel, "tiles": list(t)}
                             try:  # the rule's launch
-                                ms = 1e3 * time_interleaved({"t": lambda: products({kernel: t}, combine=True)}, device,
-                                                            repeats, 1)["t"]["median"]
+                                call = lambda: products({kernel: t}, combine=True)  # noqa: E731
+                                entry["products_ms"] = 1e3 * time_interleaved({"t": call}, device, repeats, 1)["t"]["median"]
+                                if device.type == "cuda":  # the kernel itself, steadier than the whole call's wall time
+                                    entry["kernel_ms"] = 1e3 * sorted(dict(product_device_seconds(call, device)[2])[
+                                        f"_{kernel}_kernel"] for _ in range(3))[1]
                             except Exception as e:  # a tile that does not fit the shared memory
-                                ms = f"{type(e).__name__}"
-                            row.setdefault("tiles", []).append({"kernel": kernel, "tiles": list(t), "products_ms": ms})
+                                entry["products_ms"] = f"{type(e).__name__}"
+                            row.setdefault("tiles", []).append(entry)
             rows.append(row)
             print(f"{row['layer']} {precision}: " + ", ".join(f"{path} {row[path + '_ms']:.2f} ms" for path in args.paths)
                   + f" (products {row['products_ms']:.2f} ms, {row['products_tflops']:.0f} TFLOP/s"
                   + (f"; kernels {row['kernels_ms']:.2f} ms: " + ", ".join(
                       f"{name.strip('_').removesuffix('_kernel')} {ms:.2f}" for name, ms in row["per_kernel_ms"].items())
                      if "kernels_ms" in row else "") + ")")
-            if baseline is not None:
-                print(f"   baseline module: products {row['baseline_products_ms']:.2f} ms against "
-                      f"{row['paired_products_ms']:.2f} ms, call by call (max difference "
-                      f"{row['baseline_max_rel_diff']:.1e} of its largest)" + (": " + ", ".join(
+            for path, other in row.get("baselines", {}).items():
+                print(f"   {path}: products {other['products_ms']:.2f} ms against {other['paired_products_ms']:.2f} ms, "
+                      f"call by call (max difference {other['max_rel_diff']:.1e} of its largest)" + (": " + ", ".join(
                           f"{name.strip('_').removesuffix('_kernel')} {ms:.2f}"
-                          for name, ms in row["baseline_per_kernel_ms"].items()) if "baseline_per_kernel_ms" in row else ""))
+                          for name, ms in other["per_kernel_ms"].items()) if "per_kernel_ms" in other else ""))
             for t in row.get("tiles", []):
-                print(f"   {t['kernel']} {t['tiles']}: {t['products_ms'] if isinstance(t['products_ms'], str) else round(t['products_ms'], 3)}")
+                ms = t["products_ms"]
+                print(f"   {t['kernel']} {t['tiles']}: " + (ms if isinstance(ms, str) else f"products {ms:.3f} ms"
+                      + (f", the kernel {t['kernel_ms']:.3f} ms" if "kernel_ms" in t else "")))
     print(markdown_table(["layer", "precision", *(f"{path} ms" for path in args.paths), "products TFLOP/s"],
                          [[r["layer"], r["precision"], *(f"{r[path + '_ms']:.2f}" for path in args.paths),
                            f"{r['products_tflops']:.0f}"] for r in rows]))
