@@ -22,6 +22,7 @@ GEOMETRIES = [
     (2, 40, 36, 6, 6, (3, 3), (1, 1), (0, 0, 0, 0)),  # no padding; channels and sections past one tile
     (1, 9, 4, 7, 8, (2, 2), (1, 1), (0, 1, 0, 1)),  # even kernel, padding on one side only (TF "same")
     (2, 6, 5, 1, 23, (1, 5), (1, 2), (4, 4, 0, 0)),  # a Conv1d's 1×L image, dilated
+    (1, 72, 130, 5, 6, (3, 3), (1, 1), (1, 1, 1, 1)),  # on a GPU, the tiles of 128+ channels and 256+ section columns
 ]
 DEVICES = [("cpu", torch.float64), ("cpu", torch.float16),  # bfloat16 is not exact in the interpreter; fp16 is
            pytest.param("cuda", torch.float64, marks=pytest.mark.cuda),

@@ -217,19 +217,29 @@ class Tiles(NamedTuple):
 
 
 def default_tiles(kernel: str, columns: int, dtype: torch.dtype, device: torch.device) -> Tiles:
-    """GPUs: tensor-core tiles whose reduction tile holds 128 bytes of a row, the column tile no
-    wider than the ``columns`` there are (VGG16's first layers have 64 channels); float64 and the
-    CPU interpreter: small tiles. Chosen from benchmarks/bench_conv_products.py --tiles on an H100
-    (VGG16's dense layers, batch 64; docs/gpu/h100_conv_products_tiles.log): 256-position
-    response tiles were 2–7 % faster in bfloat16, 256-row filter and back-projection tiles
-    12–16 % faster in TF32 where there are 128 channels or more."""
+    """A launch's tiles: ``kernel`` is "filters", "responses" (with the normalisation), "back", or
+    the Gram path's "patch_gram" and "gram_back". GPUs: tensor-core tiles whose reduction tile
+    holds 128 bytes of a row, the column tile no wider than the ``columns`` there are (VGG16's
+    first layers have 64 channels); float64 and the CPU interpreter: small tiles. Chosen from
+    benchmarks/bench_conv_products.py --tiles on an H100 (VGG16's dense layers, batch 64;
+    docs/gpu/h100_conv_products_tiles.log, and each kernel's own time on the rule's launch in
+    docs/gpu/h100_conv_products_tiles_session21.json): in bfloat16, 128×256 response tiles
+    3–5 % faster than 256×128 where there are 256 section columns or more, and 64×128
+    back-projection tiles of 4 warps 17–24 % faster than 128×128 of 8 where there are 128
+    channels or more (its epilogue, the purge's 2·x̂⊙dx, hides behind other programs' products);
+    in TF32, 256-row filter and back-projection tiles 12–16 % faster where there are 128
+    channels or more. (The Gram path's kernels keep the tiles they were measured with.)"""
     if device.type != "cuda" or dtype == torch.float64:
         return Tiles(32, 32, 16 if device.type == "cuda" else 32, 4, 2)
     red = 128 // (torch.finfo(dtype).bits // 8)
     cols = min(128, max(32, triton.next_power_of_2(columns)))
-    wide = cols == 128
-    if kernel == "responses":
-        return Tiles(256, 128, red, 8, 3) if dtype.itemsize == 2 else Tiles(128, 128, 2 * red, 8, 3)
+    wide, half = cols == 128, dtype.itemsize == 2
+    if kernel == "responses" and half and columns >= 256:
+        return Tiles(128, 256, red, 8, 3)
+    if kernel in ("responses", "patch_gram"):
+        return Tiles(256, 128, red, 8, 3) if half else Tiles(128, 128, 2 * red, 8, 3)
+    if kernel == "back" and half and wide:
+        return Tiles(64, 128, red, 4, 3)
     if dtype == torch.float32 and wide:
         return Tiles(256, 128, red, 8, 3)
     return Tiles(128, cols, red, 8 if wide else 4, 3)
@@ -378,7 +388,7 @@ def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kerne
     N, H, W, C = x_cl.shape
     M = S.shape[-1]
     (_, kw), (dy, dx_), (pl, _, pt, _) = kernel, dilation, pad
-    t = tiles.get("back") or default_tiles("back", C, x_cl.dtype, x_cl.device)
+    t = tiles.get("back") or default_tiles("gram_back" if gram else "back", C, x_cl.dtype, x_cl.device)
     dx = torch.empty((N, C, H, W), dtype=out_dtype, device=x_cl.device)
     if combine is not None:
         x = with_pixel_stride(combine.x)
@@ -413,7 +423,7 @@ def gram_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     # (14² = 196 positions do not): their loads are then asynchronous copies
     Rs_low = stack_sections(R, dtype, align=16)  # N, 2·O, Lp (zeros past L)
     Lp = Rs_low.shape[-1]
-    t = tiles.get("responses") or default_tiles("responses", L, dtype, device)
+    t = tiles.get("responses") or default_tiles("patch_gram", L, dtype, device)
     K = torch.empty((N, L, Lp), dtype=dtype, device=device)[..., :L]
     _responses_kernel[(triton.cdiv(L, t.rows), triton.cdiv(L, t.cols), N)](
         x_cl, x_cl, R, K, O, C, L, H, W, Wo, kw, dy, dx_, pt, pl, kh * kw, *x_cl.stride()[:3], 0, 0, 0, *R.stride(),
