@@ -5,7 +5,8 @@
 #   OUT=dir [WHEELS=dir of extra wheels] [AUTHORS=checkout of the authors' code]
 #   [STEPS="build tests paths vgg16 conv_products products precision vgg16_b128 others kernels"] bash scripts/gpu_check.sh
 # (E2E_ARGS="--channels-last": the vgg16 and others steps with model and inputs channels-last)
-# (TEST_ARGS="-n 8 -v": the tests step on pytest-xdist's workers, each result named as it comes;
+# (TEST_ARGS="-n 8 -v": the tests step on pytest-xdist's workers, each result named as it comes (TEST_ARGS
+# replaces the default -q);
 # the GPU image has xdist, and the step's time goes to compiling Triton kernels, about 3.6 s a test)
 # (opt-in steps: "extended" times the models that need the extension rules, "cpu_tests" runs the CPU
 # tests most tied to torch's version under the GPU machine's torch, "profile" lists device time per
@@ -47,7 +48,7 @@ build() {
 }
 
 tests() {
-    timeout ${TEST_LIMIT:-180} $PY -m pytest -q -p no:cacheprovider -o addopts="" ${TEST_ARGS:-} ${TEST_FILES:-tests/test_conv_products.py tests/test_ops.py \
+    timeout ${TEST_LIMIT:-180} $PY -m pytest -p no:cacheprovider -o addopts="" ${TEST_ARGS:--q} ${TEST_FILES:-tests/test_conv_products.py tests/test_ops.py \
         tests/test_gpu.py tests/test_products_kernels.py} -k "${TEST_SELECT:-cuda or reject or multiplier or gpu}" -rfE 2>&1 \
         | tee "$OUT/tests.log" | tail -25
 }
