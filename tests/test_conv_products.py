@@ -199,6 +199,9 @@ def test_input_packed_and_sections_stacked_in_one_pass_each(dtype, channels_last
     assert torch.equal(packed, (x.clamp(min=0) * scale.view(3, 1, 1, 1)).permute(0, 2, 3, 1).to(dtype))
     R = torch.randn(2, 7, 1100, dtype=torch.float64)  # positions past one block
     assert torch.equal(stack_sections(R, dtype), stacked_sections(R, 1, dtype))
+    interleaved = stack_sections(R, dtype, interleave=True)  # rows R⁺ₒ, R⁻ₒ per output o
+    assert torch.equal(interleaved[:, 0::2], R.clamp(min=0).to(dtype))
+    assert torch.equal(interleaved[:, 1::2], (-R).clamp(min=0).to(dtype))
     padded = stack_sections(R[..., :1090], dtype, align=16)  # rows padded to 1104 positions with zeros
     assert padded.shape == (2, 14, 1104)
     assert torch.equal(padded[..., :1090], stacked_sections(R[..., :1090], 1, dtype)) and not padded[..., 1090:].any()

@@ -5,7 +5,8 @@ With x the rectified input in channels-last layout (N, H, W, C), Rs the sections
 (N, 2·O, L: row 2·o is R⁺ = max(R, 0) of output o, row 2·o + 1 its R⁻ = max(−R, 0); the order of
 the 2·O rows is the products' own, so one that keeps both of an output's next to each other lets
 the normalisation read R once for both) over the L = Ho·Wo output positions and t = (ky, kx) a
-tap of the kernel, the patches are Xᵤ[(t, c), l] = x[n, i(l) + ky·dy − pt, j(l) + kx·dx − pl, c] (zero off the image):
+tap of the kernel, the patches are (zero off the image)
+  Xᵤ[(t, c), l] = x[n, i(l) + ky·dy − pt, j(l) + kx·dx − pl, c], and
   filters          F[n, t, m, c] = Σ_l Rs[n, m, l] · Xᵤ[(t, c), l]
   responses        S[n, l, m] = normalise(Rs, Σ_(t, c) F[n, t, m, c] · Xᵤ[(t, c), l])
   back-projection  dx[n, c, y, x] = Σ_(t, m) F[n, t, m, c] · S[n, l(y, x, t), m]
