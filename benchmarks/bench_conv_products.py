@@ -45,14 +45,21 @@ QUICK = [(8, 6, 9), (5, 4, 7)]
 LOW = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def candidate_tiles(dtype: torch.dtype):
+def candidate_tiles(dtype: torch.dtype, kernel: str):
+    """Launch tiles to try for one kernel: one program per tile, and for the responses and the
+    back-projection also persistent programs (``Tiles.programs`` per multiprocessor)."""
     from rsp_fast.kernels.triton.conv_products import Tiles
 
     red = 128 // (torch.finfo(dtype).bits // 8)
-    return [Tiles(128, 128, red, 8, 3), Tiles(128, 128, red, 8, 4), Tiles(128, 128, red, 4, 4), Tiles(128, 128, red, 4, 2),
-            Tiles(128, 64, red, 4, 4), Tiles(64, 128, red, 4, 4), Tiles(64, 128, red, 4, 3), Tiles(64, 128, red, 4, 2),
-            Tiles(256, 128, red, 8, 3), Tiles(256, 128, red, 8, 2), Tiles(128, 256, red, 8, 3),
-            Tiles(128, 128, 2 * red, 8, 3), Tiles(128, 128, 2 * red, 8, 2)]
+    tiles = [Tiles(128, 128, red, 8, 3), Tiles(128, 128, red, 8, 4), Tiles(128, 128, red, 4, 4), Tiles(128, 128, red, 4, 2),
+             Tiles(128, 64, red, 4, 4), Tiles(64, 128, red, 4, 4), Tiles(64, 128, red, 4, 3), Tiles(64, 128, red, 4, 2),
+             Tiles(256, 128, red, 8, 3), Tiles(256, 128, red, 8, 2), Tiles(128, 256, red, 8, 3),
+             Tiles(128, 128, 2 * red, 8, 3), Tiles(128, 128, 2 * red, 8, 2)]
+    if kernel in ("responses", "back"):
+        tiles += [Tiles(256, 128, red, 8, 3, 1), Tiles(128, 256, red, 8, 3, 1), Tiles(128, 128, red, 8, 3, 1),
+                  Tiles(128, 128, red, 4, 3, 2), Tiles(64, 128, red, 4, 3, 2), Tiles(64, 128, red, 4, 3, 3),
+                  Tiles(128, 64, red, 4, 3, 2)]
+    return tiles
 
 
 def layer_case(C: int, O: int, H: int, batch: int, device, dtype, low):
@@ -92,7 +99,7 @@ def warm_sweep(precisions, layers, batch: int, kernels, processes: int) -> None:
     """Compile every candidate tile's launch in ``processes`` worker processes at once (Triton's
     cache on disk then holds them for the timing pass)."""
     jobs = [(precision, layer, batch, kernel, t) for precision in precisions for layer in layers for kernel in kernels
-            for t in candidate_tiles(LOW[precision] or torch.float32)]
+            for t in candidate_tiles(LOW[precision] or torch.float32, kernel)]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         pool.map(_warm, jobs, chunksize=1)
 
@@ -166,7 +173,7 @@ def main(argv=None) -> list[dict]:
                     row["per_kernel_ms"] = {name: 1e3 * t for name, t in per_kernel}
                 if args.tiles:
                     for kernel in args.tile_kernels:
-                        for t in candidate_tiles(low or dtype):
+                        for t in candidate_tiles(low or dtype, kernel):
                             entry = {"kernel": kernel, "tiles": list(t)}
                             try:  # the rule's launch
                                 call = lambda: products({kernel: t}, combine=True)  # noqa: E731

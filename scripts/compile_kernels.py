@@ -57,19 +57,24 @@ def launches():
             yield (f"filters {precision} C={channels}", cp._filters_kernel,
                    {"r_ptr": op, "x_ptr": op, "f_ptr": op}, dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags),
                    t.warps, t.stages, None)
-            for gram, combine, purge in ((False, True, True), (False, True, False), (False, False, False),
-                                         (True, True, True)):
+            for gram, combine, purge, persistent in ((False, True, True, False), (False, True, False, False),
+                                                     (False, False, False, False), (True, True, True, False),
+                                                     (False, True, True, True)):
                 t = cp.default_tiles("gram_back" if gram else "back", channels, dtype, cuda)
-                yield (f"back {precision} C={channels} gram={gram} combine={combine} purge={purge}", cp._back_kernel,
+                yield (f"back {precision} C={channels} gram={gram} combine={combine} purge={purge}"
+                       + (" persistent" if persistent else ""), cp._back_kernel,
                        {"s_ptr": op, "f_ptr": op, "xcl_ptr": op, "dx_ptr": acc, "x_ptr": acc, "scale_ptr": acc,
                         "counts_ptr": "i32" if purge else acc},
                        dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine,
-                            PURGE=purge), t.warps, t.stages, None)
-        for gram, columns in ((False, 128), (False, 512), (True, 784)):  # section columns, or positions
+                            PURGE=purge, PERSISTENT=persistent), t.warps, t.stages, None)
+        for gram, columns, persistent in ((False, 128, False), (False, 512, False), (True, 784, False),
+                                          (False, 128, True)):  # section columns, or positions
             t = cp.default_tiles("patch_gram" if gram else "responses", columns, dtype, cuda)
-            yield (f"responses {precision} gram={gram}" + ("" if gram else f" M={columns}"), cp._responses_kernel,
+            yield (f"responses {precision} gram={gram}" + ("" if gram else f" M={columns}")
+                   + (" persistent" if persistent else ""), cp._responses_kernel,
                    {"x_ptr": op, "f_ptr": op, "r_ptr": acc, "s_ptr": op},
-                   dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=gram), t.warps, t.stages, None)
+                   dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=gram, PERSISTENT=persistent),
+                   t.warps, t.stages, None)
         yield f"pack {precision}", cp._pack_kernel, {"x_ptr": acc, "scale_ptr": acc, "out_ptr": op}, \
             dict(BLOCK_C=64, BLOCK_P=64), 4, 1, None
         yield f"stack {precision}", cp._stack_kernel, {"r_ptr": acc, "out_ptr": op}, dict(BLOCK=1024), 4, 1, None

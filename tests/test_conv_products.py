@@ -251,6 +251,49 @@ def test_gram_products_match_the_unfolded_reference(geometry, device, dtype):
     assert rel_err(got.double().cpu(), expected.cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("gram", [False, True])
+def test_persistent_launches_give_the_same_products(device, dtype, gram):
+    """The responses (or the Gram path's patch Gram) and the back-projection with the purge's
+    epilogue on persistent programs, each looping over tiles of several samples: the same values
+    and non-zero counts as one program per tile, bit for bit."""
+    from rsp_fast.kernels.triton import conv_products as kernels
+
+    if reason := triton_unavailable_reason(torch.device(device)):
+        pytest.skip(reason)
+    N, C, O, H, W = 3, 40, 36, 9, 10  # 3 row blocks × 3 column blocks × 3 samples of 32-tiles
+    torch.manual_seed(0)
+    x, R, *_ = conv_products_case(N, C, O, H, W, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    work = dtype if dtype == torch.float64 else torch.float32
+    x, R = x.to(device, work), R.to(device, work).reshape(N, O, H * W)
+    scale = torch.rand(N, device=device, dtype=work) + 0.5
+    x_cl = kernels.pack_input(x, scale, dtype)
+    products = kernels.gram_products_triton if gram else kernels.conv_products_triton
+    cuda = torch.device(device)
+    responses = kernels.default_tiles("patch_gram" if gram else "responses", H * W if gram else 2 * O, dtype, cuda)
+    back = kernels.default_tiles("gram_back" if gram else "back", C, dtype, cuda)
+
+    def run(programs):
+        counts = torch.zeros(N, dtype=torch.int32, device=device)
+        out = products(x_cl, R, (3, 3), (1, 1), (1, 1, 1, 1), (H, W), work, combine=kernels.Combination(x, scale, counts),
+                       tiles={"responses": responses._replace(programs=programs), "back": back._replace(programs=programs)})
+        return out, counts
+
+    prior = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # so torch.empty fills with NaN: a tile left unwritten shows
+    try:
+        (classic, classic_counts), (persistent, counts) = run(0), run(2)
+    finally:
+        torch.use_deterministic_algorithms(prior)
+    assert torch.equal(classic, persistent) and torch.equal(classic_counts, counts)
+    x_hat = x.double().clamp(min=0) * scale.double().view(N, 1, 1, 1)
+    dx = sectional_products_reference(x_cl.permute(0, 3, 1, 2).double(), R.double().reshape(N, O, H, W), (3, 3), (1, 1),
+                                      (1, 1), (1, 1, 1, 1))
+    expected = 2 * x_hat.cpu() * dx.cpu()
+    assert rel_err(persistent.double().cpu(), expected) < TOL[dtype]
+    assert counts.tolist() == [int((persistent[i] != 0).sum()) for i in range(N)]
+
+
 @pytest.mark.parametrize("C,O,k,p,d", [(5, 6, 3, 1, 1), (4, 5, 3, 2, 2), (6, 4, 1, 1, 1)])
 def test_rule_on_the_implicit_gram_path_matches_the_filter_path(C, O, k, p, d):
     """The rule's "implicit_gram" path (purge fused like implicit_gemm's), and its fall-back to

@@ -99,15 +99,35 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
 
 
 @triton.jit
-def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, H, W, Wo, KW, DY, DX, PT, PL, T,
+def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, N, O, C, L, H, W, Wo, KW, DY, DX, PT, PL, T,
                       sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
                       BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
-                      TF32: tl.constexpr, GRAM: tl.constexpr):
+                      TF32: tl.constexpr, GRAM: tl.constexpr, PERSISTENT: tl.constexpr):
     """S[n, l-block, m-block]: the responses over every tap and channel, then the normalisation.
     GRAM: the Gram path's patch Gram K[n, l-block, l'-block] = Σ_(t, c) Xᵤ[(t, c), l]·Xᵤ[(t, c), l']
-    instead (the columns are positions too, read from x like the rows), stored as it is."""
+    instead (the columns are positions too, read from x like the rows), stored as it is.
+    PERSISTENT: each program loops over tiles (positions fastest, then columns, then samples),
+    the loop nest flattened so that the next tile's loads are in flight during this one's
+    epilogue (``Tiles.programs``); otherwise one tile per program of a 3-D grid."""
     M = L if GRAM else 2 * O  # the columns
-    pid_l, pid_m, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if PERSISTENT:
+        tiles_l, tiles_m = tl.cdiv(L, BLOCK_L), tl.cdiv(M, BLOCK_M)
+        for tile in tl.range(tl.program_id(0), tiles_l * tiles_m * N, tl.num_programs(0), flatten=True):
+            _responses_tile(tile % tiles_l, (tile // tiles_l) % tiles_m, tile // (tiles_l * tiles_m), x_ptr, f_ptr,
+                            r_ptr, s_ptr, O, C, L, M, H, W, Wo, KW, DY, DX, PT, PL, T, sxn, sxh, sxw, sfn, sft, sfm,
+                            srn, srm, srl, ssn, ssl, BLOCK_L, BLOCK_M, BLOCK_C, FP64, TF32, GRAM)
+    else:
+        _responses_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M,
+                        H, W, Wo, KW, DY, DX, PT, PL, T, sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
+                        BLOCK_L, BLOCK_M, BLOCK_C, FP64, TF32, GRAM)
+
+
+@triton.jit
+def _responses_tile(pid_l, pid_m, n, x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M, H, W, Wo, KW, DY, DX, PT, PL, T,
+                    sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
+                    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
+                    TF32: tl.constexpr, GRAM: tl.constexpr):
+    """One tile of ``_responses_kernel``: positions of block pid_l, columns of block pid_m, sample n."""
     rl = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     i, j = rl // Wo, rl % Wo
@@ -136,16 +156,36 @@ def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, H, W, Wo, KW, DY, DX,
 
 
 @triton.jit
-def _back_kernel(s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T,
-                 ssn, ssl, sfn, sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
+def _back_kernel(s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, N, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL,
+                 T, ssn, ssl, sfn, sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FP64: tl.constexpr,
-                 TF32: tl.constexpr, GRAM: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr):
+                 TF32: tl.constexpr, GRAM: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr,
+                 PERSISTENT: tl.constexpr):
     """dx[n, c-block, pixel-block] = Σ over taps and sections of F·S, each pixel gathering the
     output positions whose patches hold it. GRAM: the Gram path's Σ over taps and positions l' of
     Xᵤ[(t, c), l']·M[l', l], with s_ptr holding Mᵀ (N, L, L) and Xᵤ read from the channels-last
     input at xcl_ptr in place of F. COMBINE: written as x̂⊙dx instead, x̂ = max(x, 0)·scale
-    (PURGE: 2·x̂⊙dx, its non-zeros counted per sample)."""
-    pid_q, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    (PURGE: 2·x̂⊙dx, its non-zeros counted per sample). PERSISTENT: as ``_responses_kernel``'s
+    (pixels fastest, then channels, then samples)."""
+    if PERSISTENT:
+        tiles_q, tiles_c = tl.cdiv(H * W, BLOCK_Q), tl.cdiv(C, BLOCK_C)
+        for tile in tl.range(tl.program_id(0), tiles_q * tiles_c * N, tl.num_programs(0), flatten=True):
+            _back_tile(tile % tiles_q, (tile // tiles_q) % tiles_c, tile // (tiles_q * tiles_c), s_ptr, f_ptr, xcl_ptr,
+                       dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn,
+                       sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp, BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM,
+                       COMBINE, PURGE)
+    else:
+        _back_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr,
+                   scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, scn, sch,
+                   scw, sdn, sdc, sxn, sxc, sxp, BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM, COMBINE, PURGE)
+
+
+@triton.jit
+def _back_tile(pid_q, pid_c, n, s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY,
+               DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
+               BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FP64: tl.constexpr,
+               TF32: tl.constexpr, GRAM: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr):
+    """One tile of ``_back_kernel``: pixels of block pid_q, channels of block pid_c, sample n."""
     rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     y, x = rq // W, rq % W
@@ -209,12 +249,15 @@ def _stack_kernel(r_ptr, out_ptr, O, L, LP, BLOCK: tl.constexpr, INTERLEAVE: tl.
 
 
 class Tiles(NamedTuple):
-    """One kernel's launch: tile edges along its rows, columns and reduction, warps, pipeline stages."""
+    """One kernel's launch: tile edges along its rows, columns and reduction, warps, pipeline
+    stages, and ``programs``: 0 for one program per tile, or (the responses and the
+    back-projection, persistent) that many programs per multiprocessor, each looping over tiles."""
     rows: int
     cols: int
     red: int
     warps: int
     stages: int
+    programs: int = 0
 
 
 def default_tiles(kernel: str, columns: int, dtype: torch.dtype, device: torch.device) -> Tiles:
@@ -315,6 +358,16 @@ def stack_sections(R: torch.Tensor, dtype: torch.dtype, align: int = 1, interlea
     return out
 
 
+def _grid(t: Tiles, tiles: tuple[int, int, int], device: torch.device) -> tuple[int, ...]:
+    """A launch's grid over (row blocks, column blocks, samples): one program per tile, or
+    ``t.programs`` persistent programs per multiprocessor (on the CPU interpreter, in all), no
+    more than there are tiles, each looping over them."""
+    if not t.programs:
+        return tiles
+    per_device = t.programs * (_multiprocessors(device) if device.type == "cuda" else 1)
+    return (max(1, min(tiles[0] * tiles[1] * tiles[2], per_device)),)
+
+
 def _checked_flags(name: str, x_cl: torch.Tensor, R: torch.Tensor, out_hw, samples: int) -> dict:
     """The kernels' precision flags, once the operands are checked: x_cl (N, H, W, C) with
     contiguous channels, R (N, O, Ho·Wo), at most ``samples`` samples."""
@@ -362,6 +415,8 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     Rs_low = stack_sections(R, dtype, align=16, interleave=True)
     Lp = Rs_low.shape[-1]
     t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
+    if t.programs:
+        raise ValueError("conv_products: the filters kernel has no persistent launch (Tiles.programs)")
     blocks = triton.cdiv(M, t.rows) * triton.cdiv(C, t.cols)
     split = splits or _splits(blocks * N * T, Lp, t.red, device)
     per_split = triton.cdiv(triton.cdiv(Lp, split), t.red) * t.red
@@ -376,9 +431,10 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     # responses and normalisation: rows are positions, columns the sections, reduced over (tap, channel)
     t = tiles.get("responses") or default_tiles("responses", M, dtype, device)
     S = torch.empty((N, L, M), dtype=dtype, device=device)
-    _responses_kernel[(triton.cdiv(L, t.rows), triton.cdiv(M, t.cols), N)](
-        x_cl, F, R, S, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
-        BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, num_warps=t.warps, num_stages=t.stages)
+    _responses_kernel[_grid(t, (triton.cdiv(L, t.rows), triton.cdiv(M, t.cols), N), device)](
+        x_cl, F, R, S, N, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
+        BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, PERSISTENT=t.programs > 0,
+        num_warps=t.warps, num_stages=t.stages)
 
     # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
     return _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kernel, dilation, pad, gram=False)
@@ -397,11 +453,12 @@ def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kerne
         scale, counts = combine.scale, combine.counts
     else:  # unread
         x, x_strides, scale, counts = dx, (0, 0, 0), dx, dx
-    _back_kernel[(triton.cdiv(H * W, t.rows), triton.cdiv(C, t.cols), N)](
-        S, F, x_cl, dx, x, scale, counts if counts is not None else dx, M, C, H, W, *out_hw, kw, dy, dx_, pt, pl,
+    _back_kernel[_grid(t, (triton.cdiv(H * W, t.rows), triton.cdiv(C, t.cols), N), x_cl.device)](
+        S, F, x_cl, dx, x, scale, counts if counts is not None else dx, N, M, C, H, W, *out_hw, kw, dy, dx_, pt, pl,
         kernel[0] * kw, *S.stride()[:2], *F.stride()[:3], *x_cl.stride()[:3], *dx.stride()[:2], *x_strides,
         BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine is not None,
-        PURGE=combine is not None and counts is not None, num_warps=t.warps, num_stages=t.stages)
+        PURGE=combine is not None and counts is not None, PERSISTENT=t.programs > 0, num_warps=t.warps,
+        num_stages=t.stages)
     return dx
 
 
@@ -426,10 +483,10 @@ def gram_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     Lp = Rs_low.shape[-1]
     t = tiles.get("responses") or default_tiles("patch_gram", L, dtype, device)
     K = torch.empty((N, L, Lp), dtype=dtype, device=device)[..., :L]
-    _responses_kernel[(triton.cdiv(L, t.rows), triton.cdiv(L, t.cols), N)](
-        x_cl, x_cl, R, K, O, C, L, H, W, Wo, kw, dy, dx_, pt, pl, kh * kw, *x_cl.stride()[:3], 0, 0, 0, *R.stride(),
-        *K.stride()[:2], BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=True, num_warps=t.warps,
-        num_stages=t.stages)
+    _responses_kernel[_grid(t, (triton.cdiv(L, t.rows), triton.cdiv(L, t.cols), N), device)](
+        x_cl, x_cl, R, K, N, O, C, L, H, W, Wo, kw, dy, dx_, pt, pl, kh * kw, *x_cl.stride()[:3], 0, 0, 0, *R.stride(),
+        *K.stride()[:2], BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=True, PERSISTENT=t.programs > 0,
+        num_warps=t.warps, num_stages=t.stages)
     S = sectional_matmul_triton(Rs_low[..., :L], K, stack_sections(R, R.dtype), O)  # N, 2·O, L: [S⁺; −S⁻]
     Mt = torch.bmm(S.transpose(1, 2).to(dtype), Rs_low)[..., :L]  # N, L, L: Mᵀ = Sᵀ·[R⁺; R⁻]
     return _back_projection(Mt, Mt, x_cl, out_dtype, combine, tiles, flags, out_hw, kernel, dilation, pad, gram=True)
