@@ -8,7 +8,9 @@ there and fails only on the GPU. This compiles each kernel, at the launches conv
 and first_layer.py make (default tiles, every precision and epilogue), to a cubin, and prints the shared memory
 each needs, the registers per thread and the bytes of stack that registers spill to (cuobjdump's
 resource usage) and the instructions its products and loads compiled to (Hopper's wgmma or the
-older mma.sync, asynchronous copies). Exit status 1 if any fails. Run without TRITON_INTERPRET.
+older mma.sync, asynchronous copies). Exit status 1 if any fails. To compile with the Triton the
+GPU machine has (3.6 there, 3.8 here): `pip install --no-deps --target DIR triton==3.6.0`, then
+`PYTHONPATH=DIR python scripts/compile_kernels.py` (session 21: every launch compiled with both). Run without TRITON_INTERPRET.
 """
 from __future__ import annotations
 
