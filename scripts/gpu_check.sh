@@ -15,7 +15,8 @@
 # (GRAM_MODELS="vgg16 resnet50" GRAM_PRECISIONS="tf32 bf16" GRAM_SLOWDOWNS="1 2 4 inf", GRAM_IMPLICIT="0 1":
 # also with the Gram path on implicit GEMMs), "first_layer" times the first layer's z^B rule on cuDNN's
 # convolutions against the fused Triton kernels, per stem and in whole passes (FIRST_LAYER_PRECISIONS="tf32 bf16"),
-# "video" the heat-map video end to end on the demo clip at 320x240 and at 1080p)
+# "video" the heat-map video end to end on the demo clip at 320x240 and at 1080p, "memory" the peak memory one
+# call adds at batch 32 against the forward pass's activations)
 # The "paths" step times the ways dense layers can run on CUDA (PATHS_AUTOTUNE=1: also under cuDNN's
 # autotuner), the fastest per precision last (the steps after it keep the default choice);
 # "conv_products" times the Triton implicit GEMMs against cuDNN per layer (CONV_PRODUCTS_ARGS=--tiles:
@@ -202,6 +203,12 @@ vgg16_b128() {
     timeout 50 $PY benchmarks/bench_e2e.py --models vgg16 --batches 128 --precisions tf32 bf16 --graph $REPEATS \
         --methods forward "RSP (cuda, tf32)" "RSP (cuda, bf16)" "RSP (cuda, bf16, graph)" --json "$OUT/e2e_vgg16_b128.json" 2>&1 \
         | grep -v "^  " | tail -8
+}
+
+memory() {  # opt-in: peak memory one call adds at batch 32, against the forward pass's activations
+    timeout ${MEMORY_LIMIT:-150} $PY benchmarks/bench_e2e.py --memory --models vgg16 resnet50 efficientnet_lite0 --batches 32 \
+        --precisions fp32 bf16 --methods forward "zennit EpsilonPlusFlat" "RSP (cuda)" "RSP (cuda, bf16)" \
+        --json "$OUT/memory.json" 2>&1 | grep -v "^  " | tail -20
 }
 
 others() {
