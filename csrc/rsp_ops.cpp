@@ -4,12 +4,22 @@
 #include <Python.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 extern "C" {
-// An empty module so that `import rsp_fast._C` loads this library.
+// A module so that `import rsp_fast._C` loads this library; it holds only TORCH_VERSION, the
+// torch release it was compiled against (a C++ extension is bound to one: rsp_fast/ops/custom.py
+// compares it with the torch that imports it).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef TORCH_VERSION
+  if (module != nullptr && PyModule_AddStringConstant(module, "TORCH_VERSION", TORCH_VERSION) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+#endif
+  return module;
 }
 }
 

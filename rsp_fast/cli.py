@@ -183,9 +183,15 @@ def main(argv=None) -> int:
         keep_freed_memory()
         torch.set_grad_enabled(True)
         COMMANDS[args.command](args)
-    except (RSPError, BackendUnavailableError, OSError) as exc:
+    except (RSPError, BackendUnavailableError, OSError, ModuleNotFoundError) as exc:
         if args.debug:
             raise
+        if isinstance(exc, ModuleNotFoundError):  # an optional dependency (Pillow for a picture, ...)
+            from .optional import missing_dependency
+
+            exc = missing_dependency(exc)
+            if exc is None:
+                raise
         print(f"rsp-fast: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

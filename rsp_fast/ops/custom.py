@@ -5,14 +5,32 @@ and the package works on the PyTorch reference alone.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-try:
-    from .. import _C  # noqa: F401  (registers torch.ops.rsp_fast.*)
+REBUILD = "pip install --no-build-isolation -e . in the source checkout builds it for this torch"
 
-    HAVE_C, C_ERROR = True, ""
-except ImportError as exc:  # not built, or built against another torch
-    HAVE_C, C_ERROR = False, f"rsp_fast._C is not importable ({exc})"
+
+def _load_extension() -> tuple[bool, str, bool]:
+    """Import rsp_fast._C (its registrars add torch.ops.rsp_fast.*): whether it runs, why not, and
+    whether it is there but broken (built for another torch or CUDA: an extension is bound to the
+    torch release it was compiled against, whose version it holds), which ``auto`` warns of."""
+    try:
+        from .. import _C
+    except ImportError as exc:
+        if importlib.util.find_spec(f"{__package__.rsplit('.', 1)[0]}._C") is None:
+            return False, f"rsp_fast._C is not built, so the PyTorch engine runs ({REBUILD})", False
+        return False, (f"rsp_fast._C is not importable ({exc}): built for another torch or CUDA? This is torch "
+                       f"{torch.__version__}; the PyTorch engine runs ({REBUILD})"), True
+    built = getattr(_C, "TORCH_VERSION", None)
+    if built is not None and built.split(".")[:2] != torch.__version__.split("+")[0].split(".")[:2]:
+        return False, (f"rsp_fast._C was built against torch {built}, this is torch {torch.__version__}: "
+                       f"the PyTorch engine runs ({REBUILD})"), True
+    return True, "", False
+
+
+HAVE_C, C_ERROR, C_BROKEN = _load_extension()
 
 
 def _has_op(name: str) -> bool:

@@ -2,7 +2,8 @@
 or the environment variable ``RSP_FAST_BACKEND``.
 
 ``auto`` picks the fastest kernel set available for the tensor's device and falls back
-quietly to the PyTorch reference; an explicit backend that cannot run raises an error that
+quietly to the PyTorch reference (with one warning where the compiled kernels are there but
+cannot load: built for another torch); an explicit backend that cannot run raises an error that
 says why. Each kernel set provides ``sectional_normalize`` (and its stacked form), ``purge``
 and ``combine``; a set without its own version of an op uses the reference one. Optional:
 ``sectional_matmul`` (Triton), ``masked_products``, ``depthwise_products`` and
@@ -10,7 +11,9 @@ and ``combine``; a set without its own version of an op uses the reference one. 
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,6 +76,14 @@ TRITON = KernelSet("triton", sectional_normalize=_triton_sectional_normalize, pu
 SETS = {"torch": TORCH, "cpp": COMPILED, "cuda": COMPILED_CUDA, "triton": TRITON}
 
 
+@functools.cache
+def _warn_broken_extension() -> None:
+    """Once per process: ``auto`` falls back to the PyTorch engine quietly where the compiled
+    kernels were not built, but says so where they were and cannot load (an install problem)."""
+    if custom.C_BROKEN:
+        warnings.warn(custom.C_ERROR, RuntimeWarning, stacklevel=3)
+
+
 def _availability(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Empty string if ``name`` can run on ``device`` (and ``dtype``), else the reason it cannot."""
     reason = _device_availability(name, device)
@@ -125,6 +136,7 @@ def select_kernels(name: str, device: torch.device, dtype: torch.dtype | None = 
         for candidate in (("cuda", "triton") if device.type == "cuda" else ("cpp",)):
             if not _availability(candidate, device, dtype):
                 return SETS[candidate]
+        _warn_broken_extension()
         return TORCH
     reason = _availability(name, device, dtype)
     if reason:

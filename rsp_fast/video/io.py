@@ -10,17 +10,14 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import RSPError
+from ..optional import optional_import
 from ..paths import check_readable
 
 AVFMT_VARIABLE_FPS = 0x0400  # libavformat: the container keeps per-frame timestamps (AVI does not)
 
 
 def _av():
-    try:
-        import av
-    except ImportError:
-        raise RSPError("video needs PyAV: pip install 'rsp-fast[video]'") from None
-    return av
+    return optional_import("av", "video")
 
 
 @dataclass
