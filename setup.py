@@ -67,11 +67,13 @@ def get_extensions():
     else:
         print(f"rsp_fast: building the CPU kernels only: {why_not}", file=sys.stderr)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # -g0: Python's own CFLAGS ask for debug symbols, which tripled the library's size (15 MB)
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    host_opt = opt if debug else opt + ["-g0"]
     # -fno-trapping-math lets masked divisions be vectorised (lanes divide by 1, never trap);
     # -fopenmp makes at::parallel_for parallel (without it the header runs the loop serially);
     # the library it links, libgomp.so.1, is the one torch has already loaded
-    extra = {"cxx": opt + ["-fopenmp", "-fno-trapping-math"]}
+    extra = {"cxx": host_opt + ["-fopenmp", "-fno-trapping-math"]}
     kwargs = {}
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
