@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="out/demo", help="output folder")
     _add_model_options(demo)
     _add_video_options(demo)
+    info = sub.add_parser("info", help="what this installation runs: versions, the compiled kernels, each backend")
+    info.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -147,7 +149,41 @@ def cmd_demo(args) -> None:
     print(f"wrote {video}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
 
 
-COMMANDS = {"video": cmd_video, "image": cmd_image, "demo": cmd_demo}
+def cmd_info(args) -> None:
+    """Versions, the compiled extension (built or not, for which torch) and each backend's
+    availability per device, with the reason where one cannot run: what an install is checked by."""
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .ops import custom
+    from .ops.dispatch import backends
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"rsp-fast {__version__}, torch {torch.__version__}, Python {platform.python_version()}, Triton {triton_version}")
+    if custom.HAVE_C:
+        from . import _C
+
+        kernels = "CPU and CUDA kernels" if custom.cuda_kernels_built() else "CPU kernels"
+        print(f"rsp_fast._C: {kernels}, built against torch {getattr(_C, 'TORCH_VERSION', '(not recorded)')}")
+    else:
+        print(f"rsp_fast._C: {custom.C_ERROR}")
+    devices = [("cpu", f"{torch.get_num_threads()} threads")]
+    if torch.cuda.is_available():
+        devices.append(("cuda", torch.cuda.get_device_name()))
+    for device, what in devices:
+        print(f"backends on {device} ({what}):")
+        for backend, status in backends(device).items():
+            print(f"  {backend:<7} {status}")
+
+
+COMMANDS = {"video": cmd_video, "image": cmd_image, "demo": cmd_demo, "info": cmd_info}
 
 
 class Stopped(KeyboardInterrupt):

@@ -361,3 +361,12 @@ def test_safetensors_weights_without_safetensors_say_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(RSPError, match=r"reading \.safetensors weights needs safetensors, which is not installed"):
         load_state_dict_file(path)
+
+
+def test_info_says_what_this_installation_runs(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"rsp-fast {rsp_fast.__version__}, torch {torch.__version__}")
+    assert "rsp_fast._C: " in out and "backends on cpu (" in out
+    for backend, status in rsp_fast.backends("cpu").items():  # each with its reason where it cannot run
+        assert f"  {backend:<7} {status}\n" in out
