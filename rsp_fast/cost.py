@@ -42,7 +42,8 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
     elem = dtype.itemsize
     forward = O * ck * L
     filter_macs = 6 * og * ck * L * G
-    pixel_gram = pixel_gram_macs(g, C // G, (H, W), L, tap_sums_pay(cuda, dtype, implicit_gemm_fits(g)))
+    implicit = implicit_gemm_fits(g, C, O, (H, W), L)
+    pixel_gram = pixel_gram_macs(g, C // G, (H, W), L, tap_sums_pay(cuda, dtype, implicit))
     gram = gram_macs(ck, og, L, pixel_gram) * G
     if step.first:
         path, macs = "z^B", 4 * forward  # two convs (x − L with W⁺, x − H with W⁻) and two transposed ones
@@ -52,9 +53,9 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
         pointwise = g.is_pointwise and not any(g.pad)
         fused_pointwise = pointwise and G == 1 and not cuda and pointwise_kernel_built()
         path = choose_path(ck, og, L, pointwise, cuda and C != G, pixel_gram=pixel_gram,
-                           tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit_gemm_fits(g),
+                           tensor_cores=on_tensor_cores(dtype), implicit_gemm_runs=implicit,
                            gram_slowdown=cuda_gram_slowdown(dtype), fused_pointwise=fused_pointwise, grouped=G > 1)
-        path = runnable_dense_path(path, implicit_gemm_fits(g), cuda, dtype)
+        path = runnable_dense_path(path, implicit, cuda, dtype, L)
         gram_path = path in ("gram", "implicit_gram")
         macs = gram if gram_path else filter_macs
         if path == "pointwise":  # x and R read twice, the responses and ratios never in memory

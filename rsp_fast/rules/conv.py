@@ -396,7 +396,8 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     fused_pointwise = compiled and G == 1 and g.patches_are_input and ctx.ops.pointwise_products is not None
     # Triton's implicit GEMMs: a path of the kernel backends, not of the pure-PyTorch reference
     # (unless the caller names it); tracking reads the responses, which the fused kernels never form
-    implicit_runs = ((path is not None or ctx.ops.name != "torch") and conv_paths.implicit_gemm_fits(g)
+    implicit_runs = ((path is not None or ctx.ops.name != "torch")
+                     and conv_paths.implicit_gemm_fits(g, C, O, tuple(x.shape[-2:]), L)
                      and not ctx.tracking and triton_unavailable_reason(x.device) == "")
     tap_sums = conv_paths.tap_sums_pay(x.is_cuda, low, implicit_runs)
     pixel_gram = conv_paths.pixel_gram_macs(g, C // G, x.shape[-2:], L, tap_sums)
@@ -404,7 +405,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
                     conv_paths.choose_path(C // G * k2, Og, L, g.patches_are_input, x.is_cuda and C != G, nonzeros,
                                            Cp * k2, pixel_gram, conv_paths.on_tensor_cores(low), implicit_runs,
                                            conv_paths.cuda_gram_slowdown(low), fused_pointwise, G > 1, speedup))
-    path = conv_paths.runnable_dense_path(path, implicit_runs, x.is_cuda, low)
+    path = conv_paths.runnable_dense_path(path, implicit_runs, x.is_cuda, low, L)
     if path in ("implicit_gemm", "implicit_gram"):
         return _implicit_gemm_relevance(ctx, x, R, g, non_negative, gram=path == "implicit_gram")
     x_pos = rectified_input(x, non_negative)
