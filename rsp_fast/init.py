@@ -2,7 +2,7 @@
 
 Grad-CAM maps without channel sum, cam_c = A ⊙ mean_hw(∂y_c/∂A), each normalised by its
 own max; ``gradcam`` starts from the target's map, ``comparative`` contrasts it with K
-hostile classes. All gradients come from one batched backward through the head. Every
+hostile classes. Each class's gradients come from one backward through the head. Every
 reduction is per sample. For a saliency layer without spatial dimensions (an MLP's hidden
 layer) each feature is its own position: the gradient is not averaged and channels are
 not collapsed (an rsp_fast extension). A 1×1 map (ResNet's layer4 on a 32-pixel input), and
@@ -18,16 +18,14 @@ CAM_EPS = 1e-9
 
 
 def class_gradients(logits: torch.Tensor, A: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """∂y_c/∂A for each column of ``classes`` (N×M) at once: returns M×(shape of A)."""
+    """∂y_c/∂A for each column of ``classes`` (N×M): returns M×(shape of A). One backward per
+    column, from the scalar Σ_n y[n, classes[n, m]]: samples are independent, so its gradient at
+    sample n is ∂y_c/∂A there (what a one-hot vector-Jacobian product gives). A scalar needs no
+    grad_outputs tensor, whose shape check imports sympy (0.26 s once per process here)."""
+    picked = logits.gather(1, classes)  # N×M
     M = classes.shape[1]
-    onehot = torch.zeros((M,) + logits.shape, dtype=logits.dtype, device=logits.device)
-    onehot.scatter_(2, classes.T.unsqueeze(-1), 1.0)
-    try:
-        # the graph is kept in case the batched attempt fails midway and the fallback needs it
-        (grads,) = torch.autograd.grad(logits, A, onehot, is_grads_batched=True, retain_graph=True)
-    except RuntimeError:  # an op of the head without a vmap rule: one backward per class instead
-        grads = torch.stack([torch.autograd.grad(logits, A, onehot[m], retain_graph=m < M - 1)[0] for m in range(M)])
-    return grads
+    # the graph is kept, as a vector-Jacobian product with retain_graph keeps it: callers may ask again
+    return torch.stack([torch.autograd.grad(picked[:, m].sum(), A, retain_graph=True)[0] for m in range(M)])
 
 
 def _per_sample(t: torch.Tensor, op: str, lead: int) -> torch.Tensor:

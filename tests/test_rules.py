@@ -1398,3 +1398,35 @@ def test_attention_pooling_is_the_z_rule_with_the_weights_held_constant(weights_
     expected = h * a * R_out / (h @ a.transpose(1, 2))  # x' ⊙ A · R / Z over each channel's positions
     got = ex.steps[matmul].transpose(1, 2) if weights_first else ex.steps[matmul]
     assert rel_err(got.reshape(2, 5, 30), expected) < 1e-10
+
+
+def test_class_gradients_are_each_samples_own():
+    """∂y_c/∂A per sample and class, one backward per column of classes, against autograd on
+    each sample and class alone."""
+    from rsp_fast.init import class_gradients
+
+    torch.manual_seed(3)
+    A = torch.rand(3, 4, 5, 5, dtype=D, requires_grad=True)
+    W = torch.randn(6, 4 * 25, dtype=D)
+    logits = torch.tanh(A.flatten(1)) @ W.T
+    classes = torch.tensor([[0, 5, 2], [3, 3, 1], [4, 0, 5]])
+    grads = class_gradients(logits, A, classes)
+    for n in range(3):
+        for m in range(3):
+            (alone,) = torch.autograd.grad(logits[n, classes[n, m]], A, retain_graph=True)
+            assert torch.allclose(grads[m, n], alone[n]) and not alone[[i for i in range(3) if i != n]].any()
+
+
+def test_a_first_explanation_does_not_import_sympy():
+    """The initial relevance's gradients come from scalar outputs: a grad_outputs tensor makes
+    autograd check its shape symbolically, importing sympy (0.26 s of a command's start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, rsp_fast\n"
+            "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 5))\n"
+            "rsp_fast.RSP(m.eval(), hostile_k=2).attribute(torch.randn(2, 3, 8, 8))\n"
+            "print('sympy' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
