@@ -99,6 +99,13 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
 
 
 @triton.jit
+def _tile_coords(tile, tiles_rows, tiles_cols):
+    """A persistent program's tile number as (row block, column block, sample): row blocks
+    fastest, then column blocks, then samples."""
+    return tile % tiles_rows, (tile // tiles_rows) % tiles_cols, tile // (tiles_rows * tiles_cols)
+
+
+@triton.jit
 def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, N, O, C, L, H, W, Wo, KW, DY, DX, PT, PL, T,
                       sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
                       BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
@@ -113,9 +120,10 @@ def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, N, O, C, L, H, W, Wo, KW, DY, 
     if PERSISTENT:
         tiles_l, tiles_m = tl.cdiv(L, BLOCK_L), tl.cdiv(M, BLOCK_M)
         for tile in tl.range(tl.program_id(0), tiles_l * tiles_m * N, tl.num_programs(0), flatten=True):
-            _responses_tile(tile % tiles_l, (tile // tiles_l) % tiles_m, tile // (tiles_l * tiles_m), x_ptr, f_ptr,
-                            r_ptr, s_ptr, O, C, L, M, H, W, Wo, KW, DY, DX, PT, PL, T, sxn, sxh, sxw, sfn, sft, sfm,
-                            srn, srm, srl, ssn, ssl, BLOCK_L, BLOCK_M, BLOCK_C, FP64, TF32, GRAM)
+            pid_l, pid_m, n = _tile_coords(tile, tiles_l, tiles_m)
+            _responses_tile(pid_l, pid_m, n, x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M, H, W, Wo, KW, DY, DX, PT, PL, T,
+                            sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl, BLOCK_L, BLOCK_M, BLOCK_C, FP64, TF32,
+                            GRAM)
     else:
         _responses_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M,
                         H, W, Wo, KW, DY, DX, PT, PL, T, sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
@@ -170,10 +178,10 @@ def _back_kernel(s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, N,
     if PERSISTENT:
         tiles_q, tiles_c = tl.cdiv(H * W, BLOCK_Q), tl.cdiv(C, BLOCK_C)
         for tile in tl.range(tl.program_id(0), tiles_q * tiles_c * N, tl.num_programs(0), flatten=True):
-            _back_tile(tile % tiles_q, (tile // tiles_q) % tiles_c, tile // (tiles_q * tiles_c), s_ptr, f_ptr, xcl_ptr,
-                       dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn,
-                       sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp, BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM,
-                       COMBINE, PURGE)
+            pid_q, pid_c, n = _tile_coords(tile, tiles_q, tiles_c)
+            _back_tile(pid_q, pid_c, n, s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho,
+                       Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
+                       BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM, COMBINE, PURGE)
     else:
         _back_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr,
                    scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, scn, sch,
