@@ -122,8 +122,8 @@ def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, N, O, C, L, H, W, Wo, KW, DY, 
         for tile in tl.range(tl.program_id(0), tiles_l * tiles_m * N, tl.num_programs(0), flatten=True):
             pid_l, pid_m, n = _tile_coords(tile, tiles_l, tiles_m)
             _responses_tile(pid_l, pid_m, n, x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M, H, W, Wo, KW, DY, DX, PT, PL, T,
-                            sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl, BLOCK_L, BLOCK_M, BLOCK_C, FP64, TF32,
-                            GRAM)
+                            sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl, BLOCK_L, BLOCK_M, BLOCK_C, FP64,
+                            TF32, GRAM)
     else:
         _responses_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M,
                         H, W, Wo, KW, DY, DX, PT, PL, T, sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
