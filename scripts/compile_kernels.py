@@ -32,7 +32,7 @@ PRECISIONS = {  # products' dtype -> (operand type, accumulator / input type, co
 }
 
 
-UNIT_STRIDES = ("srl", "sxp")
+UNIT_STRIDES = ("srl", "sxp", "sfc")
 ALIGNED = ("C", "M", "O", "OL", "L", "L_PER_SPLIT")
 
 
@@ -54,21 +54,29 @@ def launches():
     cuda = torch.device("cuda")
     for precision, (op, acc, flags) in PRECISIONS.items():
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[op]
+        # the back-projection reads F with its sections or its channels contiguous (the launcher's rule)
+        sections_major = cp._filters_for_back(torch.empty(1, 1, 2, 2), flags).stride(2) == 1
+        f_layouts = [dict(sfm=1, sfc=None) if sections_major else {}]
+        if sections_major:
+            f_layouts.append({})  # beside it, what F as the filters write it would compile to
         for channels in (64, 256):
             t = cp.default_tiles("filters", channels, dtype, cuda)
             yield (f"filters {precision} C={channels}", cp._filters_kernel,
                    {"r_ptr": op, "x_ptr": op, "f_ptr": op}, dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags),
                    t.warps, t.stages, None)
-            for gram, combine, purge, persistent in ((False, True, True, False), (False, True, False, False),
-                                                     (False, False, False, False), (True, True, True, False),
-                                                     (False, True, True, True)):
+            for gram, combine, purge, persistent, layout in (
+                    (False, True, True, False, 0), (False, True, False, False, 0), (False, False, False, False, 0),
+                    (True, True, True, False, 0), (False, True, True, True, 0), (False, True, True, False, 1)):
+                if layout >= len(f_layouts):
+                    continue
                 t = cp.default_tiles("gram_back" if gram else "back", channels, dtype, cuda)
                 yield (f"back {precision} C={channels} gram={gram} combine={combine} purge={purge}"
-                       + (" persistent" if persistent else ""), cp._back_kernel,
-                       {"s_ptr": op, "f_ptr": op, "xcl_ptr": op, "dx_ptr": acc, "x_ptr": acc, "scale_ptr": acc,
-                        "counts_ptr": "i32" if purge else acc},
+                       + (" persistent" if persistent else "") + (" channels-contiguous F" if layout else ""),
+                       cp._back_kernel, {"s_ptr": op, "f_ptr": op, "xcl_ptr": op, "dx_ptr": acc, "x_ptr": acc,
+                                         "scale_ptr": acc, "counts_ptr": "i32" if purge else acc},
                        dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine,
-                            PURGE=purge, PERSISTENT=persistent), t.warps, t.stages, None)
+                            PURGE=purge, PERSISTENT=persistent, **({} if gram else f_layouts[layout])),
+                       t.warps, t.stages, None)
         for gram, columns, persistent in ((False, 128, False), (False, 512, False), (True, 784, False),
                                           (False, 128, True)):  # section columns, or positions
             t = cp.default_tiles("patch_gram" if gram else "responses", columns, dtype, cuda)
@@ -97,8 +105,10 @@ def compile_launch(kernel, pointers: dict, constexprs: dict, warps: int, stages:
 
     names = list(inspect.signature(kernel.fn).parameters)
     # the JIT compiles integer arguments equal to 1 as constants: the unit strides (R along its
-    # positions, an NCHW input along its pixels)
-    constexprs = {**{n: 1 for n in UNIT_STRIDES if n in names}, **constexprs}
+    # positions, an NCHW input along its pixels, F along its channels); a constexpr given as None
+    # is a runtime argument instead
+    constexprs = {k: v for k, v in {**{n: 1 for n in UNIT_STRIDES if n in names}, **constexprs}.items()
+                  if v is not None}
     signature = {n: "constexpr" if n in constexprs else f"*{pointers[n]}" if n in pointers else "i32" for n in names}
     # what the JIT knows at VGG16's conv1–conv4 launches (it marks integer arguments that are
     # multiples of 16): pointers, strides, channel and section counts and the number of positions
@@ -127,6 +137,12 @@ def resources(compiled) -> tuple[int, int] | None:
     return (int(found[1]), int(found[2])) if found else None
 
 
+def copies(ptx: str, size: int) -> int:
+    """Asynchronous global-to-shared copies of ``size`` bytes in a kernel's PTX (4-byte ones copy
+    32-bit operands that are transposed on their way to shared memory, or not known aligned)."""
+    return len(re.findall(rf"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], {hex(size)},", ptx))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
@@ -146,7 +162,7 @@ def main(argv=None) -> int:
         print(f"ok {name}: shared memory {compiled.metadata.shared / 1024:.0f} KiB, "
               + (f"{usage[0]} registers {usage[1]} spilled, " if usage else "")
               + f"{ptx.count('wgmma.mma_async')} wgmma "
-              f"{ptx.count('mma.sync')} mma.sync, {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')} cp.async "
+              f"{ptx.count('mma.sync')} mma.sync, {copies(ptx, 16)} 16-byte and {copies(ptx, 4)} 4-byte cp.async, "
               f"{ptx.count('cp.async.bulk.tensor')} TMA")
     return 1 if failed else 0
 

@@ -77,6 +77,20 @@ def test_conv_products_filters_summed_in_parts(splits, dtype):
     assert rel_err(parts.double(), expected) < TOL[dtype]
 
 
+@pytest.mark.parametrize("geometry", [GEOMETRIES[4], GEOMETRIES[6]])
+def test_back_projection_reads_filters_with_their_sections_contiguous(geometry, monkeypatch):
+    """The back-projection reads F at its strides: the copy with the sections contiguous that
+    TF32 launches give it (``_filters_for_back``) yields the same values, bit for bit, as F as
+    the filters wrote it."""
+    from rsp_fast.kernels.triton import conv_products as kernels
+
+    as_written, expected = _products(*geometry, "cpu", torch.float64)
+    monkeypatch.setattr(kernels, "_filters_for_back", lambda F, flags: F.transpose(2, 3).contiguous().transpose(2, 3))
+    sections_major, _ = _products(*geometry, "cpu", torch.float64)
+    assert torch.equal(sections_major, as_written)
+    assert rel_err(sections_major, expected) < 1e-12
+
+
 def test_conv_products_reject_operands_that_do_not_fit():
     from rsp_fast.kernels.triton.conv_products import conv_products_triton
 
@@ -226,6 +240,10 @@ def test_kernels_compile_for_the_h100():
                 and "fp64" not in line) or (line.startswith("ok first layer") and " tf32:" in line)]
     assert len([p for p in products if "first layer" in p]) == 2
     assert all(" 0 wgmma" not in line for line in products)  # on Hopper's tensor cores
+    # the back-projection's operands both copied 16 bytes at a time, TF32 too (no transposing
+    # 4-byte copies of F), but where F is given with its channels contiguous for comparison
+    back = [line for line in products if line.startswith("ok back") and "gram=False" in line]
+    assert back and all((" 0 4-byte" in line) != ("channels-contiguous F" in line) for line in back)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICES)

@@ -165,7 +165,7 @@ def _responses_tile(pid_l, pid_m, n, x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M, H, 
 
 @triton.jit
 def _back_kernel(s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, N, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL,
-                 T, ssn, ssl, sfn, sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
+                 T, ssn, ssl, sfn, sft, sfm, sfc, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FP64: tl.constexpr,
                  TF32: tl.constexpr, GRAM: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr,
                  PERSISTENT: tl.constexpr):
@@ -174,23 +174,24 @@ def _back_kernel(s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, N,
     Xᵤ[(t, c), l']·M[l', l], with s_ptr holding Mᵀ (N, L, L) and Xᵤ read from the channels-last
     input at xcl_ptr in place of F. COMBINE: written as x̂⊙dx instead, x̂ = max(x, 0)·scale
     (PURGE: 2·x̂⊙dx, its non-zeros counted per sample). PERSISTENT: as ``_responses_kernel``'s
-    (pixels fastest, then channels, then samples)."""
+    (pixels fastest, then channels, then samples). F is read at its strides (sfm, sfc): either
+    of its last two axes may be the contiguous one (``_filters_for_back``)."""
     if PERSISTENT:
         tiles_q, tiles_c = tl.cdiv(H * W, BLOCK_Q), tl.cdiv(C, BLOCK_C)
         for tile in tl.range(tl.program_id(0), tiles_q * tiles_c * N, tl.num_programs(0), flatten=True):
             pid_q, pid_c, n = _tile_coords(tile, tiles_q, tiles_c)
             _back_tile(pid_q, pid_c, n, s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho,
-                       Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
+                       Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, sfc, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
                        BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM, COMBINE, PURGE)
     else:
         _back_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr,
-                   scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, scn, sch,
-                   scw, sdn, sdc, sxn, sxc, sxp, BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM, COMBINE, PURGE)
+                   scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, sfc, scn,
+                   sch, scw, sdn, sdc, sxn, sxc, sxp, BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM, COMBINE, PURGE)
 
 
 @triton.jit
 def _back_tile(pid_q, pid_c, n, s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY,
-               DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
+               DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, sfc, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
                BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FP64: tl.constexpr,
                TF32: tl.constexpr, GRAM: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr):
     """One tile of ``_back_kernel``: pixels of block pid_q, channels of block pid_c, sample n."""
@@ -213,8 +214,8 @@ def _back_tile(pid_q, pid_c, n, s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr,
         if GRAM:
             f = _patch_rows(xcl_base, rm // Wo, rm % Wo, rm < M, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sch, scw)
         else:
-            f = tl.load(f_base + t * sft + rm[:, None] * sfm + rc[None, :], mask=(rm[:, None] < M) & (rc[None, :] < C),
-                        other=0.0)
+            f = tl.load(f_base + t * sft + rm[:, None] * sfm + rc[None, :] * sfc,
+                        mask=(rm[:, None] < M) & (rc[None, :] < C), other=0.0)
         acc = _dot(sv, f, acc, FP64, TF32)
     mask = (rq[:, None] < H * W) & (rc[None, :] < C)
     if COMBINE:  # x̂ formed as rectified_input forms it, the product as the purge's (2·x̂)·dx
@@ -445,7 +446,18 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
         num_warps=t.warps, num_stages=t.stages)
 
     # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
-    return _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kernel, dilation, pad, gram=False)
+    return _back_projection(S, _filters_for_back(F, flags), x_cl, out_dtype, combine, tiles, flags, out_hw, kernel,
+                            dilation, pad, gram=False)
+
+
+def _filters_for_back(F: torch.Tensor, flags: dict) -> torch.Tensor:
+    """F (N, T, M, C) as the back-projection reads it, which sums over its sections M. TF32
+    tensor cores take an operand from shared memory only with its summed axis contiguous there,
+    and Triton copies a 32-bit one whose other axis is contiguous in memory (F's channels) 4
+    bytes at a time, transposing (scripts/compile_kernels.py counts the copies); one pass makes
+    a copy with the sections contiguous, which loads in 16-byte copies like the other operand.
+    16-bit tensor cores transpose such an operand themselves: F as it is."""
+    return F.transpose(2, 3).contiguous().transpose(2, 3) if flags["TF32"] else F
 
 
 def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kernel, dilation, pad, gram: bool):
@@ -463,7 +475,8 @@ def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kerne
         x, x_strides, scale, counts = dx, (0, 0, 0), dx, dx
     _back_kernel[_grid(t, (triton.cdiv(H * W, t.rows), triton.cdiv(C, t.cols), N), x_cl.device)](
         S, F, x_cl, dx, x, scale, counts if counts is not None else dx, N, M, C, H, W, *out_hw, kw, dy, dx_, pt, pl,
-        kernel[0] * kw, *S.stride()[:2], *F.stride()[:3], *x_cl.stride()[:3], *dx.stride()[:2], *x_strides,
+        kernel[0] * kw, *S.stride()[:2], *(F.stride() if F.dim() == 4 else (0, 0, 0, 0)), *x_cl.stride()[:3],
+        *dx.stride()[:2], *x_strides,
         BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine is not None,
         PURGE=combine is not None and counts is not None, PERSISTENT=t.programs > 0, num_warps=t.warps,
         num_stages=t.stages)
