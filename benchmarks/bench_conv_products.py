@@ -46,8 +46,9 @@ LOW = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16
 
 
 def candidate_tiles(dtype: torch.dtype, kernel: str):
-    """Launch tiles to try for one kernel: one program per tile, and for the responses and the
-    back-projection also persistent programs (``Tiles.programs`` per multiprocessor)."""
+    """Launch tiles to try for one kernel: one program per tile, for the responses and the
+    back-projection also persistent programs (``Tiles.programs`` per multiprocessor), for TF32's
+    filters also the patches read from shifted copies (``Tiles.shifted``)."""
     from rsp_fast.kernels.triton.conv_products import Tiles
 
     red = 128 // (torch.finfo(dtype).bits // 8)
@@ -55,6 +56,9 @@ def candidate_tiles(dtype: torch.dtype, kernel: str):
              Tiles(128, 64, red, 4, 4), Tiles(64, 128, red, 4, 4), Tiles(64, 128, red, 4, 3), Tiles(64, 128, red, 4, 2),
              Tiles(256, 128, red, 8, 3), Tiles(256, 128, red, 8, 2), Tiles(128, 256, red, 8, 3),
              Tiles(128, 128, 2 * red, 8, 3), Tiles(128, 128, 2 * red, 8, 2)]
+    if kernel == "filters" and dtype.itemsize == 4:  # TF32: the patches from shifted copies (Tiles.shifted)
+        tiles += [Tiles(128, 64, red, 4, 3, shifted=True), Tiles(128, 128, red, 8, 3, shifted=True),
+                  Tiles(256, 128, red, 8, 3, shifted=True), Tiles(128, 128, red, 8, 4, shifted=True)]
     if kernel in ("responses", "back"):
         tiles += [Tiles(256, 128, red, 8, 3, 1), Tiles(128, 256, red, 8, 3, 1), Tiles(128, 128, red, 8, 3, 1),
                   Tiles(128, 128, red, 4, 3, 2), Tiles(64, 128, red, 4, 3, 2), Tiles(64, 128, red, 4, 3, 3),

@@ -31,7 +31,7 @@ DEVICES = [("cpu", torch.float64), ("cpu", torch.float16),  # bfloat16 is not ex
 TOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def _products(N, C, O, H, W, kernel, dilation, padding, device, dtype, zero_region=False, splits=None):
+def _products(N, C, O, H, W, kernel, dilation, padding, device, dtype, zero_region=False, splits=None, tiles=None):
     from rsp_fast.kernels.triton.conv_products import conv_products_triton
 
     if reason := triton_unavailable_reason(torch.device(device)):
@@ -43,7 +43,7 @@ def _products(N, C, O, H, W, kernel, dilation, padding, device, dtype, zero_regi
     work = dtype if dtype == torch.float64 else torch.float32  # the normalisation's precision
     x_low = x.to(dtype)
     got = conv_products_triton(x_low.permute(0, 2, 3, 1).contiguous(), R.reshape(N, O, h * w).to(work), kernel, dilation,
-                               padding, (h, w), work, splits=splits)
+                               padding, (h, w), work, splits=splits, tiles=tiles)
     # the reference in float64 from the input the kernels read (the sections are rounded for the
     # filters only: the normalisation reads them unrounded, so a rounding tolerance stays)
     expected = sectional_products_reference(x_low.double(), R.double(), kernel, (1, 1), dilation, padding)
@@ -56,6 +56,49 @@ def test_conv_products_match_the_unfolded_reference(geometry, device, dtype):
     got, expected = _products(*geometry, device, dtype)
     assert got.shape == expected.shape
     assert rel_err(got.double().cpu(), expected.cpu()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_filters_from_shifted_copies_match_the_unfolded_reference(geometry, splits, dtype):
+    """The filters reading their patches from shifted positions-major copies of the padded input
+    (``Tiles.shifted``, TF32's aligned variant), positions on the padded grid: the same products
+    for every kernel shape, dilation and padding, also with the positions cut into parts."""
+    from rsp_fast.kernels.triton.conv_products import default_tiles
+
+    filters = default_tiles("filters", geometry[1], dtype, torch.device("cpu"))._replace(shifted=True)
+    got, expected = _products(*geometry, "cpu", dtype, splits=splits, tiles={"filters": filters})
+    plain, _ = _products(*geometry, "cpu", dtype, splits=splits)
+    assert rel_err(got.double(), expected) < TOL[dtype]
+    assert rel_err(got.double(), plain.double()) < (1e-13 if dtype == torch.float64 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype,align,width,slots", [(torch.float64, 2, 10, 2), (torch.float32, 4, 12, 4)])
+def test_shifted_operands_hold_the_padded_input_and_the_sections_on_its_grid(dtype, align, width, slots):
+    """Each copy slot s holds the padded pixel f + s at f, the sections sit at l = i·width + j
+    with zeros in the columns past the output's width, and both are long enough for the last
+    tap. Widths and shifts go by 16 bytes: 2 float64 elements, 4 float32 ones."""
+    from rsp_fast.kernels.triton.conv_products import shifted_operands
+
+    N, C, O, H, W = 2, 3, 4, 5, 6
+    pad = (1, 2, 0, 1)  # left, right, top, bottom: a 2×4 kernel keeps the size, 6 rows of 9 padded
+    x = torch.rand(N, H, W, C, dtype=dtype)
+    R = torch.randn(N, O, H * W, dtype=torch.float32)
+    op = shifted_operands(x, R, (2, 4), (1, 1), pad, (H, W), 16)
+    assert (op.align, op.width, op.copies.shape[0]) == (align, width, slots)  # 9 rounded up; shifts kx mod align
+    assert op.positions == -(-H * width // 16) * 16 and op.sections.dtype == op.copies.dtype == dtype
+    padded = torch.nn.functional.pad(x.permute(0, 3, 1, 2), pad)  # N, C, 6, 9
+    for s in range(slots):
+        for f in range(op.copies.shape[-1]):
+            y, col = divmod(f + s, width)
+            want = padded[:, :, y, col] if y < H + 1 and col < 9 else torch.zeros(N, C, dtype=dtype)
+            assert torch.equal(op.copies[s, :, :, f], want), (s, f)
+    grid = op.sections[:, :, :H * width].view(N, O, 2, H, width)
+    assert torch.equal(grid[:, :, 0, :, :W], R.view(N, O, H, W).clamp(min=0).to(dtype))
+    assert torch.equal(grid[:, :, 1, :, :W], (-R).view(N, O, H, W).clamp(min=0).to(dtype))
+    assert not grid[..., W:].any() and not op.sections[..., H * width:].any()
+    assert op.copies.shape[-1] >= op.positions + width + 3  # the last tap (1, 3) starts width + 3 past its position
 
 
 def test_conv_products_patches_without_input_give_nothing():
@@ -244,6 +287,9 @@ def test_kernels_compile_for_the_h100():
     # 4-byte copies of F), but where F is given with its channels contiguous for comparison
     back = [line for line in products if line.startswith("ok back") and "gram=False" in line]
     assert back and all((" 0 4-byte" in line) != ("channels-contiguous F" in line) for line in back)
+    # the filters' TF32 variant on shifted copies likewise, where the channels-last patches are not
+    filters = [line for line in products if line.startswith("ok filters tf32")]
+    assert len(filters) == 4 and all((" 0 4-byte" in line) == ("shifted" in line) for line in filters)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICES)

@@ -71,11 +71,16 @@ def _patch_rows(x_base, i, j, valid, ky, kx, rc, C, H, W, DY, DX, PT, PL, sxh, s
 
 
 @triton.jit
-def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, T, SPLIT, L_PER_SPLIT,
-                    srn, srm, srl, sxn, sxh, sxw, sfs, sfn, sft, sfm,
+def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, T, SPLIT, L_PER_SPLIT, WP,
+                    srn, srm, srl, sxn, sxh, sxw, sxs, sxc, sfs, sfn, sft, sfm,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, FP64: tl.constexpr,
-                    TF32: tl.constexpr):
-    """F[split, n, t, m-block, c-block] = Σ over this split's positions l of Rs[n, m, l]·Xᵤ[(t, c), l]."""
+                    TF32: tl.constexpr, SHIFTED: tl.constexpr, ALIGN: tl.constexpr):
+    """F[split, n, t, m-block, c-block] = Σ over this split's positions l of Rs[n, m, l]·Xᵤ[(t, c), l].
+    SHIFTED: the positions lie on the padded input's grid (l = i·WP + j, ``ShiftedOperands``) and
+    the patches are read from positions-major copies of the padded input, x[s, n, c, f] = pixel
+    f + s (strides sxs, sxn, sxc): tap t's rows start at l + ky·dy·WP + kx·dx, a multiple of
+    ALIGN (16 bytes) in the copy shifted by the rest, so that rows load 16 bytes at a time with
+    their summed axis contiguous, as TF32 tensor cores take them; every block whole, no mask."""
     pid_m, pid_c, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, rest = pid // (T * SPLIT), pid % (T * SPLIT)
     t, split = rest // SPLIT, rest % SPLIT
@@ -84,14 +89,21 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_base = r_ptr + n.to(tl.int64) * srn
     x_base = x_ptr + n.to(tl.int64) * sxn
+    shift = ky * DY * WP + kx * DX  # SHIFTED: where tap t's rows start, in the copy shifted by shift % ALIGN
+    x_tap = x_base + (shift % ALIGN).to(tl.int64) * sxs + (shift // ALIGN) * ALIGN
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
     l_start = split * L_PER_SPLIT
     l_end = tl.minimum(L, l_start + L_PER_SPLIT)
     for l0 in range(l_start, l_end, BLOCK_L):
         rl = l0 + tl.arange(0, BLOCK_L)
-        in_range = rl < l_end
-        r = tl.load(r_base + rm[:, None] * srm + rl[None, :] * srl, mask=(rm[:, None] < M) & in_range[None, :], other=0.0)
-        xv = _patch_rows(x_base, rl // Wo, rl % Wo, in_range, ky, kx, rc, C, H, W, DY, DX, PT, PL, sxh, sxw)
+        if SHIFTED:
+            r = tl.load(r_base + rm[:, None] * srm + rl[None, :] * srl, mask=rm[:, None] < M, other=0.0)
+            xv = tl.load(x_tap + rl[:, None] + rc[None, :] * sxc, mask=rc[None, :] < C, other=0.0)
+        else:
+            in_range = rl < l_end
+            r = tl.load(r_base + rm[:, None] * srm + rl[None, :] * srl, mask=(rm[:, None] < M) & in_range[None, :],
+                        other=0.0)
+            xv = _patch_rows(x_base, rl // Wo, rl % Wo, in_range, ky, kx, rc, C, H, W, DY, DX, PT, PL, sxh, sxw)
         acc = _dot(r, xv, acc, FP64, TF32)
     f_base = f_ptr + split.to(tl.int64) * sfs + n.to(tl.int64) * sfn + t * sft
     tl.store(f_base + rm[:, None] * sfm + rc[None, :], acc.to(f_ptr.dtype.element_ty),
@@ -260,13 +272,16 @@ def _stack_kernel(r_ptr, out_ptr, O, L, LP, BLOCK: tl.constexpr, INTERLEAVE: tl.
 class Tiles(NamedTuple):
     """One kernel's launch: tile edges along its rows, columns and reduction, warps, pipeline
     stages, and ``programs``: 0 for one program per tile, or (the responses and the
-    back-projection, persistent) that many programs per multiprocessor, each looping over tiles."""
+    back-projection, persistent) that many programs per multiprocessor, each looping over tiles;
+    ``shifted`` (the filters): their patches read from shifted copies of the input
+    (``shifted_operands``) instead of the channels-last input."""
     rows: int
     cols: int
     red: int
     warps: int
     stages: int
     programs: int = 0
+    shifted: bool = False
 
 
 def default_tiles(kernel: str, columns: int, dtype: torch.dtype, device: torch.device) -> Tiles:
@@ -367,6 +382,48 @@ def stack_sections(R: torch.Tensor, dtype: torch.dtype, align: int = 1, interlea
     return out
 
 
+class ShiftedOperands(NamedTuple):
+    """The filters' operands on the padded input's grid (``Tiles.shifted``): the output's
+    positions l = i·width + j (i < Ho, j < width, the padded input's width rounded up to
+    ``align`` elements, 16 bytes; the columns j ≥ Wo hold zero sections), ``positions`` of them
+    rounded up to a whole block; ``sections`` (N, 2·O, positions) interleaved; ``copies`` (slots,
+    N, C, length): the rectified input, zero-padded and positions-major, slot s holding the
+    padded pixel f + s at f, for each shift s = kx·dx mod ``align`` the taps need."""
+    sections: torch.Tensor
+    copies: torch.Tensor
+    width: int
+    positions: int
+    align: int
+
+
+def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, block: int) -> ShiftedOperands:
+    """The filters' operands for a launch with ``Tiles.shifted`` (a stride-1 conv; x_cl and
+    pad as ``conv_products_triton`` takes them, positions rounded up to ``block``). The copies
+    cost the input's bytes once per slot (three for a 3×3 conv): what lets TF32 tensor cores read
+    the patches without the transposing 4-byte copies that the channels-last input needs."""
+    N, H, W, C = x_cl.shape
+    O = R.shape[1]
+    (kh, kw), (dy, dx), (pl, pr, pt, pb) = kernel, dilation, pad
+    Ho, Wo = out_hw
+    align = 16 // x_cl.element_size()
+    width = triton.cdiv(W + pl + pr, align) * align
+    positions = triton.cdiv(Ho * width, block) * block
+    sections = x_cl.new_zeros((N, 2 * O, positions))
+    on_grid = sections[:, :, :Ho * width].view(N, O, 2, Ho, width)[..., :Wo]
+    r = R.reshape(N, O, Ho, Wo)
+    on_grid[:, :, 0], on_grid[:, :, 1] = r.clamp(min=0), (-r).clamp(min=0)
+    reach = (kh - 1) * dy * width + (kw - 1) * dx  # where the last tap's rows start
+    length = triton.cdiv(positions + reach, 16) * 16  # so that each channel's row starts aligned
+    shifts = {kx * dx % align for kx in range(kw)}
+    padded = x_cl.new_zeros((N, C, length + max(shifts)))
+    padded[:, :, :(H + pt + pb) * width].view(N, C, H + pt + pb, width)[:, :, pt:pt + H, pl:pl + W] = \
+        x_cl.permute(0, 3, 1, 2)
+    copies = x_cl.new_empty((max(shifts) + 1, N, C, length))
+    for shift in shifts:
+        copies[shift] = padded[:, :, shift:shift + length]
+    return ShiftedOperands(sections, copies, width, positions, align)
+
+
 def _grid(t: Tiles, tiles: tuple[int, int, int], device: torch.device) -> tuple[int, ...]:
     """A launch's grid over (row blocks, column blocks, samples): one program per tile, or
     ``t.programs`` persistent programs per multiprocessor (on the CPU interpreter, in all), no
@@ -421,11 +478,17 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     # positions padded to a multiple of 16 with zeros: the JIT then knows the rows of Rs and the
     # filters' loop bounds aligned, so 16-bit sections are copied asynchronously and the loop is
     # pipelined (scripts/compile_kernels.py) also where L is not a multiple of 16 (14² = 196)
-    Rs_low = stack_sections(R, dtype, align=16, interleave=True)
-    Lp = Rs_low.shape[-1]
     t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
     if t.programs:
         raise ValueError("conv_products: the filters kernel has no persistent launch (Tiles.programs)")
+    if t.shifted:
+        op = shifted_operands(x_cl, R, kernel, dilation, pad, out_hw, t.red)
+        sections, patches, width, align = op.sections, op.copies, op.width, op.align
+        patch_strides = (patches.stride(1), 0, 0, patches.stride(0), patches.stride(2))
+    else:
+        sections, patches, width, align = stack_sections(R, dtype, align=16, interleave=True), x_cl, 0, 1
+        patch_strides = (*x_strides, 0, 0)
+    Lp = sections.shape[-1]
     blocks = triton.cdiv(M, t.rows) * triton.cdiv(C, t.cols)
     split = splits or _splits(blocks * N * T, Lp, t.red, device)
     per_split = triton.cdiv(triton.cdiv(Lp, split), t.red) * t.red
@@ -433,8 +496,9 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     F = torch.empty((split, N, T, M, C), dtype=torch.float32 if split > 1 and dtype != torch.float64 else dtype,
                     device=device)
     _filters_kernel[(triton.cdiv(M, t.rows), triton.cdiv(C, t.cols), N * T * split)](
-        Rs_low, x_cl, F, M, C, Lp, *geometry, split, per_split, *Rs_low.stride(), *x_strides, *F.stride()[:4],
-        BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, num_warps=t.warps, num_stages=t.stages)
+        sections, patches, F, M, C, Lp, *geometry, split, per_split, width, *sections.stride(), *patch_strides,
+        *F.stride()[:4], BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, SHIFTED=t.shifted, ALIGN=align,
+        num_warps=t.warps, num_stages=t.stages)
     F = F.sum(0).to(dtype) if split > 1 else F[0]  # N, T, M, C
 
     # responses and normalisation: rows are positions, columns the sections, reduced over (tap, channel)
