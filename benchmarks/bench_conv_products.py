@@ -52,8 +52,8 @@ def candidate_tiles(dtype: torch.dtype, kernel: str):
     from rsp_fast.kernels.triton.conv_products import Tiles
 
     red = 128 // (torch.finfo(dtype).bits // 8)
-    tiles = [Tiles(128, 128, red, 8, 3), Tiles(128, 128, red, 8, 4), Tiles(128, 128, red, 4, 4), Tiles(128, 128, red, 4, 2),
-             Tiles(128, 64, red, 4, 4), Tiles(64, 128, red, 4, 4), Tiles(64, 128, red, 4, 3), Tiles(64, 128, red, 4, 2),
+    tiles = [Tiles(128, 128, red, 8, 3), Tiles(128, 128, red, 8, 4), Tiles(128, 128, red, 4, 4),
+             Tiles(128, 128, red, 4, 3), Tiles(128, 128, red, 4, 2), Tiles(128, 64, red, 4, 4), Tiles(64, 128, red, 4, 4), Tiles(64, 128, red, 4, 3), Tiles(64, 128, red, 4, 2),
              Tiles(256, 128, red, 8, 3), Tiles(256, 128, red, 8, 2), Tiles(128, 256, red, 8, 3),
              Tiles(128, 128, 2 * red, 8, 3), Tiles(128, 128, 2 * red, 8, 2)]
     if kernel == "filters" and dtype.itemsize == 4:  # TF32: the patches from shifted copies (Tiles.shifted)
