@@ -1,6 +1,8 @@
 """The Triton implicit-GEMM conv products (kernels/triton/conv_products.py) against the unfolded
 reference (kernels/reference.py), on CPU in Triton's interpreter and on CUDA; and the conv rule's
 "implicit_gemm" path against the other dense paths."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ DEVICES = [("cpu", torch.float64), ("cpu", torch.float16),  # bfloat16 is not ex
            pytest.param("cuda", torch.float32, marks=pytest.mark.cuda),
            pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)]
 TOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+TOL_TF32 = 5e-3  # float32 operands rounded to TF32's 10-bit mantissa
 
 
 def _products(N, C, O, H, W, kernel, dilation, padding, device, dtype, zero_region=False, splits=None, tiles=None):
@@ -58,20 +61,37 @@ def test_conv_products_match_the_unfolded_reference(geometry, device, dtype):
     assert rel_err(got.double().cpu(), expected.cpu()) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@contextlib.contextmanager
+def tf32_products(enabled: bool):
+    """float32 products on TF32 tensor cores (the kernels' TF32 launches) while it lasts."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device,dtype,tf32", [
+    ("cpu", torch.float64, False), ("cpu", torch.float16, False),
+    *(pytest.param("cuda", dtype, tf32, marks=pytest.mark.cuda)
+      for dtype, tf32 in [(torch.float32, True), (torch.bfloat16, False)])])
 @pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_filters_from_shifted_copies_match_the_unfolded_reference(geometry, splits, dtype):
+def test_filters_from_shifted_copies_match_the_unfolded_reference(geometry, splits, device, dtype, tf32):
     """The filters reading their patches from shifted positions-major copies of the padded input
     (``Tiles.shifted``, TF32's aligned variant), positions on the padded grid: the same products
-    for every kernel shape, dilation and padding, also with the positions cut into parts."""
+    for every kernel shape, dilation and padding, also with the positions cut into parts (on a
+    GPU, the 16-byte copies this variant exists for, in TF32 too)."""
     from rsp_fast.kernels.triton.conv_products import default_tiles
 
-    filters = default_tiles("filters", geometry[1], dtype, torch.device("cpu"))._replace(shifted=True)
-    got, expected = _products(*geometry, "cpu", dtype, splits=splits, tiles={"filters": filters})
-    plain, _ = _products(*geometry, "cpu", dtype, splits=splits)
-    assert rel_err(got.double(), expected) < TOL[dtype]
-    assert rel_err(got.double(), plain.double()) < (1e-13 if dtype == torch.float64 else 2e-3)
+    filters = default_tiles("filters", geometry[1], dtype, torch.device(device))._replace(shifted=True)
+    with tf32_products(tf32):
+        got, expected = _products(*geometry, device, dtype, splits=splits, tiles={"filters": filters})
+        plain, _ = _products(*geometry, device, dtype, splits=splits)
+    tol = TOL_TF32 if tf32 else TOL[dtype]
+    assert rel_err(got.double().cpu(), expected.cpu()) < tol
+    assert rel_err(got.double().cpu(), plain.double().cpu()) < (1e-13 if dtype == torch.float64 else 2 * tol)
 
 
 @pytest.mark.parametrize("dtype,align,width,slots", [(torch.float64, 2, 10, 2), (torch.float32, 4, 12, 4)])
@@ -99,6 +119,16 @@ def test_shifted_operands_hold_the_padded_input_and_the_sections_on_its_grid(dty
     assert torch.equal(grid[:, :, 1, :, :W], (-R).view(N, O, H, W).clamp(min=0).to(dtype))
     assert not grid[..., W:].any() and not op.sections[..., H * width:].any()
     assert op.copies.shape[-1] >= op.positions + width + 3  # the last tap (1, 3) starts width + 3 past its position
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_conv_products_in_tf32_match_the_unfolded_reference(geometry):
+    """TF32 launches (float32 operands, allow_tf32): the back-projection reads its sections-
+    contiguous copy of F (``_filters_for_back``)."""
+    with tf32_products(True):
+        got, expected = _products(*geometry, "cuda", torch.float32)
+    assert rel_err(got.double().cpu(), expected.cpu()) < TOL_TF32
 
 
 def test_conv_products_patches_without_input_give_nothing():
