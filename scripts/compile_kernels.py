@@ -64,11 +64,11 @@ def launches():
             # the patches from the channels-last input, or (TF32's variant, Tiles.shifted) from
             # shifted positions-major copies, each channel's row at unit stride
             for shifted in (False, True) if precision == "tf32" else (False,):
-                layout = dict(SHIFTED=True, ALIGN=16 // dtype.itemsize, sxh=0, sxw=0) if shifted else \
+                patches = dict(SHIFTED=True, ALIGN=16 // dtype.itemsize, sxh=0, sxw=0) if shifted else \
                     dict(SHIFTED=False, ALIGN=1)
                 yield (f"filters {precision} C={channels}" + (" shifted" if shifted else ""), cp._filters_kernel,
                        {"r_ptr": op, "x_ptr": op, "f_ptr": op},
-                       dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, **layout), t.warps, t.stages, None)
+                       dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, **patches), t.warps, t.stages, None)
             for gram, combine, purge, persistent, layout in (
                     (False, True, True, False, 0), (False, True, False, False, 0), (False, False, False, False, 0),
                     (True, True, True, False, 0), (False, True, True, True, 0), (False, True, True, False, 1)):
