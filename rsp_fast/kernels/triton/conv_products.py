@@ -21,6 +21,9 @@ Around them, each tensor the size of a layer's input or output is passed over as
 possible: one pass makes the input rectified, scaled, cast and channels-last (``pack_input``),
 one the stacked sections (``stack_sections``), and the back-projection's epilogue writes the
 purge's 2·x̂⊙dx and counts its non-zeros (``Combination``), leaving the purge only its shift.
+TF32 tensor cores read an operand from shared memory only with its summed axis contiguous: the
+back-projection then reads a copy of F laid out so (``_filters_for_back``), and the filters can
+read their patches from shifted positions-major copies of the input (``Tiles.shifted``).
 """
 from __future__ import annotations
 
