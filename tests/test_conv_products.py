@@ -123,7 +123,7 @@ def test_shifted_operands_hold_the_padded_input_and_the_sections_on_its_grid(dty
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_conv_products_in_tf32_match_the_unfolded_reference(geometry):
+def test_conv_products_on_cuda_in_tf32_match_the_unfolded_reference(geometry):
     """TF32 launches (float32 operands, allow_tf32): the back-projection reads its sections-
     contiguous copy of F (``_filters_for_back``)."""
     with tf32_products(True):
