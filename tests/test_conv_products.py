@@ -131,6 +131,18 @@ def test_conv_products_on_cuda_in_tf32_match_the_unfolded_reference(geometry):
     assert rel_err(got.double().cpu(), expected.cpu()) < TOL_TF32
 
 
+def test_shifted_operands_refuse_samples_past_32_bit_offsets():
+    """A sample whose padded copy passes 2³¹ elements is refused before anything is allocated
+    (the inputs here are expanded views: no memory behind them)."""
+    from rsp_fast.kernels.triton.conv_products import shifted_operands
+
+    side = 46_341  # side² > 2³¹
+    x = torch.zeros(1, 1, 1, 1).expand(1, side, side, 1)
+    R = torch.zeros(1, 1, 1).expand(1, 1, side * side)
+    with pytest.raises(ValueError, match="32-bit"):
+        shifted_operands(x, R, (3, 3), (1, 1), (1, 1, 1, 1), (side, side), 32)
+
+
 def test_conv_products_patches_without_input_give_nothing():
     """The top half of the input is zero: responses there are 0, and so is what S passes back."""
     got, expected = _products(2, 6, 5, 10, 9, (3, 3), (1, 1), (1, 1, 1, 1), "cpu", torch.float64, zero_region=True)

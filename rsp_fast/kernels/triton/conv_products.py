@@ -411,12 +411,15 @@ def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad,
     align = 16 // x_cl.element_size()
     width = triton.cdiv(W + pl + pr, align) * align
     positions = triton.cdiv(Ho * width, block) * block
+    reach = (kh - 1) * dy * width + (kw - 1) * dx  # where the last tap's rows start
+    length = triton.cdiv(positions + reach, 16) * 16  # so that each channel's row starts aligned
+    if max(C * length, 2 * O * positions) >= 2**31:  # the kernel's offsets within a sample are 32-bit
+        raise ValueError(f"shifted_operands: a sample's copy of {C}×{length} or sections of {2 * O}×{positions} "
+                         "elements pass 32-bit offsets")
     sections = x_cl.new_zeros((N, 2 * O, positions))
     on_grid = sections[:, :, :Ho * width].view(N, O, 2, Ho, width)[..., :Wo]
     r = R.reshape(N, O, Ho, Wo)
     on_grid[:, :, 0], on_grid[:, :, 1] = r.clamp(min=0), (-r).clamp(min=0)
-    reach = (kh - 1) * dy * width + (kw - 1) * dx  # where the last tap's rows start
-    length = triton.cdiv(positions + reach, 16) * 16  # so that each channel's row starts aligned
     shifts = {kx * dx % align for kx in range(kw)}
     padded = x_cl.new_zeros((N, C, length + max(shifts)))
     padded[:, :, :(H + pt + pb) * width].view(N, C, H + pt + pb, width)[:, :, pt:pt + H, pl:pl + W] = \
