@@ -92,7 +92,12 @@ def launches():
                    t.warps, t.stages, None)
         yield f"pack {precision}", cp._pack_kernel, {"x_ptr": acc, "scale_ptr": acc, "out_ptr": op}, \
             dict(BLOCK_C=64, BLOCK_P=64), 4, 1, None
-        yield f"stack {precision}", cp._stack_kernel, {"r_ptr": acc, "out_ptr": op}, dict(BLOCK=1024), 4, 1, None
+        for on_grid in (False, True) if precision == "tf32" else (False,):  # on the grid: the shifted filters'
+            yield (f"stack {precision}" + (" on the padded grid" if on_grid else ""), cp._stack_kernel,
+                   {"r_ptr": acc, "out_ptr": op}, dict(BLOCK=1024, INTERLEAVE=True, ON_GRID=on_grid), 4, 1, None)
+        if precision == "tf32":
+            yield (f"shifted copies {precision}", cp._shifted_copies_kernel, {"x_ptr": op, "out_ptr": op},
+                   dict(BLOCK_F=64, BLOCK_C=64), 4, 1, None)
     for precision, (op, flags) in FIRST_LAYER_PRECISIONS.items():
         t = fl.tiles(64, 27, torch.float64 if op == "fp64" else torch.float32, cuda)  # VGG16's conv1_1
         yield (f"first layer sections {precision}", fl._sections_kernel,

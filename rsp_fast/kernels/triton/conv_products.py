@@ -259,17 +259,41 @@ def _pack_kernel(x_ptr, scale_ptr, out_ptr, C, P, sxn, sxc, sxp, BLOCK_C: tl.con
 
 
 @triton.jit
-def _stack_kernel(r_ptr, out_ptr, O, L, LP, BLOCK: tl.constexpr, INTERLEAVE: tl.constexpr):
+def _stack_kernel(r_ptr, out_ptr, O, L, LP, WO, WIDTH, BLOCK: tl.constexpr, INTERLEAVE: tl.constexpr,
+                  ON_GRID: tl.constexpr):
     """Row (n, o) of R (L values) as rows o and O + o of out[n] (INTERLEAVE: 2·o and 2·o + 1; LP
-    values each, zeros past L): R⁺ and R⁻ in out's precision, R read once."""
+    values each, zeros past L): R⁺ and R⁻ in out's precision, R read once. ON_GRID: out's
+    position i holds R's row i // WIDTH, column i % WIDTH of an output WO wide (zero past it)."""
     row, pid = tl.program_id(0), tl.program_id(1)
     n, o = row // O, row % O
     i = pid * BLOCK + tl.arange(0, BLOCK)
-    r = tl.load(r_ptr + row.to(tl.int64) * L + i, mask=i < L, other=0.0)
+    if ON_GRID:
+        col = i % WIDTH
+        src = (i // WIDTH) * WO + col
+        r = tl.load(r_ptr + row.to(tl.int64) * L + src, mask=(col < WO) & (src < L), other=0.0)
+    else:
+        r = tl.load(r_ptr + row.to(tl.int64) * L + i, mask=i < L, other=0.0)
     hostile = LP if INTERLEAVE else O * LP  # from the target row to its hostile row
     out = out_ptr + (n.to(tl.int64) * 2 * O + (2 * o if INTERLEAVE else o)) * LP + i
     tl.store(out, tl.maximum(r, 0.0).to(out_ptr.dtype.element_ty), mask=i < LP)
     tl.store(out + hostile, tl.maximum(-r, 0.0).to(out_ptr.dtype.element_ty), mask=i < LP)
+
+
+@triton.jit
+def _shifted_copies_kernel(x_ptr, out_ptr, C, H, W, WIDTH, PT, PL, LENGTH, SLOTS, sxn, sxh, sxw, sos, son, soc,
+                           BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[s, n, c, f] = x[n, y, x, c] at the padded pixel f + s (y = (f + s) // WIDTH − PT,
+    x = (f + s) % WIDTH − PL; zero off the image): each copy written once from the channels-last x."""
+    pid_f, pid_c, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, s = pid // SLOTS, pid % SLOTS
+    rf = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    y, x = (rf + s) // WIDTH - PT, (rf + s) % WIDTH - PL
+    inside = (rf < LENGTH) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    v = tl.load(x_ptr + n.to(tl.int64) * sxn + (y * sxh + x * sxw)[:, None] + rc[None, :],
+                mask=inside[:, None] & (rc[None, :] < C), other=0.0)
+    out = out_ptr + s.to(tl.int64) * sos + n.to(tl.int64) * son
+    tl.store(out + rc[None, :] * soc + rf[:, None], v, mask=(rf[:, None] < LENGTH) & (rc[None, :] < C))
 
 
 class Tiles(NamedTuple):
@@ -373,15 +397,19 @@ def pack_input(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return out
 
 
-def stack_sections(R: torch.Tensor, dtype: torch.dtype, align: int = 1, interleave: bool = False) -> torch.Tensor:
+def stack_sections(R: torch.Tensor, dtype: torch.dtype, align: int = 1, interleave: bool = False,
+                   grid: tuple[int, int] | None = None) -> torch.Tensor:
     """[R⁺; R⁻] (N, 2·O, Lp) in ``dtype`` from R (N, O, L), in one pass over R, the positions
-    zero-padded to Lp, the next multiple of ``align``; ``interleave``: rows R⁺ₒ, R⁻ₒ per output o."""
+    zero-padded to Lp, the next multiple of ``align``; ``interleave``: rows R⁺ₒ, R⁻ₒ per output o;
+    ``grid`` (Wo, width): R's positions, rows of Wo, laid on rows of ``width`` (zeros between)."""
     N, O, L = R.shape
     R = R.contiguous()
-    LP = triton.cdiv(L, align) * align
+    Wo, width = grid or (1, 1)
+    LP = triton.cdiv(L // Wo * width, align) * align
     out = torch.empty((N, 2 * O, LP), dtype=dtype, device=R.device)
     block = min(1024, triton.next_power_of_2(LP))
-    _stack_kernel[(N * O, triton.cdiv(LP, block))](R, out, O, L, LP, BLOCK=block, INTERLEAVE=interleave)
+    _stack_kernel[(N * O, triton.cdiv(LP, block))](R, out, O, L, LP, Wo, width, BLOCK=block, INTERLEAVE=interleave,
+                                                   ON_GRID=grid is not None)
     return out
 
 
@@ -402,8 +430,9 @@ class ShiftedOperands(NamedTuple):
 def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, block: int) -> ShiftedOperands:
     """The filters' operands for a launch with ``Tiles.shifted`` (a stride-1 conv; x_cl and
     pad as ``conv_products_triton`` takes them, positions rounded up to ``block``). The copies
-    cost the input's bytes once per slot (three for a 3×3 conv): what lets TF32 tensor cores read
-    the patches without the transposing 4-byte copies that the channels-last input needs."""
+    cost the input's bytes once per slot (three for a 3×3 conv), each written in one pass: what
+    lets TF32 tensor cores read the patches without the transposing 4-byte copies that the
+    channels-last input needs."""
     N, H, W, C = x_cl.shape
     O = R.shape[1]
     (kh, kw), (dy, dx), (pl, pr, pt, pb) = kernel, dilation, pad
@@ -416,17 +445,13 @@ def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad,
     if max(C * length, 2 * O * positions) >= 2**31:  # the kernel's offsets within a sample are 32-bit
         raise ValueError(f"shifted_operands: a sample's copy of {C}×{length} or sections of {2 * O}×{positions} "
                          "elements pass 32-bit offsets")
-    sections = x_cl.new_zeros((N, 2 * O, positions))
-    on_grid = sections[:, :, :Ho * width].view(N, O, 2, Ho, width)[..., :Wo]
-    r = R.reshape(N, O, Ho, Wo)
-    on_grid[:, :, 0], on_grid[:, :, 1] = r.clamp(min=0), (-r).clamp(min=0)
-    shifts = {kx * dx % align for kx in range(kw)}
-    padded = x_cl.new_zeros((N, C, length + max(shifts)))
-    padded[:, :, :(H + pt + pb) * width].view(N, C, H + pt + pb, width)[:, :, pt:pt + H, pl:pl + W] = \
-        x_cl.permute(0, 3, 1, 2)
-    copies = x_cl.new_empty((max(shifts) + 1, N, C, length))
-    for shift in shifts:
-        copies[shift] = padded[:, :, shift:shift + length]
+    sections = stack_sections(R, x_cl.dtype, align=block, interleave=True, grid=(Wo, width))
+    slots = max(kx * dx % align for kx in range(kw)) + 1
+    copies = x_cl.new_empty((slots, N, C, length))
+    block_f, block_c = 64, min(64, triton.next_power_of_2(C))
+    _shifted_copies_kernel[(triton.cdiv(length, block_f), triton.cdiv(C, block_c), N * slots)](
+        x_cl, copies, C, H, W, width, pt, pl, length, slots, *x_cl.stride()[:3], *copies.stride()[:3],
+        BLOCK_F=block_f, BLOCK_C=block_c)
     return ShiftedOperands(sections, copies, width, positions, align)
 
 
