@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def tf32_products(enabled: bool):
+    """float32 matrix products on TF32 tensor cores (PyTorch's and the Triton kernels' TF32
+    launches) while it lasts, the setting restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,8 +1,6 @@
 """The Triton implicit-GEMM conv products (kernels/triton/conv_products.py) against the unfolded
 reference (kernels/reference.py), on CPU in Triton's interpreter and on CUDA; and the conv rule's
 "implicit_gemm" path against the other dense paths."""
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -12,7 +10,7 @@ from rsp_fast.kernels.triton import triton_unavailable_reason
 from rsp_fast.ops.dispatch import TORCH
 from rsp_fast.rules.base import Context
 from rsp_fast.rules.conv import conv_geometry, inner_conv_relevance
-from conftest import rel_err
+from conftest import rel_err, tf32_products
 from models import conv_products_case
 
 # (N, C, O, H, W, kernel, dilation, padding (left, right, top, bottom)), stride 1
@@ -59,17 +57,6 @@ def test_conv_products_match_the_unfolded_reference(geometry, device, dtype):
     got, expected = _products(*geometry, device, dtype)
     assert got.shape == expected.shape
     assert rel_err(got.double().cpu(), expected.cpu()) < TOL[dtype]
-
-
-@contextlib.contextmanager
-def tf32_products(enabled: bool):
-    """float32 products on TF32 tensor cores (the kernels' TF32 launches) while it lasts."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("device,dtype,tf32", [

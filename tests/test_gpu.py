@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import torchvision
 
 import rsp_fast
-from conftest import GOLDEN_FILES, load_golden, rel_err
+from conftest import GOLDEN_FILES, load_golden, rel_err, tf32_products
 from models import golden_model
 from rsp_fast.rules import conv as conv_rule
 from rsp_fast.rules import conv_paths
@@ -155,13 +155,9 @@ def test_first_layer_kernels_on_cuda_match_float64(C, O, k, s, p, dtype, tf32, t
     g = conv_rule.conv_geometry(conv, (45, 38))
     R = torch.randn(4, O, *g.out_size(45, 38), dtype=torch.float64)
     expected = conv_rule.first_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, conv.weight, g, fused=False)
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
+    with tf32_products(tf32):
         got = conv_rule.first_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x.cuda().to(dtype), R.cuda().to(dtype),
                                              conv.weight.cuda().to(dtype), g, fused=True)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
     assert got.dtype == dtype and rel_err(got.cpu(), expected) < tol
 
 

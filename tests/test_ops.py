@@ -5,6 +5,7 @@ import torch
 from rsp_fast.kernels.reference import purge_reference, sectional_normalize_reference, stacked_sections
 from rsp_fast.kernels.triton import triton_unavailable_reason
 from rsp_fast.ops import custom, dispatch
+from conftest import tf32_products
 
 SHAPES = [(1, 3, 7, 9), (5, 17, 13, 13), (5, 64, 1, 1), (2, 17), (1, 1, 1, 1),
           (3, 5, 100, 80), (1, 3, 200, 100)]  # samples of several chunks of the CPU purge: whole samples per thread, or chunks
@@ -287,11 +288,7 @@ def test_sectional_matmul_triton_tf32():
     A, B = torch.rand(2, 64, 300, device="cuda"), torch.rand(2, 300, 200, device="cuda")
     Rs = torch.randn(2, 64, 200, device="cuda").clamp(min=0)
     ref = sectional_matmul_reference(A.double(), B.double(), Rs.double(), 32)
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with tf32_products(True):
         got = dispatch.TRITON.sectional_matmul(A, B, Rs, 32)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
     err = ((got.double() - ref).abs() / ref.abs().clamp_min(1e-3)).median().item()
     assert 1e-6 < err < 1e-2  # TF32 operands (10-bit mantissa): neither exact nor far off
