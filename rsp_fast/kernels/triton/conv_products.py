@@ -92,8 +92,9 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_base = r_ptr + n.to(tl.int64) * srn
     x_base = x_ptr + n.to(tl.int64) * sxn
-    shift = ky * DY * WP + kx * DX  # SHIFTED: where tap t's rows start, in the copy shifted by shift % ALIGN
-    x_tap = x_base + (shift % ALIGN).to(tl.int64) * sxs + (shift // ALIGN) * ALIGN
+    if SHIFTED:  # where tap t's rows start, in the copy shifted by shift % ALIGN
+        shift = ky * DY * WP + kx * DX
+        x_tap = x_base + (shift % ALIGN).to(tl.int64) * sxs + (shift // ALIGN) * ALIGN
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
     l_start = split * L_PER_SPLIT
     l_end = tl.minimum(L, l_start + L_PER_SPLIT)
