@@ -436,7 +436,7 @@ def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad,
     channels-last input needs."""
     N, H, W, C = x_cl.shape
     O = R.shape[1]
-    (kh, kw), (dy, dx), (pl, pr, pt, pb) = kernel, dilation, pad
+    (kh, kw), (dy, dx), (pl, pr, pt, _) = kernel, dilation, pad
     Ho, Wo = out_hw
     align = 16 // x_cl.element_size()
     width = triton.cdiv(W + pl + pr, align) * align
