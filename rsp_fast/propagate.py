@@ -69,6 +69,8 @@ class _Recorder(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
         if getattr(module, "inplace", False) and args and isinstance(args[0], torch.Tensor):
+            if module._forward_hooks or module._forward_pre_hooks:  # the module itself, hooks and all
+                return super().call_module(target, (args[0].clone(),) + tuple(args[1:]), kwargs)
             if type(module) is nn.ReLU:  # the out-of-place op directly: no copy first
                 return torch.relu(args[0])
             if isinstance(module, nn.Hardtanh):  # ReLU6 included

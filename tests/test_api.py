@@ -684,3 +684,15 @@ def test_a_layer_inside_a_module_run_whole_is_pointed_to_that_module():
             return self.net(x)
     with pytest.raises(RSPError, match=r"layer 'body\.spare' is never called in Sequential.forward"):
         rsp_fast.RSP(nn.Sequential(OrderedDict(body=Holder())), layer="body.spare")
+
+
+def test_hooks_of_an_in_place_relu_run():
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11(num_classes=5).double().eval()
+    calls = []
+    model.features[4].register_forward_pre_hook(lambda m, i: calls.append(1))  # a ReLU(inplace=True)
+    model.features[4].register_forward_hook(lambda m, i, out: out.mul_(0.5))   # a hook changing the output
+    x = torch.randn(1, 3, 32, 32, dtype=D)
+    ex = rsp_fast.RSP(model).explain(x)
+    assert calls == [1]
+    assert torch.allclose(ex.logits, model(x), rtol=0, atol=1e-12)
