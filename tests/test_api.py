@@ -696,3 +696,77 @@ def test_hooks_of_an_in_place_relu_run():
     ex = rsp_fast.RSP(model).explain(x)
     assert calls == [1]
     assert torch.allclose(ex.logits, model(x), rtol=0, atol=1e-12)
+
+
+class _WrittenInPlace(nn.Module):
+    """A residual block whose last step is written as an in-place statement (``out.add_(x)``,
+    ``out.relu_()``, ``F.relu(out, inplace=True)``, ...), or as the same op reassigned."""
+
+    STATEMENTS = {
+        "add_": (lambda m, out, x: out.add_(x), lambda m, out, x: out + x),
+        "relu_": (lambda m, out, x: out.relu_(), lambda m, out, x: out.relu()),
+        "F.relu_": (lambda m, out, x: F.relu_(out), lambda m, out, x: F.relu(out)),
+        "relu_inplace_keyword": (lambda m, out, x: F.relu(out, inplace=True), lambda m, out, x: F.relu(out)),
+        "relu_inplace_positional": (lambda m, out, x: F.relu(out, True), lambda m, out, x: F.relu(out)),
+        "hardtanh_": (lambda m, out, x: F.hardtanh_(out, 0.0, 6.0), lambda m, out, x: F.hardtanh(out, 0.0, 6.0)),
+        "module": (lambda m, out, x: m.relu(out), lambda m, out, x: m.relu(out)),
+        "clamp_": (lambda m, out, x: out.clamp_(min=0), lambda m, out, x: out.clamp(min=0)),
+        "mul_": (lambda m, out, x: out.mul_(0.5), lambda m, out, x: out * 0.5),
+    }
+
+    def __init__(self, statement: str, in_place: bool):
+        super().__init__()
+        self.op = self.STATEMENTS[statement][0 if in_place else 1]
+        self.in_place = in_place
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.relu, self.fc = nn.ReLU(inplace=True), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        out = self.c2(x)
+        if self.in_place:
+            self.op(self, out, x)  # the result is not used: the write is the point
+        else:
+            out = self.op(self, out, x)
+        return self.fc(F.relu(self.c3(out)).mean((2, 3)))  # c3 reads what the statement wrote
+
+
+@pytest.mark.parametrize("statement", list(_WrittenInPlace.STATEMENTS))
+def test_in_place_writes_are_explained_as_the_model_computes_them(statement):
+    torch.manual_seed(0)
+    written = _WrittenInPlace(statement, in_place=True).double().eval()
+    reassigned = _WrittenInPlace(statement, in_place=False).double().eval()
+    reassigned.load_state_dict(written.state_dict())
+    x = torch.randn(2, 3, 12, 12, dtype=D)
+    ex = rsp_fast.RSP(written).explain(x, record=True)
+    expected = rsp_fast.RSP(reassigned).explain(x)
+    with torch.no_grad():
+        assert torch.allclose(ex.logits, written(x.clone()), rtol=0, atol=1e-12)
+    assert rel_err(ex.attribution, expected.attribution) < 1e-12
+    total = ex.attribution.flatten(1).sum(1)
+    assert torch.allclose(total, ex.initial.flatten(1).sum(1) - ex.dropped, rtol=0, atol=1e-9)
+
+
+class _Activated(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act, self.c1, self.c2, self.fc = act, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(self.act(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("in_place, twin", [(F.relu_, F.relu), (lambda t: torch.clamp_min_(t, 0), lambda t: torch.clamp_min(t, 0)),
+                                            (lambda t: F.leaky_relu_(t, 0.1), lambda t: F.leaky_relu(t, 0.1)),
+                                            (lambda t: F.elu_(t), F.elu), (lambda t: F.hardtanh_(t, 0.0, 6.0), F.relu6)],
+                         ids=["relu_", "clamp_min_", "leaky_relu_", "elu_", "hardtanh_"])
+def test_in_place_activation_functions_have_the_rules_of_their_twins(in_place, twin):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12, dtype=D)
+    results = []
+    for act in (in_place, twin):
+        torch.manual_seed(1)
+        model = _Activated(act).double().eval()
+        results.append(rsp_fast.RSP(model).attribute(x))
+    assert rel_err(results[0], results[1]) < 1e-12
+

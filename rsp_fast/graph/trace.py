@@ -274,6 +274,7 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         with torch.no_grad(), TRACE_GATE.trace():
             graph = tracer.trace(model, concrete_args=_defaults(model))
         _drop_fixed_arguments(graph)
+        _follow_in_place_writes(graph, model)
     except _ForwardFailed as exc:
         raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}") from None
     except Exception as exc:  # fx raises many types; the user needs one clear message
@@ -320,6 +321,64 @@ def _drop_fixed_arguments(graph: fx.Graph) -> None:
                     graph.erase_node(check)
         if not node.users:
             graph.erase_node(node)
+
+
+def _follow_in_place_writes(graph: fx.Graph, model: nn.Module) -> None:
+    """fx records ``out.add_(x)``, ``x.relu_()``, ``F.relu(x, inplace=True)`` or an in-place
+    module called as a statement as a node of their own, while the code after them reads the
+    tensor they wrote through its old name. RSP's forward runs every op out of place (the rules
+    need the values from before the write), so the nodes after such a write are made to read the
+    write's node: the graph then computes what the model computes, and relevance goes through
+    the write (the residual of ``out.add_(x)``). In-place functions become their out-of-place
+    twins (``F.relu_`` -> ``torch.relu``), which the rules know. (``a += b`` rebinds ``a`` to
+    its own node already; an alias of ``a`` taken before it, or a view, is not followed.)"""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if not _writes_in_place(node, model):
+            continue
+        written = node.args[0] if node.args else None
+        if isinstance(written, fx.Node):
+            for user in list(written.users):
+                if user is not node and order[user] > order[node]:
+                    user.replace_input_with(written, node)
+        if node.op == "call_function":
+            _make_out_of_place(node)
+
+
+def _writes_in_place(node: fx.Node, model: nn.Module) -> bool:
+    if node.op == "call_module":
+        return getattr(model.get_submodule(node.target), "inplace", False) is True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or not isinstance(name, str):
+        return False
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    return node.op == "call_function" and _inplace_argument(node) is True
+
+
+def _inplace_argument(node: fx.Node):
+    """The value of a function call's ``inplace`` parameter, given by name or by position."""
+    if "inplace" in node.kwargs:
+        return node.kwargs["inplace"]
+    try:
+        parameters = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    if "inplace" in parameters and parameters.index("inplace") < len(node.args):
+        return node.args[parameters.index("inplace")]
+    return None
+
+
+def _make_out_of_place(node: fx.Node) -> None:
+    name = getattr(node.target, "__name__", "")
+    if name.endswith("_"):
+        twin = getattr(torch.nn.functional, name[:-1], None) or getattr(torch, name[:-1], None)
+        if callable(twin):
+            node.target = twin
+    elif _inplace_argument(node) is True:
+        parameters = list(inspect.signature(node.target).parameters)
+        node.args = node.args[:parameters.index("inplace")]
+        node.kwargs = {**node.kwargs, "inplace": False}
 
 
 def _is_assert(node: fx.Node) -> bool:
