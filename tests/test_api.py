@@ -770,3 +770,51 @@ def test_in_place_activation_functions_have_the_rules_of_their_twins(in_place, t
         results.append(rsp_fast.RSP(model).attribute(x))
     assert rel_err(results[0], results[1]) < 1e-12
 
+
+
+class _TestTimeAugmented(nn.Module):
+    """Both orientations of each image in one batch, their logits averaged."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim, self.conv, self.fc = dim, nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        both = torch.cat([x, x.transpose(2, 3)], self.dim) if self.dim is not None else torch.cat([x, x.transpose(2, 3)])
+        y = self.fc(F.relu(self.conv(both)).mean((2, 3)))
+        return (y[:x.shape[0]] + y[x.shape[0]:]) / 2
+
+
+@pytest.mark.parametrize("dim", [0, None, -4])
+def test_concatenation_along_the_batch_is_refused(dim):
+    model = _TestTimeAugmented(dim).eval()
+    with pytest.raises(RSPError, match="torch.cat along the batch dimension, which mixes samples"):
+        rsp_fast.RSP(model).attribute(torch.randn(2, 3, 8, 8))
+
+
+class _HeadsInTheBatch(nn.Module):
+    """Self-attention with its heads folded into the batch dimension (BoTNet's)."""
+
+    def __init__(self, channels=8, heads=2):
+        super().__init__()
+        self.heads, self.conv, self.qkv, self.fc = heads, nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(channels, 3 * channels, 1), nn.Linear(channels, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).split(C, 1)
+        q, k, v = (t.reshape(B * self.heads, C // self.heads, H * W) for t in (q, k, v))
+        attended = (q.transpose(1, 2) @ k).softmax(-1) @ v.transpose(1, 2)
+        return self.fc(F.relu(attended.transpose(1, 2).reshape(B, C, H, W)).mean((2, 3)))
+
+
+def test_recording_a_model_with_heads_in_the_batch_keeps_one_dropped_entry_per_sample():
+    torch.manual_seed(0)
+    explainer = rsp_fast.RSP(_HeadsInTheBatch().double().eval())
+    x = torch.randn(3, 3, 6, 6, dtype=D)
+    ex = explainer.explain(x, record=True)
+    assert ex.dropped.shape == (3,)
+    for i in range(3):
+        alone = explainer.explain(x[i:i + 1], record=True)
+        assert rel_err(ex.attribution[i:i + 1], alone.attribution) < 1e-12
+        assert torch.allclose(ex.dropped[i:i + 1], alone.dropped, rtol=0, atol=1e-12)

@@ -21,7 +21,7 @@ from .conv import (CONV_MODULES, PLAIN_CONV_FORWARDS, Conv, FunctionalConv, conv
                    has_plain_conv_forward)
 from .conv3d import Conv3d, FunctionalConv3d
 from .linear import FunctionalLinear, Linear
-from .merge import Add, Cat, Stack, Sum
+from .merge import BATCH_MIXING, Add, Cat, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
                        MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
                        SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
@@ -79,7 +79,7 @@ SUPPORTED = {
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d/3d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d/3d",
                 "PixelShuffle, PixelUnshuffle, ChannelShuffle", "GLU"],
     "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
-                  "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat", "torch.stack", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
+                  "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat and torch.stack (not along the batch)", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
                   "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)",
                   "act(g) * x (gated units)", "F.glu", "x @ softmax(...) (attention pooling)",
@@ -280,7 +280,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if attention_weights_index(node) is not None:  # a weighted pooling (GCNet's global context)
         return NodeKind.POOL
     if t in CAT_FUNCTIONS | STACK_FUNCTIONS:
-        return NodeKind.CAT
+        return NodeKind.CAT if _cat_dim(node) != 0 else None  # along the batch it would mix samples
     if t is F.pad:
         return NodeKind.ROUTE if _pads_by_copy_or_blank(node, None) else None
     if t is F.glu:
@@ -352,6 +352,8 @@ def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> s
     if (is_product(node) or calls(node, *ADDCMUL)) and sole_operand(node) is None:
         return ("a product of two position-wise activations (rules exist for x times a sigmoid gate, a number, "
                 "a parameter or a statistic such as a mean or a norm of the activations, and x divided by one)")
+    if node.op == "call_function" and node.target in CAT_FUNCTIONS | STACK_FUNCTIONS and _cat_dim(node) == 0:
+        return BATCH_MIXING.format("torch.stack" if node.target in STACK_FUNCTIONS else "torch.cat")
     if node.op == "call_function" and node.target in CONV_FUNCTIONS and not is_parameter(conv_call_args(node).get("weight")):
         return ("a convolution whose weight is computed from the activations (as CondConv's per-sample mixture of "
                 "kernels); rules exist for weights that are parameters or computed from parameters only")
@@ -413,7 +415,7 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
 
 
 def _cat_dim(node: fx.Node) -> int:
-    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else 0))
 
 
 def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn_scale: Callable) -> Rule:

@@ -29,6 +29,8 @@ class Context:
     def drop(self, amount: torch.Tensor) -> None:
         """Account for relevance a rule could not pass on (RSP_SPEC.md §3, the one exact caveat)."""
         if self.dropped is not None:
+            if amount.shape[0] != self.dropped.shape[0]:  # k rows a sample: heads folded into the batch by a reshape
+                amount = amount.reshape(self.dropped.shape[0], -1).sum(1)
             self.dropped += amount.to(self.dropped.dtype)
 
     @property

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import RSPError
 from .base import Context, Rule
+
+BATCH_MIXING = ("{} along the batch dimension, which mixes samples (test-time augmentation in the forward, "
+                "say): RSP explains each sample on its own")
 
 ADD_EPS = 1e-9
 
@@ -56,8 +60,14 @@ class Cat(Rule):
         self.dim = dim
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        self.check_dim(R)
         sizes = [ctx.shapes[n][self.dim] for n in self.inputs]
         return list(torch.split(R, sizes, dim=self.dim))
+
+    def check_dim(self, R: torch.Tensor) -> None:
+        """A negative dimension that turns out to be the batch's (the plan refuses dim 0 itself)."""
+        if self.dim % R.dim() == 0:
+            raise RSPError(f"{self.node.name}: " + BATCH_MIXING.format(f"torch.{self.kind}"))
 
 
 class Stack(Cat):
@@ -66,4 +76,5 @@ class Stack(Cat):
     kind = "stack"
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        self.check_dim(R)
         return list(R.unbind(self.dim))
