@@ -464,8 +464,19 @@ class _EvenSizeConv(nn.Module):
         return self.conv(x)
 
 
-def test_submodule_branching_on_sizes_on_the_relevance_path_is_traced():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _EvenSizeConv(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+class _EvenSizeConvOffGPU(_EvenSizeConv):
+    """The same, reading the device's type too (``x.device.type``, as timm's attention blocks do)."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        if x.device.type != "cuda" and (h % 2 or w % 2):
+            x = F.pad(x, (0, w % 2, 0, h % 2))
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("block", [_EvenSizeConv, _EvenSizeConvOffGPU])
+def test_submodule_branching_on_sizes_on_the_relevance_path_is_traced(block):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), block(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(6, 3)).double().eval()
     explainer = rsp_fast.RSP(model)
     for size, pad in [(9, (0, 1, 0, 1)), (10, (0, 0, 0, 0))]:  # odd maps padded, even maps not

@@ -106,8 +106,12 @@ class _ConcreteTracer(_RecordingTracer):
         return _SizedProxy(node, self)
 
     def _sizes_as_numbers(self, a):
-        if isinstance(a, fx.proxy.Attribute) and a.attr in SIZE_ATTRIBUTES:
-            return getattr(self.values[a.root.node], a.attr)
+        if isinstance(a, fx.proxy.Attribute):
+            root = self._sizes_as_numbers(a.root)
+            if not isinstance(root, fx.Proxy):  # an attribute of a size or a device: x.device.type
+                return getattr(root, a.attr)
+            if a.attr in SIZE_ATTRIBUTES:
+                return getattr(self.values[root.node], a.attr)
         return a
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **options):
@@ -156,6 +160,8 @@ def _call(kind: str, target, args, kwargs):
         if kind == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         return target(*args, **kwargs)  # a function, or a module (called with its hooks, as the forward does)
+    except _ForwardFailed:  # an op inside a module called here: said once, not once per level
+        raise
     except Exception as exc:
         raise _ForwardFailed(_first_line(exc)) from None
 
