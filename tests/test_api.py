@@ -65,6 +65,50 @@ def test_default_layers():
     assert rsp_fast.RSP(pooled_first).layer == "3"
 
 
+class _GlobalPoolHead(nn.Module):
+    """A conv after the last max pool, then a global pool written as a reduction."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool, self.c1, self.c2, self.fc = pool, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Linear(16, 5)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        return self.fc(self.pool(self.relu2(self.c2(F.max_pool2d(self.relu1(self.c1(x)), 2)))))
+
+
+@pytest.mark.parametrize("pool", [lambda t: t.mean((2, 3)), lambda t: t.sum((2, 3)), lambda t: t.sum((-2, -1)) / 64,
+                                  lambda t: t.amax((2, 3)), lambda t: torch.amax(t, (2, 3))],
+                         ids=["mean", "sum", "sum_over_area", "amax", "torch_amax"])
+def test_global_pools_written_as_reductions_mark_the_default_layer(pool):
+    explainer = rsp_fast.RSP(_GlobalPoolHead(pool).eval())
+    assert explainer.layer == "relu2"  # the map the head pools, not the one before the max pool
+    assert explainer.attribute(torch.randn(2, 3, 16, 16)).shape == (2, 3, 16, 16)
+
+
+class _TokenMLP(nn.Module):
+    """Class scores for each token of an N×T×F input, averaged over the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.classify = nn.Linear(6, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.classify(F.relu(self.embed(x))).mean(1)
+
+
+def test_per_token_class_scores_averaged_over_tokens_take_the_tokens_features_as_the_saliency_map():
+    torch.manual_seed(0)
+    explainer = rsp_fast.RSP(_TokenMLP().double().eval())
+    assert explainer.layer == "relu" and explainer.plan.channels_last  # its features, channels last
+    x = torch.randn(3, 5, 6, dtype=D)
+    ex = explainer.explain(x, record=True)
+    assert ex.initial.shape == (3, 5, 12)
+    assert torch.allclose(ex.initial, ex.initial[..., :1].expand_as(ex.initial))  # one value per token, as per position
+    assert torch.allclose(ex.initial.flatten(1).sum(1), torch.ones(3, dtype=D))  # the comparative init's ΣR₀ = 1
+    assert torch.allclose(ex.attribution.flatten(1).sum(1), ex.initial.flatten(1).sum(1) - ex.dropped)
+
+
 def test_layer_as_module_and_result_properties():
     model = torchvision.models.vgg11(num_classes=5).eval()
     explainer = rsp_fast.RSP(model, layer=model.features[15])

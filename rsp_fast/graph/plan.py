@@ -66,7 +66,7 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
         m = _module(model, node)
         if (isinstance(m, nn.Linear) or functional_linear_weight(node) is not None) and last_linear_input is None:
             last_linear_input = _first_tensor_input(node)
-        if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or node.meta.get(KEPT_WHOLE):
+        if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(node, m) or node.meta.get(KEPT_WHOLE):
             break
         node = _first_tensor_input(node)
     pool = _global_pool_behind_head(model, node) or node
@@ -89,8 +89,8 @@ def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | Non
     input is reached first."""
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
-        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or node.meta.get(KEPT_WHOLE)
-                or isinstance(m, (nn.Dropout, nn.Identity))):
+        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(node, m)
+                or node.meta.get(KEPT_WHOLE) or isinstance(m, (nn.Dropout, nn.Identity))):
             return node
         node = _first_tensor_input(node)
     return None
@@ -116,8 +116,8 @@ def _input_of_class_score_conv(model: nn.Module, node: fx.Node) -> fx.Node:
     while conv is not None and conv.op != "placeholder" and node_kind(conv, _module(model, conv)) == NodeKind.PASS:
         conv = _first_tensor_input(conv)  # its activation
     m = _module(model, conv) if conv is not None else None
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and all(k == 1 for k in m.kernel_size):
-        return _first_tensor_input(conv)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and all(k == 1 for k in m.kernel_size) or isinstance(m, nn.Linear):
+        return _first_tensor_input(conv)  # (a Linear on each token of an N×T×F input, averaged over T, alike)
     return node
 
 
@@ -144,12 +144,12 @@ ADAPTIVE_POOL_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adapt
 
 
 def _is_global_pool(node: fx.Node, module) -> bool:
-    """An adaptive pool to 1×1 (1, 1×1×1) or a mean over the spatial dimensions."""
+    """An adaptive pool to 1×1 (1, 1×1×1), or a mean, sum or max over the spatial dimensions."""
     if isinstance(module, ADAPTIVE_POOLS):
         size = module.output_size
     elif node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
         size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
-    elif calls(node, {torch.mean}, {"mean"}):
+    elif calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):  # average, sum or max pooling
         return sorted(reduced_dims(node) or ()) in ([2, 3], [-2, -1], [2, 3, 4], [-3, -2, -1])
     else:
         return False
@@ -273,12 +273,16 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
 
 def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
     """Whether the head pools the saliency map over dims 1 and 2 (N×H×W×C, as MambaOut's
-    head does), or permutes it from that layout first, before any other op."""
-    node = saliency
+    head does), or permutes it from that layout first, before any other op; or runs a Linear on
+    it and then pools (a Linear reads the last dim: N×T×F tokens pooled over dim 1, too)."""
+    node, through_linear = saliency, False
     while len(node.users) == 1:
         node = next(iter(node.users))
         if calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):
-            return sorted(reduced_dims(node) or ()) in ([1, 2], [-3, -2])
+            return sorted(reduced_dims(node) or ()) in ([1, 2], [-3, -2]) + (([1], [-2]) if through_linear else ())
+        if isinstance(_module(model, node), nn.Linear) or functional_linear_weight(node) is not None:
+            through_linear = True
+            continue
         if calls(node, {torch.permute}, {"permute"}):
             order = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else \
                 (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims", ()))
