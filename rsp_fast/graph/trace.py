@@ -336,8 +336,9 @@ def _follow_in_place_writes(graph: fx.Graph, model: nn.Module) -> None:
     need the values from before the write), so the nodes after such a write are made to read the
     write's node: the graph then computes what the model computes, and relevance goes through
     the write (the residual of ``out.add_(x)``). In-place functions become their out-of-place
-    twins (``F.relu_`` -> ``torch.relu``), which the rules know. (``a += b`` rebinds ``a`` to
-    its own node already; an alias of ``a`` taken before it, or a view, is not followed.)"""
+    twins (``F.relu_`` -> ``F.relu``), which the rules know. (``a += b`` rebinds ``a`` to its
+    own node already; another name for ``a`` taken before it is not followed, as it would be
+    wrong for numbers, nor is a view of a written tensor.)"""
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         if not _writes_in_place(node, model):
