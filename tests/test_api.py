@@ -70,8 +70,8 @@ class _GlobalPoolHead(nn.Module):
 
     def __init__(self, pool):
         super().__init__()
-        self.pool, self.c1, self.c2, self.fc = pool, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Linear(16, 5)
-        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.pool, self.c1, self.c2 = pool, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.relu1, self.relu2, self.fc = nn.ReLU(), nn.ReLU(), nn.Linear(16, 5)
 
     def forward(self, x):
         return self.fc(self.pool(self.relu2(self.c2(F.max_pool2d(self.relu1(self.c1(x)), 2)))))
@@ -826,7 +826,6 @@ def test_in_place_activation_functions_have_the_rules_of_their_twins(in_place, t
     assert rel_err(results[0], results[1]) < 1e-12
 
 
-
 class _TestTimeAugmented(nn.Module):
     """Both orientations of each image in one batch, their logits averaged."""
 
@@ -852,7 +851,8 @@ class _HeadsInTheBatch(nn.Module):
 
     def __init__(self, channels=8, heads=2):
         super().__init__()
-        self.heads, self.conv, self.qkv, self.fc = heads, nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(channels, 3 * channels, 1), nn.Linear(channels, 5)
+        self.heads, self.conv = heads, nn.Conv2d(3, channels, 3, padding=1)
+        self.qkv, self.fc = nn.Conv2d(channels, 3 * channels, 1), nn.Linear(channels, 5)
 
     def forward(self, x):
         x = F.relu(self.conv(x))
