@@ -10,6 +10,11 @@ summary by status and by the reason models were refused.
 
     python benchmarks/model_coverage.py --json docs/coverage.json               # all of it (~15 min)
     python benchmarks/model_coverage.py --timm-per-family 2 --no-torchvision    # a quick sample
+
+``--agreement`` also explains each ``ok`` model in float64 twice more: each sample of the batch
+alone (``batch_error``: RSP must treat samples independently) and on the ``torch`` reference
+backend (``backend_error``, against the default backend), both relative to the map's largest
+magnitude; about three times as long.
 """
 from __future__ import annotations
 
@@ -58,6 +63,19 @@ def check(name: str, model: torch.nn.Module, shape: tuple) -> dict:
     return row
 
 
+def agreement(model: torch.nn.Module, shape: tuple) -> dict:
+    """In float64: the batch against each sample alone, and the torch backend against the default."""
+    torch.manual_seed(0)
+    model = model.double().eval()
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    R = rsp_fast.RSP(model).attribute(x)
+    scale = R.abs().max().clamp_min(1e-300)
+    alone = torch.cat([rsp_fast.RSP(model).attribute(x[i:i + 1]) for i in range(len(x))])
+    reference = rsp_fast.RSP(model, backend="torch").attribute(x)
+    return {"batch_error": ((R - alone).abs().max() / scale).item(),
+            "backend_error": ((R - reference).abs().max() / scale).item()}
+
+
 def torchvision_models():
     import torchvision
 
@@ -96,6 +114,11 @@ def summarise(rows: list[dict]) -> str:
         lines.append(f"conservation error |ΣR_in + dropped − ΣR₀| (float32, ΣR₀ = 1 per sample): largest "
                      f"{worst['conservation_error']:.2e} ({worst['model']}); relative to max(Σ|R_in|, |ΣR₀|), largest {relative:.2e}")
     reasons = collections.Counter(_first_reason(r["message"]) for r in rows if r["status"] != "ok")
+    for key in ("batch_error", "backend_error"):
+        checked = [r for r in ok if key in r]
+        if checked:
+            worst = max(checked, key=lambda r: r[key])
+            lines.append(f"{key} (float64, relative to max |R|): largest {worst[key]:.1e} ({worst['model']}), {len(checked)} models")
     lines += [f"  {count:3d} × {reason}" for reason, count in reasons.most_common()]
     lines += [f"  CRASH {r['model']}: {r['message']}" for r in rows if r["status"] == "crash"]
     return "\n".join(lines)
@@ -107,6 +130,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="which timm models are sampled")
     parser.add_argument("--no-torchvision", action="store_true")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--agreement", action="store_true", help="batch against single samples, torch backend against the default")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     sources = [] if args.no_torchvision else list(torchvision_models())
@@ -120,7 +144,13 @@ def main(argv=None) -> None:
             print(f"skip {name}: {type(exc).__name__}: {exc}"[:200], flush=True)
             continue
         rows.append(check(name, model, shape))
-        print(f"{rows[-1]['status']:8s} {name} ({rows[-1]['seconds']} s)", flush=True)
+        if args.agreement and rows[-1]["status"] == "ok":
+            try:
+                rows[-1].update(agreement(model, shape))
+            except Exception as exc:  # it ran in float32: a bug
+                rows[-1].update(status="crash", message=f"float64 agreement: {type(exc).__name__}: {exc}"[:500])
+        extra = "".join(f" {k} {rows[-1][k]:.1e}" for k in ("batch_error", "backend_error") if k in rows[-1])
+        print(f"{rows[-1]['status']:8s} {name} ({rows[-1]['seconds']} s){extra}", flush=True)
     print(summarise(rows))
     if args.json:
         with open(args.json, "w") as f:
