@@ -21,7 +21,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """Any image PIL reads (grey, palette, alpha, 16-bit and float grey included) as H×W×3
     uint8 RGB, upright: a photo's EXIF orientation (a phone held sideways) is applied, as
     viewers do."""
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     path = Path(path)
     try:
@@ -30,7 +30,7 @@ def read_image(path: str | Path) -> np.ndarray:
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):
                 return _grey_to_rgb8(np.asarray(im), im.mode)
             return np.asarray(im.convert("RGB"))
-    except OSError as exc:  # pixels that fail to decode past a good header
+    except (OSError, Image.DecompressionBombError) as exc:  # pixels that fail to decode past a good header
         raise RSPError(f"cannot read image {str(path)!r}: {exc}") from None
 
 
@@ -47,13 +47,14 @@ def _open_still(path: Path):
     check_readable(path, "image")
     try:
         im = Image.open(path)
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise RSPError(f"cannot read image {str(path)!r}: {exc}") from None
     if im.format in ANIMATION_FORMATS and getattr(im, "is_animated", False):
         frames = getattr(im, "n_frames", "several")
         im.close()
-        raise RSPError(f"image {str(path)!r} is animated ({frames} frames): explain its frames with "
-                       f"`rsp-fast video {path} -o OUTPUT.mp4`")
+        how = (f"explain its frames with `rsp-fast video {path} -o OUTPUT.mp4`" if im.format != "WEBP" else
+               "FFmpeg, which `rsp-fast video` reads with, decodes no animated WebP: turn it into a GIF or a video first")
+        raise RSPError(f"image {str(path)!r} is animated ({frames} frames): {how}")
     return im
 
 

@@ -83,6 +83,10 @@ def load_weights(model: nn.Module, state: dict, source: str, by_order: bool = Fa
     """Load ``state`` into ``model``; mismatches become one clear error. ``by_order`` maps
     keys one-to-one in order (for checkpoints whose names differ but layout matches)."""
     target = model.state_dict()
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise RSPError(f"weights in {source} hold a {type(state[not_tensors[0]]).__name__} under {not_tensors[0]!r}, "
+                       "not a tensor: not a state dict of weights")
     if by_order:
         if len(state) != len(target):
             raise RSPError(f"weights in {source} have {len(state)} tensors, the model {len(target)}")
@@ -158,10 +162,12 @@ def _factory(path: str) -> nn.Module | ModelSpec:
     """What ``package.module:factory`` returns: a module, or a ModelSpec (its own input size,
     normalisation and class names, e.g. a video classifier's)."""
     module_name, _, attr = path.partition(":")
+    if not module_name or not attr or module_name.startswith("."):
+        raise RSPError(f"model {path!r}: give efficientnet_lite0, vgg16, resnet50 or package.module:factory")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise RSPError(f"cannot import model factory {path!r}: {exc}") from None
+    except Exception as exc:  # not found, or the module's own code failed on import: one line
+        raise RSPError(f"cannot import model factory {path!r}: {type(exc).__name__}: {exc}") from None
     try:
         made = fn()
     except Exception as exc:  # the user's code: its own error, in one line

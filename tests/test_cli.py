@@ -97,6 +97,17 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path, orientation
     assert white.shape == shape and white[block].all() and white.sum() == white[block].size
 
 
+def test_a_decompression_bomb_is_refused_by_name(tmp_path, monkeypatch):
+    """PIL refuses pictures of more than twice MAX_IMAGE_PIXELS (a small file can claim billions);
+    its error is not an OSError and ended the command in a traceback."""
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    from rsp_fast.images import image_files
+    for read in (read_image, lambda p: image_files([p])):
+        with pytest.raises(rsp_fast.RSPError, match=r"cannot read image '.*big.png': .*decompression bomb"):
+            read(tmp_path / "big.png")
+
+
 @pytest.mark.parametrize("suffix", ["gif", "png", "webp"])
 def test_animations_are_refused_by_name_and_single_frames_read(tmp_path, suffix):
     """An animated GIF, PNG or WebP was explained as its first frame without a word; the error

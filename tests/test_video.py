@@ -545,7 +545,12 @@ def test_cli_video_with_a_clip_model_from_a_factory_spec(tmp_path):
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--weights", "{weights}"], "do not match"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--target", "7"], "class 7 is out of range"),
     (["video", "{good}", "-o", "out.gif", "--model", "models:tiny_cnn"], "a .gif cannot hold libx264 video"),
-    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "-5"], "frame rate must be above 0"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "-5"], "frame rate must be from 1/1001"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "1e-9"], "not 1e-09"),
+    (["video", "{good}", "-o", "out.mp4", "--model", ":"], "model ':': give efficientnet_lite0"),
+    (["video", "{good}", "-o", "out.mp4", "--model", ".models:tiny_cnn"], "model '.models:tiny_cnn': give"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "boom:net"], "cannot import model factory 'boom:net': RuntimeError: boom"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--weights", "{numbers}"], "not a tensor"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "nan"], "not nan"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "0"], "not 0.0"),
     (["video", "{good}", "-o", "{good}", "--model", "models:tiny_cnn"], "is the input video"),
@@ -568,10 +573,12 @@ def test_cli_video_errors_are_one_line(tmp_path, args, message):
     good = write_video(tmp_path / "good.mp4", _frames(3), fps=3)
     (tmp_path / "text.mp4").write_text("hello")
     torch.save({"0.weight": torch.zeros(1)}, tmp_path / "w.pt")
+    torch.save({"0.weight": 1}, tmp_path / "numbers.pt")
+    (tmp_path / "boom.py").write_text("raise RuntimeError('boom')\n")  # a factory module failing on import
     os.mkfifo(tmp_path / "pipe.mp4")
     (tmp_path / "folder.mp4").mkdir()
     fill = {"good": good, "text": tmp_path / "text.mp4", "weights": tmp_path / "w.pt", "fifo": tmp_path / "pipe.mp4",
-            "folder": tmp_path / "folder.mp4"}
+            "folder": tmp_path / "folder.mp4", "numbers": tmp_path / "numbers.pt"}
     proc = _cli(tmp_path, *[a.format(**fill) for a in args])
     assert proc.returncode == 2
     assert message.format(**fill) in proc.stderr and "Traceback" not in proc.stderr

@@ -87,8 +87,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
     positive_int(batch_size, "batch size")
     if max_frames is not None:
         positive_int(max_frames, "max frames")
-    if fps is not None and (not isinstance(fps, (int, float)) or not 0 < fps <= 1000):  # NaN fails this too
-        raise RSPError(f"frame rate must be above 0 and at most 1000 frames per second, not {fps}")
+    if fps is not None and (not isinstance(fps, (int, float)) or not 1 / 1001 <= fps <= 1000):  # NaN fails this too
+        raise RSPError(f"frame rate must be from 1/1001 to 1000 frames per second (one frame in 1001 s at least), not {fps}")
     written = checked_output_file(dst, "output video", [("input video", src)])  # a link: its target
     device = checked_device(device)
     if precision == "tf32" and device.type != "cuda":
