@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from .errors import BackendUnavailableError, RSPError
-from .paths import checked_output_file, checked_output_folder
+from .paths import check_outputs_spare_inputs, checked_output_file, checked_output_folder
 
 
 def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
@@ -92,9 +93,12 @@ def _report_path(args, default: Path | None = None, inputs=()) -> Path | None:
 
 def _write_report(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # one per run: two runs may name one report
+    try:
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _summary(report: dict) -> str:
@@ -120,7 +124,11 @@ def cmd_image(args) -> None:
 
     images = image_files(args.images)
     out = checked_output_folder(args.output)
-    report_path = _report_path(args, out / "report.json", [("input image", path) for _, path in images])
+    inputs = [("input image", path) for _, path in images]
+    outputs = [("output", out / f"{name}_{kind}.png") for name, _ in images for kind in ("heatmap", "overlay")]
+    outputs += [("contact sheet", out / "contact_sheet.png"), ("output folder", out)]
+    check_outputs_spare_inputs(outputs, inputs)
+    report_path = _report_path(args, out / "report.json", inputs + outputs)
     spec = _spec(args)
     explainer = RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend,
                     precision=args.precision)
@@ -137,10 +145,11 @@ def cmd_demo(args) -> None:
     from .video.io import read_frames
 
     out = checked_output_folder(args.output)
-    report_path = _report_path(args, out / "report.json")
+    video = out / "demo_rsp.mp4"
+    report_path = _report_path(args, out / "report.json", [("output folder", out), ("demo clip", out / "demo_input.mp4"),
+                                                           ("output video", video), ("contact sheet", out / "contact_sheet.png")])
     out.mkdir(parents=True, exist_ok=True)
     clip = make_demo_clip(out / "demo_input.mp4")
-    video = out / "demo_rsp.mp4"
     report = explain_video(_spec(args), clip, video, **_video_kwargs(args))
     n = report["totals"]["frames"]
     picks = sorted({round(i * (n - 1) / 7) for i in range(8)})

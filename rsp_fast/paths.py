@@ -73,3 +73,13 @@ def _check_folder_writable(folder: Path, what: str, text: str) -> None:
         except OSError as exc:
             raise RSPError(f"{what} {text!r}: cannot create a file in the folder {str(folder)!r} "
                            f"({exc.strerror or exc})") from None
+
+
+def check_outputs_spare_inputs(outputs, inputs) -> None:
+    """Outputs named after the inputs (``cat_overlay.png`` for ``cat.jpg``, in a folder of
+    pictures) must not replace one of them: (what, path) pairs both."""
+    sources = {os.path.realpath(path): (kind, path) for kind, path in inputs}
+    for what, path in outputs:
+        hit = sources.get(os.path.realpath(path))
+        if hit is not None:
+            raise RSPError(f"{what} {str(path)!r} would replace the {hit[0]} {str(hit[1])!r}: choose another output folder")

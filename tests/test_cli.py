@@ -231,6 +231,11 @@ def test_image_demo_photos_are_recognised(tmp_path):
     (["image", "{png}", "-o", "{png}"], "is a file"),
     (["image", "{png}", "-o", ""], "output folder: the path is empty"),
     (["image", "{png}", "-o", "x", "--report", "{png}"], "is the input image"),
+    (["image", "{pics}", "-o", "{pics}"], "/a_overlay.png' would replace the input image"),  # a folder's earlier outputs
+    (["image", "{png}", "-o", "x", "--report", "x/p_overlay.png"], "report 'x/p_overlay.png' is the output"),
+    (["image", "{png}", "-o", "x", "--report", "x/contact_sheet.png"], "is the contact sheet"),
+    (["image", "{png}", "-o", "x", "--report", "x"], "report 'x' is the output folder"),
+    (["demo", "-o", "x", "--report", "x/demo_rsp.mp4"], "report 'x/demo_rsp.mp4' is the output video"),
     (["image", "{empty}", "-o", "x"], "holds no images"),
     (["image", "{png}", "-o", "x", "--device", "gpu0"], "unknown device 'gpu0'"),
     pytest.param(["image", "{png}", "-o", "x", "--device", "cuda"], "no CUDA GPU is available",
@@ -244,8 +249,10 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     (tmp_path / "empty").mkdir()
     gif = tmp_path / "moving.gif"
     Image.new("RGB", (8, 8), "red").save(gif, save_all=True, append_images=[Image.new("RGB", (8, 8), "blue")])
+    (tmp_path / "pics").mkdir()
+    _png(tmp_path / "pics" / "a.png"), _png(tmp_path / "pics" / "a_overlay.png")
     fill = {"notimage": notimage, "png": _png(tmp_path / "p.png"), "badweights": badweights, "empty": tmp_path / "empty",
-            "gif": gif}
+            "gif": gif, "pics": tmp_path / "pics"}
     argv = [a.format(**fill) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", *argv], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
@@ -355,7 +362,7 @@ def test_a_missing_optional_dependency_is_one_line_with_its_install_command(tmp_
         argv = ["image", str(photo), "-o", str(tmp_path / "out")]
     else:
         argv = ["image", str(photo), "-o", str(tmp_path / "out"), "--model", "vgg16"]
-    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+    for name in {module, *(m for m in sys.modules if m.startswith(module + "."))}:  # imported by now or not
         monkeypatch.setitem(sys.modules, name, None)  # what an environment without it raises on import
     assert main(argv) == 2
     err = capsys.readouterr().err
