@@ -101,6 +101,7 @@ def sample_photos() -> list[tuple[str, np.ndarray]]:
 
 
 CONTACT_SHEET_IMAGES = 64  # a sheet of a whole photo folder would be too tall to view
+TILE = 512  # each image and its overlay fit a square of this side on the sheet
 
 
 def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, np.ndarray | Path]], out_dir: str | Path,
@@ -128,7 +129,7 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
             render.save_png(out / f"{name}_heatmap.png", render.colorize(heat, scale))
             render.save_png(out / f"{name}_overlay.png", over)
             if len(tiles) < CONTACT_SHEET_IMAGES:
-                tiles.append(_thumbnail(render.side_by_side(img, over), 512))
+                tiles.append(_thumbnail(render.side_by_side(img, over), TILE))
             rows.append({"name": name, "label": label, "class_name": spec.label(label), "score": score,
                          "target": maps.targets[k], "seconds": share + time.perf_counter() - t1})
     if not rows:
@@ -160,13 +161,17 @@ class _FileNames:
         return candidate
 
 
-def _thumbnail(img: np.ndarray, width: int) -> np.ndarray:
+def _thumbnail(img: np.ndarray, side: int) -> np.ndarray:
+    """``img`` scaled to fit a side×side square, aspect kept (a 1×500 strip is not made 512
+    wide and 256000 tall)."""
     from PIL import Image
 
-    h = max(1, round(img.shape[0] * width / img.shape[1]))
-    return np.asarray(Image.fromarray(img).resize((width, h), Image.BILINEAR))
+    scale = side / max(img.shape[:2])
+    size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR))
 
 
 def _same_size(tiles: list[np.ndarray]) -> list[np.ndarray]:
-    h = max(t.shape[0] for t in tiles)
-    return [np.pad(t, ((0, h - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]
+    """The tiles padded with white to the largest height and width among them."""
+    h, w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    return [np.pad(t, ((0, h - t.shape[0]), (0, w - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]

@@ -40,6 +40,18 @@ def test_image_command_writes_maps_for_grey_alpha_and_colour(tmp_path, capsys):
     assert report["device"] == here and f"(3 images on {here})" in capsys.readouterr().out
 
 
+def test_a_thin_image_keeps_the_contact_sheet_small(tmp_path):
+    """Tiles were scaled to 512 pixels wide: a 1×500 strip (side by side with its overlay, 2×500)
+    became 512×128000, and every other tile was padded to that height."""
+    files = [_png(tmp_path / "strip.png", size=(1, 500)), _png(tmp_path / "photo.png", size=(64, 48))]
+    out = tmp_path / "out"
+    assert main(["image", *map(str, files), "-o", str(out), "--init", "gradcam"]) == 0
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.height <= 512 and sheet.width <= 2 * 512 + 4  # one row of two tiles, each within 512×512
+        tiles = np.asarray(sheet)
+    assert tiles[:, 512 + 4:].std() > 0  # the photo's tile is there, its width kept
+
+
 def test_images_of_different_sizes_share_a_batch(tmp_path):
     """Each image is letterboxed on its own, so a batch of mixed sizes gives every image the
     map and label it gets alone; pixels are read batch by batch and a corrupt file met late
