@@ -487,7 +487,8 @@ def test_a_model_that_outputs_nan_is_named(tmp_path):
     assert _only_output(tmp_path, "out") == []
 
 
-def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_file(tmp_path):
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])  # twice: the second one during the cleanup
+def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_file(tmp_path, signals):
     import signal
     import time
 
@@ -500,11 +501,26 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_file(tmp_path):
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)  # until the encoder has opened its temporary file
-    proc.send_signal(signal.SIGTERM)
+    for _ in range(signals):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted" in err and "Traceback" not in err
     assert _only_output(tmp_path, "out") == ["out.mp4"] and (tmp_path / "out.mp4").read_bytes() == b"previous result"
+
+
+def test_the_cleanup_goes_on_through_further_interrupts():
+    from rsp_fast.video.pipeline import _to_the_end
+
+    steps = []
+
+    def cleanup():
+        steps.append(len(steps))
+        if len(steps) < 3:
+            raise KeyboardInterrupt  # as a second Ctrl-C in the middle of it
+    _to_the_end(cleanup)
+    assert steps == [0, 1, 2]
 
 
 def _cli(tmp_path, *args):

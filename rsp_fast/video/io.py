@@ -229,14 +229,15 @@ class Encoder:
         return self.path
 
     def abort(self) -> None:
-        if self.audio is not None:
-            self.audio.close()
+        """Close and delete the temporary file; safe to call again (a second Ctrl-C may cut a first call short)."""
+        audio, self.audio = self.audio, None
+        if audio is not None:
+            audio.close()
         try:
             self.container.close()
-        except Exception:  # the container may be half-initialised; the file goes anyway
+        except Exception:  # the container may be half-initialised, or closed already; the file goes anyway
             pass
-        if self.tmp.exists():
-            self.tmp.unlink()
+        self.tmp.unlink(missing_ok=True)
 
 
 def read_frames(path: str | Path, indices: list[int] | None = None) -> list[np.ndarray]:

@@ -168,10 +168,13 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         encoder.commit(audio_until=rows[-1]["time"] - info.start + 1 / float(out_fps) if cut else None)
     except BaseException:
         stop.set()
-        for stage in (writer, decoder):  # each sees `stop` at its next batch; the encoder's must end before abort
-            if stage.ident is not None:
-                stage.join(timeout=5)
-        encoder.abort()
+
+        def wind_down():
+            for stage in (writer, decoder):  # each sees `stop` at its next batch; the encoder's must end before abort
+                if stage.ident is not None:
+                    stage.join(timeout=5)
+            encoder.abort()
+        _to_the_end(wind_down)
         raise
     finally:
         if show:
@@ -183,6 +186,17 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
             "model": spec.name, "layer": explainer.layer, "init": explainer.init, "batch_size": batch_size,
             "device": str(device), "output": str(dst), "output_fps": float(out_fps),
             "audio": encoder.audio_note if keep_times else "not copied: a frame rate given retimes the frames"}
+
+
+def _to_the_end(work) -> None:
+    """Run ``work`` (a cleanup that may be run again) to its end, whatever Ctrl-C or SIGTERM
+    (raised as exceptions) arrive meanwhile: a second signal right after a first one cut the
+    cleanup short and left the temporary video behind."""
+    while True:
+        try:
+            return work()
+        except KeyboardInterrupt:
+            continue
 
 
 def _progress(done: int, total: int | None, seconds: float) -> None:
