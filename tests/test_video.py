@@ -389,6 +389,11 @@ def _corrupt_inputs(tmp_path):
     (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
     mkv = _encode(tmp_path / "good.mkv", _frames(6), "yuv420p", "rgb24").read_bytes()
     (tmp_path / "truncated.mkv").write_bytes(mkv[: len(mkv) * 2 // 3])
+    # with a sound track, Matroska's header keeps the longer stream's duration only: each stream's is a tag
+    with_sound = _video_with_sound(tmp_path / "sound.mkv", seconds=3.0).read_bytes()
+    (tmp_path / "truncated_sound.mkv").write_bytes(with_sound[: len(with_sound) // 2])
+    avi = _encode(tmp_path / "good.avi", _frames(24), codec="mpeg4").read_bytes()  # AVI: no timestamps, a frame count
+    (tmp_path / "truncated.avi").write_bytes(avi[: len(avi) * 3 // 5])
     (tmp_path / "text.mp4").write_text("not a video at all")
     c = av.open(str(tmp_path / "empty.mkv"), "w")  # a video stream that holds no frame
     s = c.add_stream("ffv1", rate=5)
@@ -403,6 +408,8 @@ def _corrupt_inputs(tmp_path):
     ("text.mp4", "not a video or corrupt"),
     ("truncated.mp4", "not a video or corrupt"),
     ("truncated.mkv", "truncated"),
+    ("truncated_sound.mkv", "truncated: its frames end at"),
+    ("truncated.avi", "truncated or corrupt: [0-9]+ of the 24 frames it counts decode"),
     ("empty.mkv", "cannot read video"),
 ])
 def test_bad_videos_fail_cleanly(tmp_path, spec, name, message):

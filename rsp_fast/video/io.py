@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -90,7 +91,7 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
         if count == 0:
             raise RSPError(f"video {str(path)!r} has no frames")
         if max_frames is None or count < max_frames:
-            _check_complete(container, stream, last, path)
+            _check_complete(container, stream, count, last, path)
         if frames:
             yield DecodedBatch(np.stack(frames), indices, times)
 
@@ -131,10 +132,16 @@ def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _check_complete(container, stream, last: float, path) -> None:
-    """A stream that ends well before the duration its header claims was truncated."""
+def _check_complete(container, stream, count: int, last: float, path) -> None:
+    """A stream that ends well before the duration its header claims was truncated; an AVI
+    (no edit lists: every frame it counts is shown) that yields fewer frames than it counts too."""
+    if container.format.name == "avi" and stream.frames and count + 1 < stream.frames:
+        raise RSPError(f"video {str(path)!r} is truncated or corrupt: {count} of the {stream.frames} frames it counts decode")
+    tagged = _tag_seconds(stream.metadata.get("DURATION"))  # Matroska keeps each stream's own duration as a tag
     if stream.duration is not None and stream.time_base is not None:
         claimed = float(stream.duration * stream.time_base)
+    elif tagged is not None:
+        claimed = tagged
     elif container.duration is not None and len(container.streams) == 1:
         claimed = container.duration / 1_000_000  # AV_TIME_BASE
     else:
@@ -145,6 +152,12 @@ def _check_complete(container, stream, last: float, path) -> None:
     end = last + period
     if end < claimed - 1.5 * period:
         raise RSPError(f"video {str(path)!r} is truncated: its frames end at {end:.2f} s of the {claimed:.2f} s it claims")
+
+
+def _tag_seconds(text) -> float | None:
+    """"HH:MM:SS.fraction" (a Matroska DURATION tag) in seconds; None for anything else."""
+    match = re.fullmatch(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)", str(text or "").strip())
+    return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3]) if match else None
 
 
 TIME_BASE = Fraction(1, 90_000)  # the MPEG clock: fine enough for any source's timestamps
