@@ -441,6 +441,16 @@ def test_failure_midway_leaves_no_output(tmp_path, spec, monkeypatch):
     assert not [t for t in threading.enumerate() if isinstance(t, _Stage)]  # decoder and encoder have ended
 
 
+@pytest.mark.parametrize("suffix", [".ts", ".mpg"])
+def test_formats_ffmpeg_cannot_vouch_for_are_tried(tmp_path, spec, suffix):
+    """PyAV lists no codec for MPEG-TS or MPEG-PS (FFmpeg cannot say), which refused them as
+    unable to hold H.264; one frame encoded in memory shows they can."""
+    src = write_video(tmp_path / "in.mp4", _frames(3), fps=3)
+    report = explain_video(spec, src, tmp_path / f"out{suffix}", fps=3, progress=False)
+    assert len(read_frames(tmp_path / f"out{suffix}")) == 3
+    assert report["audio"] is None  # no sound to copy: nothing said of it, though --fps retimes
+
+
 def test_a_bad_argument_leaves_no_file_open(tmp_path, spec):
     """A target that is not a class fails before the source's sound is opened for copying."""
     src = _video_with_sound(tmp_path / "in.mkv")

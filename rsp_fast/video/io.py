@@ -35,6 +35,7 @@ class VideoInfo:
     fps: Fraction
     frames: int | None  # as the container claims; None if unknown
     start: float  # the container's first timestamp, seconds: the output's time 0
+    sound: bool = False  # whether it has an audio stream
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -43,7 +44,8 @@ def probe(path: str | Path) -> VideoInfo:
         stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
         start = container.start_time / 1_000_000 if container.start_time is not None else 0.0  # AV_TIME_BASE
-        return VideoInfo(stream.codec_context.width, stream.codec_context.height, Fraction(rate), stream.frames or None, start)
+        return VideoInfo(stream.codec_context.width, stream.codec_context.height, Fraction(rate), stream.frames or None, start,
+                         bool(container.streams.audio))
 
 
 def _open(path: str | Path):
@@ -154,6 +156,25 @@ def _check_complete(container, stream, count: int, last: float, path) -> None:
         raise RSPError(f"video {str(path)!r} is truncated: its frames end at {end:.2f} s of the {claimed:.2f} s it claims")
 
 
+def _holds(format_name: str, codec: str) -> bool:
+    """Whether a ``format_name`` file takes ``codec`` video, tried on one small frame in memory:
+    FFmpeg cannot say for some formats (MPEG-TS holds H.264, though PyAV lists no codec for it).
+    Checked before any work, not at the first frame."""
+    import io as memory
+
+    av = _av()
+    try:
+        with av.open(memory.BytesIO(), mode="w", format=format_name) as c:
+            stream = c.add_stream(codec, rate=25)
+            stream.width = stream.height = 16
+            stream.pix_fmt = "yuv420p"
+            for packet in [*stream.encode(av.VideoFrame(16, 16, "yuv420p")), *stream.encode(None)]:
+                c.mux(packet)
+        return True
+    except Exception:  # FFmpeg's and PyAV's errors alike: the format does not take it
+        return False
+
+
 def _tag_seconds(text) -> float | None:
     """"HH:MM:SS.fraction" (a Matroska DURATION tag) in seconds; None for anything else."""
     match = re.fullmatch(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)", str(text or "").strip())
@@ -184,7 +205,7 @@ class Encoder:
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             raise RSPError(f"cannot write video {str(self.path)!r}: {exc}") from None
         self.fps, self.codec, self.crf = Fraction(fps).limit_denominator(1001), codec, crf
-        if codec not in getattr(self.container, "supported_codecs", {codec}):  # before any work, not at the first frame
+        if codec not in getattr(self.container, "supported_codecs", {codec}) and not _holds(self.container.format.name, codec):
             self.abort()
             raise RSPError(f"cannot write video {str(self.path)!r}: a {self.path.suffix or 'file without an extension'} "
                            f"cannot hold {codec} video; use .mp4, .mkv, .mov or .avi")

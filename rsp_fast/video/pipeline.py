@@ -185,7 +185,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
                        "encode_s": writer.seconds, "wall_s": wall, "fps": len(rows) / wall if wall else 0.0},
             "model": spec.name, "layer": explainer.layer, "init": explainer.init, "batch_size": batch_size,
             "device": str(device), "output": str(dst), "output_fps": float(out_fps),
-            "audio": encoder.audio_note if keep_times else "not copied: a frame rate given retimes the frames"}
+            "audio": encoder.audio_note if keep_times else
+            "not copied: a frame rate given retimes the frames" if info.sound else None}
 
 
 def _to_the_end(work) -> None:
