@@ -68,7 +68,8 @@ def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in Image.registered_extensions())
+            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")  # hidden: macOS's ._cat.jpg
+                           and f.suffix.lower() in Image.registered_extensions())
             if not found:
                 raise RSPError(f"folder {str(p)!r} holds no images")
             files += found

@@ -19,6 +19,7 @@ from torch import nn
 from .efficientnet_lite import EfficientNetLite0
 from .errors import RSPError
 from .optional import optional_import
+from .paths import check_readable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -59,8 +60,7 @@ def imagenet_class_names() -> list[str]:
 def load_state_dict_file(path: str | Path) -> dict:
     """Read weights safely: safetensors, or a torch file loaded with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise RSPError(f"weights file {str(path)!r} does not exist")
+    check_readable(path, "weights file")
     # outside the try: a missing package is said as such, not as a file it could not read
     load_safetensors = optional_import("safetensors.torch", "reading .safetensors weights").load_file \
         if path.suffix == ".safetensors" else None

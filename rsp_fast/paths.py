@@ -17,6 +17,8 @@ def check_readable(path: Path, what: str) -> None:
     """A file this process can read, or an RSPError saying what is wrong with the path."""
     if path.is_dir():
         raise RSPError(f"{what} {str(path)!r} is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise RSPError(f"{what} {str(path)!r} is not a regular file (a device, pipe or socket)")
     if not path.is_file():
         raise RSPError(f"{what} {str(path)!r} does not exist")
     if not os.access(path, os.R_OK):

@@ -40,6 +40,15 @@ def test_image_command_writes_maps_for_grey_alpha_and_colour(tmp_path, capsys):
     assert report["device"] == here and f"(3 images on {here})" in capsys.readouterr().out
 
 
+def test_hidden_files_in_a_folder_are_not_taken_for_images(tmp_path):
+    """macOS leaves ``._name.jpg`` metadata files beside pictures copied from it: they stopped a
+    folder's run as unreadable images."""
+    from rsp_fast.images import image_files
+    _png(tmp_path / "cat.png")
+    (tmp_path / "._cat.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert [name for name, _ in image_files([tmp_path])] == ["cat"]
+
+
 def test_a_thin_image_keeps_the_contact_sheet_small(tmp_path):
     """Tiles were scaled to 512 pixels wide: a 1×500 strip (side by side with its overlay, 2×500)
     became 512×128000, and every other tile was padded to that height."""

@@ -596,6 +596,8 @@ def test_cli_video_with_a_clip_model_from_a_factory_spec(tmp_path):
     (["video", "{good}", "-o", "{fifo}", "--model", "models:tiny_cnn"], "is not a regular file"),
     (["video", "{good}", "-o", "{text}/out.mp4", "--model", "models:tiny_cnn"], "is a file, not a folder"),
     (["video", "{folder}", "-o", "out.mp4"], "is a folder, not a file"),
+    (["video", "{fifo}", "-o", "out.mp4"], "is not a regular file (a device, pipe or socket)"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--weights", "{folder}"], "weights file '"),
     pytest.param(["video", "{good}", "-o", "/proc/out.mp4", "--model", "models:tiny_cnn"], "output video '/proc/out.mp4'",
                  marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc here")),  # root may write /proc
     (["video", "{good}", "-o", "out.mp4", "--device", "meta"], "runs on cpu or cuda"),
