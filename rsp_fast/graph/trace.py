@@ -363,17 +363,22 @@ def _writes_in_place(node: fx.Node, model: nn.Module) -> bool:
     return node.op == "call_function" and _inplace_argument(node) is True
 
 
-def _inplace_argument(node: fx.Node):
-    """The value of a function call's ``inplace`` parameter, given by name or by position."""
-    if "inplace" in node.kwargs:
-        return node.kwargs["inplace"]
+def _inplace_position(node: fx.Node) -> int | None:
+    """Where a function call passes its ``inplace`` parameter by position, if it does."""
     try:
         parameters = list(inspect.signature(node.target).parameters)
     except (TypeError, ValueError):  # a builtin without a signature
         return None
-    if "inplace" in parameters and parameters.index("inplace") < len(node.args):
-        return node.args[parameters.index("inplace")]
-    return None
+    position = parameters.index("inplace") if "inplace" in parameters else None
+    return position if position is not None and position < len(node.args) else None
+
+
+def _inplace_argument(node: fx.Node):
+    """The value of a function call's ``inplace`` parameter, given by name or by position."""
+    if "inplace" in node.kwargs:
+        return node.kwargs["inplace"]
+    position = _inplace_position(node)
+    return node.args[position] if position is not None else None
 
 
 def _make_out_of_place(node: fx.Node) -> None:
@@ -383,8 +388,9 @@ def _make_out_of_place(node: fx.Node) -> None:
         if callable(twin):
             node.target = twin
     elif _inplace_argument(node) is True:
-        parameters = list(inspect.signature(node.target).parameters)
-        node.args = node.args[:parameters.index("inplace")]
+        position = _inplace_position(node)
+        if position is not None:
+            node.args = node.args[:position]
         node.kwargs = {**node.kwargs, "inplace": False}
 
 
