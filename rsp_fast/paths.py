@@ -69,12 +69,13 @@ def _check_folder_writable(folder: Path, what: str, text: str) -> None:
         raise RSPError(f"{what} {text!r}: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RSPError(f"{what} {text!r}: no permission to write into the folder {str(existing)!r}")
-    if existing == folder:  # permissions can say yes where a file cannot be made (/proc, some mounts): try one
-        try:
-            tempfile.TemporaryFile(dir=folder, prefix=".rsp-fast-probe-").close()
-        except OSError as exc:
-            raise RSPError(f"{what} {text!r}: cannot create a file in the folder {str(folder)!r} "
-                           f"({exc.strerror or exc})") from None
+    # Permissions can say yes where nothing can be made (/proc, /sys, read-only mounts, for root):
+    # try one file in the nearest existing folder, which is also where the missing ones would go.
+    try:
+        tempfile.TemporaryFile(dir=existing, prefix=".rsp-fast-probe-").close()
+    except OSError as exc:
+        raise RSPError(f"{what} {text!r}: cannot create a file in the folder {str(existing)!r} "
+                       f"({exc.strerror or exc})") from None
 
 
 def check_outputs_spare_inputs(outputs, inputs) -> None:

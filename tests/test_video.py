@@ -600,6 +600,10 @@ def test_cli_video_with_a_clip_model_from_a_factory_spec(tmp_path):
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--weights", "{folder}"], "weights file '"),
     pytest.param(["video", "{good}", "-o", "/proc/out.mp4", "--model", "models:tiny_cnn"], "output video '/proc/out.mp4'",
                  marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc here")),  # root may write /proc
+    pytest.param(["video", "{good}", "-o", "/proc/new/out.mp4", "--model", "models:tiny_cnn"], "cannot create a file in the folder '/proc'",
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc here")),  # a folder to create there
+    pytest.param(["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--report", "/proc/new/r.json"], "report '/proc/new/r.json'",
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc here")),
     (["video", "{good}", "-o", "out.mp4", "--device", "meta"], "runs on cpu or cuda"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:failing_factory"], "model factory 'models:failing_factory' failed"),
 ])
