@@ -334,6 +334,18 @@ def _descriptors_on(path) -> list[str]:
     return found
 
 
+def test_an_avi_output_has_no_b_frames(tmp_path):
+    """AVI keeps no presentation times: with B-frames players start the picture two slots late."""
+    moving = [np.roll(f, 3 * i, axis=1) for i, f in enumerate(_frames(1) * 24)]
+    write_video(tmp_path / "out.avi", moving, fps=12)
+    with av.open(str(tmp_path / "out.avi")) as c:
+        types = [av.video.frame.PictureType(f.pict_type).name for f in c.decode(c.streams.video[0])]
+    assert len(types) == 24 and "B" not in types, types
+    write_video(tmp_path / "out.mp4", moving, fps=12)  # elsewhere B-frames stay (smaller files)
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert "B" in [av.video.frame.PictureType(f.pict_type).name for f in c.decode(c.streams.video[0])]
+
+
 def test_sound_the_output_cannot_hold_or_retimed_frames_are_left_out(tmp_path, spec):
     src = _video_with_sound(tmp_path / "in.mkv", audio_codec="libopus", rate=48000)
     report = explain_video(spec, src, tmp_path / "out.avi", progress=False)

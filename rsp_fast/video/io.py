@@ -228,6 +228,8 @@ class Encoder:
             self.stream.pix_fmt = "yuv420p"
             # veryfast: 2.6x the speed of x264's default preset on HD heat maps, files no larger
             self.stream.options = {"crf": str(self.crf), "preset": "veryfast"} if self.codec == "libx264" else {}
+            if self.container.format.name == "avi":  # no timestamps: B-frames would delay the picture by two frames
+                self.stream.options = {**self.stream.options, "bf": "0"}
             if self.audio is not None:  # every stream is added before the first packet
                 self.audio.attach(self.container)
         if rgb.shape[:2] != (self.height, self.width):
