@@ -116,12 +116,12 @@ class RSP:
         N = inputs.shape[0]
         chunk = self.max_batch or N
         if N <= chunk:
-            return self._explain_checked(inputs, target, hostile, record, initial=initial)
+            return check_finite(self._explain_checked(inputs, target, hostile, record, initial=initial))
         target, hostile = _per_sample(target, N, "target", 0), _per_sample(hostile, N, "hostile", 1)
         parts = [self._explain_checked(inputs[i:i + chunk], _rows(target, i, chunk), _rows(hostile, i, chunk), record,
                                        initial=_rows(initial, i, chunk))
                  for i in range(0, N, chunk)]
-        return _concatenate(parts)
+        return check_finite(_concatenate(parts))
 
     def _explain_checked(self, inputs: torch.Tensor, target, hostile, record: bool = False,
                          trusted_target: bool = False, initial: torch.Tensor | None = None) -> Explanation:
@@ -267,6 +267,32 @@ def _per_sample(value, N: int, name: str, shared_dim: int):
 def _per_sample_error(name: str, N: int, shape) -> RSPError:
     what = "an int or one class per sample" if name == "target" else "a list of classes or one list per sample"
     return RSPError(f"{name} must be {what} ({N}), got shape {tuple(shape)}")
+
+
+def check_finite(out: Explanation) -> Explanation:
+    """``out``, or an RSPError where a sample's logits or attribution hold NaN or Inf: from finite
+    inputs that happens only past the dtype's range (a forward that overflows; relevance that
+    under- or overflows where a sample's activations span more orders of magnitude than the
+    dtype holds), and a NaN map must not pass for an explanation. One wait for the device."""
+    bad_logits = ~torch.isfinite(out.logits.flatten(1)).all(1)
+    bad_map = ~torch.isfinite(out.attribution.flatten(1)).all(1)
+    bad_logits, bad_map = (torch.stack([bad_logits, bad_map]).cpu()).tolist()
+    dtype = str(out.attribution.dtype).removeprefix("torch.")
+    if any(bad_logits):
+        raise RSPError(f"the model's output is not finite (NaN or Inf) for sample(s) {_indices(bad_logits)}: its forward "
+                       f"overflows {dtype} or its weights hold NaN")
+    if any(bad_map):
+        where = next((f" (first at {name!r})" for name, R in out.steps.items() if not torch.isfinite(R).all()), "")
+        hint = "rescale the inputs" if dtype == "float64" else "explain in float64 (model.double(), inputs.double())"
+        raise RSPError(f"the attribution of sample(s) {_indices(bad_map)} is not finite (NaN or Inf){where}: its "
+                       f"relevance left the range of {dtype}, as where activations span more orders of magnitude "
+                       f"than it holds; {hint}")
+    return out
+
+
+def _indices(flags: list[bool], most: int = 8) -> str:
+    hits = [i for i, bad in enumerate(flags) if bad]
+    return ", ".join(map(str, hits[:most])) + (f" and {len(hits) - most} more" if len(hits) > most else "")
 
 
 def _rows(value, start: int, count: int):

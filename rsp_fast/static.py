@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from .api import Explanation, class_per_sample
+from .api import Explanation, check_finite, class_per_sample
 from .errors import RSPError
 
 WARMUP_CALLS = 2  # Triton compiles, cuBLAS/cuDNN pick algorithms and allocate their workspaces outside the capture
@@ -66,8 +66,9 @@ class StaticRSP:
             t.copy_(class_per_sample(target, self.shape[0], self.classes, self.device))
         graph.replay()
         # the next replay overwrites the graph's outputs: hand out copies
-        return Explanation(*(v.clone() if isinstance(v, torch.Tensor) else v for v in
-                             (out.attribution, out.initial, out.logits, out.target, out.hostile, out.cams, out.layer)))
+        return check_finite(Explanation(*(v.clone() if isinstance(v, torch.Tensor) else v for v in
+                                          (out.attribution, out.initial, out.logits, out.target, out.hostile, out.cams,
+                                           out.layer))))
 
     def _capture(self, given: bool):
         rsp = self.explainer

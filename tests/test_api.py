@@ -177,6 +177,53 @@ def test_record_keeps_every_call_of_a_module_run_twice():
     assert first.shape == second.shape and not torch.equal(first, second)
 
 
+def _bias_free_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4, bias=False)).eval()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_forward_that_overflows_or_nan_weights_are_named_not_explained(backend):
+    model = _bias_free_cnn()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(100)
+    x = torch.rand(3, 3, 8, 8)
+    x[1] *= 1e37  # finite inputs; the forward of sample 1 overflows float32
+    with pytest.raises(RSPError, match=r"model's output is not finite \(NaN or Inf\) for sample\(s\) 1: its forward overflows float32"):
+        rsp_fast.RSP(model, backend=backend).explain(x)
+    with pytest.raises(RSPError, match=r"for sample\(s\) 1:"):  # chunks: the batch's own sample numbers
+        rsp_fast.RSP(model, backend=backend, max_batch=1).explain(x)
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(RSPError, match=r"sample\(s\) 0, 1, 2: .* its weights hold NaN"):
+        rsp_fast.RSP(model, backend=backend).attribute(x / 1e37)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_relevance_beyond_the_dtype_range_is_an_error_not_a_nan_map(backend):
+    """Where one sample's activations span 20 orders of magnitude (half the picture ×1e-20) and
+    relevance lies over the small half, float32 responses underflow: R/Ga is Inf, then NaN."""
+    model = _bias_free_cnn()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=D)
+    x[1, :, 8:] *= 1e-20
+    R0 = torch.zeros(2, 8, 16, 16, dtype=D)
+    R0[:, :, 12:] = 1.0
+    R0[:, 0, 13, 3] = -2.0
+    fine = rsp_fast.RSP(model.double(), layer="5", backend=backend).explain(x, initial=R0, record=True)
+    assert torch.isfinite(fine.attribution).all()  # float64 holds it, and conserves ΣR₀
+    assert torch.allclose(fine.attribution.flatten(1).sum(1) + fine.dropped, R0.flatten(1).sum(1), rtol=1e-9)
+    explainer = rsp_fast.RSP(model.float(), layer="5", backend=backend)
+    with pytest.raises(RSPError, match=r"attribution of sample\(s\) 1 is not finite .*explain in float64"):
+        explainer.explain(x.float(), initial=R0.float())
+    with pytest.raises(RSPError, match=r"sample\(s\) 1 is not finite \(NaN or Inf\) \(first at '[024]'\)"):
+        explainer.explain(x.float(), initial=R0.float(), record=True)
+    assert torch.isfinite(explainer.attribute(x[:1].float(), initial=R0[:1].float())).all()  # sample 0 alone is fine
+
+
 def test_bad_inputs_get_clear_errors():
     model = torchvision.models.vgg11(num_classes=5).eval()
     explainer = rsp_fast.RSP(model)
