@@ -672,6 +672,68 @@ def test_batchnorm_is_folded_into_the_first_conv():
     assert rel_err(ours, expected) < 1e-10
 
 
+def _random_bn_statistics(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t, (lo, hi) in ((m.weight, (-2, 2)), (m.bias, (-1, 1)), (m.running_mean, (-1, 1)), (m.running_var, (0.5, 2))):
+                    t.copy_(torch.empty(t.shape, dtype=t.dtype).uniform_(lo, hi, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("freeze", ["torchvision", "timm", "sync"])
+def test_frozen_and_sync_batchnorms_are_folded_like_batchnorm(freeze):
+    """A ResNet whose BatchNorms are frozen (detection backbones; timm's freeze_batch_norm_2d) or
+    SyncBatchNorm (the DDP set-up) is explained as with BatchNorm2d: a negative γ after the first
+    conv flips its z^B bounds, so an unfolded one changes the map."""
+    model = _random_bn_statistics(torchvision.models.resnet18(num_classes=5)).double().eval()
+    if freeze == "torchvision":
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        frozen = torchvision.models.resnet18(num_classes=5, norm_layer=FrozenBatchNorm2d).double().eval()
+        frozen.load_state_dict(model.state_dict(), strict=False)
+    elif freeze == "timm":
+        from timm.layers import freeze_batch_norm_2d
+        import copy
+        frozen = freeze_batch_norm_2d(copy.deepcopy(model)).eval()
+    else:
+        import copy
+        frozen = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert not any(type(m) is nn.BatchNorm2d for m in frozen.modules())
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    assert torch.allclose(frozen(x), model(x), rtol=1e-10, atol=1e-12)
+    assert rel_err(rsp_fast.RSP(frozen).attribute(x), rsp_fast.RSP(model).attribute(x)) < 1e-10
+
+
+def test_a_batchnorm1d_over_tokens_is_not_folded_into_the_features():
+    """BatchNorm1d after a per-token Linear on N×T×F normalises the T tokens (dim 1): not the
+    Linear's features, so it passes R through like the same affine map written by hand."""
+    class Tokens(nn.Module):
+        def __init__(self, T, features, by_hand):
+            super().__init__()
+            self.fc0, self.bn, self.fc1 = nn.Linear(5, features), nn.BatchNorm1d(T), nn.Linear(features, 3)
+            self.by_hand = by_hand
+
+        def forward(self, x):
+            h = self.fc0(x)
+            if self.by_hand:
+                s = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+                h = h * s.view(1, -1, 1) + (self.bn.bias - self.bn.running_mean * s).view(1, -1, 1)
+            else:
+                h = self.bn(h)
+            return self.fc1(torch.relu(h)).mean(1)
+    for features in (6, 7):  # T = features once: the wrong fold fitted, silently
+        torch.manual_seed(features)
+        model = Tokens(6, features, by_hand=False).double().eval()
+        with torch.no_grad():
+            model.bn.weight.uniform_(-1.5, 1.5); model.bn.running_var.uniform_(0.3, 2)
+        by_hand = Tokens(6, features, by_hand=True).double().eval()
+        by_hand.load_state_dict(model.state_dict())
+        x = torch.randn(2, 6, 5, dtype=D)
+        ours = rsp_fast.RSP(model, init="gradcam").attribute(x)
+        assert rel_err(ours, rsp_fast.RSP(by_hand, init="gradcam").attribute(x)) < 1e-10
+
+
 def test_comparative_init_matches_authors_numpy():
     cams = torch.randn(4, 3, 6, 5, 5, dtype=D)  # target + 3 hostile, batch 3
     cams = cams / (cams.flatten(2).amax(2).view(4, 3, 1, 1, 1) + 1e-9)

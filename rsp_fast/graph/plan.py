@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (BATCHNORM, NodeKind, Rule, batchnorm_scale, describe_supported, functional_linear_weight, is_rule_leaf, keeps_sign,
+from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_batchnorm, functional_linear_weight, is_rule_leaf, keeps_sign,
                      node_kind, rectifies, relevance_inputs, rule_for, unsupported_combination)
 from ..rules.base import LayerRule
 from ..rules.operands import calls, is_shape_query, reduced_dims
@@ -355,6 +355,6 @@ def _bn_after(model: nn.Module, node: fx.Node):
     users = list(node.users)
     if len(users) == 1 and users[0].op == "call_module":
         bn = model.get_submodule(users[0].target)
-        if isinstance(bn, BATCHNORM) and bn.running_var is not None:
+        if is_batchnorm(bn) and bn.running_var is not None:
             return batchnorm_scale(bn)
     return lambda: None

@@ -31,7 +31,15 @@ from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
 
-BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBatchNorm: plain BN in eval mode
+# Frozen BatchNorms (detection backbones, timm's freeze_batch_norm_2d): the same γ, β, running
+# statistics and ε as buffers, applied as x·scale + shift; by name, so neither library is imported.
+FROZEN_BATCHNORMS = {("torchvision.ops.misc", "FrozenBatchNorm2d"), ("timm.layers.norm_act", "FrozenBatchNormAct2d")}
+
+
+def is_batchnorm(m) -> bool:
+    """A BatchNorm RSP folds into the layer before it (RSP_SPEC.md §2), frozen ones included."""
+    return isinstance(m, BATCHNORM) or (type(m).__module__, type(m).__name__) in FROZEN_BATCHNORMS
 # Norms that cannot be folded into the layer before them pass R through, as RSP_SPEC.md says
 # of a BatchNorm that cannot be folded (ConvNeXt's LayerNorm, GroupNorm in BiT ResNets).
 OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm)
@@ -73,7 +81,7 @@ ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 
 SUPPORTED = {
-    "modules": ["Conv1d, Conv2d, Conv3d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d/3d (folded; timm BatchNormAct2d)",
+    "modules": ["Conv1d, Conv2d, Conv3d (any stride/padding/padding_mode/dilation/groups; timm Conv2dSame)", "Linear", "BatchNorm1d/2d/3d, SyncBatchNorm (folded; frozen ones and timm BatchNormAct2d too)",
                 "LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm (pass-through)",
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in ELEMENTWISE_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d/3d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d/3d",
@@ -110,8 +118,8 @@ def is_rule_leaf(m: nn.Module) -> bool | None:
     padding; None leaves the choice to torch.fx."""
     if isinstance(m, CONV_MODULES + (nn.Conv3d,)) and m.padding_mode != "zeros" and type(m).forward in PLAIN_CONV_FORWARDS:
         return False
-    if (isinstance(m, CONV_MODULES + (nn.Conv3d, nn.Linear, nn.Upsample) + BATCHNORM + PASS_MODULES + POOL_MODULES + PAD_MODULES
-                   + COPY_PAD_MODULES + SHUFFLE_MODULES + (nn.GLU,)) or is_timm_activation(m)):
+    if (isinstance(m, CONV_MODULES + (nn.Conv3d, nn.Linear, nn.Upsample) + PASS_MODULES + POOL_MODULES + PAD_MODULES
+                   + COPY_PAD_MODULES + SHUFFLE_MODULES + (nn.GLU,)) or is_timm_activation(m) or is_batchnorm(m)):
         return True
     return None
 
@@ -239,7 +247,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return NodeKind.LAYER if has_plain_conv_forward(m) else None
         if isinstance(m, nn.Linear):
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
-        if isinstance(m, BATCHNORM):
+        if is_batchnorm(m):
             return NodeKind.PASS if _batchnorm_act_ok(m) else None
         if isinstance(m, PASS_MODULES) or is_timm_activation(m):
             return NodeKind.PASS
@@ -370,7 +378,7 @@ def rectifies(node: fx.Node, module: nn.Module | None) -> bool:
     timm's BatchNormAct2d ending in one of them."""
     if node.op == "call_module":
         m = module
-        if isinstance(m, BATCHNORM):
+        if is_batchnorm(m):
             m = getattr(m, "act", None)
         return isinstance(m, RECTIFIERS) or (isinstance(m, nn.Hardtanh) and m.min_val >= 0)
     if node.op == "call_function":
@@ -394,7 +402,8 @@ def keeps_sign(node: fx.Node, module: nn.Module | None, kind: str | None) -> boo
     if kind == NodeKind.SCALE:
         return keeps_sign_of_operand(node)
     # Every pass-through activation maps x ≥ 0 to values ≥ 0; a norm's shift does not.
-    return kind == NodeKind.PASS and not isinstance(module, BATCHNORM + OTHER_NORMS) and node.target not in NORM_FUNCTIONS
+    return (kind == NodeKind.PASS and not is_batchnorm(module) and not isinstance(module, OTHER_NORMS)
+            and node.target not in NORM_FUNCTIONS)
 
 
 def relevance_inputs(node: fx.Node, kind: str) -> list:

@@ -72,9 +72,10 @@ class LayerRule(Rule):
         """The weight the layer's forward uses."""
         return self.module.weight
 
-    def folded_weight(self, ctx: Context, dtype: torch.dtype) -> torch.Tensor:
+    def folded_weight(self, ctx: Context, dtype: torch.dtype, fold: bool = True) -> torch.Tensor:
+        """The weight with the BatchNorm after it folded in, where there is one and ``fold``."""
         W = self.weight(ctx)
-        scale = self.bn_scale()
+        scale = self.bn_scale() if fold else None
         if scale is not None:
             W = W * scale.view(-1, *([1] * (W.dim() - 1)))
         return W.detach().to(dtype)
