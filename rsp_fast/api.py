@@ -130,8 +130,10 @@ class RSP:
         graph can capture it."""
         ops = select_kernels(self.backend, inputs.device, work_dtype(inputs.dtype))
         # the forward too runs in the chosen precision: its activations feed R₀ and every rule;
-        # R₀ needs autograd through the head, also when the caller is in inference mode
-        with eval_mode(self.model), _matmul_precision(self.precision, inputs.device), torch.inference_mode(False):
+        # R₀ needs autograd through the head, also when the caller is in inference mode; a
+        # caller's autocast would run the rules' products in bf16/fp16 whatever ``precision`` says
+        with eval_mode(self.model), _matmul_precision(self.precision, inputs.device), torch.inference_mode(False), \
+                _autocast_off(inputs.device):
             if inputs.is_inference():
                 inputs = inputs.clone()
             return self._pass(inputs, target, hostile, ops, record, trusted_target, initial)
@@ -208,6 +210,12 @@ class RSP:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
         if p is not None and p.device != x.device:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
+
+
+def _autocast_off(device: torch.device):
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_initial(initial, inputs: torch.Tensor) -> None:
