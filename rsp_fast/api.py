@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import RSPError
 from .graph.plan import Plan, build_plan, layer_name
-from .graph.trace import UntraceableModelError, eval_mode, unwrap
+from .graph.trace import UntraceableModelError, eval_mode, unwrap, wrapper_chain
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
@@ -71,9 +71,11 @@ class RSP:
                  hostile_k: int = 3, backend: str | None = None, precision: str = "fp32", max_batch: int | None = None):
         if not isinstance(model, nn.Module):
             raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        # hooks on a wrapper too: unwrapped, they are left behind
+        hooked = next((m for m in wrapper_chain(model) if m._forward_pre_hooks or m._forward_hooks), None)
         model, layer = unwrap(model, layer)  # torch.compile and DataParallel run the module as it is
-        if model._forward_pre_hooks or model._forward_hooks:
-            warnings.warn(f"hooks registered on the model itself ({type(model).__name__}) do not run in RSP's pass: "
+        if hooked is not None:
+            warnings.warn(f"hooks registered on the model itself ({type(hooked).__name__}) do not run in RSP's pass: "
                           "its forward is traced (hooks on its submodules do run); if a hook changes the input or "
                           "the output, apply that change outside the model", stacklevel=2)
         if init not in INITS:

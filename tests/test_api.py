@@ -241,6 +241,16 @@ def test_a_callers_autocast_does_not_change_the_explanation(backend):
     assert torch.equal(inside.attribution, plain.attribution) and torch.equal(inside.logits, plain.logits)
 
 
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile, lambda m: nn.DataParallel(torch.compile(m))],
+                         ids=["DataParallel", "compile", "both"])
+def test_hooks_on_a_wrapper_are_warned_about_like_hooks_on_the_model(wrap):
+    model = tiny_cnn().double().eval()
+    wrapper = wrap(model)
+    wrapper.register_forward_hook(lambda module, args, out: -out)  # changes what wrapper(x) predicts
+    with pytest.warns(UserWarning, match=r"hooks registered on the model itself \((DataParallel|OptimizedModule)\)"):
+        rsp_fast.RSP(wrapper)
+
+
 def test_bad_inputs_get_clear_errors():
     model = torchvision.models.vgg11(num_classes=5).eval()
     explainer = rsp_fast.RSP(model)

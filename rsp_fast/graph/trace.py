@@ -257,15 +257,29 @@ def unwrap(model: nn.Module, layer=None):
         if isinstance(model, torch.jit.ScriptModule):
             raise UnsupportedModelError(f"{type(model).__name__} is a TorchScript module, which torch.fx cannot read: "
                                         "pass the nn.Module it was scripted or traced from")
-        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            inner, prefix = model._orig_mod, "_orig_mod."
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner, prefix = model.module, "module."
-        else:
+        wrapped = _wrapped(model)
+        if wrapped is None:
             return model, layer
+        model, prefix = wrapped
         if isinstance(layer, str) and layer.startswith(prefix):
             layer = layer[len(prefix):]
-        model = inner
+
+
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """The model and every module it wraps unchanged, outermost first."""
+    chain = [model]
+    while (wrapped := _wrapped(chain[-1])) is not None:
+        chain.append(wrapped[0])
+    return chain
+
+
+def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module a wrapper runs and the prefix its path gets, or None for a plain module."""
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return model._orig_mod, "_orig_mod."
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module, "module."
+    return None
 
 
 def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
