@@ -1122,12 +1122,32 @@ def test_a_constant_positive_filter_is_a_pooling():
     x = torch.randn(2, 3, 6, 6, dtype=D)
     assert torch.allclose(blurred(x), pooled(x))
     assert rel_err(rsp_fast.RSP(blurred).attribute(x), rsp_fast.RSP(pooled).attribute(x)) < 1e-12
-    for filt in (torch.randn(4, 1, 2, 2, dtype=D), nn.Parameter(torch.rand(4, 1, 2, 2, dtype=D))):
+    for filt in (torch.randn(4, 1, 2, 2, dtype=D), nn.Parameter(torch.rand(4, 1, 2, 2, dtype=D)),
+                 nn.Parameter(torch.rand(4, 1, 2, 2, dtype=D), requires_grad=False)):
         blur = _Blur(torch.zeros(4, 1, 2, 2, dtype=D))
         del blur.filt
-        blur.filt = filt  # a filter with negative entries, or a learned one: a layer RSP has no rule for
+        blur.filt = filt  # a filter with negative entries, or a learned one (frozen too): a layer RSP has no rule for
         with pytest.raises(rsp_fast.UnsupportedModelError, match="conv2d"):
             rsp_fast.RSP(_single_op_model(blur))
+
+
+def test_a_frozen_model_is_explained_as_the_trainable_one():
+    """A conv written as F.conv2d on a parameter ≥ 0 without bias stays a layer when the model
+    is frozen (requires_grad_(False)); it was taken for a blur pooling."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c3, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+            self.w2 = nn.Parameter(torch.rand(8, 8, 3, 3))  # non-negative learned weights
+
+        def forward(self, x):
+            x = F.relu(self.c1(x))
+            x = F.relu(F.conv2d(x, self.w2, padding=1) - 2.0)
+            return self.fc(F.relu(self.c3(x)).mean((2, 3)))
+    torch.manual_seed(0)
+    model, x = Net().double().eval(), torch.randn(2, 3, 16, 16, dtype=D)
+    trainable = rsp_fast.RSP(model, layer="c3").attribute(x)
+    assert rel_err(rsp_fast.RSP(model.requires_grad_(False), layer="c3").attribute(x), trainable) < 1e-12
 
 
 @pytest.mark.parametrize("pad", [nn.ReflectionPad2d((1, 2, 2, 1)), nn.ReplicationPad2d(1),

@@ -141,12 +141,13 @@ def _pads_by_copy_or_blank(node: fx.Node, module: nn.Module | None) -> bool:
 
 def _fixed_positive_filter(node: fx.Node) -> bool:
     """F.conv2d with a constant filter ≥ 0 and no bias (timm's BlurPool anti-aliasing): a
-    pooling, not a layer with learned weights."""
+    pooling, not a layer with learned weights. The filter is a buffer: a parameter, frozen or
+    not, is learned (a frozen model's non-negative conv weights stay a layer)."""
     call = conv_call_args(node)
     source = behind_reshapes(call.get("weight"))
     value = source.meta.get(ATTR_VALUE) if isinstance(source, fx.Node) else None
-    return (call.get("bias") is None and isinstance(value, torch.Tensor) and not value.requires_grad
-            and bool((value >= 0).all()))
+    return (call.get("bias") is None and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+            and not value.requires_grad and bool((value >= 0).all()))
 
 
 def _conv_with_constant_weight(node: fx.Node) -> bool:
