@@ -89,14 +89,9 @@ class RSP:
         self.model, self.init, self.hostile_k, self.precision = model, init, hostile_k, precision
         self.max_batch = max_batch
         self.backend = resolve_backend_name(backend)
-        try:
-            with eval_mode(model):  # traced as it predicts, whatever mode it is in now
-                self.plan: Plan | None = build_plan(model, layer)
-        except UntraceableModelError:
-            # the forward branches on sizes: traced per input shape, with sizes as numbers,
-            # at the first call with that shape (when unsupported layers are reported)
-            self.plan = None
         self._layer, self._plans, self._plans_lock = layer, {}, threading.Lock()  # threads share the plans
+        with eval_mode(model):  # traced as it predicts, whatever mode it is in now
+            self._build_plan()
         self.layer = self.plan.layer_name if self.plan else layer_name(model, layer)  # None: chosen at the first call
         if self.backend != "auto":
             select_kernels(self.backend, _model_device(model))  # fail now, not mid-video
@@ -140,12 +135,27 @@ class RSP:
                 inputs = inputs.clone()
             return self._pass(inputs, target, hostile, ops, record, trusted_target, initial)
 
+    def _build_plan(self) -> None:
+        try:
+            self.plan: Plan | None = build_plan(self.model, self._layer)
+            self.layer = self.plan.layer_name
+        except UntraceableModelError:
+            # the forward branches on sizes: traced per input shape, with sizes as numbers,
+            # at the first call with that shape (when unsupported layers are reported)
+            self.plan = None
+
     def _plan_for(self, inputs: torch.Tensor) -> Plan:
+        if self.plan is not None and not self.plan.is_current():
+            with self._plans_lock:  # a submodule was replaced since: trace the model anew
+                if not self.plan.is_current():
+                    self._build_plan()
         if self.plan is not None:
             return self.plan
         key = (tuple(inputs.shape), inputs.dtype, inputs.device)
         with self._plans_lock:
             plan = self._plans.pop(key, None)  # re-inserted last: the least recently used plan goes first
+            if plan is not None and not plan.is_current():
+                plan = None
             if plan is None:
                 if len(self._plans) >= MAX_SHAPE_PLANS:
                     self._plans.pop(next(iter(self._plans)))

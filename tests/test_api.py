@@ -251,6 +251,28 @@ def test_hooks_on_a_wrapper_are_warned_about_like_hooks_on_the_model(wrap):
         rsp_fast.RSP(wrapper)
 
 
+def test_an_explainer_follows_submodules_replaced_after_it_was_built():
+    """The forward runs the model's modules by path; the rules held the ones traced: a new first
+    conv or BatchNorm set afterwards was run but not explained (0.46 of the map's peak apart)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).double().eval()
+    explainer, x = rsp_fast.RSP(model), torch.randn(2, 3, 12, 12, dtype=D)
+    explainer.attribute(x)
+    replacements = [("0", nn.Conv2d(3, 8, 3, padding=1)), ("1", nn.BatchNorm2d(8)),
+                    ("3", nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()))]  # a parent of traced modules
+    for name, new in replacements:
+        with torch.no_grad():
+            for p in new.parameters():
+                p.uniform_(-1, 1)
+        setattr(model, name, new.double().eval())
+        fresh = rsp_fast.RSP(model).explain(x)
+        ours = explainer.explain(x)
+        assert torch.equal(ours.logits, fresh.logits)
+        assert rel_err(ours.attribution, fresh.attribution) < 1e-12, name
+
+
 def test_bad_inputs_get_clear_errors():
     model = torchvision.models.vgg11(num_classes=5).eval()
     explainer = rsp_fast.RSP(model)
