@@ -414,6 +414,43 @@ def test_wrapped_models_are_explained_as_the_module_they_run():
     assert rsp_fast.cost(nn.DataParallel(model), (3, 12, 12)) == rsp_fast.cost(model, (3, 12, 12))
     with pytest.raises(rsp_fast.UnsupportedModelError, match="TorchScript module"):
         rsp_fast.RSP(torch.jit.script(model))
+    with pytest.raises(rsp_fast.UnsupportedModelError, match="torch.export module .* pass the nn.Module it was exported"):
+        rsp_fast.RSP(torch.export.export(model, (x,)).module())
+
+
+class _Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6, 4)
+
+    def body(self, x):
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
+class _OneInput(_Body):
+    def forward(self, x):
+        return self.body(x)
+
+
+class _VarArgs(_Body):
+    def forward(self, *args):
+        return self.body(args[0])
+
+
+class _UnreadKeywords(_Body):
+    def forward(self, x, **kwargs):
+        return self.body(x)
+
+
+def test_forward_signatures_with_star_arguments():
+    """``forward(self, x, **kwargs)`` whose body ignores them is explained (model(x) passes
+    none); ``forward(self, *args)`` is refused by name, not with a KeyError from deep inside."""
+    x = torch.randn(2, 3, 10, 10, dtype=D)
+    expected = rsp_fast.RSP(_OneInput().double().eval()).attribute(x)
+    assert torch.equal(rsp_fast.RSP(_UnreadKeywords().double().eval()).attribute(x), expected)
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"_VarArgs.forward takes \*args: .* forward\(self, x\)"):
+        rsp_fast.RSP(_VarArgs().double().eval()).attribute(x)
 
 
 def test_fully_convolutional_heads_give_logits_with_trailing_ones():

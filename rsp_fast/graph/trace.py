@@ -257,6 +257,10 @@ def unwrap(model: nn.Module, layer=None):
         if isinstance(model, torch.jit.ScriptModule):
             raise UnsupportedModelError(f"{type(model).__name__} is a TorchScript module, which torch.fx cannot read: "
                                         "pass the nn.Module it was scripted or traced from")
+        if any(c.__module__.startswith("torch.export") for c in type(model).__mro__):
+            raise UnsupportedModelError("the model is a torch.export module (ExportedProgram.module()): its graph holds "
+                                        "ATen ops, not the layers rsp_fast has rules for, and it cannot switch to eval "
+                                        "mode: pass the nn.Module it was exported from")
         wrapped = _wrapped(model)
         if wrapped is None:
             return model, layer
@@ -303,7 +307,7 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
             f"could not trace {type(model).__name__} with torch.fx ({_first_line(exc)}); rsp_fast needs a model "
             "whose forward branches only on sizes, not on values, outside its leaf modules"
         ) from None
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    placeholders = _one_named_input(graph, type(model).__name__)
     if len(placeholders) != 1:
         raise UnsupportedModelError(
             f"rsp_fast explains models with exactly one input; {type(model).__name__}.forward takes "
@@ -313,6 +317,19 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         if node.op == "get_attr":
             node.meta[ATTR_VALUE] = _attribute(model, node.target)
     return graph, tracer.module_outputs
+
+
+def _one_named_input(graph: fx.Graph, name: str) -> list[fx.Node]:
+    """The graph's placeholders, less a ``**kwargs`` its body never reads (``model(x)`` passes
+    none); a ``*args`` forward is refused by name (fx sees one tuple, not the input)."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        if node.target.startswith("**") and not node.users:
+            graph.erase_node(node)
+        elif node.target.startswith("*"):
+            kind = "reads **kwargs" if node.target.startswith("**") else "takes *args"
+            raise UnsupportedModelError(f"{name}.forward {kind}: rsp_fast traces a forward with one named input, "
+                                        f"forward(self, x); wrap the model in a module whose forward is that")
+    return [n for n in graph.nodes if n.op == "placeholder"]
 
 
 def _defaults(model: nn.Module) -> dict | None:
