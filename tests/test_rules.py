@@ -1152,12 +1152,16 @@ def test_a_frozen_model_is_explained_as_the_trainable_one():
 
 @pytest.mark.parametrize("pad", [nn.ReflectionPad2d((1, 2, 2, 1)), nn.ReplicationPad2d(1),
                                  lambda h: F.pad(h, (2, 1, 1, 1), mode="reflect"), lambda h: F.pad(h, (1, 1, 1, 1), mode="circular")])
-def test_copy_padding_returns_relevance_to_the_copied_pixels(pad):
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_copy_padding_returns_relevance_to_the_copied_pixels(pad, kernel):
     """Relevance that lands on a reflected, replicated or wrapped border goes back to the
-    pixel it copies: checked against an index map built by padding the pixel numbers."""
+    pixel it copies: checked against an index map built by padding the pixel numbers. Before
+    a conv that purges (k > 1) the purge follows, over the pixels, not their copies (RSP_SPEC
+    §2: a uniform shift over the active units of the layer's input): the conv's step holds
+    its unpurged x̂⊙dx on the padded map."""
     torch.manual_seed(0)
     model = _Scaled(pad).double().eval()
-    model.body.padding = (0, 0)
+    model.body = nn.Conv2d(4, 5, kernel).double()
     model.head[1] = nn.LazyLinear(4).double()
     x = torch.randn(2, 3, 6, 6, dtype=D)
     model(x)
@@ -1167,7 +1171,34 @@ def test_copy_padding_returns_relevance_to_the_copied_pixels(pad):
     numbers = torch.arange(36, dtype=D).view(1, 1, 6, 6)
     source = pad(numbers).long().flatten().expand(2, 4, -1)
     expected = torch.zeros(2, 4, 36, dtype=D).scatter_add_(2, source, R_out.flatten(2)).view(2, 4, 6, 6)
+    if kernel > 1:
+        total = ex.steps["relu_1"].sum((1, 2, 3)).view(2, 1, 1, 1)  # R at the conv's output
+        active = expected != 0
+        expected = 2 * expected - active * total / active.sum((1, 2, 3), keepdim=True)
     assert rel_err(R_in, expected) < 1e-12
+
+
+@pytest.mark.parametrize("conv,shape", [(nn.Conv1d, (2, 3, 9)), (nn.Conv2d, (2, 3, 7, 6)), (nn.Conv3d, (2, 3, 4, 5, 5))])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_conv_padding_with_copies_purges_over_its_pixels(conv, shape, mode):
+    """An inner Conv{1,2,3}d(padding_mode=...): the purge's shift is uniform over the active
+    pixels of its input (RSP_SPEC §2), each pixel once, its copies summed into it first; it
+    was shifted once per copy (border pixels up to four times in 2-D)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(3, 4, 3, padding=1), nn.ReLU(), conv(4, 5, 3, padding=2, padding_mode=mode), nn.ReLU(),
+                          nn.Flatten(), nn.LazyLinear(4)).double()
+    x = torch.randn(*shape, dtype=D)
+    model(x)
+    ex = rsp_fast.RSP(model.eval(), layer="3").explain(x, record=True)
+    unpurged = next(R for name, R in ex.steps.items() if name.startswith("conv"))  # x̂⊙dx on the padded map (F.conv, traced)
+    pad = lambda h: F.pad(h, (2,) * 2 * (len(shape) - 2), mode=mode)
+    probe = torch.zeros(ex.steps["1"].shape, dtype=D, requires_grad=True)
+    (summed,) = torch.autograd.grad(pad(probe), probe, unpurged)  # each copy back onto its pixel
+    total = ex.steps["3"].flatten(1).sum(1).view(-1, *[1] * (len(shape) - 1))
+    active = summed != 0
+    expected = 2 * summed - active * total / active.flatten(1).sum(1).view_as(total)
+    assert rel_err(ex.steps["1"], expected) < 1e-12
+    assert torch.allclose(ex.attribution.flatten(1).sum(1) + ex.dropped, ex.initial.flatten(1).sum(1), rtol=1e-10)
 
 
 @pytest.mark.parametrize("mode,pad", [("reflect", nn.ReflectionPad2d), ("replicate", nn.ReplicationPad2d),

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_batchnorm, functional_linear_weight, is_rule_leaf, keeps_sign,
+from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_batchnorm, functional_linear_weight, is_rule_leaf, keeps_sign, pads_by_copy,
                      node_kind, rectifies, relevance_inputs, rule_for, unsupported_combination)
 from ..rules.base import LayerRule
+from ..rules.conv import Conv
+from ..rules.conv3d import Conv3d
 from ..rules.operands import calls, is_shape_query, reduced_dims
 from .trace import KEPT_WHOLE, UntraceableModelError, trace
 
@@ -279,6 +281,10 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     for step in steps:
         if isinstance(step, LayerRule):
             step.input_non_negative = non_negative(step.inputs[0])
+            source = step.inputs[0]
+            if (isinstance(step, Conv | Conv3d) and not step.first and len(source.users) == 1 and source in kinds
+                    and pads_by_copy(source, _module(model, source))):
+                step.purge_at = source  # RSP_SPEC §2 purges over the layer's input: the pixels, not their copies
 
     head, frontier = set(), [saliency]
     while frontier:

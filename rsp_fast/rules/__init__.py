@@ -29,7 +29,8 @@ from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_MET
 from .passthrough import GatedHalf, PassThrough, Route, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
-__all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind"]
+__all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind",
+           "pads_by_copy"]
 
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBatchNorm: plain BN in eval mode
 # Frozen BatchNorms (detection backbones, timm's freeze_batch_norm_2d): the same γ, β, running
@@ -137,6 +138,15 @@ def _pads_by_copy_or_blank(node: fx.Node, module: nn.Module | None) -> bool:
     mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
     value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
     return mode != "constant" or not value or value == float("-inf")
+
+
+def pads_by_copy(node: fx.Node, module: nn.Module | None) -> bool:
+    """Padding with copies of input values (reflect, replicate, circular), as a module or F.pad."""
+    if module is not None:
+        return isinstance(module, COPY_PAD_MODULES)
+    if node.op != "call_function" or node.target is not F.pad:
+        return False
+    return node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") != "constant"
 
 
 def _fixed_positive_filter(node: fx.Node) -> bool:

@@ -21,6 +21,8 @@ class Context:
     resolve: Callable[[Any], Any] = field(default=lambda a: a)
     dropped: torch.Tensor | None = None  # (N,) when tracked: relevance lost at unsupported positions
     product_dtype: torch.dtype | None = None  # precision="bf16": the matrix products' operands
+    # purges a conv left to the padding before it (by the pad's node): see LayerRule.purge_at
+    pending_purges: dict[fx.Node, dict] = field(default_factory=dict)
 
     def low(self, t: torch.Tensor) -> torch.Tensor:
         """An operand of a matrix product, in the product precision."""
@@ -66,7 +68,20 @@ class LayerRule(Rule):
         super().__init__(node, inputs, needs_values=list(inputs))
         self.module, self.first, self.bn_scale = module, first, bn_scale
         self.input_non_negative = False  # set by the plan when the input is ≥ 0 by construction
+        # set by the plan for an inner conv reading a padding that copies values (reflect,
+        # replicate, circular: Conv2d(padding_mode=...)): the pad's node, whose rule purges once
+        # the copies are summed back, so that the shift is uniform over the layer's own units
+        self.purge_at: fx.Node | None = None
         self.kind = f"{self.name} (first, z^B)" if first else self.name
+
+    def purge_deferral(self, ctx: Context, pointwise: bool) -> dict | None:
+        """Where the plan left this conv's purge to the copy padding before it (``purge_at``)
+        and the kernel purges at all (k > 1): the dict the inner rule fills with what the
+        pad's rule needs to purge; else None."""
+        if self.purge_at is None or pointwise:
+            return None
+        deferred = ctx.pending_purges[self.purge_at] = {}
+        return deferred
 
     def weight(self, ctx: Context) -> torch.Tensor:
         """The weight the layer's forward uses."""
@@ -127,12 +142,25 @@ def input_scale(x: torch.Tensor, non_negative: bool = False) -> torch.Tensor:
     return _power_of_two(_peak_exponent(x, non_negative), x.dtype)
 
 
+def finish_purge(ctx: Context, contributions: torch.Tensor, pending: dict) -> torch.Tensor:
+    """The purge a conv left to the copy padding before it, on x̂⊙dx with the copies summed
+    (each copy holds x̂ of its source pixel): R_in = D − [D≠0]·total/n, D = 2·x̂⊙dx."""
+    total = pending["total"]
+    if ctx.tracking:
+        active = (contributions != 0).flatten(1).any(1)
+        ctx.drop(torch.where(active, 2 * pending["unsupported"], total))
+    return ctx.ops.purge(contributions, torch.ones_like(contributions), total)
+
+
 def purged_relevance(ctx: Context, R: torch.Tensor, Rs: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor,
-                     dx: torch.Tensor, x_pos: torch.Tensor) -> torch.Tensor:
+                     dx: torch.Tensor, x_pos: torch.Tensor, deferred: dict | None = None) -> torch.Tensor:
     """Hostile purging of a conv (k > 1) or linear layer's back-projection ``dx``. When
     tracked, what it loses is accounted: 2·(relevance at unsupported positions), or all of
     it if no unit is active. ``Rs``, ``Ga``, ``Gb`` are R and the responses in one layout."""
     total = per_sample_sum(R)
+    if deferred is not None:  # left to the copy padding before the layer: x̂⊙dx, and what the purge needs
+        deferred.update(total=total, unsupported=unsupported_relevance(Rs, Ga, Gb) if ctx.tracking else None)
+        return ctx.ops.combine(dx, x_pos)
     if ctx.tracking:
         active = (x_pos * dx != 0).flatten(1).any(1)
         ctx.drop(torch.where(active, 2 * unsupported_relevance(Rs, Ga, Gb), total))

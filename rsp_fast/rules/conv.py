@@ -370,10 +370,11 @@ def _nonzeros_per_sample(R: torch.Tensor, every: int = 8) -> float:
 
 
 def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None = None,
-                         non_negative: bool = False) -> torch.Tensor:
+                         non_negative: bool = False, deferred: dict | None = None) -> torch.Tensor:
     """Per-sample sectional filters F± = R±·X̂ᵤᵀ (per group), responses G± = F±·X̂ᵤ, sectional
     normalisation, one back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻, then the purge (k > 1) or not (1×1).
-    ``non_negative``: x is known to be ≥ 0 (a ReLU's output, say), so x̂ = x needs no copy."""
+    ``non_negative``: x is known to be ≥ 0 (a ReLU's output, say), so x̂ = x needs no copy.
+    ``deferred``: a dict to fill with what the purge needs, returning x̂⊙dx unpurged."""
     if g.is_pointwise and g.stride != (1, 1) and not any(g.pad):
         return _strided_pointwise_relevance(ctx, x, R, g, path, non_negative)
     N, C = x.shape[:2]
@@ -396,7 +397,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
     fused_pointwise = compiled and G == 1 and g.patches_are_input and ctx.ops.pointwise_products is not None
     # Triton's implicit GEMMs: a path of the kernel backends, not of the pure-PyTorch reference
     # (unless the caller names it); tracking reads the responses, which the fused kernels never form
-    implicit_runs = ((path is not None or ctx.ops.name != "torch")
+    implicit_runs = ((path is not None or ctx.ops.name != "torch") and deferred is None  # they fuse the purge
                      and conv_paths.implicit_gemm_fits(g, C, O, tuple(x.shape[-2:]), L)
                      and not ctx.tracking and triton_unavailable_reason(x.device) == "")
     tap_sums = conv_paths.tap_sums_pay(x.is_cuda, low, implicit_runs)
@@ -422,7 +423,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         if ctx.tracking:
             ctx.drop(unsupported_relevance(Rg, Ga, Gb))
         return ctx.ops.combine(dx, x_pos)
-    return purged_relevance(ctx, R, Rg, Ga, Gb, dx, x_pos)
+    return purged_relevance(ctx, R, Rg, Ga, Gb, dx, x_pos, deferred)
 
 
 def _strided_pointwise_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None,
@@ -554,7 +555,8 @@ class Conv(LayerRule):
         if self.first:
             R_in = first_conv_relevance(ctx, x_img, R_img, as_image(self.folded_weight(ctx, x.dtype)), g)
         else:
-            R_in = inner_conv_relevance(ctx, x_img, R_img, g, non_negative=self.input_non_negative)
+            R_in = inner_conv_relevance(ctx, x_img, R_img, g, non_negative=self.input_non_negative,
+                                        deferred=self.purge_deferral(ctx, g.is_pointwise))
         return [R_in.reshape(x.shape)]
 
 

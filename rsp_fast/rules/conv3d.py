@@ -81,7 +81,7 @@ def first_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
 
 
 def inner_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv3dGeometry,
-                           non_negative: bool = False) -> torch.Tensor:
+                           non_negative: bool = False, deferred: dict | None = None) -> torch.Tensor:
     pads = g.pads()
     N, C = x.shape[:2]
     O, out = R.shape[1], R.shape[2:]
@@ -101,7 +101,7 @@ def inner_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Co
         if ctx.tracking:
             ctx.drop(unsupported_relevance(R, Ga, Gb))
         return ctx.ops.combine(dx, x_pos)
-    return purged_relevance(ctx, R, R, Ga, Gb, dx, x_pos)
+    return purged_relevance(ctx, R, R, Ga, Gb, dx, x_pos, deferred)
 
 
 class Conv3d(LayerRule):
@@ -115,7 +115,8 @@ class Conv3d(LayerRule):
         x, g = ctx.values[self.inputs[0]], self.geometry(ctx.shapes)
         if self.first:
             return [first_conv3d_relevance(ctx, x, R, self.folded_weight(ctx, x.dtype), g)]
-        return [inner_conv3d_relevance(ctx, x, R, g, non_negative=self.input_non_negative)]
+        deferred = self.purge_deferral(ctx, all(k == 1 for k in g.kernel))
+        return [inner_conv3d_relevance(ctx, x, R, g, non_negative=self.input_non_negative, deferred=deferred)]
 
 
 class FunctionalConv3d(ConvCall, Conv3d):

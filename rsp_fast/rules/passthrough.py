@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .base import Context, Rule, node_function
+from .base import Context, Rule, finish_purge, node_function
 
 
 class PassThrough(Rule):
@@ -39,7 +39,8 @@ class Route(Rule):
         probe = torch.zeros(ctx.shapes[self.inputs[0]], dtype=R.dtype, device=R.device, requires_grad=True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(fn(probe), probe, R)
-        return [grad]
+        pending = ctx.pending_purges.pop(self.node, None)  # a copy padding's conv left its purge here
+        return [grad if pending is None else finish_purge(ctx, grad, pending)]
 
 
 class GatedHalf(Route):
