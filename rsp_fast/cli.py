@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from .errors import BackendUnavailableError, RSPError
@@ -38,7 +39,7 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
 
 def _add_video_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, help="output frames evenly at this rate, without the sound (default: each input frame keeps its time)")
-    p.add_argument("--max-frames", type=int)
+    p.add_argument("--max-frames", type=int, help="explain only the first N frames (default: all)")
     layout = p.add_mutually_exclusive_group()
     layout.add_argument("--overlay", dest="mode", action="store_const", const="overlay", help="heat map over the frame (default)")
     layout.add_argument("--side-by-side", dest="mode", action="store_const", const="side-by-side", help="frame and heat map side by side")
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("-o", "--output", required=True, help="output folder")
     _add_model_options(image)
     demo = sub.add_parser("demo", help="the embedded default: EfficientNet-Lite0 on a clip made from scikit-image photographs")
-    demo.add_argument("-o", "--output", default="out/demo", help="output folder")
+    demo.add_argument("-o", "--output", default="out/demo", help="output folder (default: out/demo)")
     _add_model_options(demo)
     _add_video_options(demo)
     info = sub.add_parser("info", help="what this installation runs: versions, the compiled kernels, each backend")
@@ -229,8 +230,8 @@ def main(argv=None) -> int:
         torch.set_grad_enabled(True)
         COMMANDS[args.command](args)
     except (RSPError, BackendUnavailableError, OSError, ModuleNotFoundError) as exc:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback, then the same one line and status as without --debug
+            traceback.print_exc()
         if isinstance(exc, ModuleNotFoundError):  # an optional dependency (Pillow for a picture, ...)
             from .optional import missing_dependency
 

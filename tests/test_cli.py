@@ -282,6 +282,14 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     assert not (tmp_path / "x").exists()  # no output folder for a run that wrote nothing
 
 
+def test_debug_adds_the_traceback_and_keeps_the_status(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", "image", "missing.png", "-o", "x", "--debug"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("Traceback") and proc.stderr.rstrip().endswith(
+        "rsp-fast: error: image 'missing.png' does not exist")
+
+
 def test_torchvision_model_with_weights_file(tmp_path):
     import torchvision
     torch.manual_seed(0)
