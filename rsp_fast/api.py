@@ -170,7 +170,8 @@ class RSP:
         if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
             logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            kind = "dict" if isinstance(logits, dict) else "tuple" if isinstance(logits, tuple) else type(logits).__name__
+            kind = next((name for name, t in (("dict", dict), ("tuple", tuple), ("list", list)) if isinstance(logits, t)),
+                        type(logits).__name__)  # fx hands a list back as its own immutable_list
             shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {kind}"
             raise RSPError(f"the model must return logits of shape (N, classes){shape}")
         tgt = target if trusted_target else _targets(target, logits)

@@ -813,7 +813,7 @@ def test_a_given_initial_relevance_is_propagated_as_the_authors_model_RSP_does()
         explainer.attribute(x, initial=R0.long())
 
 
-@pytest.mark.parametrize("wrap, kind", [(lambda y: {"logits": y}, "dict"), (lambda y: (y, y), "tuple")])
+@pytest.mark.parametrize("wrap, kind", [(lambda y: {"logits": y}, "dict"), (lambda y: (y, y), "tuple"), (lambda y: [y], "list")])
 def test_models_returning_several_outputs_are_told_what_they_return(wrap, kind):
     class Several(nn.Module):
         def __init__(self):
