@@ -48,12 +48,12 @@ def recorded_layers(model, layer: str, x: torch.Tensor, precision: str = "fp32")
     """(context, input, relevance, geometry, input_non_negative) of every inner conv."""
     calls, inner, depth = [], conv_rule.inner_conv_relevance, [0]
 
-    def record(ctx, x, R, g, path=None, non_negative=False):
+    def record(ctx, x, R, g, path=None, non_negative=False, deferred=None):
         if depth[0] == 0:  # not a strided 1×1 conv's own stride-1 call
             calls.append((ctx, x, R, g, non_negative))
         depth[0] += 1
         try:
-            return inner(ctx, x, R, g, path, non_negative)
+            return inner(ctx, x, R, g, path, non_negative, deferred)
         finally:
             depth[0] -= 1
 
