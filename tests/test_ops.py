@@ -268,6 +268,21 @@ def test_sectional_matmul_triton(shape, device, dtype):
     assert (got[..., :, 1] == 0).all() and (got[..., :, 0] == 0).all()  # R = 0 and G = 0 give 0
 
 
+def test_sectional_matmul_triton_splits_batches_beyond_the_grid(monkeypatch):
+    """CUDA's grid holds at most 65535 (samples × groups) in z: larger batches (ResNeXt's grouped
+    convs on the Gram path from batch 2048) are launched in parts; here with parts of 2."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    from rsp_fast.kernels.reference import sectional_matmul_reference
+    from rsp_fast.kernels.triton import sectional_matmul as module
+
+    monkeypatch.setattr(module, "MAX_GRID_Z", 2)
+    A, B = torch.rand(5, 4, 7, dtype=torch.float64), torch.rand(5, 7, 9, dtype=torch.float64)
+    Rs = torch.randn(5, 4, 9, dtype=torch.float64).clamp(min=0)
+    got = module.sectional_matmul_triton(A, B, Rs, 2)
+    torch.testing.assert_close(got, sectional_matmul_reference(A, B, Rs, 2), **TOL[torch.float64])
+
+
 def test_sectional_matmul_triton_refuses_batches_that_differ():
     """S was sized by Rs's batch and the launch by A's: a smaller Rs was written past its end
     (heap corruption), a B of another batch read past or mixed up silently."""

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_GRID_Z = 65535
 
 @triton.jit
 def _sectional_matmul_kernel(a_ptr, b_ptr, r_ptr, s_ptr, M, N, K, half,
@@ -51,11 +52,13 @@ def sectional_matmul_triton(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, 
     A3, B3, R3 = (t.reshape(-1, *t.shape[-2:]) for t in (A, B, Rs))
     S = torch.empty(R3.shape, dtype=Rs.dtype, device=Rs.device)
     BM, BN, BK, warps, stages = _tiles(M, A.dtype, A.device)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), A3.shape[0])
     tf32 = A.dtype == torch.float32 and A.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    _sectional_matmul_kernel[grid](A3, B3, R3, S, M, N, K, half, *A3.stride(), *B3.stride(), *R3.stride(), *S.stride(),
-                                   BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, FP64=A.dtype == torch.float64, TF32=tf32,
-                                   num_warps=warps, num_stages=stages)
+    for i in range(0, A3.shape[0], MAX_GRID_Z):  # CUDA's grid holds at most 65535 (samples × groups) in z
+        a, b, r, s = (t[i:i + MAX_GRID_Z] for t in (A3, B3, R3, S))
+        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), a.shape[0])
+        _sectional_matmul_kernel[grid](a, b, r, s, M, N, K, half, *a.stride(), *b.stride(), *r.stride(), *s.stride(),
+                                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, FP64=A.dtype == torch.float64, TF32=tf32,
+                                       num_warps=warps, num_stages=stages)
     return S.reshape(*batch_shape, M, N)
 
 
