@@ -143,7 +143,7 @@ def test_gpu_half_precision_model_under_inference_mode(dtype):
 
 
 @pytest.mark.parametrize("dtype,tf32,tol", [(torch.float64, False, 1e-12), (torch.float32, False, 1e-5),
-                                            (torch.float32, True, 1e-2)])
+                                            (torch.float32, True, 1e-2), (torch.bfloat16, False, 3e-2)])
 @pytest.mark.parametrize("C,O,k,s,p", [(3, 64, 3, 1, 1), (3, 64, 7, 2, 3), (3, 32, 3, 2, 1)])  # VGG, ResNet, EfficientNet stems
 def test_first_layer_kernels_on_cuda_match_float64(C, O, k, s, p, dtype, tf32, tol):
     """The Triton z^B kernels (RSP_FAST_CUDA_FUSED_FIRST_LAYER) against the CPU float64 path."""

@@ -210,6 +210,18 @@ def test_normalize_keeps_an_infinity_in_its_own_section(name):
         assert stacked.tolist() == [[0, 0, inf, 0], [0, 0, 0, -inf]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_reference_purge_counts_active_units_beyond_half_precision(dtype):
+    """70,000 active units: a float16 count was inf (no shift: ΣR_in off by the whole total),
+    a bfloat16 count 70,144; the count is an integer, the shift float32, as in the kernels."""
+    dx = torch.full((1, 70000), 0.25, dtype=dtype)
+    x = torch.ones(1, 70000, dtype=dtype)
+    total = torch.tensor([1000.0], dtype=dtype)
+    out = purge_reference(dx, x, total)
+    expected = torch.tensor(0.5 - 1000 / 70000, dtype=torch.float64).to(dtype)
+    assert (out == expected).all(), out[0, :3]
+
+
 def test_triton_purge_takes_more_samples_than_a_launch(monkeypatch):
     """A grid's second dimension holds 65535 samples on CUDA (an MLP's large tabular batch has
     more): the purge launches in parts past it, with the same result (here parts of 2)."""

@@ -205,6 +205,22 @@ def test_first_conv_fused_kernels_match_the_convolutions(C, O, k, s, p, d, hw, d
     assert torch.equal(first_conv_relevance(tracking, x, R, conv.weight, g, fused=True), expected)  # tracking: the convolutions
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_fused_first_layer_takes_half_precision_inputs(dtype):
+    """The Triton z^B kernels form products in float32 for 16-bit tensors: W⁺ = max(W, 0) became
+    float32 inside them while x − L stayed 16-bit, and tl.dot refused the mixed operands."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1).double()
+    x = torch.rand(2, 3, 9, 8, dtype=D)
+    g = conv_geometry(conv, (9, 8))
+    R = torch.randn(2, 8, *g.out_size(9, 8), dtype=D)
+    expected = first_conv_relevance(CTX, x, R, conv.weight, g, fused=False)
+    got = first_conv_relevance(CTX, x.to(dtype), R.to(dtype), conv.weight.to(dtype), g, fused=True)
+    assert got.dtype == dtype and rel_err(got.double(), expected) < 3e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layer", ["conv", "grouped_conv", "linear"])
 def test_first_layer_on_a_blank_picture_gives_nothing_and_drops_everything(layer, dtype):

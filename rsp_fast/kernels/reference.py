@@ -115,9 +115,10 @@ def purge_reference(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) 
     """
     D = 2 * x_pos * dx
     active = D != 0
-    n = per_sample_sum(active.to(D.dtype))
-    shift = safe_div(total.to(D.dtype), n).view(-1, *([1] * (D.dim() - 1)))
-    return D - active * shift
+    n = per_sample_sum(active)  # an integer: float16 holds no count above 65504, bfloat16 none exactly above 256
+    wide = torch.promote_types(D.dtype, torch.float32)  # the shift too, as the CUDA and Triton kernels do
+    shift = safe_div(total.to(wide), n.to(wide)).view(-1, *([1] * (D.dim() - 1)))
+    return (D - active * shift).to(D.dtype)
 
 
 def combine_reference(dx: torch.Tensor, x_pos: torch.Tensor) -> torch.Tensor:

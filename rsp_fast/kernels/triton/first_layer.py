@@ -113,6 +113,8 @@ def first_layer_triton(x: torch.Tensor, R: torch.Tensor, weight: torch.Tensor, s
     Ho, Wo = R.shape[-2:]
     if weight.shape[1] != C or R.shape[:2] != (N, O) or R.dtype != x.dtype:
         raise ValueError(f"first_layer: x {tuple(x.shape)}, R {tuple(R.shape)}, weight {tuple(weight.shape)} do not fit")
+    if x.dtype in (torch.float16, torch.bfloat16):  # products in float32: tl.dot takes no mixed operands
+        return first_layer_triton(x.float(), R.float(), weight.float(), stride, dilation, pad, tf32).to(x.dtype)
     if N > MAX_SAMPLES:  # the samples are independent
         return torch.cat([first_layer_triton(x[i:i + MAX_SAMPLES], R[i:i + MAX_SAMPLES], weight, stride, dilation, pad, tf32)
                           for i in range(0, N, MAX_SAMPLES)])
