@@ -94,12 +94,17 @@ def on_tensor_cores(dtype: torch.dtype) -> bool:
 # The implicit GEMMs address within a sample in 32 bits (samples apart in 64): each per-sample
 # tensor they read or write (input, R, S, dx, the Gram path's L×L) must have fewer elements
 INT32_ELEMENTS = 2**31
+SECTION_ALIGN = 16  # the sections' and the Gram's rows hold the positions padded to a multiple of this
+
+
+def _aligned(positions: int) -> int:
+    return -(-positions // SECTION_ALIGN) * SECTION_ALIGN
 
 
 def implicit_gemm_fits(g: ConvGeometry, channels: int, outputs: int, in_hw: tuple[int, int], positions: int) -> bool:
     """Whether the implicit-GEMM kernels take this conv: stride 1, one group, and each sample's
     input, relevance and sections (2·O per position) within 32-bit offsets."""
-    per_sample = max(channels * in_hw[0] * in_hw[1], 2 * outputs * positions)
+    per_sample = max(channels * in_hw[0] * in_hw[1], 2 * outputs * _aligned(positions))
     return g.stride == (1, 1) and g.groups == 1 and per_sample < INT32_ELEMENTS
 
 
@@ -108,7 +113,7 @@ def runnable_dense_path(path: str, implicit_gemm_runs: bool, is_cuda: bool = Fal
     """``path`` as it runs: the Gram path on implicit GEMMs where ``cuda_gram_path`` says so, and
     where implicit_gemm (implicit_gram) cannot run, grouped_conv (gram). The implicit Gram path
     also needs its per-sample L×L Gram (``positions`` L) within 32-bit offsets."""
-    gram_runs = implicit_gemm_runs and positions * positions < INT32_ELEMENTS
+    gram_runs = implicit_gemm_runs and positions * _aligned(positions) < INT32_ELEMENTS
     if path == "gram":
         return cuda_gram_path(is_cuda, gram_runs, product_dtype)
     if gram_runs if path == "implicit_gram" else implicit_gemm_runs:
