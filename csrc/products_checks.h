@@ -37,6 +37,11 @@ inline ConvArgs check_products_args(const char* op, const at::Tensor& x_pos, con
     TORCH_CHECK(v <= kMaxArg, op, ": kernel, stride, dilation and padding must be below 2^31, got ", v);
   a.Hp = a.H + a.top + a.bottom;
   a.Wp = a.W + a.left + a.right;
+  // a padded plane, also rounded up to whole strides (the depthwise kernel's phase planes),
+  // within 2^31 elements: each side bounded first, so that their product cannot overflow
+  const int64_t Hs = a.Hp + a.sh, Ws = a.Wp + a.sw;
+  TORCH_CHECK(Hs <= kMaxArg && Ws <= kMaxArg && Hs * Ws <= kMaxArg, op, ": the padded input ", a.Hp, "x", a.Wp,
+              " with stride ", a.sh, "x", a.sw, " passes 2^31 elements a plane");
   TORCH_CHECK(a.Hp >= a.dh * (a.kh - 1) + 1 && a.Wp >= a.dw * (a.kw - 1) + 1 &&
                   a.h == (a.Hp - a.dh * (a.kh - 1) - 1) / a.sh + 1 && a.w == (a.Wp - a.dw * (a.kw - 1) - 1) / a.sw + 1,
               op, ": R ", R.sizes(), " is not the output of this ", a.kh, "x", a.kw, " conv of x_pos ", x_pos.sizes());

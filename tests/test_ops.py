@@ -222,6 +222,18 @@ def test_the_reference_purge_counts_active_units_beyond_half_precision(dtype):
     assert (out == expected).all(), out[0, :3]
 
 
+@pytest.mark.parametrize("op,R_hw,stride,padding", [
+    ("masked_sectional_products", (1, 1), 2**31 - 1, (2**29, 2**29 - 1, 2**29, 2**29 - 1)),  # Hp·Wp·Cp wrapped to 0
+    ("depthwise_sectional_products", (4, 4), 2**30, (2**31 - 1,) * 4)])  # the phase planes' size wrapped to 0
+def test_products_refuse_planes_whose_size_overflows(op, R_hw, stride, padding):
+    """Paddings and strides each below 2^31 whose padded plane passes 2^62 elements wrapped the
+    kernels' size checks to 0: a buffer of 64 bytes, then a segfault. A RuntimeError now."""
+    _kernels("cpp", "cpu")
+    x, R = torch.ones(1, 1, 1, 1), torch.ones(1, 1, *R_hw)
+    with pytest.raises(RuntimeError, match="passes 2\\^31 elements a plane"):
+        getattr(custom, op)(x, R, (1, 1), (stride, stride), (1, 1), padding)
+
+
 def test_triton_purge_takes_more_samples_than_a_launch(monkeypatch):
     """A grid's second dimension holds 65535 samples on CUDA (an MLP's large tabular batch has
     more): the purge launches in parts past it, with the same result (here parts of 2)."""
