@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, is_batchnorm, functional_linear_weight, is_rule_leaf, keeps_sign, pads_by_copy,
-                     node_kind, rectifies, relevance_inputs, rule_for, unsupported_combination)
+from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, functional_linear_weight, is_batchnorm, is_rule_leaf,
+                     keeps_sign, node_kind, pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d

@@ -36,11 +36,6 @@ BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  
 # Frozen BatchNorms (detection backbones, timm's freeze_batch_norm_2d): the same γ, β, running
 # statistics and ε as buffers, applied as x·scale + shift; by name, so neither library is imported.
 FROZEN_BATCHNORMS = {("torchvision.ops.misc", "FrozenBatchNorm2d"), ("timm.layers.norm_act", "FrozenBatchNormAct2d")}
-
-
-def is_batchnorm(m) -> bool:
-    """A BatchNorm RSP folds into the layer before it (RSP_SPEC.md §2), frozen ones included."""
-    return isinstance(m, BATCHNORM) or (type(m).__module__, type(m).__name__) in FROZEN_BATCHNORMS
 # Norms that cannot be folded into the layer before them pass R through, as RSP_SPEC.md says
 # of a BatchNorm that cannot be folded (ConvNeXt's LayerNorm, GroupNorm in BiT ResNets).
 OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm)
@@ -104,6 +99,11 @@ def describe_supported() -> str:
 
 def _is_passthrough_activation(m: nn.Module) -> bool:
     return isinstance(m, ACTIVATIONS + (nn.Identity, nn.Dropout)) or is_timm_activation(m)
+
+
+def is_batchnorm(m) -> bool:
+    """A BatchNorm RSP folds into the layer before it (RSP_SPEC.md §2), frozen ones included."""
+    return isinstance(m, BATCHNORM) or (type(m).__module__, type(m).__name__) in FROZEN_BATCHNORMS
 
 
 def _batchnorm_act_ok(m: nn.Module) -> bool:

@@ -13,6 +13,7 @@ import triton.language as tl
 
 MAX_GRID_Z = 65535
 
+
 @triton.jit
 def _sectional_matmul_kernel(a_ptr, b_ptr, r_ptr, s_ptr, M, N, K, half,
                              sab, sam, sak, sbb, sbk, sbn, srb, srm, srn, ssb, ssm, ssn,
