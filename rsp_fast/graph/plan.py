@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, functional_linear_weight, is_batchnorm, is_rule_leaf,
-                     keeps_sign, node_kind, pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination)
+                     keeps_sign, node_kind, pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination,
+                     zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
@@ -285,6 +286,11 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
             if (isinstance(step, Conv | Conv3d) and not step.first and len(source.users) == 1 and source in kinds
                     and pads_by_copy(source, _module(model, source))):
                 step.purge_at = source  # RSP_SPEC §2 purges over the layer's input: the pixels, not their copies
+            if isinstance(step, Conv) and step.first and len(source.users) == 1 and source in kinds:
+                padding = zero_padding(source, _module(model, source))
+                if padding is not None:  # z^B's bounds and patches are the picture's, as for the conv's own padding
+                    step.zero_pad = (source.args[0], padding)
+                    step.needs_values.append(source.args[0])
 
     head, frontier = set(), [saliency]
     while frontier:

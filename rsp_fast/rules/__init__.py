@@ -30,7 +30,7 @@ from .passthrough import GatedHalf, PassThrough, Route, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind",
-           "pads_by_copy"]
+           "pads_by_copy", "zero_padding"]
 
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBatchNorm: plain BN in eval mode
 # Frozen BatchNorms (detection backbones, timm's freeze_batch_norm_2d): the same γ, β, running
@@ -147,6 +147,23 @@ def pads_by_copy(node: fx.Node, module: nn.Module | None) -> bool:
     if node.op != "call_function" or node.target is not F.pad:
         return False
     return node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") != "constant"
+
+
+def zero_padding(node: fx.Node, module: nn.Module | None) -> tuple[int, ...] | None:
+    """The amounts (F.pad order) of a padding with zeros, as a module (ZeroPad, ConstantPad
+    with 0) or F.pad in constant mode with 0; None for anything else."""
+    if module is not None:
+        if isinstance(module, PAD_MODULES) and getattr(module, "value", 0) == 0:
+            return tuple(module.padding)
+        return None
+    if node.op != "call_function" or node.target is not F.pad:
+        return None
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+    if mode == "constant" and not value and isinstance(pad, (tuple, list)) and all(isinstance(p, int) and p >= 0 for p in pad):
+        return tuple(pad)
+    return None
 
 
 def _fixed_positive_filter(node: fx.Node) -> bool:

@@ -72,6 +72,8 @@ class LayerRule(Rule):
         # replicate, circular: Conv2d(padding_mode=...)): the pad's node, whose rule purges once
         # the copies are summed back, so that the shift is uniform over the layer's own units
         self.purge_at: fx.Node | None = None
+        # set by the plan for a first conv reading a zero padding: (the padding's input, its amounts)
+        self.zero_pad: tuple[fx.Node, tuple[int, ...]] | None = None
         self.kind = f"{self.name} (first, z^B)" if first else self.name
 
     def purge_deferral(self, ctx: Context, pointwise: bool) -> dict | None:

@@ -552,12 +552,26 @@ class Conv(LayerRule):
         x = ctx.values[self.inputs[0]]
         x_img, R_img = as_image(x), as_image(R)
         g = self.geometry(ctx.shapes, tuple(x_img.shape[-2:]))
+        if self.first and self.zero_pad is not None and len(self.zero_pad[1]) <= 2 * (x.dim() - 2):
+            return [self.padded_first_relevance(ctx, R_img, g)]
         if self.first:
             R_in = first_conv_relevance(ctx, x_img, R_img, as_image(self.folded_weight(ctx, x.dtype)), g)
         else:
             R_in = inner_conv_relevance(ctx, x_img, R_img, g, non_negative=self.input_non_negative,
                                         deferred=self.purge_deferral(ctx, g.is_pointwise))
         return [R_in.reshape(x.shape)]
+
+    def padded_first_relevance(self, ctx: Context, R_img: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+        """A first conv reading a zero padding (ZeroPad2d, F.pad): z^B on the picture with the
+        padding taken into the conv's own, so that the zeros count neither in the bounds L, H
+        nor as pixels (as a conv's padding argument does); R_in padded back with zeros, which
+        the pad's rule crops."""
+        source, padding = self.zero_pad
+        x = ctx.values[source]
+        extra = padding + (0,) * (4 - len(padding))
+        g = replace(g, pad=tuple(p + e for p, e in zip(g.pad, extra)))
+        R_in = first_conv_relevance(ctx, as_image(x), R_img, as_image(self.folded_weight(ctx, x.dtype)), g)
+        return F.pad(R_in.reshape(x.shape), padding)
 
 
 CONV_CALL_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
