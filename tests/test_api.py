@@ -979,6 +979,38 @@ def test_concatenation_along_the_batch_is_refused(dim):
         rsp_fast.RSP(model).attribute(torch.randn(2, 3, 8, 8))
 
 
+class _TwoBranches(nn.Module):
+    """Two convs of one input merged by ``merge``, then a conv and a head."""
+
+    def __init__(self, merge):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (nn.Conv2d(3 if i < 2 else 6, 6, 3, padding=1) for i in range(3))
+        self.fc, self.merge = nn.Linear(6, 4), merge
+
+    def forward(self, x):
+        h = self.merge(self.a(x), self.b(x))
+        return self.fc(F.relu(self.c(F.relu(h))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("merge", [lambda a, b: torch.stack([a, b]).sum(0), lambda a, b: torch.stack([a, b]).mean(0) * 2,
+                                   lambda a, b: torch.stack([a, b], 1).mean(1) * 2, lambda a, b: torch.stack((a, b), dim=0).sum(dim=0)],
+                         ids=["stack0-sum", "stack0-mean", "stack1-mean", "keywords"])
+def test_branches_stacked_and_summed_away_explain_like_their_add(merge):
+    """stack([a, b]).sum(0) is a + b, each sample's rows its own: it was refused as stacking
+    along the batch; a mean over the stacked dimension took the pooling rule (3× the map's
+    peak off a + b), now the add rule, as a sum does."""
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    expected = rsp_fast.RSP(_TwoBranches(lambda a, b: a + b).double().eval()).attribute(x)
+    assert rel_err(rsp_fast.RSP(_TwoBranches(merge).double().eval()).attribute(x), expected) < 1e-12
+
+
+def test_branches_stacked_along_the_batch_and_kept_there_are_refused():
+    model = _TwoBranches(lambda a, b: torch.stack([a, b]).flatten(0, 1)[:a.shape[0]]).eval()
+    with pytest.raises(RSPError, match="torch.stack along the batch dimension"):
+        rsp_fast.RSP(model).attribute(torch.randn(2, 3, 8, 8))
+
+
 class _HeadsInTheBatch(nn.Module):
     """Self-attention with its heads folded into the batch dimension (BoTNet's)."""
 

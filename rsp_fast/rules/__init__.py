@@ -239,9 +239,30 @@ def attention_weights_index(node: fx.Node) -> int | None:
 
 
 def _sums_within_samples(node: fx.Node) -> bool:
-    """x.sum(dims) or x.mean(dims) over dimensions that are not the batch's."""
+    """x.sum(dims) or x.mean(dims) over dimensions that are not the batch's (or over the new
+    leading dimension of branches stacked along it)."""
     dims = reduced_dims(node)
+    if dims == (0,) and stacks_branches(node.args[0]):
+        return True
     return bool(dims) and all(isinstance(d, int) and d != 0 for d in dims)
+
+
+def stacks_branches(node) -> bool:
+    """torch.stack([a, b, ...]) along a new leading dimension that every user sums or averages
+    away (``stack(branches).sum(0)``): a sum of branches, each sample's rows still its own."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target in STACK_FUNCTIONS
+            and _cat_dim(node) == 0 and bool(node.users) and all(_drops_leading_dim(u) for u in node.users))
+
+
+def _averages_stacked_branches(node: fx.Node) -> bool:
+    source = node.args[0] if node.args else None
+    return (isinstance(source, fx.Node) and source.op == "call_function" and source.target in STACK_FUNCTIONS
+            and reduced_dims(node) == (_cat_dim(source),))
+
+
+def _drops_leading_dim(node: fx.Node) -> bool:
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    return (calls(node, *SUM) or calls(node, {torch.mean}, POOL_METHODS)) and reduced_dims(node) == (0,) and not keepdim
 
 
 def _thresholds(node: fx.Node) -> bool:
@@ -296,6 +317,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if calls(node, *CLAMP) or calls(node, *EXTREMUM):
         return NodeKind.PASS if _thresholds(node) else None
     if calls(node, {torch.mean}, POOL_METHODS):  # a spatial mean; over the batch it would mix samples
+        if _averages_stacked_branches(node):  # (a + b) / 2 written as stack([a, b], d).mean(d): the add rule's
+            return NodeKind.SUM
         return NodeKind.POOL if _sums_within_samples(node) else None
     if calls(node, POOL_FUNCTIONS, set()):
         return NodeKind.POOL
@@ -316,7 +339,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if attention_weights_index(node) is not None:  # a weighted pooling (GCNet's global context)
         return NodeKind.POOL
     if t in CAT_FUNCTIONS | STACK_FUNCTIONS:
-        return NodeKind.CAT if _cat_dim(node) != 0 else None  # along the batch it would mix samples
+        return NodeKind.CAT if _cat_dim(node) != 0 or stacks_branches(node) else None  # along the batch it would mix samples
     if t is F.pad:
         return NodeKind.ROUTE if _pads_by_copy_or_blank(node, None) else None
     if t is F.glu:
@@ -388,7 +411,8 @@ def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> s
     if (is_product(node) or calls(node, *ADDCMUL)) and sole_operand(node) is None:
         return ("a product of two position-wise activations (rules exist for x times a sigmoid gate, a number, "
                 "a parameter or a statistic such as a mean or a norm of the activations, and x divided by one)")
-    if node.op == "call_function" and node.target in CAT_FUNCTIONS | STACK_FUNCTIONS and _cat_dim(node) == 0:
+    if (node.op == "call_function" and node.target in CAT_FUNCTIONS | STACK_FUNCTIONS and _cat_dim(node) == 0
+            and not stacks_branches(node)):
         return BATCH_MIXING.format("torch.stack" if node.target in STACK_FUNCTIONS else "torch.cat")
     if node.op == "call_function" and node.target in CONV_FUNCTIONS and not is_parameter(conv_call_args(node).get("weight")):
         return ("a convolution whose weight is computed from the activations (as CondConv's per-sample mixture of "
@@ -489,7 +513,7 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if kind == NodeKind.SUM:
         return Sum(node, inputs, reduced_dims(node))
     if node.target in STACK_FUNCTIONS:
-        return Stack(node, inputs, _cat_dim(node))
+        return Stack(node, inputs, _cat_dim(node), branches=stacks_branches(node))
     return Cat(node, inputs, _cat_dim(node))
 
 

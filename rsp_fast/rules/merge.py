@@ -71,10 +71,16 @@ class Cat(Rule):
 
 
 class Stack(Cat):
-    """torch.stack: each input gets its slice of R back."""
+    """torch.stack: each input gets its slice of R back. ``branches``: stacked along a new
+    leading dimension that the next op sums away (the plan checked), not along the batch."""
 
     kind = "stack"
 
+    def __init__(self, node, inputs, dim: int, branches: bool = False):
+        super().__init__(node, inputs, dim)
+        self.branches = branches
+
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        self.check_dim(R)
+        if not self.branches:
+            self.check_dim(R)
         return list(R.unbind(self.dim))
