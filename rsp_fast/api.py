@@ -291,12 +291,13 @@ def _per_sample_error(name: str, N: int, shape) -> RSPError:
 
 
 def check_finite(out: Explanation) -> Explanation:
-    """``out``, or an RSPError where a sample's logits or attribution hold NaN or Inf: from finite
-    inputs that happens only past the dtype's range (a forward that overflows; relevance that
-    under- or overflows where a sample's activations span more orders of magnitude than the
-    dtype holds), and a NaN map must not pass for an explanation. One wait for the device."""
-    bad_logits = ~torch.isfinite(out.logits.flatten(1)).all(1)
+    """``out``, or an RSPError where a sample's attribution holds NaN or Inf: from finite inputs
+    that happens only past the dtype's range (a forward that overflows, NaN weights; relevance
+    that under- or overflows where a sample's activations span more orders of magnitude than
+    the dtype holds), and a NaN map must not pass for an explanation. Logits of −inf for
+    classes a model masks out are fine where the map is. One wait for the device."""
     bad_map = ~torch.isfinite(out.attribution.flatten(1)).all(1)
+    bad_logits = bad_map & ~torch.isfinite(out.logits.flatten(1)).all(1)
     bad_logits, bad_map = (torch.stack([bad_logits, bad_map]).cpu()).tolist()
     dtype = str(out.attribution.dtype).removeprefix("torch.")
     if any(bad_logits):

@@ -203,6 +203,22 @@ def test_a_forward_that_overflows_or_nan_weights_are_named_not_explained(backend
         rsp_fast.RSP(model, backend=backend).attribute(x / 1e37)
 
 
+class _MaskedClasses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _bias_free_cnn()
+
+    def forward(self, x):
+        logits = self.net(x)
+        return logits.masked_fill(torch.arange(4) >= 3, float("-inf"))  # a class masked out
+
+
+def test_logits_of_minus_inf_for_masked_classes_are_not_refused():
+    ex = rsp_fast.RSP(_MaskedClasses().eval()).explain(torch.rand(3, 3, 8, 8), record=True)
+    assert torch.isfinite(ex.attribution).all() and (ex.target != 3).all()
+    assert torch.allclose(ex.attribution.flatten(1).sum(1) + ex.dropped, ex.initial.flatten(1).sum(1), rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_relevance_beyond_the_dtype_range_is_an_error_not_a_nan_map(backend):
     """Where one sample's activations span 20 orders of magnitude (half the picture ×1e-20) and

@@ -153,9 +153,8 @@ def zero_padding(node: fx.Node, module: nn.Module | None) -> tuple[int, ...] | N
     """The amounts (F.pad order) of a padding with zeros, as a module (ZeroPad, ConstantPad
     with 0) or F.pad in constant mode with 0; None for anything else."""
     if module is not None:
-        if isinstance(module, PAD_MODULES) and getattr(module, "value", 0) == 0:
-            return tuple(module.padding)
-        return None
+        padding = tuple(module.padding) if isinstance(module, PAD_MODULES) and getattr(module, "value", 0) == 0 else ()
+        return padding if padding and all(p >= 0 for p in padding) else None  # a negative one crops
     if node.op != "call_function" or node.target is not F.pad:
         return None
     mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
