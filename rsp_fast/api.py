@@ -73,6 +73,7 @@ class RSP:
             raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         # hooks on a wrapper too: unwrapped, they are left behind
         hooked = next((m for m in wrapper_chain(model) if m._forward_pre_hooks or m._forward_hooks), None)
+        self._given = model  # a wrapper's module may be replaced later (dp.module = other): followed at each call
         model, layer = unwrap(model, layer)  # torch.compile and DataParallel run the module as it is
         if hooked is not None:
             warnings.warn(f"hooks registered on the model itself ({type(hooked).__name__}) do not run in RSP's pass: "
@@ -125,6 +126,7 @@ class RSP:
         """One pass on checked inputs. With ``hostile=None`` and either no target or a target
         tensor already checked (``trusted_target``) it never waits for the device, so a CUDA
         graph can capture it."""
+        self._follow_wrapper()
         ops = select_kernels(self.backend, inputs.device, work_dtype(inputs.dtype))
         # the forward too runs in the chosen precision: its activations feed R₀ and every rule;
         # R₀ needs autograd through the head, also when the caller is in inference mode; a
@@ -134,6 +136,15 @@ class RSP:
             if inputs.is_inference():
                 inputs = inputs.clone()
             return self._pass(inputs, target, hostile, ops, record, trusted_target, initial)
+
+    def _follow_wrapper(self) -> None:
+        """The module a wrapper given to RSP runs now, if another than when it was built."""
+        inner = unwrap(self._given)[0] if self._given is not self.model else self.model
+        if inner is not self.model:
+            with self._plans_lock:
+                self.model, self._plans = inner, {}
+                with eval_mode(inner):
+                    self._build_plan()
 
     def _build_plan(self) -> None:
         try:

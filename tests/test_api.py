@@ -1,4 +1,5 @@
 """The public API: batch independence, layer choice, model left untouched, clear errors."""
+import copy
 import re
 from collections import OrderedDict
 
@@ -287,6 +288,36 @@ def test_an_explainer_follows_submodules_replaced_after_it_was_built():
         ours = explainer.explain(x)
         assert torch.equal(ours.logits, fresh.logits)
         assert rel_err(ours.attribution, fresh.attribution) < 1e-12, name
+
+
+class _Doubled(nn.Module):
+    """A module without submodules that fx traces through."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return F.relu(x) * self.factor
+
+
+def test_an_explainer_follows_modules_traced_through_and_a_wrappers_module_replaced():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Doubled(2.0), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).double().eval()
+    x = torch.randn(2, 3, 10, 10, dtype=D)
+    wrapper = nn.DataParallel(model)
+    explainer = rsp_fast.RSP(wrapper, layer="module.3")
+    explainer.attribute(x)
+    model[1] = nn.Hardtanh(-1.0, 1.0)  # traced through before: no module node held it
+    model[2] = nn.Conv2d(8, 8, 3, padding=1).double()  # a copy-padding conv, traced into F.pad and F.conv2d
+    expected = rsp_fast.RSP(model, layer="3").attribute(x)
+    assert rel_err(explainer.attribute(x), expected) < 1e-12
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.mul_(-1)
+    wrapper.module = other  # the wrapper now runs another model
+    assert rel_err(explainer.attribute(x), rsp_fast.RSP(other, layer="3").attribute(x)) < 1e-12
 
 
 def test_bad_inputs_get_clear_errors():

@@ -39,25 +39,26 @@ class Plan:
     head: set[fx.Node]  # nodes computed from the saliency layer (run with autograd for the initial relevance)
     input_rank: int | None  # rank the first layer expects (4 for Conv2d), None if unknown
     channels_last: bool = False  # the saliency map is N×H×W×C (MambaOut): its head pools dims 1 and 2
-    # (parent, name, child) for each module its nodes run and the modules above them
-    links: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    # (parent, name, child) for every submodule of the model when the plan was built
+    links: list[tuple[nn.Module, str, nn.Module | None]] = field(default_factory=list)
 
     def is_current(self) -> bool:
-        """Whether each module the plan's rules hold is still the model's at its path: one
-        replaced after the plan was built (``model.conv1 = nn.Conv2d(...)``) needs a new plan,
-        as the forward runs the new one and the rules would read the old. One dict lookup a link."""
+        """Whether every submodule is still the one the plan was traced with: one replaced
+        since (``model.conv1 = nn.Conv2d(...)``, also inside a module traced through or kept
+        whole) needs a new plan, as the forward runs the new one and the rules, and what the
+        plan read of the graph, hold the old. One dict lookup a link."""
         return all(parent._modules.get(name) is child for parent, name, child in self.links)
 
 
-def _module_links(model: nn.Module, paths) -> list[tuple[nn.Module, str, nn.Module]]:
-    links = {}
-    for path in paths:
-        parent = model
-        for name in path.split("."):
-            child = parent._modules[name]
-            links[(id(parent), name)] = (parent, name, child)
-            parent = child
-    return list(links.values())
+def _module_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module | None]]:
+    links, seen, todo = [], set(), [model]
+    while todo:
+        parent = todo.pop()
+        if id(parent) not in seen:
+            seen.add(id(parent))
+            links += [(parent, name, child) for name, child in parent._modules.items()]
+            todo += [child for child in parent._modules.values() if child is not None]
+    return links
 
 
 def _module(model: nn.Module, node: fx.Node) -> nn.Module | None:
@@ -299,9 +300,8 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
                 head.add(user)
                 frontier.append(user)
     saved = {v for s in steps for v in s.needs_values}
-    links = _module_links(model, {n.target for n in graph.nodes if n.op == "call_module"})
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency),
-                links)
+                _module_links(model))
 
 
 def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
