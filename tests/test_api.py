@@ -1041,8 +1041,9 @@ class _TwoBranches(nn.Module):
 
 
 @pytest.mark.parametrize("merge", [lambda a, b: torch.stack([a, b]).sum(0), lambda a, b: torch.stack([a, b]).mean(0) * 2,
-                                   lambda a, b: torch.stack([a, b], 1).mean(1) * 2, lambda a, b: torch.stack((a, b), dim=0).sum(dim=0)],
-                         ids=["stack0-sum", "stack0-mean", "stack1-mean", "keywords"])
+                                   lambda a, b: torch.stack([a, b], 1).mean(1) * 2, lambda a, b: torch.stack((a, b), dim=0).sum(dim=0),
+                                   lambda a, b: torch.stack([a, b], -1).mean(4) * 2, lambda a, b: torch.stack([a, b], 4).mean(-1) * 2],
+                         ids=["stack0-sum", "stack0-mean", "stack1-mean", "keywords", "signs", "signs-reversed"])
 def test_branches_stacked_and_summed_away_explain_like_their_add(merge):
     """stack([a, b]).sum(0) is a + b, each sample's rows its own: it was refused as stacking
     along the batch; a mean over the stacked dimension took the pooling rule (3× the map's

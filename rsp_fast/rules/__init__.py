@@ -21,7 +21,7 @@ from .conv import (CONV_MODULES, PLAIN_CONV_FORWARDS, Conv, FunctionalConv, conv
                    has_plain_conv_forward)
 from .conv3d import Conv3d, FunctionalConv3d
 from .linear import FunctionalLinear, Linear
-from .merge import BATCH_MIXING, Add, Cat, Stack, Sum
+from .merge import BATCH_MIXING, Add, Cat, MeanOfStack, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
                        MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
                        SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
@@ -254,9 +254,15 @@ def stacks_branches(node) -> bool:
 
 
 def _averages_stacked_branches(node: fx.Node) -> bool:
+    """A mean over one dimension of a torch.stack that is (or, written with the other sign,
+    may be: the rank is known at run time) the stacked one."""
     source = node.args[0] if node.args else None
-    return (isinstance(source, fx.Node) and source.op == "call_function" and source.target in STACK_FUNCTIONS
-            and reduced_dims(node) == (_cat_dim(source),))
+    dims = reduced_dims(node)
+    if not (isinstance(source, fx.Node) and source.op == "call_function" and source.target in STACK_FUNCTIONS
+            and dims is not None and len(dims) == 1 and isinstance(dims[0], int)):
+        return False
+    stacked = _cat_dim(source)
+    return dims[0] == stacked or (dims[0] < 0) != (stacked < 0)
 
 
 def _drops_leading_dim(node: fx.Node) -> bool:
@@ -510,6 +516,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if kind == NodeKind.SCALE:
         return Scale(node, inputs)
     if kind == NodeKind.SUM:
+        if calls(node, {torch.mean}, POOL_METHODS) and reduced_dims(node) != (_cat_dim(node.args[0]),):
+            return MeanOfStack(node, inputs, reduced_dims(node), _cat_dim(node.args[0]), Pool(node, inputs, None))
         return Sum(node, inputs, reduced_dims(node))
     if node.target in STACK_FUNCTIONS:
         return Stack(node, inputs, _cat_dim(node), branches=stacks_branches(node))

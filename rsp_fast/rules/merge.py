@@ -50,6 +50,22 @@ class Sum(Rule):
         return [x_hat * (R.reshape(total.shape) / total)]  # R without keepdim's ones, or with them
 
 
+class MeanOfStack(Sum):
+    """x.mean(d) of x = torch.stack(branches, s), d and s written with opposite signs: the add
+    rule's if they name one dimension at run time (the branches' average), else ``other``'s
+    (the pooling rule of a mean over another dimension)."""
+
+    def __init__(self, node, inputs, dims, stacked: int, other: Rule):
+        super().__init__(node, inputs, dims)
+        self.stacked, self.other = stacked, other
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        rank = len(ctx.shapes[self.inputs[0]])
+        if self.dims[0] % rank == self.stacked % rank:
+            return super().propagate(ctx, R)
+        return self.other.propagate(ctx, R)
+
+
 class Cat(Rule):
     """Concatenation: split R by the same slices."""
 
