@@ -480,6 +480,13 @@ class _OneInput(_Body):
         return self.body(x)
 
 
+class _ReadKeywords(_Body):
+    def forward(self, x, **kwargs):
+        if kwargs.get("flip", False):
+            x = x.flip(-1)
+        return self.body(x)
+
+
 class _VarArgs(_Body):
     def forward(self, *args):
         return self.body(args[0])
@@ -498,6 +505,8 @@ def test_forward_signatures_with_star_arguments():
     assert torch.equal(rsp_fast.RSP(_UnreadKeywords().double().eval()).attribute(x), expected)
     with pytest.raises(rsp_fast.UnsupportedModelError, match=r"_VarArgs.forward takes \*args: .* forward\(self, x\)"):
         rsp_fast.RSP(_VarArgs().double().eval()).attribute(x)
+    with pytest.raises(RSPError, match=r"forward failed .* its forward's \*\*kwargs, which torch.fx cannot hand over empty"):
+        rsp_fast.RSP(_ReadKeywords().double().eval()).attribute(x)
 
 
 def test_fully_convolutional_heads_give_logits_with_trailing_ones():

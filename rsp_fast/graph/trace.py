@@ -300,7 +300,8 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         _drop_fixed_arguments(graph)
         _follow_in_place_writes(graph, model)
     except _ForwardFailed as exc:
-        raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}") from None
+        reads = "; its forward's **kwargs, which torch.fx cannot hand over empty, may be why" if _takes_kwargs(model) else ""
+        raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}{reads}") from None
     except Exception as exc:  # fx raises many types; the user needs one clear message
         error = UntraceableModelError if example is None else UnsupportedModelError
         raise error(
@@ -330,6 +331,13 @@ def _one_named_input(graph: fx.Graph, name: str) -> list[fx.Node]:
             raise UnsupportedModelError(f"{name}.forward {kind}: rsp_fast traces a forward with one named input, "
                                         f"forward(self, x); wrap the model in a module whose forward is that")
     return [n for n in graph.nodes if n.op == "placeholder"]
+
+
+def _takes_kwargs(model: nn.Module) -> bool:
+    try:
+        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
 
 
 def _defaults(model: nn.Module) -> dict | None:
