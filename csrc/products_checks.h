@@ -4,6 +4,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace rsp_fast {
@@ -37,9 +38,10 @@ inline ConvArgs check_products_args(const char* op, const at::Tensor& x_pos, con
     TORCH_CHECK(v <= kMaxArg, op, ": kernel, stride, dilation and padding must be below 2^31, got ", v);
   a.Hp = a.H + a.top + a.bottom;
   a.Wp = a.W + a.left + a.right;
-  // a padded plane, also rounded up to whole strides (the depthwise kernel's phase planes),
-  // within 2^31 elements: each side bounded first, so that their product cannot overflow
-  const int64_t Hs = a.Hp + a.sh, Ws = a.Wp + a.sw;
+  // a padded plane, also rounded up to whole strides (the depthwise kernel's phase planes; a
+  // stride past the plane reads as one the plane's size), within 2^31 elements: each side
+  // bounded first, so that their product cannot overflow
+  const int64_t Hs = a.Hp + std::min(a.sh, a.Hp), Ws = a.Wp + std::min(a.sw, a.Wp);
   TORCH_CHECK(Hs <= kMaxArg && Ws <= kMaxArg && Hs * Ws <= kMaxArg, op, ": the padded input ", a.Hp, "x", a.Wp,
               " with stride ", a.sh, "x", a.sw, " passes 2^31 elements a plane");
   TORCH_CHECK(a.Hp >= a.dh * (a.kh - 1) + 1 && a.Wp >= a.dw * (a.kw - 1) + 1 &&
