@@ -13,6 +13,7 @@ layers on the CPU take the fused pointwise kernel (path ``pointwise``) where it 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -91,6 +92,21 @@ def _conv3d_row(step: Conv3d, shapes, elem: int) -> dict:
             "bytes": elem * (4 * C * inputs + 8 * O * L)}
 
 
+def _sizes(input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints, or an RSPError saying what it should be."""
+    wrong = RSPError(f"input_shape must be a tuple of positive ints without the batch, e.g. (3, 224, 224), "
+                     f"not {input_shape!r}")
+    if not isinstance(input_shape, (tuple, list, torch.Size)):
+        raise wrong
+    try:
+        sizes = tuple(operator.index(n) for n in input_shape if not isinstance(n, bool))
+    except TypeError:
+        raise wrong from None
+    if len(sizes) != len(input_shape) or not sizes or min(sizes) < 1:
+        raise wrong
+    return sizes
+
+
 def _runs_as_a_batch(model: nn.Module, plan, x: torch.Tensor) -> bool:
     """Whether the model runs on ``x`` taken as a batch (its first dimension the batch size)."""
     try:
@@ -102,11 +118,15 @@ def _runs_as_a_batch(model: nn.Module, plan, x: torch.Tensor) -> bool:
 
 def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = None) -> dict:
     """Per-image cost of RSP on ``model`` for inputs of ``input_shape`` (without the batch)."""
+    if not isinstance(model, nn.Module):
+        raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     model, layer = unwrap(model, layer)
-    if isinstance(input_shape, int) or not all(isinstance(n, int) and n > 0 for n in input_shape):
-        raise RSPError(f"input_shape must be a tuple of positive ints without the batch, e.g. (3, 224, 224), "
-                       f"not {input_shape!r}")
+    input_shape = _sizes(input_shape)
     p = next(model.parameters(), None)  # a model without parameters: float32 on the CPU unless told
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise RSPError(f"dtype must be a floating-point torch.dtype, not {dtype!r}")
+    if dtype is not None and p is not None and dtype != p.dtype:
+        raise RSPError(f"dtype {dtype} is not the model's ({p.dtype}): cost runs the model as it is; convert it first")
     x = torch.zeros((1, *input_shape), dtype=dtype or (p.dtype if p is not None else torch.float32),
                     device=p.device if p is not None else "cpu")
     with eval_mode(model):
@@ -117,7 +137,9 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
         try:
             _, _, _, shapes = record_forward(model, plan, x)
         except RSPError:
-            if _runs_as_a_batch(model, plan, x[0]):
+            # a shape with the batch has the rank the first layer takes (where the plan knows it)
+            if (len(input_shape) == plan.input_rank if plan.input_rank is not None
+                    else _runs_as_a_batch(model, plan, x[0])):
                 raise RSPError(f"input_shape is one sample's shape, without the batch: {tuple(input_shape[1:])}, "
                                f"not {tuple(input_shape)}") from None
             raise

@@ -210,8 +210,23 @@ def test_drawing_a_map_with_nan_or_inf(tmp_path):
 
 def test_cost_and_backends_name_bad_arguments():
     from rsp_fast.errors import RSPError
-    with pytest.raises(RSPError, match="input_shape must be a tuple of positive ints"):
-        rsp_fast.cost(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2, 2)), 10)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 16 * 16, 2))
+    for shape in (10, None, 3.5, (3, -1, 16), (3, 16.0, 16), (n for n in (3, 16, 16)), (True, 16, 16)):
+        with pytest.raises(RSPError, match="input_shape must be a tuple of positive ints"):
+            rsp_fast.cost(model, shape)
+    assert rsp_fast.cost(model, [np.int64(3), 16, 16])["totals"]["forward_macs"] > 0  # numpy sizes are sizes
+    with pytest.raises(RSPError, match="model must be a torch.nn.Module, not function"):
+        rsp_fast.cost(lambda x: x, (3, 16, 16))
+    with pytest.raises(RSPError, match="dtype torch.float64 is not the model's"):
+        rsp_fast.cost(model, (3, 16, 16), dtype=torch.float64)
+    with pytest.raises(RSPError, match="dtype must be a floating-point torch.dtype, not 'float64'"):
+        rsp_fast.cost(model, (3, 16, 16), dtype="float64")
+    # a wrong size is the forward's failure (an unbatched Conv2d ran on x[0] and suggested the batch was the problem)
+    with pytest.raises(RSPError, match="forward failed .* mat1 and mat2 shapes cannot be multiplied"):
+        rsp_fast.cost(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(1024, 2)),
+                      (3, 32, 32))
+    with pytest.raises(RSPError, match="input_shape is one sample's shape, without the batch"):
+        rsp_fast.cost(model, (1, 3, 16, 16))
     with pytest.raises(RSPError, match="unknown device 'nonsense'"):
         rsp_fast.backends("nonsense")
 
