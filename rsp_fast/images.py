@@ -14,7 +14,7 @@ from .errors import RSPError
 from .models import ModelSpec, checked_device
 from .optional import optional_import
 from .paths import check_readable, checked_output_folder
-from .pictures import FrameAttributor, as_rgb
+from .pictures import FrameAttributor, as_rgb, as_spec, iterable
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -113,12 +113,13 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
     Images of any sizes share a batch: each is letterboxed into the model's input on its own."""
     out = checked_output_folder(out_dir)
     device = checked_device(device)
+    spec = as_spec(spec)
     attribute = FrameAttributor(spec, explainer, device, batch_size, target)
-    rows, tiles, started, images, names = [], [], time.perf_counter(), iter(images), _FileNames()
+    rows, tiles, started, images, names = [], [], time.perf_counter(), iterable(images, "images"), _FileNames()
     while batch := list(itertools.islice(images, batch_size)):
         t0 = time.perf_counter()
         pictures = [(names.unique(name), read_image(img) if isinstance(img, (str, Path)) else as_rgb(img, f"image {name!r}"))
-                    for name, img in batch]
+                    for name, img in map(_named, itertools.count(len(rows)), batch)]
         maps = attribute([img for _, img in pictures])
         share = (time.perf_counter() - t0) / len(batch)
         for k, (name, img) in enumerate(pictures):
@@ -141,6 +142,12 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
             "model": spec.name, "layer": explainer.layer, "init": explainer.init, "device": str(device),
             "contact_sheet": str(sheet),
             "contact_sheet_images": len(tiles)}
+
+
+def _named(index: int, item) -> tuple:
+    if not isinstance(item, tuple | list) or len(item) != 2:
+        raise RSPError(f"images must be (name, image) pairs; item {index} is {type(item).__name__}")
+    return item
 
 
 class _FileNames:

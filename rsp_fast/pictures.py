@@ -42,10 +42,17 @@ def as_spec(model) -> ModelSpec:
 def explainer_on(spec: ModelSpec, device: torch.device, explainer: RSP | None = None, **options) -> RSP:
     """``explainer``, or an RSP of the spec's model (``options``: RSP's keyword arguments), the
     model moved to ``device``."""
+    if explainer is not None:
+        check_explainer(spec, explainer)  # before the model moves
     spec.model.to(device)
-    if explainer is not None and explainer.model is not unwrap(spec.model)[0]:
-        raise RSPError("the explainer given was built for another model than the one to explain")
     return explainer or RSP(spec.model, **options)
+
+
+def check_explainer(spec: ModelSpec, explainer) -> None:
+    if not isinstance(explainer, RSP):
+        raise RSPError(f"explainer must be an rsp_fast.RSP, not {type(explainer).__name__}")
+    if explainer.model is not unwrap(spec.model)[0]:
+        raise RSPError("the explainer given was built for another model than the one to explain")
 
 
 def as_rgb(picture, what: str) -> np.ndarray:
@@ -58,6 +65,14 @@ def as_rgb(picture, what: str) -> np.ndarray:
     if picture.shape[0] == 0 or picture.shape[1] == 0:
         raise RSPError(f"{what} has no pixels (shape {tuple(picture.shape)})")
     return np.repeat(picture[..., None], 3, axis=2) if picture.ndim == 2 else picture
+
+
+def iterable(values, what: str):
+    """An iterator over ``values``, or an RSPError naming ``what`` (e.g. "frames")."""
+    try:
+        return iter(values)
+    except TypeError:
+        raise RSPError(f"{what} must be an iterable of pictures, not {type(values).__name__}") from None
 
 
 def positive_int(value, what: str) -> int:
@@ -75,6 +90,7 @@ class FrameAttributor:
     def __init__(self, spec: ModelSpec, explainer: RSP, device: torch.device, batch_size: int, target=None):
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer))):
             raise RSPError(f"target must be one class (an int) for every picture, or None, not {target!r}")
+        check_explainer(spec, explainer)  # a caller's explainer of another model explained the pictures with it
         self.spec, self.explainer, self.device, self.target = spec, explainer, device, target
         self.batch_size = positive_int(batch_size, "batch size")
         p = next(spec.model.parameters(), None)  # pictures reach the model in its own dtype (float64, half, ...)

@@ -182,6 +182,16 @@ def test_explain_images_from_python_checks_arrays_and_names(tmp_path):
         _png(tmp_path / folder / f"{name}.png")
     names = [n for n, _ in image_files([tmp_path / "x", tmp_path / "y", tmp_path / "z"])]
     assert names == ["cat", "cat-2", "cat-2-2"]
+    other = rsp_fast.RSP(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                             torch.nn.Flatten(), torch.nn.Linear(4, 10)))
+    with pytest.raises(RSPError, match="built for another model"):  # its maps and labels were written as the spec's
+        explain_images(spec, other, [("b", rgb)], tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(RSPError, match=r"images must be \(name, image\) pairs; item 0 is ndarray"):
+        explain_images(spec, explainer, [rgb], tmp_path / "o")
+    with pytest.raises(RSPError, match="images must be an iterable of pictures, not NoneType"):
+        explain_images(spec, explainer, None, tmp_path / "o")
+    assert explain_images(spec.model, explainer, [("m", rgb)], tmp_path / "o")["images"][0]["name"] == "m"  # a bare module
 
 
 def test_model_specs_are_checked():

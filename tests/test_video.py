@@ -195,6 +195,10 @@ def test_explain_frames_from_any_source(spec):
         explain_frames(spec, frames, target=[1, 2])
     with pytest.raises(RSPError, match="built for another model"):
         explain_frames(spec, frames, explainer=rsp_fast.RSP(tiny_cnn()))
+    with pytest.raises(RSPError, match="explainer must be an rsp_fast.RSP, not str"):
+        explain_frames(spec, frames, explainer="rsp")
+    with pytest.raises(RSPError, match="frames must be an iterable of pictures, not int"):
+        explain_frames(spec, 5)  # at the call
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..api import RSP
 from ..models import checked_device
-from ..pictures import FrameAttributor, as_rgb, as_spec, explainer_on
+from ..pictures import FrameAttributor, as_rgb, as_spec, explainer_on, iterable
 
 
 @dataclass
@@ -31,6 +31,7 @@ def explain_frames(model, frames: Iterable[np.ndarray], *, layer=None, init: str
     ``batch_size`` at a time (frames of any sizes: each is letterboxed on its own). ``model``:
     an nn.Module, a ModelSpec or a model name. Bad arguments raise here, before any frame is read."""
     device = checked_device(device)
+    frames = iterable(frames, "frames")
     spec = as_spec(model)
     explainer = explainer_on(spec, device, explainer, layer=layer, init=init, hostile_k=hostile_k, backend=backend,
                              precision=precision)
