@@ -262,7 +262,7 @@ def _averages_stacked_branches(node: fx.Node) -> bool:
             and dims is not None and len(dims) == 1 and isinstance(dims[0], int)):
         return False
     stacked = _cat_dim(source)
-    return dims[0] == stacked or (dims[0] < 0) != (stacked < 0)
+    return dims[0] == stacked or (dims[0] != 0 and (dims[0] < 0) != (stacked < 0))  # dim 0: the batch's
 
 
 def _drops_leading_dim(node: fx.Node) -> bool:

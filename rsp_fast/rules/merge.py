@@ -63,6 +63,8 @@ class MeanOfStack(Sum):
         rank = len(ctx.shapes[self.inputs[0]])
         if self.dims[0] % rank == self.stacked % rank:
             return super().propagate(ctx, R)
+        if self.dims[0] % rank == 0:
+            raise RSPError(f"{self.node.name}: " + BATCH_MIXING.format("a mean"))
         return self.other.propagate(ctx, R)
 
 
