@@ -110,6 +110,61 @@ def test_per_token_class_scores_averaged_over_tokens_take_the_tokens_features_as
     assert torch.allclose(ex.attribution.flatten(1).sum(1), ex.initial.flatten(1).sum(1) - ex.dropped)
 
 
+class _Tokens(nn.Module):
+    """Per-token Linear layers on N×T×F, pooled over the tokens by ``pool``, then a head; or,
+    ``scores_first``, the head on each token and its scores averaged."""
+
+    def __init__(self, pool, scores_first=False):
+        super().__init__()
+        torch.manual_seed(1)
+        self.l1, self.l2, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.pool, self.scores_first = pool, scores_first
+
+    def forward(self, x):
+        h = F.relu(self.l2(F.relu(self.l1(x))))
+        return self.pool(self.head(h)) if self.scores_first else self.head(self.pool(h))
+
+
+@pytest.mark.parametrize("pool", [lambda t: t.mean(1), lambda t: t.sum(1), lambda t: t.amax(1)], ids=["mean", "sum", "amax"])
+def test_tokens_pooled_before_the_head_are_explained_channels_last(pool):
+    """mean, sum or max over the tokens of a Linear's N×T×F output, then the head: the saliency
+    map is the tokens' features, channels last (R₀ was one value for every token, features taken
+    for positions; amax was refused, sum gave the pooled vector as the map)."""
+    x = torch.randn(3, 7, 6, dtype=D)
+    explainer = rsp_fast.RSP(_Tokens(pool).double().eval())
+    assert explainer.layer == "relu_1" and explainer.plan.channels_last
+    ex = explainer.explain(x, record=True)
+    assert ex.initial.shape == (3, 7, 16) and not torch.allclose(ex.initial, ex.initial[:, :1].expand_as(ex.initial))
+    assert torch.allclose(ex.attribution.flatten(1).sum(1), ex.initial.flatten(1).sum(1) - ex.dropped)
+    if pool(torch.ones(1, 2, 1)).item() == 1:  # the mean: the head commutes with it, the same R₀ as scores averaged
+        scores = rsp_fast.RSP(_Tokens(pool, scores_first=True).double().eval()).explain(x)
+        assert rel_err(ex.initial, scores.initial) < 1e-12
+
+
+class _Signal(nn.Module):
+    def __init__(self, pool, max_pool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.f = nn.Sequential(nn.Conv1d(2, 8, 5, padding=2), nn.ReLU(), *([nn.MaxPool1d(2)] if max_pool else []),
+                               nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 16, 3, padding=1), nn.ReLU())
+        self.fc, self.pool = nn.Linear(16, 4), pool
+
+    def forward(self, x):
+        return self.fc(self.pool(self.f(x)))
+
+
+@pytest.mark.parametrize("max_pool", [False, True])
+@pytest.mark.parametrize("pool", [lambda t: t.amax(-1), lambda t: t.sum(-1), lambda t: t.mean(2), lambda t: t.sum(2) / 32],
+                         ids=["amax", "sum", "mean", "sum_over_length"])
+def test_a_signal_cnns_global_pool_over_time_marks_the_default_layer(pool, max_pool):
+    """A 1-D CNN's max or sum over time: the last conv map (amax was refused, sum gave the pooled
+    vector, and behind a max pool the map before it was taken, two convs short)."""
+    explainer = rsp_fast.RSP(_Signal(pool, max_pool).double().eval())
+    assert explainer.layer == "f"
+    x = torch.randn(3, 2, 32, dtype=D)
+    assert explainer.explain(x).initial.shape == (3, 16, 16 if max_pool else 32)
+
+
 def test_layer_as_module_and_result_properties():
     model = torchvision.models.vgg11(num_classes=5).eval()
     explainer = rsp_fast.RSP(model, layer=model.features[15])

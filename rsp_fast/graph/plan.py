@@ -89,7 +89,7 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
         m = _module(model, node)
         if (isinstance(m, nn.Linear) or functional_linear_weight(node) is not None) and last_linear_input is None:
             last_linear_input = _first_tensor_input(node)
-        if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(node, m) or node.meta.get(KEPT_WHOLE):
+        if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(model, node, m) or node.meta.get(KEPT_WHOLE):
             break
         node = _first_tensor_input(node)
     pool = _global_pool_behind_head(model, node) or node
@@ -112,7 +112,7 @@ def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | Non
     input is reached first."""
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
-        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(node, m)
+        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(model, node, m)
                 or node.meta.get(KEPT_WHOLE) or isinstance(m, (nn.Dropout, nn.Identity))):
             return node
         node = _first_tensor_input(node)
@@ -150,7 +150,7 @@ def _global_pool_behind_head(model: nn.Module, node: fx.Node | None) -> fx.Node 
     head): the global pool behind such a head, if there is one."""
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
-        if _is_global_pool(node, m):
+        if _is_global_pool(model, node, m):
             return node
         kind = node_kind(node, m)
         is_1x1_conv = isinstance(m, nn.Conv2d) and all(k == 1 for k in m.kernel_size)
@@ -166,14 +166,16 @@ ADAPTIVE_POOL_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adapt
                            F.adaptive_max_pool2d, F.adaptive_max_pool3d)
 
 
-def _is_global_pool(node: fx.Node, module) -> bool:
+def _is_global_pool(model: nn.Module, node: fx.Node, module) -> bool:
     """An adaptive pool to 1×1 (1, 1×1×1), or a mean, sum or max over the spatial dimensions."""
     if isinstance(module, ADAPTIVE_POOLS):
         size = module.output_size
     elif node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
         size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
     elif calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):  # average, sum or max pooling
-        return sorted(reduced_dims(node) or ()) in ([2, 3], [-2, -1], [2, 3, 4], [-3, -2, -1])
+        # over the time of a 1-D map (N×C×L) too, and over the tokens of a Linear's N×T×F output
+        tokens = ([1], [-2]) if _made_by_a_linear(model, node.args[0]) else ()
+        return sorted(reduced_dims(node) or ()) in ([2, 3], [-2, -1], [2, 3, 4], [-3, -2, -1], [2], [-1]) + tokens
     else:
         return False
     return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
@@ -308,7 +310,7 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
     """Whether the head pools the saliency map over dims 1 and 2 (N×H×W×C, as MambaOut's
     head does), or permutes it from that layout first, before any other op; or runs a Linear on
     it and then pools (a Linear reads the last dim: N×T×F tokens pooled over dim 1, too)."""
-    node, through_linear = saliency, False
+    node, through_linear = saliency, _made_by_a_linear(model, saliency)  # a Linear's output: channels last already
     while len(node.users) == 1:
         node = next(iter(node.users))
         if calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):
@@ -322,6 +324,19 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
             return tuple(order) == (0, 3, 1, 2)
         if node_kind(node, _module(model, node)) != NodeKind.PASS:
             return False
+    return False
+
+
+def _made_by_a_linear(model: nn.Module, node: fx.Node) -> bool:
+    """Whether the node is a Linear's output, behind activations, dropout and norms: its last
+    dimension holds the features (N×T×F tokens)."""
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        m = _module(model, node)
+        if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None:
+            return True
+        if node_kind(node, m) != NodeKind.PASS:
+            return False
+        node = _first_tensor_input(node)
     return False
 
 
