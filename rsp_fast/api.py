@@ -93,7 +93,8 @@ class RSP:
         self._layer, self._plans, self._plans_lock = layer, {}, threading.Lock()  # threads share the plans
         with eval_mode(model):  # traced as it predicts, whatever mode it is in now
             self._build_plan()
-        self.layer = self.plan.layer_name if self.plan else layer_name(model, layer)  # None: chosen at the first call
+        if self.plan is None:  # _build_plan named it otherwise
+            self.layer = layer_name(model, layer)  # None: chosen at the first call
         if self.backend != "auto":
             select_kernels(self.backend, _model_device(model))  # fail now, not mid-video
 
