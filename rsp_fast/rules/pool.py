@@ -9,10 +9,12 @@ the indices the forward pass recorded, without re-running the pool.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.reference import per_sample_sum, safe_div
 from .base import Context, Rule, node_function
+from .operands import calls
 
 POOL_EPS = 1e-9
 INDEX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
@@ -38,12 +40,24 @@ def max_pool_with_indices(module: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
                 ceil_mode=module.ceil_mode, return_indices=True)
 
 
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                      F.adaptive_max_pool3d}
+
+
+def is_max_pool(node, module: nn.Module | None) -> bool:
+    return isinstance(module, MAX_POOLS) or (module is None and calls(node, MAX_POOL_FUNCTIONS, set()))
+
+
 class Pool(Rule):
     kind = "pool"
 
     def __init__(self, node, inputs, module):
         super().__init__(node, inputs, needs_values=list(node.all_input_nodes))
         self.module = module
+        # max(x + ε) = max(x) + ε: a max pool routes R by x's own maxima, which x + ε loses where
+        # |x| is near ε's rounding (activations of 1e-12 in float32 tie within a window)
+        self.takes_max = is_max_pool(node, module)
 
     def function(self, ctx: Context):
         """The op as a function of the input relevance flows to."""
@@ -51,13 +65,15 @@ class Pool(Rule):
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         fn = self.function(ctx)
-        x = (ctx.values[self.inputs[0]].detach() + POOL_EPS).requires_grad_()
+        x = ctx.values[self.inputs[0]].detach()
+        x = (x if self.takes_max else x + POOL_EPS).requires_grad_()
         with torch.enable_grad():
             Z = fn(x)
-            (grad,) = torch.autograd.grad(Z, x, safe_div(R, Z.detach()))
+            (grad,) = torch.autograd.grad(Z, x, safe_div(R, Z.detach() + POOL_EPS if self.takes_max else Z.detach()))
+        Z = Z.detach() + POOL_EPS if self.takes_max else Z.detach()
         if ctx.tracking:
-            ctx.drop(per_sample_sum(R * (Z.detach() == 0)))
-        return [x.detach() * grad]
+            ctx.drop(per_sample_sum(R * (Z == 0)))
+        return [(x.detach() + POOL_EPS if self.takes_max else x.detach()) * grad]
 
 
 class AttentionPool(Pool):
