@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import RSPError
 from .graph.plan import Plan, build_plan, layer_name
-from .graph.trace import UntraceableModelError, eval_mode, unwrap, wrapper_chain
+from .graph.trace import TRACE_GATE, UntraceableModelError, eval_mode, unwrap, wrapper_chain
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
@@ -132,8 +132,10 @@ class RSP:
         # the forward too runs in the chosen precision: its activations feed R₀ and every rule;
         # R₀ needs autograd through the head, also when the caller is in inference mode; a
         # caller's autocast would run the rules' products in bf16/fp16 whatever ``precision`` says
-        with eval_mode(self.model), _matmul_precision(self.precision, inputs.device), torch.inference_mode(False), \
-                _autocast_off(inputs.device):
+        # the whole pass waits for a trace in another thread: torch.fx patches module attribute
+        # reads process-wide while it traces, and the rules read weights
+        with TRACE_GATE.forward(), eval_mode(self.model), _matmul_precision(self.precision, inputs.device), \
+                torch.inference_mode(False), _autocast_off(inputs.device):
             if inputs.is_inference():
                 inputs = inputs.clone()
             return self._pass(inputs, target, hostile, ops, record, trusted_target, initial)

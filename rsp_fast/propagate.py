@@ -13,10 +13,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from .errors import RSPError
 from .graph.plan import Plan
-from .graph.trace import TRACE_GATE
+from .graph.trace import ATTR_VALUE, CONSTANT_PREFIX, TRACE_GATE
 from .rules import Context
 from .rules.pool import indices_key, max_pool_with_indices
 
@@ -39,6 +40,12 @@ def _to_work(value: Any) -> Any:
     return value.to(work_dtype(value.dtype)) if isinstance(value, torch.Tensor) else value
 
 
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling the module runs forward hooks (its own or the global ones)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, model: torch.nn.Module, plan: Plan):
         super().__init__(model, graph=plan.graph)
@@ -47,12 +54,16 @@ class _Recorder(fx.Interpreter):
         self.shapes: dict[fx.Node, torch.Size] = {}
         self.saliency_value: torch.Tensor | None = None
         self.index_pools = {s.node for s in plan.steps if getattr(s, "records_indices", False)}
+        self.constants = {n.target: n.meta[ATTR_VALUE] for n in plan.graph.nodes if n.op == "get_attr"}
 
     def run_node(self, n: fx.Node) -> Any:
         with torch.set_grad_enabled(n in self.plan.head):
             if n in self.index_pools:  # the max pool, and where its maxima are, for its rule
                 args, _ = self.fetch_args_kwargs_from_env(n)
-                out, self.saved[indices_key(n)] = max_pool_with_indices(self.fetch_attr(n.target), args[0])
+                pool = self.fetch_attr(n.target)
+                out, self.saved[indices_key(n)] = max_pool_with_indices(pool, args[0])
+                if has_hooks(pool):  # the module itself, as model(x) runs it: its hooks may change the output
+                    out = super().run_node(n)
             else:
                 out = super().run_node(n)
         if n is self.plan.saliency:  # R₀'s maps come from this leaf, in the rules' dtype
@@ -65,11 +76,16 @@ class _Recorder(fx.Interpreter):
             self.saved[n] = _to_work(out.detach() if isinstance(out, torch.Tensor) else out)
         return out
 
+    def get_attr(self, target, args, kwargs):
+        if target.startswith(CONSTANT_PREFIX):  # fx's constants live in the graph, not on the model
+            return self.constants[target]
+        return super().get_attr(target, args, kwargs)
+
     # In-place ops would overwrite values the rules read later: run them out of place.
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
         if getattr(module, "inplace", False) and args and isinstance(args[0], torch.Tensor):
-            if module._forward_hooks or module._forward_pre_hooks:  # the module itself, hooks and all
+            if has_hooks(module):  # the module itself, hooks and all
                 return super().call_module(target, (args[0].clone(),) + tuple(args[1:]), kwargs)
             if type(module) is nn.ReLU:  # the out-of-place op directly: no copy first
                 return torch.relu(args[0])
@@ -97,7 +113,7 @@ def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
     try:
         with torch.no_grad(), TRACE_GATE.forward():  # not while torch.fx patches modules in another thread
             logits = rec.run(x)
-    except RSPError:
+    except (RSPError, torch.OutOfMemoryError, MemoryError):  # out of memory is not a bad input: a smaller batch may do
         raise
     except Exception as exc:
         reason = str(exc).split("\n\nWhile executing")[0].strip()  # fx appends the graph node and its traceback

@@ -1,5 +1,6 @@
 """The public API: batch independence, layer choice, model left untouched, clear errors."""
 import copy
+import io
 import re
 from collections import OrderedDict
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.nn.utils import prune
 
 import rsp_fast
 from rsp_fast import api
@@ -373,6 +375,130 @@ def test_an_explainer_follows_modules_traced_through_and_a_wrappers_module_repla
         other[0].weight.mul_(-1)
     wrapper.module = other  # the wrapper now runs another model
     assert rel_err(explainer.attribute(x), rsp_fast.RSP(other, layer="3").attribute(x)) < 1e-12
+
+
+class _Skip(nn.Module):
+    """A block fx traces through whose forward reads plain attributes: a scale and a flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.alpha, self.use_skip = nn.Conv2d(8, 8, 3, padding=1), 1.0, True
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return y + self.alpha * x if self.use_skip else y
+
+
+def _skip_net():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Skip(), nn.MaxPool2d(2),
+                         nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).double().eval()
+
+
+def _halve(module, args, out):
+    return out * 0.5
+
+
+_CHANGES = {  # what the traced graph held besides tensors, changed after the explainer was built
+    "attribute": lambda m: setattr(m[2], "alpha", -3.0),
+    "flag": lambda m: setattr(m[2], "use_skip", False),
+    "padding_mode": lambda m: setattr(m[4][0], "padding_mode", "reflect"),
+    "first_padding_mode": lambda m: setattr(m[0], "padding_mode", "replicate"),
+    "hook_on_a_block": lambda m: m[2].register_forward_hook(_halve),
+    "forward_on_the_instance": lambda m: setattr(m[2], "forward", lambda x: F.relu(m[2].conv(x))),
+    "appended_module": lambda m: m[4].append(nn.Conv2d(8, 8, 1).double()),
+    "appended_head": lambda m: m.append(nn.Linear(5, 4).double()),
+}
+
+
+@pytest.mark.parametrize("change", _CHANGES)
+def test_an_explainer_follows_attributes_hooks_and_modules_changed_after_it_was_built(change):
+    """fx writes plain attributes, hooks on modules it traces through, and the module tree into the
+    graph: each changed afterwards was ignored (the explainer's logits were not model(x): 0.07-2.0
+    apart, its maps 0.14-1.1 from a new explainer's)."""
+    model, x = _skip_net(), torch.randn(2, 3, 12, 12, dtype=D)
+    explainer = rsp_fast.RSP(model, init="gradcam")
+    explainer.attribute(x)
+    _CHANGES[change](model)
+    ours, fresh = explainer.explain(x), rsp_fast.RSP(model, init="gradcam").explain(x)
+    assert rel_err(ours.logits, model(x)) < 1e-12
+    assert rel_err(ours.attribution, fresh.attribution) < 1e-12
+
+
+def test_a_hook_removed_after_the_explainer_was_built_no_longer_runs():
+    model, x = _skip_net(), torch.randn(2, 3, 12, 12, dtype=D)
+    handle = model[2].register_forward_hook(_halve)
+    explainer = rsp_fast.RSP(model, init="gradcam")
+    explainer.attribute(x)
+    handle.remove()
+    assert rel_err(explainer.explain(x).logits, model(x)) < 1e-12
+
+
+def test_hooks_on_a_max_pool_run_in_the_explained_forward():
+    """The max pool ran as F.max_pool2d with its indices, skipping the module's hooks: the
+    logits were not model(x) (0.52 apart with a hook scaling channels)."""
+    model, x = _skip_net(), torch.randn(2, 3, 12, 12, dtype=D)
+    scale = torch.linspace(-1.0, 2.0, 8, dtype=D).view(1, 8, 1, 1)
+    model[3].register_forward_hook(lambda module, args, out: out * scale)
+    assert rel_err(rsp_fast.RSP(model).explain(x).logits, model(x)) < 1e-12
+
+
+def test_tracing_leaves_no_proxy_on_the_model():
+    """prune's forward pre-hook sets ``weight`` on a module fx traces through (a reflect-padding
+    conv): the trace left an fx Proxy there, which broke the model until its next forward."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).double().eval()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    model(torch.randn(1, 3, 8, 8, dtype=D))
+    rsp_fast.RSP(model)
+    assert isinstance(model[0].weight, torch.Tensor)
+    torch.save(model, io.BytesIO())  # a Proxy cannot be pickled
+
+
+class _MadeInForward(nn.Module):
+    """A forward that makes a tensor from nothing (fx keeps it as a constant) and, with ``check``,
+    branches on a size (traced per input shape, with an example)."""
+
+    def __init__(self, check):
+        super().__init__()
+        self.check, self.conv, self.fc = check, nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+        self.scale = torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)  # a plain tensor attribute, not a buffer
+
+    def forward(self, x):
+        if self.check and x.dim() != 4:
+            raise ValueError("4-D input expected")
+        x = x * self.scale * torch.ones(1, 3, 1, 1)
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_tensors_a_forward_makes_are_explained_and_left_off_the_model():
+    """fx stored each trace's constants on the model (_tensor_constantN, one more per explainer:
+    unbounded in a service that builds one per request), and a forward traced per input shape
+    could not read them or a plain tensor attribute (KeyError, reported as untraceable)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    plain, branching = _MadeInForward(False).eval(), _MadeInForward(True).eval()
+    branching.load_state_dict(plain.state_dict())
+    attributes = set(plain.__dict__)
+    maps = [rsp_fast.RSP(plain).attribute(x) for _ in range(3)]
+    assert set(plain.__dict__) == attributes
+    assert rel_err(rsp_fast.RSP(branching).attribute(x), maps[0]) < 1e-6
+    assert not [k for k in branching.__dict__ if k.startswith("_tensor_constant")]
+
+
+def _out_of_memory(module, args, out):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_running_out_of_memory_in_the_forward_is_not_called_a_bad_input():
+    """It came back as RSPError (a ValueError, 'the model's forward failed'), which a service
+    retrying with a smaller max_batch does not catch."""
+    model = tiny_cnn().eval()
+    model[2].register_forward_hook(_out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        rsp_fast.RSP(model).attribute(torch.randn(1, 3, 16, 16))
 
 
 def test_bad_inputs_get_clear_errors():

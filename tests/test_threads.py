@@ -74,6 +74,33 @@ def test_shapes_traced_in_two_threads_at_once_match_one_thread():
     assert isinstance(model(torch.randn(1, 3, 50, 50)), torch.Tensor)
 
 
+def test_calls_while_another_thread_builds_an_explainer_for_the_same_model():
+    """fx patches module attribute reads process-wide while it traces: a call whose rules read a
+    weight meanwhile got an fx Proxy (a raw TraceError in about half the calls) and fx stored that
+    thread's tensors on the model as _tensor_constantN. The whole pass now waits for the trace."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).double().eval()
+    explainer, x = rsp_fast.RSP(model), torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    expected, attributes = explainer.attribute(x), set(model.__dict__)
+    deadline = time.monotonic() + 4
+
+    def build():
+        while time.monotonic() < deadline:
+            rsp_fast.RSP(model)
+
+    def explain():
+        calls = 0
+        while time.monotonic() < deadline:
+            assert torch.equal(explainer.attribute(x), expected)
+            calls += 1
+        return calls
+
+    assert run_in_threads(build, explain)[1] > 0
+    assert set(model.__dict__) == attributes
+
+
 def test_calls_on_a_training_model_from_two_threads_explain_it_in_eval_mode_and_restore_it():
     torch.manual_seed(0)
     model = torchvision.models.resnet18().train()

@@ -8,12 +8,14 @@ and BatchNorms after a conv or linear folded into it.
 from __future__ import annotations
 
 import re
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, functional_linear_weight, is_batchnorm, is_rule_leaf,
@@ -39,26 +41,111 @@ class Plan:
     head: set[fx.Node]  # nodes computed from the saliency layer (run with autograd for the initial relevance)
     input_rank: int | None  # rank the first layer expects (4 for Conv2d), None if unknown
     channels_last: bool = False  # the saliency map is N×H×W×C (MambaOut): its head pools dims 1 and 2
-    # (parent, name, child) for every submodule of the model when the plan was built
-    links: list[tuple[nn.Module, str, nn.Module | None]] = field(default_factory=list)
+    # what the traced graph holds of every module besides its tensors, when the plan was built
+    states: list[ModuleState] = field(default_factory=list)
 
     def is_current(self) -> bool:
-        """Whether every submodule is still the one the plan was traced with: one replaced
-        since (``model.conv1 = nn.Conv2d(...)``, also inside a module traced through or kept
-        whole) needs a new plan, as the forward runs the new one and the rules, and what the
-        plan read of the graph, hold the old. One dict lookup a link."""
-        return all(parent._modules.get(name) is child for parent, name, child in self.links)
+        """Whether the model is still the one the plan was traced from: a submodule replaced or
+        added, a hook added or removed, a plain attribute (``padding_mode``, a flag its forward
+        reads) or a method set since needs a new plan, as the forward runs the new one and the
+        graph, the rules and what the plan read of the graph hold the old (in-place changes to
+        parameters and buffers need none: the graph reads them by reference)."""
+        if self.states and _global_hooks() != self.states[0].global_hooks:
+            return False
+        return all(state.holds() for state in self.states)
 
 
-def _module_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module | None]]:
-    links, seen, todo = [], set(), [model]
+# nn.Module's own bookkeeping, and the mode RSP itself switches: not part of what a forward does
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _global_hooks() -> tuple:
+    return tuple(torch_module._global_forward_pre_hooks), tuple(torch_module._global_forward_hooks)
+
+
+def _attribute_value(value):
+    """A snapshot of an attribute a traced forward may have read as a constant (a number, a
+    string, a tuple of them, a function or method), or ``_SKIP`` for tensors and containers,
+    which the graph reads by reference or not at all."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
+        return tuple(value)
+    if callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
+        return value
+    return _SKIP
+
+
+_SKIP = object()
+
+
+def _same(a, b) -> bool:
+    return a is b or (type(a) is type(b) and isinstance(a, (*_PLAIN, tuple)) and a == b)
+
+
+@dataclass
+class ModuleState:
+    module: nn.Module
+    cls: type
+    forward: Callable  # its class's forward (patched on the class, it is another function)
+    children: tuple  # (name, child) pairs, in order
+    hooks: tuple  # the keys of its forward pre-hooks and forward hooks
+    attributes: dict  # name → the object it held (numbers, strings, tuples, functions: immutable)
+    lists: dict  # name → (the list it held, its items then)
+    global_hooks: tuple = ()
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "ModuleState":
+        attributes, lists = {}, {}
+        for k, v in module.__dict__.items():
+            if k not in _MODULE_INTERNALS and _attribute_value(v) is not _SKIP:
+                if isinstance(v, list):
+                    lists[k] = (v, tuple(v))
+                else:
+                    attributes[k] = v
+        attributes.setdefault("forward", _SKIP)  # a forward set on the instance later is a change too
+        return cls(module, type(module), type(module).forward, tuple(module._modules.items()), _hooks(module),
+                   attributes, lists)
+
+    def holds(self) -> bool:
+        m = self.module
+        if m.__class__ is not self.cls or self.cls.forward is not self.forward or _hooks(m) != self.hooks:
+            return False
+        children = m._modules
+        if len(children) != len(self.children):
+            return False
+        for name, child in self.children:
+            if children.get(name) is not child:
+                return False
+        now = m.__dict__
+        for k, v in self.attributes.items():  # the same object (one identity test), else an equal value
+            value = now.get(k, _SKIP)
+            if value is not v and not _same(_attribute_value(value), v):
+                return False
+        for k, (v, items) in self.lists.items():
+            if now.get(k, _SKIP) is not v or tuple(v) != items:
+                return False
+        return True
+
+
+def _hooks(module: nn.Module) -> tuple:
+    # hook handles' ids only grow: the count and the last id tell any addition or removal apart
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    return len(pre), next(reversed(pre), None), len(post), next(reversed(post), None)
+
+
+def _module_states(model: nn.Module) -> list[ModuleState]:
+    states, seen, todo = [], set(), [model]
     while todo:
-        parent = todo.pop()
-        if id(parent) not in seen:
-            seen.add(id(parent))
-            links += [(parent, name, child) for name, child in parent._modules.items()]
-            todo += [child for child in parent._modules.values() if child is not None]
-    return links
+        module = todo.pop()
+        if id(module) not in seen:
+            seen.add(id(module))
+            states.append(ModuleState.of(module))
+            todo += [child for child in module._modules.values() if child is not None]
+    if states:
+        states[0].global_hooks = _global_hooks()
+    return states
 
 
 def _module(model: nn.Module, node: fx.Node) -> nn.Module | None:
@@ -188,7 +275,8 @@ def layer_name(model: nn.Module, layer) -> str | None:
     if isinstance(layer, nn.Module):
         names = [name for name, m in model.named_modules() if m is layer]
         if not names:
-            raise RSPError(f"layer {type(layer).__name__} is not a submodule of {type(model).__name__}")
+            raise RSPError(f"layer {type(layer).__name__} is not a submodule of {type(model).__name__} (if it was "
+                           "replaced after RSP(...) was built, give the layer by its name to follow such changes)")
         return names[0]
     if not isinstance(layer, str):
         raise RSPError(f"layer must be a module name, a module or None, not {type(layer).__name__}")
@@ -303,7 +391,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
                 frontier.append(user)
     saved = {v for s in steps for v in s.needs_values}
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency),
-                _module_links(model))
+                _module_states(model))
 
 
 def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:

@@ -30,6 +30,7 @@ from ..shared_setting import SETTINGS
 MODULE_META = "rsp_module"  # node.meta key: the leaf module a call_module node runs
 KEPT_WHOLE = "rsp_kept_whole"  # node.meta key: why a module kept whole could not be traced
 ATTR_VALUE = "rsp_attr_value"  # node.meta key: the parameter or buffer a get_attr node reads
+CONSTANT_PREFIX = "_tensor_constant"  # fx's name for a tensor the forward makes without an input
 
 
 class _RecordingTracer(fx.Tracer):
@@ -104,6 +105,13 @@ class _ConcreteTracer(_RecordingTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _SizedProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, *rest, **options) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, *rest, **options)
+        if kind == "get_attr" and node not in self.values:  # a tensor attribute fx read without a proxy
+            with _untraced():
+                self.values[node] = _attribute(self.root, target)
+        return node
 
     def _sizes_as_numbers(self, a):
         if isinstance(a, fx.proxy.Attribute):
@@ -286,6 +294,27 @@ def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module):
+    """Puts back what a traced forward wrote onto the model's modules: a forward pre-hook that
+    sets an attribute (``torch.nn.utils.prune``'s ``weight``, the old ``weight_norm``'s) would
+    leave an fx Proxy there, which breaks the model until its next real forward."""
+    before = {id(m): dict(m.__dict__) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            old = before.get(id(m), {})
+            for name, value in list(m.__dict__.items()):
+                # fx keeps the tensors a forward makes from nothing (torch.ones(...)) on the model as
+                # _tensor_constantN, a new one per trace: the graph reads them from its nodes instead
+                if isinstance(value, fx.Proxy) or (m is model and name not in old and name.startswith(CONSTANT_PREFIX)):
+                    if name in old:
+                        m.__dict__[name] = old[name]
+                    else:
+                        del m.__dict__[name]
+
+
 def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
           example: torch.Tensor | None = None) -> tuple[fx.Graph, dict[str, fx.Node]]:
     """The model's fx graph and, per module path, the node holding that module's output.
@@ -295,8 +324,11 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
                                     "sizes, which needs torch.fx._symbolic_trace._maybe_revert_all_patches")
     tracer = _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
     try:
-        with torch.no_grad(), TRACE_GATE.trace():
+        with torch.no_grad(), TRACE_GATE.trace(), _attributes_kept(model):
             graph = tracer.trace(model, concrete_args=_defaults(model))
+            for node in graph.nodes:  # read while fx's constants are still on the model
+                if node.op == "get_attr":
+                    node.meta[ATTR_VALUE] = _attribute(model, node.target)
         _drop_fixed_arguments(graph)
         _follow_in_place_writes(graph, model)
     except _ForwardFailed as exc:
@@ -314,9 +346,6 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
             f"rsp_fast explains models with exactly one input; {type(model).__name__}.forward takes "
             f"{len(placeholders)} ({', '.join(n.name for n in placeholders)})"
         )
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            node.meta[ATTR_VALUE] = _attribute(model, node.target)
     return graph, tracer.module_outputs
 
 
