@@ -47,7 +47,13 @@ def check(name: str, model: torch.nn.Module, shape: tuple) -> dict:
     x = torch.randn(2, *shape)
     t0 = time.perf_counter()
     try:
-        ex = rsp_fast.RSP(model.eval()).explain(x, record=True)
+        explainer = rsp_fast.RSP(model.eval())
+        ex = explainer.explain(x, record=True)
+        # a forward that changes what its graph holds (a flag, a hook) would be traced at every call
+        plan = explainer._plan_for(x)
+        with torch.no_grad():
+            model(x)
+        row["plan_kept"] = explainer._plan_for(x) is plan
         total_0 = ex.initial.flatten(1).sum(1)
         error = (ex.attribution.flatten(1).sum(1) + ex.dropped - total_0).abs()
         magnitude = torch.maximum(ex.attribution.flatten(1).abs().sum(1), total_0.abs())
@@ -113,6 +119,8 @@ def summarise(rows: list[dict]) -> str:
         relative = max(r["relative_conservation_error"] for r in ok)
         lines.append(f"conservation error |ΣR_in + dropped − ΣR₀| (float32, ΣR₀ = 1 per sample): largest "
                      f"{worst['conservation_error']:.2e} ({worst['model']}); relative to max(Σ|R_in|, |ΣR₀|), largest {relative:.2e}")
+    retraced = [r["model"] for r in ok if not r.get("plan_kept", True)]
+    lines.append(f"traced again at every call: {len(retraced)} models" + (f" ({', '.join(retraced)})" if retraced else ""))
     reasons = collections.Counter(_first_reason(r["message"]) for r in rows if r["status"] != "ok")
     for key in ("batch_error", "backend_error"):
         checked = [r for r in ok if key in r]

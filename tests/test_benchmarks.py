@@ -282,6 +282,17 @@ def test_coverage_reports_ok_refused_and_crashes():
                                              nn.LazyLinear(2)), (3, 8, 8))
     assert refused["status"] == "refused" and "Softmax" in refused["message"]
     crash = {"model": "broken", "status": "crash", "message": "IndexError: boom"}
-    text = summarise([ok, refused, crash])
-    assert text.startswith("3 models: 1 ok, 1 refused, 1 crash") and "CRASH broken: IndexError: boom" in text
+
+    class Counting(nn.Sequential):  # a forward that changes a plain attribute its graph holds
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+    counting = check("counting", Counting(*tiny_cnn()), (3, 32, 32))
+    assert ok["plan_kept"] and not counting["plan_kept"]
+    text = summarise([ok, refused, crash, counting])
+    assert text.startswith("4 models: 2 ok, 1 refused, 1 crash") and "CRASH broken: IndexError: boom" in text
+    assert "traced again at every call: 1 models (counting)" in text
     assert "  1 × Softmax\n" in text  # the reason alone: neither its place nor the saliency layer
