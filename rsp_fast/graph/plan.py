@@ -8,8 +8,8 @@ and BatchNorms after a conv or linear folded into it.
 from __future__ import annotations
 
 import re
-from typing import Callable
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -130,9 +130,7 @@ class ModuleState:
 
 
 def _hooks(module: nn.Module) -> tuple:
-    # hook handles' ids only grow: the count and the last id tell any addition or removal apart
-    pre, post = module._forward_pre_hooks, module._forward_hooks
-    return len(pre), next(reversed(pre), None), len(post), next(reversed(post), None)
+    return tuple(module._forward_pre_hooks), tuple(module._forward_hooks)  # their handles' ids
 
 
 def _module_states(model: nn.Module) -> list[ModuleState]:
