@@ -345,6 +345,19 @@ def test_max_pools_route_by_the_maxima_at_any_activation_scale(pool):
     assert rel_err(maps[1], maps[0]) < 1e-5
 
 
+def test_a_max_pool_window_that_misses_every_pixel_drops_its_relevance():
+    """MaxPool2d(2, 2, padding=1, dilation=2, ceil_mode=True) on a 1×1 map: its one window reads
+    only padding; PyTorch gives -inf and an index past the plane, which the rule wrote through
+    (a bare RuntimeError from scatter_add_, found by the authors' parity fuzz)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 4, 7), nn.ReLU(),
+                          nn.MaxPool2d(2, 2, 1, dilation=2, ceil_mode=True), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4, 5)).double().eval()
+    ex = rsp_fast.RSP(model, layer="5", init="gradcam").explain(torch.randn(2, 3, 7, 7, dtype=D), record=True)
+    assert torch.isfinite(ex.attribution).all()
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)))
+
+
 def test_max_pools_keep_indices_not_their_inputs():
     model = torchvision.models.vgg11(num_classes=5).eval()
     plan = rsp_fast.RSP(model).plan

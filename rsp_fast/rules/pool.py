@@ -102,11 +102,14 @@ class MaxPoolByIndices(Rule):
         self.module = module
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        idx = ctx.values[indices_key(self.node)]
-        supported = (ctx.values[self.node] + POOL_EPS) != 0
+        idx, Y = ctx.values[indices_key(self.node)], ctx.values[self.node]
+        # a dilated window can miss every pixel (ceil_mode and padding): PyTorch gives it -inf
+        # and an index past the plane, which must not be written through
+        supported = ((Y + POOL_EPS) != 0) & (Y != float("-inf"))
         if ctx.tracking:
             ctx.drop(per_sample_sum(R * ~supported))
         shape = ctx.shapes[self.inputs[0]]
         R_in = R.new_zeros(*shape[:2], shape[2:].numel())
-        R_in.scatter_add_(2, idx.flatten(2), torch.where(supported, R, 0.0).flatten(2))  # windows may overlap
+        idx = idx.flatten(2).clamp(max=R_in.shape[2] - 1)
+        R_in.scatter_add_(2, idx, torch.where(supported, R, 0.0).flatten(2))  # windows may overlap
         return [R_in.view(shape)]
