@@ -595,8 +595,48 @@ def test_weight_standardised_convs_explain_as_convs_with_their_effective_weights
     x = torch.randn(2, 3, 6, 6, dtype=D)
     assert torch.allclose(std(x), plain(x))
     assert rel_err(rsp_fast.RSP(std).attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
-    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"0: _TwiceConv2d"):
-        rsp_fast.RSP(nn.Sequential(_TwiceConv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)), layer="1")
+
+
+class _SamePadConv2d(nn.Conv2d):
+    """TF-style "same" padding worked out from the input's size, then the conv without padding
+    (Hugging Face's BiT convs, efficientnet_pytorch's Conv2dDynamicSamePadding)."""
+
+    def forward(self, x):
+        pads = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+                for n, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
+        x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_conv_subclasses_that_pad_their_input_or_convolve_twice_are_traced_into():
+    """The probe took a conv that pads its input first for a weight-standardised one: the pad was
+    lost (a bare RuntimeError from F.fold, or inner maps without it); such forwards are now
+    explained op by op, as the same ops written out."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 11, 11, dtype=D)
+
+    def net(first, inner):
+        return nn.Sequential(first, nn.ReLU(), inner, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 3)).double().eval()
+    same = net(_SamePadConv2d(3, 8, 3, stride=2), _SamePadConv2d(8, 8, 3, stride=2))
+    # 11 → 6 → 3: "same" pads 2 (1 + 1) at stride 2 on 11, then 1 (0 + 1) on 6
+    written = net(nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(3, 8, 3, stride=2)),
+                  nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(8, 8, 3, stride=2)))
+    written.load_state_dict({k.replace("0.", "0.1.", 1).replace("2.", "2.1.", 1) if k[0] in "02" else k: v
+                             for k, v in same.state_dict().items()})
+    assert torch.allclose(same(x), written(x))
+    assert rel_err(rsp_fast.RSP(same).attribute(x), rsp_fast.RSP(written).attribute(x)) < 1e-12
+
+    twice = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), _TwiceConv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 36, 2)).double().eval()
+    convs = [nn.Conv2d(4, 4, 3, padding=1, bias=False) for _ in range(2)]
+    apart = nn.Sequential(twice[0], twice[1], *convs, twice[3], twice[4], twice[5]).double().eval()
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.copy_(twice[2].weight)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    assert torch.allclose(twice(x), apart(x))
+    assert rel_err(rsp_fast.RSP(twice, layer="3").attribute(x), rsp_fast.RSP(apart, layer="4").attribute(x)) < 1e-12
 
 
 def test_products_of_activations_are_refused_by_name():

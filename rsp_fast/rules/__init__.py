@@ -116,9 +116,14 @@ def is_rule_leaf(m: nn.Module) -> bool | None:
     """True for modules traced as one node (those a rule handles whole); False for a module
     traced into because the rules know the ops its forward calls: a conv (1-D, 2-D, 3-D) padding with copies
     (``padding_mode`` reflect, replicate or circular) runs F.pad, then F.convNd without
-    padding; None leaves the choice to torch.fx."""
-    if isinstance(m, CONV_MODULES + (nn.Conv3d,)) and m.padding_mode != "zeros" and type(m).forward in PLAIN_CONV_FORWARDS:
-        return False
+    padding, and a conv subclass that does more than one conv of its input (pads it first);
+    None leaves the choice to torch.fx."""
+    if isinstance(m, CONV_MODULES + (nn.Conv3d,)):
+        if type(m).forward in PLAIN_CONV_FORWARDS:
+            return m.padding_mode == "zeros"
+        # a subclass: whole if its forward is one conv of its input (weight standardisation),
+        # else traced into, its padding and F.convNd on its parameters explained op by op
+        return has_plain_conv_forward(m) or (isinstance(m, nn.Conv2d) and _weight_transforming_conv(m))
     if (isinstance(m, CONV_MODULES + (nn.Conv3d, nn.Linear, nn.Upsample) + PASS_MODULES + POOL_MODULES + PAD_MODULES
                    + COPY_PAD_MODULES + SHUFFLE_MODULES + (nn.GLU,)) or is_timm_activation(m) or is_batchnorm(m)):
         return True

@@ -81,8 +81,8 @@ def _pair(v) -> tuple:
 def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
     """The weight a Conv2d with its own ``forward`` (timm's weight-standardised StdConv2d,
     ScaledStdConv2d) passes to conv2d, found by running it once on a small probe; None
-    unless it makes exactly one conv2d call with the module's own geometry, in which case
-    RSP cannot know what it computes. (Inner layers only need the geometry; a first layer's
+    unless it makes exactly one conv2d call, on its input, with the module's own geometry
+    (other forwards, as a TF-style "same" padding before the call, are traced into). (Inner layers only need the geometry; a first layer's
     z^B rule needs this weight.)"""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     w = module.weight
@@ -93,11 +93,11 @@ def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
             type(module).forward(module, probe)  # not module(probe): the user's hooks must not see the probe
     except Exception:
         return None
-    if len(calls.calls) != 1:
+    if len(calls.calls) != 1 or calls.calls[0].get("input") is not probe:  # not one that pads its input first
         return None
     c = calls.calls[0]
     padding = c.get("padding", 0)
-    same_geometry = (_pair(c.get("stride", 1)) == module.stride and _pair(c.get("dilation", 1)) == module.dilation
+    same_geometry = (_pair(c.get("stride", 1)) == _pair(module.stride) and _pair(c.get("dilation", 1)) == _pair(module.dilation)
                      and c.get("groups", 1) == module.groups
                      and (padding == module.padding if isinstance(padding, str) else _pair(padding) == _pair(module.padding)))
     weight = c.get("weight")
