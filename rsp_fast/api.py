@@ -42,6 +42,15 @@ class Explanation:
     dropped: torch.Tensor | None = None  # with record=True: (N,) relevance lost at inputs with no support
 
 
+def _logits_of(output):
+    """The logits in a model's output: the tensor itself, or the ``logits`` of an output object
+    (Hugging Face's ModelOutput, an OrderedDict that fx hands back as a dict; a named tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    inner = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    return inner if isinstance(inner, torch.Tensor) else output
+
+
 class RSP:
     """Relative Sectional Propagation (Nam, Choi, Lee, AAAI 2021) for an unmodified model.
 
@@ -180,14 +189,16 @@ class RSP:
 
     def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool, initial=None) -> Explanation:
         plan = self._plan_for(inputs)
-        logits, A, saved, shapes = record_forward(self.model, plan, inputs)
+        output, A, saved, shapes = record_forward(self.model, plan, inputs)
+        logits = _logits_of(output)
         if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
             logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             kind = next((name for name, t in (("dict", dict), ("tuple", tuple), ("list", list)) if isinstance(logits, t)),
                         type(logits).__name__)  # fx hands a list back as its own immutable_list
             shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {kind}"
-            raise RSPError(f"the model must return logits of shape (N, classes){shape}")
+            raise RSPError(f"the model must return logits of shape (N, classes){shape}"
+                           + ("" if isinstance(logits, torch.Tensor) else " (or an output whose 'logits' is that tensor)"))
         tgt = target if trusted_target else _targets(target, logits)
         init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
         if hst.shape[1] == 0:

@@ -1050,7 +1050,34 @@ def test_a_given_initial_relevance_is_propagated_as_the_authors_model_RSP_does()
         explainer.attribute(x, initial=R0.long())
 
 
-@pytest.mark.parametrize("wrap, kind", [(lambda y: {"logits": y}, "dict"), (lambda y: (y, y), "tuple"), (lambda y: [y], "list")])
+class _Returning(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.net, self.wrap = tiny_cnn(), wrap
+
+    def forward(self, x):
+        return self.wrap(self.net(x))
+
+
+class _ModelOutput(OrderedDict):
+    """Hugging Face's ModelOutput: an OrderedDict whose keys are also attributes."""
+
+    def __getattr__(self, name):
+        if name not in self:
+            raise AttributeError(name)
+        return self[name]
+
+
+@pytest.mark.parametrize("wrap", [lambda y: {"logits": y}, lambda y: _ModelOutput(loss=None, logits=y)],
+                         ids=["dict", "ModelOutput"])
+def test_an_output_holding_logits_is_explained_through_them(wrap):
+    """Hugging Face's vision CNNs return a ModelOutput: all were refused ('not a dict')."""
+    x = torch.rand(2, 3, 16, 16)
+    ex, plain = rsp_fast.RSP(_Returning(wrap)).explain(x), rsp_fast.RSP(tiny_cnn()).explain(x)
+    assert torch.equal(ex.logits, plain.logits) and torch.equal(ex.attribution, plain.attribution)
+
+
+@pytest.mark.parametrize("wrap, kind", [(lambda y: {"scores": y}, "dict"), (lambda y: (y, y), "tuple"), (lambda y: [y], "list")])
 def test_models_returning_several_outputs_are_told_what_they_return(wrap, kind):
     class Several(nn.Module):
         def __init__(self):
@@ -1059,7 +1086,7 @@ def test_models_returning_several_outputs_are_told_what_they_return(wrap, kind):
 
         def forward(self, x):
             return wrap(self.net(x))
-    with pytest.raises(RSPError, match=rf"must return logits of shape \(N, classes\), not a {kind}$"):
+    with pytest.raises(RSPError, match=rf"must return logits of shape \(N, classes\), not a {kind} \(or an output whose 'logits'"):
         rsp_fast.RSP(Several()).attribute(torch.rand(2, 3, 16, 16))
 
 
