@@ -358,6 +358,21 @@ def test_a_max_pool_window_that_misses_every_pixel_drops_its_relevance():
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)))
 
 
+def test_relevance_a_zero_padding_crops_away_is_counted_as_dropped():
+    """A norm after a zero padding makes the border non-zero (Hugging Face BiT's stem: conv, pad,
+    GroupNorm, ReLU, max pool): relevance reaches the border and the pad crops it away, which
+    ``dropped`` did not count (ΣR_in + dropped fell short of ΣR₀ by up to 1e-3)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ZeroPad2d(1), nn.GroupNorm(2, 8), nn.ReLU(),
+                          nn.MaxPool2d(3, 2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).double().eval()
+    with torch.no_grad():
+        model[2].bias.fill_(0.5)  # the border: 0.5 after the norm
+    ex = rsp_fast.RSP(model, layer="6", init="gradcam").explain(torch.randn(2, 3, 17, 17, dtype=D), record=True)
+    assert ex.steps["1"].sum() != ex.steps["2"].sum()  # some relevance did reach the border
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-12, atol=0)
+
+
 def test_max_pools_keep_indices_not_their_inputs():
     model = torchvision.models.vgg11(num_classes=5).eval()
     plan = rsp_fast.RSP(model).plan

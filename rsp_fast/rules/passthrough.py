@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..kernels.reference import per_sample_sum
 from .base import Context, Rule, finish_purge, node_function
 
 
@@ -39,6 +40,8 @@ class Route(Rule):
         probe = torch.zeros(ctx.shapes[self.inputs[0]], dtype=R.dtype, device=R.device, requires_grad=True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(fn(probe), probe, R)
+        if ctx.tracking and R.shape[0] == grad.shape[0]:  # relevance on a zero padding is cropped away (a norm after the pad)
+            ctx.drop(per_sample_sum(R) - per_sample_sum(grad))
         pending = ctx.pending_purges.pop(self.node, None)  # a copy padding's conv left its purge here
         return [grad if pending is None else finish_purge(ctx, grad, pending)]
 
