@@ -80,10 +80,20 @@ class _GlobalPoolHead(nn.Module):
         return self.fc(self.pool(self.relu2(self.c2(F.max_pool2d(self.relu1(self.c1(x)), 2)))))
 
 
+def _avgmax(t):  # timm's avgmax pooling
+    return 0.5 * (F.adaptive_avg_pool2d(t, 1) + F.adaptive_max_pool2d(t, 1)).flatten(1)
+
+
+def _catavgmax(t):
+    return torch.cat((F.adaptive_avg_pool2d(t, 1), F.adaptive_max_pool2d(t, 1)), 1).flatten(1)[:, ::2]
+
+
 @pytest.mark.parametrize("pool", [lambda t: t.mean((2, 3)), lambda t: t.sum((2, 3)), lambda t: t.sum((-2, -1)) / 64,
-                                  lambda t: t.amax((2, 3)), lambda t: torch.amax(t, (2, 3))],
-                         ids=["mean", "sum", "sum_over_area", "amax", "torch_amax"])
+                                  lambda t: t.amax((2, 3)), lambda t: torch.amax(t, (2, 3)), _avgmax, _catavgmax],
+                         ids=["mean", "sum", "sum_over_area", "amax", "torch_amax", "avgmax", "catavgmax"])
 def test_global_pools_written_as_reductions_mark_the_default_layer(pool):
+    """avgmax and catavgmax: the pooled sum or concatenation was taken for the map (R₀ on a
+    512×1×1 map in timm's ResNet18 with global_pool='avgmax', 0.57 of the peak off layer4's)."""
     explainer = rsp_fast.RSP(_GlobalPoolHead(pool).eval())
     assert explainer.layer == "relu2"  # the map the head pools, not the one before the max pool
     assert explainer.attribute(torch.randn(2, 3, 16, 16)).shape == (2, 3, 16, 16)

@@ -7,6 +7,7 @@ and BatchNorms after a conv or linear folded into it.
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -252,7 +253,12 @@ ADAPTIVE_POOL_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adapt
 
 
 def _is_global_pool(model: nn.Module, node: fx.Node, module) -> bool:
-    """An adaptive pool to 1×1 (1, 1×1×1), or a mean, sum or max over the spatial dimensions."""
+    """An adaptive pool to 1×1 (1, 1×1×1), or a mean, sum or max over the spatial dimensions;
+    or the sum or concatenation of such pools of one map (timm's avgmax and catavgmax pools)."""
+    if node.op == "call_function" and node.target in (operator.add, torch.add, torch.cat):
+        pools = node.all_input_nodes
+        return (len(pools) > 1 and all(_is_global_pool(model, p, _module(model, p)) for p in pools)
+                and len({_first_tensor_input(p) for p in pools}) == 1)
     if isinstance(module, ADAPTIVE_POOLS):
         size = module.output_size
     elif node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
