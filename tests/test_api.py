@@ -511,6 +511,27 @@ def test_running_out_of_memory_in_the_forward_is_not_called_a_bad_input():
         rsp_fast.RSP(model).attribute(torch.randn(1, 3, 16, 16))
 
 
+class _Concatenated(nn.Module):
+    """Two branches concatenated by a function: the default layer is that function's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1).mean((2, 3)))
+
+
+def test_the_default_layers_reported_name_can_be_given_back_as_layer():
+    """A default layer made by a function is reported by its graph name ('cat'), which layer=
+    refused ('not a module', met on BNInception's cat_9)."""
+    torch.manual_seed(0)
+    model, x = _Concatenated().double().eval(), torch.randn(2, 3, 8, 8, dtype=D)
+    explainer = rsp_fast.RSP(model)
+    assert explainer.layer == "cat"
+    assert torch.equal(rsp_fast.RSP(model, layer=explainer.layer).attribute(x), explainer.attribute(x))
+
+
 def test_bad_inputs_get_clear_errors():
     model = torchvision.models.vgg11(num_classes=5).eval()
     explainer = rsp_fast.RSP(model)

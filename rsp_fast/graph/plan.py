@@ -298,6 +298,11 @@ def _ancestors(name: str) -> list[str]:
 
 
 def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer) -> tuple[fx.Node, str]:
+    if isinstance(layer, str) and layer not in module_outputs:
+        # the name of a function's output, as a default layer is reported where no module makes it (``cat_9``)
+        node = next((n for n in graph.nodes if n.name == layer and n.op in ("call_function", "call_method")), None)
+        if node is not None:
+            return node, layer
     layer = layer_name(model, layer)
     if layer is None:
         node = _default_saliency(model, graph)
