@@ -373,6 +373,33 @@ def test_relevance_a_zero_padding_crops_away_is_counted_as_dropped():
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-12, atol=0)
 
 
+class _MadeInForward(nn.Module):
+    """Modules made inside the forward (Cadene's NASNet pads with ``nn.ZeroPad2d(...)(x)``), or
+    the same modules installed once."""
+
+    def __init__(self, fresh):
+        super().__init__()
+        self.fresh = fresh
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Linear(8, 5)
+        self.pad, self.act, self.pool = nn.ZeroPad2d((1, 0, 1, 0)), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = (nn.ReLU() if self.fresh else self.act)(self.c1(x))
+        x = (nn.ZeroPad2d((1, 0, 1, 0)) if self.fresh else self.pad)(x)
+        x = (nn.ReLU() if self.fresh else self.act)(self.c2(x))
+        return self.fc((nn.AdaptiveAvgPool2d(1) if self.fresh else self.pool)(x).flatten(1))
+
+
+def test_modules_made_inside_the_forward_are_traced_through():
+    """fx cannot name them ('not installed as a submodule'): the model was refused as untraceable."""
+    torch.manual_seed(0)
+    installed = _MadeInForward(False).double().eval()
+    fresh = _MadeInForward(True).double().eval()
+    fresh.load_state_dict(installed.state_dict())
+    x = torch.randn(2, 3, 9, 9, dtype=D)
+    assert rel_err(rsp_fast.RSP(fresh, layer="c2").attribute(x), rsp_fast.RSP(installed, layer="c2").attribute(x)) < 1e-12
+
+
 def test_max_pools_keep_indices_not_their_inputs():
     model = torchvision.models.vgg11(num_classes=5).eval()
     plan = rsp_fast.RSP(model).plan

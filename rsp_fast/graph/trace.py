@@ -44,6 +44,10 @@ class _RecordingTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname) if leaf is None else leaf
 
     def call_module(self, m, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:  # a module made inside the forward (``nn.ZeroPad2d(1)(x)``): its ops, traced
+            return forward(*args, **kwargs)
         last = next(iter(reversed(self.graph.nodes)), None)  # the newest node so far
         depth = len(self.module_stack)
         try:
