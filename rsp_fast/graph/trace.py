@@ -327,24 +327,26 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         raise UnsupportedModelError(f"could not trace {type(model).__name__} with torch.fx: its forward branches on "
                                     "sizes, which needs torch.fx._symbolic_trace._maybe_revert_all_patches")
     tracer = _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
+    root = _Caller(model) if _takes_varargs(model) else model
     try:
         with torch.no_grad(), TRACE_GATE.trace(), _attributes_kept(model):
-            graph = tracer.trace(model, concrete_args=_defaults(model))
+            graph = tracer.trace(root, concrete_args=_defaults(root))
             for node in graph.nodes:  # read while fx's constants are still on the model
                 if node.op == "get_attr":
-                    node.meta[ATTR_VALUE] = _attribute(model, node.target)
+                    node.meta[ATTR_VALUE] = _attribute(root, node.target)
+        if root is not model:
+            tracer.module_outputs = _paths_in_model(graph, tracer.module_outputs)
         _drop_fixed_arguments(graph)
         _follow_in_place_writes(graph, model)
     except _ForwardFailed as exc:
-        reads = "; its forward's **kwargs, which torch.fx cannot hand over empty, may be why" if _takes_kwargs(model) else ""
-        raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}{reads}") from None
+        raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}") from None
     except Exception as exc:  # fx raises many types; the user needs one clear message
         error = UntraceableModelError if example is None else UnsupportedModelError
         raise error(
             f"could not trace {type(model).__name__} with torch.fx ({_first_line(exc)}); rsp_fast needs a model "
             "whose forward branches only on sizes, not on values, outside its leaf modules"
         ) from None
-    placeholders = _one_named_input(graph, type(model).__name__)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedModelError(
             f"rsp_fast explains models with exactly one input; {type(model).__name__}.forward takes "
@@ -353,24 +355,32 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
     return graph, tracer.module_outputs
 
 
-def _one_named_input(graph: fx.Graph, name: str) -> list[fx.Node]:
-    """The graph's placeholders, less a ``**kwargs`` its body never reads (``model(x)`` passes
-    none); a ``*args`` forward is refused by name (fx sees one tuple, not the input)."""
-    for node in [n for n in graph.nodes if n.op == "placeholder"]:
-        if node.target.startswith("**") and not node.users:
-            graph.erase_node(node)
-        elif node.target.startswith("*"):
-            kind = "reads **kwargs" if node.target.startswith("**") else "takes *args"
-            raise UnsupportedModelError(f"{name}.forward {kind}: rsp_fast traces a forward with one named input, "
-                                        f"forward(self, x); wrap the model in a module whose forward is that")
-    return [n for n in graph.nodes if n.op == "placeholder"]
+class _Caller(nn.Module):
+    """Calls the model as ``model(x)`` does: the root fx traces for a forward that takes
+    ``*args`` or ``**kwargs`` (a decorator's ``wrapper(self, *args, **kwargs)``, as Hugging
+    Face's ``can_return_tuple``), which fx would trace as placeholders of their own (one tuple,
+    not the input; a dict it cannot hand over empty)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
 
 
-def _takes_kwargs(model: nn.Module) -> bool:
-    try:
-        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return False
+def _takes_varargs(model: nn.Module) -> bool:
+    code = getattr(type(model).forward, "__code__", None)
+    return code is not None and bool(code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS))
+
+
+def _paths_in_model(graph: fx.Graph, module_outputs: dict[str, fx.Node]) -> dict[str, fx.Node]:
+    """A graph traced from a ``_Caller`` with its module paths made the model's own."""
+    prefix = "model."
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target.startswith(prefix):
+            node.target = node.target[len(prefix):]
+    return {path[len(prefix):]: node for path, node in module_outputs.items() if path.startswith(prefix)}
 
 
 def _defaults(model: nn.Module) -> dict | None:
