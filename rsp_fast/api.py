@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import RSPError
 from .graph.plan import Plan, build_plan, layer_name
-from .graph.trace import TRACE_GATE, UntraceableModelError, eval_mode, unwrap, wrapper_chain
+from .graph.trace import TRACE_GATE, UntraceableModelError, called_by_a_caller, eval_mode, unwrap, wrapper_chain
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
@@ -80,10 +80,11 @@ class RSP:
                  hostile_k: int = 3, backend: str | None = None, precision: str = "fp32", max_batch: int | None = None):
         if not isinstance(model, nn.Module):
             raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-        # hooks on a wrapper too: unwrapped, they are left behind
-        hooked = next((m for m in wrapper_chain(model) if m._forward_pre_hooks or m._forward_hooks), None)
         self._given = model  # a wrapper's module may be replaced later (dp.module = other): followed at each call
         model, layer = unwrap(model, layer)  # torch.compile and DataParallel run the module as it is
+        # hooks on a wrapper too: unwrapped, they are left behind
+        hooked = next((m for m in wrapper_chain(self._given) if (m._forward_pre_hooks or m._forward_hooks)
+                       and not (m is model and called_by_a_caller(m))), None)
         if hooked is not None:
             warnings.warn(f"hooks registered on the model itself ({type(hooked).__name__}) do not run in RSP's pass: "
                           "its forward is traced (hooks on its submodules do run); if a hook changes the input or "
@@ -141,13 +142,15 @@ class RSP:
         # the forward too runs in the chosen precision: its activations feed R₀ and every rule;
         # R₀ needs autograd through the head, also when the caller is in inference mode; a
         # caller's autocast would run the rules' products in bf16/fp16 whatever ``precision`` says
+        with eval_mode(self.model):  # traced as it predicts; before the pass, which a trace would wait for
+            plan = self._plan_for(inputs)
         # the whole pass waits for a trace in another thread: torch.fx patches module attribute
         # reads process-wide while it traces, and the rules read weights
         with TRACE_GATE.forward(), eval_mode(self.model), _matmul_precision(self.precision, inputs.device), \
                 torch.inference_mode(False), _autocast_off(inputs.device):
             if inputs.is_inference():
                 inputs = inputs.clone()
-            return self._pass(inputs, target, hostile, ops, record, trusted_target, initial)
+            return self._pass(plan, inputs, target, hostile, ops, record, trusted_target, initial)
 
     def _follow_wrapper(self) -> None:
         """The module a wrapper given to RSP runs now, if another than when it was built."""
@@ -187,9 +190,9 @@ class RSP:
             self.layer = plan.layer_name
         return plan
 
-    def _pass(self, inputs, target, hostile, ops, record: bool, trusted_target: bool, initial=None) -> Explanation:
-        plan = self._plan_for(inputs)
+    def _pass(self, plan, inputs, target, hostile, ops, record: bool, trusted_target: bool, initial=None) -> Explanation:
         output, A, saved, shapes = record_forward(self.model, plan, inputs)
+        plan.keep_what_the_pass_wrote(self.model)
         logits = _logits_of(output)
         if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
             logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1)

@@ -17,7 +17,7 @@ from torch.nn.modules import module as torch_module
 
 from .errors import RSPError
 from .graph.plan import Plan
-from .graph.trace import ATTR_VALUE, CONSTANT_PREFIX, TRACE_GATE
+from .graph.trace import ATTR_VALUE, FX_CONSTANT, TRACE_GATE
 from .rules import Context
 from .rules.pool import indices_key, max_pool_with_indices
 
@@ -54,7 +54,7 @@ class _Recorder(fx.Interpreter):
         self.shapes: dict[fx.Node, torch.Size] = {}
         self.saliency_value: torch.Tensor | None = None
         self.index_pools = {s.node for s in plan.steps if getattr(s, "records_indices", False)}
-        self.constants = {n.target: n.meta[ATTR_VALUE] for n in plan.graph.nodes if n.op == "get_attr"}
+        self.constants = {n.target: n.meta[ATTR_VALUE] for n in plan.graph.nodes if n.meta.get(FX_CONSTANT)}
 
     def run_node(self, n: fx.Node) -> Any:
         with torch.set_grad_enabled(n in self.plan.head):
@@ -77,7 +77,7 @@ class _Recorder(fx.Interpreter):
         return out
 
     def get_attr(self, target, args, kwargs):
-        if target.startswith(CONSTANT_PREFIX):  # fx's constants live in the graph, not on the model
+        if target in self.constants:  # fx's constants live in the graph, not on the model
             return self.constants[target]
         return super().get_attr(target, args, kwargs)
 

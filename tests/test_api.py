@@ -437,6 +437,77 @@ def test_an_explainer_follows_attributes_hooks_and_modules_changed_after_it_was_
     assert rel_err(ours.attribution, fresh.attribution) < 1e-12
 
 
+def test_what_a_call_or_a_forward_writes_onto_modules_traces_nothing_anew():
+    """A hook keeping a statistic, a forward recording its input's shape (a torch.Size, equal but
+    not the same object each time), a shape-branching forward writing a size: none changes what
+    the graph computes, and none may make the plan look stale (each had traced at every call)."""
+    model, x = _skip_net(), torch.randn(2, 3, 12, 12, dtype=D)
+    model[0].register_forward_hook(lambda module, args, out: setattr(module, "mean", float(out.mean())))
+    model[2].register_forward_hook(lambda module, args, out: setattr(module, "shape", out.shape))
+    model(x)
+    explainer = rsp_fast.RSP(model)
+    explainer.attribute(x)
+    plan = explainer.plan
+    model(torch.randn(2, 3, 12, 12, dtype=D))
+    explainer.attribute(torch.randn(2, 3, 12, 12, dtype=D))
+    assert explainer.plan is plan
+
+    class Widths(_MadeInForward):  # traced per input shape
+        def forward(self, x):
+            self.width = x.shape[-1]
+            return super().forward(x)
+    model, plans = Widths(True).eval(), []
+    explainer = rsp_fast.RSP(model)
+    for size in (8, 10, 8, 10):
+        explainer.attribute(torch.randn(1, 3, size, size))
+        plans.append(explainer._plans[((1, 3, size, size), torch.float32, torch.device("cpu"))])
+    assert plans[0] is plans[2] and plans[1] is plans[3]
+    assert "width" not in model.__dict__  # the trace wrote it; put back
+
+
+def test_changes_inside_an_attributes_dict_or_nested_tuple_are_followed():
+    class Configured(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+            self.config, self.pads = {"scale": 1.0}, ((1, 1), (1, 1))
+
+        def forward(self, x):
+            x = F.pad(x, [*self.pads[0], *self.pads[1]])
+            return self.fc(F.relu(self.conv(x) * self.config["scale"]).mean((2, 3)))
+    torch.manual_seed(0)
+    model, x = Configured().double().eval(), torch.randn(2, 3, 8, 8, dtype=D)
+    explainer = rsp_fast.RSP(model)
+    explainer.attribute(x)
+    model.config["scale"] = -2.0
+    assert rel_err(explainer.explain(x).logits, model(x)) < 1e-12
+    model.pads = ((0, 2), (2, 0))
+    assert rel_err(explainer.explain(x).logits, model(x)) < 1e-12
+
+
+def test_a_forward_set_on_the_model_instance_is_the_one_explained():
+    """fx traces the class's forward: one set on the instance (and its model's hooks) was ignored."""
+    model, x = _skip_net(), torch.randn(2, 3, 12, 12, dtype=D)
+    model.forward = lambda t: nn.Sequential.forward(model, t) * 2
+    assert rel_err(rsp_fast.RSP(model, init="gradcam").explain(x).logits, model(x)) < 1e-12
+
+
+def test_a_graph_modules_own_constants_are_read_as_they_are_now():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn()
+
+        def forward(self, x):
+            return self.net(x + torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1))
+    graph_module = torch.fx.symbolic_trace(Shifted().eval())
+    x = torch.rand(2, 3, 16, 16)
+    explainer = rsp_fast.RSP(graph_module)
+    explainer.attribute(x)
+    graph_module._tensor_constant0 = torch.tensor([-3.0, 0.0, 5.0]).view(1, 3, 1, 1)
+    assert torch.allclose(explainer.explain(x).logits, graph_module(x))
+
+
 def test_a_hook_removed_after_the_explainer_was_built_no_longer_runs():
     model, x = _skip_net(), torch.randn(2, 3, 12, 12, dtype=D)
     handle = model[2].register_forward_hook(_halve)

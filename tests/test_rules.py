@@ -345,6 +345,15 @@ def test_max_pools_route_by_the_maxima_at_any_activation_scale(pool):
     assert rel_err(maps[1], maps[0]) < 1e-5
 
 
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def test_a_max_pool_window_that_misses_every_pixel_drops_its_relevance():
     """MaxPool2d(2, 2, padding=1, dilation=2, ceil_mode=True) on a 1×1 map: its one window reads
     only padding; PyTorch gives -inf and an index past the plane, which the rule wrote through
@@ -353,9 +362,15 @@ def test_a_max_pool_window_that_misses_every_pixel_drops_its_relevance():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 4, 7), nn.ReLU(),
                           nn.MaxPool2d(2, 2, 1, dilation=2, ceil_mode=True), nn.ReLU(), nn.Flatten(),
                           nn.Linear(4, 5)).double().eval()
-    ex = rsp_fast.RSP(model, layer="5", init="gradcam").explain(torch.randn(2, 3, 7, 7, dtype=D), record=True)
+    x = torch.randn(2, 3, 7, 7, dtype=D)
+    ex = rsp_fast.RSP(model, layer="5", init="gradcam").explain(x, record=True)
     assert torch.isfinite(ex.attribution).all()
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)))
+    # the same pool as a function (the z-rule through it): R given on the window is dropped, counted
+    model[4] = _Lambda(lambda t: F.max_pool2d(t, 2, 2, 1, dilation=2, ceil_mode=True))
+    ones = torch.ones(2, 4, 1, 1, dtype=D)
+    ex = rsp_fast.RSP(model, layer="5").explain(x, record=True, initial=ones)
+    assert torch.equal(ex.dropped, ones.sum((1, 2, 3))) and torch.equal(ex.attribution, torch.zeros_like(x))
 
 
 def test_relevance_a_zero_padding_crops_away_is_counted_as_dropped():
@@ -636,7 +651,11 @@ def test_weight_standardised_convs_explain_as_convs_with_their_effective_weights
             plain[i].weight.copy_((w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5))
     x = torch.randn(2, 3, 6, 6, dtype=D)
     assert torch.allclose(std(x), plain(x))
-    assert rel_err(rsp_fast.RSP(std).attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
+    explainer = rsp_fast.RSP(std)
+    assert rel_err(explainer.attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
+    # kept whole (its probe ran outside fx's patches): no probe or standardisation ops in the graph
+    assert [n.target for n in explainer.plan.graph.nodes if n.op == "call_module"][:3] == ["0", "1", "2"]
+    assert not [n for n in explainer.plan.graph.nodes if n.op == "call_function"]
 
 
 class _SamePadConv2d(nn.Conv2d):

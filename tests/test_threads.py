@@ -101,6 +101,26 @@ def test_calls_while_another_thread_builds_an_explainer_for_the_same_model():
     assert set(model.__dict__) == attributes
 
 
+def test_two_threads_that_both_trace_a_new_shape_do_not_wait_for_each_other(monkeypatch):
+    """A trace waits for other threads' passes; when the plan was got inside the pass, two threads
+    that each met a new shape waited for each other forever (the meeting forced here)."""
+    torch.manual_seed(0)
+    model, meet = SizeBranchingNet().eval(), threading.Barrier(2, timeout=5)
+    plan_for = api.RSP._plan_for
+
+    def both_at_once(self, inputs):
+        try:
+            meet.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return plan_for(self, inputs)
+    monkeypatch.setattr(api.RSP, "_plan_for", both_at_once)
+    explainer = rsp_fast.RSP(model)
+    rows = [[torch.randn(1, 3, 16 + i + 40 * k, 16 + i) for i in range(3)] for k in (0, 1)]
+    got = run_in_threads(*[lambda row=row: [explainer.attribute(x) for x in row] for row in rows], timeout=60)
+    assert [len(g) for g in got] == [3, 3]
+
+
 def test_calls_on_a_training_model_from_two_threads_explain_it_in_eval_mode_and_restore_it():
     torch.manual_seed(0)
     model = torchvision.models.resnet18().train()

@@ -44,6 +44,7 @@ class Plan:
     channels_last: bool = False  # the saliency map is N×H×W×C (MambaOut): its head pools dims 1 and 2
     # what the traced graph holds of every module besides its tensors, when the plan was built
     states: list[ModuleState] = field(default_factory=list)
+    leaves: frozenset = frozenset()  # ids of the modules the graph calls whole
 
     def is_current(self) -> bool:
         """Whether the model is still the one the plan was traced from: a submodule replaced or
@@ -54,6 +55,12 @@ class Plan:
         if self.states and _global_hooks() != self.states[0].global_hooks:
             return False
         return all(state.holds() for state in self.states)
+
+    def keep_what_the_pass_wrote(self, model: nn.Module) -> None:
+        """After a pass on a current plan: what the modules it ran wrote onto themselves (a hook
+        keeping a count or a statistic) is the model's state now, not a change to trace anew."""
+        if not self.is_current():
+            self.states = _module_states(model, self.leaves)
 
 
 # nn.Module's own bookkeeping, and the mode RSP itself switches: not part of what a forward does
@@ -67,12 +74,16 @@ def _global_hooks() -> tuple:
 
 def _attribute_value(value):
     """A snapshot of an attribute a traced forward may have read as a constant (a number, a
-    string, a tuple of them, a function or method), or ``_SKIP`` for tensors and containers,
-    which the graph reads by reference or not at all."""
+    string, a function or method, tuples, lists and dicts of them), or ``_SKIP`` for tensors and
+    other objects, which the graph reads by reference or not at all."""
     if isinstance(value, _PLAIN):
         return value
-    if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
-        return tuple(value)
+    if isinstance(value, (tuple, list)):  # torch.Size and named tuples too: compared as plain tuples
+        items = tuple(_attribute_value(v) for v in value)
+        return _SKIP if any(v is _SKIP for v in items) else items
+    if isinstance(value, dict):
+        items = tuple((k, _attribute_value(v)) for k, v in value.items())
+        return _SKIP if any(v is _SKIP or not isinstance(k, _PLAIN) for k, v in items) else items
     if callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
         return value
     return _SKIP
@@ -92,20 +103,25 @@ class ModuleState:
     forward: Callable  # its class's forward (patched on the class, it is another function)
     children: tuple  # (name, child) pairs, in order
     hooks: tuple  # the keys of its forward pre-hooks and forward hooks
-    attributes: dict  # name → the object it held (numbers, strings, tuples, functions: immutable)
-    lists: dict  # name → (the list it held, its items then)
+    attributes: dict  # name → (the object it held: numbers, strings, tuples, functions; its snapshot)
+    lists: dict  # name → (the list or dict it held, its snapshot then: it may change in place)
     global_hooks: tuple = ()
 
     @classmethod
-    def of(cls, module: nn.Module) -> "ModuleState":
+    def of(cls, module: nn.Module, leaf: bool = False) -> "ModuleState":
         attributes, lists = {}, {}
+        # a module the graph calls whole reads its attributes itself: only those its class declares
+        # constant (a conv's stride, padding_mode) shape the plan, not a statistic a hook keeps there
+        declared = set().union(*(getattr(c, "__constants__", ()) for c in type(module).__mro__)) if leaf else None
         for k, v in module.__dict__.items():
+            if declared and k not in declared:
+                continue
             if k not in _MODULE_INTERNALS and _attribute_value(v) is not _SKIP:
-                if isinstance(v, list):
-                    lists[k] = (v, tuple(v))
+                if isinstance(v, (list, dict)):
+                    lists[k] = (v, _attribute_value(v))
                 else:
-                    attributes[k] = v
-        attributes.setdefault("forward", _SKIP)  # a forward set on the instance later is a change too
+                    attributes[k] = (v, _attribute_value(v))
+        attributes.setdefault("forward", (_SKIP, _SKIP))  # a forward set on the instance later is a change too
         return cls(module, type(module), type(module).forward, tuple(module._modules.items()), _hooks(module),
                    attributes, lists)
 
@@ -120,12 +136,12 @@ class ModuleState:
             if children.get(name) is not child:
                 return False
         now = m.__dict__
-        for k, v in self.attributes.items():  # the same object (one identity test), else an equal value
+        for k, (v, snapshot) in self.attributes.items():  # the same object (one identity test), else an equal value
             value = now.get(k, _SKIP)
-            if value is not v and not _same(_attribute_value(value), v):
+            if value is not v and not _same(_attribute_value(value), snapshot):
                 return False
-        for k, (v, items) in self.lists.items():
-            if now.get(k, _SKIP) is not v or tuple(v) != items:
+        for k, (v, snapshot) in self.lists.items():
+            if now.get(k, _SKIP) is not v or _attribute_value(v) != snapshot:
                 return False
         return True
 
@@ -134,13 +150,13 @@ def _hooks(module: nn.Module) -> tuple:
     return tuple(module._forward_pre_hooks), tuple(module._forward_hooks)  # their handles' ids
 
 
-def _module_states(model: nn.Module) -> list[ModuleState]:
+def _module_states(model: nn.Module, leaves: frozenset = frozenset()) -> list[ModuleState]:
     states, seen, todo = [], set(), [model]
     while todo:
         module = todo.pop()
         if id(module) not in seen:
             seen.add(id(module))
-            states.append(ModuleState.of(module))
+            states.append(ModuleState.of(module, id(module) in leaves))
             todo += [child for child in module._modules.values() if child is not None]
     if states:
         states[0].global_hooks = _global_hooks()
@@ -399,8 +415,9 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
                 head.add(user)
                 frontier.append(user)
     saved = {v for s in steps for v in s.needs_values}
+    leaves = frozenset(id(_module(model, n)) for n in graph.nodes if n.op == "call_module")
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency),
-                _module_states(model))
+                _module_states(model, leaves), leaves)
 
 
 def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:

@@ -31,6 +31,7 @@ MODULE_META = "rsp_module"  # node.meta key: the leaf module a call_module node 
 KEPT_WHOLE = "rsp_kept_whole"  # node.meta key: why a module kept whole could not be traced
 ATTR_VALUE = "rsp_attr_value"  # node.meta key: the parameter or buffer a get_attr node reads
 CONSTANT_PREFIX = "_tensor_constant"  # fx's name for a tensor the forward makes without an input
+FX_CONSTANT = "rsp_fx_constant"  # node.meta key: the get_attr node reads such a tensor, which fx put on the model
 
 
 class _RecordingTracer(fx.Tracer):
@@ -48,6 +49,8 @@ class _RecordingTracer(fx.Tracer):
             self.path_of_module(m)
         except NameError:  # a module made inside the forward (``nn.ZeroPad2d(1)(x)``): its ops, traced
             return forward(*args, **kwargs)
+        if isinstance(self.root, _Caller) and m is self.root.model:  # the model itself: never kept whole
+            return super().call_module(m, forward, args, kwargs)
         last = next(iter(reversed(self.graph.nodes)), None)  # the newest node so far
         depth = len(self.module_stack)
         try:
@@ -159,6 +162,11 @@ class _ConcreteTracer(_RecordingTracer):
 # fx's own context manager for running real code in the middle of a trace (private, so checked:
 # without it, forwards that branch on sizes are refused as before)
 _untraced = getattr(fx._symbolic_trace, "_maybe_revert_all_patches", None)
+
+
+def untraced():
+    """Real code in the middle of a trace: modules called and attributes read as they are."""
+    return _untraced() if _untraced is not None else contextlib.nullcontext()
 
 
 def _holds_proxy(a) -> bool:
@@ -300,23 +308,28 @@ def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:
 
 @contextlib.contextmanager
 def _attributes_kept(model: nn.Module):
-    """Puts back what a traced forward wrote onto the model's modules: a forward pre-hook that
-    sets an attribute (``torch.nn.utils.prune``'s ``weight``, the old ``weight_norm``'s) would
-    leave an fx Proxy there, which breaks the model until its next real forward."""
+    """Puts back what tracing wrote onto the model's modules: an fx Proxy a forward or a forward
+    pre-hook set (``torch.nn.utils.prune``'s ``weight``; it broke the model until its next real
+    forward), a value a forward worked out from one input's sizes (it would make the plans of
+    other shapes look stale), and the tensors fx keeps on the model as ``_tensor_constantN``, a
+    new one per trace (the graph reads them from its nodes)."""
     before = {id(m): dict(m.__dict__) for m in model.modules()}
     try:
         yield
     finally:
         for m in model.modules():
-            old = before.get(id(m), {})
-            for name, value in list(m.__dict__.items()):
-                # fx keeps the tensors a forward makes from nothing (torch.ones(...)) on the model as
-                # _tensor_constantN, a new one per trace: the graph reads them from its nodes instead
-                if isinstance(value, fx.Proxy) or (m is model and name not in old and name.startswith(CONSTANT_PREFIX)):
-                    if name in old:
-                        m.__dict__[name] = old[name]
-                    else:
-                        del m.__dict__[name]
+            old = before.get(id(m))
+            if old is None:
+                continue
+            now = m.__dict__
+            for name in [n for n in now if n not in old]:
+                del now[name]
+            for name, value in old.items():
+                if now.get(name, _MISSING) is not value:
+                    now[name] = value
+
+
+_MISSING = object()
 
 
 def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
@@ -327,13 +340,15 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         raise UnsupportedModelError(f"could not trace {type(model).__name__} with torch.fx: its forward branches on "
                                     "sizes, which needs torch.fx._symbolic_trace._maybe_revert_all_patches")
     tracer = _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
-    root = _Caller(model) if _takes_varargs(model) else model
+    root = _Caller(model) if called_by_a_caller(model) else model
     try:
         with torch.no_grad(), TRACE_GATE.trace(), _attributes_kept(model):
+            attributes = {*root.__dict__, *root._buffers, *root._parameters}  # a GraphModule's own constants are buffers
             graph = tracer.trace(root, concrete_args=_defaults(root))
             for node in graph.nodes:  # read while fx's constants are still on the model
                 if node.op == "get_attr":
                     node.meta[ATTR_VALUE] = _attribute(root, node.target)
+                    node.meta[FX_CONSTANT] = node.target not in attributes and node.target.startswith(CONSTANT_PREFIX)
         if root is not model:
             tracer.module_outputs = _paths_in_model(graph, tracer.module_outputs)
         _drop_fixed_arguments(graph)
@@ -369,9 +384,11 @@ class _Caller(nn.Module):
         return self.model(x)
 
 
-def _takes_varargs(model: nn.Module) -> bool:
+def called_by_a_caller(model: nn.Module) -> bool:
+    """Whether the model is traced as a ``_Caller``'s child (so its own hooks run, too): its
+    forward takes ``*args`` or ``**kwargs``, or was set on the instance (fx reads the class's)."""
     code = getattr(type(model).forward, "__code__", None)
-    return code is not None and bool(code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS))
+    return "forward" in model.__dict__ or (code is not None and bool(code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)))
 
 
 def _paths_in_model(graph: fx.Graph, module_outputs: dict[str, fx.Node]) -> dict[str, fx.Node]:
@@ -380,6 +397,10 @@ def _paths_in_model(graph: fx.Graph, module_outputs: dict[str, fx.Node]) -> dict
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target.startswith(prefix):
             node.target = node.target[len(prefix):]
+        stack = node.meta.get("nn_module_stack")
+        if stack:  # where errors say a call is
+            node.meta["nn_module_stack"] = {k: (v[0][len(prefix):],) + tuple(v[1:]) for k, v in stack.items()
+                                            if isinstance(v, tuple) and str(v[0]).startswith(prefix)}
     return {path[len(prefix):]: node for path, node in module_outputs.items() if path.startswith(prefix)}
 
 

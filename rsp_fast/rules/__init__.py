@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.trace import ATTR_VALUE, MODULE_META
+from ..graph.trace import ATTR_VALUE, MODULE_META, untraced
 from .base import Context, Rule
 from .conv import (CONV_MODULES, PLAIN_CONV_FORWARDS, Conv, FunctionalConv, conv_call_args, effective_conv_weight,
                    has_plain_conv_forward)
@@ -401,7 +401,8 @@ def _weight_transforming_conv(m: nn.Conv2d) -> bool:
     """A Conv2d whose own forward only transforms its weight (weight standardisation), as a
     probe shows once per module."""
     if m not in _WEIGHT_TRANSFORMING:
-        _WEIGHT_TRANSFORMING[m] = effective_conv_weight(m) is not None
+        with untraced():  # asked by the tracer: the probe must see the real weights, not fx proxies
+            _WEIGHT_TRANSFORMING[m] = effective_conv_weight(m) is not None
     return _WEIGHT_TRANSFORMING[m]
 
 

@@ -93,7 +93,8 @@ def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
             type(module).forward(module, probe)  # not module(probe): the user's hooks must not see the probe
     except Exception:
         return None
-    if len(calls.calls) != 1 or calls.calls[0].get("input") is not probe:  # not one that pads its input first
+    # one conv of the input itself (or of its TF "same" padding, which the rule works out itself)
+    if len(calls.calls) != 1 or not (calls.calls[0].get("input") is probe or is_same_padding_conv(module)):
         return None
     c = calls.calls[0]
     padding = c.get("padding", 0)

@@ -71,8 +71,8 @@ class Pool(Rule):
             Z = fn(x)
             (grad,) = torch.autograd.grad(Z, x, safe_div(R, Z.detach() + POOL_EPS if self.takes_max else Z.detach()))
         Z = Z.detach() + POOL_EPS if self.takes_max else Z.detach()
-        if ctx.tracking:
-            ctx.drop(per_sample_sum(R * (Z == 0)))
+        if ctx.tracking:  # no support: Z = 0, or a max-pool window that read only padding (-inf)
+            ctx.drop(per_sample_sum(torch.where((Z == 0) | (Z == float("-inf")), R, 0.0)))
         return [(x.detach() + POOL_EPS if self.takes_max else x.detach()) * grad]
 
 
