@@ -283,8 +283,10 @@ def test_coverage_reports_ok_refused_and_crashes():
     assert refused["status"] == "refused" and "Softmax" in refused["message"]
     crash = {"model": "broken", "status": "crash", "message": "IndexError: boom"}
 
-    class Counting(nn.Sequential):  # a forward that changes a plain attribute its graph holds
-        calls = 0
+    class Counting(nn.Sequential):  # a forward that changes a plain attribute it has
+        def __init__(self, *modules):
+            super().__init__(*modules)
+            self.calls = 0
 
         def forward(self, x):
             self.calls += 1
