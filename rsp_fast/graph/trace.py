@@ -116,7 +116,7 @@ class _ConcreteTracer(_RecordingTracer):
     def create_node(self, kind, target, args, kwargs, *rest, **options) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, *rest, **options)
         if kind == "get_attr" and node not in self.values:  # a tensor attribute fx read without a proxy
-            with _untraced():
+            with untraced():
                 self.values[node] = _attribute(self.root, target)
         return node
 
@@ -306,6 +306,9 @@ def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
+_MISSING = object()
+
+
 @contextlib.contextmanager
 def _attributes_kept(model: nn.Module):
     """Puts back what tracing wrote onto the model's modules: an fx Proxy a forward or a forward
@@ -327,9 +330,6 @@ def _attributes_kept(model: nn.Module):
             for name, value in old.items():
                 if now.get(name, _MISSING) is not value:
                     now[name] = value
-
-
-_MISSING = object()
 
 
 def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
@@ -374,7 +374,8 @@ class _Caller(nn.Module):
     """Calls the model as ``model(x)`` does: the root fx traces for a forward that takes
     ``*args`` or ``**kwargs`` (a decorator's ``wrapper(self, *args, **kwargs)``, as Hugging
     Face's ``can_return_tuple``), which fx would trace as placeholders of their own (one tuple,
-    not the input; a dict it cannot hand over empty)."""
+    not the input; a dict it cannot hand over empty), and for a forward set on the instance,
+    which fx would not read (it traces the class's)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -388,7 +389,8 @@ def called_by_a_caller(model: nn.Module) -> bool:
     """Whether the model is traced as a ``_Caller``'s child (so its own hooks run, too): its
     forward takes ``*args`` or ``**kwargs``, or was set on the instance (fx reads the class's)."""
     code = getattr(type(model).forward, "__code__", None)
-    return "forward" in model.__dict__ or (code is not None and bool(code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)))
+    takes_stars = code is not None and bool(code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS))
+    return takes_stars or "forward" in model.__dict__
 
 
 def _paths_in_model(graph: fx.Graph, module_outputs: dict[str, fx.Node]) -> dict[str, fx.Node]:
