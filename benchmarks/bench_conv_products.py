@@ -45,10 +45,12 @@ QUICK = [(8, 6, 9), (5, 4, 7)]
 LOW = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def candidate_tiles(dtype: torch.dtype, kernel: str):
+def candidate_tiles(dtype: torch.dtype, kernel: str, prepared_only: bool = False):
     """Launch tiles to try for one kernel: one program per tile, for the responses and the
     back-projection also persistent programs (``Tiles.programs`` per multiprocessor), for TF32's
-    filters also the patches read from shifted copies (``Tiles.shifted``)."""
+    filters also the patches read from shifted copies (``Tiles.shifted``). ``prepared_only``: only
+    the persistent and shifted ones, and TF32's unspilled back-projection tiles (beside the default
+    launch, ``None``)."""
     from rsp_fast.kernels.triton.conv_products import Tiles
 
     red = 128 // (torch.finfo(dtype).bits // 8)
@@ -63,6 +65,9 @@ def candidate_tiles(dtype: torch.dtype, kernel: str):
         tiles += [Tiles(256, 128, red, 8, 3, 1), Tiles(128, 256, red, 8, 3, 1), Tiles(128, 128, red, 8, 3, 1),
                   Tiles(128, 128, red, 4, 3, 2), Tiles(64, 128, red, 4, 3, 2), Tiles(64, 128, red, 4, 3, 3),
                   Tiles(128, 64, red, 4, 3, 2)]
+    if prepared_only:  # and TF32's back-projection on tiles that do not spill with F's sections contiguous
+        unspilled = [Tiles(128, 128, red, 8, 3), Tiles(64, 128, red, 4, 3)] if kernel == "back" and dtype.itemsize == 4 else []
+        return [None, *unspilled] + [t for t in tiles if t.programs or t.shifted]
     return tiles
 
 
@@ -99,11 +104,11 @@ def _warm(job) -> str | None:
     return None
 
 
-def warm_sweep(precisions, layers, batch: int, kernels, processes: int) -> None:
+def warm_sweep(precisions, layers, batch: int, kernels, processes: int, prepared_only: bool) -> None:
     """Compile every candidate tile's launch in ``processes`` worker processes at once (Triton's
     cache on disk then holds them for the timing pass)."""
     jobs = [(precision, layer, batch, kernel, t) for precision in precisions for layer in layers for kernel in kernels
-            for t in candidate_tiles(LOW[precision] or torch.float32, kernel)]
+            for t in candidate_tiles(LOW[precision] or torch.float32, kernel, prepared_only) if t is not None]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         pool.map(_warm, jobs, chunksize=1)
 
@@ -126,6 +131,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tiles", action="store_true", help="also time each kernel under candidate tiles")
     p.add_argument("--tile-kernels", nargs="+", default=["filters", "responses", "back"],
                    help="with --tiles: the kernels whose tiles to try")
+    p.add_argument("--tile-set", choices=["all", "prepared"], default="all",
+                   help="with --tiles: every candidate, or only the persistent and shifted ones beside the default")
     p.add_argument("--warm", type=int, default=0, help="with --tiles: compile the candidates in this many processes first")
     p.add_argument("--baseline-module", nargs="+", default=[],
                    help="other versions of conv_products.py (files) whose products to time beside these")
@@ -141,7 +148,7 @@ def main(argv=None) -> list[dict]:
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     print(describe(device))
     if args.tiles and args.warm > 1 and device.type == "cuda":
-        warm_sweep(args.precisions, layers, batch, args.tile_kernels, args.warm)
+        warm_sweep(args.precisions, layers, batch, args.tile_kernels, args.warm, args.tile_set == "prepared")
     baselines = {path: load_module(path) for path in args.baseline_module}
     rows, peaks = [], {}
     for precision in args.precisions:
@@ -177,10 +184,10 @@ def main(argv=None) -> list[dict]:
                     row["per_kernel_ms"] = {name: 1e3 * t for name, t in per_kernel}
                 if args.tiles:
                     for kernel in args.tile_kernels:
-                        for t in candidate_tiles(low or dtype, kernel):
-                            entry = {"kernel": kernel, "tiles": list(t)}
+                        for t in candidate_tiles(low or dtype, kernel, args.tile_set == "prepared"):
+                            entry = {"kernel": kernel, "tiles": list(t) if t else "default"}
                             try:  # the rule's launch
-                                call = lambda: products({kernel: t}, combine=True)  # noqa: E731
+                                call = lambda: products({kernel: t} if t else {}, combine=True)  # noqa: E731
                                 entry["products_ms"] = 1e3 * time_interleaved({"t": call}, device, repeats, 1)["t"]["median"]
                                 if device.type == "cuda":  # the kernel itself, steadier than the whole call's wall time
                                     entry["kernel_ms"] = 1e3 * sorted(dict(product_device_seconds(call, device)[2])[
