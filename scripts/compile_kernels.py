@@ -85,6 +85,7 @@ def launches():
         for gram, columns, persistent in ((False, 128, False), (False, 512, False), (True, 784, False),
                                           (False, 128, True)):  # section columns, or positions
             t = cp.default_tiles("patch_gram" if gram else "responses", columns, dtype, cuda)
+            persistent = persistent or t.programs > 0  # as the default launch runs it
             yield (f"responses {precision} gram={gram}" + ("" if gram else f" M={columns}")
                    + (" persistent" if persistent else ""), cp._responses_kernel,
                    {"x_ptr": op, "f_ptr": op, "r_ptr": acc, "s_ptr": op},

@@ -323,15 +323,21 @@ def default_tiles(kernel: str, columns: int, dtype: torch.dtype, device: torch.d
     3–5 % faster than 256×128 where there are 256 section columns or more, and 64×128
     back-projection tiles of 4 warps 17–24 % faster than 128×128 of 8 where there are 128
     channels or more (its epilogue, the purge's 2·x̂⊙dx, hides behind other programs' products);
-    in TF32, 256-row filter and back-projection tiles 12–16 % faster where there are 128
-    channels or more. (The Gram path's kernels keep the tiles they were measured with.)"""
+    in TF32, 256-row back-projection tiles 12–16 % faster where there are 128 channels or more.
+    Session 26 (docs/gpu/h100_conv_products_session26.json, the kernel's own time on the rule's
+    launch): persistent 128×256 response tiles (one program per multiprocessor) take 11–14 %
+    less time in bfloat16 and 24–25 % in TF32 where there are 256 section columns or more; TF32
+    filters from shifted copies of the input (``Tiles.shifted``) 1.5–1.9× faster, the whole call
+    with the copies 7–11 % faster. (The Gram path's kernels keep the tiles they were measured with.)"""
     if device.type != "cuda" or dtype == torch.float64:
         return Tiles(32, 32, 16 if device.type == "cuda" else 32, 4, 2)
     red = 128 // (torch.finfo(dtype).bits // 8)
     cols = min(128, max(32, triton.next_power_of_2(columns)))
     wide, half = cols == 128, dtype.itemsize == 2
-    if kernel == "responses" and half and columns >= 256:
-        return Tiles(128, 256, red, 8, 3)
+    if kernel == "responses" and columns >= 256:
+        return Tiles(128, 256, red, 8, 3, programs=1)
+    if kernel == "filters" and dtype == torch.float32 and columns >= 64:
+        return Tiles(256 if wide else 128, 128, red, 8, 3, shifted=True)
     if kernel in ("responses", "patch_gram"):
         return Tiles(256, 128, red, 8, 3) if half else Tiles(128, 128, 2 * red, 8, 3)
     if kernel == "back" and half and wide:
@@ -428,6 +434,23 @@ class ShiftedOperands(NamedTuple):
     align: int
 
 
+def _shifted_layout(x_cl: torch.Tensor, O: int, kernel, dilation, pad, out_hw, block: int) -> tuple[int, int, int, int]:
+    """``ShiftedOperands``' align, width and positions, and each copied channel's length."""
+    W = x_cl.shape[2]
+    (kh, kw), (dy, dx), (pl, pr, _, _) = kernel, dilation, pad
+    align = 16 // x_cl.element_size()
+    width = triton.cdiv(W + pl + pr, align) * align
+    positions = triton.cdiv(out_hw[0] * width, block) * block
+    reach = (kh - 1) * dy * width + (kw - 1) * dx  # where the last tap's rows start
+    return align, width, positions, triton.cdiv(positions + reach, 16) * 16  # each channel's row starts aligned
+
+
+def shifted_fits(x_cl: torch.Tensor, O: int, kernel, dilation, pad, out_hw, block: int) -> bool:
+    """Whether a sample's shifted copies and sections stay within the kernel's 32-bit offsets."""
+    _, _, positions, length = _shifted_layout(x_cl, O, kernel, dilation, pad, out_hw, block)
+    return max(x_cl.shape[3] * length, 2 * O * positions) < 2**31
+
+
 def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, block: int) -> ShiftedOperands:
     """The filters' operands for a launch with ``Tiles.shifted`` (a stride-1 conv; x_cl and
     pad as ``conv_products_triton`` takes them, positions rounded up to ``block``). The copies
@@ -436,14 +459,9 @@ def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad,
     channels-last input needs."""
     N, H, W, C = x_cl.shape
     O = R.shape[1]
-    (kh, kw), (dy, dx), (pl, pr, pt, _) = kernel, dilation, pad
-    Ho, Wo = out_hw
-    align = 16 // x_cl.element_size()
-    width = triton.cdiv(W + pl + pr, align) * align
-    positions = triton.cdiv(Ho * width, block) * block
-    reach = (kh - 1) * dy * width + (kw - 1) * dx  # where the last tap's rows start
-    length = triton.cdiv(positions + reach, 16) * 16  # so that each channel's row starts aligned
-    if max(C * length, 2 * O * positions) >= 2**31:  # the kernel's offsets within a sample are 32-bit
+    kw, dx, (pl, pt), Wo = kernel[1], dilation[1], pad[::2], out_hw[1]
+    align, width, positions, length = _shifted_layout(x_cl, O, kernel, dilation, pad, out_hw, block)
+    if not shifted_fits(x_cl, O, kernel, dilation, pad, out_hw, block):  # the kernel's offsets within a sample are 32-bit
         raise ValueError(f"shifted_operands: a sample's copy of {C}×{length} or sections of {2 * O}×{positions} "
                          "elements pass 32-bit offsets")
     sections = stack_sections(R, x_cl.dtype, align=block, interleave=True, grid=(Wo, width))
@@ -511,11 +529,12 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     # filters' loop bounds aligned, so 16-bit sections are copied asynchronously and the loop is
     # pipelined (scripts/compile_kernels.py) also where L is not a multiple of 16 (14² = 196)
     t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
+    if t.shifted and "filters" not in tiles and not shifted_fits(x_cl, O, kernel, dilation, pad, out_hw, t.red):
+        t = t._replace(shifted=False)  # the default launch, on the channels-last input where copies would not fit
     if t.programs:
         raise ValueError("conv_products: the filters kernel has no persistent launch (Tiles.programs)")
     if t.shifted:
-        op = shifted_operands(x_cl, R, kernel, dilation, pad, out_hw, t.red)
-        sections, patches, width, align = op.sections, op.copies, op.width, op.align
+        sections, patches, width, _, align = shifted_operands(x_cl, R, kernel, dilation, pad, out_hw, t.red)
         patch_strides = (patches.stride(1), 0, 0, patches.stride(0), patches.stride(2))
     else:
         sections, patches, width, align = stack_sections(R, dtype, align=16, interleave=True), x_cl, 0, 1
@@ -532,6 +551,7 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
         *F.stride()[:4], BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, SHIFTED=t.shifted, ALIGN=align,
         num_warps=t.warps, num_stages=t.stages)
     F = F.sum(0).to(dtype) if split > 1 else F[0]  # N, T, M, C
+    del sections, patches  # the stacked sections and any shifted copies: free before S and the back-projection
 
     # responses and normalisation: rows are positions, columns the sections, reduced over (tap, channel)
     t = tiles.get("responses") or default_tiles("responses", M, dtype, device)
