@@ -120,14 +120,43 @@ def test_conv_products_on_cuda_in_tf32_match_the_unfolded_reference(geometry):
 
 def test_shifted_operands_refuse_samples_past_32_bit_offsets():
     """A sample whose padded copy passes 2³¹ elements is refused before anything is allocated
-    (the inputs here are expanded views: no memory behind them)."""
-    from rsp_fast.kernels.triton.conv_products import shifted_operands
+    (the inputs here are expanded views: no memory behind them); ``shifted_fits``, which the
+    default launch asks before it takes the copies, says so, and a side short of it fits."""
+    from rsp_fast.kernels.triton.conv_products import shifted_fits, shifted_operands
 
     side = 46_341  # side² > 2³¹
     x = torch.zeros(1, 1, 1, 1).expand(1, side, side, 1)
     R = torch.zeros(1, 1, 1).expand(1, 1, side * side)
     with pytest.raises(ValueError, match="32-bit"):
         shifted_operands(x, R, (3, 3), (1, 1), (1, 1, 1, 1), (side, side), 32)
+    geometry = ((3, 3), (1, 1), (1, 1, 1, 1), (side, side), 32)
+    assert not shifted_fits(x, 1, *geometry)
+    small = 30_000  # 2 sections × (30002 rounded up to 30004) × 30000 positions < 2³¹
+    x, R = x[:, :small, :small], R[..., :small * small]
+    assert shifted_fits(x, 1, (3, 3), (1, 1), (1, 1, 1, 1), (small, small), 32)
+    assert not shifted_fits(x, 2 ** 14, (3, 3), (1, 1), (1, 1, 1, 1), (small, small), 32)  # the sections pass it
+
+
+def test_default_shifted_filters_fall_back_where_the_copies_would_not_fit(monkeypatch):
+    """Where the default launch reads the patches from shifted copies (TF32 on a GPU) and a
+    sample's copies would pass 32-bit offsets, the filters read the channels-last input instead:
+    the products still come, and no copy is made. (Shown on the interpreter with the default
+    made shifted and every sample made too large.)"""
+    from rsp_fast.kernels.triton import conv_products as cp
+
+    chosen = cp.default_tiles
+    monkeypatch.setattr(cp, "default_tiles", lambda kernel, *args: chosen(kernel, *args)._replace(
+        shifted=kernel == "filters"))
+    monkeypatch.setattr(cp, "shifted_fits", lambda *args: False)
+
+    def no_copies(*args):
+        raise AssertionError("shifted copies made where they do not fit")
+    monkeypatch.setattr(cp, "shifted_operands", no_copies)
+    got, expected = _products(2, 6, 5, 10, 9, (3, 3), (1, 1), (1, 1, 1, 1), "cpu", torch.float64)
+    assert rel_err(got.double(), expected) < TOL[torch.float64]
+    with pytest.raises(AssertionError, match="shifted copies"):  # asked for by name, the copies are taken
+        _products(2, 6, 5, 10, 9, (3, 3), (1, 1), (1, 1, 1, 1), "cpu", torch.float64,
+                  tiles={"filters": chosen("filters", 6, torch.float64, torch.device("cpu"))._replace(shifted=True)})
 
 
 def test_conv_products_patches_without_input_give_nothing():
