@@ -434,7 +434,7 @@ class ShiftedOperands(NamedTuple):
     align: int
 
 
-def _shifted_layout(x_cl: torch.Tensor, O: int, kernel, dilation, pad, out_hw, block: int) -> tuple[int, int, int, int]:
+def _shifted_layout(x_cl: torch.Tensor, kernel, dilation, pad, out_hw, block: int) -> tuple[int, int, int, int]:
     """``ShiftedOperands``' align, width and positions, and each copied channel's length."""
     W = x_cl.shape[2]
     (kh, kw), (dy, dx), (pl, pr, _, _) = kernel, dilation, pad
@@ -447,7 +447,7 @@ def _shifted_layout(x_cl: torch.Tensor, O: int, kernel, dilation, pad, out_hw, b
 
 def shifted_fits(x_cl: torch.Tensor, O: int, kernel, dilation, pad, out_hw, block: int) -> bool:
     """Whether a sample's shifted copies and sections stay within the kernel's 32-bit offsets."""
-    _, _, positions, length = _shifted_layout(x_cl, O, kernel, dilation, pad, out_hw, block)
+    _, _, positions, length = _shifted_layout(x_cl, kernel, dilation, pad, out_hw, block)
     return max(x_cl.shape[3] * length, 2 * O * positions) < 2**31
 
 
@@ -460,7 +460,7 @@ def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad,
     N, H, W, C = x_cl.shape
     O = R.shape[1]
     kw, dx, (pl, pt), Wo = kernel[1], dilation[1], pad[::2], out_hw[1]
-    align, width, positions, length = _shifted_layout(x_cl, O, kernel, dilation, pad, out_hw, block)
+    align, width, positions, length = _shifted_layout(x_cl, kernel, dilation, pad, out_hw, block)
     if not shifted_fits(x_cl, O, kernel, dilation, pad, out_hw, block):  # the kernel's offsets within a sample are 32-bit
         raise ValueError(f"shifted_operands: a sample's copy of {C}×{length} or sections of {2 * O}×{positions} "
                          "elements pass 32-bit offsets")
