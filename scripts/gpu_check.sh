@@ -207,8 +207,8 @@ vgg16_b128() {
 
 memory() {  # opt-in: peak memory one call adds at batch 32, against the forward pass's activations
     timeout ${MEMORY_LIMIT:-150} $PY benchmarks/bench_e2e.py --memory --models vgg16 resnet50 efficientnet_lite0 --batches 32 \
-        --precisions fp32 bf16 --methods forward "zennit EpsilonPlusFlat" "RSP (cuda)" "RSP (cuda, bf16)" \
-        --json "$OUT/memory.json" 2>&1 | grep -v "^  " | tail -20
+        --precisions fp32 tf32 bf16 --methods forward "zennit EpsilonPlusFlat" "RSP (cuda)" "RSP (cuda, tf32)" \
+        "RSP (cuda, bf16)" --json "$OUT/memory.json" 2>&1 | grep -v "^  " | tail -20
 }
 
 others() {
