@@ -801,6 +801,33 @@ def _explained_alike(op, written, **sizes) -> None:
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
+def _stack_of_unbound(h):
+    c0, c1, c2, c3 = h.unbind(1)
+    return torch.stack([c0, c1, c2, c3], 2)
+
+
+def _cat_of_split_rows(h):
+    p0, p1, p2, p3 = torch.split(h, 2, 2)
+    return torch.cat([p0, p1, p2, p3], dim=1)
+
+
+def _cat_of_halves(h, dim):
+    a, b = h.chunk(2, 1)
+    return torch.cat([a, b], dim)
+
+
+@pytest.mark.parametrize("whole,pieces,body", [
+    (lambda h: torch.cat(h.chunk(2, 1), 1), lambda h: _cat_of_halves(h, 1), 4),
+    (lambda h: torch.cat(h.chunk(2, 1), 2), lambda h: _cat_of_halves(h, 2), 2),
+    (lambda h: torch.stack(torch.unbind(h, 1), 2), _stack_of_unbound, 8),
+    (lambda h: torch.cat(tensors=torch.split(h, 2, 2), dim=1), _cat_of_split_rows, 16),
+], ids=["cat-chunk", "cat-chunk-other-dim", "stack-unbind", "cat-split-kwargs"])
+def test_a_split_handed_whole_to_cat_or_stack(whole, pieces, body):
+    """torch.cat / torch.stack given a split's tuple as it is (not unpacked first): relevance
+    goes back as for the pieces unpacked and joined."""
+    _explained_alike(whole, pieces, body_channels=body)
+
+
 def _space_to_depth(h):  # pixel_unshuffle(h, 2) written as a reshape and a permute
     N, C, H, W = h.shape
     return h.view(N, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(N, 4 * C, H // 2, W // 2)

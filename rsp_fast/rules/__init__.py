@@ -26,7 +26,7 @@ from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_MET
                        MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
                        SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
                        is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
-from .passthrough import GatedHalf, PassThrough, Route, Scale, Select
+from .passthrough import GatedHalf, PassThrough, Rejoin, Route, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind",
@@ -349,6 +349,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if attention_weights_index(node) is not None:  # a weighted pooling (GCNet's global context)
         return NodeKind.POOL
     if t in CAT_FUNCTIONS | STACK_FUNCTIONS:
+        if not (isinstance(_joined(node), (list, tuple)) or rejoined_split(node) is not None):
+            return None  # a tuple some other op made: which pieces it holds is not known here
         return NodeKind.CAT if _cat_dim(node) != 0 or stacks_branches(node) else None  # along the batch it would mix samples
     if t is F.pad:
         return NodeKind.ROUTE if _pads_by_copy_or_blank(node, None) else None
@@ -370,6 +372,21 @@ def glu_dim(node: fx.Node, module: nn.Module | None):
     if module is not None:
         return module.dim
     return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else -1)
+
+
+def _joined(node: fx.Node):
+    """What torch.cat / torch.stack joins: a list of tensors, or one node holding a tuple."""
+    return node.args[0] if node.args else node.kwargs.get("tensors")
+
+
+def rejoined_split(node: fx.Node) -> fx.Node | None:
+    """For torch.cat(split(x), …) or torch.stack(split(x), …), the split's pieces handed over
+    whole as the first argument: the split node, else None."""
+    pieces = _joined(node)
+    if isinstance(pieces, fx.Node) and calls(pieces, SPLIT_FUNCTIONS, SPLIT_METHODS) and pieces.args \
+            and isinstance(pieces.args[0], fx.Node):
+        return pieces
+    return None
 
 
 def split_source(node: fx.Node) -> fx.Node | None:
@@ -474,7 +491,8 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
     if kind == NodeKind.ADD:
         return [node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")]
     if kind == NodeKind.CAT:
-        return list(node.args[0] if node.args else node.kwargs["tensors"])
+        split = rejoined_split(node)
+        return [split.args[0]] if split is not None else list(_joined(node))
     if kind == NodeKind.SCALE:
         return [sole_operand(node)]
     weights = attention_weights_index(node) if kind == NodeKind.POOL else None
@@ -525,6 +543,9 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
         if calls(node, {torch.mean}, POOL_METHODS) and reduced_dims(node) != (_cat_dim(node.args[0]),):
             return MeanOfStack(node, inputs, reduced_dims(node), _cat_dim(node.args[0]), Pool(node, inputs, None))
         return Sum(node, inputs, reduced_dims(node))
+    split = rejoined_split(node)
+    if split is not None:
+        return Rejoin(node, inputs, split)
     if node.target in STACK_FUNCTIONS:
         return Stack(node, inputs, _cat_dim(node), branches=stacks_branches(node))
     return Cat(node, inputs, _cat_dim(node))

@@ -79,6 +79,25 @@ class Select(Route):
         return lambda x: split(x)[index]
 
 
+class Rejoin(Route):
+    """torch.cat / torch.stack given one split's pieces as a whole (``torch.cat(x.chunk(2, 1),
+    1)``, ``torch.stack(x.unbind(1), 2)``): an index map of x, so relevance goes back to where
+    each value came from, as for the pieces taken one by one (``Select``) and joined (``Cat``)."""
+
+    kind = "rejoin"
+
+    def __init__(self, node, inputs, split: fx.Node):
+        others = [a for n in (node, split) for a in n.all_input_nodes]
+        Rule.__init__(self, node, inputs, needs_values=[a for a in others if a is not inputs[0] and a is not split])
+        self.module, self.split = None, split
+
+    def function(self, ctx: Context):
+        split = node_function(self.split, None, ctx)
+        rest = ctx.resolve(self.node.args[1:])
+        kwargs = ctx.resolve({k: v for k, v in self.node.kwargs.items() if k != "tensors"})
+        return lambda x: self.node.target(split(x), *rest, **kwargs)
+
+
 class Scale(Rule):
     """y = x·g, x/s, x ± c, … with the other operand only reweighting or shifting x (which
     operand that is: ``operands.sole_operand``): all of R goes to x (LRP's signal-take-all
