@@ -828,6 +828,22 @@ def test_a_split_handed_whole_to_cat_or_stack(whole, pieces, body):
     _explained_alike(whole, pieces, body_channels=body)
 
 
+@pytest.mark.parametrize("cast", [lambda h: h.double(), lambda h: h.type(torch.float64), lambda h: h.to(torch.float64),
+                                  lambda h: h.type_as(h)], ids=["double", "type", "to", "type_as"])
+def test_casts_pass_relevance_through(cast):
+    """A cast (here one that keeps every value) moves relevance unchanged."""
+    _explained_alike(cast, lambda h: h)
+
+
+@pytest.mark.parametrize("cast", [lambda h: h.half().double(), lambda h: h.bfloat16().double(),
+                                  lambda h: h.float().double()], ids=["half", "bfloat16", "float"])
+def test_rounding_casts_are_explained(cast):
+    """Casts to a narrower type and back are explained (pass-through), relevance conserved."""
+    m = _Around(cast).double().eval()
+    ex = rsp_fast.RSP(m).explain(torch.randn(2, 3, 8, 8, dtype=D), record=True)
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
 def _space_to_depth(h):  # pixel_unshuffle(h, 2) written as a reshape and a permute
     N, C, H, W = h.shape
     return h.view(N, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(N, 4 * C, H // 2, W // 2)

@@ -22,8 +22,8 @@ from .conv import (CONV_MODULES, PLAIN_CONV_FORWARDS, Conv, FunctionalConv, conv
 from .conv3d import Conv3d, FunctionalConv3d
 from .linear import FunctionalLinear, Linear
 from .merge import BATCH_MIXING, Add, Cat, MeanOfStack, Stack, Sum
-from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, DIV_METHODS, GATE_METHODS,
-                       MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
+from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, CAST_METHODS, DIV_METHODS,
+                       GATE_METHODS, MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
                        SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
                        is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
 from .passthrough import GatedHalf, PassThrough, Rejoin, Route, Scale, Select
@@ -71,7 +71,7 @@ ROUTE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdim
                    F.pixel_unshuffle, torch.channel_shuffle, torch.native_channel_shuffle}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as", "tanh",
-                "to", "float", "type_as", "squeeze", "unsqueeze"} | GATE_METHODS
+                "squeeze", "unsqueeze"} | CAST_METHODS | GATE_METHODS
 POOL_METHODS = {"mean"}
 ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}

@@ -44,8 +44,9 @@ ACTIVATION_FUNCTIONS = RECTIFIER_FUNCTIONS | GATE_FUNCTIONS | {
     F.silu, F.hardswish, F.gelu, F.mish, F.leaky_relu, F.prelu, F.elu, F.celu, F.selu, F.softplus, torch.tanh, F.tanh, F.hardtanh,
     F.softsign, F.tanhshrink, F.softshrink, F.hardshrink, F.logsigmoid, F.threshold, F.rrelu}
 ACTIVATION_METHODS = GATE_METHODS | {"relu", "relu_", "tanh"}
+CAST_METHODS = {"to", "float", "double", "half", "bfloat16", "type", "type_as"}
 RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "view_as", "reshape_as",
-                   "contiguous", "to", "float", "type_as"}
+                   "contiguous"} | CAST_METHODS
 # Ops whose output summarises their input over some dimensions: a value computed only
 # from such summaries (and parameters) is a statistic, not a position-wise signal.
 REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.norm, torch.linalg.vector_norm,
