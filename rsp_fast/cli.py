@@ -12,10 +12,31 @@ import signal
 import sys
 import threading
 import traceback
+from fractions import Fraction
 from pathlib import Path
 
 from .errors import BackendUnavailableError, RSPError
 from .paths import check_outputs_spare_inputs, checked_output_file, checked_output_folder
+
+
+class _Parser(argparse.ArgumentParser):
+    """Option errors as one line on stderr with status 2, as every other bad input (argparse's
+    own prints its usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _frame_rate(text: str) -> float:
+    """--fps: a number, or a fraction as video rates are written (30000/1001), checked before
+    any work (the demo writes its clip first)."""
+    try:
+        rate = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a frame rate: {text!r} (a number or a fraction, e.g. 30000/1001)") from None
+    if not Fraction(1, 1001) <= rate <= 1000:
+        raise argparse.ArgumentTypeError(f"frame rate must be from 1/1001 to 1000 frames per second, not {text}")
+    return float(rate)
 
 
 def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
@@ -38,7 +59,8 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
 
 
 def _add_video_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fps", type=float, help="output frames evenly at this rate, without the sound (default: each input frame keeps its time)")
+    p.add_argument("--fps", type=_frame_rate, help="output frames evenly at this rate, a number or a fraction (30000/1001), "
+                   "without the sound (default: each input frame keeps its time)")
     p.add_argument("--max-frames", type=int, help="explain only the first N frames (default: all)")
     layout = p.add_mutually_exclusive_group()
     layout.add_argument("--overlay", dest="mode", action="store_const", const="overlay", help="heat map over the frame (default)")
@@ -50,7 +72,7 @@ def _add_video_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rsp-fast", description="Relative Sectional Propagation heat maps")
+    parser = _Parser(prog="rsp-fast", description="Relative Sectional Propagation heat maps")
     sub = parser.add_subparsers(dest="command", required=True)
     video = sub.add_parser("video", help="a heat-map video of every frame")
     video.add_argument("input")
