@@ -268,6 +268,21 @@ def test_variable_frame_rate_keeps_each_frames_time(tmp_path, spec):
     assert np.allclose(_frame_times(tmp_path / "even.mp4"), np.arange(len(times)) / 10, atol=1e-3)
 
 
+def test_a_last_frame_held_longer_is_no_truncation(tmp_path):
+    """A GIF that pauses on its last frame before looping (and a slideshow that holds its last
+    picture) ends later than one average frame after its last frame starts: every frame is
+    read, none refused as truncated."""
+    from PIL import Image
+
+    from rsp_fast.video.io import decode_batches
+
+    frames = [Image.fromarray(np.full((32, 48, 3), 30 * i, np.uint8)) for i in range(8)]
+    frames[0].save(tmp_path / "pause.gif", save_all=True, append_images=frames[1:], duration=[100] * 7 + [900], loop=0)
+    batches = list(decode_batches(tmp_path / "pause.gif", 4))
+    assert sum(len(b.indices) for b in batches) == 8
+    assert np.allclose([t for b in batches for t in b.times], np.arange(8) / 10)
+
+
 def _video_with_sound(path, audio_codec="pcm_s16le", seconds=2.0, fps=10, rate=8000, beep_at=1.0, offset=0.0):
     """Frames at ``fps`` and a mono sound track: silence, then a tone from ``beep_at`` seconds;
     both streams' clocks start at ``offset`` seconds (a cut from a longer recording)."""

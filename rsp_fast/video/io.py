@@ -73,7 +73,7 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
-        frames, indices, times, count, last = [], [], [], 0, 0.0
+        frames, indices, times, count, last, shown = [], [], [], 0, 0.0, None
         clock, size = _frame_clock(container, stream), None
         try:
             for frame in container.decode(stream):
@@ -82,6 +82,7 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
                 frames.append(rgb if rgb.shape[:2] == size else _fit(rgb, size))
                 indices.append(count)
                 times.append(last := clock(frame, count))
+                shown = _frame_length(frame)
                 count += 1
                 if len(frames) == batch_size:
                     yield DecodedBatch(np.stack(frames), indices, times)
@@ -93,7 +94,7 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
         if count == 0:
             raise RSPError(f"video {str(path)!r} has no frames")
         if max_frames is None or count < max_frames:
-            _check_complete(container, stream, count, last, path)
+            _check_complete(container, stream, count, last, shown, path)
         if frames:
             yield DecodedBatch(np.stack(frames), indices, times)
 
@@ -134,9 +135,17 @@ def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _check_complete(container, stream, count: int, last: float, path) -> None:
+def _frame_length(frame) -> float | None:
+    """How long a frame is shown, where its packet says (a GIF's pause on its last frame, a
+    slideshow's held picture), else None."""
+    duration, base = getattr(frame, "duration", None), frame.time_base
+    return float(duration * base) if duration and base is not None else None
+
+
+def _check_complete(container, stream, count: int, last: float, shown: float | None, path) -> None:
     """A stream that ends well before the duration its header claims was truncated; an AVI
-    (no edit lists: every frame it counts is shown) that yields fewer frames than it counts too."""
+    (no edit lists: every frame it counts is shown) that yields fewer frames than it counts too.
+    ``last``: the last frame's time, ``shown``: how long it is shown (None: one frame period)."""
     if container.format.name == "avi" and stream.frames and count + 1 < stream.frames:
         raise RSPError(f"video {str(path)!r} is truncated or corrupt: {count} of the {stream.frames} frames it counts decode")
     tagged = _tag_seconds(stream.metadata.get("DURATION"))  # Matroska keeps each stream's own duration as a tag
@@ -151,7 +160,7 @@ def _check_complete(container, stream, count: int, last: float, path) -> None:
     period = 1 / float(stream.average_rate or 25)
     # the last frame's end on the stream's clock: containers count their duration from 0 (Matroska)
     # or from the first timestamp (MP4), and a stream may start late (a phone's video, a cut)
-    end = last + period
+    end = last + max(period, shown or 0)
     if end < claimed - 1.5 * period:
         raise RSPError(f"video {str(path)!r} is truncated: its frames end at {end:.2f} s of the {claimed:.2f} s it claims")
 
