@@ -13,7 +13,7 @@ from .api import RSP
 from .errors import RSPError
 from .models import ModelSpec, checked_device
 from .optional import optional_import
-from .paths import check_readable, checked_output_folder
+from .paths import check_name_length, check_readable, checked_output_folder
 from .pictures import FrameAttributor, as_rgb, as_spec, iterable
 
 
@@ -67,6 +67,7 @@ def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
 
     files: list[Path] = []
     for p in map(Path, paths):
+        check_name_length(p, "image")
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")  # hidden: macOS's ._cat.jpg
                            and f.suffix.lower() in Image.registered_extensions())

@@ -6,15 +6,31 @@ inputs is refused, and a symbolic link is followed (its target gets the new file
 stays)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 from .errors import RSPError
 
+NAME_MAX = 255  # bytes in one file name (Linux's and macOS's file systems)
+
+
+def temporary_sibling(path: Path, suffix: str = "") -> Path:
+    """A hidden name beside ``path`` to write it under before the rename into place, this
+    process's own, within NAME_MAX: a long output name (itself allowed) would otherwise fail
+    at the first write, naming the temporary file. ``suffix``: what tells the writer the format."""
+    tag = f".tmp-{os.getpid()}{suffix}"
+    name, room = path.name, NAME_MAX - 1 - len(tag.encode())
+    if len(name.encode()) > room:  # cut on a character, made unique again by a digest of the whole name
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = name.encode()[:room - 9].decode(errors="ignore") + "-" + digest
+    return path.with_name(f".{name}{tag}")
+
 
 def check_readable(path: Path, what: str) -> None:
     """A file this process can read, or an RSPError saying what is wrong with the path."""
+    check_name_length(path, what)
     if path.is_dir():
         raise RSPError(f"{what} {str(path)!r} is a folder, not a file")
     if path.exists() and not path.is_file():
@@ -30,6 +46,7 @@ def checked_output_file(path: str | Path, what: str, inputs=()) -> Path:
     be. ``inputs``: the run's other files as (what it is, path) pairs, e.g. ("input video", src),
     which the output must not replace."""
     text = _given(path, what)
+    check_name_length(Path(text), what)  # first: the file system refuses to look such a name up
     if text.endswith(("/", os.sep)) or Path(text).is_dir():
         raise RSPError(f"{what} {text!r} is a folder: give a file name inside it")
     target = Path(os.path.realpath(text))  # a link's target is what gets replaced
@@ -78,11 +95,18 @@ def _check_folder_writable(folder: Path, what: str, text: str) -> None:
                        f"({exc.strerror or exc})") from None
 
 
+def check_name_length(path: Path, what: str) -> None:
+    """A file name the file system can hold (each name in the path is limited, not the path)."""
+    if any(len(part.encode()) > NAME_MAX for part in path.parts):
+        raise RSPError(f"{what} {str(path)!r}: a name in it is longer than the {NAME_MAX} bytes a file system holds")
+
+
 def check_outputs_spare_inputs(outputs, inputs) -> None:
     """Outputs named after the inputs (``cat_overlay.png`` for ``cat.jpg``, in a folder of
-    pictures) must not replace one of them: (what, path) pairs both."""
+    pictures) must fit a file name and not replace one of the inputs: (what, path) pairs both."""
     sources = {os.path.realpath(path): (kind, path) for kind, path in inputs}
     for what, path in outputs:
+        check_name_length(Path(path), what)
         hit = sources.get(os.path.realpath(path))
         if hit is not None:
             raise RSPError(f"{what} {str(path)!r} would replace the {hit[0]} {str(hit[1])!r}: choose another output folder")

@@ -7,6 +7,7 @@ diverging map centred on zero, target evidence red, hostile evidence blue, symme
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,7 +153,9 @@ def save_png(path, img: np.ndarray) -> None:
 
     from PIL import Image
 
-    tmp = f"{path}.tmp-{os.getpid()}.png"
+    from .paths import temporary_sibling
+
+    tmp = temporary_sibling(Path(path), ".png")
     try:
         Image.fromarray(img).save(tmp, compress_level=1)  # 4x faster than PIL's default (6) on 24-megapixel maps; files up to 1.5x larger
         os.replace(tmp, path)

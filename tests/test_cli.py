@@ -283,6 +283,8 @@ def test_image_demo_photos_are_recognised(tmp_path):
     (["image", "{png}", "-o", "x", "--report", "x"], "report 'x' is the output folder"),
     (["demo", "-o", "x", "--report", "x/demo_rsp.mp4"], "report 'x/demo_rsp.mp4' is the output video"),
     (["image", "{empty}", "-o", "x"], "holds no images"),
+    (["image", "{png}", "-o", "x", "--report", "r" * 256 + ".json"], "longer than the 255 bytes a file system holds"),
+    (["image", "w" * 256 + ".png", "-o", "x"], "longer than the 255 bytes a file system holds"),
     (["image", "{png}", "-o", "x", "--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
     (["image", "{png}"], "the following arguments are required: -o/--output"),
     (["demo", "-o", "x", "--fps", "abc"], "not a frame rate: 'abc'"),
@@ -399,6 +401,35 @@ def test_a_png_that_cannot_be_written_is_named_and_leaves_nothing(tmp_path, monk
     monkeypatch.setattr(Image.Image, "save", full_disk)
     with pytest.raises(RSPError, match=r"cannot write '.*map.png': No space left on device"):
         save_png(tmp_path / "map.png", np.zeros((4, 4, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stem", ["m" * 246, "é" * 123], ids=["ascii", "two-byte"])
+def test_outputs_with_names_near_the_limit_are_written(tmp_path, stem):
+    """An output whose name is allowed (250 bytes) is written: its temporary sibling fits the
+    file system's 255 bytes too, hidden and this process's own."""
+    from rsp_fast.paths import NAME_MAX, temporary_sibling
+    from rsp_fast.render import save_png
+
+    path = tmp_path / f"{stem}.png"
+    tmp = temporary_sibling(path, ".png")
+    assert len(tmp.name.encode()) <= NAME_MAX and tmp.name.startswith(".") and tmp.suffix == ".png"
+    assert tmp != temporary_sibling(tmp_path / f"{stem}x.png", ".png")  # the cut names stay apart
+    save_png(path, np.zeros((4, 4, 3), np.uint8))
+    assert [f.name for f in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_report_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from rsp_fast.cli import _write_report
+
+    def full_disk(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(RSPError, match=r"cannot write report '.*r.json': No space left on device"):
+        _write_report({}, tmp_path / "r.json")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import RSPError
 from ..optional import optional_import
-from ..paths import check_readable
+from ..paths import check_readable, temporary_sibling
 
 AVFMT_VARIABLE_FPS = 0x0400  # libavformat: the container keeps per-frame timestamps (AVI does not)
 
@@ -208,7 +208,7 @@ class Encoder:
         av = _av()
         self.path, self.audio = Path(path), None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}{self.path.suffix or '.mp4'}")
+        self.tmp = temporary_sibling(self.path, self.path.suffix or ".mp4")
         try:
             self.container = av.open(str(self.tmp), mode="w")
         except (av.error.FFmpegError, OSError, ValueError) as exc:
@@ -282,7 +282,10 @@ class Encoder:
             self.container.close()
         except Exception:  # the container may be half-initialised, or closed already; the file goes anyway
             pass
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:  # whatever made the run fail (a full disk, a gone folder) is the error to report
+            pass
 
 
 def read_frames(path: str | Path, indices: list[int] | None = None) -> list[np.ndarray]:
