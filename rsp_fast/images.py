@@ -116,6 +116,9 @@ def explain_images(spec: ModelSpec, explainer: RSP, images: Iterable[tuple[str, 
     device = checked_device(device)
     spec = as_spec(spec)
     attribute = FrameAttributor(spec, explainer, device, batch_size, target)
+    if attribute.clips:  # it would take each batch of unrelated images for one clip
+        raise RSPError(f"{type(spec.model).__name__} is a video classifier (its input is a clip, N×C×T×H×W): "
+                       "images are explained by image models; give its videos to `rsp-fast video`")
     rows, tiles, started, images, names = [], [], time.perf_counter(), iterable(images, "images"), _FileNames()
     while batch := list(itertools.islice(images, batch_size)):
         t0 = time.perf_counter()

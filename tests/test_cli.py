@@ -433,6 +433,20 @@ def test_a_report_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_images_are_not_taken_for_one_clip_of_a_video_classifier(tmp_path):
+    """A video classifier would take each batch of unrelated images for one clip (one label
+    for all): the image command refuses it by name before writing anything."""
+    from models import tiny_clip_spec
+
+    from rsp_fast.images import explain_images
+
+    spec = tiny_clip_spec()
+    pictures = [("black", np.zeros((32, 32, 3), np.uint8)), ("white", np.full((32, 32, 3), 255, np.uint8))]
+    with pytest.raises(RSPError, match="Sequential is a video classifier"):
+        explain_images(spec, rsp_fast.RSP(spec.model.eval()), pictures, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_command_line_module_does_not_import_torch():
     """torch is imported inside main(), where a Ctrl-C during its import stops cleanly: the
     package loads its torch-based names on first use."""
