@@ -432,6 +432,15 @@ def _corrupt_inputs(tmp_path):
     c.start_encoding()  # writes the header
     c.close()
     assert (tmp_path / "empty.mkv").exists()
+    # an MP4 whose index (its moov box, written last) was cut inside its track's box: the stream's
+    # kind is never read
+    indexed = _encode(tmp_path / "index_last.mp4", _frames(6), codec="libx264").read_bytes()
+    moov = indexed.rfind(b"moov") - 4
+    assert moov > len(indexed) // 2  # the index after the frames
+    (tmp_path / "index_cut.mp4").write_bytes(indexed[: moov + 200])
+    from PIL import Image
+    pictures = [Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)) for i in range(3)]
+    pictures[0].save(tmp_path / "animated.webp", save_all=True, append_images=pictures[1:], duration=100)
 
 
 @pytest.mark.parametrize("name,message", [
@@ -442,6 +451,8 @@ def _corrupt_inputs(tmp_path):
     ("truncated_sound.mkv", "truncated: its frames end at"),
     ("truncated.avi", "truncated or corrupt: [0-9]+ of the 24 frames it counts decode"),
     ("empty.mkv", "cannot read video"),
+    ("index_cut.mp4", "holds no stream FFmpeg can name: truncated, or not a video"),
+    ("animated.webp", "FFmpeg decodes no animated WebP"),
 ])
 def test_bad_videos_fail_cleanly(tmp_path, spec, name, message):
     _corrupt_inputs(tmp_path)

@@ -59,6 +59,9 @@ def _open(path: str | Path):
 
 
 def _video_stream(container, path):
+    if not any(stream.type in ("video", "audio", "subtitle") for stream in container.streams):
+        # none, or only streams of unknown kind: an MP4 whose index was cut before it said what they hold
+        raise RSPError(f"video {str(path)!r} holds no stream FFmpeg can name: truncated, or not a video")
     if not container.streams.video:
         raise RSPError(f"{str(path)!r} has no video stream")
     return container.streams.video[0]
@@ -90,9 +93,13 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
                 if max_frames is not None and count >= max_frames:
                     break
         except av.error.FFmpegError as exc:
+            if "webp" in container.format.name:  # FFmpeg reads WebP stills only
+                raise RSPError(f"video {str(path)!r}: FFmpeg decodes no animated WebP: turn it into a GIF or a video "
+                               "first") from None
             raise RSPError(f"video {str(path)!r} is corrupt or truncated after frame {count}: {exc}") from None
         if count == 0:
-            raise RSPError(f"video {str(path)!r} has no frames")
+            claimed = " (truncated or corrupt: its header claims frames)" if stream.frames or stream.duration else ""
+            raise RSPError(f"video {str(path)!r} has no frames{claimed}")
         if max_frames is None or count < max_frames:
             _check_complete(container, stream, count, last, shown, path)
         if frames:
