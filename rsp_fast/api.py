@@ -204,6 +204,8 @@ class RSP:
                            + ("" if isinstance(logits, torch.Tensor) else " (or an output whose 'logits' is that tensor)"))
         tgt = target if trusted_target else _targets(target, logits)
         init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
+        if init == "gradcam":
+            hst = hst[:, :0]  # a hostile list given is checked, but the gradcam init has none (K = 0)
         if hst.shape[1] == 0:
             init = "gradcam"  # comparative needs at least one hostile class (RSP_SPEC.md §1)
         R0, cams = initial_relevance(logits, A, tgt, hst, init, plan.channels_last)

@@ -1038,6 +1038,19 @@ def test_comparative_without_hostile_classes_is_gradcam():
     assert torch.equal(rsp_fast.RSP(model).attribute(x, hostile=[]), b)  # an empty hostile list: none
 
 
+def test_the_gradcam_init_reports_no_hostile_classes_even_when_given_some():
+    """The gradcam init has none (K = 0): a hostile list passed to it is checked, and neither
+    changes the map nor shows up as if it had been used."""
+    model = torchvision.models.vgg11(num_classes=4).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    explainer = rsp_fast.RSP(model, init="gradcam")
+    plain, given = explainer.explain(x, target=[0, 0]), explainer.explain(x, target=[0, 0], hostile=[[1, 2], [2, 3]])
+    assert given.hostile.shape == (2, 0) and given.cams.shape[0] == 1
+    assert torch.equal(given.attribution, plain.attribution)
+    with pytest.raises(rsp_fast.RSPError, match="hostile"):
+        explainer.explain(x, target=[0, 0], hostile=[[0, 9], [1, 2]])
+
+
 def test_backends_report():
     report = rsp_fast.backends("cpu")
     assert report["torch"] == "available"
