@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -252,6 +253,9 @@ def main(argv=None) -> int:
         keep_freed_memory()
         torch.set_grad_enabled(True)
         COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader stopped early (`rsp-fast info | head -1`): nothing is wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
+        return 128 + signal.SIGPIPE
     except (RSPError, BackendUnavailableError, OSError, ModuleNotFoundError) as exc:
         if args.debug:  # the traceback, then the same one line and status as without --debug
             traceback.print_exc()

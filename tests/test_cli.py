@@ -447,6 +447,28 @@ def test_images_are_not_taken_for_one_clip_of_a_video_classifier(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_reader_that_stops_early_ends_the_run_quietly(tmp_path, monkeypatch, capsys):
+    """`rsp-fast info | head -1`: the pipe closes under the writer; no error line, the status
+    of a program ended by SIGPIPE."""
+    import signal
+
+    sink = open(tmp_path / "sink", "w")
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sink.fileno()
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["info"]) == 128 + signal.SIGPIPE
+    assert capsys.readouterr().err == ""
+    sink.close()
+
+
 def test_the_command_line_module_does_not_import_torch():
     """torch is imported inside main(), where a Ctrl-C during its import stops cleanly: the
     package loads its torch-based names on first use."""
