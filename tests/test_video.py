@@ -558,7 +558,7 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_file(tmp_path, signal
                              "models:tiny_cnn", "--batch-size", "1", "--quiet"], cwd=tmp_path, env=env,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+    while not list(tmp_path.glob(".out.mp4.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)  # until the encoder has opened its temporary file
     for _ in range(signals):
         proc.send_signal(signal.SIGTERM)
@@ -621,13 +621,13 @@ def test_cli_video_with_a_clip_model_from_a_factory_spec(tmp_path):
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--target", "7"], "class 7 is out of range"),
     (["video", "{good}", "-o", "out.gif", "--model", "models:tiny_cnn"], "a .gif cannot hold libx264 video"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "-5"], "frame rate must be from 1/1001"),
-    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "1e-9"], "not 1e-09"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "1e-9"], "frame rate must be from 1/1001 to 1000 frames per second, not 1e-9"),
     (["video", "{good}", "-o", "out.mp4", "--model", ":"], "model ':': give efficientnet_lite0"),
     (["video", "{good}", "-o", "out.mp4", "--model", ".models:tiny_cnn"], "model '.models:tiny_cnn': give"),
     (["video", "{good}", "-o", "out.mp4", "--model", "boom:net"], "cannot import model factory 'boom:net': RuntimeError: boom"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--weights", "{numbers}"], "not a tensor"),
-    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "nan"], "not nan"),
-    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "0"], "not 0.0"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "nan"], "not a frame rate: 'nan'"),
+    (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "0"], "frame rate must be from 1/1001 to 1000 frames per second, not 0 "),
     (["video", "{good}", "-o", "{good}", "--model", "models:tiny_cnn"], "is the input video"),
     (["video", "{good}", "-o", "out.mp4", "--report", "{good}"], "report '{good}' is the input video"),
     (["video", "{good}", "-o", "out.mp4", "--report", "out.mp4"], "report 'out.mp4' is the output video"),
