@@ -94,8 +94,8 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
                     break
         except av.error.FFmpegError as exc:
             if "webp" in container.format.name:  # FFmpeg reads WebP stills only
-                raise RSPError(f"video {str(path)!r}: FFmpeg decodes no animated WebP: turn it into a GIF or a video "
-                               "first") from None
+                raise RSPError(f"video {str(path)!r} does not decode: FFmpeg decodes no animated WebP (turn it into a "
+                               "GIF or a video first), and a still one only whole") from None
             raise RSPError(f"video {str(path)!r} is corrupt or truncated after frame {count}: {exc}") from None
         if count == 0:
             claimed = " (truncated or corrupt: its header claims frames)" if stream.frames or stream.duration else ""
