@@ -445,10 +445,14 @@ def _shifted_layout(x_cl: torch.Tensor, kernel, dilation, pad, out_hw, block: in
     return align, width, positions, triton.cdiv(positions + reach, 16) * 16  # each channel's row starts aligned
 
 
+def _offsets_fit(C: int, O: int, positions: int, length: int) -> bool:
+    return max(C * length, 2 * O * positions) < 2**31
+
+
 def shifted_fits(x_cl: torch.Tensor, O: int, kernel, dilation, pad, out_hw, block: int) -> bool:
     """Whether a sample's shifted copies and sections stay within the kernel's 32-bit offsets."""
     _, _, positions, length = _shifted_layout(x_cl, kernel, dilation, pad, out_hw, block)
-    return max(x_cl.shape[3] * length, 2 * O * positions) < 2**31
+    return _offsets_fit(x_cl.shape[3], O, positions, length)
 
 
 def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, block: int) -> ShiftedOperands:
@@ -461,7 +465,7 @@ def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad,
     O = R.shape[1]
     kw, dx, (pl, pt), Wo = kernel[1], dilation[1], pad[::2], out_hw[1]
     align, width, positions, length = _shifted_layout(x_cl, kernel, dilation, pad, out_hw, block)
-    if not shifted_fits(x_cl, O, kernel, dilation, pad, out_hw, block):  # the kernel's offsets within a sample are 32-bit
+    if not _offsets_fit(C, O, positions, length):  # the kernel's offsets within a sample are 32-bit
         raise ValueError(f"shifted_operands: a sample's copy of {C}×{length} or sections of {2 * O}×{positions} "
                          "elements pass 32-bit offsets")
     sections = stack_sections(R, x_cl.dtype, align=block, interleave=True, grid=(Wo, width))
