@@ -43,6 +43,13 @@ FIRST_LAYER_PRECISIONS = {"fp32": ("fp32", dict(FP64=False, TF32=False)), "tf32"
 FIRST_LAYER_ALIGNED = ("O", "L", "H", "W", "Wo", "Ho")
 
 
+def tma_tiles(precision: str, rows: int, cols: int, programs: int):
+    """A TMA responses launch (``Tiles.tma``) of rows × cols, its reduction tile 128 bytes of a row."""
+    from rsp_fast.kernels.triton.conv_products import Tiles
+
+    return Tiles(rows, cols, 64 if precision == "bf16" else 32, 8, 3, programs, tma=True)
+
+
 def launches():
     """(name, kernel, pointer types, constexprs, warps, stages, aligned integer arguments or None
     for ``ALIGNED``) for each launch to compile."""
@@ -89,8 +96,16 @@ def launches():
             yield (f"responses {precision} gram={gram}" + ("" if gram else f" M={columns}")
                    + (" persistent" if persistent else ""), cp._responses_kernel,
                    {"x_ptr": op, "f_ptr": op, "r_ptr": acc, "s_ptr": op},
-                   dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=gram, PERSISTENT=persistent),
-                   t.warps, t.stages, None)
+                   dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=gram, PERSISTENT=persistent,
+                        TMA=False, BOX_W=1), t.warps, t.stages, None)
+        if precision != "fp64":  # the TMA responses (Tiles.tma) at VGG16's conv1_2 and conv3_3
+            for t, columns, out_w in ((tma_tiles(precision, 256, 128, 0), 128, 224), (tma_tiles(precision, 128, 256, 1), 512, 56)):
+                height, width = cp.position_box(t.rows, (out_w, out_w))
+                yield (f"responses {precision} M={columns} TMA {height}×{width} box" + (" persistent" if t.programs else ""),
+                       cp._responses_kernel, {"x_ptr": f"tensordesc<{op}[1, {height}, {width}, {t.red}]>",
+                                              "f_ptr": f"tensordesc<{op}[1, 1, {t.cols}, {t.red}]>", "r_ptr": acc, "s_ptr": op},
+                       dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False,
+                            PERSISTENT=t.programs > 0, TMA=True, BOX_W=width), t.warps, t.stages, None)
         yield f"pack {precision}", cp._pack_kernel, {"x_ptr": acc, "scale_ptr": acc, "out_ptr": op}, \
             dict(BLOCK_C=64, BLOCK_P=64), 4, 1, None
         for on_grid in (False, True) if precision == "tf32" else (False,):  # on the grid: the shifted filters'
@@ -120,13 +135,15 @@ def compile_launch(kernel, pointers: dict, constexprs: dict, warps: int, stages:
     # is a runtime argument instead
     constexprs = {k: v for k, v in {**{n: 1 for n in UNIT_STRIDES if n in names}, **constexprs}.items()
                   if v is not None}
-    signature = {n: "constexpr" if n in constexprs else f"*{pointers[n]}" if n in pointers else "i32" for n in names}
+    signature = {n: "constexpr" if n in constexprs else pointers[n] if pointers.get(n, "").startswith("tensordesc")
+                 else f"*{pointers[n]}" if n in pointers else "i32" for n in names}
     # what the JIT knows at VGG16's conv1–conv4 launches (it marks integer arguments that are
     # multiples of 16): pointers, strides, channel and section counts and the number of positions
     # are; without it 16-bit loads are not vectorised, so not copied asynchronously, and their
     # loop is not pipelined (conv5's 14² = 196 positions are not a multiple of 16)
     aligned_names = ALIGNED if aligned_names is None else aligned_names
-    aligned = [n for n in names if n in pointers or (n not in constexprs and (n.startswith("s") or n in aligned_names))]
+    aligned = [n for n in names if signature[n].startswith("*")
+               or (signature[n] == "i32" and (n.startswith("s") or n in aligned_names))]
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -174,7 +191,7 @@ def main(argv=None) -> int:
               + (f"{usage[0]} registers {usage[1]} spilled, " if usage else "")
               + f"{ptx.count('wgmma.mma_async')} wgmma "
               f"{ptx.count('mma.sync')} mma.sync, {copies(ptx, 16)} 16-byte and {copies(ptx, 4)} 4-byte cp.async, "
-              f"{ptx.count('cp.async.bulk.tensor')} TMA")
+              f"{ptx.count('cp.async.bulk.tensor')} TMA copies")
     return 1 if failed else 0
 
 

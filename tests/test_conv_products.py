@@ -348,6 +348,10 @@ def test_kernels_compile_for_the_h100():
     # the filters' TF32 variant on shifted copies likewise, where the channels-last patches are not
     filters = [line for line in products if line.startswith("ok filters tf32")]
     assert len(filters) == 4 and all((" 0 4-byte" in line) == ("shifted" in line) for line in filters)
+    # the TMA responses (Tiles.tma): their operands come by the tensor memory accelerator alone
+    tma = [line for line in products if " box" in line]
+    assert len(tma) == 4 and all(" 0 16-byte and 0 4-byte cp.async" in line and " 0 TMA" not in line for line in tma)
+    assert all(" 0 TMA" in line for line in products if " box" not in line)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICES)
@@ -464,3 +468,60 @@ def test_only_kernel_backends_choose_the_implicit_gemms(backend, monkeypatch):
     got = inner_conv_relevance(Context(values={}, shapes={}, ops=SETS[backend]), x, R, g)
     assert rel_err(got, expected) < 1e-12
     assert bool(launches) == (backend != "torch")
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("programs", [0, 2])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_tma_responses_match_the_unfolded_reference(geometry, programs, device, dtype):
+    """The responses with their patches and filters copied by the tensor memory accelerator
+    (``Tiles.tma``: tensor descriptors, a tile's positions a box of the output, zero off the
+    image by the copy itself), one program per tile or persistent: the same products as the
+    default launch, for every kernel shape, dilation and padding where the operands' rows are
+    16-byte aligned; elsewhere a ValueError that names the alignment."""
+    from rsp_fast.kernels.triton.conv_products import default_tiles
+
+    C = geometry[1]
+    t = default_tiles("responses", 2 * geometry[2], dtype, torch.device(device))._replace(programs=programs, tma=True)
+    if C * dtype.itemsize % 16:
+        with pytest.raises(ValueError, match="16-byte aligned"):
+            _products(*geometry, device, dtype, tiles={"responses": t})
+        return
+    got, expected = _products(*geometry, device, dtype, tiles={"responses": t})
+    plain, _ = _products(*geometry, device, dtype)
+    assert rel_err(got.double().cpu(), expected.cpu()) < TOL[dtype]
+    assert rel_err(got.double().cpu(), plain.double().cpu()) < (1e-13 if dtype == torch.float64 else TOL[dtype])
+
+
+@pytest.mark.parametrize("rows,out_hw,box", [
+    (256, (224, 224), (8, 32)),  # 224 = 7·32 and 8 | 224: the boxes tile VGG16's first layers exactly
+    (256, (112, 112), (16, 16)),
+    (128, (14, 14), (8, 16)),  # 2 boxes of 8×16 cover 14×14 (256 positions; 64×2 boxes would take 896)
+    (32, (1, 23), (1, 32)),  # a Conv1d's one row
+    (64, (7, 5), (8, 8)),  # a box past both edges beats any taller one: 7 rows need 8, 5 columns 8
+])
+def test_position_box_covers_the_output_with_the_fewest_positions_past_its_edges(rows, out_hw, box):
+    from rsp_fast.kernels.triton.conv_products import position_box
+
+    assert position_box(rows, out_hw) == box
+
+
+def test_tma_launches_exist_only_for_the_responses():
+    """The filters, the back-projection and the Gram path's patch Gram have no TMA launch: asked
+    for one, they say so instead of ignoring it."""
+    from rsp_fast.kernels.triton.conv_products import default_tiles
+
+    cpu = torch.device("cpu")
+    geometry = (1, 8, 3, 6, 6, (3, 3), (1, 1), (1, 1, 1, 1))
+    for kernel in ("filters", "back"):
+        t = default_tiles(kernel, 8, torch.float64, cpu)._replace(tma=True)
+        with pytest.raises(ValueError, match="no .*TMA launch"):
+            _products(*geometry, "cpu", torch.float64, tiles={kernel: t})
+    if reason := triton_unavailable_reason(cpu):
+        pytest.skip(reason)
+    from rsp_fast.kernels.triton.conv_products import gram_products_triton
+
+    x, R = torch.rand(1, 6, 6, 8, dtype=torch.float64), torch.randn(1, 3, 36, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no TMA launch"):
+        gram_products_triton(x, R, (3, 3), (1, 1), (1, 1, 1, 1), (6, 6), torch.float64,
+                             tiles={"responses": default_tiles("patch_gram", 36, torch.float64, cpu)._replace(tma=True)})

@@ -23,7 +23,9 @@ one the stacked sections (``stack_sections``), and the back-projection's epilogu
 purge's 2·x̂⊙dx and counts its non-zeros (``Combination``), leaving the purge only its shift.
 TF32 tensor cores read an operand from shared memory only with its summed axis contiguous: the
 back-projection then reads a copy of F laid out so (``_filters_for_back``), and the filters can
-read their patches from shifted positions-major copies of the input (``Tiles.shifted``).
+read their patches from shifted positions-major copies of the input (``Tiles.shifted``). The
+responses can instead have the tensor memory accelerator copy their patches and filters
+(``Tiles.tma``): a tile's positions are then a box of the output, and a tap's patches one box of x.
 """
 from __future__ import annotations
 
@@ -47,13 +49,13 @@ def _dot(a, b, acc, FP64: tl.constexpr, TF32: tl.constexpr):
 
 
 @triton.jit
-def _normalised(acc, r_ptr, rl, ro, O, L, srm, srl, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr):
-    """S for a tile of positions rl and interleaved section columns (those of outputs ro): where
+def _normalised(acc, r_ptr, rl, valid, ro, O, srm, srl, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr):
+    """S for a tile of positions rl (``valid`` the real ones) and interleaved section columns (those of outputs ro): where
     R ≠ 0 only its own section's response is read, S = R/G there (R⁺/G⁺, or −R⁻/G⁻ for the
     hostile section) where G ≠ 0, zero elsewhere. Each R is read once for both of its columns and
     divided once, which also halves the registers the epilogue holds beside the accumulator."""
     pos, neg = tl.split(tl.reshape(acc, (BLOCK_L, BLOCK_M // 2, 2)))
-    r = tl.load(r_ptr + ro[None, :] * srm + rl[:, None] * srl, mask=(rl[:, None] < L) & (ro[None, :] < O),
+    r = tl.load(r_ptr + ro[None, :] * srm + rl[:, None] * srl, mask=valid[:, None] & (ro[None, :] < O),
                 other=0.0).to(acc.dtype)
     g = tl.where(r > 0, pos, neg)
     active = (r != 0) & (g != 0)
@@ -125,57 +127,87 @@ def _tile_coords(tile, tiles_rows, tiles_cols):
 def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, N, O, C, L, H, W, Wo, KW, DY, DX, PT, PL, T,
                       sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
                       BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
-                      TF32: tl.constexpr, GRAM: tl.constexpr, PERSISTENT: tl.constexpr):
+                      TF32: tl.constexpr, GRAM: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr,
+                      BOX_W: tl.constexpr):
     """S[n, l-block, m-block]: the responses over every tap and channel, then the normalisation.
     GRAM: the Gram path's patch Gram K[n, l-block, l'-block] = Σ_(t, c) Xᵤ[(t, c), l]·Xᵤ[(t, c), l']
     instead (the columns are positions too, read from x like the rows), stored as it is.
     PERSISTENT: each program loops over tiles (positions fastest, then columns, then samples),
     the loop nest flattened so that the next tile's loads are in flight during this one's
-    epilogue (``Tiles.programs``); otherwise one tile per program of a 3-D grid."""
+    epilogue (``Tiles.programs``); otherwise one tile per program of a 3-D grid.
+    TMA (``Tiles.tma``): x_ptr and f_ptr are tensor descriptors of x (N, H, W, C) and F (N, T, M, C),
+    and a tile's positions are a box of the output, BLOCK_L // BOX_W rows of BOX_W, whose patches at
+    a tap are one box of x that the tensor memory accelerator copies, zero off the image."""
     M = L if GRAM else 2 * O  # the columns
     if PERSISTENT:
-        tiles_l, tiles_m = tl.cdiv(L, BLOCK_L), tl.cdiv(M, BLOCK_M)
+        tiles_l, tiles_m = _position_tiles(L, Wo, BLOCK_L, TMA, BOX_W), tl.cdiv(M, BLOCK_M)
         for tile in tl.range(tl.program_id(0), tiles_l * tiles_m * N, tl.num_programs(0), flatten=True):
             pid_l, pid_m, n = _tile_coords(tile, tiles_l, tiles_m)
             _responses_tile(pid_l, pid_m, n, x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M, H, W, Wo, KW, DY, DX, PT, PL, T,
                             sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl, BLOCK_L, BLOCK_M, BLOCK_C, FP64,
-                            TF32, GRAM)
+                            TF32, GRAM, TMA, BOX_W)
     else:
         _responses_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M,
                         H, W, Wo, KW, DY, DX, PT, PL, T, sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
-                        BLOCK_L, BLOCK_M, BLOCK_C, FP64, TF32, GRAM)
+                        BLOCK_L, BLOCK_M, BLOCK_C, FP64, TF32, GRAM, TMA, BOX_W)
+
+
+@triton.jit
+def _position_tiles(L, Wo, BLOCK_L: tl.constexpr, TMA: tl.constexpr, BOX_W: tl.constexpr):
+    """How many tiles of positions the responses have: blocks of BLOCK_L positions in order, or
+    (TMA) boxes of the output BLOCK_L // BOX_W rows high and BOX_W wide."""
+    if TMA:
+        count = tl.cdiv(L // Wo, BLOCK_L // BOX_W) * tl.cdiv(Wo, BOX_W)
+    else:
+        count = tl.cdiv(L, BLOCK_L)
+    return count
 
 
 @triton.jit
 def _responses_tile(pid_l, pid_m, n, x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M, H, W, Wo, KW, DY, DX, PT, PL, T,
                     sxn, sxh, sxw, sfn, sft, sfm, srn, srm, srl, ssn, ssl,
                     BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
-                    TF32: tl.constexpr, GRAM: tl.constexpr):
+                    TF32: tl.constexpr, GRAM: tl.constexpr, TMA: tl.constexpr, BOX_W: tl.constexpr):
     """One tile of ``_responses_kernel``: positions of block pid_l, columns of block pid_m, sample n."""
-    rl = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    q = tl.arange(0, BLOCK_L)
+    if TMA:  # the box's top-left output position, and each row's (i, j) in it
+        i0 = (pid_l // tl.cdiv(Wo, BOX_W)) * (BLOCK_L // BOX_W)
+        j0 = (pid_l % tl.cdiv(Wo, BOX_W)) * BOX_W
+        i, j = i0 + q // BOX_W, j0 + q % BOX_W
+        rl = i * Wo + j
+        valid = (i < L // Wo) & (j < Wo)
+    else:
+        rl = pid_l * BLOCK_L + q
+        i, j = rl // Wo, rl % Wo
+        valid = rl < L
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    i, j = rl // Wo, rl % Wo
-    im, jm = rm // Wo, rm % Wo  # GRAM: the columns' positions
-    x_base = x_ptr + n.to(tl.int64) * sxn
-    f_base = f_ptr + n.to(tl.int64) * sfn
+    if not TMA:
+        x_base = x_ptr + n.to(tl.int64) * sxn
+        f_base = f_ptr + n.to(tl.int64) * sfn
+        im, jm = rm // Wo, rm % Wo  # GRAM: the columns' positions
     acc = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float64 if FP64 else tl.float32)
     c_blocks = tl.cdiv(C, BLOCK_C)
     for k in range(0, T * c_blocks):  # one loop over (tap, channel block): it pipelines as one
         t, c0 = k // c_blocks, (k % c_blocks) * BLOCK_C
-        rc = c0 + tl.arange(0, BLOCK_C)
-        xv = _patch_rows(x_base, i, j, rl < L, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sxh, sxw)
-        if GRAM:
-            f = tl.trans(_patch_rows(x_base, im, jm, rm < M, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sxh, sxw))
+        if TMA:
+            xv = x_ptr.load([n, i0 + (t // KW) * DY - PT, j0 + (t % KW) * DX - PL, c0]).reshape(BLOCK_L, BLOCK_C)
+            f = tl.trans(f_ptr.load([n, t, pid_m * BLOCK_M, c0]).reshape(BLOCK_M, BLOCK_C))
         else:
-            f = tl.load(f_base + t * sft + rm[None, :] * sfm + rc[:, None], mask=(rc[:, None] < C) & (rm[None, :] < M),
-                        other=0.0)
+            rc = c0 + tl.arange(0, BLOCK_C)
+            xv = _patch_rows(x_base, i, j, valid, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sxh, sxw)
+            if GRAM:
+                f = tl.trans(_patch_rows(x_base, im, jm, rm < M, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sxh,
+                                         sxw))
+            else:
+                f = tl.load(f_base + t * sft + rm[None, :] * sfm + rc[:, None], mask=(rc[:, None] < C) & (rm[None, :] < M),
+                            other=0.0)
         acc = _dot(xv, f, acc, FP64, TF32)
-    mask = (rl[:, None] < L) & (rm[None, :] < M)
+    mask = valid[:, None] & (rm[None, :] < M)
     if GRAM:
         out = acc
     else:
         ro = pid_m * (BLOCK_M // 2) + tl.arange(0, BLOCK_M // 2)
-        out = _normalised(acc, r_ptr + n.to(tl.int64) * srn, rl, ro, O, L, srm, srl, BLOCK_L, BLOCK_M)
+        out = _normalised(acc, r_ptr + n.to(tl.int64) * srn, rl, valid, ro, O, srm, srl, BLOCK_L, BLOCK_M)
     tl.store(s_ptr + n.to(tl.int64) * ssn + rl[:, None] * ssl + rm[None, :], out.to(s_ptr.dtype.element_ty), mask=mask)
 
 
@@ -302,7 +334,9 @@ class Tiles(NamedTuple):
     stages, and ``programs``: 0 for one program per tile, or (the responses and the
     back-projection, persistent) that many programs per multiprocessor, each looping over tiles;
     ``shifted`` (the filters): their patches read from shifted copies of the input
-    (``shifted_operands``) instead of the channels-last input."""
+    (``shifted_operands``) instead of the channels-last input; ``tma`` (the responses): the
+    patches and filters copied by the tensor memory accelerator, ``rows`` positions a box of the
+    output (``position_box``), where ``tma_fits``."""
     rows: int
     cols: int
     red: int
@@ -310,6 +344,7 @@ class Tiles(NamedTuple):
     stages: int
     programs: int = 0
     shifted: bool = False
+    tma: bool = False
 
 
 def default_tiles(kernel: str, columns: int, dtype: torch.dtype, device: torch.device) -> Tiles:
@@ -478,6 +513,38 @@ def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad,
     return ShiftedOperands(sections, copies, width, positions, align)
 
 
+def position_box(rows: int, out_hw) -> tuple[int, int]:
+    """The box of output positions (height, width: powers of two, ``rows`` in all) that a TMA
+    responses tile covers: the one whose boxes cover the output with the fewest positions past
+    its edges, the widest of those."""
+    Ho, Wo = out_hw
+    widths = [1 << k for k in range(rows.bit_length()) if (1 << k) <= rows]
+    width = min(widths, key=lambda w: (triton.cdiv(Ho, rows // w) * (rows // w) * triton.cdiv(Wo, w) * w, -w))
+    return rows // width, width
+
+
+def tma_fits(*operands: torch.Tensor) -> bool:
+    """Whether tensor descriptors can address these operands: on a GPU with the tensor memory
+    accelerator (compute capability 9 or later; Triton's interpreter on the CPU), each starting on
+    16 bytes with its last axis contiguous and every other stride a multiple of 16 bytes."""
+    device = operands[0].device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               for t in operands)
+
+
+def _tma_operands(x_cl: torch.Tensor, F: torch.Tensor, t: Tiles, out_hw) -> tuple:
+    """The responses kernel's patches and filters arguments for a TMA launch: x (N, H, W, C) and
+    F (N, T, M, C) as tensor descriptors of one box each (positions, section columns, channels), and
+    the box's width."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    height, width = position_box(t.rows, out_hw)
+    return (TensorDescriptor.from_tensor(x_cl, [1, height, width, t.red]),
+            TensorDescriptor.from_tensor(F, [1, 1, t.cols, t.red]), width)
+
+
 def _grid(t: Tiles, tiles: tuple[int, int, int], device: torch.device) -> tuple[int, ...]:
     """A launch's grid over (row blocks, column blocks, samples): one program per tile, or
     ``t.programs`` persistent programs per multiprocessor (on the CPU interpreter, in all), no
@@ -535,8 +602,8 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
     if t.shifted and "filters" not in tiles and not shifted_fits(x_cl, O, kernel, dilation, pad, out_hw, t.red):
         t = t._replace(shifted=False)  # the default launch, on the channels-last input where copies would not fit
-    if t.programs:
-        raise ValueError("conv_products: the filters kernel has no persistent launch (Tiles.programs)")
+    if t.programs or t.tma:
+        raise ValueError("conv_products: the filters kernel has no persistent or TMA launch (Tiles.programs, Tiles.tma)")
     if t.shifted:
         sections, patches, width, _, align = shifted_operands(x_cl, R, kernel, dilation, pad, out_hw, t.red)
         patch_strides = (patches.stride(1), 0, 0, patches.stride(0), patches.stride(2))
@@ -560,10 +627,15 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     # responses and normalisation: rows are positions, columns the sections, reduced over (tap, channel)
     t = tiles.get("responses") or default_tiles("responses", M, dtype, device)
     S = torch.empty((N, L, M), dtype=dtype, device=device)
-    _responses_kernel[_grid(t, (triton.cdiv(L, t.rows), triton.cdiv(M, t.cols), N), device)](
-        x_cl, F, R, S, N, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
-        BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, PERSISTENT=t.programs > 0,
-        num_warps=t.warps, num_stages=t.stages)
+    if t.tma and not tma_fits(x_cl, F):
+        raise ValueError(f"conv_products: TMA responses (Tiles.tma) need 16-byte aligned operands and a GPU with "
+                         f"the tensor memory accelerator; {C} channels of {dtype} on {device} do not")
+    patches, filters, box_w = _tma_operands(x_cl, F, t, out_hw) if t.tma else (x_cl, F, 1)
+    position_tiles = triton.cdiv(out_hw[0], t.rows // box_w) * triton.cdiv(Wo, box_w) if t.tma else triton.cdiv(L, t.rows)
+    _responses_kernel[_grid(t, (position_tiles, triton.cdiv(M, t.cols), N), device)](
+        patches, filters, R, S, N, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
+        BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, PERSISTENT=t.programs > 0, TMA=t.tma,
+        BOX_W=box_w, num_warps=t.warps, num_stages=t.stages)
 
     # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
     return _back_projection(S, _filters_for_back(F, flags), x_cl, out_dtype, combine, tiles, flags, out_hw, kernel,
@@ -586,6 +658,8 @@ def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kerne
     M = S.shape[-1]
     (_, kw), (dy, dx_), (pl, _, pt, _) = kernel, dilation, pad
     t = tiles.get("back") or default_tiles("gram_back" if gram else "back", C, x_cl.dtype, x_cl.device)
+    if t.tma:
+        raise ValueError("conv_products: the back-projection has no TMA launch (Tiles.tma)")
     dx = torch.empty((N, C, H, W), dtype=out_dtype, device=x_cl.device)
     if combine is not None:
         x = with_pixel_stride(combine.x)
@@ -623,11 +697,13 @@ def gram_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     Rs_low = stack_sections(R, dtype, align=16)  # N, 2·O, Lp (zeros past L)
     Lp = Rs_low.shape[-1]
     t = tiles.get("responses") or default_tiles("patch_gram", L, dtype, device)
+    if t.tma:
+        raise ValueError("gram_products: the patch Gram has no TMA launch (Tiles.tma)")
     K = torch.empty((N, L, Lp), dtype=dtype, device=device)[..., :L]
     _responses_kernel[_grid(t, (triton.cdiv(L, t.rows), triton.cdiv(L, t.cols), N), device)](
         x_cl, x_cl, R, K, N, O, C, L, H, W, Wo, kw, dy, dx_, pt, pl, kh * kw, *x_cl.stride()[:3], 0, 0, 0, *R.stride(),
         *K.stride()[:2], BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=True, PERSISTENT=t.programs > 0,
-        num_warps=t.warps, num_stages=t.stages)
+        TMA=False, BOX_W=1, num_warps=t.warps, num_stages=t.stages)
     S = sectional_matmul_triton(Rs_low[..., :L], K, stack_sections(R, R.dtype), O)  # N, 2·O, L: [S⁺; −S⁻]
     Mt = torch.bmm(S.transpose(1, 2).to(dtype), Rs_low)[..., :L]  # N, L, L: Mᵀ = Sᵀ·[R⁺; R⁻]
     return _back_projection(Mt, Mt, x_cl, out_dtype, combine, tiles, flags, out_hw, kernel, dilation, pad, gram=True)
