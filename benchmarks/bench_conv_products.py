@@ -48,8 +48,8 @@ LOW = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16
 def candidate_tiles(dtype: torch.dtype, kernel: str, prepared_only: bool = False):
     """Launch tiles to try for one kernel: one program per tile, for the responses and the
     back-projection also persistent programs (``Tiles.programs`` per multiprocessor), for TF32's
-    filters also the patches read from shifted copies (``Tiles.shifted``), for the responses also
-    TMA copies (``Tiles.tma``). ``prepared_only``: only the persistent, shifted and TMA ones, and
+    filters also the patches read from shifted copies (``Tiles.shifted``), for the responses and
+    the back-projection also TMA copies (``Tiles.tma``). ``prepared_only``: only the persistent, shifted and TMA ones, and
     TF32's unspilled back-projection tiles (beside the default launch, ``None``)."""
     from rsp_fast.kernels.triton.conv_products import Tiles
 
@@ -65,10 +65,13 @@ def candidate_tiles(dtype: torch.dtype, kernel: str, prepared_only: bool = False
         tiles += [Tiles(256, 128, red, 8, 3, 1), Tiles(128, 256, red, 8, 3, 1), Tiles(128, 128, red, 8, 3, 1),
                   Tiles(128, 128, red, 4, 3, 2), Tiles(64, 128, red, 4, 3, 2), Tiles(64, 128, red, 4, 3, 3),
                   Tiles(128, 64, red, 4, 3, 2)]
-    if kernel == "responses":  # the patches and filters copied by the tensor memory accelerator (Tiles.tma)
+    if kernel == "responses":  # the operands copied by the tensor memory accelerator (Tiles.tma)
         tiles += [Tiles(256, 128, red, 8, 3, tma=True), Tiles(128, 128, red, 8, 3, tma=True),
                   Tiles(128, 128, red, 8, 4, tma=True), Tiles(256, 128, red, 8, 3, 1, tma=True),
                   Tiles(128, 256, red, 8, 3, 1, tma=True)]
+    if kernel == "back":
+        tiles += [Tiles(64, 128, red, 4, 3, tma=True), Tiles(128, 64, red, 4, 3, tma=True),
+                  Tiles(128, 128, red, 8, 3, tma=True), Tiles(64, 128, red, 4, 4, tma=True)]
     if prepared_only:  # and TF32's back-projection on tiles that do not spill with F's sections contiguous
         unspilled = [Tiles(128, 128, red, 8, 3), Tiles(64, 128, red, 4, 3)] if kernel == "back" and dtype.itemsize == 4 else []
         return [None, *unspilled] + [t for t in tiles if t.programs or t.shifted or t.tma]

@@ -87,8 +87,20 @@ def launches():
                        cp._back_kernel, {"s_ptr": op, "f_ptr": op, "xcl_ptr": op, "dx_ptr": acc, "x_ptr": acc,
                                          "scale_ptr": acc, "counts_ptr": "i32" if purge else acc},
                        dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine,
-                            PURGE=purge, PERSISTENT=persistent, **({} if gram else f_layouts[layout])),
+                            PURGE=purge, PERSISTENT=persistent, TMA=False, BOX_W=1, F_T=False,
+                            **({} if gram else f_layouts[layout])),
                        t.warps, t.stages, None)
+            if precision == "fp64":
+                continue
+            # the TMA back-projection (Tiles.tma) at VGG16's conv1_2 and conv3_3, with the purge's epilogue
+            t = cp.default_tiles("back", channels, dtype, cuda)._replace(tma=True)
+            height, width = cp.position_box(t.rows, (224, 224) if channels == 64 else (56, 56))
+            f_box = f"[1, 1, {t.cols}, {t.red}]" if sections_major else f"[1, 1, {t.red}, {t.cols}]"
+            yield (f"back {precision} C={channels} TMA {height}×{width} box", cp._back_kernel,
+                   {"s_ptr": f"tensordesc<{op}[1, {height}, {width}, {t.red}]>", "f_ptr": f"tensordesc<{op}{f_box}>",
+                    "xcl_ptr": op, "dx_ptr": acc, "x_ptr": acc, "scale_ptr": acc, "counts_ptr": "i32"},
+                   dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=False, COMBINE=True, PURGE=True,
+                        PERSISTENT=False, TMA=True, BOX_W=width, F_T=sections_major), t.warps, t.stages, None)
         for gram, columns, persistent in ((False, 128, False), (False, 512, False), (True, 784, False),
                                           (False, 128, True)):  # section columns, or positions
             t = cp.default_tiles("patch_gram" if gram else "responses", columns, dtype, cuda)

@@ -348,9 +348,11 @@ def test_kernels_compile_for_the_h100():
     # the filters' TF32 variant on shifted copies likewise, where the channels-last patches are not
     filters = [line for line in products if line.startswith("ok filters tf32")]
     assert len(filters) == 4 and all((" 0 4-byte" in line) == ("shifted" in line) for line in filters)
-    # the TMA responses (Tiles.tma): their operands come by the tensor memory accelerator alone
+    # the TMA responses and back-projections (Tiles.tma): the sections, patches and filters come by
+    # the tensor memory accelerator alone (the back-projection's epilogue reads x as before)
     tma = [line for line in products if " box" in line]
-    assert len(tma) == 4 and all(" 0 16-byte and 0 4-byte cp.async" in line and " 0 TMA" not in line for line in tma)
+    assert len(tma) == 8 and all(" 0 TMA" not in line for line in tma)
+    assert all(" 0 16-byte and 0 4-byte cp.async" in line for line in tma if line.startswith("ok responses"))
     assert all(" 0 TMA" in line for line in products if " box" not in line)
 
 
@@ -399,19 +401,26 @@ def test_persistent_launches_give_the_same_products(device, dtype, gram):
     responses = kernels.default_tiles("patch_gram" if gram else "responses", H * W if gram else 2 * O, dtype, cuda)
     back = kernels.default_tiles("gram_back" if gram else "back", C, dtype, cuda)
 
-    def run(programs):
+    def run(programs, tma=False):
         counts = torch.zeros(N, dtype=torch.int32, device=device)
         out = products(x_cl, R, (3, 3), (1, 1), (1, 1, 1, 1), (H, W), work, combine=kernels.Combination(x, scale, counts),
-                       tiles={"responses": responses._replace(programs=programs), "back": back._replace(programs=programs)})
+                       tiles={"responses": responses._replace(programs=programs, tma=tma),
+                              "back": back._replace(programs=programs, tma=tma)})
         return out, counts
 
     prior = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # so torch.empty fills with NaN: a tile left unwritten shows
     try:
         (classic, classic_counts), (persistent, counts) = run(0), run(2)
+        # TMA launches (Tiles.tma; not on the Gram path), whose boxes pass the image's edges (9×10
+        # in boxes of 32 pixels): the pixels past them are neither written nor counted
+        boxed = None if gram else run(2, tma=True)
     finally:
         torch.use_deterministic_algorithms(prior)
     assert torch.equal(classic, persistent) and torch.equal(classic_counts, counts)
+    if boxed is not None:
+        assert rel_err(boxed[0].double().cpu(), classic.double().cpu()) < (1e-13 if dtype == torch.float64 else TOL[dtype])
+        assert torch.equal(boxed[1], counts)
     x_hat = x.double().clamp(min=0) * scale.double().view(N, 1, 1, 1)
     dx = sectional_products_reference(x_cl.permute(0, 3, 1, 2).double(), R.double().reshape(N, O, H, W), (3, 3), (1, 1),
                                       (1, 1), (1, 1, 1, 1))
@@ -473,21 +482,23 @@ def test_only_kernel_backends_choose_the_implicit_gemms(backend, monkeypatch):
 @pytest.mark.parametrize("device,dtype", DEVICES)
 @pytest.mark.parametrize("programs", [0, 2])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_tma_responses_match_the_unfolded_reference(geometry, programs, device, dtype):
-    """The responses with their patches and filters copied by the tensor memory accelerator
-    (``Tiles.tma``: tensor descriptors, a tile's positions a box of the output, zero off the
-    image by the copy itself), one program per tile or persistent: the same products as the
-    default launch, for every kernel shape, dilation and padding where the operands' rows are
-    16-byte aligned; elsewhere a ValueError that names the alignment."""
+@pytest.mark.parametrize("kernel", ["responses", "back"])
+def test_tma_launches_match_the_unfolded_reference(geometry, kernel, programs, device, dtype):
+    """The responses (or the back-projection) with their operands copied by the tensor memory
+    accelerator (``Tiles.tma``: tensor descriptors, a tile's positions or pixels a box of the
+    output or input, zero past its edges by the copy itself), one program per tile or persistent:
+    the same products as the default launch, for every kernel shape, dilation and padding where
+    the operands' rows are 16-byte aligned; elsewhere a ValueError that names the alignment."""
     from rsp_fast.kernels.triton.conv_products import default_tiles
 
-    C = geometry[1]
-    t = default_tiles("responses", 2 * geometry[2], dtype, torch.device(device))._replace(programs=programs, tma=True)
-    if C * dtype.itemsize % 16:
+    C, O = geometry[1:3]
+    t = default_tiles(kernel, 2 * O if kernel == "responses" else C, dtype, torch.device(device))
+    t = t._replace(programs=programs, tma=True)
+    if any(rows * dtype.itemsize % 16 for rows in ((C,) if kernel == "responses" else (C, 2 * O))):
         with pytest.raises(ValueError, match="16-byte aligned"):
-            _products(*geometry, device, dtype, tiles={"responses": t})
+            _products(*geometry, device, dtype, tiles={kernel: t})
         return
-    got, expected = _products(*geometry, device, dtype, tiles={"responses": t})
+    got, expected = _products(*geometry, device, dtype, tiles={kernel: t})
     plain, _ = _products(*geometry, device, dtype)
     assert rel_err(got.double().cpu(), expected.cpu()) < TOL[dtype]
     assert rel_err(got.double().cpu(), plain.double().cpu()) < (1e-13 if dtype == torch.float64 else TOL[dtype])
@@ -506,22 +517,19 @@ def test_position_box_covers_the_output_with_the_fewest_positions_past_its_edges
     assert position_box(rows, out_hw) == box
 
 
-def test_tma_launches_exist_only_for_the_responses():
-    """The filters, the back-projection and the Gram path's patch Gram have no TMA launch: asked
-    for one, they say so instead of ignoring it."""
+def test_tma_launches_exist_only_for_the_responses_and_the_back_projection():
+    """The filters and the Gram path's kernels have no TMA launch: asked for one, they say so
+    instead of ignoring it."""
     from rsp_fast.kernels.triton.conv_products import default_tiles
 
     cpu = torch.device("cpu")
-    geometry = (1, 8, 3, 6, 6, (3, 3), (1, 1), (1, 1, 1, 1))
-    for kernel in ("filters", "back"):
-        t = default_tiles(kernel, 8, torch.float64, cpu)._replace(tma=True)
-        with pytest.raises(ValueError, match="no .*TMA launch"):
-            _products(*geometry, "cpu", torch.float64, tiles={kernel: t})
-    if reason := triton_unavailable_reason(cpu):
-        pytest.skip(reason)
+    t = default_tiles("filters", 8, torch.float64, cpu)._replace(tma=True)
+    with pytest.raises(ValueError, match="no .*TMA launch"):
+        _products(1, 8, 3, 6, 6, (3, 3), (1, 1), (1, 1, 1, 1), "cpu", torch.float64, tiles={"filters": t})
     from rsp_fast.kernels.triton.conv_products import gram_products_triton
 
     x, R = torch.rand(1, 6, 6, 8, dtype=torch.float64), torch.randn(1, 3, 36, dtype=torch.float64)
-    with pytest.raises(ValueError, match="no TMA launch"):
-        gram_products_triton(x, R, (3, 3), (1, 1), (1, 1, 1, 1), (6, 6), torch.float64,
-                             tiles={"responses": default_tiles("patch_gram", 36, torch.float64, cpu)._replace(tma=True)})
+    for kernel, default in (("responses", "patch_gram"), ("back", "gram_back")):
+        tiles = {kernel: default_tiles(default, 36, torch.float64, cpu)._replace(tma=True)}
+        with pytest.raises(ValueError, match="no TMA launch"):
+            gram_products_triton(x, R, (3, 3), (1, 1), (1, 1, 1, 1), (6, 6), torch.float64, tiles=tiles)

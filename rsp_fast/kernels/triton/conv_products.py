@@ -153,13 +153,13 @@ def _responses_kernel(x_ptr, f_ptr, r_ptr, s_ptr, N, O, C, L, H, W, Wo, KW, DY, 
 
 
 @triton.jit
-def _position_tiles(L, Wo, BLOCK_L: tl.constexpr, TMA: tl.constexpr, BOX_W: tl.constexpr):
-    """How many tiles of positions the responses have: blocks of BLOCK_L positions in order, or
-    (TMA) boxes of the output BLOCK_L // BOX_W rows high and BOX_W wide."""
+def _position_tiles(P, width, BLOCK: tl.constexpr, TMA: tl.constexpr, BOX_W: tl.constexpr):
+    """How many tiles the P positions (or pixels) of a grid ``width`` wide take: blocks of BLOCK
+    in order, or (TMA) boxes BLOCK // BOX_W rows high and BOX_W wide."""
     if TMA:
-        count = tl.cdiv(L // Wo, BLOCK_L // BOX_W) * tl.cdiv(Wo, BOX_W)
+        count = tl.cdiv(P // width, BLOCK // BOX_W) * tl.cdiv(width, BOX_W)
     else:
-        count = tl.cdiv(L, BLOCK_L)
+        count = tl.cdiv(P, BLOCK)
     return count
 
 
@@ -169,15 +169,12 @@ def _responses_tile(pid_l, pid_m, n, x_ptr, f_ptr, r_ptr, s_ptr, O, C, L, M, H, 
                     BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
                     TF32: tl.constexpr, GRAM: tl.constexpr, TMA: tl.constexpr, BOX_W: tl.constexpr):
     """One tile of ``_responses_kernel``: positions of block pid_l, columns of block pid_m, sample n."""
-    q = tl.arange(0, BLOCK_L)
     if TMA:  # the box's top-left output position, and each row's (i, j) in it
-        i0 = (pid_l // tl.cdiv(Wo, BOX_W)) * (BLOCK_L // BOX_W)
-        j0 = (pid_l % tl.cdiv(Wo, BOX_W)) * BOX_W
-        i, j = i0 + q // BOX_W, j0 + q % BOX_W
+        i0, j0, i, j = _box_rows(pid_l, Wo, BLOCK_L, BOX_W)
         rl = i * Wo + j
         valid = (i < L // Wo) & (j < Wo)
     else:
-        rl = pid_l * BLOCK_L + q
+        rl = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
         i, j = rl // Wo, rl % Wo
         valid = rl < L
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -216,56 +213,85 @@ def _back_kernel(s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, N,
                  T, ssn, ssl, sfn, sft, sfm, sfc, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FP64: tl.constexpr,
                  TF32: tl.constexpr, GRAM: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr,
-                 PERSISTENT: tl.constexpr):
+                 PERSISTENT: tl.constexpr, TMA: tl.constexpr, BOX_W: tl.constexpr, F_T: tl.constexpr):
     """dx[n, c-block, pixel-block] = Σ over taps and sections of F·S, each pixel gathering the
     output positions whose patches hold it. GRAM: the Gram path's Σ over taps and positions l' of
     Xᵤ[(t, c), l']·M[l', l], with s_ptr holding Mᵀ (N, L, L) and Xᵤ read from the channels-last
     input at xcl_ptr in place of F. COMBINE: written as x̂⊙dx instead, x̂ = max(x, 0)·scale
     (PURGE: 2·x̂⊙dx, its non-zeros counted per sample). PERSISTENT: as ``_responses_kernel``'s
     (pixels fastest, then channels, then samples). F is read at its strides (sfm, sfc): either
-    of its last two axes may be the contiguous one (``_filters_for_back``)."""
+    of its last two axes may be the contiguous one (``_filters_for_back``). TMA (``Tiles.tma``):
+    s_ptr and f_ptr are tensor descriptors of S (N, Ho, Wo, M) and of F (N, T, M, C), or (F_T: its
+    sections contiguous) of F's transpose (N, T, C, M); a tile's pixels are a box of the input,
+    BLOCK_Q // BOX_W rows of BOX_W, whose sections at a tap are one box of S, zero off the output."""
     if PERSISTENT:
-        tiles_q, tiles_c = tl.cdiv(H * W, BLOCK_Q), tl.cdiv(C, BLOCK_C)
+        tiles_q, tiles_c = _position_tiles(H * W, W, BLOCK_Q, TMA, BOX_W), tl.cdiv(C, BLOCK_C)
         for tile in tl.range(tl.program_id(0), tiles_q * tiles_c * N, tl.num_programs(0), flatten=True):
             pid_q, pid_c, n = _tile_coords(tile, tiles_q, tiles_c)
             _back_tile(pid_q, pid_c, n, s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho,
                        Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, sfc, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
-                       BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM, COMBINE, PURGE)
+                       BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM, COMBINE, PURGE, TMA, BOX_W, F_T)
     else:
         _back_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr,
                    scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY, DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, sfc, scn,
-                   sch, scw, sdn, sdc, sxn, sxc, sxp, BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM, COMBINE, PURGE)
+                   sch, scw, sdn, sdc, sxn, sxc, sxp, BLOCK_Q, BLOCK_C, BLOCK_M, FP64, TF32, GRAM, COMBINE, PURGE, TMA,
+                   BOX_W, F_T)
+
+
+@triton.jit
+def _box_rows(pid, width, BLOCK: tl.constexpr, BOX_W: tl.constexpr):
+    """The top-left (row, column) of box pid, boxes BLOCK // BOX_W rows high and BOX_W wide
+    laid over a grid ``width`` wide, and each of the box's BLOCK positions' (row, column)."""
+    q = tl.arange(0, BLOCK)
+    row0 = (pid // tl.cdiv(width, BOX_W)) * (BLOCK // BOX_W)
+    col0 = (pid % tl.cdiv(width, BOX_W)) * BOX_W
+    return row0, col0, row0 + q // BOX_W, col0 + q % BOX_W
 
 
 @triton.jit
 def _back_tile(pid_q, pid_c, n, s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr, counts_ptr, M, C, H, W, Ho, Wo, KW, DY,
                DX, PT, PL, T, ssn, ssl, sfn, sft, sfm, sfc, scn, sch, scw, sdn, sdc, sxn, sxc, sxp,
                BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FP64: tl.constexpr,
-               TF32: tl.constexpr, GRAM: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr):
+               TF32: tl.constexpr, GRAM: tl.constexpr, COMBINE: tl.constexpr, PURGE: tl.constexpr, TMA: tl.constexpr,
+               BOX_W: tl.constexpr, F_T: tl.constexpr):
     """One tile of ``_back_kernel``: pixels of block pid_q, channels of block pid_c, sample n."""
-    rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    if TMA:
+        y0, x0, y, x = _box_rows(pid_q, W, BLOCK_Q, BOX_W)
+        rq = y * W + x
+        valid = (y < H) & (x < W)
+    else:
+        rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        y, x = rq // W, rq % W
+        valid = rq < H * W
+        s_base = s_ptr + n.to(tl.int64) * ssn
+        f_base = f_ptr + n.to(tl.int64) * sfn
+        xcl_base = xcl_ptr + n.to(tl.int64) * scn
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    y, x = rq // W, rq % W
-    s_base = s_ptr + n.to(tl.int64) * ssn
-    f_base = f_ptr + n.to(tl.int64) * sfn
-    xcl_base = xcl_ptr + n.to(tl.int64) * scn
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
     m_blocks = tl.cdiv(M, BLOCK_M)
     for k in range(0, T * m_blocks):
         t, m0 = k // m_blocks, (k % m_blocks) * BLOCK_M
-        i = y + PT - (t // KW) * DY
-        j = x + PL - (t % KW) * DX
-        inside = (rq < H * W) & (i >= 0) & (i < Ho) & (j >= 0) & (j < Wo)
-        rm = m0 + tl.arange(0, BLOCK_M)
-        sv = tl.load(s_base + (i * Wo + j)[:, None] * ssl + rm[None, :], mask=inside[:, None] & (rm[None, :] < M),
-                     other=0.0)
-        if GRAM:
-            f = _patch_rows(xcl_base, rm // Wo, rm % Wo, rm < M, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sch, scw)
+        if TMA:  # the box of output positions this tap reads, and F's block
+            sv = s_ptr.load([n, y0 + PT - (t // KW) * DY, x0 + PL - (t % KW) * DX, m0]).reshape(BLOCK_Q, BLOCK_M)
+            if F_T:
+                f = tl.trans(f_ptr.load([n, t, pid_c * BLOCK_C, m0]).reshape(BLOCK_C, BLOCK_M))
+            else:
+                f = f_ptr.load([n, t, m0, pid_c * BLOCK_C]).reshape(BLOCK_M, BLOCK_C)
         else:
-            f = tl.load(f_base + t * sft + rm[:, None] * sfm + rc[None, :] * sfc,
-                        mask=(rm[:, None] < M) & (rc[None, :] < C), other=0.0)
+            i = y + PT - (t // KW) * DY
+            j = x + PL - (t % KW) * DX
+            inside = valid & (i >= 0) & (i < Ho) & (j >= 0) & (j < Wo)
+            rm = m0 + tl.arange(0, BLOCK_M)
+            sv = tl.load(s_base + (i * Wo + j)[:, None] * ssl + rm[None, :], mask=inside[:, None] & (rm[None, :] < M),
+                         other=0.0)
+            if GRAM:
+                f = _patch_rows(xcl_base, rm // Wo, rm % Wo, rm < M, t // KW, t % KW, rc, C, H, W, DY, DX, PT, PL, sch,
+                                scw)
+            else:
+                f = tl.load(f_base + t * sft + rm[:, None] * sfm + rc[None, :] * sfc,
+                            mask=(rm[:, None] < M) & (rc[None, :] < C), other=0.0)
         acc = _dot(sv, f, acc, FP64, TF32)
-    mask = (rq[:, None] < H * W) & (rc[None, :] < C)
+    mask = valid[:, None] & (rc[None, :] < C)  # (a TMA box's pixels past the input's edge: x̂ is zero there)
     if COMBINE:  # x̂ formed as rectified_input forms it, the product as the purge's (2·x̂)·dx
         xv = tl.load(x_ptr + n.to(tl.int64) * sxn + rc[None, :] * sxc + rq[:, None] * sxp, mask=mask, other=0.0)
         x_hat = tl.maximum(xv, 0.0) * tl.load(scale_ptr + n)
@@ -334,9 +360,9 @@ class Tiles(NamedTuple):
     stages, and ``programs``: 0 for one program per tile, or (the responses and the
     back-projection, persistent) that many programs per multiprocessor, each looping over tiles;
     ``shifted`` (the filters): their patches read from shifted copies of the input
-    (``shifted_operands``) instead of the channels-last input; ``tma`` (the responses): the
-    patches and filters copied by the tensor memory accelerator, ``rows`` positions a box of the
-    output (``position_box``), where ``tma_fits``."""
+    (``shifted_operands``) instead of the channels-last input; ``tma`` (the responses and the
+    back-projection): their operands copied by the tensor memory accelerator, the ``rows``
+    positions (or pixels) a box of the output (or input, ``position_box``), where ``tma_fits``."""
     rows: int
     cols: int
     red: int
@@ -545,6 +571,13 @@ def _tma_operands(x_cl: torch.Tensor, F: torch.Tensor, t: Tiles, out_hw) -> tupl
             TensorDescriptor.from_tensor(F, [1, 1, t.cols, t.red]), width)
 
 
+def _row_tiles(t: Tiles, hw, box_w: int) -> int:
+    """How many row tiles a launch has over a grid of hw positions (``_position_tiles``)."""
+    if t.tma:
+        return triton.cdiv(hw[0], t.rows // box_w) * triton.cdiv(hw[1], box_w)
+    return triton.cdiv(hw[0] * hw[1], t.rows)
+
+
 def _grid(t: Tiles, tiles: tuple[int, int, int], device: torch.device) -> tuple[int, ...]:
     """A launch's grid over (row blocks, column blocks, samples): one program per tile, or
     ``t.programs`` persistent programs per multiprocessor (on the CPU interpreter, in all), no
@@ -631,8 +664,7 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
         raise ValueError(f"conv_products: TMA responses (Tiles.tma) need 16-byte aligned operands and a GPU with "
                          f"the tensor memory accelerator; {C} channels of {dtype} on {device} do not")
     patches, filters, box_w = _tma_operands(x_cl, F, t, out_hw) if t.tma else (x_cl, F, 1)
-    position_tiles = triton.cdiv(out_hw[0], t.rows // box_w) * triton.cdiv(Wo, box_w) if t.tma else triton.cdiv(L, t.rows)
-    _responses_kernel[_grid(t, (position_tiles, triton.cdiv(M, t.cols), N), device)](
+    _responses_kernel[_grid(t, (_row_tiles(t, out_hw, box_w), triton.cdiv(M, t.cols), N), device)](
         patches, filters, R, S, N, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
         BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, PERSISTENT=t.programs > 0, TMA=t.tma,
         BOX_W=box_w, num_warps=t.warps, num_stages=t.stages)
@@ -658,8 +690,8 @@ def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kerne
     M = S.shape[-1]
     (_, kw), (dy, dx_), (pl, _, pt, _) = kernel, dilation, pad
     t = tiles.get("back") or default_tiles("gram_back" if gram else "back", C, x_cl.dtype, x_cl.device)
-    if t.tma:
-        raise ValueError("conv_products: the back-projection has no TMA launch (Tiles.tma)")
+    if t.tma and gram:
+        raise ValueError("gram_products: the Gram path's back-projection has no TMA launch (Tiles.tma)")
     dx = torch.empty((N, C, H, W), dtype=out_dtype, device=x_cl.device)
     if combine is not None:
         x = with_pixel_stride(combine.x)
@@ -667,14 +699,35 @@ def _back_projection(S, F, x_cl, out_dtype, combine, tiles, flags, out_hw, kerne
         scale, counts = combine.scale, combine.counts
     else:  # unread
         x, x_strides, scale, counts = dx, (0, 0, 0), dx, dx
-    _back_kernel[_grid(t, (triton.cdiv(H * W, t.rows), triton.cdiv(C, t.cols), N), x_cl.device)](
-        S, F, x_cl, dx, x, scale, counts if counts is not None else dx, N, M, C, H, W, *out_hw, kw, dy, dx_, pt, pl,
-        kernel[0] * kw, *S.stride()[:2], *(F.stride() if F.dim() == 4 else (0, 0, 0, 0)), *x_cl.stride()[:3],
-        *dx.stride()[:2], *x_strides,
+    sections, filters, box_w, f_t = _back_tma_operands(S, F, t, out_hw, (H, W)) if t.tma else (S, F, 1, False)
+    _back_kernel[_grid(t, (_row_tiles(t, (H, W), box_w), triton.cdiv(C, t.cols), N), x_cl.device)](
+        sections, filters, x_cl, dx, x, scale, counts if counts is not None else dx, N, M, C, H, W, *out_hw, kw, dy,
+        dx_, pt, pl, kernel[0] * kw, *S.stride()[:2], *(F.stride() if F.dim() == 4 else (0, 0, 0, 0)),
+        *x_cl.stride()[:3], *dx.stride()[:2], *x_strides,
         BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine is not None,
-        PURGE=combine is not None and counts is not None, PERSISTENT=t.programs > 0, num_warps=t.warps,
-        num_stages=t.stages)
+        PURGE=combine is not None and counts is not None, PERSISTENT=t.programs > 0, TMA=t.tma, BOX_W=box_w,
+        F_T=f_t, num_warps=t.warps, num_stages=t.stages)
     return dx
+
+
+def _back_tma_operands(S: torch.Tensor, F: torch.Tensor, t: Tiles, out_hw, in_hw) -> tuple:
+    """The back kernel's sections and filters arguments for a TMA launch: S (N, L, M) as a tensor
+    descriptor of (N, Ho, Wo, M), F (N, T, M, C) as one of itself or, where its sections are the
+    contiguous axis (``_filters_for_back``), of its transpose (N, T, C, M); the box's width, and
+    whether F is given transposed."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    N, L, M = S.shape
+    if S.stride(1) != M or S.stride(2) != 1 or not tma_fits(S, F if F.stride(-1) == 1 else F.transpose(2, 3)):
+        raise ValueError(f"conv_products: a TMA back-projection (Tiles.tma) needs 16-byte aligned operands and a GPU "
+                         f"with the tensor memory accelerator; {M} sections and {F.shape[-1]} channels of {S.dtype} "
+                         f"on {S.device} do not")
+    height, width = position_box(t.rows, in_hw)
+    sections = TensorDescriptor.from_tensor(S.view(N, *out_hw, M), [1, height, width, t.red])
+    f_t = F.stride(-1) != 1
+    filters = TensorDescriptor.from_tensor(F.transpose(2, 3) if f_t else F, [1, 1, t.cols, t.red] if f_t
+                                           else [1, 1, t.red, t.cols])
+    return sections, filters, width, f_t
 
 
 def gram_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, out_dtype: torch.dtype,
