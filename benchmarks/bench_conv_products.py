@@ -48,8 +48,8 @@ LOW = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16
 def candidate_tiles(dtype: torch.dtype, kernel: str, prepared_only: bool = False):
     """Launch tiles to try for one kernel: one program per tile, for the responses and the
     back-projection also persistent programs (``Tiles.programs`` per multiprocessor), for TF32's
-    filters also the patches read from shifted copies (``Tiles.shifted``), for the responses and
-    the back-projection also TMA copies (``Tiles.tma``). ``prepared_only``: only the persistent, shifted and TMA ones, and
+    filters also the patches read from shifted copies (``Tiles.shifted``), and for each kernel TMA
+    copies (``Tiles.tma``). ``prepared_only``: only the persistent, shifted and TMA ones, and
     TF32's unspilled back-projection tiles (beside the default launch, ``None``)."""
     from rsp_fast.kernels.triton.conv_products import Tiles
 
@@ -72,6 +72,9 @@ def candidate_tiles(dtype: torch.dtype, kernel: str, prepared_only: bool = False
     if kernel == "back":
         tiles += [Tiles(64, 128, red, 4, 3, tma=True), Tiles(128, 64, red, 4, 3, tma=True),
                   Tiles(128, 128, red, 8, 3, tma=True), Tiles(64, 128, red, 4, 4, tma=True)]
+    if kernel == "filters":  # R read as it is (no stacked sections), by boxes of red positions
+        tiles += [Tiles(128, 64, red, 4, 3, tma=True), Tiles(128, 128, red, 8, 3, tma=True),
+                  Tiles(128, 128, 2 * red, 8, 3, tma=True), Tiles(256, 128, red, 8, 3, tma=True)]
     if prepared_only:  # and TF32's back-projection on tiles that do not spill with F's sections contiguous
         unspilled = [Tiles(128, 128, red, 8, 3), Tiles(64, 128, red, 4, 3)] if kernel == "back" and dtype.itemsize == 4 else []
         return [None, *unspilled] + [t for t in tiles if t.programs or t.shifted or t.tma]

@@ -76,6 +76,14 @@ def launches():
                 yield (f"filters {precision} C={channels}" + (" shifted" if shifted else ""), cp._filters_kernel,
                        {"r_ptr": op, "x_ptr": op, "f_ptr": op},
                        dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, **patches), t.warps, t.stages, None)
+            if precision != "fp64":  # the TMA filters (Tiles.tma) at VGG16's conv1_2 and conv3_3: R read as it is
+                t = t._replace(shifted=False, tma=True)
+                height, width = cp.position_box(t.red, (224, 224) if channels == 64 else (56, 56))
+                yield (f"filters {precision} C={channels} TMA {height}×{width} box", cp._filters_tma_kernel,
+                       {"r_desc": f"tensordesc<{acc}[1, {t.rows // 2}, {height}, {width}]>",
+                        "x_desc": f"tensordesc<{op}[1, {height}, {width}, {t.cols}]>", "f_ptr": op},
+                       dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, BOX_W=width, **flags), t.warps, t.stages,
+                       None)
             for gram, combine, purge, persistent, layout in (
                     (False, True, True, False, 0), (False, True, False, False, 0), (False, False, False, False, 0),
                     (True, True, True, False, 0), (False, True, True, True, 0), (False, True, True, False, 1)):

@@ -346,13 +346,13 @@ def test_kernels_compile_for_the_h100():
     back = [line for line in products if line.startswith("ok back") and "gram=False" in line]
     assert back and all((" 0 4-byte" in line) != ("channels-contiguous F" in line) for line in back)
     # the filters' TF32 variant on shifted copies likewise, where the channels-last patches are not
-    filters = [line for line in products if line.startswith("ok filters tf32")]
+    filters = [line for line in products if line.startswith("ok filters tf32") and " box" not in line]
     assert len(filters) == 4 and all((" 0 4-byte" in line) == ("shifted" in line) for line in filters)
-    # the TMA responses and back-projections (Tiles.tma): the sections, patches and filters come by
-    # the tensor memory accelerator alone (the back-projection's epilogue reads x as before)
+    # the TMA launches (Tiles.tma) of the three kernels: R, the sections, patches and filters come
+    # by the tensor memory accelerator alone (the back-projection's epilogue reads x as before)
     tma = [line for line in products if " box" in line]
-    assert len(tma) == 8 and all(" 0 TMA" not in line for line in tma)
-    assert all(" 0 16-byte and 0 4-byte cp.async" in line for line in tma if line.startswith("ok responses"))
+    assert len(tma) == 12 and all(" 0 TMA" not in line for line in tma)
+    assert all(" 0 16-byte and 0 4-byte cp.async" in line for line in tma if not line.startswith("ok back"))
     assert all(" 0 TMA" in line for line in products if " box" not in line)
 
 
@@ -480,25 +480,30 @@ def test_only_kernel_backends_choose_the_implicit_gemms(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("device,dtype", DEVICES)
-@pytest.mark.parametrize("programs", [0, 2])
+@pytest.mark.parametrize("kernel,programs,splits", [("responses", 0, None), ("responses", 2, None), ("back", 0, None),
+                                                    ("back", 2, None), ("filters", 0, None), ("filters", 0, 3)])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("kernel", ["responses", "back"])
-def test_tma_launches_match_the_unfolded_reference(geometry, kernel, programs, device, dtype):
-    """The responses (or the back-projection) with their operands copied by the tensor memory
-    accelerator (``Tiles.tma``: tensor descriptors, a tile's positions or pixels a box of the
-    output or input, zero past its edges by the copy itself), one program per tile or persistent:
-    the same products as the default launch, for every kernel shape, dilation and padding where
-    the operands' rows are 16-byte aligned; elsewhere a ValueError that names the alignment."""
+def test_tma_launches_match_the_unfolded_reference(geometry, kernel, programs, splits, device, dtype):
+    """Each kernel with its operands copied by the tensor memory accelerator (``Tiles.tma``:
+    tensor descriptors, a tile's positions or pixels a box of the output or input, zero past its
+    edges by the copy itself; the filters forming R's sections from R in registers), one program
+    per tile or persistent, the filters' positions in one part or three: the same products as the
+    default launch, for every kernel shape, dilation and padding where the operands' rows are
+    16-byte aligned; elsewhere a ValueError that names the alignment."""
     from rsp_fast.kernels.triton.conv_products import default_tiles
 
-    C, O = geometry[1:3]
-    t = default_tiles(kernel, 2 * O if kernel == "responses" else C, dtype, torch.device(device))
-    t = t._replace(programs=programs, tma=True)
-    if any(rows * dtype.itemsize % 16 for rows in ((C,) if kernel == "responses" else (C, 2 * O))):
+    N, C, O, H, W, kernel_hw, dilation, padding = geometry
+    columns = {"responses": 2 * O, "back": C, "filters": C}[kernel]
+    t = default_tiles(kernel, columns, dtype, torch.device(device))._replace(programs=programs, tma=True)
+    out_w = W + padding[0] + padding[1] - dilation[1] * (kernel_hw[1] - 1)
+    work_size = 8 if dtype == torch.float64 else 4  # R's precision, which the filters read
+    row_bytes = {"responses": [C * dtype.itemsize], "back": [C * dtype.itemsize, 2 * O * dtype.itemsize],
+                 "filters": [C * dtype.itemsize, out_w * work_size]}[kernel]
+    if any(size % 16 for size in row_bytes):
         with pytest.raises(ValueError, match="16-byte aligned"):
-            _products(*geometry, device, dtype, tiles={kernel: t})
+            _products(*geometry, device, dtype, tiles={kernel: t}, splits=splits)
         return
-    got, expected = _products(*geometry, device, dtype, tiles={kernel: t})
+    got, expected = _products(*geometry, device, dtype, tiles={kernel: t}, splits=splits)
     plain, _ = _products(*geometry, device, dtype)
     assert rel_err(got.double().cpu(), expected.cpu()) < TOL[dtype]
     assert rel_err(got.double().cpu(), plain.double().cpu()) < (1e-13 if dtype == torch.float64 else TOL[dtype])
@@ -517,17 +522,15 @@ def test_position_box_covers_the_output_with_the_fewest_positions_past_its_edges
     assert position_box(rows, out_hw) == box
 
 
-def test_tma_launches_exist_only_for_the_responses_and_the_back_projection():
-    """The filters and the Gram path's kernels have no TMA launch: asked for one, they say so
-    instead of ignoring it."""
-    from rsp_fast.kernels.triton.conv_products import default_tiles
+def test_tma_launches_do_not_exist_on_the_gram_path():
+    """The Gram path's kernels have no TMA launch: asked for one, they say so instead of ignoring
+    it; nor do the filters have a persistent one."""
+    from rsp_fast.kernels.triton.conv_products import default_tiles, gram_products_triton
 
     cpu = torch.device("cpu")
-    t = default_tiles("filters", 8, torch.float64, cpu)._replace(tma=True)
-    with pytest.raises(ValueError, match="no .*TMA launch"):
+    t = default_tiles("filters", 8, torch.float64, cpu)._replace(programs=2)
+    with pytest.raises(ValueError, match="no persistent launch"):
         _products(1, 8, 3, 6, 6, (3, 3), (1, 1), (1, 1, 1, 1), "cpu", torch.float64, tiles={"filters": t})
-    from rsp_fast.kernels.triton.conv_products import gram_products_triton
-
     x, R = torch.rand(1, 6, 6, 8, dtype=torch.float64), torch.randn(1, 3, 36, dtype=torch.float64)
     for kernel, default in (("responses", "patch_gram"), ("back", "gram_back")):
         tiles = {kernel: default_tiles(default, 36, torch.float64, cpu)._replace(tma=True)}

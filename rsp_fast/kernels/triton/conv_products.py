@@ -117,6 +117,39 @@ def _filters_kernel(r_ptr, x_ptr, f_ptr, M, C, L, H, W, Wo, KW, DY, DX, PT, PL, 
 
 
 @triton.jit
+def _filters_tma_kernel(r_desc, x_desc, f_ptr, O, C, Ho, Wo, KW, DY, DX, PT, PL, T, SPLIT, BOXES_PER_SPLIT,
+                        sfs, sfn, sft, sfm, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                        BOX_W: tl.constexpr, FP64: tl.constexpr, TF32: tl.constexpr):
+    """The filters of a TMA launch (``Tiles.tma``), F[split, n, t, m-block, c-block]: the positions
+    summed over in boxes of the output, BLOCK_L // BOX_W rows of BOX_W; R (N, O, Ho, Wo) and x
+    (N, H, W, C) read through the tensor descriptors r_desc and x_desc, one box each per step,
+    zero past the edges. R⁺ and R⁻ are formed from R in registers, in the products' precision, and
+    multiplied into an accumulator each: no stacked sections are written or read. F's rows
+    interleaved as the stacked sections' are (2·o: R⁺, 2·o + 1: R⁻)."""
+    pid_m, pid_c, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, rest = pid // (T * SPLIT), pid % (T * SPLIT)
+    t, split = rest // SPLIT, rest % SPLIT
+    ky, kx = t // KW, t % KW
+    HALF: tl.constexpr = BLOCK_M // 2
+    o0, c0 = pid_m * HALF, pid_c * BLOCK_C
+    target = tl.zeros((HALF, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
+    hostile = tl.zeros((HALF, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
+    boxes = _position_tiles(Ho * Wo, Wo, BLOCK_L, True, BOX_W)
+    for box in range(split * BOXES_PER_SPLIT, tl.minimum(boxes, (split + 1) * BOXES_PER_SPLIT)):
+        i0, j0, _, _ = _box_rows(box, Wo, BLOCK_L, BOX_W)
+        r = r_desc.load([n, o0, i0, j0]).reshape(HALF, BLOCK_L)
+        xv = x_desc.load([n, i0 + ky * DY - PT, j0 + kx * DX - PL, c0]).reshape(BLOCK_L, BLOCK_C)
+        target = _dot(tl.maximum(r, 0.0).to(xv.dtype), xv, target, FP64, TF32)
+        hostile = _dot(tl.maximum(-r, 0.0).to(xv.dtype), xv, hostile, FP64, TF32)
+    ro = o0 + tl.arange(0, HALF)
+    rc = c0 + tl.arange(0, BLOCK_C)
+    rows = f_ptr + split.to(tl.int64) * sfs + n.to(tl.int64) * sfn + t * sft + (2 * ro)[:, None] * sfm + rc[None, :]
+    mask = (ro[:, None] < O) & (rc[None, :] < C)
+    tl.store(rows, target.to(f_ptr.dtype.element_ty), mask=mask)
+    tl.store(rows + sfm, hostile.to(f_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _tile_coords(tile, tiles_rows, tiles_cols):
     """A persistent program's tile number as (row block, column block, sample): row blocks
     fastest, then column blocks, then samples."""
@@ -560,12 +593,16 @@ def tma_fits(*operands: torch.Tensor) -> bool:
                for t in operands)
 
 
-def _tma_operands(x_cl: torch.Tensor, F: torch.Tensor, t: Tiles, out_hw) -> tuple:
+def _responses_tma_operands(x_cl: torch.Tensor, F: torch.Tensor, t: Tiles, out_hw) -> tuple:
     """The responses kernel's patches and filters arguments for a TMA launch: x (N, H, W, C) and
     F (N, T, M, C) as tensor descriptors of one box each (positions, section columns, channels), and
     the box's width."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    if not tma_fits(x_cl, F):
+        raise ValueError(f"conv_products: TMA responses (Tiles.tma) need 16-byte aligned operands and a GPU with "
+                         f"the tensor memory accelerator; {x_cl.shape[-1]} channels of {x_cl.dtype} on {x_cl.device} "
+                         "do not")
     height, width = position_box(t.rows, out_hw)
     return (TensorDescriptor.from_tensor(x_cl, [1, height, width, t.red]),
             TensorDescriptor.from_tensor(F, [1, 1, t.cols, t.red]), width)
@@ -625,24 +662,48 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
     geometry = (H, W, Wo, kw, dy, dx_, pt, pl, T)
     x_strides = x_cl.stride()[:3]
 
-    # filters: rows are the sections, columns the channels, reduced over positions; the stacked
-    # sections written once in the products' precision (read from float32 R in the loop instead,
-    # VGG16's conv1_2 products took 8.5 ms per batch of 64 on an H100 instead of 5.5, likely
-    # because operands converted in registers miss the asynchronous copies to shared memory)
-    # positions padded to a multiple of 16 with zeros: the JIT then knows the rows of Rs and the
-    # filters' loop bounds aligned, so 16-bit sections are copied asynchronously and the loop is
-    # pipelined (scripts/compile_kernels.py) also where L is not a multiple of 16 (14² = 196)
+    # filters: rows are the sections, columns the channels, reduced over positions
     t = tiles.get("filters") or default_tiles("filters", C, dtype, device)
     if t.shifted and "filters" not in tiles and not shifted_fits(x_cl, O, kernel, dilation, pad, out_hw, t.red):
         t = t._replace(shifted=False)  # the default launch, on the channels-last input where copies would not fit
-    if t.programs or t.tma:
-        raise ValueError("conv_products: the filters kernel has no persistent or TMA launch (Tiles.programs, Tiles.tma)")
+    if t.programs:
+        raise ValueError("conv_products: the filters kernel has no persistent launch (Tiles.programs)")
+    F = (_filters_by_tma if t.tma else _filters_from_stacked_sections)(x_cl, R, t, kernel, dilation, pad, out_hw,
+                                                                        splits, flags)  # N, T, M, C
+
+    # responses and normalisation: rows are positions, columns the sections, reduced over (tap, channel)
+    t = tiles.get("responses") or default_tiles("responses", M, dtype, device)
+    S = torch.empty((N, L, M), dtype=dtype, device=device)
+    patches, filters, box_w = _responses_tma_operands(x_cl, F, t, out_hw) if t.tma else (x_cl, F, 1)
+    _responses_kernel[_grid(t, (_row_tiles(t, out_hw, box_w), triton.cdiv(M, t.cols), N), device)](
+        patches, filters, R, S, N, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
+        BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, PERSISTENT=t.programs > 0, TMA=t.tma,
+        BOX_W=box_w, num_warps=t.warps, num_stages=t.stages)
+
+    # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
+    return _back_projection(S, _filters_for_back(F, flags), x_cl, out_dtype, combine, tiles, flags, out_hw, kernel,
+                            dilation, pad, gram=False)
+
+
+def _filters_from_stacked_sections(x_cl, R, t: Tiles, kernel, dilation, pad, out_hw, splits, flags) -> torch.Tensor:
+    """F (N, T, M, C) from R's sections stacked in the products' precision and the patches read
+    from the channels-last input or (``Tiles.shifted``) its shifted copies. The stacked sections
+    are written once (read from float32 R in the loop instead, VGG16's conv1_2 products took 8.5 ms
+    per batch of 64 on an H100 instead of 5.5, likely because operands converted in registers miss
+    the asynchronous copies to shared memory), their positions padded to a multiple of 16 with
+    zeros: the JIT then knows the rows of Rs and the filters' loop bounds aligned, so 16-bit
+    sections are copied asynchronously and the loop is pipelined (scripts/compile_kernels.py) also
+    where L is not a multiple of 16 (14² = 196)."""
+    N, H, W, C = x_cl.shape
+    O, M, T = R.shape[1], 2 * R.shape[1], kernel[0] * kernel[1]
+    dtype, device = x_cl.dtype, x_cl.device
+    geometry = (H, W, out_hw[1], kernel[1], *dilation, pad[2], pad[0], T)
     if t.shifted:
         sections, patches, width, _, align = shifted_operands(x_cl, R, kernel, dilation, pad, out_hw, t.red)
         patch_strides = (patches.stride(1), 0, 0, patches.stride(0), patches.stride(2))
     else:
         sections, patches, width, align = stack_sections(R, dtype, align=16, interleave=True), x_cl, 0, 1
-        patch_strides = (*x_strides, 0, 0)
+        patch_strides = (*x_cl.stride()[:3], 0, 0)
     Lp = sections.shape[-1]
     blocks = triton.cdiv(M, t.rows) * triton.cdiv(C, t.cols)
     split = splits or _splits(blocks * N * T, Lp, t.red, device)
@@ -654,25 +715,38 @@ def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, 
         sections, patches, F, M, C, Lp, *geometry, split, per_split, width, *sections.stride(), *patch_strides,
         *F.stride()[:4], BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, SHIFTED=t.shifted, ALIGN=align,
         num_warps=t.warps, num_stages=t.stages)
-    F = F.sum(0).to(dtype) if split > 1 else F[0]  # N, T, M, C
     del sections, patches  # the stacked sections and any shifted copies: free before S and the back-projection
+    return F.sum(0).to(dtype) if split > 1 else F[0]
 
-    # responses and normalisation: rows are positions, columns the sections, reduced over (tap, channel)
-    t = tiles.get("responses") or default_tiles("responses", M, dtype, device)
-    S = torch.empty((N, L, M), dtype=dtype, device=device)
-    if t.tma and not tma_fits(x_cl, F):
-        raise ValueError(f"conv_products: TMA responses (Tiles.tma) need 16-byte aligned operands and a GPU with "
-                         f"the tensor memory accelerator; {C} channels of {dtype} on {device} do not")
-    patches, filters, box_w = _tma_operands(x_cl, F, t, out_hw) if t.tma else (x_cl, F, 1)
-    _responses_kernel[_grid(t, (_row_tiles(t, out_hw, box_w), triton.cdiv(M, t.cols), N), device)](
-        patches, filters, R, S, N, O, C, L, *geometry, *x_strides, *F.stride()[:3], *R.stride(), *S.stride()[:2],
-        BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False, PERSISTENT=t.programs > 0, TMA=t.tma,
-        BOX_W=box_w, num_warps=t.warps, num_stages=t.stages)
 
-    # back-projection: rows are the input's pixels, columns its channels, reduced over (tap, section)
-    return _back_projection(S, _filters_for_back(F, flags), x_cl, out_dtype, combine, tiles, flags, out_hw, kernel,
-                            dilation, pad, gram=False)
+def _filters_by_tma(x_cl, R, t: Tiles, kernel, dilation, pad, out_hw, splits, flags) -> torch.Tensor:
+    """F (N, T, M, C) by ``_filters_tma_kernel``: R and x read through tensor descriptors, R's
+    sections formed in registers (``Tiles.tma``; ``t.red`` positions a box of the output)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
+    N, H, W, C = x_cl.shape
+    O, T = R.shape[1], kernel[0] * kernel[1]
+    R4 = R.contiguous().view(N, O, *out_hw)
+    if not tma_fits(x_cl, R4):
+        raise ValueError(f"conv_products: TMA filters (Tiles.tma) need 16-byte aligned operands and a GPU with the "
+                         f"tensor memory accelerator; {C} channels of {x_cl.dtype} and an output {out_hw[1]} wide in "
+                         f"{R.dtype} on {x_cl.device} do not")
+    height, width = position_box(t.red, out_hw)
+    boxes = triton.cdiv(out_hw[0], height) * triton.cdiv(out_hw[1], width)
+    blocks = triton.cdiv(2 * O, t.rows) * triton.cdiv(C, t.cols)
+    split = splits or _splits(blocks * N * T, boxes * t.red, t.red, x_cl.device)
+    per_split = triton.cdiv(boxes, split)
+    split = triton.cdiv(boxes, per_split)
+    dtype = x_cl.dtype
+    F = torch.empty((split, N, T, 2 * O, C), dtype=torch.float32 if split > 1 and dtype != torch.float64 else dtype,
+                    device=x_cl.device)
+    (_, kw), (dy, dx), (pl, _, pt, _) = kernel, dilation, pad
+    _filters_tma_kernel[(triton.cdiv(2 * O, t.rows), triton.cdiv(C, t.cols), N * T * split)](
+        TensorDescriptor.from_tensor(R4, [1, t.rows // 2, height, width]),
+        TensorDescriptor.from_tensor(x_cl, [1, height, width, t.cols]), F, O, C, *out_hw, kw, dy, dx, pt, pl, T,
+        split, per_split, *F.stride()[:4], BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, BOX_W=width, **flags,
+        num_warps=t.warps, num_stages=t.stages)
+    return F.sum(0).to(dtype) if split > 1 else F[0]
 
 def _filters_for_back(F: torch.Tensor, flags: dict) -> torch.Tensor:
     """F (N, T, M, C) as the back-projection reads it, which sums over its sections M. TF32
