@@ -15,6 +15,7 @@ from ..optional import optional_import
 from ..paths import check_readable, temporary_sibling
 
 AVFMT_VARIABLE_FPS = 0x0400  # libavformat: the container keeps per-frame timestamps (AVI does not)
+MAX_FRAME_RATE = 1000  # a stream's "average rate" past this is its time base (raw DV's 60000), not a frame rate
 
 
 def _av():
@@ -42,10 +43,22 @@ def probe(path: str | Path) -> VideoInfo:
     """Size, frame rate and claimed frame count, or an RSPError naming the problem."""
     with _open(path) as container:
         stream = _video_stream(container, path)
-        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-        start = container.start_time / 1_000_000 if container.start_time is not None else 0.0  # AV_TIME_BASE
-        return VideoInfo(stream.codec_context.width, stream.codec_context.height, Fraction(rate), stream.frames or None, start,
-                         bool(container.streams.audio))
+        return VideoInfo(stream.codec_context.width, stream.codec_context.height, _frame_rate(stream),
+                         stream.frames or None, _start(container), bool(container.streams.audio))
+
+
+def _frame_rate(stream) -> Fraction:
+    """The stream's frame rate: its average, or FFmpeg's guess where the average is missing or
+    is the stream's time base in disguise (above ``MAX_FRAME_RATE``), or 25."""
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if rate and 0 < rate <= MAX_FRAME_RATE:
+            return Fraction(rate)
+    return Fraction(25)
+
+
+def _start(container) -> float:
+    """The container's first timestamp in seconds (the output's time 0)."""
+    return container.start_time / 1_000_000 if container.start_time is not None else 0.0  # AV_TIME_BASE
 
 
 def _open(path: str | Path):
@@ -76,15 +89,17 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
-        frames, indices, times, count, last, shown = [], [], [], 0, 0.0, None
+        frames, indices, times, count, reached, shown = [], [], [], 0, 0.0, None
         clock, size = _frame_clock(container, stream), None
         try:
             for frame in container.decode(stream):
-                rgb = _upright(frame)
+                rgb = _upright(_square_pixels(frame.to_ndarray(format="rgb24"), stream), frame)
                 size = size or rgb.shape[:2]
                 frames.append(rgb if rgb.shape[:2] == size else _fit(rgb, size))
                 indices.append(count)
-                times.append(last := clock(frame, count))
+                times.append(clock(frame, count))
+                # how far the stream's own clock got (an AVI's chunk count, gaps included)
+                reached = max(reached, float(frame.time) if frame.time is not None else times[-1])
                 shown = _frame_length(frame)
                 count += 1
                 if len(frames) == batch_size:
@@ -101,31 +116,74 @@ def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = N
             claimed = " (truncated or corrupt: its header claims frames)" if stream.frames or stream.duration else ""
             raise RSPError(f"video {str(path)!r} has no frames{claimed}")
         if max_frames is None or count < max_frames:
-            _check_complete(container, stream, count, last, shown, path)
+            _check_complete(container, stream, reached, shown, path)
         if frames:
             yield DecodedBatch(np.stack(frames), indices, times)
 
 
 def _frame_clock(container, stream):
-    """A frame's time in seconds: its presentation timestamp, or, in a container that keeps no
-    timestamps of its own (AVI: every frame takes 1/rate; with B-frames the stored times come
-    out of order), its index over the rate."""
-    av, rate = _av(), stream.average_rate or stream.guessed_rate or Fraction(25)
-    try:
-        timed = bool(av.format.ContainerFormat(container.format.name.split(",")[0], "w").flags & AVFMT_VARIABLE_FPS)
-    except ValueError:  # a format that can only be read: trust its timestamps
-        timed = True
+    """A frame's time in seconds on the container's clock: its presentation timestamp (a frame
+    without one: a frame period after the last), or, in an AVI of B-frames, whose timestamps are
+    chunk counts in decoding order (out of order once the frames are shown in theirs), the
+    container's start plus its index over the rate. (An AVI's chunk counts are times otherwise,
+    skipped chunks, a capture's dropped frames, included.)"""
+    rate, start = _frame_rate(stream), _start(container)
+    by_index = container.format.name == "avi" and bool(stream.codec_context.has_b_frames)
+    last = None
 
     def clock(frame, index: int) -> float:
-        return float(frame.time) if timed and frame.time is not None else float(index / rate)
+        nonlocal last
+        if by_index:
+            return start + float(index / rate)
+        if frame.time is not None:
+            last = float(frame.time)
+        else:
+            last = start if last is None else last + float(1 / rate)
+        return last
     return clock
 
 
-def _upright(frame) -> np.ndarray:
-    """The frame's RGB pixels turned by its display matrix's rotation (counter-clockwise degrees)."""
-    rgb = frame.to_ndarray(format="rgb24")
-    quarter_turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
-    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+# FFmpeg's display transforms (what ffmpeg and ffplay apply for a display matrix at these angles)
+_TRANSPOSES = {"clock": lambda a: np.rot90(a, -1), "cclock": lambda a: np.rot90(a, 1),
+               "clock_flip": lambda a: np.rot90(a, -1)[::-1], "cclock_flip": lambda a: a.transpose(1, 0, 2)}
+
+
+def _display_matrix(frame) -> np.ndarray | None:
+    """The frame's 3×3 display matrix (9 int32, 16.16 fixed point), if it has one."""
+    av = _av()
+    try:
+        data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    except (AttributeError, KeyError, ValueError):
+        return None
+    return np.frombuffer(bytes(data), "<i4") if data is not None and len(bytes(data)) == 36 else None
+
+
+def _upright(rgb: np.ndarray, frame) -> np.ndarray:
+    """The frame's pixels as players show them: turned, and mirrored, by its display matrix, as
+    ffmpeg's autorotation does (quarter turns; other angles rounded to the nearest one)."""
+    matrix = _display_matrix(frame)
+    theta = -round(getattr(frame, "rotation", 0) or 0) % 360  # clockwise degrees
+    if matrix is None or min(abs(theta - a) for a in (0, 90, 180, 270, 360)) >= 1:
+        turned = np.rot90(rgb, round(-theta / 90) % 4)
+    elif abs(theta - 90) < 1:
+        turned = _TRANSPOSES["cclock_flip" if matrix[3] > 0 else "clock"](rgb)
+    elif abs(theta - 270) < 1:
+        turned = _TRANSPOSES["clock_flip" if matrix[3] < 0 else "cclock"](rgb)
+    else:  # no turn, or half a turn: each axis flipped where its scale is negative
+        turned = rgb[::-1 if matrix[4] < 0 else 1, ::-1 if abs(theta - 180) < 1 and matrix[0] < 0 else 1]
+    return turned if turned is rgb else np.ascontiguousarray(turned)
+
+
+def _square_pixels(rgb: np.ndarray, stream) -> np.ndarray:
+    """A frame whose pixels are not square (anamorphic DV, DVD, HDV: a sample aspect ratio other
+    than 1) stretched to the width it is shown at, as players show it; others as they are."""
+    from PIL import Image
+
+    ratio = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    if not ratio or ratio == 1:
+        return rgb
+    width = max(1, round(rgb.shape[1] * ratio))
+    return np.asarray(Image.fromarray(rgb).resize((width, rgb.shape[0]), Image.BILINEAR)) if width != rgb.shape[1] else rgb
 
 
 def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -149,14 +207,13 @@ def _frame_length(frame) -> float | None:
     return float(duration * base) if duration and base is not None else None
 
 
-def _check_complete(container, stream, count: int, last: float, shown: float | None, path) -> None:
-    """A stream that ends well before the duration its header claims was truncated; an AVI
-    (no edit lists: every frame it counts is shown) that yields fewer frames than it counts too.
-    ``last``: the last frame's time, ``shown``: how long it is shown (None: one frame period)."""
-    if container.format.name == "avi" and stream.frames and count + 1 < stream.frames:
-        raise RSPError(f"video {str(path)!r} is truncated or corrupt: {count} of the {stream.frames} frames it counts decode")
+def _check_complete(container, stream, last: float, shown: float | None, path) -> None:
+    """A stream that ends well before the duration its header claims was truncated. ``last``:
+    the last frame's time on the stream's own clock (an AVI's counts skipped chunks: dropped
+    frames), ``shown``: how long it is shown (None: one frame period)."""
     tagged = _tag_seconds(stream.metadata.get("DURATION"))  # Matroska keeps each stream's own duration as a tag
-    if stream.duration is not None and stream.time_base is not None:
+    # ASF gives every stream the file's play duration (its sound's too): the container's rule below
+    if stream.duration is not None and stream.time_base is not None and container.format.name != "asf":
         claimed = float(stream.duration * stream.time_base)
     elif tagged is not None:
         claimed = tagged
@@ -164,7 +221,7 @@ def _check_complete(container, stream, count: int, last: float, shown: float | N
         claimed = container.duration / 1_000_000  # AV_TIME_BASE
     else:
         return
-    period = 1 / float(stream.average_rate or 25)
+    period = 1 / float(_frame_rate(stream))
     # the last frame's end on the stream's clock: containers count their duration from 0 (Matroska)
     # or from the first timestamp (MP4), and a stream may start late (a phone's video, a cut)
     end = last + max(period, shown or 0)
@@ -198,6 +255,7 @@ def _tag_seconds(text) -> float | None:
 
 
 TIME_BASE = Fraction(1, 90_000)  # the MPEG clock: fine enough for any source's timestamps
+BT709, STUDIO_RANGE = 1, 1  # libavutil's AVCOL_SPC/PRI/TRC_BT709 and AVCOL_RANGE_MPEG
 
 
 class Encoder:
@@ -242,6 +300,11 @@ class Encoder:
             self.height, self.width = rgb.shape[0] + rgb.shape[0] % 2, rgb.shape[1] + rgb.shape[1] % 2
             self.stream.width, self.stream.height = self.width, self.height
             self.stream.pix_fmt = "yuv420p"
+            # converted to YUV with BT.709's matrix and tagged so (BT.709 throughout, studio range):
+            # untagged, players guess BT.601 or BT.709 by the frame's size
+            context = self.stream.codec_context
+            context.colorspace = context.color_primaries = context.color_trc = BT709
+            context.color_range = STUDIO_RANGE
             # veryfast: 2.6x the speed of x264's default preset on HD heat maps, files no larger
             self.stream.options = {"crf": str(self.crf), "preset": "veryfast"} if self.codec == "libx264" else {}
             if self.container.format.name == "avi":  # no timestamps: B-frames would delay the picture by two frames
@@ -250,8 +313,14 @@ class Encoder:
                 self.audio.attach(self.container)
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.pad(rgb, ((0, self.height - rgb.shape[0]), (0, self.width - rgb.shape[1]), (0, 0)), mode="edge")
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
+            format="yuv420p", dst_colorspace="itu709")
+        frame.colorspace = frame.color_primaries = frame.color_trc = BT709
+        frame.color_range = STUDIO_RANGE
         seconds = self.frames / self.fps if time is None or self.time_base != TIME_BASE else Fraction(time - self.start) + self.jump
+        if self.last_pts < 0 and seconds < 0:  # a first frame before the source's start: it starts the output
+            self.jump -= seconds
+            seconds = Fraction(0)
         if self.last_pts >= 0 and round(seconds / self.time_base) <= self.last_pts:
             # the source's clock stood still or stepped back (spliced recordings, a timestamp
             # reset): go on one frame period after the last frame, and so for the frames after
