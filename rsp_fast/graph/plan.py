@@ -402,7 +402,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
             if (isinstance(step, Conv | Conv3d) and not step.first and len(source.users) == 1 and source in kinds
                     and pads_by_copy(source, _module(model, source))):
                 step.purge_at = source  # RSP_SPEC §2 purges over the layer's input: the pixels, not their copies
-            if isinstance(step, Conv) and step.first and len(source.users) == 1 and source in kinds:
+            if isinstance(step, Conv | Conv3d) and step.first and len(source.users) == 1 and source in kinds:
                 padding = zero_padding(source, _module(model, source))
                 if padding is not None:  # z^B's bounds and patches are the picture's, as for the conv's own padding
                     step.zero_pad = (source.args[0], padding)

@@ -64,8 +64,11 @@ def _crop(t: torch.Tensor, pads) -> torch.Tensor:
     return t[..., t0:T - t1, h0:H - h1, w0:W - w1]
 
 
-def first_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: Conv3dGeometry) -> torch.Tensor:
-    pads, G = g.pads(), g.groups
+def first_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: Conv3dGeometry,
+                           pads: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """z^B (RSP_SPEC's first-layer rule) over (T, H, W); ``pads``: (before, after) per dimension in
+    place of the conv's own (a zero padding before the conv taken into it)."""
+    pads, G = pads or g.pads(), g.groups
     flat = x.reshape(x.shape[0], -1)
     shape = (-1, 1, 1, 1, 1)
     below = _pad(x - flat.amin(1).view(shape), pads)  # x − L, zero on the padding
@@ -113,10 +116,24 @@ class Conv3d(LayerRule):
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         x, g = ctx.values[self.inputs[0]], self.geometry(ctx.shapes)
+        if self.first and self.zero_pad is not None and len(self.zero_pad[1]) <= 6:
+            return [self.padded_first_relevance(ctx, R, g)]
         if self.first:
             return [first_conv3d_relevance(ctx, x, R, self.folded_weight(ctx, x.dtype), g)]
         deferred = self.purge_deferral(ctx, all(k == 1 for k in g.kernel))
         return [inner_conv3d_relevance(ctx, x, R, g, non_negative=self.input_non_negative, deferred=deferred)]
+
+
+    def padded_first_relevance(self, ctx: Context, R: torch.Tensor, g: Conv3dGeometry) -> torch.Tensor:
+        """A first conv reading a zero padding (ZeroPad3d, F.pad): z^B on the clip with the padding
+        taken into the conv's own, as ``Conv.padded_first_relevance`` does in 2-D; R_in padded
+        back with zeros, which the pad's rule crops."""
+        source, padding = self.zero_pad
+        x = ctx.values[source]
+        extra = tuple(padding) + (0,) * (6 - len(padding))  # F.pad order: W's pair, H's, T's
+        added = [(extra[4], extra[5]), (extra[2], extra[3]), (extra[0], extra[1])]
+        pads = [(a + c, b + d) for (a, b), (c, d) in zip(g.pads(), added)]
+        return F.pad(first_conv3d_relevance(ctx, x, R, self.folded_weight(ctx, x.dtype), g, pads), padding)
 
 
 class FunctionalConv3d(ConvCall, Conv3d):
