@@ -301,15 +301,15 @@ def _matmul_precision(precision: str, device: torch.device):
 
 
 def _per_sample(value, N: int, name: str, shared_dim: int):
-    """``value`` as given, or as a tensor with one row per sample when it has one (a target of
-    dimension 1, a hostile list of dimension 2), so that chunks can take their rows.
-    ``shared_dim`` is the dimension of a value every sample shares (an int target, one
-    hostile list)."""
+    """``value`` as a tensor with one row per sample when it has one (a target of dimension 1, a
+    hostile list of dimension 2), so that chunks can take their rows; a value every sample
+    shares (``shared_dim``: an int target, one hostile list) as a Python int or list, which no
+    chunk slices, even where it was given as a tensor."""
     if value is None:
         return None
     t = _as_class_tensor(value, name, "cpu")
     if t.dim() == shared_dim:
-        return value
+        return t.tolist()
     if t.dim() != shared_dim + 1 or t.shape[0] != N:
         raise _per_sample_error(name, N, t.shape)
     return t

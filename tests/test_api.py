@@ -1138,6 +1138,13 @@ def test_large_batches_run_in_chunks_with_the_same_result():
     assert all(rel_err(chunked.steps[k], whole.steps[k]) < 1e-12 for k in whole.steps)
     shared = rsp_fast.RSP(model, max_batch=2).explain(x, target=3, hostile=[0, 6])  # one value for every sample
     assert shared.target.tolist() == [3] * 5 and shared.hostile.tolist() == [[0, 6]] * 5
+    # the same shared values as tensors: not cut into chunks' rows (a 0-d target crashed, and four
+    # hostile classes for every sample went two to each chunk)
+    for target, hostile in ((torch.tensor(3), torch.tensor([0, 6])), (3, torch.tensor([0, 6, 7, 8]))):
+        chunked = rsp_fast.RSP(model, max_batch=2).explain(x, target=target, hostile=hostile)
+        whole = rsp_fast.RSP(model, max_batch=5).explain(x, target=target, hostile=hostile.tolist())
+        assert rel_err(chunked.attribution, whole.attribution) < 1e-12
+        assert chunked.hostile.tolist() == [hostile.tolist()] * 5
     with pytest.raises(RSPError, match=r"one class per sample \(5\)"):
         rsp_fast.RSP(model, max_batch=2).explain(x, target=[1, 2, 3])
     with pytest.raises(RSPError, match=r"one list per sample \(5\)"):
