@@ -14,18 +14,29 @@ from __future__ import annotations
 
 import torch
 
+from .errors import RSPError
+
 CAM_EPS = 1e-9
 
 
-def class_gradients(logits: torch.Tensor, A: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+def class_gradients(logits: torch.Tensor, A: torch.Tensor, classes: torch.Tensor,
+                    layer: str = "the saliency layer") -> torch.Tensor:
     """∂y_c/∂A for each column of ``classes`` (N×M): returns M×(shape of A). One backward per
     column, from the scalar Σ_n y[n, classes[n, m]]: samples are independent, so its gradient at
     sample n is ∂y_c/∂A there (what a one-hot vector-Jacobian product gives). A scalar needs no
-    grad_outputs tensor, whose shape check imports sympy (0.26 s once per process here)."""
+    grad_outputs tensor, whose shape check imports sympy (0.26 s once per process here). An
+    RSPError where the logits do not depend on A (``layer`` names it) through autograd."""
     picked = logits.gather(1, classes)  # N×M
-    M = classes.shape[1]
+    unconnected = RSPError(f"the model's logits do not depend on {layer} through autograd: the layer is off their "
+                           "path (choose one on it), or the forward detaches them (or computes them under no_grad)")
+    if not picked.requires_grad:
+        raise unconnected
     # the graph is kept, as a vector-Jacobian product with retain_graph keeps it: callers may ask again
-    return torch.stack([torch.autograd.grad(picked[:, m].sum(), A, retain_graph=True)[0] for m in range(M)])
+    grads = [torch.autograd.grad(picked[:, m].sum(), A, retain_graph=True, allow_unused=True)[0]
+             for m in range(classes.shape[1])]
+    if any(g is None for g in grads):
+        raise unconnected
+    return torch.stack(grads)
 
 
 def _per_sample(t: torch.Tensor, op: str, lead: int) -> torch.Tensor:
@@ -77,11 +88,12 @@ def _two_to_one(s: torch.Tensor) -> torch.Tensor:
     return s_pos - s_neg
 
 
-def initial_relevance(logits, A, target, hostile, init: str, channels_last: bool = False):
+def initial_relevance(logits, A, target, hostile, init: str, channels_last: bool = False,
+                      layer: str = "the saliency layer"):
     """R₀ and the normalised maps (target first) for ``init`` in {"gradcam", "comparative"}.
     ``channels_last``: A is N×H×W×C; R₀ and the maps come back in that layout."""
     classes = torch.cat([target.unsqueeze(1), hostile], dim=1) if init == "comparative" else target.unsqueeze(1)
-    grads = class_gradients(logits, A, classes)
+    grads = class_gradients(logits, A, classes, layer)
     if channels_last:  # computed with channels at dim 1, as everywhere else
         A, grads = A.movedim(-1, 1), grads.movedim(-1, 2)
     if init == "comparative":

@@ -1440,3 +1440,29 @@ def test_recording_a_model_with_heads_in_the_batch_keeps_one_dropped_entry_per_s
         alone = explainer.explain(x[i:i + 1], record=True)
         assert rel_err(ex.attribution[i:i + 1], alone.attribution) < 1e-12
         assert torch.allclose(ex.dropped[i:i + 1], alone.dropped, rtol=0, atol=1e-12)
+
+
+class _TwoOutputs(nn.Module):
+    """Logits and an embedding from one trunk: the embedding's layer is off the logits' path."""
+
+    def __init__(self, detach=False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.emb = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+        self.detach = detach
+
+    def forward(self, x):
+        f = self.body(x)
+        logits = self.fc(f.mean((2, 3)))
+        return {"logits": logits.detach() if self.detach else logits, "embedding": self.emb(f).flatten(1)}
+
+
+@pytest.mark.parametrize("layer,detach", [("emb.1", False), (None, True)])
+def test_logits_that_do_not_depend_on_the_saliency_layer_are_named(layer, detach):
+    """A layer off the logits' path, or logits the forward detaches: an RSPError that names the
+    layer, not autograd's RuntimeError from inside the initial relevance."""
+    model = _TwoOutputs(detach).double().eval()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(RSPError, match=r"do not depend on the saliency layer '(emb\.1|body)' through autograd"):
+        rsp_fast.RSP(model, layer=layer).attribute(x)
