@@ -1836,3 +1836,21 @@ class _FunctionalZeroPad(nn.Module):
 
     def forward(self, x):
         return F.pad(x, self.pad)
+
+
+class _BatchStatisticsNorm(nn.Module):
+    def forward(self, x):
+        return F.batch_norm(x, None, None, training=True)
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.BatchNorm2d(8, track_running_stats=False), _BatchStatisticsNorm])
+def test_batchnorms_that_normalise_by_the_batch_are_refused_by_name(norm):
+    """Without running statistics a BatchNorm normalises each batch by its own mean and variance,
+    in eval mode too: a sample's map would depend on the rest of its batch (it moved by 0.1 of
+    its peak when only the other samples changed), so it is refused like other batch reductions."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double().eval()
+    with pytest.raises(rsp_fast.UnsupportedModelError, match="normalises by the batch's own mean and variance"):
+        rsp_fast.RSP(model, layer="4").attribute(torch.rand(3, 3, 10, 10, dtype=D))
+    tracked = nn.Sequential(*[nn.BatchNorm2d(8) if i == 1 else m for i, m in enumerate(model)]).double().eval()
+    assert rsp_fast.RSP(tracked, layer="4").attribute(torch.rand(3, 3, 10, 10, dtype=D)).shape == (3, 3, 10, 10)

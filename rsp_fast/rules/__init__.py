@@ -307,7 +307,7 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         if isinstance(m, nn.Linear):
             return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
         if is_batchnorm(m):
-            return NodeKind.PASS if _batchnorm_act_ok(m) else None
+            return NodeKind.PASS if _batchnorm_act_ok(m) and not _normalises_by_the_batch(node, m) else None
         if isinstance(m, PASS_MODULES) or is_timm_activation(m):
             return NodeKind.PASS
         if isinstance(m, POOL_MODULES) or (isinstance(m, nn.Upsample) and m.mode in POSITIVE_RESIZE_MODES):
@@ -320,6 +320,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if node.op not in ("call_function", "call_method"):
         return None
     t = node.target
+    if _normalises_by_the_batch(node, None):
+        return None
     if calls(node, PASS_FUNCTIONS, PASS_METHODS) or _is_stochastic_depth(t):
         return NodeKind.PASS
     if calls(node, *POWER):  # an elementwise function, like the activations
@@ -429,8 +431,24 @@ def _is_stochastic_depth(fn) -> bool:
     return getattr(fn, "__name__", None) == "stochastic_depth" and getattr(fn, "__module__", "").startswith("torchvision.")
 
 
+def _normalises_by_the_batch(node: fx.Node, module: nn.Module | None) -> bool:
+    """A BatchNorm that normalises by the batch's own statistics even in eval mode: a module
+    without running statistics (``track_running_stats=False``), or F.batch_norm in training
+    mode or without them. Each sample's output then depends on the others'."""
+    if module is not None:
+        return is_batchnorm(module) and getattr(module, "running_var", 1) is None
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return False
+    args = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training"), node.args)) | node.kwargs
+    return args.get("running_var") is None or args.get("training") is not False and args.get("training") is not None
+
+
 def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> str | None:
-    """Why a product, quotient, difference, conv or resize has no rule (None if it is not one)."""
+    """Why a product, quotient, difference, conv, resize or batch-statistics norm has no rule (None
+    if it is not one)."""
+    if _normalises_by_the_batch(node, module):
+        return ("a BatchNorm that normalises by the batch's own mean and variance (no running statistics, or "
+                "training mode): each sample's output would depend on the other samples'")
     mode = (module.mode if isinstance(module, nn.Upsample) else _interpolate_mode(node) if node.target is F.interpolate
             else None)
     if mode is not None and mode not in POSITIVE_RESIZE_MODES:
