@@ -196,6 +196,9 @@ class RSP:
         logits = _logits_of(output)
         if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
             logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1)
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and not logits.is_floating_point():
+            raise RSPError(f"the model must return floating-point logits, not {logits.dtype} (class scores that "
+                           "relevance can be a share of)")
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             kind = next((name for name, t in (("dict", dict), ("tuple", tuple), ("list", list)) if isinstance(logits, t)),
                         type(logits).__name__)  # fx hands a list back as its own immutable_list
@@ -237,6 +240,10 @@ class RSP:
             raise RSPError("precision='tf32' uses CUDA tensor cores: give CUDA tensors, or use 'fp32' or 'bf16'")
         if not x.is_floating_point():
             raise RSPError(f"inputs must be a floating-point tensor, not {x.dtype}")
+        if x.device.type == "meta":
+            raise RSPError("inputs are on the meta device: they hold no values to explain")
+        if x.layout != torch.strided:
+            raise RSPError(f"inputs must be a dense tensor, not one of layout {x.layout}; convert it (x.to_dense())")
         rank = self.plan.input_rank if self.plan else None
         if x.dim() < 2 or (rank is not None and x.dim() != rank):
             want = f"{rank}-D {_LAYOUTS.get(rank, '')}".rstrip() if rank else "at least 2-D (N, ...)"
@@ -366,6 +373,8 @@ def _concatenate(parts: list[Explanation]) -> Explanation:
 def heatmap(R: torch.Tensor) -> torch.Tensor:
     """The map shown to users: channel sum of the relevance (positive = target), N×H×W for
     images, N×L for signals, N×T×H×W for clips; an MLP's N×F relevance as it is."""
+    if not isinstance(R, torch.Tensor):
+        raise RSPError(f"heatmap takes a relevance tensor (an attribution), not {type(R).__name__}")
     return R.sum(1) if R.dim() >= 3 else R
 
 

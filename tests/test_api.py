@@ -1466,3 +1466,32 @@ def test_logits_that_do_not_depend_on_the_saliency_layer_are_named(layer, detach
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     with pytest.raises(RSPError, match=r"do not depend on the saliency layer '(emb\.1|body)' through autograd"):
         rsp_fast.RSP(model, layer=layer).attribute(x)
+
+
+def test_inputs_logits_and_maps_of_the_wrong_kind_are_named():
+    """Sparse or meta inputs, integer or boolean logits, and a heat map asked of something that is
+    not a tensor: each an RSPError that says which, not an error from deep inside."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    explainer = rsp_fast.RSP(model, layer="1")
+    with pytest.raises(RSPError, match="not one of layout torch.sparse_coo"):
+        explainer.attribute(x.to_sparse())
+    with pytest.raises(RSPError, match="meta device"):
+        explainer.attribute(x.to("meta"))
+    for cast in (torch.long, torch.bool):
+        rounded = nn.Sequential(model, _Cast(cast)).eval()
+        with pytest.raises(RSPError, match=f"floating-point logits, not {cast}"):
+            rsp_fast.RSP(rounded, layer="0.1").attribute(x)
+    with pytest.raises(RSPError, match="heatmap takes a relevance tensor"):
+        rsp_fast.heatmap(None)
+
+
+class _Cast(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        return (x > 0).to(self.dtype)
