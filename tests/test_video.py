@@ -808,3 +808,15 @@ def test_heat_map_videos_are_tagged_as_the_colours_they_are_converted_with(tmp_p
         G = (Y - 0.2126 * R - 0.0722 * B) / 0.7152
         assert np.allclose(np.clip([R, G, B], 0, 1) * 255, colour, atol=6)
     assert np.abs(read_frames(path)[0].astype(int) - rgb).max() <= 6
+
+
+def test_a_first_frame_before_the_sources_start_opens_the_output_at_zero(tmp_path):
+    """Frames timed before the container's start (a stream whose first frame precedes the time
+    the container reports): the output starts at 0 and keeps the frames' spacing, rather than
+    writing negative timestamps that leave no frame decodable."""
+    from rsp_fast.video.io import Encoder
+    encoder = Encoder(tmp_path / "early.mp4", Fraction(10), start=1.0)
+    for i, img in enumerate(_frames(4, 16, 16)):
+        encoder.write(img, 0.5 + i / 10)
+    encoder.commit()
+    assert _decoded_times(tmp_path / "early.mp4") == pytest.approx([0.0, 0.1, 0.2, 0.3], abs=1e-3)
