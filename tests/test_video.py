@@ -685,6 +685,33 @@ def test_explain_video_leaves_a_plain_module_as_it_was(tmp_path):
     assert model.training and all(m.training for m in model.modules())
 
 
+def _muxed_video(path, fmt, codec, times, fps, size=(32, 48), pix_fmt="yuv420p", time_base=None, images=None,
+                 tag=lambda stream: None):
+    """Frames at ``times`` (seconds; distinct ones, or ``images``), muxed as ``fmt``, the stream
+    given ``tag`` first (a display matrix, a sample aspect ratio)."""
+    clock = time_base or Fraction(1, 1000)
+    c = av.open(str(path), "w", format=fmt)
+    s = c.add_stream(codec, rate=fps)
+    s.height, s.width = size
+    s.pix_fmt = pix_fmt
+    s.codec_context.time_base = clock
+    tag(s)
+    for t, img in zip(times, images or _frames(len(times), *size, seed=3)):
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts, frame.time_base = round(Fraction(t) / clock), clock
+        for p in s.encode(frame):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+def _tagged_still(path, img, tag):
+    """Two frames of ``img`` in H.264 (FFV1 in Matroska keeps no aspect ratio), tagged by ``tag``."""
+    return _muxed_video(path, None, "libx264", [0, 0.2], 5, img.shape[:2], images=[img, img], tag=tag)
+
+
 # what ffmpeg's autorotation shows for display matrices that mirror (QuickTime's Flip Horizontal,
 # a front camera's video) or turn and mirror: the block's place in the shown 32×64 or 64×32 frame
 @pytest.mark.parametrize("matrix,shape,block", [
@@ -696,19 +723,8 @@ def test_videos_with_a_mirroring_display_matrix_are_shown_as_players_show_them(t
     from rsp_fast.video.io import decode_batches
     img = np.zeros((32, 64, 3), np.uint8)
     img[:8, :16] = 255
-    c = av.open(str(tmp_path / "mirrored.mp4"), "w")
-    s = c.add_stream("libx264", rate=5)
-    s.height, s.width, s.pix_fmt = 32, 64, "yuv420p"
-    s.set_display_matrix(matrix)
-    for i in range(2):
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-        frame.pts, frame.time_base = i, Fraction(1, 5)
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    frames = next(decode_batches(tmp_path / "mirrored.mp4", 8)).frames
+    src = _tagged_still(tmp_path / "mirrored.mp4", img, lambda s: s.set_display_matrix(matrix))
+    frames = next(decode_batches(src, 8)).frames
     assert frames.shape == (2, *shape, 3)
     white = frames[0, ..., 0] > 128
     assert white[block].all() and white.sum() == white[block].size
@@ -719,46 +735,19 @@ def test_anamorphic_videos_are_explained_at_the_aspect_ratio_they_are_shown_at(t
     frames are stretched to the shown width before the model sees them, and the output keeps the
     shape the user saw."""
     from rsp_fast.video.io import decode_batches
-    c = av.open(str(tmp_path / "wide.mkv"), "w")
-    s = c.add_stream("libx264", rate=5)  # (FFV1 in Matroska keeps no aspect ratio)
-    s.height, s.width, s.pix_fmt = 24, 32, "yuv420p"
-    s.codec_context.sample_aspect_ratio = s.sample_aspect_ratio = Fraction(2, 1)
     img = np.zeros((24, 32, 3), np.uint8)
     img[:, :8] = 255  # the left quarter
-    for i in range(2):
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-        frame.pts, frame.time_base = i, Fraction(1, 5)
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    frames = next(decode_batches(tmp_path / "wide.mkv", 8)).frames
+
+    def anamorphic(s):
+        s.codec_context.sample_aspect_ratio = s.sample_aspect_ratio = Fraction(2, 1)
+    src = _tagged_still(tmp_path / "wide.mkv", img, anamorphic)
+    frames = next(decode_batches(src, 8)).frames
     assert frames.shape == (2, 24, 64, 3)
     white = frames[0, 12, :, 0] > 128
     assert white[:14].all() and not white[18:].any()  # still the left quarter, now 16 pixels wide
     explain_video(spec, tmp_path / "wide.mkv", tmp_path / "out.mp4", progress=False)
     info = probe(tmp_path / "out.mp4")
     assert (info.height, info.width) == (24, 64)
-
-
-def _muxed_video(path, fmt, codec, times, fps, size=(32, 48), pix_fmt="yuv420p", time_base=None):
-    """``len(times)`` distinct frames at those presentation times (seconds), muxed as ``fmt``."""
-    clock = time_base or Fraction(1, 1000)
-    c = av.open(str(path), "w", format=fmt)
-    s = c.add_stream(codec, rate=fps)
-    s.height, s.width = size
-    s.pix_fmt = pix_fmt
-    s.codec_context.time_base = clock
-    for i, (t, img) in enumerate(zip(times, _frames(len(times), *size, seed=3))):
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-        frame.pts, frame.time_base = round(Fraction(t) / clock), clock
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return path
 
 
 def _decoded_times(path):
