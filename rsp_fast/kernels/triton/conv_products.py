@@ -748,6 +748,7 @@ def _filters_by_tma(x_cl, R, t: Tiles, kernel, dilation, pad, out_hw, splits, fl
         num_warps=t.warps, num_stages=t.stages)
     return F.sum(0).to(dtype) if split > 1 else F[0]
 
+
 def _filters_for_back(F: torch.Tensor, flags: dict) -> torch.Tensor:
     """F (N, T, M, C) as the back-projection reads it, which sums over its sections M. TF32
     tensor cores take an operand from shared memory only with its summed axis contiguous there,
