@@ -593,6 +593,12 @@ def tma_fits(*operands: torch.Tensor) -> bool:
                for t in operands)
 
 
+def _tma_refused(kernel: str, operands: str, device: torch.device) -> ValueError:
+    """The error for a TMA launch (``Tiles.tma``) whose operands ``tma_fits`` turns down."""
+    return ValueError(f"conv_products: TMA {kernel} (Tiles.tma) need 16-byte aligned operands and a GPU with the "
+                      f"tensor memory accelerator; {operands} on {device} do not")
+
+
 def _responses_tma_operands(x_cl: torch.Tensor, F: torch.Tensor, t: Tiles, out_hw) -> tuple:
     """The responses kernel's patches and filters arguments for a TMA launch: x (N, H, W, C) and
     F (N, T, M, C) as tensor descriptors of one box each (positions, section columns, channels), and
@@ -600,9 +606,7 @@ def _responses_tma_operands(x_cl: torch.Tensor, F: torch.Tensor, t: Tiles, out_h
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     if not tma_fits(x_cl, F):
-        raise ValueError(f"conv_products: TMA responses (Tiles.tma) need 16-byte aligned operands and a GPU with "
-                         f"the tensor memory accelerator; {x_cl.shape[-1]} channels of {x_cl.dtype} on {x_cl.device} "
-                         "do not")
+        raise _tma_refused("responses", f"{x_cl.shape[-1]} channels of {x_cl.dtype}", x_cl.device)
     height, width = position_box(t.rows, out_hw)
     return (TensorDescriptor.from_tensor(x_cl, [1, height, width, t.red]),
             TensorDescriptor.from_tensor(F, [1, 1, t.cols, t.red]), width)
@@ -728,9 +732,8 @@ def _filters_by_tma(x_cl, R, t: Tiles, kernel, dilation, pad, out_hw, splits, fl
     O, T = R.shape[1], kernel[0] * kernel[1]
     R4 = R.contiguous().view(N, O, *out_hw)
     if not tma_fits(x_cl, R4):
-        raise ValueError(f"conv_products: TMA filters (Tiles.tma) need 16-byte aligned operands and a GPU with the "
-                         f"tensor memory accelerator; {C} channels of {x_cl.dtype} and an output {out_hw[1]} wide in "
-                         f"{R.dtype} on {x_cl.device} do not")
+        raise _tma_refused("filters", f"{C} channels of {x_cl.dtype} and an output {out_hw[1]} wide in {R.dtype}",
+                           x_cl.device)
     height, width = position_box(t.red, out_hw)
     boxes = triton.cdiv(out_hw[0], height) * triton.cdiv(out_hw[1], width)
     blocks = triton.cdiv(2 * O, t.rows) * triton.cdiv(C, t.cols)
@@ -794,9 +797,7 @@ def _back_tma_operands(S: torch.Tensor, F: torch.Tensor, t: Tiles, out_hw, in_hw
 
     N, L, M = S.shape
     if S.stride(1) != M or S.stride(2) != 1 or not tma_fits(S, F if F.stride(-1) == 1 else F.transpose(2, 3)):
-        raise ValueError(f"conv_products: a TMA back-projection (Tiles.tma) needs 16-byte aligned operands and a GPU "
-                         f"with the tensor memory accelerator; {M} sections and {F.shape[-1]} channels of {S.dtype} "
-                         f"on {S.device} do not")
+        raise _tma_refused("back-projections", f"{M} sections and {F.shape[-1]} channels of {S.dtype}", S.device)
     height, width = position_box(t.rows, in_hw)
     sections = TensorDescriptor.from_tensor(S.view(N, *out_hw, M), [1, height, width, t.red])
     f_t = F.stride(-1) != 1
