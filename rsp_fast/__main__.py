@@ -1,6 +1,4 @@
 """``python -m rsp_fast``: the ``rsp-fast`` command."""
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

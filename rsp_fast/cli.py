@@ -238,8 +238,11 @@ def _stopping_signals() -> dict:
     be caught in the main thread: elsewhere, nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
-    return {getattr(signal, n): signal.signal(getattr(signal, n), _stop) for n in names}
+    return {signum: signal.signal(signum, _stop) for signum in _stopping_signal_numbers()}
+
+
+def _stopping_signal_numbers() -> list[int]:
+    return [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
 
 def main(argv=None) -> int:
@@ -276,5 +279,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``rsp-fast`` command: ``main``, then, where Ctrl-C, SIGTERM or SIGHUP stopped it, that
+    same signal again with its default action once the clean-up is done, so that the caller sees
+    the process ended by it (a shell loop over videos stops at Ctrl-C instead of going on to the
+    next one; a shell still shows 128 + the signal's number)."""
+    code = main()
+    signum = code - 128
+    if signum in (signal.SIGINT, *_stopping_signal_numbers()):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:  # a reader that has gone: nothing more to say to it
+                pass
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

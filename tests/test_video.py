@@ -18,7 +18,7 @@ from rsp_fast.errors import RSPError
 from rsp_fast.models import ModelSpec
 from rsp_fast.video import explain_video
 from rsp_fast.video.io import probe, read_frames, write_video
-from rsp_fast.video.pipeline import _Stage
+from rsp_fast.video.pipeline import _Stage, _to_the_end
 from models import tiny_cnn
 
 TESTS = Path(__file__).parent
@@ -546,32 +546,64 @@ def test_a_model_that_outputs_nan_is_named(tmp_path):
     assert _only_output(tmp_path, "out") == []
 
 
-@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])  # twice: the second one during the cleanup
-def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_file(tmp_path, signals):
+@pytest.mark.parametrize("name, signals", [("SIGTERM", 1), ("SIGTERM", 2), ("SIGINT", 1)],
+                         ids=["sigterm", "sigterm-twice", "ctrl-c"])  # twice: the second one during the cleanup
+def test_a_stopping_signal_leaves_no_temporary_file_and_ends_the_process_by_that_signal(tmp_path, name, signals):
+    """The process dies of the signal after its clean-up, as a shell loop needs to stop (a
+    second signal once the handlers are restored ends it the same way)."""
     import signal
     import time
 
+    signum = getattr(signal, name)
     src = write_video(tmp_path / "in.mp4", _frames(400, 64, 64), fps=25)
     (tmp_path / "out.mp4").write_bytes(b"previous result")
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    proc = subprocess.Popen([sys.executable, "-m", "rsp_fast.cli", "video", str(src), "-o", "out.mp4", "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "rsp_fast", "video", str(src), "-o", "out.mp4", "--model",
                              "models:tiny_cnn", "--batch-size", "1", "--quiet"], cwd=tmp_path, env=env,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.mp4.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)  # until the encoder has opened its temporary file
     for _ in range(signals):
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         time.sleep(0.01)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == -signum, err
     assert "interrupted" in err and "Traceback" not in err
     assert _only_output(tmp_path, "out") == ["out.mp4"] and (tmp_path / "out.mp4").read_bytes() == b"previous result"
 
 
-def test_the_cleanup_goes_on_through_further_interrupts():
-    from rsp_fast.video.pipeline import _to_the_end
+def test_an_interrupted_wait_for_a_stage_still_waits_for_its_end():
+    """Thread.join, interrupted by a signal, takes a running thread for ended (CPython 3.11):
+    the encoder was then closed under the writer (a crash at a second SIGTERM)."""
+    import signal
 
+    release, stop, finished, interrupts = threading.Event(), threading.Event(), [], []
+
+    def work(stage):
+        release.wait()
+        finished.append(True)
+
+    def interrupt(signum, frame):
+        interrupts.append(signum)
+        if len(interrupts) <= 2:  # two interrupts, the stage is let go at the second
+            if len(interrupts) == 2:
+                release.set()
+            raise KeyboardInterrupt
+
+    stage = _Stage(work, stop)
+    stage.start()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+    try:
+        _to_the_end(stage.wait_to_end)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(interrupts) >= 2 and finished == [True]
+
+
+def test_the_cleanup_goes_on_through_further_interrupts():
     steps = []
 
     def cleanup():

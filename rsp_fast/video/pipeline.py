@@ -41,17 +41,29 @@ class _Attributed:
 
 
 class _Stage(threading.Thread):
-    """A daemon thread whose exception is handed to the caller instead of being lost."""
+    """A daemon thread whose exception is handed to the caller instead of being lost; it does
+    nothing once ``stop`` is set (it may start after an interrupt that the caller already saw)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, stop: threading.Event):
         super().__init__(daemon=True)
-        self.fn, self.error, self.seconds = fn, None, 0.0
+        self.fn, self.stop, self.error, self.seconds = fn, stop, None, 0.0
+        self.ended = threading.Event()
 
     def run(self):
         try:
-            self.fn(self)
+            if not self.stop.is_set():
+                self.fn(self)
         except BaseException as exc:  # re-raised in the calling thread
             self.error = exc
+        finally:
+            self.ended.set()
+
+    def wait_to_end(self) -> None:
+        """Wait until ``run`` has returned, if the thread was started. Not ``join``: in CPython
+        3.11 a signal that interrupts ``join`` marks a running thread as ended (bpo-45274's
+        fix), and the encoder was then closed while the writer still wrote to it (a crash)."""
+        if self.ident is not None:
+            self.ended.wait()
 
 
 def _put(q: queue.Queue, item, stop: threading.Event, consumer: threading.Thread | None = None) -> bool:
@@ -136,7 +148,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
                     encoder.write(drawn, item.batch.times[k] if keep_times else None)
                 stage.seconds += time.perf_counter() - t
 
-    decoder, writer = _Stage(decode), _Stage(encode)
+    decoder, writer = _Stage(decode, stop), _Stage(encode, stop)
     started = time.perf_counter()
     attribute_s = 0.0
     try:
@@ -157,8 +169,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
             if show:
                 _progress(len(rows), total, time.perf_counter() - started)
         _put(attributed, _DONE, stop, writer)
-        decoder.join()
-        writer.join()
+        decoder.wait_to_end()
+        writer.wait_to_end()
         for stage in (decoder, writer):
             if stage.error is not None:
                 raise stage.error
@@ -170,9 +182,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         stop.set()
 
         def wind_down():
-            for stage in (writer, decoder):  # each sees `stop` at its next batch; the encoder's must end before abort
-                if stage.ident is not None:
-                    stage.join(timeout=5)
+            for stage in (writer, decoder):  # each sees `stop` at its next batch; the writer must end before abort
+                stage.wait_to_end()
             encoder.abort()
         _to_the_end(wind_down)
         raise
