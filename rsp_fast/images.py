@@ -12,7 +12,7 @@ from . import render
 from .api import RSP
 from .errors import RSPError
 from .models import ModelSpec, checked_device
-from .optional import optional_import
+from .optional import optional_import, pil
 from .paths import check_name_length, check_readable, checked_output_folder
 from .pictures import FrameAttributor, as_rgb, as_spec, iterable
 
@@ -21,7 +21,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """Any image PIL reads (grey, palette, alpha, 16-bit and float grey included) as H×W×3
     uint8 RGB, upright: a photo's EXIF orientation (a phone held sideways) is applied, as
     viewers do."""
-    from PIL import Image, ImageOps
+    Image, ImageOps = pil(), pil("ImageOps")
 
     path = Path(path)
     try:
@@ -42,12 +42,12 @@ def _open_still(path: Path):
     does not open or is an animation (a GIF, PNG or WebP of several frames: its first frame
     alone would be explained without a word; the video command reads every frame). A JPEG's
     or TIFF's further pictures (a phone photo's gain map, a pyramid's levels) are not frames."""
-    from PIL import Image, UnidentifiedImageError
+    Image = pil()
 
     check_readable(path, "image")
     try:
         im = Image.open(path)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except (Image.UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise RSPError(f"cannot read image {str(path)!r}: {exc}") from None
     if im.format in ANIMATION_FORMATS and getattr(im, "is_animated", False):
         frames = getattr(im, "n_frames", "several")
@@ -63,7 +63,7 @@ def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
     checked to open as an image (its header: pixels are read when its batch comes, so a folder
     of any size fits in memory). Names are the file stems, made unique (``cat``, ``cat-2``) so
     no output overwrites another."""
-    from PIL import Image
+    Image = pil()
 
     files: list[Path] = []
     for p in map(Path, paths):
@@ -176,7 +176,7 @@ class _FileNames:
 def _thumbnail(img: np.ndarray, side: int) -> np.ndarray:
     """``img`` scaled to fit a side×side square, aspect kept (a 1×500 strip is not made 512
     wide and 256000 tall)."""
-    from PIL import Image
+    Image = pil()
 
     scale = side / max(img.shape[:2])
     size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))

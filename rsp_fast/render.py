@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RSPError
+from .optional import pil
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def draw_label(img: np.ndarray, text: str) -> np.ndarray:
     """The predicted label in a dark band at the top of the picture, drawn into ``img`` (a copy
     if it is read-only) and returned; only the band goes through PIL (an HD frame's round trip
     cost 5 ms)."""
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = pil(), pil("ImageDraw")
 
     if not img.flags.writeable:
         img = img.copy()
@@ -151,9 +152,9 @@ def save_png(path, img: np.ndarray) -> None:
     """Write atomically: a temporary file renamed into place, never a half-written PNG."""
     import os
 
-    from PIL import Image
-
     from .paths import temporary_sibling
+
+    Image = pil()
 
     tmp = temporary_sibling(Path(path), ".png")
     try:

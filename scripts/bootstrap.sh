@@ -17,7 +17,10 @@ if [ ! -x "$PY" ]; then
 fi
 
 want="$(cat pyproject.toml setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$PY" -c "import torch, rsp_fast._C" 2>/dev/null; then
+# Up to date where the kernels load and run with this torch (an extension built for another torch
+# imports, but rsp_fast refuses it: HAVE_C is the library's own verdict).
+kernels_run='import sys; from rsp_fast.ops import custom; sys.exit(not custom.HAVE_C)'
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$PY" -W ignore -c "$kernels_run" 2>/dev/null; then
   echo "[bootstrap] .venv is up to date"
   exit 0
 fi
@@ -41,5 +44,6 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 echo "[bootstrap] building and installing rsp_fast (compiles rsp_fast._C)"
 "$PY" -m pip install --quiet --no-build-isolation -e ".[dev,video,eval]"
 "$PY" -c "import torch, rsp_fast._C"  # the extension links against the libraries torch loads
+"$PY" -c "$kernels_run" || { echo "[bootstrap] error: rsp_fast._C was built but does not run: $("$PY" -c 'from rsp_fast.ops import custom; print(custom.C_ERROR)')" >&2; exit 1; }
 echo "$want" > "$STAMP"
 echo "[bootstrap] done: $("$PY" -c 'import rsp_fast, torch; print("rsp_fast", rsp_fast.__version__, "torch", torch.__version__, rsp_fast.backends())')"

@@ -1,5 +1,6 @@
 """The rsp-fast command line: image maps, the demo, and one-line errors for bad input."""
 import json
+import os
 import subprocess
 import sys
 
@@ -494,6 +495,41 @@ def test_a_missing_optional_dependency_is_one_line_with_its_install_command(tmp_
     err = capsys.readouterr().err
     dist = {"PIL": "pillow", "torchvision": "torchvision"}[module]
     assert err.startswith("rsp-fast: error: ") and f"pip install {dist}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("module, version", [("PIL", "10.0.1"), ("av", "16.1.0")])
+def test_an_optional_dependency_too_old_for_what_is_used_is_named_with_the_version_needed(tmp_path, capsys,
+                                                                                         monkeypatch, module, version):
+    """Pillow before 10.1 ignored the label's font size; PyAV before 17 has no colour tags on
+    frames (the encoder failed with an AttributeError from inside)."""
+    import importlib
+
+    from rsp_fast.video.io import write_video
+
+    photo = _png(tmp_path / "a.png")
+    src = write_video(tmp_path / "in.mp4", [np.zeros((32, 32, 3), np.uint8)] * 2, fps=2)
+    monkeypatch.setattr(importlib.import_module(module), "__version__", version)  # the inputs are made by now
+    argv = ["image", str(photo), "-o", str(tmp_path / "out")] if module == "PIL" else \
+        ["video", str(src), "-o", str(tmp_path / "out.mp4"), "--model", "models:tiny_cnn"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    dist = {"PIL": "pillow", "av": "av"}[module]
+    assert f"needs {dist} " in err and f"{version} is installed" in err and f"pip install --upgrade '{dist}>=" in err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_an_optional_dependency_that_is_installed_but_does_not_import_is_one_line(tmp_path):
+    """A PyAV built against an FFmpeg since replaced, a Pillow whose C part does not load: an
+    ImportError (not ModuleNotFoundError), which ended the command with a traceback."""
+    photo = _png(tmp_path / "a.png")
+    (tmp_path / "stubs" / "PIL").mkdir(parents=True)
+    (tmp_path / "stubs" / "PIL" / "__init__.py").write_text('raise ImportError("libtiff.so.6: cannot open shared object file")')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "stubs")}
+    proc = subprocess.run([sys.executable, "-m", "rsp_fast", "image", str(photo), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "pillow, which is installed but does not import (libtiff.so.6" in proc.stderr
+    assert "pip install --force-reinstall pillow" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_safetensors_weights_without_safetensors_say_so(tmp_path, monkeypatch):

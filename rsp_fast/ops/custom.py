@@ -9,7 +9,8 @@ import importlib.util
 
 import torch
 
-REBUILD = "pip install --no-build-isolation -e . in the source checkout builds it for this torch"
+REBUILD = ("reinstalling rsp-fast from its source (a checkout or the sdist) with pip install --no-build-isolation "
+           "builds it for this torch")
 
 
 def _load_extension() -> tuple[bool, str, bool]:

@@ -7,17 +7,18 @@ from pathlib import Path
 import numpy as np
 
 from ..images import sample_photos
+from ..optional import pil
 from .io import write_video
 
 
 def _camera_move(photo: np.ndarray, frames: int, size: tuple[int, int], zoom: float, pan: float) -> list[np.ndarray]:
     """Crops of ``photo`` sliding and tightening over ``frames`` steps, resized to ``size`` (W, H)."""
-    from PIL import Image
+    Image = pil()
 
     h, w = photo.shape[:2]
     aspect = size[0] / size[1]
     base_w = min(w, h * aspect)
-    pil = Image.fromarray(photo)
+    picture = Image.fromarray(photo)
     out = []
     for t in np.linspace(0.0, 1.0, frames):
         cw = base_w / (1 + (zoom - 1) * t)
@@ -25,7 +26,7 @@ def _camera_move(photo: np.ndarray, frames: int, size: tuple[int, int], zoom: fl
         cx = w / 2 + pan * (t - 0.5) * (w - cw)
         cy = h / 2
         left, top = np.clip(cx - cw / 2, 0, w - cw), np.clip(cy - ch / 2, 0, h - ch)
-        out.append(np.asarray(pil.resize(size, Image.BILINEAR, box=(left, top, left + cw, top + ch))))
+        out.append(np.asarray(picture.resize(size, Image.BILINEAR, box=(left, top, left + cw, top + ch))))
     return out
 
 

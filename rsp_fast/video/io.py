@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import RSPError
-from ..optional import optional_import
+from ..optional import optional_import, pil
 from ..paths import check_readable, temporary_sibling
 
 AVFMT_VARIABLE_FPS = 0x0400  # libavformat: the container keeps per-frame timestamps (AVI does not)
@@ -177,7 +177,7 @@ def _upright(rgb: np.ndarray, frame) -> np.ndarray:
 def _square_pixels(rgb: np.ndarray, stream) -> np.ndarray:
     """A frame whose pixels are not square (anamorphic DV, DVD, HDV: a sample aspect ratio other
     than 1) stretched to the width it is shown at, as players show it; others as they are."""
-    from PIL import Image
+    Image = pil()
 
     ratio = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     if not ratio or ratio == 1:
@@ -189,7 +189,7 @@ def _square_pixels(rgb: np.ndarray, stream) -> np.ndarray:
 def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A frame whose size changed mid-stream (a spliced or adaptive-bitrate recording) fitted
     into the first frame's size: scaled with its aspect ratio kept, centred on black."""
-    from PIL import Image
+    Image = pil()
 
     h, w = size
     scale = min(h / rgb.shape[0], w / rgb.shape[1])
