@@ -123,6 +123,69 @@ def test_per_token_class_scores_averaged_over_tokens_take_the_tokens_features_as
     assert torch.allclose(ex.attribution.flatten(1).sum(1), ex.initial.flatten(1).sum(1) - ex.dropped)
 
 
+class _ChannelsLastBlocks(nn.Module):
+    """A conv stem, then two residual MLP blocks in N×H×W×C between permutes (ConvNeXt's and
+    MambaOut's pattern), a conv and the head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.stem, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.norms = nn.ModuleList(nn.LayerNorm(8) for _ in range(2))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(2))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x)).permute(0, 2, 3, 1)
+        for norm, mlp in zip(self.norms, self.mlps):
+            x = x + mlp(norm(x))
+        x = F.relu(self.out(x.permute(0, 3, 1, 2)))
+        return self.head(x.mean((2, 3)))
+
+
+def _channels_last_cases():
+    cases = [(_ChannelsLastBlocks, "add")]  # the first block's sum: its users are the next block's norm and sum
+    try:
+        import timm
+
+        cases += [(lambda: timm.create_model("mambaout_femto"), layer) for layer in ("stages.3.downsample", "stages.2.blocks.1")]
+    except ImportError:
+        pass
+    return cases
+
+
+@pytest.mark.parametrize("make, layer", _channels_last_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_layer_between_permutes_is_explained_channels_last(make, layer):
+    """A saliency layer that a permute(0, 2, 3, 1) put in N×H×W×C, chosen inside the blocks (the
+    head's pooling is blocks away): R₀ takes its channels from the last dimension. It was read
+    as N×C×H×W, and behind a LayerNorm (whose gradient sums to 0 over the channels) R₀ was
+    rounding noise: a sample's map changed with the others in its batch (0.09 of its peak)."""
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x = torch.randn(3, 3, 64, 64, dtype=D)
+    explainer = rsp_fast.RSP(model, layer=layer)
+    assert explainer.plan.channels_last
+    ex = explainer.explain(x)
+    # Grad-CAM by hand (RSP_SPEC §1): one weight per channel (the last dim), the mean over (h, w)
+    module, caught = dict(model.named_modules()).get(layer), {}
+    if module is not None:
+        hook = module.register_forward_hook(lambda m, i, o: caught.setdefault("A", o))
+        logits = model(x)
+        hook.remove()
+    else:  # the first block's sum, as the forward makes it
+        h = F.relu(model.stem(x)).permute(0, 2, 3, 1)
+        caught["A"] = h + model.mlps[0](model.norms[0](h))
+        y = caught["A"] + model.mlps[1](model.norms[1](caught["A"]))
+        logits = model.head(F.relu(model.out(y.permute(0, 3, 1, 2))).mean((2, 3)))
+    A = caught["A"]
+    grad = torch.autograd.grad(logits.gather(1, ex.target[:, None]).sum(), A)[0]
+    cam = A * grad.mean((1, 2), keepdim=True)  # N×H×W×C, then normalised by its peak per sample
+    cam = cam / (cam.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-9)  # RSP_SPEC §1: + 1e-9
+    assert rel_err(ex.cams[0], cam) < 1e-10
+    alone = explainer.attribute(x[:1])
+    assert rel_err(ex.attribution[:1], alone) < 1e-10  # each sample's map its own
+
+
 class _Tokens(nn.Module):
     """Per-token Linear layers on N×T×F, pooled over the tokens by ``pool``, then a head; or,
     ``scores_first``, the head on each token and its scores averaged."""

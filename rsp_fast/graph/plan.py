@@ -424,6 +424,8 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
     """Whether the head pools the saliency map over dims 1 and 2 (N×H×W×C, as MambaOut's
     head does), or permutes it from that layout first, before any other op; or runs a Linear on
     it and then pools (a Linear reads the last dim: N×T×F tokens pooled over dim 1, too)."""
+    if _permuted_to_channels_last(model, saliency):
+        return True
     node, through_linear = saliency, _made_by_a_linear(model, saliency)  # a Linear's output: channels last already
     while len(node.users) == 1:
         node = next(iter(node.users))
@@ -433,11 +435,40 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
             through_linear = True
             continue
         if calls(node, {torch.permute}, {"permute"}):
-            order = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else \
-                (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims", ()))
-            return tuple(order) == (0, 3, 1, 2)
+            return _permute_order(node) == (0, 3, 1, 2)
         if node_kind(node, _module(model, node)) != NodeKind.PASS:
             return False
+    return False
+
+
+def _permute_order(node: fx.Node) -> tuple:
+    order = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else \
+        (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims", ()))
+    return tuple(order)
+
+
+# ops that change a tensor's shape or order of dims: behind them a layout is not known
+RESHAPES = {torch.reshape, torch.flatten, torch.unflatten, torch.transpose, torch.movedim, torch.squeeze, torch.unsqueeze,
+            torch.swapaxes}
+RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "transpose", "movedim", "squeeze", "unsqueeze", "swapaxes", "mT"}
+
+
+def _permuted_to_channels_last(model: nn.Module, node: fx.Node) -> bool:
+    """Whether the map was put in N×H×W×C by a ``permute(0, 2, 3, 1)``: walking back along the
+    main path (through Linears, norms, activations, residual sums, splits and gates, which keep
+    a layout) the first permute met is that one (a MambaOut or ConvNeXt block between its
+    permutes). A conv, a pool, a reduction, a reshape or the input settles nothing (False)."""
+    while isinstance(node, fx.Node) and node.op in ("call_module", "call_function", "call_method"):
+        if calls(node, {torch.permute}, {"permute"}):
+            return _permute_order(node) == (0, 2, 3, 1)
+        if calls(node, RESHAPES, RESHAPE_METHODS) or isinstance(_module(model, node), nn.Flatten | nn.Unflatten):
+            return False
+        module = _module(model, node)
+        kind = node_kind(node, module)
+        linear = isinstance(module, nn.Linear) or functional_linear_weight(node) is not None
+        if kind in (NodeKind.POOL, NodeKind.SUM) or (kind == NodeKind.LAYER and not linear):
+            return False
+        node = _first_tensor_input(node, None if linear else kind)
     return False
 
 
