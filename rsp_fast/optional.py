@@ -2,6 +2,7 @@
 old or broken one named in one line with the command that mends it, never a traceback."""
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 
@@ -49,14 +50,16 @@ def optional_import(module: str, purpose: str):
 def _check_version(top: str, purpose: str) -> None:
     minimum = MINIMUM_VERSIONS.get(top)
     version = getattr(importlib.import_module(top), "__version__", None) if minimum else None
-    if version is None:
-        return
-    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-    if found < minimum:
+    if version is not None and _older(version, minimum):
         wanted = ".".join(map(str, minimum))
         name = DISTRIBUTIONS[top]
         raise RSPError(f"{purpose} needs {name} {wanted} or newer, and {version} is installed: "
                        f"pip install --upgrade '{name}>={wanted}'")
+
+
+@functools.cache  # asked for every frame (_square_pixels)
+def _older(version: str, minimum: tuple[int, ...]) -> bool:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:len(minimum)]) < minimum
 
 
 def pil(module: str = "Image"):

@@ -177,12 +177,11 @@ def _upright(rgb: np.ndarray, frame) -> np.ndarray:
 def _square_pixels(rgb: np.ndarray, stream) -> np.ndarray:
     """A frame whose pixels are not square (anamorphic DV, DVD, HDV: a sample aspect ratio other
     than 1) stretched to the width it is shown at, as players show it; others as they are."""
-    Image = pil()
-
     ratio = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     if not ratio or ratio == 1:
         return rgb
     width = max(1, round(rgb.shape[1] * ratio))
+    Image = pil()
     return np.asarray(Image.fromarray(rgb).resize((width, rgb.shape[0]), Image.BILINEAR)) if width != rgb.shape[1] else rgb
 
 
