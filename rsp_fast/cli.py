@@ -6,6 +6,7 @@ Ctrl-C stops cleanly with status 130. Outputs appear only when complete.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -246,6 +247,9 @@ def _stopping_signal_numbers() -> list[int]:
 
 
 def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, a class name a Latin-1 terminal cannot show
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     previous = _stopping_signals()
     try:

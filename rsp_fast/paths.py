@@ -22,9 +22,10 @@ def temporary_sibling(path: Path, suffix: str = "") -> Path:
     at the first write, naming the temporary file. ``suffix``: what tells the writer the format."""
     tag = f".tmp-{os.getpid()}{suffix}"
     name, room = path.name, NAME_MAX - 1 - len(tag.encode())
-    if len(name.encode()) > room:  # cut on a character, made unique again by a digest of the whole name
-        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = name.encode()[:room - 9].decode(errors="ignore") + "-" + digest
+    stored = os.fsencode(name)  # the bytes on disk (a name that is not UTF-8 included)
+    if len(stored) > room:  # cut on a character, made unique again by a digest of the whole name
+        digest = hashlib.sha1(stored).hexdigest()[:8]
+        name = stored[:room - 9].decode(errors="ignore") + "-" + digest
     return path.with_name(f".{name}{tag}")
 
 
@@ -97,7 +98,7 @@ def _check_folder_writable(folder: Path, what: str, text: str) -> None:
 
 def check_name_length(path: Path, what: str) -> None:
     """A file name the file system can hold (each name in the path is limited, not the path)."""
-    if any(len(part.encode()) > NAME_MAX for part in path.parts):
+    if any(len(os.fsencode(part)) > NAME_MAX for part in path.parts):  # bytes: a Latin-1 name is no UTF-8
         raise RSPError(f"{what} {str(path)!r}: a name in it is longer than the {NAME_MAX} bytes a file system holds")
 
 

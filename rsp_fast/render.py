@@ -54,7 +54,9 @@ def to_model_input(frames: np.ndarray, size: int, mean, std, pad_value: float = 
 def heat_to_frame(heat: torch.Tensor, box: Letterbox) -> torch.Tensor:
     """N×size×size heat maps -> N×H×W on the frames (letterbox cut away, then resized)."""
     inner = heat[:, box.top:box.top + box.height, box.left:box.left + box.width]
-    return F.interpolate(inner.unsqueeze(1).float(), size=box.frame_hw, mode="bilinear", align_corners=False).squeeze(1)
+    shrinks = box.height > box.frame_hw[0] or box.width > box.frame_hw[1]  # averaged then, not point-sampled (a thumbnail)
+    return F.interpolate(inner.unsqueeze(1).float(), size=box.frame_hw, mode="bilinear", align_corners=False,
+                         antialias=shrinks).squeeze(1)
 
 
 def symmetric_scale(heat: np.ndarray, quantile: float = 0.995) -> float:
@@ -66,7 +68,10 @@ def symmetric_scale(heat: np.ndarray, quantile: float = 0.995) -> float:
     step = max(1, int((heat.size / 2 ** 18) ** 0.5)) if heat.ndim == 2 else 1
     magnitude = np.abs(heat[::step, ::step] if step > 1 else heat)
     finite = magnitude[np.isfinite(magnitude)]
-    return float(max(np.quantile(finite, quantile), 1e-12)) if finite.size else 1.0
+    if not finite.size:
+        return 1.0
+    high = np.quantile(finite, quantile)
+    return float(max(high if high > 0 else finite.max(), 1e-12))  # a sparse map (its quantile 0): its peak
 
 
 # Colours come from tables over heat/scale clipped to [-1, 1] and quantised to 4097 levels (steps
@@ -82,7 +87,10 @@ _COLOURS_8 = (_COLOURS * 255 + 0.5).astype(np.uint8)
 def _levels(heat: np.ndarray, scale: float) -> np.ndarray:
     """Each pixel's row in the colour tables: heat/scale in [-1, 1] -> 0 .. _LEVELS - 1."""
     half = (_LEVELS - 1) / 2
-    v = heat.astype(np.float32) * np.float32(half / max(scale, 1e-12))
+    if heat.dtype == np.float64:  # scaled before the cast: values past float32's range would become inf × 0
+        v = np.clip(heat * (half / max(scale, 1e-12)), -2 * half, 2 * half).astype(np.float32)
+    else:
+        v = heat.astype(np.float32) * np.float32(half / max(scale, 1e-12))
     np.nan_to_num(v, copy=False, nan=0.0)  # NaN drawn as no relevance; ±Inf at the ends, clipped below
     np.clip(v, -half, half, out=v)
     v += np.float32(half + 0.5)
@@ -124,6 +132,8 @@ def draw_label(img: np.ndarray, text: str) -> np.ndarray:
         img = img.copy()
     band = max(12, img.shape[0] // 18)
     rows = band + 5 + band // 2  # the band and room for descenders below it
+    if 3 * rows > img.shape[0]:  # a small picture: the label would hide a third of it and more
+        return img
     top = Image.fromarray(img[:rows])
     draw = ImageDraw.Draw(top)
     draw.rectangle([0, 0, img.shape[1], band + 4], fill=(0, 0, 0))

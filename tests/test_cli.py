@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,6 +352,53 @@ def test_letterbox_round_trip():
     heat[:, box.top:box.top + box.height, box.left:box.left + box.width] = 1.0
     back = heat_to_frame(heat, box)
     assert back.shape == (1, 30, 60) and torch.allclose(back, torch.ones_like(back))
+
+
+def test_a_map_shrunk_onto_a_small_picture_is_averaged_not_point_sampled():
+    """A 28×28 thumbnail at input size 224: each picture pixel covers 8×8 map pixels. A 3×3 hot
+    spot between the sample points vanished (0.0) while one on them showed at full strength."""
+    box = letterbox_geometry((28, 28), 224)
+    for start in (98, 101):
+        heat = torch.zeros(1, 224, 224)
+        heat[:, start:start + 3, start:start + 3] = 1.0
+        shown = heat_to_frame(heat, box)
+        assert shown.sum().item() == pytest.approx(9 / 64, rel=0.05)  # the spot's mean over the picture's pixels, kept
+
+
+def test_the_scale_of_a_sparse_map_is_its_peak_and_float64_beyond_float32_is_coloured():
+    """Under 0.5 % of pixels non-zero: the 99.5 % quantile is 0, and -1e-9 of rounding noise was
+    drawn as strong as the +1 evidence. A float64 map past float32's range was drawn white."""
+    from rsp_fast.render import symmetric_scale
+
+    heat = np.zeros((100, 100))
+    heat[0, :3], heat[50, 50] = 1.0, -1e-9
+    assert symmetric_scale(heat) == 1.0
+    assert colorize(heat, 1.0)[50, 50].tolist() == [255, 255, 255]
+    huge = np.array([[1e300, -1e300, 0.0]])
+    assert colorize(huge, symmetric_scale(huge)).tolist() == [[[255, 0, 0], [0, 0, 255], [255, 255, 255]]]
+
+
+def test_no_label_covers_a_third_of_a_small_picture():
+    from rsp_fast.render import draw_label
+
+    small, tall = np.full((40, 60, 3), 100, np.uint8), np.full((240, 60, 3), 100, np.uint8)
+    assert np.array_equal(draw_label(small.copy(), "tabby"), small)
+    assert (draw_label(tall.copy(), "tabby")[:12] == 0).any()  # a picture big enough still gets its band
+
+
+def test_names_that_are_not_utf8_are_read_and_written(tmp_path):
+    """Linux file names are bytes: a Latin-1 name (Python's surrogate escapes) crashed every
+    command with UnicodeEncodeError before any work."""
+    import os
+
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    folder.mkdir()
+    _png(folder / os.fsdecode(b"th\xe9.png"))
+    proc = subprocess.run([sys.executable, "-m", "rsp_fast", "image", str(folder), "-o", str(folder / "out"),
+                           "--model", "models:tiny_cnn"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "out" / os.fsdecode(b"th\xe9_overlay.png")).is_file()
 
 
 def test_colormap_is_diverging_and_centred():
