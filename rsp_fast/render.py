@@ -71,7 +71,10 @@ def symmetric_scale(heat: np.ndarray, quantile: float = 0.995) -> float:
     if not finite.size:
         return 1.0
     high = np.quantile(finite, quantile)
-    return float(max(high if high > 0 else finite.max(), 1e-12))  # a sparse map (its quantile 0): its peak
+    if high > 0:
+        return float(high)
+    everywhere = np.abs(heat[np.isfinite(heat)])  # a sparse map (its quantile 0): its peak, not only the sample's
+    return float(max(everywhere.max(initial=0.0), 1e-12))
 
 
 # Colours come from tables over heat/scale clipped to [-1, 1] and quantised to 4097 levels (steps

@@ -370,10 +370,11 @@ def test_the_scale_of_a_sparse_map_is_its_peak_and_float64_beyond_float32_is_col
     drawn as strong as the +1 evidence. A float64 map past float32's range was drawn white."""
     from rsp_fast.render import symmetric_scale
 
-    heat = np.zeros((100, 100))
-    heat[0, :3], heat[50, 50] = 1.0, -1e-9
-    assert symmetric_scale(heat) == 1.0
-    assert colorize(heat, 1.0)[50, 50].tolist() == [255, 255, 255]
+    for side in (100, 1201):  # the larger is sampled on a grid that misses the evidence
+        heat = np.zeros((side, side))
+        heat[1, 1:4], heat[50, 50] = 1.0, -1e-9
+        assert symmetric_scale(heat) == 1.0
+        assert colorize(heat, 1.0)[50, 50].tolist() == [255, 255, 255]
     huge = np.array([[1e300, -1e300, 0.0]])
     assert colorize(huge, symmetric_scale(huge)).tolist() == [[[255, 0, 0], [0, 0, 255], [255, 255, 255]]]
 
