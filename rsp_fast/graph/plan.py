@@ -461,9 +461,9 @@ def _permuted_to_channels_last(model: nn.Module, node: fx.Node) -> bool:
     while isinstance(node, fx.Node) and node.op in ("call_module", "call_function", "call_method"):
         if calls(node, {torch.permute}, {"permute"}):
             return _permute_order(node) == (0, 2, 3, 1)
-        if calls(node, RESHAPES, RESHAPE_METHODS) or isinstance(_module(model, node), nn.Flatten | nn.Unflatten):
-            return False
         module = _module(model, node)
+        if calls(node, RESHAPES, RESHAPE_METHODS) or isinstance(module, nn.Flatten | nn.Unflatten):
+            return False
         kind = node_kind(node, module)
         linear = isinstance(module, nn.Linear) or functional_linear_weight(node) is not None
         if kind in (NodeKind.POOL, NodeKind.SUM) or (kind == NodeKind.LAYER and not linear):
