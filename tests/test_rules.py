@@ -1341,6 +1341,53 @@ def test_a_constant_positive_filter_is_a_pooling():
             rsp_fast.RSP(_single_op_model(blur))
 
 
+class _FilterMadeInForward(nn.Module):
+    """A fixed filter built inside forward (as kornia's and many hand-written blur layers do),
+    or the same filter held as a buffer."""
+
+    def __init__(self, make, as_buffer=False):
+        super().__init__()
+        self.make = make
+        if as_buffer:
+            self.register_buffer("filt", make(torch.zeros(1, dtype=D)))
+
+    def forward(self, h):
+        filt = self.filt if hasattr(self, "filt") else self.make(h)
+        return F.conv2d(h, filt, padding=1, groups=4)
+
+
+def _gaussian(h):
+    g = torch.exp(-(torch.arange(3, dtype=h.dtype, device=h.device) - 1.0) ** 2)
+    k = g[:, None] * g[None, :]
+    return (k / k.sum()).expand(4, 1, 3, 3)
+
+
+FILTERS_MADE_IN_FORWARD = {
+    "torch.full": lambda h: torch.full((4, 1, 3, 3), 1 / 9, dtype=h.dtype, device=h.device),
+    "new_ones": lambda h: h.new_ones(4, 1, 3, 3) / 9,
+    "gaussian": _gaussian,
+    "laplacian": lambda h: torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], dtype=h.dtype).repeat(4, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("make", FILTERS_MADE_IN_FORWARD.values(), ids=FILTERS_MADE_IN_FORWARD)
+def test_a_filter_made_in_forward_is_explained_as_the_same_filter_held_as_a_buffer(make):
+    """A box or Gaussian filter made in forward is a pooling, as the buffer is (it was read as a
+    layer with learned weights: 0.89 of the map's peak apart); x.new_ones reads only x's dtype
+    (it was refused as a weight computed from the activations); a filter with negative entries
+    stays a layer either way."""
+    torch.manual_seed(0)
+    made = _single_op_model(_FilterMadeInForward(make))
+    held = _single_op_model(_FilterMadeInForward(make, as_buffer=True))
+    held.load_state_dict(made.state_dict(), strict=False)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    assert torch.allclose(made(x), held(x))
+    for backend, status in rsp_fast.backends("cpu").items():
+        if status == "available":
+            expected = rsp_fast.RSP(held, backend=backend).attribute(x)
+            assert rel_err(rsp_fast.RSP(made, backend=backend).attribute(x), expected) < 1e-12
+
+
 def test_a_frozen_model_is_explained_as_the_trainable_one():
     """A conv written as F.conv2d on a parameter ≥ 0 without bias stays a layer when the model
     is frozen (requires_grad_(False)); it was taken for a blur pooling."""

@@ -24,7 +24,7 @@ from .linear import FunctionalLinear, Linear
 from .merge import BATCH_MIXING, Add, Cat, MeanOfStack, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, CAST_METHODS, DIV_METHODS,
                        GATE_METHODS, MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
-                       SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, is_biased_sum, is_number, is_parameter,
+                       SUB_FUNCTIONS, SUB_METHODS, behind_reshapes, calls, fixed_value, is_biased_sum, is_number, is_parameter,
                        is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
 from .passthrough import GatedHalf, PassThrough, Rejoin, Route, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
@@ -171,14 +171,13 @@ def zero_padding(node: fx.Node, module: nn.Module | None) -> tuple[int, ...] | N
 
 
 def _fixed_positive_filter(node: fx.Node) -> bool:
-    """F.conv2d with a constant filter ≥ 0 and no bias (timm's BlurPool anti-aliasing): a
-    pooling, not a layer with learned weights. The filter is a buffer: a parameter, frozen or
-    not, is learned (a frozen model's non-negative conv weights stay a layer)."""
+    """F.conv2d with a constant filter ≥ 0 and no bias (timm's BlurPool anti-aliasing, a box or
+    Gaussian filter made in forward): a pooling, not a layer with learned weights. The filter
+    is a buffer or made from buffers and numbers: a parameter, frozen or not, is learned (a
+    frozen model's non-negative conv weights stay a layer)."""
     call = conv_call_args(node)
-    source = behind_reshapes(call.get("weight"))
-    value = source.meta.get(ATTR_VALUE) if isinstance(source, fx.Node) else None
-    return (call.get("bias") is None and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
-            and not value.requires_grad and bool((value >= 0).all()))
+    value = fixed_value(call.get("weight")) if call.get("bias") is None else None
+    return isinstance(value, torch.Tensor) and value.dim() >= 3 and value.numel() > 0 and bool((value >= 0).all())
 
 
 def _conv_with_constant_weight(node: fx.Node) -> bool:

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.trace import MODULE_META
+from ..graph.trace import ATTR_VALUE, MODULE_META
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub, torch.subtract}
@@ -109,18 +109,78 @@ def _reaches_input(node: fx.Node, key: str, stop=lambda n: False) -> bool:
             reached = n.op == "placeholder"
             if stop(n):
                 continue
-            for a in n.all_input_nodes:
-                if a not in seen and not is_shape_query(a):
+            for a in _value_inputs(n):
+                if a not in seen:
                     seen.add(a)
                     stack.append(a)
         node.meta[key] = reached
     return node.meta[key]
 
 
+# Ops that read only the shape, dtype and device of their first operand, not its values.
+TEMPLATE_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.full_like, torch.empty_like}
+TEMPLATE_METHODS = {"new_ones", "new_zeros", "new_full", "new_empty"}
+
+
+def _template(node: fx.Node):
+    """The operand x of ``x.new_ones(...)`` or ``torch.zeros_like(x)``, whose values are not read."""
+    return node.args[0] if node.args and calls(node, TEMPLATE_FUNCTIONS, TEMPLATE_METHODS) else None
+
+
+def _value_inputs(node: fx.Node) -> list:
+    """The nodes whose values ``node`` reads (not shape queries, not a template)."""
+    template = _template(node)
+    return [a for a in node.all_input_nodes if a is not template and not is_shape_query(a)]
+
+
 def is_parameter(v) -> bool:
     """A parameter or buffer of the model, or a value computed from them alone (−bias, a
     reshaped scale): a constant while the model is explained."""
     return isinstance(v, fx.Node) and not _reaches_input(v, "rsp_reaches_input")
+
+
+class _Unknown(Exception):
+    """A value that depends on more than buffers, numbers and the input's dtype and device."""
+
+
+def fixed_value(v):
+    """The value of a node computed from buffers, numbers and the input's dtype and device alone
+    (a filter made in forward: ``torch.full((c, 1, 3, 3), 1 / 9, dtype=x.dtype)``, a buffer / 9),
+    worked out on the CPU for a float32 input; None if it reads a parameter (learned), the
+    input's values or sizes, or a module's output. Cached in node.meta."""
+    if not isinstance(v, fx.Node):
+        return v
+    if "rsp_fixed_value" not in v.meta:
+        try:
+            with torch.no_grad():
+                v.meta["rsp_fixed_value"] = _evaluate(v, {})
+        except Exception:  # _Unknown, or the op fails without the real input: not a fixed value
+            v.meta["rsp_fixed_value"] = None
+    return v.meta["rsp_fixed_value"]
+
+
+def _evaluate(node: fx.Node, done: dict):
+    if node in done:
+        return done[node]
+    if node.op == "get_attr":
+        value = node.meta.get(ATTR_VALUE)
+        if isinstance(value, torch.Tensor):
+            if isinstance(value, nn.Parameter) or value.requires_grad:
+                raise _Unknown(node)
+            value = value.detach().clone()  # an in-place op in the chain must not write the model's buffer
+    elif node.op == "call_function" and node.target is getattr and node.args[1] in ("dtype", "device") and (
+            not is_parameter(node.args[0])):
+        value = torch.float32 if node.args[1] == "dtype" else torch.device("cpu")  # an activation's: the input's
+    elif node.op in ("call_function", "call_method"):
+        template = _template(node)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: (
+            torch.empty(0) if a is template and not is_parameter(a) else _evaluate(a, done)))
+        value = (node.target(*args, **kwargs) if node.op == "call_function"
+                 else getattr(args[0], node.target)(*args[1:], **kwargs))
+    else:  # the input, a module's output
+        raise _Unknown(node)
+    done[node] = value
+    return value
 
 
 TIMM_ACTIVATION_MODULES = ("timm.layers.activations", "timm.layers.activations_me")
