@@ -107,7 +107,15 @@ def colorize(heat: np.ndarray, scale: float) -> np.ndarray:
 
 def overlay(frame: np.ndarray, heat: np.ndarray, scale: float, strength: float = 0.75) -> np.ndarray:
     """The heat map over a dimmed grey copy of the frame, opaque where relevance is strong:
-    grey·(1 − α) + colour·α with α = strength·√|heat/scale|. ``frame``: H×W×3 RGB or H×W grey."""
+    grey·(1 − α) + colour·α with α = strength·√|heat/scale|. ``frame``: H×W×3 RGB or H×W grey,
+    uint8 (another dtype would wrap or be read on another scale: a clear error instead)."""
+    frame, heat = np.asarray(frame), np.asarray(heat)
+    if frame.dtype != np.uint8 or frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[2] != 3):
+        raise ValueError(f"overlay draws on uint8 H×W×3 RGB or H×W grey frames, not a {frame.dtype} array of shape "
+                         f"{frame.shape} (a float picture in [0, 1]: (frame * 255).round().astype(np.uint8))")
+    if heat.shape != frame.shape[:2]:
+        raise ValueError(f"the heat map's shape {heat.shape} is not the frame's {frame.shape[:2]} "
+                         "(rsp_fast.render.heat_to_frame maps a model-input map onto a frame)")
     if frame.ndim == 2:
         frame = frame[..., None].repeat(3, axis=2)
     alpha = np.sqrt(np.abs(_V)) * strength

@@ -220,6 +220,19 @@ def test_drawing_a_map_with_nan_or_inf(tmp_path):
     assert render.overlay(np.zeros((8, 8), np.uint8), heat, scale).shape == (8, 8, 3)  # a grey frame
 
 
+def test_overlay_names_a_frame_it_cannot_draw_on():
+    """A uint16 frame wrapped (65535 drawn as 255 // 3), a float one failed deep in numpy, a
+    heat map of another size failed in broadcasting."""
+    from rsp_fast import render
+    heat = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
+    for frame in (np.full((8, 8, 3), 65535, np.uint16), np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 4), np.uint8),
+                  np.zeros(8, np.uint8)):
+        with pytest.raises(ValueError, match=f"overlay draws on uint8 .* not a {frame.dtype} array of shape"):
+            render.overlay(frame, heat, 1.0)
+    with pytest.raises(ValueError, match=r"heat map's shape \(8, 8\) is not the frame's \(8, 9\)"):
+        render.overlay(np.zeros((8, 9, 3), np.uint8), heat, 1.0)
+
+
 def test_cost_and_backends_name_bad_arguments():
     from rsp_fast.errors import RSPError
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 16 * 16, 2))
