@@ -21,10 +21,10 @@ def _setup(*args, env=None, cwd=ROOT):
 def test_sdist_holds_every_source_the_build_and_the_tests_need(tmp_path):
     """Every tracked file of csrc/ (the headers the .cpp/.cu files include too), tests/ (helpers
     and golden data), and the benchmarks/ and scripts/ the tests run, so that the extension
-    builds from the sdist and its tests run."""
+    builds from the sdist and its tests run; and docs/, which the README links to."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    tracked = subprocess.run(["git", "ls-files", "csrc", "tests", "benchmarks", "scripts"], cwd=ROOT, capture_output=True, text=True,
+    tracked = subprocess.run(["git", "ls-files", "csrc", "tests", "benchmarks", "scripts", "docs"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.split()
     src = tmp_path / "src"  # a copy of the tracked tree: the sdist build writes its egg-info beside setup.py
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
