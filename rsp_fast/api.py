@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import RSPError
-from .graph.plan import Plan, build_plan, layer_name
+from .graph.plan import Plan, build_plan, layer_name, step_path
 from .graph.trace import TRACE_GATE, UntraceableModelError, called_by_a_caller, eval_mode, unwrap, wrapper_chain
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
@@ -384,17 +384,17 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _step_names(steps) -> dict:
-    """Each rule's key in ``Explanation.steps``, by node: its module's path, or the node's name
-    for a function; a module run more than once (a block's shared ReLU) is "path", "path:2", …
-    in forward order."""
+    """Each rule's key in ``Explanation.steps``, by node: its module's path (also of a conv
+    traced through, as one with padding_mode 'reflect'), or the node's name for a function; a
+    module run more than once (a block's shared ReLU) is "path", "path:2", … in forward order."""
     names, calls = {}, {}
     for step in reversed(steps):  # the plan runs from the saliency layer back to the input
-        n = step.node
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
-            names[n] = str(n.target) if calls[n.target] == 1 else f"{n.target}:{calls[n.target]}"
+        path = step_path(step)
+        if path is not None:
+            calls[path] = calls.get(path, 0) + 1
+            names[step.node] = path if calls[path] == 1 else f"{path}:{calls[path]}"
         else:
-            names[n] = n.name
+            names[step.node] = step.node.name
     return names
 
 

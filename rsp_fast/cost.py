@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import RSPError
-from .graph.plan import build_plan
+from .graph.plan import build_plan, step_path
 from .graph.trace import UntraceableModelError, eval_mode, unwrap
 from .ops.custom import pointwise_kernel_built
 from .propagate import record_forward
@@ -31,7 +31,7 @@ from .rules.linear import Linear
 
 
 def _layer_name(step) -> str:
-    return str(step.node.target) if step.node.op == "call_module" else step.node.name
+    return step_path(step) or step.node.name
 
 
 def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:

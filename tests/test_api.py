@@ -602,6 +602,18 @@ def test_tracing_leaves_no_proxy_on_the_model():
     torch.save(model, io.BytesIO())  # a Proxy cannot be pickled
 
 
+def test_a_conv_traced_through_is_named_by_its_module_path():
+    """A conv with padding_mode 'reflect' or 'circular' is traced into F.pad and F.conv2d: its
+    step and its cost row were named "conv2d_1", not by the module path users know."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                                        nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), nn.ReLU()),
+                          nn.Flatten(), nn.Linear(6 * 8 * 8, 5)).double().eval()
+    steps = rsp_fast.RSP(model, layer="0").explain(torch.randn(1, 3, 8, 8, dtype=D), record=True).steps
+    assert {"0.0", "0.2"} <= set(steps) and not {"conv2d", "conv2d_1"} & set(steps)
+    assert [row["layer"] for row in rsp_fast.cost(model, (3, 8, 8), layer="0")["layers"]] == ["0.0", "0.2"]
+
+
 class _MadeInForward(nn.Module):
     """A forward that makes a tensor from nothing (fx keeps it as a constant) and, with ``check``,
     branches on a size (traced per input shape, with an example)."""

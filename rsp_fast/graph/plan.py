@@ -288,6 +288,20 @@ def _is_global_pool(model: nn.Module, node: fx.Node, module) -> bool:
     return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
 
 
+def step_path(step: Rule) -> str | None:
+    """The path of the module a step runs: a call_module's target, or for a layer traced
+    through (a conv with padding_mode 'reflect', timm's Conv2dSame) the Conv or Linear module
+    its conv or linear call runs in; None for a function of the forward."""
+    if step.node.op == "call_module":
+        return str(step.node.target)
+    stack = step.node.meta.get("nn_module_stack")
+    if isinstance(step, LayerRule) and stack:
+        path, cls = next(reversed(stack.values()))[:2]
+        if isinstance(cls, type) and issubclass(cls, (nn.modules.conv._ConvNd, nn.Linear)):
+            return path
+    return None
+
+
 def layer_name(model: nn.Module, layer) -> str | None:
     """The module name ``layer`` (a name, a submodule or None) stands for, checked."""
     if layer is None:
