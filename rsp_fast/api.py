@@ -331,15 +331,17 @@ def check_finite(out: Explanation) -> Explanation:
     """``out``, or an RSPError where a sample's attribution holds NaN or Inf: from finite inputs
     that happens only past the dtype's range (a forward that overflows, NaN weights; relevance
     that under- or overflows where a sample's activations span more orders of magnitude than
-    the dtype holds), and a NaN map must not pass for an explanation. Logits of −inf for
-    classes a model masks out are fine where the map is. One wait for the device."""
+    the dtype holds), and a NaN map must not pass for an explanation. Nor do NaN or +inf
+    logits (a head that overflows) where the map stays finite: the target would be an argmax
+    over NaN. Logits of −inf for classes a model masks out are fine. One wait for the device."""
     bad_map = ~torch.isfinite(out.attribution.flatten(1)).all(1)
-    bad_logits = bad_map & ~torch.isfinite(out.logits.flatten(1)).all(1)
+    logits = out.logits.flatten(1)
+    bad_logits = (logits.isnan() | logits.isposinf()).any(1) | (bad_map & ~torch.isfinite(logits).all(1))
     bad_logits, bad_map = (torch.stack([bad_logits, bad_map]).cpu()).tolist()
     dtype = str(out.attribution.dtype).removeprefix("torch.")
     if any(bad_logits):
         raise RSPError(f"the model's output is not finite (NaN or Inf) for sample(s) {_indices(bad_logits)}: its forward "
-                       f"overflows {dtype} or its weights hold NaN")
+                       f"overflows {str(out.logits.dtype).removeprefix('torch.')} or its weights hold NaN")
     if any(bad_map):
         where = next((f" (first at {name!r})" for name, R in out.steps.items() if not torch.isfinite(R).all()), "")
         hint = "rescale the inputs" if dtype == "float64" else "explain in float64 (model.double(), inputs.double())"

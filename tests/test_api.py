@@ -345,6 +345,24 @@ class _MaskedClasses(nn.Module):
         return logits.masked_fill(torch.arange(4) >= 3, float("-inf"))  # a class masked out
 
 
+@pytest.mark.parametrize("dtype,weight", [(torch.float32, 3e38), (torch.float16, 6e4)])
+def test_a_head_that_overflows_is_an_error_though_the_map_is_finite(dtype, weight):
+    """A Linear head past the dtype's range gives ±inf and NaN logits but finite gradients: the
+    map was finite and returned, its target an argmax over NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5)).eval()
+    with torch.no_grad():
+        model[-1].weight.copy_(torch.sign(model[-1].weight) * weight)
+    model, x = model.to(dtype), (100 * torch.rand(2, 3, 8, 8)).to(dtype)
+    assert not torch.isfinite(model(x)).all()
+    name = str(dtype).removeprefix("torch.")
+    for backend, status in rsp_fast.backends("cpu").items():
+        if status == "available":
+            with pytest.raises(RSPError, match=rf"output is not finite \(NaN or Inf\) for sample\(s\) 0, 1: .*overflows {name}"):
+                rsp_fast.RSP(model, backend=backend).explain(x)
+
+
 def test_logits_of_minus_inf_for_masked_classes_are_not_refused():
     ex = rsp_fast.RSP(_MaskedClasses().eval()).explain(torch.rand(3, 3, 8, 8), record=True)
     assert torch.isfinite(ex.attribution).all() and (ex.target != 3).all()
