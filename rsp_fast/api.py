@@ -18,6 +18,7 @@ from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
 from .shared_setting import SETTINGS
+from .tf32 import restore_tf32, set_tf32
 
 if TYPE_CHECKING:
     from .static import StaticRSP
@@ -295,15 +296,7 @@ def _matmul_precision(precision: str, device: torch.device):
         return
     want = precision == "tf32"
 
-    def apply():
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = want
-        return saved
-
-    def restore(saved):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-    with SETTINGS.held("tf32", want, apply, restore):
+    with SETTINGS.held("tf32", want, lambda: set_tf32(want), restore_tf32):
         yield
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rsp_fast
-from rsp_fast import api
+from rsp_fast import api, tf32
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -146,8 +146,8 @@ def test_calls_on_a_training_model_from_two_threads_explain_it_in_eval_mode_and_
 
 def test_tf32_flags_are_shared_by_calls_that_want_them_and_restored_after_the_last():
     cuda = torch.device("cuda")  # only the process-wide flags are touched: no GPU needed
-    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
-    saved = flags()
+    flags = lambda: (tf32.matmul_tf32(), tf32.conv_tf32())  # noqa: E731
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # the user's settings
     try:
         fp32_in, release, seen = threading.Event(), threading.Event(), {}
@@ -175,5 +175,35 @@ def test_tf32_flags_are_shared_by_calls_that_want_them_and_restored_after_the_la
         assert seen["a"] == seen["b"] == seen["a at the end"] == seen["b at the end"] == (False, False)
         assert seen["tf32"] == (True, True) and seen["tf32 waited"] > 0.2
         assert flags() == (False, True)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, True)  # readable as set
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not tf32.STRINGS, reason="torch before 2.9 has only the allow_tf32 flags")
+@pytest.mark.parametrize("setting", ["torch.backends.cuda.matmul.fp32_precision", "torch.backends.fp32_precision"])
+def test_tf32_set_through_torchs_new_settings(setting):
+    """torch ≥ 2.9's fp32_precision = "tf32" (what its docs recommend) made the legacy
+    allow_tf32 flags, which rsp_fast read, raise: every float32 explanation failed, on the CPU
+    too. The settings are read from the strings now, and put back as they were."""
+    strings = lambda: (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,  # noqa: E731
+                       torch.backends.cudnn.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    saved = strings()
+    owner, name = setting.removeprefix("torch.backends.").rpartition(".")[::2]
+    target = torch.backends
+    for part in filter(None, owner.split(".")):
+        target = getattr(target, part)
+    try:
+        setattr(target, name, "tf32")
+        user = strings()
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+        assert rsp_fast.RSP(model).attribute(torch.rand(1, 3, 8, 8)).shape == (1, 3, 8, 8)
+        if "matmul" in setting:  # the global one yields to a leaf set before (allow_tf32 = False sets "ieee")
+            assert tf32.matmul_tf32()
+        with api._matmul_precision("fp32", torch.device("cuda")):  # flags only: no GPU needed
+            assert not tf32.matmul_tf32() and not tf32.conv_tf32()
+        assert strings() == user
+    finally:
+        torch.backends.fp32_precision = saved[0]
+        (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision,
+         torch.backends.cudnn.conv.fp32_precision) = saved[1:]

@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..kernels.reference import per_sample_sum, safe_div, stacked_sections, unsupported_relevance
 from ..kernels.triton import triton_unavailable_reason
+from ..tf32 import matmul_tf32
 from .base import Context, LayerRule, input_scale, purged_relevance, rectified_input
 from . import conv_paths
 
@@ -207,7 +208,7 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
         from ..kernels.triton.first_layer import first_layer_triton
 
         # 16-bit products elsewhere: TF32 here (cuDNN's convolutions use it by default too)
-        tf32 = ctx.product_dtype is not None or torch.backends.cuda.matmul.allow_tf32
+        tf32 = ctx.product_dtype is not None or matmul_tf32()
         return first_layer_triton(x, R, W, g.stride, g.dilation, g.pad, tf32)
     N, C = x.shape[:2]
     G = g.groups

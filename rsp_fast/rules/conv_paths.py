@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..tf32 import matmul_tf32
+
 if TYPE_CHECKING:
     from .conv import ConvGeometry
 
@@ -88,7 +90,7 @@ def cuda_dense_path(tensor_cores: bool) -> str:
 def on_tensor_cores(dtype: torch.dtype) -> bool:
     """Whether CUDA's products of ``dtype`` operands run on tensor cores: 16-bit ones, and float32
     ones when TF32 is allowed (as ``precision="tf32"`` sets it for the pass)."""
-    return dtype.itemsize == 2 or (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    return dtype.itemsize == 2 or (dtype == torch.float32 and matmul_tf32())
 
 
 # The implicit GEMMs address within a sample in 32 bits (samples apart in 64): each per-sample

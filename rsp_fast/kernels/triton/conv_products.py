@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...tf32 import matmul_tf32
+
 
 @triton.jit
 def _dot(a, b, acc, FP64: tl.constexpr, TF32: tl.constexpr):
@@ -639,7 +641,7 @@ def _checked_flags(name: str, x_cl: torch.Tensor, R: torch.Tensor, out_hw, sampl
         raise ValueError(f"{name}: {N} samples, more than the {samples} one launch takes")
     dtype, device = x_cl.dtype, x_cl.device
     return dict(FP64=dtype == torch.float64,
-                TF32=dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+                TF32=dtype == torch.float32 and device.type == "cuda" and matmul_tf32())
 
 
 def conv_products_triton(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad, out_hw, out_dtype: torch.dtype,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...tf32 import matmul_tf32
 from .conv_products import _dot
 
 
@@ -124,7 +125,7 @@ def first_layer_triton(x: torch.Tensor, R: torch.Tensor, weight: torch.Tensor, s
     w = weight.detach().to(x.dtype).reshape(O, K).contiguous()
     R = R.reshape(N, O, L)
     fp64 = x.dtype == torch.float64
-    tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+    tf32 = matmul_tf32() if tf32 is None else tf32
     flags = dict(FP64=fp64, TF32=not fp64 and x.is_cuda and tf32)
     geometry = (kw, T, *stride, *dilation, pad[2], pad[0])
     t = tiles(O, K, x.dtype, x.device)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...tf32 import matmul_tf32
+
 MAX_GRID_Z = 65535
 
 
@@ -53,7 +55,7 @@ def sectional_matmul_triton(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, 
     A3, B3, R3 = (t.reshape(-1, *t.shape[-2:]) for t in (A, B, Rs))
     S = torch.empty(R3.shape, dtype=Rs.dtype, device=Rs.device)
     BM, BN, BK, warps, stages = _tiles(M, A.dtype, A.device)
-    tf32 = A.dtype == torch.float32 and A.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    tf32 = A.dtype == torch.float32 and A.device.type == "cuda" and matmul_tf32()
     for i in range(0, A3.shape[0], MAX_GRID_Z):  # CUDA's grid holds at most 65535 (samples × groups) in z
         a, b, r, s = (t[i:i + MAX_GRID_Z] for t in (A3, B3, R3, S))
         grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), a.shape[0])
