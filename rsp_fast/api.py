@@ -138,6 +138,10 @@ class RSP:
         """One pass on checked inputs. With ``hostile=None`` and either no target or a target
         tensor already checked (``trusted_target``) it never waits for the device, so a CUDA
         graph can capture it."""
+        with on_device(inputs.device):
+            return self._explain_on_device(inputs, target, hostile, record, trusted_target, initial)
+
+    def _explain_on_device(self, inputs, target, hostile, record, trusted_target, initial) -> Explanation:
         self._follow_wrapper()
         ops = select_kernels(self.backend, inputs.device, work_dtype(inputs.dtype))
         # the forward too runs in the chosen precision: its activations feed R₀ and every rule;
@@ -261,6 +265,12 @@ class RSP:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
         if p is not None and p.device != x.device:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
+
+
+def on_device(device: torch.device):
+    """The inputs' GPU made the current one: Triton launches on the current device and stream,
+    whatever device the tensors are on (a model on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _autocast_off(device: torch.device):

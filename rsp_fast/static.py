@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from .api import Explanation, check_finite, class_per_sample
+from .api import Explanation, check_finite, class_per_sample, on_device
 from .errors import RSPError
 
 WARMUP_CALLS = 2  # Triton compiles, cuBLAS/cuDNN pick algorithms and allocate their workspaces outside the capture
@@ -46,7 +46,7 @@ class StaticRSP:
         if not self.uses_graphs:
             return self.explainer.explain(inputs, target)
         self.explainer._check_inputs(inputs)
-        with self._replaying:
+        with self._replaying, on_device(self.device):
             return self._replay(inputs, target)
 
     def _replay(self, inputs: torch.Tensor, target):
@@ -72,16 +72,18 @@ class StaticRSP:
 
     def _capture(self, given: bool):
         rsp = self.explainer
-        x = self._example.clone()
-        t = torch.zeros(self.shape[0], dtype=torch.long, device=self.device) if given else None
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                logits = rsp._explain_checked(x, t, None, trusted_target=given).logits
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.classes = logits.shape[1]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = rsp._explain_checked(x, t, None, trusted_target=given)
+        with torch.inference_mode(False):  # a capture under inference_mode: later calls still copy into them
+            x = self._example.clone()
+            t = torch.zeros(self.shape[0], dtype=torch.long, device=self.device) if given else None
+        with on_device(self.device):  # torch's own capture stream is made once, on the device current then
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    logits = rsp._explain_checked(x, t, None, trusted_target=given).logits
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.classes = logits.shape[1]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
+                out = rsp._explain_checked(x, t, None, trusted_target=given)
         return graph, x, t, out

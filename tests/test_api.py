@@ -1,4 +1,5 @@
 """The public API: batch independence, layer choice, model left untouched, clear errors."""
+import contextlib
 import copy
 import functools
 import io
@@ -1215,6 +1216,61 @@ def test_static_path_off_cuda_runs_the_eager_pass():
         static(x.double())
     with pytest.raises(rsp_fast.RSPError, match="must be a torch.Tensor"):
         explainer.static([1, 2])
+
+
+class _GraphOnTheCPU:
+    """Stands in for torch.cuda's graph API on the CPU: capture runs the pass once, replay runs
+    it again into the captured outputs (StaticRSP's own code runs unchanged)."""
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        def replay(self):
+            fresh = self.run()
+            for kept, new in zip((self.out.attribution, self.out.logits), (fresh.attribution, fresh.logits)):
+                kept.copy_(new)
+
+    @staticmethod
+    def stream(stream):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def current_stream(device=None):
+        return _GraphOnTheCPU.Stream()
+
+    @staticmethod
+    def graph(graph, stream=None):
+        return contextlib.nullcontext()
+
+
+def test_a_static_path_first_called_under_inference_mode_serves_later_calls(monkeypatch):
+    """A capture under torch.inference_mode made the graph's input buffer an inference tensor:
+    every later call outside inference mode failed copying into it."""
+    from rsp_fast import static as static_module
+    for name in ("Stream", "CUDAGraph", "stream", "current_stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_GraphOnTheCPU, name))
+    capture = static_module.StaticRSP._capture
+
+    def capture_on_the_cpu(self, given):
+        graph, x, t, out = capture(self, given)
+        graph.run, graph.out = (lambda: self.explainer._explain_checked(x, t, None, trusted_target=given)), out
+        return graph, x, t, out
+    monkeypatch.setattr(static_module.StaticRSP, "_capture", capture_on_the_cpu)
+    explainer = rsp_fast.RSP(tiny_cnn())
+    x1, x2 = torch.randn(2, 2, 3, 32, 32)
+    static = explainer.static(x1)
+    static.uses_graphs = True
+    with torch.inference_mode():
+        first = static(x1)
+    assert torch.equal(first, explainer.attribute(x1))
+    assert torch.equal(static(x2), explainer.attribute(x2))
+    assert torch.equal(static(x2, target=1), explainer.attribute(x2, target=1))
+    assert static.uses_graphs and sorted(static._graphs) == [False, True]  # replayed, not run eagerly instead
 
 
 def test_large_batches_run_in_chunks_with_the_same_result():
