@@ -81,12 +81,27 @@ def test_filters_from_shifted_copies_match_the_unfolded_reference(geometry, spli
     assert rel_err(got.double().cpu(), plain.double().cpu()) < (1e-13 if dtype == torch.float64 else 2 * tol)
 
 
+@pytest.mark.parametrize("one_sample_per_launch", [False, True])
 @pytest.mark.parametrize("dtype,align,width,slots", [(torch.float64, 2, 10, 2), (torch.float32, 4, 12, 4)])
-def test_shifted_operands_hold_the_padded_input_and_the_sections_on_its_grid(dtype, align, width, slots):
+def test_shifted_operands_hold_the_padded_input_and_the_sections_on_its_grid(dtype, align, width, slots,
+                                                                             one_sample_per_launch, monkeypatch):
     """Each copy slot s holds the padded pixel f + s at f, the sections sit at l = i·width + j
     with zeros in the columns past the output's width, and both are long enough for the last
-    tap. Widths and shifts go by 16 bytes: 2 float64 elements, 4 float32 ones."""
+    tap. Widths and shifts go by 16 bytes: 2 float64 elements, 4 float32 ones. The copies'
+    grid z is samples × slots: past CUDA's 65535 the samples go in several launches (here
+    forced to one each by a limit of ``slots``)."""
+    from rsp_fast.kernels.triton import conv_products as cp
     from rsp_fast.kernels.triton.conv_products import shifted_operands
+
+    grids, launch = [], cp._shifted_copies_kernel
+    if one_sample_per_launch:
+        monkeypatch.setattr(cp, "MAX_GRID_YZ", slots)
+
+        class Recorded:  # the launches' grids, then the real kernel
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return launch[grid]
+        monkeypatch.setattr(cp, "_shifted_copies_kernel", Recorded())
 
     N, C, O, H, W = 2, 3, 4, 5, 6
     pad = (1, 2, 0, 1)  # left, right, top, bottom: a 2×4 kernel keeps the size, 6 rows of 9 padded
@@ -106,6 +121,7 @@ def test_shifted_operands_hold_the_padded_input_and_the_sections_on_its_grid(dty
     assert torch.equal(grid[:, :, 1, :, :W], (-R).view(N, O, H, W).clamp(min=0).to(dtype))
     assert not grid[..., W:].any() and not op.sections[..., H * width:].any()
     assert op.copies.shape[-1] >= op.positions + width + 3  # the last tap (1, 3) starts width + 3 past its position
+    assert all(grid[2] <= cp.MAX_GRID_YZ for grid in grids) and len(grids) == (N if one_sample_per_launch else 0)
 
 
 @pytest.mark.cuda

@@ -568,9 +568,12 @@ def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad,
     slots = max(kx * dx % align for kx in range(kw)) + 1
     copies = x_cl.new_empty((slots, N, C, length))
     block_f, block_c = 64, min(64, triton.next_power_of_2(C))
-    _shifted_copies_kernel[(triton.cdiv(length, block_f), triton.cdiv(C, block_c), N * slots)](
-        x_cl, copies, C, H, W, width, pt, pl, length, slots, *x_cl.stride()[:3], *copies.stride()[:3],
-        BLOCK_F=block_f, BLOCK_C=block_c)
+    step = MAX_GRID_YZ // slots  # samples per launch: grid z is samples × slots
+    for i in range(0, N, step):
+        n = min(step, N - i)
+        _shifted_copies_kernel[(triton.cdiv(length, block_f), triton.cdiv(C, block_c), n * slots)](
+            x_cl[i:], copies[:, i:], C, H, W, width, pt, pl, length, slots, *x_cl.stride()[:3], *copies.stride()[:3],
+            BLOCK_F=block_f, BLOCK_C=block_c)
     return ShiftedOperands(sections, copies, width, positions, align)
 
 
