@@ -4,7 +4,8 @@ torch (an isolated build would fetch a second torch).
 
 Switches: USE_CUDA=0 skips the CUDA kernels (USE_CUDA=1: stop if there is no CUDA toolkit
 instead of building the CPU kernels alone), DEBUG=1 builds without optimisation,
-TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0+PTX": A100, H100/H200).
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "7.5;8.0;9.0+PTX": T4, A100 and the
+other Ampere and Ada GPUs, H100/H200 and, through the PTX, later ones).
 """
 import glob
 import os
@@ -17,6 +18,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STANDARD_CUDA = "/usr/local/cuda"
+CUDA_ARCHS = "7.5;8.0;9.0+PTX"  # rsp_fast.ops.dispatch.CUDA_MIN_CAPABILITY is the first
 
 
 def _has_toolkit(home: str | None) -> bool:
@@ -76,7 +78,7 @@ def get_extensions():
     extra = {"cxx": host_opt + ["-fopenmp", "-fno-trapping-math"]}
     kwargs = {}
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS)
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "--extended-lambda"]
         kwargs["include_dirs"] = _nvidia_wheel_includes()

@@ -35,3 +35,26 @@ def test_half_precision_models_run_the_kernels_in_float32():
     assert rel_err(R, rsp_fast.RSP(model, backend="torch").attribute(x)) < 1e-5
     if rsp_fast.backends("cpu")["cpp"] == "available":
         assert rel_err(rsp_fast.RSP(model, backend="cpp").attribute(x), R) < 1e-5
+
+
+@pytest.mark.parametrize("capability,cuda,triton", [((7, 0), False, False), ((7, 5), True, False), ((8, 0), True, True),
+                                                     ((9, 0), True, True)])
+def test_gpus_older_than_the_kernels_are_turned_down_with_a_reason(monkeypatch, capability, cuda, triton):
+    """The CUDA kernels are built for 7.5 and later, the Triton kernels' bf16 and TF32 dots need
+    8.0: on a V100 or a T4 ``auto`` picked them and the launch failed ("no kernel image").
+    (No GPU here: the device's answers are stood in for.)"""
+    from rsp_fast.ops import custom, dispatch
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(custom, "HAVE_C", True)
+    monkeypatch.setattr(custom, "cuda_kernels_built", lambda: True)
+    status = rsp_fast.backends("cuda")
+    have = f"Some GPU has {capability[0]}.{capability[1]}"
+    assert status["cuda"] == "available" if cuda else status["cuda"] == (
+        f"rsp_fast._C's CUDA kernels are built for compute capability 7.5 and later; {have}")
+    assert status["triton"] == "available" if triton else status["triton"] == (
+        f"the Triton kernels (bf16 and TF32 dots) need compute capability 8.0 and later; {have}")
+    expected = "cuda" if cuda else "triton" if triton else "torch"
+    assert dispatch.select_kernels("auto", torch.device("cuda")).name == expected

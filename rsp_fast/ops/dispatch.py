@@ -21,7 +21,7 @@ import torch
 
 from ..errors import BackendUnavailableError, RSPError
 from ..kernels import reference
-from ..kernels.triton import triton_unavailable_reason
+from ..kernels.triton import capability_short_of, triton_unavailable_reason
 from . import custom
 
 NAMES = ("auto", "torch", "cpp", "cuda", "triton")
@@ -94,6 +94,9 @@ def _availability(name: str, device: torch.device, dtype: torch.dtype | None = N
     return reason
 
 
+CUDA_MIN_CAPABILITY = (7, 5)  # setup.py's CUDA_ARCHS: T4 and later (the PTX of 9.0 runs on later GPUs)
+
+
 def _device_availability(name: str, device: torch.device) -> str:
     if name == "torch":
         return ""
@@ -108,7 +111,9 @@ def _device_availability(name: str, device: torch.device) -> str:
             return "rsp_fast._C was built without CUDA kernels"
         if not torch.cuda.is_available():
             return "no CUDA GPU is available"
-        return "" if device.type == "cuda" else f"the cuda backend needs CUDA tensors, not {device.type}"
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, not {device.type}"
+        return capability_short_of(CUDA_MIN_CAPABILITY, device, "rsp_fast._C's CUDA kernels are built for")
     if name == "triton":
         return triton_unavailable_reason(device)
     return f"unknown backend {name!r}; choose one of {', '.join(NAMES)}"

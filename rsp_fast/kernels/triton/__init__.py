@@ -7,6 +7,9 @@ import os
 import torch
 
 
+MIN_CAPABILITY = (8, 0)  # Ampere: bf16 and TF32 tensor cores
+
+
 def triton_unavailable_reason(device: torch.device) -> str:
     """Empty if the Triton kernels can run on ``device``, else why not."""
     if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
@@ -16,4 +19,15 @@ def triton_unavailable_reason(device: torch.device) -> str:
         import triton  # noqa: F401
     except ImportError:
         return "Triton is not installed"
+    if device.type == "cuda":
+        return capability_short_of(MIN_CAPABILITY, device, "the Triton kernels (bf16 and TF32 dots) need")
     return ""
+
+
+def capability_short_of(needed: tuple[int, int], device: torch.device, what: str) -> str:
+    """Empty if ``device``'s compute capability is ``needed`` or later, else why it falls short."""
+    have = torch.cuda.get_device_capability(device)
+    if have >= needed:
+        return ""
+    return (f"{what} compute capability {needed[0]}.{needed[1]} and later; {torch.cuda.get_device_name(device)} "
+            f"has {have[0]}.{have[1]}")
