@@ -22,7 +22,7 @@ from .errors import RSPError
 from .graph.plan import build_plan, step_path
 from .graph.trace import UntraceableModelError, eval_mode, unwrap
 from .ops.custom import pointwise_kernel_built
-from .propagate import record_forward
+from .propagate import record_forward, work_dtype
 from .rules.conv import Conv, image_shape
 from .rules.conv_paths import (choose_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits, on_tensor_cores,
                                pixel_gram_macs, runnable_dense_path, tap_sums_pay)
@@ -61,6 +61,10 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
         macs = gram if gram_path else filter_macs
         if path == "pointwise":  # x and R read twice, the responses and ratios never in memory
             moved = elem * (2 * ck * L + 2 * O * L + 4 * C * H * W)
+        elif path == "gram" and pixel_gram is not None:  # the padded input's pixels and their P×P Gram, no patches
+            l, r, t, b = g.pad
+            P = (H + t + b) * (W + l + r)
+            moved = elem * (3 * C * P + 8 * O * L + 4 * C * H * W + G * P * P)
         else:  # the (unfolded) input, read by every product
             patches = 0 if path in ("conv", "grouped_conv", "implicit_gemm", "implicit_gram") else ck * G * L
             moved = elem * (3 * patches + 8 * O * L + 4 * C * H * W + (G * L * L if gram_path else 0))
@@ -72,7 +76,7 @@ def _linear_row(step: Linear, in_shape, out_shape, elem: int) -> dict:
     F_in, O = in_shape[-1], out_shape[-1]
     positions = max(1, int(torch.tensor(in_shape[1:-1]).prod().item())) if len(in_shape) > 2 else 1
     forward = O * F_in * positions
-    macs = (3 if step.first else 2) * forward
+    macs = (4 if step.first else 2) * forward  # first: z⁺, z⁻ and both transposed; inner: two products
     return {"layer": _layer_name(step), "kind": "linear", "path": "z^B" if step.first else "dense",
             "forward_macs": forward, "filter_macs": macs, "gram_macs": macs, "rsp_macs": macs,
             "bytes": elem * (O * F_in + 4 * positions * (F_in + O))}
@@ -143,11 +147,12 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
                 raise RSPError(f"input_shape is one sample's shape, without the batch: {tuple(input_shape[1:])}, "
                                f"not {tuple(input_shape)}") from None
             raise
-    elem = x.element_size()
+    work = work_dtype(x.dtype)  # the rules of a 16-bit model run in float32
+    elem = work.itemsize
     rows = []
     for step in reversed(plan.steps):  # input to saliency layer
         if isinstance(step, Conv):
-            rows.append(_conv_row(step, shapes, x.dtype, x.is_cuda))
+            rows.append(_conv_row(step, shapes, work, x.is_cuda))
         elif isinstance(step, Conv3d):
             rows.append(_conv3d_row(step, shapes, elem))
         elif isinstance(step, Linear):

@@ -216,6 +216,25 @@ def test_cost_model_counts_vgg16():
     assert 4 < report["totals"]["rsp_over_forward_macs"] < 6
 
 
+def test_cost_model_counts_first_linear_layers_half_models_and_the_pixel_gram():
+    """A first Linear's z^B rule runs four products of the forward's size (two forward, two
+    back), not three; a float16 model's rules run in float32 (4-byte elements); conv5_3 on the
+    pixel-Gram path (conv4_3 at 112²) never unfolds its 4608×196 patches (they were 10.8 of its 15.8 MB)."""
+    import torch
+    import torchvision
+
+    import rsp_fast
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
+    first = rsp_fast.cost(mlp, (20,), layer="1")["layers"][0]
+    assert first["forward_macs"] == 600 and first["rsp_macs"] == 4 * 600
+    net = torchvision.models.resnet18()
+    assert rsp_fast.cost(net.half(), (3, 64, 64))["totals"]["bytes"] == rsp_fast.cost(net.float(), (3, 64, 64))["totals"]["bytes"]
+    row = {r["layer"]: r for r in rsp_fast.cost(torchvision.models.vgg16(), (3, 112, 112))["layers"]}["features.19"]
+    assert row["path"] == "gram" and row["gram_macs"] == 2 * 512 * 16 ** 4 + 4 * 512 * 196 ** 2  # from the pixels
+    assert row["bytes"] < 3 * (512 * 9) * 196 * 4  # less than the patches, read three times, would take alone
+
+
 def test_activation_memory_counts_each_storage_once():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
