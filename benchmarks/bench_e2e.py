@@ -48,6 +48,27 @@ def build(name: str) -> torch.nn.Module:
     return getattr(torchvision.models, name)(weights=None).eval()
 
 
+def _check_arguments(p: argparse.ArgumentParser, args) -> None:
+    """Bad arguments end the run before it starts, in one line (not a traceback after minutes)."""
+    import torchvision
+
+    for name in args.models:
+        if name != "efficientnet_lite0" and not callable(getattr(torchvision.models, name, None)):
+            p.error(f"unknown model {name!r}: efficientnet_lite0 or a torchvision classifier (vgg16, resnet50, ...)")
+    if any(b < 1 for b in args.batches or []) or args.repeats < 1 or args.size < 1:
+        p.error("--batches, --repeats and --size take positive numbers")
+    if args.authors_repo:
+        repo = Path(args.authors_repo)
+        if not (repo / "modules" / "vgg.py").is_file() or not (repo / "baselines" / "gradcam.py").is_file():
+            p.error(f"--authors-repo {str(repo)!r} is not a checkout of github.com/wjNam/Relative_Sectional_Propagation "
+                    "(no modules/vgg.py and baselines/gradcam.py there)")
+        if args.quick or args.size != 224:
+            p.error("--authors-repo needs 224×224 inputs (the authors' VGG16 has fixed sizes): no --quick or --size")
+    for out in (args.json, args.png):
+        if out and not Path(out).resolve().parent.is_dir():
+            p.error(f"cannot write {out!r}: its folder does not exist")
+
+
 def _rss_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):
@@ -113,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     p.add_argument("--png")
     args = p.parse_args(argv)
+    _check_arguments(p, args)
     device = torch.device(args.device)
     if args.memory:
         return_freed_memory()  # the resident set then follows live memory: its high-water mark is the peak
@@ -134,6 +156,12 @@ def main(argv=None) -> int:
     if args.authors_repo:
         methods["authors' RSP"] = peers.authors_rsp(args.authors_repo)
     if args.methods:
+        unknown = [m for m in args.methods if m not in methods]
+        if unknown:  # a method this run has not (the authors' without --authors-repo, a backend not here): said
+            print(f"not run here: {', '.join(map(repr, unknown))} (methods here: {', '.join(map(repr, methods))})",
+                  file=sys.stderr)
+        if not set(args.methods) & set(methods):
+            p.error("none of --methods runs here")
         methods = {k: v for k, v in methods.items() if k in args.methods or k == "forward"}
     rows, table = [], []
     for model_name in args.models:

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shapes = {"small (2×17×13²)": (2, 17, 13, 13)} if args.quick else SHAPES
     repeats = 2 if args.quick else args.repeats
-    backends = [b for b in ("cpp", "cuda", "triton") if not dispatch._availability(b, device)]
+    backends = [b for b in ("cpp", "cuda", "triton") if not dispatch._availability(b, device, dtype)]
     if device.type == "cpu" and not args.quick:
         backends = [b for b in backends if b != "triton"]  # the Triton interpreter is for testing, not timing
     peak = peak_bandwidth_gbs(device)

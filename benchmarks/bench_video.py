@@ -48,7 +48,8 @@ def main(argv=None) -> int:
                          "decode_share": t["decode_s"] / busy, "attribute_share": t["attribute_s"] / busy,
                          "encode_share": t["encode_s"] / busy, "device": args.device, "model": args.model})
     env = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"| batch | frames | frames/s | decode | attribute | encode |   ({args.model}, {args.device}, {env})")
+    print(f"{args.model}, {args.device}, {env}\n")
+    print("| batch | frames | frames/s | decode | attribute | encode |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['batch']} | {r['frames']} | {r['fps']:.2f} | {r['decode_share']:.1%} | {r['attribute_share']:.1%} | {r['encode_share']:.1%} |")

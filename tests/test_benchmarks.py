@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).parents[1]
@@ -317,3 +318,22 @@ def test_coverage_reports_ok_refused_and_crashes():
     assert text.startswith("4 models: 2 ok, 1 refused, 1 crash") and "CRASH broken: IndexError: boom" in text
     assert "traced again at every call: 1 models (counting)" in text
     assert "  1 × Softmax\n" in text  # the reason alone: neither its place nor the saliency layer
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "nosuch"], "unknown model 'nosuch'"),
+    (["--batches", "0"], "positive numbers"),
+    (["--repeats", "0"], "positive numbers"),
+    (["--methods", "RSP(cpp)"], "none of --methods runs here"),
+    (["--authors-repo", "/nonexistent"], "is not a checkout of github.com/wjNam"),
+    (["--json", "/nonexistent/rows.json"], "its folder does not exist"),
+])
+def test_bench_e2e_refuses_bad_arguments_before_it_runs(argv, message, capsys):
+    """A typo in --methods ran only the forward pass and exited 0; --models nosuch, --batches 0
+    and --repeats 0 ended in tracebacks; a wrong --authors-repo became a table cell."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_e2e
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_e2e.main(["--device", "cpu", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...tf32 import matmul_tf32
+from rsp_fast.tf32 import matmul_tf32  # absolute: benchmarks load this file alone as a baseline
 
 
 @triton.jit
