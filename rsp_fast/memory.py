@@ -12,7 +12,7 @@ import ctypes
 import ctypes.util
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
-_done = False
+_DEFAULT_MMAP_MAX, _DEFAULT_TOP_PAD = 65536, 128 << 10  # glibc's (mallopt(3))
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
@@ -28,14 +28,13 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
 
 def keep_freed_memory(top_pad_mb: int = 1024) -> bool:
     """Make glibc's malloc keep and reuse freed memory; True if it took effect (glibc only)."""
-    global _done
-    if not _done:  # -1: never trim
-        _done = _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, top_pad_mb << 20))
-    return _done
+    return _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, top_pad_mb << 20))  # -1: never trim
 
 
 def return_freed_memory(threshold_kb: int = 128) -> bool:
-    """The opposite, for measuring: blocks from ``threshold_kb`` up get their own pages, returned
-    to the system when freed (a fixed threshold also stops glibc from raising it to 32 MB as it
-    goes), so the resident set follows live memory and its high-water mark is the real peak."""
-    return _mallopt((_M_MMAP_THRESHOLD, threshold_kb << 10), (_M_TRIM_THRESHOLD, threshold_kb << 10))
+    """The opposite, for measuring (also after ``keep_freed_memory``): blocks from
+    ``threshold_kb`` up get their own pages, returned to the system when freed (a fixed
+    threshold also stops glibc from raising it to 32 MB as it goes), so the resident set
+    follows live memory and its high-water mark is the real peak."""
+    return _mallopt((_M_MMAP_MAX, _DEFAULT_MMAP_MAX), (_M_TOP_PAD, _DEFAULT_TOP_PAD),
+                    (_M_MMAP_THRESHOLD, threshold_kb << 10), (_M_TRIM_THRESHOLD, threshold_kb << 10))

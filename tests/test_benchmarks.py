@@ -337,3 +337,31 @@ def test_bench_e2e_refuses_bad_arguments_before_it_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench_e2e.main(["--device", "cpu", *argv])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc")
+def test_return_freed_memory_undoes_keep_freed_memory():
+    """``return_freed_memory`` after ``keep_freed_memory`` left mmap off and a 1 GB top pad: a
+    freed 256 MB tensor stayed resident though both said True. (In a process of its own: the
+    settings are process-wide.)"""
+    code = """
+import sys, torch
+from pathlib import Path
+from rsp_fast import memory
+def rss_mb():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+    return int(line.split()[1]) // 1024
+assert all(getattr(memory, step)() for step in sys.argv[1].split(","))
+start = rss_mb()
+t = torch.ones(64 * 2**20)  # 256 MB, touched
+del t
+print(rss_mb() - start)
+"""
+    kept = {}
+    for steps in ("keep_freed_memory", "keep_freed_memory,return_freed_memory",
+                  "keep_freed_memory,return_freed_memory,keep_freed_memory"):
+        proc = subprocess.run([sys.executable, "-c", code, steps], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        kept[steps] = int(proc.stdout.split()[-1])
+    assert kept["keep_freed_memory"] > 200 and kept["keep_freed_memory,return_freed_memory,keep_freed_memory"] > 200
+    assert kept["keep_freed_memory,return_freed_memory"] < 50
