@@ -3,14 +3,15 @@
     python benchmarks/bench_products.py [--model vgg16] [--batch 64] [--backend cuda] [--json out.json] [--quick]
 
 The peak is measured in the same run (a large square matrix product in each precision).
-RSP's product FLOPs come from ``torch.utils.flop_counter``'s formulas (mm, bmm) and
-``conv_flops`` (convolutions and their gradients, groups counted) and ``implicit_gemm_flops``
+RSP's product FLOPs (the forward pass's and the head's gradients' too) come from
+``torch.utils.flop_counter``'s formulas (mm, bmm) and ``conv_flops`` (convolutions and their gradients, groups counted) and ``implicit_gemm_flops``
 (the Triton implicit GEMMs of the conv rule's CUDA dense path); on CUDA their time is
 the time during which kernels the profiler names as GEMMs or convolutions ran (cuDNN's
 layout transposes for them included), so the product rate excludes normalisation, purge
 and copies. The whole pass is reported too (its time, and the share of it spent in products).
-The ``triton`` backend's ``sectional_matmul`` (filter and Gram paths) is not counted, so use a
-backend whose other products are PyTorch's (``cuda``, ``cpp``, ``torch``).
+The ``triton`` backend's ``sectional_matmul`` (filter and Gram paths) and the ``cpp`` backend's
+compiled products are not counted, so the script takes a backend whose other products are
+PyTorch's: ``cuda`` (the default on a GPU) or ``torch`` (on the CPU).
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vgg16")
     p.add_argument("--batch", type=int)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--backend", default=None, help="default: cuda on a GPU, cpp on CPU")
+    p.add_argument("--backend", default=None, choices=["cuda", "torch"], help="default: cuda on a GPU, torch on CPU")
     p.add_argument("--precisions", nargs="+", choices=list(PEAK_DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
@@ -172,9 +173,13 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     import torchvision
 
+    if not callable(getattr(torchvision.models, args.model, None)):
+        p.error(f"unknown model {args.model!r}: a torchvision classifier (vgg16, resnet50, ...)")
+    if (args.batch is not None and args.batch < 1) or args.size < 1:
+        p.error("--batch and --size take positive numbers")
     size = 64 if args.quick else args.size
     batch = args.batch or (2 if args.quick else 64 if cuda else 8)
-    backend = args.backend or ("cuda" if cuda else "cpp")
+    backend = args.backend or ("cuda" if cuda else "torch")
     precisions = args.precisions or (["fp32", "tf32", "bf16"] if cuda else ["fp32", "bf16"])
     n = 512 if args.quick else (8192 if cuda else 2048)
     model = getattr(torchvision.models, args.model)(weights=None).eval().to(device)

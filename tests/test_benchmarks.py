@@ -365,3 +365,21 @@ print(rss_mb() - start)
         kept[steps] = int(proc.stdout.split()[-1])
     assert kept["keep_freed_memory"] > 200 and kept["keep_freed_memory,return_freed_memory,keep_freed_memory"] > 200
     assert kept["keep_freed_memory,return_freed_memory"] < 50
+
+
+def test_bench_products_counts_every_product_of_the_pass_on_the_cpu(tmp_path):
+    """On the CPU it took the cpp backend, whose compiled products the FLOP counter does not
+    see: VGG16's count (4.3 GFLOP per 64² image) fell below the forward pass plus RSP's own
+    (cost(): 2.5 + 5.4). The torch backend runs every product through the dispatcher."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torchvision
+    import bench_products
+
+    import rsp_fast
+
+    out = tmp_path / "p.json"
+    assert bench_products.main(["--quick", "--device", "cpu", "--precisions", "fp32", "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())
+    totals = rsp_fast.cost(torchvision.models.vgg16(), (3, 64, 64))["totals"]
+    assert row["backend"] == "torch"
+    assert row["product_gflop_per_image"] > 2 * (totals["forward_macs"] + 0.9 * totals["rsp_macs"]) / 1e9
