@@ -222,12 +222,18 @@ class RSP:
                 raise RSPError(f"initial relevance has shape {tuple(initial.shape)}, but the saliency layer "
                                f"{plan.layer_name!r} gives {tuple(R0.shape)}")
             R0 = initial.to(R0.dtype).contiguous()
+        # propagated at a peak of about 1 (a power of two: exact; one for the batch, as some
+        # steps hold its samples in other rows), so that a small initial relevance (1e-30)
+        # does not underflow float32 in the products; scaled back after
+        unit = _peak_power_of_two(R0.detach())
         steps: dict[str, torch.Tensor] = {}
         names = _step_names(plan.steps) if record else {}
-        on_step = (lambda step, outs: steps.__setitem__(names[step.node], outs[0])) if record else None
+        on_step = (lambda step, outs: steps.__setitem__(names[step.node], outs[0] * unit)) if record else None
         dropped = R0.new_zeros(R0.shape[0]) if record else None
-        R = propagate(plan, R0.detach(), saved, shapes, ops, on_step, dropped,
-                      torch.bfloat16 if self.precision == "bf16" else None)
+        R = propagate(plan, R0.detach() / unit, saved, shapes, ops, on_step, dropped,
+                      torch.bfloat16 if self.precision == "bf16" else None) * unit
+        if dropped is not None:
+            dropped = dropped * unit
         return Explanation(R, R0.detach(), logits.detach(), tgt, hst, cams.detach(), plan.layer_name, steps, dropped)
 
     def static(self, example: torch.Tensor) -> StaticRSP:
@@ -265,6 +271,13 @@ class RSP:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
         if p is not None and p.device != x.device:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
+
+
+def _peak_power_of_two(R: torch.Tensor) -> torch.Tensor:
+    """The power of two just above max|R| (1 where there is no relevance), as a 0-d tensor: no
+    wait for the device."""
+    _, exponent = torch.frexp(R.abs().amax() if R.numel() else R.new_zeros(()))  # m·2^e, ½ ≤ m < 1; 0: e = 0
+    return torch.ldexp(torch.ones((), dtype=R.dtype, device=R.device), exponent)
 
 
 def on_device(device: torch.device):

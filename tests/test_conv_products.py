@@ -538,6 +538,19 @@ def test_position_box_covers_the_output_with_the_fewest_positions_past_its_edges
     assert position_box(rows, out_hw) == box
 
 
+@pytest.mark.parametrize("rows,out_hw,min_width,box", [
+    (64, (64, 1), 4, (16, 4)),  # a column one output wide: a 16-byte float32 box, not 1 wide (4 bytes)
+    (64, (64, 1), 8, (8, 8)),  # bfloat16
+    (2, (64, 1), 4, (1, 2)),  # fewer rows than that: as wide as the rows go
+])
+def test_position_box_is_as_wide_as_tma_reads_where_the_width_is_innermost(rows, out_hw, min_width, box):
+    """R's TMA box in the filters has the output's width innermost: TMA needs 16 bytes of it."""
+    from rsp_fast.kernels.triton.conv_products import position_box
+
+    assert position_box(rows, out_hw) == (rows, 1)  # without the floor: one column, all rows
+    assert position_box(rows, out_hw, min_width) == box
+
+
 def test_tma_launches_do_not_exist_on_the_gram_path():
     """The Gram path's kernels have no TMA launch: asked for one, they say so instead of ignoring
     it; nor do the filters have a persistent one."""

@@ -577,12 +577,13 @@ def shifted_operands(x_cl: torch.Tensor, R: torch.Tensor, kernel, dilation, pad,
     return ShiftedOperands(sections, copies, width, positions, align)
 
 
-def position_box(rows: int, out_hw) -> tuple[int, int]:
+def position_box(rows: int, out_hw, min_width: int = 1) -> tuple[int, int]:
     """The box of output positions (height, width: powers of two, ``rows`` in all) that a TMA
     responses tile covers: the one whose boxes cover the output with the fewest positions past
-    its edges, the widest of those."""
+    its edges, the widest of those; at least ``min_width`` wide where the width is a box's
+    innermost axis (TMA reads 16 bytes and more of it)."""
     Ho, Wo = out_hw
-    widths = [1 << k for k in range(rows.bit_length()) if (1 << k) <= rows]
+    widths = [1 << k for k in range(rows.bit_length()) if min(min_width, rows) <= (1 << k) <= rows]
     width = min(widths, key=lambda w: (triton.cdiv(Ho, rows // w) * (rows // w) * triton.cdiv(Wo, w) * w, -w))
     return rows // width, width
 
@@ -739,7 +740,7 @@ def _filters_by_tma(x_cl, R, t: Tiles, kernel, dilation, pad, out_hw, splits, fl
     if not tma_fits(x_cl, R4):
         raise _tma_refused("filters", f"{C} channels of {x_cl.dtype} and an output {out_hw[1]} wide in {R.dtype}",
                            x_cl.device)
-    height, width = position_box(t.red, out_hw)
+    height, width = position_box(t.red, out_hw, min_width=16 // R4.element_size())  # R's box: width innermost
     boxes = triton.cdiv(out_hw[0], height) * triton.cdiv(out_hw[1], width)
     blocks = triton.cdiv(2 * O, t.rows) * triton.cdiv(C, t.cols)
     split = splits or _splits(blocks * N * T, boxes * t.red, t.red, x_cl.device)
