@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_e2e import LAYERS, build  # noqa: E402
-from utils import describe, markdown_table, photo_batch, time_interleaved  # noqa: E402
+from utils import describe, markdown_table, output_path, photo_batch, time_interleaved  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["vgg16", "efficientnet_lite0"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json")
+    p.add_argument("--json", type=output_path)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ablation", action="store_true", help="whole passes without each compiled kernel")
     p.add_argument("--every-path", action="store_true",

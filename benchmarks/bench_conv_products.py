@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_products import peak_tflops, product_device_seconds  # noqa: E402
-from utils import describe, markdown_table, time_interleaved  # noqa: E402
+from utils import describe, markdown_table, output_path, time_interleaved  # noqa: E402
 
 from rsp_fast.api import _matmul_precision  # noqa: E402
 from rsp_fast.ops import dispatch  # noqa: E402
@@ -147,7 +147,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--baseline-module", nargs="+", default=[],
                    help="other versions of conv_products.py (files) whose products to time beside these")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json")
+    p.add_argument("--json", type=output_path)
     p.add_argument("--quick", action="store_true", help="tiny layers, batch 2, one repeat (tests; the CPU interpreter)")
     args = p.parse_args(argv)
     from rsp_fast.kernels.triton import triton_unavailable_reason

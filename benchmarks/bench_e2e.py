@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
-from utils import describe, markdown_table, time_interleaved  # noqa: E402
+from utils import describe, markdown_table, output_path, time_interleaved  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory, return_freed_memory  # noqa: E402
@@ -64,9 +64,6 @@ def _check_arguments(p: argparse.ArgumentParser, args) -> None:
                     "(no modules/vgg.py and baselines/gradcam.py there)")
         if args.quick or args.size != 224:
             p.error("--authors-repo needs 224×224 inputs (the authors' VGG16 has fixed sizes): no --quick or --size")
-    for out in (args.json, args.png):
-        if out and not Path(out).resolve().parent.is_dir():
-            p.error(f"cannot write {out!r}: its folder does not exist")
 
 
 def _rss_mb(field: str) -> float:
@@ -131,8 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--authors-repo", help="checkout of github.com/wjNam/Relative_Sectional_Propagation")
     p.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--json")
-    p.add_argument("--png")
+    p.add_argument("--json", type=output_path)
+    p.add_argument("--png", type=output_path)
     args = p.parse_args(argv)
     _check_arguments(p, args)
     device = torch.device(args.device)

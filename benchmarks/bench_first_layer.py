@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, markdown_table, time_interleaved  # noqa: E402
+from utils import describe, markdown_table, output_path, time_interleaved  # noqa: E402
 
 from rsp_fast.api import _matmul_precision  # noqa: E402
 from rsp_fast.kernels.triton import triton_unavailable_reason  # noqa: E402
@@ -38,7 +38,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "tf32"], choices=["fp32", "tf32"])
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--json")
+    ap.add_argument("--json", type=output_path)
     ap.add_argument("--quick", action="store_true", help="1 image of 12×12, 16 output channels at most, 1 call (tests)")
     args = ap.parse_args(argv)
     warmup, channels = 2, None

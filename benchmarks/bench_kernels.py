@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, markdown_table, peak_bandwidth_gbs, time_call  # noqa: E402
+from utils import describe, markdown_table, output_path, peak_bandwidth_gbs, time_call  # noqa: E402
 
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
 from rsp_fast.ops import dispatch  # noqa: E402
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (tests)")
-    p.add_argument("--json")
+    p.add_argument("--json", type=output_path)
     args = p.parse_args(argv)
     keep_freed_memory()  # as the CLI does: neither side pays fresh page faults
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

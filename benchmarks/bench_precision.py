@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, markdown_table, photo_batch  # noqa: E402
+from utils import describe, markdown_table, output_path, photo_batch  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.models import build_model  # noqa: E402
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto")
     p.add_argument("--precisions", nargs="+", choices=rsp_fast.api.PRECISIONS)
-    p.add_argument("--json")
+    p.add_argument("--json", type=output_path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     precisions = args.precisions or (list(rsp_fast.api.PRECISIONS) if device.type == "cuda" else ["fp32", "bf16"])

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from rsp_fast.memory import keep_freed_memory
+
+sys.path.insert(0, str(Path(__file__).parent))
+from utils import output_path  # noqa: E402
 from rsp_fast.models import build_model
 from rsp_fast.video import explain_video, make_demo_clip
 
@@ -29,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--json")
+    p.add_argument("--json", type=output_path)
     args = p.parse_args(argv)
     keep_freed_memory()
     spec = build_model(args.model)

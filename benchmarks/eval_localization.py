@@ -38,7 +38,7 @@ from localization import metrics  # noqa: E402
 from localization.data import Canvases, make_canvases  # noqa: E402
 from localization.methods import METHODS, explain_all  # noqa: E402
 from localization.models import ARCHITECTURES, load_or_train  # noqa: E402
-from utils import describe, markdown_table  # noqa: E402
+from utils import describe, markdown_table, output_path  # noqa: E402
 
 MAIN_KEYS = ("pointing_game", "pointing_game_difficult", "discriminative_pointing", "miou", "deletion_auc",
              "insertion_auc")
@@ -59,8 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 photographs")
     p.add_argument("--out", default="out/eval", help="folder for the default output paths")
-    p.add_argument("--json", help="main JSON (default OUT/eval_<model>.json)")
-    p.add_argument("--png", help="figure of example maps (default OUT/eval_<model>.png)")
+    p.add_argument("--json", type=output_path, help="main JSON (default OUT/eval_<model>.json)")
+    p.add_argument("--png", type=output_path, help="figure of example maps (default OUT/eval_<model>.png)")
     p.add_argument("--markdown", help="Markdown table (default OUT/eval_<model>.md)")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]

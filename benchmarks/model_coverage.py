@@ -23,12 +23,25 @@ import collections
 import re
 import json
 import random
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 import rsp_fast
+
+sys.path.insert(0, str(Path(__file__).parent))
+from utils import output_path  # noqa: E402
+
+
+def _count(value: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number, 0 or more")
+    return int(value)
+
 
 # timm modules holding CNNs (transformer-only modules are left out: they are refused by name)
 TIMM_CNN_FAMILIES = (
@@ -134,10 +147,10 @@ def summarise(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timm-per-family", type=int, default=8, help="models sampled per timm family (0: none)")
+    parser.add_argument("--timm-per-family", type=_count, default=8, help="models sampled per timm family (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="which timm models are sampled")
     parser.add_argument("--no-torchvision", action="store_true")
-    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--json", type=output_path, help="write the rows here")
     parser.add_argument("--agreement", action="store_true", help="batch against single samples, torch backend against the default")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")

@@ -1,9 +1,11 @@
 """Shared benchmark helpers: timing (median of repeats), environment description, tables, photographs."""
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -65,3 +67,14 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def output_path(value: str) -> str:
+    """argparse type of an output file: a folder that does not exist (or a file where a folder
+    should be) is said before the run, not after it, with its results lost."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a folder, not a file to write")
+    if not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: its folder does not exist")
+    return value

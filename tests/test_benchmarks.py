@@ -326,7 +326,8 @@ def test_coverage_reports_ok_refused_and_crashes():
     (["--repeats", "0"], "positive numbers"),
     (["--methods", "RSP(cpp)"], "none of --methods runs here"),
     (["--authors-repo", "/nonexistent"], "is not a checkout of github.com/wjNam"),
-    (["--json", "/nonexistent/rows.json"], "its folder does not exist"),
+    (["--json", "/nonexistent/rows.json"], "cannot write '/nonexistent/rows.json': its folder does not exist"),
+    (["--png", "/tmp"], "'/tmp' is a folder, not a file to write"),
 ])
 def test_bench_e2e_refuses_bad_arguments_before_it_runs(argv, message, capsys):
     """A typo in --methods ran only the forward pass and exited 0; --models nosuch, --batches 0
