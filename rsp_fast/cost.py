@@ -131,8 +131,12 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
         raise RSPError(f"dtype must be a floating-point torch.dtype, not {dtype!r}")
     if dtype is not None and p is not None and dtype != p.dtype:
         raise RSPError(f"dtype {dtype} is not the model's ({p.dtype}): cost runs the model as it is; convert it first")
-    x = torch.zeros((1, *input_shape), dtype=dtype or (p.dtype if p is not None else torch.float32),
-                    device=p.device if p is not None else "cpu")
+    try:  # one sample, traced through the model
+        x = torch.zeros((1, *input_shape), dtype=dtype or (p.dtype if p is not None else torch.float32),
+                        device=p.device if p is not None else "cpu")
+    except (RuntimeError, MemoryError) as exc:  # CPU allocators raise RuntimeError, CUDA's OutOfMemoryError
+        raise RSPError(f"input_shape {tuple(input_shape)}: one sample of that size does not fit in memory "
+                       f"({str(exc).splitlines()[0][:160]})") from None
     with eval_mode(model):
         try:
             plan = build_plan(model, layer)
