@@ -435,9 +435,11 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
 
 
 def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
-    """Whether the head pools the saliency map over dims 1 and 2 (N×H×W×C, as MambaOut's
-    head does), or permutes it from that layout first, before any other op; or runs a Linear on
-    it and then pools (a Linear reads the last dim: N×T×F tokens pooled over dim 1, too)."""
+    """Whether the saliency map has its channels last: the head pools it over dims 1 and 2
+    (N×H×W×C, as MambaOut's head does), or permutes it from that layout first, before any other
+    op; or it is a Linear's output, or a Linear reads it (a Linear reads the last dim: N×T×F
+    tokens, each token a position), and no reshape or transpose comes first. A merge (a
+    residual add) or a norm on the way keeps the layout."""
     if _permuted_to_channels_last(model, saliency):
         return True
     node, through_linear = saliency, _made_by_a_linear(model, saliency)  # a Linear's output: channels last already
@@ -450,9 +452,9 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
             continue
         if calls(node, {torch.permute}, {"permute"}):
             return _permute_order(node) == (0, 3, 1, 2)
-        if node_kind(node, _module(model, node)) != NodeKind.PASS:
-            return False
-    return False
+        if calls(node, RESHAPES, RESHAPE_METHODS) or node_kind(node, _module(model, node)) != NodeKind.PASS:
+            break
+    return through_linear and not calls(node, RESHAPES, RESHAPE_METHODS)
 
 
 def _permute_order(node: fx.Node) -> tuple:
