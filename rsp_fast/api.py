@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import RSPError
+from .errors import RSPError, UnsupportedModelError
 from .graph.plan import Plan, build_plan, layer_name, step_path
 from .graph.trace import TRACE_GATE, UntraceableModelError, called_by_a_caller, eval_mode, unwrap, wrapper_chain
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
+from .rules.merge import Cat
 from .shared_setting import SETTINGS
 from .tf32 import restore_tf32, set_tf32
 
@@ -210,6 +211,16 @@ class RSP:
             shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {kind}"
             raise RSPError(f"the model must return logits of shape (N, classes){shape}"
                            + ("" if isinstance(logits, torch.Tensor) else " (or an output whose 'logits' is that tensor)"))
+        if A.shape[0] != inputs.shape[0] or logits.shape[0] != inputs.shape[0]:
+            for step in plan.steps:  # a concatenation along the batch (test-time augmentation) says so itself
+                if isinstance(step, Cat):
+                    step.check_rank(len(shapes[step.inputs[0]]))
+            rows, what = (A.shape[0], f"the saliency layer {plan.layer_name!r}") if A.shape[0] != inputs.shape[0] else (
+                logits.shape[0], "the logits")
+            raise UnsupportedModelError(
+                f"{what} has {rows} rows for {inputs.shape[0]} samples: the model folds its batch with another "
+                "dimension (a 2-D CNN run on each frame of a clip) and RSP's initial relevance is one per sample; "
+                "give a layer= where the rows are one per sample again")
         tgt = target if trusted_target else _targets(target, logits)
         init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
         if init == "gradcam":

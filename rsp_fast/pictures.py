@@ -81,6 +81,16 @@ def positive_int(value, what: str) -> int:
     return int(value)
 
 
+def _takes_clips(explainer: RSP) -> bool:
+    """Whether the model is a video classifier (N×C×T×H×W clips): its plan's first layer is a
+    Conv3d or, for a model traced per input shape (no plan before its first call), the first
+    conv it holds is."""
+    if explainer.plan is not None:
+        return explainer.plan.input_rank == 5
+    first = next((m for m in explainer.model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return isinstance(first, nn.Conv3d)
+
+
 class FrameAttributor:
     """Explains batches of uint8 RGB pictures with ``explainer``: an N×H×W×3 array (frames of a
     video share one letterbox), or a list of H×W×3 arrays of any sizes (each letterboxed on its
@@ -95,7 +105,7 @@ class FrameAttributor:
         self.batch_size = positive_int(batch_size, "batch size")
         p = next(spec.model.parameters(), None)  # pictures reach the model in its own dtype (float64, half, ...)
         self.dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-        self.clips = explainer.plan is not None and explainer.plan.input_rank == 5
+        self.clips = _takes_clips(explainer)
         self.graphs = {}  # input shape -> StaticRSP: every full batch of a video has one shape
 
     def _explain(self, x: torch.Tensor):

@@ -124,6 +124,39 @@ def test_per_token_class_scores_averaged_over_tokens_take_the_tokens_features_as
     assert torch.allclose(ex.attribution.flatten(1).sum(1), ex.initial.flatten(1).sum(1) - ex.dropped)
 
 
+class _Reshaped(nn.Module):
+    """A model that reshapes its input before its first conv: an N×L signal unsqueezed to
+    N×1×L, N×784 pixels viewed as N×1×28×28, or N×C×T×H×W clips folded into N·T frames."""
+
+    def __init__(self, kind):
+        super().__init__()
+        conv = nn.Conv1d(1, 4, 5, padding=2) if kind == "signal" else nn.Conv2d(1 if kind == "pixels" else 3, 4, 3, padding=1)
+        self.kind, self.features, self.fc = kind, nn.Sequential(conv, nn.ReLU()), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.kind == "signal":
+            return self.fc(self.features(x.unsqueeze(1)).mean(-1))
+        if self.kind == "pixels":
+            return self.fc(self.features(x.view(-1, 1, 28, 28)).mean((2, 3)))
+        N, C, T, H, W = x.shape
+        frames = self.features(x.transpose(1, 2).reshape(N * T, C, H, W)).mean((2, 3))
+        return self.fc(frames.view(N, T, -1).mean(1))
+
+
+def test_a_model_that_reshapes_its_input_takes_the_inputs_it_takes():
+    """The input's rank was taken from the first conv: an N×L signal for a model that unsqueezes
+    it was refused as "inputs must be 3-D (N, C, L)". A model that folds clips into its batch
+    is refused by what it does (its R₀ would have had N·T rows)."""
+    torch.manual_seed(0)
+    for kind, x in (("signal", torch.randn(2, 64, dtype=D)), ("pixels", torch.randn(2, 784, dtype=D))):
+        ex = rsp_fast.RSP(_Reshaped(kind).double().eval()).explain(x, record=True)
+        assert ex.attribution.shape == x.shape
+        assert torch.allclose(ex.attribution.flatten(1).sum(1) + ex.dropped, ex.initial.flatten(1).sum(1), atol=1e-12)
+    with pytest.raises(UnsupportedModelError, match="the saliency layer 'features' has 8 rows for 2 samples: the model "
+                                                    "folds its batch"):
+        rsp_fast.RSP(_Reshaped("clips").double().eval()).explain(torch.randn(2, 3, 4, 8, 8, dtype=D))
+
+
 class _ResidualTokens(nn.Module):
     """Per-token features through a residual MLP block and a LayerNorm, pooled over the tokens."""
 
@@ -739,6 +772,37 @@ class _Concatenated(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1).mean((2, 3)))
+
+
+class _PooledBranches(nn.Module):
+    """Pooled maps concatenated before the classifier: of three conv branches over a signal
+    (Kim's CNN for text), or of one map pooled at three scales (spatial pyramid pooling)."""
+
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.shared = shared
+        self.convs = nn.ModuleList(nn.Conv1d(4, 6, k, padding=k // 2) for k in ((3,) if shared else (3, 4, 5)))
+        self.fc = nn.Linear(6 * (1 + 2 + 4) if shared else 18, 3)
+
+    def forward(self, x):
+        if self.shared:
+            h = torch.relu(self.convs[0](x))
+            pooled = [F.adaptive_max_pool1d(h, n).flatten(1) for n in (1, 2, 4)]
+        else:
+            pooled = [F.adaptive_max_pool1d(torch.relu(conv(x)), 1).squeeze(-1) for conv in self.convs]
+        return self.fc(torch.cat(pooled, 1))
+
+
+def test_the_default_layer_of_pooled_branches_is_where_they_join():
+    """The default layer was the first branch's map: the others got no relevance, though each
+    moves the logits. Several pools of one map still start from that map."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16, dtype=D)
+    branches = rsp_fast.RSP(_PooledBranches(shared=False).double().eval())
+    assert branches.layer == "cat"
+    steps = branches.explain(x, record=True).steps
+    assert {"convs.0", "convs.1", "convs.2"} <= set(steps)
+    assert rsp_fast.RSP(_PooledBranches(shared=True).double().eval()).layer == "relu"
 
 
 def test_the_default_layers_reported_name_can_be_given_back_as_layer():

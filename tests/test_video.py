@@ -141,6 +141,32 @@ def test_clip_models_explain_each_batch_of_frames_as_one_clip(tmp_path, monkeypa
         assert np.allclose(maps, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
+def test_a_clip_model_traced_per_input_shape_is_given_clips(tmp_path):
+    """A video classifier whose forward branches on sizes has no plan before its first call:
+    it was taken for an image model and its 3-D convs got N×C×H×W frames (exit 2)."""
+    import torch
+    from torch import nn
+
+    class BranchesOnTheLength(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU())
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            if x.shape[2] > 1:  # fx cannot trace this without an input
+                x = x[:, :, ::1]
+            return self.fc(self.features(x).mean((2, 3, 4)))
+    torch.manual_seed(0)
+    model = BranchesOnTheLength().eval()
+    assert rsp_fast.RSP(model).plan is None
+    src = write_video(tmp_path / "in.mkv", _frames(5), fps=4)
+    report = explain_video(ModelSpec(model, "clips", input_size=32), src, tmp_path / "out.mp4", batch_size=3, progress=False)
+    assert report["totals"]["frames"] == 5
+    labels = [r["label"] for r in report["frames"]]
+    assert labels[:3] == [labels[0]] * 3 and labels[3:] == [labels[3]] * 2  # a clip's label for each of its frames
+
+
 def test_frames_drawn_by_a_pool_of_threads_stay_in_order(tmp_path, spec, monkeypatch):
     """On a machine with more cores the frames of a batch are drawn by several threads: the
     encoder gets the pictures a single thread draws, in the same order (running scale

@@ -25,7 +25,7 @@ from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, functi
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
-from ..rules.operands import calls, is_shape_query, reduced_dims
+from ..rules.operands import calls, is_parameter, is_shape_query, reduced_dims
 from .trace import KEPT_WHOLE, UntraceableModelError, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
@@ -191,8 +191,10 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
         m = _module(model, node)
         if (isinstance(m, nn.Linear) or functional_linear_weight(node) is not None) and last_linear_input is None:
             last_linear_input = _first_tensor_input(node)
-        if _is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(model, node, m) or node.meta.get(KEPT_WHOLE):
+        if _ends_head(model, node, m):
             break
+        if len({_map_behind(model, branch) for branch in _merged_branches(node, m)}) > 1:
+            return node  # pooled maps of several branches merged (Kim's CNN for text): each is part of the evidence
         node = _first_tensor_input(node)
     pool = _global_pool_behind_head(model, node) or node
     node = _feature_map_behind(model, pool)
@@ -206,6 +208,27 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
     if node is not None and node.op != "placeholder":
         return node
     raise RSPError(f"could not choose a default saliency layer for {type(model).__name__}; pass layer='<module name>'")
+
+
+def _ends_head(model: nn.Module, node: fx.Node, m) -> bool:
+    """A flatten or pooling of the head (or a module kept whole): the walk back stops there."""
+    return bool(_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(model, node, m)
+                or node.meta.get(KEPT_WHOLE))
+
+
+def _merged_branches(node: fx.Node, m) -> list[fx.Node]:
+    """The activations a concatenation or sum joins (none for other nodes, or a sum with a constant)."""
+    kind = node_kind(node, m)
+    if kind not in (NodeKind.CAT, NodeKind.ADD):
+        return []
+    return [a for a in relevance_inputs(node, kind) if isinstance(a, fx.Node) and not is_parameter(a)]
+
+
+def _map_behind(model: nn.Module, node: fx.Node) -> fx.Node | None:
+    """The feature map a branch of the head summarises: back to its pooling, then behind it."""
+    while node is not None and node.op != "placeholder" and not _ends_head(model, node, _module(model, node)):
+        node = _first_tensor_input(node)
+    return _feature_map_behind(model, _global_pool_behind_head(model, node) or node) if node is not None else None
 
 
 def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | None:
@@ -390,14 +413,17 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
 
     # Forward order: which nodes still carry the raw input (their layer is a "first" layer).
     raw: dict[fx.Node, bool] = {}
+    reshaped: set[fx.Node] = set()  # raw nodes behind a reshape of the input (x.unsqueeze(1), x.view(-1, 1, 28, 28))
     input_node = next(n for n in graph.nodes if n.op == "placeholder")
     input_rank = None
     for node in sorted(kinds, key=order.__getitem__):
         ins = relevance_inputs(node, kinds[node])
         from_input = any(a is input_node or raw.get(a, False) for a in ins)
         raw[node] = from_input and kinds[node] != NodeKind.LAYER
+        if raw[node] and (calls(node, RESHAPES, RESHAPE_METHODS) or any(a in reshaped for a in ins)):
+            reshaped.add(node)
         module = _module(model, node)
-        if from_input and kinds[node] == NodeKind.LAYER and input_rank is None:
+        if from_input and kinds[node] == NodeKind.LAYER and input_rank is None and not any(a in reshaped for a in ins):
             input_rank = (4 if isinstance(module, nn.Conv2d) or node.target in (F.conv2d, torch.conv2d) else
                           3 if isinstance(module, nn.Conv1d) or node.target in (F.conv1d, torch.conv1d) else
                           5 if isinstance(module, nn.Conv3d) or node.target in (F.conv3d, torch.conv3d) else None)

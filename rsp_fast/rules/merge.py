@@ -83,8 +83,11 @@ class Cat(Rule):
         return list(torch.split(R, sizes, dim=self.dim))
 
     def check_dim(self, R: torch.Tensor) -> None:
+        self.check_rank(R.dim())
+
+    def check_rank(self, rank: int) -> None:
         """A negative dimension that turns out to be the batch's (the plan refuses dim 0 itself)."""
-        if self.dim % R.dim() == 0:
+        if self.dim % rank == 0:
             raise RSPError(f"{self.node.name}: " + BATCH_MIXING.format(f"torch.{self.kind}"))
 
 
