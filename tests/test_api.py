@@ -774,6 +774,27 @@ class _Concatenated(nn.Module):
         return self.fc(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1).mean((2, 3)))
 
 
+@pytest.mark.parametrize("negative", [False, True])
+def test_a_saliency_layer_is_explained_without_the_batchnorm_after_it(negative):
+    """R₀ is the saliency layer's own output: a BatchNorm after it lies in the head. Its scale
+    was folded into the layer's weights all the same, which moved the map where a scale is
+    negative (ResNet18's conv1: 0.10 of the peak; a Linear then BatchNorm1d: 0.86)."""
+    import copy
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).double().eval()
+    mlp = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)).double().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, mlp[1]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.weight[::2] *= -1 if negative else 1
+    for net, layer, x in ((model, "conv1", torch.randn(2, 3, 32, 32, dtype=D)), (mlp, "0", torch.randn(2, 10, dtype=D))):
+        R0 = rsp_fast.RSP(net, layer=layer).explain(x).initial
+        without = copy.deepcopy(net)
+        setattr(without, "bn1", nn.Identity()) if net is model else without.__setitem__(1, nn.Identity())
+        expected = rsp_fast.RSP(without, layer=layer).attribute(x, initial=R0)
+        assert rel_err(rsp_fast.RSP(net, layer=layer).attribute(x, initial=R0), expected) < 1e-12
+
+
 class _PooledBranches(nn.Module):
     """Pooled maps concatenated before the classifier: of three conv branches over a signal
     (Kim's CNN for text), or of one map pooled at three scales (spatial pyramid pooling)."""

@@ -432,7 +432,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     for node in sorted(kinds, key=order.__getitem__, reverse=True):
         module = _module(model, node)
         first = kinds[node] == NodeKind.LAYER and any(a is input_node or raw.get(a, False) for a in relevance_inputs(node, kinds[node]))
-        steps.append(rule_for(node, kinds[node], module, first, _bn_after(model, node)))
+        steps.append(rule_for(node, kinds[node], module, first, _bn_after(model, node, kinds)))
 
     non_negative = _non_negative(model)
     for step in steps:
@@ -585,10 +585,11 @@ def _grouped(problems: list[tuple[str, str]], shown: int = 3) -> str:
     return "; ".join(parts)
 
 
-def _bn_after(model: nn.Module, node: fx.Node):
-    """The folding scale of a BatchNorm that is the only consumer of this layer's output."""
+def _bn_after(model: nn.Module, node: fx.Node, explained):
+    """The folding scale of a BatchNorm that is the only consumer of this layer's output and
+    that relevance passes (not one after the saliency layer: R₀ is the layer's own output's)."""
     users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module":
+    if len(users) == 1 and users[0].op == "call_module" and users[0] in explained:
         bn = model.get_submodule(users[0].target)
         if is_batchnorm(bn) and bn.running_var is not None:
             return batchnorm_scale(bn)
