@@ -1901,3 +1901,19 @@ def test_batchnorms_that_normalise_by_the_batch_are_refused_by_name(norm):
         rsp_fast.RSP(model, layer="4").attribute(torch.rand(3, 3, 10, 10, dtype=D))
     tracked = nn.Sequential(*[nn.BatchNorm2d(8) if i == 1 else m for i, m in enumerate(model)]).double().eval()
     assert rsp_fast.RSP(tracked, layer="4").attribute(torch.rand(3, 3, 10, 10, dtype=D)).shape == (3, 3, 10, 10)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_explained_as_its_linear():
+    """timm's Linear (MobileNetV3's, GhostNet's classifier) overrides forward with F.linear: it
+    was refused as "no RSP rule for ...: Linear" by a message that listed Linear as supported."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 5)).double().eval()
+    theirs = nn.Sequential(timm_layers.Linear(10, 16), nn.ReLU(), timm_layers.Linear(16, 8), nn.ReLU(),
+                           timm_layers.Linear(8, 5)).double().eval()
+    theirs.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 10, dtype=D)
+    for layer in (None, "2"):
+        ex = rsp_fast.RSP(theirs, layer=layer).explain(x, record=True)
+        assert rel_err(ex.attribution, rsp_fast.RSP(plain, layer=layer).attribute(x)) < 1e-12
+    assert "2" in ex.steps and "0" in ex.steps  # named by their module paths

@@ -124,6 +124,8 @@ def is_rule_leaf(m: nn.Module) -> bool | None:
         # a subclass: whole if its forward is one conv of its input (weight standardisation),
         # else traced into, its padding and F.convNd on its parameters explained op by op
         return has_plain_conv_forward(m) or (isinstance(m, nn.Conv2d) and _weight_transforming_conv(m))
+    if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+        return False  # a subclass with its own forward (timm's Linear): traced into, its F.linear explained
     if (isinstance(m, CONV_MODULES + (nn.Conv3d, nn.Linear, nn.Upsample) + PASS_MODULES + POOL_MODULES + PAD_MODULES
                    + COPY_PAD_MODULES + SHUFFLE_MODULES + (nn.GLU,)) or is_timm_activation(m) or is_batchnorm(m)):
         return True
