@@ -795,6 +795,32 @@ def test_a_saliency_layer_is_explained_without_the_batchnorm_after_it(negative):
         assert rel_err(rsp_fast.RSP(net, layer=layer).attribute(x, initial=R0), expected) < 1e-12
 
 
+class _SizeCheckedBlock(nn.Module):
+    """A block whose forward checks its input's size (as timm VGG's ConvMlp head does): fx keeps
+    it whole when tracing without an input."""
+
+    def __init__(self, check: bool):
+        super().__init__()
+        self.check, self.conv, self.act = check, nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        if self.check and x.shape[-1] < 3:
+            raise ValueError("input too small")
+        return self.act(self.conv(x))
+
+
+def test_a_layer_inside_a_block_traced_only_with_an_input_is_explained():
+    """It was refused as "part of 'block', which RSP runs as one layer", though RSP explains the
+    block op by op from a trace with the input."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), _SizeCheckedBlock(check), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(6, 3)).double().eval() for check in (True, False)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    for layer in ("2.conv", "2.act"):
+        assert rel_err(rsp_fast.RSP(models[0], layer=layer).attribute(x), rsp_fast.RSP(models[1], layer=layer).attribute(x)) < 1e-12
+
+
 class _PooledBranches(nn.Module):
     """Pooled maps concatenated before the classifier: of three conv branches over a signal
     (Kim's CNN for text), or of one map pooled at three scales (spatial pyramid pooling)."""

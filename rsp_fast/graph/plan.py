@@ -350,7 +350,8 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
-def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer) -> tuple[fx.Node, str]:
+def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer,
+                   with_example: bool = False) -> tuple[fx.Node, str]:
     if isinstance(layer, str) and layer not in module_outputs:
         # the name of a function's output, as a default layer is reported where no module makes it (``cat_9``)
         node = next((n for n in graph.nodes if n.name == layer and n.op in ("call_function", "call_method")), None)
@@ -365,6 +366,10 @@ def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, 
         # a part of a module RSP runs whole (a BatchNorm's activation) has no output of its own
         outer = next((p for p in _ancestors(layer) if p in module_outputs
                       and module_outputs[p].op == "call_module" and module_outputs[p].target == p), None)
+        if outer is not None and module_outputs[outer].meta.get(KEPT_WHOLE) and not with_example:
+            # kept whole only because it branches on sizes: traced into with an input, at the first call
+            raise UntraceableModelError(f"layer {layer!r} is inside {outer!r}, which torch.fx traces only with an input "
+                                        f"({module_outputs[outer].meta[KEPT_WHOLE]})")
         if outer is not None:
             raise RSPError(f"layer {layer!r} is part of {outer!r} ({type(model.get_submodule(outer)).__name__}), "
                            f"which RSP runs as one layer: name {outer!r} instead")
@@ -377,7 +382,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     sizes as numbers: for forwards that branch on sizes). Raises UntraceableModelError when
     only such a trace could do."""
     graph, module_outputs = trace(model, is_rule_leaf, example)
-    saliency, layer_name = _resolve_layer(model, graph, module_outputs, layer)
+    saliency, layer_name = _resolve_layer(model, graph, module_outputs, layer, example is not None)
     order = {n: i for i, n in enumerate(graph.nodes)}
 
     # Every node relevance reaches on its way back from the saliency layer, with its kind.
