@@ -821,6 +821,20 @@ def test_a_layer_inside_a_block_traced_only_with_an_input_is_explained():
         assert rel_err(rsp_fast.RSP(models[0], layer=layer).attribute(x), rsp_fast.RSP(models[1], layer=layer).attribute(x)) < 1e-12
 
 
+def test_a_module_called_twice_is_chosen_by_its_call():
+    """A block's shared ReLU: its name stands for its last call, "name:1" for its first (it was
+    refused as "not a module"), "name:3" says how often it is called."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    first = rsp_fast.RSP(model, layer="layer1.0.relu:1").explain(x, record=True)
+    assert first.layer == "layer1.0.relu:1" and "layer1.0.conv1" in first.steps and "layer1.0.conv2" not in first.steps
+    last = rsp_fast.RSP(model, layer="layer1.0.relu:2").attribute(x)
+    assert torch.equal(last, rsp_fast.RSP(model, layer="layer1.0.relu").attribute(x))
+    with pytest.raises(RSPError, match=r"'layer1.0.relu' is called 2 time\(s\)"):
+        rsp_fast.RSP(model, layer="layer1.0.relu:3")
+
+
 class _PooledBranches(nn.Module):
     """Pooled maps concatenated before the classifier: of three conv branches over a signal
     (Kim's CNN for text), or of one map pooled at three scales (spatial pyramid pooling)."""

@@ -338,6 +338,9 @@ def layer_name(model: nn.Module, layer) -> str | None:
     if not isinstance(layer, str):
         raise RSPError(f"layer must be a module name, a module or None, not {type(layer).__name__}")
     known = dict(model.named_modules())
+    module, _, call = layer.rpartition(":")
+    if module in known and call.isdigit() and int(call) >= 1:
+        return layer  # a module's k-th call (a block's shared ReLU: "layer1.0.relu:1"), as Explanation.steps names it
     if layer not in known:
         sample = ", ".join(list(n for n in known if n)[-8:])
         raise RSPError(f"layer {layer!r} is not a module of {type(model).__name__} (e.g. {sample})")
@@ -362,6 +365,10 @@ def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, 
         node = _default_saliency(model, graph)
         names = [name for name, n in module_outputs.items() if n is node]
         return node, (min(names, key=len) if names else node.name)
+    module, _, call = layer.rpartition(":")
+    if layer not in module_outputs and module in module_outputs and call.isdigit():
+        calls = sum(1 for name in module_outputs if name.rpartition(":")[0] == module)
+        raise RSPError(f"layer {layer!r}: {module!r} is called {calls} time(s) in {type(model).__name__}.forward")
     if layer not in module_outputs:
         # a part of a module RSP runs whole (a BatchNorm's activation) has no output of its own
         outer = next((p for p in _ancestors(layer) if p in module_outputs

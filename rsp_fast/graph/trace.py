@@ -38,7 +38,8 @@ class _RecordingTracer(fx.Tracer):
     def __init__(self, is_rule_leaf: Callable[[nn.Module], bool | None]):
         super().__init__()
         self._is_rule_leaf = is_rule_leaf
-        self.module_outputs: dict[str, fx.Node] = {}
+        self.module_outputs: dict[str, fx.Node] = {}  # "path": its last call's output, "path:k": its k-th call's
+        self._calls: dict[str, int] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         leaf = self._is_rule_leaf(m)
@@ -69,7 +70,8 @@ class _RecordingTracer(fx.Tracer):
             out.node.meta[KEPT_WHOLE] = _first_line(exc)
         if isinstance(out, fx.Proxy):
             path = self.path_of_module(m)
-            self.module_outputs[path] = out.node
+            self._calls[path] = self._calls.get(path, 0) + 1
+            self.module_outputs[path] = self.module_outputs[f"{path}:{self._calls[path]}"] = out.node
             if out.node.op == "call_module" and out.node.target == path:  # a leaf (not a wrapper ending in one)
                 out.node.meta[MODULE_META] = m
         return out
