@@ -401,7 +401,8 @@ def _concatenate(parts: list[Explanation]) -> Explanation:
 
 def heatmap(R: torch.Tensor) -> torch.Tensor:
     """The map shown to users: channel sum of the relevance (positive = target), N×H×W for
-    images, N×L for signals, N×T×H×W for clips; an MLP's N×F relevance as it is."""
+    images, N×L for signals, N×T×H×W for clips; an MLP's N×F relevance as it is. It sums dim
+    1: for N×T×F tokens (channels last) sum the features instead, ``R.sum(-1)``."""
     if not isinstance(R, torch.Tensor):
         raise RSPError(f"heatmap takes a relevance tensor (an attribution), not {type(R).__name__}")
     return R.sum(1) if R.dim() >= 3 else R

@@ -835,6 +835,24 @@ def test_a_module_called_twice_is_chosen_by_its_call():
         rsp_fast.RSP(model, layer="layer1.0.relu:3")
 
 
+def test_a_layer_by_its_second_name_and_the_whole_model_as_layer():
+    """A module held under two names was refused by the second ("not a module"); the model
+    itself as layer was said to be "never called"."""
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Linear(4, 3)
+            self.features_out = self.act
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).mean((2, 3)))
+    model = Aliased().eval()
+    assert rsp_fast.RSP(model, layer="features_out").layer == "act"
+    for whole in ("", model):
+        with pytest.raises(RSPError, match="is the whole model, whose output is the logits"):
+            rsp_fast.RSP(model, layer=whole)
+
+
 class _PooledBranches(nn.Module):
     """Pooled maps concatenated before the classifier: of three conv branches over a signal
     (Kim's CNN for text), or of one map pooled at three scales (spatial pyramid pooling)."""

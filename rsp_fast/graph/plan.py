@@ -329,6 +329,9 @@ def layer_name(model: nn.Module, layer) -> str | None:
     """The module name ``layer`` (a name, a submodule or None) stands for, checked."""
     if layer is None:
         return None
+    if layer is model or layer == "":
+        raise RSPError(f"layer {layer if layer == '' else type(layer).__name__!r} is the whole model, whose output is "
+                       "the logits: name a layer inside it (None picks one)")
     if isinstance(layer, nn.Module):
         names = [name for name, m in model.named_modules() if m is layer]
         if not names:
@@ -342,6 +345,10 @@ def layer_name(model: nn.Module, layer) -> str | None:
     if module in known and call.isdigit() and int(call) >= 1:
         return layer  # a module's k-th call (a block's shared ReLU: "layer1.0.relu:1"), as Explanation.steps names it
     if layer not in known:
+        try:  # a second name of a module held twice: named_modules lists the first only
+            return layer_name(model, model.get_submodule(layer))
+        except (AttributeError, RSPError):
+            pass
         sample = ", ".join(list(n for n in known if n)[-8:])
         raise RSPError(f"layer {layer!r} is not a module of {type(model).__name__} (e.g. {sample})")
     return layer
