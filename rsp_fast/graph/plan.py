@@ -387,7 +387,9 @@ def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, 
         if outer is not None:
             raise RSPError(f"layer {layer!r} is part of {outer!r} ({type(model.get_submodule(outer)).__name__}), "
                            f"which RSP runs as one layer: name {outer!r} instead")
-        raise RSPError(f"layer {layer!r} is never called in {type(model).__name__}.forward")
+        raise RSPError(f"layer {layer!r} is never called in {type(model).__name__}.forward (as a module: called "
+                       "through its .forward method, or returning no tensor of its own, as a list, it has no output "
+                       "to start from: name a module inside it)")
     return module_outputs[layer], layer
 
 
