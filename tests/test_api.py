@@ -862,26 +862,32 @@ class _PooledBranches(nn.Module):
         self.shared = shared
         self.convs = nn.ModuleList(nn.Conv1d(4, 6, k, padding=k // 2) for k in ((3,) if shared else (3, 4, 5)))
         self.fc = nn.Linear(6 * (1 + 2 + 4) if shared else 18, 3)
+        self.over_time = lambda h: F.adaptive_max_pool1d(h, 1).squeeze(-1)
 
     def forward(self, x):
         if self.shared:
             h = torch.relu(self.convs[0](x))
             pooled = [F.adaptive_max_pool1d(h, n).flatten(1) for n in (1, 2, 4)]
         else:
-            pooled = [F.adaptive_max_pool1d(torch.relu(conv(x)), 1).squeeze(-1) for conv in self.convs]
+            pooled = [self.over_time(torch.relu(conv(x))) for conv in self.convs]
         return self.fc(torch.cat(pooled, 1))
 
 
 def test_the_default_layer_of_pooled_branches_is_where_they_join():
     """The default layer was the first branch's map: the others got no relevance, though each
-    moves the logits. Several pools of one map still start from that map."""
+    moves the logits. Several pools of one map still start from that map. The max over time
+    written as amax, max(d).values or max(x, d)[0] is that max pooling (they were refused)."""
     torch.manual_seed(0)
     x = torch.randn(2, 4, 16, dtype=D)
-    branches = rsp_fast.RSP(_PooledBranches(shared=False).double().eval())
+    model = _PooledBranches(shared=False).double().eval()
+    branches = rsp_fast.RSP(model)
     assert branches.layer == "cat"
-    steps = branches.explain(x, record=True).steps
-    assert {"convs.0", "convs.1", "convs.2"} <= set(steps)
+    ex = branches.explain(x, record=True)
+    assert {"convs.0", "convs.1", "convs.2"} <= set(ex.steps)
     assert rsp_fast.RSP(_PooledBranches(shared=True).double().eval()).layer == "relu"
+    for spelling in (lambda h: h.amax(2), lambda h: h.max(dim=2).values, lambda h: torch.max(h, 2)[0]):
+        model.over_time = spelling
+        assert rel_err(rsp_fast.RSP(model).attribute(x), ex.attribution) < 1e-12
 
 
 def test_the_default_layers_reported_name_can_be_given_back_as_layer():

@@ -354,6 +354,7 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         if root is not model:
             tracer.module_outputs = _paths_in_model(graph, tracer.module_outputs)
         _drop_fixed_arguments(graph)
+        _max_values_as_amax(graph)
         _follow_in_place_writes(graph, model)
     except _ForwardFailed as exc:
         raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}") from None
@@ -417,6 +418,29 @@ def _defaults(model: nn.Module) -> dict | None:
         return None
     return {p.name: p.default for p in parameters
             if p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} or None
+
+
+def _max_values_as_amax(graph: fx.Graph) -> None:
+    """``x.max(d).values`` and ``torch.max(x, d)[0]`` (max over time in text CNNs) as
+    ``torch.amax(x, d)``, one op with a rule (a max pooling), where the indices go unused."""
+    for node in list(graph.nodes):
+        if not ((node.op == "call_method" and node.target == "max") or (node.op == "call_function" and node.target is torch.max)):
+            continue
+        call = dict(zip(("input", "dim", "keepdim"), node.args)) | dict(node.kwargs)
+        if not isinstance(call.get("dim"), int) or not node.users or not all(_picks_values(u, node) for u in node.users):
+            continue
+        with graph.inserting_before(node):
+            amax = graph.call_function(torch.amax, (call["input"], call["dim"], bool(call.get("keepdim", False))))
+        amax.meta.update(node.meta)  # where errors say the call is
+        for user in list(node.users):
+            user.replace_all_uses_with(amax)
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
+def _picks_values(user: fx.Node, node: fx.Node) -> bool:
+    return user.op == "call_function" and ((user.target is getattr and tuple(user.args) == (node, "values"))
+                                           or (user.target is operator.getitem and tuple(user.args) == (node, 0)))
 
 
 def _drop_fixed_arguments(graph: fx.Graph) -> None:

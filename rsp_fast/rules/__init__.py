@@ -59,6 +59,7 @@ POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_
                   F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
 POWER = ({operator.pow, torch.pow, torch.square}, {"pow", "square", "__pow__"})  # functions, methods
 SUM = ({torch.sum}, {"sum"})
+AMAX = ({torch.amax}, {"amax"})
 # Thresholds written as ops: clamp(x, min, max) (a ReLU as x.clamp(min=0)), maximum/minimum
 # with a constant (Filter Response Norm's TLU, max(x, τ)): elementwise, like the activations.
 CLAMP = ({torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max}, {"clamp", "clamp_", "clip", "clamp_min", "clamp_max"})
@@ -85,11 +86,12 @@ SUPPORTED = {
     "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
                   "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat and torch.stack (not along the batch)", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
+                  "torch.amax / x.max(dim).values / torch.max(x, dim)[0] over non-batch dims (max over time)",
                   "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)",
                   "act(g) * x (gated units)", "F.glu", "x @ softmax(...) (attention pooling)",
                   "F.conv1d / F.conv2d / F.conv3d / F.linear / x @ P on parameters (layers written as functions)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS
-                      | POWER[1] | SUM[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
+                      | POWER[1] | SUM[1] | AMAX[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
 }
 
 
@@ -335,6 +337,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         return NodeKind.POOL if _sums_within_samples(node) else None
     if calls(node, POOL_FUNCTIONS, set()):
         return NodeKind.POOL
+    if calls(node, *AMAX):  # a max over positions (max over time in text CNNs): a max pooling
+        return NodeKind.POOL if _sums_within_samples(node) else None
     if t is F.interpolate:
         return NodeKind.POOL if _interpolate_mode(node) in POSITIVE_RESIZE_MODES else None
     if t in CONV_FUNCTIONS:

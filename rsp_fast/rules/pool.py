@@ -46,7 +46,7 @@ MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_p
 
 
 def is_max_pool(node, module: nn.Module | None) -> bool:
-    return isinstance(module, MAX_POOLS) or (module is None and calls(node, MAX_POOL_FUNCTIONS, set()))
+    return isinstance(module, MAX_POOLS) or (module is None and calls(node, MAX_POOL_FUNCTIONS | {torch.amax}, {"amax"}))
 
 
 class Pool(Rule):
