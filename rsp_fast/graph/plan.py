@@ -489,19 +489,23 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
     residual add) or a norm on the way keeps the layout."""
     if _permuted_to_channels_last(model, saliency):
         return True
-    node, through_linear = saliency, _made_by_a_linear(model, saliency)  # a Linear's output: channels last already
+    made = _made_by_a_linear(model, saliency)  # a Linear's output: channels last already
+    node, through_linear = saliency, made
     while len(node.users) == 1:
         node = next(iter(node.users))
+        m = _module(model, node)
         if calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):
             return sorted(reduced_dims(node) or ()) in ([1, 2], [-3, -2]) + (([1], [-2]) if through_linear else ())
-        if isinstance(_module(model, node), nn.Linear) or functional_linear_weight(node) is not None:
+        if calls(node, RESHAPES, RESHAPE_METHODS) or _is_flatten(node, m):
+            return False  # behind a reshape the layout is not known
+        if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None:
             through_linear = True
             continue
         if calls(node, {torch.permute}, {"permute"}):
             return _permute_order(node) == (0, 3, 1, 2)
-        if calls(node, RESHAPES, RESHAPE_METHODS) or node_kind(node, _module(model, node)) != NodeKind.PASS:
+        if node_kind(node, m) != NodeKind.PASS:
             break
-    return through_linear and not calls(node, RESHAPES, RESHAPE_METHODS)
+    return made
 
 
 def _permute_order(node: fx.Node) -> tuple:
