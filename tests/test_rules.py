@@ -1498,7 +1498,7 @@ def test_a_conv_padding_with_copies_purges_over_its_pixels(conv, shape, mode):
     x = torch.randn(*shape, dtype=D)
     model(x)
     ex = rsp_fast.RSP(model.eval(), layer="3").explain(x, record=True)
-    unpurged = next(R for name, R in ex.steps.items() if name.startswith("conv"))  # x̂⊙dx on the padded map (F.conv, traced)
+    unpurged = ex.steps["2"]  # x̂⊙dx on the padded map (F.conv, traced, named by its module)
     pad = lambda h: F.pad(h, (2,) * 2 * (len(shape) - 2), mode=mode)
     probe = torch.zeros(ex.steps["1"].shape, dtype=D, requires_grad=True)
     (summed,) = torch.autograd.grad(pad(probe), probe, unpurged)  # each copy back onto its pixel
