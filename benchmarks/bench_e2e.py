@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
-from utils import describe, markdown_table, output_path, time_interleaved  # noqa: E402
+from utils import check_models, describe, markdown_table, output_path, time_interleaved  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory, return_freed_memory  # noqa: E402
@@ -50,11 +50,7 @@ def build(name: str) -> torch.nn.Module:
 
 def _check_arguments(p: argparse.ArgumentParser, args) -> None:
     """Bad arguments end the run before it starts, in one line (not a traceback after minutes)."""
-    import torchvision
-
-    for name in args.models:
-        if name != "efficientnet_lite0" and not callable(getattr(torchvision.models, name, None)):
-            p.error(f"unknown model {name!r}: efficientnet_lite0 or a torchvision classifier (vgg16, resnet50, ...)")
+    check_models(p, args.models, also=("efficientnet_lite0",))
     if any(b < 1 for b in args.batches or []) or args.repeats < 1 or args.size < 1:
         p.error("--batches, --repeats and --size take positive numbers")
     if args.authors_repo:

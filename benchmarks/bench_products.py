@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, markdown_table, output_path, sync, time_call  # noqa: E402
+from utils import check_models, describe, markdown_table, output_path, sync, time_call  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.api import _matmul_precision  # noqa: E402
@@ -173,8 +173,7 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     import torchvision
 
-    if not callable(getattr(torchvision.models, args.model, None)):
-        p.error(f"unknown model {args.model!r}: a torchvision classifier (vgg16, resnet50, ...)")
+    check_models(p, [args.model])
     if (args.batch is not None and args.batch < 1) or args.size < 1:
         p.error("--batch and --size take positive numbers")
     size = 64 if args.quick else args.size

@@ -78,3 +78,12 @@ def output_path(value: str) -> str:
     if not path.absolute().parent.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {value!r}: its folder does not exist")
     return value
+
+
+def check_models(parser: argparse.ArgumentParser, names, also=()) -> None:
+    """Each name a torchvision classifier (or one of ``also``), else the parser's one-line error."""
+    import torchvision
+
+    for name in names:
+        if name not in also and not callable(getattr(torchvision.models, name, None)):
+            parser.error(f"unknown model {name!r}: {' or '.join([*also, 'a torchvision classifier (vgg16, resnet50, ...)'])}")
