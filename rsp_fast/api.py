@@ -17,7 +17,6 @@ from .graph.trace import TRACE_GATE, UntraceableModelError, called_by_a_caller, 
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
-from .rules.merge import Cat
 from .shared_setting import SETTINGS
 from .tf32 import restore_tf32, set_tf32
 
@@ -199,6 +198,7 @@ class RSP:
     def _pass(self, plan, inputs, target, hostile, ops, record: bool, trusted_target: bool, initial=None) -> Explanation:
         output, A, saved, shapes = record_forward(self.model, plan, inputs)
         plan.keep_what_the_pass_wrote(self.model)
+        plan.check_batch_dims(shapes)  # a reduction or join along -k that is the batch's at these shapes
         logits = _logits_of(output)
         if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
             logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1)
@@ -212,9 +212,6 @@ class RSP:
             raise RSPError(f"the model must return logits of shape (N, classes){shape}"
                            + ("" if isinstance(logits, torch.Tensor) else " (or an output whose 'logits' is that tensor)"))
         if A.shape[0] != inputs.shape[0] or logits.shape[0] != inputs.shape[0]:
-            for step in plan.steps:  # a concatenation along the batch (test-time augmentation) says so itself
-                if isinstance(step, Cat):
-                    step.check_rank(len(shapes[step.inputs[0]]))
             rows, what = (A.shape[0], f"the saliency layer {plan.layer_name!r}") if A.shape[0] != inputs.shape[0] else (
                 logits.shape[0], "the logits")
             raise UnsupportedModelError(

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (NodeKind, Rule, batchnorm_scale, describe_supported, functional_linear_weight, is_batchnorm, is_rule_leaf,
-                     keeps_sign, node_kind, pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination,
+from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
+                     functional_linear_weight, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind, pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination,
                      zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
@@ -45,6 +45,18 @@ class Plan:
     # what the traced graph holds of every module besides its tensors, when the plan was built
     states: list[ModuleState] = field(default_factory=list)
     leaves: frozenset = frozenset()  # ids of the modules the graph calls whole
+    # reductions and joins along negative dimensions: (node, the node whose rank they index, dims, op)
+    batch_dim_checks: list[tuple[fx.Node, fx.Node, tuple[int, ...], str]] = field(default_factory=list)
+
+    def check_batch_dims(self, shapes: dict) -> None:
+        """An UnsupportedModelError where a negative dimension turns out to be the batch's at
+        these shapes (dim 0 itself the plan refuses): the op would mix the samples."""
+        for node, source, dims, what in self.batch_dim_checks:
+            rank = len(shapes.get(source, ()))
+            batch = [d for d in dims if rank and d % rank == 0]
+            if batch:
+                raise UnsupportedModelError(f"{node.name}: " + BATCH_MIXING.format(what)
+                                            + f" (dim {batch[0]} of a {rank}-dimensional tensor is the batch's)")
 
     def is_current(self) -> bool:
         """Whether the model is still the one the plan was traced from: a submodule replaced or
@@ -475,10 +487,20 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
             if user not in head:
                 head.add(user)
                 frontier.append(user)
+    mixing = [(n.name, why) for n in sorted(head, key=order.__getitem__) if (why := mixes_the_batch(n, _module(model, n)))]
+    if mixing:
+        raise UnsupportedModelError(f"the model's head (after layer {layer_name!r}) mixes the samples, and RSP's "
+                                    "initial relevance is each sample's own: " + _grouped(mixing))
+    batch_dim_checks = []  # dim 0 is refused above (head) or by node_kind (relevance path); -k is known at run time
+    for node in sorted(head | kinds.keys(), key=order.__getitem__):
+        read = dims_read_along(node)
+        if read is not None and any(d < 0 for d in read[0]):
+            dims, source, what = read
+            batch_dim_checks.append((node, source, dims, what))
     saved = {v for s in steps for v in s.needs_values}
     leaves = frozenset(id(_module(model, n)) for n in graph.nodes if n.op == "call_module")
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency),
-                _module_states(model, leaves), leaves)
+                _module_states(model, leaves), leaves, batch_dim_checks)
 
 
 def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:

@@ -254,6 +254,42 @@ def _sums_within_samples(node: fx.Node) -> bool:
     return bool(dims) and all(isinstance(d, int) and d != 0 for d in dims)
 
 
+# Ops that read along whole dimensions: run along the batch's, each sample's output reads the others'.
+ALONG_DIMS = ({torch.mean, torch.nanmean, torch.sum, torch.nansum, torch.prod, torch.cumsum, torch.amax, torch.amin, torch.max,
+               torch.min, torch.std, torch.var, torch.logsumexp, torch.softmax, torch.log_softmax, F.softmax, F.log_softmax},
+              {"mean", "nanmean", "sum", "nansum", "prod", "cumsum", "amax", "amin", "max", "min", "std", "var", "logsumexp",
+               "softmax", "log_softmax"})
+
+
+def dims_read_along(node: fx.Node) -> tuple[tuple[int, ...], fx.Node, str] | None:
+    """For a reduction, softmax or join along dimensions written as numbers: those dimensions,
+    the node whose rank they index, and the op's name; None for other ops (a stack of branches
+    summed away, a reduction of a stack: their own rules weigh the stacked dimension)."""
+    if node.op == "call_function" and node.target in CAT_FUNCTIONS | STACK_FUNCTIONS:
+        dim = _cat_dim(node)
+        if stacks_branches(node) or not is_number(dim):
+            return None
+        return (dim,), node, f"torch.{node.target.__name__}"
+    if not calls(node, *ALONG_DIMS):
+        return None
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(source, fx.Node) or (source.op == "call_function" and source.target in STACK_FUNCTIONS):
+        return None
+    dims = tuple(d for d in reduced_dims(node) or () if isinstance(d, int) and not isinstance(d, bool))
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    return (dims, source, name) if dims else None
+
+
+def mixes_the_batch(node: fx.Node, module: nn.Module | None) -> str | None:
+    """Why a node of the model's head makes each sample's logits depend on the other samples
+    (a reduction, softmax or join along dim 0, a BatchNorm by the batch's statistics), or None:
+    R₀'s gradient through such a head would mix them."""
+    read = dims_read_along(node)
+    if _normalises_by_the_batch(node, module) or (read is not None and 0 in read[0]):
+        return unsupported_combination(node, module)
+    return None
+
+
 def stacks_branches(node) -> bool:
     """torch.stack([a, b, ...]) along a new leading dimension that every user sums or averages
     away (``stack(branches).sum(0)``): a sum of branches, each sample's rows still its own."""
@@ -462,9 +498,9 @@ def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> s
     if (is_product(node) or calls(node, *ADDCMUL)) and sole_operand(node) is None:
         return ("a product of two position-wise activations (rules exist for x times a sigmoid gate, a number, "
                 "a parameter or a statistic such as a mean or a norm of the activations, and x divided by one)")
-    if (node.op == "call_function" and node.target in CAT_FUNCTIONS | STACK_FUNCTIONS and _cat_dim(node) == 0
-            and not stacks_branches(node)):
-        return BATCH_MIXING.format("torch.stack" if node.target in STACK_FUNCTIONS else "torch.cat")
+    read = dims_read_along(node)
+    if read is not None and 0 in read[0]:
+        return BATCH_MIXING.format(read[2])
     if node.op == "call_function" and node.target in CONV_FUNCTIONS and not is_parameter(conv_call_args(node).get("weight")):
         return ("a convolution whose weight is computed from the activations (as CondConv's per-sample mixture of "
                 "kernels); rules exist for weights that are parameters or computed from parameters only")
@@ -570,7 +606,7 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if split is not None:
         return Rejoin(node, inputs, split)
     if node.target in STACK_FUNCTIONS:
-        return Stack(node, inputs, _cat_dim(node), branches=stacks_branches(node))
+        return Stack(node, inputs, _cat_dim(node))
     return Cat(node, inputs, _cat_dim(node))
 
 

@@ -78,30 +78,15 @@ class Cat(Rule):
         self.dim = dim
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        self.check_dim(R)
         sizes = [ctx.shapes[n][self.dim] for n in self.inputs]
         return list(torch.split(R, sizes, dim=self.dim))
 
-    def check_dim(self, R: torch.Tensor) -> None:
-        self.check_rank(R.dim())
-
-    def check_rank(self, rank: int) -> None:
-        """A negative dimension that turns out to be the batch's (the plan refuses dim 0 itself)."""
-        if self.dim % rank == 0:
-            raise RSPError(f"{self.node.name}: " + BATCH_MIXING.format(f"torch.{self.kind}"))
-
 
 class Stack(Cat):
-    """torch.stack: each input gets its slice of R back. ``branches``: stacked along a new
-    leading dimension that the next op sums away (the plan checked), not along the batch."""
+    """torch.stack: each input gets its slice of R back (a stack along the batch, which would
+    mix samples, the plan refuses or checks at run time)."""
 
     kind = "stack"
 
-    def __init__(self, node, inputs, dim: int, branches: bool = False):
-        super().__init__(node, inputs, dim)
-        self.branches = branches
-
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        if not self.branches:
-            self.check_dim(R)
         return list(R.unbind(self.dim))
