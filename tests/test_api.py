@@ -890,6 +890,24 @@ def test_the_default_layer_of_pooled_branches_is_where_they_join():
         assert rel_err(rsp_fast.RSP(model).attribute(x), ex.attribution) < 1e-12
 
 
+def test_branches_whose_own_logits_are_summed_start_from_a_map_not_from_the_logits():
+    """Late fusion (each branch's Linear, their logits added): the join of the branches was
+    taken for the default layer, R₀ then the logits themselves (N×classes), where the
+    comparative init put +2 on a hostile class. A join is the default only of pooled maps."""
+    class LateFusion(_PooledBranches):
+        def __init__(self):
+            super().__init__(shared=False)
+            self.fcs = nn.ModuleList(nn.Linear(6, 3) for _ in self.convs)
+
+        def forward(self, x):
+            logits = [fc(self.over_time(torch.relu(conv(x)))) for fc, conv in zip(self.fcs, self.convs)]
+            return logits[0] + logits[1] + logits[2]
+    torch.manual_seed(0)
+    explainer = rsp_fast.RSP(LateFusion().double().eval())
+    assert explainer.layer == "relu"
+    assert explainer.explain(torch.randn(2, 4, 16, dtype=D)).initial.shape == (2, 6, 16)
+
+
 def test_the_default_layers_reported_name_can_be_given_back_as_layer():
     """A default layer made by a function is reported by its graph name ('cat'), which layer=
     refused ('not a module', met on BNInception's cat_9)."""

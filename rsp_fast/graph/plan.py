@@ -205,7 +205,8 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
             last_linear_input = _first_tensor_input(node)
         if _ends_head(model, node, m):
             break
-        if len({_map_behind(model, branch) for branch in _merged_branches(node, m)}) > 1:
+        maps = {_map_behind(model, branch) for branch in _merged_branches(node, m)}
+        if len(maps) > 1 and None not in maps:
             return node  # pooled maps of several branches merged (Kim's CNN for text): each is part of the evidence
         node = _first_tensor_input(node)
     pool = _global_pool_behind_head(model, node) or node
@@ -237,8 +238,11 @@ def _merged_branches(node: fx.Node, m) -> list[fx.Node]:
 
 
 def _map_behind(model: nn.Module, node: fx.Node) -> fx.Node | None:
-    """The feature map a branch of the head summarises: back to its pooling, then behind it."""
-    while node is not None and node.op != "placeholder" and not _ends_head(model, node, _module(model, node)):
+    """The feature map a branch of the head summarises: back to its pooling, then behind it.
+    None past a conv or linear layer: a sum of the branches' own logits (late fusion) is no map."""
+    while node is not None and node.op != "placeholder" and not _ends_head(model, node, m := _module(model, node)):
+        if node_kind(node, m) == NodeKind.LAYER:
+            return None
         node = _first_tensor_input(node)
     return _feature_map_behind(model, _global_pool_behind_head(model, node) or node) if node is not None else None
 
