@@ -876,7 +876,8 @@ class _PooledBranches(nn.Module):
 def test_the_default_layer_of_pooled_branches_is_where_they_join():
     """The default layer was the first branch's map: the others got no relevance, though each
     moves the logits. Several pools of one map still start from that map. The max over time
-    written as amax, max(d).values or max(x, d)[0] is that max pooling (they were refused)."""
+    written as amax, max(d).values, max(x, d)[0] or ``values, _ = h.max(d)`` is that max pooling
+    (they were refused)."""
     torch.manual_seed(0)
     x = torch.randn(2, 4, 16, dtype=D)
     model = _PooledBranches(shared=False).double().eval()
@@ -885,7 +886,10 @@ def test_the_default_layer_of_pooled_branches_is_where_they_join():
     ex = branches.explain(x, record=True)
     assert {"convs.0", "convs.1", "convs.2"} <= set(ex.steps)
     assert rsp_fast.RSP(_PooledBranches(shared=True).double().eval()).layer == "relu"
-    for spelling in (lambda h: h.amax(2), lambda h: h.max(dim=2).values, lambda h: torch.max(h, 2)[0]):
+    def unpacked(h):  # the indices picked into a name nothing reads: it was refused
+        values, _ = h.max(2)
+        return values
+    for spelling in (lambda h: h.amax(2), lambda h: h.max(dim=2).values, lambda h: torch.max(h, 2)[0], unpacked):
         model.over_time = spelling
         assert rel_err(rsp_fast.RSP(model).attribute(x), ex.attribution) < 1e-12
 

@@ -422,12 +422,14 @@ def _defaults(model: nn.Module) -> dict | None:
 
 def _max_values_as_amax(graph: fx.Graph) -> None:
     """``x.max(d).values`` and ``torch.max(x, d)[0]`` (max over time in text CNNs) as
-    ``torch.amax(x, d)``, one op with a rule (a max pooling), where the indices go unused."""
+    ``torch.amax(x, d)``, one op with a rule (a max pooling), where the indices go unused
+    (``values, _ = x.max(d)`` picks them into a node nothing reads)."""
     for node in list(graph.nodes):
         if not ((node.op == "call_method" and node.target == "max") or (node.op == "call_function" and node.target is torch.max)):
             continue
         call = dict(zip(("input", "dim", "keepdim"), node.args)) | dict(node.kwargs)
-        if not isinstance(call.get("dim"), int) or not node.users or not all(_picks_values(u, node) for u in node.users):
+        used = [u for u in node.users if u.users or not (u.op == "call_function" and u.target is operator.getitem)]
+        if not isinstance(call.get("dim"), int) or not used or not all(_picks_values(u, node) for u in used):
             continue
         with graph.inserting_before(node):
             amax = graph.call_function(torch.amax, (call["input"], call["dim"], bool(call.get("keepdim", False))))
