@@ -1388,6 +1388,18 @@ def test_a_filter_made_in_forward_is_explained_as_the_same_filter_held_as_a_buff
             assert rel_err(rsp_fast.RSP(made, backend=backend).attribute(x), expected) < 1e-12
 
 
+def test_building_an_explainer_leaves_the_random_stream_alone():
+    """A filter drawn in forward (torch.rand) was evaluated at plan time as if fixed, drawing
+    from the caller's random stream: the next torch.rand after a seed changed."""
+    model = _single_op_model(_FilterMadeInForward(lambda h: torch.rand(4, 1, 3, 3, dtype=h.dtype)))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    explainer = rsp_fast.RSP(model)
+    assert torch.equal(torch.rand(3), expected)
+    assert not any(isinstance(step, rsp_fast.rules.Pool) for step in explainer.plan.steps)  # drawn anew: no fixed filter
+
+
 def test_a_frozen_model_is_explained_as_the_trainable_one():
     """A conv written as F.conv2d on a parameter ≥ 0 without bias stays a layer when the model
     is frozen (requires_grad_(False)); it was taken for a blur pooling."""

@@ -139,6 +139,10 @@ def is_parameter(v) -> bool:
     return isinstance(v, fx.Node) and not _reaches_input(v, "rsp_reaches_input")
 
 
+RANDOM_OPS = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal", "normal_",
+              "uniform_", "bernoulli", "bernoulli_", "multinomial", "poisson", "exponential_", "random_", "dropout"}
+
+
 class _Unknown(Exception):
     """A value that depends on more than buffers, numbers and the input's dtype and device."""
 
@@ -151,8 +155,8 @@ def fixed_value(v):
     if not isinstance(v, fx.Node):
         return v
     if "rsp_fixed_value" not in v.meta:
-        try:
-            with torch.no_grad():
+        try:  # the caller's random stream left as it was, whatever the chain calls
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 v.meta["rsp_fixed_value"] = _evaluate(v, {})
         except Exception:  # _Unknown, or the op fails without the real input: not a fixed value
             v.meta["rsp_fixed_value"] = None
@@ -172,6 +176,8 @@ def _evaluate(node: fx.Node, done: dict):
             not is_parameter(node.args[0])):
         value = torch.float32 if node.args[1] == "dtype" else torch.device("cpu")  # an activation's: the input's
     elif node.op in ("call_function", "call_method"):
+        if getattr(node.target, "__name__", node.target) in RANDOM_OPS:  # drawn anew at every call: not fixed
+            raise _Unknown(node)
         template = _template(node)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: (
             torch.empty(0) if a is template and not is_parameter(a) else _evaluate(a, done)))
