@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -282,10 +283,11 @@ class RSP:
 
 
 def _peak_power_of_two(R: torch.Tensor) -> torch.Tensor:
-    """The power of two just above max|R| (1 where there is no relevance), as a 0-d tensor: no
-    wait for the device."""
+    """The power of two just above max|R| (1 where there is no relevance; the largest the dtype
+    holds past it), as a 0-d tensor: no wait for the device."""
     _, exponent = torch.frexp(R.abs().amax() if R.numel() else R.new_zeros(()))  # m·2^e, ½ ≤ m < 1; 0: e = 0
-    return torch.ldexp(torch.ones((), dtype=R.dtype, device=R.device), exponent)
+    largest = int(math.log2(torch.finfo(R.dtype).max))  # 2^128 is inf in float32
+    return torch.ldexp(torch.ones((), dtype=R.dtype, device=R.device), exponent.clamp(max=largest))
 
 
 def on_device(device: torch.device):

@@ -432,6 +432,19 @@ def test_a_small_initial_relevance_is_explained_as_its_scaled_up_copy():
     assert all(rel_err(small.steps[k] / c, v) < 1e-9 for k, v in expected.steps.items())  # under c·1e-45 they are 0
 
 
+def test_an_initial_relevance_near_the_top_of_float32_is_explained_as_its_scaled_down_copy():
+    """At a peak of 2¹²⁷ the power of two above it, 2¹²⁸, is inf in float32: the map was all
+    NaN and blamed on the activations. The scale stops at the largest power the dtype holds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    explainer, x = rsp_fast.RSP(model, layer="2"), torch.randn(2, 3, 16, 16)
+    R0 = explainer.explain(x).initial
+    unit = R0 / R0.abs().amax()
+    expected = explainer.attribute(x, initial=unit)
+    assert rel_err(explainer.attribute(x, initial=unit * 2.0 ** 127) / 2.0 ** 127, expected) < 1e-6
+
+
 @pytest.mark.parametrize("dtype,weight", [(torch.float32, 3e38), (torch.float16, 6e4)])
 def test_a_head_that_overflows_is_an_error_though_the_map_is_finite(dtype, weight):
     """A Linear head past the dtype's range gives ±inf and NaN logits but finite gradients: the
