@@ -1163,6 +1163,21 @@ def test_max_pool_subclass_with_its_own_forward_is_run_as_it_is():
     assert rel_err(R_same, R_padded) < 1e-12
 
 
+def test_a_minus_inf_padding_written_before_a_max_pool_drops_no_nan():
+    """F.pad(h, value=-inf) then F.max_pool2d: the border got -inf · 0 = NaN back, which the
+    crop counted into the dropped relevance (NaN with record=True; the map was right)."""
+    torch.manual_seed(0)
+    conv1, conv2, head = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Linear(6, 4)
+    tail = [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head]
+    pool = _Lambda(lambda h: F.max_pool2d(F.pad(h, (0, 1, 0, 1), value=float("-inf")), 3, 2))
+    functional = nn.Sequential(conv1, nn.ReLU(), pool, conv2, *tail).double().eval()
+    padded = nn.Sequential(conv1, nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)), nn.MaxPool2d(3, 2), conv2, *tail).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    ex, expected = (rsp_fast.RSP(m, layer=tail[0]).explain(x, record=True) for m in (functional, padded))
+    assert rel_err(ex.attribution, expected.attribution) < 1e-12
+    assert torch.allclose(ex.dropped, expected.dropped, rtol=0, atol=1e-12)
+
+
 class _Reweighted(nn.Module):
     """stem → ReLU → h·f(h) (or h/f(h)) with f a statistic of h → conv → ReLU → head. With
     ``freeze(x)`` the factor becomes a buffer holding the values it takes on x."""

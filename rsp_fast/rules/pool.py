@@ -73,7 +73,9 @@ class Pool(Rule):
         Z = Z.detach() + POOL_EPS if self.takes_max else Z.detach()
         if ctx.tracking:  # no support: Z = 0, or a max-pool window that read only padding (-inf)
             ctx.drop(per_sample_sum(torch.where((Z == 0) | (Z == float("-inf")), R, 0.0)))
-        return [(x.detach() + POOL_EPS if self.takes_max else x.detach()) * grad]
+        out = (x.detach() + POOL_EPS if self.takes_max else x.detach()) * grad
+        # a -inf padding (a max pool's, written as F.pad) got no relevance: 0, not -inf · 0 = NaN
+        return [torch.where(grad != 0, out, 0.0) if self.takes_max else out]
 
 
 class AttentionPool(Pool):
