@@ -1,4 +1,8 @@
 """End to end: every available backend gives what the PyTorch reference gives."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -58,3 +62,26 @@ def test_gpus_older_than_the_kernels_are_turned_down_with_a_reason(monkeypatch, 
         f"the Triton kernels (bf16 and TF32 dots) need compute capability 8.0 and later; {have}")
     expected = "cuda" if cuda else "triton" if triton else "torch"
     assert dispatch.select_kernels("auto", torch.device("cuda")).name == expected
+
+
+def test_triton_interpreter_turned_on_after_triton_was_imported_is_a_reason_not_a_crash():
+    """TRITON_INTERPRET=1 set after torchvision imported triton: the backend said "available",
+    then failed deep inside Triton ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    pytest.importorskip("triton")
+    script = (
+        "import os, torch, triton\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import rsp_fast\n"
+        "from rsp_fast.errors import BackendUnavailableError\n"
+        "print(rsp_fast.backends('cpu')['triton'])\n"
+        "model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))\n"
+        "try:\n"
+        "    rsp_fast.RSP(model, backend='triton').attribute(torch.rand(1, 3, 8, 8))\n"
+        "except BackendUnavailableError as exc:\n"
+        "    print('refused:', exc)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    status, refused = out.stdout.splitlines()[-2:]
+    assert "set after triton was imported" in status
+    assert refused.startswith("refused:") and "before the first import" in refused

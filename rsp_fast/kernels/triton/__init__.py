@@ -16,11 +16,15 @@ def triton_unavailable_reason(device: torch.device) -> str:
         # said before importing Triton, which the CPU never needs (its import takes 0.07 s here)
         return f"Triton runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), not {device.type}"
     try:
-        import triton  # noqa: F401
+        import triton
+        import triton.language  # noqa: F401
     except ImportError:
         return "Triton is not installed"
     if device.type == "cuda":
         return capability_short_of(MIN_CAPABILITY, device, "the Triton kernels (bf16 and TF32 dots) need")
+    if type(triton.language.standard.sum).__name__ != "InterpretedFunction":  # Triton's own helpers, jitted at its import
+        return ("TRITON_INTERPRET=1 was set after triton was imported (torchvision and timm import it): Triton's "
+                "own functions are compiled for a GPU; set it before the first import")
     return ""
 
 

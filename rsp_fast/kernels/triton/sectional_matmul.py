@@ -52,6 +52,9 @@ def sectional_matmul_triton(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, 
     N = B.shape[-1]
     if B.shape[-2] != K or Rs.shape[-2:] != (M, N) or M != 2 * half or not B.shape[:-2] == Rs.shape[:-2] == batch_shape:
         raise ValueError(f"sectional_matmul: A {tuple(A.shape)}, B {tuple(B.shape)}, Rs {tuple(Rs.shape)}, half {half} do not fit")
+    if A.device.type == "cpu" and torch.bfloat16 in (A.dtype, B.dtype):
+        # Triton's interpreter (the CPU's Triton) multiplies bf16's raw bits as integers: exact in float32
+        A, B = A.float(), B.float()
     A3, B3, R3 = (t.reshape(-1, *t.shape[-2:]) for t in (A, B, Rs))
     S = torch.empty(R3.shape, dtype=Rs.dtype, device=Rs.device)
     BM, BN, BK, warps, stages = _tiles(M, A.dtype, A.device)
