@@ -866,6 +866,25 @@ def test_a_layer_by_its_second_name_and_the_whole_model_as_layer():
             rsp_fast.RSP(model, layer=whole)
 
 
+def test_a_module_name_is_not_taken_for_a_function_output_of_the_same_name():
+    """A module ``relu`` the forward never calls (it uses F.relu, whose graph node is also
+    named ``relu``): layer="relu" started silently from F.relu's output, while the module
+    object itself was refused. A call number written "01" is the first call."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+    model = Net().eval()
+    for layer in ("relu", model.relu):
+        with pytest.raises(RSPError, match="'relu' is never called"):
+            rsp_fast.RSP(model, layer=layer)
+    resnet = torchvision.models.resnet18(num_classes=4).eval()
+    assert rsp_fast.RSP(resnet, layer="layer1.0.relu:01").layer == "layer1.0.relu:1"
+
+
 class _PooledBranches(nn.Module):
     """Pooled maps concatenated before the classifier: of three conv branches over a signal
     (Kim's CNN for text), or of one map pooled at three scales (spatial pyramid pooling)."""

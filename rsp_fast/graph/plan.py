@@ -378,7 +378,7 @@ def _ancestors(name: str) -> list[str]:
 
 def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer,
                    with_example: bool = False) -> tuple[fx.Node, str]:
-    if isinstance(layer, str) and layer not in module_outputs:
+    if isinstance(layer, str) and layer not in module_outputs and not _names_a_module(model, layer):
         # the name of a function's output, as a default layer is reported where no module makes it (``cat_9``)
         node = next((n for n in graph.nodes if n.name == layer and n.op in ("call_function", "call_method")), None)
         if node is not None:
@@ -389,6 +389,8 @@ def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, 
         names = [name for name, n in module_outputs.items() if n is node]
         return node, (min(names, key=len) if names else node.name)
     module, _, call = layer.rpartition(":")
+    if module and call.isdigit():
+        layer = f"{module}:{int(call)}"  # "relu:01" is its first call, as "relu:1" is
     if layer not in module_outputs and module in module_outputs and call.isdigit():
         calls = sum(1 for name in module_outputs if name.rpartition(":")[0] == module)
         raise RSPError(f"layer {layer!r}: {module!r} is called {calls} time(s) in {type(model).__name__}.forward")
@@ -407,6 +409,16 @@ def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, 
                        "through its .forward method, or returning no tensor of its own, as a list, it has no output "
                        "to start from: name a module inside it)")
     return module_outputs[layer], layer
+
+
+def _names_a_module(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` (or, as ``name:k``, its module part) is a submodule's path: a module,
+    called or not, comes before a function's output of the same name (``relu`` and F.relu's)."""
+    path = name.rpartition(":")[0] if name.rpartition(":")[2].isdigit() else name
+    try:
+        return bool(path) and model.get_submodule(path) is not None
+    except AttributeError:
+        return False
 
 
 def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None) -> Plan:
