@@ -578,7 +578,7 @@ class _Skip(nn.Module):
 
     def forward(self, x):
         y = F.relu(self.conv(x))
-        return y + self.alpha * x if self.use_skip else y
+        return (y + self.alpha * x if self.use_skip else y) * getattr(self, "gain", 1.0)
 
 
 def _skip_net():
@@ -595,6 +595,7 @@ def _halve(module, args, out):
 _CHANGES = {  # what the traced graph held besides tensors, changed after the explainer was built
     "attribute": lambda m: setattr(m[2], "alpha", -3.0),
     "flag": lambda m: setattr(m[2], "use_skip", False),
+    "attribute_added": lambda m: setattr(m[2], "gain", -2.0),  # read with a default: the plan missed it
     "padding_mode": lambda m: setattr(m[4][0], "padding_mode", "reflect"),
     "first_padding_mode": lambda m: setattr(m[0], "padding_mode", "replicate"),
     "hook_on_a_block": lambda m: m[2].register_forward_hook(_halve),
@@ -620,10 +621,12 @@ def test_an_explainer_follows_attributes_hooks_and_modules_changed_after_it_was_
 
 def test_what_a_call_or_a_forward_writes_onto_modules_traces_nothing_anew():
     """A hook keeping a statistic, a forward recording its input's shape (a torch.Size, equal but
-    not the same object each time), a shape-branching forward writing a size: none changes what
-    the graph computes, and none may make the plan look stale (each had traced at every call)."""
+    not the same object each time), a shape-branching forward writing a size, a forward set on a
+    leaf's instance: none changes what the graph computes, and none may make the plan look stale
+    (each had traced at every call)."""
     model, x = _skip_net(), torch.randn(2, 3, 12, 12, dtype=D)
-    model[0].register_forward_hook(lambda module, args, out: setattr(module, "mean", float(out.mean())))
+    model[0].register_forward_hook(lambda module, args, out: setattr(module, "mean", float(out.detach().mean())))
+    model[1].forward = lambda t: torch.relu(t)  # on a leaf's instance: it was traced anew at every call
     model[2].register_forward_hook(lambda module, args, out: setattr(module, "shape", out.shape))
     model(x)
     explainer = rsp_fast.RSP(model)

@@ -117,6 +117,7 @@ class ModuleState:
     hooks: tuple  # the keys of its forward pre-hooks and forward hooks
     attributes: dict  # name → (the object it held: numbers, strings, tuples, functions; its snapshot)
     lists: dict  # name → (the list or dict it held, its snapshot then: it may change in place)
+    names: frozenset | None = None  # its attributes' names (None for a leaf): one added may be read
     global_hooks: tuple = ()
 
     @classmethod
@@ -126,7 +127,7 @@ class ModuleState:
         # constant (a conv's stride, padding_mode) shape the plan, not a statistic a hook keeps there
         declared = set().union(*(getattr(c, "__constants__", ()) for c in type(module).__mro__)) if leaf else None
         for k, v in module.__dict__.items():
-            if declared and k not in declared:
+            if declared and k not in declared and k != "forward":
                 continue
             if k not in _MODULE_INTERNALS and _attribute_value(v) is not _SKIP:
                 if isinstance(v, (list, dict)):
@@ -135,7 +136,7 @@ class ModuleState:
                     attributes[k] = (v, _attribute_value(v))
         attributes.setdefault("forward", (_SKIP, _SKIP))  # a forward set on the instance later is a change too
         return cls(module, type(module), type(module).forward, tuple(module._modules.items()), _hooks(module),
-                   attributes, lists)
+                   attributes, lists, None if leaf else _attribute_names(module))
 
     def holds(self) -> bool:
         m = self.module
@@ -148,6 +149,8 @@ class ModuleState:
             if children.get(name) is not child:
                 return False
         now = m.__dict__
+        if self.names is not None and _attribute_names(m) != self.names:  # getattr(self, "flag", False) set since
+            return False
         for k, (v, snapshot) in self.attributes.items():  # the same object (one identity test), else an equal value
             value = now.get(k, _SKIP)
             if value is not v and not _same(_attribute_value(value), snapshot):
@@ -156,6 +159,10 @@ class ModuleState:
             if now.get(k, _SKIP) is not v or _attribute_value(v) != snapshot:
                 return False
         return True
+
+
+def _attribute_names(module: nn.Module) -> frozenset:
+    return frozenset(k for k in module.__dict__ if k not in _MODULE_INTERNALS)
 
 
 def _hooks(module: nn.Module) -> tuple:
