@@ -1364,7 +1364,7 @@ class _FilterMadeInForward(nn.Module):
         super().__init__()
         self.make = make
         if as_buffer:
-            self.register_buffer("filt", make(torch.zeros(1, dtype=D)))
+            self.register_buffer("filt", make(torch.zeros(1, 4, 1, 1, dtype=D)))
 
     def forward(self, h):
         filt = self.filt if hasattr(self, "filt") else self.make(h)
@@ -1380,6 +1380,9 @@ def _gaussian(h):
 FILTERS_MADE_IN_FORWARD = {
     "torch.full": lambda h: torch.full((4, 1, 3, 3), 1 / 9, dtype=h.dtype, device=h.device),
     "new_ones": lambda h: h.new_ones(4, 1, 3, 3) / 9,
+    "of_its_channels": lambda h: h.new_ones(h.shape[1], 1, 3, 3) / 9,  # kornia's: sized by the input
+    "expanded_to_its_channels": lambda h: (torch.ones(1, 1, 3, 3, dtype=h.dtype) / 9).expand(h.size(1), -1, -1, -1),
+    "type_as": lambda h: (torch.ones(4, 1, 3, 3) / 9).type_as(h),
     "gaussian": _gaussian,
     "laplacian": lambda h: torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], dtype=h.dtype).repeat(4, 1, 1, 1),
 }
@@ -1389,8 +1392,9 @@ FILTERS_MADE_IN_FORWARD = {
 def test_a_filter_made_in_forward_is_explained_as_the_same_filter_held_as_a_buffer(make):
     """A box or Gaussian filter made in forward is a pooling, as the buffer is (it was read as a
     layer with learned weights: 0.89 of the map's peak apart); x.new_ones reads only x's dtype
-    (it was refused as a weight computed from the activations); a filter with negative entries
-    stays a layer either way."""
+    (it was refused as a weight computed from the activations), x.shape[1] and x.size(1) its
+    size, type_as(x) its dtype (each was a layer again, 0.74 apart, or refused); a filter with
+    negative entries stays a layer either way."""
     torch.manual_seed(0)
     made = _single_op_model(_FilterMadeInForward(make))
     held = _single_op_model(_FilterMadeInForward(make, as_buffer=True))

@@ -122,15 +122,20 @@ TEMPLATE_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.full_like, torch.
 TEMPLATE_METHODS = {"new_ones", "new_zeros", "new_full", "new_empty"}
 
 
-def _template(node: fx.Node):
-    """The operand x of ``x.new_ones(...)`` or ``torch.zeros_like(x)``, whose values are not read."""
-    return node.args[0] if node.args and calls(node, TEMPLATE_FUNCTIONS, TEMPLATE_METHODS) else None
+def _templates(node: fx.Node) -> tuple:
+    """The operands whose shape, dtype and device alone ``node`` reads: x of ``x.new_ones(...)``
+    or ``torch.zeros_like(x)``, y of ``w.type_as(y)`` or ``w.to(y)``."""
+    if node.args and calls(node, TEMPLATE_FUNCTIONS, TEMPLATE_METHODS):
+        return (node.args[0],)
+    if node.op == "call_method" and node.target in ("type_as", "to") and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+        return (node.args[1],)
+    return ()
 
 
 def _value_inputs(node: fx.Node) -> list:
     """The nodes whose values ``node`` reads (not shape queries, not a template)."""
-    template = _template(node)
-    return [a for a in node.all_input_nodes if a is not template and not is_shape_query(a)]
+    templates = _templates(node)
+    return [a for a in node.all_input_nodes if a not in templates and not is_shape_query(a)]
 
 
 def is_parameter(v) -> bool:
@@ -163,24 +168,39 @@ def fixed_value(v):
     return v.meta["rsp_fixed_value"]
 
 
-def _evaluate(node: fx.Node, done: dict):
+# An activation's sizes at plan time, where a filter made in forward reads them (its channels,
+# x.shape[1]): the filter's signs, all that is asked of it, do not hang on them.
+PROBE_SIZE = 3
+PROBES = {"dtype": torch.float32, "device": torch.device("cpu"), "shape": torch.Size([PROBE_SIZE] * 8)}
+
+
+def _evaluate(node: fx.Node, done: dict, learned: bool = False):
+    """``node``'s value from buffers and numbers (with ``learned``, parameters too: for the
+    shape, dtype or device of one, not its values)."""
     if node in done:
         return done[node]
     if node.op == "get_attr":
         value = node.meta.get(ATTR_VALUE)
         if isinstance(value, torch.Tensor):
-            if isinstance(value, nn.Parameter) or value.requires_grad:
+            if (isinstance(value, nn.Parameter) or value.requires_grad) and not learned:
                 raise _Unknown(node)
             value = value.detach().clone()  # an in-place op in the chain must not write the model's buffer
-    elif node.op == "call_function" and node.target is getattr and node.args[1] in ("dtype", "device") and (
-            not is_parameter(node.args[0])):
-        value = torch.float32 if node.args[1] == "dtype" else torch.device("cpu")  # an activation's: the input's
+    elif node.op == "call_function" and node.target is getattr and node.args[1] in PROBES:
+        source = node.args[0]  # an activation's are the probes, a parameter's its own
+        value = getattr(_evaluate(source, {}, True), node.args[1]) if is_parameter(source) else PROBES[node.args[1]]
+    elif node.op == "call_method" and node.target == "size" and not is_parameter(node.args[0]):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        value = PROBES["shape"] if dim is None else PROBE_SIZE
     elif node.op in ("call_function", "call_method"):
         if getattr(node.target, "__name__", node.target) in RANDOM_OPS:  # drawn anew at every call: not fixed
             raise _Unknown(node)
-        template = _template(node)
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: (
-            torch.empty(0) if a is template and not is_parameter(a) else _evaluate(a, done)))
+        templates = _templates(node)
+
+        def operand(a):
+            if a not in templates:
+                return _evaluate(a, done, learned)
+            return torch.empty_like(_evaluate(a, {}, True)) if is_parameter(a) else torch.empty(0)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), operand)
         value = (node.target(*args, **kwargs) if node.op == "call_function"
                  else getattr(args[0], node.target)(*args[1:], **kwargs))
     else:  # the input, a module's output
