@@ -225,7 +225,8 @@ class RSP:
             hst = hst[:, :0]  # a hostile list given is checked, but the gradcam init has none (K = 0)
         if hst.shape[1] == 0:
             init = "gradcam"  # comparative needs at least one hostile class (RSP_SPEC.md §1)
-        R0, cams = initial_relevance(logits, A, tgt, hst, init, plan.channels_last, f"the saliency layer {plan.layer_name!r}")
+        R0, cams = initial_relevance(logits, A, tgt, hst, init, plan.channels_last_at(A.dim()),
+                                     f"the saliency layer {plan.layer_name!r}")
         if initial is not None:
             if initial.shape != R0.shape:
                 raise RSPError(f"initial relevance has shape {tuple(initial.shape)}, but the saliency layer "

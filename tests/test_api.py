@@ -288,6 +288,25 @@ def test_tokens_pooled_before_the_head_are_explained_channels_last(pool):
         assert rel_err(ex.initial, scores.initial) < 1e-12
 
 
+_MEAN_OVER_TOKENS, _MAX_OVER_TOKENS = (lambda t: t.mean(1)), (lambda t: t.amax(1))
+
+
+@pytest.mark.parametrize("pool,plain", [
+    (lambda t: t.transpose(1, 2).mean(2), _MEAN_OVER_TOKENS), (lambda t: t.permute(0, 2, 1).mean(-1), _MEAN_OVER_TOKENS),
+    (lambda t: F.adaptive_avg_pool1d(t.transpose(1, 2), 1).flatten(1), _MEAN_OVER_TOKENS),
+    (lambda t: t.movedim(1, -1).amax(-1), _MAX_OVER_TOKENS), (lambda t: t.swapaxes(-1, -2).max(-1).values, _MAX_OVER_TOKENS)],
+    ids=["transpose-mean", "permute-mean", "transpose-adaptive-pool", "movedim-amax", "swapaxes-max"])
+def test_tokens_transposed_before_their_pooling_are_still_channels_last(pool, plain):
+    """The same pooling over the tokens, written after a transpose: the layout walk stopped at
+    the transpose and read the tokens as channels (3.27 of the map's peak off with Grad-CAM).
+    The map's rank, known at run time, lets the walk follow it."""
+    x = torch.randn(3, 7, 6, dtype=D)
+    for init in ("gradcam", "comparative"):
+        expected = rsp_fast.RSP(_Tokens(plain).double().eval(), layer="l2", init=init).explain(x)
+        got = rsp_fast.RSP(_Tokens(pool).double().eval(), layer="l2", init=init).explain(x)
+        assert rel_err(got.initial, expected.initial) < 1e-12 and rel_err(got.attribution, expected.attribution) < 1e-12
+
+
 class _Signal(nn.Module):
     def __init__(self, pool, max_pool):
         super().__init__()

@@ -7,6 +7,7 @@ and BatchNorms after a conv or linear folded into it.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from dataclasses import dataclass, field
@@ -47,6 +48,16 @@ class Plan:
     leaves: frozenset = frozenset()  # ids of the modules the graph calls whole
     # reductions and joins along negative dimensions: (node, the node whose rank they index, dims, op)
     batch_dim_checks: list[tuple[fx.Node, fx.Node, tuple[int, ...], str]] = field(default_factory=list)
+    layout: Callable[[int], bool] | None = None  # channels_last for a map of a given rank (None: channels_last)
+    layouts: dict = field(default_factory=dict)  # rank → layout(rank), worked out once
+
+    def channels_last_at(self, rank: int) -> bool:
+        """``channels_last`` for a saliency map of this rank, transposes in the head followed."""
+        if self.layout is None:
+            return self.channels_last
+        if rank not in self.layouts:
+            self.layouts[rank] = self.layout(rank)
+        return self.layouts[rank]
 
     def check_batch_dims(self, shapes: dict) -> None:
         """An UnsupportedModelError where a negative dimension turns out to be the batch's at
@@ -523,24 +534,35 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     saved = {v for s in steps for v in s.needs_values}
     leaves = frozenset(id(_module(model, n)) for n in graph.nodes if n.op == "call_module")
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency),
-                _module_states(model, leaves), leaves, batch_dim_checks)
+                _module_states(model, leaves), leaves, batch_dim_checks, functools.partial(_pooled_channels_last, model, saliency))
 
 
-def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
+def _pooled_channels_last(model: nn.Module, saliency: fx.Node, rank: int | None = None) -> bool:
     """Whether the saliency map has its channels last: the head pools it over dims 1 and 2
     (N×H×W×C, as MambaOut's head does), or permutes it from that layout first, before any other
     op; or it is a Linear's output, or a Linear reads it (a Linear reads the last dim: N×T×F
-    tokens, each token a position), and no reshape or transpose comes first. A merge (a
-    residual add) or a norm on the way keeps the layout."""
+    tokens, each token a position), and no reshape comes first. A merge (a residual add) or a
+    norm on the way keeps the layout. With the map's ``rank`` (known at run time) transposes and
+    permutes on the way are followed (``h.transpose(1, 2).mean(2)`` pools a Linear's tokens)."""
     if _permuted_to_channels_last(model, saliency):
         return True
     made = _made_by_a_linear(model, saliency)  # a Linear's output: channels last already
     node, through_linear = saliency, made
+    order = list(range(rank)) if rank else None  # order[i]: the map's dim now at position i
+    moved = False
     while len(node.users) == 1:
         node = next(iter(node.users))
         m = _module(model, node)
         if calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):
-            return sorted(reduced_dims(node) or ()) in ([1, 2], [-3, -2]) + (([1], [-2]) if through_linear else ())
+            dims = reduced_dims(node) or ()
+            if moved:  # pooled over all of the map's positions, its last dim kept: channels last
+                return all(isinstance(d, int) for d in dims) and sorted(order[d % rank] for d in dims) == list(range(1, rank - 1))
+            return sorted(dims) in ([1, 2], [-3, -2]) + (([1], [-2]) if through_linear else ())
+        if order is not None and _moves_dims(node, order):
+            moved = True
+            continue
+        if moved and node_kind(node, m) == NodeKind.POOL:  # a pool of the trailing dims keeps dim 1: the channels
+            return order[1] == rank - 1
         if calls(node, RESHAPES, RESHAPE_METHODS) or _is_flatten(node, m):
             return False  # behind a reshape the layout is not known
         if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None:
@@ -551,6 +573,25 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node) -> bool:
         if node_kind(node, m) != NodeKind.PASS:
             break
     return made
+
+
+def _moves_dims(node: fx.Node, order: list) -> bool:
+    """For a transpose, swapaxes, permute or movedim with numbers for dims: ``order`` updated to
+    the layout after it, and True; False (``order`` as it was) for other ops."""
+    rank = len(order)
+    args = list(node.args[1:]) + list(node.kwargs.values())
+    if not args or not all(isinstance(a, int) for a in (args[0] if isinstance(args[0], (tuple, list)) else args)):
+        return False
+    if calls(node, {torch.transpose, torch.swapaxes, torch.swapdims}, {"transpose", "swapaxes", "swapdims"}) and len(args) == 2:
+        a, b = (d % rank for d in args)
+        order[a], order[b] = order[b], order[a]
+    elif calls(node, {torch.permute}, {"permute"}) and len(_permute_order(node)) == rank:
+        order[:] = [order[d % rank] for d in _permute_order(node)]
+    elif calls(node, {torch.movedim}, {"movedim"}) and len(args) == 2:
+        order.insert(args[1] % rank, order.pop(args[0] % rank))
+    else:
+        return False
+    return True
 
 
 def _permute_order(node: fx.Node) -> tuple:
