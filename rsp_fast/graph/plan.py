@@ -147,7 +147,7 @@ class ModuleState:
                     attributes[k] = (v, _attribute_value(v))
         attributes.setdefault("forward", (_SKIP, _SKIP))  # a forward set on the instance later is a change too
         return cls(module, type(module), type(module).forward, tuple(module._modules.items()), _hooks(module),
-                   attributes, lists, None if leaf else _attribute_names(module))
+                   attributes, lists, None if leaf else frozenset(module.__dict__))
 
     def holds(self) -> bool:
         m = self.module
@@ -160,7 +160,7 @@ class ModuleState:
             if children.get(name) is not child:
                 return False
         now = m.__dict__
-        if self.names is not None and _attribute_names(m) != self.names:  # getattr(self, "flag", False) set since
+        if self.names is not None and now.keys() != self.names:  # getattr(self, "flag", False) set since
             return False
         for k, (v, snapshot) in self.attributes.items():  # the same object (one identity test), else an equal value
             value = now.get(k, _SKIP)
@@ -170,10 +170,6 @@ class ModuleState:
             if now.get(k, _SKIP) is not v or _attribute_value(v) != snapshot:
                 return False
         return True
-
-
-def _attribute_names(module: nn.Module) -> frozenset:
-    return frozenset(k for k in module.__dict__ if k not in _MODULE_INTERNALS)
 
 
 def _hooks(module: nn.Module) -> tuple:
