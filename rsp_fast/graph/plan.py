@@ -21,8 +21,8 @@ from torch.nn.modules import module as torch_module
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
-                     functional_linear_weight, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind, pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination,
-                     zero_padding)
+                     functional_linear_weight, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
+                     pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
@@ -583,7 +583,7 @@ def _moves_dims(node: fx.Node, order: list) -> bool:
         order[a], order[b] = order[b], order[a]
     elif calls(node, {torch.permute}, {"permute"}) and len(_permute_order(node)) == rank:
         order[:] = [order[d % rank] for d in _permute_order(node)]
-    elif calls(node, {torch.movedim}, {"movedim"}) and len(args) == 2:
+    elif calls(node, {torch.movedim}, {"movedim"}) and len(args) == 2 and all(isinstance(a, int) for a in args):
         order.insert(args[1] % rank, order.pop(args[0] % rank))
     else:
         return False
