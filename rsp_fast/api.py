@@ -466,7 +466,8 @@ def _hostiles(hostile, logits: torch.Tensor, target: torch.Tensor, k: int) -> to
     N, classes = logits.shape
     if hostile is None:
         k = min(k, classes - 1)
-        others = logits.detach().clone()
+        # classes masked out (−inf) rank below every other but above the target: never picked for it
+        others = logits.detach().nan_to_num(neginf=torch.finfo(logits.dtype).min)
         others.scatter_(1, target.unsqueeze(1), float("-inf"))
         return others.topk(k, dim=1).indices if k else target.new_zeros((N, 0))
     h = _as_class_tensor(hostile, "hostile", logits.device)

@@ -54,10 +54,15 @@ def gradcam_maps(A: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return cams / (_per_sample(cams, "amax", 2) + CAM_EPS)
 
 
-def comparative_relevance(cam_target: torch.Tensor, cam_hostile: torch.Tensor) -> torch.Tensor:
-    """The authors' ``relative_GAM`` per sample: cam_target N×…, cam_hostile K×N×…; ΣR₀ = 1."""
-    K = cam_hostile.shape[0]
-    rel = K * cam_target - cam_hostile.sum(0)
+def comparative_relevance(cam_target: torch.Tensor, cam_hostile: torch.Tensor,
+                          counted: torch.Tensor | None = None) -> torch.Tensor:
+    """The authors' ``relative_GAM`` per sample: cam_target N×…, cam_hostile K×N×…; ΣR₀ = 1.
+    ``counted`` (N×K bool): the hostile classes that count, K per sample those of its own."""
+    if counted is None:
+        rel = cam_hostile.shape[0] * cam_target - cam_hostile.sum(0)
+    else:
+        w = counted.t().to(cam_target.dtype).view(counted.shape[::-1] + (1,) * (cam_target.dim() - 1))
+        rel = w.sum(0) * cam_target - (w * cam_hostile).sum(0)
     P = rel.clamp(min=0)
     P = P / (_per_sample(P, "sum", 1) + CAM_EPS)
     Nn = rel.clamp(max=0)
@@ -101,7 +106,12 @@ def initial_relevance(logits, A, target, hostile, init: str, channels_last: bool
         # MobileNetV3), which amplifies the rounding of P and N ~10⁴×; the maps are C·h·w per
         # sample, so they are formed in float64 (from the activations and gradients as they are)
         cams = gradcam_maps(A.double(), grads.double())
-        R0, cams = comparative_relevance(cams[0], cams[1:]).to(A.dtype), cams.to(A.dtype)
+        # a class the model masks out (a logit of −inf; the top-k take such ties where too few
+        # classes are left, the target's own index among them) is no hostile evidence: not counted
+        counted = torch.isfinite(logits.detach().gather(1, hostile)) & (hostile != target.unsqueeze(1))
+        R0 = comparative_relevance(cams[0], cams[1:], counted)
+        alone = ~counted.any(1).view((-1,) + (1,) * (R0.dim() - 1))  # no hostile class left: its Grad-CAM map
+        R0, cams = torch.where(alone, cams[0], R0).to(A.dtype), cams.to(A.dtype)
     else:
         cams = gradcam_maps(A, grads)
         R0 = cams[0]

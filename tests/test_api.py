@@ -426,13 +426,13 @@ def test_a_forward_that_overflows_or_nan_weights_are_named_not_explained(backend
 
 
 class _MaskedClasses(nn.Module):
-    def __init__(self):
+    def __init__(self, live=3):
         super().__init__()
-        self.net = _bias_free_cnn()
+        self.net, self.live = _bias_free_cnn(), live
 
     def forward(self, x):
         logits = self.net(x)
-        return logits.masked_fill(torch.arange(4) >= 3, float("-inf"))  # a class masked out
+        return logits.masked_fill(torch.arange(4) >= self.live, float("-inf"))  # classes masked out
 
 
 def test_a_small_initial_relevance_is_explained_as_its_scaled_up_copy():
@@ -486,6 +486,21 @@ def test_logits_of_minus_inf_for_masked_classes_are_not_refused():
     ex = rsp_fast.RSP(_MaskedClasses().eval()).explain(torch.rand(3, 3, 8, 8), record=True)
     assert torch.isfinite(ex.attribution).all() and (ex.target != 3).all()
     assert torch.allclose(ex.attribution.flatten(1).sum(1) + ex.dropped, ex.initial.flatten(1).sum(1), rtol=1e-5)
+
+
+def test_classes_masked_out_are_no_hostile_evidence():
+    """With fewer live classes than hostile_k, the top-k took masked (−inf) classes, and with one
+    live class the target itself: each counted in K, R₀ 0.27 of its peak off the live hostile's."""
+    x = torch.rand(3, 3, 8, 8, dtype=D)
+    two = rsp_fast.RSP(_MaskedClasses(live=2).double().eval(), hostile_k=3)
+    ex = two.explain(x)
+    assert (ex.hostile != ex.target[:, None]).all()
+    expected = two.explain(x, target=ex.target, hostile=(1 - ex.target)[:, None])  # the other live class alone
+    assert rel_err(ex.initial, expected.initial) < 1e-12 and rel_err(ex.attribution, expected.attribution) < 1e-12
+    one = _MaskedClasses(live=1).double().eval()
+    ex = rsp_fast.RSP(one, hostile_k=3).explain(x)
+    assert (ex.hostile != ex.target[:, None]).all()
+    assert rel_err(ex.attribution, rsp_fast.RSP(one, init="gradcam").attribute(x)) < 1e-12  # none left: Grad-CAM's
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
