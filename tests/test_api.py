@@ -4,7 +4,7 @@ import copy
 import functools
 import io
 import re
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 import pytest
 import torch
@@ -1654,6 +1654,38 @@ def test_an_output_holding_logits_is_explained_through_them(wrap):
     x = torch.rand(2, 3, 16, 16)
     ex, plain = rsp_fast.RSP(_Returning(wrap)).explain(x), rsp_fast.RSP(tiny_cnn()).explain(x)
     assert torch.equal(ex.logits, plain.logits) and torch.equal(ex.attribution, plain.attribution)
+
+
+_AuxFirst = namedtuple("_AuxFirst", ["aux_logits", "logits"])
+
+
+class _WithAux(nn.Module):
+    """Logits from the last stage and an auxiliary output from an earlier one, put first."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.aux, self.fc, self.wrap = nn.Linear(8, 5), nn.Linear(16, 5), wrap
+
+    def forward(self, x):
+        a = self.stem(x)
+        logits = self.fc(self.body(a).mean((2, 3)))
+        return self.wrap(logits, self.aux(a.mean((2, 3))), a)
+
+
+@pytest.mark.parametrize("wrap", [lambda y, aux, a: {"aux_logits": aux, "logits": y}, lambda y, aux, a: _AuxFirst(aux, y),
+                                  lambda y, aux, a: OrderedDict(features=a, logits=y)],
+                         ids=["dict", "named-tuple", "features-first"])
+def test_the_default_layer_of_an_output_object_is_found_behind_its_logits(wrap):
+    """The default layer was chosen behind the output's first tensor: an auxiliary head's stage
+    (the map 1.18 of its peak off), or, behind a feature map, none at all."""
+    x = torch.rand(2, 3, 16, 16, dtype=D)
+    expected = rsp_fast.RSP(_WithAux(lambda y, aux, a: y).double().eval())
+    explainer = rsp_fast.RSP(_WithAux(wrap).double().eval())
+    assert explainer.layer == expected.layer == "body"
+    assert torch.equal(explainer.attribute(x), expected.attribute(x))
 
 
 @pytest.mark.parametrize("wrap, kind", [(lambda y: {"scores": y}, "dict"), (lambda y: (y, y), "tuple"), (lambda y: [y], "list")])

@@ -211,7 +211,7 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
     """VGG: the last ReLU before the last max-pool; ResNet: layer4; otherwise the last
     spatial map before global pooling / flatten; for MLPs the input of the last Linear."""
     output = next(n for n in graph.nodes if n.op == "output")
-    node, last_linear_input = _first_tensor_input(output), None
+    node, last_linear_input = _logits_node(output), None
     # Walk back along the main path to the first flatten or pooling of the head.
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
@@ -235,6 +235,17 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
     if node is not None and node.op != "placeholder":
         return node
     raise RSPError(f"could not choose a default saliency layer for {type(model).__name__}; pass layer='<module name>'")
+
+
+def _logits_node(output: fx.Node) -> fx.Node | None:
+    """Where the logits come from: the output itself, or what an output object holds as
+    ``logits`` (a dict, a named tuple, Hugging Face's ModelOutput), as the pass reads them."""
+    value = output.args[0]
+    if isinstance(value, fx.Node) and value.op == "call_function" and isinstance(value.target, type):
+        fields = getattr(value.target, "_fields", ())  # a named tuple's, by position
+        value = value.kwargs if "logits" in value.kwargs else dict(zip(fields, value.args))
+    logits = value.get("logits") if isinstance(value, dict) else None
+    return logits if isinstance(logits, fx.Node) else _first_tensor_input(output)
 
 
 def _ends_head(model: nn.Module, node: fx.Node, m) -> bool:
