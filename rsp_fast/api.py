@@ -212,6 +212,8 @@ class RSP:
             shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {kind}"
             raise RSPError(f"the model must return logits of shape (N, classes){shape}"
                            + ("" if isinstance(logits, torch.Tensor) else " (or an output whose 'logits' is that tensor)"))
+        if logits.shape[1] == 0:
+            raise RSPError(f"the model returns logits of shape {tuple(logits.shape)}: no class to explain")
         if A.shape[0] != inputs.shape[0] or logits.shape[0] != inputs.shape[0]:
             rows, what = (A.shape[0], f"the saliency layer {plan.layer_name!r}") if A.shape[0] != inputs.shape[0] else (
                 logits.shape[0], "the logits")

@@ -1688,6 +1688,13 @@ def test_the_default_layer_of_an_output_object_is_found_behind_its_logits(wrap):
     assert torch.equal(explainer.attribute(x), expected.attribute(x))
 
 
+def test_a_model_without_classes_is_told_so():
+    """Logits of shape (N, 0): an IndexError from argmax, deep inside, where no target was given."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 0))
+    with pytest.raises(RSPError, match=r"logits of shape \(2, 0\): no class to explain"):
+        rsp_fast.RSP(model).attribute(torch.rand(2, 3, 8, 8))
+
+
 @pytest.mark.parametrize("wrap, kind", [(lambda y: {"scores": y}, "dict"), (lambda y: (y, y), "tuple"), (lambda y: [y], "list")])
 def test_models_returning_several_outputs_are_told_what_they_return(wrap, kind):
     class Several(nn.Module):
