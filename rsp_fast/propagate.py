@@ -53,6 +53,7 @@ class _Recorder(fx.Interpreter):
         self.saved: dict[fx.Node, Any] = {}
         self.shapes: dict[fx.Node, torch.Size] = {}
         self.saliency_value: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None  # the class scores before a final softmax, if the plan names them
         self.index_pools = {s.node for s in plan.steps if getattr(s, "records_indices", False)}
         self.constants = {n.target: n.meta[ATTR_VALUE] for n in plan.graph.nodes if n.meta.get(FX_CONSTANT)}
 
@@ -72,6 +73,8 @@ class _Recorder(fx.Interpreter):
                 out = self.saliency_value.to(out.dtype)  # the head runs in the model's dtype
         if isinstance(out, torch.Tensor):
             self.shapes[n] = out.shape
+        if n is self.plan.scores:
+            self.scores = out
         if n in self.plan.saved:
             self.saved[n] = _to_work(out.detach() if isinstance(out, torch.Tensor) else out)
         return out
@@ -107,7 +110,8 @@ class _Recorder(fx.Interpreter):
 
 
 def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
-    """Run the model; returns (logits, saliency activation A with grad to logits, context pieces).
+    """Run the model; returns (logits — the scores before a final softmax or sigmoid —, saliency
+    activation A with grad to logits, context pieces).
     A forward that fails (inputs of the wrong shape for the model) raises an RSPError saying so."""
     rec = _Recorder(model, plan)
     try:
@@ -118,7 +122,7 @@ def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
     except Exception as exc:
         reason = str(exc).split("\n\nWhile executing")[0].strip()  # fx appends the graph node and its traceback
         raise RSPError(f"the model's forward failed on inputs of shape {tuple(x.shape)}: {reason}") from None
-    return logits, rec.saliency_value, rec.saved, rec.shapes
+    return (logits if rec.scores is None else rec.scores), rec.saliency_value, rec.saved, rec.shapes
 
 
 def propagate(plan: Plan, R0: torch.Tensor, saved, shapes, ops, on_step: Callable | None = None,

@@ -1688,6 +1688,23 @@ def test_the_default_layer_of_an_output_object_is_found_behind_its_logits(wrap):
     assert torch.equal(explainer.attribute(x), expected.attribute(x))
 
 
+@pytest.mark.parametrize("finish", [lambda y: F.softmax(y, dim=1), lambda y: y.log_softmax(-1), torch.sigmoid,
+                                    nn.Softmax(dim=1), nn.LogSoftmax(dim=-1), lambda y: {"logits": y.softmax(1)}],
+                         ids=["softmax", "log_softmax", "sigmoid", "Softmax", "LogSoftmax", "dict-of-softmax"])
+def test_probabilities_are_explained_through_the_scores_they_normalise(finish):
+    """A model returning probabilities or log-probabilities (PyTorch's MNIST example ends in
+    log_softmax): R₀ came from their gradients, which saturate where the model is sure (the map
+    0.41-0.76 of its peak off the logits' at 200× the scores). The scores are explained."""
+    x = torch.rand(3, 3, 16, 16, dtype=D)
+    plain = _Returning(lambda y: 200 * y).double().eval()
+    finished = _Returning(lambda y: finish(200 * y)).double().eval()
+    finished.load_state_dict(plain.state_dict())
+    for init in ("gradcam", "comparative"):
+        expected, ex = (rsp_fast.RSP(m, init=init).explain(x) for m in (plain, finished))
+        assert torch.equal(ex.logits, expected.logits) and torch.equal(ex.target, expected.target)
+        assert rel_err(ex.attribution, expected.attribution) < 1e-12
+
+
 def test_a_model_without_classes_is_told_so():
     """Logits of shape (N, 0): an IndexError from argmax, deep inside, where no target was given."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 0))

@@ -49,6 +49,7 @@ class Plan:
     # reductions and joins along negative dimensions: (node, the node whose rank they index, dims, op)
     batch_dim_checks: list[tuple[fx.Node, fx.Node, tuple[int, ...], str]] = field(default_factory=list)
     layout: Callable[[int], bool] | None = None  # channels_last for a map of a given rank (None: channels_last)
+    scores: fx.Node | None = None  # the class scores a final softmax, log_softmax or sigmoid normalises
     layouts: dict = field(default_factory=dict)  # rank → layout(rank), worked out once
 
     def channels_last_at(self, rank: int) -> bool:
@@ -246,6 +247,29 @@ def _logits_node(output: fx.Node) -> fx.Node | None:
         value = value.kwargs if "logits" in value.kwargs else dict(zip(fields, value.args))
     logits = value.get("logits") if isinstance(value, dict) else None
     return logits if isinstance(logits, fx.Node) else _first_tensor_input(output)
+
+
+NORMALISERS = ({F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, torch.sigmoid, F.sigmoid},
+               {"softmax", "log_softmax", "sigmoid"})
+
+
+def _scores_normalised(model: nn.Module, logits: fx.Node | None) -> fx.Node | None:
+    """The scores a model's last op turns into probabilities (a softmax or log_softmax over the
+    classes, a sigmoid), or None: their gradients saturate where the model is sure, and R₀ is
+    meant for the class scores (RSP_SPEC §1's y_c); the order, so the target, is the same."""
+    if logits is None:
+        return None
+    m = _module(model, logits)
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+        dim = m.dim
+    elif isinstance(m, nn.Sigmoid) or calls(logits, {torch.sigmoid, F.sigmoid}, {"sigmoid"}):
+        dim = 1
+    elif calls(logits, *NORMALISERS):
+        dim = logits.args[1] if len(logits.args) > 1 else logits.kwargs.get("dim")
+    else:
+        return None
+    source = logits.args[0] if logits.args else logits.kwargs.get("input")
+    return source if dim in (1, -1) and isinstance(source, fx.Node) else None
 
 
 def _ends_head(model: nn.Module, node: fx.Node, m) -> bool:
@@ -540,8 +564,10 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
             batch_dim_checks.append((node, source, dims, what))
     saved = {v for s in steps for v in s.needs_values}
     leaves = frozenset(id(_module(model, n)) for n in graph.nodes if n.op == "call_module")
+    scores = _scores_normalised(model, _logits_node(next(n for n in graph.nodes if n.op == "output")))
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency),
-                _module_states(model, leaves), leaves, batch_dim_checks, functools.partial(_pooled_channels_last, model, saliency))
+                _module_states(model, leaves), leaves, batch_dim_checks, functools.partial(_pooled_channels_last, model, saliency),
+                scores if scores in head else None)
 
 
 def _pooled_channels_last(model: nn.Module, saliency: fx.Node, rank: int | None = None) -> bool:
