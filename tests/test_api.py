@@ -90,12 +90,18 @@ def _catavgmax(t):
     return torch.cat((F.adaptive_avg_pool2d(t, 1), F.adaptive_max_pool2d(t, 1)), 1).flatten(1)[:, ::2]
 
 
+def _gem(t, p=3.0):  # generalised-mean pooling (retrieval heads)
+    return t.clamp(min=1e-6).pow(p).mean((-2, -1)).pow(1.0 / p)
+
+
 @pytest.mark.parametrize("pool", [lambda t: t.mean((2, 3)), lambda t: t.sum((2, 3)), lambda t: t.sum((-2, -1)) / 64,
-                                  lambda t: t.amax((2, 3)), lambda t: torch.amax(t, (2, 3)), _avgmax, _catavgmax],
-                         ids=["mean", "sum", "sum_over_area", "amax", "torch_amax", "avgmax", "catavgmax"])
+                                  lambda t: t.amax((2, 3)), lambda t: torch.amax(t, (2, 3)), _avgmax, _catavgmax,
+                                  _gem, lambda t: t.sum(3).sum(2)],
+                         ids=["mean", "sum", "sum_over_area", "amax", "torch_amax", "avgmax", "catavgmax", "gem", "sum-then-sum"])
 def test_global_pools_written_as_reductions_mark_the_default_layer(pool):
     """avgmax and catavgmax: the pooled sum or concatenation was taken for the map (R₀ on a
-    512×1×1 map in timm's ResNet18 with global_pool='avgmax', 0.57 of the peak off layer4's)."""
+    512×1×1 map in timm's ResNet18 with global_pool='avgmax', 0.57 of the peak off layer4's).
+    GeM's clamp and power, and the first of two sums, were taken for the map too."""
     explainer = rsp_fast.RSP(_GlobalPoolHead(pool).eval())
     assert explainer.layer == "relu2"  # the map the head pools, not the one before the max pool
     assert explainer.attribute(torch.randn(2, 3, 16, 16)).shape == (2, 3, 16, 16)

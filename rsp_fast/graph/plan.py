@@ -303,10 +303,22 @@ def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | Non
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
         if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(model, node, m)
-                or node.meta.get(KEPT_WHOLE) or isinstance(m, (nn.Dropout, nn.Identity))):
+                or node.meta.get(KEPT_WHOLE) or isinstance(m, (nn.Dropout, nn.Identity)) or _generalised_mean_part(node)):
             return node
         node = _first_tensor_input(node)
     return None
+
+
+def _generalised_mean_part(node: fx.Node) -> bool:
+    """x ** p or x.clamp(min=ε > 0) before a mean: GeM pooling (x.clamp(ε).pow(p).mean().pow(1/p)),
+    part of the pooling, not a map of its own (a clamp at 0, a ReLU, is one)."""
+    if calls(node, {operator.pow, torch.pow}, {"pow", "__pow__"}):
+        exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+        return isinstance(exponent, (int, float)) and exponent != 1 or isinstance(exponent, fx.Node) and is_parameter(exponent)
+    if calls(node, {torch.clamp, torch.clamp_min, torch.clip}, {"clamp", "clamp_min", "clip"}):
+        low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+        return isinstance(low, (int, float)) and low > 0
+    return False
 
 
 def _layer_on_path(model: nn.Module, node: fx.Node, stop: fx.Node | None) -> bool:
@@ -370,7 +382,8 @@ def _is_global_pool(model: nn.Module, node: fx.Node, module) -> bool:
     elif calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):  # average, sum or max pooling
         # over the time of a 1-D map (N×C×L) too, and over the tokens of a Linear's N×T×F output
         tokens = ([1], [-2]) if _made_by_a_linear(model, node.args[0]) else ()
-        return sorted(reduced_dims(node) or ()) in ([2, 3], [-2, -1], [2, 3, 4], [-3, -2, -1], [2], [-1]) + tokens
+        spatial = ([2, 3], [-2, -1], [2, 3, 4], [-3, -2, -1], [2], [-1], [3], [4], [3, 4])  # [3]: x.sum(3).sum(2)
+        return sorted(reduced_dims(node) or ()) in spatial + tokens
     else:
         return False
     return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
