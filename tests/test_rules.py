@@ -1419,6 +1419,27 @@ def test_building_an_explainer_leaves_the_random_stream_alone():
     assert not any(isinstance(step, rsp_fast.rules.Pool) for step in explainer.plan.steps)  # drawn anew: no fixed filter
 
 
+@pytest.mark.parametrize("act", [nn.Threshold(0.3, -0.2), nn.LogSigmoid(), _Lambda(lambda t: F.threshold(t, 0.3, -0.2)),
+                                 _Lambda(lambda t: F.logsigmoid(t) + 0.5), _Lambda(lambda t: t.clamp(max=-0.1) + t),
+                                 _Lambda(lambda t: torch.minimum(t, torch.full_like(t, -0.05))), nn.Hardtanh(-1.0, -0.1)],
+                         ids=["Threshold", "LogSigmoid", "F.threshold", "logsigmoid-shifted", "clamp-max", "minimum", "Hardtanh"])
+def test_activations_that_can_turn_negative_leave_the_next_layer_its_clamp(act):
+    """After a ReLU these may still output negative values; the next conv took them as x̂ without
+    max(x, 0) (its input's relevance 125× the reference's peak for Threshold(0.3, −0.2)). The
+    same model with an explicit ReLU after the activation must give the same map."""
+    torch.manual_seed(0)
+    head = [nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), act, *head).double().eval()
+    clamped = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), act, nn.ReLU(), *head).double().eval()
+    clamped[0].load_state_dict(model[0].state_dict())  # the head's modules are the same objects
+    x, R0 = torch.randn(2, 3, 8, 8, dtype=D), torch.randn(2, 5, 8, 8, dtype=D)
+    for backend, status in rsp_fast.backends("cpu").items():
+        if status == "available":
+            got = rsp_fast.RSP(model, layer="4", backend=backend).attribute(x, initial=R0)
+            expected = rsp_fast.RSP(clamped, layer="5", backend=backend).attribute(x, initial=R0)
+            assert (got - expected).abs().max() <= 1e-12 * max(expected.abs().max(), 1.0)
+
+
 def test_a_frozen_model_is_explained_as_the_trainable_one():
     """A conv written as F.conv2d on a parameter ≥ 0 without bias stays a layer when the model
     is frozen (requires_grad_(False)); it was taken for a blur pooling."""

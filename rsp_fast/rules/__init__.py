@@ -540,9 +540,37 @@ def keeps_sign(node: fx.Node, module: nn.Module | None, kind: str | None) -> boo
         return True
     if kind == NodeKind.SCALE:
         return keeps_sign_of_operand(node)
-    # Every pass-through activation maps x ≥ 0 to values ≥ 0; a norm's shift does not.
+    # The pass-through activations map x ≥ 0 to values ≥ 0, but for those whose floor or
+    # ceiling may be negative; a norm's shift does not.
     return (kind == NodeKind.PASS and not is_batchnorm(module) and not isinstance(module, OTHER_NORMS)
-            and node.target not in NORM_FUNCTIONS)
+            and node.target not in NORM_FUNCTIONS and not _may_turn_negative(node, module))
+
+
+def _may_turn_negative(node: fx.Node, module: nn.Module | None) -> bool:
+    """Whether an elementwise op can map x ≥ 0 to a negative value: LogSigmoid, Threshold to a
+    negative value, Hardtanh, clamp or minimum with a ceiling that is not a number ≥ 0."""
+    def below_zero(bound) -> bool:  # a bound not known to be ≥ 0
+        return bound is not None and not (is_number(bound) and bound >= 0)
+
+    def arg(i: int, name: str, default=None):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+    if isinstance(module, nn.LogSigmoid) or calls(node, {F.logsigmoid}, set()):
+        return True
+    if isinstance(module, nn.Threshold):
+        return below_zero(module.value)
+    if isinstance(module, nn.Hardtanh):
+        return below_zero(module.max_val)
+    if calls(node, {F.threshold}, set()):
+        return below_zero(arg(2, "value"))
+    if calls(node, {F.hardtanh}, set()):
+        return below_zero(arg(2, "max_val", 1.0))
+    if node.target in (torch.clamp_max, "clamp_max"):
+        return below_zero(arg(1, "max"))
+    if calls(node, *CLAMP) and node.target not in (torch.clamp_min, "clamp_min"):
+        return below_zero(arg(2, "max"))
+    if calls(node, {torch.minimum, torch.fmin}, {"minimum"}):
+        return below_zero(arg(1, "other"))
+    return False
 
 
 def relevance_inputs(node: fx.Node, kind: str) -> list:
