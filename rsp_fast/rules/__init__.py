@@ -53,8 +53,9 @@ COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, 
 # index maps, like transposes.
 SHUFFLE_MODULES = (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
 
-PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout,
-                                                       F.dropout1d, F.dropout2d}
+NEGATION = ({operator.neg, torch.neg, torch.negative}, {"neg", "negative", "__neg__"})  # −x: x·(−1), R passed on
+PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | NEGATION[0] | {
+    torch.flatten, torch.unflatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout, F.dropout1d, F.dropout2d}
 POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                   F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
 POWER = ({operator.pow, torch.pow, torch.square}, {"pow", "square", "__pow__"})  # functions, methods
@@ -71,8 +72,8 @@ STACK_FUNCTIONS = {torch.stack}
 ROUTE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim, F.pixel_shuffle,
                    F.pixel_unshuffle, torch.channel_shuffle, torch.native_channel_shuffle}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
-PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as", "tanh",
-                "squeeze", "unsqueeze"} | CAST_METHODS | GATE_METHODS
+PASS_METHODS = {"view", "reshape", "flatten", "unflatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as",
+                "tanh", "squeeze", "unsqueeze"} | CAST_METHODS | GATE_METHODS | NEGATION[1]
 POOL_METHODS = {"mean"}
 ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
@@ -547,14 +548,14 @@ def keeps_sign(node: fx.Node, module: nn.Module | None, kind: str | None) -> boo
 
 
 def _may_turn_negative(node: fx.Node, module: nn.Module | None) -> bool:
-    """Whether an elementwise op can map x ≥ 0 to a negative value: LogSigmoid, Threshold to a
-    negative value, Hardtanh, clamp or minimum with a ceiling that is not a number ≥ 0."""
+    """Whether an elementwise op can map x ≥ 0 to a negative value: −x, LogSigmoid, Threshold to
+    a negative value, Hardtanh, clamp or minimum with a ceiling that is not a number ≥ 0."""
     def below_zero(bound) -> bool:  # a bound not known to be ≥ 0
         return bound is not None and not (is_number(bound) and bound >= 0)
 
     def arg(i: int, name: str, default=None):
         return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-    if isinstance(module, nn.LogSigmoid) or calls(node, {F.logsigmoid}, set()):
+    if isinstance(module, nn.LogSigmoid) or calls(node, {F.logsigmoid}, set()) or calls(node, *NEGATION):
         return True
     if isinstance(module, nn.Threshold):
         return below_zero(module.value)
