@@ -909,10 +909,11 @@ def test_a_layer_by_its_second_name_and_the_whole_model_as_layer():
             rsp_fast.RSP(model, layer=whole)
 
 
-def test_a_module_name_is_not_taken_for_a_function_output_of_the_same_name():
-    """A module ``relu`` the forward never calls (it uses F.relu, whose graph node is also
-    named ``relu``): layer="relu" started silently from F.relu's output, while the module
-    object itself was refused. A call number written "01" is the first call."""
+def test_a_function_outputs_name_reported_as_the_default_layer_can_be_given_back():
+    """A module ``relu`` the forward never calls (it uses F.relu, whose graph node is also named
+    ``relu``): the default layer is F.relu's output, reported as "relu", and that name must work
+    as layer=; the module object itself, never called, is refused. A call number written "01" is
+    the first call (it was refused as a second call)."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -920,10 +921,12 @@ def test_a_module_name_is_not_taken_for_a_function_output_of_the_same_name():
 
         def forward(self, x):
             return self.fc(F.relu(self.conv(x)).mean((2, 3)))
-    model = Net().eval()
-    for layer in ("relu", model.relu):
-        with pytest.raises(RSPError, match="'relu' is never called"):
-            rsp_fast.RSP(model, layer=layer)
+    model, x = Net().eval(), torch.rand(2, 3, 8, 8)
+    default = rsp_fast.RSP(model)
+    assert default.layer == "relu"
+    assert torch.equal(rsp_fast.RSP(model, layer=default.layer).attribute(x), default.attribute(x))
+    with pytest.raises(RSPError, match="'relu' is never called"):
+        rsp_fast.RSP(model, layer=model.relu)
     resnet = torchvision.models.resnet18(num_classes=4).eval()
     assert rsp_fast.RSP(resnet, layer="layer1.0.relu:01").layer == "layer1.0.relu:1"
 
@@ -985,6 +988,29 @@ def test_branches_whose_own_logits_are_summed_start_from_a_map_not_from_the_logi
     explainer = rsp_fast.RSP(LateFusion().double().eval())
     assert explainer.layer == "relu"
     assert explainer.explain(torch.randn(2, 4, 16, dtype=D)).initial.shape == (2, 6, 16)
+
+
+def test_two_streams_embedded_then_joined_before_the_classifier_start_from_the_join():
+    """Each stream pooled and embedded by its own Linear, the embeddings joined, then the
+    classifier: the late-fusion rule (for branches whose own logits are added) took the first
+    stream's map, and the second stream got no relevance at all."""
+    class TwoStreams(nn.Module):
+        def __init__(self, join):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+            self.ea, self.eb, self.fc, self.join = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8 * (1 + (join == "cat")), 4), join
+
+        def forward(self, x):
+            left, right = x[..., :8], x[..., 8:]
+            ea, eb = (e(F.relu(c(t)).mean((2, 3))) for e, c, t in ((self.ea, self.a, left), (self.eb, self.b, right)))
+            return self.fc(torch.cat([ea, eb], 1) if self.join == "cat" else ea + eb)
+    x = torch.rand(2, 3, 8, 16, dtype=D)
+    for join in ("cat", "add"):
+        explainer = rsp_fast.RSP(TwoStreams(join).double().eval())
+        assert explainer.layer == join
+        R = explainer.attribute(x)
+        assert R[..., :8].abs().sum() > 0 and R[..., 8:].abs().sum() > 0
 
 
 def test_the_default_layers_reported_name_can_be_given_back_as_layer():
@@ -1904,25 +1930,31 @@ class _BatchStatistic(nn.Module):
 @pytest.mark.parametrize("statistic", [
     dict(path=lambda h: h.amax(-4, keepdim=True)), dict(path=lambda h: h.max(-4, keepdim=True).values),
     dict(path=lambda h: h.mean(-4, keepdim=True)), dict(path=lambda h: torch.sum(h, dim=(-4, -1), keepdim=True)),
-    dict(path=lambda h: torch.cat([h, 2 * h], -4)[:h.shape[0]]),
-    dict(head=lambda m, p: p - p.mean(-2, keepdim=True)), dict(head=lambda m, p: p * p.softmax(-2)),
-    dict(head=lambda m, p: p - p.mean(0)), dict(head=lambda m, p: torch.cat([p, p.flip(0)], 0)[:p.shape[0]]),
-    dict(head=lambda m, p: m.norm(p))],
-    ids=["amax", "max-values", "mean", "sum", "cat", "head-mean", "head-softmax", "head-mean0", "head-cat0", "head-batchnorm"])
+    dict(path=lambda h: torch.cat([h, 2 * h], -4)[:h.shape[0]]), dict(head=lambda m, p: m.norm(p))],
+    ids=["amax", "max-values", "mean", "sum", "cat", "head-batchnorm"])
 def test_statistics_over_the_batch_are_refused_however_the_dimension_is_written(statistic):
-    """Written as dim -4 of an N×C×H×W map (-2 of N×C features), a mean, sum or max over the
-    batch took the pooling rule: sample 0's map moved 0.43–0.62 of its peak when only the other
-    samples changed. In the head, where R₀'s gradient is taken, dim 0 and a BatchNorm by the
-    batch's statistics were not looked at (1.60 of the peak)."""
+    """Written as dim -4 of an N×C×H×W map, a mean, sum or max over the batch took the pooling
+    rule: sample 0's map moved 0.43–0.62 of its peak when only the other samples changed. In the
+    head, where R₀'s gradient is taken, a BatchNorm by the batch's statistics was not looked at
+    (1.60 of the peak)."""
     model = _BatchStatistic(**statistic).double().eval()
     with pytest.raises(UnsupportedModelError, match="along the batch dimension|normalises by the batch"):
         rsp_fast.RSP(model).attribute(torch.randn(3, 3, 9, 9, dtype=D))
 
 
+def _tokens_first_attention(m, p):  # CLIP's attention pool and nn.MultiheadAttention's default: T×N×C, dim 0 the tokens
+    tokens = torch.stack([p, 2 * p, p.relu()])  # 3×N×C
+    return torch.cat([tokens.mean(0, keepdim=True), tokens]).softmax(0).mean(0) * p
+
+
 @pytest.mark.parametrize("statistic", [dict(path=lambda h: h.amax(-3, keepdim=True)), dict(path=lambda h: h.mean((-2, -1), True)),
                                        dict(head=lambda m, p: p - p.mean(-1, keepdim=True)),
-                                       dict(head=lambda m, p: p * p.softmax(-1))], ids=["amax", "mean", "head-mean", "head-softmax"])
+                                       dict(head=lambda m, p: p * p.softmax(-1)), dict(head=_tokens_first_attention),
+                                       dict(head=lambda m, p: torch.stack([p, 2 * p]).amax(0))],
+                         ids=["amax", "mean", "head-mean", "head-softmax", "head-tokens-first", "head-ensemble-max"])
 def test_statistics_within_a_sample_written_with_negative_dimensions_explain_each_sample_alone(statistic):
+    """Also heads whose dim 0 is not the batch (tokens first, an ensemble's members stacked in
+    front): refused for a while as mixing the samples."""
     torch.manual_seed(0)
     explainer = rsp_fast.RSP(_BatchStatistic(**statistic).double().eval())
     x = torch.randn(3, 3, 9, 9, dtype=D)

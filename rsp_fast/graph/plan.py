@@ -220,9 +220,11 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
             last_linear_input = _first_tensor_input(node)
         if _ends_head(model, node, m):
             break
-        maps = {_map_behind(model, branch) for branch in _merged_branches(node, m)}
+        # pooled maps of several branches merged (Kim's CNN for text, two streams' embeddings): each is
+        # part of the evidence; not where the merge makes the logits, each branch's own (late fusion)
+        maps = {_map_behind(model, branch, last_linear_input is not None) for branch in _merged_branches(node, m)}
         if len(maps) > 1 and None not in maps:
-            return node  # pooled maps of several branches merged (Kim's CNN for text): each is part of the evidence
+            return node
         node = _first_tensor_input(node)
     pool = _global_pool_behind_head(model, node) or node
     node = _feature_map_behind(model, pool)
@@ -286,11 +288,11 @@ def _merged_branches(node: fx.Node, m) -> list[fx.Node]:
     return [a for a in relevance_inputs(node, kind) if isinstance(a, fx.Node) and not is_parameter(a)]
 
 
-def _map_behind(model: nn.Module, node: fx.Node) -> fx.Node | None:
+def _map_behind(model: nn.Module, node: fx.Node, through_layers: bool) -> fx.Node | None:
     """The feature map a branch of the head summarises: back to its pooling, then behind it.
-    None past a conv or linear layer: a sum of the branches' own logits (late fusion) is no map."""
+    Without ``through_layers``, None past a conv or linear layer (a branch's own logits)."""
     while node is not None and node.op != "placeholder" and not _ends_head(model, node, m := _module(model, node)):
-        if node_kind(node, m) == NodeKind.LAYER:
+        if node_kind(node, m) == NodeKind.LAYER and not through_layers:
             return None
         node = _first_tensor_input(node)
     return _feature_map_behind(model, _global_pool_behind_head(model, node) or node) if node is not None else None
@@ -440,8 +442,9 @@ def _ancestors(name: str) -> list[str]:
 
 def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, fx.Node], layer,
                    with_example: bool = False) -> tuple[fx.Node, str]:
-    if isinstance(layer, str) and layer not in module_outputs and not _names_a_module(model, layer):
-        # the name of a function's output, as a default layer is reported where no module makes it (``cat_9``)
+    if isinstance(layer, str) and layer not in module_outputs:
+        # the name of a function's output, as a default layer is reported where no module makes it
+        # (``cat_9``; ``relu`` where the forward calls F.relu, not the module ``relu`` it holds)
         node = next((n for n in graph.nodes if n.name == layer and n.op in ("call_function", "call_method")), None)
         if node is not None:
             return node, layer
@@ -471,16 +474,6 @@ def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, 
                        "through its .forward method, or returning no tensor of its own, as a list, it has no output "
                        "to start from: name a module inside it)")
     return module_outputs[layer], layer
-
-
-def _names_a_module(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` (or, as ``name:k``, its module part) is a submodule's path: a module,
-    called or not, comes before a function's output of the same name (``relu`` and F.relu's)."""
-    path = name.rpartition(":")[0] if name.rpartition(":")[2].isdigit() else name
-    try:
-        return bool(path) and model.get_submodule(path) is not None
-    except AttributeError:
-        return False
 
 
 def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None) -> Plan:
@@ -569,8 +562,8 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     if mixing:
         raise UnsupportedModelError(f"the model's head (after layer {layer_name!r}) mixes the samples, and RSP's "
                                     "initial relevance is each sample's own: " + _grouped(mixing))
-    batch_dim_checks = []  # dim 0 is refused above (head) or by node_kind (relevance path); -k is known at run time
-    for node in sorted(head | kinds.keys(), key=order.__getitem__):
+    batch_dim_checks = []  # on the relevance path dim 0 is refused by node_kind; -k is known at run time
+    for node in sorted(kinds, key=order.__getitem__):
         read = dims_read_along(node)
         if read is not None and any(d < 0 for d in read[0]):
             dims, source, what = read

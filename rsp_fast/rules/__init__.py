@@ -282,13 +282,11 @@ def dims_read_along(node: fx.Node) -> tuple[tuple[int, ...], fx.Node, str] | Non
 
 
 def mixes_the_batch(node: fx.Node, module: nn.Module | None) -> str | None:
-    """Why a node of the model's head makes each sample's logits depend on the other samples
-    (a reduction, softmax or join along dim 0, a BatchNorm by the batch's statistics), or None:
-    R₀'s gradient through such a head would mix them."""
-    read = dims_read_along(node)
-    if _normalises_by_the_batch(node, module) or (read is not None and 0 in read[0]):
-        return unsupported_combination(node, module)
-    return None
+    """Why a node of the model's head makes each sample's logits depend on the other samples (a
+    BatchNorm by the batch's statistics), or None: R₀'s gradient through such a head would mix
+    them. A head's reductions are not judged by their dims: its tokens may lead (CLIP's
+    attention pool, T×N×C), and an ensemble stacks its members' logits in front."""
+    return unsupported_combination(node, module) if _normalises_by_the_batch(node, module) else None
 
 
 def stacks_branches(node) -> bool:
