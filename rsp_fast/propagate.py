@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .errors import RSPError
-from .graph.plan import Plan
+from .graph.plan import Plan, scores_over_classes
 from .graph.trace import ATTR_VALUE, FX_CONSTANT, TRACE_GATE
 from .rules import Context
 from .rules.pool import indices_key, max_pool_with_indices
@@ -122,7 +122,9 @@ def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
     except Exception as exc:
         reason = str(exc).split("\n\nWhile executing")[0].strip()  # fx appends the graph node and its traceback
         raise RSPError(f"the model's forward failed on inputs of shape {tuple(x.shape)}: {reason}") from None
-    return (logits if rec.scores is None else rec.scores), rec.saliency_value, rec.saved, rec.shapes
+    if rec.scores is not None and scores_over_classes(plan.scores_dim, rec.scores.dim()):
+        logits = rec.scores
+    return logits, rec.saliency_value, rec.saved, rec.shapes
 
 
 def propagate(plan: Plan, R0: torch.Tensor, saved, shapes, ops, on_step: Callable | None = None,

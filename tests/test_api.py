@@ -1721,8 +1721,10 @@ def test_the_default_layer_of_an_output_object_is_found_behind_its_logits(wrap):
 
 
 @pytest.mark.parametrize("finish", [lambda y: F.softmax(y, dim=1), lambda y: y.log_softmax(-1), torch.sigmoid,
-                                    nn.Softmax(dim=1), nn.LogSoftmax(dim=-1), lambda y: {"logits": y.softmax(1)}],
-                         ids=["softmax", "log_softmax", "sigmoid", "Softmax", "LogSoftmax", "dict-of-softmax"])
+                                    nn.Softmax(dim=1), nn.LogSoftmax(dim=-1), lambda y: {"logits": y.softmax(1)},
+                                    lambda y: F.log_softmax(y), lambda y: y[:, :, None, None].softmax(-3)],
+                         ids=["softmax", "log_softmax", "sigmoid", "Softmax", "LogSoftmax", "dict-of-softmax", "implicit-dim",
+                              "classes-as-dim-minus-3"])
 def test_probabilities_are_explained_through_the_scores_they_normalise(finish):
     """A model returning probabilities or log-probabilities (PyTorch's MNIST example ends in
     log_softmax): R₀ came from their gradients, which saturate where the model is sure (the map
@@ -1735,6 +1737,15 @@ def test_probabilities_are_explained_through_the_scores_they_normalise(finish):
         expected, ex = (rsp_fast.RSP(m, init=init).explain(x) for m in (plain, finished))
         assert torch.equal(ex.logits, expected.logits) and torch.equal(ex.target, expected.target)
         assert rel_err(ex.attribution, expected.attribution) < 1e-12
+
+
+def test_a_softmax_over_another_dim_than_the_classes_is_explained_as_the_model_outputs_it():
+    """softmax(-1) of an N×classes×1×1 output normalises a dim of size 1: every class scores 1,
+    and the map was the scores model's, its target not the model's argmax."""
+    x = torch.rand(2, 3, 16, 16, dtype=D)
+    model = _Returning(lambda y: y[:, :, None, None].softmax(-1)).double().eval()
+    ex = rsp_fast.RSP(model).explain(x)
+    assert torch.equal(ex.logits, torch.ones_like(ex.logits)) and (ex.target == 0).all()
 
 
 def test_a_model_without_classes_is_told_so():

@@ -50,6 +50,7 @@ class Plan:
     batch_dim_checks: list[tuple[fx.Node, fx.Node, tuple[int, ...], str]] = field(default_factory=list)
     layout: Callable[[int], bool] | None = None  # channels_last for a map of a given rank (None: channels_last)
     scores: fx.Node | None = None  # the class scores a final softmax, log_softmax or sigmoid normalises
+    scores_dim: int | str | None = None  # the dim it normalises (see scores_over_classes)
     layouts: dict = field(default_factory=dict)  # rank → layout(rank), worked out once
 
     def channels_last_at(self, rank: int) -> bool:
@@ -255,23 +256,37 @@ NORMALISERS = ({F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, torc
                {"softmax", "log_softmax", "sigmoid"})
 
 
-def _scores_normalised(model: nn.Module, logits: fx.Node | None) -> fx.Node | None:
-    """The scores a model's last op turns into probabilities (a softmax or log_softmax over the
-    classes, a sigmoid), or None: their gradients saturate where the model is sure, and R₀ is
-    meant for the class scores (RSP_SPEC §1's y_c); the order, so the target, is the same."""
+ELEMENTWISE = "elementwise"
+
+
+def _scores_normalised(model: nn.Module, logits: fx.Node | None) -> tuple[fx.Node | None, int | str | None]:
+    """The scores a model's last op turns into probabilities (a softmax or log_softmax, a
+    sigmoid) and the dim it normalises (None: PyTorch's implicit one; ``ELEMENTWISE``), or
+    (None, None): their gradients saturate where the model is sure, and R₀ is meant for the
+    class scores (RSP_SPEC §1's y_c); the order, so the target, is the same. Whether the dim is
+    the classes' is known with the output's rank, at run time (``scores_over_classes``)."""
     if logits is None:
-        return None
+        return None, None
     m = _module(model, logits)
     if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
         dim = m.dim
     elif isinstance(m, nn.Sigmoid) or calls(logits, {torch.sigmoid, F.sigmoid}, {"sigmoid"}):
-        dim = 1
+        dim = ELEMENTWISE
     elif calls(logits, *NORMALISERS):
         dim = logits.args[1] if len(logits.args) > 1 else logits.kwargs.get("dim")
     else:
-        return None
+        return None, None
     source = logits.args[0] if logits.args else logits.kwargs.get("input")
-    return source if dim in (1, -1) and isinstance(source, fx.Node) else None
+    return (source, dim) if isinstance(source, fx.Node) and (dim is None or isinstance(dim, (int, str))) else (None, None)
+
+
+def scores_over_classes(dim: int | str | None, rank: int) -> bool:
+    """Whether a final softmax over ``dim`` of a rank-``rank`` output normalises its classes (dim 1)."""
+    if dim == ELEMENTWISE:
+        return True
+    if dim is None:  # softmax's implicit dim: 0 for ranks 0, 1 and 3, else 1
+        return rank not in (0, 1, 3)
+    return rank > 1 and dim % rank == 1
 
 
 def _ends_head(model: nn.Module, node: fx.Node, m) -> bool:
@@ -312,14 +327,14 @@ def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | Non
 
 
 def _generalised_mean_part(node: fx.Node) -> bool:
-    """x ** p or x.clamp(min=ε > 0) before a mean: GeM pooling (x.clamp(ε).pow(p).mean().pow(1/p)),
-    part of the pooling, not a map of its own (a clamp at 0, a ReLU, is one)."""
+    """x ** p or x.clamp(min=ε), 0 < ε ≤ 1e-3, before a mean: GeM pooling (x.clamp(ε).pow(p).mean().pow(1/p)),
+    part of the pooling, not a map of its own (a clamp at 0 or at 0.1, an activation, is one)."""
     if calls(node, {operator.pow, torch.pow}, {"pow", "__pow__"}):
         exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
         return isinstance(exponent, (int, float)) and exponent != 1 or isinstance(exponent, fx.Node) and is_parameter(exponent)
     if calls(node, {torch.clamp, torch.clamp_min, torch.clip}, {"clamp", "clamp_min", "clip"}):
         low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
-        return isinstance(low, (int, float)) and low > 0
+        return isinstance(low, (int, float)) and 0 < low <= 1e-3
     return False
 
 
@@ -570,10 +585,10 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
             batch_dim_checks.append((node, source, dims, what))
     saved = {v for s in steps for v in s.needs_values}
     leaves = frozenset(id(_module(model, n)) for n in graph.nodes if n.op == "call_module")
-    scores = _scores_normalised(model, _logits_node(next(n for n in graph.nodes if n.op == "output")))
+    scores, scores_dim = _scores_normalised(model, _logits_node(next(n for n in graph.nodes if n.op == "output")))
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency),
                 _module_states(model, leaves), leaves, batch_dim_checks, functools.partial(_pooled_channels_last, model, saliency),
-                scores if scores in head else None)
+                scores if scores in head else None, scores_dim)
 
 
 def _pooled_channels_last(model: nn.Module, saliency: fx.Node, rank: int | None = None) -> bool:
