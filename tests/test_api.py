@@ -1888,9 +1888,15 @@ class _Activated(nn.Module):
 
 @pytest.mark.parametrize("in_place, twin", [(F.relu_, F.relu), (lambda t: torch.clamp_min_(t, 0), lambda t: torch.clamp_min(t, 0)),
                                             (lambda t: F.leaky_relu_(t, 0.1), lambda t: F.leaky_relu(t, 0.1)),
-                                            (lambda t: F.elu_(t), F.elu), (lambda t: F.hardtanh_(t, 0.0, 6.0), F.relu6)],
-                         ids=["relu_", "clamp_min_", "leaky_relu_", "elu_", "hardtanh_"])
+                                            (lambda t: F.elu_(t), F.elu), (lambda t: F.hardtanh_(t, 0.0, 6.0), F.relu6),
+                                            (lambda t: -F.relu(t) + 1, lambda t: F.relu(t) * -1 + 1),
+                                            (lambda t: torch.neg(-F.relu(t)), F.relu),
+                                            (lambda t: F.relu(t).unflatten(1, (2, 4)).flatten(1, 2), F.relu),
+                                            (lambda t: torch.unflatten(F.relu(t), 1, (2, 4)).flatten(1, 2), F.relu)],
+                         ids=["relu_", "clamp_min_", "leaky_relu_", "elu_", "hardtanh_", "minus", "neg", "unflatten",
+                              "torch.unflatten"])
 def test_in_place_activation_functions_have_the_rules_of_their_twins(in_place, twin):
+    """Also −x and x.unflatten, which were refused while x·(−1) and nn.Unflatten have rules."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 12, 12, dtype=D)
     results = []

@@ -1440,23 +1440,6 @@ def test_activations_that_can_turn_negative_leave_the_next_layer_its_clamp(act):
             assert (got - expected).abs().max() <= 1e-12 * max(expected.abs().max(), 1.0)
 
 
-@pytest.mark.parametrize("spelling,twin", [(lambda t: -t + 1, lambda t: t * -1 + 1), (lambda t: torch.neg(-t), lambda t: t),
-                                           (lambda t: t.unflatten(1, (2, 2)).flatten(1, 2), lambda t: t),
-                                           (lambda t: torch.unflatten(t, 1, (2, 2)).flatten(1, 2), lambda t: t)],
-                         ids=["minus", "neg", "unflatten", "torch.unflatten"])
-def test_negation_and_unflatten_have_the_rules_of_their_twins(spelling, twin):
-    """−x and x.unflatten were refused, while x·(−1) and nn.Unflatten have rules."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 8, 8, dtype=D)
-    maps = []
-    for op in (spelling, twin):
-        torch.manual_seed(1)
-        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), _Lambda(op), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).double().eval()
-        maps.append(rsp_fast.RSP(model, layer="4").attribute(x, target=1))
-    assert rel_err(maps[0], maps[1]) < 1e-12
-
-
 def test_a_frozen_model_is_explained_as_the_trainable_one():
     """A conv written as F.conv2d on a parameter ≥ 0 without bias stays a layer when the model
     is frozen (requires_grad_(False)); it was taken for a blur pooling."""
