@@ -522,9 +522,10 @@ def test_swish_as_a_gate_equals_silu():
 
 
 class _Gated(nn.Module):
-    """h · gate(h) with the gate built four ways: squeeze-and-excitation with a Hardsigmoid
+    """h · gate(h) with the gate built five ways: squeeze-and-excitation with a Hardsigmoid
     module, the sigmoid as the last module of a wrapper (nn.Sequential), ECA's reshaped and
-    expanded gate, GhostNetV2's gate computed at low resolution and resized to h."""
+    expanded gate, GhostNetV2's gate computed at low resolution and resized to h, attention
+    weights: a softmax over positions."""
 
     def __init__(self, style, c=6):
         super().__init__()
@@ -543,12 +544,14 @@ class _Gated(nn.Module):
             g = self.gate(h.mean((2, 3), keepdim=True))
         elif self.style == "eca":
             g = torch.sigmoid(h.mean((2, 3))).view(h.shape[0], -1, 1, 1).expand_as(h)
+        elif self.style == "positions":  # the map is activated, the weights not: still the weights are the gate
+            g = F.softmax(self.fc1(h)[:, :1].flatten(2), dim=-1).view(h.shape[0], 1, h.shape[2], h.shape[3])
         else:  # resized
             g = F.interpolate(torch.sigmoid(F.avg_pool2d(self.fc2(self.fc1(h)), 2, ceil_mode=True)), size=h.shape[-2:])
         return self.head(torch.relu(self.body(g * h)))
 
 
-@pytest.mark.parametrize("style", ["se", "wrapped", "eca", "resized"])
+@pytest.mark.parametrize("style", ["se", "wrapped", "eca", "resized", "positions"])
 def test_gates_send_all_relevance_to_the_signal(style):
     m = _Gated(style).double().eval()
     x = torch.randn(2, 3, 5, 5, dtype=D)
@@ -556,8 +559,33 @@ def test_gates_send_all_relevance_to_the_signal(style):
     mul = next(k for k in ex.steps if k.startswith("mul"))
     assert ex.steps[mul].shape == (2, 6, 5, 5)  # the signal h, not the gate
     assert torch.equal(ex.steps[mul], ex.steps["body"])  # R at the product's output, unchanged
-    assert not any(k.startswith(("fc1", "fc2", "gate", "mean", "sigmoid", "interpolate")) for k in ex.steps)
+    assert not any(k.startswith(("fc1", "fc2", "gate", "mean", "sigmoid", "interpolate", "softmax")) for k in ex.steps)
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
+def test_attention_pooling_of_the_last_map_by_weights_over_positions():
+    """(h · softmax(a(h)) over positions).sum: the default layer is the weighted map, its
+    relevance all h's, as with the weights given as a constant (one sample: a buffer)."""
+    class Pooled(nn.Module):
+        def __init__(self, fixed=None):
+            super().__init__()
+            self.stem, self.attn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 1, 1), nn.Linear(4, 3)
+            self.register_buffer("fixed", fixed)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            w = self.fixed if self.fixed is not None else \
+                torch.softmax(self.attn(h).flatten(2), -1).view(h.shape[0], 1, h.shape[2], h.shape[3])
+            return self.fc((h * w).sum((2, 3)))
+    torch.manual_seed(4)
+    model, x = Pooled().double().eval(), torch.randn(1, 3, 6, 5, dtype=D)
+    w = torch.softmax(model.attn(torch.relu(model.stem(x))).flatten(2), -1).view(1, 1, 6, 5)
+    fixed = Pooled(w).double().eval()
+    fixed.load_state_dict(model.state_dict(), strict=False)  # all but the weights
+    assert torch.allclose(fixed(x), model(x))
+    ex = rsp_fast.RSP(model).explain(x)
+    assert ex.layer == "mul"
+    assert rel_err(ex.attribution, rsp_fast.RSP(fixed).attribute(x)) < 1e-12
 
 
 def test_an_accumulator_started_at_zero_passes_relevance():

@@ -84,7 +84,7 @@ SUPPORTED = {
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in ELEMENTWISE_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d/3d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d/3d",
                 "PixelShuffle, PixelUnshuffle, ChannelShuffle", "GLU"],
-    "functions": ["+ / torch.add (residual add)", "x * (sigmoid gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
+    "functions": ["+ / torch.add (residual add)", "x * (sigmoid or softmax gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
                   "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat and torch.stack (not along the batch)", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
                   "torch.amax / x.max(dim).values / torch.max(x, dim)[0] over non-batch dims (max over time)",

@@ -31,6 +31,7 @@ ADDCMUL = ({torch.addcmul}, {"addcmul"})  # functions, methods
 
 GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 GATE_METHODS = {"sigmoid", "sigmoid_"}
+SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax}  # weights in [0, 1] too, but not activations
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
 # Other elementwise activations: R passes through them as through ReLU (an extension, as in
 # LRP: RSP_SPEC.md defines ReLU and ReLU6 only). Their outputs can be negative, so the
@@ -220,15 +221,17 @@ def is_timm_activation(m) -> bool:
 
 
 def is_gate(arg) -> bool:
-    """A sigmoid-like factor in [0, 1]: squeeze-and-excitation's channel scale, swish's σ(x),
-    also reshaped, expanded (ECA's ``x * y.expand_as(x)``) or resized (GhostNetV2)."""
+    """A factor in [0, 1]: squeeze-and-excitation's sigmoid channel scale, swish's σ(x), a
+    softmax over positions (attention pooling's weights), also reshaped, expanded (ECA's
+    ``x * y.expand_as(x)``) or resized (GhostNetV2)."""
     arg = behind_reshapes(arg, resizes=True)  # a resize's convex combinations stay in [0, 1]
     if not isinstance(arg, fx.Node):
         return False
     if arg.op == "call_module":
         m = arg.meta.get(MODULE_META)
-        return isinstance(m, (nn.Sigmoid, nn.Hardsigmoid)) or (is_timm_activation(m) and type(m).__name__ in TIMM_GATES)
-    return calls(arg, GATE_FUNCTIONS, GATE_METHODS)
+        return (isinstance(m, (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax))
+                or (is_timm_activation(m) and type(m).__name__ in TIMM_GATES))
+    return calls(arg, GATE_FUNCTIONS | SOFTMAX_FUNCTIONS, GATE_METHODS | {"softmax"})
 
 
 def _is_reduction(node: fx.Node) -> bool:
