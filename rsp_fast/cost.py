@@ -151,6 +151,7 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
                 raise RSPError(f"input_shape is one sample's shape, without the batch: {tuple(input_shape[1:])}, "
                                f"not {tuple(input_shape)}") from None
             raise
+    plan.check_batch_dims(shapes)  # RSP refuses it there: cost too
     work = work_dtype(x.dtype)  # the rules of a 16-bit model run in float32
     elem = work.itemsize
     rows = []

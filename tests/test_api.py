@@ -1957,6 +1957,9 @@ def test_statistics_over_the_batch_are_refused_however_the_dimension_is_written(
     model = _BatchStatistic(**statistic).double().eval()
     with pytest.raises(UnsupportedModelError, match="along the batch dimension|normalises by the batch"):
         rsp_fast.RSP(model).attribute(torch.randn(3, 3, 9, 9, dtype=D))
+    if "path" in statistic:  # and the cost of what RSP refuses is refused too
+        with pytest.raises(UnsupportedModelError, match="along the batch dimension"):
+            rsp_fast.cost(model, (3, 9, 9))
 
 
 def _tokens_first_attention(m, p):  # CLIP's attention pool and nn.MultiheadAttention's default: T×N×C, dim 0 the tokens
