@@ -849,10 +849,12 @@ def _cat_of_halves(h, dim):
     (lambda h: torch.cat(h.chunk(2, 1), 2), lambda h: _cat_of_halves(h, 2), 2),
     (lambda h: torch.stack(torch.unbind(h, 1), 2), _stack_of_unbound, 8),
     (lambda h: torch.cat(tensors=torch.split(h, 2, 2), dim=1), _cat_of_split_rows, 16),
-], ids=["cat-chunk", "cat-chunk-other-dim", "stack-unbind", "cat-split-kwargs"])
+    (lambda h: torch.cat(h.chunk(2, 1)[::-1], 1), lambda h: torch.cat([h[:, 2:], h[:, :2]], 1), 4),
+    (lambda h: torch.stack(h.unbind(1)[1:3], 1), lambda h: torch.stack([h[:, 1], h[:, 2]], 1), 2),
+], ids=["cat-chunk", "cat-chunk-other-dim", "stack-unbind", "cat-split-kwargs", "cat-halves-swapped", "stack-some"])
 def test_a_split_handed_whole_to_cat_or_stack(whole, pieces, body):
-    """torch.cat / torch.stack given a split's tuple as it is (not unpacked first): relevance
-    goes back as for the pieces unpacked and joined."""
+    """torch.cat / torch.stack given a split's tuple as it is (not unpacked first), or a slice
+    of it: relevance goes back as for the pieces unpacked and joined."""
     _explained_alike(whole, pieces, body_channels=body)
 
 

@@ -423,12 +423,24 @@ def _joined(node: fx.Node):
 
 def rejoined_split(node: fx.Node) -> fx.Node | None:
     """For torch.cat(split(x), …) or torch.stack(split(x), …), the split's pieces handed over
-    whole as the first argument: the split node, else None."""
+    whole as the first argument (or a slice of them: ``x.chunk(2, 1)[::-1]``): the split
+    node, else None."""
     pieces = _joined(node)
+    if _constant_slice(pieces) is not None:
+        pieces = pieces.args[0]
     if isinstance(pieces, fx.Node) and calls(pieces, SPLIT_FUNCTIONS, SPLIT_METHODS) and pieces.args \
             and isinstance(pieces.args[0], fx.Node):
         return pieces
     return None
+
+
+def _constant_slice(node) -> slice | None:
+    """For ``pieces[a:b:c]`` with a, b, c numbers or None: that slice, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    key = node.args[1]
+    parts = (key.start, key.stop, key.step) if isinstance(key, slice) else ()
+    return key if parts and all(p is None or isinstance(p, int) for p in parts) else None
 
 
 def split_source(node: fx.Node) -> fx.Node | None:
@@ -631,7 +643,7 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
         return Sum(node, inputs, reduced_dims(node))
     split = rejoined_split(node)
     if split is not None:
-        return Rejoin(node, inputs, split)
+        return Rejoin(node, inputs, split, _constant_slice(_joined(node)))
     if node.target in STACK_FUNCTIONS:
         return Stack(node, inputs, _cat_dim(node))
     return Cat(node, inputs, _cat_dim(node))

@@ -81,21 +81,22 @@ class Select(Route):
 
 class Rejoin(Route):
     """torch.cat / torch.stack given one split's pieces as a whole (``torch.cat(x.chunk(2, 1),
-    1)``, ``torch.stack(x.unbind(1), 2)``): an index map of x, so relevance goes back to where
+    1)``, ``torch.stack(x.unbind(1), 2)``) or a slice of them (``x.chunk(2, 1)[::-1]``): an index map of x, so relevance goes back to where
     each value came from, as for the pieces taken one by one (``Select``) and joined (``Cat``)."""
 
     kind = "rejoin"
 
-    def __init__(self, node, inputs, split: fx.Node):
+    def __init__(self, node, inputs, split: fx.Node, pieces: slice | None = None):
         others = [a for n in (node, split) for a in n.all_input_nodes]
-        Rule.__init__(self, node, inputs, needs_values=[a for a in others if a is not inputs[0] and a is not split])
-        self.module, self.split = None, split
+        held = {inputs[0], split, *(p for p in others if p.op == "call_function" and p.args and p.args[0] is split)}
+        Rule.__init__(self, node, inputs, needs_values=[a for a in others if a not in held])
+        self.module, self.split, self.pieces = None, split, pieces or slice(None)
 
     def function(self, ctx: Context):
         split = node_function(self.split, None, ctx)
         rest = ctx.resolve(self.node.args[1:])
         kwargs = ctx.resolve({k: v for k, v in self.node.kwargs.items() if k != "tensors"})
-        return lambda x: self.node.target(split(x), *rest, **kwargs)
+        return lambda x: self.node.target(split(x)[self.pieces], *rest, **kwargs)
 
 
 class Scale(Rule):
