@@ -1081,6 +1081,36 @@ def test_inference_mode_callers_get_the_same_result():
     assert torch.equal(got, expected)
 
 
+class _MadeInTheHead(nn.Module):
+    """A head that makes a tensor in its forward (a constant of fx's graph), and optionally a
+    forward that branches on a size (traced per input shape, at the first call with it)."""
+
+    def __init__(self, branch_on_size):
+        super().__init__()
+        self.branch_on_size = branch_on_size
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if self.branch_on_size:
+            assert h.shape[1] == 4
+        return self.fc(h.mean((2, 3)) * torch.full((4,), 2.0, dtype=torch.float64))  # a constant to fx
+
+
+@pytest.mark.parametrize("branch_on_size", [False, True], ids=["built", "first-call"])
+def test_a_plan_traced_under_inference_mode_serves_later_calls(branch_on_size):
+    """Traced inside a caller's inference_mode (the explainer built there, or a per-shape plan
+    made at a call there), the graph's constants were inference tensors: R₀'s gradient through
+    the head failed at this call and at every later one, named as the model's forward failing."""
+    torch.manual_seed(0)
+    model, x = _MadeInTheHead(branch_on_size).double().eval(), torch.randn(2, 3, 6, 6, dtype=D)
+    expected = rsp_fast.RSP(model).attribute(x)
+    with torch.inference_mode():
+        explainer = rsp_fast.RSP(model)
+        assert torch.equal(explainer.attribute(x), expected)
+    assert torch.equal(explainer.attribute(x), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_are_explained_in_float32(dtype):
     """float16 cannot hold the rules' 1e-9 stabilisers (the result was NaN): the rules run in

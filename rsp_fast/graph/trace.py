@@ -344,7 +344,9 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
     tracer = _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
     root = _Caller(model) if called_by_a_caller(model) else model
     try:
-        with torch.no_grad(), TRACE_GATE.trace(), _attributes_kept(model):
+        # not under a caller's inference_mode: fx keeps tensors the forward makes as constants of the
+        # graph, and the head between the saliency layer and the logits runs them with autograd
+        with torch.inference_mode(False), torch.no_grad(), TRACE_GATE.trace(), _attributes_kept(model):
             attributes = {*root.__dict__, *root._buffers, *root._parameters}  # a GraphModule's own constants are buffers
             graph = tracer.trace(root, concrete_args=_defaults(root))
             for node in graph.nodes:  # read while fx's constants are still on the model
