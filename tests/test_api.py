@@ -395,6 +395,19 @@ def test_explainer_built_in_training_mode_explains_the_eval_model(make):
     assert model.training
 
 
+def test_a_training_model_is_left_as_its_own_train_sets_it():
+    """A model whose train(mode) sets more than the flags (a cache it keeps in eval mode): the
+    call's model.eval() switched the cache on and restoring only the flags left it on."""
+    class Cached(nn.Sequential):
+        def train(self, mode=True):
+            self.use_cache = not mode
+            return super().train(mode)
+    model = Cached(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).train()
+    model[1].eval()  # and a module the user set apart keeps its own mode
+    rsp_fast.RSP(model).attribute(torch.randn(2, 3, 8, 8))
+    assert model.training and not model.use_cache and not model[1].training and model[0].training
+
+
 def test_record_keeps_every_call_of_a_module_run_twice():
     model = torchvision.models.resnet18(num_classes=5).double().eval()  # each block runs its `relu` twice
     explainer = rsp_fast.RSP(model)

@@ -209,6 +209,8 @@ def eval_mode(model: nn.Module):
         return modes
 
     def restore(modes):
+        if modes[0][1]:  # a train() of the model's own may set more than flags (a cache it keeps in eval mode)
+            model.train()
         for m, mode in modes:
             m.training = mode
 
