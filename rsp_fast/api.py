@@ -110,6 +110,17 @@ class RSP:
         if self.backend != "auto":
             select_kernels(self.backend, _model_device(model))  # fail now, not mid-video
 
+    def __getstate__(self) -> dict:
+        """Copied or pickled without its plans (graphs traced from the model) and its lock: a
+        copy traces its own model when restored."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("plan", "_plans", "_plans_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._plans, self._plans_lock = {}, threading.Lock()
+        with eval_mode(self.model):
+            self._build_plan()
+
     def attribute(self, inputs: torch.Tensor, target=None, hostile=None, initial: torch.Tensor | None = None) -> torch.Tensor:
         """Relevance shaped like ``inputs``: positive for the target, negative for hostile evidence.
         ``initial``: a relevance of your own at the saliency layer, shaped like its output, to

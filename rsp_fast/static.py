@@ -36,6 +36,15 @@ class StaticRSP:
         self.classes: int | None = None
         self._replaying = threading.Lock()  # one input buffer and one output per graph: one call at a time
 
+    def __getstate__(self) -> dict:
+        """Copied or pickled without its CUDA graphs and lock: a copy captures its own."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_graphs", "_replaying")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._graphs, self._replaying = {}, threading.Lock()
+        self.uses_graphs = self.device.type == "cuda"
+
     def __call__(self, inputs: torch.Tensor, target=None) -> torch.Tensor:
         return self.explain(inputs, target).attribution
 

@@ -408,6 +408,28 @@ def test_a_training_model_is_left_as_its_own_train_sets_it():
     assert model.training and not model.use_cache and not model[1].training and model[0].training
 
 
+def test_explainers_copy_and_pickle_with_their_own_model():
+    """copy.deepcopy and pickle raised a bare TypeError on the explainer's thread lock (also
+    for any module holding an explainer): a copy now explains its own copy of the model."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    explainer = rsp_fast.RSP(model, layer="1")
+    expected = explainer.attribute(x)
+    for copied in (copy.deepcopy(explainer), pickle.loads(pickle.dumps(explainer))):
+        assert copied.model is not model and copied.layer == "1"
+        assert torch.equal(copied.attribute(x), expected)
+        with torch.no_grad():
+            copied.model[0].weight.neg_()  # the copy's model, not the original's
+        assert not torch.allclose(copied.attribute(x), expected) and torch.equal(explainer.attribute(x), expected)
+    static = copy.deepcopy(explainer.static(x))
+    assert torch.equal(static(x), expected)
+
+
 def test_record_keeps_every_call_of_a_module_run_twice():
     model = torchvision.models.resnet18(num_classes=5).double().eval()  # each block runs its `relu` twice
     explainer = rsp_fast.RSP(model)
