@@ -132,6 +132,7 @@ class ModuleState:
     lists: dict  # name → (the list or dict it held, its snapshot then: it may change in place)
     names: frozenset | None = None  # its attributes' names (None for a leaf): one added may be read
     global_hooks: tuple = ()
+    absent: tuple = ()  # its parameters and buffers set to None (a BatchNorm's running statistics dropped)
 
     @classmethod
     def of(cls, module: nn.Module, leaf: bool = False) -> "ModuleState":
@@ -149,11 +150,13 @@ class ModuleState:
                     attributes[k] = (v, _attribute_value(v))
         attributes.setdefault("forward", (_SKIP, _SKIP))  # a forward set on the instance later is a change too
         return cls(module, type(module), type(module).forward, tuple(module._modules.items()), _hooks(module),
-                   attributes, lists, None if leaf else frozenset(module.__dict__))
+                   attributes, lists, None if leaf else frozenset(module.__dict__), absent=_absent(module))
 
     def holds(self) -> bool:
         m = self.module
         if m.__class__ is not self.cls or self.cls.forward is not self.forward or _hooks(m) != self.hooks:
+            return False
+        if _absent(m) != self.absent:
             return False
         children = m._modules
         if len(children) != len(self.children):
@@ -172,6 +175,10 @@ class ModuleState:
             if now.get(k, _SKIP) is not v or _attribute_value(v) != snapshot:
                 return False
         return True
+
+
+def _absent(module: nn.Module) -> tuple:
+    return tuple(k for tensors in (module._parameters, module._buffers) for k, v in tensors.items() if v is None)
 
 
 def _hooks(module: nn.Module) -> tuple:
