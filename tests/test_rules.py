@@ -1386,6 +1386,30 @@ def test_a_constant_positive_filter_is_a_pooling():
             rsp_fast.RSP(_single_op_model(blur))
 
 
+def test_a_fixed_filter_changed_in_place_is_judged_again():
+    """The filter's signs choose the rule (≥ 0: a pooling, else a conv): judged once, a buffer
+    loaded with other signs after the explainer was built kept the old rule (27.8 of the peak
+    off a new explainer's map, blur to sharpen; 1.02 back)."""
+    class Filtered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.body, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+            self.register_buffer("filt", torch.full((4, 1, 3, 3), 1 / 9))
+
+        def forward(self, x):
+            h = F.conv2d(torch.relu(self.stem(x)), self.filt, padding=1, groups=4)
+            return self.fc(torch.relu(self.body(h)).mean((2, 3)))
+    torch.manual_seed(0)
+    model, x = Filtered().double().eval(), torch.randn(2, 3, 8, 8, dtype=D)
+    explainer = rsp_fast.RSP(model)
+    explainer.attribute(x)
+    blur = model.filt.clone()
+    sharpen = torch.tensor([[0., -1., 0.], [-1., 5., -1.], [0., -1., 0.]], dtype=D).expand(4, 1, 3, 3)
+    for filt in (sharpen, blur):
+        model.load_state_dict({**model.state_dict(), "filt": filt})  # in place: the same buffer
+        assert rel_err(explainer.attribute(x), rsp_fast.RSP(model).attribute(x)) < 1e-12
+
+
 class _FilterMadeInForward(nn.Module):
     """A fixed filter built inside forward (as kornia's and many hand-written blur layers do),
     or the same filter held as a buffer."""

@@ -21,13 +21,13 @@ from torch.nn.modules import module as torch_module
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
-                     functional_linear_weight, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
+                     filter_signs_hold, filter_signs_judged, functional_linear_weight, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
                      pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
 from ..rules.operands import calls, is_parameter, is_shape_query, reduced_dims
-from .trace import KEPT_WHOLE, UntraceableModelError, trace
+from .trace import KEPT_WHOLE, UntraceableModelError, attribute_at, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
 
@@ -52,6 +52,7 @@ class Plan:
     scores: fx.Node | None = None  # the class scores a final softmax, log_softmax or sigmoid normalises
     scores_dim: int | str | None = None  # the dim it normalises (see scores_over_classes)
     layouts: dict = field(default_factory=dict)  # rank → layout(rank), worked out once
+    filter_signs: list = field(default_factory=list)  # (conv with a fixed filter, judged ≥ 0: a pooling)
 
     def channels_last_at(self, rank: int) -> bool:
         """``channels_last`` for a saliency map of this rank, transposes in the head followed."""
@@ -76,10 +77,13 @@ class Plan:
         added, a hook added or removed, a plain attribute (``padding_mode``, a flag its forward
         reads) or a method set since needs a new plan, as the forward runs the new one and the
         graph, the rules and what the plan read of the graph hold the old (in-place changes to
-        parameters and buffers need none: the graph reads them by reference)."""
+        parameters and buffers need none: the graph reads them by reference; but a fixed filter's
+        sign chose its rule, and is judged again)."""
         if self.states and _global_hooks() != self.states[0].global_hooks:
             return False
-        return all(state.holds() for state in self.states)
+        if not all(state.holds() for state in self.states):
+            return False
+        return not self.filter_signs or filter_signs_hold(self.filter_signs, functools.partial(attribute_at, self.states[0].module))
 
     def keep_what_the_pass_wrote(self, model: nn.Module) -> None:
         """After a pass on a current plan: what the modules it ran wrote onto themselves (a hook
@@ -595,7 +599,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     scores, scores_dim = _scores_normalised(model, _logits_node(next(n for n in graph.nodes if n.op == "output")))
     return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency),
                 _module_states(model, leaves), leaves, batch_dim_checks, functools.partial(_pooled_channels_last, model, saliency),
-                scores if scores in head else None, scores_dim)
+                scores if scores in head else None, scores_dim, filter_signs=filter_signs_judged(kinds))
 
 
 def _pooled_channels_last(model: nn.Module, saliency: fx.Node, rank: int | None = None) -> bool:

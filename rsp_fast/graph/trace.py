@@ -119,7 +119,7 @@ class _ConcreteTracer(_RecordingTracer):
         node = super().create_node(kind, target, args, kwargs, *rest, **options)
         if kind == "get_attr" and node not in self.values:  # a tensor attribute fx read without a proxy
             with untraced():
-                self.values[node] = _attribute(self.root, target)
+                self.values[node] = attribute_at(self.root, target)
         return node
 
     def _sizes_as_numbers(self, a):
@@ -155,7 +155,7 @@ class _ConcreteTracer(_RecordingTracer):
         # a get_attr node, which would come back here): run and read the real ones
         with _untraced():
             if node.op == "get_attr":
-                return _attribute(self.root, node.target)
+                return attribute_at(self.root, node.target)
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.values.__getitem__)
             target = self.root.get_submodule(node.target) if node.op == "call_module" else node.target
             return _call(node.op, target, args, kwargs)
@@ -353,7 +353,7 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
             graph = tracer.trace(root, concrete_args=_defaults(root))
             for node in graph.nodes:  # read while fx's constants are still on the model
                 if node.op == "get_attr":
-                    node.meta[ATTR_VALUE] = _attribute(root, node.target)
+                    node.meta[ATTR_VALUE] = attribute_at(root, node.target)
                     node.meta[FX_CONSTANT] = node.target not in attributes and node.target.startswith(CONSTANT_PREFIX)
         if root is not model:
             tracer.module_outputs = _paths_in_model(graph, tracer.module_outputs)
@@ -535,7 +535,7 @@ def _is_assert(node: fx.Node) -> bool:
     return getattr(node.target, "__name__", None) in ("_assert", "_assert_is_none")
 
 
-def _attribute(model: nn.Module, path: str):
+def attribute_at(model: nn.Module, path: str):
     value = model
     for name in path.split("."):
         value = getattr(value, name, None)

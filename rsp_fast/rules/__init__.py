@@ -175,14 +175,26 @@ def zero_padding(node: fx.Node, module: nn.Module | None) -> tuple[int, ...] | N
     return None
 
 
-def _fixed_positive_filter(node: fx.Node) -> bool:
+def _fixed_positive_filter(node: fx.Node, read: Callable[[str], object] | None = None) -> bool:
     """F.conv2d with a constant filter ≥ 0 and no bias (timm's BlurPool anti-aliasing, a box or
     Gaussian filter made in forward): a pooling, not a layer with learned weights. The filter
     is a buffer or made from buffers and numbers: a parameter, frozen or not, is learned (a
-    frozen model's non-negative conv weights stay a layer)."""
+    frozen model's non-negative conv weights stay a layer). ``read``: see ``fixed_value``."""
     call = conv_call_args(node)
-    value = fixed_value(call.get("weight")) if call.get("bias") is None else None
+    value = fixed_value(call.get("weight"), read) if call.get("bias") is None else None
     return isinstance(value, torch.Tensor) and value.dim() >= 3 and value.numel() > 0 and bool((value >= 0).all())
+
+
+def filter_signs_judged(nodes) -> list[tuple[fx.Node, bool]]:
+    """The convs among ``nodes`` whose filter is fixed (buffers and numbers), each with whether
+    it is ≥ 0 (a pooling) now: a buffer changed in place since may change the rule."""
+    return [(n, _fixed_positive_filter(n)) for n in nodes if n.op == "call_function" and n.target in CONV_FUNCTIONS
+            and fixed_value(conv_call_args(n).get("weight")) is not None]
+
+
+def filter_signs_hold(judged: list[tuple[fx.Node, bool]], read: Callable[[str], object]) -> bool:
+    """Whether each filter's sign is still as judged, its buffers read as they are now."""
+    return all(_fixed_positive_filter(n, read) == positive for n, positive in judged)
 
 
 def _conv_with_constant_weight(node: fx.Node) -> bool:

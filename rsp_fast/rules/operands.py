@@ -11,6 +11,7 @@ such operand and is refused.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -153,20 +154,24 @@ class _Unknown(Exception):
     """A value that depends on more than buffers, numbers and the input's dtype and device."""
 
 
-def fixed_value(v):
+def fixed_value(v, read: Callable[[str], object] | None = None):
     """The value of a node computed from buffers, numbers and the input's dtype and device alone
     (a filter made in forward: ``torch.full((c, 1, 3, 3), 1 / 9, dtype=x.dtype)``, a buffer / 9),
     worked out on the CPU for a float32 input; None if it reads a parameter (learned), the
-    input's values or sizes, or a module's output. Cached in node.meta."""
+    input's values or sizes, or a module's output. Cached in node.meta; with ``read`` (a
+    get_attr target → the model's attribute now: buffers change after the trace) worked out anew."""
     if not isinstance(v, fx.Node):
         return v
-    if "rsp_fixed_value" not in v.meta:
-        try:  # the caller's random stream left as it was, whatever the chain calls
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                v.meta["rsp_fixed_value"] = _evaluate(v, {})
-        except Exception:  # _Unknown, or the op fails without the real input: not a fixed value
-            v.meta["rsp_fixed_value"] = None
-    return v.meta["rsp_fixed_value"]
+    if read is None and "rsp_fixed_value" in v.meta:
+        return v.meta["rsp_fixed_value"]
+    try:  # the caller's random stream left as it was, whatever the chain calls
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            value = _evaluate(v, {}, read=read)
+    except Exception:  # _Unknown, or the op fails without the real input: not a fixed value
+        value = None
+    if read is None:
+        v.meta["rsp_fixed_value"] = value
+    return value
 
 
 # An activation's sizes at plan time, where a filter made in forward reads them (its channels,
@@ -175,20 +180,20 @@ PROBE_SIZE = 3
 PROBES = {"dtype": torch.float32, "device": torch.device("cpu"), "shape": torch.Size([PROBE_SIZE] * 8)}
 
 
-def _evaluate(node: fx.Node, done: dict, learned: bool = False):
+def _evaluate(node: fx.Node, done: dict, learned: bool = False, read: Callable[[str], object] | None = None):
     """``node``'s value from buffers and numbers (with ``learned``, parameters too: for the
-    shape, dtype or device of one, not its values)."""
+    shape, dtype or device of one, not its values); attributes as traced, or as ``read`` gives them."""
     if node in done:
         return done[node]
     if node.op == "get_attr":
-        value = node.meta.get(ATTR_VALUE)
+        value = node.meta.get(ATTR_VALUE) if read is None else read(node.target)
         if isinstance(value, torch.Tensor):
             if (isinstance(value, nn.Parameter) or value.requires_grad) and not learned:
                 raise _Unknown(node)
             value = value.detach().clone()  # an in-place op in the chain must not write the model's buffer
     elif node.op == "call_function" and node.target is getattr and node.args[1] in PROBES:
         source = node.args[0]  # an activation's are the probes, a parameter's its own
-        value = getattr(_evaluate(source, {}, True), node.args[1]) if is_parameter(source) else PROBES[node.args[1]]
+        value = getattr(_evaluate(source, {}, True, read), node.args[1]) if is_parameter(source) else PROBES[node.args[1]]
     elif node.op == "call_method" and node.target == "size" and not is_parameter(node.args[0]):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         value = PROBES["shape"] if dim is None else PROBE_SIZE
@@ -199,8 +204,8 @@ def _evaluate(node: fx.Node, done: dict, learned: bool = False):
 
         def operand(a):
             if a not in templates:
-                return _evaluate(a, done, learned)
-            return torch.empty_like(_evaluate(a, {}, True)) if is_parameter(a) else torch.empty(0)
+                return _evaluate(a, done, learned, read)
+            return torch.empty_like(_evaluate(a, {}, True, read)) if is_parameter(a) else torch.empty(0)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), operand)
         value = (node.target(*args, **kwargs) if node.op == "call_function"
                  else getattr(args[0], node.target)(*args[1:], **kwargs))
