@@ -96,8 +96,10 @@ def _gem(t, p=3.0):  # generalised-mean pooling (retrieval heads)
 
 @pytest.mark.parametrize("pool", [lambda t: t.mean((2, 3)), lambda t: t.sum((2, 3)), lambda t: t.sum((-2, -1)) / 64,
                                   lambda t: t.amax((2, 3)), lambda t: torch.amax(t, (2, 3)), _avgmax, _catavgmax,
-                                  _gem, lambda t: t.sum(3).sum(2)],
-                         ids=["mean", "sum", "sum_over_area", "amax", "torch_amax", "avgmax", "catavgmax", "gem", "sum-then-sum"])
+                                  _gem, lambda t: t.sum(3).sum(2), lambda t: F.dropout2d(t, 0.2, False).mean((2, 3)),
+                                  nn.Sequential(nn.Dropout2d(0.2), nn.AdaptiveAvgPool2d(1), nn.Flatten())],
+                         ids=["mean", "sum", "sum_over_area", "amax", "torch_amax", "avgmax", "catavgmax", "gem", "sum-then-sum",
+                              "F.dropout2d", "Dropout2d"])
 def test_global_pools_written_as_reductions_mark_the_default_layer(pool):
     """avgmax and catavgmax: the pooled sum or concatenation was taken for the map (R₀ on a
     512×1×1 map in timm's ResNet18 with global_pool='avgmax', 0.57 of the peak off layer4's).
@@ -105,6 +107,13 @@ def test_global_pools_written_as_reductions_mark_the_default_layer(pool):
     explainer = rsp_fast.RSP(_GlobalPoolHead(pool).eval())
     assert explainer.layer == "relu2"  # the map the head pools, not the one before the max pool
     assert explainer.attribute(torch.randn(2, 3, 16, 16)).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("drop", [nn.Dropout(0.2), nn.AlphaDropout(0.2), nn.FeatureAlphaDropout(0.2), nn.Identity()])
+def test_an_mlps_default_layer_is_behind_any_dropout(drop):
+    """Only nn.Dropout and nn.Identity were looked through (Dropout1d/2d/3d and the alpha
+    dropouts are no subclasses of it; F.dropout* were not looked for either)."""
+    assert rsp_fast.RSP(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), drop, nn.Linear(8, 3))).layer == "1"
 
 
 class _TokenMLP(nn.Module):

@@ -21,7 +21,7 @@ from torch.nn.modules import module as torch_module
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
-                     filter_signs_hold, filter_signs_judged, functional_linear_weight, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
+                     filter_signs_hold, filter_signs_judged, functional_linear_weight, is_identity_in_eval, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
                      pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
@@ -245,7 +245,7 @@ def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
     if node is not None:
         return node
     node = last_linear_input
-    while node is not None and isinstance(_module(model, node), (nn.Dropout, nn.Identity)):
+    while node is not None and node.op != "placeholder" and is_identity_in_eval(node, _module(model, node)):
         node = _first_tensor_input(node)
     if node is not None and node.op != "placeholder":
         return node
@@ -331,7 +331,7 @@ def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | Non
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
         if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(model, node, m)
-                or node.meta.get(KEPT_WHOLE) or isinstance(m, (nn.Dropout, nn.Identity)) or _generalised_mean_part(node)):
+                or node.meta.get(KEPT_WHOLE) or is_identity_in_eval(node, m) or _generalised_mean_part(node)):
             return node
         node = _first_tensor_input(node)
     return None

@@ -40,7 +40,7 @@ FROZEN_BATCHNORMS = {("torchvision.ops.misc", "FrozenBatchNorm2d"), ("timm.layer
 # of a BatchNorm that cannot be folded (ConvNeXt's LayerNorm, GroupNorm in BiT ResNets).
 OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm)
 NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.instance_norm, F.batch_norm, F.local_response_norm}
-PASS_MODULES = ACTIVATIONS + OTHER_NORMS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
+PASS_MODULES = ACTIVATIONS + OTHER_NORMS + (nn.modules.dropout._DropoutNd, nn.Identity, nn.Flatten, nn.Unflatten)
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 # Resizing whose weights are ≥ 0 is a positive linear map like average pooling: the same z-rule.
@@ -54,8 +54,9 @@ COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, 
 SHUFFLE_MODULES = (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
 
 NEGATION = ({operator.neg, torch.neg, torch.negative}, {"neg", "negative", "__neg__"})  # −x: x·(−1), R passed on
-PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | NEGATION[0] | {
-    torch.flatten, torch.unflatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout, F.dropout1d, F.dropout2d}
+DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+PASS_FUNCTIONS = ACTIVATION_FUNCTIONS | NORM_FUNCTIONS | NEGATION[0] | DROPOUT_FUNCTIONS | {
+    torch.flatten, torch.unflatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                   F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
 POWER = ({operator.pow, torch.pow, torch.square}, {"pow", "square", "__pow__"})  # functions, methods
@@ -101,7 +102,15 @@ def describe_supported() -> str:
 
 
 def _is_passthrough_activation(m: nn.Module) -> bool:
-    return isinstance(m, ACTIVATIONS + (nn.Identity, nn.Dropout)) or is_timm_activation(m)
+    return isinstance(m, ACTIVATIONS + (nn.Identity, nn.modules.dropout._DropoutNd)) or is_timm_activation(m)
+
+
+def is_identity_in_eval(node: fx.Node, m: nn.Module | None) -> bool:
+    """Dropout of any kind (modules and functions), stochastic depth and nn.Identity: the
+    identity as the model predicts."""
+    if m is not None:
+        return isinstance(m, (nn.modules.dropout._DropoutNd, nn.Identity))
+    return node.op == "call_function" and (node.target in DROPOUT_FUNCTIONS or _is_stochastic_depth(node.target))
 
 
 def is_batchnorm(m) -> bool:
