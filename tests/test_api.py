@@ -109,6 +109,34 @@ def test_global_pools_written_as_reductions_mark_the_default_layer(pool):
     assert explainer.attribute(torch.randn(2, 3, 16, 16)).shape == (2, 3, 16, 16)
 
 
+class _PointwiseHead(nn.Module):
+    """conv, ReLU, global pool, then 1×1 convs, the last making the class scores (timm
+    MobileNetV3's head), in 1, 2 or 3 dims, the convs as modules or as F.conv* on parameters."""
+
+    def __init__(self, dims, functional):
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        self.functional, self.dims = functional, dims
+        self.body, self.relu = conv(3, 6, 3, padding=1), nn.ReLU()
+        self.hidden, self.classify = conv(6, 8, 1), conv(8, 4, 1)
+
+    def forward(self, x):
+        h = self.relu(self.body(x)).mean(tuple(range(2, 2 + self.dims)), keepdim=True)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        for layer in (self.hidden, self.classify):
+            h = conv(h, layer.weight, layer.bias) if self.functional else layer(h)
+            h = F.hardswish(h) if layer is self.hidden else h
+        return h.flatten(1)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "function"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_the_default_layer_is_before_the_pool_of_a_pointwise_conv_head(dims, functional):
+    """Only nn.Conv2d heads were looked through: a Conv1d/Conv3d or F.conv* one made the class
+    scores the default layer (Grad-CAM at the logits: 2.2e6 of the peak off)."""
+    assert rsp_fast.RSP(_PointwiseHead(dims, functional)).layer == "relu"
+
+
 @pytest.mark.parametrize("drop", [nn.Dropout(0.2), nn.AlphaDropout(0.2), nn.FeatureAlphaDropout(0.2), nn.Identity()])
 def test_an_mlps_default_layer_is_behind_any_dropout(drop):
     """Only nn.Dropout and nn.Identity were looked through (Dropout1d/2d/3d and the alpha

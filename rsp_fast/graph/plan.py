@@ -21,7 +21,7 @@ from torch.nn.modules import module as torch_module
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
-                     filter_signs_hold, filter_signs_judged, functional_linear_weight, is_identity_in_eval, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
+                     filter_signs_hold, filter_signs_judged, functional_linear_weight, is_identity_in_eval, is_pointwise_conv, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
                      pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
@@ -369,7 +369,7 @@ def _input_of_class_score_conv(model: nn.Module, node: fx.Node) -> fx.Node:
     while conv is not None and conv.op != "placeholder" and node_kind(conv, _module(model, conv)) == NodeKind.PASS:
         conv = _first_tensor_input(conv)  # its activation
     m = _module(model, conv) if conv is not None else None
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and all(k == 1 for k in m.kernel_size) or isinstance(m, nn.Linear):
+    if conv is not None and is_pointwise_conv(conv, m) or isinstance(m, nn.Linear):
         return _first_tensor_input(conv)  # (a Linear on each token of an N×T×F input, averaged over T, alike)
     return node
 
@@ -383,8 +383,7 @@ def _global_pool_behind_head(model: nn.Module, node: fx.Node | None) -> fx.Node 
         if _is_global_pool(model, node, m):
             return node
         kind = node_kind(node, m)
-        is_1x1_conv = isinstance(m, nn.Conv2d) and all(k == 1 for k in m.kernel_size)
-        if not (_is_flatten(node, m) or is_1x1_conv or kind in (NodeKind.PASS, NodeKind.ROUTE, NodeKind.SCALE)):
+        if not (_is_flatten(node, m) or is_pointwise_conv(node, m) or kind in (NodeKind.PASS, NodeKind.ROUTE, NodeKind.SCALE)):
             return None
         node = _first_tensor_input(node, kind)
     return None

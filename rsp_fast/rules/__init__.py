@@ -194,6 +194,17 @@ def _fixed_positive_filter(node: fx.Node, read: Callable[[str], object] | None =
     return isinstance(value, torch.Tensor) and value.dim() >= 3 and value.numel() > 0 and bool((value >= 0).all())
 
 
+def is_pointwise_conv(node: fx.Node, m: nn.Module | None) -> bool:
+    """A 1×1 (1, 1×1×1) conv: a Conv1d/2d/3d module or F.conv* on a parameter filter."""
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return all(k == 1 for k in m.kernel_size)
+    if node.op != "call_function" or node.target not in CONV_FUNCTIONS or not _conv_with_constant_weight(node):
+        return False
+    weight = conv_call_args(node).get("weight")
+    value = weight.meta.get(ATTR_VALUE) if weight.op == "get_attr" else None
+    return isinstance(value, torch.Tensor) and all(k == 1 for k in value.shape[2:])
+
+
 def filter_signs_judged(nodes) -> list[tuple[fx.Node, bool]]:
     """The convs among ``nodes`` whose filter is fixed (buffers and numbers), each with whether
     it is ≥ 0 (a pooling) now: a buffer changed in place since may change the rule."""
