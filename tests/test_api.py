@@ -237,6 +237,63 @@ def test_a_token_layer_before_a_residual_add_keeps_its_features_last():
         assert rel_err(ex.attribution[i], alone.attribution[0]) < 1e-9
 
 
+class _MixedTokens(nn.Module):
+    """Tokens from a conv map (``flatten(2).transpose(1, 2)``, N×T×C), per-token layers, then
+    the tokens merged by ``kind`` before they are averaged: a residual add through a LayerNorm
+    (MLP-Mixer's blocks), a sigmoid gate, a concatenation of sliced features, or only a norm."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.stem, self.norm6 = kind, nn.Conv2d(3, 6, 3, padding=1), nn.LayerNorm(6)
+        self.lin, self.lin2, self.norm, self.fc = nn.Linear(6, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 5)
+        self.fc6 = nn.Linear(6, 5)
+
+    def tokens(self, x):
+        h = F.relu(self.stem(x)).flatten(2).transpose(1, 2)
+        if self.kind == "norm":
+            return self.norm6(h)
+        h = F.gelu(self.lin(h))
+        if self.kind == "residual":
+            return h + self.norm(F.relu(self.lin2(h)))
+        if self.kind == "gate":
+            return h * torch.sigmoid(self.lin2(h))
+        return torch.cat([h[:, :, :4] + F.relu(self.lin2(h))[:, :, :4], h[:, :, 4:]], 2)
+
+    def forward(self, x):
+        t = self.tokens(x)
+        return (self.fc6 if self.kind == "norm" else self.fc)(t.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["residual", "gate", "cat", "norm"])
+def test_tokens_merged_before_their_pooling_are_explained_channels_last(kind):
+    """The layout walk stopped at a residual add, gate or join after a token Linear (and did not
+    know a map's tokens without one): R₀ was Grad-CAM with the tokens as channels, 1.6–4.8 of
+    its peak off (timm's MLP-Mixer too), and behind a LayerNorm its ΣR₀ was 0."""
+    torch.manual_seed(0)
+    model, x = _MixedTokens(kind).double().eval(), torch.randn(2, 3, 6, 7, dtype=D)
+    ex = rsp_fast.RSP(model, init="gradcam").explain(x, target=[0, 1])
+    A = model.tokens(x).detach().requires_grad_()
+    logits = (model.fc6 if kind == "norm" else model.fc)(A.mean(1))
+    grads = torch.autograd.grad(logits[[0, 1], [0, 1]].sum(), A)[0]
+    cam = A * grads.mean(1, keepdim=True)  # a weight per feature, the tokens its positions
+    assert ex.initial.shape == A.shape
+    assert rel_err(ex.initial, (cam / (cam.flatten(1).amax(1).view(-1, 1, 1) + 1e-9)).detach()) < 1e-12
+
+
+def test_timms_mlp_mixer_is_explained_with_its_tokens_as_positions():
+    from timm.models.mlp_mixer import MlpMixer
+
+    torch.manual_seed(0)
+    model = MlpMixer(num_classes=5, img_size=32, patch_size=8, num_blocks=2, embed_dim=12)
+    nn.init.normal_(model.head.weight)  # timm starts the classifier at zero
+    model, x = model.double().eval(), torch.randn(2, 3, 32, 32, dtype=D)
+    ex = rsp_fast.RSP(model, init="gradcam").explain(x, target=[0, 1])
+    A = model.forward_features(x).detach().requires_grad_()
+    grads = torch.autograd.grad(model.forward_head(A)[[0, 1], [0, 1]].sum(), A)[0]
+    cam = A * grads.mean(1, keepdim=True)
+    assert ex.layer == "norm" and rel_err(ex.initial, (cam / (cam.flatten(1).amax(1).view(-1, 1, 1) + 1e-9)).detach()) < 1e-12
+
+
 class _ChannelsLastBlocks(nn.Module):
     """A conv stem, then two residual MLP blocks in N×H×W×C between permutes (ConvNeXt's and
     MambaOut's pattern), a conv and the head."""

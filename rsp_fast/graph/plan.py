@@ -690,16 +690,38 @@ def _permuted_to_channels_last(model: nn.Module, node: fx.Node) -> bool:
 
 
 def _made_by_a_linear(model: nn.Module, node: fx.Node) -> bool:
-    """Whether the node is a Linear's output, behind activations, dropout and norms: its last
-    dimension holds the features (N×T×F tokens)."""
-    while isinstance(node, fx.Node) and node.op != "placeholder":
+    """Whether the node is a Linear's output (or a map's positions made tokens), behind
+    activations, dropout, norms, gates, residual sums, joins and slices (an MLP-Mixer's blocks):
+    its last dimension holds the features (N×T×F tokens)."""
+    todo, seen = [node], set()
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, fx.Node) or node.op == "placeholder" or node in seen:
+            continue
+        seen.add(node)
         m = _module(model, node)
-        if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None:
+        if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None or _tokens_of_a_map(node):
             return True
-        if node_kind(node, m) != NodeKind.PASS:
-            return False
-        node = _first_tensor_input(node)
+        kind = node_kind(node, m)
+        if kind in (NodeKind.ADD, NodeKind.CAT, NodeKind.SCALE, NodeKind.SELECT):  # a layout the operands share
+            todo += relevance_inputs(node, kind)
+        elif kind == NodeKind.PASS:
+            todo.append(_first_tensor_input(node))
     return False
+
+
+def _tokens_of_a_map(node: fx.Node) -> bool:
+    """``x.flatten(2).transpose(1, 2)`` (ViT's and MLP-Mixer's patch tokens): N×T×C, channels last."""
+    if calls(node, {torch.transpose, torch.swapaxes}, {"transpose", "swapaxes"}):
+        dims = node.args[1:3] if len(node.args) >= 3 else ()
+    elif calls(node, {torch.permute}, {"permute"}):
+        dims = (1, 2) if _permute_order(node) == (0, 2, 1) else ()
+    else:
+        return False
+    source = node.args[0] if node.args else None
+    flat = isinstance(source, fx.Node) and calls(source, {torch.flatten}, {"flatten"}) and len(source.args) == 2 \
+        and source.args[1] == 2 and not source.kwargs
+    return flat and sorted(dims) == [1, 2]
 
 
 def _non_negative(model: nn.Module):
