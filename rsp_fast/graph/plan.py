@@ -21,12 +21,12 @@ from torch.nn.modules import module as torch_module
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
-                     filter_signs_hold, filter_signs_judged, functional_linear_weight, is_identity_in_eval, is_pointwise_conv, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
+                     filter_signs_hold, filter_signs_judged, functional_batchnorm_scale, functional_linear_weight, is_identity_in_eval, is_pointwise_conv, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
                      pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
-from ..rules.operands import calls, is_parameter, is_shape_query, reduced_dims
+from ..rules.operands import calls, is_biased_sum, is_parameter, is_shape_query, reduced_dims, sole_operand
 from .trace import KEPT_WHOLE, UntraceableModelError, attribute_at, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
@@ -783,11 +783,24 @@ def _grouped(problems: list[tuple[str, str]], shown: int = 3) -> str:
 
 
 def _bn_after(model: nn.Module, node: fx.Node, explained):
-    """The folding scale of a BatchNorm that is the only consumer of this layer's output and
-    that relevance passes (not one after the saliency layer: R₀ is the layer's own output's)."""
-    users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module" and users[0] in explained:
-        bn = model.get_submodule(users[0].target)
-        if is_batchnorm(bn) and bn.running_var is not None:
-            return batchnorm_scale(bn)
-    return lambda: None
+    """The folding scale of the BatchNorms (modules or F.batch_norm in eval mode) that alone
+    consume this layer's output, one after another, past a bias added on its own, dropout or
+    an identity, and that relevance passes (not one after the saliency layer: R₀ is the layer's
+    own output's); their scales multiply."""
+    scales = []
+    while len(node.users) == 1 and (user := next(iter(node.users))) in explained:
+        m = _module(model, user)
+        scale = (batchnorm_scale(m) if is_batchnorm(m) and m.running_var is not None
+                 else functional_batchnorm_scale(user, functools.partial(attribute_at, model)))
+        if scale is not None:
+            scales.append(scale)
+        elif not (is_identity_in_eval(user, m) or is_biased_sum(user) and sole_operand(user) is node):
+            break
+        node = user
+    if len(scales) < 2:
+        return scales[0] if scales else lambda: None
+
+    def product():
+        values = [s() for s in scales]
+        return None if any(v is None for v in values) else functools.reduce(operator.mul, values)
+    return product

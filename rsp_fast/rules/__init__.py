@@ -523,7 +523,7 @@ def _normalises_by_the_batch(node: fx.Node, module: nn.Module | None) -> bool:
         return is_batchnorm(module) and getattr(module, "running_var", 1) is None
     if node.op != "call_function" or node.target is not F.batch_norm:
         return False
-    args = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training"), node.args)) | node.kwargs
+    args = dict(zip(BATCH_NORM_ARGS, node.args)) | node.kwargs
     return args.get("running_var") is None or args.get("training") is not False and args.get("training") is not None
 
 
@@ -679,6 +679,26 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if node.target in STACK_FUNCTIONS:
         return Stack(node, inputs, _cat_dim(node))
     return Cat(node, inputs, _cat_dim(node))
+
+
+BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def functional_batchnorm_scale(node: fx.Node, read: Callable[[str], object]) -> Callable[[], torch.Tensor | None] | None:
+    """For F.batch_norm in eval mode on buffers (running statistics) and parameters: its γ/√(var+ε),
+    read from the model (``read``: a get_attr target → the attribute now) when called; else None."""
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    args = dict(zip(BATCH_NORM_ARGS, node.args)) | node.kwargs
+    var, weight, eps = args.get("running_var"), args.get("weight"), args.get("eps", 1e-5)
+    if args.get("training", False) is not False or not is_number(eps) or not all(
+            isinstance(v, fx.Node) and v.op == "get_attr" for v in (var, *([weight] if weight is not None else []))):
+        return None
+
+    def scale():
+        s = torch.rsqrt(read(var.target) + eps)
+        return s * read(weight.target) if weight is not None else s
+    return scale
 
 
 def batchnorm_scale(bn: nn.Module) -> Callable[[], torch.Tensor | None]:
