@@ -31,7 +31,6 @@ class ModelSpec:
     model: nn.Module
     name: str
     input_size: int = 224
-    resize: int = 256
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     class_names: list[str] = field(default_factory=list)
