@@ -136,7 +136,7 @@ class ModuleState:
     lists: dict  # name → (the list or dict it held, its snapshot then: it may change in place)
     names: frozenset | None = None  # its attributes' names (None for a leaf): one added may be read
     global_hooks: tuple = ()
-    absent: tuple = ()  # its parameters and buffers set to None (a BatchNorm's running statistics dropped)
+    absent: tuple | None = None  # a norm's statistics set to None (BatchNorm then uses the batch's); None: not a norm
 
     @classmethod
     def of(cls, module: nn.Module, leaf: bool = False) -> "ModuleState":
@@ -160,7 +160,7 @@ class ModuleState:
         m = self.module
         if m.__class__ is not self.cls or self.cls.forward is not self.forward or _hooks(m) != self.hooks:
             return False
-        if _absent(m) != self.absent:
+        if self.absent is not None and _absent(m) != self.absent:
             return False
         children = m._modules
         if len(children) != len(self.children):
@@ -181,8 +181,10 @@ class ModuleState:
         return True
 
 
-def _absent(module: nn.Module) -> tuple:
-    return tuple(k for tensors in (module._parameters, module._buffers) for k, v in tensors.items() if v is None)
+def _absent(module: nn.Module) -> tuple | None:
+    """Which running statistics of a norm are None (only norms keep them: checked on those alone)."""
+    buffers = module._buffers
+    return tuple(k for k, v in buffers.items() if v is None) if "running_var" in buffers else None
 
 
 def _hooks(module: nn.Module) -> tuple:
