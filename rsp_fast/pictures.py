@@ -100,10 +100,8 @@ class FrameAttributor:
     def __init__(self, spec: ModelSpec, explainer: RSP, device: torch.device, batch_size: int, target=None):
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer))):
             raise RSPError(f"target must be one class (an int) for every picture, or None, not {target!r}")
-        known = len(spec.class_names)  # the model's own count is known only once it runs
-        if target is not None and (target < 0 or known and target >= known):
-            raise RSPError(f"target class {target} is out of range: {spec.name} has "
-                           + (f"{known} classes (0..{known - 1})" if known else "classes from 0"))
+        if target is not None and target < 0:  # the top end is the model's, known once it runs (names may be fewer)
+            raise RSPError(f"target class {target} is out of range: classes count from 0")
         check_explainer(spec, explainer)  # a caller's explainer of another model explained the pictures with it
         self.spec, self.explainer, self.device, self.target = spec, explainer, device, target
         self.batch_size = positive_int(batch_size, "batch size")

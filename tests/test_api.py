@@ -252,6 +252,8 @@ class _MixedTokens(nn.Module):
         h = F.relu(self.stem(x)).flatten(2).transpose(1, 2)
         if self.kind == "norm":
             return self.norm6(h)
+        if self.kind == "norm-spelled":  # the same tokens, written otherwise
+            return self.norm6(F.relu(self.stem(x)).flatten(start_dim=2, end_dim=-1).transpose(-1, -2))
         h = F.gelu(self.lin(h))
         if self.kind == "residual":
             return h + self.norm(F.relu(self.lin2(h)))
@@ -261,10 +263,10 @@ class _MixedTokens(nn.Module):
 
     def forward(self, x):
         t = self.tokens(x)
-        return (self.fc6 if self.kind == "norm" else self.fc)(t.mean(1))
+        return (self.fc6 if self.kind.startswith("norm") else self.fc)(t.mean(1))
 
 
-@pytest.mark.parametrize("kind", ["residual", "gate", "cat", "norm"])
+@pytest.mark.parametrize("kind", ["residual", "gate", "cat", "norm", "norm-spelled"])
 def test_tokens_merged_before_their_pooling_are_explained_channels_last(kind):
     """The layout walk stopped at a residual add, gate or join after a token Linear (and did not
     know a map's tokens without one): R₀ was Grad-CAM with the tokens as channels, 1.6–4.8 of
@@ -273,11 +275,37 @@ def test_tokens_merged_before_their_pooling_are_explained_channels_last(kind):
     model, x = _MixedTokens(kind).double().eval(), torch.randn(2, 3, 6, 7, dtype=D)
     ex = rsp_fast.RSP(model, init="gradcam").explain(x, target=[0, 1])
     A = model.tokens(x).detach().requires_grad_()
-    logits = (model.fc6 if kind == "norm" else model.fc)(A.mean(1))
+    logits = (model.fc6 if kind.startswith("norm") else model.fc)(A.mean(1))
     grads = torch.autograd.grad(logits[[0, 1], [0, 1]].sum(), A)[0]
     cam = A * grads.mean(1, keepdim=True)  # a weight per feature, the tokens its positions
     assert ex.initial.shape == A.shape
     assert rel_err(ex.initial, (cam / (cam.flatten(1).amax(1).view(-1, 1, 1) + 1e-9)).detach()) < 1e-12
+
+
+def test_a_conv_map_plus_a_linears_vector_keeps_its_channels_first():
+    """h + fc(h.mean((2, 3)))[:, :, None, None] (GCNet's context added back, with a Linear): the
+    map was taken as a Linear's tokens, channels last, once the layout walk crossed adds (R₀ 1.73
+    of its peak off the same net with the Linear written as a 1×1 conv; their rules differ)."""
+    class Context(nn.Module):
+        def __init__(self, as_conv):
+            super().__init__()
+            self.as_conv, self.stem, self.fc, self.head = as_conv, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            pooled = h.mean((2, 3))
+            if self.as_conv:
+                context = F.conv2d(pooled[:, :, None, None], self.fc.weight[:, :, None, None], self.fc.bias)
+            else:
+                context = self.fc(pooled)[:, :, None, None]
+            return self.head(F.adaptive_avg_pool2d(h + context, 1).flatten(1))
+    torch.manual_seed(0)
+    linear, conv = Context(False).double().eval(), Context(True).double().eval()
+    conv.load_state_dict(linear.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    ours, expected = rsp_fast.RSP(linear).explain(x), rsp_fast.RSP(conv).explain(x)
+    assert not rsp_fast.RSP(linear).plan.channels_last
+    assert rel_err(ours.initial, expected.initial) < 1e-12
 
 
 def test_timms_mlp_mixer_is_explained_with_its_tokens_as_positions():
@@ -2119,13 +2147,15 @@ class _BatchStatistic(nn.Module):
 @pytest.mark.parametrize("statistic", [
     dict(path=lambda h: h.amax(-4, keepdim=True)), dict(path=lambda h: h.max(-4, keepdim=True).values),
     dict(path=lambda h: h.mean(-4, keepdim=True)), dict(path=lambda h: torch.sum(h, dim=(-4, -1), keepdim=True)),
-    dict(path=lambda h: torch.cat([h, 2 * h], -4)[:h.shape[0]]), dict(head=lambda m, p: m.norm(p))],
-    ids=["amax", "max-values", "mean", "sum", "cat", "head-batchnorm"])
+    dict(path=lambda h: torch.cat([h, 2 * h], -4)[:h.shape[0]]), dict(head=lambda m, p: m.norm(p)),
+    dict(path=lambda h: h * torch.softmax(h, -4)), dict(path=lambda h: h * torch.sigmoid(h.mean(0, keepdim=True)))],
+    ids=["amax", "max-values", "mean", "sum", "cat", "head-batchnorm", "softmax-gate", "gate-of-a-batch-mean"])
 def test_statistics_over_the_batch_are_refused_however_the_dimension_is_written(statistic):
     """Written as dim -4 of an N×C×H×W map, a mean, sum or max over the batch took the pooling
     rule: sample 0's map moved 0.43–0.62 of its peak when only the other samples changed. In the
     head, where R₀'s gradient is taken, a BatchNorm by the batch's statistics was not looked at
-    (1.60 of the peak)."""
+    (1.60 of the peak). A gate's or statistic's branch gets no relevance, and was not looked at
+    either (a softmax over the batch as a gate: 0.074 of the peak)."""
     model = _BatchStatistic(**statistic).double().eval()
     with pytest.raises(UnsupportedModelError, match="along the batch dimension|normalises by the batch"):
         rsp_fast.RSP(model).attribute(torch.randn(3, 3, 9, 9, dtype=D))

@@ -922,6 +922,8 @@ class _NormedStem(nn.Module):
         "bias-added": lambda m, h: m.bn(h + m.shift.view(1, -1, 1, 1)),
         "dropout-between": lambda m, h: m.bn(m.drop(h)),
         "two-norms": lambda m, h: m.bn2(m.bn(h)),
+        "constant-statistics": lambda m, h: F.batch_norm(h, torch.zeros(4, dtype=D), torch.linspace(0.5, 2, 4, dtype=D),
+                                                         None, None, False),  # fx's constants, not the model's
     }
 
     def __init__(self, spelling, folded=None):
@@ -957,6 +959,24 @@ def test_batchnorms_are_folded_however_they_follow_the_layer(spelling):
     x = torch.randn(2, 3, 6, 6, dtype=D)
     assert torch.allclose(model(x), reference(x))
     assert rel_err(rsp_fast.RSP(model, layer="body").attribute(x), rsp_fast.RSP(reference, layer="body").attribute(x)) < 1e-10
+
+
+def test_a_batchnorm_of_channels_an_add_broadcast_is_not_folded_into_the_layer():
+    """conv with 1 filter, + a parameter of 8 channels, BatchNorm of 8: folding its scale into the
+    one filter made 8 of it, and the input's relevance 8 times R₀'s."""
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.shift, self.bn = nn.Conv2d(3, 1, 3, padding=1), nn.Parameter(torch.randn(1, 8, 1, 1)), nn.BatchNorm2d(8)
+            self.body, self.fc = nn.Conv2d(8, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.stem(x) + self.shift))
+            return self.fc(torch.relu(self.body(h)).mean((2, 3)))
+    torch.manual_seed(0)
+    model = _random_bn_statistics(Broadcast()).double().eval()
+    ex = rsp_fast.RSP(model, layer="body").explain(torch.randn(2, 3, 6, 6, dtype=D), record=True)
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
 def _random_bn_statistics(model, seed=0):
@@ -1455,6 +1475,12 @@ def test_a_fixed_filter_changed_in_place_is_judged_again():
     for filt in (sharpen, blur):
         model.load_state_dict({**model.state_dict(), "filt": filt})  # in place: the same buffer
         assert rel_err(explainer.attribute(x), rsp_fast.RSP(model).attribute(x)) < 1e-12
+    plan = explainer.plan
+    model.forward = lambda x: model.fc(torch.relu(model.body(F.conv2d(  # a filter fx keeps as a constant
+        torch.relu(model.stem(x)), torch.ones(4, 1, 3, 3, dtype=D) / 9, padding=1, groups=4))).mean((2, 3)))
+    explainer.attribute(x)
+    plan = explainer.plan
+    assert plan.filter_signs and plan.is_current()  # judged again alike, not traced anew at every call
 
 
 class _FilterMadeInForward(nn.Module):

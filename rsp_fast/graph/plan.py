@@ -589,8 +589,15 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     if mixing:
         raise UnsupportedModelError(f"the model's head (after layer {layer_name!r}) mixes the samples, and RSP's "
                                     "initial relevance is each sample's own: " + _grouped(mixing))
-    batch_dim_checks = []  # on the relevance path dim 0 is refused by node_kind; -k is known at run time
-    for node in sorted(kinds, key=order.__getitem__):
+    # On the relevance path dim 0 is refused by node_kind; on the branches that only compute factors
+    # (a gate, a statistic) here: their values reach every sample's output. -k is known at run time.
+    factors = _factor_branches(graph, saliency, kinds)
+    along_batch = [(n.name, BATCH_MIXING.format(read[2])) for n in factors
+                   if (read := dims_read_along(n)) is not None and 0 in read[0]]
+    if along_batch:
+        raise UnsupportedModelError("no RSP rule for " + _grouped(along_batch) + f" (between the input and layer {layer_name!r})")
+    batch_dim_checks = []
+    for node in sorted(set(kinds) | factors, key=order.__getitem__):
         read = dims_read_along(node)
         if read is not None and any(d < 0 for d in read[0]):
             dims, source, what = read
@@ -693,23 +700,33 @@ def _permuted_to_channels_last(model: nn.Module, node: fx.Node) -> bool:
 
 def _made_by_a_linear(model: nn.Module, node: fx.Node) -> bool:
     """Whether the node is a Linear's output (or a map's positions made tokens), behind
-    activations, dropout, norms, gates, residual sums, joins and slices (an MLP-Mixer's blocks):
-    its last dimension holds the features (N×T×F tokens)."""
-    todo, seen = [node], set()
-    while todo:
-        node = todo.pop()
-        if not isinstance(node, fx.Node) or node.op == "placeholder" or node in seen:
-            continue
-        seen.add(node)
-        m = _module(model, node)
-        if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None or _tokens_of_a_map(node):
-            return True
-        kind = node_kind(node, m)
-        if kind in (NodeKind.ADD, NodeKind.CAT, NodeKind.SCALE, NodeKind.SELECT):  # a layout the operands share
-            todo += relevance_inputs(node, kind)
-        elif kind == NodeKind.PASS:
-            todo.append(_first_tensor_input(node))
-    return False
+    activations, dropout, norms, gates, slices, and residual sums and joins with such an
+    operand and none from a conv or a pool (an MLP-Mixer's blocks, their token-mixing branch
+    transposed back; not a conv map plus a Linear's broadcast vector): its last dimension holds
+    the features (N×T×F tokens)."""
+    known: dict[fx.Node, bool | None] = {}
+
+    def made(node) -> bool | None:  # None: not known (the input, a transpose, ...)
+        if not isinstance(node, fx.Node) or node.op == "placeholder":
+            return None
+        if node not in known:
+            known[node] = None  # while it is worked out
+            m = _module(model, node)
+            kind = node_kind(node, m)
+            if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None or _tokens_of_a_map(node):
+                known[node] = True
+            elif kind in (NodeKind.ADD, NodeKind.CAT):
+                found = {made(a) for a in relevance_inputs(node, kind) if isinstance(a, fx.Node)}
+                known[node] = False if False in found else True if True in found else None
+            elif kind in (NodeKind.SCALE, NodeKind.SELECT, NodeKind.PASS):
+                known[node] = made(_first_tensor_input(node, kind))
+            elif kind in (NodeKind.LAYER, NodeKind.POOL, NodeKind.SUM):
+                known[node] = False
+        return known[node]
+    try:
+        return made(node) is True
+    except RecursionError:  # a very deep token network: its layout is not known here
+        return False
 
 
 def _tokens_of_a_map(node: fx.Node) -> bool:
@@ -717,13 +734,15 @@ def _tokens_of_a_map(node: fx.Node) -> bool:
     if calls(node, {torch.transpose, torch.swapaxes}, {"transpose", "swapaxes"}):
         dims = node.args[1:3] if len(node.args) >= 3 else ()
     elif calls(node, {torch.permute}, {"permute"}):
-        dims = (1, 2) if _permute_order(node) == (0, 2, 1) else ()
+        dims = (1, 2) if _permute_order(node) in ((0, 2, 1), (0, -1, -2), (0, 2, -2), (0, -1, 1)) else ()
     else:
         return False
     source = node.args[0] if node.args else None
-    flat = isinstance(source, fx.Node) and calls(source, {torch.flatten}, {"flatten"}) and len(source.args) == 2 \
-        and source.args[1] == 2 and not source.kwargs
-    return flat and sorted(dims) == [1, 2]
+    if not (isinstance(source, fx.Node) and calls(source, {torch.flatten}, {"flatten"})):
+        return False
+    flat = dict(zip(("input", "start_dim", "end_dim"), source.args)) | source.kwargs
+    return (flat.get("start_dim", 0) == 2 and flat.get("end_dim", -1) == -1 and len(dims) == 2
+            and all(isinstance(d, int) for d in dims) and sorted(d % 3 for d in dims) == [1, 2])
 
 
 def _non_negative(model: nn.Module):
@@ -782,6 +801,24 @@ def _grouped(problems: list[tuple[str, str]], shown: int = 3) -> str:
         more = f" and {len(names) - shown} more" if len(names) > shown + 1 else ""
         parts.append(", ".join(names[:shown] if more else names) + more + f": {what}")
     return "; ".join(parts)
+
+
+def _factor_branches(graph: fx.Graph, saliency: fx.Node, explained) -> set[fx.Node]:
+    """The nodes the saliency layer depends on that compute from the input but get no relevance:
+    the branches of gates and statistics (``h * sigmoid(h.mean(0))``)."""
+    ancestors, todo = set(), [saliency]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in ancestors and not is_shape_query(a):
+                ancestors.add(a)
+                todo.append(a)
+    from_input, todo = set(), [n for n in graph.nodes if n.op == "placeholder"]
+    while todo:
+        for user in todo.pop().users:
+            if user not in from_input:
+                from_input.add(user)
+                todo.append(user)
+    return {n for n in ancestors & from_input if n not in explained}
 
 
 def _bn_after(model: nn.Module, node: fx.Node, explained):

@@ -93,7 +93,7 @@ class LayerRule(Rule):
         """The weight with the BatchNorm after it folded in, where there is one and ``fold``."""
         W = self.weight(ctx)
         scale = self.bn_scale() if fold else None
-        if scale is not None:
+        if scale is not None and scale.numel() == W.shape[0]:  # not a norm of channels an add broadcast to
             W = W * scale.view(-1, *([1] * (W.dim() - 1)))
         return W.detach().to(dtype)
 

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.trace import ATTR_VALUE, MODULE_META
+from ..graph.trace import ATTR_VALUE, FX_CONSTANT, MODULE_META
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub, torch.subtract}
@@ -180,13 +180,19 @@ PROBE_SIZE = 3
 PROBES = {"dtype": torch.float32, "device": torch.device("cpu"), "shape": torch.Size([PROBE_SIZE] * 8)}
 
 
+def attribute_now(node: fx.Node, read: Callable[[str], object] | None):
+    """What a get_attr node reads: as traced, or with ``read`` the model's attribute now (a
+    tensor fx made a constant of the graph lives in the graph, not on the model)."""
+    return node.meta.get(ATTR_VALUE) if read is None or node.meta.get(FX_CONSTANT) else read(node.target)
+
+
 def _evaluate(node: fx.Node, done: dict, learned: bool = False, read: Callable[[str], object] | None = None):
     """``node``'s value from buffers and numbers (with ``learned``, parameters too: for the
     shape, dtype or device of one, not its values); attributes as traced, or as ``read`` gives them."""
     if node in done:
         return done[node]
     if node.op == "get_attr":
-        value = node.meta.get(ATTR_VALUE) if read is None else read(node.target)
+        value = attribute_now(node, read)
         if isinstance(value, torch.Tensor):
             if (isinstance(value, nn.Parameter) or value.requires_grad) and not learned:
                 raise _Unknown(node)
