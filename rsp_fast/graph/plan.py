@@ -184,7 +184,7 @@ class ModuleState:
 def _absent(module: nn.Module) -> tuple | None:
     """Which running statistics of a norm are None (only norms keep them: checked on those alone)."""
     buffers = module._buffers
-    return tuple(k for k, v in buffers.items() if v is None) if "running_var" in buffers else None
+    return (buffers.get("running_mean") is None, buffers["running_var"] is None) if "running_var" in buffers else None
 
 
 def _hooks(module: nn.Module) -> tuple:
