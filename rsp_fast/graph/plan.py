@@ -21,8 +21,9 @@ from torch.nn.modules import module as torch_module
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
-                     filter_signs_hold, filter_signs_judged, functional_batchnorm_scale, functional_linear_weight, is_identity_in_eval, is_pointwise_conv, is_batchnorm, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind,
-                     pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
+                     filter_signs_hold, filter_signs_judged, functional_batchnorm_scale, functional_linear_weight,
+                     is_batchnorm, is_identity_in_eval, is_pointwise_conv, is_rule_leaf, keeps_sign, mixes_the_batch,
+                     node_kind, pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
@@ -83,7 +84,8 @@ class Plan:
             return False
         if not all(state.holds() for state in self.states):
             return False
-        return not self.filter_signs or filter_signs_hold(self.filter_signs, functools.partial(attribute_at, self.states[0].module))
+        read = functools.partial(attribute_at, self.states[0].module) if self.states else None
+        return not self.filter_signs or filter_signs_hold(self.filter_signs, read)
 
     def keep_what_the_pass_wrote(self, model: nn.Module) -> None:
         """After a pass on a current plan: what the modules it ran wrote onto themselves (a hook

@@ -81,8 +81,9 @@ class Select(Route):
 
 class Rejoin(Route):
     """torch.cat / torch.stack given one split's pieces as a whole (``torch.cat(x.chunk(2, 1),
-    1)``, ``torch.stack(x.unbind(1), 2)``) or a slice of them (``x.chunk(2, 1)[::-1]``): an index map of x, so relevance goes back to where
-    each value came from, as for the pieces taken one by one (``Select``) and joined (``Cat``)."""
+    1)``, ``torch.stack(x.unbind(1), 2)``) or a slice of them (``x.chunk(2, 1)[::-1]``): an
+    index map of x, so relevance goes back to where each value came from, as for the pieces
+    taken one by one (``Select``) and joined (``Cat``)."""
 
     kind = "rejoin"
 
