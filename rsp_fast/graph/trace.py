@@ -35,6 +35,10 @@ FX_CONSTANT = "rsp_fx_constant"  # node.meta key: the get_attr node reads such a
 
 
 class _RecordingTracer(fx.Tracer):
+    # a buffer read as a node of the graph: a filter or a scale worked out from it in forward
+    # (``self.k.expand(c, 1, 3, 3) / 9``) is worked out again at every pass, not kept as fx's
+    # constant from the buffer as traced (a buffer loaded in place after would not be seen)
+    proxy_buffer_attributes = True
     def __init__(self, is_rule_leaf: Callable[[nn.Module], bool | None]):
         super().__init__()
         self._is_rule_leaf = is_rule_leaf
@@ -320,10 +324,18 @@ def _attributes_kept(model: nn.Module):
     forward), a value a forward worked out from one input's sizes (it would make the plans of
     other shapes look stale), and the tensors fx keeps on the model as ``_tensor_constantN``, a
     new one per trace (the graph reads them from its nodes)."""
-    before = {id(m): dict(m.__dict__) for m in model.modules()}
+    restore = _attributes_restorer(model)
     try:
         yield
     finally:
+        restore()
+
+
+def _attributes_restorer(model: nn.Module) -> Callable[[], None]:
+    """A function that puts the attributes of the model's modules back as they are now."""
+    before = {id(m): dict(m.__dict__) for m in model.modules()}
+
+    def restore() -> None:
         for m in model.modules():
             old = before.get(id(m))
             if old is None:
@@ -334,6 +346,7 @@ def _attributes_kept(model: nn.Module):
             for name, value in old.items():
                 if now.get(name, _MISSING) is not value:
                     now[name] = value
+    return restore
 
 
 def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
@@ -343,14 +356,15 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
     if example is not None and _untraced is None:
         raise UnsupportedModelError(f"could not trace {type(model).__name__} with torch.fx: its forward branches on "
                                     "sizes, which needs torch.fx._symbolic_trace._maybe_revert_all_patches")
-    tracer = _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
+    def tracer() -> _RecordingTracer:
+        return _RecordingTracer(is_rule_leaf) if example is None else _ConcreteTracer(is_rule_leaf, example.clone())
     root = _Caller(model) if called_by_a_caller(model) else model
     try:
         # not under a caller's inference_mode: fx keeps tensors the forward makes as constants of the
         # graph, and the head between the saliency layer and the logits runs them with autograd
         with torch.inference_mode(False), torch.no_grad(), TRACE_GATE.trace(), _attributes_kept(model):
             attributes = {*root.__dict__, *root._buffers, *root._parameters}  # a GraphModule's own constants are buffers
-            graph = tracer.trace(root, concrete_args=_defaults(root))
+            tracer, graph = _traced(tracer, root)
             for node in graph.nodes:  # read while fx's constants are still on the model
                 if node.op == "get_attr":
                     node.meta[ATTR_VALUE] = attribute_at(root, node.target)
@@ -375,6 +389,22 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
             f"{len(placeholders)} ({', '.join(n.name for n in placeholders)})"
         )
     return graph, tracer.module_outputs
+
+
+def _traced(make_tracer: Callable[[], _RecordingTracer], root: nn.Module) -> tuple[_RecordingTracer, fx.Graph]:
+    """The tracer and its graph, buffers read as nodes; or, where the forward branches on a
+    buffer's values or sizes (``if self.enabled:``, ``range(self.table.shape[0])``), as the
+    tensors they are when traced, as fx reads them by default."""
+    tracer, restore = make_tracer(), _attributes_restorer(root)
+    try:
+        return tracer, tracer.trace(root, concrete_args=_defaults(root))
+    except _ForwardFailed:
+        raise
+    except Exception:
+        restore()  # what the failed trace wrote onto the modules
+        tracer = make_tracer()
+        tracer.proxy_buffer_attributes = False
+        return tracer, tracer.trace(root, concrete_args=_defaults(root))
 
 
 class _Caller(nn.Module):
