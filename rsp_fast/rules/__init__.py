@@ -214,7 +214,30 @@ def filter_signs_judged(nodes) -> list[tuple[fx.Node, bool]]:
 
 def filter_signs_hold(judged: list[tuple[fx.Node, bool]], read: Callable[[str], object]) -> bool:
     """Whether each filter's sign is still as judged, its buffers read as they are now."""
-    return all(_fixed_positive_filter(n, read) == positive for n, positive in judged)
+    return all(_fixed_positive_filter_now(n, read) == positive for n, positive in judged)
+
+
+def _fixed_positive_filter_now(node: fx.Node, read: Callable[[str], object]) -> bool:
+    """``_fixed_positive_filter`` with the model's attributes now, worked out again only when an
+    attribute it read is another object or a tensor written since (each call checks the plan)."""
+    last = node.meta.get(_FILTER_READS)
+    if last is not None and all(_unchanged(read(target), *seen) for target, seen in last[0].items()):
+        return last[1]
+    reads = {}
+
+    def reading(target: str):
+        reads[target] = read(target)
+        return reads[target]
+    positive = _fixed_positive_filter(node, reading)
+    node.meta[_FILTER_READS] = ({t: (v, getattr(v, "_version", None)) for t, v in reads.items()}, positive)
+    return positive
+
+
+_FILTER_READS = "rsp_filter_reads"  # node.meta key: (attribute → (what was read, its version)), the judgement
+
+
+def _unchanged(now, value, version) -> bool:
+    return now is value and getattr(now, "_version", None) == version
 
 
 def _conv_with_constant_weight(node: fx.Node) -> bool:
