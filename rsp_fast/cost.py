@@ -21,6 +21,7 @@ from torch import nn
 from .errors import RSPError
 from .graph.plan import build_plan, step_path
 from .graph.trace import UntraceableModelError, eval_mode, unwrap
+from .kernels.triton import triton_unavailable_reason
 from .ops.custom import pointwise_kernel_built
 from .propagate import record_forward, work_dtype
 from .rules.conv import Conv, image_shape
@@ -34,7 +35,7 @@ def _layer_name(step) -> str:
     return step_path(step) or step.node.name
 
 
-def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
+def _conv_row(step: Conv, shapes, dtype: torch.dtype, device: torch.device) -> dict:
     C, H, W = image_shape(shapes[step.inputs[0]])[1:]
     O, h, w = image_shape(shapes[step.node])[1:]
     g = step.geometry(shapes, (H, W))
@@ -43,7 +44,8 @@ def _conv_row(step: Conv, shapes, dtype: torch.dtype, cuda: bool) -> dict:
     elem = dtype.itemsize
     forward = O * ck * L
     filter_macs = 6 * og * ck * L * G
-    implicit = implicit_gemm_fits(g, C, O, (H, W), L)
+    cuda = device.type == "cuda"
+    implicit = implicit_gemm_fits(g, C, O, (H, W), L) and triton_unavailable_reason(device) == ""  # as the rule asks
     pixel_gram = pixel_gram_macs(g, C // G, (H, W), L, tap_sums_pay(cuda, dtype, implicit))
     gram = gram_macs(ck, og, L, pixel_gram) * G
     if step.first:
@@ -157,7 +159,7 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
     rows = []
     for step in reversed(plan.steps):  # input to saliency layer
         if isinstance(step, Conv):
-            rows.append(_conv_row(step, shapes, work, x.is_cuda))
+            rows.append(_conv_row(step, shapes, work, x.device))
         elif isinstance(step, Conv3d):
             rows.append(_conv3d_row(step, shapes, elem))
         elif isinstance(step, Linear):

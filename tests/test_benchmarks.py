@@ -197,6 +197,26 @@ def test_cost_model_runs_strided_1x1_convs_as_pointwise():
     assert layers["layer4.0.downsample.0"]["path"] == "gram"  # 7² positions: the Gram path
 
 
+def test_cost_model_takes_the_implicit_gemms_only_where_triton_runs(monkeypatch):
+    """A CUDA layer's path in ``cost`` is the rule's: the implicit GEMMs where Triton runs, the
+    library's grouped convolutions where it does not (cost said implicit_gemm either way)."""
+    import torchvision
+
+    import rsp_fast.cost
+    from rsp_fast.graph.plan import build_plan
+    from rsp_fast.propagate import record_forward
+
+    model = torchvision.models.vgg11().features[:8].eval()
+    plan = build_plan(model, None)
+    shapes = record_forward(model, plan, torch.zeros(1, 3, 64, 64))[3]
+    conv = next(s for s in plan.steps if isinstance(s, rsp_fast.rules.conv.Conv) and not s.first)
+    paths = {}
+    for reason in ("", "Triton is not installed"):
+        monkeypatch.setattr(rsp_fast.cost, "triton_unavailable_reason", lambda device: reason, raising=False)
+        paths[reason] = rsp_fast.cost._conv_row(conv, shapes, torch.bfloat16, torch.device("cuda"))["path"]
+    assert paths == {"": "implicit_gemm", "Triton is not installed": "grouped_conv"}
+
+
 def test_cost_model_counts_vgg16():
     import torchvision
 
