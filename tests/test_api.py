@@ -254,6 +254,8 @@ class _MixedTokens(nn.Module):
             return self.norm6(h)
         if self.kind == "norm-spelled":  # the same tokens, written otherwise
             return self.norm6(F.relu(self.stem(x)).flatten(start_dim=2, end_dim=-1).transpose(-1, -2))
+        if self.kind == "norm-swapdims":
+            return self.norm6(torch.swapdims(F.relu(self.stem(x)).flatten(2), 1, 2))
         h = F.gelu(self.lin(h))
         if self.kind == "residual":
             return h + self.norm(F.relu(self.lin2(h)))
@@ -266,11 +268,12 @@ class _MixedTokens(nn.Module):
         return (self.fc6 if self.kind.startswith("norm") else self.fc)(t.mean(1))
 
 
-@pytest.mark.parametrize("kind", ["residual", "gate", "cat", "norm", "norm-spelled"])
+@pytest.mark.parametrize("kind", ["residual", "gate", "cat", "norm", "norm-spelled", "norm-swapdims"])
 def test_tokens_merged_before_their_pooling_are_explained_channels_last(kind):
     """The layout walk stopped at a residual add, gate or join after a token Linear (and did not
     know a map's tokens without one): R₀ was Grad-CAM with the tokens as channels, 1.6–4.8 of
-    its peak off (timm's MLP-Mixer too), and behind a LayerNorm its ΣR₀ was 0."""
+    its peak off (timm's MLP-Mixer too), and behind a LayerNorm its ΣR₀ was 0 (written with
+    swapdims, still so until the transposes were listed once)."""
     torch.manual_seed(0)
     model, x = _MixedTokens(kind).double().eval(), torch.randn(2, 3, 6, 7, dtype=D)
     ex = rsp_fast.RSP(model, init="gradcam").explain(x, target=[0, 1])
@@ -1306,6 +1309,8 @@ def test_bad_constructor_arguments():
         rsp_fast.RSP(model, hostile_k=-1)
     with pytest.raises(RSPError, match="'features.99' is not a module"):
         rsp_fast.RSP(model, layer="features.99")
+    with pytest.raises(RSPError, match="'99' is not a module"):  # not the root's 99th call (no ':')
+        rsp_fast.RSP(model.features, layer="99")
     with pytest.raises(RSPError, match="not a submodule"):
         rsp_fast.RSP(model, layer=nn.ReLU())
     with pytest.raises(BackendUnavailableError, match="unknown backend"):

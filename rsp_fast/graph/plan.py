@@ -1,9 +1,10 @@
 """The propagation plan: which nodes RSP walks through, with which rule, in what order.
 
-Built once per (model, layer): the graph is traced, the saliency node found, every node
-on the way back to the input given a rule (or reported as unsupported, all at once,
-before any work), first layers (those that see the raw input) marked for the z^B rule,
-and BatchNorms after a conv or linear folded into it.
+Built per (model, layer), per input shape where the forward branches on sizes, and again
+when the model changed (``Plan.is_current``): the graph is traced, the saliency node found,
+every node on the way back to the input given a rule (or reported as unsupported, all at
+once, before any work), first layers (those that see the raw input) marked for the z^B
+rule, and BatchNorms after a conv or linear folded into it.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_sup
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
-from ..rules.operands import calls, is_biased_sum, is_parameter, is_shape_query, reduced_dims, sole_operand
+from ..rules.operands import TRANSPOSES, calls, is_biased_sum, is_parameter, is_shape_query, reduced_dims, sole_operand
 from .trace import KEPT_WHOLE, UntraceableModelError, attribute_at, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
@@ -43,22 +44,26 @@ class Plan:
     saved: set[fx.Node]  # nodes whose forward values the rules read
     head: set[fx.Node]  # nodes computed from the saliency layer (run with autograd for the initial relevance)
     input_rank: int | None  # rank the first layer expects (4 for Conv2d), None if unknown
-    channels_last: bool = False  # the saliency map is N×H×W×C (MambaOut): its head pools dims 1 and 2
     # what the traced graph holds of every module besides its tensors, when the plan was built
     states: list[ModuleState] = field(default_factory=list)
     leaves: frozenset = frozenset()  # ids of the modules the graph calls whole
     # reductions and joins along negative dimensions: (node, the node whose rank they index, dims, op)
     batch_dim_checks: list[tuple[fx.Node, fx.Node, tuple[int, ...], str]] = field(default_factory=list)
-    layout: Callable[[int], bool] | None = None  # channels_last for a map of a given rank (None: channels_last)
+    # whether the saliency map of a given rank (None: any) is N×H×W×C (MambaOut's, its head pooling
+    # dims 1 and 2) or N×T×F (a Linear's tokens)
+    layout: Callable[[int | None], bool] = lambda rank: False
     scores: fx.Node | None = None  # the class scores a final softmax, log_softmax or sigmoid normalises
     scores_dim: int | str | None = None  # the dim it normalises (see scores_over_classes)
     layouts: dict = field(default_factory=dict)  # rank → layout(rank), worked out once
     filter_signs: list = field(default_factory=list)  # (conv with a fixed filter, judged ≥ 0: a pooling)
 
-    def channels_last_at(self, rank: int) -> bool:
-        """``channels_last`` for a saliency map of this rank, transposes in the head followed."""
-        if self.layout is None:
-            return self.channels_last
+    @property
+    def channels_last(self) -> bool:
+        """Whether the saliency map has its channels last, whatever its rank."""
+        return self.channels_last_at(None)
+
+    def channels_last_at(self, rank: int | None) -> bool:
+        """Whether the saliency map of this rank has its channels last, transposes in the head followed."""
         if rank not in self.layouts:
             self.layouts[rank] = self.layout(rank)
         return self.layouts[rank]
@@ -450,8 +455,8 @@ def layer_name(model: nn.Module, layer) -> str | None:
     if not isinstance(layer, str):
         raise RSPError(f"layer must be a module name, a module or None, not {type(layer).__name__}")
     known = dict(model.named_modules())
-    module, _, call = layer.rpartition(":")
-    if module in known and call.isdigit() and int(call) >= 1:
+    module, colon, call = layer.rpartition(":")
+    if colon and module in known and call.isdigit() and int(call) >= 1:
         return layer  # a module's k-th call (a block's shared ReLU: "layer1.0.relu:1"), as Explanation.steps names it
     if layer not in known:
         try:  # a second name of a module held twice: named_modules lists the first only
@@ -553,7 +558,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
         ins = relevance_inputs(node, kinds[node])
         from_input = any(a is input_node or raw.get(a, False) for a in ins)
         raw[node] = from_input and kinds[node] != NodeKind.LAYER
-        if raw[node] and (calls(node, RESHAPES, RESHAPE_METHODS) or any(a in reshaped for a in ins)):
+        if raw[node] and (calls(node, LAYOUT_CHANGES, LAYOUT_CHANGE_METHODS) or any(a in reshaped for a in ins)):
             reshaped.add(node)
         module = _module(model, node)
         if from_input and kinds[node] == NodeKind.LAYER and input_rank is None and not any(a in reshaped for a in ins):
@@ -607,8 +612,8 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     saved = {v for s in steps for v in s.needs_values}
     leaves = frozenset(id(_module(model, n)) for n in graph.nodes if n.op == "call_module")
     scores, scores_dim = _scores_normalised(model, _logits_node(next(n for n in graph.nodes if n.op == "output")))
-    return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _pooled_channels_last(model, saliency),
-                _module_states(model, leaves), leaves, batch_dim_checks, functools.partial(_pooled_channels_last, model, saliency),
+    return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _module_states(model, leaves),
+                leaves, batch_dim_checks, functools.partial(_pooled_channels_last, model, saliency),
                 scores if scores in head else None, scores_dim, filter_signs=filter_signs_judged(kinds))
 
 
@@ -638,7 +643,7 @@ def _pooled_channels_last(model: nn.Module, saliency: fx.Node, rank: int | None 
             continue
         if moved and node_kind(node, m) == NodeKind.POOL:  # a pool of the trailing dims keeps dim 1: the channels
             return order[1] == rank - 1
-        if calls(node, RESHAPES, RESHAPE_METHODS) or _is_flatten(node, m):
+        if calls(node, LAYOUT_CHANGES, LAYOUT_CHANGE_METHODS) or _is_flatten(node, m):
             return False  # behind a reshape the layout is not known
         if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None:
             through_linear = True
@@ -657,7 +662,7 @@ def _moves_dims(node: fx.Node, order: list) -> bool:
     args = list(node.args[1:]) + list(node.kwargs.values())
     if not args or not all(isinstance(a, int) for a in (args[0] if isinstance(args[0], (tuple, list)) else args)):
         return False
-    if calls(node, {torch.transpose, torch.swapaxes, torch.swapdims}, {"transpose", "swapaxes", "swapdims"}) and len(args) == 2:
+    if calls(node, *TRANSPOSES) and len(args) == 2:
         a, b = (d % rank for d in args)
         order[a], order[b] = order[b], order[a]
     elif calls(node, {torch.permute}, {"permute"}) and len(_permute_order(node)) == rank:
@@ -676,9 +681,8 @@ def _permute_order(node: fx.Node) -> tuple:
 
 
 # ops that change a tensor's shape or order of dims: behind them a layout is not known
-RESHAPES = {torch.reshape, torch.flatten, torch.unflatten, torch.transpose, torch.movedim, torch.squeeze, torch.unsqueeze,
-            torch.swapaxes}
-RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "transpose", "movedim", "squeeze", "unsqueeze", "swapaxes", "mT"}
+LAYOUT_CHANGES = TRANSPOSES[0] | {torch.reshape, torch.flatten, torch.unflatten, torch.movedim, torch.squeeze, torch.unsqueeze}
+LAYOUT_CHANGE_METHODS = TRANSPOSES[1] | {"view", "reshape", "flatten", "unflatten", "movedim", "squeeze", "unsqueeze"}
 
 
 def _permuted_to_channels_last(model: nn.Module, node: fx.Node) -> bool:
@@ -690,7 +694,7 @@ def _permuted_to_channels_last(model: nn.Module, node: fx.Node) -> bool:
         if calls(node, {torch.permute}, {"permute"}):
             return _permute_order(node) == (0, 2, 3, 1)
         module = _module(model, node)
-        if calls(node, RESHAPES, RESHAPE_METHODS) or isinstance(module, nn.Flatten | nn.Unflatten):
+        if calls(node, LAYOUT_CHANGES, LAYOUT_CHANGE_METHODS) or isinstance(module, nn.Flatten | nn.Unflatten):
             return False
         kind = node_kind(node, module)
         linear = isinstance(module, nn.Linear) or functional_linear_weight(node) is not None
@@ -733,7 +737,7 @@ def _made_by_a_linear(model: nn.Module, node: fx.Node) -> bool:
 
 def _tokens_of_a_map(node: fx.Node) -> bool:
     """``x.flatten(2).transpose(1, 2)`` (ViT's and MLP-Mixer's patch tokens): N×T×C, channels last."""
-    if calls(node, {torch.transpose, torch.swapaxes}, {"transpose", "swapaxes"}):
+    if calls(node, *TRANSPOSES):
         dims = node.args[1:3] if len(node.args) >= 3 else ()
     elif calls(node, {torch.permute}, {"permute"}):
         dims = (1, 2) if _permute_order(node) in ((0, 2, 1), (0, -1, -2), (0, 2, -2), (0, -1, 1)) else ()

@@ -93,7 +93,7 @@ class _RecordingTracer(fx.Tracer):
 
 
 SIZE_METHODS = {"size", "dim", "ndimension", "numel", "nelement"}
-SIZE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
+SIZE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}  # what an example's sizes and kind answer
 
 
 class _ForwardFailed(Exception):

@@ -1,7 +1,8 @@
 """Pure-PyTorch RSP math: the specification every kernel is tested against.
 
 Each function here is one fusable step of RSP_SPEC.md (sections 2 and 4). They work on
-any device and dtype and are the CPU fallback when no compiled kernel is available.
+any device and dtype; the normalisation and the purge are the fallback when no compiled
+kernel is available, the products' references are the tests' oracles for the fused kernels.
 All reductions are per sample (dimension 0), never across the batch.
 """
 from __future__ import annotations

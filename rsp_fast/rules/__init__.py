@@ -24,7 +24,7 @@ from .linear import FunctionalLinear, Linear
 from .merge import BATCH_MIXING, Add, Cat, MeanOfStack, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, CAST_METHODS, DIV_METHODS,
                        GATE_METHODS, MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
-                       SUB_FUNCTIONS, SUB_METHODS, attribute_now, behind_reshapes, calls, fixed_value, is_biased_sum,
+                       SUB_FUNCTIONS, SUB_METHODS, TRANSPOSES, attribute_now, behind_reshapes, calls, fixed_value, is_biased_sum,
                        is_number, is_parameter, is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
 from .passthrough import GatedHalf, PassThrough, Rejoin, Route, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
@@ -70,13 +70,13 @@ CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torc
 MATMUL = ({operator.matmul, torch.matmul}, {"matmul", "__matmul__"})
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 STACK_FUNCTIONS = {torch.stack}
-ROUTE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim, F.pixel_shuffle,
-                   F.pixel_unshuffle, torch.channel_shuffle, torch.native_channel_shuffle}
+ROUTE_FUNCTIONS = TRANSPOSES[0] | {torch.permute, torch.movedim, F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
+                                   torch.native_channel_shuffle}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 PASS_METHODS = {"view", "reshape", "flatten", "unflatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as",
                 "tanh", "squeeze", "unsqueeze"} | CAST_METHODS | GATE_METHODS | NEGATION[1]
 POOL_METHODS = {"mean"}
-ROUTE_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim"}
+ROUTE_METHODS = TRANSPOSES[1] | {"permute", "movedim"}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 
 SUPPORTED = {
@@ -551,8 +551,8 @@ def _normalises_by_the_batch(node: fx.Node, module: nn.Module | None) -> bool:
 
 
 def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> str | None:
-    """Why a product, quotient, difference, conv, resize or batch-statistics norm has no rule (None
-    if it is not one)."""
+    """Why a product, quotient, difference, conv, resize or batch-statistics norm has no rule, or
+    why a reduction, cat or stack would mix the batch (None if it has one)."""
     if _normalises_by_the_batch(node, module):
         return ("a BatchNorm that normalises by the batch's own mean and variance (no running statistics, or "
                 "training mode): each sample's output would depend on the other samples'")

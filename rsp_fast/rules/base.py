@@ -47,8 +47,6 @@ class Rule:
     forward values the rule reads (saved during the forward pass, everything else is freed).
     """
 
-    kind: str = "rule"
-
     def __init__(self, node: fx.Node, inputs: list[fx.Node], needs_values: list[fx.Node] | None = None):
         self.node = node
         self.inputs = inputs
@@ -62,8 +60,6 @@ class LayerRule(Rule):
     """A conv or linear layer: reads its saved input; a first layer (one that sees the raw
     input) uses the z^B rule with the weights of a BatchNorm after it folded in."""
 
-    name = "layer"
-
     def __init__(self, node: fx.Node, inputs: list[fx.Node], module: torch.nn.Module, first: bool, bn_scale: Callable):
         super().__init__(node, inputs, needs_values=list(inputs))
         self.module, self.first, self.bn_scale = module, first, bn_scale
@@ -74,7 +70,6 @@ class LayerRule(Rule):
         self.purge_at: fx.Node | None = None
         # set by the plan for a first conv reading a zero padding: (the padding's input, its amounts)
         self.zero_pad: tuple[fx.Node, tuple[int, ...]] | None = None
-        self.kind = f"{self.name} (first, z^B)" if first else self.name
 
     def purge_deferral(self, ctx: Context, pointwise: bool) -> dict | None:
         """Where the plan left this conv's purge to the copy padding before it (``purge_at``)

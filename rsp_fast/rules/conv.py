@@ -82,9 +82,9 @@ def _pair(v) -> tuple:
 def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
     """The weight a Conv2d with its own ``forward`` (timm's weight-standardised StdConv2d,
     ScaledStdConv2d) passes to conv2d, found by running it once on a small probe; None
-    unless it makes exactly one conv2d call, on its input, with the module's own geometry
-    (other forwards, as a TF-style "same" padding before the call, are traced into). (Inner layers only need the geometry; a first layer's
-    z^B rule needs this weight.)"""
+    unless it makes exactly one conv2d call, on its input (or on the TF-style "same" padding of
+    it, which the rule works out itself), with the module's own geometry; other forwards are
+    traced into. (Inner layers only need the geometry; a first layer's z^B rule needs this weight.)"""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     w = module.weight
     probe = w.new_zeros(1, module.in_channels, (kh - 1) * dh + 2 * sh + 1, (kw - 1) * dw + 2 * sw + 1)
@@ -540,8 +540,6 @@ def _unfolded_products(ctx: Context, xp: torch.Tensor, Rs_low: torch.Tensor, g: 
 
 
 class Conv(LayerRule):
-    name = "conv"
-
     def weight(self, ctx: Context) -> torch.Tensor:
         if has_plain_conv_forward(self.module):
             return self.module.weight

@@ -108,8 +108,6 @@ def inner_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Co
 
 
 class Conv3d(LayerRule):
-    name = "conv3d"
-
     def geometry(self, shapes) -> Conv3dGeometry:
         m = self.module
         return conv3d_geometry(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)

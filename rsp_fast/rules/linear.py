@@ -36,8 +36,6 @@ def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
 
 
 class Linear(LayerRule):
-    name = "linear"
-
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         x = ctx.values[self.inputs[0]]
         # a BatchNorm1d after a Linear on N×T×F tokens normalises dim 1, the tokens, not the

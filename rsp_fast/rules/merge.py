@@ -19,8 +19,6 @@ class Add(Rule):
     operand's term is α·b, so b̂ = max(α·b, 0)+1e-9 (an extension). Broadcast operands get
     their relevance summed back to shape."""
 
-    kind = "add"
-
     def __init__(self, node, inputs, alpha: float = 1):
         super().__init__(node, inputs, needs_values=list(inputs))
         self.alpha = alpha
@@ -37,8 +35,6 @@ class Sum(Rule):
     """y = x.sum(dims) within a sample (ResNeSt's and SKNet's sum over their branches): the
     residual-add rule for as many operands as the summed dimensions hold, x̂ = max(x,0)+1e-9,
     R_x = x̂·safe_div(R, Σx̂)."""
-
-    kind = "sum"
 
     def __init__(self, node, inputs, dims):
         super().__init__(node, inputs, needs_values=list(inputs))
@@ -71,8 +67,6 @@ class MeanOfStack(Sum):
 class Cat(Rule):
     """Concatenation: split R by the same slices."""
 
-    kind = "cat"
-
     def __init__(self, node, inputs, dim: int):
         super().__init__(node, inputs)
         self.dim = dim
@@ -85,8 +79,6 @@ class Cat(Rule):
 class Stack(Cat):
     """torch.stack: each input gets its slice of R back (a stack along the batch, which would
     mix samples, the plan refuses or checks at run time)."""
-
-    kind = "stack"
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         return list(R.unbind(self.dim))

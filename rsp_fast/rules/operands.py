@@ -47,6 +47,7 @@ ACTIVATION_FUNCTIONS = RECTIFIER_FUNCTIONS | GATE_FUNCTIONS | {
     F.softsign, F.tanhshrink, F.softshrink, F.hardshrink, F.logsigmoid, F.threshold, F.rrelu}
 ACTIVATION_METHODS = GATE_METHODS | {"relu", "relu_", "tanh"}
 CAST_METHODS = {"to", "float", "double", "half", "bfloat16", "type", "type_as"}
+TRANSPOSES = ({torch.transpose, torch.swapaxes, torch.swapdims}, {"transpose", "swapaxes", "swapdims"})  # functions, methods
 RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "view_as", "reshape_as",
                    "contiguous"} | CAST_METHODS
 # Ops whose output summarises their input over some dimensions: a value computed only

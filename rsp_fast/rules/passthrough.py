@@ -16,8 +16,6 @@ from .base import Context, Rule, finish_purge, node_function
 
 
 class PassThrough(Rule):
-    kind = "pass-through"
-
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         return [R.reshape(ctx.shapes[self.inputs[0]])]
 
@@ -25,8 +23,6 @@ class PassThrough(Rule):
 class Route(Rule):
     """Zero padding and other pure index maps: R_in is the op's vector-Jacobian product,
     i.e. relevance is cropped back to where the input was (padding carries none)."""
-
-    kind = "route"
 
     def __init__(self, node, inputs, module):
         super().__init__(node, inputs, needs_values=[a for a in node.all_input_nodes if a is not inputs[0]])
@@ -50,8 +46,6 @@ class GatedHalf(Route):
     """A gated linear unit, GLU(x) = a·σ(b) with a, b the two halves of x along ``dim``: all
     of R to a, as for any gate (the rule of x·σ(g)); b's half gets none."""
 
-    kind = "gated half"
-
     def __init__(self, node, inputs, module, dim: int):
         super().__init__(node, inputs, module)
         self.needs_values, self.dim = [], dim
@@ -63,8 +57,6 @@ class GatedHalf(Route):
 class Select(Route):
     """y = x[index], or one piece of chunk / split / unbind (y = split(x)[i], the split
     itself never gets a rule): relevance goes back to the piece's place in x."""
-
-    kind = "select"
 
     def __init__(self, node, inputs, split: fx.Node | None):
         others = [a for n in ((node, split) if split is not None else (node,)) for a in n.all_input_nodes]
@@ -85,8 +77,6 @@ class Rejoin(Route):
     index map of x, so relevance goes back to where each value came from, as for the pieces
     taken one by one (``Select``) and joined (``Cat``)."""
 
-    kind = "rejoin"
-
     def __init__(self, node, inputs, split: fx.Node, pieces: slice | None = None):
         others = [a for n in (node, split) for a in n.all_input_nodes]
         held = {inputs[0], split, *(p for p in others if p.op == "call_function" and p.args and p.args[0] is split)}
@@ -105,8 +95,6 @@ class Scale(Rule):
     operand that is: ``operands.sole_operand``): all of R goes to x (LRP's signal-take-all
     for gates: relevance does not flow into the branch computing the factor), summed back to
     x's shape if x was broadcast."""
-
-    kind = "scale"
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         return [R.sum_to_size(ctx.shapes[self.inputs[0]])]

@@ -50,8 +50,6 @@ def is_max_pool(node, module: nn.Module | None) -> bool:
 
 
 class Pool(Rule):
-    kind = "pool"
-
     def __init__(self, node, inputs, module):
         super().__init__(node, inputs, needs_values=list(node.all_input_nodes))
         self.module = module
@@ -96,7 +94,6 @@ class MaxPoolByIndices(Rule):
     """A max-pool module: R goes to each window's maximum (the z-rule above, exactly), found
     by the indices the forward pass recorded; reads the pool's output, not its larger input."""
 
-    kind = "pool"
     records_indices = True
 
     def __init__(self, node, inputs, module):
