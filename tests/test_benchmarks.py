@@ -200,11 +200,15 @@ def test_cost_model_runs_strided_1x1_convs_as_pointwise():
 def test_cost_model_takes_the_implicit_gemms_only_where_triton_runs(monkeypatch):
     """A CUDA layer's path in ``cost`` is the rule's: the implicit GEMMs where Triton runs, the
     library's grouped convolutions where it does not (cost said implicit_gemm either way)."""
+    import importlib
+
     import torchvision
 
-    import rsp_fast.cost
+    import rsp_fast
     from rsp_fast.graph.plan import build_plan
     from rsp_fast.propagate import record_forward
+
+    cost = importlib.import_module("rsp_fast.cost")  # the module: rsp_fast.cost is the function
 
     model = torchvision.models.vgg11().features[:8].eval()
     plan = build_plan(model, None)
@@ -212,8 +216,8 @@ def test_cost_model_takes_the_implicit_gemms_only_where_triton_runs(monkeypatch)
     conv = next(s for s in plan.steps if isinstance(s, rsp_fast.rules.conv.Conv) and not s.first)
     paths = {}
     for reason in ("", "Triton is not installed"):
-        monkeypatch.setattr(rsp_fast.cost, "triton_unavailable_reason", lambda device: reason, raising=False)
-        paths[reason] = rsp_fast.cost._conv_row(conv, shapes, torch.bfloat16, torch.device("cuda"))["path"]
+        monkeypatch.setattr(cost, "triton_unavailable_reason", lambda device: reason, raising=False)
+        paths[reason] = cost._conv_row(conv, shapes, torch.bfloat16, torch.device("cuda"))["path"]
     assert paths == {"": "implicit_gemm", "Triton is not installed": "grouped_conv"}
 
 
