@@ -17,7 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from .errors import BackendUnavailableError, RSPError
-from .paths import check_outputs_spare_inputs, checked_output_file, checked_output_folder, temporary_sibling
+from .paths import check_outputs_spare_inputs, checked_output_file, checked_output_folder, write_atomically
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,14 +117,7 @@ def _report_path(args, default: Path | None = None, inputs=()) -> Path | None:
 
 def _write_report(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)  # one per run: two runs may name one report
-    try:
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(path)
-    except OSError as exc:  # a full disk: the bare error names no file, or the temporary one
-        raise RSPError(f"cannot write report {str(path)!r}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)), "report")
 
 
 def _summary(report: dict) -> str:

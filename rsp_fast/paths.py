@@ -10,6 +10,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .errors import RSPError
 
@@ -27,6 +28,20 @@ def temporary_sibling(path: Path, suffix: str = "") -> Path:
         digest = hashlib.sha1(stored).hexdigest()[:8]
         name = stored[:room - 9].decode(errors="ignore") + "-" + digest
     return path.with_name(f".{name}{tag}")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], what: str = "", suffix: str = "") -> None:
+    """``write`` the file under a temporary sibling name, then rename it into place: never a
+    half-written file. An OSError (a full disk) becomes an RSPError naming ``path``, not the
+    temporary file. ``what``: the file's role in the message; ``suffix``: see temporary_sibling."""
+    tmp = temporary_sibling(path, suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise RSPError(f"cannot write {what + ' ' if what else ''}{str(path)!r}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_readable(path: Path, what: str) -> None:

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import RSPError
 from .optional import pil
 
 
@@ -171,18 +170,8 @@ def contact_sheet(images: list[np.ndarray], columns: int = 4, gap: int = 4) -> n
 
 def save_png(path, img: np.ndarray) -> None:
     """Write atomically: a temporary file renamed into place, never a half-written PNG."""
-    import os
-
-    from .paths import temporary_sibling
+    from .paths import write_atomically
 
     Image = pil()
-
-    tmp = temporary_sibling(Path(path), ".png")
-    try:
-        Image.fromarray(img).save(tmp, compress_level=1)  # 4x faster than PIL's default (6) on 24-megapixel maps; files up to 1.5x larger
-        os.replace(tmp, path)
-    except OSError as exc:  # a full disk: PIL's error names no file
-        raise RSPError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # compress_level 1: 4x faster than PIL's default (6) on 24-megapixel maps; files up to 1.5x larger
+    write_atomically(Path(path), lambda tmp: Image.fromarray(img).save(tmp, compress_level=1), suffix=".png")
