@@ -8,6 +8,7 @@ import torch
 
 
 MIN_CAPABILITY = (8, 0)  # Ampere: bf16 and TF32 tensor cores
+GRID_YZ_LIMIT = 65535  # CUDA's limit on a launch grid's second and third dimensions
 
 
 def triton_unavailable_reason(device: torch.device) -> str:

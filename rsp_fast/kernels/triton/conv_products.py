@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rsp_fast.tf32 import matmul_tf32  # absolute: benchmarks load this file alone as a baseline
+from rsp_fast.kernels.triton import GRID_YZ_LIMIT  # absolute: benchmarks load this file alone as a baseline
+from rsp_fast.tf32 import matmul_tf32
 
 
 @triton.jit
@@ -459,7 +460,7 @@ def _splits(programs: int, positions: int, block: int, device: torch.device) -> 
 
 # CUDA's limit on a launch's second and third grid dimensions, where the kernels put the samples
 # (with the taps, for the filters)
-MAX_GRID_YZ = 65535
+MAX_GRID_YZ = GRID_YZ_LIMIT
 
 
 def max_samples(kernel) -> int:
@@ -705,7 +706,7 @@ def _filters_from_stacked_sections(x_cl, R, t: Tiles, kernel, dilation, pad, out
     sections are copied asynchronously and the loop is pipelined (scripts/compile_kernels.py) also
     where L is not a multiple of 16 (14² = 196)."""
     N, H, W, C = x_cl.shape
-    O, M, T = R.shape[1], 2 * R.shape[1], kernel[0] * kernel[1]
+    M, T = 2 * R.shape[1], kernel[0] * kernel[1]
     dtype, device = x_cl.dtype, x_cl.device
     geometry = (H, W, out_hw[1], kernel[1], *dilation, pad[2], pad[0], T)
     if t.shifted:

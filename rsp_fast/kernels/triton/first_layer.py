@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ...tf32 import matmul_tf32
+from . import GRID_YZ_LIMIT
 from .conv_products import _dot
 
 
@@ -89,7 +90,7 @@ def _back_kernel(s_ptr, w_ptr, x_ptr, bounds_ptr, out_ptr, O, C, K, H, W, Ho, Wo
 
 
 # CUDA's limit on a launch's third grid dimension, where both kernels put the samples
-MAX_SAMPLES = 65535
+MAX_SAMPLES = GRID_YZ_LIMIT
 
 
 def tiles(out_channels: int, columns: int, dtype: torch.dtype, device: torch.device) -> dict[str, dict[str, int]]:

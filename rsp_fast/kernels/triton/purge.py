@@ -7,8 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import GRID_YZ_LIMIT
+
 BLOCK = 1024
-MAX_GRID_Y = 65535  # samples per launch: CUDA's limit on a grid's second dimension
+MAX_GRID_Y = GRID_YZ_LIMIT  # samples per launch: one per grid row
 
 
 def _sample_parts(N: int):

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from ...tf32 import matmul_tf32
+from . import GRID_YZ_LIMIT
 
-MAX_GRID_Z = 65535
+MAX_GRID_Z = GRID_YZ_LIMIT
 
 
 @triton.jit
