@@ -135,13 +135,23 @@ def is_rule_leaf(m: nn.Module) -> bool | None:
             return m.padding_mode == "zeros"
         # a subclass: whole if its forward is one conv of its input (weight standardisation),
         # else traced into, its padding and F.convNd on its parameters explained op by op
-        return has_plain_conv_forward(m) or (isinstance(m, nn.Conv2d) and _weight_transforming_conv(m))
-    if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+        return _conv_subclass_whole(m)
+    if isinstance(m, nn.Linear) and not _plain_linear(m):
         return False  # a subclass with its own forward (timm's Linear): traced into, its F.linear explained
     if (isinstance(m, CONV_MODULES + (nn.Conv3d, nn.Linear, nn.Upsample) + PASS_MODULES + POOL_MODULES + PAD_MODULES
                    + COPY_PAD_MODULES + SHUFFLE_MODULES + (nn.GLU,)) or is_timm_activation(m) or is_batchnorm(m)):
         return True
     return None
+
+
+def _conv_subclass_whole(m: nn.Module) -> bool:
+    """A conv module whose forward is one conv of its input, as the rules run it (a plain conv,
+    or one that standardises its weight first)."""
+    return has_plain_conv_forward(m) or (isinstance(m, nn.Conv2d) and _weight_transforming_conv(m))
+
+
+def _plain_linear(m: nn.Linear) -> bool:
+    return type(m).forward is nn.Linear.forward
 
 
 class NodeKind:
@@ -392,13 +402,10 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     """What a node does for RSP, or None if unsupported."""
     if node.op == "call_module":
         m = module
-        if isinstance(m, CONV_MODULES):
-            known = has_plain_conv_forward(m) or (isinstance(m, nn.Conv2d) and _weight_transforming_conv(m))
-            return NodeKind.LAYER if known else None
-        if isinstance(m, nn.Conv3d):
-            return NodeKind.LAYER if has_plain_conv_forward(m) else None
+        if isinstance(m, CONV_MODULES + (nn.Conv3d,)):
+            return NodeKind.LAYER if _conv_subclass_whole(m) else None
         if isinstance(m, nn.Linear):
-            return NodeKind.LAYER if type(m).forward is nn.Linear.forward else None
+            return NodeKind.LAYER if _plain_linear(m) else None
         if is_batchnorm(m):
             return NodeKind.PASS if _batchnorm_act_ok(m) and not _normalises_by_the_batch(node, m) else None
         if isinstance(m, PASS_MODULES) or is_timm_activation(m):

@@ -58,7 +58,7 @@ def is_same_padding_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and (type(module).__name__ == "Conv2dSame" or getattr(module, "same_pad", False) is True)
 
 
-_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+CONV_CALL_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")  # F.convNd's, in order
 
 
 class _Conv2dCalls(TorchFunctionMode):
@@ -71,7 +71,7 @@ class _Conv2dCalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", None) == "conv2d":
-            self.calls.append({**dict(zip(_CONV2D_ARGS, args)), **kwargs})
+            self.calls.append({**dict(zip(CONV_CALL_ARGS, args)), **kwargs})
         return func(*args, **kwargs)
 
 
@@ -153,9 +153,7 @@ def call_geometry(kernel, stride=1, padding=0, dilation=1, groups=1, one_d: bool
         kernel, stride, padding, dilation = _as_2d(kernel, 1), _as_2d(stride, 1), _as_2d(padding, 0), _as_2d(dilation, 1)
     (kh, kw), (sh, sw), (dh, dw) = _pair(kernel), _pair(stride), _pair(dilation)
     if padding == "same":
-        # PyTorch puts the odd pixel on the right/bottom, as F.pad with these amounts does.
-        t, b = (dh * (kh - 1)) // 2, dh * (kh - 1) - (dh * (kh - 1)) // 2
-        l, r = (dw * (kw - 1)) // 2, dw * (kw - 1) - (dw * (kw - 1)) // 2
+        (t, b), (l, r) = same_padding((kh, kw), (dh, dw))
     elif padding == "valid":
         t = b = l = r = 0
     else:
@@ -574,7 +572,11 @@ class Conv(LayerRule):
         return F.pad(R_in.reshape(x.shape), padding)
 
 
-CONV_CALL_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def same_padding(kernel, dilation) -> list[tuple[int, int]]:
+    """(before, after) per dimension of a conv's padding="same": PyTorch puts the odd pixel after."""
+    return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
 
 
 def conv_call_args(node) -> dict:

@@ -23,7 +23,7 @@ from torch.nn.grad import conv3d_input, conv3d_weight
 
 from ..kernels.reference import per_sample_sum, safe_div, unsupported_relevance
 from .base import Context, LayerRule, purged_relevance, rectified_input
-from .conv import ConvCall
+from .conv import ConvCall, same_padding
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class Conv3dGeometry:
         if self.padding == "valid":
             return [(0, 0)] * 3
         if self.padding == "same":
-            totals = [d * (k - 1) for k, d in zip(self.kernel, self.dilation)]
-            return [(t // 2, t - t // 2) for t in totals]
+            return same_padding(self.kernel, self.dilation)
         return [(p, p) for p in self.padding]
 
 
