@@ -1486,8 +1486,8 @@ def test_a_fixed_filter_changed_in_place_is_judged_again():
 
 
 def test_a_fixed_filter_is_worked_out_again_only_after_its_buffer_changed(monkeypatch):
-    """Each call checks the plan: the filter's signs are judged again when its buffer was
-    written or replaced since, not at every call (0.13 ms for timm's four BlurPools)."""
+    """Each call checks the plan: the filter's signs are judged again when its buffer holds
+    other values, not at every call (about 0.1 ms of each check on timm's resnetblur50)."""
     torch.manual_seed(0)
     model, x = _Filtered().double().eval(), torch.randn(2, 3, 8, 8, dtype=D)
     explainer = rsp_fast.RSP(model)
@@ -1498,7 +1498,8 @@ def test_a_fixed_filter_is_worked_out_again_only_after_its_buffer_changed(monkey
     explainer.attribute(x), explainer.attribute(x)
     assert not judged
     for change in (lambda: model.filt.neg_(), lambda: model.filt.__setitem__(0, 1 / 9),
-                   lambda: setattr(model, "filt", torch.full((4, 1, 3, 3), 1 / 9, dtype=D))):
+                   lambda: setattr(model, "filt", torch.full((4, 1, 3, 3), 1 / 9, dtype=D)),
+                   lambda: model.filt.data.mul_(-1), lambda: setattr(model.filt, "data", -model.filt)):  # no new version
         with torch.no_grad():
             change()
         judged.clear()

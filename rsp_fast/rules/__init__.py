@@ -229,9 +229,10 @@ def filter_signs_hold(judged: list[tuple[fx.Node, bool]], read: Callable[[str], 
 
 def _fixed_positive_filter_now(node: fx.Node, read: Callable[[str], object]) -> bool:
     """``_fixed_positive_filter`` with the model's attributes now, worked out again only when an
-    attribute it read is another object or a tensor written since (each call checks the plan)."""
+    attribute it read holds other values (each call checks the plan). Compared by value: a write
+    through ``.data`` leaves a tensor's version as it was."""
     last = node.meta.get(_FILTER_READS)
-    if last is not None and all(_unchanged(read(target), *seen) for target, seen in last[0].items()):
+    if last is not None and all(_same_values(read(target), seen) for target, seen in last[0].items()):
         return last[1]
     reads = {}
 
@@ -239,15 +240,19 @@ def _fixed_positive_filter_now(node: fx.Node, read: Callable[[str], object]) -> 
         reads[target] = read(target)
         return reads[target]
     positive = _fixed_positive_filter(node, reading)
-    node.meta[_FILTER_READS] = ({t: (v, getattr(v, "_version", None)) for t, v in reads.items()}, positive)
+    node.meta[_FILTER_READS] = ({t: v.detach().clone() if isinstance(v, torch.Tensor) else v for t, v in reads.items()},
+                                positive)
     return positive
 
 
-_FILTER_READS = "rsp_filter_reads"  # node.meta key: (attribute → (what was read, its version)), the judgement
+_FILTER_READS = "rsp_filter_reads"  # node.meta key: (attribute → a copy of what was read), the judgement
 
 
-def _unchanged(now, value, version) -> bool:
-    return now is value and getattr(now, "_version", None) == version
+def _same_values(now, seen) -> bool:
+    if isinstance(now, torch.Tensor) and isinstance(seen, torch.Tensor):
+        return (now.dtype == seen.dtype and now.shape == seen.shape and now.device == seen.device
+                and torch.equal(now, seen))
+    return now is seen
 
 
 def _conv_with_constant_weight(node: fx.Node) -> bool:
