@@ -39,7 +39,7 @@ def class_gradients(logits: torch.Tensor, A: torch.Tensor, classes: torch.Tensor
     return torch.stack(grads)
 
 
-def _per_sample(t: torch.Tensor, op: str, lead: int) -> torch.Tensor:
+def _reduced_per_sample(t: torch.Tensor, op: str, lead: int) -> torch.Tensor:
     """Reduce all but the first ``lead`` dimensions, keeping them for broadcasting."""
     flat = t.reshape(t.shape[:lead] + (-1,))
     red = getattr(torch, op)(flat, dim=-1)
@@ -51,7 +51,7 @@ def gradcam_maps(A: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     spatial = tuple(range(3, grads.dim()))
     weights = grads.mean(dim=spatial, keepdim=True) if spatial else grads
     cams = A.detach().unsqueeze(0) * weights
-    return cams / (_per_sample(cams, "amax", 2) + CAM_EPS)
+    return cams / (_reduced_per_sample(cams, "amax", 2) + CAM_EPS)
 
 
 def comparative_relevance(cam_target: torch.Tensor, cam_hostile: torch.Tensor,
@@ -64,11 +64,11 @@ def comparative_relevance(cam_target: torch.Tensor, cam_hostile: torch.Tensor,
         w = counted.t().to(cam_target.dtype).view(counted.shape[::-1] + (1,) * (cam_target.dim() - 1))
         rel = w.sum(0) * cam_target - (w * cam_hostile).sum(0)
     P = rel.clamp(min=0)
-    P = P / (_per_sample(P, "sum", 1) + CAM_EPS)
+    P = P / (_reduced_per_sample(P, "sum", 1) + CAM_EPS)
     Nn = rel.clamp(max=0)
-    low = _per_sample(Nn, "amin", 1)
+    low = _reduced_per_sample(Nn, "amin", 1)
     Nn = torch.where(low < 0, Nn / torch.where(low < 0, low, torch.ones_like(low)), torch.zeros_like(Nn))
-    Nn = Nn / (_per_sample(Nn, "sum", 1) + CAM_EPS) * _per_sample(P, "sum", 1)
+    Nn = Nn / (_reduced_per_sample(Nn, "sum", 1) + CAM_EPS) * _reduced_per_sample(P, "sum", 1)
     rel = P - Nn
     if rel[0, 0].numel() == 1:  # one position: channels are the positions (see the module's docstring)
         return _two_to_one(rel)
@@ -78,7 +78,8 @@ def comparative_relevance(cam_target: torch.Tensor, cam_hostile: torch.Tensor,
     # h×w) collapses to (ΣP − ΣN)/hw = 0 at every position: its sign is rounding noise (measured
     # up to 3e-13 of Σ_c|rel| in float64, 6e-8 in float32; real maps' channel sums reach 1e-2 and
     # more). Such a sample keeps its channels apart, as a 1×1 map does.
-    noise = _per_sample(s.abs(), "amax", 1) <= CANCELLED * _per_sample(rel.abs().sum(1, keepdim=True), "amax", 1)
+    scale = _reduced_per_sample(rel.abs().sum(1, keepdim=True), "amax", 1)
+    noise = _reduced_per_sample(s.abs(), "amax", 1) <= CANCELLED * scale
     return torch.where(noise, _two_to_one(rel), collapsed).contiguous()
 
 
@@ -88,8 +89,8 @@ CANCELLED = 1e-5  # channel sums below this share of the largest position's abso
 def _two_to_one(s: torch.Tensor) -> torch.Tensor:
     """Step 3 of RSP_SPEC §1 on ``s`` (N×…): positive part scaled to sum 2, the rest to −1."""
     s_pos, s_neg = s * (s > 0), s * (s <= 0)
-    s_pos = 2 * s_pos / (_per_sample(s_pos, "sum", 1) + CAM_EPS)
-    s_neg = s_neg / (_per_sample(s_neg, "sum", 1) + CAM_EPS)
+    s_pos = 2 * s_pos / (_reduced_per_sample(s_pos, "sum", 1) + CAM_EPS)
+    s_neg = s_neg / (_reduced_per_sample(s_neg, "sum", 1) + CAM_EPS)
     return s_pos - s_neg
 
 
