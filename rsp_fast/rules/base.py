@@ -150,10 +150,16 @@ def finish_purge(ctx: Context, contributions: torch.Tensor, pending: dict) -> to
 
 
 def purged_relevance(ctx: Context, R: torch.Tensor, Rs: torch.Tensor, Ga: torch.Tensor, Gb: torch.Tensor,
-                     dx: torch.Tensor, x_pos: torch.Tensor, deferred: dict | None = None) -> torch.Tensor:
+                     dx: torch.Tensor, x_pos: torch.Tensor, deferred: dict | None = None,
+                     pointwise: bool = False) -> torch.Tensor:
     """Hostile purging of a conv (k > 1) or linear layer's back-projection ``dx``. When
     tracked, what it loses is accounted: 2·(relevance at unsupported positions), or all of
-    it if no unit is active. ``Rs``, ``Ga``, ``Gb`` are R and the responses in one layout."""
+    it if no unit is active. ``Rs``, ``Ga``, ``Gb`` are R and the responses in one layout.
+    ``pointwise``: a 1×1 conv, not purged (x̂⊙dx; tracked, R at unsupported positions is lost)."""
+    if pointwise:
+        if ctx.tracking:
+            ctx.drop(unsupported_relevance(Rs, Ga, Gb))
+        return ctx.ops.combine(dx, x_pos)
     total = per_sample_sum(R)
     if deferred is not None:  # left to the copy padding before the layer: x̂⊙dx, and what the purge needs
         deferred.update(total=total, unsupported=unsupported_relevance(Rs, Ga, Gb) if ctx.tracking else None)

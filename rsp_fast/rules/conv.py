@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..kernels.reference import per_sample_sum, safe_div, stacked_sections, unsupported_relevance
+from ..kernels.reference import per_sample_sum, safe_div, stacked_sections
 from ..kernels.triton import triton_unavailable_reason
 from ..tf32 import matmul_tf32
 from .base import Context, LayerRule, input_scale, purged_relevance, rectified_input
@@ -419,11 +419,7 @@ def inner_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Conv
         dx, Ga, Gb = ctx.ops.pointwise_products(x_pos, R), None, None
     else:
         dx, Ga, Gb = _dense_products(ctx, x_pos, Rg, g, path, R.shape[-2:], pixel_gram is not None)
-    if g.is_pointwise:
-        if ctx.tracking:
-            ctx.drop(unsupported_relevance(Rg, Ga, Gb))
-        return ctx.ops.combine(dx, x_pos)
-    return purged_relevance(ctx, R, Rg, Ga, Gb, dx, x_pos, deferred)
+    return purged_relevance(ctx, R, Rg, Ga, Gb, dx, x_pos, deferred, pointwise=g.is_pointwise)
 
 
 def _strided_pointwise_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: ConvGeometry, path: str | None,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv3d_input, conv3d_weight
 
-from ..kernels.reference import per_sample_sum, safe_div, unsupported_relevance
+from ..kernels.reference import per_sample_sum, safe_div
 from .base import Context, LayerRule, purged_relevance, rectified_input
 from .conv import ConvCall, same_padding
 
@@ -99,11 +99,7 @@ def inner_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, g: Co
     dx = (conv3d_input(xp.shape, filters[0], S_pos.reshape(1, N * O, *out), *geometry)
           - conv3d_input(xp.shape, filters[1], S_neg.reshape(1, N * O, *out), *geometry))
     dx = _crop(dx.view(N, C, *xp.shape[2:]), pads)
-    if all(k == 1 for k in g.kernel):
-        if ctx.tracking:
-            ctx.drop(unsupported_relevance(R, Ga, Gb))
-        return ctx.ops.combine(dx, x_pos)
-    return purged_relevance(ctx, R, R, Ga, Gb, dx, x_pos, deferred)
+    return purged_relevance(ctx, R, R, Ga, Gb, dx, x_pos, deferred, pointwise=all(k == 1 for k in g.kernel))
 
 
 class Conv3d(LayerRule):
