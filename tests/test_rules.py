@@ -1566,6 +1566,33 @@ def test_a_forward_that_branches_on_buffers_is_traced_with_their_values():
     assert rel_err(explanation.attribution, rsp_fast.RSP(plain).attribute(x)) < 1e-12
 
 
+class _Counting(nn.Module):
+    """A forward that counts its calls in a buffer, in place (``self.calls += 1``)."""
+
+    def __init__(self, counts=True):
+        super().__init__()
+        self.counts, self.stem, self.fc = counts, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        if self.counts:
+            self.calls += 1
+        return self.fc(torch.relu(self.stem(x)).mean((2, 3)))
+
+
+def test_a_buffer_written_in_forward_is_left_a_tensor():
+    """Traced, ``self.calls += 1`` set an fx Proxy in the buffer's place: the next call failed on it
+    with fx's own TraceError."""
+    torch.manual_seed(0)
+    model, plain = _Counting().double().eval(), _Counting(counts=False).double().eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    explainer = rsp_fast.RSP(model)
+    assert rel_err(explainer.attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
+    assert rel_err(explainer.attribute(x), rsp_fast.RSP(plain).attribute(x)) < 1e-12
+    assert all(type(b) is torch.Tensor for b in model.buffers())
+
+
 class _FilterMadeInForward(nn.Module):
     """A fixed filter built inside forward (as kornia's and many hand-written blur layers do),
     or the same filter held as a buffer."""

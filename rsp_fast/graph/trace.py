@@ -332,20 +332,28 @@ def _attributes_kept(model: nn.Module):
 
 
 def _attributes_restorer(model: nn.Module) -> Callable[[], None]:
-    """A function that puts the attributes of the model's modules back as they are now."""
-    before = {id(m): dict(m.__dict__) for m in model.modules()}
+    """A function that puts the attributes of the model's modules back as they are now, and a
+    buffer the forward set to an fx Proxy (``self.count += 1``; a buffer or module it creates
+    itself stays: the graph reads it)."""
+    before = {id(m): (dict(m.__dict__), dict(m._buffers)) for m in model.modules()}
 
     def restore() -> None:
         for m in model.modules():
-            old = before.get(id(m))
-            if old is None:
+            if id(m) not in before:
                 continue
+            old, old_buffers = before[id(m)]
             now = m.__dict__
             for name in [n for n in now if n not in old]:
                 del now[name]
             for name, value in old.items():
                 if now.get(name, _MISSING) is not value:
                     now[name] = value
+            for name, value in list(m._buffers.items()):
+                if isinstance(value, fx.Proxy):
+                    if name in old_buffers:
+                        m._buffers[name] = old_buffers[name]
+                    else:
+                        del m._buffers[name]
     return restore
 
 
