@@ -1567,24 +1567,29 @@ def test_a_forward_that_branches_on_buffers_is_traced_with_their_values():
 
 
 class _Counting(nn.Module):
-    """A forward that counts its calls in a buffer, in place (``self.calls += 1``)."""
+    """A forward that keeps a statistic in a buffer: its calls, in place (``self.calls += 1``),
+    or a running mean of its features (``self.mean = 0.9 * self.mean + 0.1 * h.mean()``)."""
 
-    def __init__(self, counts=True):
+    def __init__(self, keeps=None):
         super().__init__()
-        self.counts, self.stem, self.fc = counts, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
-        self.register_buffer("calls", torch.zeros(()))
+        self.keeps, self.stem, self.fc = keeps, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(())), self.register_buffer("mean", torch.zeros(()))
 
     def forward(self, x):
-        if self.counts:
+        h = torch.relu(self.stem(x))
+        if self.keeps == "calls":
             self.calls += 1
-        return self.fc(torch.relu(self.stem(x)).mean((2, 3)))
+        elif self.keeps == "mean":
+            self.mean = 0.9 * self.mean + 0.1 * h.mean()
+        return self.fc(h.mean((2, 3)))
 
 
-def test_a_buffer_written_in_forward_is_left_a_tensor():
-    """Traced, ``self.calls += 1`` set an fx Proxy in the buffer's place: the next call failed on it
-    with fx's own TraceError."""
+@pytest.mark.parametrize("keeps", ["calls", "mean"])
+def test_a_buffer_written_in_forward_is_left_a_tensor(keeps):
+    """Traced, the forward set an fx Proxy in the buffer's place (the running mean always, the
+    count once buffers were traced as nodes): the next call failed on it with fx's own TraceError."""
     torch.manual_seed(0)
-    model, plain = _Counting().double().eval(), _Counting(counts=False).double().eval()
+    model, plain = _Counting(keeps).double().eval(), _Counting().double().eval()
     plain.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 6, 6, dtype=D)
     explainer = rsp_fast.RSP(model)
