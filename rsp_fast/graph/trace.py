@@ -39,6 +39,7 @@ class _RecordingTracer(fx.Tracer):
     # (``self.k.expand(c, 1, 3, 3) / 9``) is worked out again at every pass, not kept as fx's
     # constant from the buffer as traced (a buffer loaded in place after would not be seen)
     proxy_buffer_attributes = True
+
     def __init__(self, is_rule_leaf: Callable[[nn.Module], bool | None]):
         super().__init__()
         self._is_rule_leaf = is_rule_leaf
