@@ -216,10 +216,24 @@ def _module(model: nn.Module, node: fx.Node) -> nn.Module | None:
 
 
 def _is_flatten(node: fx.Node, module) -> bool:
+    """A flatten, or a view or reshape that may be one: not one to four or more sizes, which
+    keeps a map (the last step of a channel shuffle, x.view(n, g, c // g, h, w).transpose(1, 2)
+    .reshape(n, c, h, w)); a shape known only at run time (x.view(size)) counts as a flatten."""
     if module is not None:
         return isinstance(module, nn.Flatten)
     name = getattr(node.target, "__name__", node.target)
-    return node.op in ("call_function", "call_method") and name in FLATTEN_FUNCTIONS_OR_METHODS
+    if node.op not in ("call_function", "call_method") or name not in FLATTEN_FUNCTIONS_OR_METHODS:
+        return False
+    return name == "flatten" or len(_shape_argument(node)) < MAP_RANK
+
+
+MAP_RANK = 4  # N×C×H×W; a view to fewer sizes may flatten the map (N×F, N×C×L), one to as many keeps it
+
+
+def _shape_argument(node: fx.Node) -> tuple:
+    """The sizes a view or reshape is given (one item where a value known at run time holds them)."""
+    sizes = node.args[1:] or (node.kwargs.get("shape", node.kwargs.get("size")),)
+    return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
 
 
 def _first_tensor_input(node: fx.Node, kind: str | None = None) -> fx.Node | None:
