@@ -649,6 +649,39 @@ def test_unfoldable_norms_and_layer_scale_pass_relevance_through():
     assert {"Scale", "PassThrough"} <= kinds
 
 
+class _LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an N×C×H×W map, written out as ConvNeXt's own code and
+    Hugging Face's ConvNextLayerNorm do, or as timm's LayerNorm2d (permute, F.layer_norm)."""
+
+    def __init__(self, c, written):
+        super().__init__()
+        self.written = written
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c) / 10)
+
+    def forward(self, x):
+        if not self.written:
+            return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
+        u = x.mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt((x - u).pow(2).mean(1, keepdim=True) + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def test_a_layernorm_written_out_passes_relevance_through_like_layer_norm():
+    """x − x.mean(1) is a norm's centring: all of R to x, as for x / its standard deviation.
+    It took the rule of a difference of two signals, and the map was 0.21 of its peak off."""
+    def net(written):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _LayerNorm2d(8, written), nn.Conv2d(8, 6, 3, padding=1),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).double().eval()
+    torch.manual_seed(0)
+    library, written = net(False), net(True)
+    written.load_state_dict(library.state_dict())
+    x = torch.randn(2, 3, 9, 9, dtype=D)
+    assert torch.allclose(written(x), library(x))
+    for init in ("comparative", "gradcam"):
+        expected = rsp_fast.RSP(library, init=init).attribute(x)
+        assert rel_err(rsp_fast.RSP(written, init=init).attribute(x), expected) < 1e-12
+
+
 class _StdConv2d(nn.Conv2d):
     """Weight standardisation in the forward (timm's StdConv2d, as in BiT and NFNets)."""
 

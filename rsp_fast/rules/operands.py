@@ -318,8 +318,11 @@ def _biased_operand(node: fx.Node) -> fx.Node | None:
     if "alpha" in node.kwargs:
         return None
     a, b = two_operands(node)
-    pairs = ((a, b),) if calls(node, SUB_FUNCTIONS, SUB_METHODS) else ((a, b), (b, a))
-    for x, c in pairs:
+    if calls(node, SUB_FUNCTIONS, SUB_METHODS):
+        # x − s, s a statistic of x: a norm's centring (ConvNeXt's hand-written LayerNorm, x − x.mean(1)),
+        # a shift as x/s is a scale; a statistic added is left to the sum's rule (a global-context block's)
+        return a if isinstance(a, fx.Node) and not is_parameter(a) and (is_number(b) or is_parameter(b) or _normalises(b, a)) else None
+    for x, c in ((a, b), (b, a)):
         if isinstance(x, fx.Node) and not is_parameter(x) and (is_number(c) or is_parameter(c)):
             return x
     return None
@@ -344,7 +347,7 @@ def is_biased_sum(node: fx.Node) -> bool:
 
 def sole_operand(node: fx.Node) -> fx.Node | None:
     """The operand that takes all of R, or None: for x·g, x·c, x·p, x·s, act(g)·x and x/c, x/p,
-    x/s (g a gate, c a number, p a parameter, s a statistic), x ± c, x ± p and addcmul(p, p', x)."""
+    x/s (g a gate, c a number, p a parameter, s a statistic), x ± c, x ± p, x − s and addcmul(p, p', x)."""
     if is_product(node):
         return _scaled_operand(node)
     if is_biased_sum(node):
