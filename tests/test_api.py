@@ -55,6 +55,42 @@ def test_batch_independence_resnet_with_explicit_targets():
         assert rel_err(batch.attribution[n], alone[0]) < 1e-9
 
 
+class _EinsumPooled(nn.Module):
+    """A block ending in a norm and a residual add, then a softmax attention pool written as an
+    einsum, whose backward hands a one-sample gradient on in odd strides; ``norm`` the norm."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.norm, self.mask, self.fc = norm, nn.Conv2d(8, 1, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = self.norm(self.c2(h)) + h
+        a = self.mask(h).flatten(1).softmax(-1)
+        return self.fc(torch.einsum("nci,ni->nc", h.flatten(2), a))
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(8), nn.InstanceNorm2d(8, affine=True)], ids=["batch", "instance"])
+def test_a_sample_alone_is_explained_as_in_a_batch_behind_an_einsum_pool(norm):
+    """torch 2.14's CPU BatchNorm / InstanceNorm backward took the (1, C, H, W) gradient that
+    einsum's backward makes, strides (C, 1, W·C, C), for channels-last: R₀'s gradients at batch 1
+    were wrong, the map 0.44 of its peak off the same sample's in a batch of 3."""
+    torch.manual_seed(0)
+    model = _EinsumPooled(norm).double().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 2)
+        if isinstance(norm, nn.BatchNorm2d):
+            model.norm.running_var.uniform_(0.5, 2); model.norm.running_mean.uniform_(-0.2, 0.2)
+    x = torch.randn(3, 3, 12, 12, dtype=D)
+    explainer = rsp_fast.RSP(model, layer="c1")
+    batch = explainer.explain(x, target=[0, 1, 2])
+    for n in range(3):
+        alone = explainer.explain(x[n:n + 1], target=[n])
+        assert rel_err(alone.initial[0], batch.initial[n]) < 1e-10
+        assert rel_err(alone.attribution[0], batch.attribution[n]) < 1e-10
+
+
 def test_default_layers():
     assert rsp_fast.RSP(torchvision.models.vgg16()).layer == "features.29"
     assert rsp_fast.RSP(torchvision.models.resnet50()).layer == "layer4"
