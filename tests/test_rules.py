@@ -1424,6 +1424,52 @@ def test_a_difference_is_the_add_rule_on_the_negated_operand(difference):
     assert rel_err(rsp_fast.RSP(subtracted).attribute(x), rsp_fast.RSP(negated).attribute(x)) < 1e-12
 
 
+class _LayerScaled(nn.Module):
+    """A residual x + γ·f(x), f a conv branch, γ a per-channel parameter (or a gate of x), written
+    by ``spelling`` as torch.addcmul or as a sum of a product."""
+
+    SPELLINGS = {
+        "addcmul": (lambda m, h, f: torch.addcmul(h, m.gamma, f), lambda m, h, f: h + m.gamma * f),
+        "addcmul-swapped": (lambda m, h, f: torch.addcmul(h, f, m.gamma), lambda m, h, f: h + m.gamma * f),
+        "method": (lambda m, h, f: h.addcmul(m.gamma, f), lambda m, h, f: h + m.gamma * f),
+        "keywords": (lambda m, h, f: torch.addcmul(input=h, tensor1=m.gamma, tensor2=f), lambda m, h, f: h + m.gamma * f),
+        "value": (lambda m, h, f: torch.addcmul(h, m.gamma, f, value=-0.5), lambda m, h, f: h + (-0.5 * m.gamma) * f),
+        "gate": (lambda m, h, f: torch.addcmul(h, torch.sigmoid(m.gate(h)), f), lambda m, h, f: h + torch.sigmoid(m.gate(h)) * f),
+    }
+
+    def __init__(self, spelling, fused):
+        super().__init__()
+        self.add = self.SPELLINGS[spelling][0 if fused else 1]
+        self.stem, self.branch, self.gate = (nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1),
+                                             nn.Conv2d(4, 4, 1))
+        self.gamma = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+        self.head = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 36, 4))
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head(self.add(self, h, F.silu(self.branch(h))))
+
+
+@pytest.mark.parametrize("spelling", list(_LayerScaled.SPELLINGS))
+def test_a_layer_scaled_residual_in_one_addcmul_is_the_add_rule(spelling):
+    """torch.addcmul(x, γ, f) = x + γ·f: the residual-add rule with γ·f as the second term,
+    all of its share to f. It was refused as a product of two activations."""
+    torch.manual_seed(0)
+    fused, written = _LayerScaled(spelling, True).double().eval(), _LayerScaled(spelling, False).double().eval()
+    written.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    assert torch.allclose(fused(x), written(x))
+    ex = rsp_fast.RSP(fused).explain(x, record=True)
+    assert rel_err(ex.attribution, rsp_fast.RSP(written).attribute(x)) < 1e-12
+    assert not any(k.startswith("gate") for k in ex.steps)
+
+
+def test_an_addcmul_of_two_activations_is_refused():
+    model = _Scaled(lambda h: torch.addcmul(h, h + 1, h * 2))
+    with pytest.raises(rsp_fast.UnsupportedModelError, match="addcmul: a product of two position-wise activations"):
+        rsp_fast.RSP(model)
+
+
 class _Biased(nn.Module):
     """conv without bias, then its bias added as a parameter (HGNetV2's learnable affine
     block, EvoNorm), or the plain conv with the bias."""

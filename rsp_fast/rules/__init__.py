@@ -24,7 +24,8 @@ from .linear import FunctionalLinear, Linear
 from .merge import BATCH_MIXING, Add, Cat, MeanOfStack, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, CAST_METHODS, DIV_METHODS,
                        GATE_METHODS, MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
-                       SUB_FUNCTIONS, SUB_METHODS, TRANSPOSES, attribute_now, behind_reshapes, calls, fixed_value, is_biased_sum,
+                       SUB_FUNCTIONS, SUB_METHODS, TRANSPOSES, addcmul_operands, addcmul_terms, attribute_now, behind_reshapes,
+                       calls, fixed_value, is_biased_sum,
                        is_number, is_parameter, is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
 from .passthrough import GatedHalf, PassThrough, Rejoin, Route, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
@@ -85,7 +86,7 @@ SUPPORTED = {
                 "ReLU", "ReLU6", "elementwise activations (" + ", ".join(m.__name__ for m in ELEMENTWISE_ACTIVATIONS) + ")",
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d/3d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d/3d",
                 "PixelShuffle, PixelUnshuffle, ChannelShuffle", "GLU"],
-    "functions": ["+ / torch.add (residual add)", "x * (sigmoid or softmax gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul with parameters",
+    "functions": ["+ / torch.add (residual add)", "x * (sigmoid or softmax gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul (x + p·p' or p + p'·x; a residual x + c·f as the add)",
                   "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat and torch.stack (not along the batch)", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
                   "torch.amax / x.max(dim).values / torch.max(x, dim)[0] over non-batch dims (max over time)",
@@ -452,6 +453,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
     if is_product(node) or is_biased_sum(node) or calls(node, *ADDCMUL):
         if sole_operand(node) is not None:
             return NodeKind.SCALE
+        if calls(node, *ADDCMUL):
+            return NodeKind.ADD if addcmul_terms(node) is not None else None
         return NodeKind.ADD if is_biased_sum(node) and is_number(node.kwargs.get("alpha", 1)) else None
     if functional_linear_weight(node) is not None:
         return NodeKind.LAYER
@@ -654,6 +657,8 @@ def _may_turn_negative(node: fx.Node, module: nn.Module | None) -> bool:
 def relevance_inputs(node: fx.Node, kind: str) -> list:
     """The arguments relevance flows back to (may include non-node constants for add)."""
     if kind == NodeKind.ADD:
+        if calls(node, *ADDCMUL):
+            return list(addcmul_terms(node)[:2])
         return [node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")]
     if kind == NodeKind.CAT:
         split = rejoined_split(node)
@@ -700,6 +705,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
     if kind == NodeKind.SELECT:
         return Select(node, inputs, split_source(node))
     if kind == NodeKind.ADD:  # a − b and torch.add(a, b, alpha=α): the second operand's share is α·b
+        if calls(node, *ADDCMUL):  # x + v·c·f: f's share is v·c·f
+            return Add(node, inputs, addcmul_operands(node)[3], factor=addcmul_terms(node)[2])
         sign = -1 if calls(node, SUB_FUNCTIONS, SUB_METHODS) else 1
         return Add(node, inputs, sign * node.kwargs.get("alpha", 1))
     if kind == NodeKind.SCALE:

@@ -3,6 +3,7 @@ several consumers, needs no rule: the propagation sums what each consumer sends 
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 from ..errors import RSPError
 from .base import Context, Rule
@@ -15,18 +16,22 @@ ADD_EPS = 1e-9
 
 class Add(Rule):
     """y = a + b: â = max(a,0)+1e-9, b̂ = max(b,0)+1e-9, R_a = â·safe_div(R, â+b̂), R_b likewise
-    (the authors' Add rule). y = a − b (PoolFormer's pool(x) − x) or a + α·b: the second
-    operand's term is α·b, so b̂ = max(α·b, 0)+1e-9 (an extension). Broadcast operands get
-    their relevance summed back to shape."""
+    (the authors' Add rule). y = a − b (PoolFormer's pool(x) − x), a + α·b, or a + α·c·b with
+    c a factor that only reweights b (torch.addcmul(a, c, b, value=α), a layer-scaled residual):
+    the second operand's term is α·b or α·c·b, so b̂ = max(α·c·b, 0)+1e-9, all of it b's, as c's
+    branch gets no relevance (an extension). Broadcast operands get their relevance summed back
+    to shape."""
 
-    def __init__(self, node, inputs, alpha: float = 1):
-        super().__init__(node, inputs, needs_values=list(inputs))
-        self.alpha = alpha
+    def __init__(self, node, inputs, alpha: float = 1, factor=None):
+        super().__init__(node, inputs, needs_values=list(inputs) + ([factor] if isinstance(factor, fx.Node) else []))
+        self.alpha, self.factor = alpha, factor
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         a, b = (ctx.values[n] for n in self.inputs)
-        a_hat = a.clamp(min=0) + ADD_EPS
-        b_hat = (b if self.alpha == 1 else self.alpha * b).clamp(min=0) + ADD_EPS
+        term = b if self.alpha == 1 else self.alpha * b
+        if self.factor is not None:
+            term = term * (ctx.values[self.factor] if isinstance(self.factor, fx.Node) else self.factor)
+        a_hat, b_hat = a.clamp(min=0) + ADD_EPS, term.clamp(min=0) + ADD_EPS
         S = R / (a_hat + b_hat)  # â + b̂ ≥ 2e-9: never zero
         return [(a_hat * S).sum_to_size(a.shape), (b_hat * S).sum_to_size(b.shape)]
 

@@ -300,6 +300,11 @@ def _scaled_operand(node: fx.Node) -> fx.Node | None:
     if calls(node, DIV_FUNCTIONS, DIV_METHODS):
         plain = isinstance(a, fx.Node) and not is_parameter(a) and (is_number(b) or is_parameter(b))
         return a if plain or _normalises(b, a) else None
+    return _product_operand(a, b)
+
+
+def _product_operand(a, b) -> fx.Node | None:
+    """Of the factors of a·b, the one that takes all of R, or None."""
     if isinstance(a, fx.Node) and a is b and not is_parameter(a):  # x·x = x²: an elementwise function of x
         return a
     for x, factor in ((a, b), (b, a)):  # x·σ(x) (swish): both are the same signal
@@ -328,13 +333,27 @@ def _biased_operand(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def addcmul_operands(node: fx.Node) -> tuple:
+    """(input, tensor1, tensor2, value) of torch.addcmul(input, tensor1, tensor2, value=v) = input + v·tensor1·tensor2."""
+    given = dict(zip(("input", "tensor1", "tensor2"), node.args)) | node.kwargs
+    return given.get("input", given.get("self")), given.get("tensor1"), given.get("tensor2"), given.get("value", 1)
+
+
 def _addcmul_operand(node: fx.Node) -> fx.Node | None:
     """torch.addcmul(c, c', x) = c + c'·x with c, c' parameters (ConvNeXt-V2's response norm),
     or addcmul(x, c, c')."""
-    operands = [v for v in list(node.args[:3]) + [node.kwargs.get(k) for k in ("input", "tensor1", "tensor2")]
-                if isinstance(v, fx.Node)]
-    signals = [v for v in operands if not is_parameter(v)]
+    signals = [v for v in addcmul_operands(node)[:3] if isinstance(v, fx.Node) and not is_parameter(v)]
     return signals[0] if len(signals) == 1 else None
+
+
+def addcmul_terms(node: fx.Node) -> tuple[fx.Node, fx.Node, object] | None:
+    """For torch.addcmul(x, c, f) = x + c·f with c a number, parameter, gate or statistic (a
+    layer-scaled residual in one op): x, f and c, the sum's terms and f's factor, or None."""
+    x, t1, t2, value = addcmul_operands(node)
+    f = _product_operand(t1, t2)
+    if not isinstance(x, fx.Node) or is_parameter(x) or f is None or not is_number(value):
+        return None
+    return x, f, t2 if f is t1 else t1
 
 
 def is_product(node: fx.Node) -> bool:
