@@ -28,7 +28,8 @@ from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_sup
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
-from ..rules.operands import TRANSPOSES, calls, is_biased_sum, is_parameter, is_shape_query, reduced_dims, sole_operand
+from ..rules.operands import (TRANSPOSES, calls, is_biased_sum, is_parameter, is_product, is_shape_query, is_softmax, reduced_dims,
+                              sole_operand, two_operands)
 from .trace import KEPT_WHOLE, UntraceableModelError, attribute_at, trace
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
@@ -353,11 +354,23 @@ def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | Non
     input is reached first."""
     while node is not None and node.op != "placeholder":
         m = _module(model, node)
+        if _attention_weighted(node, m):
+            node = sole_operand(node)
+            continue
         if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(model, node, m)
                 or node.meta.get(KEPT_WHOLE) or is_identity_in_eval(node, m) or _generalised_mean_part(node)):
             return node
         node = _first_tensor_input(node)
     return None
+
+
+def _attention_weighted(node: fx.Node, m) -> bool:
+    """h·softmax(a(h)) before a sum over the positions: the weights of an attention pool, a part
+    of the pooling (as in its matmul spelling, h @ softmax(a(h))ᵀ), not a map of its own."""
+    if not is_product(node) or node_kind(node, m) != NodeKind.SCALE:
+        return False
+    x = sole_operand(node)
+    return any(is_softmax(v) for v in two_operands(node) if v is not x)
 
 
 def _generalised_mean_part(node: fx.Node) -> bool:
