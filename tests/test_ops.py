@@ -210,6 +210,19 @@ def test_normalize_keeps_an_infinity_in_its_own_section(name):
         assert stacked.tolist() == [[0, 0, inf, 0], [0, 0, 0, -inf]]
 
 
+@pytest.mark.parametrize("name", ["torch"] + _kernel_sets("cpu"))
+def test_normalize_passes_a_nan_on_as_the_reference_does(name):
+    """A NaN R (relevance that left the dtype's range) is NaN in both sections where the response
+    is not 0, so that the map is NaN and refused: the kernels wrote 0 there, a finite map."""
+    kernels = _kernels(name, "cpu")
+    nan = float("nan")
+    R, Ga, Gb = (torch.tensor(v, dtype=torch.float64) for v in ([nan, nan, nan, 1, -1], [2, 0, 2, nan, 1], [2, 2, 0, 1, nan]))
+    expected = sectional_normalize_reference(R, Ga, Gb)
+    for ours, reference in zip(kernels.sectional_normalize(R, Ga, Gb), expected):
+        torch.testing.assert_close(ours, reference, equal_nan=True, rtol=0, atol=0)
+    assert expected[0].isnan().tolist() == [True, False, True, True, False]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_reference_purge_counts_active_units_beyond_half_precision(dtype):
     """70,000 active units: a float16 count was inf (no shift: ΣR_in off by the whole total),

@@ -49,9 +49,10 @@ void normalize_span(scalar_t* __restrict__ sp, scalar_t* __restrict__ sn, const 
   for (int64_t i = 0; i < n; ++i) {
     // Selects instead of branches (R's signs are random: branches mispredict), vectorised as
     // blends, and a denominator of 1 where masked so that every lane may divide. Selected, not
-    // multiplied by 0/1 masks: an infinite R or G in the other section would give NaN.
+    // multiplied by 0/1 masks: an infinite R or G in the other section would give NaN. A NaN R
+    // fails both comparisons, so it stays NaN in both sections, as in the reference.
     const scalar_t ri = r[i], gai = ga[i], gbi = gb[i];
-    const bool mp = (ri > zero) & (gai != zero), mn = (ri < zero) & (gbi != zero);
+    const bool mp = !(ri <= zero) & (gai != zero), mn = !(ri >= zero) & (gbi != zero);
     sp[i] = mp ? ri / (mp ? gai : one) : zero;
     sn[i] = mn ? -ri / (mn ? gbi : one) : zero;
   }

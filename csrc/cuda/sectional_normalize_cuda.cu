@@ -36,8 +36,9 @@ std::tuple<at::Tensor, at::Tensor> sectional_normalize_cuda(const at::Tensor& R,
     at::native::gpu_kernel_multiple_outputs(
         iter, [] GPU_LAMBDA(scalar_t r_, scalar_t ga_, scalar_t gb_) -> thrust::tuple<scalar_t, scalar_t> {
           const opmath_t r = r_, ga = ga_, gb = gb_, zero(0);
-          const opmath_t sp = (r > zero && ga != zero) ? r / ga : zero;
-          const opmath_t sn = (r < zero && gb != zero) ? -r / gb : zero;
+          // !(r <= 0) and !(r >= 0): a NaN R stays NaN in both sections, as in the reference
+          const opmath_t sp = (!(r <= zero) && ga != zero) ? r / ga : zero;
+          const opmath_t sn = (!(r >= zero) && gb != zero) ? -r / gb : zero;
           return thrust::tuple<scalar_t, scalar_t>(static_cast<scalar_t>(sp), static_cast<scalar_t>(sn));
         });
   });

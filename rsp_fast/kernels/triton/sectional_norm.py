@@ -18,8 +18,8 @@ def _sectional_normalize_kernel(r_ptr, ga_ptr, gb_ptr, sp_ptr, sn_ptr, n, BLOCK:
     gb = tl.load(gb_ptr + offs, mask=mask, other=0.0)
     if UPCAST:  # half and bfloat16 compute in float32; float32/64 in their own precision
         r, ga, gb = r.to(tl.float32), ga.to(tl.float32), gb.to(tl.float32)
-    pos = (r > 0) & (ga != 0)
-    neg = (r < 0) & (gb != 0)
+    pos = ~(r <= 0) & (ga != 0)  # a NaN R fails both comparisons: NaN in both sections, as in the reference
+    neg = ~(r >= 0) & (gb != 0)
     sp = tl.where(pos, r / tl.where(pos, ga, 1.0), 0.0)
     sn = tl.where(neg, -r / tl.where(neg, gb, 1.0), 0.0)
     tl.store(sp_ptr + offs, sp.to(sp_ptr.dtype.element_ty), mask=mask)
