@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .errors import RSPError
-from .graph.plan import Plan, scores_over_classes
+from .graph.head import scores_over_classes
+from .graph.plan import Plan
 from .graph.trace import ATTR_VALUE, FX_CONSTANT, TRACE_GATE
 from .rules import Context
 from .rules.pool import indices_key, max_pool_with_indices

@@ -171,38 +171,6 @@ def test_a_map_reshaped_last_before_the_pool_is_the_default_layer(shuffle):
     assert rel_err(ours.attribution, expected.attribution) < 1e-12
 
 
-class _AttentionPooled(nn.Module):
-    """The last map pooled by softmax attention over its positions, written by ``spelling``."""
-
-    def __init__(self, spelling):
-        super().__init__()
-        self.spelling = spelling
-        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.mask, self.fc = nn.Conv2d(8, 1, 1), nn.Linear(8, 5)
-
-    def forward(self, x):
-        h = torch.relu(self.c2(torch.relu(self.c1(x))))
-        a = self.mask(h).flatten(1).softmax(-1)  # N×HW
-        if self.spelling == "matmul":
-            return self.fc((h.flatten(2) @ a.unsqueeze(2)).squeeze(2))
-        if self.spelling == "gate-first":
-            return self.fc((a.view_as(h[:, :1]) * h).sum((2, 3)))
-        return self.fc((h * a.view(a.shape[0], 1, *h.shape[2:])).sum((2, 3)))
-
-
-@pytest.mark.parametrize("spelling", ["product", "gate-first"])
-def test_an_attention_pool_by_a_product_marks_the_map_it_pools(spelling):
-    """(h · softmax(a(h))).sum((2, 3)) pools h as h @ softmax(a(h))ᵀ does: h is the default
-    layer. The product was, and its map was 4.75e-2 of the peak off the matmul spelling's."""
-    torch.manual_seed(0)
-    matmul, product = _AttentionPooled("matmul").double().eval(), _AttentionPooled(spelling).double().eval()
-    product.load_state_dict(matmul.state_dict())
-    x = torch.randn(2, 3, 12, 12, dtype=D)
-    expected, ours = rsp_fast.RSP(matmul).explain(x), rsp_fast.RSP(product).explain(x)
-    assert ours.layer == expected.layer == "relu_1"
-    assert rel_err(ours.attribution, expected.attribution) < 1e-12
-
-
 class _PointwiseHead(nn.Module):
     """conv, ReLU, global pool, then 1×1 convs, the last making the class scores (timm
     MobileNetV3's head), in 1, 2 or 3 dims, the convs as modules or as F.conv* on parameters."""

@@ -18,22 +18,20 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as torch_module
 
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
-                     filter_signs_hold, filter_signs_judged, functional_batchnorm_scale, functional_linear_weight,
-                     is_batchnorm, is_identity_in_eval, is_pointwise_conv, is_rule_leaf, keeps_sign, mixes_the_batch,
-                     node_kind, pads_by_copy, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
+                     filter_signs_hold, filter_signs_judged, functional_batchnorm_scale, is_batchnorm,
+                     is_identity_in_eval, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind, pads_by_copy, rectifies,
+                     relevance_inputs, rule_for, unsupported_combination, zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
-from ..rules.operands import (TRANSPOSES, calls, is_biased_sum, is_parameter, is_product, is_shape_query, is_softmax, reduced_dims,
-                              sole_operand, two_operands)
+from ..rules.operands import calls, is_biased_sum, is_shape_query, sole_operand
+from .head import (LAYOUT_CHANGE_METHODS, LAYOUT_CHANGES, default_saliency, logits_node, module_of,
+                   pooled_channels_last, scores_normalised)
+from .module_state import ModuleState, global_hooks, module_states
 from .trace import KEPT_WHOLE, UntraceableModelError, attribute_at, trace
-
-FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
-
 
 @dataclass
 class Plan:
@@ -86,7 +84,7 @@ class Plan:
         graph, the rules and what the plan read of the graph hold the old (in-place changes to
         parameters and buffers need none: the graph reads them by reference; but a fixed filter's
         sign chose its rule, and is judged again)."""
-        if self.states and _global_hooks() != self.states[0].global_hooks:
+        if self.states and global_hooks() != self.states[0].global_hooks:
             return False
         if not all(state.holds() for state in self.states):
             return False
@@ -97,359 +95,7 @@ class Plan:
         """After a pass on a current plan: what the modules it ran wrote onto themselves (a hook
         keeping a count or a statistic) is the model's state now, not a change to trace anew."""
         if not self.is_current():
-            self.states = _module_states(model, self.leaves)
-
-
-# nn.Module's own bookkeeping, and the mode RSP itself switches: not part of what a forward does
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
-_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
-
-
-def _global_hooks() -> tuple:
-    return tuple(torch_module._global_forward_pre_hooks), tuple(torch_module._global_forward_hooks)
-
-
-def _attribute_value(value):
-    """A snapshot of an attribute a traced forward may have read as a constant (a number, a
-    string, a function or method, tuples, lists and dicts of them), or ``_SKIP`` for tensors and
-    other objects, which the graph reads by reference or not at all."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, (tuple, list)):  # torch.Size and named tuples too: compared as plain tuples
-        items = tuple(_attribute_value(v) for v in value)
-        return _SKIP if any(v is _SKIP for v in items) else items
-    if isinstance(value, dict):
-        items = tuple((k, _attribute_value(v)) for k, v in value.items())
-        return _SKIP if any(v is _SKIP or not isinstance(k, _PLAIN) for k, v in items) else items
-    if callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
-        return value
-    return _SKIP
-
-
-_SKIP = object()
-
-
-def _same(a, b) -> bool:
-    return a is b or (type(a) is type(b) and isinstance(a, (*_PLAIN, tuple)) and a == b)
-
-
-@dataclass
-class ModuleState:
-    module: nn.Module
-    cls: type
-    forward: Callable  # its class's forward (patched on the class, it is another function)
-    children: tuple  # (name, child) pairs, in order
-    hooks: tuple  # the keys of its forward pre-hooks and forward hooks
-    attributes: dict  # name → (the object it held: numbers, strings, tuples, functions; its snapshot)
-    lists: dict  # name → (the list or dict it held, its snapshot then: it may change in place)
-    names: frozenset | None = None  # its attributes' names (None for a leaf): one added may be read
-    global_hooks: tuple = ()
-    absent: tuple | None = None  # a norm's statistics set to None (BatchNorm then uses the batch's); None: not a norm
-
-    @classmethod
-    def of(cls, module: nn.Module, leaf: bool = False) -> "ModuleState":
-        attributes, lists = {}, {}
-        # a module the graph calls whole reads its attributes itself: only those its class declares
-        # constant (a conv's stride, padding_mode) shape the plan, not a statistic a hook keeps there
-        declared = set().union(*(getattr(c, "__constants__", ()) for c in type(module).__mro__)) if leaf else None
-        for k, v in module.__dict__.items():
-            if declared and k not in declared and k != "forward":
-                continue
-            if k not in _MODULE_INTERNALS and _attribute_value(v) is not _SKIP:
-                if isinstance(v, (list, dict)):
-                    lists[k] = (v, _attribute_value(v))
-                else:
-                    attributes[k] = (v, _attribute_value(v))
-        attributes.setdefault("forward", (_SKIP, _SKIP))  # a forward set on the instance later is a change too
-        return cls(module, type(module), type(module).forward, tuple(module._modules.items()), _hooks(module),
-                   attributes, lists, None if leaf else frozenset(module.__dict__), absent=_absent(module))
-
-    def holds(self) -> bool:
-        m = self.module
-        if m.__class__ is not self.cls or self.cls.forward is not self.forward or _hooks(m) != self.hooks:
-            return False
-        if self.absent is not None and _absent(m) != self.absent:
-            return False
-        children = m._modules
-        if len(children) != len(self.children):
-            return False
-        for name, child in self.children:
-            if children.get(name) is not child:
-                return False
-        now = m.__dict__
-        if self.names is not None and now.keys() != self.names:  # getattr(self, "flag", False) set since
-            return False
-        for k, (v, snapshot) in self.attributes.items():  # the same object (one identity test), else an equal value
-            value = now.get(k, _SKIP)
-            if value is not v and not _same(_attribute_value(value), snapshot):
-                return False
-        for k, (v, snapshot) in self.lists.items():
-            if now.get(k, _SKIP) is not v or _attribute_value(v) != snapshot:
-                return False
-        return True
-
-
-def _absent(module: nn.Module) -> tuple | None:
-    """Which running statistics of a norm are None (only norms keep them: checked on those alone)."""
-    buffers = module._buffers
-    return (buffers.get("running_mean") is None, buffers["running_var"] is None) if "running_var" in buffers else None
-
-
-def _hooks(module: nn.Module) -> tuple:
-    return tuple(module._forward_pre_hooks), tuple(module._forward_hooks)  # their handles' ids
-
-
-def _module_states(model: nn.Module, leaves: frozenset = frozenset()) -> list[ModuleState]:
-    states, seen, todo = [], set(), [model]
-    while todo:
-        module = todo.pop()
-        if id(module) not in seen:
-            seen.add(id(module))
-            states.append(ModuleState.of(module, id(module) in leaves))
-            todo += [child for child in module._modules.values() if child is not None]
-    if states:
-        states[0].global_hooks = _global_hooks()
-    return states
-
-
-def _module(model: nn.Module, node: fx.Node) -> nn.Module | None:
-    return model.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _is_flatten(node: fx.Node, module) -> bool:
-    """A flatten, or a view or reshape that may be one: not one to four or more sizes, which
-    keeps a map (the last step of a channel shuffle, x.view(n, g, c // g, h, w).transpose(1, 2)
-    .reshape(n, c, h, w)); a shape known only at run time (x.view(size)) counts as a flatten."""
-    if module is not None:
-        return isinstance(module, nn.Flatten)
-    name = getattr(node.target, "__name__", node.target)
-    if node.op not in ("call_function", "call_method") or name not in FLATTEN_FUNCTIONS_OR_METHODS:
-        return False
-    return name == "flatten" or len(_shape_argument(node)) < MAP_RANK
-
-
-MAP_RANK = 4  # N×C×H×W; a view to fewer sizes may flatten the map (N×F, N×C×L), one to as many keeps it
-
-
-def _shape_argument(node: fx.Node) -> tuple:
-    """The sizes a view or reshape is given (one item where a value known at run time holds them)."""
-    sizes = node.args[1:] or (node.kwargs.get("shape", node.kwargs.get("size")),)
-    return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
-
-
-def _first_tensor_input(node: fx.Node, kind: str | None = None) -> fx.Node | None:
-    """The input the main path comes from: where a rule sends relevance (x of x·scale + bias),
-    else the first tensor argument."""
-    ins = [a for a in relevance_inputs(node, kind) if isinstance(a, fx.Node)] if kind else node.all_input_nodes
-    return ins[0] if ins else None
-
-
-def _default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
-    """VGG: the last ReLU before the last max-pool; ResNet: layer4; otherwise the last
-    spatial map before global pooling / flatten; for MLPs the input of the last Linear."""
-    output = next(n for n in graph.nodes if n.op == "output")
-    node, last_linear_input = _logits_node(output), None
-    # Walk back along the main path to the first flatten or pooling of the head.
-    while node is not None and node.op != "placeholder":
-        m = _module(model, node)
-        if (isinstance(m, nn.Linear) or functional_linear_weight(node) is not None) and last_linear_input is None:
-            last_linear_input = _first_tensor_input(node)
-        if _ends_head(model, node, m):
-            break
-        # pooled maps of several branches merged (Kim's CNN for text, two streams' embeddings): each is
-        # part of the evidence; not where the merge makes the logits, each branch's own (late fusion)
-        maps = {_map_behind(model, branch, last_linear_input is not None) for branch in _merged_branches(node, m)}
-        if len(maps) > 1 and None not in maps:
-            return node
-        node = _first_tensor_input(node)
-    pool = _global_pool_behind_head(model, node) or node
-    node = _feature_map_behind(model, pool)
-    if node is not None and last_linear_input is None and not _layer_on_path(model, output, pool):
-        node = _feature_map_behind(model, _input_of_class_score_conv(model, node)) or node  # the logits pooled maps
-    if node is not None:
-        return node
-    node = last_linear_input
-    while node is not None and node.op != "placeholder" and is_identity_in_eval(node, _module(model, node)):
-        node = _first_tensor_input(node)
-    if node is not None and node.op != "placeholder":
-        return node
-    raise RSPError(f"could not choose a default saliency layer for {type(model).__name__}; pass layer='<module name>'")
-
-
-def _logits_node(output: fx.Node) -> fx.Node | None:
-    """Where the logits come from: the output itself, or what an output object holds as
-    ``logits`` (a dict, a named tuple, Hugging Face's ModelOutput), as the pass reads them."""
-    value = output.args[0]
-    if isinstance(value, fx.Node) and value.op == "call_function" and isinstance(value.target, type):
-        fields = getattr(value.target, "_fields", ())  # a named tuple's, by position
-        value = value.kwargs if "logits" in value.kwargs else dict(zip(fields, value.args))
-    logits = value.get("logits") if isinstance(value, dict) else None
-    return logits if isinstance(logits, fx.Node) else _first_tensor_input(output)
-
-
-NORMALISERS = ({F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, torch.sigmoid, F.sigmoid},
-               {"softmax", "log_softmax", "sigmoid"})
-
-
-ELEMENTWISE = "elementwise"
-
-
-def _scores_normalised(model: nn.Module, logits: fx.Node | None) -> tuple[fx.Node | None, int | str | None]:
-    """The scores a model's last op turns into probabilities (a softmax or log_softmax, a
-    sigmoid) and the dim it normalises (None: PyTorch's implicit one; ``ELEMENTWISE``), or
-    (None, None): their gradients saturate where the model is sure, and R₀ is meant for the
-    class scores (RSP_SPEC §1's y_c); the order, so the target, is the same. Whether the dim is
-    the classes' is known with the output's rank, at run time (``scores_over_classes``)."""
-    if logits is None:
-        return None, None
-    m = _module(model, logits)
-    if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
-        dim = m.dim
-    elif isinstance(m, nn.Sigmoid) or calls(logits, {torch.sigmoid, F.sigmoid}, {"sigmoid"}):
-        dim = ELEMENTWISE
-    elif calls(logits, *NORMALISERS):
-        dim = logits.args[1] if len(logits.args) > 1 else logits.kwargs.get("dim")
-    else:
-        return None, None
-    source = logits.args[0] if logits.args else logits.kwargs.get("input")
-    return (source, dim) if isinstance(source, fx.Node) and (dim is None or isinstance(dim, (int, str))) else (None, None)
-
-
-def scores_over_classes(dim: int | str | None, rank: int) -> bool:
-    """Whether a final softmax over ``dim`` of a rank-``rank`` output normalises its classes (dim 1)."""
-    if dim == ELEMENTWISE:
-        return True
-    if dim is None:  # softmax's implicit dim: 0 for ranks 0, 1 and 3, else 1
-        return rank not in (0, 1, 3)
-    return rank > 1 and dim % rank == 1
-
-
-def _ends_head(model: nn.Module, node: fx.Node, m) -> bool:
-    """A flatten or pooling of the head (or a module kept whole): the walk back stops there."""
-    return bool(_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(model, node, m)
-                or node.meta.get(KEPT_WHOLE))
-
-
-def _merged_branches(node: fx.Node, m) -> list[fx.Node]:
-    """The activations a concatenation or sum joins (none for other nodes, or a sum with a constant)."""
-    kind = node_kind(node, m)
-    if kind not in (NodeKind.CAT, NodeKind.ADD):
-        return []
-    return [a for a in relevance_inputs(node, kind) if isinstance(a, fx.Node) and not is_parameter(a)]
-
-
-def _map_behind(model: nn.Module, node: fx.Node, through_layers: bool) -> fx.Node | None:
-    """The feature map a branch of the head summarises: back to its pooling, then behind it.
-    Without ``through_layers``, None past a conv or linear layer (a branch's own logits)."""
-    while node is not None and node.op != "placeholder" and not _ends_head(model, node, m := _module(model, node)):
-        if node_kind(node, m) == NodeKind.LAYER and not through_layers:
-            return None
-        node = _first_tensor_input(node)
-    return _feature_map_behind(model, _global_pool_behind_head(model, node) or node) if node is not None else None
-
-
-def _feature_map_behind(model: nn.Module, node: fx.Node | None) -> fx.Node | None:
-    """Back over pooling, reshapes and dropout to the feature map they summarise (and over head
-    modules kept whole, like timm VGG's conv MLP: relevance cannot start there); None if the
-    input is reached first."""
-    while node is not None and node.op != "placeholder":
-        m = _module(model, node)
-        if _attention_weighted(node, m):
-            node = sole_operand(node)
-            continue
-        if not (_is_flatten(node, m) or node_kind(node, m) == NodeKind.POOL or _is_global_pool(model, node, m)
-                or node.meta.get(KEPT_WHOLE) or is_identity_in_eval(node, m) or _generalised_mean_part(node)):
-            return node
-        node = _first_tensor_input(node)
-    return None
-
-
-def _attention_weighted(node: fx.Node, m) -> bool:
-    """h·softmax(a(h)) before a sum over the positions: the weights of an attention pool, a part
-    of the pooling (as in its matmul spelling, h @ softmax(a(h))ᵀ), not a map of its own."""
-    if not is_product(node) or node_kind(node, m) != NodeKind.SCALE:
-        return False
-    x = sole_operand(node)
-    return any(is_softmax(v) for v in two_operands(node) if v is not x)
-
-
-def _generalised_mean_part(node: fx.Node) -> bool:
-    """x ** p or x.clamp(min=ε), 0 < ε ≤ 1e-3, before a mean: GeM pooling (x.clamp(ε).pow(p).mean().pow(1/p)),
-    part of the pooling, not a map of its own (a clamp at 0 or at 0.1, an activation, is one)."""
-    if calls(node, {operator.pow, torch.pow}, {"pow", "__pow__"}):
-        exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
-        return isinstance(exponent, (int, float)) and exponent != 1 or isinstance(exponent, fx.Node) and is_parameter(exponent)
-    if calls(node, {torch.clamp, torch.clamp_min, torch.clip}, {"clamp", "clamp_min", "clip"}):
-        low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
-        return isinstance(low, (int, float)) and 0 < low <= 1e-3
-    return False
-
-
-def _layer_on_path(model: nn.Module, node: fx.Node, stop: fx.Node | None) -> bool:
-    """Whether a conv or linear layer lies on the main path from ``node`` back to ``stop``."""
-    while node is not None and node is not stop and node.op != "placeholder":
-        m = _module(model, node)
-        kind = node_kind(node, m)
-        if kind == NodeKind.LAYER:
-            return True
-        node = _first_tensor_input(node, kind)
-    return False
-
-
-def _input_of_class_score_conv(model: nn.Module, node: fx.Node) -> fx.Node:
-    """A head that only pools (SqueezeNet, S3D, network-in-network: no layer after the global
-    pool) pools maps that a 1×1 conv made, one channel per class: class scores, whose Grad-CAM
-    only restates them. Then the features that conv reads, which Grad-CAM is meant for;
-    otherwise ``node`` itself."""
-    conv = node
-    while conv is not None and conv.op != "placeholder" and node_kind(conv, _module(model, conv)) == NodeKind.PASS:
-        conv = _first_tensor_input(conv)  # its activation
-    m = _module(model, conv) if conv is not None else None
-    if conv is not None and is_pointwise_conv(conv, m) or isinstance(m, nn.Linear):
-        return _first_tensor_input(conv)  # (a Linear on each token of an N×T×F input, averaged over T, alike)
-    return node
-
-
-def _global_pool_behind_head(model: nn.Module, node: fx.Node | None) -> fx.Node | None:
-    """timm-style heads run a 1×1 conv, a norm, an activation, a learnable affine map or a
-    permute on the pooled map before flattening (MobileNetV3, HGNetV2, ConvNeXt's RMS-norm
-    head): the global pool behind such a head, if there is one."""
-    while node is not None and node.op != "placeholder":
-        m = _module(model, node)
-        if _is_global_pool(model, node, m):
-            return node
-        kind = node_kind(node, m)
-        if not (_is_flatten(node, m) or is_pointwise_conv(node, m) or kind in (NodeKind.PASS, NodeKind.ROUTE, NodeKind.SCALE)):
-            return None
-        node = _first_tensor_input(node, kind)
-    return None
-
-
-ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                  nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-ADAPTIVE_POOL_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-                           F.adaptive_max_pool2d, F.adaptive_max_pool3d)
-
-
-def _is_global_pool(model: nn.Module, node: fx.Node, module) -> bool:
-    """An adaptive pool to 1×1 (1, 1×1×1), or a mean, sum or max over the spatial dimensions;
-    or the sum or concatenation of such pools of one map (timm's avgmax and catavgmax pools)."""
-    if node.op == "call_function" and node.target in (operator.add, torch.add, torch.cat):
-        pools = node.all_input_nodes
-        return (len(pools) > 1 and all(_is_global_pool(model, p, _module(model, p)) for p in pools)
-                and len({_first_tensor_input(p) for p in pools}) == 1)
-    if isinstance(module, ADAPTIVE_POOLS):
-        size = module.output_size
-    elif node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
-        size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
-    elif calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):  # average, sum or max pooling
-        # over the time of a 1-D map (N×C×L) too, and over the tokens of a Linear's N×T×F output
-        tokens = ([1], [-2]) if _made_by_a_linear(model, node.args[0]) else ()
-        spatial = ([2, 3], [-2, -1], [2, 3, 4], [-3, -2, -1], [2], [-1], [3], [4], [3, 4])  # [3]: x.sum(3).sum(2)
-        return sorted(reduced_dims(node) or ()) in spatial + tokens
-    else:
-        return False
-    return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+            self.states = module_states(model, self.leaves)
 
 
 def step_path(step: Rule) -> str | None:
@@ -511,7 +157,7 @@ def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, 
             return node, layer
     layer = layer_name(model, layer)
     if layer is None:
-        node = _default_saliency(model, graph)
+        node = default_saliency(model, graph)
         names = [name for name, n in module_outputs.items() if n is node]
         return node, (min(names, key=len) if names else node.name)
     module, _, call = layer.rpartition(":")
@@ -554,7 +200,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
         if node.op == "placeholder":
             reached_input = True
             continue
-        module = _module(model, node)
+        module = module_of(model, node)
         kind = node_kind(node, module) if node.op != "get_attr" else None
         if kind is None:
             problems.append(_describe_unsupported(node, module))
@@ -587,7 +233,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
         raw[node] = from_input and kinds[node] != NodeKind.LAYER
         if raw[node] and (calls(node, LAYOUT_CHANGES, LAYOUT_CHANGE_METHODS) or any(a in reshaped for a in ins)):
             reshaped.add(node)
-        module = _module(model, node)
+        module = module_of(model, node)
         if from_input and kinds[node] == NodeKind.LAYER and input_rank is None and not any(a in reshaped for a in ins):
             input_rank = (4 if isinstance(module, nn.Conv2d) or node.target in (F.conv2d, torch.conv2d) else
                           3 if isinstance(module, nn.Conv1d) or node.target in (F.conv1d, torch.conv1d) else
@@ -595,7 +241,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
 
     steps = []
     for node in sorted(kinds, key=order.__getitem__, reverse=True):
-        module = _module(model, node)
+        module = module_of(model, node)
         first = kinds[node] == NodeKind.LAYER and any(a is input_node or raw.get(a, False) for a in relevance_inputs(node, kinds[node]))
         steps.append(rule_for(node, kinds[node], module, first, _bn_after(model, node, kinds)))
 
@@ -605,10 +251,10 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
             step.input_non_negative = non_negative(step.inputs[0])
             source = step.inputs[0]
             if (isinstance(step, Conv | Conv3d) and not step.first and len(source.users) == 1 and source in kinds
-                    and pads_by_copy(source, _module(model, source))):
+                    and pads_by_copy(source, module_of(model, source))):
                 step.purge_at = source  # RSP_SPEC §2 purges over the layer's input: the pixels, not their copies
             if isinstance(step, Conv | Conv3d) and step.first and len(source.users) == 1 and source in kinds:
-                padding = zero_padding(source, _module(model, source))
+                padding = zero_padding(source, module_of(model, source))
                 if padding is not None:  # z^B's bounds and patches are the picture's, as for the conv's own padding
                     step.zero_pad = (source.args[0], padding)
                     step.needs_values.append(source.args[0])
@@ -619,7 +265,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
             if user not in head:
                 head.add(user)
                 frontier.append(user)
-    mixing = [(n.name, why) for n in sorted(head, key=order.__getitem__) if (why := mixes_the_batch(n, _module(model, n)))]
+    mixing = [(n.name, why) for n in sorted(head, key=order.__getitem__) if (why := mixes_the_batch(n, module_of(model, n)))]
     if mixing:
         raise UnsupportedModelError(f"the model's head (after layer {layer_name!r}) mixes the samples, and RSP's "
                                     "initial relevance is each sample's own: " + _grouped(mixing))
@@ -637,145 +283,11 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
             dims, source, what = read
             batch_dim_checks.append((node, source, dims, what))
     saved = {v for s in steps for v in s.needs_values}
-    leaves = frozenset(id(_module(model, n)) for n in graph.nodes if n.op == "call_module")
-    scores, scores_dim = _scores_normalised(model, _logits_node(next(n for n in graph.nodes if n.op == "output")))
-    return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, _module_states(model, leaves),
-                leaves, batch_dim_checks, functools.partial(_pooled_channels_last, model, saliency),
+    leaves = frozenset(id(module_of(model, n)) for n in graph.nodes if n.op == "call_module")
+    scores, scores_dim = scores_normalised(model, logits_node(next(n for n in graph.nodes if n.op == "output")))
+    return Plan(graph, input_node, saliency, layer_name, steps, saved, head, input_rank, module_states(model, leaves),
+                leaves, batch_dim_checks, functools.partial(pooled_channels_last, model, saliency),
                 scores if scores in head else None, scores_dim, filter_signs=filter_signs_judged(kinds))
-
-
-def _pooled_channels_last(model: nn.Module, saliency: fx.Node, rank: int | None = None) -> bool:
-    """Whether the saliency map has its channels last: the head pools it over dims 1 and 2
-    (N×H×W×C, as MambaOut's head does), or permutes it from that layout first, before any other
-    op; or it is a Linear's output, or a Linear reads it (a Linear reads the last dim: N×T×F
-    tokens, each token a position), and no reshape comes first. A merge (a residual add) or a
-    norm on the way keeps the layout. With the map's ``rank`` (known at run time) transposes and
-    permutes on the way are followed (``h.transpose(1, 2).mean(2)`` pools a Linear's tokens)."""
-    if _permuted_to_channels_last(model, saliency):
-        return True
-    made = _made_by_a_linear(model, saliency)  # a Linear's output: channels last already
-    node, through_linear = saliency, made
-    order = list(range(rank)) if rank else None  # order[i]: the map's dim now at position i
-    moved = False
-    while len(node.users) == 1:
-        node = next(iter(node.users))
-        m = _module(model, node)
-        if calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):
-            dims = reduced_dims(node) or ()
-            if moved:  # pooled over all of the map's positions, its last dim kept: channels last
-                return all(isinstance(d, int) for d in dims) and sorted(order[d % rank] for d in dims) == list(range(1, rank - 1))
-            return sorted(dims) in ([1, 2], [-3, -2]) + (([1], [-2]) if through_linear else ())
-        if order is not None and _moves_dims(node, order):
-            moved = True
-            continue
-        if moved and node_kind(node, m) == NodeKind.POOL:  # a pool of the trailing dims keeps dim 1: the channels
-            return order[1] == rank - 1
-        if calls(node, LAYOUT_CHANGES, LAYOUT_CHANGE_METHODS) or _is_flatten(node, m):
-            return False  # behind a reshape the layout is not known
-        if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None:
-            through_linear = True
-            continue
-        if calls(node, {torch.permute}, {"permute"}):
-            return _permute_order(node) == (0, 3, 1, 2)
-        if node_kind(node, m) != NodeKind.PASS:
-            break
-    return made
-
-
-def _moves_dims(node: fx.Node, order: list) -> bool:
-    """For a transpose, swapaxes, permute or movedim with numbers for dims: ``order`` updated to
-    the layout after it, and True; False (``order`` as it was) for other ops."""
-    rank = len(order)
-    args = list(node.args[1:]) + list(node.kwargs.values())
-    if not args or not all(isinstance(a, int) for a in (args[0] if isinstance(args[0], (tuple, list)) else args)):
-        return False
-    if calls(node, *TRANSPOSES) and len(args) == 2:
-        a, b = (d % rank for d in args)
-        order[a], order[b] = order[b], order[a]
-    elif calls(node, {torch.permute}, {"permute"}) and len(_permute_order(node)) == rank:
-        order[:] = [order[d % rank] for d in _permute_order(node)]
-    elif calls(node, {torch.movedim}, {"movedim"}) and len(args) == 2 and all(isinstance(a, int) for a in args):
-        order.insert(args[1] % rank, order.pop(args[0] % rank))
-    else:
-        return False
-    return True
-
-
-def _permute_order(node: fx.Node) -> tuple:
-    order = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else \
-        (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims", ()))
-    return tuple(order)
-
-
-# ops that change a tensor's shape or order of dims: behind them a layout is not known
-LAYOUT_CHANGES = TRANSPOSES[0] | {torch.reshape, torch.flatten, torch.unflatten, torch.movedim, torch.squeeze, torch.unsqueeze}
-LAYOUT_CHANGE_METHODS = TRANSPOSES[1] | {"view", "reshape", "flatten", "unflatten", "movedim", "squeeze", "unsqueeze"}
-
-
-def _permuted_to_channels_last(model: nn.Module, node: fx.Node) -> bool:
-    """Whether the map was put in N×H×W×C by a ``permute(0, 2, 3, 1)``: walking back along the
-    main path (through Linears, norms, activations, residual sums, splits and gates, which keep
-    a layout) the first permute met is that one (a MambaOut or ConvNeXt block between its
-    permutes). A conv, a pool, a reduction, a reshape or the input settles nothing (False)."""
-    while isinstance(node, fx.Node) and node.op in ("call_module", "call_function", "call_method"):
-        if calls(node, {torch.permute}, {"permute"}):
-            return _permute_order(node) == (0, 2, 3, 1)
-        module = _module(model, node)
-        if calls(node, LAYOUT_CHANGES, LAYOUT_CHANGE_METHODS) or isinstance(module, nn.Flatten | nn.Unflatten):
-            return False
-        kind = node_kind(node, module)
-        linear = isinstance(module, nn.Linear) or functional_linear_weight(node) is not None
-        if kind in (NodeKind.POOL, NodeKind.SUM) or (kind == NodeKind.LAYER and not linear):
-            return False
-        node = _first_tensor_input(node, None if linear else kind)
-    return False
-
-
-def _made_by_a_linear(model: nn.Module, node: fx.Node) -> bool:
-    """Whether the node is a Linear's output (or a map's positions made tokens), behind
-    activations, dropout, norms, gates, slices, and residual sums and joins with such an
-    operand and none from a conv or a pool (an MLP-Mixer's blocks, their token-mixing branch
-    transposed back; not a conv map plus a Linear's broadcast vector): its last dimension holds
-    the features (N×T×F tokens)."""
-    known: dict[fx.Node, bool | None] = {}
-
-    def made(node) -> bool | None:  # None: not known (the input, a transpose, ...)
-        if not isinstance(node, fx.Node) or node.op == "placeholder":
-            return None
-        if node not in known:
-            known[node] = None  # while it is worked out
-            m = _module(model, node)
-            kind = node_kind(node, m)
-            if isinstance(m, nn.Linear) or functional_linear_weight(node) is not None or _tokens_of_a_map(node):
-                known[node] = True
-            elif kind in (NodeKind.ADD, NodeKind.CAT):
-                found = {made(a) for a in relevance_inputs(node, kind) if isinstance(a, fx.Node)}
-                known[node] = False if False in found else True if True in found else None
-            elif kind in (NodeKind.SCALE, NodeKind.SELECT, NodeKind.PASS):
-                known[node] = made(_first_tensor_input(node, kind))
-            elif kind in (NodeKind.LAYER, NodeKind.POOL, NodeKind.SUM):
-                known[node] = False
-        return known[node]
-    try:
-        return made(node) is True
-    except RecursionError:  # a very deep token network: its layout is not known here
-        return False
-
-
-def _tokens_of_a_map(node: fx.Node) -> bool:
-    """``x.flatten(2).transpose(1, 2)`` (ViT's and MLP-Mixer's patch tokens): N×T×C, channels last."""
-    if calls(node, *TRANSPOSES):
-        dims = node.args[1:3] if len(node.args) >= 3 else ()
-    elif calls(node, {torch.permute}, {"permute"}):
-        dims = (1, 2) if _permute_order(node) in ((0, 2, 1), (0, -1, -2), (0, 2, -2), (0, -1, 1)) else ()
-    else:
-        return False
-    source = node.args[0] if node.args else None
-    if not (isinstance(source, fx.Node) and calls(source, {torch.flatten}, {"flatten"})):
-        return False
-    flat = dict(zip(("input", "start_dim", "end_dim"), source.args)) | source.kwargs
-    return (flat.get("start_dim", 0) == 2 and flat.get("end_dim", -1) == -1 and len(dims) == 2
-            and all(isinstance(d, int) for d in dims) and sorted(d % 3 for d in dims) == [1, 2])
 
 
 def _non_negative(model: nn.Module):
@@ -788,7 +300,7 @@ def _non_negative(model: nn.Module):
         if not isinstance(node, fx.Node):
             return False  # a constant operand
         if node not in known:
-            module = _module(model, node)
+            module = module_of(model, node)
             if node.op in ("placeholder", "get_attr", "output"):
                 known[node] = False
             elif rectifies(node, module):
@@ -861,7 +373,7 @@ def _bn_after(model: nn.Module, node: fx.Node, explained):
     own output's); their scales multiply."""
     scales = []
     while len(node.users) == 1 and (user := next(iter(node.users))) in explained:
-        m = _module(model, user)
+        m = module_of(model, user)
         scale = (batchnorm_scale(m) if is_batchnorm(m) and m.running_var is not None
                  else functional_batchnorm_scale(user, functools.partial(attribute_at, model)))
         if scale is not None:

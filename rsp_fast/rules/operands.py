@@ -241,17 +241,9 @@ def is_gate(arg) -> bool:
         return False
     if arg.op == "call_module":
         m = arg.meta.get(MODULE_META)
-        return (isinstance(m, (nn.Sigmoid, nn.Hardsigmoid))
-                or (is_timm_activation(m) and type(m).__name__ in TIMM_GATES)) or is_softmax(arg)
-    return calls(arg, GATE_FUNCTIONS, GATE_METHODS) or is_softmax(arg)
-
-
-def is_softmax(arg) -> bool:
-    """A softmax (module or function), also reshaped: weights that sum to one."""
-    arg = behind_reshapes(arg)
-    if not isinstance(arg, fx.Node):
-        return False
-    return isinstance(arg.meta.get(MODULE_META), nn.Softmax) or calls(arg, SOFTMAX_FUNCTIONS, {"softmax"})
+        return (isinstance(m, (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax))
+                or (is_timm_activation(m) and type(m).__name__ in TIMM_GATES))
+    return calls(arg, GATE_FUNCTIONS | SOFTMAX_FUNCTIONS, GATE_METHODS | {"softmax"})
 
 
 def _is_reduction(node: fx.Node) -> bool:
