@@ -47,12 +47,13 @@ def has_hooks(module: torch.nn.Module) -> bool:
                 or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
-def _batch_strided_gradient(grad: torch.Tensor) -> torch.Tensor:
-    """A gradient of one sample laid out as one (its batch stride a sample's size). torch 2.14's
-    CPU BatchNorm and InstanceNorm backward read a (1, C, H, W) gradient with strides
-    (C, 1, W·C, C), as einsum's backward makes, as if channels-last and got the input gradient
-    wrong (3.4 off a peak of 2.8): R₀ at batch 1 was not that sample's R₀ in a batch."""
-    return grad.contiguous() if grad.stride(0) != grad[0].numel() else grad
+def _one_sample_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient of one sample, contiguous. torch 2.14's CPU BatchNorm and InstanceNorm backward
+    (eval mode, at batch 1) get the input gradient wrong (3.4 off a peak of 2.8) for a
+    (1, C, H, W) gradient with strides (C, 1, W·C, C), as einsum's backward makes, and
+    InstanceNorm also for a channels-last one, as a conv's or a permute's backward makes in a
+    channels-last model: R₀ at batch 1 was not that sample's R₀ in a batch."""
+    return grad if grad.is_contiguous() else grad.contiguous()
 
 
 class _Recorder(fx.Interpreter):
@@ -82,8 +83,8 @@ class _Recorder(fx.Interpreter):
                 out = self.saliency_value.to(out.dtype)  # the head runs in the model's dtype
         if isinstance(out, torch.Tensor):
             self.shapes[n] = out.shape
-            if out.requires_grad and out.dim() > 2 and out.shape[0] == 1 and n is not self.plan.saliency:
-                out.register_hook(_batch_strided_gradient)
+            if out.grad_fn is not None and out.dim() > 2 and out.shape[0] == 1 and n in self.plan.head:
+                out.register_hook(_one_sample_gradient)  # computed in the head (not a parameter: hooks stay off the model)
         if n is self.plan.scores:
             self.scores = out
         if n in self.plan.saved:
