@@ -183,6 +183,47 @@ def test_a_map_reshaped_last_before_the_pool_is_the_default_layer(shuffle):
     assert rel_err(ours.attribution, expected.attribution) < 1e-12
 
 
+class _ShuffledSignal(nn.Module):
+    """A 1-D CNN whose last map is channel-shuffled with views before the pool over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        n, c, length = h.shape
+        return self.fc(h.view(n, 2, c // 2, length).transpose(1, 2).reshape(n, c, length).mean(-1))
+
+
+def test_a_shuffled_signal_is_the_default_layer_not_the_shuffle_inside():
+    """The shuffle's last reshape, to 3 sizes, merges back the dims its first view split: it keeps
+    the N×C×L map (0.705 of the peak off with the 4-D intermediate taken instead)."""
+    explainer = rsp_fast.RSP(_ShuffledSignal())
+    assert explainer.layer == "reshape"
+    assert explainer.explain(torch.randn(2, 3, 16)).initial.shape == (2, 8, 16)
+
+
+class _FlattenedToPixel(nn.Module):
+    """VGG-like features flattened into the channels of a 1×1 map for a 1×1 conv classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                      nn.MaxPool2d(4))
+        self.classifier = nn.Conv2d(8 * 4 * 4, 5, 1)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.classifier(f.reshape(f.shape[0], -1, 1, 1)).flatten(1)
+
+
+def test_a_view_to_ones_after_its_sizes_is_a_flatten():
+    """x.reshape(n, -1, 1, 1) flattens, as x.flatten(1) does (the default layer went onto the
+    N×128×1×1 view: 0.88 of the peak off)."""
+    assert rsp_fast.RSP(_FlattenedToPixel()).layer == "features.3"
+
+
 class _PointwiseHead(nn.Module):
     """conv, ReLU, global pool, then 1×1 convs, the last making the class scores (timm
     MobileNetV3's head), in 1, 2 or 3 dims, the convs as modules or as F.conv* on parameters."""

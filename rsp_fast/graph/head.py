@@ -25,24 +25,47 @@ def module_of(model: nn.Module, node: fx.Node) -> nn.Module | None:
 
 
 def _is_flatten(node: fx.Node, module) -> bool:
-    """A flatten, or a view or reshape that may be one: not one to four or more sizes, which
-    keeps a map (the last step of a channel shuffle, x.view(n, g, c // g, h, w).transpose(1, 2)
-    .reshape(n, c, h, w)); a shape known only at run time (x.view(size)) counts as a flatten."""
+    """A flatten, or a view or reshape that may be one: not one to four or more sizes (ones at
+    the end not counted: x.reshape(n, -1, 1, 1) flattens), which keeps a map, nor one that merges
+    back dims a view split and a transpose moved (the last step of a channel shuffle,
+    x.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w), of a 1-D map too); a shape
+    known only at run time (x.view(size)) counts as a flatten."""
     if module is not None:
         return isinstance(module, nn.Flatten)
-    name = getattr(node.target, "__name__", node.target)
-    if node.op not in ("call_function", "call_method") or name not in FLATTEN_FUNCTIONS_OR_METHODS:
+    if not _is_view(node):
         return False
-    return name == "flatten" or len(_shape_argument(node)) < MAP_RANK
+    if getattr(node.target, "__name__", node.target) == "flatten":
+        return True
+    sizes = _shape_argument(node)
+    while len(sizes) > 2 and isinstance(sizes[-1], int) and sizes[-1] == 1:
+        sizes = sizes[:-1]
+    return len(sizes) < MAP_RANK and not (len(sizes) > 2 and _merges_a_split(node, len(sizes)))
 
 
 MAP_RANK = 4  # N×C×H×W; a view to fewer sizes may flatten the map (N×F, N×C×L), one to as many keeps it
+
+
+def _is_view(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", node.target)
+    return node.op in ("call_function", "call_method") and name in FLATTEN_FUNCTIONS_OR_METHODS
 
 
 def _shape_argument(node: fx.Node) -> tuple:
     """The sizes a view or reshape is given (one item where a value known at run time holds them)."""
     sizes = node.args[1:] or (node.kwargs.get("shape", node.kwargs.get("size")),)
     return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
+
+
+def _merges_a_split(node: fx.Node, count: int) -> bool:
+    """Whether a view to ``count`` sizes reads, behind transposes or permutes (and copies), a view
+    to more sizes: dims split, moved and merged back."""
+    source, moved = node.args[0] if node.args else node.kwargs.get("input"), False
+    while isinstance(source, fx.Node) and (calls(source, TRANSPOSES[0] | {torch.permute}, TRANSPOSES[1] | {"permute"})
+                                           or calls(source, set(), {"contiguous"})):
+        moved = moved or not calls(source, set(), {"contiguous"})
+        source = source.args[0]
+    return (moved and isinstance(source, fx.Node) and _is_view(source)
+            and getattr(source.target, "__name__", source.target) != "flatten" and len(_shape_argument(source)) > count)
 
 
 def _first_tensor_input(node: fx.Node, kind: str | None = None) -> fx.Node | None:
