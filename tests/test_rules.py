@@ -662,18 +662,20 @@ class _LayerNorm2d(nn.Module):
         if not self.written:
             return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
         u = x.mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt((x - u).pow(2).mean(1, keepdim=True) + 1e-6)
+        centred = x - u if self.written == "operator" else torch.sub(x, u, alpha=1)
+        x = centred / torch.sqrt((x - u).pow(2).mean(1, keepdim=True) + 1e-6)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
-def test_a_layernorm_written_out_passes_relevance_through_like_layer_norm():
+@pytest.mark.parametrize("spelling", ["operator", "torch.sub"])
+def test_a_layernorm_written_out_passes_relevance_through_like_layer_norm(spelling):
     """x − x.mean(1) is a norm's centring: all of R to x, as for x / its standard deviation.
     It took the rule of a difference of two signals, and the map was 0.21 of its peak off."""
     def net(written):
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _LayerNorm2d(8, written), nn.Conv2d(8, 6, 3, padding=1),
                              nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).double().eval()
     torch.manual_seed(0)
-    library, written = net(False), net(True)
+    library, written = net(False), net(spelling)
     written.load_state_dict(library.state_dict())
     x = torch.randn(2, 3, 9, 9, dtype=D)
     assert torch.allclose(written(x), library(x))
@@ -1424,6 +1426,19 @@ def test_a_difference_is_the_add_rule_on_the_negated_operand(difference):
     assert rel_err(rsp_fast.RSP(subtracted).attribute(x), rsp_fast.RSP(negated).attribute(x)) < 1e-12
 
 
+@pytest.mark.parametrize("adaptive", [False, True], ids=["avg_pool2d", "adaptive_avg_pool2d"])
+def test_a_regional_average_subtracted_is_the_difference_rule(adaptive):
+    """f − up(pool(f)) with a pool to 4×4 regions is a difference of two position-wise signals,
+    however the pool is spelled; an adaptive pool counted as a statistic (as a global one is) and
+    gave all of R to f: 0.25 of the peak off the same net with F.avg_pool2d."""
+    def regional(f):
+        pooled = F.adaptive_avg_pool2d(f, 3) if adaptive else F.avg_pool2d(f, 2)
+        return f - F.interpolate(pooled, scale_factor=2, mode="nearest")
+    model = _Scaled(regional)
+    explainer = rsp_fast.RSP(model)
+    assert [type(s).__name__ for s in explainer.plan.steps if s.node.name.startswith("sub")] == ["Add"]
+
+
 class _LayerScaled(nn.Module):
     """A residual x + γ·f(x), f a conv branch, γ a per-channel parameter (or a gate of x), written
     by ``spelling`` as torch.addcmul or as a sum of a product."""
@@ -1435,6 +1450,7 @@ class _LayerScaled(nn.Module):
         "keywords": (lambda m, h, f: torch.addcmul(input=h, tensor1=m.gamma, tensor2=f), lambda m, h, f: h + m.gamma * f),
         "value": (lambda m, h, f: torch.addcmul(h, m.gamma, f, value=-0.5), lambda m, h, f: h + (-0.5 * m.gamma) * f),
         "gate": (lambda m, h, f: torch.addcmul(h, torch.sigmoid(m.gate(h)), f), lambda m, h, f: h + torch.sigmoid(m.gate(h)) * f),
+        "in-place": (lambda m, h, f: h.addcmul_(m.gamma, f), lambda m, h, f: h + m.gamma * f),
     }
 
     def __init__(self, spelling, fused):

@@ -28,7 +28,7 @@ ADD_METHODS = {"add", "add_", "__add__"}
 SUB_METHODS = {"sub", "sub_", "__sub__", "subtract"}
 MUL_METHODS = {"mul", "mul_", "__mul__", "multiply"}
 DIV_METHODS = {"div", "div_", "__truediv__", "divide", "true_divide"}
-ADDCMUL = ({torch.addcmul}, {"addcmul"})  # functions, methods
+ADDCMUL = ({torch.addcmul}, {"addcmul", "addcmul_"})  # functions, methods
 
 GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 GATE_METHODS = {"sigmoid", "sigmoid_"}
@@ -52,9 +52,9 @@ RESHAPE_METHODS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "squee
                    "contiguous"} | CAST_METHODS
 # Ops whose output summarises their input over some dimensions: a value computed only
 # from such summaries (and parameters) is a statistic, not a position-wise signal.
+ADAPTIVE_POOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
 REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.norm, torch.linalg.vector_norm,
-                       torch.linalg.norm, torch.var, torch.std, torch.var_mean, torch.std_mean, torch.logsumexp,
-                       F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
+                       torch.linalg.norm, torch.var, torch.std, torch.var_mean, torch.std_mean, torch.logsumexp}
 REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "norm", "var", "std", "logsumexp"}
 REDUCTION_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 
@@ -247,9 +247,18 @@ def is_gate(arg) -> bool:
 
 
 def _is_reduction(node: fx.Node) -> bool:
+    """A mean, sum, norm, variance, ..., or an adaptive pool to one value along each dim it
+    pools (not a regional average, a pool to 4×4: as position-wise as F.avg_pool2d's)."""
     if node.op == "call_module":
-        return isinstance(node.meta.get(MODULE_META), REDUCTION_MODULES)
+        m = node.meta.get(MODULE_META)
+        return isinstance(m, REDUCTION_MODULES) and _pools_to_one(m.output_size)
+    if node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
+        return _pools_to_one(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"))
     return calls(node, REDUCTION_FUNCTIONS, REDUCTION_METHODS)
+
+
+def _pools_to_one(size) -> bool:
+    return all(s in (1, None) for s in (size if isinstance(size, (tuple, list)) else (size,)))
 
 
 def is_shape_query(node: fx.Node) -> bool:
@@ -320,7 +329,7 @@ def _product_operand(a, b) -> fx.Node | None:
 
 
 def _biased_operand(node: fx.Node) -> fx.Node | None:
-    if "alpha" in node.kwargs:
+    if not is_number(node.kwargs.get("alpha", 1)):  # x ± α·c shifts x as x ± c does
         return None
     a, b = two_operands(node)
     if calls(node, SUB_FUNCTIONS, SUB_METHODS):
@@ -383,5 +392,5 @@ def keeps_sign_of_operand(node: fx.Node) -> bool:
     if is_product(node):
         return all(is_gate(v) or (is_number(v) and v > 0) for v in others)
     if calls(node, ADD_FUNCTIONS, ADD_METHODS):
-        return all(is_number(v) and v >= 0 for v in others)
+        return node.kwargs.get("alpha", 1) >= 0 and all(is_number(v) and v >= 0 for v in others)
     return False
