@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import RSPError
 from ..rules import (NodeKind, functional_linear_weight, is_identity_in_eval, is_pointwise_conv, node_kind,
                      relevance_inputs)
-from ..rules.operands import TRANSPOSES, calls, is_parameter, reduced_dims
+from ..rules.operands import TRANSPOSES, call_arg, calls, is_parameter, reduced_dims
 from .trace import KEPT_WHOLE
 
 FLATTEN_FUNCTIONS_OR_METHODS = {"flatten", "view", "reshape"}
@@ -139,7 +139,7 @@ def scores_normalised(model: nn.Module, logits: fx.Node | None) -> tuple[fx.Node
     elif isinstance(m, nn.Sigmoid) or calls(logits, {torch.sigmoid, F.sigmoid}, {"sigmoid"}):
         dim = ELEMENTWISE
     elif calls(logits, *NORMALISERS):
-        dim = logits.args[1] if len(logits.args) > 1 else logits.kwargs.get("dim")
+        dim = call_arg(logits, 1, "dim")
     else:
         return None, None
     source = logits.args[0] if logits.args else logits.kwargs.get("input")
@@ -196,10 +196,10 @@ def _generalised_mean_part(node: fx.Node) -> bool:
     """x ** p or x.clamp(min=ε), 0 < ε ≤ 1e-3, before a mean: GeM pooling (x.clamp(ε).pow(p).mean().pow(1/p)),
     part of the pooling, not a map of its own (a clamp at 0 or at 0.1, an activation, is one)."""
     if calls(node, {operator.pow, torch.pow}, {"pow", "__pow__"}):
-        exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+        exponent = call_arg(node, 1, "exponent")
         return isinstance(exponent, (int, float)) and exponent != 1 or isinstance(exponent, fx.Node) and is_parameter(exponent)
     if calls(node, {torch.clamp, torch.clamp_min, torch.clip}, {"clamp", "clamp_min", "clip"}):
-        low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+        low = call_arg(node, 1, "min")
         return isinstance(low, (int, float)) and 0 < low <= 1e-3
     return False
 
@@ -260,7 +260,7 @@ def _is_global_pool(model: nn.Module, node: fx.Node, module) -> bool:
     if isinstance(module, ADAPTIVE_POOLS):
         size = module.output_size
     elif node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
-        size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+        size = call_arg(node, 1, "output_size")
     elif calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):  # average, sum or max pooling
         # over the time of a 1-D map (N×C×L) too, and over the tokens of a Linear's N×T×F output
         tokens = ([1], [-2]) if _made_by_a_linear(model, node.args[0]) else ()
@@ -330,7 +330,7 @@ def _moves_dims(node: fx.Node, order: list) -> bool:
 
 def _permute_order(node: fx.Node) -> tuple:
     order = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else \
-        (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims", ()))
+        call_arg(node, 1, "dims", ())
     return tuple(order)
 
 

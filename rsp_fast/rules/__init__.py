@@ -6,6 +6,7 @@ layer is unsupported and reported, with its module path, before any work is done
 """
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from typing import Callable
@@ -25,7 +26,7 @@ from .merge import BATCH_MIXING, Add, Cat, MeanOfStack, Stack, Sum
 from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_METHODS, ADDCMUL, CAST_METHODS, DIV_METHODS,
                        GATE_METHODS, MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
                        SUB_FUNCTIONS, SUB_METHODS, TRANSPOSES, addcmul_operands, addcmul_terms, attribute_now, behind_reshapes,
-                       calls, fixed_value, is_biased_sum,
+                       call_arg, calls, fixed_value, is_biased_sum,
                        is_number, is_parameter, is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
 from .passthrough import GatedHalf, PassThrough, Rejoin, Route, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
@@ -165,8 +166,7 @@ def _pads_by_copy_or_blank(node: fx.Node, module: nn.Module | None) -> bool:
     or copies of input values (reflect, replicate, circular)."""
     if module is not None:
         return not isinstance(module, nn.ConstantPad1d | nn.ConstantPad2d | nn.ConstantPad3d) or module.value in (0, float("-inf"))
-    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    mode, value = call_arg(node, 2, "mode", "constant"), call_arg(node, 3, "value")
     return mode != "constant" or not value or value == float("-inf")
 
 
@@ -176,7 +176,7 @@ def pads_by_copy(node: fx.Node, module: nn.Module | None) -> bool:
         return isinstance(module, COPY_PAD_MODULES)
     if node.op != "call_function" or node.target is not F.pad:
         return False
-    return node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") != "constant"
+    return call_arg(node, 2, "mode", "constant") != "constant"
 
 
 def zero_padding(node: fx.Node, module: nn.Module | None) -> tuple[int, ...] | None:
@@ -187,9 +187,8 @@ def zero_padding(node: fx.Node, module: nn.Module | None) -> tuple[int, ...] | N
         return padding if padding and all(p >= 0 for p in padding) else None  # a negative one crops
     if node.op != "call_function" or node.target is not F.pad:
         return None
-    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-    pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+    mode, value = call_arg(node, 2, "mode", "constant"), call_arg(node, 3, "value")
+    pad = call_arg(node, 1, "pad")
     if mode == "constant" and not value and isinstance(pad, (tuple, list)) and all(isinstance(p, int) and p >= 0 for p in pad):
         return tuple(pad)
     return None
@@ -270,8 +269,7 @@ def functional_linear_weight(node: fx.Node) -> tuple[fx.Node, bool] | None:
     """For F.linear(x, W, b) with W (and b) parameters: (W, False); for x @ P with P a 2-D
     parameter: (P, True), its weight being Pᵀ. None for anything else."""
     if node.op == "call_function" and node.target is F.linear:
-        x, weight = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        x, weight, bias = node.args[0], call_arg(node, 1, "weight"), call_arg(node, 2, "bias")
         if isinstance(x, fx.Node) and is_parameter(weight) and (bias is None or is_parameter(bias)):
             return weight, False
     if calls(node, *MATMUL) and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and not is_parameter(node.args[0]):
@@ -380,7 +378,7 @@ def _averages_stacked_branches(node: fx.Node) -> bool:
 
 
 def _drops_leading_dim(node: fx.Node) -> bool:
-    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    keepdim = call_arg(node, 2, "keepdim", False)
     return (calls(node, *SUM) or calls(node, {torch.mean}, POOL_METHODS)) and reduced_dims(node) == (0,) and not keepdim
 
 
@@ -393,14 +391,14 @@ def _thresholds(node: fx.Node) -> bool:
 def _clamp_min(node: fx.Node):
     """The lower bound of a clamp (None if it has none)."""
     if node.target in (torch.clamp_min, "clamp_min"):
-        return node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        return call_arg(node, 1, "min")
     if node.target in (torch.clamp_max, "clamp_max"):
         return None
-    return node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+    return call_arg(node, 1, "min")
 
 
 def _raises_to_a_number(node: fx.Node) -> bool:
-    base, exponent = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent", 2))
+    base, exponent = node.args[0], call_arg(node, 1, "exponent", 2)
     return isinstance(base, fx.Node) and (is_number(exponent) or node.target in (torch.square, "square"))
 
 
@@ -476,14 +474,14 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
 
 
 def _interpolate_mode(node: fx.Node) -> str:
-    return node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+    return call_arg(node, 3, "mode", "nearest")
 
 
 def glu_dim(node: fx.Node, module: nn.Module | None):
     """The dimension an nn.GLU or F.glu splits (an int, unless the graph computes it)."""
     if module is not None:
         return module.dim
-    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else -1)
+    return call_arg(node, 1, "dim", -1)
 
 
 def _joined(node: fx.Node):
@@ -590,7 +588,7 @@ def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> s
 
 def _hardtanh_min(node: fx.Node) -> float:
     """The lower bound of an ``F.hardtanh`` call (its default is -1)."""
-    return node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+    return call_arg(node, 1, "min_val", -1.0)
 
 
 def rectifies(node: fx.Node, module: nn.Module | None) -> bool:
@@ -633,8 +631,7 @@ def _may_turn_negative(node: fx.Node, module: nn.Module | None) -> bool:
     def below_zero(bound) -> bool:  # a bound not known to be ≥ 0
         return bound is not None and not (is_number(bound) and bound >= 0)
 
-    def arg(i: int, name: str, default=None):
-        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+    arg = functools.partial(call_arg, node)
     if isinstance(module, nn.LogSigmoid) or calls(node, {F.logsigmoid}, set()) or calls(node, *NEGATION):
         return True
     if isinstance(module, nn.Threshold):
@@ -659,7 +656,7 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
     if kind == NodeKind.ADD:
         if calls(node, *ADDCMUL):
             return list(addcmul_terms(node)[:2])
-        return [node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")]
+        return [node.args[0], call_arg(node, 1, "other")]
     if kind == NodeKind.CAT:
         split = rejoined_split(node)
         return [split.args[0]] if split is not None else list(_joined(node))
@@ -675,7 +672,7 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
 
 
 def _cat_dim(node: fx.Node) -> int:
-    return node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else 0))
+    return node.kwargs.get("axis", call_arg(node, 1, "dim", 0))
 
 
 def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn_scale: Callable) -> Rule:

@@ -68,14 +68,19 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def call_arg(node: fx.Node, position: int, name: str, default=None):
+    """An argument of a call, given by position or by keyword (``default`` where neither)."""
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
 def two_operands(node: fx.Node) -> tuple:
     first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
-    return first, node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return first, call_arg(node, 1, "other")
 
 
 def reduced_dims(node: fx.Node) -> tuple | None:
     """The dimensions a mean / sum / amax node reduces, as a tuple (None: all of them)."""
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = call_arg(node, 1, "dim")
     return (dims,) if isinstance(dims, int) else (tuple(dims) if dims is not None else None)
 
 
@@ -202,7 +207,7 @@ def _evaluate(node: fx.Node, done: dict, learned: bool = False, read: Callable[[
         source = node.args[0]  # an activation's are the probes, a parameter's its own
         value = getattr(_evaluate(source, {}, True, read), node.args[1]) if is_parameter(source) else PROBES[node.args[1]]
     elif node.op == "call_method" and node.target == "size" and not is_parameter(node.args[0]):
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dim = call_arg(node, 1, "dim")
         value = PROBES["shape"] if dim is None else PROBE_SIZE
     elif node.op in ("call_function", "call_method"):
         if getattr(node.target, "__name__", node.target) in RANDOM_OPS:  # drawn anew at every call: not fixed
@@ -253,7 +258,7 @@ def _is_reduction(node: fx.Node) -> bool:
         m = node.meta.get(MODULE_META)
         return isinstance(m, REDUCTION_MODULES) and _pools_to_one(m.output_size)
     if node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
-        return _pools_to_one(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"))
+        return _pools_to_one(call_arg(node, 1, "output_size"))
     return calls(node, REDUCTION_FUNCTIONS, REDUCTION_METHODS)
 
 
