@@ -586,9 +586,12 @@ def test_a_stopping_signal_leaves_no_temporary_file_and_ends_the_process_by_that
     src = write_video(tmp_path / "in.mp4", _frames(400, 64, 64), fps=25)
     (tmp_path / "out.mp4").write_bytes(b"previous result")
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    # Ctrl-C as a terminal delivers it: a child of a shell's background job (`pytest &`) starts
+    # with SIGINT ignored, and Python then leaves it ignored
     proc = subprocess.Popen([sys.executable, "-m", "rsp_fast", "video", str(src), "-o", "out.mp4", "--model",
                              "models:tiny_cnn", "--batch-size", "1", "--quiet"], cwd=tmp_path, env=env,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.mp4.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)  # until the encoder has opened its temporary file
