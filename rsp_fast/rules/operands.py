@@ -340,7 +340,8 @@ def _biased_operand(node: fx.Node) -> fx.Node | None:
     if calls(node, SUB_FUNCTIONS, SUB_METHODS):
         # x − s, s a statistic of x: a norm's centring (ConvNeXt's hand-written LayerNorm, x − x.mean(1)),
         # a shift as x/s is a scale; a statistic added is left to the sum's rule (a global-context block's)
-        return a if isinstance(a, fx.Node) and not is_parameter(a) and (is_number(b) or is_parameter(b) or _normalises(b, a)) else None
+        shift = is_number(b) or is_parameter(b) or _normalises(b, a)
+        return a if isinstance(a, fx.Node) and not is_parameter(a) and shift else None
     for x, c in ((a, b), (b, a)):
         if isinstance(x, fx.Node) and not is_parameter(x) and (is_number(c) or is_parameter(c)):
             return x
