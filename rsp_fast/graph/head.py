@@ -32,10 +32,9 @@ def _is_flatten(node: fx.Node, module) -> bool:
     known only at run time (x.view(size)) counts as a flatten."""
     if module is not None:
         return isinstance(module, nn.Flatten)
-    if not _is_view(node):
-        return False
-    if getattr(node.target, "__name__", node.target) == "flatten":
-        return True
+    name = _view_name(node)
+    if name in (None, "flatten"):
+        return name is not None
     sizes = _shape_argument(node)
     while len(sizes) > 2 and isinstance(sizes[-1], int) and sizes[-1] == 1:
         sizes = sizes[:-1]
@@ -45,9 +44,10 @@ def _is_flatten(node: fx.Node, module) -> bool:
 MAP_RANK = 4  # N×C×H×W; a view to fewer sizes may flatten the map (N×F, N×C×L), one to as many keeps it
 
 
-def _is_view(node: fx.Node) -> bool:
+def _view_name(node: fx.Node) -> str | None:
+    """"flatten", "view" or "reshape" for such a call (function or method), else None."""
     name = getattr(node.target, "__name__", node.target)
-    return node.op in ("call_function", "call_method") and name in FLATTEN_FUNCTIONS_OR_METHODS
+    return name if node.op in ("call_function", "call_method") and name in FLATTEN_FUNCTIONS_OR_METHODS else None
 
 
 def _shape_argument(node: fx.Node) -> tuple:
@@ -64,8 +64,8 @@ def _merges_a_split(node: fx.Node, count: int) -> bool:
                                            or calls(source, set(), {"contiguous"})):
         moved = moved or not calls(source, set(), {"contiguous"})
         source = source.args[0]
-    return (moved and isinstance(source, fx.Node) and _is_view(source)
-            and getattr(source.target, "__name__", source.target) != "flatten" and len(_shape_argument(source)) > count)
+    return (moved and isinstance(source, fx.Node) and _view_name(source) in ("view", "reshape")
+            and len(_shape_argument(source)) > count)
 
 
 def _first_tensor_input(node: fx.Node, kind: str | None = None) -> fx.Node | None:
