@@ -224,6 +224,41 @@ def test_a_view_to_ones_after_its_sizes_is_a_flatten():
     assert rsp_fast.RSP(_FlattenedToPixel()).layer == "features.3"
 
 
+class _NormedHead(nn.Module):
+    """conv, ReLU, global pool, a LayerNorm or RMSNorm of the pooled features, Linear: the norm
+    as F.layer_norm / F.rms_norm, or written out with its parameters first or last."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling, self.c1, self.c2 = spelling, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.weight, self.bias, self.fc = nn.Parameter(torch.randn(16)), nn.Parameter(torch.randn(16)), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3))
+        u, w, b = h.mean(-1, keepdim=True), self.weight, self.bias
+        h = {"layer_norm": lambda: F.layer_norm(h, (16,), w, b, 1e-6),
+             "layer_norm_written": lambda: b + (h - u) / torch.sqrt((h - u).pow(2).mean(-1, keepdim=True) + 1e-6) * w,
+             "rms_norm": lambda: F.rms_norm(h, (16,), w, 1e-6),
+             "rms_norm_written": lambda: w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))}[self.spelling]()
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_a_norm_written_out_after_the_pool_is_part_of_the_head(norm):
+    """The walk back from the logits went from w·x̂ + b to the parameter w, not x̂: it stopped
+    inside the norm, whose output became the default layer. A LayerNorm was then refused
+    (torch.sqrt between the input and the layer), an RMSNorm explained 0.59 of the peak off."""
+    torch.manual_seed(0)
+    functional = _NormedHead(norm).double().eval()
+    written = _NormedHead(norm + "_written").double().eval()
+    written.load_state_dict(functional.state_dict())
+    x = torch.randn(2, 3, 12, 12, dtype=D)
+    assert rel_err(written(x), functional(x)) < 1e-12
+    explainer = rsp_fast.RSP(written)
+    assert explainer.layer == rsp_fast.RSP(functional).layer == "relu_1"
+    assert rel_err(explainer.attribute(x), rsp_fast.RSP(functional).attribute(x)) < 1e-12
+
+
 class _PointwiseHead(nn.Module):
     """conv, ReLU, global pool, then 1×1 convs, the last making the class scores (timm
     MobileNetV3's head), in 1, 2 or 3 dims, the convs as modules or as F.conv* on parameters."""
@@ -518,11 +553,13 @@ class _Tokens(nn.Module):
         return self.pool(self.head(h)) if self.scores_first else self.head(self.pool(h))
 
 
-@pytest.mark.parametrize("pool", [lambda t: t.mean(1), lambda t: t.sum(1), lambda t: t.amax(1)], ids=["mean", "sum", "amax"])
+@pytest.mark.parametrize("pool", [lambda t: t.mean(1), lambda t: t.sum(1), lambda t: t.amax(1), lambda t: t[:, 0]],
+                         ids=["mean", "sum", "amax", "first-token"])
 def test_tokens_pooled_before_the_head_are_explained_channels_last(pool):
     """mean, sum or max over the tokens of a Linear's N×T×F output, then the head: the saliency
     map is the tokens' features, channels last (R₀ was one value for every token, features taken
-    for positions; amax was refused, sum gave the pooled vector as the map)."""
+    for positions; amax was refused, sum gave the pooled vector as the map). One token read
+    (a class token, x[:, 0]) summarises them too: that N×F token was taken for the map."""
     x = torch.randn(3, 7, 6, dtype=D)
     explainer = rsp_fast.RSP(_Tokens(pool).double().eval())
     assert explainer.layer == "relu_1" and explainer.plan.channels_last
