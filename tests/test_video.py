@@ -381,13 +381,29 @@ def _descriptors_on(path) -> list[str]:
     return found
 
 
-def test_an_avi_output_has_no_b_frames(tmp_path):
-    """AVI keeps no presentation times: with B-frames players start the picture two slots late."""
+def _slots(path):
+    """The frames an AVI's header counts (empty chunks too)."""
+    with av.open(str(path)) as c:
+        return c.streams.video[0].frames
+
+
+def test_an_avi_output_starts_on_time(tmp_path, spec):
+    """AVI keeps no presentation times: H.264 there was read back a slot late (with B-frames two),
+    and with AAC sound (whose priming packet starts before 0) a slot later still, with an empty
+    chunk counted as an eleventh frame."""
     moving = [np.roll(f, 3 * i, axis=1) for i, f in enumerate(_frames(1) * 24)]
     write_video(tmp_path / "out.avi", moving, fps=12)
     with av.open(str(tmp_path / "out.avi")) as c:
         types = [av.video.frame.PictureType(f.pict_type).name for f in c.decode(c.streams.video[0])]
     assert len(types) == 24 and "B" not in types, types
+    assert _slots(tmp_path / "out.avi") == 24 and _frame_times(tmp_path / "out.avi") == pytest.approx([i / 12 for i in range(24)])
+    src = _video_with_sound(tmp_path / "in.mp4", audio_codec="aac", rate=44100, seconds=1.0)
+    with av.open(str(src)) as c:
+        assert next(c.demux(audio=0)).pts < 0  # the encoder's priming packet
+    report = explain_video(spec, src, tmp_path / "sound.avi", progress=False)
+    assert report["audio"] == "copied (aac)"
+    assert _slots(tmp_path / "sound.avi") == 10 and _frame_times(tmp_path / "sound.avi") == pytest.approx([i / 10 for i in range(10)])
+    assert 0 <= _sound(tmp_path / "sound.avi")[2] < 0.03
     write_video(tmp_path / "out.mp4", moving, fps=12)  # elsewhere B-frames stay (smaller files)
     with av.open(str(tmp_path / "out.mp4")) as c:
         assert "B" in [av.video.frame.PictureType(f.pict_type).name for f in c.decode(c.streams.video[0])]

@@ -33,6 +33,10 @@ class AudioCopy:
             self.note = f"not copied: the {output_format} format cannot hold {codec} sound"
             return
         self.source, self.stream, self.note = source, stream, f"copied ({codec})"
+        # AVI holds no time before 0: its muxer would move every stream later to fit a packet
+        # there (an AAC encoder's priming packet, sound from before the video's start), the
+        # picture by a whole frame slot. Such packets are left out there instead.
+        self.from_zero = output_format == "avi"
         self.last_dts, self.copied = None, 0.0
         self.shift = round(start / stream.time_base) if stream.time_base else 0
 
@@ -60,6 +64,8 @@ class AudioCopy:
                 if self.last_dts is not None and packet.dts <= self.last_dts:
                     return self.stop("its clock steps back there (recordings joined end to end)")
                 self.last_dts = packet.dts
+                if self.from_zero and packet.dts < self.shift:
+                    continue
                 packet.pts -= self.shift
                 packet.dts -= self.shift
                 packet.stream = self.out
