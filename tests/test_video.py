@@ -381,6 +381,21 @@ def _descriptors_on(path) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("name,mode,hw,rotation,size", [
+    ("out.avi", "overlay", (16, 8200), None, "8200x16"), ("out.mp4", "side-by-side", (16, 8200), None, "16400x16"),
+    ("out.mp4", "side-by-side", (8200, 16), 90, "16400x16")])  # stored tall, shown wide
+def test_frames_too_large_for_the_encoder_are_refused_before_any_work(tmp_path, spec, name, mode, hw, rotation, size):
+    """x264 takes at most 16384 pixels a side, MPEG-4 Part 2 (in .avi) under 8192: the encoder's
+    error came after every frame was explained, as a traceback (status 1)."""
+    src = _encode(tmp_path / "wide.mp4", _frames(2, *hw), codec="libx264", rotation=rotation)
+    calls = []
+    first_layer = next(m for m in spec.model.modules() if not list(m.children()))
+    first_layer.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(RSPError, match=f"cannot write video .*{name}'.* {size} pixels"):
+        explain_video(spec, src, tmp_path / "new" / "folder" / name, mode=mode, progress=False)
+    assert not calls and sorted(p.name for p in tmp_path.iterdir()) == ["wide.mp4"]  # nor the folders it made
+
+
 def _slots(path):
     """The frames an AVI's header counts (empty chunks too)."""
     with av.open(str(path)) as c:

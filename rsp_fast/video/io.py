@@ -277,6 +277,7 @@ class Encoder:
                  audio_from: str | Path | None = None):
         av = _av()
         self.path, self.audio = Path(path), None
+        self.folders = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]  # abort removes them
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temporary_sibling(self.path, self.path.suffix or ".mp4")
         try:
@@ -300,7 +301,32 @@ class Encoder:
             self.audio = AudioCopy(audio_from, self.container.format.name, start)
         self.audio_note = self.audio.note if self.audio is not None else None
 
+    def encodable(self, width: int, height: int) -> bool:
+        """Whether the codec takes frames of this size (x264 at most 16384 pixels a side, MPEG-4
+        Part 2 under 8192): its encoder opened on the size, a few milliseconds."""
+        av = _av()
+        context = av.CodecContext.create(self.codec, "w")
+        context.width, context.height, context.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
+        context.time_base, context.options = 1 / self.fps, ENCODER_OPTIONS.get(self.codec, {})
+        try:
+            context.open()
+            return True
+        except av.error.FFmpegError:
+            return False
+
+    def size_refused(self, width: int, height: int) -> RSPError:
+        return RSPError(f"cannot write video {str(self.path)!r}: its {self.codec} encoder does not take frames of "
+                        f"{width}x{height} pixels (x264 takes at most 16384 a side, MPEG-4 in an .avi under 8192)")
+
     def write(self, rgb: np.ndarray, time: float | None = None) -> None:
+        try:
+            self._write(rgb, time)
+        except _av().error.FFmpegError as exc:
+            if self.stream is not None and not self.encodable(self.width, self.height):
+                raise self.size_refused(self.width, self.height) from None
+            raise RSPError(f"cannot write video {str(self.path)!r}: {exc}") from None
+
+    def _write(self, rgb: np.ndarray, time: float | None) -> None:
         av = _av()
         if self.stream is None:
             self.stream = self.container.add_stream(self.codec, rate=self.fps)
@@ -345,16 +371,20 @@ class Encoder:
 
     def commit(self, audio_until: float | None = None) -> Path:
         """Finish the file (the sound up to ``audio_until`` seconds of the output, or all of it)."""
-        if self.stream is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-            if self.audio is not None:
-                self.audio.copy_until(audio_until)
-                self.audio_note = self.audio.note
-        if self.audio is not None:  # cut before its end, the source would stay open until a gc pass
-            self.audio.close()
-        self.container.close()
-        os.replace(self.tmp, self.path)
+        av = _av()
+        try:
+            if self.stream is not None:
+                for packet in self.stream.encode():
+                    self.container.mux(packet)
+                if self.audio is not None:
+                    self.audio.copy_until(audio_until)
+                    self.audio_note = self.audio.note
+            if self.audio is not None:  # cut before its end, the source would stay open until a gc pass
+                self.audio.close()
+            self.container.close()
+            os.replace(self.tmp, self.path)
+        except (av.error.FFmpegError, OSError) as exc:
+            raise RSPError(f"cannot write video {str(self.path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
         return self.path
 
     def abort(self) -> None:
@@ -368,6 +398,8 @@ class Encoder:
             pass
         try:
             self.tmp.unlink(missing_ok=True)
+            for folder in self.folders:  # the innermost first; one holding something else stays
+                folder.rmdir()
         except OSError:  # whatever made the run fail (a full disk, a gone folder) is the error to report
             pass
 

@@ -119,6 +119,11 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
     keep_times = fps is None  # the source's timestamps (variable frame rates stay in sync); --fps retimes
     attribute = FrameAttributor(spec, explainer, device, batch_size, target)  # checks target: before any file opens
     encoder = io.Encoder(written, out_fps, start=info.start, audio_from=src if keep_times else None)
+    try:
+        _check_frame_size(encoder, src, mode)
+    except BaseException:
+        encoder.abort()
+        raise
     rows: list[dict] = []
 
     def decode(stage: _Stage):
@@ -198,6 +203,18 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
             "device": str(device), "output": str(dst), "output_fps": float(out_fps),
             "audio": encoder.audio_note if keep_times else
             "not copied: a frame rate given retimes the frames" if info.sound else None}
+
+
+def _check_frame_size(encoder: io.Encoder, src, mode: str) -> None:
+    """Refuse, before any frame is explained, a video whose output frames the encoder cannot
+    take: the first frame decoded, as shown (turned by its display rotation, its pixels made
+    square), its picture's size."""
+    first = next(io.decode_batches(src, 1, 1), None)
+    if first is not None:
+        frame = first.frames[0]
+        height, width = (render.side_by_side(frame, frame) if mode == "side-by-side" else frame).shape[:2]
+        if not encoder.encodable(width, height):
+            raise encoder.size_refused(width, height)
 
 
 def _to_the_end(work) -> None:
