@@ -294,6 +294,15 @@ class RSP:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
         if p is not None and p.device != x.device:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
+        for name, layer in self.model.named_modules():  # a block cast to float64 alone would fail inside its rule
+            if isinstance(layer, LAYERS_WITH_WEIGHTS):
+                for key, q in layer.named_parameters(recurse=False):
+                    if q.is_floating_point() and (q.dtype != x.dtype or q.device != x.device):
+                        raise RSPError(f"inputs are {x.dtype} on {x.device} but {name}.{key} is {q.dtype} on {q.device}: "
+                                       "the layers' parameters must have the inputs' dtype and device")
+
+
+LAYERS_WITH_WEIGHTS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase)
 
 
 def _peak_power_of_two(R: torch.Tensor) -> torch.Tensor:

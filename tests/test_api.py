@@ -1453,6 +1453,26 @@ def test_half_precision_models_are_explained_in_float32(dtype):
     assert torch.allclose(R.flatten(1).sum(1), torch.ones(2), atol=1e-3)  # ΣR₀ = 1, conserved
 
 
+class _Float64Block(nn.Module):
+    """A float32 model that runs one conv in float64, its input cast up and its output back."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1).double(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)).double())).float().mean((2, 3)))
+
+
+def test_a_layer_in_another_dtype_is_a_clear_error():
+    """Only the first parameter's dtype was checked: the pass failed inside the conv's rule
+    (RuntimeError: expected scalar type Double but found Float, 13 frames deep)."""
+    model, x = _Float64Block().eval(), torch.randn(2, 3, 8, 8)
+    assert model(x).dtype == torch.float32
+    with pytest.raises(RSPError, match="inputs are torch.float32 on cpu but c2.weight is torch.float64 on cpu"):
+        rsp_fast.RSP(model).attribute(x)
+
+
 def test_bad_constructor_arguments():
     model = torchvision.models.vgg11(num_classes=5)
     with pytest.raises(RSPError, match="init must be one of"):
