@@ -294,6 +294,8 @@ class RSP:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
         if p is not None and p.device != x.device:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
+        if all(q.dtype == x.dtype and q.device == x.device for q in self.model.parameters() if q.is_floating_point()):
+            return
         for name, layer in self.model.named_modules():  # a block cast to float64 alone would fail inside its rule
             if isinstance(layer, LAYERS_WITH_WEIGHTS):
                 for key, q in layer.named_parameters(recurse=False):
