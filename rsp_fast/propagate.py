@@ -7,6 +7,7 @@ head (saliency layer -> logits) with autograd so the initial relevance needs no 
 from __future__ import annotations
 
 import operator
+import threading
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,7 @@ from .graph.head import scores_over_classes
 from .graph.plan import Plan
 from .graph.trace import ATTR_VALUE, FX_CONSTANT, TRACE_GATE
 from .rules import Context
+from .rules.base import LayerRule, hooked_input_key
 from .rules.pool import indices_key, max_pool_with_indices
 
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -66,6 +68,7 @@ class _Recorder(fx.Interpreter):
         self.scores: torch.Tensor | None = None  # the class scores before a final softmax, if the plan names them
         self.index_pools = {s.node for s in plan.steps if getattr(s, "records_indices", False)}
         self.constants = {n.target: n.meta[ATTR_VALUE] for n in plan.graph.nodes if n.meta.get(FX_CONSTANT)}
+        self.layer_modules = {s.node: s.module for s in plan.steps if isinstance(s, LayerRule) and s.node.op == "call_module"}
 
     def run_node(self, n: fx.Node) -> Any:
         with torch.set_grad_enabled(n in self.plan.head):
@@ -75,6 +78,9 @@ class _Recorder(fx.Interpreter):
                 out, self.saved[indices_key(n)] = max_pool_with_indices(pool, args[0])
                 if has_hooks(pool):  # the module itself, as model(x) runs it: its hooks may change the output
                     out = super().run_node(n)
+            elif n in self.layer_modules and (self.layer_modules[n]._forward_pre_hooks
+                                              or torch_module._global_forward_pre_hooks):
+                out = self._run_keeping_hooked_input(n, self.layer_modules[n])
             else:
                 out = super().run_node(n)
         if n is self.plan.saliency:  # R₀'s maps come from this leaf, in the rules' dtype
@@ -89,6 +95,24 @@ class _Recorder(fx.Interpreter):
             self.scores = out
         if n in self.plan.saved:
             self.saved[n] = _to_work(out.detach() if isinstance(out, torch.Tensor) else out)
+        return out
+
+    def _run_keeping_hooked_input(self, n: fx.Node, module: nn.Module) -> Any:
+        """Run a layer whose forward pre-hooks may change its input (a mask), keeping the input
+        they give it for its rule: the saved value of the input node is not what it computed with."""
+        given, thread = {}, threading.get_ident()
+
+        def keep(_, args):  # registered last, it runs after the model's own pre-hooks
+            if threading.get_ident() == thread and args and isinstance(args[0], torch.Tensor):
+                given["x"] = args[0]
+        handle = module.register_forward_pre_hook(keep)
+        try:
+            out = super().run_node(n)
+        finally:
+            handle.remove()  # the model's hooks as they were
+        source = n.args[0] if n.args else None
+        if "x" in given and not (isinstance(source, fx.Node) and given["x"] is self.env.get(source)):
+            self.saved[hooked_input_key(n)] = _to_work(given["x"].detach())
         return out
 
     def get_attr(self, target, args, kwargs):

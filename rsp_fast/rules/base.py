@@ -40,6 +40,11 @@ class Context:
         return self.dropped is not None
 
 
+def hooked_input_key(node) -> tuple:
+    """Where the forward pass leaves a layer's input as its forward pre-hooks changed it."""
+    return (node, "hooked input")
+
+
 class Rule:
     """One layer's relevance rule: relevance at the node's output -> relevance at its inputs.
 
@@ -70,6 +75,13 @@ class LayerRule(Rule):
         self.purge_at: fx.Node | None = None
         # set by the plan for a first conv reading a zero padding: (the padding's input, its amounts)
         self.zero_pad: tuple[fx.Node, tuple[int, ...]] | None = None
+
+    def input_value(self, ctx: Context) -> tuple[torch.Tensor, bool]:
+        """The input the layer computed with, and whether it is ≥ 0 by construction: the saved
+        value of its input node, or, where a forward pre-hook changed it (a mask), what the
+        hook gave the layer (then nothing is known of its sign)."""
+        hooked = ctx.values.get(hooked_input_key(self.node))
+        return (ctx.values[self.inputs[0]], self.input_non_negative) if hooked is None else (hooked, False)
 
     def purge_deferral(self, ctx: Context, pointwise: bool) -> dict | None:
         """Where the plan left this conv's purge to the copy padding before it (``purge_at``)

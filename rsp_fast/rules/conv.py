@@ -543,7 +543,7 @@ class Conv(LayerRule):
         return conv_geometry(self.module, in_hw)
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        x = ctx.values[self.inputs[0]]
+        x, non_negative = self.input_value(ctx)
         x_img, R_img = as_image(x), as_image(R)
         g = self.geometry(ctx.shapes, tuple(x_img.shape[-2:]))
         if self.first and self.zero_pad is not None and len(self.zero_pad[1]) <= 2 * (x.dim() - 2):
@@ -551,7 +551,7 @@ class Conv(LayerRule):
         if self.first:
             R_in = first_conv_relevance(ctx, x_img, R_img, as_image(self.folded_weight(ctx, x.dtype)), g)
         else:
-            R_in = inner_conv_relevance(ctx, x_img, R_img, g, non_negative=self.input_non_negative,
+            R_in = inner_conv_relevance(ctx, x_img, R_img, g, non_negative=non_negative,
                                         deferred=self.purge_deferral(ctx, g.is_pointwise))
         return [R_in.reshape(x.shape)]
 

@@ -108,13 +108,13 @@ class Conv3d(LayerRule):
         return conv3d_geometry(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        x, g = ctx.values[self.inputs[0]], self.geometry(ctx.shapes)
+        (x, non_negative), g = self.input_value(ctx), self.geometry(ctx.shapes)
         if self.first and self.zero_pad is not None and len(self.zero_pad[1]) <= 6:
             return [self.padded_first_relevance(ctx, R, g)]
         if self.first:
             return [first_conv3d_relevance(ctx, x, R, self.folded_weight(ctx, x.dtype), g)]
         deferred = self.purge_deferral(ctx, all(k == 1 for k in g.kernel))
-        return [inner_conv3d_relevance(ctx, x, R, g, non_negative=self.input_non_negative, deferred=deferred)]
+        return [inner_conv3d_relevance(ctx, x, R, g, non_negative=non_negative, deferred=deferred)]
 
 
     def padded_first_relevance(self, ctx: Context, R: torch.Tensor, g: Conv3dGeometry) -> torch.Tensor:

@@ -37,13 +37,13 @@ def inner_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
 
 class Linear(LayerRule):
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
-        x = ctx.values[self.inputs[0]]
+        x, non_negative = self.input_value(ctx)
         # a BatchNorm1d after a Linear on N×T×F tokens normalises dim 1, the tokens, not the
         # Linear's features: nothing to fold, it passes R through
         W = self.folded_weight(ctx, x.dtype, fold=x.dim() == 2)
         if self.first:
             return [first_linear_relevance(ctx, x, R, W)]
-        return [inner_linear_relevance(ctx, x, R, W, non_negative=self.input_non_negative)]
+        return [inner_linear_relevance(ctx, x, R, W, non_negative=non_negative)]
 
 
 class FunctionalLinear(Linear):
