@@ -57,6 +57,13 @@ class _RecordingTracer(fx.Tracer):
             return forward(*args, **kwargs)
         if isinstance(self.root, _Caller) and m is self.root.model:  # the model itself: never kept whole
             return super().call_module(m, forward, args, kwargs)
+        if type(m).__name__ == "OptimizedModule" and (wrapped := _wrapped(m)) is not None:
+            # a submodule compiled alone (model.layer4 = torch.compile(model.layer4)), which fx
+            # cannot trace: the module it runs, traced in its place (paths "layer4._orig_mod.…")
+            out = self.call_module(wrapped[0], wrapped[0].forward, args, kwargs)
+            if isinstance(out, fx.Proxy):
+                self._count_call(self.path_of_module(m), out.node)
+            return out
         last = next(iter(reversed(self.graph.nodes)), None)  # the newest node so far
         depth = len(self.module_stack)
         try:
@@ -75,11 +82,14 @@ class _RecordingTracer(fx.Tracer):
             out.node.meta[KEPT_WHOLE] = _first_line(exc)
         if isinstance(out, fx.Proxy):
             path = self.path_of_module(m)
-            self._calls[path] = self._calls.get(path, 0) + 1
-            self.module_outputs[path] = self.module_outputs[f"{path}:{self._calls[path]}"] = out.node
+            self._count_call(path, out.node)
             if out.node.op == "call_module" and out.node.target == path:  # a leaf (not a wrapper ending in one)
                 out.node.meta[MODULE_META] = m
         return out
+
+    def _count_call(self, path: str, node: fx.Node) -> None:
+        self._calls[path] = self._calls.get(path, 0) + 1
+        self.module_outputs[path] = self.module_outputs[f"{path}:{self._calls[path]}"] = node
 
     def _erase_after(self, last: fx.Node | None) -> None:
         doomed = []
