@@ -7,8 +7,11 @@ from a file (``torch.load(weights_only=True)`` or safetensors, never arbitrary p
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -157,20 +160,36 @@ def build_model(name: str = "efficientnet_lite0", weights: str | None = None) ->
     return spec
 
 
+@contextlib.contextmanager
+def _current_folder_importable():
+    """The current folder on ``sys.path`` while a factory is imported and called (a console
+    script's ``sys.path`` starts with its own folder, not the current one)."""
+    here = os.getcwd()
+    added = "" not in sys.path and here not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
+
+
 def _factory(path: str) -> nn.Module | ModelSpec:
     """What ``package.module:factory`` returns: a module, or a ModelSpec (its own input size,
     normalisation and class names, e.g. a video classifier's)."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr or module_name.startswith("."):
         raise RSPError(f"model {path!r}: give efficientnet_lite0, vgg16, resnet50 or package.module:factory")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # not found, or the module's own code failed on import: one line
-        raise RSPError(f"cannot import model factory {path!r}: {type(exc).__name__}: {exc}") from None
-    try:
-        made = fn()
-    except Exception as exc:  # the user's code: its own error, in one line
-        raise RSPError(f"model factory {path!r} failed: {type(exc).__name__}: {exc}") from None
+    with _current_folder_importable():  # as `python -m rsp_fast` has it, the `rsp-fast` script too
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except Exception as exc:  # not found, or the module's own code failed on import: one line
+            raise RSPError(f"cannot import model factory {path!r}: {type(exc).__name__}: {exc}") from None
+        try:
+            made = fn()
+        except Exception as exc:  # the user's code: its own error, in one line
+            raise RSPError(f"model factory {path!r} failed: {type(exc).__name__}: {exc}") from None
     if isinstance(made, ModelSpec):
         made.model.eval()
         return made

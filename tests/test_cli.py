@@ -614,3 +614,20 @@ def test_info_says_what_this_installation_runs(capsys):
     assert "rsp_fast._C: " in out and "backends on cpu (" in out
     for backend, status in rsp_fast.backends("cpu").items():  # each with its reason where it cannot run
         assert f"  {backend:<7} {status}\n" in out
+
+
+def test_the_console_script_imports_a_factory_from_the_current_folder(tmp_path):
+    """`python -m rsp_fast` has the current folder on sys.path, the `rsp-fast` script its own
+    bin folder: `--model mymodels:small` beside the picture worked with one and not the other."""
+    script = Path(sys.executable).with_name("rsp-fast")
+    if not script.exists():
+        pytest.skip("rsp-fast is not installed beside this Python")
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\n"
+        "def small():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n")
+    _png(tmp_path / "a.png")
+    proc = subprocess.run([str(script), "image", "a.png", "-o", "out", "--model", "mymodels:small"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "a_heatmap.png").exists() and str(tmp_path) not in sys.path
