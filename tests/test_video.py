@@ -396,6 +396,34 @@ def test_frames_too_large_for_the_encoder_are_refused_before_any_work(tmp_path, 
     assert not calls and sorted(p.name for p in tmp_path.iterdir()) == ["wide.mp4"]  # nor the folders it made
 
 
+def test_sound_with_a_cover_picture_is_not_a_video(tmp_path, spec):
+    """An MP3 with its cover art: FFmpeg lists the picture as a video stream, which was taken for
+    the video and reported "truncated: its frames end at 0.07 s of the 3.00 s it claims"."""
+    path = tmp_path / "song.mp3"
+    with av.open(str(path), "w") as c:
+        sound = c.add_stream("libmp3lame", rate=44100)
+        sound.layout = "mono"
+        cover = c.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        still = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 200, np.uint8), format="rgb24").reformat(format="yuvj420p")
+        still.pts = 0
+        packets = cover.encode(still) + cover.encode()
+        c.start_encoding()
+        for packet in packets:
+            c.mux(packet)
+        for at in range(0, 44100 * 3, 1152):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 44100, at
+            for packet in sound.encode(frame):
+                c.mux(packet)
+        for packet in sound.encode():
+            c.mux(packet)
+    with pytest.raises(RSPError, match="'.*song.mp3' has no video stream \\(only a cover picture\\)"):
+        explain_video(spec, path, tmp_path / "out.mp4", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["song.mp3"]
+
+
 def _slots(path):
     """The frames an AVI's header counts (empty chunks too)."""
     with av.open(str(path)) as c:

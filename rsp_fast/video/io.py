@@ -75,9 +75,11 @@ def _video_stream(container, path):
     if not any(stream.type in ("video", "audio", "subtitle") for stream in container.streams):
         # none, or only streams of unknown kind: an MP4 whose index was cut before it said what they hold
         raise RSPError(f"video {str(path)!r} holds no stream FFmpeg can name: truncated, or not a video")
-    if not container.streams.video:
-        raise RSPError(f"{str(path)!r} has no video stream")
-    return container.streams.video[0]
+    # a cover picture (an MP3's or an M4A's artwork) is a video stream of one still: not a video
+    moving = [s for s in container.streams.video if not s.disposition & _av().stream.Disposition.attached_pic]
+    if not moving:
+        raise RSPError(f"{str(path)!r} has no video stream" + (" (only a cover picture)" if container.streams.video else ""))
+    return moving[0]
 
 
 def decode_batches(path: str | Path, batch_size: int, max_frames: int | None = None) -> Iterator[DecodedBatch]:
