@@ -12,6 +12,7 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -69,9 +70,17 @@ def load_state_dict_file(path: str | Path) -> dict:
     try:
         if load_safetensors is not None:
             return load_safetensors(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings on an old pickle protocol: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "Weights only load failed" in str(exc) and "Unsupported global" in str(exc):
+            raise RSPError(f"cannot read weights from {str(path)!r}: it holds Python objects besides tensors, which "
+                           "are never unpickled here (unpickling can run code); save model.state_dict() with "
+                           "torch.save, or use .safetensors") from None
         detail = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0] if str(exc) else ""  # torch's colour codes
+        if "WeightsUnpickler error:" in str(exc):  # its own reason, not torch's advice to load with weights_only=False
+            detail = "a pickle torch will not load: " + str(exc).split("WeightsUnpickler error:")[1].strip().splitlines()[0]
         raise RSPError(f"cannot read weights from {str(path)!r}: not a torch checkpoint or safetensors file "
                        f"({type(exc).__name__}: {detail})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -1,8 +1,10 @@
 """The rsp-fast command line: image maps, the demo, and one-line errors for bad input."""
 import json
 import os
+import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -355,9 +357,16 @@ def test_weights_are_never_unpickled(tmp_path):
             return (print, ("pwned",))
     path = tmp_path / "evil.pt"
     torch.save({"x": Evil()}, path)
-    with pytest.raises(rsp_fast.RSPError, match="cannot read weights") as refused:
+    with pytest.raises(rsp_fast.RSPError, match="cannot read weights.*holds Python objects besides tensors") as refused:
         build_model("resnet50", str(path))
     assert "\x1b" not in str(refused.value)  # torch's message colours a line: the one-line error stays plain
+    assert "weights_only" not in str(refused.value)  # not torch's advice to unpickle it after all
+    with (tmp_path / "plain.pkl").open("wb") as f:  # a pickle torch.save did not write, of an old protocol
+        pickle.dump({"x": Evil()}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning about the protocol is not shown: the error says it all
+        with pytest.raises(rsp_fast.RSPError, match="not a torch checkpoint .*a pickle torch will not load: Unsupported"):
+            build_model("resnet50", str(tmp_path / "plain.pkl"))
 
 
 def test_letterbox_round_trip():
