@@ -1494,6 +1494,36 @@ def test_half_precision_models_are_explained_in_float32(dtype):
     assert torch.allclose(R.flatten(1).sum(1), torch.ones(2), atol=1e-3)  # ΣR₀ = 1, conserved
 
 
+class _NamedLikeFunctions(nn.Module):
+    """Modules named as fx names function calls: ``add`` (an Identity after x + y, itself
+    named ``add``) and ``relu_2`` (a ReLU in the head; the third F.relu is named ``relu_2``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.add, self.relu_2, self.hid, self.fc = nn.Identity(), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        z = self.add(x + F.relu(self.c2(x)))
+        return self.fc(self.relu_2(self.hid(F.relu(self.c3(z)).mean((2, 3)))))
+
+
+def test_a_function_named_like_a_module_gets_a_name_of_its_own():
+    """The default layer was reported as ``relu_2``, which ``layer=`` read as the module: another
+    layer, explained without a word; ``record=True`` kept one step under ``add`` for two."""
+    model, x = _NamedLikeFunctions().double().eval(), torch.randn(2, 3, 8, 8, dtype=D)
+    explainer = rsp_fast.RSP(model)
+    assert explainer.layer == "relu_2_fn"
+    again = rsp_fast.RSP(model, layer=explainer.layer)
+    assert again.layer == explainer.layer and torch.equal(again.attribute(x), explainer.attribute(x))
+    steps = explainer.explain(x, record=True).steps
+    assert {"add", "add_fn", "relu_2_fn"} <= set(steps)
+    assert torch.equal(steps["add"], steps["c3"])  # the Identity's input: what c3 read
+    assert rsp_fast.RSP(model, layer="relu_2").explain(x).initial.shape == (2, 8)  # the module, by its path
+
+
 class _Float64Block(nn.Module):
     """A float32 model that runs one conv in float64, its input cast up and its output back."""
 

@@ -393,6 +393,7 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         _drop_fixed_arguments(graph)
         _max_values_as_amax(graph)
         _follow_in_place_writes(graph, model)
+        _names_apart_from_modules(graph, tracer.module_outputs)
     except _ForwardFailed as exc:
         raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}") from None
     except Exception as exc:  # fx raises many types; the user needs one clear message
@@ -447,6 +448,18 @@ def called_by_a_caller(model: nn.Module) -> bool:
     code = getattr(type(model).forward, "__code__", None)
     takes_stars = code is not None and bool(code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS))
     return takes_stars or "forward" in model.__dict__
+
+
+def _names_apart_from_modules(graph: fx.Graph, module_outputs: dict[str, fx.Node]) -> None:
+    """A function's node named like a module the forward calls (``relu_2`` for the third
+    F.relu, beside a module ``relu_2``) renamed ``relu_2_fn``: a name in ``explainer.layer``,
+    ``layer=`` and ``record=True``'s steps stands for one thing."""
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method") and node.name in module_outputs:
+            name = f"{node.name}_fn"
+            while name in module_outputs:
+                name += "_"
+            node._rename(name)
 
 
 def _paths_in_model(graph: fx.Graph, module_outputs: dict[str, fx.Node]) -> dict[str, fx.Node]:
