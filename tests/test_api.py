@@ -553,13 +553,11 @@ class _Tokens(nn.Module):
         return self.pool(self.head(h)) if self.scores_first else self.head(self.pool(h))
 
 
-@pytest.mark.parametrize("pool", [lambda t: t.mean(1), lambda t: t.sum(1), lambda t: t.amax(1), lambda t: t[:, 0]],
-                         ids=["mean", "sum", "amax", "first-token"])
+@pytest.mark.parametrize("pool", [lambda t: t.mean(1), lambda t: t.sum(1), lambda t: t.amax(1)], ids=["mean", "sum", "amax"])
 def test_tokens_pooled_before_the_head_are_explained_channels_last(pool):
     """mean, sum or max over the tokens of a Linear's N×T×F output, then the head: the saliency
     map is the tokens' features, channels last (R₀ was one value for every token, features taken
-    for positions; amax was refused, sum gave the pooled vector as the map). One token read
-    (a class token, x[:, 0]) summarises them too: that N×F token was taken for the map."""
+    for positions; amax was refused, sum gave the pooled vector as the map)."""
     x = torch.randn(3, 7, 6, dtype=D)
     explainer = rsp_fast.RSP(_Tokens(pool).double().eval())
     assert explainer.layer == "relu_1" and explainer.plan.channels_last
@@ -569,6 +567,28 @@ def test_tokens_pooled_before_the_head_are_explained_channels_last(pool):
     if pool(torch.ones(1, 2, 1)).item() == 1:  # the mean: the head commutes with it, the same R₀ as scores averaged
         scores = rsp_fast.RSP(_Tokens(pool, scores_first=True).double().eval()).explain(x)
         assert rel_err(ex.initial, scores.initial) < 1e-12
+
+
+class _LastStep(nn.Module):
+    """Per-time-step features (nothing mixes the steps), the logits read from the last one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.l1, self.l2, self.fc = nn.Conv1d(4, 16, 1), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = F.relu(self.l2(F.relu(self.l1(self.emb(x).transpose(1, 2)))))
+        return self.fc(t[:, -1])
+
+
+def test_one_token_read_is_not_a_pool_over_the_tokens():
+    """x[:, -1] of a Linear's N×T×F output, taken for a pool over the tokens for a while (in
+    review): Grad-CAM's weights spread R over every step, 94 % of it on steps the logits never
+    read. Only the step read may hold relevance."""
+    x = torch.rand(2, 4, 10, dtype=D)
+    R = rsp_fast.RSP(_LastStep().double().eval()).attribute(x)
+    assert R[..., -1].abs().sum() > 0 and R[..., :-1].abs().sum() == 0
 
 
 _MEAN_OVER_TOKENS, _MAX_OVER_TOKENS = (lambda t: t.mean(1)), (lambda t: t.amax(1))

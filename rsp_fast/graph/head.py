@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError
-from ..rules import (NodeKind, functional_linear_weight, is_identity_in_eval, is_pointwise_conv, node_kind,
-                     relevance_inputs)
+from ..rules import (CAT_FUNCTIONS, STACK_FUNCTIONS, NodeKind, functional_linear_weight, is_identity_in_eval,
+                     is_pointwise_conv, node_kind, relevance_inputs)
 from ..rules.operands import TRANSPOSES, call_arg, calls, is_parameter, reduced_dims
 from .trace import KEPT_WHOLE
 
@@ -72,6 +72,8 @@ def _first_tensor_input(node: fx.Node, kind: str | None = None) -> fx.Node | Non
     """The input the main path comes from: where a rule sends relevance (x of x·scale + bias),
     else the first tensor argument."""
     ins = [a for a in (relevance_inputs(node, kind) if kind else node.all_input_nodes) if isinstance(a, fx.Node)]
+    if calls(node, CAT_FUNCTIONS | STACK_FUNCTIONS, set()):  # every piece is on the path (a class token too): the first
+        return ins[0] if ins else None
     return next((a for a in ins if not is_parameter(a)), ins[0] if ins else None)  # w·x + b: x, not w
 
 
@@ -92,7 +94,7 @@ def default_saliency(model: nn.Module, graph: fx.Graph) -> fx.Node:
         maps = {_map_behind(model, branch, last_linear_input is not None) for branch in _merged_branches(node, m)}
         if len(maps) > 1 and None not in maps:
             return node
-        node = _first_tensor_input(node, node_kind(node, m))
+        node = _first_tensor_input(node)
     pool = _global_pool_behind_head(model, node) or node
     node = _feature_map_behind(model, pool)
     if node is not None and last_linear_input is None and not _layer_on_path(model, output, pool):
@@ -261,8 +263,6 @@ def _is_global_pool(model: nn.Module, node: fx.Node, module) -> bool:
         size = module.output_size
     elif node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
         size = call_arg(node, 1, "output_size")
-    elif _selects_a_token(model, node):
-        return True
     elif calls(node, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):  # average, sum or max pooling
         # over the time of a 1-D map (N×C×L) too, and over the tokens of a Linear's N×T×F output
         tokens = ([1], [-2]) if _made_by_a_linear(model, node.args[0]) else ()
@@ -271,14 +271,6 @@ def _is_global_pool(model: nn.Module, node: fx.Node, module) -> bool:
     else:
         return False
     return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
-
-
-def _selects_a_token(model: nn.Module, node: fx.Node) -> bool:
-    """``x[:, 0]`` of a Linear's N×T×F output (a class token): the head summarises the tokens
-    by one of them, as a mean over them would."""
-    index = node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
-    return (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], int)
-            and _made_by_a_linear(model, node.args[0]))
 
 
 def pooled_channels_last(model: nn.Module, saliency: fx.Node, rank: int | None = None) -> bool:
