@@ -18,6 +18,7 @@ from .graph.trace import TRACE_GATE, UntraceableModelError, called_by_a_caller, 
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import propagate, record_forward, work_dtype
+from .rules.base import LayerRule
 from .shared_setting import SETTINGS
 from .tf32 import restore_tf32, set_tf32
 
@@ -289,22 +290,21 @@ class RSP:
         if any(t.is_inference() for t in itertools.chain(self.model.parameters(), self.model.buffers())):
             raise RSPError("the model's parameters or buffers were made under torch.inference_mode(): autograd, which "
                            "R₀ needs through the head, cannot use them; build or load the model outside inference_mode")
-        p = next(self.model.parameters(), None)
+        p = next((q for q in self.model.parameters() if q.is_floating_point()), None)  # not an integer count
         if p is not None and p.dtype != x.dtype:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
         if p is not None and p.device != x.device:
             raise RSPError(f"inputs are on {x.device} but the model is on {p.device}")
-        if all(q.dtype == x.dtype and q.device == x.device for q in self.model.parameters() if q.is_floating_point()):
+        if self.plan is None or all(q.dtype == x.dtype and q.device == x.device
+                                    for q in self.model.parameters() if q.is_floating_point()):
             return
-        for name, layer in self.model.named_modules():  # a block cast to float64 alone would fail inside its rule
-            if isinstance(layer, LAYERS_WITH_WEIGHTS):
-                for key, q in layer.named_parameters(recurse=False):
+        for step in self.plan.steps:  # a layer with a rule cast to float64 alone would fail inside the rule
+            if isinstance(step, LayerRule) and step.node.op == "call_module":
+                for key, q in step.module.named_parameters(recurse=False):
                     if q.is_floating_point() and (q.dtype != x.dtype or q.device != x.device):
-                        raise RSPError(f"inputs are {x.dtype} on {x.device} but {name}.{key} is {q.dtype} on {q.device}: "
-                                       "the layers' parameters must have the inputs' dtype and device")
-
-
-LAYERS_WITH_WEIGHTS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase)
+                        raise RSPError(f"inputs are {x.dtype} on {x.device} but {step.node.target}.{key} is {q.dtype} "
+                                       f"on {q.device}: the parameters of the layers RSP's rules read must have the "
+                                       "inputs' dtype and device")
 
 
 def _peak_power_of_two(R: torch.Tensor) -> torch.Tensor:

@@ -1562,6 +1562,21 @@ def test_a_layer_in_another_dtype_is_a_clear_error():
     assert model(x).dtype == torch.float32
     with pytest.raises(RSPError, match="inputs are torch.float32 on cpu but c2.weight is torch.float64 on cpu"):
         rsp_fast.RSP(model).attribute(x)
+    assert rsp_fast.RSP(_CountedWithAnAuxHead().eval()).attribute(x).shape == x.shape
+
+
+class _CountedWithAnAuxHead(nn.Module):
+    """An integer parameter first (a count), and a float64 layer the forward does not call (a
+    training-only head): neither is read by a rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = nn.Parameter(torch.zeros((), dtype=torch.long), requires_grad=False)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        self.aux = nn.Linear(8, 8).double()
+
+    def forward(self, x):
+        return self.net(x)
 
 
 def test_bad_constructor_arguments():
