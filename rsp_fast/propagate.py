@@ -111,7 +111,12 @@ class _Recorder(fx.Interpreter):
         finally:
             handle.remove()  # the model's hooks as they were
         source = n.args[0] if n.args else None
-        if "x" in given and not (isinstance(source, fx.Node) and given["x"] is self.env.get(source)):
+        before = self.env.get(source) if isinstance(source, fx.Node) else None
+        if "x" in given and given["x"] is not before:
+            if before is None or given["x"].shape != before.shape:
+                raise RSPError(f"a forward pre-hook on {n.target} changes the shape of its input ("
+                               f"{tuple(before.shape) if before is not None else '?'} -> {tuple(given['x'].shape)}), "
+                               "which RSP cannot send relevance back through: do it in the forward")
             self.saved[hooked_input_key(n)] = _to_work(given["x"].detach())
         return out
 

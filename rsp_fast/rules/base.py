@@ -76,12 +76,29 @@ class LayerRule(Rule):
         # set by the plan for a first conv reading a zero padding: (the padding's input, its amounts)
         self.zero_pad: tuple[fx.Node, tuple[int, ...]] | None = None
 
+    def hooked_input(self, ctx: Context) -> torch.Tensor | None:
+        """What a forward pre-hook that changed the layer's input (a mask) gave the layer."""
+        return ctx.values.get(hooked_input_key(self.node))
+
     def input_value(self, ctx: Context) -> tuple[torch.Tensor, bool]:
         """The input the layer computed with, and whether it is ≥ 0 by construction: the saved
-        value of its input node, or, where a forward pre-hook changed it (a mask), what the
-        hook gave the layer (then nothing is known of its sign)."""
-        hooked = ctx.values.get(hooked_input_key(self.node))
+        value of its input node, or what a forward pre-hook gave the layer (then nothing is
+        known of its sign)."""
+        hooked = self.hooked_input(ctx)
         return (ctx.values[self.inputs[0]], self.input_non_negative) if hooked is None else (hooked, False)
+
+    def picture_behind_zero_pad(self, ctx: Context) -> torch.Tensor:
+        """A first conv's input before the zero padding it reads (``zero_pad``): the pad's input,
+        or what a pre-hook gave the conv with the padding cut off again."""
+        source, padding = self.zero_pad
+        hooked = self.hooked_input(ctx)
+        if hooked is None:
+            return ctx.values[source]
+        index = [slice(None)] * hooked.dim()
+        for i in range(len(padding) // 2):  # F.pad's order: the last dim's pair first
+            dim = hooked.dim() - 1 - i
+            index[dim] = slice(padding[2 * i], hooked.shape[dim] - padding[2 * i + 1])
+        return hooked[tuple(index)]
 
     def purge_deferral(self, ctx: Context, pointwise: bool) -> dict | None:
         """Where the plan left this conv's purge to the copy padding before it (``purge_at``)

@@ -560,8 +560,7 @@ class Conv(LayerRule):
         padding taken into the conv's own, so that the zeros count neither in the bounds L, H
         nor as pixels (as a conv's padding argument does); R_in padded back with zeros, which
         the pad's rule crops."""
-        source, padding = self.zero_pad
-        x = ctx.values[source]
+        padding, x = self.zero_pad[1], self.picture_behind_zero_pad(ctx)
         extra = padding + (0,) * (4 - len(padding))
         g = replace(g, pad=tuple(p + e for p, e in zip(g.pad, extra)))
         R_in = first_conv_relevance(ctx, as_image(x), R_img, as_image(self.folded_weight(ctx, x.dtype)), g)

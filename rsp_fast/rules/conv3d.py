@@ -121,8 +121,7 @@ class Conv3d(LayerRule):
         """A first conv reading a zero padding (ZeroPad3d, F.pad): z^B on the clip with the padding
         taken into the conv's own, as ``Conv.padded_first_relevance`` does in 2-D; R_in padded
         back with zeros, which the pad's rule crops."""
-        source, padding = self.zero_pad
-        x = ctx.values[source]
+        padding, x = self.zero_pad[1], self.picture_behind_zero_pad(ctx)
         extra = tuple(padding) + (0,) * (6 - len(padding))  # F.pad order: W's pair, H's, T's
         added = [(extra[4], extra[5]), (extra[2], extra[3]), (extra[0], extra[1])]
         pads = [(a + c, b + d) for (a, b), (c, d) in zip(g.pads(), added)]
