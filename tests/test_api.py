@@ -1694,6 +1694,11 @@ def test_a_submodule_compiled_alone_is_explained_as_the_module_it_runs(compiled)
     explainer = rsp_fast.RSP(model)
     assert explainer.layer == "layer4"
     assert torch.equal(explainer.attribute(x), expected)
+    # hooks on the compiled wrapper itself would not run around the module it compiles (review:
+    # RSP's logits 0.57 off the model's): refused, also once the explainer was built
+    getattr(owner, name).register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=f"{compiled} is compiled .* register them on {compiled}._orig_mod"):
+        explainer.attribute(x)
 
 
 class _Body(nn.Module):

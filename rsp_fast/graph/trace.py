@@ -60,6 +60,11 @@ class _RecordingTracer(fx.Tracer):
         if type(m).__name__ == "OptimizedModule" and (wrapped := _wrapped(m)) is not None:
             # a submodule compiled alone (model.layer4 = torch.compile(model.layer4)), which fx
             # cannot trace: the module it runs, traced in its place (paths "layer4._orig_mod.…")
+            if m._forward_hooks or m._forward_pre_hooks:  # they would not run around it
+                path = self.path_of_module(m)
+                raise UnsupportedModelError(f"{path} is compiled with torch.compile and has hooks of its own, which "
+                                            f"rsp_fast cannot run around the module it compiles: register them on "
+                                            f"{path}._orig_mod")
             out = self.call_module(wrapped[0], wrapped[0].forward, args, kwargs)
             if isinstance(out, fx.Proxy):
                 self._count_call(self.path_of_module(m), out.node)
@@ -68,7 +73,7 @@ class _RecordingTracer(fx.Tracer):
         depth = len(self.module_stack)
         try:
             out = super().call_module(m, forward, args, kwargs)
-        except _ForwardFailed:
+        except (_ForwardFailed, UnsupportedModelError):
             raise
         except Exception as exc:
             # Control flow on traced values inside this submodule (e.g. timm's VGG head checks
@@ -396,6 +401,8 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         _names_apart_from_modules(graph, tracer.module_outputs)
     except _ForwardFailed as exc:
         raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}") from None
+    except UnsupportedModelError:
+        raise
     except Exception as exc:  # fx raises many types; the user needs one clear message
         error = UntraceableModelError if example is None else UnsupportedModelError
         raise error(
