@@ -385,7 +385,7 @@ def _descriptors_on(path) -> list[str]:
     ("out.avi", "overlay", (16, 8200), None, "8200x16"), ("out.mp4", "side-by-side", (16, 8200), None, "16400x16"),
     ("out.mp4", "side-by-side", (8200, 16), 90, "16400x16")])  # stored tall, shown wide
 def test_frames_too_large_for_the_encoder_are_refused_before_any_work(tmp_path, spec, name, mode, hw, rotation, size):
-    """x264 takes at most 16384 pixels a side, MPEG-4 Part 2 (in .avi) under 8192: the encoder's
+    """x264 takes at most 16384 pixels a side, MPEG-4 Part 2 (in .avi) 8190: the encoder's
     error came after every frame was explained, as a traceback (status 1)."""
     src = _encode(tmp_path / "wide.mp4", _frames(2, *hw), codec="libx264", rotation=rotation)
     calls = []
@@ -394,6 +394,9 @@ def test_frames_too_large_for_the_encoder_are_refused_before_any_work(tmp_path, 
     with pytest.raises(RSPError, match=f"cannot write video .*{name}'.* {size} pixels"):
         explain_video(spec, src, tmp_path / "new" / "folder" / name, mode=mode, progress=False)
     assert not calls and sorted(p.name for p in tmp_path.iterdir()) == ["wide.mp4"]  # nor the folders it made
+    with pytest.raises(RSPError, match="cannot write video"):  # a format FFmpeg does not know: refused when opened
+        explain_video(spec, src, tmp_path / "new" / "folder" / "out.xyz", mode=mode, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.mp4"]
 
 
 def test_sound_with_a_cover_picture_is_not_a_video(tmp_path, spec):
@@ -440,13 +443,19 @@ def test_an_avi_output_starts_on_time(tmp_path, spec):
         types = [av.video.frame.PictureType(f.pict_type).name for f in c.decode(c.streams.video[0])]
     assert len(types) == 24 and "B" not in types, types
     assert _slots(tmp_path / "out.avi") == 24 and _frame_times(tmp_path / "out.avi") == pytest.approx([i / 12 for i in range(24)])
-    src = _video_with_sound(tmp_path / "in.mp4", audio_codec="aac", rate=44100, seconds=1.0)
-    with av.open(str(src)) as c:
-        assert next(c.demux(audio=0)).pts < 0  # the encoder's priming packet
-    report = explain_video(spec, src, tmp_path / "sound.avi", progress=False)
-    assert report["audio"] == "copied (aac)"
-    assert _slots(tmp_path / "sound.avi") == 10 and _frame_times(tmp_path / "sound.avi") == pytest.approx([i / 10 for i in range(10)])
-    assert 0 <= _sound(tmp_path / "sound.avi")[2] < 0.03
+    # MPEG-4 Part 2 takes at most 65535 ticks a second: 119.88 fps (120000/1001) was refused (in review)
+    write_video(tmp_path / "fast.avi", moving[:6], fps=Fraction(120000, 1001))
+    assert _frame_times(tmp_path / "fast.avi") == pytest.approx([i * 1001 / 120000 for i in range(6)], abs=1e-5)
+    for codec, rate in (("aac", 44100), ("ac3", 48000)):  # a priming packet before 0; a first packet across 0
+        src = _video_with_sound(tmp_path / f"{codec}.mkv", audio_codec=codec, rate=rate, seconds=2.0, beep_at=1.0)
+        with av.open(str(src)) as c:
+            assert next(c.demux(audio=0)).pts < 0
+        report = explain_video(spec, src, tmp_path / f"{codec}.avi", progress=False)
+        assert report["audio"] == f"copied ({codec})"
+        assert _slots(tmp_path / f"{codec}.avi") == 20
+        assert _frame_times(tmp_path / f"{codec}.avi") == pytest.approx([i / 10 for i in range(20)])
+        samples, rate, first = _sound(tmp_path / f"{codec}.avi")
+        assert abs(first + np.argmax(np.abs(samples) > 0.1) / rate - 1.0) < 0.01, codec  # the tone on time
     write_video(tmp_path / "out.mp4", moving, fps=12)  # elsewhere B-frames stay (smaller files)
     with av.open(str(tmp_path / "out.mp4")) as c:
         assert "B" in [av.video.frame.PictureType(f.pict_type).name for f in c.decode(c.streams.video[0])]

@@ -35,7 +35,8 @@ class AudioCopy:
         self.source, self.stream, self.note = source, stream, f"copied ({codec})"
         # AVI holds no time before 0: its muxer would move every stream later to fit a packet
         # there (an AAC encoder's priming packet, sound from before the video's start), the
-        # picture by a whole frame slot. Such packets are left out there instead.
+        # picture by a whole frame slot. Such packets are left out there instead, but one that
+        # is mostly after 0 starts at 0 (sound off by at most half a packet either way).
         self.from_zero = output_format == "avi"
         self.last_dts, self.copied = None, 0.0
         self.shift = round(start / stream.time_base) if stream.time_base else 0
@@ -65,7 +66,9 @@ class AudioCopy:
                     return self.stop("its clock steps back there (recordings joined end to end)")
                 self.last_dts = packet.dts
                 if self.from_zero and packet.dts < self.shift:
-                    continue
+                    if packet.dts + (packet.duration or 0) / 2 <= self.shift:
+                        continue
+                    packet.pts = packet.dts = self.shift
                 packet.pts -= self.shift
                 packet.dts -= self.shift
                 packet.stream = self.out

@@ -285,12 +285,16 @@ class Encoder:
         try:
             self.container = av.open(str(self.tmp), mode="w")
         except (av.error.FFmpegError, OSError, ValueError) as exc:
+            self.container = None
+            self.abort()  # the folders made for it
             raise RSPError(f"cannot write video {str(self.path)!r}: {exc}") from None
         if self.container.format.name == "avi" and codec == "libx264":
             # AVI keeps no presentation times: FFmpeg reads H.264 there one frame late (two with
             # sound interleaved), even without B-frames; MPEG-4 Part 2, AVI's own, starts at 0
             codec = "mpeg4"
         self.fps, self.codec, self.crf = Fraction(fps).limit_denominator(1001), codec, crf
+        if codec == "mpeg4":  # MPEG-4 Part 2 counts time in at most 65535 ticks a second (119.88 fps is 120000/1001)
+            self.fps = 1 / (1 / self.fps).limit_denominator(65535)
         if codec not in getattr(self.container, "supported_codecs", {codec}) and not _holds(self.container.format.name, codec):
             self.abort()
             raise RSPError(f"cannot write video {str(self.path)!r}: a {self.path.suffix or 'file without an extension'} "
@@ -318,7 +322,8 @@ class Encoder:
 
     def size_refused(self, width: int, height: int) -> RSPError:
         return RSPError(f"cannot write video {str(self.path)!r}: its {self.codec} encoder does not take frames of "
-                        f"{width}x{height} pixels (x264 takes at most 16384 a side, MPEG-4 in an .avi under 8192)")
+                        f"{width}x{height} pixels, padded to even sides (x264 takes at most 16384 a side, MPEG-4 in "
+                        "an .avi at most 8190)")
 
     def write(self, rgb: np.ndarray, time: float | None = None) -> None:
         try:
@@ -395,7 +400,8 @@ class Encoder:
         if audio is not None:
             audio.close()
         try:
-            self.container.close()
+            if self.container is not None:
+                self.container.close()
         except Exception:  # the container may be half-initialised, or closed already; the file goes anyway
             pass
         try:
