@@ -249,10 +249,12 @@ def main(argv=None) -> int:
         import torch
 
         from .memory import keep_freed_memory
+        from .models import current_folder_importable
 
         keep_freed_memory()
         torch.set_grad_enabled(True)
-        COMMANDS[args.command](args)
+        with current_folder_importable():  # as `python -m rsp_fast` has it, the `rsp-fast` script too
+            COMMANDS[args.command](args)
     except BrokenPipeError:  # the reader stopped early (`rsp-fast info | head -1`): nothing is wrong here
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
         return 128 + signal.SIGPIPE

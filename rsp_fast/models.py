@@ -170,9 +170,10 @@ def build_model(name: str = "efficientnet_lite0", weights: str | None = None) ->
 
 
 @contextlib.contextmanager
-def _current_folder_importable():
-    """The current folder on ``sys.path`` while a factory is imported and called (a console
-    script's ``sys.path`` starts with its own folder, not the current one)."""
+def current_folder_importable():
+    """The current folder on ``sys.path`` while a factory is imported and called, and (the
+    command line's) while its model runs: a console script's ``sys.path`` starts with its own
+    folder, not the current one, and a forward may import a module beside it when it runs."""
     here = os.getcwd()
     added = "" not in sys.path and here not in sys.path
     if added:
@@ -190,7 +191,7 @@ def _factory(path: str) -> nn.Module | ModelSpec:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr or module_name.startswith("."):
         raise RSPError(f"model {path!r}: give efficientnet_lite0, vgg16, resnet50 or package.module:factory")
-    with _current_folder_importable():  # as `python -m rsp_fast` has it, the `rsp-fast` script too
+    with current_folder_importable():  # as `python -m rsp_fast` has it, the `rsp-fast` script too
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except Exception as exc:  # not found, or the module's own code failed on import: one line

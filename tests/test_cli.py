@@ -633,8 +633,13 @@ def test_the_console_script_imports_a_factory_from_the_current_folder(tmp_path):
         pytest.skip("rsp-fast is not installed beside this Python")
     (tmp_path / "mymodels.py").write_text(
         "import torch.nn as nn\n"
+        "class Small(nn.Sequential):\n"
+        "    def forward(self, x):\n"
+        "        from scaling import halve  # a module beside it, imported when the model runs\n"
+        "        return super().forward(halve(x))\n"
         "def small():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n")
+        "    return Small(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n")
+    (tmp_path / "scaling.py").write_text("def halve(x):\n    return x * 0.5\n")
     _png(tmp_path / "a.png")
     proc = subprocess.run([str(script), "image", "a.png", "-o", "out", "--model", "mymodels:small"],
                           capture_output=True, text=True, cwd=tmp_path)
