@@ -131,6 +131,11 @@ def layer_name(model: nn.Module, layer) -> str | None:
     module, colon, call = layer.rpartition(":")
     if colon and module in known and call.isdigit() and int(call) >= 1:
         return layer  # a module's k-th call (a block's shared ReLU: "layer1.0.relu:1"), as Explanation.steps names it
+    if colon and module and call.isdigit() and int(call) >= 1 and layer not in known:
+        try:  # the k-th call of a module held under a second name (inside a compiled block: "blk.c:1")
+            return f"{layer_name(model, model.get_submodule(module))}:{call}"
+        except (AttributeError, RSPError):
+            pass
     if layer not in known:
         try:  # a second name of a module held twice: named_modules lists the first only
             return layer_name(model, model.get_submodule(layer))
