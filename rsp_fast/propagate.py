@@ -158,7 +158,10 @@ def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
     try:
         with torch.no_grad(), TRACE_GATE.forward():  # not while torch.fx patches modules in another thread
             logits = rec.run(x)
-    except (RSPError, torch.OutOfMemoryError, MemoryError):  # out of memory is not a bad input: a smaller batch may do
+    except RSPError as exc:  # raised by the recorder itself: without what fx appends ("While executing ...")
+        exc.args = (str(exc).split("\n\nWhile executing")[0],)
+        raise
+    except (torch.OutOfMemoryError, MemoryError):  # out of memory is not a bad input: a smaller batch may do
         raise
     except Exception as exc:
         reason = str(exc).split("\n\nWhile executing")[0].strip()  # fx appends the graph node and its traceback

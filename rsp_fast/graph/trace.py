@@ -65,7 +65,7 @@ class _RecordingTracer(fx.Tracer):
                 raise UnsupportedModelError(f"{path} is compiled with torch.compile and has hooks of its own, which "
                                             f"rsp_fast cannot run around the module it compiles: register them on "
                                             f"{path}._orig_mod")
-            out = self.call_module(wrapped[0], wrapped[0].forward, args, kwargs)
+            out = wrapped[0](*args, **kwargs)  # called, so that its own hooks run as for any module
             if isinstance(out, fx.Proxy):
                 self._count_call(self.path_of_module(m), out.node)
             return out
