@@ -456,6 +456,15 @@ def test_an_avi_output_starts_on_time(tmp_path, spec):
         assert _frame_times(tmp_path / f"{codec}.avi") == pytest.approx([i / 10 for i in range(20)])
         samples, rate, first = _sound(tmp_path / f"{codec}.avi")
         assert abs(first + np.argmax(np.abs(samples) > 0.1) / rate - 1.0) < 0.01, codec  # the tone on time
+    # sound from 0.5 s before the first frame: an AVI's picture starts at its first frame, and the
+    # sound with it (review: the tone played the whole lead late, 1.5 s after the first frame)
+    t = np.arange(3 * 8000) / 8000
+    tone = (np.where(t >= 1.5, 0.5 * np.sin(2 * np.pi * 440 * t), 0.0) * 32767).astype(np.int16)
+    src = _encode(tmp_path / "lead.mkv", _frames(20), codec="libx264", fps=10, times=[0.5 + i / 10 for i in range(20)],
+                  sound=("pcm_s16le", 8000, tone, 0))
+    explain_video(spec, src, tmp_path / "lead.avi", progress=False)
+    samples, rate, first = _sound(tmp_path / "lead.avi")
+    assert abs(first + np.argmax(np.abs(samples) > 1000) / rate - 1.0) < 0.06  # within half a 0.1 s packet
     write_video(tmp_path / "out.mp4", moving, fps=12)  # elsewhere B-frames stay (smaller files)
     with av.open(str(tmp_path / "out.mp4")) as c:
         assert "B" in [av.video.frame.PictureType(f.pict_type).name for f in c.decode(c.streams.video[0])]

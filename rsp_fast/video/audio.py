@@ -47,6 +47,13 @@ class AudioCopy:
             self.out = output.add_stream_from_template(self.stream)
             self.packets = self.source.demux(self.stream)
 
+    def start_at(self, seconds: float) -> None:
+        """The output's clock starts at ``seconds`` of the source's, not at ``start`` (an AVI,
+        whose picture starts with its first frame: sound from before it is left out)."""
+        if self.stream is not None:
+            self.start = seconds
+            self.shift = round(seconds / self.stream.time_base) if self.stream.time_base else 0
+
     def copy_until(self, seconds: float | None) -> None:
         if self.packets is None:
             return

@@ -352,6 +352,8 @@ class Encoder:
                 self.stream.options = {**self.stream.options, "crf": str(self.crf)}
             if self.audio is not None:  # every stream is added before the first packet
                 self.audio.attach(self.container)
+                if time is not None and self.time_base != TIME_BASE:
+                    self.audio.start_at(time)  # an AVI's picture starts with this frame, whatever its time
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.pad(rgb, ((0, self.height - rgb.shape[0]), (0, self.width - rgb.shape[1]), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
