@@ -465,6 +465,9 @@ def test_an_avi_output_starts_on_time(tmp_path, spec):
     explain_video(spec, src, tmp_path / "lead.avi", progress=False)
     samples, rate, first = _sound(tmp_path / "lead.avi")
     assert abs(first + np.argmax(np.abs(samples) > 1000) / rate - 1.0) < 0.06  # within half a 0.1 s packet
+    explain_video(spec, src, tmp_path / "lead_cut.avi", max_frames=5, progress=False)  # was cut the lead late: 1.0 s
+    samples, rate, _ = _sound(tmp_path / "lead_cut.avi")
+    assert 0.45 <= len(samples) / rate <= 0.6 and len(read_frames(tmp_path / "lead_cut.avi")) == 5
     write_video(tmp_path / "out.mp4", moving, fps=12)  # elsewhere B-frames stay (smaller files)
     with av.open(str(tmp_path / "out.mp4")) as c:
         assert "B" in [av.video.frame.PictureType(f.pict_type).name for f in c.decode(c.streams.video[0])]

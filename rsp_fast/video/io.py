@@ -378,6 +378,11 @@ class Encoder:
         if self.audio is not None:  # the sound up to this frame: the muxer interleaves the two
             self.audio.copy_until(float(self.last_pts * self.time_base))
 
+    @property
+    def end(self) -> float:
+        """Seconds of the output up to the end of the last frame written (one frame period after its start)."""
+        return float(self.last_pts * self.time_base + 1 / self.fps) if self.last_pts >= 0 else 0.0
+
     def commit(self, audio_until: float | None = None) -> Path:
         """Finish the file (the sound up to ``audio_until`` seconds of the output, or all of it)."""
         av = _av()

@@ -182,7 +182,7 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
         if not rows:
             raise RSPError(f"video {str(src)!r} has no frames")
         cut = max_frames is not None and len(rows) == max_frames  # the sound ends with the last frame shown
-        encoder.commit(audio_until=rows[-1]["time"] - info.start + 1 / float(out_fps) if cut else None)
+        encoder.commit(audio_until=encoder.end if cut else None)  # on the output's clock (an AVI's starts at frame 0)
     except BaseException:
         stop.set()
 
