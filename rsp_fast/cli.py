@@ -167,14 +167,31 @@ def cmd_demo(args) -> None:
     video = out / "demo_rsp.mp4"
     report_path = _report_path(args, out / "report.json", [("output folder", out), ("demo clip", out / "demo_input.mp4"),
                                                            ("output video", video), ("contact sheet", out / "contact_sheet.png")])
+    made = [p for p in (out, *out.parents) if not p.exists()]  # a failed run removes what it made
     out.mkdir(parents=True, exist_ok=True)
+    had_clip = (out / "demo_input.mp4").exists()
     clip = make_demo_clip(out / "demo_input.mp4")
-    report = explain_video(_spec(args), clip, video, **_video_kwargs(args))
+    try:
+        report = explain_video(_spec(args), clip, video, **_video_kwargs(args))
+    except BaseException:
+        _remove_made(None if had_clip else clip, made)
+        raise
     n = report["totals"]["frames"]
     picks = sorted({round(i * (n - 1) / 7) for i in range(8)})
     render.save_png(out / "contact_sheet.png", render.contact_sheet(read_frames(video, picks), columns=4))
     _write_report(report, report_path)
     print(f"wrote {video}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
+
+
+def _remove_made(file, folders) -> None:
+    """Remove ``file`` (if any) and then ``folders``, innermost first, where they are empty."""
+    try:
+        if file is not None:
+            file.unlink(missing_ok=True)
+        for folder in folders:
+            folder.rmdir()
+    except OSError:  # a folder that holds something else stays; the run's own error is what to report
+        pass
 
 
 def cmd_info(args) -> None:

@@ -645,3 +645,15 @@ def test_the_console_script_imports_a_factory_from_the_current_folder(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "a_heatmap.png").exists() and str(tmp_path) not in sys.path
+
+
+def test_a_failed_demo_leaves_nothing_behind(tmp_path, capsys):
+    """The demo writes its input clip first: a run that failed after it (a class the model does
+    not have) left the clip and the folders it made."""
+    out = tmp_path / "new" / "demo"
+    assert main(["demo", "-o", str(out), "--target", "5000", "--device", "cpu", "--quiet"]) == 2
+    assert "5000" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+    out.mkdir(parents=True)
+    (out / "mine.txt").write_text("kept")
+    assert main(["demo", "-o", str(out), "--target", "5000", "--device", "cpu", "--quiet"]) == 2
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
