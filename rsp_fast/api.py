@@ -287,6 +287,11 @@ class RSP:
             raise RSPError("inputs hold no samples (batch size 0)")
         if not torch.isfinite(x).all():
             raise RSPError("inputs contain NaN or Inf")
+        lazy = next((name for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers())
+                     if nn.parameter.is_lazy(t)), None)
+        if lazy is not None:
+            raise RSPError(f"the model's {lazy} is not initialised yet (a lazy module, e.g. LazyConv2d): run the model "
+                           "once on an example input before explaining it")
         if any(t.is_inference() for t in itertools.chain(self.model.parameters(), self.model.buffers())):
             raise RSPError("the model's parameters or buffers were made under torch.inference_mode(): autograd, which "
                            "R₀ needs through the head, cannot use them; build or load the model outside inference_mode")

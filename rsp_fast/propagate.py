@@ -69,8 +69,10 @@ class _Recorder(fx.Interpreter):
         self.index_pools = {s.node for s in plan.steps if getattr(s, "records_indices", False)}
         self.constants = {n.target: n.meta[ATTR_VALUE] for n in plan.graph.nodes if n.meta.get(FX_CONSTANT)}
         self.layer_modules = {s.node: s.module for s in plan.steps if isinstance(s, LayerRule) and s.node.op == "call_module"}
+        self.running: fx.Node | None = None
 
     def run_node(self, n: fx.Node) -> Any:
+        self.running = n  # named if the forward fails here
         with torch.set_grad_enabled(n in self.plan.head):
             if n in self.index_pools:  # the max pool, and where its maxima are, for its rule
                 args, _ = self.fetch_args_kwargs_from_env(n)
@@ -150,6 +152,15 @@ class _Recorder(fx.Interpreter):
         return super().call_method(target, args, kwargs)
 
 
+def _where(model: torch.nn.Module, node: fx.Node | None) -> str:
+    """Where in the forward a node runs, for an error message: its module's path and type, or the function's name."""
+    if node is None or node.op in ("placeholder", "output"):
+        return ""
+    if node.op == "call_module":
+        return f" in module '{node.target}' ({type(model.get_submodule(node.target)).__name__})"
+    return f" at '{node.name}'"
+
+
 def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
     """Run the model; returns (logits — the scores before a final softmax or sigmoid —, saliency
     activation A with grad to logits, context pieces).
@@ -165,7 +176,8 @@ def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
         raise
     except Exception as exc:
         reason = str(exc).split("\n\nWhile executing")[0].strip()  # fx appends the graph node and its traceback
-        raise RSPError(f"the model's forward failed on inputs of shape {tuple(x.shape)}: {reason}") from None
+        raise RSPError(f"the model's forward failed on inputs of shape {tuple(x.shape)}{_where(model, rec.running)}: "
+                       f"{reason}") from None
     if rec.scores is not None and scores_over_classes(plan.scores_dim, rec.scores.dim()):
         logits = rec.scores
     return logits, rec.saliency_value, rec.saved, rec.shapes

@@ -1479,6 +1479,40 @@ def test_a_model_made_under_inference_mode_is_named():
         rsp_fast.RSP(model).attribute(torch.randn(1, 3, 16, 16))
 
 
+def test_an_uninitialised_lazy_module_is_named():
+    """It was torch's ValueError about UninitializedParameter, from inside the input checks."""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(3))
+    explainer = rsp_fast.RSP(model)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RSPError, match="the model's 0.weight is not initialised yet .* run the model once"):
+        explainer.attribute(x)
+    model(x[:1])  # initialised: the same explainer works
+    assert explainer.attribute(x).shape == x.shape
+
+
+class _FunctionAfterNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.norm(self.conv(x)))
+        return self.fc(torch.matmul(h.flatten(2), self.fc.weight.new_ones(36, 1)).flatten(1))
+
+
+def test_a_failed_forward_names_where_it_failed():
+    """A layer RSP's rules do not read, cast to float64 alone: 'the forward failed … mixed dtype', not saying where."""
+    model = _FunctionAfterNorm().eval()
+    model.norm.double()
+    with pytest.raises(RSPError, match=r"shape \(2, 3, 8, 8\) in module 'norm' \(GroupNorm\): mixed dtype"):
+        rsp_fast.RSP(model, layer="conv").attribute(torch.randn(2, 3, 8, 8))
+    model = _FunctionAfterNorm().eval()
+    with pytest.raises(RSPError, match=r"shape \(2, 3, 9, 8\) at 'matmul': "):
+        explainer = rsp_fast.RSP(model, layer="conv")
+        explainer.attribute(torch.randn(2, 3, 8, 8))
+        explainer.attribute(torch.randn(2, 3, 9, 8))
+
+
 def test_cost_of_a_model_without_parameters():
     model = nn.Sequential(nn.AvgPool2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     assert rsp_fast.cost(model, (3, 8, 8))["totals"]["rsp_macs"] == 0
