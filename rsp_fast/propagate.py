@@ -104,15 +104,16 @@ class _Recorder(fx.Interpreter):
         they give it for its rule: the saved value of the input node is not what it computed with."""
         given, thread = {}, threading.get_ident()
 
-        def keep(_, args):  # registered last, it runs after the model's own pre-hooks
-            if threading.get_ident() == thread and args and isinstance(args[0], torch.Tensor):
-                given["x"] = args[0]
-        handle = module.register_forward_pre_hook(keep)
+        def keep(_, args, kwargs):  # registered last, it runs after the model's own pre-hooks
+            x = args[0] if args else kwargs.get("input")  # conv(input=h) too
+            if threading.get_ident() == thread and isinstance(x, torch.Tensor):
+                given["x"] = x
+        handle = module.register_forward_pre_hook(keep, with_kwargs=True)
         try:
             out = super().run_node(n)
         finally:
             handle.remove()  # the model's hooks as they were
-        source = n.args[0] if n.args else None
+        source = n.args[0] if n.args else n.kwargs.get("input")
         before = self.env.get(source) if isinstance(source, fx.Node) else None
         if "x" in given and given["x"] is not before:
             if before is None or given["x"].shape != before.shape:
