@@ -184,6 +184,15 @@ def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
     return logits, rec.saliency_value, rec.saved, rec.shapes
 
 
+def _like_saved_input(R: torch.Tensor, step, saved) -> torch.Tensor:
+    """R in the dtype of the rule's saved input: a forward that computes a part in another dtype
+    (a pool run in float32 in a float64 model, cast back) sends relevance out of that part in its dtype."""
+    x = saved.get(step.inputs[0]) if step.inputs else None
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != R.dtype:
+        return R.to(x.dtype)
+    return R
+
+
 def propagate(plan: Plan, R0: torch.Tensor, saved, shapes, ops, on_step: Callable | None = None,
               dropped: torch.Tensor | None = None, product_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Walk R0 from the saliency layer back to the input; fan-out contributions are summed.
@@ -195,7 +204,7 @@ def propagate(plan: Plan, R0: torch.Tensor, saved, shapes, ops, on_step: Callabl
     relevance: dict[fx.Node, torch.Tensor] = {plan.saliency: R0}
     with torch.no_grad():
         for step in plan.steps:
-            R = relevance.pop(step.node)
+            R = _like_saved_input(relevance.pop(step.node), step, saved)
             outs = step.propagate(ctx, R)
             for node, r in zip(step.inputs, outs):
                 relevance[node] = relevance[node] + r if node in relevance else r

@@ -1488,6 +1488,35 @@ def test_a_model_made_under_inference_mode_is_named():
         rsp_fast.RSP(model).attribute(torch.randn(1, 3, 16, 16))
 
 
+class _Island(nn.Module):
+    """Pools computed in another float dtype (``island``) and cast back: None, the model's own."""
+
+    def __init__(self, island=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.island = island
+        self.c0, self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        a = F.relu(self.c0(x))
+        h, dtype = F.relu(self.c1(a)), self.island or x.dtype
+        h = (F.max_pool2d(h.to(dtype), 2) + F.avg_pool2d(a.to(dtype), 2)).to(x.dtype)
+        return self.fc(F.relu(self.c2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_dtype,island,tolerance", [(torch.float64, torch.float32, 1e-6),
+                                                          (torch.float32, torch.float64, 1e-5)])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_part_of_the_forward_in_another_float_dtype_is_explained(model_dtype, island, tolerance, backend):
+    """The pool rules gave relevance in the island's dtype, passed on unconverted by the casts: the
+    next conv's rule failed ("expected scalar type Double but found Float"), on every backend."""
+    x = torch.randn(2, 3, 12, 12, dtype=model_dtype)
+    ours = rsp_fast.RSP(_Island(island).to(model_dtype).eval(), backend=backend).attribute(x)
+    plain = rsp_fast.RSP(_Island().to(model_dtype).eval(), backend=backend).attribute(x)
+    assert ours.dtype == model_dtype and rel_err(ours, plain) < tolerance
+
+
 def test_an_uninitialised_lazy_module_is_named():
     """It was torch's ValueError about UninitializedParameter, from inside the input checks."""
     model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(3))
