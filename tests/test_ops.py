@@ -148,8 +148,10 @@ def test_compiled_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="differ in shape"):
         custom.sectional_normalize(R, Ga[:1], Gb)
     Rs, Gs, half, _ = stacked_inputs((2, 3, 4), torch.float32)
-    with pytest.raises(RuntimeError, match="2 \\* half"):
+    with pytest.raises(RuntimeError, match="must be twice half = 4"):
         custom.sectional_normalize_stacked(Rs, Gs, half + 1)
+    with pytest.raises(RuntimeError, match=f"must be twice half = {2**62}"):  # was "2 * half = -9223372036854775808"
+        custom.sectional_normalize_stacked(Rs, Gs, 2**62)
 
 
 @pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
@@ -194,6 +196,65 @@ def test_fakes_check_what_the_kernels_check():
             custom.masked_sectional_products(x, R, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
         with pytest.raises(RuntimeError, match="share one dtype"):
             custom.purge(torch.rand(2, 3), torch.rand(2, 3), torch.rand(2, dtype=torch.float64))
+
+
+_X, _R = torch.rand(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+_REFUSED_BY_THE_KERNELS = {  # op, arguments: what the CPU kernels refuse
+    "float16": ("masked_sectional_products", (_X.half(), _R.half(), (1, 1), (1, 1), (1, 1), (0, 0, 0, 0))),
+    "int32": ("sectional_normalize", (_R.int(), _R.int(), _R.int())),
+    "bfloat16 purge": ("purge", (_X.bfloat16(), _X.bfloat16(), _X[:, 0, 0, 0].bfloat16())),
+    "kernel 0": ("masked_sectional_products", (_X, _R, (0, 0), (1, 1), (1, 1), (0, 0, 0, 0))),
+    "stride 0": ("masked_sectional_products", (_X, _R, (1, 1), (0, 1), (1, 1), (0, 0, 0, 0))),
+    "negative padding": ("masked_sectional_products", (_X, _R[..., :3, :3], (1, 1), (1, 1), (1, 1), (-1, -1, -1, -1))),
+    "stride 2^40": ("masked_sectional_products", (_X, _R[..., :1, :1], (1, 1), (2**40, 2**40), (1, 1), (0, 0, 0, 0))),
+    "12x12 depthwise": ("depthwise_sectional_products", (torch.rand(2, 4, 12, 12), torch.rand(2, 4, 1, 1), (12, 12),
+                                                         (1, 1), (1, 1), (0, 0, 0, 0))),
+    "1-D pointwise": ("pointwise_sectional_products", (torch.rand(5), torch.rand(5))),
+    "0-d purge": ("purge", (torch.tensor(1.0), torch.tensor(1.0), torch.ones(1))),
+}
+
+
+@pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
+@pytest.mark.parametrize("case", _REFUSED_BY_THE_KERNELS)
+def test_fakes_refuse_what_the_kernels_refuse(case):
+    """torch.compile traces through the fakes: each of these was taken while tracing (or failed with a
+    ZeroDivisionError / IndexError of the fake's own) and failed only when the kernel ran."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    op, args = _REFUSED_BY_THE_KERNELS[case]
+    with pytest.raises(RuntimeError):
+        getattr(torch.ops.rsp_fast, op)(*args)
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(RuntimeError, match=op):
+            getattr(torch.ops.rsp_fast, op)(*fakes)
+
+
+@pytest.mark.skipif(not custom.HAVE_C, reason="rsp_fast._C is not built")
+def test_an_empty_depthwise_layer_passes_opcheck():
+    """C = O = 0: the kernel returns an empty result, the fake refused ("0 output channels are not a multiple of 0")."""
+    x, R = torch.rand(2, 0, 5, 5), torch.rand(2, 0, 5, 5)
+    torch.library.opcheck(torch.ops.rsp_fast.depthwise_sectional_products.default,
+                          (x, R, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]))
+
+
+@pytest.mark.parametrize("name", ["torch"] + _kernel_sets("cpu"))
+def test_a_purge_with_an_infinite_total_leaves_inactive_units_at_zero(name):
+    """R_in = D − [D≠0]·total/n: the reference and the C++ kernel computed D − [D≠0]·shift, and
+    0·inf made the inactive units NaN (Triton and CUDA select instead)."""
+    kernels = _kernels(name, "cpu")
+    dx = torch.tensor([[1.0, 0, 2, 0], [0, 3, 0, 0]], dtype=torch.float64)
+    out = kernels.purge(dx, torch.ones_like(dx), torch.tensor([float("inf"), 1.0], dtype=torch.float64))
+    assert out[0].tolist() == [float("-inf"), 0, float("-inf"), 0] and out[1].tolist() == [0, 5, 0, 0]
+
+
+def test_sectional_matmul_triton_takes_empty_operands():
+    """K = 0 (no input column) or M = 0: 'cannot reshape tensor of 0 elements into shape [-1, 4, 0]'."""
+    from rsp_fast.kernels.reference import sectional_matmul_reference
+    kernels = _kernels("triton", "cpu")
+    for batch, M, K, N in [(3, 4, 0, 5), (2, 0, 3, 4)]:
+        A, B, Rs = torch.rand(batch, M, K), torch.rand(batch, K, N), torch.rand(batch, M, N)
+        got = kernels.sectional_matmul(A, B, Rs, M // 2)
+        assert torch.equal(got, sectional_matmul_reference(A, B, Rs, M // 2))
 
 
 @pytest.mark.parametrize("name", ["torch"] + _kernel_sets("cpu"))

@@ -329,7 +329,9 @@ void collect_entries(Sections<T>& sec, const T* r, int64_t o, const Shape& s) {
       const auto origin = static_cast<int32_t>((y * s.sh * s.Wp + xq * s.sw) * s.Cp);
       // Both free ends are written, the value's own last: the ends meet at the last free slot.
       // The slots are picked by arithmetic: written as conditionals, GCC branched on the sign.
-      const int64_t pos = !(v <= T(0));  // a NaN is an entry (of F+), so it reaches the output as in the reference
+      // a NaN is an entry (of F+): it reaches the output over its patch (the dense reference's NaN
+      // covers the whole sample; the API refuses NaN inputs and checks the map, so no finite map differs)
+      const int64_t pos = !(v <= T(0));
       const int64_t front = np, back = positions - 1 - nn;
       row[front + (back - front) * pos] = {origin, T(0)};
       row[back + (front - back) * pos] = {origin, std::abs(v)};

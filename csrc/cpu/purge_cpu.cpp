@@ -30,7 +30,8 @@ RSP_INLINE int64_t doubled_products_impl(const T* __restrict__ dx, const T* __re
 template <typename T>
 RSP_INLINE void shift_active_impl(T* __restrict__ out, int64_t n, T shift) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] -= shift * static_cast<T>(out[i] != T(0));  // branch-free
+  // a select, not out -= shift·[out ≠ 0]: an infinite shift would make 0·inf = NaN of inactive units
+  for (int64_t i = 0; i < n; ++i) out[i] = out[i] != T(0) ? out[i] - shift : out[i];
 }
 
 RSP_VECTOR_CLONES int64_t doubled_products(const float* dx, const float* x, float* out, int64_t n) {

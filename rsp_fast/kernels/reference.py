@@ -119,7 +119,7 @@ def purge_reference(dx: torch.Tensor, x_pos: torch.Tensor, total: torch.Tensor) 
     n = per_sample_sum(active)  # an integer: float16 holds no count above 65504, bfloat16 none exactly above 256
     wide = torch.promote_types(D.dtype, torch.float32)  # the shift too, as the CUDA and Triton kernels do
     shift = safe_div(total.to(wide), n.to(wide)).view(-1, *([1] * (D.dim() - 1)))
-    return (D - active * shift).to(D.dtype)
+    return torch.where(active, D - shift, D).to(D.dtype)  # not D − active·shift: 0·inf is NaN
 
 
 def combine_reference(dx: torch.Tensor, x_pos: torch.Tensor) -> torch.Tensor:

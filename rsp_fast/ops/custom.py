@@ -85,10 +85,23 @@ def pointwise_sectional_products(x_pos: torch.Tensor, R: torch.Tensor) -> torch.
 # The fake (meta) implementations give torch.compile each op's output and check what the C++
 # checks (csrc/*_checks.h): a shape, dtype or device the kernel refuses is refused while tracing,
 # and a meta tensor among CPU ones (which dispatches here) is an error, not uninitialised memory.
-def _one_dtype_and_device(op: str, *tensors: torch.Tensor) -> None:
+_CPU_DTYPES = (torch.float32, torch.float64)  # AT_DISPATCH_FLOATING_TYPES
+_CUDA_DTYPES = _CPU_DTYPES + (torch.float16, torch.bfloat16)  # the CUDA kernels' AT_DISPATCH_FLOATING_TYPES_AND2
+_MAX_ARG = 2**31 - 1  # products_checks.h's kMaxArg
+_MAX_DEPTHWISE_TAPS = 128  # depthwise_products_cpu.cpp's kMaxTaps
+
+
+def _one_dtype_and_device(op: str, *tensors: torch.Tensor, cuda_kernel: bool = True) -> None:
+    """One dtype and device, a dtype the kernel for that device takes (``cuda_kernel``: the op
+    has a CUDA kernel; the products ops have only CPU ones)."""
     first = tensors[0]
     torch._check(all(t.dtype == first.dtype for t in tensors), lambda: f"{op}: the tensors must share one dtype")
     torch._check(all(t.device == first.device for t in tensors), lambda: f"{op}: the tensors must be on one device")
+    kind = first.device.type
+    torch._check(kind != "cuda" or cuda_kernel, lambda: f"{op}: no CUDA kernel (CPU tensors only)")
+    dtypes = {"cpu": _CPU_DTYPES, "cuda": _CUDA_DTYPES}.get(kind)
+    torch._check(dtypes is None or first.dtype in dtypes,
+                 lambda: f"{op}: not implemented for {first.dtype} on {kind} (takes {', '.join(map(str, dtypes))})")
 
 
 def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +126,8 @@ if _has_op("sectional_normalize_stacked"):
     @torch.library.register_fake("rsp_fast::sectional_normalize_stacked")
     def _sectional_normalize_stacked_fake(Rs, Gs, half):
         torch._check(Rs.shape == Gs.shape, lambda: "sectional_normalize_stacked: shapes differ")
-        torch._check(Rs.dim() >= 2 and Rs.shape[-2] == 2 * half, lambda: "sectional_normalize_stacked: dim -2 != 2*half")
+        torch._check(Rs.dim() >= 2 and half >= 0 and Rs.shape[-2] % 2 == 0 and Rs.shape[-2] // 2 == half,
+                     lambda: f"sectional_normalize_stacked: dim -2 of {tuple(Rs.shape)} must be twice half = {half}")
         _one_dtype_and_device("sectional_normalize_stacked", Rs, Gs)
         return _contiguous_like(Rs)
 
@@ -122,25 +136,45 @@ if _has_op("purge"):
 
     @torch.library.register_fake("rsp_fast::purge")
     def _purge_fake(dx, x_pos, total):
+        torch._check(dx.dim() >= 1, lambda: "purge: dx must have a batch dimension")
         torch._check(dx.shape == x_pos.shape, lambda: "purge: dx and x_pos must have the same shape")
         torch._check(total.dim() == 1 and total.shape[0] == dx.shape[0], lambda: "purge: total must be (N,)")
         _one_dtype_and_device("purge", dx, x_pos, total)
         return _contiguous_like(dx)
 
 
+def _check_conv_geometry(name, x_pos, R, kernel, stride, dilation, padding) -> None:
+    """What products_checks.h checks: R is the output of this conv of x_pos, every argument in range."""
+    torch._check(len(kernel) == 2 and len(stride) == 2 and len(dilation) == 2 and len(padding) == 4,
+                 lambda: f"{name}: kernel, stride and dilation take two values, padding four")
+    torch._check(min(*kernel, *stride, *dilation) > 0, lambda: f"{name}: kernel, stride and dilation must be positive")
+    torch._check(min(padding) >= 0, lambda: f"{name}: padding must be >= 0")
+    torch._check(max(*kernel, *stride, *dilation, *padding) <= _MAX_ARG,
+                 lambda: f"{name}: kernel, stride, dilation and padding must be below 2^31")
+    left, right, top, bottom = padding
+    Hp, Wp = x_pos.shape[2] + top + bottom, x_pos.shape[3] + left + right
+    Hs, Ws = Hp + min(stride[0], Hp), Wp + min(stride[1], Wp)
+    torch._check(Hs <= _MAX_ARG and Ws <= _MAX_ARG and Hs * Ws <= _MAX_ARG,
+                 lambda: f"{name}: the padded input {Hp}x{Wp} with stride {stride[0]}x{stride[1]} passes 2^31 elements a plane")
+    fits = Hp >= dilation[0] * (kernel[0] - 1) + 1 and Wp >= dilation[1] * (kernel[1] - 1) + 1
+    out = (_conv_output_size(x_pos.shape[2], top, bottom, kernel[0], stride[0], dilation[0]),
+           _conv_output_size(x_pos.shape[3], left, right, kernel[1], stride[1], dilation[1]))
+    torch._check(fits and tuple(R.shape[2:]) == out, lambda: f"{name}: R {tuple(R.shape)} is not the output of this "
+                                                             f"{kernel[0]}x{kernel[1]} conv of x_pos {tuple(x_pos.shape)}")
+
+
 def _products_fake(name: str):
     def fake(x_pos, R, kernel, stride, dilation, padding):
         torch._check(x_pos.dim() == 4 and R.dim() == 4 and x_pos.shape[0] == R.shape[0],
                      lambda: f"{name}: x_pos (N, C, H, W) and R (N, O, h, w) expected")
-        _one_dtype_and_device(name, x_pos, R)
-        left, right, top, bottom = padding
-        out = (_conv_output_size(x_pos.shape[2], top, bottom, kernel[0], stride[0], dilation[0]),
-               _conv_output_size(x_pos.shape[3], left, right, kernel[1], stride[1], dilation[1]))
-        torch._check(tuple(R.shape[2:]) == out, lambda: f"{name}: R {tuple(R.shape)} is not the output of this "
-                                                        f"{kernel[0]}x{kernel[1]} conv of x_pos {tuple(x_pos.shape)}")
+        _one_dtype_and_device(name, x_pos, R, cuda_kernel=False)
+        _check_conv_geometry(name, x_pos, R, kernel, stride, dilation, padding)
         if name == "depthwise_sectional_products":
-            torch._check(x_pos.shape[1] > 0 and R.shape[1] % x_pos.shape[1] == 0,
-                         lambda: f"{name}: {R.shape[1]} output channels are not a multiple of {x_pos.shape[1]} input channels")
+            C, O = x_pos.shape[1], R.shape[1]
+            torch._check(O % C == 0 if C > 0 else O == 0,
+                         lambda: f"{name}: {O} output channels are not a multiple of {C} input channels")
+            torch._check(kernel[0] * kernel[1] <= _MAX_DEPTHWISE_TAPS,
+                         lambda: f"{name}: kernels up to {_MAX_DEPTHWISE_TAPS} taps, not {kernel[0]}x{kernel[1]}")
         return _contiguous_like(x_pos)
     return fake
 
@@ -154,7 +188,8 @@ if _has_op("pointwise_sectional_products"):
 
     @torch.library.register_fake("rsp_fast::pointwise_sectional_products")
     def _pointwise_products_fake(x_pos, R):
-        torch._check(x_pos.dim() == R.dim() and x_pos.shape[0] == R.shape[0] and x_pos.shape[2:] == R.shape[2:],
+        torch._check(x_pos.dim() >= 2 and x_pos.dim() == R.dim() and x_pos.shape[0] == R.shape[0]
+                     and x_pos.shape[2:] == R.shape[2:],
                      lambda: "pointwise_sectional_products: x_pos (N, C, ...) and R (N, O, ...) expected")
-        _one_dtype_and_device("pointwise_sectional_products", x_pos, R)
+        _one_dtype_and_device("pointwise_sectional_products", x_pos, R, cuda_kernel=False)
         return _contiguous_like(x_pos)

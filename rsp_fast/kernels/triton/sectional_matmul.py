@@ -7,6 +7,8 @@ The filter path calls it with A = [F⁺; F⁻], B = X̂ᵤ; the Gram path with A
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -56,8 +58,11 @@ def sectional_matmul_triton(A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, 
     if A.device.type == "cpu" and torch.bfloat16 in (A.dtype, B.dtype):
         # Triton's interpreter (the CPU's Triton) multiplies bf16's raw bits as integers: exact in float32
         A, B = A.float(), B.float()
-    A3, B3, R3 = (t.reshape(-1, *t.shape[-2:]) for t in (A, B, Rs))
+    count = math.prod(batch_shape)  # not reshape(-1, …): ambiguous for an empty operand (K = 0)
+    A3, B3, R3 = (t.reshape(count, *t.shape[-2:]) for t in (A, B, Rs))
     S = torch.empty(R3.shape, dtype=Rs.dtype, device=Rs.device)
+    if S.numel() == 0:
+        return S.reshape(*batch_shape, M, N)
     BM, BN, BK, warps, stages = _tiles(M, A.dtype, A.device)
     tf32 = A.dtype == torch.float32 and A.device.type == "cuda" and matmul_tf32()
     for i in range(0, A3.shape[0], MAX_GRID_Z):  # CUDA's grid holds at most 65535 (samples × groups) in z
