@@ -1,4 +1,6 @@
 """Each RSP rule against an independent formulation (tests/reference_rules.py), odd shapes, float64."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -719,6 +721,39 @@ def test_weight_standardised_convs_explain_as_convs_with_their_effective_weights
     # kept whole (its probe ran outside fx's patches): no probe or standardisation ops in the graph
     assert [n.target for n in explainer.plan.graph.nodes if n.op == "call_module"][:3] == ["0", "1", "2"]
     assert not [n for n in explainer.plan.graph.nodes if n.op == "call_function"]
+
+
+class _ConvBN(nn.Conv2d):
+    """A "ConvBN" block written as a Conv2d subclass: its own BatchNorm applied in its forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bn = nn.BatchNorm2d(self.out_channels)
+
+    def forward(self, x):
+        return self.bn(super().forward(x))
+
+
+def test_a_conv_subclass_that_changes_its_output_is_traced_into():
+    """The weight probe took any subclass making one conv of its input for a conv with that weight:
+    a first layer's z^B rule then left out the BatchNorm its forward applies after the conv
+    (0.70 of the peak off with some γ < 0)."""
+    torch.manual_seed(0)
+    tail = [nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)]
+    first = _ConvBN(3, 8, 3, padding=1)
+    with torch.no_grad():
+        first.bn.weight.copy_(torch.tensor([1.0, -1, 0.5, -0.7, 1.2, 0.8, -1.5, 1]))
+        first.bn.running_mean.uniform_(-0.2, 0.2)
+        first.bn.running_var.uniform_(0.5, 1.5)
+    model = nn.Sequential(first, nn.ReLU(), *tail).double().eval()
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    conv.load_state_dict({"weight": first.weight, "bias": first.bias})
+    plain = nn.Sequential(conv, copy.deepcopy(first.bn), nn.ReLU(), *copy.deepcopy(tail)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    assert rel_err(model(x), plain(x)) < 1e-14
+    for init in ("gradcam", "comparative"):
+        ours = rsp_fast.RSP(model, layer="3", init=init).attribute(x)
+        assert rel_err(ours, rsp_fast.RSP(plain, layer="4", init=init).attribute(x)) < 1e-12
 
 
 class _SamePadConv2d(nn.Conv2d):

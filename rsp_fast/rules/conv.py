@@ -70,9 +70,10 @@ class _Conv2dCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if getattr(func, "__name__", None) == "conv2d":
-            self.calls.append({**dict(zip(CONV_CALL_ARGS, args)), **kwargs})
-        return func(*args, **kwargs)
+            self.calls.append({**dict(zip(CONV_CALL_ARGS, args)), **kwargs, "output": out})
+        return out
 
 
 def _pair(v) -> tuple:
@@ -83,7 +84,8 @@ def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
     """The weight a Conv2d with its own ``forward`` (timm's weight-standardised StdConv2d,
     ScaledStdConv2d) passes to conv2d, found by running it once on a small probe; None
     unless it makes exactly one conv2d call, on its input (or on the TF-style "same" padding of
-    it, which the rule works out itself), with the module's own geometry; other forwards are
+    it, which the rule works out itself), with the module's own geometry, and returns that call's
+    output; other forwards are
     traced into. (Inner layers only need the geometry; a first layer's z^B rule needs this weight.)"""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     w = module.weight
@@ -91,11 +93,13 @@ def effective_conv_weight(module: nn.Conv2d) -> torch.Tensor | None:
     calls = _Conv2dCalls()
     try:
         with torch.no_grad(), calls:
-            type(module).forward(module, probe)  # not module(probe): the user's hooks must not see the probe
+            result = type(module).forward(module, probe)  # not module(probe): the user's hooks must not see the probe
     except Exception:
         return None
-    # one conv of the input itself (or of its TF "same" padding, which the rule works out itself)
-    if len(calls.calls) != 1 or not (calls.calls[0].get("input") is probe or is_same_padding_conv(module)):
+    # one conv of the input itself (or of its TF "same" padding, which the rule works out itself),
+    # whose output is the module's (a gain or a norm applied after it changes the effective weights)
+    if (len(calls.calls) != 1 or calls.calls[0]["output"] is not result
+            or not (calls.calls[0].get("input") is probe or is_same_padding_conv(module))):
         return None
     c = calls.calls[0]
     padding = c.get("padding", 0)
