@@ -17,7 +17,7 @@ from .graph.plan import Plan, build_plan, layer_name, step_path
 from .graph.trace import TRACE_GATE, UntraceableModelError, called_by_a_caller, eval_mode, unwrap, wrapper_chain
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
-from .propagate import propagate, record_forward, work_dtype
+from .propagate import logits_of, propagate, record_forward, work_dtype
 from .rules.base import LayerRule
 from .shared_setting import SETTINGS
 from .tf32 import restore_tf32, set_tf32
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 INITS = ("comparative", "gradcam")
 PRECISIONS = ("fp32", "tf32", "bf16")
 MAX_SHAPE_PLANS = 8  # plans kept for models traced per input shape (see RSP._plan_for)
+MAX_FORWARD_CHECKS = 16  # input shapes on which a plan's traced forward is checked against model(x) (once each)
 
 
 @dataclass
@@ -43,15 +44,6 @@ class Explanation:
     layer: str
     steps: dict[str, torch.Tensor] = field(default_factory=dict)  # with record=True: relevance at each rule's input
     dropped: torch.Tensor | None = None  # with record=True: (N,) relevance lost at inputs with no support
-
-
-def _logits_of(output):
-    """The logits in a model's output: the tensor itself, or the ``logits`` of an output object
-    (Hugging Face's ModelOutput, an OrderedDict that fx hands back as a dict; a named tuple)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    inner = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
-    return inner if isinstance(inner, torch.Tensor) else output
 
 
 class RSP:
@@ -209,10 +201,14 @@ class RSP:
         return plan
 
     def _pass(self, plan, inputs, target, hostile, ops, record: bool, trusted_target: bool, initial=None) -> Explanation:
-        output, A, saved, shapes = record_forward(self.model, plan, inputs)
+        key = (tuple(inputs.shape), inputs.dtype, inputs.device)
+        check = key not in plan.forward_checked and len(plan.forward_checked) < MAX_FORWARD_CHECKS
+        output, A, saved, shapes = record_forward(self.model, plan, inputs, check_forward=check)
+        if check:
+            plan.forward_checked.add(key)
         plan.keep_what_the_pass_wrote(self.model)
         plan.check_batch_dims(shapes)  # a reduction or join along -k that is the batch's at these shapes
-        logits = _logits_of(output)
+        logits = logits_of(output)
         if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
             logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1)
         if isinstance(logits, torch.Tensor) and logits.dim() == 2 and not logits.is_floating_point():

@@ -162,14 +162,55 @@ def _where(model: torch.nn.Module, node: fx.Node | None) -> str:
     return f" at '{node.name}'"
 
 
-def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor):
+def logits_of(output):
+    """The logits in a model's output: the tensor itself, or the ``logits`` of an output object
+    (Hugging Face's ModelOutput, an OrderedDict that fx hands back as a dict; a named tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    inner = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    return inner if isinstance(inner, torch.Tensor) else output
+
+
+# how far the traced forward's logits may be from model(x)'s (of their largest magnitude): the
+# same ops in the same order agree to the last bit on a CPU; GPUs may pick other algorithms
+FORWARD_TOLERANCE = {torch.float16: 3e-2, torch.bfloat16: 3e-2}
+FORWARD_TOLERANCE_DEFAULT = 1e-3
+
+
+def _check_forward(model: torch.nn.Module, traced, x: torch.Tensor) -> None:
+    """Refuse a model whose traced forward does not compute what calling it does: what fx cannot
+    see (a torchvision.transforms.v2 transform, torch.func.functional_call's parameters, an
+    overridden ``__call__``) would otherwise be left out of the explanation silently."""
+    if has_hooks(model) or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # the model's own hooks do not run in the traced pass (RSP warns); a capture cannot wait
+    expected = logits_of(model(x))
+    got = logits_of(traced)
+    if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor):
+        return  # no logits to compare: the pass names what it needs
+    if got.shape != expected.shape:
+        raise RSPError(f"the traced forward gives logits of shape {tuple(got.shape)}, model(x) {tuple(expected.shape)}: "
+                       "part of the forward is not seen by torch.fx (see README, Limits)")
+    scale = expected.detach().abs().amax().float().item() if expected.numel() else 0.0
+    gap = (got.detach().float() - expected.detach().float()).abs().amax().item() if expected.numel() else 0.0
+    tolerance = FORWARD_TOLERANCE.get(expected.dtype, FORWARD_TOLERANCE_DEFAULT)
+    if not gap <= tolerance * scale + torch.finfo(expected.dtype).tiny:  # NaN fails too
+        raise RSPError(f"the traced forward's logits are {gap:.3g} from model(x)'s (of {scale:.3g}): part of the "
+                       "forward is not seen by torch.fx — e.g. a torchvision.transforms.v2 transform in the model, "
+                       "torch.func.functional_call, or a __call__ that does more than forward; do that outside the "
+                       "model, on its input")
+
+
+def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor, check_forward: bool = False):
     """Run the model; returns (logits — the scores before a final softmax or sigmoid —, saliency
     activation A with grad to logits, context pieces).
-    A forward that fails (inputs of the wrong shape for the model) raises an RSPError saying so."""
+    A forward that fails (inputs of the wrong shape for the model) raises an RSPError saying so;
+    ``check_forward``: also one whose traced logits are not model(x)'s (``_check_forward``)."""
     rec = _Recorder(model, plan)
     try:
         with torch.no_grad(), TRACE_GATE.forward():  # not while torch.fx patches modules in another thread
             logits = rec.run(x)
+            if check_forward:
+                _check_forward(model, logits, x)
     except RSPError as exc:  # raised by the recorder itself: without what fx appends ("While executing ...")
         exc.args = (str(exc).split("\n\nWhile executing")[0],)
         raise

@@ -1517,6 +1517,58 @@ def test_a_part_of_the_forward_in_another_float_dtype_is_explained(model_dtype, 
     assert ours.dtype == model_dtype and rel_err(ours, plain) < tolerance
 
 
+class _Shift(nn.Module):
+    def forward(self, x):
+        return (x - 0.5) / 0.25
+
+
+class _CallsItsOwnWay(nn.Module):
+    """Preprocessing in an overridden ``__call__``, forward the network alone."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.shift = net, _Shift()
+
+    def __call__(self, x, *args, **kwargs):
+        return super().__call__(self.shift(x), *args, **kwargs)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class _FastWeights(nn.Module):
+    """Runs ``net`` with parameters of its own (meta-learning, ensembles): fx sees the stored ones."""
+
+    def __init__(self, net, params):
+        super().__init__()
+        self.net, self.params = net, params
+
+    def forward(self, x):
+        return torch.func.functional_call(self.net, self.params, (x,))
+
+
+def test_what_fx_cannot_see_is_refused_or_followed():
+    """fx traced ``forward`` alone and took what it could not see for nothing: a
+    torchvision.transforms.v2 Normalize in the model (its logits 0.09 off model(x), the map 0.65),
+    functional_call's parameters (0.92, another class), an overridden __call__ (0.09). The
+    traced logits are now checked against model(x) at the first call with an input shape; an
+    overridden __call__ is traced through."""
+    v2 = pytest.importorskip("torchvision.transforms.v2")
+    torch.manual_seed(0)
+    net, x = tiny_cnn().double().eval(), torch.rand(2, 3, 16, 16, dtype=D)
+    with pytest.raises(RSPError, match="the traced forward's logits are .* from model\\(x\\)'s .* not seen by torch.fx"):
+        rsp_fast.RSP(nn.Sequential(v2.Normalize([0.5] * 3, [0.25] * 3), net).eval()).attribute(x)
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1)
+    with pytest.raises(RSPError, match="not seen by torch.fx"):
+        rsp_fast.RSP(_FastWeights(net, dict(other.named_parameters())).eval()).attribute(x)
+    own = rsp_fast.RSP(_CallsItsOwnWay(net).eval()).explain(x)
+    written = rsp_fast.RSP(nn.Sequential(_Shift(), net).eval()).explain(x)
+    assert rel_err(own.logits, written.logits) == 0 and rel_err(own.attribution, written.attribution) < 1e-12
+
+
 def test_an_uninitialised_lazy_module_is_named():
     """It was torch's ValueError about UninitializedParameter, from inside the input checks."""
     model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(3))

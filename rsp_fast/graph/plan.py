@@ -55,6 +55,8 @@ class Plan:
     scores_dim: int | str | None = None  # the dim it normalises (see scores_over_classes)
     layouts: dict = field(default_factory=dict)  # rank → layout(rank), worked out once
     filter_signs: list = field(default_factory=list)  # (conv with a fixed filter, judged ≥ 0: a pooling)
+    # input (shape, dtype, device)s on which the traced forward was found to give model(x)'s logits
+    forward_checked: set = field(default_factory=set)
 
     @property
     def channels_last(self) -> bool:

@@ -451,10 +451,11 @@ class _Caller(nn.Module):
 
 def called_by_a_caller(model: nn.Module) -> bool:
     """Whether the model is traced as a ``_Caller``'s child (so its own hooks run, too): its
-    forward takes ``*args`` or ``**kwargs``, or was set on the instance (fx reads the class's)."""
+    forward takes ``*args`` or ``**kwargs``, or was set on the instance (fx reads the class's),
+    or its class calls it its own way (a ``__call__`` that preprocesses the input)."""
     code = getattr(type(model).forward, "__code__", None)
     takes_stars = code is not None and bool(code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS))
-    return takes_stars or "forward" in model.__dict__
+    return takes_stars or "forward" in model.__dict__ or type(model).__call__ is not nn.Module.__call__
 
 
 def _names_apart_from_modules(graph: fx.Graph, module_outputs: dict[str, fx.Node]) -> None:
