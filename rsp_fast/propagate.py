@@ -190,10 +190,14 @@ def _check_forward(model: torch.nn.Module, traced, x: torch.Tensor) -> None:
     if got.shape != expected.shape:
         raise RSPError(f"the traced forward gives logits of shape {tuple(got.shape)}, model(x) {tuple(expected.shape)}: "
                        "part of the forward is not seen by torch.fx (see README, Limits)")
-    scale = expected.detach().abs().amax().float().item() if expected.numel() else 0.0
-    gap = (got.detach().float() - expected.detach().float()).abs().amax().item() if expected.numel() else 0.0
     tolerance = FORWARD_TOLERANCE.get(expected.dtype, FORWARD_TOLERANCE_DEFAULT)
-    if not gap <= tolerance * scale + torch.finfo(expected.dtype).tiny:  # NaN fails too
+    expected, got = expected.detach().double(), got.detach().double()
+    finite = torch.isfinite(expected)  # NaN or Inf where model(x) has them (an overflow): named later
+    same_pattern = torch.equal(finite, torch.isfinite(got)) and torch.equal(expected[~finite].nan_to_num(),
+                                                                              got[~finite].nan_to_num())
+    scale = expected[finite].abs().amax().item() if finite.any() else 0.0
+    gap = (got[finite] - expected[finite]).abs().amax().item() if finite.any() else 0.0
+    if not (same_pattern and gap <= tolerance * scale + torch.finfo(torch.float64).tiny):
         raise RSPError(f"the traced forward's logits are {gap:.3g} from model(x)'s (of {scale:.3g}): part of the "
                        "forward is not seen by torch.fx — e.g. a torchvision.transforms.v2 transform in the model, "
                        "torch.func.functional_call, or a __call__ that does more than forward; do that outside the "
