@@ -4,6 +4,7 @@ import copy
 import functools
 import io
 import re
+import warnings
 from collections import OrderedDict, namedtuple
 
 import pytest
@@ -1567,6 +1568,64 @@ def test_what_fx_cannot_see_is_refused_or_followed():
     own = rsp_fast.RSP(_CallsItsOwnWay(net).eval()).explain(x)
     written = rsp_fast.RSP(nn.Sequential(_Shift(), net).eval()).explain(x)
     assert rel_err(own.logits, written.logits) == 0 and rel_err(own.attribution, written.attribution) < 1e-12
+
+
+class _FunctionalConv(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(cout, cin, 3, 3) * 0.3), nn.Parameter(torch.randn(cout) * 0.1)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+class _LayerScaleBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.gamma = nn.Conv2d(c, c, 3, padding=1), nn.Parameter(torch.linspace(-1, 1, c).view(1, c, 1, 1))
+
+    def forward(self, x):
+        return x + self.gamma * F.relu(self.conv(x))
+
+
+class _Abs(nn.Module):
+    def forward(self, g):
+        return g.abs()
+
+
+def test_parametrized_and_scripted_modules():
+    """torch.nn.utils.parametrize makes a module's class "Parametrized<Name>" in torch.nn's
+    namespace, which fx kept whole: a model with weight_norm on a layer written with F.conv2d,
+    or a parametrized layer scale, was refused. A TorchScript module in the head crashed RSP(...)
+    with an AttributeError; before the saliency layer it was "a parameter or buffer used as an activation"."""
+    from torch.nn.utils import parametrizations, parametrize
+    torch.manual_seed(0)
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(_FunctionalConv(3, 6), nn.ReLU(), _FunctionalConv(6, 6), nn.ReLU(), _LayerScaleBlock(6),
+                             nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(6, 4)).double().eval()
+    model, plain = net(), net()
+    parametrizations.weight_norm(model[2])
+    parametrize.register_parametrization(model[4], "gamma", _Abs())
+    with torch.no_grad():
+        plain[2].weight.copy_(model[2].weight)
+        plain[4].gamma.abs_()
+    x = torch.rand(2, 3, 10, 10, dtype=D)
+    assert rel_err(model(x), plain(x)) < 1e-14
+    for init in ("gradcam", "comparative"):
+        ours = rsp_fast.RSP(model, init=init).attribute(x)
+        assert rel_err(ours, rsp_fast.RSP(plain, init=init).attribute(x)) < 1e-12
+    scripted = copy.deepcopy(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+        scripted[9] = torch.jit.script(scripted[9])
+        assert rel_err(rsp_fast.RSP(scripted).attribute(x), rsp_fast.RSP(plain).attribute(x)) == 0  # in the head
+        scripted[2] = torch.jit.trace(scripted[2], torch.rand(1, 6, 10, 10, dtype=D))
+    with pytest.raises(UnsupportedModelError, match="2: TopLevelTracedModule \\(a TorchScript module, which torch.fx "
+                                                    "cannot read: use the nn.Module it was scripted or traced from\\)"):
+        rsp_fast.RSP(scripted)
 
 
 def test_an_uninitialised_lazy_module_is_named():

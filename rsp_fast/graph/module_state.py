@@ -3,6 +3,7 @@ children, hooks and plain attributes, snapshotted when a plan is built, so that
 ``Plan.is_current`` can tell whether the model is still the one the plan was traced from."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +44,12 @@ def _same(a, b) -> bool:
     return a is b or (type(a) is type(b) and isinstance(a, (*_PLAIN, tuple)) and a == b)
 
 
+def _class_forward(cls: type):
+    """A module class's forward as the class holds it: a TorchScript module's is a descriptor
+    that fails when read through the class."""
+    return inspect.getattr_static(cls, "forward", None)
+
+
 @dataclass
 class ModuleState:
     module: nn.Module
@@ -71,12 +78,12 @@ class ModuleState:
                 else:
                     attributes[k] = (v, _attribute_value(v))
         attributes.setdefault("forward", (_SKIP, _SKIP))  # a forward set on the instance later is a change too
-        return cls(module, type(module), type(module).forward, tuple(module._modules.items()), _hooks(module),
+        return cls(module, type(module), _class_forward(type(module)), tuple(module._modules.items()), _hooks(module),
                    attributes, lists, None if leaf else frozenset(module.__dict__), absent=_absent(module))
 
     def holds(self) -> bool:
         m = self.module
-        if m.__class__ is not self.cls or self.cls.forward is not self.forward or _hooks(m) != self.hooks:
+        if m.__class__ is not self.cls or _class_forward(self.cls) is not self.forward or _hooks(m) != self.hooks:
             return False
         if self.absent is not None and _absent(m) != self.absent:
             return False

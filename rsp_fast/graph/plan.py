@@ -324,7 +324,9 @@ def _describe_unsupported(node: fx.Node, module) -> tuple[str, str]:
     """(where, what) of a node without a rule."""
     if module is not None:
         why = node.meta.get(KEPT_WHOLE)
-        reason = f"its forward cannot be traced: {why}" if why else unsupported_combination(node, module)
+        reason = (f"its forward cannot be traced: {why}" if why else
+                  "a TorchScript module, which torch.fx cannot read: use the nn.Module it was scripted or traced from"
+                  if isinstance(module, torch.jit.ScriptModule) else unsupported_combination(node, module))
         return node.target, type(module).__name__ + (f" ({reason})" if reason else "")
     if node.op == "get_attr":
         return node.target, "a parameter or buffer used as an activation"

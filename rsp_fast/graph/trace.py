@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import RSPError, UnsupportedModelError
 from ..shared_setting import SETTINGS
@@ -47,7 +48,14 @@ class _RecordingTracer(fx.Tracer):
         self._calls: dict[str, int] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, torch.jit.ScriptModule):  # fx cannot read its code: called whole (in the head, autograd runs it)
+            return True
         leaf = self._is_rule_leaf(m)
+        if leaf is None and parametrize.is_parametrized(m):
+            # torch.nn.utils.parametrize makes the module's class a subclass "Parametrized<Name>" in
+            # torch.nn's namespace, which fx keeps whole: judged by the class it was made from
+            made_from = type(m).__bases__[0]
+            return made_from.__module__.startswith(("torch.nn.", "torch.ao.nn.")) and not isinstance(m, nn.Sequential)
         return super().is_leaf_module(m, qualname) if leaf is None else leaf
 
     def call_module(self, m, forward, args, kwargs):
