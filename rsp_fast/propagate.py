@@ -19,7 +19,7 @@ from torch.nn.modules import module as torch_module
 from .errors import RSPError
 from .graph.head import scores_over_classes
 from .graph.plan import Plan
-from .graph.trace import ATTR_VALUE, FX_CONSTANT, TRACE_GATE
+from .graph.trace import ATTR_VALUE, FX_CONSTANT, TRACE_GATE, attributes_kept
 from .rules import Context
 from .rules.base import LayerRule, hooked_input_key
 from .rules.pool import indices_key, max_pool_with_indices
@@ -183,7 +183,10 @@ def _check_forward(model: torch.nn.Module, traced, x: torch.Tensor) -> None:
     overridden ``__call__``) would otherwise be left out of the explanation silently."""
     if has_hooks(model) or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return  # the model's own hooks do not run in the traced pass (RSP warns); a capture cannot wait
-    expected = logits_of(model(x))
+    if any(type(m).__name__ == "OptimizedModule" for m in model.modules()):
+        return  # a submodule compiled alone: calling it would compile it (slow), its guards may miss hooks added since
+    with attributes_kept(model):  # what the forward writes onto the model (a size, a count): this call was not the user's
+        expected = logits_of(model(x))
     got = logits_of(traced)
     if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor):
         return  # no logits to compare: the pass names what it needs
@@ -201,7 +204,7 @@ def _check_forward(model: torch.nn.Module, traced, x: torch.Tensor) -> None:
         raise RSPError(f"the traced forward's logits are {gap:.3g} from model(x)'s (of {scale:.3g}): part of the "
                        "forward is not seen by torch.fx — e.g. a torchvision.transforms.v2 transform in the model, "
                        "torch.func.functional_call, or a __call__ that does more than forward; do that outside the "
-                       "model, on its input")
+                       "model, on its input (or the forward is random in eval mode: no map explains it)")
 
 
 def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor, check_forward: bool = False):

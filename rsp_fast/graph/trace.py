@@ -342,7 +342,7 @@ _MISSING = object()
 
 
 @contextlib.contextmanager
-def _attributes_kept(model: nn.Module):
+def attributes_kept(model: nn.Module):
     """Puts back what tracing wrote onto the model's modules: an fx Proxy a forward or a forward
     pre-hook set (``torch.nn.utils.prune``'s ``weight``; it broke the model until its next real
     forward), a value a forward worked out from one input's sizes (it would make the plans of
@@ -394,7 +394,7 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
     try:
         # not under a caller's inference_mode: fx keeps tensors the forward makes as constants of the
         # graph, and the head between the saliency layer and the logits runs them with autograd
-        with torch.inference_mode(False), torch.no_grad(), TRACE_GATE.trace(), _attributes_kept(model):
+        with torch.inference_mode(False), torch.no_grad(), TRACE_GATE.trace(), attributes_kept(model):
             attributes = {*root.__dict__, *root._buffers, *root._parameters}  # a GraphModule's own constants are buffers
             tracer, graph = _traced(tracer, root)
             for node in graph.nodes:  # read while fx's constants are still on the model
