@@ -283,14 +283,7 @@ class RSP:
             raise RSPError("inputs hold no samples (batch size 0)")
         if not torch.isfinite(x).all():
             raise RSPError("inputs contain NaN or Inf")
-        lazy = next((name for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers())
-                     if nn.parameter.is_lazy(t)), None)
-        if lazy is not None:
-            raise RSPError(f"the model's {lazy} is not initialised yet (a lazy module, e.g. LazyConv2d): run the model "
-                           "once on an example input before explaining it")
-        if any(t.is_inference() for t in itertools.chain(self.model.parameters(), self.model.buffers())):
-            raise RSPError("the model's parameters or buffers were made under torch.inference_mode(): autograd, which "
-                           "R₀ needs through the head, cannot use them; build or load the model outside inference_mode")
+        check_model_tensors(self.model)
         p = next((q for q in self.model.parameters() if q.is_floating_point()), None)  # not an integer count
         if p is not None and p.dtype != x.dtype:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
@@ -306,6 +299,18 @@ class RSP:
                         raise RSPError(f"inputs are {x.dtype} on {x.device} but {step.node.target}.{key} is {q.dtype} "
                                        f"on {q.device}: the parameters of the layers RSP's rules read must have the "
                                        "inputs' dtype and device")
+
+
+def check_model_tensors(model: nn.Module) -> None:
+    """Parameters and buffers RSP can run with: initialised, and not made under inference_mode."""
+    tensors = list(itertools.chain(model.named_parameters(), model.named_buffers()))
+    lazy = next((name for name, t in tensors if nn.parameter.is_lazy(t)), None)
+    if lazy is not None:
+        raise RSPError(f"the model's {lazy} is not initialised yet (a lazy module, e.g. LazyConv2d): run the model "
+                       "once on an example input before explaining it")
+    if any(t.is_inference() for _, t in tensors):
+        raise RSPError("the model's parameters or buffers were made under torch.inference_mode(): autograd, which "
+                       "R₀ needs through the head, cannot use them; build or load the model outside inference_mode")
 
 
 def _peak_power_of_two(R: torch.Tensor) -> torch.Tensor:

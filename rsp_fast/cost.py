@@ -18,12 +18,13 @@ import operator
 import torch
 from torch import nn
 
+from .api import check_model_tensors
 from .errors import RSPError
 from .graph.plan import build_plan, step_path
 from .graph.trace import UntraceableModelError, eval_mode, unwrap
 from .kernels.triton import triton_unavailable_reason
 from .ops.custom import pointwise_kernel_built
-from .propagate import record_forward, work_dtype
+from .propagate import logits_of, record_forward, work_dtype
 from .rules.conv import Conv, image_shape
 from .rules.conv_paths import (choose_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits, on_tensor_cores,
                                pixel_gram_macs, runnable_dense_path, tap_sums_pay)
@@ -116,8 +117,8 @@ def _sizes(input_shape) -> tuple[int, ...]:
 def _runs_as_a_batch(model: nn.Module, plan, x: torch.Tensor) -> bool:
     """Whether the model runs on ``x`` taken as a batch (its first dimension the batch size)."""
     try:
-        record_forward(model, plan, x)
-        return x.dim() > 1
+        logits = logits_of(record_forward(model, plan, x)[0])
+        return x.dim() > 1 and logits.dim() == 2 and logits.shape[0] == x.shape[0]
     except RSPError:
         return False
 
@@ -128,6 +129,7 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
         raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     model, layer = unwrap(model, layer)
     input_shape = _sizes(input_shape)
+    check_model_tensors(model)  # as RSP: a lazy module would be initialised by the probe, with random weights
     p = next(model.parameters(), None)  # a model without parameters: float32 on the CPU unless told
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise RSPError(f"dtype must be a floating-point torch.dtype, not {dtype!r}")
@@ -144,15 +146,28 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
             plan = build_plan(model, layer)
         except UntraceableModelError:  # a forward that branches on sizes: traced for this shape
             plan = build_plan(model, layer, example=x)
+        with_batch = RSPError(f"input_shape is one sample's shape, without the batch: {tuple(input_shape[1:])}, "
+                              f"not {tuple(input_shape)}")
+        if plan.input_rank is not None and x.dim() != plan.input_rank:  # as RSP refuses such inputs
+            if len(input_shape) == plan.input_rank:
+                raise with_batch
+            raise RSPError(f"input_shape {tuple(input_shape)}: the model's first layer takes {plan.input_rank - 1}-D "
+                           "samples (its input without the batch)")
         try:
-            _, _, _, shapes = record_forward(model, plan, x)
+            logits, _, _, shapes = record_forward(model, plan, x)
         except RSPError:
             # a shape with the batch has the rank the first layer takes (where the plan knows it)
-            if (len(input_shape) == plan.input_rank if plan.input_rank is not None
-                    else _runs_as_a_batch(model, plan, x[0])):
-                raise RSPError(f"input_shape is one sample's shape, without the batch: {tuple(input_shape[1:])}, "
-                               f"not {tuple(input_shape)}") from None
+            if plan.input_rank is None and _runs_as_a_batch(model, plan, x[0]):
+                raise with_batch from None
             raise
+        logits = logits_of(logits)
+        if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
+            logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1), as RSP takes it
+        if isinstance(logits, torch.Tensor) and (logits.dim() != 2 or logits.shape[0] != 1):
+            if len(input_shape) > 1 and _runs_as_a_batch(model, plan, x[0]):  # an MLP's (8, 10): 8 samples
+                raise with_batch
+            raise RSPError(f"input_shape {tuple(input_shape)}: the model gives logits of shape {tuple(logits.shape)} "
+                           "for one sample; RSP needs (N, classes)")
     plan.check_batch_dims(shapes)  # RSP refuses it there: cost too
     work = work_dtype(x.dtype)  # the rules of a 16-bit model run in float32
     elem = work.itemsize

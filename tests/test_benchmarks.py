@@ -184,6 +184,35 @@ def test_bench_e2e_channels_last_runs_model_and_inputs_in_that_layout(tmp_path, 
     assert rows and all(r["memory_format"] == "channels_last" for r in rows)
 
 
+def test_cost_model_refuses_the_shapes_rsp_refuses():
+    """An MLP's (8, 10) (the batch given too) was counted as 8 tokens: 6400 multiply-adds for 800;
+    a grey CNN's (32, 32) (its channel left out) ran as one unbatched image: c1 294,912 for 36,864;
+    a lazy module was initialised with random weights; a model made under inference_mode gave torch's error."""
+    import torch
+    from torch import nn
+
+    import rsp_fast
+    from rsp_fast.errors import RSPError
+
+    mlp = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3)).eval()
+    assert rsp_fast.cost(mlp, (10,))["totals"]["forward_macs"] == 10 * 20  # up to the saliency layer, the last Linear's input
+    with pytest.raises(RSPError, match=r"without the batch: \(10,\), not \(8, 10\)"):
+        rsp_fast.cost(mlp, (8, 10))
+    grey = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    assert [r["forward_macs"] for r in rsp_fast.cost(grey, (1, 32, 32))["layers"]] == [4 * 9 * 1024, 4 * 4 * 9 * 1024]
+    with pytest.raises(RSPError, match=r"input_shape \(32, 32\): the model's first layer takes 3-D samples"):
+        rsp_fast.cost(grey, (32, 32))
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(RSPError, match="not initialised yet"):
+        rsp_fast.cost(lazy, (3, 8, 8))
+    assert nn.parameter.is_lazy(lazy[0].weight)  # left as it was
+    with torch.inference_mode():
+        frozen = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(RSPError, match="made under torch.inference_mode"):
+        rsp_fast.cost(frozen, (3, 8, 8))
+
+
 def test_cost_model_runs_strided_1x1_convs_as_pointwise():
     import torchvision
 
