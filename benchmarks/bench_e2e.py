@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
-from utils import check_models, describe, markdown_table, output_path, time_interleaved  # noqa: E402
+from utils import (chart_path, check_models, describe, device_arg, markdown_table, output_path,  # noqa: E402
+                   time_interleaved)
 
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory, return_freed_memory  # noqa: E402
@@ -60,6 +61,8 @@ def _check_arguments(p: argparse.ArgumentParser, args) -> None:
                     "(no modules/vgg.py and baselines/gradcam.py there)")
         if args.quick or args.size != 224:
             p.error("--authors-repo needs 224×224 inputs (the authors' VGG16 has fixed sizes): no --quick or --size")
+    if "tf32" in args.precisions and torch.device(args.device).type != "cuda":
+        p.error("--precisions tf32 runs on CUDA tensor cores only: not with --device cpu")
 
 
 def _rss_mb(field: str) -> float:
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["vgg16", "resnet50", "efficientnet_lite0"])
     p.add_argument("--batches", type=int, nargs="+")
     p.add_argument("--methods", nargs="+", help="subset of method names (default: all)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     p.add_argument("--precisions", nargs="+", default=["fp32"], choices=rsp_fast.api.PRECISIONS,
                    help="RSP's precision modes to run (tf32 on CUDA only)")
     p.add_argument("--graph", action="store_true", help="also time RSP's static-shape path (CUDA graphs)")
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=output_path)
-    p.add_argument("--png", type=output_path)
+    p.add_argument("--png", type=chart_path)
     args = p.parse_args(argv)
     _check_arguments(p, args)
     device = torch.device(args.device)
@@ -158,56 +161,10 @@ def main(argv=None) -> int:
         methods = {k: v for k, v in methods.items() if k in args.methods or k == "forward"}
     rows, table = [], []
     for model_name in args.models:
-        model = build(model_name).to(device)
-        layout = torch.channels_last if args.channels_last else torch.contiguous_format
-        model = model.to(memory_format=layout)
-        for batch in batches:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=layout)
-            target = model(x).argmax(1).detach()
-            fwd = None
-            if args.memory:
-                acts = activation_mb(model, x)
-                table.append([model_name, batch, "(forward activations)", "", "", "", f"{acts:.0f}"])
-            calls, memory = {}, {}
-            for name, make in methods.items():
-                if name == "authors' RSP" and (model_name != "vgg16" or batch != 1):
-                    continue  # their code is only right at batch 1, and only runs VGG
-                try:
-                    fn = make(model, LAYERS.get(model_name) or rsp_fast.RSP(model).layer)
-                    fn(x, target)  # warm-up, and a peer that cannot run this model fails here
-                    if args.memory:
-                        memory[name] = peak_memory_mb(fn, x, target, device)
-                except Exception as exc:  # say so, go on
-                    table.append([model_name, batch, name, "n/a", "", "", f"{type(exc).__name__}: {str(exc)[:60]}"])
-                    continue
-                calls[name] = (lambda f: lambda: f(x, target))(fn)
-            nan = {"median": float("nan"), "min": float("nan"), "max": float("nan")}
-            try:
-                times = {name: nan for name in calls} if args.memory else time_interleaved(calls, device, repeats, warmup=0)
-            except torch.OutOfMemoryError:  # every method's buffers (and CUDA graphs) are held at once
-                table.append([model_name, batch, "(these methods together)", "n/a", "", "",
-                              "out of memory: time fewer at once (--methods)"])
-                times = {}
-            del calls
-            if device.type == "cuda":  # the next batch's methods start from an empty cache
-                gc.collect()
-                torch.cuda.empty_cache()
-            for name, t in times.items():
-                mem = memory.get(name)
-                fwd = fwd or t["median"]
-                backend, precision, _ = variants.get(name, ("", "fp32", False))
-                row = {"method": name, "model": model_name, "backend": backend,
-                       "batch": batch, "device": str(device), "dtype": PRODUCT_DTYPES[precision],
-                       "sec_per_image_median": t["median"] / batch, "sec_per_image_min": t["min"] / batch,
-                       "sec_per_image_max": t["max"] / batch, "x_forward": t["median"] / fwd, "peak_mem_mb": mem}
-                if args.channels_last:
-                    row["memory_format"] = "channels_last"
-                rows.append(row)
-                table.append([model_name, batch, name, f"{row['sec_per_image_median']:.4f}", f"{batch / t['median']:.2f}",
-                              f"{row['x_forward']:.1f}×",
-                              f"{mem:.0f} ({mem / acts:.2f}× activations)" if mem is not None else ""])
-                print(f"  {model_name} batch {batch} {name}: {row['sec_per_image_median']:.4f} s/img", file=sys.stderr, flush=True)
+        try:  # a model that fails (its forward at this size, say) is a line of the table; the others run
+            _measure(args, model_name, device, size, repeats, batches, methods, variants, rows, table)
+        except Exception as exc:
+            table.append([model_name, "", "(the model)", "n/a", "", "", f"{type(exc).__name__}: {_first_line(exc)}"])
     layout = ", model and inputs channels-last" if args.channels_last else ""
     print(f"Seconds per image, {describe(device)}, {size}×{size}, random weights{layout}, median of {repeats}")
     print(markdown_table(["model", "batch", "method", "s/img", "img/s", "× forward", "peak MB"], table))
@@ -217,6 +174,74 @@ def main(argv=None) -> int:
     if args.png:
         bar_chart(rows, args.png)
     return 0
+
+
+def _measure(args, model_name, device, size, repeats, batches, methods, variants, rows, table) -> None:
+    """Time (or measure the memory of) every method on one model at every batch size: its rows and table lines."""
+    model = build(model_name).to(device)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    layer, layer_error = LAYERS.get(model_name), ""
+    if layer is None:
+        try:  # once, outside the methods: a model RSP refuses is said once, not as every peer's failure
+            layer = rsp_fast.RSP(model).layer
+        except Exception as exc:
+            layer_error = f"{type(exc).__name__}: {_first_line(exc)}"
+    for batch in batches:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=layout)
+        target = model(x).argmax(1).detach()
+        fwd = None
+        if args.memory:
+            acts = activation_mb(model, x)
+            table.append([model_name, batch, "(forward activations)", "", "", "", f"{acts:.0f}"])
+        calls, memory = {}, {}
+        if layer is None:
+            table.append([model_name, batch, "(RSP's default layer)", "n/a", "", "", layer_error])
+        for name, make in methods.items():
+            if name == "authors' RSP" and (model_name != "vgg16" or batch != 1):
+                continue  # their code is only right at batch 1, and only runs VGG
+            try:
+                fn = make(model, layer)
+                fn(x, target)  # warm-up, and a peer that cannot run this model fails here
+                if args.memory:
+                    memory[name] = peak_memory_mb(fn, x, target, device)
+            except Exception as exc:  # say so, go on
+                table.append([model_name, batch, name, "n/a", "", "", f"{type(exc).__name__}: {_first_line(exc)}"])
+                continue
+            calls[name] = (lambda f: lambda: f(x, target))(fn)
+        nan = {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+        try:
+            times = {name: nan for name in calls} if args.memory else time_interleaved(calls, device, repeats, warmup=0)
+        except torch.OutOfMemoryError:  # every method's buffers (and CUDA graphs) are held at once
+            table.append([model_name, batch, "(these methods together)", "n/a", "", "",
+                          "out of memory: time fewer at once (--methods)"])
+            times = {}
+        del calls
+        if device.type == "cuda":  # the next batch's methods start from an empty cache
+            gc.collect()
+            torch.cuda.empty_cache()
+        for name, t in times.items():
+            mem = memory.get(name)
+            fwd = fwd or t["median"]
+            backend, precision, _ = variants.get(name, ("", "fp32", False))
+            row = {"method": name, "model": model_name, "backend": backend,
+                   "batch": batch, "device": str(device), "dtype": PRODUCT_DTYPES[precision],
+                   "sec_per_image_median": t["median"] / batch, "sec_per_image_min": t["min"] / batch,
+                   "sec_per_image_max": t["max"] / batch, "x_forward": t["median"] / fwd, "peak_mem_mb": mem}
+            if args.channels_last:
+                row["memory_format"] = "channels_last"
+            rows.append(row)
+            table.append([model_name, batch, name, f"{row['sec_per_image_median']:.4f}", f"{batch / t['median']:.2f}",
+                          f"{row['x_forward']:.1f}×",
+                          f"{mem:.0f} ({mem / acts:.2f}× activations)" if mem is not None else ""])
+            print(f"  {model_name} batch {batch} {name}: {row['sec_per_image_median']:.4f} s/img", file=sys.stderr, flush=True)
+
+
+def _first_line(exc: Exception, width: int = 160) -> str:
+    """An error's first line, for a table cell."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else "")[:width]
 
 
 def bar_chart(rows: list[dict], path: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, markdown_table, output_path, time_interleaved  # noqa: E402
+from utils import describe, device_arg, markdown_table, output_path, time_interleaved  # noqa: E402
 
 from rsp_fast.api import _matmul_precision  # noqa: E402
 from rsp_fast.kernels.triton import triton_unavailable_reason  # noqa: E402
@@ -35,7 +35,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "tf32"], choices=["fp32", "tf32"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", type=output_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, markdown_table, output_path, peak_bandwidth_gbs, time_call  # noqa: E402
+from utils import describe, device_arg, markdown_table, output_path, peak_bandwidth_gbs, time_call  # noqa: E402
 
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
 from rsp_fast.ops import dispatch  # noqa: E402
@@ -53,7 +53,7 @@ def reference_op(op: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (tests)")

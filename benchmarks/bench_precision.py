@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, markdown_table, output_path, photo_batch  # noqa: E402
+from utils import describe, device_arg, markdown_table, output_path, photo_batch  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.models import build_model  # noqa: E402
@@ -35,7 +35,7 @@ def agreement(got: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     p.add_argument("--backend", default="auto")
     p.add_argument("--precisions", nargs="+", choices=rsp_fast.api.PRECISIONS)
     p.add_argument("--json", type=output_path)

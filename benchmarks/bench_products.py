@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import check_models, describe, markdown_table, output_path, sync, time_call  # noqa: E402
+from utils import check_models, describe, device_arg, markdown_table, output_path, sync, time_call  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.api import _matmul_precision  # noqa: E402
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--backend", default=None, choices=["cuda", "torch"], help="default: cuda on a GPU, torch on CPU")
     p.add_argument("--precisions", nargs="+", choices=list(PEAK_DTYPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=output_path)
     args = p.parse_args(argv)

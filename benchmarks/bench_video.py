@@ -18,7 +18,7 @@ import torch
 from rsp_fast.memory import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import output_path  # noqa: E402
+from utils import device_arg, output_path  # noqa: E402
 from rsp_fast.models import build_model
 from rsp_fast.video import explain_video, make_demo_clip
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--backend", default="auto")
     p.add_argument("--json", type=output_path)
     args = p.parse_args(argv)

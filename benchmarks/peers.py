@@ -5,6 +5,7 @@ imported at run time from a checkout the user names (none of its code lives here
 """
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Callable
 
@@ -49,6 +50,9 @@ def zennit_epsilon_plus_flat(model, layer):
     from zennit.composites import EpsilonPlusFlat
     from zennit.torchvision import ResNetCanonizer, SequentialMergeBatchNorm
 
+    # its canonizers rewrite the model while attributing (BatchNorms merged into the convs) and, where
+    # one fails part-way (DenseNet), leave it changed: a copy, so the other methods time the model itself
+    model = copy.deepcopy(model)
     residual = any(type(m).__name__ in ("Bottleneck", "BasicBlock") for m in model.modules())
     canonizers = [ResNetCanonizer()] if residual else [SequentialMergeBatchNorm()]
     composite = EpsilonPlusFlat(canonizers=canonizers)

@@ -71,12 +71,41 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def output_path(value: str) -> str:
     """argparse type of an output file: a folder that does not exist (or a file where a folder
-    should be) is said before the run, not after it, with its results lost."""
+    should be, or one nothing can be written into) is said before the run, not after it, with
+    its results lost."""
+    from rsp_fast.errors import RSPError
+    from rsp_fast.paths import checked_output_file
+
     path = Path(value)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{value!r} is a folder, not a file to write")
     if not path.absolute().parent.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {value!r}: its folder does not exist")
+    try:
+        checked_output_file(value, "output file")
+    except RSPError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def chart_path(value: str) -> str:
+    """argparse type of a chart to write: an output file matplotlib can write by its extension."""
+    output_path(value)
+    if Path(value).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise argparse.ArgumentTypeError(f"{value!r}: a chart is written as .png, .svg or .pdf")
+    return value
+
+
+def device_arg(value: str) -> str:
+    """argparse type of --device: a device torch knows and this machine has."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {value!r} (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: no CUDA GPU is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {value!r}: the benchmarks run on cpu or cuda")
     return value
 
 

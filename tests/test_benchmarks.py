@@ -162,6 +162,19 @@ def test_bench_e2e_reports_running_out_of_memory_and_goes_on(monkeypatch, capsys
     assert "| vgg16 | 1 | forward | 1.0000 |" in capsys.readouterr().out
 
 
+def test_bench_e2e_goes_on_past_a_model_that_fails(tmp_path, capsys):
+    """VGG16's forward fails on 16×16 inputs: the run ended in a traceback, ResNet18's rows measured
+    before it lost (no table, no JSON)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_e2e
+
+    rows = tmp_path / "rows.json"
+    assert bench_e2e.main(["--models", "resnet18", "vgg16", "--size", "16", "--batches", "1", "--repeats", "1",
+                           "--device", "cpu", "--methods", "forward", "--json", str(rows)]) == 0
+    assert [(r["model"], r["method"]) for r in json.loads(rows.read_text())] == [("resnet18", "forward")]
+    assert "| vgg16 |  | (the model) | n/a |" in capsys.readouterr().out
+
+
 def test_bench_e2e_channels_last_runs_model_and_inputs_in_that_layout(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_e2e
@@ -381,6 +394,10 @@ def test_coverage_reports_ok_refused_and_crashes():
     (["--authors-repo", "/nonexistent"], "is not a checkout of github.com/wjNam"),
     (["--json", "/nonexistent/rows.json"], "cannot write '/nonexistent/rows.json': its folder does not exist"),
     (["--png", "/tmp"], "'/tmp' is a folder, not a file to write"),
+    (["--png", "chart.xyz"], "'chart.xyz': a chart is written as .png, .svg or .pdf"),  # was found after the run
+    (["--json", "/proc/rows.json"], "cannot create a file in the folder '/proc'"),
+    (["--device", "gpu"], "unknown device 'gpu'"),  # tracebacks
+    (["--precisions", "tf32"], "--precisions tf32 runs on CUDA tensor cores only"),  # every RSP row left out, exit 0
 ])
 def test_bench_e2e_refuses_bad_arguments_before_it_runs(argv, message, capsys):
     """A typo in --methods ran only the forward pass and exited 0; --models nosuch, --batches 0
