@@ -132,7 +132,7 @@ def load_module(path: str):
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--precisions", nargs="+", default=["tf32", "bf16"], choices=sorted(LOW))
     p.add_argument("--layers", default="dense", choices=sorted(LAYERS), help="VGG16's dense layers, or the deep ones")

@@ -112,7 +112,7 @@ def activation_mb(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["vgg16", "resnet50", "efficientnet_lite0"])
     p.add_argument("--batches", type=int, nargs="+")
     p.add_argument("--methods", nargs="+", help="subset of method names (default: all)")

@@ -32,7 +32,7 @@ STEMS = [("VGG16 conv1_1", 3, 64, 3, 1, 1), ("ResNet50 conv1", 3, 64, 7, 2, 3), 
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)

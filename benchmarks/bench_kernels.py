@@ -52,9 +52,10 @@ def reference_op(op: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
+                   help="float16 and bfloat16 on CUDA only (the CPU kernels take float32 and float64)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (tests)")
     p.add_argument("--json", type=output_path)
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     backends = [b for b in ("cpp", "cuda", "triton") if not dispatch._availability(b, device, dtype)]
     if device.type == "cpu" and not args.quick:
         backends = [b for b in backends if b != "triton"]  # the Triton interpreter is for testing, not timing
+    if not backends:
+        p.error(f"no compiled kernel set runs {args.dtype} on {device.type} here")
     peak = peak_bandwidth_gbs(device)
     rows, table = [], []
     for op in ("sectional_normalize", "purge", "sectional_matmul"):

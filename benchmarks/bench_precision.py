@@ -34,13 +34,15 @@ def agreement(got: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     p.add_argument("--backend", default="auto")
     p.add_argument("--precisions", nargs="+", choices=rsp_fast.api.PRECISIONS)
     p.add_argument("--json", type=output_path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if "tf32" in (args.precisions or []) and device.type != "cuda":
+        p.error("--precisions tf32 runs on CUDA tensor cores only: not on the CPU")
     precisions = args.precisions or (list(rsp_fast.api.PRECISIONS) if device.type == "cuda" else ["fp32", "bf16"])
     spec = build_model("efficientnet_lite0")
     x = photo_batch(spec.input_size, spec.mean, spec.std)

@@ -159,7 +159,7 @@ def product_device_seconds(fn, device: torch.device) -> tuple[float, float, list
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vgg16")
     p.add_argument("--batch", type=int)
     p.add_argument("--size", type=int, default=224)

@@ -18,18 +18,26 @@ import torch
 from rsp_fast.memory import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import device_arg, output_path  # noqa: E402
+from utils import device_arg, output_path, positive_int  # noqa: E402
 from rsp_fast.models import build_model
 from rsp_fast.video import explain_video, make_demo_clip
 
 
+def _frame_size(text: str) -> tuple[int, int]:
+    """argparse type of --size: WxH, two positive whole numbers."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a frame size WxH (e.g. 320x240)")
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", help="video to use (default: the demo clip)")
-    p.add_argument("--size", default="320x240", help="the demo clip's frame size, WxH (e.g. 1920x1080 for HD)")
+    p.add_argument("--size", default="320x240", type=_frame_size, help="the demo clip's frame size, WxH (e.g. 1920x1080 for HD)")
     p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--frames", type=positive_int, default=32)
     p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--backend", default="auto")
     p.add_argument("--json", type=output_path)
@@ -38,7 +46,7 @@ def main(argv=None) -> int:
     spec = build_model(args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        width, height = map(int, args.size.lower().split("x"))
+        width, height = args.size
         src = args.input or make_demo_clip(Path(tmp) / "clip.mp4", size=(width, height))
         explain_video(spec, src, Path(tmp) / "warm.mp4", max_frames=2, device=args.device, backend=args.backend, progress=False)
         for bs in args.batch_sizes:

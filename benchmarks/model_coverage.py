@@ -146,7 +146,7 @@ def summarise(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--timm-per-family", type=_count, default=8, help="models sampled per timm family (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="which timm models are sampled")
     parser.add_argument("--no-torchvision", action="store_true")

@@ -96,6 +96,17 @@ def chart_path(value: str) -> str:
     return value
 
 
+def positive_int(value: str) -> int:
+    """argparse type: a whole number, 1 or more."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number, 1 or more")
+    return number
+
+
 def device_arg(value: str) -> str:
     """argparse type of --device: a device torch knows and this machine has."""
     try:

@@ -454,3 +454,20 @@ def test_bench_products_counts_every_product_of_the_pass_on_the_cpu(tmp_path):
     totals = rsp_fast.cost(torchvision.models.vgg16(), (3, 64, 64))["totals"]
     assert row["backend"] == "torch"
     assert row["product_gflop_per_image"] > 2 * (totals["forward_macs"] + 0.9 * totals["rsp_macs"]) / 1e9
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("bench_kernels", ["--dtype", "fp32"], "invalid choice: 'fp32'"),  # AttributeError: torch has no 'fp32'
+    ("bench_kernels", ["--dtype", "bfloat16", "--device", "cpu"], "no compiled kernel set runs bfloat16 on cpu"),  # empty table
+    ("bench_video", ["--size", "320"], "'320' is not a frame size WxH"),  # ValueError: not enough values to unpack
+    ("bench_video", ["--frames", "0"], "'0' is not a whole number, 1 or more"),  # RSPError after the warm-up video
+    ("bench_precision", ["--device", "cpu", "--precisions", "tf32"], "tf32 runs on CUDA tensor cores only"),
+    ("bench_products", ["--device", "cuda:x"], "unknown device 'cuda:x'"),
+])
+def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, argv, message, capsys):
+    """Each of these was a traceback (some after minutes of work) or an empty result with status 0."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
