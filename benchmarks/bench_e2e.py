@@ -166,13 +166,14 @@ def main(argv=None) -> int:
         except Exception as exc:
             table.append([model_name, "", "(the model)", "n/a", "", "", f"{type(exc).__name__}: {_first_line(exc)}"])
     layout = ", model and inputs channels-last" if args.channels_last else ""
-    print(f"Seconds per image, {describe(device)}, {size}×{size}, random weights{layout}, median of {repeats}")
+    measured = "Peak memory" if args.memory else f"Seconds per image, median of {repeats}"
+    print(f"{measured}, {describe(device)}, {size}×{size}, random weights{layout}")
     print(markdown_table(["model", "batch", "method", "s/img", "img/s", "× forward", "peak MB"], table))
     if args.json:  # NaN (times not taken in a memory run) is not JSON: null
         clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
         Path(args.json).write_text(json.dumps(clean, indent=2))
     if args.png:
-        bar_chart(rows, args.png)
+        bar_chart(rows, args.png, "peak_mem_mb" if args.memory else "x_forward")
     return 0
 
 
@@ -191,7 +192,7 @@ def _measure(args, model_name, device, size, repeats, batches, methods, variants
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=layout)
         target = model(x).argmax(1).detach()
-        fwd = None
+        fwd, acts = None, None
         if args.memory:
             acts = activation_mb(model, x)
             table.append([model_name, batch, "(forward activations)", "", "", "", f"{acts:.0f}"])
@@ -229,11 +230,13 @@ def _measure(args, model_name, device, size, repeats, batches, methods, variants
                    "batch": batch, "device": str(device), "dtype": PRODUCT_DTYPES[precision],
                    "sec_per_image_median": t["median"] / batch, "sec_per_image_min": t["min"] / batch,
                    "sec_per_image_max": t["max"] / batch, "x_forward": t["median"] / fwd, "peak_mem_mb": mem}
+            if acts is not None:  # what the README's memory table divides by
+                row["activations_mb"] = acts
             if args.channels_last:
                 row["memory_format"] = "channels_last"
             rows.append(row)
-            table.append([model_name, batch, name, f"{row['sec_per_image_median']:.4f}", f"{batch / t['median']:.2f}",
-                          f"{row['x_forward']:.1f}×",
+            timed = [f"{row['sec_per_image_median']:.4f}", f"{batch / t['median']:.2f}", f"{row['x_forward']:.1f}×"]
+            table.append([model_name, batch, name, *(["", "", ""] if args.memory else timed),  # a memory run times nothing
                           f"{mem:.0f} ({mem / acts:.2f}× activations)" if mem is not None else ""])
             print(f"  {model_name} batch {batch} {name}: {row['sec_per_image_median']:.4f} s/img", file=sys.stderr, flush=True)
 
@@ -244,7 +247,8 @@ def _first_line(exc: Exception, width: int = 160) -> str:
     return (lines[0] if lines else "")[:width]
 
 
-def bar_chart(rows: list[dict], path: str) -> None:
+def bar_chart(rows: list[dict], path: str, value: str = "x_forward") -> None:
+    """One panel per (model, batch): each method's time per image ÷ the forward pass's, or its peak memory."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,9 +258,10 @@ def bar_chart(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 2.2 * len(groups)), squeeze=False)
     for ax, (model, batch) in zip(axes[:, 0], groups):
         sel = [r for r in rows if (r["model"], r["batch"]) == (model, batch)]
-        ax.barh([r["method"] for r in sel], [r["x_forward"] for r in sel],
+        ax.barh([r["method"] for r in sel], [r[value] for r in sel],
                 color=["tab:red" if r["method"].startswith("RSP") else "tab:gray" for r in sel])
-        ax.set_title(f"{model}, batch {batch}: time per image ÷ forward pass", fontsize=9)
+        what = "peak memory a call adds, MB" if value == "peak_mem_mb" else "time per image ÷ forward pass"
+        ax.set_title(f"{model}, batch {batch}: {what}", fontsize=9)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -471,3 +471,19 @@ def test_benchmark_scripts_refuse_bad_arguments_in_one_line(script, argv, messag
     with pytest.raises(SystemExit) as exit_:
         module.main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_e2e_memory_run_reports_memory_not_times(tmp_path, capsys):
+    """A --memory run printed 'nan | nan | nan×' in the time columns, drew an empty chart of time
+    ratios, and left the activations every ratio divides by out of the JSON."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_e2e
+
+    rows, chart = tmp_path / "rows.json", tmp_path / "memory.png"
+    assert bench_e2e.main(["--quick", "--memory", "--models", "resnet18", "--batches", "2", "--device", "cpu",
+                           "--methods", "forward", "RSP (cpp)", "--json", str(rows), "--png", str(chart)]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and out.startswith("Peak memory")
+    measured = json.loads(rows.read_text())
+    assert measured and all(r["peak_mem_mb"] > 0 and r["activations_mb"] > 0 for r in measured)
+    assert chart.stat().st_size > 0
