@@ -4,7 +4,7 @@
     python benchmarks/bench_compiled_paths.py --ablation [--models ...]    # whole passes without each kernel
     python benchmarks/bench_compiled_paths.py --every-path [--precision bf16] [--models ...]
 
-One RSP pass (cpp backend, random weights, 224×224; --quick: 64×64, batch 2) records every
+One RSP pass (cpp backend, random weights, 224×224; --quick: 64×64, batch 2 unless given) records every
 inner conv's input and incoming relevance. Each dense (groups = 1) layer then runs with the
 dense path ``choose_path`` would take without the compiled kernels, with the masked path and,
 for stride-1 1×1 layers, with the fused pointwise kernel; each depthwise layer with PyTorch's
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_e2e import LAYERS, build  # noqa: E402
-from utils import describe, markdown_table, output_path, photo_batch, time_interleaved  # noqa: E402
+from utils import describe, markdown_table, output_path, parse_quick, photo_batch, time_interleaved  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
@@ -202,9 +202,9 @@ def main() -> None:
                    help="with --every-path: the products' precision (bf16: the GEMM and conv paths in bfloat16)")
     p.add_argument("--photos", action="store_true",
                    help="ablation on scikit-image's photographs (EfficientNet-Lite0 with its ImageNet weights)")
-    args = p.parse_args()
+    args = parse_quick(p, batch=2, repeats=1)
     keep_freed_memory()
-    size, batch, repeats = (64, 2, 1) if args.quick else (224, args.batch, args.repeats)
+    size, batch, repeats = (64 if args.quick else 224), args.batch, args.repeats
     if args.ablation:
         rows = ablation(args.models, batch, size, repeats, args.photos)
         print(f"Whole RSP passes, {describe('cpu')}, {size}×{size}, batch {batch}; median of "

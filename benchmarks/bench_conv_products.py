@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_products import peak_tflops, product_device_seconds  # noqa: E402
-from utils import describe, markdown_table, output_path, time_interleaved  # noqa: E402
+from utils import describe, markdown_table, output_path, parse_quick, time_interleaved  # noqa: E402
 
 from rsp_fast.api import _matmul_precision  # noqa: E402
 from rsp_fast.ops import dispatch  # noqa: E402
@@ -149,12 +149,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", type=output_path)
     p.add_argument("--quick", action="store_true", help="tiny layers, batch 2, one repeat (tests; the CPU interpreter)")
-    args = p.parse_args(argv)
+    args = parse_quick(p, argv, batch=2, repeats=1)
     from rsp_fast.kernels.triton import triton_unavailable_reason
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if reason := triton_unavailable_reason(device):
         raise SystemExit(f"bench_conv_products: {reason}")
-    layers, batch, repeats = (QUICK, 2, 1) if args.quick else (LAYERS[args.layers], args.batch, args.repeats)
+    layers, batch, repeats = (QUICK if args.quick else LAYERS[args.layers]), args.batch, args.repeats
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     print(describe(device))
     if args.tiles and args.warm > 1 and device.type == "cuda":

@@ -4,7 +4,7 @@ attribution peers, measured in the same run.
     python benchmarks/bench_e2e.py [--models vgg16 resnet50 efficientnet_lite0] [--batches 1 8 32]
         [--precisions fp32 tf32 bf16] [--graph] [--authors-repo PATH] [--json rows.json] [--png chart.png] [--quick]
 
-Random weights, 224×224 inputs (--quick: 64×64, batch 1 and 2, one repeat). RSP runs with
+Random weights, 224×224 inputs (--quick: 64×64, batch 1 and 2, one repeat, unless given). RSP runs with
 every available backend in each precision asked for (default fp32; "RSP (cuda, bf16)"), and
 with --graph also through its static-shape path (CUDA graphs: "RSP (cuda, bf16, graph)").
 Prints a Markdown table; JSON rows: method, model, backend, batch, device, dtype (of RSP's
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 from utils import (chart_path, check_models, describe, device_arg, markdown_table, output_path,  # noqa: E402
-                   time_interleaved)
+                   parse_quick, time_interleaved)
 
 import rsp_fast  # noqa: E402
 from rsp_fast.memory import keep_freed_memory, return_freed_memory  # noqa: E402
@@ -129,15 +129,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=output_path)
     p.add_argument("--png", type=chart_path)
-    args = p.parse_args(argv)
+    args = parse_quick(p, argv, size=64, repeats=1, batches=[1, 2])
     _check_arguments(p, args)
     device = torch.device(args.device)
     if args.memory:
         return_freed_memory()  # the resident set then follows live memory: its high-water mark is the peak
     else:
         keep_freed_memory()  # as the CLI does (RSS high-water marks would then mean nothing)
-    size, repeats = (64, 1) if args.quick else (args.size, args.repeats)
-    batches = args.batches or ([1, 2] if args.quick else ([1, 8, 32, 64, 128] if device.type == "cuda" else [1, 8, 32]))
+    size, repeats = args.size, args.repeats
+    batches = args.batches or ([1, 8, 32, 64, 128] if device.type == "cuda" else [1, 8, 32])
     methods = dict(peers.METHODS)
     variants = {}  # method name -> (backend, precision, graph)
     for b, status in rsp_fast.backends(device).items():

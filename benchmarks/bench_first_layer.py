@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, device_arg, markdown_table, output_path, time_interleaved  # noqa: E402
+from utils import describe, device_arg, markdown_table, output_path, parse_quick, time_interleaved  # noqa: E402
 
 from rsp_fast.api import _matmul_precision  # noqa: E402
 from rsp_fast.kernels.triton import triton_unavailable_reason  # noqa: E402
@@ -40,10 +40,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", type=output_path)
     ap.add_argument("--quick", action="store_true", help="1 image of 12×12, 16 output channels at most, 1 call (tests)")
-    args = ap.parse_args(argv)
-    warmup, channels = 2, None
-    if args.quick:
-        args.batch, args.size, args.repeats, warmup, channels = 1, 12, 1, 0, 16
+    args = parse_quick(ap, argv, batch=1, size=12, repeats=1)
+    warmup, channels = (0, 16) if args.quick else (2, None)
     device = torch.device(args.device)
     if reason := triton_unavailable_reason(device):
         raise SystemExit(f"bench_first_layer: Triton unavailable on {device}: {reason}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import describe, device_arg, markdown_table, output_path, peak_bandwidth_gbs, time_call  # noqa: E402
+from utils import describe, device_arg, markdown_table, output_path, parse_quick, peak_bandwidth_gbs, time_call  # noqa: E402
 
 from rsp_fast.memory import keep_freed_memory  # noqa: E402
 from rsp_fast.ops import dispatch  # noqa: E402
@@ -59,11 +59,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (tests)")
     p.add_argument("--json", type=output_path)
-    args = p.parse_args(argv)
+    args = parse_quick(p, argv, repeats=2)
     keep_freed_memory()  # as the CLI does: neither side pays fresh page faults
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shapes = {"small (2×17×13²)": (2, 17, 13, 13)} if args.quick else SHAPES
-    repeats = 2 if args.quick else args.repeats
+    repeats = args.repeats
     backends = [b for b in ("cpp", "cuda", "triton") if not dispatch._availability(b, device, dtype)]
     if device.type == "cpu" and not args.quick:
         backends = [b for b in backends if b != "triton"]  # the Triton interpreter is for testing, not timing

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from utils import check_models, describe, device_arg, markdown_table, output_path, sync, time_call  # noqa: E402
+from utils import check_models, describe, device_arg, markdown_table, output_path, parse_quick, sync, time_call  # noqa: E402
 
 import rsp_fast  # noqa: E402
 from rsp_fast.api import _matmul_precision  # noqa: E402
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=output_path)
-    args = p.parse_args(argv)
+    args = parse_quick(p, argv, size=64, batch=2)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     import torchvision
@@ -176,8 +176,8 @@ def main(argv=None) -> int:
     check_models(p, [args.model])
     if (args.batch is not None and args.batch < 1) or args.size < 1:
         p.error("--batch and --size take positive numbers")
-    size = 64 if args.quick else args.size
-    batch = args.batch or (2 if args.quick else 64 if cuda else 8)
+    size = args.size
+    batch = args.batch or (64 if cuda else 8)
     backend = args.backend or ("cuda" if cuda else "torch")
     precisions = args.precisions or (["fp32", "tf32", "bf16"] if cuda else ["fp32", "bf16"])
     n = 512 if args.quick else (8192 if cuda else 2048)

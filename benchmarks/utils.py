@@ -96,6 +96,15 @@ def chart_path(value: str) -> str:
     return value
 
 
+def parse_quick(parser: argparse.ArgumentParser, argv=None, **quick) -> argparse.Namespace:
+    """Parse ``argv``; with ``--quick`` the ``quick`` values replace the defaults, so options given still win."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
+
+
 def positive_int(value: str) -> int:
     """argparse type: a whole number, 1 or more."""
     try:

@@ -175,6 +175,23 @@ def test_bench_e2e_goes_on_past_a_model_that_fails(tmp_path, capsys):
     assert "| vgg16 |  | (the model) | n/a |" in capsys.readouterr().out
 
 
+def test_quick_mode_keeps_the_options_given(capsys):
+    """--quick set --size and --repeats over the user's own (a run of 32×32 inputs measured 64×64)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import argparse
+
+    import bench_e2e
+    from utils import parse_quick
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--quick", action="store_true")
+    assert [parse_quick(p, argv, size=64).size for argv in ([], ["--quick"], ["--quick", "--size", "32"])] == [224, 64, 32]
+    assert bench_e2e.main(["--quick", "--size", "32", "--repeats", "2", "--models", "resnet18", "--batches", "1",
+                           "--device", "cpu", "--methods", "forward"]) == 0
+    assert "Seconds per image, median of 2, " in (out := capsys.readouterr().out) and ", 32×32, " in out
+
+
 def test_bench_e2e_channels_last_runs_model_and_inputs_in_that_layout(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_e2e
