@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.overrides import TorchFunctionMode
 
 from .errors import RSPError
 from .graph.head import scores_over_classes
@@ -177,6 +178,21 @@ FORWARD_TOLERANCE = {torch.float16: 3e-2, torch.bfloat16: 3e-2}
 FORWARD_TOLERANCE_DEFAULT = 1e-3
 
 
+class _AutocastSeen(TorchFunctionMode):
+    """Notes the dtype of an autocast the model's forward enters itself: fx does not see it (a
+    ``with`` block), so the traced pass computes in the model's dtype and the logits differ by
+    that dtype's rounding, which is not a part of the forward left out."""
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type, self.dtype = device_type, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.dtype is None and torch.is_autocast_enabled(self.device_type):
+            self.dtype = torch.get_autocast_dtype(self.device_type)
+        return func(*args, **(kwargs or {}))
+
+
 def _check_forward(model: torch.nn.Module, traced, x: torch.Tensor) -> None:
     """Refuse a model whose traced forward does not compute what calling it does: what fx cannot
     see (a torchvision.transforms.v2 transform, torch.func.functional_call's parameters, an
@@ -185,15 +201,18 @@ def _check_forward(model: torch.nn.Module, traced, x: torch.Tensor) -> None:
         return  # the model's own hooks do not run in the traced pass (RSP warns); a capture cannot wait
     if any(type(m).__name__ == "OptimizedModule" for m in model.modules()):
         return  # a submodule compiled alone: calling it would compile it (slow), its guards may miss hooks added since
-    with attributes_kept(model):  # what the forward writes onto the model (a size, a count): this call was not the user's
-        expected = logits_of(model(x))
+    autocast = _AutocastSeen(x.device.type)
+    # with grad, as the traced pass runs the head (hooks that register tensor hooks; no fused inference paths);
+    # on a copy: a forward that writes its input in place must not change the caller's tensor, which the rules read
+    with attributes_kept(model), torch.enable_grad(), autocast:  # attributes: this call was not the user's
+        expected = logits_of(model(x.clone()))
     got = logits_of(traced)
     if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor):
         return  # no logits to compare: the pass names what it needs
     if got.shape != expected.shape:
         raise RSPError(f"the traced forward gives logits of shape {tuple(got.shape)}, model(x) {tuple(expected.shape)}: "
                        "part of the forward is not seen by torch.fx (see README, Limits)")
-    tolerance = FORWARD_TOLERANCE.get(expected.dtype, FORWARD_TOLERANCE_DEFAULT)
+    tolerance = FORWARD_TOLERANCE.get(autocast.dtype or expected.dtype, FORWARD_TOLERANCE_DEFAULT)
     expected, got = expected.detach().double(), got.detach().double()
     finite = torch.isfinite(expected)  # NaN or Inf where model(x) has them (an overflow): named later
     same_pattern = torch.equal(finite, torch.isfinite(got)) and torch.equal(expected[~finite].nan_to_num(),

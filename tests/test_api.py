@@ -1570,6 +1570,67 @@ def test_what_fx_cannot_see_is_refused_or_followed():
     assert rel_err(own.logits, written.logits) == 0 and rel_err(own.attribution, written.attribution) < 1e-12
 
 
+class _AddsIntoItsInput(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.conv, self.net = nn.Conv2d(3, 3, 3, padding=1), net
+
+    def forward(self, x):
+        x += self.conv(x)  # a residual written in place on the input
+        return self.net(x)
+
+
+class _Autocast(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.net(x)
+        return out.float()
+
+
+class _TransformerHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = F.relu(self.conv(x)).flatten(2).transpose(1, 2)
+        pad = (torch.arange(t.shape[1]) >= t.shape[1] - 4).expand(t.shape[0], -1)
+        return self.fc(self.enc(t, src_key_padding_mask=pad).mean(1))
+
+
+def test_the_forward_check_calls_the_model_as_the_traced_pass_runs():
+    """The check's model(x) ran on the caller's tensor and without grad: a forward adding into its
+    input changed the caller's tensor and the first call's map (0.020 of 0.050); a head hook that
+    registers a tensor hook, and a Transformer head with a padding mask (its no-grad fused path,
+    logits 0.18 off), were refused; so was a forward under its own autocast (bfloat16 rounding)."""
+    torch.manual_seed(0)
+    model, x = _AddsIntoItsInput(tiny_cnn()).eval(), torch.rand(2, 3, 16, 16)
+    kept = x.clone()
+    explainer = rsp_fast.RSP(model, layer="net.2")
+    first = explainer.attribute(x)
+    assert torch.equal(x, kept) and rel_err(first, explainer.attribute(x)) == 0
+    hooked = tiny_cnn()
+
+    def keep_gradient(module, args, out):  # as Grad-CAM code does on a layer of the head
+        out.register_hook(lambda g: None)
+
+    hooked[7].register_forward_hook(keep_gradient)
+    assert torch.isfinite(rsp_fast.RSP(hooked).attribute(x)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nested tensors are a prototype
+        torch.manual_seed(0)
+        assert torch.isfinite(rsp_fast.RSP(_TransformerHead().eval(), layer="conv").attribute(x)).all()
+    net = tiny_cnn()
+    amp = rsp_fast.RSP(_Autocast(net).eval()).attribute(x)
+    assert rel_err(amp, rsp_fast.RSP(net).attribute(x)) == 0  # fx does not see the with block: float32 throughout
+
+
 class _FunctionalConv(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
