@@ -302,15 +302,33 @@ class RSP:
 
 
 def check_model_tensors(model: nn.Module) -> None:
-    """Parameters and buffers RSP can run with: initialised, and not made under inference_mode."""
-    tensors = list(itertools.chain(model.named_parameters(), model.named_buffers()))
-    lazy = next((name for name, t in tensors if nn.parameter.is_lazy(t)), None)
-    if lazy is not None:
-        raise RSPError(f"the model's {lazy} is not initialised yet (a lazy module, e.g. LazyConv2d): run the model "
-                       "once on an example input before explaining it")
-    if any(t.is_inference() for _, t in tensors):
-        raise RSPError("the model's parameters or buffers were made under torch.inference_mode(): autograd, which "
-                       "R₀ needs through the head, cannot use them; build or load the model outside inference_mode")
+    """Parameters and buffers RSP can run with: float (not a quantized module's packed integers),
+    initialised, and not made under inference_mode. Runs at every call, so one walk over the
+    modules' own dicts; names are looked up only for the error."""
+    for module in model.modules():
+        if _is_quantized(module):
+            name = next(n for n, m in model.named_modules() if m is module) or "root module"
+            kind = type(module)
+            raise UnsupportedModelError(
+                f"the model's {name} is a quantized module ({kind.__module__}.{kind.__qualname__}): RSP explains "
+                "float models (float16 and bfloat16 too); explain the float model it was quantized from")
+        for t in itertools.chain(module._parameters.values(), module._buffers.values()):
+            if t is None:
+                continue
+            if nn.parameter.is_lazy(t):
+                lazy = next(n for n, q in itertools.chain(model.named_parameters(), model.named_buffers()) if q is t)
+                raise RSPError(f"the model's {lazy} is not initialised yet (a lazy module, e.g. LazyConv2d): run the "
+                               "model once on an example input before explaining it")
+            if t.is_inference():
+                raise RSPError("the model's parameters or buffers were made under torch.inference_mode(): autograd, "
+                               "which R₀ needs through the head, cannot use them; build or load the model outside "
+                               "inference_mode")
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    """A module of torch's quantized namespaces (integer weights, no autograd)."""
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized",
+                                                "torch.ao.nn.intrinsic.quantized"))
 
 
 def _peak_power_of_two(R: torch.Tensor) -> torch.Tensor:

@@ -1700,6 +1700,18 @@ def test_an_uninitialised_lazy_module_is_named():
     assert explainer.attribute(x).shape == x.shape
 
 
+def test_a_quantized_module_is_named():
+    """A dynamically quantized Linear head was refused with "the model's logits do not depend on
+    the saliency layer … through autograd", which named neither the module nor quantization."""
+    model = tiny_cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(UnsupportedModelError, match="the model's 7 is a quantized module "
+                                                    "\\(torch.ao.nn.quantized.dynamic.*Linear\\): RSP explains float"):
+        rsp_fast.RSP(quantized).attribute(torch.rand(2, 3, 16, 16))
+
+
 class _FunctionAfterNorm(nn.Module):
     def __init__(self):
         super().__init__()
