@@ -324,12 +324,15 @@ class _Reshaped(nn.Module):
 
     def __init__(self, kind):
         super().__init__()
-        conv = nn.Conv1d(1, 4, 5, padding=2) if kind == "signal" else nn.Conv2d(1 if kind == "pixels" else 3, 4, 3, padding=1)
+        conv = (nn.Conv1d(1, 4, 5, padding=2) if kind in ("signal", "indexed") else
+                nn.Conv2d(1 if kind == "pixels" else 3, 4, 3, padding=1))
         self.kind, self.features, self.fc = kind, nn.Sequential(conv, nn.ReLU()), nn.Linear(4, 3)
 
     def forward(self, x):
         if self.kind == "signal":
             return self.fc(self.features(x.unsqueeze(1)).mean(-1))
+        if self.kind == "indexed":
+            return self.fc(self.features(x[:, None]).mean(-1))
         if self.kind == "pixels":
             return self.fc(self.features(x.view(-1, 1, 28, 28)).mean((2, 3)))
         N, C, T, H, W = x.shape
@@ -339,10 +342,11 @@ class _Reshaped(nn.Module):
 
 def test_a_model_that_reshapes_its_input_takes_the_inputs_it_takes():
     """The input's rank was taken from the first conv: an N×L signal for a model that unsqueezes
-    it was refused as "inputs must be 3-D (N, C, L)". A model that folds clips into its batch
-    is refused by what it does (its R₀ would have had N·T rows)."""
+    it was refused as "inputs must be 3-D (N, C, L)" (written x[:, None], until later). A model that
+    folds clips into its batch is refused by what it does (its R₀ would have had N·T rows)."""
     torch.manual_seed(0)
-    for kind, x in (("signal", torch.randn(2, 64, dtype=D)), ("pixels", torch.randn(2, 784, dtype=D))):
+    for kind, x in (("signal", torch.randn(2, 64, dtype=D)), ("indexed", torch.randn(2, 64, dtype=D)),
+                    ("pixels", torch.randn(2, 784, dtype=D))):
         ex = rsp_fast.RSP(_Reshaped(kind).double().eval()).explain(x, record=True)
         assert ex.attribution.shape == x.shape
         assert torch.allclose(ex.attribution.flatten(1).sum(1) + ex.dropped, ex.initial.flatten(1).sum(1), atol=1e-12)

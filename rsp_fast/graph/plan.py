@@ -190,6 +190,14 @@ def _resolve_layer(model: nn.Module, graph: fx.Graph, module_outputs: dict[str, 
     return module_outputs[layer], layer
 
 
+def _indexing_changes_rank(node: fx.Node) -> bool:
+    """``x[:, None]`` (a new axis) or ``x[:, 0]`` (an axis taken away): the input's rank is not the first layer's."""
+    if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2):
+        return False
+    index = node.args[1]  # a bare int picks one of chunk's or split's parts
+    return index is None or (isinstance(index, tuple) and any(i is None or isinstance(i, int) for i in index))
+
+
 def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None) -> Plan:
     """The plan for any input, or with ``example`` for inputs of its shape only (traced with
     sizes as numbers: for forwards that branch on sizes). Raises UntraceableModelError when
@@ -238,7 +246,8 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
         ins = relevance_inputs(node, kinds[node])
         from_input = any(a is input_node or raw.get(a, False) for a in ins)
         raw[node] = from_input and kinds[node] != NodeKind.LAYER
-        if raw[node] and (calls(node, LAYOUT_CHANGES, LAYOUT_CHANGE_METHODS) or any(a in reshaped for a in ins)):
+        if raw[node] and (calls(node, LAYOUT_CHANGES, LAYOUT_CHANGE_METHODS) or _indexing_changes_rank(node)
+                          or any(a in reshaped for a in ins)):
             reshaped.add(node)
         module = module_of(model, node)
         if from_input and kinds[node] == NodeKind.LAYER and input_rank is None and not any(a in reshaped for a in ins):
