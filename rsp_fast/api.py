@@ -17,7 +17,7 @@ from .graph.plan import Plan, build_plan, layer_name, step_path
 from .graph.trace import TRACE_GATE, UntraceableModelError, called_by_a_caller, eval_mode, unwrap, wrapper_chain
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
-from .propagate import logits_of, propagate, record_forward, work_dtype
+from .propagate import class_scores, propagate, record_forward, work_dtype
 from .rules.base import LayerRule
 from .shared_setting import SETTINGS
 from .tf32 import restore_tf32, set_tf32
@@ -208,20 +208,7 @@ class RSP:
             plan.forward_checked.add(key)
         plan.keep_what_the_pass_wrote(self.model)
         plan.check_batch_dims(shapes)  # a reduction or join along -k that is the batch's at these shapes
-        logits = logits_of(output)
-        if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
-            logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1)
-        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and not logits.is_floating_point():
-            raise RSPError(f"the model must return floating-point logits, not {logits.dtype} (class scores that "
-                           "relevance can be a share of)")
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            kind = next((name for name, t in (("dict", dict), ("tuple", tuple), ("list", list)) if isinstance(logits, t)),
-                        type(logits).__name__)  # fx hands a list back as its own immutable_list
-            shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {kind}"
-            raise RSPError(f"the model must return logits of shape (N, classes){shape}"
-                           + ("" if isinstance(logits, torch.Tensor) else " (or an output whose 'logits' is that tensor)"))
-        if logits.shape[1] == 0:
-            raise RSPError(f"the model returns logits of shape {tuple(logits.shape)}: no class to explain")
+        logits = class_scores(output)
         if A.shape[0] != inputs.shape[0] or logits.shape[0] != inputs.shape[0]:
             rows, what = (A.shape[0], f"the saliency layer {plan.layer_name!r}") if A.shape[0] != inputs.shape[0] else (
                 logits.shape[0], "the logits")

@@ -24,7 +24,7 @@ from .graph.plan import build_plan, step_path
 from .graph.trace import UntraceableModelError, eval_mode, unwrap
 from .kernels.triton import triton_unavailable_reason
 from .ops.custom import pointwise_kernel_built
-from .propagate import logits_of, record_forward, work_dtype
+from .propagate import class_scores, record_forward, work_dtype
 from .rules.conv import Conv, image_shape
 from .rules.conv_paths import (choose_path, cuda_gram_slowdown, gram_macs, implicit_gemm_fits, on_tensor_cores,
                                pixel_gram_macs, runnable_dense_path, tap_sums_pay)
@@ -117,8 +117,7 @@ def _sizes(input_shape) -> tuple[int, ...]:
 def _runs_as_a_batch(model: nn.Module, plan, x: torch.Tensor) -> bool:
     """Whether the model runs on ``x`` taken as a batch (its first dimension the batch size)."""
     try:
-        logits = logits_of(record_forward(model, plan, x)[0])
-        return x.dim() > 1 and logits.dim() == 2 and logits.shape[0] == x.shape[0]
+        return x.dim() > 1 and class_scores(record_forward(model, plan, x)[0]).shape[0] == x.shape[0]
     except RSPError:
         return False
 
@@ -135,11 +134,11 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
         raise RSPError(f"dtype must be a floating-point torch.dtype, not {dtype!r}")
     if dtype is not None and p is not None and dtype != p.dtype:
         raise RSPError(f"dtype {dtype} is not the model's ({p.dtype}): cost runs the model as it is; convert it first")
-    try:  # one sample, traced through the model
-        x = torch.zeros((1, *input_shape), dtype=dtype or (p.dtype if p is not None else torch.float32),
+    try:  # two samples (a forward may squeeze a batch of one away), traced through the model
+        x = torch.zeros((2, *input_shape), dtype=dtype or (p.dtype if p is not None else torch.float32),
                         device=p.device if p is not None else "cpu")
     except (RuntimeError, MemoryError) as exc:  # CPU allocators raise RuntimeError, CUDA's OutOfMemoryError
-        raise RSPError(f"input_shape {tuple(input_shape)}: one sample of that size does not fit in memory "
+        raise RSPError(f"input_shape {tuple(input_shape)}: two samples of that size do not fit in memory "
                        f"({str(exc).splitlines()[0][:160]})") from None
     with eval_mode(model):
         try:
@@ -154,20 +153,21 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
             raise RSPError(f"input_shape {tuple(input_shape)}: the model's first layer takes {plan.input_rank - 1}-D "
                            "samples (its input without the batch)")
         try:
-            logits, _, _, shapes = record_forward(model, plan, x)
+            output, _, _, shapes = record_forward(model, plan, x)
         except RSPError:
             # a shape with the batch has the rank the first layer takes (where the plan knows it)
             if plan.input_rank is None and _runs_as_a_batch(model, plan, x[0]):
                 raise with_batch from None
             raise
-        logits = logits_of(logits)
-        if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
-            logits = logits.flatten(1)  # a fully convolutional head's (N, classes, 1, 1), as RSP takes it
-        if isinstance(logits, torch.Tensor) and (logits.dim() != 2 or logits.shape[0] != 1):
+        try:  # as RSP takes the output
+            rows = class_scores(output).shape[0]
+        except RSPError:
             if len(input_shape) > 1 and _runs_as_a_batch(model, plan, x[0]):  # an MLP's (8, 10): 8 samples
-                raise with_batch
-            raise RSPError(f"input_shape {tuple(input_shape)}: the model gives logits of shape {tuple(logits.shape)} "
-                           "for one sample; RSP needs (N, classes)")
+                raise with_batch from None
+            raise
+        if rows != x.shape[0]:
+            raise RSPError(f"input_shape {tuple(input_shape)}: the model gives {rows} rows of logits for {x.shape[0]} "
+                           "samples; RSP needs one per sample")
     plan.check_batch_dims(shapes)  # RSP refuses it there: cost too
     work = work_dtype(x.dtype)  # the rules of a 16-bit model run in float32
     elem = work.itemsize

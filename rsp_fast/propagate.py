@@ -172,6 +172,26 @@ def logits_of(output):
     return inner if isinstance(inner, torch.Tensor) else output
 
 
+def class_scores(output) -> torch.Tensor:
+    """The (N, classes) logits in a model's output (a fully convolutional head's (N, classes, 1, 1)
+    flattened), or an RSPError saying what the output is instead."""
+    logits = logits_of(output)
+    if isinstance(logits, torch.Tensor) and logits.dim() > 2 and all(n == 1 for n in logits.shape[2:]):
+        logits = logits.flatten(1)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and not logits.is_floating_point():
+        raise RSPError(f"the model must return floating-point logits, not {logits.dtype} (class scores that "
+                       "relevance can be a share of)")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        kind = next((name for name, t in (("dict", dict), ("tuple", tuple), ("list", list)) if isinstance(logits, t)),
+                    type(logits).__name__)  # fx hands a list back as its own immutable_list
+        shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {kind}"
+        raise RSPError(f"the model must return logits of shape (N, classes){shape}"
+                       + ("" if isinstance(logits, torch.Tensor) else " (or an output whose 'logits' is that tensor)"))
+    if logits.shape[1] == 0:
+        raise RSPError(f"the model returns logits of shape {tuple(logits.shape)}: no class to explain")
+    return logits
+
+
 # how far the traced forward's logits may be from model(x)'s (of their largest magnitude): the
 # same ops in the same order agree to the last bit on a CPU; GPUs may pick other algorithms
 FORWARD_TOLERANCE = {torch.float16: 3e-2, torch.bfloat16: 3e-2}

@@ -243,6 +243,41 @@ def test_cost_model_refuses_the_shapes_rsp_refuses():
         rsp_fast.cost(frozen, (3, 8, 8))
 
 
+class _Squeezes(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).squeeze())  # a batch of one loses its batch too
+
+
+class _TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = torch.nn.Linear(10, 20), torch.nn.Linear(20, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.hidden(x.flatten(1)))
+        return self.out(h), h
+
+
+def test_cost_model_takes_the_outputs_rsp_takes():
+    """cost probed one sample: a forward that squeezes its pooled features (RSP explains it at
+    batch 2 and up) gave logits of shape (5,) and was refused; a model returning a tuple, which
+    RSP refuses, was counted at (10,) and crashed at (8, 10) ('tuple' object has no attribute 'dim')."""
+    import rsp_fast
+    from rsp_fast.errors import RSPError
+
+    counted = rsp_fast.cost(_Squeezes().eval(), (3, 8, 8))
+    assert [r["forward_macs"] for r in counted["layers"]] == [4 * 3 * 9 * 64]
+    for shape in ((10,), (8, 10)):
+        with pytest.raises(RSPError, match="must return logits of shape \\(N, classes\\), not a tuple|forward failed"):
+            rsp_fast.cost(_TwoOutputs().eval(), shape)
+    with pytest.raises(RSPError, match="must return logits of shape \\(N, classes\\), not a tuple"):
+        rsp_fast.RSP(_TwoOutputs().eval()).attribute(torch.rand(2, 10))
+
+
 def test_cost_model_runs_strided_1x1_convs_as_pointwise():
     import torchvision
 

@@ -254,7 +254,7 @@ def test_cost_and_backends_name_bad_arguments():
                       (3, 32, 32))
     with pytest.raises(RSPError, match="input_shape is one sample's shape, without the batch"):
         rsp_fast.cost(model, (1, 3, 16, 16))
-    with pytest.raises(RSPError, match=r"input_shape \(3, 1000000, 1000000\): one sample of that size does not fit"):
+    with pytest.raises(RSPError, match=r"input_shape \(3, 1000000, 1000000\): two samples of that size do not fit"):
         rsp_fast.cost(model, (3, 10**6, 10**6))  # 12 TB
     with pytest.raises(RSPError, match="unknown device 'nonsense'"):
         rsp_fast.backends("nonsense")
