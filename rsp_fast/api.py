@@ -270,7 +270,7 @@ class RSP:
             raise RSPError("inputs hold no samples (batch size 0)")
         if not torch.isfinite(x).all():
             raise RSPError("inputs contain NaN or Inf")
-        check_model_tensors(self.model)
+        check_model_tensors(self.model, self.plan.leaves if self.plan else None)
         p = next((q for q in self.model.parameters() if q.is_floating_point()), None)  # not an integer count
         if p is not None and p.dtype != x.dtype:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
@@ -288,10 +288,11 @@ class RSP:
                                        "inputs' dtype and device")
 
 
-def check_model_tensors(model: nn.Module) -> None:
+def check_model_tensors(model: nn.Module, called: frozenset | None = None) -> None:
     """Parameters and buffers RSP can run with: float (not a quantized module's packed integers),
-    initialised, and not made under inference_mode. Runs at every call, so one walk over the
-    modules' own dicts; names are looked up only for the error."""
+    initialised where the forward uses them (``called``: ids of the modules the traced graph calls
+    whole; None: anywhere), and not made under inference_mode. Runs at every call, so one walk
+    over the modules' own dicts; names are looked up only for the error."""
     for module in model.modules():
         if _is_quantized(module):
             name = next(n for n, m in model.named_modules() if m is module) or "root module"
@@ -303,6 +304,8 @@ def check_model_tensors(model: nn.Module) -> None:
             if t is None:
                 continue
             if nn.parameter.is_lazy(t):
+                if not _runs(model, module, called):
+                    continue
                 lazy = next(n for n, q in itertools.chain(model.named_parameters(), model.named_buffers()) if q is t)
                 raise RSPError(f"the model's {lazy} is not initialised yet (a lazy module, e.g. LazyConv2d): run the "
                                "model once on an example input before explaining it")
@@ -310,6 +313,13 @@ def check_model_tensors(model: nn.Module) -> None:
                 raise RSPError("the model's parameters or buffers were made under torch.inference_mode(): autograd, "
                                "which R₀ needs through the head, cannot use them; build or load the model outside "
                                "inference_mode")
+
+
+def _runs(model: nn.Module, module: nn.Module, called: frozenset | None) -> bool:
+    """Whether ``module`` runs in the forward (``called``: ids of the modules the traced graph
+    calls whole; None: not known, so it may): it or a module holding it is called. A lazy module
+    the forward never calls (an auxiliary head) stays uninitialised however often the model runs."""
+    return called is None or any(id(m) in called and any(sub is module for sub in m.modules()) for m in model.modules())
 
 
 def _is_quantized(module: nn.Module) -> bool:

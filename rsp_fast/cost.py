@@ -128,7 +128,7 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
         raise RSPError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     model, layer = unwrap(model, layer)
     input_shape = _sizes(input_shape)
-    check_model_tensors(model)  # as RSP: a lazy module would be initialised by the probe, with random weights
+    check_model_tensors(model, frozenset())  # as RSP; lazy modules once the plan says which run
     p = next(model.parameters(), None)  # a model without parameters: float32 on the CPU unless told
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise RSPError(f"dtype must be a floating-point torch.dtype, not {dtype!r}")
@@ -144,7 +144,9 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
         try:
             plan = build_plan(model, layer)
         except UntraceableModelError:  # a forward that branches on sizes: traced for this shape
+            check_model_tensors(model)  # that trace runs the modules
             plan = build_plan(model, layer, example=x)
+        check_model_tensors(model, plan.leaves)  # a lazy module would be initialised by the probe, with random weights
         with_batch = RSPError(f"input_shape is one sample's shape, without the batch: {tuple(input_shape[1:])}, "
                               f"not {tuple(input_shape)}")
         if plan.input_rank is not None and x.dim() != plan.input_rank:  # as RSP refuses such inputs

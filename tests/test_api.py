@@ -1693,6 +1693,15 @@ def test_parametrized_and_scripted_modules():
         rsp_fast.RSP(scripted)
 
 
+class _WithAnAuxiliaryHead(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.aux = net, nn.LazyLinear(3)  # used in training only
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def test_an_uninitialised_lazy_module_is_named():
     """It was torch's ValueError about UninitializedParameter, from inside the input checks."""
     model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(3))
@@ -1702,6 +1711,10 @@ def test_an_uninitialised_lazy_module_is_named():
         explainer.attribute(x)
     model(x[:1])  # initialised: the same explainer works
     assert explainer.attribute(x).shape == x.shape
+    aux = _WithAnAuxiliaryHead(model)  # a head the forward never calls stays lazy: it was refused ("run the model once")
+    assert rel_err(rsp_fast.RSP(aux).attribute(x), explainer.attribute(x)) == 0
+    assert rsp_fast.cost(aux, (3, 8, 8))["layers"][0]["forward_macs"] == 4 * 3 * 9 * 36
+    assert nn.parameter.is_lazy(aux.aux.weight)
 
 
 def test_a_quantized_module_is_named():
