@@ -1693,6 +1693,25 @@ def test_parametrized_and_scripted_modules():
         rsp_fast.RSP(scripted)
 
 
+class _CoordConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(6, 5, 3, padding=1), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 6), torch.linspace(-1, 1, 6), indexing="ij"))
+        return self.fc(F.relu(self.c2(torch.cat([h, grid.expand(h.shape[0], 2, 6, 6)], 1))).mean((2, 3)))
+
+
+def test_a_constant_joined_to_the_activations_is_named_as_such():
+    """fx folds a grid the forward makes without the input into '_tensor_constant0', which was
+    refused as "a parameter or buffer used as an activation"."""
+    with pytest.raises(UnsupportedModelError, match="_tensor_constant0: a constant tensor the forward makes without "
+                                                    "the input \\(e.g. a coordinate grid\\), joined to the activations"):
+        rsp_fast.RSP(_CoordConv()).attribute(torch.randn(2, 3, 6, 6))
+
+
 class _WithAnAuxiliaryHead(nn.Module):
     def __init__(self, net):
         super().__init__()

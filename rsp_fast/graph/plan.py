@@ -337,6 +337,11 @@ def _describe_unsupported(node: fx.Node, module) -> tuple[str, str]:
                   "a TorchScript module, which torch.fx cannot read: use the nn.Module it was scripted or traced from"
                   if isinstance(module, torch.jit.ScriptModule) else unsupported_combination(node, module))
         return node.target, type(module).__name__ + (f" ({reason})" if reason else "")
+    if node.op == "get_attr" and str(node.target).startswith("_tensor_constant"):  # fx's name for a tensor it folded
+        stack = node.meta.get("nn_module_stack") or {}
+        where = f" in {next(reversed(stack.values()))[0]}" if stack else ""
+        return node.target, (f"a constant tensor the forward makes without the input{where} (e.g. a coordinate grid), "
+                             "joined to the activations: RSP has no rule for relevance that flows into it")
     if node.op == "get_attr":
         return node.target, "a parameter or buffer used as an activation"
     # a call inside a module's forward is named by that module's path, as users know it
