@@ -2232,7 +2232,7 @@ def test_forward_branching_on_sizes_is_traced_per_input_shape(monkeypatch):
     with pytest.raises(RSPError, match="not a module of _LeNet"):
         rsp_fast.RSP(model, layer="conv9")  # names are still checked at once
     assert rsp_fast.cost(model, (1, 20, 20))["layers"] == rsp_fast.cost(twin, (1, 20, 20))["layers"]
-    with pytest.raises(RSPError, match=r"forward failed on inputs of shape \(1, 3, 20, 20\)"):
+    with pytest.raises(RSPError, match=r"forward failed on inputs of shape \(2, 3, 20, 20\)"):
         rsp_fast.cost(twin, (3, 20, 20))  # the cost model says so too
     with pytest.raises(RSPError, match=r"without the batch: \(1, 20, 20\), not \(2, 1, 20, 20\)"):
         rsp_fast.cost(twin, (2, 1, 20, 20))  # a batch size given too
