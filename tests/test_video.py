@@ -282,6 +282,22 @@ def _frame_times(path):
         return [float(f.time) for f in c.decode(video=0)]
 
 
+def test_a_file_is_read_by_its_name_not_as_an_ffmpeg_pattern_or_protocol(tmp_path):
+    """FFmpeg took 'shot_%d.png' for an image sequence (it read shot_1.png, shot_2.png) and
+    'concat:x.mp4' for its concat protocol (it read x.mp4): the wrong pictures, explained with rc 0."""
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 24, 3), (255, 0, 0), np.uint8)).save(tmp_path / "shot_%d.png")
+    for i in (1, 2):
+        Image.fromarray(np.full((16, 24, 3), (0, 0, 255), np.uint8)).save(tmp_path / f"shot_{i}.png")
+    frames = read_frames(tmp_path / "shot_%d.png")
+    assert len(frames) == 1 and frames[0][8, 12, 0] > 200 and frames[0][8, 12, 2] < 50  # the red one
+    frame = lambda i: np.full((16, 24, 3), 10 * i, np.uint8)  # noqa: E731
+    write_video(tmp_path / "concat:x.mp4", (frame(i) for i in range(3)), fps=10)
+    write_video(tmp_path / "x.mp4", (frame(i) for i in range(7)), fps=10)
+    assert len(read_frames(tmp_path / "concat:x.mp4")) == 3
+
+
 def test_variable_frame_rate_keeps_each_frames_time(tmp_path, spec):
     """A phone's video has gaps and uneven frame intervals: each output frame shows when its
     input frame did (the clock starting at 0), so the heat map stays in sync with the source."""

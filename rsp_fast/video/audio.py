@@ -6,7 +6,7 @@ from __future__ import annotations
 from io import BytesIO
 from pathlib import Path
 
-from .io import _av
+from .io import _av, open_local
 
 
 class AudioCopy:
@@ -20,7 +20,7 @@ class AudioCopy:
         self.start, self.note = start, None
         self.source = self.stream = self.packets = self.pending = self.output = None
         try:
-            source = av.open(str(src), mode="r")
+            source = open_local(src)
         except (av.error.FFmpegError, OSError, ValueError):
             return  # the video decoder reports an unreadable file
         if not source.streams.audio:

@@ -61,12 +61,19 @@ def _start(container) -> float:
     return container.start_time / 1_000_000 if container.start_time is not None else 0.0  # AV_TIME_BASE
 
 
+def open_local(path: str | Path):
+    """``path`` opened for reading as the file it names: through FFmpeg's file protocol (a name
+    like ``concat:x.mp4`` or ``pipe:0`` is not another protocol) and with no image-sequence
+    pattern (``shot_%d.png`` is that one picture, not shot_1.png, shot_2.png, ...)."""
+    return _av().open(f"file:{Path(path).absolute()}", mode="r", options={"pattern_type": "none"})
+
+
 def _open(path: str | Path):
     av = _av()
     path = Path(path)
     check_readable(path, "video")
     try:
-        return av.open(str(path), mode="r")
+        return open_local(path)
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise RSPError(f"cannot read video {str(path)!r}: not a video or corrupt ({exc})") from None
 
