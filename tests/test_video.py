@@ -958,6 +958,17 @@ def test_heat_map_videos_are_tagged_as_the_colours_they_are_converted_with(tmp_p
     assert np.abs(read_frames(path)[0].astype(int) - rgb).max() <= 6
 
 
+def test_an_avi_keeps_its_colours():
+    """An AVI's MPEG-4 Part 2 keeps no colour tag: converted with BT.709's matrix, its frames
+    were decoded with BT.601's, (200, 40, 60) coming back as (185, 20, 60)."""
+    import tempfile
+
+    rgb = np.full((32, 32, 3), (200, 40, 60), np.uint8)
+    with tempfile.TemporaryDirectory() as folder:
+        back = read_frames(write_video(Path(folder) / "flat.avi", [rgb, rgb], fps=5))[0]
+    assert np.abs(back.astype(int) - rgb).max() <= 4
+
+
 def test_a_first_frame_before_the_sources_start_opens_the_output_at_zero(tmp_path):
     """Frames timed before the container's start (a stream whose first frame precedes the time
     the container reports): the output starts at 0 and keeps the frames' spacing, rather than

@@ -263,7 +263,7 @@ def _tag_seconds(text) -> float | None:
 
 
 TIME_BASE = Fraction(1, 90_000)  # the MPEG clock: fine enough for any source's timestamps
-BT709, STUDIO_RANGE = 1, 1  # libavutil's AVCOL_SPC/PRI/TRC_BT709 and AVCOL_RANGE_MPEG
+BT709, BT601, STUDIO_RANGE = 1, 6, 1  # libavutil's AVCOL_SPC/PRI/TRC_BT709, _SMPTE170M and AVCOL_RANGE_MPEG
 
 
 ENCODER_OPTIONS = {
@@ -350,9 +350,11 @@ class Encoder:
             self.stream.width, self.stream.height = self.width, self.height
             self.stream.pix_fmt = "yuv420p"
             # converted to YUV with BT.709's matrix and tagged so (BT.709 throughout, studio range):
-            # untagged, players guess BT.601 or BT.709 by the frame's size
+            # untagged, players guess BT.601 or BT.709 by the frame's size. MPEG-4 Part 2 (an AVI's)
+            # keeps no tag, and FFmpeg decodes untagged video with BT.601's matrix: that one there
+            self.matrix, self.tag = ("itu601", BT601) if self.codec == "mpeg4" else ("itu709", BT709)
             context = self.stream.codec_context
-            context.colorspace = context.color_primaries = context.color_trc = BT709
+            context.colorspace = context.color_primaries = context.color_trc = self.tag
             context.color_range = STUDIO_RANGE
             self.stream.options = ENCODER_OPTIONS.get(self.codec, {})
             if self.codec == "libx264":
@@ -364,8 +366,8 @@ class Encoder:
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.pad(rgb, ((0, self.height - rgb.shape[0]), (0, self.width - rgb.shape[1]), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
-            format="yuv420p", dst_colorspace="itu709")
-        frame.colorspace = frame.color_primaries = frame.color_trc = BT709
+            format="yuv420p", dst_colorspace=self.matrix)
+        frame.colorspace = frame.color_primaries = frame.color_trc = self.tag
         frame.color_range = STUDIO_RANGE
         seconds = self.frames / self.fps if time is None or self.time_base != TIME_BASE else Fraction(time - self.start) + self.jump
         if self.last_pts < 0 and seconds < 0:  # a first frame before the source's start: it starts the output
