@@ -384,6 +384,22 @@ def test_sound_is_copied_in_sync(tmp_path, spec, offset):
     assert 0.5 <= len(samples) / rate <= 0.65 and len(read_frames(tmp_path / "cut.mp4")) == 5
 
 
+@pytest.mark.parametrize("output", ["out.ts", "out.flv"])
+def test_sound_a_format_cannot_carry_is_said_not_copied(tmp_path, output):
+    """MPEG-TS took 16-bit PCM as private data (the report said "copied", the sound was lost);
+    FLV aborted the process (SIGABRT inside FFmpeg) on 44.1 kHz PCM."""
+    src = _video_with_sound(tmp_path / "in.mkv", rate=44100, seconds=0.5)
+    code = ("import sys; sys.path.insert(0, sys.argv[3]); from models import tiny_cnn; from rsp_fast.models import "
+            "ModelSpec; from rsp_fast.video import explain_video; print(explain_video(ModelSpec(tiny_cnn(), 'tiny', "
+            "input_size=32), sys.argv[1], sys.argv[2], progress=False)['audio'])")
+    run = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / output), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300)  # an abort must not take the test run with it
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("format cannot hold pcm_s16le sound")
+    with av.open(str(tmp_path / output)) as c:
+        assert not c.streams.audio and not c.streams.data
+
+
 def _descriptors_on(path) -> list[str]:
     """This process's open file descriptors on ``path``."""
     fds = Path("/proc/self/fd")

@@ -95,8 +95,17 @@ class AudioCopy:
         self.source = self.packets = self.pending = None
 
 
+# What a muxer takes without complaint but cannot carry, so a trial header cannot tell: FFmpeg's
+# MPEG-TS muxer writes sound it has no stream type for (PCM, FLAC, ALAC, ...) as private data that
+# no demuxer reads back as sound; its FLV muxer aborts the process (an assertion) on some PCM.
+_TS_SOUND = {"mp2", "mp3", "aac", "aac_latm", "ac3", "eac3", "dts", "truehd", "opus", "s302m"}
+
+
 def _fits(stream, output_format: str) -> bool:
     """Whether the output format can hold the stream's codec: a header written to memory says."""
+    codec = stream.codec_context.name
+    if (output_format == "mpegts" and codec not in _TS_SOUND) or (output_format == "flv" and codec.startswith("pcm_")):
+        return False
     av = _av()
     try:
         with av.open(BytesIO(), mode="w", format=output_format) as trial:
