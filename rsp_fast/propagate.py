@@ -221,17 +221,28 @@ def _check_forward(model: torch.nn.Module, traced, x: torch.Tensor) -> None:
         return  # the model's own hooks do not run in the traced pass (RSP warns); a capture cannot wait
     if any(type(m).__name__ == "OptimizedModule" for m in model.modules()):
         return  # a submodule compiled alone: calling it would compile it (slow), its guards may miss hooks added since
-    autocast = _AutocastSeen(x.device.type)
-    # with grad, as the traced pass runs the head (hooks that register tensor hooks; no fused inference paths);
-    # on a copy: a forward that writes its input in place must not change the caller's tensor, which the rules read
-    with attributes_kept(model), torch.enable_grad(), autocast:  # attributes: this call was not the user's
-        expected = logits_of(model(x.clone()))
     got = logits_of(traced)
+    try:  # without grad first: no autograd graph of the whole model beside what the pass keeps
+        gap = _gap_to_model(model, x, got, grad=False)
+    except Exception:  # e.g. a hook that registers a tensor hook on its output: tried with grad
+        gap = "failed"
+    if gap is not None:  # as the traced pass runs the head, with grad (no fused inference paths either)
+        gap = _gap_to_model(model, x, got, grad=True)
+    if gap is not None:
+        raise RSPError(gap)
+
+
+def _gap_to_model(model: torch.nn.Module, x: torch.Tensor, got, grad: bool) -> str | None:
+    """None if model(x)'s logits are the traced ``got`` (to their dtype's tolerance), else why not."""
+    autocast = _AutocastSeen(x.device.type)
+    # on a copy: a forward that writes its input in place must not change the caller's tensor, which the rules read
+    with attributes_kept(model), torch.set_grad_enabled(grad), autocast:  # attributes: this call was not the user's
+        expected = logits_of(model(x.clone()))
     if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor):
-        return  # no logits to compare: the pass names what it needs
+        return None  # no logits to compare: the pass names what it needs
     if got.shape != expected.shape:
-        raise RSPError(f"the traced forward gives logits of shape {tuple(got.shape)}, model(x) {tuple(expected.shape)}: "
-                       "part of the forward is not seen by torch.fx (see README, Limits)")
+        return (f"the traced forward gives logits of shape {tuple(got.shape)}, model(x) {tuple(expected.shape)}: "
+                "part of the forward is not seen by torch.fx (see README, Limits)")
     tolerance = FORWARD_TOLERANCE.get(autocast.dtype or expected.dtype, FORWARD_TOLERANCE_DEFAULT)
     expected, got = expected.detach().double(), got.detach().double()
     finite = torch.isfinite(expected)  # NaN or Inf where model(x) has them (an overflow): named later
@@ -239,11 +250,12 @@ def _check_forward(model: torch.nn.Module, traced, x: torch.Tensor) -> None:
                                                                               got[~finite].nan_to_num())
     scale = expected[finite].abs().amax().item() if finite.any() else 0.0
     gap = (got[finite] - expected[finite]).abs().amax().item() if finite.any() else 0.0
-    if not (same_pattern and gap <= tolerance * scale + torch.finfo(torch.float64).tiny):
-        raise RSPError(f"the traced forward's logits are {gap:.3g} from model(x)'s (of {scale:.3g}): part of the "
-                       "forward is not seen by torch.fx — e.g. a torchvision.transforms.v2 transform in the model, "
-                       "torch.func.functional_call, or a __call__ that does more than forward; do that outside the "
-                       "model, on its input (or the forward is random in eval mode: no map explains it)")
+    if same_pattern and gap <= tolerance * scale + torch.finfo(torch.float64).tiny:
+        return None
+    return (f"the traced forward's logits are {gap:.3g} from model(x)'s (of {scale:.3g}): part of the "
+            "forward is not seen by torch.fx — e.g. a torchvision.transforms.v2 transform in the model, "
+            "torch.func.functional_call, or a __call__ that does more than forward; do that outside the "
+            "model, on its input (or the forward is random in eval mode: no map explains it)")
 
 
 def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor, check_forward: bool = False):
