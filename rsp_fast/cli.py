@@ -169,10 +169,10 @@ def cmd_demo(args) -> None:
                                                            ("output video", video), ("contact sheet", out / "contact_sheet.png")])
     made = [p for p in (out, *out.parents) if not p.exists()]  # a failed run removes what it made
     out.mkdir(parents=True, exist_ok=True)
-    had_clip = (out / "demo_input.mp4").exists()
-    clip = make_demo_clip(out / "demo_input.mp4")
-    try:
-        report = explain_video(_spec(args), clip, video, **_video_kwargs(args))
+    clip = out / "demo_input.mp4"
+    had_clip = clip.exists()
+    try:  # writing the clip may fail too (a full disk, Ctrl-C)
+        report = explain_video(_spec(args), make_demo_clip(clip), video, **_video_kwargs(args))
     except BaseException:
         _remove_made(None if had_clip else clip, made)
         raise

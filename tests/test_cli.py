@@ -657,3 +657,15 @@ def test_a_failed_demo_leaves_nothing_behind(tmp_path, capsys):
     (out / "mine.txt").write_text("kept")
     assert main(["demo", "-o", str(out), "--target", "5000", "--device", "cpu", "--quiet"]) == 2
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_a_demo_that_fails_writing_its_clip_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A full disk (or Ctrl-C) while the clip was written left the folders the demo made."""
+    import rsp_fast.video
+
+    def disk_full(path, *args, **kwargs):
+        raise RSPError(f"cannot write video {str(path)!r}: No space left on device")
+
+    monkeypatch.setattr(rsp_fast.video, "make_demo_clip", disk_full)
+    assert main(["demo", "-o", str(tmp_path / "new" / "demo"), "--device", "cpu", "--quiet"]) == 2
+    assert list(tmp_path.iterdir()) == []
