@@ -95,9 +95,12 @@ def test_images_of_different_sizes_share_a_batch(tmp_path):
 @pytest.mark.parametrize("wide", [
     lambda grey: Image.fromarray(grey.astype(np.uint16) * 257),  # 16-bit PNG (mode I;16)
     lambda grey: Image.fromarray(grey.astype(np.int32) * 257, "I"),  # 32-bit integer grey
-    lambda grey: Image.fromarray(grey.astype(np.float32) / 255, "F")])  # float grey in [0, 1]
+    lambda grey: Image.fromarray(grey.astype(np.float32) / 255, "F"),  # float grey in [0, 1]
+    lambda grey: Image.fromarray(grey.astype(np.float32), "F"),  # float grey in [0, 255]
+    lambda grey: Image.fromarray(grey.astype(np.float32) * 257, "F")])  # float grey of 16-bit data
 def test_wide_grey_images_read_like_their_8_bit_version(tmp_path, wide):
-    """PIL's convert("RGB") clips 16-bit grey at 255: a 16-bit photo read as all white."""
+    """PIL's convert("RGB") clips 16-bit grey at 255: a 16-bit photo read as all white (a float
+    one too, until later: scaled only where its peak was at most 1)."""
     from skimage import data
     grey = data.camera()
     path = tmp_path / ("wide.png" if wide(grey).mode.startswith("I;16") else "wide.tif")  # PNG holds no I or F
