@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Iterable
@@ -157,14 +158,15 @@ def _named(index: int, item) -> tuple:
 
 class _FileNames:
     """Names for a run's output files: each a plain file name (no folder part, which would
-    write outside the output folder), repeats made unique (``cat``, ``cat-2``)."""
+    write outside the output folder; a file's own ``..png`` or, on POSIX, ``a\\b.png`` is
+    one), repeats made unique (``cat``, ``cat-2``)."""
 
     def __init__(self):
         self.used: set[str] = set()
 
     def unique(self, name) -> str:
         name = str(name)
-        if not name or name in (".", "..") or "/" in name or "\\" in name:
+        if not name or any(sep in name for sep in (os.sep, os.altsep) if sep):  # "." or ".." only prefix a name
             raise RSPError(f"image name {name!r} must be a plain file name (no folder part)")
         candidate, k = name, 1
         while candidate in self.used:  # also past a file of its own called "cat-2"

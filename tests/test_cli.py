@@ -189,6 +189,11 @@ def test_explain_images_from_python_checks_arrays_and_names(tmp_path):
         _png(tmp_path / folder / f"{name}.png")
     names = [n for n, _ in image_files([tmp_path / "x", tmp_path / "y", tmp_path / "z"])]
     assert names == ["cat", "cat-2", "cat-2-2"]
+    (tmp_path / "w").mkdir()  # file names Linux allows: they were refused as having a folder part
+    odd = [tmp_path / "w" / name for name in ("..png", "a\\b.png")]
+    for path in odd:
+        Image.fromarray(rgb).save(path, format="PNG")
+    assert [n for n, _ in image_files(odd)] == [".", "a\\b"]
     other = rsp_fast.RSP(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                              torch.nn.Flatten(), torch.nn.Linear(4, 10)))
     with pytest.raises(RSPError, match="built for another model"):  # its maps and labels were written as the spec's
