@@ -237,6 +237,13 @@ def _check_complete(container, stream, last: float, shown: float | None, path) -
         raise RSPError(f"video {str(path)!r} is truncated: its frames end at {end:.2f} s of the {claimed:.2f} s it claims")
 
 
+# Output formats that take H.264 but lose frames' presentation times: elementary streams and raw
+# files keep none (.h264, .yuv), MPEG program streams most (.mpg, .vob), ASF returns x264's
+# B-frames' times out of order (.wmv, .asf)
+UNTIMED_FORMATS = {"asf", "asf_stream", "rawvideo", "h264", "hevc", "mpeg", "vob", "svcd", "vcd", "dvd",
+                   "mpeg1video", "mpeg2video", "m4v"}
+
+
 def _holds(format_name: str, codec: str) -> bool:
     """Whether a ``format_name`` file takes ``codec`` video, tried on one small frame in memory:
     FFmpeg cannot say for some formats (MPEG-TS holds H.264, though PyAV lists no codec for it).
@@ -295,6 +302,11 @@ class Encoder:
             self.container = None
             self.abort()  # the folders made for it
             raise RSPError(f"cannot write video {str(self.path)!r}: {exc}") from None
+        if self.container.format.name in UNTIMED_FORMATS:
+            name = self.container.format.name
+            self.abort()
+            raise RSPError(f"cannot write video {str(self.path)!r}: a {self.path.suffix or 'file without an extension'} "
+                           f"({name}) does not keep each frame's time; use .mp4, .mkv, .mov or .avi")
         if self.container.format.name == "avi" and codec == "libx264":
             # AVI keeps no presentation times: FFmpeg reads H.264 there one frame late (two with
             # sound interleaved), even without B-frames; MPEG-4 Part 2, AVI's own, starts at 0
