@@ -797,7 +797,7 @@ def test_cli_video_with_a_clip_model_from_a_factory_spec(tmp_path):
     (["video", "{good}", "-o", "out.gif", "--model", "models:tiny_cnn"], "a .gif cannot hold libx264 video"),
     (["video", "{good}", "-o", "out.wmv", "--model", "models:tiny_cnn"], "a .wmv (asf) does not keep each frame's time"),
     (["video", "{good}", "-o", "out.yuv", "--model", "models:tiny_cnn"], "a .yuv (rawvideo) does not keep"),
-    (["video", "{good}", "-o", "out.mpg", "--model", "models:tiny_cnn"], "a .mpg (mpeg) does not keep"),
+    (["video", "{good}", "-o", "out.h264", "--model", "models:tiny_cnn"], "a .h264 (h264) does not keep"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "-5"], "frame rate must be from 1/1001"),
     (["video", "{good}", "-o", "out.mp4", "--model", "models:tiny_cnn", "--fps", "1e-9"], "frame rate must be from 1/1001 to 1000 frames per second, not 1e-9"),
     (["video", "{good}", "-o", "out.mp4", "--model", ":"], "model ':': give efficientnet_lite0"),

@@ -238,10 +238,8 @@ def _check_complete(container, stream, last: float, shown: float | None, path) -
 
 
 # Output formats that take H.264 but lose frames' presentation times: elementary streams and raw
-# files keep none (.h264, .yuv), MPEG program streams most (.mpg, .vob), ASF returns x264's
-# B-frames' times out of order (.wmv, .asf)
-UNTIMED_FORMATS = {"asf", "asf_stream", "rawvideo", "h264", "hevc", "mpeg", "vob", "svcd", "vcd", "dvd",
-                   "mpeg1video", "mpeg2video", "m4v"}
+# files keep none (.h264, .yuv), ASF returns x264's B-frames' times out of order (.wmv, .asf)
+UNTIMED_FORMATS = {"asf", "asf_stream", "rawvideo", "h264", "hevc", "mpeg1video", "mpeg2video", "m4v"}
 
 
 def _holds(format_name: str, codec: str) -> bool:
