@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from .graph.trace import TRACE_GATE, UntraceableModelError, called_by_a_caller, 
 from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import class_scores, propagate, record_forward, work_dtype
-from .rules.base import LayerRule
+from .rules.base import LayerRule, power_of_two
 from .shared_setting import SETTINGS
 from .tf32 import restore_tf32, set_tf32
 
@@ -329,11 +328,10 @@ def _is_quantized(module: nn.Module) -> bool:
 
 
 def _peak_power_of_two(R: torch.Tensor) -> torch.Tensor:
-    """The power of two just above max|R| (1 where there is no relevance; the largest the dtype
-    holds past it), as a 0-d tensor: no wait for the device."""
+    """The power of two just above max|R| (1 where there is no relevance; within the dtype's
+    range, 2^±127 in float32), as a 0-d tensor: no wait for the device."""
     _, exponent = torch.frexp(R.abs().amax() if R.numel() else R.new_zeros(()))  # m·2^e, ½ ≤ m < 1; 0: e = 0
-    largest = int(math.log2(torch.finfo(R.dtype).max))  # 2^128 is inf in float32
-    return torch.ldexp(torch.ones((), dtype=R.dtype, device=R.device), exponent.clamp(max=largest))
+    return power_of_two(exponent, R.dtype)
 
 
 def on_device(device: torch.device):

@@ -1,5 +1,6 @@
 """Each RSP rule against an independent formulation (tests/reference_rules.py), odd shapes, float64."""
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -1286,11 +1287,12 @@ def test_layers_skip_clamping_only_inputs_that_are_non_negative_by_construction(
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("magnitude", [1e-22, 1e22])
+@pytest.mark.parametrize("magnitude", [1e-22, 1e22, 1e-40])
 def test_extreme_activation_scales_stay_finite_in_float32(backend, magnitude):
     """The inner rules are invariant to the scale of their input, but their responses grow
     with x̂²: activations of 1e-22 (deep randomly initialised nets) underflowed them to 0 in
-    float32 and gave NaN, 1e22 overflowed them. float32 must give float64's attribution."""
+    float32 and gave NaN, 1e22 overflowed them. float32 must give float64's attribution. At
+    1e-40 (subnormal) the power of two that scales them up, 2^132, was inf in float32."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
@@ -1303,7 +1305,32 @@ def test_extreme_activation_scales_stay_finite_in_float32(backend, magnitude):
     attribution = {dt: rsp_fast.RSP(model.to(dt), layer="5", backend=backend).attribute(x.to(dt)) for dt in (torch.float64, torch.float32)}
     R64, R32 = attribution[torch.float64], attribution[torch.float32].double()
     assert torch.isfinite(R32).all()
-    assert rel_err(R32, R64) < 1e-4
+    assert rel_err(R32, R64) < (1e-3 if magnitude < 1e-38 else 1e-4)  # subnormal activations: ~16 bits in the forward
+
+
+def _first_layer_model(first: str) -> tuple[nn.Module, tuple]:
+    """A small net whose first layer is ``first`` (saliency layer "3"), and its sample shape."""
+    if first == "linear":
+        return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.ReLU(), nn.Linear(16, 5)), (3, 4, 4)
+    conv, shape = (nn.Conv3d, (3, 2, 4, 4)) if first == "conv3d" else (nn.Conv2d, (3, 4, 4))
+    return nn.Sequential(conv(3, 8, 3, padding=1), nn.ReLU(), conv(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * math.prod(shape[1:]), 5)), shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("first", ["conv2d", "conv3d", "linear"])
+def test_a_picture_of_subnormal_values_is_explained_as_in_float64(first, backend):
+    """The first-layer (z^B) rule is invariant to the scale of its input, but a float32 picture
+    of about 1e-40 (subnormal values) made its Z subnormal and R/Z inf: it was refused as
+    relevance that "left the range of float32". float32 must give float64's attribution."""
+    torch.manual_seed(0)
+    model, shape = _first_layer_model(first)
+    x = torch.rand(2, *shape, dtype=torch.float64) * 1e-40
+    x[1] = x[1] - 0.5e-40  # signed values too
+    maps = {dt: rsp_fast.RSP(model.to(dt).eval(), layer="3", backend=backend).attribute(x.to(dt))
+            for dt in (torch.float64, torch.float32)}
+    assert maps[torch.float64].abs().amax() > 0
+    assert rel_err(maps[torch.float32].double(), maps[torch.float64]) < 1e-4
 
 
 class _MaxPoolSame(nn.MaxPool2d):

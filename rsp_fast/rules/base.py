@@ -1,6 +1,7 @@
 """What every RSP rule looks like, and the context it runs in."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -159,7 +160,26 @@ def _peak_exponent(x: torch.Tensor, non_negative: bool) -> torch.Tensor:
 
 
 def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.ldexp(torch.ones(exponent.shape, dtype=dtype, device=exponent.device), -exponent)
+    return power_of_two(-exponent, dtype)
+
+
+def power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^exponent in ``dtype``, the exponent kept where the dtype holds it (±127 in float32): a
+    subnormal peak (float32 below 2^-126) is scaled up as far as the dtype goes, not to inf."""
+    largest = int(math.log2(torch.finfo(dtype).max))
+    return torch.ldexp(torch.ones(exponent.shape, dtype=dtype, device=exponent.device),
+                       exponent.clamp(-largest, largest))
+
+
+def unit_scaled(t: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
+    """t times a power of two that brings max|t| into [0.5, 1), per sample (row of dim 0) or
+    over all of t: for the first-layer (z^B) rule's input and weight. That rule is invariant to a
+    positive scale of either (Z scales with it, R/Z inversely, the back-projection by 1), and a
+    power of two changes no bit of its result; but a picture (or weight) of subnormal values,
+    1e-40 in float32, made Z subnormal and R/Z inf."""
+    rows = t.reshape(t.shape[0] if per_sample else 1, -1)
+    scale = _power_of_two(_peak_exponent(rows.abs(), non_negative=True), t.dtype)
+    return t * scale.view(-1, *([1] * (t.dim() - 1)))
 
 
 def input_scale(x: torch.Tensor, non_negative: bool = False) -> torch.Tensor:

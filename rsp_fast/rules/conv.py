@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from ..kernels.reference import per_sample_sum, safe_div, stacked_sections
 from ..kernels.triton import triton_unavailable_reason
 from ..tf32 import matmul_tf32
-from .base import Context, LayerRule, input_scale, purged_relevance, rectified_input
+from .base import Context, LayerRule, input_scale, purged_relevance, rectified_input, unit_scaled
 from . import conv_paths
 
 
@@ -203,6 +203,7 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
     convolution with [W⁺, W⁻], combined as (x − L)·b⁺ + (x − H)·b⁻: the wide (output-channel)
     tensors are written once. ``fused``: the Triton kernels instead (ungrouped convs, dropped
     relevance not tracked); None: on CUDA where enabled, with a kernel backend."""
+    x, W = unit_scaled(x), unit_scaled(W, per_sample=False)
     if fused is None:
         fused = (x.is_cuda and CUDA_FUSED_FIRST_LAYER and ctx.ops.name != "torch"
                  and triton_unavailable_reason(x.device) == "")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv3d_input, conv3d_weight
 
 from ..kernels.reference import per_sample_sum, safe_div
-from .base import Context, LayerRule, purged_relevance, rectified_input
+from .base import Context, LayerRule, purged_relevance, rectified_input, unit_scaled
 from .conv import ConvCall, same_padding
 
 
@@ -68,6 +68,7 @@ def first_conv3d_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: to
     """z^B (RSP_SPEC's first-layer rule) over (T, H, W); ``pads``: (before, after) per dimension in
     place of the conv's own (a zero padding before the conv taken into it)."""
     pads, G = pads or g.pads(), g.groups
+    x, W = unit_scaled(x), unit_scaled(W, per_sample=False)
     flat = x.reshape(x.shape[0], -1)
     shape = (-1, 1, 1, 1, 1)
     below = _pad(x - flat.amin(1).view(shape), pads)  # x − L, zero on the padding

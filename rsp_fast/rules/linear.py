@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from ..kernels.reference import per_sample_sum, safe_div
-from .base import Context, LayerRule, purged_relevance, rectified_input
+from .base import Context, LayerRule, purged_relevance, rectified_input, unit_scaled
 
 
 def first_linear_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    x, W = unit_scaled(x), unit_scaled(W, per_sample=False)
     N = x.shape[0]
     flat = x.reshape(N, -1)
     shape = (N,) + (1,) * (x.dim() - 1)
