@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -47,7 +48,9 @@ def _open_still(path: Path):
 
     check_readable(path, "image")
     try:
-        im = Image.open(path)
+        with warnings.catch_warnings():  # pictures of 90–179 MP: Pillow's two-line warning said nothing to do
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
     except (Image.UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise RSPError(f"cannot read image {str(path)!r}: {exc}") from None
     if im.format in ANIMATION_FORMATS and getattr(im, "is_animated", False):

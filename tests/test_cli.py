@@ -136,6 +136,18 @@ def test_a_decompression_bomb_is_refused_by_name(tmp_path, monkeypatch):
             read(tmp_path / "big.png")
 
 
+def test_a_picture_below_the_bomb_limit_reads_without_a_warning(tmp_path, monkeypatch):
+    """Between MAX_IMAGE_PIXELS and twice that (90–179 MP) PIL only warns: two lines on stderr
+    that ask nothing of the user, before an output that is fine."""
+    Image.fromarray(np.full((30, 40, 3), 7, np.uint8)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    from rsp_fast.images import image_files
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(tmp_path / "large.png").shape == (30, 40, 3)
+        assert [name for name, _ in image_files([tmp_path / "large.png"])] == ["large"]
+
+
 @pytest.mark.parametrize("suffix", ["gif", "png", "webp"])
 def test_animations_are_refused_by_name_and_single_frames_read(tmp_path, suffix):
     """An animated GIF, PNG or WebP was explained as its first frame without a word; the error
