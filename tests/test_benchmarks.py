@@ -32,6 +32,25 @@ def test_bench_video_on_a_demo_clip_of_any_size(tmp_path):
     assert abs(row["decode_share"] + row["attribute_share"] + row["encode_share"] - 1) < 1e-9
 
 
+def test_bench_video_times_frames_not_the_explainers_set_up(monkeypatch):
+    """Every timed run built its own explainer (trace, first call's set-up), so a run of 32
+    frames mostly timed that: one explainer, warmed before the clock, serves every run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_video
+
+    calls = []
+
+    def fake_explain_video(spec, src, dst, **kwargs):
+        calls.append(kwargs)
+        frames = kwargs.get("max_frames") or 1
+        return {"totals": {"frames": frames, "decode_s": 1.0, "attribute_s": 1.0, "encode_s": 1.0}}
+
+    monkeypatch.setattr(bench_video, "explain_video", fake_explain_video)
+    assert bench_video.main(["--size", "64x48", "--frames", "4", "--batch-sizes", "1", "2"]) == 0
+    explainers = {id(c.get("explainer")) for c in calls}
+    assert len(calls) == 3 and len(explainers) == 1 and type(calls[0]["explainer"]).__name__ == "RSP"
+
+
 def test_bench_conv_products_quick(tmp_path):
     """Both CUDA dense paths of the conv rule, run on CPU (the implicit GEMMs in Triton's
     interpreter), and the products beside another version of the kernels (here a copy of the same
