@@ -50,13 +50,23 @@ def tma_tiles(precision: str, rows: int, cols: int, programs: int):
     return Tiles(rows, cols, 64 if precision == "bf16" else 32, 8, 3, programs, tma=True)
 
 
-def launches():
+# shared memory per block (opted in) by compute capability × 10: what Triton lets a launch take
+SHARED_MEMORY = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
+
+
+def launches(arch: int = 90):
     """(name, kernel, pointer types, constexprs, warps, stages, aligned integer arguments or None
-    for ``ALIGNED``) for each launch to compile."""
+    for ``ALIGNED``, whether a default run makes this launch) for each launch to compile, at the
+    tiles a GPU of ``arch`` gets by default."""
     import torch
 
     from rsp_fast.kernels.triton import conv_products as cp
     from rsp_fast.kernels.triton import first_layer as fl
+
+    def default_tiles(kernel: str, columns: int, dtype: torch.dtype):
+        if dtype == torch.float64:
+            return cp.default_tiles(kernel, columns, dtype, torch.device("cuda"))
+        return cp.tensor_core_tiles(kernel, columns, dtype, SHARED_MEMORY[arch], arch // 10)
 
     cuda = torch.device("cuda")
     for precision, (op, acc, flags) in PRECISIONS.items():
@@ -67,7 +77,7 @@ def launches():
         if sections_major:
             f_layouts.append({})  # beside it, what F as the filters write it would compile to
         for channels in (64, 256):
-            t = cp.default_tiles("filters", channels, dtype, cuda)
+            t = default_tiles("filters", channels, dtype)
             # the patches from the channels-last input, or (TF32's variant, Tiles.shifted) from
             # shifted positions-major copies, each channel's row at unit stride
             for shifted in (False, True) if precision == "tf32" else (False,):
@@ -75,7 +85,8 @@ def launches():
                     dict(SHIFTED=False, ALIGN=1)
                 yield (f"filters {precision} C={channels}" + (" shifted" if shifted else ""), cp._filters_kernel,
                        {"r_ptr": op, "x_ptr": op, "f_ptr": op},
-                       dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, **patches), t.warps, t.stages, None)
+                       dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, **flags, **patches), t.warps, t.stages, None,
+                       True)
             if precision != "fp64":  # the TMA filters (Tiles.tma) at VGG16's conv1_2 and conv3_3: R read as it is
                 t = t._replace(shifted=False, tma=True)
                 height, width = cp.position_box(t.red, (224, 224) if channels == 64 else (56, 56))
@@ -83,13 +94,13 @@ def launches():
                        {"r_desc": f"tensordesc<{acc}[1, {t.rows // 2}, {height}, {width}]>",
                         "x_desc": f"tensordesc<{op}[1, {height}, {width}, {t.cols}]>", "f_ptr": op},
                        dict(BLOCK_M=t.rows, BLOCK_C=t.cols, BLOCK_L=t.red, BOX_W=width, **flags), t.warps, t.stages,
-                       None)
+                       None, False)
             for gram, combine, purge, persistent, layout in (
                     (False, True, True, False, 0), (False, True, False, False, 0), (False, False, False, False, 0),
                     (True, True, True, False, 0), (False, True, True, True, 0), (False, True, True, False, 1)):
                 if layout >= len(f_layouts):
                     continue
-                t = cp.default_tiles("gram_back" if gram else "back", channels, dtype, cuda)
+                t = default_tiles("gram_back" if gram else "back", channels, dtype)
                 yield (f"back {precision} C={channels} gram={gram} combine={combine} purge={purge}"
                        + (" persistent" if persistent else "") + (" channels-contiguous F" if layout else ""),
                        cp._back_kernel, {"s_ptr": op, "f_ptr": op, "xcl_ptr": op, "dx_ptr": acc, "x_ptr": acc,
@@ -97,27 +108,27 @@ def launches():
                        dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=gram, COMBINE=combine,
                             PURGE=purge, PERSISTENT=persistent, TMA=False, BOX_W=1, F_T=False,
                             **({} if gram else f_layouts[layout])),
-                       t.warps, t.stages, None)
+                       t.warps, t.stages, None, not persistent and not layout)
             if precision == "fp64":
                 continue
             # the TMA back-projection (Tiles.tma) at VGG16's conv1_2 and conv3_3, with the purge's epilogue
-            t = cp.default_tiles("back", channels, dtype, cuda)._replace(tma=True)
+            t = default_tiles("back", channels, dtype)._replace(tma=True)
             height, width = cp.position_box(t.rows, (224, 224) if channels == 64 else (56, 56))
             f_box = f"[1, 1, {t.cols}, {t.red}]" if sections_major else f"[1, 1, {t.red}, {t.cols}]"
             yield (f"back {precision} C={channels} TMA {height}×{width} box", cp._back_kernel,
                    {"s_ptr": f"tensordesc<{op}[1, {height}, {width}, {t.red}]>", "f_ptr": f"tensordesc<{op}{f_box}>",
                     "xcl_ptr": op, "dx_ptr": acc, "x_ptr": acc, "scale_ptr": acc, "counts_ptr": "i32"},
                    dict(BLOCK_Q=t.rows, BLOCK_C=t.cols, BLOCK_M=t.red, **flags, GRAM=False, COMBINE=True, PURGE=True,
-                        PERSISTENT=False, TMA=True, BOX_W=width, F_T=sections_major), t.warps, t.stages, None)
+                        PERSISTENT=False, TMA=True, BOX_W=width, F_T=sections_major), t.warps, t.stages, None, False)
         for gram, columns, persistent in ((False, 128, False), (False, 512, False), (True, 784, False),
                                           (False, 128, True)):  # section columns, or positions
-            t = cp.default_tiles("patch_gram" if gram else "responses", columns, dtype, cuda)
-            persistent = persistent or t.programs > 0  # as the default launch runs it
+            t = default_tiles("patch_gram" if gram else "responses", columns, dtype)
+            default, persistent = not persistent, persistent or t.programs > 0  # as the default launch runs it
             yield (f"responses {precision} gram={gram}" + ("" if gram else f" M={columns}")
                    + (" persistent" if persistent else ""), cp._responses_kernel,
                    {"x_ptr": op, "f_ptr": op, "r_ptr": acc, "s_ptr": op},
                    dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=gram, PERSISTENT=persistent,
-                        TMA=False, BOX_W=1), t.warps, t.stages, None)
+                        TMA=False, BOX_W=1), t.warps, t.stages, None, default)
         if precision != "fp64":  # the TMA responses (Tiles.tma) at VGG16's conv1_2 and conv3_3
             for t, columns, out_w in ((tma_tiles(precision, 256, 128, 0), 128, 224), (tma_tiles(precision, 128, 256, 1), 512, 56)):
                 height, width = cp.position_box(t.rows, (out_w, out_w))
@@ -125,23 +136,23 @@ def launches():
                        cp._responses_kernel, {"x_ptr": f"tensordesc<{op}[1, {height}, {width}, {t.red}]>",
                                               "f_ptr": f"tensordesc<{op}[1, 1, {t.cols}, {t.red}]>", "r_ptr": acc, "s_ptr": op},
                        dict(BLOCK_L=t.rows, BLOCK_M=t.cols, BLOCK_C=t.red, **flags, GRAM=False,
-                            PERSISTENT=t.programs > 0, TMA=True, BOX_W=width), t.warps, t.stages, None)
+                            PERSISTENT=t.programs > 0, TMA=True, BOX_W=width), t.warps, t.stages, None, False)
         yield f"pack {precision}", cp._pack_kernel, {"x_ptr": acc, "scale_ptr": acc, "out_ptr": op}, \
-            dict(BLOCK_C=64, BLOCK_P=64), 4, 1, None
+            dict(BLOCK_C=64, BLOCK_P=64), 4, 1, None, True
         for on_grid in (False, True) if precision == "tf32" else (False,):  # on the grid: the shifted filters'
             yield (f"stack {precision}" + (" on the padded grid" if on_grid else ""), cp._stack_kernel,
-                   {"r_ptr": acc, "out_ptr": op}, dict(BLOCK=1024, INTERLEAVE=True, ON_GRID=on_grid), 4, 1, None)
+                   {"r_ptr": acc, "out_ptr": op}, dict(BLOCK=1024, INTERLEAVE=True, ON_GRID=on_grid), 4, 1, None, True)
         if precision == "tf32":
             yield (f"shifted copies {precision}", cp._shifted_copies_kernel, {"x_ptr": op, "out_ptr": op},
-                   dict(BLOCK_F=64, BLOCK_C=64), 4, 1, None)
+                   dict(BLOCK_F=64, BLOCK_C=64), 4, 1, None, True)
     for precision, (op, flags) in FIRST_LAYER_PRECISIONS.items():
         t = fl.tiles(64, 27, torch.float64 if op == "fp64" else torch.float32, cuda)  # VGG16's conv1_1
         yield (f"first layer sections {precision}", fl._sections_kernel,
                {"x_ptr": op, "w_ptr": op, "bounds_ptr": op, "r_ptr": op, "s_ptr": op},
-               dict(sxw=1, srl=1, **t["sections"], **flags), 4, 3, FIRST_LAYER_ALIGNED)  # NCHW x and R: unit pixel strides
+               dict(sxw=1, srl=1, **t["sections"], **flags), 4, 3, FIRST_LAYER_ALIGNED, True)  # NCHW x and R: unit pixel strides
         yield (f"first layer back {precision}", fl._back_kernel,
                {"s_ptr": op, "w_ptr": op, "x_ptr": op, "bounds_ptr": op, "out_ptr": op},
-               dict(sxw=1, **t["back"], **flags), 4, 3, FIRST_LAYER_ALIGNED)
+               dict(sxw=1, **t["back"], **flags), 4, 3, FIRST_LAYER_ALIGNED, True)
 
 
 def compile_launch(kernel, pointers: dict, constexprs: dict, warps: int, stages: int, arch: int, aligned_names=None):
@@ -193,17 +204,30 @@ def copies(ptx: str, size: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
+    p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200, 80: A100, "
+                   "86/89/120: GPUs of 99 KiB shared memory per block)")
+    p.add_argument("--defaults-only", action="store_true", help="only the launches a default run makes (not the TMA "
+                   "or forced persistent ones, nor F in the other layout)")
+    p.add_argument("--only", nargs="+", metavar="KERNEL", help="only the launches whose name starts so (e.g. responses)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)")
-    failed = 0
-    for name, kernel, pointers, constexprs, warps, stages, aligned in launches():
+    if args.arch not in SHARED_MEMORY:
+        p.error(f"--arch {args.arch}: one of {', '.join(map(str, SHARED_MEMORY))}")
+    limit, failed = SHARED_MEMORY[args.arch], 0
+    for name, kernel, pointers, constexprs, warps, stages, aligned, default in launches(args.arch):
+        if (args.defaults_only and not default) or not name.startswith(tuple(args.only or [""])):
+            continue
         try:
             compiled = compile_launch(kernel, pointers, constexprs, warps, stages, args.arch, aligned)
         except Exception as e:  # report every launch, then fail
             failed += 1
             print(f"FAILED {name}: {type(e).__name__}: {str(e).strip()[:1500]}")
+            continue
+        if default and compiled.metadata.shared > limit:  # Triton would refuse the launch (OutOfResources)
+            failed += 1
+            print(f"FAILED {name}: needs {compiled.metadata.shared / 1024:.0f} KiB of shared memory, more than "
+                  f"sm_{args.arch}'s {limit / 1024:.0f} KiB per block")
             continue
         ptx = compiled.asm["ptx"]
         usage = resources(compiled)

@@ -272,6 +272,26 @@ def test_rule_on_the_implicit_gemm_path_forms_the_input_and_purges_as_the_others
         torch.testing.assert_close(got.sum((1, 2, 3)), R.sum((1, 2, 3)), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("where", ["R", "x"])
+def test_a_nan_reaches_the_map_on_the_implicit_gemm_path(k, where):
+    """The kernels rectified with tl.maximum, which drops a NaN (R's sections, the input x̂), and
+    the normalisation selected its sections with r > 0 and r < 0: through a 1×1 conv (no purge)
+    or from the input, the implicit-GEMM path gave a finite map where the other paths give NaN,
+    so a map RSP must refuse came out as an explanation."""
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("Triton unavailable")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, k, padding=k // 2)
+    x, R = torch.rand(1, 3, 5, 5), torch.randn(1, 4, 5, 5)
+    (R if where == "R" else x)[0, 1, 2, 2] = float("nan")
+    g = conv_geometry(conv, (5, 5))
+    expected = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path="filter")
+    got = inner_conv_relevance(Context(values={}, shapes={}, ops=TORCH), x, R, g, path="implicit_gemm")
+    assert expected.isnan().any()
+    assert torch.equal(got.isnan(), expected.isnan())
+
+
 def test_implicit_gemm_path_reads_a_column_at_its_row_stride():
     """A one-pixel-wide input (a 1×H row transposed) is "contiguous" to PyTorch whatever its
     width's stride, which the kernels took as the pixel stride: they read other memory (NaN, or
@@ -370,6 +390,28 @@ def test_kernels_compile_for_the_h100():
     assert len(tma) == 12 and all(" 0 TMA" not in line for line in tma)
     assert all(" 0 16-byte and 0 4-byte cp.async" in line for line in tma if not line.startswith("ok back"))
     assert all(" 0 TMA" in line for line in products if " box" not in line)
+
+
+@pytest.mark.parametrize("arch", [80, 86])
+def test_default_launches_fit_the_shared_memory_of_smaller_gpus(arch):
+    """The tiles measured on an H100 (up to 208 KiB of shared memory per block there) exceeded an
+    A100's 163 KiB (TF32's persistent responses: 224 KiB on sm_80) and the 99 KiB of sm_86/sm_89
+    GPUs (bf16's and TF32's responses): Triton refuses such a launch, and nothing else would run
+    the layer. Compiled without a GPU at the tiles those GPUs get (the responses are the launches
+    fitted), each within its architecture's shared memory."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compile_kernels.py"
+    proc = subprocess.run([sys.executable, str(script), "--arch", str(arch), "--defaults-only", "--only", "responses"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    compiled = [line for line in proc.stdout.splitlines() if line.startswith("ok responses")]
+    assert len(compiled) == 9 and "FAILED" not in proc.stdout
 
 
 @pytest.mark.parametrize("device,dtype", DEVICES)

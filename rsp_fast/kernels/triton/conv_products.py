@@ -52,6 +52,13 @@ def _dot(a, b, acc, FP64: tl.constexpr, TF32: tl.constexpr):
 
 
 @triton.jit
+def _rectified(v):
+    """max(v, 0) keeping a NaN, as torch's clamp does (tl.maximum lowers to a max that returns
+    the other operand: a NaN became 0, and a map that should be refused came out finite)."""
+    return tl.where(v < 0, tl.zeros_like(v), v)
+
+
+@triton.jit
 def _normalised(acc, r_ptr, rl, valid, ro, O, srm, srl, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr):
     """S for a tile of positions rl (``valid`` the real ones) and interleaved section columns (those of outputs ro): where
     R ≠ 0 only its own section's response is read, S = R/G there (R⁺/G⁺, or −R⁻/G⁻ for the
@@ -63,7 +70,8 @@ def _normalised(acc, r_ptr, rl, valid, ro, O, srm, srl, BLOCK_L: tl.constexpr, B
     g = tl.where(r > 0, pos, neg)
     active = (r != 0) & (g != 0)
     s = tl.where(active, r / tl.where(active, g, 1.0), 0.0)
-    return tl.reshape(tl.join(tl.where(r > 0, s, 0.0), tl.where(r < 0, s, 0.0)), (BLOCK_L, BLOCK_M))
+    # a NaN R fails both comparisons: NaN in both sections, as in the reference (the map is then refused)
+    return tl.reshape(tl.join(tl.where(~(r <= 0), s, 0.0), tl.where(~(r >= 0), s, 0.0)), (BLOCK_L, BLOCK_M))
 
 
 @triton.jit
@@ -142,8 +150,8 @@ def _filters_tma_kernel(r_desc, x_desc, f_ptr, O, C, Ho, Wo, KW, DY, DX, PT, PL,
         i0, j0, _, _ = _box_rows(box, Wo, BLOCK_L, BOX_W)
         r = r_desc.load([n, o0, i0, j0]).reshape(HALF, BLOCK_L)
         xv = x_desc.load([n, i0 + ky * DY - PT, j0 + kx * DX - PL, c0]).reshape(BLOCK_L, BLOCK_C)
-        target = _dot(tl.maximum(r, 0.0).to(xv.dtype), xv, target, FP64, TF32)
-        hostile = _dot(tl.maximum(-r, 0.0).to(xv.dtype), xv, hostile, FP64, TF32)
+        target = _dot(_rectified(r).to(xv.dtype), xv, target, FP64, TF32)
+        hostile = _dot(_rectified(-r).to(xv.dtype), xv, hostile, FP64, TF32)
     ro = o0 + tl.arange(0, HALF)
     rc = c0 + tl.arange(0, BLOCK_C)
     rows = f_ptr + split.to(tl.int64) * sfs + n.to(tl.int64) * sfn + t * sft + (2 * ro)[:, None] * sfm + rc[None, :]
@@ -330,7 +338,7 @@ def _back_tile(pid_q, pid_c, n, s_ptr, f_ptr, xcl_ptr, dx_ptr, x_ptr, scale_ptr,
     mask = valid[:, None] & (rc[None, :] < C)  # (a TMA box's pixels past the input's edge: x̂ is zero there)
     if COMBINE:  # x̂ formed as rectified_input forms it, the product as the purge's (2·x̂)·dx
         xv = tl.load(x_ptr + n.to(tl.int64) * sxn + rc[None, :] * sxc + rq[:, None] * sxp, mask=mask, other=0.0)
-        x_hat = tl.maximum(xv, 0.0) * tl.load(scale_ptr + n)
+        x_hat = _rectified(xv) * tl.load(scale_ptr + n)
         if PURGE:
             x_hat = 2.0 * x_hat
         acc = x_hat.to(acc.dtype) * acc
@@ -349,7 +357,7 @@ def _pack_kernel(x_ptr, scale_ptr, out_ptr, C, P, sxn, sxc, sxp, BLOCK_C: tl.con
     rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = (rc[:, None] < C) & (rp[None, :] < P)
     v = tl.load(x_ptr + n.to(tl.int64) * sxn + rc[:, None] * sxc + rp[None, :] * sxp, mask=mask, other=0.0)
-    v = tl.maximum(v, 0.0) * tl.load(scale_ptr + n)
+    v = _rectified(v) * tl.load(scale_ptr + n)
     tl.store(out_ptr + n.to(tl.int64) * P * C + rp[None, :] * C + rc[:, None], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -370,8 +378,8 @@ def _stack_kernel(r_ptr, out_ptr, O, L, LP, WO, WIDTH, BLOCK: tl.constexpr, INTE
         r = tl.load(r_ptr + row.to(tl.int64) * L + i, mask=i < L, other=0.0)
     hostile = LP if INTERLEAVE else O * LP  # from the target row to its hostile row
     out = out_ptr + (n.to(tl.int64) * 2 * O + (2 * o if INTERLEAVE else o)) * LP + i
-    tl.store(out, tl.maximum(r, 0.0).to(out_ptr.dtype.element_ty), mask=i < LP)
-    tl.store(out + hostile, tl.maximum(-r, 0.0).to(out_ptr.dtype.element_ty), mask=i < LP)
+    tl.store(out, _rectified(r).to(out_ptr.dtype.element_ty), mask=i < LP)
+    tl.store(out + hostile, _rectified(-r).to(out_ptr.dtype.element_ty), mask=i < LP)
 
 
 @triton.jit
@@ -409,6 +417,10 @@ class Tiles(NamedTuple):
     tma: bool = False
 
 
+# An H100's shared memory per block (sm_90, 227 KiB): the measured tiles need up to 208 KiB there
+H100_SHARED_MEMORY = 232448
+
+
 def default_tiles(kernel: str, columns: int, dtype: torch.dtype, device: torch.device) -> Tiles:
     """A launch's tiles: ``kernel`` is "filters", "responses" (with the normalisation), "back", or
     the Gram path's "patch_gram" and "gram_back". GPUs: tensor-core tiles whose reduction tile
@@ -425,9 +437,22 @@ def default_tiles(kernel: str, columns: int, dtype: torch.dtype, device: torch.d
     launch): persistent 128×256 response tiles (one program per multiprocessor) take 11–14 %
     less time in bfloat16 and 24–25 % in TF32 where there are 256 section columns or more; TF32
     filters from shifted copies of the input (``Tiles.shifted``) 1.5–1.9× faster, the whole call
-    with the copies 7–11 % faster. (The Gram path's kernels keep the tiles they were measured with.)"""
+    with the copies 7–11 % faster. (The Gram path's kernels keep the tiles they were measured with.)
+    GPUs with less shared memory per block than an H100 get them fitted (``fitted_tiles``)."""
     if device.type != "cuda" or dtype == torch.float64:
         return Tiles(32, 32, 16 if device.type == "cuda" else 32, 4, 2)
+    return tensor_core_tiles(kernel, columns, dtype, *_shared_memory(device))
+
+
+def tensor_core_tiles(kernel: str, columns: int, dtype: torch.dtype, shared_memory: int = H100_SHARED_MEMORY,
+                      major: int = 9) -> Tiles:
+    """``default_tiles`` on a GPU of ``shared_memory`` bytes per block and that major capability
+    (by default an H100's): those measured there, fitted to the device (``fitted_tiles``)."""
+    return fitted_tiles(_measured_tiles(kernel, columns, dtype), dtype.itemsize, shared_memory, major,
+                        staged=kernel in ("responses", "patch_gram"))
+
+
+def _measured_tiles(kernel: str, columns: int, dtype: torch.dtype) -> Tiles:
     red = 128 // (torch.finfo(dtype).bits // 8)
     cols = min(128, max(32, triton.next_power_of_2(columns)))
     wide, half = cols == 128, dtype.itemsize == 2
@@ -442,6 +467,49 @@ def default_tiles(kernel: str, columns: int, dtype: torch.dtype, device: torch.d
     if dtype == torch.float32 and wide:
         return Tiles(256, 128, red, 8, 3)
     return Tiles(128, cols, red, 8 if wide else 4, 3)
+
+
+@functools.lru_cache
+def _shared_memory(device: torch.device) -> tuple[int, int]:
+    """The device's shared memory per block (opted in, as Triton launches) and its major capability."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block), props.major
+
+
+def shared_memory_estimate(t: Tiles, itemsize: int, major: int, staged: bool) -> int:
+    """Bytes of shared memory a launch of ``t`` takes at most: the operands' pipeline buffers
+    (``stages`` of them from Hopper on, one fewer before) and, ``staged`` (the responses, whose
+    normalising epilogue passes its tile through shared memory), the output tile: in the buffers'
+    place, or beside them where the launch is persistent (the next tile's loads are under way).
+    What Triton 3.x compiles to, checked by compiling for sm_80, sm_86 and sm_90."""
+    buffers = (t.stages if major >= 9 else t.stages - 1) * (t.rows + t.cols) * t.red * itemsize
+    output = t.rows * t.cols * itemsize if staged else 0
+    return buffers + output if t.programs else max(buffers, output)
+
+
+def fitted_tiles(t: Tiles, itemsize: int, shared_memory: int, major: int, staged: bool) -> Tiles:
+    """``t``, or where the device has less shared memory than the H100 the tiles were measured on
+    (an A100: 163 KiB, sm_86/sm_89 and sm_120 GPUs: 99 KiB; Triton refuses a launch that needs more,
+    and nothing else would run the layer), smaller tiles that fit: not persistent, then smaller
+    row and column tiles while the output tile alone is too large, a shorter reduction tile (down
+    to 64 bytes of a row), smaller row and column tiles, fewer stages."""
+    if shared_memory >= H100_SHARED_MEMORY:
+        return t
+    while shared_memory_estimate(t, itemsize, major, staged) > shared_memory:
+        halved = t._replace(rows=t.rows // 2) if t.rows >= t.cols else t._replace(cols=t.cols // 2)
+        if t.programs:
+            t = t._replace(programs=0)
+        elif staged and t.rows * t.cols * itemsize > shared_memory:
+            t = halved
+        elif t.red * itemsize > 64:
+            t = t._replace(red=t.red // 2)
+        elif max(t.rows, t.cols) > 64:
+            t = halved
+        elif t.stages > 2:
+            t = t._replace(stages=t.stages - 1)
+        else:
+            break
+    return t
 
 
 @functools.lru_cache
