@@ -26,7 +26,7 @@ fi
 # implicit GEMMs, the baseline bench_conv_products --baseline-module times beside today's
 mkdir -p .gpu/peers .gpu/old
 $PY -m pip download -q --no-deps --only-binary=:all: -d .gpu/peers captum zennit
-git show 069aa30:rsp_fast/kernels/triton/conv_products.py > .gpu/old/conv_products_session21.py
+bash scripts/session21_kernels.sh > .gpu/old/conv_products_session21.py
 if [ $# -ge 1 ]; then
     rm -rf .gpu/authors && mkdir -p .gpu/authors
     # their code only: the figure and the result images are 3 MB of the carry's 64 MiB

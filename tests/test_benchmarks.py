@@ -71,6 +71,37 @@ def test_bench_conv_products_quick(tmp_path):
     assert "| layer |" in proc.stdout
 
 
+def test_tile_sweep_times_the_kernel_each_launch_runs():
+    """bench_conv_products --tiles looked every kernel's time up under _{kernel}_kernel, but TMA
+    filters run _filters_tma_kernel: the KeyError overwrote each TMA tile's measured time."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_conv_products
+    from rsp_fast.kernels.triton import conv_products as cp
+
+    tma_filters = 0
+    for dtype in (torch.bfloat16, torch.float32):
+        for kernel in ("filters", "responses", "back"):
+            for t in bench_conv_products.candidate_tiles(dtype, kernel, True):
+                name = bench_conv_products.kernel_name(kernel, t)
+                assert type(getattr(cp, name)).__name__ in ("JITFunction", "InterpretedFunction"), name
+                if kernel == "filters" and t is not None and t.tma:
+                    tma_filters += 1
+                    assert name == "_filters_tma_kernel"
+    assert tma_filters > 0
+
+
+def test_session21_kernels_read_tf32_as_rsp_fast_sets_it():
+    """gpu_prepare.sh's baseline for bench_conv_products --baseline-module, session 21's kernels,
+    read torch's legacy allow_tf32 flag, which raises once rsp_fast has set the fp32_precision
+    strings: on a GPU the whole conv_products step would die at its first TF32 layer."""
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "069aa30^{commit}"], capture_output=True).returncode:
+        pytest.skip("not a git checkout with session 21's commit")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "session21_kernels.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "matmul.allow_tf32" not in proc.stdout and 'import__("rsp_fast.tf32"' in proc.stdout
+    compile(proc.stdout, "conv_products_session21.py", "exec")  # still Python
+
+
 def test_bench_first_layer_quick(tmp_path):
     """The first layer's two paths per stem, the fused one in Triton's interpreter: timed, and
     the same map."""
