@@ -269,7 +269,9 @@ class RSP:
             raise RSPError("inputs hold no samples (batch size 0)")
         if not torch.isfinite(x).all():
             raise RSPError("inputs contain NaN or Inf")
-        check_model_tensors(self.model, self.plan.leaves if self.plan else None)
+        # against the plan that will run: one a replaced submodule made stale names other modules
+        current = self.plan is not None and self.plan.is_current()
+        check_model_tensors(self.model, self.plan.leaves if current else None)
         p = next((q for q in self.model.parameters() if q.is_floating_point()), None)  # not an integer count
         if p is not None and p.dtype != x.dtype:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")

@@ -1734,6 +1734,10 @@ def test_an_uninitialised_lazy_module_is_named():
     assert rel_err(rsp_fast.RSP(aux).attribute(x), explainer.attribute(x)) == 0
     assert rsp_fast.cost(aux, (3, 8, 8))["layers"][0]["forward_macs"] == 4 * 3 * 9 * 36
     assert nn.parameter.is_lazy(aux.aux.weight)
+    model[4] = nn.LazyLinear(3)  # put in after the explainer was built: checked against the plan that will run
+    with pytest.raises(RSPError, match="the model's 4.weight is not initialised yet"):
+        explainer.attribute(x)
+    assert nn.parameter.is_lazy(model[4].weight)  # not initialised by the pass with random weights
 
 
 def test_a_quantized_module_is_named():
