@@ -154,22 +154,32 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
                 raise with_batch
             raise RSPError(f"input_shape {tuple(input_shape)}: the model's first layer takes {plan.input_rank - 1}-D "
                            "samples (its input without the batch)")
+        def probe(x: torch.Tensor) -> dict:
+            try:
+                output, _, _, shapes = record_forward(model, plan, x)
+            except RSPError:
+                # a shape with the batch has the rank the first layer takes (where the plan knows it)
+                if plan.input_rank is None and _runs_as_a_batch(model, plan, x[0]):
+                    raise with_batch from None
+                raise
+            try:  # as RSP takes the output
+                rows = class_scores(output).shape[0]
+            except RSPError:
+                if len(input_shape) > 1 and _runs_as_a_batch(model, plan, x[0]):  # an MLP's (8, 10): 8 samples
+                    raise with_batch from None
+                raise
+            if rows != x.shape[0]:
+                raise RSPError(f"input_shape {tuple(input_shape)}: the model gives {rows} rows of logits for "
+                               f"{x.shape[0]} samples; RSP needs one per sample")
+            return shapes
+
         try:
-            output, _, _, shapes = record_forward(model, plan, x)
-        except RSPError:
-            # a shape with the batch has the rank the first layer takes (where the plan knows it)
-            if plan.input_rank is None and _runs_as_a_batch(model, plan, x[0]):
-                raise with_batch from None
-            raise
-        try:  # as RSP takes the output
-            rows = class_scores(output).shape[0]
-        except RSPError:
-            if len(input_shape) > 1 and _runs_as_a_batch(model, plan, x[0]):  # an MLP's (8, 10): 8 samples
-                raise with_batch from None
-            raise
-        if rows != x.shape[0]:
-            raise RSPError(f"input_shape {tuple(input_shape)}: the model gives {rows} rows of logits for {x.shape[0]} "
-                           "samples; RSP needs one per sample")
+            shapes = probe(x)
+        except RSPError as two:
+            try:  # a forward written for one sample at a time (h.view(1, -1)), which RSP explains at batch 1
+                shapes = probe(x[:1])
+            except RSPError:
+                raise two from None
     plan.check_batch_dims(shapes)  # RSP refuses it there: cost too
     work = work_dtype(x.dtype)  # the rules of a 16-bit model run in float32
     elem = work.itemsize

@@ -302,6 +302,15 @@ class _Squeezes(torch.nn.Module):
         return self.fc(self.pool(torch.relu(self.conv(x))).squeeze())  # a batch of one loses its batch too
 
 
+class _OneSampleAtATime(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).view(1, -1))  # written for a batch of one
+
+
 class _TwoOutputs(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -321,6 +330,10 @@ def test_cost_model_takes_the_outputs_rsp_takes():
 
     counted = rsp_fast.cost(_Squeezes().eval(), (3, 8, 8))
     assert [r["forward_macs"] for r in counted["layers"]] == [4 * 3 * 9 * 64]
+    # a forward written for one sample, which RSP explains at batch 1: the two-sample probe failed
+    one = _OneSampleAtATime().eval()
+    assert rsp_fast.RSP(one, layer="conv").attribute(torch.rand(1, 3, 8, 8)).shape == (1, 3, 8, 8)
+    assert [r["forward_macs"] for r in rsp_fast.cost(one, (3, 8, 8), layer="conv")["layers"]] == [4 * 3 * 9 * 64]
     for shape in ((10,), (8, 10)):
         with pytest.raises(RSPError, match="must return logits of shape \\(N, classes\\), not a tuple|forward failed"):
             rsp_fast.cost(_TwoOutputs().eval(), shape)
