@@ -154,6 +154,7 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
                 raise with_batch
             raise RSPError(f"input_shape {tuple(input_shape)}: the model's first layer takes {plan.input_rank - 1}-D "
                            "samples (its input without the batch)")
+
         def probe(x: torch.Tensor) -> dict:
             try:
                 output, _, _, shapes = record_forward(model, plan, x)
