@@ -16,6 +16,7 @@ import traceback
 from fractions import Fraction
 from pathlib import Path
 
+from .environment import check_settings
 from .errors import BackendUnavailableError, RSPError
 from .paths import check_outputs_spare_inputs, checked_output_file, checked_output_folder, write_atomically
 
@@ -263,6 +264,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     previous = _stopping_signals()
     try:
+        check_settings()  # a bad RSP_FAST_CUDA_* value is a mistake even where no CUDA path runs
         import torch
 
         from .memory import keep_freed_memory

@@ -20,6 +20,10 @@ from rsp_fast.models import build_model
 from rsp_fast.render import Letterbox, colorize, heat_to_frame, letterbox_geometry
 
 
+# for a child process: the rsp_fast these tests imported (a checkout's, not the one installed)
+_THIS_PACKAGE = {"PYTHONPATH": str(Path(rsp_fast.__file__).resolve().parents[1])}
+
+
 def _png(path, mode="RGB", size=(40, 30)):
     rng = np.random.default_rng(0)
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
@@ -351,6 +355,23 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()  # no output folder for a run that wrote nothing
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("RSP_FAST_CUDA_DENSE_PATH", "foo", "RSP_FAST_CUDA_DENSE_PATH='foo': choose one of grouped_conv, implicit_gemm"),
+    ("RSP_FAST_CUDA_GRAM_SLOWDOWN", "abc", "RSP_FAST_CUDA_GRAM_SLOWDOWN='abc': give a number above 0"),
+    ("RSP_FAST_CUDA_IMPLICIT_GRAM", "yes", "RSP_FAST_CUDA_IMPLICIT_GRAM='yes': choose 1 (on) or 0 (off)"),
+    ("RSP_FAST_CUDA_FUSED_FIRST_LAYER", "on", "RSP_FAST_CUDA_FUSED_FIRST_LAYER='on': choose 1 (on) or 0 (off)"),
+])
+def test_a_bad_cuda_variable_is_one_line_for_every_command(tmp_path, variable, value, message):
+    """They raised at import (a traceback, status 1, CPU runs and info included) or, for the
+    switches, took any value but 1 for off."""
+    png = _png(tmp_path / "p.png")
+    for argv in (["info"], ["image", str(png), "-o", "x", "--device", "cpu"]):
+        proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, **_THIS_PACKAGE, variable: value})
+        assert (proc.returncode, proc.stderr) == (2, f"rsp-fast: error: {message}" + proc.stderr.split(message)[-1])
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 def test_debug_adds_the_traceback_and_keeps_the_status(tmp_path):
