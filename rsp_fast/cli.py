@@ -257,6 +257,13 @@ def _stopping_signal_numbers() -> list[int]:
     return [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
 
+def _say(line: str) -> None:
+    """``line`` on stderr; nowhere where fd 2 was closed at start-up (sys.stderr None, where
+    print would take stdout, the output of `info` or of a script): the status says it."""
+    if sys.stderr is not None:
+        print(line, file=sys.stderr)
+
+
 def main(argv=None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, a class name a Latin-1 terminal cannot show
         if isinstance(stream, io.TextIOWrapper):
@@ -278,7 +285,7 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
         return 128 + signal.SIGPIPE
     except (RSPError, BackendUnavailableError, OSError, ModuleNotFoundError) as exc:
-        if args.debug:  # the traceback, then the same one line and status as without --debug
+        if args.debug and sys.stderr is not None:  # the traceback, then the same one line and status as without --debug
             traceback.print_exc()
         if isinstance(exc, ModuleNotFoundError):  # an optional dependency (Pillow for a picture, ...)
             from .optional import missing_dependency
@@ -286,10 +293,10 @@ def main(argv=None) -> int:
             exc = missing_dependency(exc)
             if exc is None:
                 raise
-        print(f"rsp-fast: error: {exc}", file=sys.stderr)
+        _say(f"rsp-fast: error: {exc}")
         return 2
     except KeyboardInterrupt as exc:
-        print("\nrsp-fast: interrupted; no half-written file was left behind", file=sys.stderr)
+        _say("\nrsp-fast: interrupted; no half-written file was left behind")
         return 128 + exc.signum if isinstance(exc, Stopped) else 130
     finally:
         for signum, handler in previous.items():
@@ -305,7 +312,7 @@ def run() -> None:
     code = main()
     signum = code - 128
     if signum in (signal.SIGINT, *_stopping_signal_numbers()):
-        for stream in (sys.stdout, sys.stderr):
+        for stream in filter(None, (sys.stdout, sys.stderr)):  # None: closed at start-up
             try:
                 stream.flush()
             except OSError:  # a reader that has gone: nothing more to say to it
