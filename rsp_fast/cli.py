@@ -110,10 +110,9 @@ def _video_kwargs(args) -> dict:
 
 
 def _report_path(args, default: Path | None = None, inputs=()) -> Path | None:
-    """Where --report goes (or ``default``), checked before any work."""
-    if args.report is None:
-        return default
-    return checked_output_file(args.report, "report", inputs)
+    """Where --report goes (or ``default``), checked before any work (a link: its target)."""
+    path = default if args.report is None else args.report
+    return None if path is None else checked_output_file(path, "report", inputs)
 
 
 def _write_report(report: dict, path: Path) -> None:
@@ -146,9 +145,9 @@ def cmd_image(args) -> None:
     out = checked_output_folder(args.output)
     inputs = [("input image", path) for _, path in images]
     outputs = [("output", out / f"{name}_{kind}.png") for name, _ in images for kind in ("heatmap", "overlay")]
-    outputs += [("contact sheet", out / "contact_sheet.png"), ("output folder", out)]
+    outputs += [("contact sheet", out / "contact_sheet.png")]
     check_outputs_spare_inputs(outputs, inputs)
-    report_path = _report_path(args, out / "report.json", inputs + outputs)
+    report_path = _report_path(args, out / "report.json", inputs + outputs + [("output folder", out)])
     spec = _spec(args)
     explainer = RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend,
                     precision=args.precision)
@@ -165,12 +164,13 @@ def cmd_demo(args) -> None:
     from .video.io import read_frames
 
     out = checked_output_folder(args.output)
-    video = out / "demo_rsp.mp4"
-    report_path = _report_path(args, out / "report.json", [("output folder", out), ("demo clip", out / "demo_input.mp4"),
-                                                           ("output video", video), ("contact sheet", out / "contact_sheet.png")])
+    # its own files too, before any work (a folder there failed the run at its end; a link: its target)
+    files = [("demo clip", out / "demo_input.mp4"), ("output video", out / "demo_rsp.mp4"),
+             ("contact sheet", out / "contact_sheet.png")]
+    clip, video, sheet = (checked_output_file(path, what, [f for f in files if f[1] != path]) for what, path in files)
+    report_path = _report_path(args, out / "report.json", [("output folder", out), *files])
     made = [p for p in (out, *out.parents) if not p.exists()]  # a failed run removes what it made
     out.mkdir(parents=True, exist_ok=True)
-    clip = out / "demo_input.mp4"
     had_clip = clip.exists()
     try:  # writing the clip may fail too (a full disk, Ctrl-C)
         report = explain_video(_spec(args), make_demo_clip(clip), video, **_video_kwargs(args))
@@ -179,9 +179,9 @@ def cmd_demo(args) -> None:
         raise
     n = report["totals"]["frames"]
     picks = sorted({round(i * (n - 1) / 7) for i in range(8)})
-    render.save_png(out / "contact_sheet.png", render.contact_sheet(read_frames(video, picks), columns=4))
+    render.save_png(sheet, render.contact_sheet(read_frames(video, picks), columns=4))
     _write_report(report, report_path)
-    print(f"wrote {video}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
+    print(f"wrote {out / 'demo_rsp.mp4'}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
 
 
 def _remove_made(file, folders) -> None:

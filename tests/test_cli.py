@@ -700,6 +700,45 @@ def test_a_failed_demo_leaves_nothing_behind(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+@pytest.mark.parametrize("command, folder, message", [
+    ("image", "report.json", "report '{out}/report.json' is a folder"),
+    ("image", "a_overlay.png", "output '{out}/a_overlay.png' is a folder"),
+    ("image", "contact_sheet.png", "contact sheet '{out}/contact_sheet.png' is a folder"),
+    ("demo", "report.json", "report '{out}/report.json' is a folder"),
+    ("demo", "contact_sheet.png", "contact sheet '{out}/contact_sheet.png' is a folder"),
+    ("demo", "demo_rsp.mp4", "output video '{out}/demo_rsp.mp4' is a folder"),
+    ("demo", "demo_input.mp4", "demo clip '{out}/demo_input.mp4' is a folder"),
+])
+def test_image_and_demo_outputs_are_checked_before_any_work(tmp_path, monkeypatch, capsys, command, folder, message):
+    """Their own outputs (the maps, the contact sheet, the default report) were checked only
+    when written: a folder there failed the run at its end, the demo's clip and video left."""
+    import rsp_fast.cli
+
+    def no_model(args):
+        raise AssertionError("the model was built before the outputs were checked")
+    monkeypatch.setattr(rsp_fast.cli, "_spec", no_model)
+    out = tmp_path / "out"
+    (out / folder).mkdir(parents=True)
+    argv = ["image", str(_png(tmp_path / "a.png"))] if command == "image" else ["demo", "--quiet"]
+    assert main([*argv, "-o", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"rsp-fast: error: {message.format(out=out)}")
+    assert [p.name for p in out.iterdir()] == [folder]
+
+
+def test_image_outputs_that_are_links_get_their_targets(tmp_path):
+    """A map or the report that is a symbolic link: the rename into place replaced the link
+    with a file (the video's output kept its link, as the README says of every output)."""
+    elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+    elsewhere.mkdir(), out.mkdir()
+    (elsewhere / "keep.png").write_text("old"), (elsewhere / "rep.json").write_text("old")
+    (out / "a_heatmap.png").symlink_to(elsewhere / "keep.png")
+    (out / "report.json").symlink_to(elsewhere / "rep.json")
+    assert main(["image", str(_png(tmp_path / "a.png")), "-o", str(out), "--model", "models:tiny_cnn", "--device", "cpu"]) == 0
+    assert (out / "a_heatmap.png").is_symlink() and (out / "report.json").is_symlink()
+    assert Image.open(elsewhere / "keep.png").size == (40, 30)
+    assert json.loads((elsewhere / "rep.json").read_text())["images"][0]["name"] == "a"
+
+
 def test_a_demo_that_fails_writing_its_clip_leaves_nothing_behind(tmp_path, monkeypatch):
     """A full disk (or Ctrl-C) while the clip was written left the folders the demo made."""
     import rsp_fast.video
