@@ -400,6 +400,18 @@ def test_sound_a_format_cannot_carry_is_said_not_copied(tmp_path, output):
         assert not c.streams.audio and not c.streams.data
 
 
+@pytest.mark.parametrize("output", ["out.ts", "out.mkv"])
+def test_mp3_sound_is_copied_into_mpeg_ts(tmp_path, spec, output):
+    """MPEG-TS's sound was told from its codec's name as PyAV gives it, the decoder's: MP3's is
+    mp3float, so MP3 sound was left out of every .ts ("cannot hold mp3float sound")."""
+    src = _video_with_sound(tmp_path / "in.mkv", audio_codec="libmp3lame", rate=44100, seconds=1.0)
+    report = explain_video(spec, src, tmp_path / output, progress=False)
+    assert report["audio"].startswith("copied")
+    with av.open(str(tmp_path / output)) as c:
+        assert [s.codec_context.codec.id for s in c.streams.audio] == [av.codec.Codec("mp3", "r").id]
+        assert sum(1 for _ in c.demux(c.streams.audio[0])) > 20  # 1 s of 1152-sample frames at 44.1 kHz: 38
+
+
 def _descriptors_on(path) -> list[str]:
     """This process's open file descriptors on ``path``."""
     fds = Path("/proc/self/fd")
