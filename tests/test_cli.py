@@ -114,6 +114,16 @@ def test_wide_grey_images_read_like_their_8_bit_version(tmp_path, wide):
     assert np.abs(rgb[..., 0].astype(int) - grey).max() <= 1 and (rgb[..., 0] == rgb[..., 2]).all()
 
 
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_saturated_float_grey_pixels_read_as_the_brightest(tmp_path, scale):
+    """+Inf (a saturated sensor pixel) came out black, as NaN does; it is now white, and the
+    finite pixels keep the scale they have without it."""
+    grey = np.r_[np.linspace(0, 1, 5), np.inf, np.nan].astype(np.float32) * np.float32(scale)
+    Image.fromarray(np.tile(grey, (4, 1)), "F").save(tmp_path / "g.tif")
+    row = read_image(tmp_path / "g.tif")[0, :, 0]
+    assert row.tolist() == [0, 64, 128, 191, 255, 255, 0]
+
+
 # EXIF orientation → where viewers show a block stored in the top-left corner of a 32×64
 # photo (EXIF 2.3: 3 turns it half round, 6 a quarter clockwise, 8 a quarter anticlockwise)
 @pytest.mark.parametrize("orientation,shape,block", [(3, (32, 64), (slice(24, 32), slice(48, 64))),
