@@ -244,6 +244,42 @@ def test_model_specs_are_checked():
         ModelSpec(model, "m", std=(0, 1, 1))
 
 
+FACTORIES = """
+import torch
+from models import tiny_cnn
+from rsp_fast.models import ModelSpec
+
+def names_none():
+    return ModelSpec(tiny_cnn(), "tiny", input_size=32, class_names=None)
+
+def names_in_a_string():
+    return ModelSpec(tiny_cnn(), "tiny", input_size=32, class_names="abcde")
+
+def on_meta():
+    with torch.device("meta"):
+        return tiny_cnn()
+"""
+
+
+def test_factory_class_names_and_a_model_without_data_are_checked_before_work(tmp_path, monkeypatch, capsys):
+    """class_names=None failed at the first label drawn, mid-run, with a TypeError traceback;
+    a string was taken for one-letter names; a model on the meta device failed at .to(device)
+    with PyTorch's traceback."""
+    (tmp_path / "b3_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    png = str(_png(tmp_path / "a.png"))
+    assert main(["image", png, "-o", str(tmp_path / "out"), "--model", "b3_factories:names_none", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["images"][0]["class_name"].startswith("class ")
+    for factory, message in [("names_in_a_string", "ModelSpec 'tiny': class_names must be a list of strings (or None: "
+                                                   "no names), not 'abcde'"),
+                             ("on_meta", "the model's 0.weight is on the meta device (no data)")]:
+        capsys.readouterr()
+        assert main(["image", png, "-o", str(tmp_path / factory), "--model", f"b3_factories:{factory}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rsp-fast: error: ") and message in err and len(err.splitlines()) == 1
+        assert not (tmp_path / factory).exists()
+
+
 def test_drawing_a_map_with_nan_or_inf(tmp_path):
     from rsp_fast import render
     heat = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
