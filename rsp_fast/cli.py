@@ -16,6 +16,7 @@ import traceback
 from fractions import Fraction
 from pathlib import Path
 
+from .environment import check_settings
 from .errors import BackendUnavailableError, RSPError
 from .paths import check_outputs_spare_inputs, checked_output_file, checked_output_folder, write_atomically
 
@@ -109,10 +110,9 @@ def _video_kwargs(args) -> dict:
 
 
 def _report_path(args, default: Path | None = None, inputs=()) -> Path | None:
-    """Where --report goes (or ``default``), checked before any work."""
-    if args.report is None:
-        return default
-    return checked_output_file(args.report, "report", inputs)
+    """Where --report goes (or ``default``), checked before any work (a link: its target)."""
+    path = default if args.report is None else args.report
+    return None if path is None else checked_output_file(path, "report", inputs)
 
 
 def _write_report(report: dict, path: Path) -> None:
@@ -145,9 +145,9 @@ def cmd_image(args) -> None:
     out = checked_output_folder(args.output)
     inputs = [("input image", path) for _, path in images]
     outputs = [("output", out / f"{name}_{kind}.png") for name, _ in images for kind in ("heatmap", "overlay")]
-    outputs += [("contact sheet", out / "contact_sheet.png"), ("output folder", out)]
+    outputs += [("contact sheet", out / "contact_sheet.png")]
     check_outputs_spare_inputs(outputs, inputs)
-    report_path = _report_path(args, out / "report.json", inputs + outputs)
+    report_path = _report_path(args, out / "report.json", inputs + outputs + [("output folder", out)])
     spec = _spec(args)
     explainer = RSP(spec.model, layer=args.layer, init=args.init, hostile_k=args.hostile_k, backend=args.backend,
                     precision=args.precision)
@@ -164,12 +164,13 @@ def cmd_demo(args) -> None:
     from .video.io import read_frames
 
     out = checked_output_folder(args.output)
-    video = out / "demo_rsp.mp4"
-    report_path = _report_path(args, out / "report.json", [("output folder", out), ("demo clip", out / "demo_input.mp4"),
-                                                           ("output video", video), ("contact sheet", out / "contact_sheet.png")])
+    # its own files too, before any work (a folder there failed the run at its end; a link: its target)
+    files = [("demo clip", out / "demo_input.mp4"), ("output video", out / "demo_rsp.mp4"),
+             ("contact sheet", out / "contact_sheet.png")]
+    clip, video, sheet = (checked_output_file(path, what, [f for f in files if f[1] != path]) for what, path in files)
+    report_path = _report_path(args, out / "report.json", [("output folder", out), *files])
     made = [p for p in (out, *out.parents) if not p.exists()]  # a failed run removes what it made
     out.mkdir(parents=True, exist_ok=True)
-    clip = out / "demo_input.mp4"
     had_clip = clip.exists()
     try:  # writing the clip may fail too (a full disk, Ctrl-C)
         report = explain_video(_spec(args), make_demo_clip(clip), video, **_video_kwargs(args))
@@ -178,9 +179,9 @@ def cmd_demo(args) -> None:
         raise
     n = report["totals"]["frames"]
     picks = sorted({round(i * (n - 1) / 7) for i in range(8)})
-    render.save_png(out / "contact_sheet.png", render.contact_sheet(read_frames(video, picks), columns=4))
+    render.save_png(sheet, render.contact_sheet(read_frames(video, picks), columns=4))
     _write_report(report, report_path)
-    print(f"wrote {video}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
+    print(f"wrote {out / 'demo_rsp.mp4'}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
 
 
 def _remove_made(file, folders) -> None:
@@ -256,6 +257,13 @@ def _stopping_signal_numbers() -> list[int]:
     return [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
 
 
+def _say(line: str) -> None:
+    """``line`` on stderr; nowhere where fd 2 was closed at start-up (sys.stderr None, where
+    print would take stdout, the output of `info` or of a script): the status says it."""
+    if sys.stderr is not None:
+        print(line, file=sys.stderr)
+
+
 def main(argv=None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8, a class name a Latin-1 terminal cannot show
         if isinstance(stream, io.TextIOWrapper):
@@ -263,6 +271,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     previous = _stopping_signals()
     try:
+        check_settings()  # a bad RSP_FAST_CUDA_* value is a mistake even where no CUDA path runs
         import torch
 
         from .memory import keep_freed_memory
@@ -276,7 +285,7 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
         return 128 + signal.SIGPIPE
     except (RSPError, BackendUnavailableError, OSError, ModuleNotFoundError) as exc:
-        if args.debug:  # the traceback, then the same one line and status as without --debug
+        if args.debug and sys.stderr is not None:  # the traceback, then the same one line and status as without --debug
             traceback.print_exc()
         if isinstance(exc, ModuleNotFoundError):  # an optional dependency (Pillow for a picture, ...)
             from .optional import missing_dependency
@@ -284,10 +293,10 @@ def main(argv=None) -> int:
             exc = missing_dependency(exc)
             if exc is None:
                 raise
-        print(f"rsp-fast: error: {exc}", file=sys.stderr)
+        _say(f"rsp-fast: error: {exc}")
         return 2
     except KeyboardInterrupt as exc:
-        print("\nrsp-fast: interrupted; no half-written file was left behind", file=sys.stderr)
+        _say("\nrsp-fast: interrupted; no half-written file was left behind")
         return 128 + exc.signum if isinstance(exc, Stopped) else 130
     finally:
         for signum, handler in previous.items():
@@ -303,7 +312,7 @@ def run() -> None:
     code = main()
     signum = code - 128
     if signum in (signal.SIGINT, *_stopping_signal_numbers()):
-        for stream in (sys.stdout, sys.stderr):
+        for stream in filter(None, (sys.stdout, sys.stderr)):  # None: closed at start-up
             try:
                 stream.flush()
             except OSError:  # a reader that has gone: nothing more to say to it

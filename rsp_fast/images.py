@@ -90,14 +90,17 @@ def image_files(paths: list[str | Path]) -> list[tuple[str, Path]]:
 def _grey_to_rgb8(grey: np.ndarray, mode: str) -> np.ndarray:
     """16-bit or 32-bit grey (PIL's convert would clip it to white at 255) scaled to 8 bits:
     floats in [0, 1] by 255; otherwise by the 16-bit range (8-bit data stored wide kept as is)
-    or, above it, by the peak. NaN is black."""
-    grey = np.nan_to_num(grey.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    or, above it, by the peak (of the finite pixels). NaN is black, +Inf (saturated) white."""
+    grey = grey.astype(np.float64)
+    saturated = np.isposinf(grey)
+    grey = np.nan_to_num(grey, nan=0.0, posinf=0.0, neginf=0.0)
     peak = float(grey.max(initial=0.0))
     if mode == "F" and peak <= 1.0:
         scale = 255.0
     else:
         scale = 1.0 if peak <= 255 else (255.0 / 65535.0 if peak <= 65535 else 255.0 / peak)
     rgb8 = np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8)
+    rgb8[saturated] = 255
     return np.repeat(rgb8[..., None], 3, axis=2)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import os
 import re
 import sys
@@ -50,9 +51,20 @@ class ModelSpec:
                 raise RSPError(f"ModelSpec {self.name!r}: {what} must be three numbers, one per RGB channel, not {values!r}")
         if not all(v > 0 for v in self.std):
             raise RSPError(f"ModelSpec {self.name!r}: std must be above 0, not {self.std!r}")
+        # checked here, not at the first label drawn: None failed mid-run, a string gave one-letter labels
+        if self.class_names is None:
+            self.class_names = []
+        if not isinstance(self.class_names, (list, tuple)) or not all(isinstance(c, str) for c in self.class_names):
+            raise RSPError(f"ModelSpec {self.name!r}: class_names must be a list of strings (or None: no names), "
+                           f"not {_shown(self.class_names)}")
 
     def label(self, index: int) -> str:
         return self.class_names[index] if 0 <= index < len(self.class_names) else f"class {index}"
+
+
+def _shown(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width]}... ({type(value).__name__})"
 
 
 def imagenet_class_names() -> list[str]:
@@ -166,7 +178,17 @@ def build_model(name: str = "efficientnet_lite0", weights: str | None = None) ->
         raise RSPError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if weights is not None:
         load_weights(spec.model, load_state_dict_file(weights), repr(weights))
+    _check_has_data(spec.model)
     return spec
+
+
+def _check_has_data(model: nn.Module) -> None:
+    """A model built on the meta device (shapes only, as big models are before their weights
+    are loaded) fails at .to(device) with PyTorch's traceback: say so by name instead."""
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            raise RSPError(f"the model's {name} is on the meta device (no data): load its weights into it "
+                           "(load_state_dict(..., assign=True)) before returning it from the factory")
 
 
 @contextlib.contextmanager

@@ -33,11 +33,13 @@ def temporary_sibling(path: Path, suffix: str = "") -> Path:
 def write_atomically(path: Path, write: Callable[[Path], None], what: str = "", suffix: str = "") -> None:
     """``write`` the file under a temporary sibling name, then rename it into place: never a
     half-written file. An OSError (a full disk) becomes an RSPError naming ``path``, not the
-    temporary file. ``what``: the file's role in the message; ``suffix``: see temporary_sibling."""
-    tmp = temporary_sibling(path, suffix)
+    temporary file. ``what``: the file's role in the message; ``suffix``: see temporary_sibling.
+    A symbolic link's target gets the file, the link stays (a rename onto the link replaced it)."""
+    target = Path(os.path.realpath(path))
+    tmp = temporary_sibling(target, suffix)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as exc:
         raise RSPError(f"cannot write {what + ' ' if what else ''}{str(path)!r}: {exc.strerror or exc}") from None
     finally:
@@ -119,10 +121,18 @@ def check_name_length(path: Path, what: str) -> None:
 
 def check_outputs_spare_inputs(outputs, inputs) -> None:
     """Outputs named after the inputs (``cat_overlay.png`` for ``cat.jpg``, in a folder of
-    pictures) must fit a file name and not replace one of the inputs: (what, path) pairs both."""
+    pictures) must fit a file name, be no folder, device or pipe (a link: its target) and not
+    replace one of the inputs: (what, path) pairs both. Their folder is checked once, by the
+    caller (checked_output_folder): one probe file for the run, not one per output."""
     sources = {os.path.realpath(path): (kind, path) for kind, path in inputs}
     for what, path in outputs:
         check_name_length(Path(path), what)
-        hit = sources.get(os.path.realpath(path))
+        target = Path(os.path.realpath(path))
+        if target.is_dir():
+            raise RSPError(f"{what} {str(path)!r} is a folder: remove it or choose another output folder")
+        if target.exists() and not target.is_file():
+            raise RSPError(f"{what} {str(path)!r} exists and is not a regular file (a device, pipe or socket): "
+                           "choose another output folder")
+        hit = sources.get(str(target))
         if hit is not None:
             raise RSPError(f"{what} {str(path)!r} would replace the {hit[0]} {str(hit[1])!r}: choose another output folder")

@@ -20,6 +20,10 @@ from rsp_fast.models import build_model
 from rsp_fast.render import Letterbox, colorize, heat_to_frame, letterbox_geometry
 
 
+# for a child process: the rsp_fast these tests imported (a checkout's, not the one installed)
+_THIS_PACKAGE = {"PYTHONPATH": str(Path(rsp_fast.__file__).resolve().parents[1])}
+
+
 def _png(path, mode="RGB", size=(40, 30)):
     rng = np.random.default_rng(0)
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
@@ -108,6 +112,16 @@ def test_wide_grey_images_read_like_their_8_bit_version(tmp_path, wide):
     rgb = read_image(path)
     assert rgb.shape == grey.shape + (3,) and rgb.dtype == np.uint8
     assert np.abs(rgb[..., 0].astype(int) - grey).max() <= 1 and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_saturated_float_grey_pixels_read_as_the_brightest(tmp_path, scale):
+    """+Inf (a saturated sensor pixel) came out black, as NaN does; it is now white, and the
+    finite pixels keep the scale they have without it."""
+    grey = np.r_[np.linspace(0, 1, 5), np.inf, np.nan].astype(np.float32) * np.float32(scale)
+    Image.fromarray(np.tile(grey, (4, 1)), "F").save(tmp_path / "g.tif")
+    row = read_image(tmp_path / "g.tif")[0, :, 0]
+    assert row.tolist() == [0, 64, 128, 191, 255, 255, 0]
 
 
 # EXIF orientation → where viewers show a block stored in the top-left corner of a 32×64
@@ -228,6 +242,42 @@ def test_model_specs_are_checked():
         ModelSpec(model, "m", input_size="64")
     with pytest.raises(RSPError, match="std must be above 0"):
         ModelSpec(model, "m", std=(0, 1, 1))
+
+
+FACTORIES = """
+import torch
+from models import tiny_cnn
+from rsp_fast.models import ModelSpec
+
+def names_none():
+    return ModelSpec(tiny_cnn(), "tiny", input_size=32, class_names=None)
+
+def names_in_a_string():
+    return ModelSpec(tiny_cnn(), "tiny", input_size=32, class_names="abcde")
+
+def on_meta():
+    with torch.device("meta"):
+        return tiny_cnn()
+"""
+
+
+def test_factory_class_names_and_a_model_without_data_are_checked_before_work(tmp_path, monkeypatch, capsys):
+    """class_names=None failed at the first label drawn, mid-run, with a TypeError traceback;
+    a string was taken for one-letter names; a model on the meta device failed at .to(device)
+    with PyTorch's traceback."""
+    (tmp_path / "b3_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    png = str(_png(tmp_path / "a.png"))
+    assert main(["image", png, "-o", str(tmp_path / "out"), "--model", "b3_factories:names_none", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["images"][0]["class_name"].startswith("class ")
+    for factory, message in [("names_in_a_string", "ModelSpec 'tiny': class_names must be a list of strings (or None: "
+                                                   "no names), not 'abcde'"),
+                             ("on_meta", "the model's 0.weight is on the meta device (no data)")]:
+        capsys.readouterr()
+        assert main(["image", png, "-o", str(tmp_path / factory), "--model", f"b3_factories:{factory}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rsp-fast: error: ") and message in err and len(err.splitlines()) == 1
+        assert not (tmp_path / factory).exists()
 
 
 def test_drawing_a_map_with_nan_or_inf(tmp_path):
@@ -351,6 +401,23 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()  # no output folder for a run that wrote nothing
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("RSP_FAST_CUDA_DENSE_PATH", "foo", "RSP_FAST_CUDA_DENSE_PATH='foo': choose one of grouped_conv, implicit_gemm"),
+    ("RSP_FAST_CUDA_GRAM_SLOWDOWN", "abc", "RSP_FAST_CUDA_GRAM_SLOWDOWN='abc': give a number above 0"),
+    ("RSP_FAST_CUDA_IMPLICIT_GRAM", "yes", "RSP_FAST_CUDA_IMPLICIT_GRAM='yes': choose 1 (on) or 0 (off)"),
+    ("RSP_FAST_CUDA_FUSED_FIRST_LAYER", "on", "RSP_FAST_CUDA_FUSED_FIRST_LAYER='on': choose 1 (on) or 0 (off)"),
+])
+def test_a_bad_cuda_variable_is_one_line_for_every_command(tmp_path, variable, value, message):
+    """They raised at import (a traceback, status 1, CPU runs and info included) or, for the
+    switches, took any value but 1 for off."""
+    png = _png(tmp_path / "p.png")
+    for argv in (["info"], ["image", str(png), "-o", "x", "--device", "cpu"]):
+        proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, **_THIS_PACKAGE, variable: value})
+        assert (proc.returncode, proc.stderr) == (2, f"rsp-fast: error: {message}" + proc.stderr.split(message)[-1])
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 def test_debug_adds_the_traceback_and_keeps_the_status(tmp_path):
@@ -677,6 +744,45 @@ def test_a_failed_demo_leaves_nothing_behind(tmp_path, capsys):
     (out / "mine.txt").write_text("kept")
     assert main(["demo", "-o", str(out), "--target", "5000", "--device", "cpu", "--quiet"]) == 2
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("command, folder, message", [
+    ("image", "report.json", "report '{out}/report.json' is a folder"),
+    ("image", "a_overlay.png", "output '{out}/a_overlay.png' is a folder"),
+    ("image", "contact_sheet.png", "contact sheet '{out}/contact_sheet.png' is a folder"),
+    ("demo", "report.json", "report '{out}/report.json' is a folder"),
+    ("demo", "contact_sheet.png", "contact sheet '{out}/contact_sheet.png' is a folder"),
+    ("demo", "demo_rsp.mp4", "output video '{out}/demo_rsp.mp4' is a folder"),
+    ("demo", "demo_input.mp4", "demo clip '{out}/demo_input.mp4' is a folder"),
+])
+def test_image_and_demo_outputs_are_checked_before_any_work(tmp_path, monkeypatch, capsys, command, folder, message):
+    """Their own outputs (the maps, the contact sheet, the default report) were checked only
+    when written: a folder there failed the run at its end, the demo's clip and video left."""
+    import rsp_fast.cli
+
+    def no_model(args):
+        raise AssertionError("the model was built before the outputs were checked")
+    monkeypatch.setattr(rsp_fast.cli, "_spec", no_model)
+    out = tmp_path / "out"
+    (out / folder).mkdir(parents=True)
+    argv = ["image", str(_png(tmp_path / "a.png"))] if command == "image" else ["demo", "--quiet"]
+    assert main([*argv, "-o", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"rsp-fast: error: {message.format(out=out)}")
+    assert [p.name for p in out.iterdir()] == [folder]
+
+
+def test_image_outputs_that_are_links_get_their_targets(tmp_path):
+    """A map or the report that is a symbolic link: the rename into place replaced the link
+    with a file (the video's output kept its link, as the README says of every output)."""
+    elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+    elsewhere.mkdir(), out.mkdir()
+    (elsewhere / "keep.png").write_text("old"), (elsewhere / "rep.json").write_text("old")
+    (out / "a_heatmap.png").symlink_to(elsewhere / "keep.png")
+    (out / "report.json").symlink_to(elsewhere / "rep.json")
+    assert main(["image", str(_png(tmp_path / "a.png")), "-o", str(out), "--model", "models:tiny_cnn", "--device", "cpu"]) == 0
+    assert (out / "a_heatmap.png").is_symlink() and (out / "report.json").is_symlink()
+    assert Image.open(elsewhere / "keep.png").size == (40, 30)
+    assert json.loads((elsewhere / "rep.json").read_text())["images"][0]["name"] == "a"
 
 
 def test_a_demo_that_fails_writing_its_clip_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -1,6 +1,11 @@
 """Each RSP rule against an independent formulation (tests/reference_rules.py), odd shapes, float64."""
 import copy
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,6 +159,31 @@ def test_gram_path_on_implicit_gemms_by_precision_and_only_where_runnable(monkey
     monkeypatch.setattr(conv_paths, "CUDA_IMPLICIT_GRAM", dict.fromkeys((2, 4), True))
     assert conv_paths.cuda_gram_path(True, True, f32) == "implicit_gram"
     assert conv_paths.cuda_gram_slowdown(f32) == 1.0
+
+
+def test_cuda_path_variables_are_read_where_used_and_bad_values_named(monkeypatch):
+    """A bad RSP_FAST_CUDA_* value raised at import (a traceback for every command, CPU runs
+    included); "yes" for a 0/1 switch meant off, without a word."""
+    from rsp_fast.errors import RSPError
+    bf16, f32 = torch.bfloat16, torch.float32
+    code = "import os; os.environ['RSP_FAST_CUDA_GRAM_SLOWDOWN'] = 'abc'; import rsp_fast.rules.conv_paths"
+    here = str(Path(rsp_fast.__file__).resolve().parents[1])  # this checkout's rsp_fast, not the one installed
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, env={**os.environ, "PYTHONPATH": here}).returncode == 0
+    monkeypatch.setenv("RSP_FAST_CUDA_IMPLICIT_GRAM", "1")
+    assert conv_paths.cuda_gram_path(True, True, f32) == "implicit_gram" and conv_paths.cuda_gram_slowdown(f32) == 1.0
+    monkeypatch.setenv("RSP_FAST_CUDA_IMPLICIT_GRAM", "0")
+    monkeypatch.setenv("RSP_FAST_CUDA_GRAM_SLOWDOWN", "2.5")
+    assert conv_paths.cuda_gram_path(True, True, bf16) == "gram" and conv_paths.cuda_gram_slowdown(bf16) == 2.5
+    monkeypatch.setenv("RSP_FAST_CUDA_DENSE_PATH", "filter")
+    assert conv_paths.cuda_dense_path(True) == "filter"
+    for name, value, message in [("RSP_FAST_CUDA_DENSE_PATH", "foo", "choose one of grouped_conv, implicit_gemm, filter, conv"),
+                                 ("RSP_FAST_CUDA_GRAM_SLOWDOWN", "abc", "give a number above 0"),
+                                 ("RSP_FAST_CUDA_GRAM_SLOWDOWN", "-1", "give a number above 0"),
+                                 ("RSP_FAST_CUDA_IMPLICIT_GRAM", "yes", "choose 1 (on) or 0 (off)")]:
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(RSPError, match=rf"^{name}='{value}': {re.escape(message)}"):
+                conv_paths.cuda_dense_path(True), conv_paths.cuda_gram_slowdown(bf16)
 
 
 def test_same_padding_conv_matches_explicit_padding():

@@ -400,6 +400,18 @@ def test_sound_a_format_cannot_carry_is_said_not_copied(tmp_path, output):
         assert not c.streams.audio and not c.streams.data
 
 
+@pytest.mark.parametrize("output", ["out.ts", "out.mkv"])
+def test_mp3_sound_is_copied_into_mpeg_ts(tmp_path, spec, output):
+    """MPEG-TS's sound was told from its codec's name as PyAV gives it, the decoder's: MP3's is
+    mp3float, so MP3 sound was left out of every .ts ("cannot hold mp3float sound")."""
+    src = _video_with_sound(tmp_path / "in.mkv", audio_codec="libmp3lame", rate=44100, seconds=1.0)
+    report = explain_video(spec, src, tmp_path / output, progress=False)
+    assert report["audio"].startswith("copied")
+    with av.open(str(tmp_path / output)) as c:
+        assert [s.codec_context.codec.id for s in c.streams.audio] == [av.codec.Codec("mp3", "r").id]
+        assert sum(1 for _ in c.demux(c.streams.audio[0])) > 20  # 1 s of 1152-sample frames at 44.1 kHz: 38
+
+
 def _descriptors_on(path) -> list[str]:
     """This process's open file descriptors on ``path``."""
     fds = Path("/proc/self/fd")
@@ -714,6 +726,32 @@ def test_a_stopping_signal_leaves_no_temporary_file_and_ends_the_process_by_that
     assert proc.returncode == -signum, err
     assert "interrupted" in err and "Traceback" not in err
     assert _only_output(tmp_path, "out") == ["out.mp4"] and (tmp_path / "out.mp4").read_bytes() == b"previous result"
+
+
+def test_a_run_without_stderr_works_and_a_signal_still_ends_it(tmp_path):
+    """With fd 2 closed at start-up (`2>&-`, a daemon) Python sets sys.stderr to None: the
+    progress bar's isatty() on it failed every video and demo run without --quiet (status 1,
+    nothing written), and a SIGTERM then ended the process with status 1, not by the signal."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(rsp_fast.__file__).resolve().parents[1]), str(TESTS)])}
+    closed = dict(cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(2))
+    src = write_video(tmp_path / "in.mp4", _frames(4), fps=6)
+    proc = subprocess.run([sys.executable, "-m", "rsp_fast", "video", str(src), "-o", "done.mp4", "--model",
+                           "models:tiny_cnn", "--batch-size", "2"], **closed)
+    assert proc.returncode == 0 and proc.stdout.startswith("wrote done.mp4: 4 frames")
+    assert len(read_frames(tmp_path / "done.mp4")) == 4
+    src = write_video(tmp_path / "long.mp4", _frames(400, 64, 64), fps=25)
+    proc = subprocess.Popen([sys.executable, "-m", "rsp_fast", "video", str(src), "-o", "out.mp4", "--model",
+                             "models:tiny_cnn", "--batch-size", "1", "--quiet"], **closed)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.mp4.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # until the encoder has opened its temporary file
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM and out == ""  # the "interrupted" line went to stdout
+    assert _only_output(tmp_path, "out") == []
 
 
 def test_an_interrupted_wait_for_a_stage_still_waits_for_its_end():

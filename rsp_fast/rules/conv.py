@@ -8,7 +8,6 @@ the (BatchNorm-folded) weights. Padding is applied explicitly so that asymmetric
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..environment import setting
 from ..kernels.reference import per_sample_sum, safe_div, stacked_sections
 from ..kernels.triton import triton_unavailable_reason
 from ..tf32 import matmul_tf32
@@ -188,7 +188,6 @@ def conv_transpose_to(S: torch.Tensor, W: torch.Tensor, g: ConvGeometry, padded_
 # of cuDNN's convolutions and the passes between them. Opt-in (RSP_FAST_CUDA_FUSED_FIRST_LAYER=1):
 # slower than cuDNN's on an H100 (docs/gpu/h100_first_layer_session20.json, batch 64, TF32:
 # VGG16's conv1_1 8.12 against 5.69 ms, ResNet50's conv1 18.3 against 3.08).
-CUDA_FUSED_FIRST_LAYER = os.environ.get("RSP_FAST_CUDA_FUSED_FIRST_LAYER") == "1"
 
 
 def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torch.Tensor, g: ConvGeometry,
@@ -205,7 +204,7 @@ def first_conv_relevance(ctx: Context, x: torch.Tensor, R: torch.Tensor, W: torc
     relevance not tracked); None: on CUDA where enabled, with a kernel backend."""
     x, W = unit_scaled(x), unit_scaled(W, per_sample=False)
     if fused is None:
-        fused = (x.is_cuda and CUDA_FUSED_FIRST_LAYER and ctx.ops.name != "torch"
+        fused = (x.is_cuda and setting("RSP_FAST_CUDA_FUSED_FIRST_LAYER") and ctx.ops.name != "torch"
                  and triton_unavailable_reason(x.device) == "")
     if fused and g.groups == 1 and not ctx.tracking:
         from ..kernels.triton.first_layer import first_layer_triton

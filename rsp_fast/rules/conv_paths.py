@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..environment import CUDA_DENSE_PATHS, setting
 from ..tf32 import matmul_tf32
 
 if TYPE_CHECKING:
@@ -32,10 +32,8 @@ if TYPE_CHECKING:
 # implicit_gemm against 481 with grouped_conv, TF32 495 against 456. So products on tensor
 # cores (16-bit, TF32) take implicit_gemm, exact float32 and float64 ones grouped_conv
 # (``cuda_dense_path``). RSP_FAST_CUDA_DENSE_PATH chooses one path for every precision.
-CUDA_DENSE_PATHS = ("grouped_conv", "implicit_gemm", "filter", "conv")
-CUDA_DENSE_PATH = os.environ.get("RSP_FAST_CUDA_DENSE_PATH") or None
-if CUDA_DENSE_PATH not in (None, *CUDA_DENSE_PATHS):
-    raise ImportError(f"RSP_FAST_CUDA_DENSE_PATH={CUDA_DENSE_PATH!r}: choose one of {', '.join(CUDA_DENSE_PATHS)}")
+# (environment.py reads the variables where they are used: a bad value is an RSPError then.)
+CUDA_DENSE_PATH: str | None = None  # one path for every precision, over RSP_FAST_CUDA_DENSE_PATH (tests)
 
 
 # How many times slower per multiply-add the Gram path (unfolded patches, cuBLAS GEMMs, col2im)
@@ -51,8 +49,6 @@ if CUDA_DENSE_PATH not in (None, *CUDA_DENSE_PATHS):
 # 1.59 against 1.83): no Gram path for 16-bit products where they run.
 # RSP_FAST_CUDA_GRAM_SLOWDOWN sets one weight for all ("inf": no Gram path where they run).
 CUDA_GRAM_SLOWDOWN = {2: math.inf, 4: 4.0}
-if os.environ.get("RSP_FAST_CUDA_GRAM_SLOWDOWN"):
-    CUDA_GRAM_SLOWDOWN = dict.fromkeys((2, 4), float(os.environ["RSP_FAST_CUDA_GRAM_SLOWDOWN"]))
 # The Gram path as implicit GEMMs too ("implicit_gram": the patch Gram and the back-projection
 # read the patches in place, kernels/triton/conv_products.py gram_products_triton), where the
 # implicit GEMMs run, by the products' element size; there the Gram path's multiply-adds count
@@ -62,29 +58,35 @@ if os.environ.get("RSP_FAST_CUDA_GRAM_SLOWDOWN"):
 # against 533.4 on unfolded patches, ResNet50 715.7 against 722.5. So 16-bit products take it,
 # TF32 ones the unfolded Gram path. RSP_FAST_CUDA_IMPLICIT_GRAM=1 (0) takes it for all (none).
 CUDA_IMPLICIT_GRAM = {2: True, 4: False}
-if os.environ.get("RSP_FAST_CUDA_IMPLICIT_GRAM"):
-    CUDA_IMPLICIT_GRAM = dict.fromkeys((2, 4), os.environ["RSP_FAST_CUDA_IMPLICIT_GRAM"] == "1")
+
+
+def _by_size(table: dict, variable: str, itemsize: int, default):
+    """``table``'s entry for products of ``itemsize`` bytes, or the value of ``variable`` where it is set."""
+    value = setting(variable)
+    return table.get(itemsize, default) if value is None or itemsize not in table else value
 
 
 def cuda_gram_slowdown(product_dtype: torch.dtype) -> float:
     """The weight of the Gram path's multiply-adds against the implicit GEMMs' for products of
     ``product_dtype`` on CUDA (1 where both are implicit GEMMs, and for products that never run
     there: float64)."""
-    if CUDA_IMPLICIT_GRAM.get(product_dtype.itemsize, False):
+    if _by_size(CUDA_IMPLICIT_GRAM, "RSP_FAST_CUDA_IMPLICIT_GRAM", product_dtype.itemsize, False):
         return 1.0
-    return CUDA_GRAM_SLOWDOWN.get(product_dtype.itemsize, 1.0)
+    return _by_size(CUDA_GRAM_SLOWDOWN, "RSP_FAST_CUDA_GRAM_SLOWDOWN", product_dtype.itemsize, 1.0)
 
 
 def cuda_gram_path(is_cuda: bool, implicit_gemm_runs: bool, product_dtype: torch.dtype) -> str:
     """How the Gram path runs for products of ``product_dtype``: on the implicit GEMMs (CUDA,
     where they run, for the precisions that take them) or on unfolded patches."""
-    implicit = is_cuda and implicit_gemm_runs and CUDA_IMPLICIT_GRAM.get(product_dtype.itemsize, False)
+    implicit = (is_cuda and implicit_gemm_runs
+                and _by_size(CUDA_IMPLICIT_GRAM, "RSP_FAST_CUDA_IMPLICIT_GRAM", product_dtype.itemsize, False))
     return "implicit_gram" if implicit else "gram"
 
 
 def cuda_dense_path(tensor_cores: bool) -> str:
     """How dense layers off the Gram path run on CUDA, with products on tensor cores or not."""
-    return CUDA_DENSE_PATH or ("implicit_gemm" if tensor_cores else "grouped_conv")
+    chosen = CUDA_DENSE_PATH or setting("RSP_FAST_CUDA_DENSE_PATH")
+    return chosen or ("implicit_gemm" if tensor_cores else "grouped_conv")
 
 
 def on_tensor_cores(dtype: torch.dtype) -> bool:

@@ -3,6 +3,7 @@
 in sync and nothing is lost in quality."""
 from __future__ import annotations
 
+import functools
 from io import BytesIO
 from pathlib import Path
 
@@ -101,10 +102,24 @@ class AudioCopy:
 _TS_SOUND = {"mp2", "mp3", "aac", "aac_latm", "ac3", "eac3", "dts", "truehd", "opus", "s302m"}
 
 
+@functools.cache
+def _ts_sound_ids() -> frozenset[int]:
+    """_TS_SOUND's codecs by id: a stream's codec context is named after its decoder (MP3's
+    mp3float, DTS's dca), not after the codec."""
+    av, ids = _av(), set()
+    for name in _TS_SOUND:
+        try:
+            ids.add(av.codec.Codec(name, "r").id)
+        except ValueError:  # an FFmpeg built without that decoder, which then opens no such stream either
+            pass
+    return frozenset(ids)
+
+
 def _fits(stream, output_format: str) -> bool:
     """Whether the output format can hold the stream's codec: a header written to memory says."""
     codec = stream.codec_context.name
-    if (output_format == "mpegts" and codec not in _TS_SOUND) or (output_format == "flv" and codec.startswith("pcm_")):
+    if ((output_format == "mpegts" and stream.codec_context.codec.id not in _ts_sound_ids())
+            or (output_format == "flv" and codec.startswith("pcm_"))):
         return False
     av = _av()
     try:

@@ -111,7 +111,8 @@ def explain_video(model, src, dst, *, layer=None, init: str = "comparative", hos
                              precision=precision)
     out_fps = Fraction(fps).limit_denominator(1001) if fps else info.fps
     total = min(info.frames, max_frames) if info.frames and max_frames else (max_frames or info.frames)
-    show = sys.stderr.isatty() if progress is None else progress
+    # no stderr at all where fd 2 was closed at start-up (`2>&-`, a daemon): no bar to draw
+    show = sys.stderr is not None and (sys.stderr.isatty() if progress is None else progress)
 
     stop = threading.Event()
     decoded: queue.Queue = queue.Queue(maxsize=2)
