@@ -125,13 +125,14 @@ def test_gram_path_weighed_against_the_implicit_gemms_only_where_they_run():
 
 def test_implicit_gemms_only_where_each_sample_fits_32_bit_offsets():
     """The Triton implicit GEMMs address within a sample in 32 bits: a layer whose input, or
-    sections (2·O per position), or (the implicit Gram path) L×L Gram per sample reaches 2³¹
+    sections (2·O per position), or filters (2·O·C per tap), or (the implicit Gram path) L×L Gram per sample reaches 2³¹
     elements runs on the library's convolutions (or the unfolded Gram path) instead."""
     bf16 = torch.bfloat16
     g = conv_geometry(nn.Conv2d(64, 64, 3, padding=1), (224, 224))
     assert conv_paths.implicit_gemm_fits(g, 64, 64, (224, 224), 224 * 224)  # VGG16's conv1_2
     assert not conv_paths.implicit_gemm_fits(g, 64, 64, (8192, 8192), 8192 * 8192)  # 2·64·8192² ≥ 2³¹
     assert not conv_paths.implicit_gemm_fits(g, 2**15, 1, (256, 256), 256 * 256)  # the input alone
+    assert not conv_paths.implicit_gemm_fits(g, 2**13, 2**14, (8, 8), 64)  # the filters: 9·2·2¹⁴·2¹³ ≥ 2³¹
     strided = conv_geometry(nn.Conv2d(64, 64, 3, stride=2, padding=1), (224, 224))
     assert not conv_paths.implicit_gemm_fits(strided, 64, 64, (224, 224), 112 * 112)
     assert conv_paths.runnable_dense_path("gram", True, True, bf16, 196) == "implicit_gram"

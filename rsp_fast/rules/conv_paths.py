@@ -107,8 +107,10 @@ def _aligned(positions: int) -> int:
 
 def implicit_gemm_fits(g: ConvGeometry, channels: int, outputs: int, in_hw: tuple[int, int], positions: int) -> bool:
     """Whether the implicit-GEMM kernels take this conv: stride 1, one group, and each sample's
-    input, relevance and sections (2·O per position) within 32-bit offsets."""
-    per_sample = max(channels * in_hw[0] * in_hw[1], 2 * outputs * _aligned(positions))
+    input, relevance and sections (2·O per position) and its filters (2·O·C per tap) within
+    32-bit offsets."""
+    taps = g.kernel[0] * g.kernel[1]
+    per_sample = max(channels * in_hw[0] * in_hw[1], 2 * outputs * _aligned(positions), taps * 2 * outputs * channels)
     return g.stride == (1, 1) and g.groups == 1 and per_sample < INT32_ELEMENTS
 
 
