@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..environment import CUDA_DENSE_PATHS, setting
+from ..environment import CUDA_DENSE_PATHS, setting  # noqa: F401 (CUDA_DENSE_PATHS: read here by tests, gpu_check.sh)
 from ..tf32 import matmul_tf32
 
 if TYPE_CHECKING:
