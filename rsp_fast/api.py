@@ -179,11 +179,16 @@ class RSP:
             # at the first call with that shape (when unsupported layers are reported)
             self.plan = None
 
-    def _plan_for(self, inputs: torch.Tensor) -> Plan:
+    def _refresh_plan(self) -> None:
+        """The model traced anew where a submodule was replaced since its plan was made (before
+        the inputs and the model's tensors are checked against it)."""
         if self.plan is not None and not self.plan.is_current():
-            with self._plans_lock:  # a submodule was replaced since: trace the model anew
+            with self._plans_lock, eval_mode(self.model):
                 if not self.plan.is_current():
                     self._build_plan()
+
+    def _plan_for(self, inputs: torch.Tensor) -> Plan:
+        self._refresh_plan()
         if self.plan is not None:
             return self.plan
         key = (tuple(inputs.shape), inputs.dtype, inputs.device)
@@ -261,6 +266,7 @@ class RSP:
             raise RSPError("inputs are on the meta device: they hold no values to explain")
         if x.layout != torch.strided:
             raise RSPError(f"inputs must be a dense tensor, not one of layout {x.layout}; convert it (x.to_dense())")
+        self._refresh_plan()  # the checks below read the plan that will run
         rank = self.plan.input_rank if self.plan else None
         if x.dim() < 2 or (rank is not None and x.dim() != rank):
             want = f"{rank}-D {_LAYOUTS.get(rank, '')}".rstrip() if rank else "at least 2-D (N, ...)"
@@ -269,9 +275,7 @@ class RSP:
             raise RSPError("inputs hold no samples (batch size 0)")
         if not torch.isfinite(x).all():
             raise RSPError("inputs contain NaN or Inf")
-        # against the plan that will run: one a replaced submodule made stale names other modules
-        current = self.plan is not None and self.plan.is_current()
-        check_model_tensors(self.model, self.plan.leaves if current else None)
+        check_model_tensors(self.model, self.plan.leaves if self.plan else None)
         p = next((q for q in self.model.parameters() if q.is_floating_point()), None)  # not an integer count
         if p is not None and p.dtype != x.dtype:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")

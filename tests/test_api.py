@@ -1738,6 +1738,14 @@ def test_an_uninitialised_lazy_module_is_named():
     with pytest.raises(RSPError, match="the model's 4.weight is not initialised yet"):
         explainer.attribute(x)
     assert nn.parameter.is_lazy(model[4].weight)  # not initialised by the pass with random weights
+    # a replaced module beside a head that stays lazy: the new plan's modules, not every module, are checked
+    # (it was refused at every later call: "run the model once", which cannot initialise a head the forward never calls)
+    aux = _WithAnAuxiliaryHead(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                             nn.Linear(4, 3)))
+    on_aux = rsp_fast.RSP(aux)
+    on_aux.attribute(x)
+    aux.net[4] = nn.Linear(4, 3)
+    assert rel_err(on_aux.attribute(x), rsp_fast.RSP(aux).attribute(x)) == 0
 
 
 def test_a_quantized_module_is_named():
