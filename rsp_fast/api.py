@@ -329,11 +329,11 @@ def _runs(model: nn.Module, module: nn.Module, called: frozenset | None) -> bool
 
 def _is_quantized(module: nn.Module) -> bool:
     """A module of torch's quantized namespaces (integer weights, no autograd), but not
-    FloatFunctional: the float stand-in for add and cat that models written for quantization use
+    (FX)FloatFunctional: the float stand-in for add and cat that models written for quantization use
     (torchvision's quantizable models with quantize=False are float models)."""
     kind = type(module)
     return (kind.__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
-            and kind.__name__ != "FloatFunctional")
+            and kind.__name__ not in ("FloatFunctional", "FXFloatFunctional"))
 
 
 def _peak_power_of_two(R: torch.Tensor) -> torch.Tensor:

@@ -1763,10 +1763,10 @@ def test_a_quantized_module_is_named():
 class _SkipAdd(nn.Module):
     """A residual block whose add is a FloatFunctional (as models written for quantization are) or +."""
 
-    def __init__(self, float_functional: bool):
+    def __init__(self, float_functional=None):
         super().__init__()
         self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
-        self.skip = torch.ao.nn.quantized.FloatFunctional() if float_functional else None
+        self.skip = float_functional() if float_functional else None
 
     def forward(self, x):
         h = F.relu(self.conv1(x))
@@ -1779,12 +1779,14 @@ def test_a_float_model_written_for_quantization_is_explained():
     quantizable ResNets with quantize=False), lives in torch's quantized namespace: such models
     were refused as "a quantized module"."""
     torch.manual_seed(0)
-    plain, written = _SkipAdd(False).eval(), _SkipAdd(True).eval()
-    written.load_state_dict(plain.state_dict())
+    plain = _SkipAdd().eval()
     x = torch.rand(2, 3, 8, 8)
     expected = rsp_fast.RSP(plain, layer="conv2").attribute(x)
-    assert torch.equal(rsp_fast.RSP(written, layer="conv2").attribute(x), expected)
-    assert rsp_fast.cost(written, (3, 8, 8), layer="conv2")["totals"]["rsp_macs"] > 0
+    for kind in (torch.ao.nn.quantized.FloatFunctional, torch.ao.nn.quantized.FXFloatFunctional):
+        written = _SkipAdd(kind).eval()
+        written.load_state_dict(plain.state_dict())
+        assert torch.equal(rsp_fast.RSP(written, layer="conv2").attribute(x), expected)
+        assert rsp_fast.cost(written, (3, 8, 8), layer="conv2")["totals"]["rsp_macs"] > 0
 
 
 class _FunctionAfterNorm(nn.Module):

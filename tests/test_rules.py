@@ -1362,6 +1362,11 @@ def test_a_picture_of_subnormal_values_is_explained_as_in_float64(first, backend
             for dt in (torch.float64, torch.float32)}
     assert maps[torch.float64].abs().amax() > 0
     assert rel_err(maps[torch.float32].double(), maps[torch.float64]) < 1e-4
+    # float64 too (its powers of two stop at 2^±1023: 2^1024 is inf): the forward barely sees either picture,
+    # and the first-layer rule does not see their scale
+    explainer = rsp_fast.RSP(model.double(), layer="3", backend=backend)
+    tiny = explainer.attribute(x * 1e-270)  # 1e-310: subnormal in float64
+    assert rel_err(tiny, explainer.attribute(x * 1e-190)) < 1e-12 and tiny.abs().amax() > 0
 
 
 class _MaxPoolSame(nn.MaxPool2d):

@@ -166,7 +166,7 @@ def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """2^exponent in ``dtype``, the exponent kept where the dtype holds it (±127 in float32): a
     subnormal peak (float32 below 2^-126) is scaled up as far as the dtype goes, not to inf."""
-    largest = int(math.log2(torch.finfo(dtype).max))
+    largest = math.frexp(torch.finfo(dtype).max)[1] - 1  # 127 in float32, 1023 in float64 (2^1024 is inf)
     return torch.ldexp(torch.ones(exponent.shape, dtype=dtype, device=exponent.device),
                        exponent.clamp(-largest, largest))
 
