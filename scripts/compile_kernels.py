@@ -214,10 +214,11 @@ def main(argv=None) -> int:
         raise SystemExit("compile_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     if args.arch not in SHARED_MEMORY:
         p.error(f"--arch {args.arch}: one of {', '.join(map(str, SHARED_MEMORY))}")
-    limit, failed = SHARED_MEMORY[args.arch], 0
+    limit, failed, compiled_any = SHARED_MEMORY[args.arch], 0, False
     for name, kernel, pointers, constexprs, warps, stages, aligned, default in launches(args.arch):
         if (args.defaults_only and not default) or not name.startswith(tuple(args.only or [""])):
             continue
+        compiled_any = True
         try:
             compiled = compile_launch(kernel, pointers, constexprs, warps, stages, args.arch, aligned)
         except Exception as e:  # report every launch, then fail
@@ -236,6 +237,8 @@ def main(argv=None) -> int:
               + f"{ptx.count('wgmma.mma_async')} wgmma "
               f"{ptx.count('mma.sync')} mma.sync, {copies(ptx, 16)} 16-byte and {copies(ptx, 4)} 4-byte cp.async, "
               f"{ptx.count('cp.async.bulk.tensor')} TMA copies")
+    if not compiled_any:
+        p.error(f"--only {' '.join(args.only or [])}: no launch's name starts so")
     return 1 if failed else 0
 
 

@@ -479,11 +479,12 @@ def _shared_memory(device: torch.device) -> tuple[int, int]:
 
 def shared_memory_estimate(t: Tiles, itemsize: int, major: int, staged: bool) -> int:
     """Bytes of shared memory a launch of ``t`` takes at most: the operands' pipeline buffers
-    (``stages`` of them from Hopper on, one fewer before) and, ``staged`` (the responses, whose
+    (``stages`` of them on Hopper and Blackwell's data-centre GPUs, one fewer on the others, sm_120
+    included, which Triton compiles as it does sm_80) and, ``staged`` (the responses, whose
     normalising epilogue passes its tile through shared memory), the output tile: in the buffers'
     place, or beside them where the launch is persistent (the next tile's loads are under way).
     What Triton 3.x compiles to, checked by compiling for sm_80, sm_86 and sm_90."""
-    buffers = (t.stages if major >= 9 else t.stages - 1) * (t.rows + t.cols) * t.red * itemsize
+    buffers = (t.stages if major in (9, 10) else t.stages - 1) * (t.rows + t.cols) * t.red * itemsize
     output = t.rows * t.cols * itemsize if staged else 0
     return buffers + output if t.programs else max(buffers, output)
 
