@@ -152,7 +152,7 @@ class RSP:
         # R₀ needs autograd through the head, also when the caller is in inference mode; a
         # caller's autocast would run the rules' products in bf16/fp16 whatever ``precision`` says
         with eval_mode(self.model):  # traced as it predicts; before the pass, which a trace would wait for
-            plan = self._plan_for(inputs)
+            plan = self._current_plan(inputs)  # (_check_inputs, which every call runs first, traced a stale one anew)
         # the whole pass waits for a trace in another thread: torch.fx patches module attribute
         # reads process-wide while it traces, and the rules read weights
         with TRACE_GATE.forward(), eval_mode(self.model), _matmul_precision(self.precision, inputs.device), \
@@ -188,7 +188,13 @@ class RSP:
                     self._build_plan()
 
     def _plan_for(self, inputs: torch.Tensor) -> Plan:
+        """The plan a call on ``inputs`` runs, traced anew if the model changed since."""
         self._refresh_plan()
+        return self._current_plan(inputs)
+
+    def _current_plan(self, inputs: torch.Tensor) -> Plan:
+        """The plan for ``inputs`` once the model's plan was refreshed (checking staleness walks
+        every module: 4 ms per check on EfficientNet-B0, so a call does it once, in _check_inputs)."""
         if self.plan is not None:
             return self.plan
         key = (tuple(inputs.shape), inputs.dtype, inputs.device)

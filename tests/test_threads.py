@@ -106,7 +106,7 @@ def test_two_threads_that_both_trace_a_new_shape_do_not_wait_for_each_other(monk
     that each met a new shape waited for each other forever (the meeting forced here)."""
     torch.manual_seed(0)
     model, meet = SizeBranchingNet().eval(), threading.Barrier(2, timeout=5)
-    plan_for = api.RSP._plan_for
+    plan_for = api.RSP._current_plan
 
     def both_at_once(self, inputs):
         try:
@@ -114,7 +114,7 @@ def test_two_threads_that_both_trace_a_new_shape_do_not_wait_for_each_other(monk
         except threading.BrokenBarrierError:
             pass
         return plan_for(self, inputs)
-    monkeypatch.setattr(api.RSP, "_plan_for", both_at_once)
+    monkeypatch.setattr(api.RSP, "_current_plan", both_at_once)
     explainer = rsp_fast.RSP(model)
     rows = [[torch.randn(1, 3, 16 + i + 40 * k, 16 + i) for i in range(3)] for k in (0, 1)]
     got = run_in_threads(*[lambda row=row: [explainer.attribute(x) for x in row] for row in rows], timeout=60)

@@ -3,7 +3,6 @@ children, hooks and plain attributes, snapshotted when a plan is built, so that
 ``Plan.is_current`` can tell whether the model is still the one the plan was traced from."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,8 +45,13 @@ def _same(a, b) -> bool:
 
 def _class_forward(cls: type):
     """A module class's forward as the class holds it: a TorchScript module's is a descriptor
-    that fails when read through the class."""
-    return inspect.getattr_static(cls, "forward", None)
+    that fails when read through the class (looked up along the MRO as inspect.getattr_static
+    does, at a tenth of its cost: it runs for every module at every call)."""
+    for base in cls.__mro__:
+        forward = base.__dict__.get("forward", _SKIP)
+        if forward is not _SKIP:
+            return forward
+    return None
 
 
 @dataclass
