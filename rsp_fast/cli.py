@@ -134,7 +134,7 @@ def cmd_video(args) -> None:
     report = explain_video(_spec(args), args.input, args.output, **_video_kwargs(args))
     if report_path:
         _write_report(report, report_path)
-    print(f"wrote {args.output}: {_summary(report)}")
+    _print(f"wrote {args.output}: {_summary(report)}")
 
 
 def cmd_image(args) -> None:
@@ -143,6 +143,10 @@ def cmd_image(args) -> None:
 
     images = image_files(args.images)
     out = checked_output_folder(args.output)
+    for given in args.images:  # its maps would be pictures of the next run there (heat maps of heat maps)
+        if out.is_dir() and Path(given).is_dir() and os.path.samefile(given, out):
+            raise RSPError(f"output folder {args.output!r} is the input folder {given!r}: the maps would be "
+                           "read as pictures by the next run there; choose another output folder")
     inputs = [("input image", path) for _, path in images]
     outputs = [("output", out / f"{name}_{kind}.png") for name, _ in images for kind in ("heatmap", "overlay")]
     outputs += [("contact sheet", out / "contact_sheet.png")]
@@ -154,8 +158,8 @@ def cmd_image(args) -> None:
     report = explain_images(spec, explainer, images, args.output, target=args.target, batch_size=args.batch_size, device=args.device)
     _write_report(report, report_path)
     for row in report["images"]:
-        print(f"{row['name']}: {row['class_name']} ({row['score']:.2f}) in {row['seconds']:.2f} s")
-    print(f"wrote {args.output} ({len(report['images'])} images on {report['device']})")
+        _print(f"{row['name']}: {row['class_name']} ({row['score']:.2f}) in {row['seconds']:.2f} s")
+    _print(f"wrote {args.output} ({len(report['images'])} images on {report['device']})")
 
 
 def cmd_demo(args) -> None:
@@ -181,7 +185,7 @@ def cmd_demo(args) -> None:
     picks = sorted({round(i * (n - 1) / 7) for i in range(8)})
     render.save_png(sheet, render.contact_sheet(read_frames(video, picks), columns=4))
     _write_report(report, report_path)
-    print(f"wrote {out / 'demo_rsp.mp4'}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
+    _print(f"wrote {out / 'demo_rsp.mp4'}, {out / 'contact_sheet.png'} and the report: {_summary(report)}")
 
 
 def _remove_made(file, folders) -> None:
@@ -212,21 +216,21 @@ def cmd_info(args) -> None:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    print(f"rsp-fast {__version__}, torch {torch.__version__}, Python {platform.python_version()}, Triton {triton_version}")
+    _print(f"rsp-fast {__version__}, torch {torch.__version__}, Python {platform.python_version()}, Triton {triton_version}")
     if custom.HAVE_C:
         from . import _C
 
         kernels = "CPU and CUDA kernels" if custom.cuda_kernels_built() else "CPU kernels"
-        print(f"rsp_fast._C: {kernels}, built against torch {getattr(_C, 'TORCH_VERSION', '(not recorded)')}")
+        _print(f"rsp_fast._C: {kernels}, built against torch {getattr(_C, 'TORCH_VERSION', '(not recorded)')}")
     else:
-        print(f"rsp_fast._C: {custom.C_ERROR}")
+        _print(f"rsp_fast._C: {custom.C_ERROR}")
     devices = [("cpu", f"{torch.get_num_threads()} threads")]
     if torch.cuda.is_available():
         devices.append(("cuda", torch.cuda.get_device_name()))
     for device, what in devices:
-        print(f"backends on {device} ({what}):")
+        _print(f"backends on {device} ({what}):")
         for backend, status in backends(device).items():
-            print(f"  {backend:<7} {status}")
+            _print(f"  {backend:<7} {status}")
 
 
 COMMANDS = {"video": cmd_video, "image": cmd_image, "demo": cmd_demo, "info": cmd_info}
@@ -255,6 +259,18 @@ def _stopping_signals() -> dict:
 
 def _stopping_signal_numbers() -> list[int]:
     return [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
+
+
+def _print(line: str) -> None:
+    """``line`` on stdout, at once. Every command prints after its files were written, so a
+    stdout that cannot take it (a full disk) is reported as that, with the line it held, not as
+    a failed run ("No space left on device" read as the video's)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:  # the reader stopped early: main's own case
+        raise
+    except OSError as exc:
+        raise RSPError(f"cannot write to standard output ({exc.strerror or exc}); it was to say: {line}") from None
 
 
 def _say(line: str) -> None:

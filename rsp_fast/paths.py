@@ -15,6 +15,8 @@ from typing import Callable
 from .errors import RSPError
 
 NAME_MAX = 255  # bytes in one file name (Linux's and macOS's file systems)
+PATH_MAX = 4096  # bytes in a whole path, with its closing NUL (Linux's; macOS's is 1024)
+TEMPORARY_ROOM = 32  # what a temporary sibling may add to a path: ".", ".tmp-PID" and a suffix
 
 
 def temporary_sibling(path: Path, suffix: str = "") -> Path:
@@ -73,8 +75,28 @@ def checked_output_file(path: str | Path, what: str, inputs=()) -> Path:
     for kind, source in inputs:
         if source is not None and target == Path(os.path.realpath(source)):
             raise RSPError(f"{what} {text!r} is the {kind} {str(source)!r}: choose another path")
+    check_path_length(target, what, text)
     _check_folder_writable(target.parent, what, text)
     return target
+
+
+def check_path_length(target: Path, what: str, text: str) -> None:
+    """An output whose temporary sibling still fits a path (a legal 4095-byte output path failed
+    at its first write, after the model was built)."""
+    room = min(PATH_MAX, _path_max(target.parent)) - 1 - TEMPORARY_ROOM
+    if len(os.fsencode(str(target))) > room:
+        raise RSPError(f"{what} {text!r}: its path is {len(os.fsencode(str(target)))} bytes long; the run writes a "
+                       f"temporary file beside it, so it must be at most {room}: choose a shorter path")
+
+
+def _path_max(folder: Path) -> int:
+    """The system's limit on a path's length there (the nearest folder that exists asked)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer
+        return PATH_MAX
 
 
 def checked_output_folder(path: str | Path, what: str = "output folder") -> Path:
@@ -128,6 +150,7 @@ def check_outputs_spare_inputs(outputs, inputs) -> None:
     for what, path in outputs:
         check_name_length(Path(path), what)
         target = Path(os.path.realpath(path))
+        check_path_length(target, what, str(path))
         if target.is_dir():
             raise RSPError(f"{what} {str(path)!r} is a folder: remove it or choose another output folder")
         if target.exists() and not target.is_file():

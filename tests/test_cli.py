@@ -1,4 +1,6 @@
 """The rsp-fast command line: image maps, the demo, and one-line errors for bad input."""
+import errno
+import io
 import json
 import os
 import pickle
@@ -795,3 +797,61 @@ def test_a_demo_that_fails_writing_its_clip_leaves_nothing_behind(tmp_path, monk
     monkeypatch.setattr(rsp_fast.video, "make_demo_clip", disk_full)
     assert main(["demo", "-o", str(tmp_path / "new" / "demo"), "--device", "cpu", "--quiet"]) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+class _FullStream(io.StringIO):
+    """A standard output on a full disk."""
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_stdout_that_cannot_be_written_is_named_with_what_it_was_to_say(tmp_path, monkeypatch, capsys):
+    """A run whose files were written but whose summary could not be printed said only "No space
+    left on device", read as the run's own failure (a script would redo a good video)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _png(folder / "cat.png")
+    monkeypatch.setattr(sys, "stdout", _FullStream())
+    assert main(["info"]) == 2
+    assert "cannot write to standard output (No space left on device); it was to say: rsp-fast " in capsys.readouterr().err
+    assert main(["image", str(folder), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to standard output (No space left on device); it was to say: cat: " in err
+    assert (tmp_path / "out" / "cat_heatmap.png").is_file() and (tmp_path / "out" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("output", ["same", "same/.", "link"])
+def test_an_output_folder_that_is_an_input_folder_is_refused(tmp_path, monkeypatch, capsys, output):
+    """Its maps went among the pictures, and the same command then refused them as inputs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "same").mkdir()
+    (tmp_path / "link").symlink_to("same")
+    _png(tmp_path / "same" / "cat.png")
+    assert main(["image", "same", "-o", output]) == 2
+    assert f"output folder '{output}' is the input folder 'same'" in capsys.readouterr().err
+    assert [f.name for f in (tmp_path / "same").iterdir()] == ["cat.png"]
+
+
+def test_an_output_path_whose_temporary_file_would_be_too_long_is_refused_before_work(tmp_path):
+    """A legal 4095-byte output path failed at its first write ("File name too long"), after the
+    model was built: the temporary file beside it adds some 20 bytes."""
+    from rsp_fast.paths import PATH_MAX, TEMPORARY_ROOM, checked_output_file
+    from rsp_fast.render import save_png
+
+    def path_of(length):
+        folder, room = tmp_path.resolve(), length - len(str(tmp_path.resolve())) - len("/m.png")
+        while room > 0:
+            part = "d" * min(200, room - 1) if room > 1 else ""
+            folder, room = (folder / part, room - len(part) - 1) if part else (folder, 0)
+        path = folder / ("m" * (length - len(str(folder)) - 1 - len(".png")) + ".png")
+        assert len(str(path)) == length
+        return path
+
+    longest = PATH_MAX - 1 - TEMPORARY_ROOM
+    with pytest.raises(RSPError, match=f"its path is {PATH_MAX - 1} bytes long; the run writes a temporary file"):
+        checked_output_file(path_of(PATH_MAX - 1), "output video")
+    fits = checked_output_file(path_of(longest), "output video")
+    fits.parent.mkdir(parents=True)
+    save_png(fits, np.zeros((4, 4, 3), np.uint8))  # the longest path allowed is written
+    assert [f.name for f in fits.parent.iterdir()] == [fits.name]
