@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import RSPError, UnsupportedModelError
+from .errors import RSPError, UnsupportedModelError, not_initialised
 from .graph.plan import Plan, build_plan, layer_name, step_path
 from .graph.trace import TRACE_GATE, UntraceableModelError, called_by_a_caller, eval_mode, unwrap, wrapper_chain
 from .init import initial_relevance
@@ -281,7 +281,8 @@ class RSP:
             raise RSPError("inputs hold no samples (batch size 0)")
         if not torch.isfinite(x).all():
             raise RSPError("inputs contain NaN or Inf")
-        check_model_tensors(self.model, self.plan.leaves if self.plan else None)
+        # a model traced per input shape: its trace refuses a lazy module it runs (one it never runs may stay lazy)
+        check_model_tensors(self.model, self.plan.leaves if self.plan else frozenset())
         p = next((q for q in self.model.parameters() if q.is_floating_point()), None)  # not an integer count
         if p is not None and p.dtype != x.dtype:
             raise RSPError(f"inputs are {x.dtype} but the model's parameters are {p.dtype}; convert one to the other")
@@ -317,9 +318,8 @@ def check_model_tensors(model: nn.Module, called: frozenset | None = None) -> No
             if nn.parameter.is_lazy(t):
                 if not _runs(model, module, called):
                     continue
-                lazy = next(n for n, q in itertools.chain(model.named_parameters(), model.named_buffers()) if q is t)
-                raise RSPError(f"the model's {lazy} is not initialised yet (a lazy module, e.g. LazyConv2d): run the "
-                               "model once on an example input before explaining it")
+                raise not_initialised(next(n for n, q in itertools.chain(model.named_parameters(), model.named_buffers())
+                                           if q is t))
             if t.is_inference():
                 raise RSPError("the model's parameters or buffers were made under torch.inference_mode(): autograd, "
                                "which R₀ needs through the head, cannot use them; build or load the model outside "

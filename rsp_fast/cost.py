@@ -144,7 +144,6 @@ def cost(model: nn.Module, input_shape, layer=None, dtype: torch.dtype | None = 
         try:
             plan = build_plan(model, layer)
         except UntraceableModelError:  # a forward that branches on sizes: traced for this shape
-            check_model_tensors(model)  # that trace runs the modules
             plan = build_plan(model, layer, example=x)
         check_model_tensors(model, plan.leaves)  # a lazy module would be initialised by the probe, with random weights
         with_batch = RSPError(f"input_shape is one sample's shape, without the batch: {tuple(input_shape[1:])}, "

@@ -11,3 +11,10 @@ class UnsupportedModelError(RSPError):
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here (not built, no GPU, no Triton)."""
+
+
+def not_initialised(name: str) -> RSPError:
+    """A lazy module's parameter the forward would use before it has a shape: running it (RSP's
+    own pass or trace) would initialise it with random weights and explain those."""
+    return RSPError(f"the model's {name} is not initialised yet (a lazy module, e.g. LazyConv2d): run the model "
+                    "once on an example input before explaining it")

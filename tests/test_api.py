@@ -1787,6 +1787,44 @@ def test_an_uninitialised_lazy_module_is_named():
     assert rel_err(on_aux.attribute(x), rsp_fast.RSP(aux).attribute(x)) == 0
 
 
+class _SizeBranchingWithAnAuxiliaryHead(_WithAnAuxiliaryHead):
+    """A forward that branches on a size: traced per input shape (no plan for every shape)."""
+
+    def forward(self, x):
+        h = self.net(x)
+        return h * 2 if x.shape[-1] > 4 else h
+
+
+def test_a_lazy_module_of_a_model_traced_per_shape_is_refused_where_it_runs_only():
+    """An auxiliary head the forward never calls was refused ("run the model once", which cannot
+    initialise it) when the forward branches on sizes; one it calls must stay refused, and not be
+    initialised with random weights by the trace."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model, x = _SizeBranchingWithAnAuxiliaryHead(net).eval(), torch.randn(2, 3, 8, 8)
+    explainer = rsp_fast.RSP(model)
+    assert explainer.plan is None  # traced per shape
+    expected = rsp_fast.RSP(nn.Sequential(net, _Scaled(2.0))).attribute(x)
+    assert rel_err(explainer.attribute(x), expected) < 1e-6
+    assert rsp_fast.cost(model, (3, 8, 8))["layers"][0]["forward_macs"] == 4 * 3 * 9 * 36
+    assert nn.parameter.is_lazy(model.aux.weight)
+    model.net[0] = nn.LazyConv2d(4, 3)  # one the forward runs
+    for call in (lambda: explainer.attribute(x), lambda: rsp_fast.RSP(model).attribute(x),
+                 lambda: rsp_fast.cost(model, (3, 8, 8))):
+        with pytest.raises(RSPError, match="the model's net.0.weight is not initialised yet .* run the model once"):
+            call()
+        assert nn.parameter.is_lazy(model.net[0].weight)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
 def test_a_quantized_module_is_named():
     """A dynamically quantized Linear head was refused with "the model's logits do not depend on
     the saliency layer … through autograd", which named neither the module nor quantization."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import operator
 import threading
 from typing import Any, Callable
@@ -25,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import RSPError, UnsupportedModelError
+from ..errors import RSPError, UnsupportedModelError, not_initialised
 from ..shared_setting import SETTINGS
 
 MODULE_META = "rsp_module"  # node.meta key: the leaf module a call_module node runs
@@ -186,7 +187,16 @@ class _ConcreteTracer(_RecordingTracer):
                 return attribute_at(self.root, node.target)
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.values.__getitem__)
             target = self.root.get_submodule(node.target) if node.op == "call_module" else node.target
+            if node.op == "call_module":
+                _check_initialised(target, node.target)
             return _call(node.op, target, args, kwargs)
+
+
+def _check_initialised(module: nn.Module, path: str) -> None:
+    """A lazy module the trace is about to run: it would be initialised with random weights."""
+    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if nn.parameter.is_lazy(t):
+            raise not_initialised(f"{path}.{name}")
 
 
 # fx's own context manager for running real code in the middle of a trace (private, so checked:
@@ -409,7 +419,7 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         _names_apart_from_modules(graph, tracer.module_outputs)
     except _ForwardFailed as exc:
         raise RSPError(f"the model's forward failed on inputs of shape {tuple(example.shape)}: {exc}") from None
-    except UnsupportedModelError:
+    except RSPError:  # said in one line already (a lazy module the trace would run)
         raise
     except Exception as exc:  # fx raises many types; the user needs one clear message
         error = UntraceableModelError if example is None else UnsupportedModelError
