@@ -132,9 +132,12 @@ class RSP:
         if N <= chunk:
             return check_finite(self._explain_checked(inputs, target, hostile, record, initial=initial))
         target, hostile = _per_sample(target, N, "target", 0), _per_sample(hostile, N, "hostile", 1)
-        parts = [self._explain_checked(inputs[i:i + chunk], _rows(target, i, chunk), _rows(hostile, i, chunk), record,
-                                       initial=_rows(initial, i, chunk))
-                 for i in range(0, N, chunk)]
+        parts = []
+        for i in range(0, N, chunk):
+            if i:  # a model changed since the last chunk (another thread) is traced anew
+                self._refresh_plan()
+            parts.append(self._explain_checked(inputs[i:i + chunk], _rows(target, i, chunk), _rows(hostile, i, chunk),
+                                               record, initial=_rows(initial, i, chunk)))
         return check_finite(_concatenate(parts))
 
     def _explain_checked(self, inputs: torch.Tensor, target, hostile, record: bool = False,

@@ -955,6 +955,39 @@ def test_a_call_walks_the_model_for_changes_once_before_its_pass(monkeypatch):
     assert rel_err(ours.attribution, fresh.attribution) < 1e-12
 
 
+def test_a_module_replaced_during_a_chunked_call_is_followed(monkeypatch):
+    """A change between two chunks of a call (another thread's) was missed by the later chunks,
+    and the stale plan was then kept for good (the pass took the change for what it wrote)."""
+    torch.manual_seed(5)
+    model, x = _skip_net(), torch.randn(4, 3, 12, 12, dtype=D)
+    explainer = rsp_fast.RSP(model, max_batch=2)
+    explainer.attribute(x)
+    explain_checked, calls = api.RSP._explain_checked, []
+
+    def replaced_after_the_first_chunk(self, *args, **kwargs):
+        out = explain_checked(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            model[4] = nn.Sequential(nn.Conv2d(8, 8, 5, padding=2), nn.ReLU()).double().eval()
+        return out
+    monkeypatch.setattr(api.RSP, "_explain_checked", replaced_after_the_first_chunk)
+    during = explainer.attribute(x)
+    monkeypatch.undo()
+    fresh = rsp_fast.RSP(model).attribute(x)
+    assert rel_err(during[2:], fresh[2:]) < 1e-12  # the second chunk ran the new plan
+    assert rel_err(explainer.attribute(x), fresh) < 1e-12
+    # replaced while a pass ran: not taken for what the pass wrote onto its modules
+    keep = Plan.keep_what_the_pass_wrote
+
+    def replaced_during_the_pass(plan, module):
+        model[4] = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU()).double().eval()
+        keep(plan, module)
+    monkeypatch.setattr(Plan, "keep_what_the_pass_wrote", replaced_during_the_pass)
+    explainer.attribute(x[:2])
+    monkeypatch.undo()
+    assert rel_err(explainer.attribute(x), rsp_fast.RSP(model).attribute(x)) < 1e-12
+
+
 def test_running_statistics_dropped_after_the_explainer_was_built_are_refused_as_by_a_new_one():
     """A BatchNorm without running statistics normalises by the batch's, also in eval mode: the
     plan traced with them stayed current and mixed the samples (5.7e-2 of the peak)."""
@@ -1814,6 +1847,33 @@ def test_a_lazy_module_of_a_model_traced_per_shape_is_refused_where_it_runs_only
         with pytest.raises(RSPError, match="the model's net.0.weight is not initialised yet .* run the model once"):
             call()
         assert nn.parameter.is_lazy(model.net[0].weight)
+    # a lazy module of the user's own (no rule: traced through, with its hooks) is refused as well
+    # (the trace's pre-hook gave it random weights, then explained them at every later call)
+    model.net[0] = nn.Conv2d(3, 4, 3)
+    model.net[1] = _LazyGain()
+    for call in (lambda: explainer.attribute(x), lambda: rsp_fast.cost(model, (3, 8, 8))):
+        with pytest.raises(RSPError, match="the model's net.1.gain is not initialised yet"):
+            call()
+        assert nn.parameter.is_lazy(model.net[1].gain)
+    model(x)
+    assert rel_err(explainer.attribute(x), rsp_fast.RSP(model).attribute(x)) < 1e-12
+
+
+class _LazyGain(nn.modules.lazy.LazyModuleMixin, nn.Module):
+    """A per-channel gain whose size is learnt at the first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.parameter.UninitializedParameter()
+
+    def initialize_parameters(self, x):
+        if self.has_uninitialized_params():
+            with torch.no_grad():
+                self.gain.materialize((x.shape[1], 1, 1))
+                self.gain.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return F.relu(x * self.gain)
 
 
 class _Scaled(nn.Module):

@@ -85,6 +85,13 @@ class ModuleState:
         return cls(module, type(module), _class_forward(type(module)), tuple(module._modules.items()), _hooks(module),
                    attributes, lists, None if leaf else frozenset(module.__dict__), absent=_absent(module))
 
+    def keep_attributes(self) -> None:
+        """Its plain attributes as they are now (what its forward wrote onto it); its class,
+        children, hooks and a forward set on the instance stay as traced."""
+        now = ModuleState.of(self.module, leaf=self.names is None)
+        now.attributes["forward"] = self.attributes["forward"]
+        self.attributes, self.lists, self.names = now.attributes, now.lists, now.names
+
     def holds(self) -> bool:
         m = self.module
         if m.__class__ is not self.cls or _class_forward(self.cls) is not self.forward or _hooks(m) != self.hooks:

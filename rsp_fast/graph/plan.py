@@ -95,9 +95,12 @@ class Plan:
 
     def keep_what_the_pass_wrote(self, model: nn.Module) -> None:
         """After a pass on a current plan: what the modules it ran wrote onto themselves (a hook
-        keeping a count or a statistic) is the model's state now, not a change to trace anew."""
+        keeping a count or a statistic) is the model's state now, not a change to trace anew. Only
+        plain attributes: a module replaced or a hook added meanwhile (by another thread) is seen
+        at the next call."""
         if not self.is_current():
-            self.states = module_states(model, self.leaves)
+            for state in self.states:
+                state.keep_attributes()
 
 
 def step_path(step: Rule) -> str | None:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from ..errors import RSPError, UnsupportedModelError, not_initialised
@@ -78,6 +79,8 @@ class _RecordingTracer(fx.Tracer):
             if isinstance(out, fx.Proxy):
                 self._count_call(self.path_of_module(m), out.node)
             return out
+        if not self.is_leaf_module(m, self.path_of_module(m)):  # traced through: fx calls it, with its hooks
+            _check_lazy_module(m, self.path_of_module(m))
         last = next(iter(reversed(self.graph.nodes)), None)  # the newest node so far
         depth = len(self.module_stack)
         try:
@@ -197,6 +200,15 @@ def _check_initialised(module: nn.Module, path: str) -> None:
     for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
         if nn.parameter.is_lazy(t):
             raise not_initialised(f"{path}.{name}")
+
+
+def _check_lazy_module(module: nn.Module, path: str) -> None:
+    """A lazy module of the user's own (LazyModuleMixin, no rule) that a trace is about to go
+    through: its pre-hook would give it random weights (the concrete trace's sizes are numbers)."""
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        for name, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            if nn.parameter.is_lazy(t):
+                raise not_initialised(f"{path + '.' if path else ''}{name}")
 
 
 # fx's own context manager for running real code in the middle of a trace (private, so checked:
