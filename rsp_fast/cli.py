@@ -270,7 +270,17 @@ def _print(line: str) -> None:
     except BrokenPipeError:  # the reader stopped early: main's own case
         raise
     except OSError as exc:
+        _drop_stdout()
         raise RSPError(f"cannot write to standard output ({exc.strerror or exc}); it was to say: {line}") from None
+
+
+def _drop_stdout() -> None:
+    """What stdout still holds, and will be given, goes nowhere: the flush at exit would fail
+    again, with a traceback and status 120."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO)
+        pass
 
 
 def _say(line: str) -> None:
@@ -298,7 +308,7 @@ def main(argv=None) -> int:
         with current_folder_importable():  # as `python -m rsp_fast` has it, the `rsp-fast` script too
             COMMANDS[args.command](args)
     except BrokenPipeError:  # the reader stopped early (`rsp-fast info | head -1`): nothing is wrong here
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
+        _drop_stdout()
         return 128 + signal.SIGPIPE
     except (RSPError, BackendUnavailableError, OSError, ModuleNotFoundError) as exc:
         if args.debug and sys.stderr is not None:  # the traceback, then the same one line and status as without --debug

@@ -16,7 +16,6 @@ from .errors import RSPError
 
 NAME_MAX = 255  # bytes in one file name (Linux's and macOS's file systems)
 PATH_MAX = 4096  # bytes in a whole path, with its closing NUL (Linux's; macOS's is 1024)
-TEMPORARY_ROOM = 32  # what a temporary sibling may add to a path: ".", ".tmp-PID" and a suffix
 
 
 def temporary_sibling(path: Path, suffix: str = "") -> Path:
@@ -83,10 +82,11 @@ def checked_output_file(path: str | Path, what: str, inputs=()) -> Path:
 def check_path_length(target: Path, what: str, text: str) -> None:
     """An output whose temporary sibling still fits a path (a legal 4095-byte output path failed
     at its first write, after the model was built)."""
-    room = min(PATH_MAX, _path_max(target.parent)) - 1 - TEMPORARY_ROOM
-    if len(os.fsencode(str(target))) > room:
-        raise RSPError(f"{what} {text!r}: its path is {len(os.fsencode(str(target)))} bytes long; the run writes a "
-                       f"temporary file beside it, so it must be at most {room}: choose a shorter path")
+    limit = _path_max(target.parent) - 1  # the longest path the system takes (its limit counts the closing NUL)
+    tmp = len(os.fsencode(str(temporary_sibling(target, target.suffix or ".mp4"))))
+    if tmp > limit:
+        raise RSPError(f"{what} {text!r}: the temporary file the run writes beside it would have a path of {tmp} "
+                       f"bytes, more than the {limit} the system takes: choose a shorter path")
 
 
 def _path_max(folder: Path) -> int:
@@ -94,9 +94,10 @@ def _path_max(folder: Path) -> int:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        return os.pathconf(folder, "PC_PATH_MAX")
+        limit = os.pathconf(folder, "PC_PATH_MAX")
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer
         return PATH_MAX
+    return min(limit, PATH_MAX) if limit > 0 else PATH_MAX  # -1: no limit of the file system's own
 
 
 def checked_output_folder(path: str | Path, what: str = "output folder") -> Path:

@@ -821,6 +821,20 @@ def test_a_stdout_that_cannot_be_written_is_named_with_what_it_was_to_say(tmp_pa
     assert (tmp_path / "out" / "cat_heatmap.png").is_file() and (tmp_path / "out" / "report.json").is_file()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_stdout_is_one_line_and_status_2_with_buffered_output(tmp_path):
+    """With stdout buffered (a file, not a terminal) the line that failed stayed in the buffer:
+    the flush at exit failed again, with a traceback and status 120."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = str(Path(rsp_fast.__file__).parents[1])  # the package under test
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "rsp_fast", "info"], stdout=full, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.splitlines()[0]]
+    assert proc.stderr.startswith("rsp-fast: error: cannot write to standard output (No space left on device)")
+
+
 @pytest.mark.parametrize("output", ["same", "same/.", "link"])
 def test_an_output_folder_that_is_an_input_folder_is_refused(tmp_path, monkeypatch, capsys, output):
     """Its maps went among the pictures, and the same command then refused them as inputs."""
@@ -836,7 +850,7 @@ def test_an_output_folder_that_is_an_input_folder_is_refused(tmp_path, monkeypat
 def test_an_output_path_whose_temporary_file_would_be_too_long_is_refused_before_work(tmp_path):
     """A legal 4095-byte output path failed at its first write ("File name too long"), after the
     model was built: the temporary file beside it adds some 20 bytes."""
-    from rsp_fast.paths import PATH_MAX, TEMPORARY_ROOM, checked_output_file
+    from rsp_fast.paths import PATH_MAX, checked_output_file
     from rsp_fast.render import save_png
 
     def path_of(length):
@@ -848,9 +862,10 @@ def test_an_output_path_whose_temporary_file_would_be_too_long_is_refused_before
         assert len(str(path)) == length
         return path
 
-    longest = PATH_MAX - 1 - TEMPORARY_ROOM
-    with pytest.raises(RSPError, match=f"its path is {PATH_MAX - 1} bytes long; the run writes a temporary file"):
-        checked_output_file(path_of(PATH_MAX - 1), "output video")
+    longest = PATH_MAX - 1 - len(f"..tmp-{os.getpid()}.png")  # "/.NAME.tmp-PID.png" beside "/NAME"
+    with pytest.raises(RSPError, match=f"would have a path of {longest + 1 + len(f'..tmp-{os.getpid()}.png')} bytes, "
+                                       f"more than the {PATH_MAX - 1} the system takes"):
+        checked_output_file(path_of(longest + 1), "output video")
     fits = checked_output_file(path_of(longest), "output video")
     fits.parent.mkdir(parents=True)
     save_png(fits, np.zeros((4, 4, 3), np.uint8))  # the longest path allowed is written
