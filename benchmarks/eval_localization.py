@@ -47,7 +47,7 @@ MAIN_KEYS = ("pointing_game", "pointing_game_difficult", "discriminative_pointin
 #  sanity check, perturbation steps, photographs)
 CONFIGS = {
     "full": dict(size=96, train_samples=6000, epochs=8, canvases=400, perturbed=160, sanity=64, steps=32, photos=8),
-    "quick": dict(size=64, train_samples=3000, epochs=5, canvases=48, perturbed=12, sanity=8, steps=8, photos=2),
+    "quick": dict(size=64, train_samples=3000, epochs=3, canvases=48, perturbed=12, sanity=8, steps=8, photos=2),
 }
 
 
