@@ -368,7 +368,9 @@ def test_image_demo_photos_are_recognised(tmp_path):
     (["image", "{png}", "-o", "{png}"], "is a file"),
     (["image", "{png}", "-o", ""], "output folder: the path is empty"),
     (["image", "{png}", "-o", "x", "--report", "{png}"], "is the input image"),
-    (["image", "{pics}", "-o", "{pics}"], "/a_overlay.png' would replace the input image"),  # a folder's earlier outputs
+    (["image", "{pics}/a.png", "{pics}/a_overlay.png", "-o", "{pics}"],
+     "/a_overlay.png' would replace the input image"),  # earlier outputs given as pictures
+    (["image", "{pics}", "-o", "{pics}"], "is the input folder"),  # its maps would be the next run's pictures
     (["image", "{png}", "-o", "x", "--report", "x/p_overlay.png"], "report 'x/p_overlay.png' is the output"),
     (["image", "{png}", "-o", "x", "--report", "x/contact_sheet.png"], "is the contact sheet"),
     (["image", "{png}", "-o", "x", "--report", "x"], "report 'x' is the output folder"),
@@ -398,7 +400,8 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     fill = {"notimage": notimage, "png": _png(tmp_path / "p.png"), "badweights": badweights, "empty": tmp_path / "empty",
             "gif": gif, "pics": tmp_path / "pics"}
     argv = [a.format(**fill) for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", *argv], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, **_THIS_PACKAGE})
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -825,8 +828,7 @@ def test_a_stdout_that_cannot_be_written_is_named_with_what_it_was_to_say(tmp_pa
 def test_a_full_stdout_is_one_line_and_status_2_with_buffered_output(tmp_path):
     """With stdout buffered (a file, not a terminal) the line that failed stayed in the buffer:
     the flush at exit failed again, with a traceback and status 120."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    env["PYTHONPATH"] = str(Path(rsp_fast.__file__).parents[1])  # the package under test
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **_THIS_PACKAGE}
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "-m", "rsp_fast", "info"], stdout=full, stderr=subprocess.PIPE, text=True,
                               cwd=tmp_path, env=env)
