@@ -24,7 +24,6 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from ..errors import RSPError, UnsupportedModelError, not_initialised
@@ -79,8 +78,9 @@ class _RecordingTracer(fx.Tracer):
             if isinstance(out, fx.Proxy):
                 self._count_call(self.path_of_module(m), out.node)
             return out
-        if not self.is_leaf_module(m, self.path_of_module(m)):  # traced through: fx calls it, with its hooks
-            _check_lazy_module(m, self.path_of_module(m))
+        path = self.path_of_module(m)
+        if not self.is_leaf_module(m, path):  # traced through: fx calls it with its hooks (a lazy one's would fill it)
+            _check_initialised(m, path, recurse=False)
         last = next(iter(reversed(self.graph.nodes)), None)  # the newest node so far
         depth = len(self.module_stack)
         try:
@@ -95,10 +95,9 @@ class _RecordingTracer(fx.Tracer):
             self._erase_after(last)
             while len(self.module_stack) > depth:  # fx does not unwind it when a forward raises
                 self.module_stack.popitem()
-            out = self.create_proxy("call_module", self.path_of_module(m), args, kwargs)
+            out = self.create_proxy("call_module", path, args, kwargs)
             out.node.meta[KEPT_WHOLE] = _first_line(exc)
         if isinstance(out, fx.Proxy):
-            path = self.path_of_module(m)
             self._count_call(path, out.node)
             if out.node.op == "call_module" and out.node.target == path:  # a leaf (not a wrapper ending in one)
                 out.node.meta[MODULE_META] = m
@@ -195,20 +194,12 @@ class _ConcreteTracer(_RecordingTracer):
             return _call(node.op, target, args, kwargs)
 
 
-def _check_initialised(module: nn.Module, path: str) -> None:
-    """A lazy module the trace is about to run: it would be initialised with random weights."""
-    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+def _check_initialised(module: nn.Module, path: str, recurse: bool = True) -> None:
+    """A lazy module a trace is about to run (``recurse``: its submodules too) or go through:
+    it would be given random weights, by its own pre-hook, from the trace's example."""
+    for name, t in itertools.chain(module.named_parameters(recurse=recurse), module.named_buffers(recurse=recurse)):
         if nn.parameter.is_lazy(t):
-            raise not_initialised(f"{path}.{name}")
-
-
-def _check_lazy_module(module: nn.Module, path: str) -> None:
-    """A lazy module of the user's own (LazyModuleMixin, no rule) that a trace is about to go
-    through: its pre-hook would give it random weights (the concrete trace's sizes are numbers)."""
-    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
-        for name, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
-            if nn.parameter.is_lazy(t):
-                raise not_initialised(f"{path + '.' if path else ''}{name}")
+            raise not_initialised(f"{path}.{name}" if path else name)
 
 
 # fx's own context manager for running real code in the middle of a trace (private, so checked:
