@@ -109,6 +109,30 @@ def test_depthwise_kernel_float32_on_planes_of_many_vectors(geometry):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_depthwise_kernel_at_each_vector_width(capability, monkeypatch):
+    """The depthwise kernel is compiled once per vector width (16, 32, 64 bytes) and runs the
+    widest the CPU has, or a narrower one where RSP_FAST_CPU_CAPABILITY asks (one the CPU lacks
+    runs as its widest): every width against the reference, float64 and float32."""
+    monkeypatch.setenv("RSP_FAST_CPU_CAPABILITY", capability)
+    for geometry in DEPTHWISE:
+        args = conv_products_case(*geometry, density=0.5)
+        expected = depthwise_products_reference(*args)
+        torch.testing.assert_close(custom.depthwise_sectional_products(*args), expected, rtol=1e-10,
+                                   atol=1e-12 * expected.abs().max().item())
+    for geometry in DEPTHWISE[-2:]:
+        x, R, *rest = conv_products_case(*geometry, density=0.5, dtype=torch.float32)
+        expected = depthwise_products_reference(x.double(), R.double(), *rest)
+        assert (custom.depthwise_sectional_products(x, R, *rest).double() - expected).abs().max() <= \
+            1e-4 * expected.abs().max()
+
+
+def test_an_unknown_cpu_capability_is_named(monkeypatch):
+    monkeypatch.setenv("RSP_FAST_CPU_CAPABILITY", "avx1024")
+    with pytest.raises(RuntimeError, match="RSP_FAST_CPU_CAPABILITY is 'avx1024': it takes avx512, avx2 or default"):
+        custom.depthwise_sectional_products(*conv_products_case(*DEPTHWISE[0]))
+
+
 @pytest.mark.parametrize("kernel", KERNELS, ids=case_id)
 def test_kernel_without_relevance_gives_zero(kernel):
     x, R, *rest = conv_products_case(*kernel.geometries[1])

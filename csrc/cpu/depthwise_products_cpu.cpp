@@ -70,40 +70,40 @@ struct Scratch {
         sn(reach + n_plane) {}
 };
 
-// A cache line as one vector (GCC's vector extensions: a zmm register, two ymm in the AVX2 clone).
-// The accumulations below are written with it: as loops over lanes, GCC kept the accumulators
-// in memory and ran the single-vector steps lane by lane.
-template <typename T>
+// One vector register of B bytes (GCC's vector extensions), B the width of the target the code
+// is compiled for (see vector_clones.h). The accumulations below are written with it: as loops
+// over lanes, GCC kept the accumulators in memory and ran the single-vector steps lane by lane.
+template <typename T, int B>
 struct Line {  // unaligned, and may alias T
-  typedef T type __attribute__((vector_size(64), aligned(sizeof(T)), __may_alias__));
+  typedef T type __attribute__((vector_size(B), aligned(sizeof(T)), __may_alias__));
 };
-template <typename T>
-using LineOf = typename Line<T>::type;
+template <typename T, int B>
+using LineOf = typename Line<T, B>::type;
 
-template <typename T>
-RSP_INLINE const LineOf<T>& line(const T* p) {
-  return *reinterpret_cast<const LineOf<T>*>(p);
+template <int B, typename T>
+RSP_INLINE const LineOf<T, B>& line(const T* p) {
+  return *reinterpret_cast<const LineOf<T, B>*>(p);
 }
-template <typename T>
-RSP_INLINE LineOf<T>& line(T* p) {
-  return *reinterpret_cast<LineOf<T>*>(p);
+template <int B, typename T>
+RSP_INLINE LineOf<T, B>& line(T* p) {
+  return *reinterpret_cast<LineOf<T, B>*>(p);
 }
 
 // Responses G+-[l] = sum_t F+-[t] x[l + tap t] of U vectors of positions from l0, kept in
 // registers (2U independent multiply-add chains), and their normalisation S+-[l] = R+-[l] / G+-[l]
 // where both are non-zero (R+- >= 0, so "!= 0" is "> 0").
-template <typename T, int U>
+template <typename T, int B, int U>
 RSP_INLINE void normalised_sections(const T* __restrict__ x, const T* __restrict__ p, const T* __restrict__ n,
                                     T* __restrict__ sp, T* __restrict__ sn, const int64_t* offsets, const T* fp,
                                     const T* fn, int64_t taps, int64_t l0) {
-  using W = LineOf<T>;
-  constexpr int64_t V = kLanes<T>;
+  using W = LineOf<T, B>;
+  constexpr int64_t V = B / sizeof(T);
   W a[U] = {}, b[U] = {};
   for (int64_t t = 0; t < taps; ++t) {
     const T* xs = x + offsets[t] + l0;
     const T ft = fp[t], gt = fn[t];
     for (int u = 0; u < U; ++u) {
-      const W xv = line(xs + u * V);
+      const W xv = line<B>(xs + u * V);
       a[u] += ft * xv;
       b[u] += gt * xv;
     }
@@ -111,8 +111,8 @@ RSP_INLINE void normalised_sections(const T* __restrict__ x, const T* __restrict
   // normalised as lanes: GCC 12 splits comparisons of these vector types into lanes
   alignas(64) T ga[U * V], gb[U * V];
   for (int u = 0; u < U; ++u) {
-    line(ga + u * V) = a[u];
-    line(gb + u * V) = b[u];
+    line<B>(ga + u * V) = a[u];
+    line<B>(gb + u * V) = b[u];
   }
 #pragma omp simd
   for (int64_t i = 0; i < U * V; ++i) {
@@ -125,29 +125,29 @@ RSP_INLINE void normalised_sections(const T* __restrict__ x, const T* __restrict
 // The back-projection dX[q] += sum_t F+[t] S+[q - tap t] - F-[t] S-[q - tap t] of U vectors of
 // phase-plane positions from q0, gathered: each position is stored once (scattering tap by tap
 // loaded and stored dX once per tap).
-template <typename T, int U>
+template <typename T, int B, int U>
 RSP_INLINE void back_projection(const T* __restrict__ sp, const T* __restrict__ sn, T* __restrict__ dx,
                                 const int64_t* offsets, const T* fp, const T* fn, int64_t taps, int64_t q0) {
-  using W = LineOf<T>;
-  constexpr int64_t V = kLanes<T>;
+  using W = LineOf<T, B>;
+  constexpr int64_t V = B / sizeof(T);
   W a[U] = {}, b[U] = {};
   for (int64_t t = 0; t < taps; ++t) {
     const T* ps = sp + q0 - offsets[t];
     const T* ns = sn + q0 - offsets[t];
     const T ft = fp[t], gt = fn[t];
     for (int u = 0; u < U; ++u) {
-      a[u] += ft * line(ps + u * V);
-      b[u] += gt * line(ns + u * V);
+      a[u] += ft * line<B>(ps + u * V);
+      b[u] += gt * line<B>(ns + u * V);
     }
   }
-  for (int u = 0; u < U; ++u) line(dx + q0 + u * V) += a[u] - b[u];
+  for (int u = 0; u < U; ++u) line<B>(dx + q0 + u * V) += a[u] - b[u];
 }
 
 // One output channel (its sections in s.rp, s.rn): the filters, the normalised sections and
 // the back-projection, added into s.dx. ``offsets``: each tap's.
-template <typename T>
+template <typename T, int B>
 RSP_INLINE void channel_products_impl(Scratch<T>& s, const int64_t* offsets, int64_t taps) {
-  constexpr int64_t V = kLanes<T>;
+  constexpr int64_t V = B / sizeof(T);
   const T* __restrict__ x = s.x.data();
   const T* __restrict__ p = s.rp.data();
   const T* __restrict__ n = s.rn.data();
@@ -181,12 +181,12 @@ RSP_INLINE void channel_products_impl(Scratch<T>& s, const int64_t* offsets, int
   }
   int64_t l = 0;
   for (; l + kChunks * V <= s.n_run; l += kChunks * V)
-    normalised_sections<T, kChunks>(x, p, n, sp, sn, offsets, fp, fn, taps, l);
-  for (; l < s.n_run; l += V) normalised_sections<T, 1>(x, p, n, sp, sn, offsets, fp, fn, taps, l);
+    normalised_sections<T, B, kChunks>(x, p, n, sp, sn, offsets, fp, fn, taps, l);
+  for (; l < s.n_run; l += V) normalised_sections<T, B, 1>(x, p, n, sp, sn, offsets, fp, fn, taps, l);
   int64_t q = 0;
   for (; q + kChunks * V <= s.n_plane; q += kChunks * V)
-    back_projection<T, kChunks>(sp, sn, s.dx.data(), offsets, fp, fn, taps, q);
-  for (; q < s.n_plane; q += V) back_projection<T, 1>(sp, sn, s.dx.data(), offsets, fp, fn, taps, q);
+    back_projection<T, B, kChunks>(sp, sn, s.dx.data(), offsets, fp, fn, taps, q);
+  for (; q < s.n_plane; q += V) back_projection<T, B, 1>(sp, sn, s.dx.data(), offsets, fp, fn, taps, q);
 }
 
 // n elements of the input plane at src, src + sw, ... that lie at dst, dst + 1, ... in the phase planes
@@ -210,9 +210,9 @@ std::vector<PhaseRun> phase_runs(const Geometry& g) {
 // Rows are taken in whole vectors, the lanes past the row masked to zero (rows shorter than a
 // vector ran lane by lane, branching on each sign); the zeros land in the gap after the row or
 // at the start of the next, which that row then writes.
-template <typename T>
+template <typename T, int B>
 RSP_INLINE bool split_sections(const T* __restrict__ r, T* __restrict__ p, T* __restrict__ n, const Geometry& g) {
-  constexpr int64_t V = kLanes<T>;
+  constexpr int64_t V = B / sizeof(T);
   const int64_t Wq = g.Wq(), w = g.w;
   int any = 0;
   for (int64_t oy = 0; oy < g.h; ++oy)
@@ -233,7 +233,7 @@ RSP_INLINE bool split_sections(const T* __restrict__ r, T* __restrict__ p, T* __
 }
 
 // One input plane x (H, W) and its m relevance planes R (m, h, w): the back-projection (H, W) into out.
-template <typename T>
+template <typename T, int B>
 RSP_INLINE void one_plane_impl(const T* __restrict__ x, const T* __restrict__ R, T* __restrict__ out,
                                const Geometry& g, const int64_t* offsets, const std::vector<PhaseRun>& runs,
                                Scratch<T>& s) {
@@ -248,7 +248,8 @@ RSP_INLINE void one_plane_impl(const T* __restrict__ x, const T* __restrict__ R,
     for (int64_t i = 0; i < run.n; ++i) to[i] = from[i * sw];
   }
   for (int64_t j = 0; j < g.m; ++j)  // no relevance: nothing to pass back
-    if (split_sections(R + j * g.h * g.w, s.rp.data(), s.rn.data(), g)) channel_products_impl(s, offsets, g.kh * g.kw);
+    if (split_sections<T, B>(R + j * g.h * g.w, s.rp.data(), s.rn.data(), g))
+      channel_products_impl<T, B>(s, offsets, g.kh * g.kw);
   for (const PhaseRun& run : runs) {
     const T* __restrict__ from = dx + run.dst;
     T* __restrict__ to = out + run.src;
@@ -257,13 +258,22 @@ RSP_INLINE void one_plane_impl(const T* __restrict__ x, const T* __restrict__ R,
   }
 }
 
-RSP_VECTOR_CLONES void one_plane(const float* x, const float* R, float* out, const Geometry& g, const int64_t* offsets,
-                                 const std::vector<PhaseRun>& runs, Scratch<float>& s) {
-  one_plane_impl(x, R, out, g, offsets, runs, s);
-}
-RSP_VECTOR_CLONES void one_plane(const double* x, const double* R, double* out, const Geometry& g,
-                                 const int64_t* offsets, const std::vector<PhaseRun>& runs, Scratch<double>& s) {
-  one_plane_impl(x, R, out, g, offsets, runs, s);
+// one_plane_impl compiled for each vector width (see vector_clones.h), chosen once per call
+#define RSP_ONE_PLANE(name, target, bytes)                                                                      \
+  template <typename T>                                                                                         \
+  target void name(const T* x, const T* R, T* out, const Geometry& g, const int64_t* offsets,                   \
+                   const std::vector<PhaseRun>& runs, Scratch<T>& s) {                                          \
+    one_plane_impl<T, bytes>(x, R, out, g, offsets, runs, s);                                                   \
+  }
+RSP_ONE_PLANE(one_plane_512, RSP_TARGET_AVX512, 64)
+RSP_ONE_PLANE(one_plane_256, RSP_TARGET_AVX2, 32)
+RSP_ONE_PLANE(one_plane_128, , 16)
+#undef RSP_ONE_PLANE
+
+template <typename T>
+auto one_plane_for_this_cpu() {
+  const int bytes = vector_bytes();
+  return bytes == 64 ? &one_plane_512<T> : bytes == 32 ? &one_plane_256<T> : &one_plane_128<T>;
 }
 
 }  // namespace
@@ -295,6 +305,7 @@ at::Tensor depthwise_sectional_products_cpu(const at::Tensor& x_pos, const at::T
       for (int64_t kx = 0; kx < g.kw; ++kx) offsets[ky * g.kw + kx] = g.phase_index(ky * g.dh, kx * g.dw);
     const int64_t reach = *std::max_element(offsets.begin(), offsets.end());
     const std::vector<PhaseRun> runs = phase_runs(g);
+    const auto one_plane = one_plane_for_this_cpu<scalar_t>();
     at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
       Scratch<scalar_t> scratch(g, reach);
       for (int64_t p = p0; p < p1; ++p)
