@@ -253,9 +253,11 @@ def _gap_to_model(model: torch.nn.Module, x: torch.Tensor, got, grad: bool) -> s
     if same_pattern and gap <= tolerance * scale + torch.finfo(torch.float64).tiny:
         return None
     return (f"the traced forward's logits are {gap:.3g} from model(x)'s (of {scale:.3g}): part of the "
-            "forward is not seen by torch.fx — e.g. a torchvision.transforms.v2 transform in the model, "
-            "torch.func.functional_call, or a __call__ that does more than forward; do that outside the "
-            "model, on its input (or the forward is random in eval mode: no map explains it)")
+            "forward is not seen by torch.fx — e.g. an in-place op (y += …, y.add_(…)) on a tensor the forward "
+            "also reads under another name or through a view (write y = y + … instead), a "
+            "torchvision.transforms.v2 transform in the model, torch.func.functional_call, or a __call__ that "
+            "does more than forward; do that outside the model, on its input (or the forward is random in eval "
+            "mode: no map explains it)")
 
 
 def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor, check_forward: bool = False):

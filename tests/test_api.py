@@ -2896,6 +2896,32 @@ def test_in_place_writes_are_explained_as_the_model_computes_them(statement):
     assert torch.allclose(total, ex.initial.flatten(1).sum(1) - ex.dropped, rtol=0, atol=1e-9)
 
 
+class _AliasWrittenInPlace(nn.Module):
+    """``y += …`` on a tensor the forward also reads under another name (``z = y``) or through a
+    view: fx's graph keeps the old value there, so its logits are not the model's."""
+
+    def __init__(self, alias):
+        super().__init__()
+        self.alias = alias
+        self.a, self.b, self.c = (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1),
+                                  nn.Conv2d(8, 8, 3, padding=1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.alias(y)
+        y += self.b(x)
+        return self.fc(F.relu(self.c(F.relu(z))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("alias", [lambda y: y, lambda y: y.view(y.shape)], ids=["name", "view"])
+def test_an_in_place_write_through_an_alias_is_named_as_a_likely_cause(alias):
+    model = _AliasWrittenInPlace(alias).double().eval()
+    with pytest.raises(RSPError, match=r"an in-place op \(y \+= …, y.add_\(…\)\) on a tensor the forward also reads "
+                                       "under another name or through a view"):
+        rsp_fast.RSP(model).attribute(torch.randn(2, 3, 10, 11, dtype=D))
+
+
 class _Activated(nn.Module):
     def __init__(self, act):
         super().__init__()

@@ -996,6 +996,73 @@ def test_pixel_and_channel_shuffles_explain_like_their_reshape_and_permute(modul
     _explained_alike(module, written, body_channels=channels)
 
 
+def _reversed_columns(h):  # h.flip(3) written as slices and a cat
+    return torch.cat([h[:, :, :, i:i + 1] for i in reversed(range(h.shape[3]))], 3)
+
+
+@pytest.mark.parametrize("op,written,channels", [
+    (lambda h: h.repeat(1, 2, 1, 1), lambda h: torch.cat([h, h], 1), 8),
+    (lambda h: h.tile(2, 1, 1), lambda h: torch.cat([h, h], 1), 8),
+    (lambda h: torch.tile(h, (1, 1, 2, 1)), lambda h: torch.cat([h, h], 2), 4),
+    (lambda h: h[:, :1].expand(-1, 4, -1, -1), lambda h: torch.cat([h[:, :1]] * 4, 1), 4),
+    (lambda h: h.repeat_interleave(2, dim=1), lambda h: torch.stack([h, h], 2).flatten(1, 2), 8),
+    (lambda h: torch.repeat_interleave(h, 2, -3), lambda h: torch.stack([h, h], 2).flatten(1, 2), 8),
+    (lambda h: h.index_select(1, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])), lambda h: torch.stack([h, h], 2).flatten(1, 2), 8),
+    (lambda h: h.flip(3), _reversed_columns, 4),
+    (lambda h: torch.flip(h, [-1]), _reversed_columns, 4),
+    (lambda h: h.roll(3, 3), lambda h: torch.cat([h[:, :, :, -3:], h[:, :, :, :-3]], 3), 4),
+    (lambda h: torch.rot90(h, 1, (2, 3)), lambda h: _reversed_columns(h).transpose(2, 3), 4)],
+    ids=["repeat", "tile", "torch.tile", "expand", "repeat_interleave", "torch.repeat_interleave", "index_select", "flip",
+         "torch.flip", "roll", "rot90"])
+def test_copies_and_moves_within_a_sample_explain_like_slices_and_cats(op, written, channels):
+    """repeat, tile, expand, repeat_interleave, flip, roll and rot90 along dims that are not the
+    batch's are index maps: a copied value's relevance is the sum of its copies', as for
+    torch.cat([h, h]), and a moved one's goes back where it came from."""
+    _explained_alike(op, written, body_channels=channels)
+
+
+class _GreyToColour(nn.Module):
+    """A colour network given a grey image, made three channels by ``spell`` in the forward."""
+
+    def __init__(self, spell):
+        super().__init__()
+        torch.manual_seed(3)
+        self.spell = spell
+        self.net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.net(self.spell(x))
+
+
+@pytest.mark.parametrize("spell", [lambda x: x.expand(-1, 3, -1, -1), lambda x: x.repeat(1, 3, 1, 1),
+                                   lambda x: x.repeat_interleave(3, 1), lambda x: x.expand(x.shape[0], 3, *x.shape[2:])],
+                         ids=["expand", "repeat", "repeat_interleave", "expand-by-shape"])
+def test_a_grey_image_copied_to_three_channels_in_the_forward_is_explained(spell):
+    model = _GreyToColour(spell).double().eval()
+    written = _GreyToColour(lambda x: torch.cat([x, x, x], 1)).double().eval()
+    x = torch.rand(3, 1, 13, 11, dtype=D)
+    ex = rsp_fast.RSP(model).explain(x, record=True)
+    assert ex.attribution.shape == x.shape
+    assert rel_err(ex.attribution, rsp_fast.RSP(written).attribute(x)) < 1e-12
+    assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("op,refusal", [
+    (lambda h: h.flip(0), "no RSP rule for flip"),
+    (lambda h: h.roll(1), "no RSP rule for roll"),  # no dims: over the whole flattened batch
+    (lambda h: torch.rot90(h), "no RSP rule for rot90"),  # dims 0 and 1 by default
+    (lambda h: h.roll(1, -4), r"roll_?\d* \(roll\) copies or moves values along the batch dimension"),
+    (lambda h: h.index_select(-4, torch.tensor([1, 0])), "along the batch dimension")],
+    ids=["flip-0", "roll-without-dims", "rot90-default-dims", "roll-minus-4", "index_select-minus-4"])
+def test_a_copy_or_move_along_the_batch_is_refused(op, refusal):
+    """Along dim 0 each sample's map would take the others' relevance: refused when the model
+    is built where the dims are written as such, when run where they count from the end."""
+    model = _Around(op).double().eval()
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=refusal):
+        rsp_fast.RSP(model).attribute(torch.randn(2, 3, 8, 8, dtype=D))
+
+
 def test_batchnorm_is_folded_into_the_first_conv():
     conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
     with torch.no_grad():

@@ -28,7 +28,7 @@ from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_MET
                        SUB_FUNCTIONS, SUB_METHODS, TRANSPOSES, addcmul_operands, addcmul_terms, attribute_now,
                        behind_reshapes, call_arg, calls, fixed_value, is_biased_sum,
                        is_number, is_parameter, is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
-from .passthrough import GatedHalf, PassThrough, Rejoin, Route, Scale, Select
+from .passthrough import GatedHalf, PassThrough, Rejoin, Route, SampleRoute, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
 __all__ = ["Context", "Rule", "rule_for", "is_rule_leaf", "SUPPORTED", "describe_supported", "NodeKind", "node_kind",
@@ -75,6 +75,10 @@ STACK_FUNCTIONS = {torch.stack}
 ROUTE_FUNCTIONS = TRANSPOSES[0] | {torch.permute, torch.movedim, F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
                                    torch.native_channel_shuffle}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
+# Copies and moves within each sample (a grey image made three channels, a test-time flip):
+# index maps like the routes, along dims that are not the batch's (SampleRoute)
+COPY_FUNCTIONS = {torch.tile, torch.repeat_interleave, torch.index_select, torch.flip, torch.roll, torch.rot90}
+COPY_METHODS = {"repeat", "expand", "tile", "repeat_interleave", "index_select", "flip", "roll", "rot90"}
 PASS_METHODS = {"view", "reshape", "flatten", "unflatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as",
                 "tanh", "squeeze", "unsqueeze"} | CAST_METHODS | GATE_METHODS | NEGATION[1]
 POOL_METHODS = {"mean"}
@@ -88,14 +92,14 @@ SUPPORTED = {
                 "Dropout*", "Identity", "Flatten", "Unflatten", "MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool 1d/2d/3d", "Upsample (nearest, (bi)linear, area)", "ZeroPad/ConstantPad(0 or -inf)/ReflectionPad/ReplicationPad/CircularPad 1d/2d/3d",
                 "PixelShuffle, PixelUnshuffle, ChannelShuffle", "GLU"],
     "functions": ["+ / torch.add (residual add)", "x * (sigmoid or softmax gate, number, parameter, or statistic: a mean, norm or softmax of pooled features), x / (number or statistic), x ± (number or parameter), torch.addcmul (x + p·p' or p + p'·x; a residual x + c·f as the add)",
-                  "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat and torch.stack (not along the batch)", "chunk/split/unbind and indexing", "transpose/permute", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
+                  "torch.sum over non-batch dims (sum of branches)", "x ** number", "clamp, maximum/minimum with a constant", "torch.cat and torch.stack (not along the batch)", "chunk/split/unbind and indexing", "transpose/permute", "repeat/expand/tile/repeat_interleave/index_select/flip/roll/rot90 (not along the batch)", "pixel_shuffle/pixel_unshuffle/channel_shuffle", "torch.flatten", "torch.reshape",
                   "F.relu and the other activations", "F.dropout", "torchvision's stochastic_depth", "F.*pool*", "F.interpolate (nearest, (bi)linear, area)", "torch.mean over non-batch dims",
                   "torch.amax / x.max(dim).values / torch.max(x, dim)[0] over non-batch dims (max over time)",
                   "F.conv2d with a constant filter >= 0 (blur pooling)", "F.pad (zeros, reflect, replicate, circular)",
                   "act(g) * x (gated units)", "F.glu", "x @ softmax(...) (attention pooling)",
                   "F.conv1d / F.conv2d / F.conv3d / F.linear / x @ P on parameters (layers written as functions)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS
-                      | POWER[1] | SUM[1] | AMAX[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
+                      | COPY_METHODS                      | POWER[1] | SUM[1] | AMAX[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
 }
 
 
@@ -468,6 +472,8 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         return NodeKind.ROUTE if isinstance(glu_dim(node, None), int) else None
     if calls(node, ROUTE_FUNCTIONS, ROUTE_METHODS):
         return NodeKind.ROUTE
+    if calls(node, COPY_FUNCTIONS, COPY_METHODS):
+        return NodeKind.ROUTE if dims_copied_along(node) is not None else None
     if t is operator.getitem:
         return NodeKind.SELECT if _selects_from_a_tensor(node) else None
     return None
@@ -671,6 +677,25 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
     return [next((a for a in node.args if isinstance(a, fx.Node)), None) or next(iter(node.kwargs.values()))]
 
 
+def dims_copied_along(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims a copy or move (COPY_FUNCTIONS, COPY_METHODS) acts along, as written: () for
+    repeat, expand and tile (the batch's size is checked when run); None where one is the
+    batch's, or not a number, or the op runs over the whole tensor (roll or repeat_interleave
+    without dims, rot90's default dims 0 and 1)."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name in ("repeat", "expand", "tile"):
+        return ()
+    if name == "flip":
+        dims = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else call_arg(node, 1, "dims")
+    else:  # repeat_interleave(x, repeats, dim), index_select(x, dim, index), roll(x, shifts, dims), rot90(x, k, dims)
+        dims = {"repeat_interleave": call_arg(node, 2, "dim"), "index_select": call_arg(node, 1, "dim"),
+                "roll": call_arg(node, 2, "dims"), "rot90": call_arg(node, 2, "dims", (0, 1))}[name]
+    dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+    if not dims or not all(is_number(d) and isinstance(d, int) and d != 0 for d in dims):
+        return None
+    return dims
+
+
 def _cat_dim(node: fx.Node) -> int:
     return node.kwargs.get("axis", call_arg(node, 1, "dim", 0))
 
@@ -696,6 +721,8 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
             return MaxPoolByIndices(node, inputs, module)
         return Pool(node, inputs, module)
     if kind == NodeKind.ROUTE:
+        if calls(node, COPY_FUNCTIONS, COPY_METHODS):
+            return SampleRoute(node, inputs, dims_copied_along(node))
         if isinstance(module, nn.GLU) or node.target is F.glu:
             return GatedHalf(node, inputs, module, glu_dim(node, module))
         return Route(node, inputs, module)

@@ -3,14 +3,15 @@
 Pass-through: activations, Dropout, Identity, norms, Flatten and reshapes (R reshaped to
 the input; BatchNorm is folded into the conv or linear before it: for an inner conv that
 changes nothing, for a first layer it gives the true weights). Routes: pure index maps
-(zero padding, transposes, indexing, pieces of a split): R goes back where each value came
-from; a GLU's signal half is such a piece. Scale: products, quotients and biased sums whose other operand only reweights or shifts
+(zero padding, transposes, indexing, pieces of a split, copies within a sample): R goes back
+where each value came from, a copied value's summed; a GLU's signal half is such a piece. Scale: products, quotients and biased sums whose other operand only reweights or shifts
 one (a gate, a constant, a parameter, a statistic; see operands.py): all of R to that one."""
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
+from ..errors import UnsupportedModelError
 from ..kernels.reference import per_sample_sum
 from .base import Context, Rule, finish_purge, node_function
 
@@ -40,6 +41,26 @@ class Route(Rule):
             ctx.drop(per_sample_sum(R) - per_sample_sum(grad))
         pending = ctx.pending_purges.pop(self.node, None)  # a copy padding's conv left its purge here
         return [grad if pending is None else finish_purge(ctx, grad, pending)]
+
+
+class SampleRoute(Route):
+    """A copy or move within each sample (repeat, expand, tile, repeat_interleave, index_select,
+    flip, roll, rot90): an index map whose vector-Jacobian product sums the relevance of a
+    value's copies, as torch.cat([x, x, x], 1) does. ``dims``: those it acts along; the ones
+    counted from the end, and a copy's batch size, are checked when run, where the rank is known."""
+
+    def __init__(self, node, inputs, dims: tuple[int, ...]):
+        super().__init__(node, inputs, None)
+        self.dims = dims
+
+    def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
+        shape = ctx.shapes[self.inputs[0]]
+        if R.dim() != len(shape) or R.shape[0] != shape[0] or any(d % len(shape) == 0 for d in self.dims):
+            what = self.node.target if isinstance(self.node.target, str) else self.node.target.__name__
+            raise UnsupportedModelError(f"{self.node.name} ({what}) copies or moves values along the batch dimension "
+                                        f"(input {tuple(shape)}, output {tuple(R.shape)}): each sample's map would "
+                                        "take the other samples' relevance")
+        return super().propagate(ctx, R)
 
 
 class GatedHalf(Route):
