@@ -1048,16 +1048,31 @@ def test_a_grey_image_copied_to_three_channels_in_the_forward_is_explained(spell
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
+_ALONG_THE_BATCH = "along the batch dimension, which mixes samples"
+_BY_ACTIVATIONS = "an index or repeats computed from the activations: one for the whole batch"
+
+
 @pytest.mark.parametrize("op,refusal", [
-    (lambda h: h.flip(0), "no RSP rule for flip"),
-    (lambda h: h.roll(1), "no RSP rule for roll"),  # no dims: over the whole flattened batch
-    (lambda h: torch.rot90(h), "no RSP rule for rot90"),  # dims 0 and 1 by default
-    (lambda h: h.roll(1, -4), r"roll_?\d* \(roll\) copies or moves values along the batch dimension"),
-    (lambda h: h.index_select(-4, torch.tensor([1, 0])), "along the batch dimension")],
-    ids=["flip-0", "roll-without-dims", "rot90-default-dims", "roll-minus-4", "index_select-minus-4"])
-def test_a_copy_or_move_along_the_batch_is_refused(op, refusal):
-    """Along dim 0 each sample's map would take the others' relevance: refused when the model
-    is built where the dims are written as such, when run where they count from the end."""
+    (lambda h: h.flip(0), "flip " + _ALONG_THE_BATCH),
+    (lambda h: h.roll(1), "roll " + _ALONG_THE_BATCH),  # no dims: over the whole flattened batch
+    (lambda h: torch.rot90(h), "rot90 " + _ALONG_THE_BATCH),  # dims 0 and 1 by default
+    (lambda h: h.repeat_interleave(1), "repeat_interleave " + _ALONG_THE_BATCH),  # no dim: flattened
+    (lambda h: h.roll(1, -4), "roll " + _ALONG_THE_BATCH + r".*\(dim -4 of a 4-dimensional tensor is the batch's\)"),
+    (lambda h: h.index_select(-4, torch.tensor([1, 0])), "index_select " + _ALONG_THE_BATCH),
+    (lambda h: h.repeat(2, 1, 1, 1)[:2], "makes a 4-dimensional tensor of 4 rows from a 4-dimensional one of 2"),
+    (lambda h: h.index_select(2, h[0, 0, :, 0].argsort()), _BY_ACTIVATIONS),
+    (lambda h: h.repeat_interleave((h[0, 0, :, 0] > 0).long() + 1, dim=2)[:, :, :8], _BY_ACTIVATIONS),
+    (lambda h: h * torch.sigmoid(h.flip(0)), "flip " + _ALONG_THE_BATCH),  # in a gate: a factor branch
+    (lambda h: h * torch.sigmoid(h.flip(-4)), "flip " + _ALONG_THE_BATCH),
+    (lambda h: h * torch.sigmoid(h.mean(1, keepdim=True).index_select(2, h[0, 0, :, 0].argsort())), _BY_ACTIVATIONS)],
+    ids=["flip-0", "roll-without-dims", "rot90-default-dims", "repeat_interleave-without-dim", "roll-minus-4",
+         "index_select-minus-4", "repeat-batch", "index-from-activations", "repeats-from-activations", "gate-flip-0",
+         "gate-flip-minus-4", "gate-index-from-activations"])
+def test_a_copy_or_move_across_samples_is_refused(op, refusal):
+    """Along dim 0, or by an index computed from the activations (one for the whole batch), each
+    sample's map would take the others' relevance: refused when the model is built where the dim
+    is written as 0, when run where it counts from the end or a copy changes the batch's size;
+    in a gate's branch too."""
     model = _Around(op).double().eval()
     with pytest.raises(rsp_fast.UnsupportedModelError, match=refusal):
         rsp_fast.RSP(model).attribute(torch.randn(2, 3, 8, 8, dtype=D))

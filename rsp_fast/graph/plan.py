@@ -22,8 +22,8 @@ from torch import nn
 from ..errors import RSPError, UnsupportedModelError
 from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
                      filter_signs_hold, filter_signs_judged, functional_batchnorm_scale, is_batchnorm,
-                     is_identity_in_eval, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind, pads_by_copy, rectifies,
-                     relevance_inputs, rule_for, unsupported_combination, zero_padding)
+                     is_identity_in_eval, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind, pads_by_copy,
+                     reads_other_samples, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
 from ..rules.base import LayerRule
 from ..rules.conv import Conv
 from ..rules.conv3d import Conv3d
@@ -291,8 +291,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     # On the relevance path dim 0 is refused by node_kind; on the branches that only compute factors
     # (a gate, a statistic) here: their values reach every sample's output. -k is known at run time.
     factors = _factor_branches(graph, saliency, kinds)
-    along_batch = [(n.name, BATCH_MIXING.format(read[2])) for n in factors
-                   if (read := dims_read_along(n)) is not None and 0 in read[0]]
+    along_batch = [(n.name, why) for n in factors if (why := reads_other_samples(n))]
     if along_batch:
         raise UnsupportedModelError("no RSP rule for " + _grouped(along_batch) + f" (between the input and layer {layer_name!r})")
     batch_dim_checks = []

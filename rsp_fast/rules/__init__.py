@@ -76,7 +76,7 @@ ROUTE_FUNCTIONS = TRANSPOSES[0] | {torch.permute, torch.movedim, F.pixel_shuffle
                                    torch.native_channel_shuffle}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 # Copies and moves within each sample (a grey image made three channels, a test-time flip):
-# index maps like the routes, along dims that are not the batch's (SampleRoute)
+# index maps like the routes (SampleRoute); along the batch refused, as reductions are (dims_read_along)
 COPY_FUNCTIONS = {torch.tile, torch.repeat_interleave, torch.index_select, torch.flip, torch.roll, torch.rot90}
 COPY_METHODS = {"repeat", "expand", "tile", "repeat_interleave", "index_select", "flip", "roll", "rot90"}
 PASS_METHODS = {"view", "reshape", "flatten", "unflatten", "contiguous", "relu", "relu_", "clone", "view_as", "reshape_as",
@@ -344,14 +344,29 @@ def dims_read_along(node: fx.Node) -> tuple[tuple[int, ...], fx.Node, str] | Non
         if stacks_branches(node) or not is_number(dim):
             return None
         return (dim,), node, f"torch.{node.target.__name__}"
-    if not calls(node, *ALONG_DIMS):
+    copies = calls(node, COPY_FUNCTIONS, COPY_METHODS)
+    if not (copies or calls(node, *ALONG_DIMS)):
         return None
     source = node.args[0] if node.args else node.kwargs.get("input")
     if not isinstance(source, fx.Node) or (source.op == "call_function" and source.target in STACK_FUNCTIONS):
         return None
-    dims = tuple(d for d in reduced_dims(node) or () if isinstance(d, int) and not isinstance(d, bool))
+    dims = tuple(d for d in (copy_dims(node) if copies else reduced_dims(node)) or ()
+                 if isinstance(d, int) and not isinstance(d, bool))
     name = node.target if isinstance(node.target, str) else node.target.__name__
     return (dims, source, name) if dims else None
+
+
+def reads_other_samples(node: fx.Node) -> str | None:
+    """Why an op makes each sample's values depend on the other samples' (None if the graph shows
+    no such thing): it runs along the batch's dimension, or copies by an index computed from the
+    activations (one index for the whole batch)."""
+    read = dims_read_along(node)
+    if read is not None and 0 in read[0]:
+        return BATCH_MIXING.format(read[2])
+    if calls(node, COPY_FUNCTIONS, COPY_METHODS) and _indexes_by_activations(node):
+        return ("an index or repeats computed from the activations: one for the whole batch, so each sample's "
+                "copy would depend on the other samples (rules exist for an index or repeats that are constants)")
+    return None
 
 
 def mixes_the_batch(node: fx.Node, module: nn.Module | None) -> str | None:
@@ -472,8 +487,9 @@ def node_kind(node: fx.Node, module: nn.Module | None) -> str | None:
         return NodeKind.ROUTE if isinstance(glu_dim(node, None), int) else None
     if calls(node, ROUTE_FUNCTIONS, ROUTE_METHODS):
         return NodeKind.ROUTE
-    if calls(node, COPY_FUNCTIONS, COPY_METHODS):
-        return NodeKind.ROUTE if dims_copied_along(node) is not None else None
+    if calls(node, COPY_FUNCTIONS, COPY_METHODS):  # along the batch: refused by dims_read_along
+        dims = copy_dims(node)
+        return NodeKind.ROUTE if dims is not None and 0 not in dims and not _indexes_by_activations(node) else None
     if t is operator.getitem:
         return NodeKind.SELECT if _selects_from_a_tensor(node) else None
     return None
@@ -583,9 +599,9 @@ def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> s
     if (is_product(node) or calls(node, *ADDCMUL)) and sole_operand(node) is None:
         return ("a product of two position-wise activations (rules exist for x times a sigmoid gate, a number, "
                 "a parameter or a statistic such as a mean or a norm of the activations, and x divided by one)")
-    read = dims_read_along(node)
-    if read is not None and 0 in read[0]:
-        return BATCH_MIXING.format(read[2])
+    mixing = reads_other_samples(node)
+    if mixing:
+        return mixing
     if node.op == "call_function" and node.target in CONV_FUNCTIONS and not is_parameter(conv_call_args(node).get("weight")):
         return ("a convolution whose weight is computed from the activations (as CondConv's per-sample mixture of "
                 "kernels); rules exist for weights that are parameters or computed from parameters only")
@@ -677,11 +693,11 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
     return [next((a for a in node.args if isinstance(a, fx.Node)), None) or next(iter(node.kwargs.values()))]
 
 
-def dims_copied_along(node: fx.Node) -> tuple[int, ...] | None:
+def copy_dims(node: fx.Node) -> tuple[int, ...] | None:
     """The dims a copy or move (COPY_FUNCTIONS, COPY_METHODS) acts along, as written: () for
-    repeat, expand and tile (the batch's size is checked when run); None where one is the
-    batch's, or not a number, or the op runs over the whole tensor (roll or repeat_interleave
-    without dims, rot90's default dims 0 and 1)."""
+    repeat, expand and tile (their batch size is checked when run, SampleRoute), (0,) where the
+    op runs over the flattened tensor (roll or repeat_interleave without dims), rot90's default
+    (0, 1); None where a dim is not a number."""
     name = node.target if isinstance(node.target, str) else node.target.__name__
     if name in ("repeat", "expand", "tile"):
         return ()
@@ -690,10 +706,17 @@ def dims_copied_along(node: fx.Node) -> tuple[int, ...] | None:
     else:  # repeat_interleave(x, repeats, dim), index_select(x, dim, index), roll(x, shifts, dims), rot90(x, k, dims)
         dims = {"repeat_interleave": call_arg(node, 2, "dim"), "index_select": call_arg(node, 1, "dim"),
                 "roll": call_arg(node, 2, "dims"), "rot90": call_arg(node, 2, "dims", (0, 1))}[name]
-    dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
-    if not dims or not all(is_number(d) and isinstance(d, int) and d != 0 for d in dims):
-        return None
-    return dims
+    dims = (0,) if dims is None else tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+    return dims if dims and all(is_number(d) and isinstance(d, int) for d in dims) else None
+
+
+def _indexes_by_activations(node: fx.Node) -> bool:
+    """index_select's index or repeat_interleave's repeats computed from the activations: one
+    for the whole batch, so that every sample's copy depends on the others' values."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    operand = {"index_select": lambda: call_arg(node, 2, "index"),
+               "repeat_interleave": lambda: call_arg(node, 1, "repeats")}.get(name, lambda: None)()
+    return isinstance(operand, fx.Node) and not is_parameter(operand)
 
 
 def _cat_dim(node: fx.Node) -> int:
@@ -722,7 +745,7 @@ def rule_for(node: fx.Node, kind: str, module: nn.Module | None, first: bool, bn
         return Pool(node, inputs, module)
     if kind == NodeKind.ROUTE:
         if calls(node, COPY_FUNCTIONS, COPY_METHODS):
-            return SampleRoute(node, inputs, dims_copied_along(node))
+            return SampleRoute(node, inputs)
         if isinstance(module, nn.GLU) or node.target is F.glu:
             return GatedHalf(node, inputs, module, glu_dim(node, module))
         return Route(node, inputs, module)

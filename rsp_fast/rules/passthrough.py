@@ -46,20 +46,21 @@ class Route(Rule):
 class SampleRoute(Route):
     """A copy or move within each sample (repeat, expand, tile, repeat_interleave, index_select,
     flip, roll, rot90): an index map whose vector-Jacobian product sums the relevance of a
-    value's copies, as torch.cat([x, x, x], 1) does. ``dims``: those it acts along; the ones
-    counted from the end, and a copy's batch size, are checked when run, where the rank is known."""
+    value's copies, as torch.cat([x, x, x], 1) does. Along the batch the plan refuses it (as a
+    reduction, dims_read_along); here, where the shapes are known, a copy that changes the rank or
+    the batch's size (repeat, expand, tile with more dims than the tensor's, or a count on dim 0)."""
 
-    def __init__(self, node, inputs, dims: tuple[int, ...]):
+    def __init__(self, node, inputs):
         super().__init__(node, inputs, None)
-        self.dims = dims
 
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         shape = ctx.shapes[self.inputs[0]]
-        if R.dim() != len(shape) or R.shape[0] != shape[0] or any(d % len(shape) == 0 for d in self.dims):
+        if R.dim() != len(shape) or R.shape[0] != shape[0]:
             what = self.node.target if isinstance(self.node.target, str) else self.node.target.__name__
-            raise UnsupportedModelError(f"{self.node.name} ({what}) copies or moves values along the batch dimension "
-                                        f"(input {tuple(shape)}, output {tuple(R.shape)}): each sample's map would "
-                                        "take the other samples' relevance")
+            raise UnsupportedModelError(f"{self.node.name} ({what}) makes a {R.dim()}-dimensional tensor of "
+                                        f"{R.shape[0]} rows from a {len(shape)}-dimensional one of {shape[0]}: the "
+                                        "batch's dimension is not kept, and each sample's map would take the other "
+                                        "samples' relevance")
         return super().propagate(ctx, R)
 
 
