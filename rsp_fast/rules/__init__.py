@@ -99,7 +99,7 @@ SUPPORTED = {
                   "act(g) * x (gated units)", "F.glu", "x @ softmax(...) (attention pooling)",
                   "F.conv1d / F.conv2d / F.conv3d / F.linear / x @ P on parameters (layers written as functions)"],
     "methods": sorted(PASS_METHODS | POOL_METHODS | ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS | ROUTE_METHODS | SPLIT_METHODS
-                      | COPY_METHODS                      | POWER[1] | SUM[1] | AMAX[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
+                      | COPY_METHODS | POWER[1] | SUM[1] | AMAX[1] | ADDCMUL[1] | CLAMP[1] | EXTREMUM[1]),
 }
 
 
@@ -714,8 +714,8 @@ def _indexes_by_activations(node: fx.Node) -> bool:
     """index_select's index or repeat_interleave's repeats computed from the activations: one
     for the whole batch, so that every sample's copy depends on the others' values."""
     name = node.target if isinstance(node.target, str) else node.target.__name__
-    operand = {"index_select": lambda: call_arg(node, 2, "index"),
-               "repeat_interleave": lambda: call_arg(node, 1, "repeats")}.get(name, lambda: None)()
+    where = {"index_select": (2, "index"), "repeat_interleave": (1, "repeats")}.get(name)
+    operand = call_arg(node, *where) if where else None
     return isinstance(operand, fx.Node) and not is_parameter(operand)
 
 
