@@ -1021,6 +1021,19 @@ def test_copies_and_moves_within_a_sample_explain_like_slices_and_cats(op, writt
     _explained_alike(op, written, body_channels=channels)
 
 
+@pytest.mark.parametrize("op,written", [
+    (lambda h: torch.flip(dims=[3], input=h), lambda h: h.flip(3)),
+    (lambda h: torch.roll(shifts=1, dims=2, input=h), lambda h: h.roll(1, 2)),
+    (lambda h: torch.rot90(dims=[2, 3], input=h, k=2), lambda h: torch.rot90(h, 2, [2, 3])),
+    (lambda h: torch.transpose(input=h, dim0=2, dim1=3), lambda h: h.transpose(2, 3)),
+    (lambda h: torch.permute(input=h, dims=(0, 1, 3, 2)), lambda h: h.permute(0, 1, 3, 2))],
+    ids=["flip", "roll", "rot90", "transpose", "permute"])
+def test_an_op_given_its_tensor_by_keyword_is_explained_as_given_by_position(op, written):
+    """``torch.flip(dims=[3], input=h)``: relevance goes to the keyword's tensor (it went to the
+    first keyword's value, a constant: refused, or a KeyError for transpose and permute)."""
+    _explained_alike(op, written)
+
+
 class _GreyToColour(nn.Module):
     """A colour network given a grey image, made three channels by ``spell`` in the forward."""
 

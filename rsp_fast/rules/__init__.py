@@ -690,7 +690,10 @@ def relevance_inputs(node: fx.Node, kind: str) -> list:
     if kind == NodeKind.SELECT:
         split = split_source(node)
         return [split.args[0] if split is not None else node.args[0]]
-    return [next((a for a in node.args if isinstance(a, fx.Node)), None) or next(iter(node.kwargs.values()))]
+    first = next((a for a in node.args if isinstance(a, fx.Node)), None)
+    if first is None:  # the tensor given by keyword (torch.flip(dims=[3], input=h))
+        first = node.kwargs.get("input", node.kwargs.get("self", next(iter(node.kwargs.values()))))
+    return [first]
 
 
 def copy_dims(node: fx.Node) -> tuple[int, ...] | None:

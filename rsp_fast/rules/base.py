@@ -129,7 +129,7 @@ def node_function(node: fx.Node, module: torch.nn.Module | None, ctx: Context) -
     if node.op == "call_module":
         return module
     rest = ctx.resolve(node.args[1:])
-    kwargs = ctx.resolve(dict(node.kwargs))
+    kwargs = ctx.resolve({k: v for k, v in node.kwargs.items() if node.args or k not in ("input", "self")})
     if node.op == "call_method":
         return lambda x: getattr(x, node.target)(*rest, **kwargs)
     return lambda x: node.target(x, *rest, **kwargs)
