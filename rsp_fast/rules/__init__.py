@@ -27,7 +27,8 @@ from .operands import (ACTIVATION_FUNCTIONS, ACTIVATIONS, ADD_FUNCTIONS, ADD_MET
                        GATE_METHODS, MUL_METHODS, RECTIFIER_FUNCTIONS, RECTIFIERS, ELEMENTWISE_ACTIVATIONS,
                        SUB_FUNCTIONS, SUB_METHODS, TRANSPOSES, addcmul_operands, addcmul_terms, attribute_now,
                        behind_reshapes, call_arg, calls, fixed_value, is_biased_sum,
-                       is_number, is_parameter, is_product, is_timm_activation, keeps_sign_of_operand, reduced_dims, sole_operand)
+                       is_number, is_parameter, is_product, is_timm_activation, keeps_sign_of_operand, op_name, reduced_dims,
+                       sole_operand)
 from .passthrough import GatedHalf, PassThrough, Rejoin, Route, SampleRoute, Scale, Select
 from .pool import AttentionPool, MaxPoolByIndices, Pool, pools_by_indices
 
@@ -352,7 +353,7 @@ def dims_read_along(node: fx.Node) -> tuple[tuple[int, ...], fx.Node, str] | Non
         return None
     dims = tuple(d for d in (copy_dims(node) if copies else reduced_dims(node)) or ()
                  if isinstance(d, int) and not isinstance(d, bool))
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = op_name(node)
     return (dims, source, name) if dims else None
 
 
@@ -701,7 +702,7 @@ def copy_dims(node: fx.Node) -> tuple[int, ...] | None:
     repeat, expand and tile (their batch size is checked when run, SampleRoute), (0,) where the
     op runs over the flattened tensor (roll or repeat_interleave without dims), rot90's default
     (0, 1); None where a dim is not a number."""
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = op_name(node)
     if name in ("repeat", "expand", "tile"):
         return ()
     if name == "flip":
@@ -716,7 +717,7 @@ def copy_dims(node: fx.Node) -> tuple[int, ...] | None:
 def _indexes_by_activations(node: fx.Node) -> bool:
     """index_select's index or repeat_interleave's repeats computed from the activations: one
     for the whole batch, so that every sample's copy depends on the others' values."""
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = op_name(node)
     where = {"index_select": (2, "index"), "repeat_interleave": (1, "repeats")}.get(name)
     operand = call_arg(node, *where) if where else None
     return isinstance(operand, fx.Node) and not is_parameter(operand)

@@ -68,6 +68,11 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def op_name(node: fx.Node) -> str:
+    """What a call node calls: a method's name, or a function's."""
+    return node.target if isinstance(node.target, str) else node.target.__name__
+
+
 def call_arg(node: fx.Node, position: int, name: str, default=None):
     """An argument of a call, given by position or by keyword (``default`` where neither)."""
     return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)

@@ -14,6 +14,7 @@ import torch.fx as fx
 from ..errors import UnsupportedModelError
 from ..kernels.reference import per_sample_sum
 from .base import Context, Rule, finish_purge, node_function
+from .operands import op_name
 
 
 class PassThrough(Rule):
@@ -56,8 +57,7 @@ class SampleRoute(Route):
     def propagate(self, ctx: Context, R: torch.Tensor) -> list[torch.Tensor]:
         shape = ctx.shapes[self.inputs[0]]
         if R.dim() != len(shape) or R.shape[0] != shape[0]:
-            what = self.node.target if isinstance(self.node.target, str) else self.node.target.__name__
-            raise UnsupportedModelError(f"{self.node.name} ({what}) makes a {R.dim()}-dimensional tensor of "
+            raise UnsupportedModelError(f"{self.node.name} ({op_name(self.node)}) makes a {R.dim()}-dimensional tensor of "
                                         f"{R.shape[0]} rows from a {len(shape)}-dimensional one of {shape[0]}: the "
                                         "batch's dimension is not kept, and each sample's map would take the other "
                                         "samples' relevance")
