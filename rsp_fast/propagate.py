@@ -100,6 +100,13 @@ class _Recorder(fx.Interpreter):
             self.saved[n] = _to_work(out.detach() if isinstance(out, torch.Tensor) else out)
         return out
 
+    def pass_output(self, output: Any) -> Any:
+        """What the pass reads the logits from: the class scores before a final softmax the plan
+        names, else the forward's output."""
+        if self.scores is not None and scores_over_classes(self.plan.scores_dim, self.scores.dim()):
+            return self.scores
+        return output
+
     def _run_keeping_hooked_input(self, n: fx.Node, module: nn.Module) -> Any:
         """Run a layer whose forward pre-hooks may change its input (a mask), keeping the input
         they give it for its rule: the saved value of the input node is not what it computed with."""
@@ -280,9 +287,7 @@ def record_forward(model: torch.nn.Module, plan: Plan, x: torch.Tensor, check_fo
         reason = str(exc).split("\n\nWhile executing")[0].strip()  # fx appends the graph node and its traceback
         raise RSPError(f"the model's forward failed on inputs of shape {tuple(x.shape)}{_where(model, rec.running)}: "
                        f"{reason}") from None
-    if rec.scores is not None and scores_over_classes(plan.scores_dim, rec.scores.dim()):
-        logits = rec.scores
-    return logits, rec.saliency_value, rec.saved, rec.shapes
+    return rec.pass_output(logits), rec.saliency_value, rec.saved, rec.shapes
 
 
 def _like_saved_input(R: torch.Tensor, step, saved) -> torch.Tensor:

@@ -1091,6 +1091,58 @@ def test_a_copy_or_move_across_samples_is_refused(op, refusal):
         rsp_fast.RSP(model).attribute(torch.randn(2, 3, 8, 8, dtype=D))
 
 
+_MIXES = "the model's forward mixes the samples of a batch"
+
+
+@pytest.mark.parametrize("op,seen_at", [
+    (lambda h: h.transpose(0, 1).flip(1).transpose(0, 1), "transpose_1"),
+    (lambda h: h.permute(1, 0, 2, 3).roll(1, 1).permute(1, 0, 2, 3), "permute_1"),
+    (lambda h: h.transpose(0, 1).mean(1, keepdim=True).transpose(0, 1).expand(h.shape), "expand"),
+    (lambda h: torch.cat([h.transpose(0, 1)[:, 1:], h.transpose(0, 1)[:, :1]], 1).transpose(0, 1), "transpose_2"),
+    (lambda h: h.reshape(1, -1, 8, 8).flip(1).reshape(h.shape), "reshape_1"),
+    (lambda h: h * torch.sigmoid(h.transpose(0, 1).flip(1).transpose(0, 1)), "transpose_1")],
+    ids=["transpose-flip", "permute-roll", "transpose-mean", "transpose-cat", "reshape-flip", "gate-transpose-flip"])
+def test_a_batch_moved_and_then_mixed_is_refused_where_it_mixes(op, seen_at):
+    """A batch moved off dim 0 by a transpose, permute or reshape and then flipped, rolled,
+    averaged or joined along: the plan cannot see it, so a probe (sample 0 changed, the others'
+    logits watched) refuses it, naming the first node where the other samples changed. Before,
+    each sample's map took the others' relevance silently."""
+    model = _Around(op).double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=D)
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=f"{_MIXES} \\(seen first at '{seen_at}'\\)"):
+        rsp_fast.RSP(model).attribute(x)
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=_MIXES):  # refused at every call, not only the first
+        rsp_fast.RSP(model).attribute(x)
+    assert rsp_fast.RSP(model).attribute(x[:1]).shape == (1, 3, 8, 8)  # one sample: nothing to mix with
+
+
+class _CentredHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(f - f.mean(0))  # after the saliency layer, where the plan does not judge dims
+
+
+def test_a_head_that_takes_the_batch_mean_is_refused():
+    """Before, its maps were all zero: R₀'s gradient, of the batch's summed scores, cancelled."""
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=f"{_MIXES} \\(seen first at 'sub'\\)"):
+        rsp_fast.RSP(_CentredHead().double().eval()).attribute(torch.randn(3, 3, 8, 8, dtype=D))
+
+
+@pytest.mark.parametrize("op", [lambda h: h.transpose(0, 1).transpose(0, 1), lambda h: h.permute(1, 0, 2, 3).relu().permute(1, 0, 2, 3),
+                                lambda h: h.reshape(1, -1, 8, 8).reshape(h.shape)], ids=["transposes", "permute-relu", "reshapes"])
+def test_a_batch_moved_but_kept_apart_is_explained(op):
+    """The probe refuses what mixes, not what only moves the batch: these explain each sample as alone."""
+    model = _Around(op).double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=D)
+    together = rsp_fast.RSP(model).attribute(x)
+    alone = torch.cat([rsp_fast.RSP(model).attribute(x[i:i + 1]) for i in range(3)])
+    assert rel_err(together, alone) < 1e-12
+
+
 def test_batchnorm_is_folded_into_the_first_conv():
     conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
     with torch.no_grad():
