@@ -175,6 +175,8 @@ class RSP:
                     self._build_plan()
 
     def _build_plan(self) -> None:
+        for module in self.model.modules():  # named as such, not as a layer without a rule
+            _refuse_quantized(self.model, module)
         try:
             self.plan: Plan | None = build_plan(self.model, self._layer)
             self.layer = self.plan.layer_name
@@ -311,12 +313,7 @@ def check_model_tensors(model: nn.Module, called: frozenset | None = None) -> No
     whole; None: anywhere), and not made under inference_mode. Runs at every call, so one walk
     over the modules' own dicts; names are looked up only for the error."""
     for module in model.modules():
-        if _is_quantized(module):
-            name = next(n for n, m in model.named_modules() if m is module) or "root module"
-            kind = type(module)
-            raise UnsupportedModelError(
-                f"the model's {name} is a quantized module ({kind.__module__}.{kind.__qualname__}): RSP explains "
-                "float models (float16 and bfloat16 too); explain the float model it was quantized from")
+        _refuse_quantized(model, module)
         for t in itertools.chain(module._parameters.values(), module._buffers.values()):
             if t is None:
                 continue
@@ -336,6 +333,15 @@ def _runs(model: nn.Module, module: nn.Module, called: frozenset | None) -> bool
     calls whole; None: not known, so it may): it or a module holding it is called. A lazy module
     the forward never calls (an auxiliary head) stays uninitialised however often the model runs."""
     return called is None or any(id(m) in called and any(sub is module for sub in m.modules()) for m in model.modules())
+
+
+def _refuse_quantized(model: nn.Module, module: nn.Module) -> None:
+    if _is_quantized(module):
+        name = next(n for n, m in model.named_modules() if m is module) or "root module"
+        kind = type(module)
+        raise UnsupportedModelError(
+            f"the model's {name} is a quantized module ({kind.__module__}.{kind.__qualname__}): RSP explains "
+            "float models (float16 and bfloat16 too); explain the float model it was quantized from")
 
 
 def _is_quantized(module: nn.Module) -> bool:

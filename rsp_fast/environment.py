@@ -1,5 +1,5 @@
-"""The environment variables that tune the CUDA paths (README, "Backends"), read where they are
-used: a bad value is an RSPError naming the variable and the values it takes (the command line
+"""The environment variables that tune the CUDA paths and the CPU kernels' vector width
+(README, "Backends"), read where they are used: a bad value is an RSPError naming the variable and the values it takes (the command line
 checks them all at its start), never an error at import, nor a value taken silently for another."""
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ VARIABLES = {
     "RSP_FAST_CUDA_GRAM_SLOWDOWN": _weight,
     "RSP_FAST_CUDA_IMPLICIT_GRAM": _switch,
     "RSP_FAST_CUDA_FUSED_FIRST_LAYER": _switch,
+    # read by the C++ depthwise kernel at each call too (csrc/cpu/vector_clones.h), which takes the same values
+    "RSP_FAST_CPU_CAPABILITY": _choice(("avx512", "avx2", "default")),
 }
 
 

@@ -1897,6 +1897,17 @@ def test_a_quantized_module_is_named():
         rsp_fast.RSP(quantized).attribute(torch.rand(2, 3, 16, 16))
 
 
+def test_a_model_quantized_in_its_body_is_named_when_built():
+    """A quantized conv between the input and the saliency layer was refused as "no RSP rule for
+    2: Conv2d" (with Conv2d in the supported list beside it); it is named as quantized, when
+    RSP is built."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), torch.ao.nn.quantized.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with pytest.raises(UnsupportedModelError, match="the model's 2 is a quantized module "
+                                                    "\\(torch.ao.nn.quantized.*Conv2d\\): RSP explains float"):
+        rsp_fast.RSP(model)
+
+
 class _SkipAdd(nn.Module):
     """A residual block whose add is a FloatFunctional (as models written for quantization are) or +."""
 

@@ -413,10 +413,12 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, argv, message):
     ("RSP_FAST_CUDA_GRAM_SLOWDOWN", "abc", "RSP_FAST_CUDA_GRAM_SLOWDOWN='abc': give a number above 0"),
     ("RSP_FAST_CUDA_IMPLICIT_GRAM", "yes", "RSP_FAST_CUDA_IMPLICIT_GRAM='yes': choose 1 (on) or 0 (off)"),
     ("RSP_FAST_CUDA_FUSED_FIRST_LAYER", "on", "RSP_FAST_CUDA_FUSED_FIRST_LAYER='on': choose 1 (on) or 0 (off)"),
+    ("RSP_FAST_CPU_CAPABILITY", "AVX2", "RSP_FAST_CPU_CAPABILITY='AVX2': choose one of avx512, avx2, default"),
 ])
-def test_a_bad_cuda_variable_is_one_line_for_every_command(tmp_path, variable, value, message):
+def test_a_bad_tuning_variable_is_one_line_for_every_command(tmp_path, variable, value, message):
     """They raised at import (a traceback, status 1, CPU runs and info included) or, for the
-    switches, took any value but 1 for off."""
+    switches, took any value but 1 for off; the CPU capability was the depthwise kernel's
+    RuntimeError (a traceback), and only where a depthwise layer ran."""
     png = _png(tmp_path / "p.png")
     for argv in (["info"], ["image", str(png), "-o", "x", "--device", "cpu"]):
         proc = subprocess.run([sys.executable, "-m", "rsp_fast.cli", *argv], capture_output=True, text=True, cwd=tmp_path,

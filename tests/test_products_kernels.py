@@ -8,6 +8,7 @@ from typing import Callable
 import pytest
 import torch
 
+from rsp_fast import RSPError
 from rsp_fast.kernels.reference import depthwise_products_reference, sectional_products_reference
 from rsp_fast.ops import custom, dispatch
 from models import conv_products_case
@@ -128,9 +129,14 @@ def test_depthwise_kernel_at_each_vector_width(capability, monkeypatch):
 
 
 def test_an_unknown_cpu_capability_is_named(monkeypatch):
+    """By the library as the other tuning variables are (an RSPError: it was the kernel's RuntimeError),
+    and by the kernel itself for a caller of the op."""
     monkeypatch.setenv("RSP_FAST_CPU_CAPABILITY", "avx1024")
+    x, R, *geometry = conv_products_case(*DEPTHWISE[0])
+    with pytest.raises(RSPError, match="RSP_FAST_CPU_CAPABILITY='avx1024': choose one of avx512, avx2, default"):
+        custom.depthwise_sectional_products(x, R, *geometry)
     with pytest.raises(RuntimeError, match="RSP_FAST_CPU_CAPABILITY is 'avx1024': it takes avx512, avx2 or default"):
-        custom.depthwise_sectional_products(*conv_products_case(*DEPTHWISE[0]))
+        torch.ops.rsp_fast.depthwise_sectional_products.default(x, R, *map(list, geometry))
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=case_id)

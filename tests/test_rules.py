@@ -844,6 +844,37 @@ def test_products_of_activations_are_refused_by_name():
     assert "getattr" not in str(err.value) and "size" not in str(err.value).split("Supported")[0]
 
 
+@pytest.mark.parametrize("op,named,not_named", [
+    (lambda h: F.pad(h, (1, 1, 1, 1), value=0.5)[..., 1:-1, 1:-1], r"pad: padding with the constant 0.5, a border", ()),
+    (nn.ConstantPad2d((1, 1, 1, 1), 1.0), r"op_module: ConstantPad2d \(padding with the constant 1.0, a border", ()),
+    (lambda h: torch.where(h > 0, h, 0.1 * h), r"no RSP rule for where: torch.where \(between", ("gt",)),
+    (lambda h: h.topk(2, 1).values.repeat(1, 2, 1, 1), r"no RSP rule for topk: Tensor.topk \(between", ("getattr",))],
+    ids=["pad-value", "constant-pad-module", "where-mask", "topk-values"])
+def test_a_refusal_names_the_op_and_why_not_its_parts(op, named, not_named):
+    """A constant pad of another value than 0 was refused as a bare "F.pad" (which the supported
+    list names); the comparison that makes torch.where's mask and the .values field of topk were
+    named beside the op without a rule, as if they were ops of their own on the path."""
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=named) as err:
+        rsp_fast.RSP(_Around(op).double().eval())
+    said = str(err.value).split("Supported:")[0]
+    assert not any(part in said for part in not_named), said
+
+
+def test_an_index_write_in_the_forward_is_named():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            h[:, :4] = 0
+            return self.fc(h.mean((2, 3)))
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=r"writes into an activation by index \(h\[:, :4\] = v\), "
+                                                             "which torch.fx cannot trace: write it as torch.cat"):
+        rsp_fast.RSP(Masked()).attribute(torch.randn(2, 3, 8, 8))
+
+
 class _Bicubic(nn.Module):
     def __init__(self, as_module: bool):
         super().__init__()

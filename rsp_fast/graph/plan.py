@@ -212,6 +212,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
     # Every node relevance reaches on its way back from the saliency layer, with its kind.
     kinds: dict[fx.Node, str] = {}
     problems: list[tuple[str, str]] = []  # (where, what)
+    unsupported: list[fx.Node] = []
     stack, seen, reached_input = [saliency], {saliency}, False
     while stack:
         node = stack.pop()
@@ -221,7 +222,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
         module = module_of(model, node)
         kind = node_kind(node, module) if node.op != "get_attr" else None
         if kind is None:
-            problems.append(_describe_unsupported(node, module))
+            unsupported.append(node)
         else:
             kinds[node] = kind
         # Go on past a node without a rule too, to report every problem (but not its shape queries).
@@ -231,6 +232,7 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
             elif arg not in seen:
                 seen.add(arg)
                 stack.append(arg)
+    problems += [_describe_unsupported(n, module_of(model, n)) for n in unsupported if not _named_by_another(n, unsupported)]
     if problems:
         untraced = any(n.meta.get(KEPT_WHOLE) for n in seen) and example is None
         raise (UntraceableModelError if untraced else UnsupportedModelError)(
@@ -329,6 +331,19 @@ def _non_negative(model: nn.Module):
                 known[node] = bool(operands) and keeps_sign(node, module, kind) and all(check(a) for a in operands)
         return known[node]
     return check
+
+
+COMPARISONS = ({operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne, torch.gt, torch.ge, torch.lt,
+                torch.le, torch.eq, torch.ne}, {"gt", "ge", "lt", "le", "eq", "ne", "__gt__", "__ge__", "__lt__", "__le__"})
+
+
+def _named_by_another(node: fx.Node, unsupported: list[fx.Node]) -> bool:
+    """Whether an op without a rule is a part of another one's: a field of its output
+    (``x.topk(k).values``: topk is named), or a comparison that only makes the masks of ops
+    named (``torch.where(x > 0, x, a * x)``: where is named)."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[0] in unsupported
+    return calls(node, *COMPARISONS) and bool(node.users) and all(u in unsupported for u in node.users)
 
 
 def _describe_unsupported(node: fx.Node, module) -> tuple[str, str]:

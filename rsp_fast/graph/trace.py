@@ -426,10 +426,10 @@ def trace(model: nn.Module, is_rule_leaf: Callable[[nn.Module], bool | None],
         raise
     except Exception as exc:  # fx raises many types; the user needs one clear message
         error = UntraceableModelError if example is None else UnsupportedModelError
-        raise error(
-            f"could not trace {type(model).__name__} with torch.fx ({_first_line(exc)}); rsp_fast needs a model "
-            "whose forward branches only on sizes, not on values, outside its leaf modules"
-        ) from None
+        needs = ("its forward writes into an activation by index (h[:, :4] = v), which torch.fx cannot trace: write "
+                 "it as torch.cat of the parts or with a mask (h * mask)" if "does not support item assignment" in str(exc)
+                 else "rsp_fast needs a model whose forward branches only on sizes, not on values, outside its leaf modules")
+        raise error(f"could not trace {type(model).__name__} with torch.fx ({_first_line(exc)}); {needs}") from None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedModelError(

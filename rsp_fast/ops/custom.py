@@ -9,6 +9,8 @@ import importlib.util
 
 import torch
 
+from ..environment import setting
+
 REBUILD = ("reinstalling rsp-fast from its source (a checkout or the sdist) with pip install --no-build-isolation "
            "builds it for this torch")
 
@@ -71,6 +73,8 @@ def masked_sectional_products(x_pos: torch.Tensor, R: torch.Tensor, kernel, stri
 def depthwise_sectional_products(x_pos: torch.Tensor, R: torch.Tensor, kernel, stride, dilation, padding) -> torch.Tensor:
     """A depthwise conv's back-projection F⁺ᵀS⁺ − F⁻ᵀS⁻ at its input, the three products fused
     per (sample, channel) plane (see kernels.reference.depthwise_products_reference)."""
+    if x_pos.device.type == "cpu":
+        setting("RSP_FAST_CPU_CAPABILITY")  # a bad value: an RSPError naming it, not the kernel's RuntimeError
     return torch.ops.rsp_fast.depthwise_sectional_products.default(x_pos, R, list(kernel), list(stride), list(dilation),
                                                                    list(padding))
 

@@ -587,7 +587,7 @@ def _normalises_by_the_batch(node: fx.Node, module: nn.Module | None) -> bool:
 
 
 def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> str | None:
-    """Why a product, quotient, difference, conv, resize or batch-statistics norm has no rule, or
+    """Why a product, quotient, difference, conv, resize, constant pad or batch-statistics norm has no rule, or
     why a reduction, cat or stack would mix the batch (None if it has one)."""
     if _normalises_by_the_batch(node, module):
         return ("a BatchNorm that normalises by the batch's own mean and variance (no running statistics, or "
@@ -603,6 +603,10 @@ def unsupported_combination(node: fx.Node, module: nn.Module | None = None) -> s
     mixing = reads_other_samples(node)
     if mixing:
         return mixing
+    if (isinstance(module, PAD_MODULES) or (module is None and node.target is F.pad)) and not _pads_by_copy_or_blank(node, module):
+        value = module.value if module is not None else call_arg(node, 3, "value")
+        return (f"padding with the constant {value!r}, a border the activations are joined to that relevance would flow "
+                "into (rules exist for padding with 0, with -inf before a max pool, and for reflect, replicate and circular)")
     if node.op == "call_function" and node.target in CONV_FUNCTIONS and not is_parameter(conv_call_args(node).get("weight")):
         return ("a convolution whose weight is computed from the activations (as CondConv's per-sample mixture of "
                 "kernels); rules exist for weights that are parameters or computed from parameters only")
