@@ -1092,6 +1092,17 @@ def test_a_grey_image_copied_to_three_channels_in_the_forward_is_explained(spell
     assert torch.allclose(ex.attribution.sum((1, 2, 3)) + ex.dropped, ex.initial.sum((1, 2, 3)), rtol=1e-9)
 
 
+@pytest.mark.parametrize("spell", [lambda x: torch.stack([x, x, x], 1), lambda x: torch.stack([x] * 3, -3)],
+                         ids=["stack", "stack-minus-3"])
+def test_a_grey_n_h_w_input_stacked_to_three_channels_is_explained(spell):
+    """An N×H×W input stacked to N×3×H×W was refused as "inputs must be 4-D": the input's
+    rank was taken from the first conv's, as if nothing between them changed it."""
+    x = torch.rand(3, 13, 11, dtype=D)
+    ours = rsp_fast.RSP(_GreyToColour(spell).double().eval()).attribute(x)
+    written = rsp_fast.RSP(_GreyToColour(lambda x: torch.cat([x.unsqueeze(1)] * 3, 1)).double().eval()).attribute(x)
+    assert ours.shape == x.shape and rel_err(ours, written) < 1e-12
+
+
 _ALONG_THE_BATCH = "along the batch dimension, which mixes samples"
 _BY_ACTIVATIONS = "an index or repeats computed from the activations: one for the whole batch"
 

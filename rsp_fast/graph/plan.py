@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RSPError, UnsupportedModelError
-from ..rules import (BATCH_MIXING, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
+from ..rules import (BATCH_MIXING, STACK_FUNCTIONS, NodeKind, Rule, batchnorm_scale, describe_supported, dims_read_along,
                      filter_signs_hold, filter_signs_judged, functional_batchnorm_scale, is_batchnorm,
                      is_identity_in_eval, is_rule_leaf, keeps_sign, mixes_the_batch, node_kind, pads_by_copy,
                      reads_other_samples, rectifies, relevance_inputs, rule_for, unsupported_combination, zero_padding)
@@ -244,14 +244,15 @@ def build_plan(model: nn.Module, layer=None, example: torch.Tensor | None = None
 
     # Forward order: which nodes still carry the raw input (their layer is a "first" layer).
     raw: dict[fx.Node, bool] = {}
-    reshaped: set[fx.Node] = set()  # raw nodes behind a reshape of the input (x.unsqueeze(1), x.view(-1, 1, 28, 28))
+    # raw nodes behind a reshape of the input (x.unsqueeze(1), x.view(-1, 1, 28, 28), torch.stack([x, x, x], 1))
+    reshaped: set[fx.Node] = set()
     input_node = next(n for n in graph.nodes if n.op == "placeholder")
     input_rank = None
     for node in sorted(kinds, key=order.__getitem__):
         ins = relevance_inputs(node, kinds[node])
         from_input = any(a is input_node or raw.get(a, False) for a in ins)
         raw[node] = from_input and kinds[node] != NodeKind.LAYER
-        if raw[node] and (calls(node, LAYOUT_CHANGES, LAYOUT_CHANGE_METHODS) or _indexing_changes_rank(node)
+        if raw[node] and (calls(node, LAYOUT_CHANGES | STACK_FUNCTIONS, LAYOUT_CHANGE_METHODS) or _indexing_changes_rank(node)
                           or any(a in reshaped for a in ins)):
             reshaped.add(node)
         module = module_of(model, node)
