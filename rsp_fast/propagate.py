@@ -193,7 +193,8 @@ def class_scores(output) -> torch.Tensor:
                     type(logits).__name__)  # fx hands a list back as its own immutable_list
         shape = f", not {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f", not a {kind}"
         raise RSPError(f"the model must return logits of shape (N, classes){shape}"
-                       + ("" if isinstance(logits, torch.Tensor) else " (or an output whose 'logits' is that tensor)"))
+                       + ("" if isinstance(logits, torch.Tensor) else " (or an output whose 'logits' is that tensor): "
+                          "explain a module whose forward returns the logits alone, e.g. model(x)[0] or model(x)['out']"))
     if logits.shape[1] == 0:
         raise RSPError(f"the model returns logits of shape {tuple(logits.shape)}: no class to explain")
     return logits

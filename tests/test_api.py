@@ -2791,7 +2791,8 @@ def test_models_returning_several_outputs_are_told_what_they_return(wrap, kind):
 
         def forward(self, x):
             return wrap(self.net(x))
-    with pytest.raises(RSPError, match=rf"must return logits of shape \(N, classes\), not a {kind} \(or an output whose 'logits'"):
+    with pytest.raises(RSPError, match=rf"must return logits of shape \(N, classes\), not a {kind} \(or an output whose 'logits'"
+                                       r".*: explain a module whose forward returns the logits alone"):
         rsp_fast.RSP(Several()).attribute(torch.rand(2, 3, 16, 16))
 
 
