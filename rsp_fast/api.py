@@ -18,7 +18,7 @@ from .init import initial_relevance
 from .ops.dispatch import resolve_backend_name, select_kernels
 from .propagate import class_scores, propagate, record_forward, work_dtype
 from .rules.base import LayerRule, power_of_two
-from .samples_apart import check_samples_apart
+from .samples_apart import check_samples_apart, samples_alone
 from .shared_setting import SETTINGS
 from .tf32 import restore_tf32, set_tf32
 
@@ -219,7 +219,12 @@ class RSP:
     def _pass(self, plan, inputs, target, hostile, ops, record: bool, trusted_target: bool, initial=None) -> Explanation:
         key = (tuple(inputs.shape), inputs.dtype, inputs.device)
         check = key not in plan.forward_checked and len(plan.forward_checked) < MAX_FORWARD_CHECKS
+        # a batch mixed where the plan cannot see it: batches of 2 or more, once per shape, counted apart
+        apart = inputs.shape[0] > 1 and key not in plan.samples_checked and len(plan.samples_checked) < MAX_FORWARD_CHECKS
+        alone = samples_alone(self.model, plan, inputs) if apart else None  # first: the model's hooks see the pass last
         output, A, saved, shapes = record_forward(self.model, plan, inputs, check_forward=check)
+        if check:
+            plan.forward_checked.add(key)
         plan.keep_what_the_pass_wrote(self.model)
         plan.check_batch_dims(shapes)  # a reduction or join along -k that is the batch's at these shapes
         logits = class_scores(output)
@@ -230,9 +235,9 @@ class RSP:
                 f"{what} has {rows} rows for {inputs.shape[0]} samples: the model folds its batch with another "
                 "dimension (a 2-D CNN run on each frame of a clip) and RSP's initial relevance is one per sample; "
                 "give a layer= where the rows are one per sample again")
-        if check:  # once per input shape, as the forward check: a batch mixed where the plan cannot see it
-            check_samples_apart(self.model, plan, inputs, logits)
-            plan.forward_checked.add(key)
+        if apart:
+            check_samples_apart(self.model, plan, inputs, logits, alone)
+            plan.samples_checked.add(key)
         tgt = target if trusted_target else _targets(target, logits)
         init, hst = self.init, _hostiles(hostile, logits, tgt, self.hostile_k if self.init == "comparative" else 0)
         if init == "gradcam":

@@ -1142,8 +1142,12 @@ _MIXES = "the model's forward mixes the samples of a batch"
     (lambda h: h.transpose(0, 1).mean(1, keepdim=True).transpose(0, 1).expand(h.shape), "expand"),
     (lambda h: torch.cat([h.transpose(0, 1)[:, 1:], h.transpose(0, 1)[:, :1]], 1).transpose(0, 1), "transpose_2"),
     (lambda h: h.reshape(1, -1, 8, 8).flip(1).reshape(h.shape), "reshape_1"),
-    (lambda h: h * torch.sigmoid(h.transpose(0, 1).flip(1).transpose(0, 1)), "transpose_1")],
-    ids=["transpose-flip", "permute-roll", "transpose-mean", "transpose-cat", "reshape-flip", "gate-transpose-flip"])
+    (lambda h: h * torch.sigmoid(h.transpose(0, 1).flip(1).transpose(0, 1)), "transpose_1"),
+    (lambda h: torch.cat([h.transpose(0, 1)[:, 1:].mean(1, keepdim=True), h.transpose(0, 1)[:, 1:]], 1).transpose(0, 1),
+     "transpose_2"),  # sample 0 replaced by the others' mean: it reads them, none reads it
+    (lambda h: torch.cat([h.transpose(0, 1)[:, :1], h.transpose(0, 1)[:, :-1]], 1).transpose(0, 1), "transpose_2")],
+    ids=["transpose-flip", "permute-roll", "transpose-mean", "transpose-cat", "reshape-flip", "gate-transpose-flip",
+         "first-is-the-others-mean", "shift-by-one"])  # shift: the first sample stays, the last reads the one before
 def test_a_batch_moved_and_then_mixed_is_refused_where_it_mixes(op, seen_at):
     """A batch moved off dim 0 by a transpose, permute or reshape and then flipped, rolled,
     averaged or joined along: the plan cannot see it, so a probe (sample 0 changed, the others'
@@ -1153,9 +1157,27 @@ def test_a_batch_moved_and_then_mixed_is_refused_where_it_mixes(op, seen_at):
     x = torch.randn(3, 3, 8, 8, dtype=D)
     with pytest.raises(rsp_fast.UnsupportedModelError, match=f"{_MIXES} \\(seen first at '{seen_at}'\\)"):
         rsp_fast.RSP(model).attribute(x)
-    with pytest.raises(rsp_fast.UnsupportedModelError, match=_MIXES):  # refused at every call, not only the first
-        rsp_fast.RSP(model).attribute(x)
-    assert rsp_fast.RSP(model).attribute(x[:1]).shape == (1, 3, 8, 8)  # one sample: nothing to mix with
+    explainer = rsp_fast.RSP(model)
+    for _ in range(2):  # refused at every call, not only the first
+        with pytest.raises(rsp_fast.UnsupportedModelError, match=_MIXES):
+            explainer.attribute(x)
+
+
+def test_the_samples_probe_runs_on_every_batch_shape_and_before_the_pass():
+    """One sample has nothing to mix with: explained, and its shapes do not use up the shapes
+    probed (16 single images used to leave a batch of 3 unprobed); the model's hooks see the
+    pass's batch last, not a probe's."""
+    model = _Around(lambda h: h.transpose(0, 1).flip(1).transpose(0, 1)).double().eval()
+    explainer = rsp_fast.RSP(model)
+    for size in range(8, 8 + rsp_fast.api.MAX_FORWARD_CHECKS):
+        assert explainer.attribute(torch.randn(1, 3, size, size, dtype=D)).shape == (1, 3, size, size)
+    with pytest.raises(rsp_fast.UnsupportedModelError, match=_MIXES):
+        explainer.attribute(torch.randn(3, 3, 8, 8, dtype=D))
+    seen = []
+    apart = _Around(lambda h: h.transpose(0, 1).relu().transpose(0, 1)).double().eval()
+    apart.body.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    rsp_fast.RSP(apart).attribute(torch.randn(3, 3, 8, 8, dtype=D))
+    assert seen[:2] == [1, 1] and set(seen[2:]) == {3}  # the first and last sample alone, then the pass (and model(x))
 
 
 class _CentredHead(nn.Module):

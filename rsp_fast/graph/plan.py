@@ -57,6 +57,7 @@ class Plan:
     filter_signs: list = field(default_factory=list)  # (conv with a fixed filter, judged ≥ 0: a pooling)
     # input (shape, dtype, device)s on which the traced forward was found to give model(x)'s logits
     forward_checked: set = field(default_factory=set)
+    samples_checked: set = field(default_factory=set)  # input shapes whose samples were seen kept apart (samples_apart.py)
 
     @property
     def channels_last(self) -> bool:
