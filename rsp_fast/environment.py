@@ -1,6 +1,7 @@
 """The environment variables that tune the CUDA paths and the CPU kernels' vector width
-(README, "Backends"), read where they are used: a bad value is an RSPError naming the variable and the values it takes (the command line
-checks them all at its start), never an error at import, nor a value taken silently for another."""
+(README, "Backends"), read where they are used: a bad value is an RSPError naming the variable
+and the values it takes (the command line checks them all at its start), never an error at
+import, nor a value taken silently for another."""
 from __future__ import annotations
 
 import math

@@ -9,7 +9,7 @@ shape, the first and the last sample are also run alone (two forwards of one sam
 the pass's own forward, so that the model's hooks see the batch last), and the batch's
 logits of those samples must be theirs alone: the first reads whatever a later sample
 gives (a flip, a roll, a mean of the others), the last whatever an earlier one does (a
-cumulative sum). Mixing that cancels in the forward, or that only some values set off, is
+shift by one). Mixing that cancels in the forward, or that only some values set off, is
 not seen (README, Limits).
 """
 from __future__ import annotations
@@ -33,8 +33,7 @@ def samples_alone(model: torch.nn.Module, plan: Plan, x: torch.Tensor) -> dict[i
     if x.shape[0] < 2:
         return None
     try:
-        runs = {i: _run(model, plan, x[i:i + 1]) for i in (0, x.shape[0] - 1)}
-        return {i: class_scores(rec.pass_output(rec.output)).detach() for i, rec in runs.items()}
+        return {i: _logits_alone(model, plan, x[i:i + 1]) for i in (0, x.shape[0] - 1)}
     except (torch.OutOfMemoryError, MemoryError):
         raise  # the pass, on the whole batch, would not fit either
     except Exception:
@@ -52,7 +51,7 @@ def check_samples_apart(model: torch.nn.Module, plan: Plan, x: torch.Tensor, log
             where = _where(model, _first_mixing_node(model, plan, x, i))
             raise UnsupportedModelError(
                 f"the model's forward mixes the samples of a batch{f' (seen first{where})' if where else ''}: sample "
-                f"{i}'s logits in a batch of {x.shape[0]} are {gap} its logits alone. "
+                f"{i}'s logits in a batch of {x.shape[0]} {gap}. "
                 "RSP explains each sample by itself, and one sample's map would take the others' relevance. E.g. a "
                 "batch dimension moved by a transpose, permute or reshape, then reduced, flipped, rolled or joined "
                 "along, or a head that takes the batch's mean (fc(f - f.mean(0))): keep each sample's computation "
@@ -73,16 +72,25 @@ class _OutputsRecorder(_Recorder):
         return out
 
 
-def _run(model: torch.nn.Module, plan: Plan, x: torch.Tensor, row: int = 0) -> _OutputsRecorder:
+def _logits_alone(model: torch.nn.Module, plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    rec = _Recorder(model, plan)
+    return class_scores(rec.pass_output(_run(rec, model, x))).detach()
+
+
+def _outputs(model: torch.nn.Module, plan: Plan, x: torch.Tensor, row: int) -> dict[fx.Node, torch.Tensor]:
     rec = _OutputsRecorder(model, plan, x.shape[0], row)
+    _run(rec, model, x)
+    return rec.kept
+
+
+def _run(rec: _Recorder, model: torch.nn.Module, x: torch.Tensor):
     with attributes_kept(model), torch.no_grad(), TRACE_GATE.forward():  # not the user's call: no state kept
-        rec.output = rec.run(x)
-    return rec
+        return rec.run(x)
 
 
 def _gap(batch: torch.Tensor, alone: torch.Tensor) -> str | None:
     """How a sample's ``batch`` row differs from its ``alone`` one beyond the tolerance of its dtype
-    and device ("0.0056 from … (of 0.37)"), else None (also where the shapes differ: nothing to compare)."""
+    and device ("are 0.0056 (of 0.37) from …"), else None (also where the shapes differ: nothing to compare)."""
     if batch.shape != alone.shape:
         return None
     tf32 = batch.is_cuda and batch.dtype == torch.float32 and (matmul_tf32() or conv_tf32())
@@ -90,13 +98,13 @@ def _gap(batch: torch.Tensor, alone: torch.Tensor) -> str | None:
     batch, alone = batch.detach().double(), alone.detach().double()
     finite = torch.isfinite(batch)
     if not torch.equal(finite, torch.isfinite(alone)):
-        return "finite where alone they are not (or the reverse):"
+        return "are finite where its logits alone are not, or the reverse"
     scale = batch[finite].abs().amax().item() if finite.any() else 0.0
     gap = (batch[finite] - alone[finite]).abs().amax().item() if finite.any() else 0.0
-    return None if gap <= tolerance * scale + torch.finfo(torch.float64).tiny else f"{gap:.3g} (of {scale:.3g}) from"
+    return None if gap <= tolerance * scale + torch.finfo(torch.float64).tiny else f"are {gap:.3g} (of {scale:.3g}) from its logits alone"
 
 
 def _first_mixing_node(model: torch.nn.Module, plan: Plan, x: torch.Tensor, row: int) -> fx.Node | None:
     """The first node, in the forward's order, whose output for sample ``row`` differs in the batch and alone."""
-    in_batch, alone = _run(model, plan, x, row).kept, _run(model, plan, x[row:row + 1]).kept
+    in_batch, alone = _outputs(model, plan, x, row), _outputs(model, plan, x[row:row + 1], 0)
     return next((n for n in plan.graph.nodes if n in in_batch and n in alone and _gap(in_batch[n], alone[n])), None)
