@@ -1150,9 +1150,9 @@ _MIXES = "the model's forward mixes the samples of a batch"
          "first-is-the-others-mean", "shift-by-one"])  # shift: the first sample stays, the last reads the one before
 def test_a_batch_moved_and_then_mixed_is_refused_where_it_mixes(op, seen_at):
     """A batch moved off dim 0 by a transpose, permute or reshape and then flipped, rolled,
-    averaged or joined along: the plan cannot see it, so a probe (sample 0 changed, the others'
-    logits watched) refuses it, naming the first node where the other samples changed. Before,
-    each sample's map took the others' relevance silently."""
+    averaged or joined along: the plan cannot see it, so a probe (the first and the last sample
+    also run alone) refuses it, naming the first node where a sample's values in the batch are
+    not its own. Before, each sample's map took the others' relevance silently."""
     model = _Around(op).double().eval()
     x = torch.randn(3, 3, 8, 8, dtype=D)
     with pytest.raises(rsp_fast.UnsupportedModelError, match=f"{_MIXES} \\(seen first at '{seen_at}'\\)"):
