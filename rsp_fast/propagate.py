@@ -240,6 +240,20 @@ def _check_forward(model: torch.nn.Module, traced, x: torch.Tensor) -> None:
         raise RSPError(gap)
 
 
+def values_apart(expected: torch.Tensor, got: torch.Tensor, tolerance: float) -> tuple[float, float, bool] | None:
+    """None where ``got`` is ``expected`` to ``tolerance`` of its largest finite magnitude, with
+    NaN and Inf in the same places; else (largest finite difference, that magnitude, whether the
+    NaN and Inf are alike)."""
+    expected, got = expected.detach().double(), got.detach().double()
+    finite = torch.isfinite(expected)
+    alike = torch.equal(finite, torch.isfinite(got)) and torch.equal(expected[~finite].nan_to_num(), got[~finite].nan_to_num())
+    scale = expected[finite].abs().amax().item() if finite.any() else 0.0
+    gap = (got[finite] - expected[finite]).abs().amax().item() if finite.any() else 0.0
+    if alike and gap <= tolerance * scale + torch.finfo(torch.float64).tiny:
+        return None
+    return gap, scale, alike
+
+
 def _gap_to_model(model: torch.nn.Module, x: torch.Tensor, got, grad: bool) -> str | None:
     """None if model(x)'s logits are the traced ``got`` (to their dtype's tolerance), else why not."""
     autocast = _AutocastSeen(x.device.type)
@@ -252,14 +266,10 @@ def _gap_to_model(model: torch.nn.Module, x: torch.Tensor, got, grad: bool) -> s
         return (f"the traced forward gives logits of shape {tuple(got.shape)}, model(x) {tuple(expected.shape)}: "
                 "part of the forward is not seen by torch.fx (see README, Limits)")
     tolerance = FORWARD_TOLERANCE.get(autocast.dtype or expected.dtype, FORWARD_TOLERANCE_DEFAULT)
-    expected, got = expected.detach().double(), got.detach().double()
-    finite = torch.isfinite(expected)  # NaN or Inf where model(x) has them (an overflow): named later
-    same_pattern = torch.equal(finite, torch.isfinite(got)) and torch.equal(expected[~finite].nan_to_num(),
-                                                                              got[~finite].nan_to_num())
-    scale = expected[finite].abs().amax().item() if finite.any() else 0.0
-    gap = (got[finite] - expected[finite]).abs().amax().item() if finite.any() else 0.0
-    if same_pattern and gap <= tolerance * scale + torch.finfo(torch.float64).tiny:
+    apart = values_apart(expected, got, tolerance)  # NaN or Inf where model(x) has them (an overflow): named later
+    if apart is None:
         return None
+    gap, scale, _ = apart
     return (f"the traced forward's logits are {gap:.3g} from model(x)'s (of {scale:.3g}): part of the "
             "forward is not seen by torch.fx — e.g. an in-place op (y += …, y.add_(…)) on a tensor the forward "
             "also reads under another name or through a view (write y = y + … instead), a "

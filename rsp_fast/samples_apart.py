@@ -20,7 +20,7 @@ import torch.fx as fx
 from .errors import UnsupportedModelError
 from .graph.plan import Plan
 from .graph.trace import TRACE_GATE, attributes_kept
-from .propagate import FORWARD_TOLERANCE, FORWARD_TOLERANCE_DEFAULT, _Recorder, _where, class_scores
+from .propagate import FORWARD_TOLERANCE, FORWARD_TOLERANCE_DEFAULT, _Recorder, _where, class_scores, values_apart
 from .tf32 import conv_tf32, matmul_tf32
 
 CUDA_TF32_TOLERANCE = 1e-2  # TF32 and other algorithms per batch size: a sample alone rounds otherwise
@@ -95,13 +95,13 @@ def _gap(batch: torch.Tensor, alone: torch.Tensor) -> str | None:
         return None
     tf32 = batch.is_cuda and batch.dtype == torch.float32 and (matmul_tf32() or conv_tf32())
     tolerance = CUDA_TF32_TOLERANCE if tf32 else FORWARD_TOLERANCE.get(batch.dtype, FORWARD_TOLERANCE_DEFAULT)
-    batch, alone = batch.detach().double(), alone.detach().double()
-    finite = torch.isfinite(batch)
-    if not torch.equal(finite, torch.isfinite(alone)):
-        return "are finite where its logits alone are not, or the reverse"
-    scale = batch[finite].abs().amax().item() if finite.any() else 0.0
-    gap = (batch[finite] - alone[finite]).abs().amax().item() if finite.any() else 0.0
-    return None if gap <= tolerance * scale + torch.finfo(torch.float64).tiny else f"are {gap:.3g} (of {scale:.3g}) from its logits alone"
+    apart = values_apart(batch, alone, tolerance)
+    if apart is None:
+        return None
+    gap, scale, alike = apart
+    if not alike:
+        return "are not finite where its logits alone are, or the reverse"
+    return f"are {gap:.3g} (of {scale:.3g}) from its logits alone"
 
 
 def _first_mixing_node(model: torch.nn.Module, plan: Plan, x: torch.Tensor, row: int) -> fx.Node | None:
